@@ -1,0 +1,121 @@
+"""The performance model that picks kernel parameters (QIGen, section 3).
+
+Micro-GEMV tile (mu x tu): mu activation rows times tu output columns are
+accumulated in registers. With 8 floats per YMM register and V = tu/8, the
+tile needs
+    mu * V   accumulators
+  +      V   registers of packed weight words (one per 8 columns)
+  +      2   one broadcast activation and one converted weight vector
+and all of it must fit the 16 vector registers (Eq. 4). For each packed
+value the tile issues V unpacks (AND + convert) and mu*V FMAs; it costs
+    max(FMA latency,           each accumulator is one dependency chain
+        mu*V / FMA ports,      the FMA pipes
+        (2V + mu*V) / vector ports)   every vector pipe
+cycles, and the model keeps the tile with most multiply-adds per cycle
+(ties: fewer registers, then larger mu). The packed layout is cut in tiles
+of tu columns; qgemv (mu = 1) walks nv such tiles side by side, nv chosen
+by the same count, because one tile alone is too few chains to hide the
+FMA latency.
+
+Mini-GEMV block (mb x tb): mb input rows times tb output columns of packed
+weights, together with the mb-slice of mu activation rows and the tb-slice
+of mu outputs, must fit in the L1 data cache (Eqs. 3 and 5), so that the
+weights unpacked for one row tile are still in L1 for the next. mb is kept
+a multiple of 128 (every group size divides it), tb a multiple of tu.
+"""
+from dataclasses import dataclass, asdict
+
+FLOATS_PER_VECTOR = 8
+FMA_LATENCY = 4          # cycles; Haswell..Zen 4 are all 4 or 5
+FMA_PORTS = 2
+VECTOR_PORTS = 4
+L1_BUDGET = 0.5          # leave half of L1 for stack, scales and prefetched lines
+MB_UNIT = 128
+MAX_MB = 1024
+MAX_TB = 256
+
+
+@dataclass(frozen=True)
+class KernelParams:
+    bits: int
+    mu: int
+    tu: int
+    nv: int
+    mb: int
+    tb: int
+    registers_used: int
+    l1_bytes_used: int
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def registers_needed(mu, vectors):
+    return mu * vectors + vectors + 2
+
+
+def macs_per_cycle(mu, vectors):
+    cycles = max(FMA_LATENCY, mu * vectors / FMA_PORTS,
+                 (2 * vectors + mu * vectors) / VECTOR_PORTS)
+    return FLOATS_PER_VECTOR * mu * vectors / cycles
+
+
+def best_mu(vectors, vector_registers=16, max_mu=8):
+    fits = [mu for mu in range(1, max_mu + 1)
+            if registers_needed(mu, vectors) <= vector_registers]
+    # Fastest first; among equals the fewest registers (the smallest mu).
+    return max(fits, key=lambda mu: (round(macs_per_cycle(mu, vectors), 6), -mu)) if fits else 0
+
+
+def choose_gemv_tiles(tu, vector_registers=16):
+    """How many tu-wide tiles qgemv walks side by side."""
+    v = tu // FLOATS_PER_VECTOR
+    fits = [nv for nv in range(1, 9) if registers_needed(1, nv * v) <= vector_registers]
+    return max(fits, key=lambda nv: (round(macs_per_cycle(1, nv * v), 6), -nv))
+
+
+def choose_tile(vector_registers=16, max_vectors=8):
+    """Return (mu, tu, nv).
+
+    Scored by qgemm speed, then qgemv speed (with its best nv); ties go to a
+    tu that divides 128 (real layer widths are multiples of 128, so no
+    padded columns), then to the wider tile (fewer streams for qgemv).
+    """
+    def score(v):
+        tu = v * FLOATS_PER_VECTOR
+        mu = best_mu(v, vector_registers)
+        nv = choose_gemv_tiles(tu, vector_registers)
+        return (round(macs_per_cycle(mu, v), 6), round(macs_per_cycle(1, nv * v), 6),
+                128 % tu == 0, tu)
+    fitting = [v for v in range(1, max_vectors + 1) if best_mu(v, vector_registers)]
+    v = max(fitting, key=score)
+    tu = v * FLOATS_PER_VECTOR
+    return best_mu(v, vector_registers), tu, choose_gemv_tiles(tu, vector_registers)
+
+
+def block_bytes(bits, mu, mb, tb):
+    weights = mb * tb * bits // 8
+    activations = mu * mb * 4
+    outputs = mu * tb * 4
+    return weights + activations + outputs
+
+
+def choose_block(bits, mu, tu, l1d_bytes):
+    budget = int(l1d_bytes * L1_BUDGET)
+    best = (MB_UNIT, tu)
+    for mb in range(MB_UNIT, MAX_MB + 1, MB_UNIT):
+        for tb in range(tu, MAX_TB + 1, tu):
+            if block_bytes(bits, mu, mb, tb) > budget:
+                continue
+            # Prefer the larger block, then the taller one (fewer y reloads).
+            if (mb * tb, mb) > (best[0] * best[1], best[0]):
+                best = (mb, tb)
+    return best
+
+
+def choose(bits, machine):
+    mu, tu, nv = choose_tile(machine.vector_registers)
+    mb, tb = choose_block(bits, mu, tu, machine.l1d_bytes)
+    return KernelParams(bits=bits, mu=mu, tu=tu, nv=nv, mb=mb, tb=tb,
+                        registers_used=registers_needed(mu, tu // FLOATS_PER_VECTOR),
+                        l1_bytes_used=block_bytes(bits, mu, mb, tb))

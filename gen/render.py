@@ -1,0 +1,63 @@
+"""Render the kernel templates for the build machine.
+
+    python -m gen.render OUTDIR     (setup.py calls render_all at build time)
+
+Writes OUTDIR/_qgemm_b{2,3,4,8}.pyx from pyx/qgemm.pyx.tp, each with the
+parameters the performance model picked for that bitwidth.
+"""
+import os
+import sys
+
+from Cython import Tempita
+
+from . import bitlayout, machine as machine_mod, perfmodel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TEMPLATE = os.path.join(HERE, os.pardir, "pyx", "qgemm.pyx.tp")
+MIN_GROUP = 16   # the smallest group size: a segment can end every MIN_GROUP values
+
+
+def namespace(bits, params, machine):
+    layout = bitlayout.layout(bits)
+    gemm_rows = list(range(1, params.mu + 1))
+    gemv_tiles = list(range(1, params.nv + 1))
+    kernels = [(rows, 1) for rows in gemm_rows] + [(1, t) for t in gemv_tiles if t > 1]
+    return dict(bits=bits, layout=layout, params=params, machine=machine,
+                check=min(MIN_GROUP, layout.unit_values),
+                gemm_rows=gemm_rows, gemv_tiles=gemv_tiles, kernels=kernels,
+                avx2_expr=bitlayout.avx2_expr, scalar_expr=bitlayout.scalar_expr)
+
+
+def render(bits, params, machine):
+    with open(TEMPLATE) as f:
+        template = Tempita.Template(f.read(), name="pyx/qgemm.pyx.tp")
+    return template.substitute(namespace(bits, params, machine))
+
+
+def write_if_changed(path, text):
+    """Keep the mtime of unchanged files so Cython does not rebuild them."""
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def render_all(outdir, machine=None):
+    machine = machine or machine_mod.detect()
+    os.makedirs(outdir, exist_ok=True)
+    written = []
+    for bits in bitlayout.BITWIDTHS:
+        params = perfmodel.choose(bits, machine)
+        path = os.path.join(outdir, f"_qgemm_b{bits}.pyx")
+        write_if_changed(path, render(bits, params, machine))
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for p in render_all(sys.argv[1] if len(sys.argv) > 1 else "qinfer"):
+        print(p)

@@ -1,0 +1,224 @@
+# cython: language_level=3
+"""Run-time glue between Python and the generated kernels.
+
+CPU feature detection, the OpenMP thread count, QMatrix (one packed layer
+handed to a generated kernel without the GIL) and a streaming-read probe
+that benchmarks use to measure the machine's memory bandwidth.
+"""
+from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
+from libc.stdint cimport uint32_t, int32_t, uint64_t
+
+cdef extern from "qmatrix.h":
+    ctypedef int (*qgemm_fn)(const qmatrix *m, const float *x, int n, float *y, int nthreads) noexcept nogil
+    ctypedef struct qmatrix:
+        int bits
+        int in_features
+        int out_features
+        int group_size
+        int n_groups
+        int tu
+        int n_tiles
+        int mb
+        int tiles_per_block
+        const uint32_t *words
+        const float *scales
+        const float *zeros
+        const int32_t *perm
+    ctypedef struct qkernels:
+        int bits
+        int unit_words
+        int unit_values
+        qgemm_fn avx2
+        qgemm_fn scalar
+
+cdef extern from *:
+    """
+#include <stdint.h>
+#include <stddef.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define QI_X86 1
+#else
+#define QI_X86 0
+#endif
+
+static int qi_cpu_has_avx2_fma(void)
+{
+#if QI_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+static int qi_openmp_threads(void)
+{
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static int qi_have_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Read every byte of buf once; the returned checksum keeps the compiler
+ * from dropping the loads. Threads split the buffer in equal parts. */
+static uint64_t qi_stream_read_scalar(const uint64_t *buf, size_t n_words, int nthreads)
+{
+    uint64_t total = 0;
+    long i;
+    #pragma omp parallel for reduction(^:total) num_threads(nthreads) schedule(static)
+    for (i = 0; i < (long)n_words; i += 4)
+        total ^= buf[i] + buf[i + 1] + buf[i + 2] + buf[i + 3];
+    return total;
+}
+
+#if QI_X86
+__attribute__((target("avx2")))
+static uint64_t qi_stream_read_avx2(const uint64_t *buf, size_t n_words, int nthreads)
+{
+    uint64_t total = 0;
+    #pragma omp parallel num_threads(nthreads) reduction(^:total)
+    {
+#ifdef _OPENMP
+        const long t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+        const long t = 0, T = 1;
+#endif
+        const long blocks = (long)(n_words / 16);
+        const __m256i *p = (const __m256i *)buf;
+        __m256i a = _mm256_setzero_si256(), b = a, c = a, d = a;
+        for (long i = blocks * t / T; i < blocks * (t + 1) / T; i++) {
+            a = _mm256_xor_si256(a, _mm256_load_si256(p + 4 * i));
+            b = _mm256_xor_si256(b, _mm256_load_si256(p + 4 * i + 1));
+            c = _mm256_xor_si256(c, _mm256_load_si256(p + 4 * i + 2));
+            d = _mm256_xor_si256(d, _mm256_load_si256(p + 4 * i + 3));
+        }
+        a = _mm256_xor_si256(_mm256_xor_si256(a, b), _mm256_xor_si256(c, d));
+        total ^= (uint64_t)_mm256_extract_epi64(a, 0) ^ (uint64_t)_mm256_extract_epi64(a, 3);
+    }
+    return total;
+}
+#endif
+
+static uint64_t qi_stream_read(const uint64_t *buf, size_t n_words, int nthreads, int avx2)
+{
+#if QI_X86
+    if (avx2)
+        return qi_stream_read_avx2(buf, n_words, nthreads);
+#endif
+    return qi_stream_read_scalar(buf, n_words, nthreads);
+}
+    """
+    int qi_cpu_has_avx2_fma()
+    int qi_openmp_threads()
+    int qi_have_openmp()
+    uint64_t qi_stream_read(const uint64_t *buf, size_t n_words, int nthreads, int avx2) nogil
+
+
+def cpu_has_avx2_fma():
+    """True when this CPU can run the AVX2+FMA kernels."""
+    return bool(qi_cpu_has_avx2_fma())
+
+
+def openmp_threads():
+    """OpenMP's default thread count (OMP_NUM_THREADS or the core count)."""
+    return qi_openmp_threads()
+
+
+def have_openmp():
+    return bool(qi_have_openmp())
+
+
+def stream_read(const uint64_t[::1] buf, int nthreads, bint avx2):
+    """Read the whole buffer once (its length a multiple of 16 words, 32-byte aligned)."""
+    cdef size_t n = buf.shape[0]
+    cdef uint64_t total
+    if n % 16:
+        raise ValueError("stream_read needs a multiple of 16 words")
+    with nogil:
+        total = qi_stream_read(&buf[0], n, nthreads, avx2)
+    return total
+
+
+cdef class QMatrix:
+    """One packed layer as the kernels see it (see pyx/qmatrix.h).
+
+    Holds references to the numpy arrays whose memory the C struct points
+    into, so they live as long as the struct does.
+    """
+    cdef qmatrix m
+    cdef const qkernels *kernels
+    cdef object arrays
+
+    def __cinit__(self, kernels_capsule, int bits, int in_features, int out_features,
+                  int group_size, int tu, int mb, int tiles_per_block,
+                  const uint32_t[::1] words, const float[::1] scales, const float[::1] zeros,
+                  perm=None):
+        cdef const int32_t[::1] perm_view
+        if not PyCapsule_IsValid(kernels_capsule, b"qinfer.qkernels"):
+            raise TypeError("not a qinfer kernel table")
+        self.kernels = <const qkernels *>PyCapsule_GetPointer(kernels_capsule, b"qinfer.qkernels")
+        if self.kernels.bits != bits:
+            raise ValueError("kernel table is for another bitwidth")
+        self.m.bits = bits
+        self.m.in_features = in_features
+        self.m.out_features = out_features
+        self.m.group_size = group_size
+        self.m.n_groups = in_features // group_size
+        self.m.tu = tu
+        self.m.n_tiles = (out_features + tu - 1) // tu
+        self.m.mb = mb
+        self.m.tiles_per_block = tiles_per_block
+        expected_words = <size_t>self.m.n_tiles * tu * in_features * bits // 32
+        expected_scales = <size_t>self.m.n_tiles * tu * self.m.n_groups
+        if (words.shape[0] != expected_words or scales.shape[0] != expected_scales
+                or zeros.shape[0] != expected_scales):
+            raise ValueError("packed arrays do not match the layer's shape")
+        if in_features % mb or mb % kernels_capsule_unit(self.kernels):
+            raise ValueError("row block must divide in_features and hold whole units")
+        self.m.words = &words[0]
+        self.m.scales = &scales[0]
+        self.m.zeros = &zeros[0]
+        self.m.perm = NULL
+        if perm is not None:
+            perm_view = perm
+            if perm_view.shape[0] != in_features:
+                raise ValueError("perm must have in_features entries")
+            self.m.perm = &perm_view[0]
+        self.arrays = (words, scales, zeros, perm)
+
+    def has_avx2(self):
+        return self.kernels.avx2 != NULL
+
+    def matmul(self, const float[:, ::1] x, float[:, ::1] out, int nthreads, bint avx2):
+        """out[n, out_features] = x[n, in_features] @ W^T."""
+        cdef qgemm_fn fn = self.kernels.avx2 if avx2 else self.kernels.scalar
+        cdef int n = x.shape[0]
+        cdef int rc
+        if fn == NULL:
+            raise RuntimeError("this build has no AVX2 kernels")
+        if x.shape[1] != self.m.in_features or out.shape[0] != n or out.shape[1] != self.m.out_features:
+            raise ValueError("matmul: shapes do not match the layer")
+        if n == 0:
+            return
+        with nogil:
+            rc = fn(&self.m, &x[0, 0], n, &out[0, 0], nthreads)
+        if rc != 0:
+            raise MemoryError("out of memory in the quantized matmul")
+
+
+cdef int kernels_capsule_unit(const qkernels *k):
+    return k.unit_values

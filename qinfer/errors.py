@@ -1,0 +1,13 @@
+"""The errors qinfer raises for problems a user can act on."""
+
+
+class QinferError(Exception):
+    """Base class: every user-facing problem qinfer detects."""
+
+
+class ShapeError(QinferError, ValueError):
+    """An array or layer shape the kernels cannot take."""
+
+
+class UnsupportedError(QinferError, ValueError):
+    """A setting outside what qinfer supports (bitwidth, group size, CPU path)."""

@@ -1,0 +1,87 @@
+"""Which kernel path runs, with how many threads, and what the generator chose.
+
+The AVX2+FMA path is used when the CPU has both; otherwise the portable
+scalar path. QINFER_KERNELS=scalar (or use_path("scalar")) forces the scalar
+path, for testing and for comparing the two.
+"""
+import contextlib
+import importlib
+import os
+
+from . import _runtime
+from .errors import UnsupportedError
+from .packing import BITWIDTHS
+
+PATHS = ("auto", "avx2", "scalar")
+_modules = {b: importlib.import_module(f"qinfer._qgemm_b{b}") for b in BITWIDTHS}
+_cpu_avx2 = _runtime.cpu_has_avx2_fma()
+_state = {"path": None, "threads": None}
+
+
+def module(bits):
+    return _modules[bits]
+
+
+def params(bits):
+    """The kernel parameters the performance model chose for `bits`."""
+    return dict(_modules[bits].PARAMS)
+
+
+def machine():
+    """The cache sizes and flags the generator read at build time."""
+    return dict(_modules[BITWIDTHS[0]].MACHINE)
+
+
+def cpu_has_avx2():
+    return _cpu_avx2
+
+
+def _resolve(path):
+    if path not in PATHS:
+        raise UnsupportedError(f"kernel path must be one of {PATHS}, got {path!r}")
+    if path == "avx2" and not _cpu_avx2:
+        raise UnsupportedError("this CPU lacks AVX2/FMA; use the 'scalar' kernel path")
+    if path == "auto":
+        return "avx2" if _cpu_avx2 else "scalar"
+    return path
+
+
+def set_path(path):
+    """Select "auto", "avx2" or "scalar" for every later call."""
+    _state["path"] = _resolve(path)
+
+
+def active_path():
+    if _state["path"] is None:
+        _state["path"] = _resolve(os.environ.get("QINFER_KERNELS", "auto").strip().lower() or "auto")
+    return _state["path"]
+
+
+@contextlib.contextmanager
+def use_path(path):
+    """Run the enclosed calls on one kernel path, then restore the previous one."""
+    previous = active_path()
+    set_path(path)
+    try:
+        yield
+    finally:
+        _state["path"] = previous
+
+
+def set_num_threads(n):
+    """Threads for every later kernel call (None: OpenMP's default)."""
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise UnsupportedError(f"threads must be a positive integer, got {n!r}")
+    _state["threads"] = n
+
+
+def get_num_threads():
+    return _state["threads"] or _runtime.openmp_threads()
+
+
+def resolve_threads(threads=None):
+    if threads is None:
+        return get_num_threads()
+    if not isinstance(threads, int) or threads < 1:
+        raise UnsupportedError(f"threads must be a positive integer, got {threads!r}")
+    return threads

@@ -1,0 +1,185 @@
+"""QuantizedLinear: a b-bit GPTQ-style layer and its matrix products.
+
+The layer is given in GPTQ's layout (qinfer/packing.py) and re-laid once into
+tiles of `tu` output columns (pyx/qmatrix.h), so each kernel thread streams
+its tiles front to back. Everything the public properties return is
+reconstructed from that one copy.
+"""
+import numpy as np
+
+from . import _runtime, kernels, packing, rtn
+from .errors import ShapeError
+
+
+def _row_block(in_features, unit, wanted):
+    """The largest multiple of `unit` that divides in_features and is <= wanted (at least unit)."""
+    best = unit
+    for mb in range(unit, min(wanted, in_features) + 1, unit):
+        if in_features % mb == 0:
+            best = mb
+    return best
+
+
+def _as_2d_float32(name, array, shape):
+    array = np.asarray(array)
+    if array.shape != shape:
+        raise ShapeError(f"{name} must have shape {shape}, got {array.shape}")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+class QuantizedLinear:
+    """y = x @ W^T with W stored as b-bit codes, a scale and a zero per group."""
+
+    def __init__(self, qweight, scales, zeros, bits, group_size, in_features, out_features):
+        packing.check_bits(bits)
+        rtn.check_group_size(group_size, in_features)
+        words, values = packing.unit_shape(bits)
+        if in_features % 32:
+            raise ShapeError(f"in_features={in_features} is not a multiple of 32 (the packing unit)")
+        self.bits, self.group_size = bits, group_size
+        self.in_features, self.out_features = in_features, out_features
+        group = in_features if group_size == -1 else group_size
+        n_groups = in_features // group
+
+        p = kernels.params(bits)
+        tu = p["tu"]
+        n_tiles = -(-out_features // tu)
+        pad = n_tiles * tu - out_features
+        # [units*words, out] -> [tiles][units][words][tu]
+        q = np.pad(qweight.view(np.uint32), ((0, 0), (0, pad)))
+        q = q.reshape(in_features // values, words, n_tiles, tu).transpose(2, 0, 1, 3)
+        self._words = np.ascontiguousarray(q).reshape(-1)
+        tiled = lambda a: np.ascontiguousarray(
+            np.pad(a, ((0, 0), (0, pad))).reshape(n_groups, n_tiles, tu).transpose(1, 0, 2)).reshape(-1)
+        self._scales, self._zeros = tiled(scales), tiled(zeros)
+        self._perm = None      # act-order: kernel input k is x[perm[k]]
+        self._g_idx = None
+        self._tu, self._group = tu, group
+        self._mb = _row_block(in_features, int(np.lcm(values, group)), max(p["mb"], group))
+        self._tiles_per_block = max(1, p["tb"] // tu)
+        self._matrix = self._build_matrix()
+
+    def _build_matrix(self):
+        return _runtime.QMatrix(
+            kernels.module(self.bits).KERNELS, self.bits, self.in_features, self.out_features,
+            self._group, self._tu, self._mb, self._tiles_per_block,
+            self._words, self._scales, self._zeros, self._perm)
+
+    # ------------------------------------------------------------ builders
+    @classmethod
+    def from_float(cls, weight, bits, group_size=128, sym=False):
+        """Round-to-nearest quantization of a float [out_features, in_features] weight."""
+        weight = np.asarray(weight)
+        if weight.ndim != 2:
+            raise ShapeError(f"weight must be 2-D [out_features, in_features], got shape {weight.shape}")
+        out_features, in_features = weight.shape
+        if in_features % 32:
+            raise ShapeError(f"in_features={in_features} is not a multiple of 32 (the packing unit)")
+        codes, scales, zeros = rtn.quantize(weight, bits, group_size, sym)
+        return cls(packing.pack(codes, bits), scales, zeros, bits, group_size, in_features, out_features)
+
+    @classmethod
+    def from_packed(cls, qweight, scales, zeros, bits, group_size, g_idx=None):
+        """From GPTQ-layout int32 words [in*bits/32, out] and float scales/zeros [groups, out]."""
+        packing.check_bits(bits)
+        qweight = np.asarray(qweight)
+        if qweight.ndim != 2 or qweight.dtype.itemsize != 4 or qweight.dtype.kind not in "iu":
+            raise ShapeError(f"qweight must be a 2-D int32 array, got {qweight.dtype} {qweight.shape}")
+        rows, out_features = qweight.shape
+        if (rows * 32) % bits:
+            raise ShapeError(f"qweight has {rows} rows, not a whole number of {bits}-bit units")
+        in_features = rows * 32 // bits
+        rtn.check_group_size(group_size, in_features)
+        n_groups = 1 if group_size == -1 else in_features // group_size
+        scales = _as_2d_float32("scales", scales, (n_groups, out_features))
+        zeros = _as_2d_float32("zeros", zeros, (n_groups, out_features))
+        qweight = np.ascontiguousarray(qweight).view(np.int32)
+        if g_idx is None:
+            return cls(qweight, scales, zeros, bits, group_size, in_features, out_features)
+        return cls._from_act_order(qweight, scales, zeros, bits, group_size, g_idx)
+
+    @classmethod
+    def _from_act_order(cls, qweight, scales, zeros, bits, group_size, g_idx):
+        """Rows of one group may be scattered: sort them together and gather x to match."""
+        in_features = qweight.shape[0] * 32 // bits
+        g_idx = np.asarray(g_idx)
+        if g_idx.shape != (in_features,):
+            raise ShapeError(f"g_idx must have {in_features} entries, got shape {g_idx.shape}")
+        n_groups = scales.shape[0]
+        if g_idx.min() < 0 or g_idx.max() >= n_groups:
+            raise ShapeError(f"g_idx values must lie in [0, {n_groups})")
+        perm = np.argsort(g_idx, kind="stable").astype(np.int32)
+        group = in_features if group_size == -1 else group_size
+        if np.any(g_idx[perm] != np.arange(in_features) // group):
+            raise ShapeError(f"g_idx does not give every group exactly {group} rows")
+        if np.array_equal(perm, np.arange(in_features)):     # stored, but trivial
+            layer = cls(qweight, scales, zeros, bits, group_size, in_features, qweight.shape[1])
+        else:
+            codes = packing.unpack(qweight, bits)[perm]
+            layer = cls(packing.pack(codes, bits), scales, zeros, bits, group_size,
+                        in_features, qweight.shape[1])
+            layer._perm = perm
+            layer._matrix = layer._build_matrix()
+        layer._g_idx = np.ascontiguousarray(g_idx, dtype=np.int32)
+        return layer
+
+    # -------------------------------------------------------------- compute
+    def __call__(self, x, threads=None):
+        x = np.asarray(x)
+        single = x.ndim == 1
+        if x.ndim not in (1, 2) or x.shape[-1] != self.in_features:
+            raise ShapeError(f"x must be [{self.in_features}] or [n, {self.in_features}], got {x.shape}")
+        x2 = np.ascontiguousarray(x.reshape(1, -1) if single else x, dtype=np.float32)
+        out = np.empty((x2.shape[0], self.out_features), dtype=np.float32)
+        self._matrix.matmul(x2, out, kernels.resolve_threads(threads), kernels.active_path() == "avx2")
+        return out[0] if single else out
+
+    # ----------------------------------------------------------- inspection
+    def _untile(self, flat, rows):
+        n_tiles = -(-self.out_features // self._tu)
+        a = flat.reshape(n_tiles, rows, self._tu).transpose(1, 0, 2).reshape(rows, n_tiles * self._tu)
+        return np.ascontiguousarray(a[:, :self.out_features])
+
+    @property
+    def qweight(self):
+        """The GPTQ-layout int32 words [in*bits/32, out], rows in their original order."""
+        rows = self.in_features * self.bits // 32
+        words = self._untile(self._words, rows).view(np.int32)
+        if self._perm is None:
+            return words
+        codes = packing.unpack(words, self.bits)
+        unsorted = np.empty_like(codes)
+        unsorted[self._perm] = codes
+        return packing.pack(unsorted, self.bits)
+
+    @property
+    def scales(self):
+        return self._untile(self._scales, self.in_features // self._group)
+
+    @property
+    def zeros(self):
+        return self._untile(self._zeros, self.in_features // self._group)
+
+    @property
+    def g_idx(self):
+        return self._g_idx
+
+    def dequantize(self):
+        """The float32 weight [out_features, in_features] the kernels multiply by."""
+        codes = packing.unpack(self.qweight, self.bits).astype(np.float32)
+        if self._g_idx is not None:
+            group_of_row = self._g_idx
+        else:
+            group_of_row = np.arange(self.in_features) // self._group
+        w = self.scales[group_of_row] * (codes - self.zeros[group_of_row])
+        return np.ascontiguousarray(w.T)
+
+    @property
+    def nbytes(self):
+        held = self._words.nbytes + self._scales.nbytes + self._zeros.nbytes
+        return held + (self._perm.nbytes if self._perm is not None else 0)
+
+    def __repr__(self):
+        group = "full column" if self.group_size == -1 else f"group {self.group_size}"
+        return (f"QuantizedLinear({self.in_features} -> {self.out_features}, "
+                f"{self.bits}-bit, {group}, {self.nbytes / 2**20:.2f} MiB)")

@@ -1,0 +1,68 @@
+"""GPTQ's int32 packing of b-bit codes along the input dimension.
+
+    qweight[in_features * b / 32, out_features]   (int32)
+
+For b in {2, 4, 8}: word row r holds input rows r*(32/b) .. r*(32/b) + 32/b - 1,
+value i at bits [b*i, b*i + b). For b = 3: each run of 32 input rows fills 3
+word rows as one 96-bit little-endian stream (value i at stream bits
+[3i, 3i + 3); values 10 and 21 straddle two words). docs/FORMAT.md draws it.
+
+Both directions treat a unit (1 word, or 3 words for 3 bits) as a bit stream,
+so one code path serves every bitwidth.
+"""
+import numpy as np
+
+from .errors import ShapeError, UnsupportedError
+
+BITWIDTHS = (2, 3, 4, 8)
+
+
+def check_bits(bits):
+    if bits not in BITWIDTHS:
+        raise UnsupportedError(f"bits must be one of {BITWIDTHS}, got {bits!r}")
+
+
+def unit_shape(bits):
+    """(words, values) of one packing unit."""
+    words = 3 if bits == 3 else 1
+    return words, 32 * words // bits
+
+
+def pack(codes, bits):
+    """codes: integers in [0, 2**bits) shaped [in_features, out_features] -> int32 qweight."""
+    check_bits(bits)
+    codes = np.asarray(codes)
+    k, n = codes.shape
+    words, values = unit_shape(bits)
+    if k % values:
+        raise ShapeError(f"in_features={k} is not a multiple of {values} ({bits}-bit packing unit)")
+    units = codes.reshape(k // values, values, n).astype(np.uint64)
+    packed = np.zeros((k // values, words, n), dtype=np.uint64)
+    for i in range(values):
+        start = bits * i
+        word, offset = divmod(start, 32)
+        value = units[:, i, :]
+        packed[:, word, :] |= (value << np.uint64(offset)) & np.uint64(0xFFFFFFFF)
+        if offset + bits > 32:   # the high bits spill into the next word
+            packed[:, word + 1, :] |= value >> np.uint64(32 - offset)
+    return packed.astype(np.uint32).reshape(k * bits // 32, n).view(np.int32)
+
+
+def unpack(qweight, bits):
+    """int32 qweight [in*bits/32, out] -> uint8 codes [in, out]."""
+    check_bits(bits)
+    qweight = np.ascontiguousarray(qweight).view(np.uint32)
+    rows, n = qweight.shape
+    words, values = unit_shape(bits)
+    if rows % words:
+        raise ShapeError(f"{bits}-bit qweight needs a multiple of {words} rows, got {rows}")
+    units = qweight.reshape(rows // words, words, n).astype(np.uint64)
+    mask = np.uint64((1 << bits) - 1)
+    codes = np.empty((rows // words, values, n), dtype=np.uint8)
+    for i in range(values):
+        word, offset = divmod(bits * i, 32)
+        value = units[:, word, :] >> np.uint64(offset)
+        if offset + bits > 32:
+            value |= units[:, word + 1, :] << np.uint64(32 - offset)
+        codes[:, i, :] = value & mask
+    return codes.reshape(rows // words * values, n)

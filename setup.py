@@ -1,0 +1,47 @@
+"""Build: render the kernel templates for this machine, then cythonize.
+
+`pip install .` runs the generator (gen/) first: it reads the CPU's caches,
+picks the kernel parameters with the performance model and renders
+pyx/qgemm.pyx.tp once per bitwidth into build/generated/. Nothing it writes
+is committed.
+"""
+import os
+import sys
+
+from setuptools import Extension, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+GENERATED = os.path.join("build", "generated")
+sys.path.insert(0, ROOT)
+
+from gen.bitlayout import BITWIDTHS  # noqa: E402
+from gen.render import render_all  # noqa: E402
+
+
+def compiler_flags():
+    if sys.platform == "win32":
+        return ["/O2", "/openmp"], []
+    # No -march: the AVX2 kernels carry their own target attribute and are
+    # chosen at run time, so the same build runs on CPUs without AVX2.
+    return ["-O3", "-fopenmp", "-std=gnu11",
+            "-Wno-unused-function", "-Wno-unreachable-code"], ["-fopenmp"]
+
+
+def extensions():
+    from Cython.Build import cythonize
+
+    render_all(os.path.join(ROOT, GENERATED))
+    cflags, lflags = compiler_flags()
+    common = dict(include_dirs=["pyx"], extra_compile_args=cflags, extra_link_args=lflags)
+    exts = [Extension(f"qinfer._qgemm_b{b}", [os.path.join(GENERATED, f"_qgemm_b{b}.pyx")], **common)
+            for b in BITWIDTHS]
+    exts.append(Extension("qinfer._runtime", ["pyx/_runtime.pyx"], **common))
+    return cythonize(exts, language_level=3, compiler_directives={
+        "boundscheck": False, "wraparound": False, "cdivision": True})
+
+
+setup(
+    packages=["qinfer", "qinfer.tokenizer"],
+    package_dir={"qinfer": "qinfer", "qinfer.tokenizer": "tokenizer"},
+    ext_modules=extensions(),
+)

@@ -1,0 +1,773 @@
+"""Tests for qinfer's quantized matrix kernels (QuantizedLinear).
+
+Everything the implementation is checked against -- the round-to-nearest
+(GPTQ) quantizer, the GPTQ word packer, the unpacker and the dequantizer --
+is written independently here, in plain numpy:
+
+* ``rtn_quantize``   GPTQ's RTN quantizer, float32, per (group, output column)
+* ``pack_gptq``      GPTQ's packing loop, word by word, vectorised over columns
+* ``unpack_stream``  reads the words back as one little-endian bit stream per
+                     column (a deliberately different formulation than the
+                     packer, so each helper checks the other)
+* ``dequant``        w[k, j] = scale[g(k), j] * (q[k, j] - zero[g(k), j])
+
+Conventions used throughout: codes ``q`` are [in_features, out_features]
+(GPTQ orientation, like ``qweight``); weights passed to ``from_float`` and
+returned by ``dequantize()`` are [out_features, in_features].
+"""
+
+import functools
+
+import numpy as np
+import pytest
+
+import qinfer
+
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (16, 32, 64, 128, -1)
+F32 = np.float32
+
+# Accuracy targets of the issue.
+MAX_REL = 1e-4     # max|y - ref| / max|ref|
+NORM_REL = 1e-5    # ||y - ref|| / ||ref||
+
+
+# --------------------------------------------------------------------------
+# Reference helpers
+# --------------------------------------------------------------------------
+
+def n_groups(in_features, group_size):
+    return 1 if group_size == -1 else in_features // group_size
+
+
+def group_index(in_features, group_size):
+    """Group of each input row for contiguous groups."""
+    gs = in_features if group_size == -1 else group_size
+    return np.arange(in_features) // gs
+
+
+def rtn_quantize(weight, bits, group_size, sym=False):
+    """GPTQ round-to-nearest quantizer, done in float32.
+
+    weight: float32 [out, in].  Returns (codes uint8 [in, out],
+    scales float32 [G, out], zeros float32 [G, out]).
+    """
+    w = np.asarray(weight, dtype=F32)
+    out_f, in_f = w.shape
+    gs = in_f if group_size == -1 else group_size
+    G = in_f // gs
+    maxq = F32(2 ** bits - 1)
+
+    wg = w.reshape(out_f, G, gs)
+    xmin = np.minimum(wg.min(axis=2), F32(0))          # [out, G]
+    xmax = np.maximum(wg.max(axis=2), F32(0))
+    if sym:
+        xmax = np.maximum(np.abs(xmin), xmax)
+        xmin = np.where(xmin < 0, -xmax, xmin)
+    both_zero = (xmin == 0) & (xmax == 0)
+    xmin = np.where(both_zero, F32(-1), xmin)
+    xmax = np.where(both_zero, F32(1), xmax)
+
+    scale = (xmax - xmin) / maxq
+    if sym:
+        zero = np.full_like(scale, (maxq + 1) / F32(2))
+    else:
+        zero = np.round(-xmin / scale)
+    q = np.clip(np.round(wg / scale[:, :, None]) + zero[:, :, None], 0, maxq)
+
+    assert scale.dtype == F32 and zero.dtype == F32 and q.dtype == F32
+    codes = q.astype(np.uint8).reshape(out_f, in_f).T
+    return (np.ascontiguousarray(codes), np.ascontiguousarray(scale.T),
+            np.ascontiguousarray(zero.T))
+
+
+def dequant(codes, scales, zeros, group_size=None, g_idx=None):
+    """float32 [in, out] weights: scale[g(k)] * (q[k] - zero[g(k)])."""
+    in_f = codes.shape[0]
+    if g_idx is None:
+        G = scales.shape[0]
+        gs = in_f // G
+        q = codes.astype(F32).reshape(G, gs, -1)
+        w = (q - zeros[:, None, :]) * scales[:, None, :]
+        return w.reshape(in_f, -1)
+    g_idx = np.asarray(g_idx)
+    return (codes.astype(F32) - zeros[g_idx]) * scales[g_idx]
+
+
+def pack_gptq(codes, bits):
+    """GPTQ's packing loop: codes [in, out] -> int32 words [in*bits/32, out].
+
+    Written the way GPTQ's QuantLinear.pack does it (word by word, one input
+    row at a time), vectorised over output columns.
+    """
+    q = np.asarray(codes).astype(np.uint64)
+    in_f, out_f = q.shape
+    assert in_f % 32 == 0
+    words = np.zeros((in_f * bits // 32, out_f), dtype=np.uint64)
+
+    if bits in (2, 4, 8):
+        per_word = 32 // bits
+        for row in range(words.shape[0]):
+            for i in range(per_word):
+                words[row] |= q[row * per_word + i] << np.uint64(bits * i)
+    elif bits == 3:
+        i = 0
+        row = 0
+        while row < words.shape[0]:
+            for j in range(i, i + 10):                     # word 0: values 0..9
+                words[row] |= q[j] << np.uint64(3 * (j - i))
+            i += 10
+            words[row] |= q[i] << np.uint64(30)            # value 10, low 2 bits
+            row += 1
+            words[row] |= (q[i] >> np.uint64(2)) & np.uint64(1)  # ... high bit
+            i += 1
+            for j in range(i, i + 10):                     # word 1: values 11..20
+                words[row] |= q[j] << np.uint64(3 * (j - i) + 1)
+            i += 10
+            words[row] |= q[i] << np.uint64(31)            # value 21, low bit
+            row += 1
+            words[row] |= (q[i] >> np.uint64(1)) & np.uint64(3)  # ... high 2 bits
+            i += 1
+            for j in range(i, i + 10):                     # word 2: values 22..31
+                words[row] |= q[j] << np.uint64(3 * (j - i) + 2)
+            i += 10
+            row += 1
+    else:
+        raise AssertionError(bits)
+
+    words &= np.uint64(0xFFFFFFFF)
+    return words.astype(np.uint32).view(np.int32)
+
+
+def unpack_stream(qweight, bits, in_features):
+    """Inverse of the GPTQ layout, read as a little-endian bit stream.
+
+    For every bit width the words of one column, concatenated, form a
+    little-endian stream in which input row k occupies bits [k*b, k*b+b).
+    """
+    u = np.ascontiguousarray(np.asarray(qweight).view(np.uint32).T)   # [out, W]
+    out_f = u.shape[0]
+    as_bytes = u.astype("<u4").view(np.uint8).reshape(out_f, -1)
+    stream = np.unpackbits(as_bytes, axis=1, bitorder="little")
+    stream = stream[:, :in_features * bits].reshape(out_f, in_features, bits)
+    weights = (1 << np.arange(bits)).astype(np.int64)
+    codes = (stream.astype(np.int64) * weights).sum(axis=2)
+    return np.ascontiguousarray(codes.T.astype(np.uint8))
+
+
+def random_codes(rng, in_f, out_f, bits):
+    return rng.integers(0, 2 ** bits, size=(in_f, out_f), dtype=np.uint8)
+
+
+def random_scales_zeros(rng, G, out_f, bits, integer_zeros=True):
+    """Scales of a realistic size for std-0.02 weights; zeros inside [0, maxq]."""
+    maxq = 2 ** bits - 1
+    scales = (rng.uniform(0.5, 1.5, size=(G, out_f)) * 0.16 / maxq).astype(F32)
+    if integer_zeros:
+        zeros = rng.integers(0, maxq + 1, size=(G, out_f)).astype(F32)
+    else:
+        zeros = rng.uniform(0, maxq, size=(G, out_f)).astype(F32)
+    return scales, zeros
+
+
+def act_order_g_idx(rng, in_f, group_size):
+    """Each group owns group_size rows, scattered over the input dimension."""
+    G = in_f // group_size
+    return rng.permutation(np.repeat(np.arange(G), group_size)).astype(np.int32)
+
+
+def ref_matmul(X, w_in_out):
+    """float64 X @ W, W given as [in, out]."""
+    return np.asarray(X, np.float64) @ np.asarray(w_in_out, np.float64)
+
+
+def rel_errors(y, ref):
+    y = np.asarray(y, np.float64)
+    denom_max = np.abs(ref).max()
+    denom_norm = np.linalg.norm(ref)
+    assert denom_max > 0, "degenerate reference (all zeros)"
+    return (np.abs(y - ref).max() / denom_max,
+            np.linalg.norm(y - ref) / denom_norm)
+
+
+def assert_matches(y, ref, what, max_rel=MAX_REL, norm_rel=NORM_REL):
+    assert isinstance(y, np.ndarray), f"{what}: result is {type(y)}"
+    assert y.shape == ref.shape, f"{what}: shape {y.shape} != {ref.shape}"
+    assert y.dtype == F32, f"{what}: dtype {y.dtype}"
+    assert np.all(np.isfinite(y)), f"{what}: non-finite output"
+    emax, enorm = rel_errors(y, ref)
+    assert emax <= max_rel, f"{what}: max rel error {emax:.3g} > {max_rel:g}"
+    assert enorm <= norm_rel, f"{what}: norm rel error {enorm:.3g} > {norm_rel:g}"
+
+
+def check_layer_outputs(layer, X, w_in_out, what):
+    """layer(x) for 1-D x and for batches n = 1, 7, 64 (X must have 64 rows)."""
+    assert X.shape[0] == 64
+    ref = ref_matmul(X, w_in_out)
+    assert_matches(layer(X[0]), ref[0], f"{what} gemv 1-D")
+    for n in (1, 7, 64):
+        lo = 64 - n  # use different rows than the gemv check
+        assert_matches(layer(X[lo:]), ref[lo:], f"{what} gemm n={n}")
+
+
+def weights(rng, out_f, in_f):
+    return (rng.standard_normal((out_f, in_f), dtype=F32) * F32(0.02))
+
+
+def inputs(rng, n, in_f):
+    return rng.standard_normal((n, in_f), dtype=F32)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = qinfer.get_num_threads()
+    yield
+    qinfer.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------
+# 0. The reference helpers agree with the documented layout and each other
+# --------------------------------------------------------------------------
+
+def test_helpers_3bit_straddling_values():
+    codes = np.zeros((32, 2), np.uint8)
+    codes[10, 0] = 0b101     # stream bits 30..32
+    codes[21, 0] = 0b110     # stream bits 63..65
+    codes[0, 1] = 0b111      # stream bits 0..2
+    codes[31, 1] = 0b011     # stream bits 93..95
+    w = pack_gptq(codes, 3).view(np.uint32)
+    assert w.shape == (3, 2)
+    assert w[0, 0] == 0b01 << 30 and w[1, 0] == 1 and w[2, 0] == 0b11
+    assert w[0, 1] == 0b111 and w[1, 1] == 0 and w[2, 1] == 0b011 << 29
+    assert np.array_equal(unpack_stream(w.view(np.int32), 3, 32), codes)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_helpers_pack_unpack_roundtrip(bits):
+    rng = np.random.default_rng(0)
+    codes = random_codes(rng, 256, 9, bits)
+    packed = pack_gptq(codes, bits)
+    assert packed.dtype == np.int32 and packed.shape == (256 * bits // 32, 9)
+    assert np.array_equal(unpack_stream(packed, bits, 256), codes)
+    if bits != 3:  # explicit position check: row r*(32/b)+i at bits [b*i, b*i+b)
+        per = 32 // bits
+        r, i = 3, per - 1
+        k = r * per + i
+        expect = (int(packed.view(np.uint32)[r, 4]) >> (bits * i)) & (2 ** bits - 1)
+        assert expect == codes[k, 4]
+
+
+# --------------------------------------------------------------------------
+# 1a. Small and odd shapes, every bit width x group size, from_float
+# --------------------------------------------------------------------------
+
+SMALL_SHAPES = [(o, i) for o in (1, 13, 77) for i in (128, 256, 384)]
+SMALL_SHAPES += [(13, 96), (77, 32), (200, 640)]
+SMALL_CASES = [(o, i, b, g) for (o, i) in SMALL_SHAPES for b in BITS
+               for g in GROUP_SIZES if g == -1 or i % g == 0]
+
+
+@pytest.mark.parametrize("out_f,in_f,bits,group_size", SMALL_CASES)
+def test_small_shapes_match_numpy(out_f, in_f, bits, group_size):
+    rng = np.random.default_rng(0)
+    layer = qinfer.QuantizedLinear.from_float(weights(rng, out_f, in_f), bits, group_size)
+    assert (layer.out_features, layer.in_features) == (out_f, in_f)
+    assert (layer.bits, layer.group_size) == (bits, group_size)
+    deq = layer.dequantize()
+    assert deq.dtype == F32 and deq.shape == (out_f, in_f)
+    X = inputs(rng, 64, in_f)
+    check_layer_outputs(layer, X, deq.T, f"[{out_f}x{in_f}] b={bits} g={group_size}")
+
+
+# --------------------------------------------------------------------------
+# 1b. LLaMA-sized shapes, every bit width x group size, from_packed
+# --------------------------------------------------------------------------
+
+BIG_SHAPES = [(4096, 4096), (11008, 4096)]
+BIG_CASES = [(o, i, b, g) for (o, i) in BIG_SHAPES for b in BITS for g in GROUP_SIZES]
+
+
+@functools.lru_cache(maxsize=1)
+def _big_codes(out_f, in_f, bits):
+    """Random codes + their packed words, shared by all group sizes."""
+    rng = np.random.default_rng([out_f, in_f, bits])
+    codes = random_codes(rng, in_f, out_f, bits)
+    return codes, pack_gptq(codes, bits)
+
+
+@functools.lru_cache(maxsize=1)
+def _big_inputs(in_f):
+    return inputs(np.random.default_rng(1), 64, in_f)
+
+
+@pytest.mark.parametrize("out_f,in_f,bits,group_size", BIG_CASES)
+def test_big_shapes_match_numpy(out_f, in_f, bits, group_size):
+    codes, packed = _big_codes(out_f, in_f, bits)
+    rng = np.random.default_rng([out_f, bits, group_size + 1])
+    scales, zeros = random_scales_zeros(rng, n_groups(in_f, group_size), out_f, bits)
+    layer = qinfer.QuantizedLinear.from_packed(packed, scales, zeros, bits, group_size)
+
+    X = _big_inputs(in_f)
+    ref = np.empty((64, out_f))
+    deq = layer.dequantize()
+    assert deq.shape == (out_f, in_f)
+    chunk = 2048
+    for c0 in range(0, out_f, chunk):
+        c1 = min(out_f, c0 + chunk)
+        w = dequant(codes[:, c0:c1], scales[:, c0:c1], zeros[:, c0:c1])
+        assert np.array_equal(deq[c0:c1], w.T), f"dequantize() differs in rows {c0}:{c1}"
+        ref[:, c0:c1] = ref_matmul(X, w)
+    del deq
+
+    what = f"[{out_f}x{in_f}] b={bits} g={group_size}"
+    assert_matches(layer(X[0]), ref[0], f"{what} gemv 1-D")
+    for n in (1, 7, 64):
+        assert_matches(layer(X[64 - n:]), ref[64 - n:], f"{what} gemm n={n}")
+
+
+@functools.lru_cache(maxsize=1)
+def _big_float_weight():
+    return weights(np.random.default_rng(2), 11008, 4096)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_big_from_float(bits):
+    """from_float on an 11008x4096 MLP matrix: packing, dequantize, matmul."""
+    w = _big_float_weight()
+    layer = qinfer.QuantizedLinear.from_float(w, bits, 128)
+    codes, scales, zeros = rtn_quantize(w, bits, 128)
+    assert np.array_equal(layer.scales, scales)
+    assert np.array_equal(layer.zeros, zeros)
+    qw = layer.qweight
+    assert qw.dtype == np.int32 and qw.shape == (4096 * bits // 32, 11008)
+    assert np.array_equal(qw, pack_gptq(codes, bits)), "qweight differs from GPTQ packing"
+    deq = layer.dequantize()
+    ref_w = dequant(codes, scales, zeros).T
+    np.testing.assert_allclose(deq, ref_w, rtol=1e-6, atol=1e-6 * np.abs(ref_w).max())
+    X = _big_inputs(4096)
+    ref = ref_matmul(X, deq.T)
+    assert_matches(layer(X[0]), ref[0], f"from_float b={bits} gemv")
+    for n in (1, 7, 64):
+        assert_matches(layer(X[64 - n:]), ref[64 - n:], f"from_float b={bits} gemm n={n}")
+
+
+# --------------------------------------------------------------------------
+# 2 + 3. from_float == the reference RTN quantizer, packed bit for bit
+# --------------------------------------------------------------------------
+
+RTN_CASES = [(b, g, sym) for b in BITS for g in GROUP_SIZES for sym in (False, True)]
+
+
+def _check_from_float(w, bits, group_size, sym):
+    out_f, in_f = w.shape
+    layer = qinfer.QuantizedLinear.from_float(w, bits, group_size, sym=sym)
+    codes, scales, zeros = rtn_quantize(w, bits, group_size, sym)
+    G = n_groups(in_f, group_size)
+
+    qw = layer.qweight
+    assert qw.dtype == np.int32 and qw.shape == (in_f * bits // 32, out_f)
+    assert layer.scales.dtype == F32 and layer.scales.shape == (G, out_f)
+    assert layer.zeros.dtype == F32 and layer.zeros.shape == (G, out_f)
+
+    got_codes = unpack_stream(qw, bits, in_f)
+    bad = np.argwhere(got_codes != codes)
+    assert bad.size == 0, (f"{len(bad)} codes differ, first at [in, out]={bad[0].tolist()}: "
+                           f"got {got_codes[tuple(bad[0])]} want {codes[tuple(bad[0])]}")
+    assert np.array_equal(qw, pack_gptq(codes, bits)), "packing differs from GPTQ layout"
+    np.testing.assert_allclose(layer.scales, scales, rtol=1e-6, atol=0)
+    assert np.array_equal(layer.zeros, zeros)
+
+    ref_w = dequant(codes, scales, zeros).T
+    deq = layer.dequantize()
+    assert deq.dtype == F32 and deq.shape == (out_f, in_f)
+    np.testing.assert_allclose(deq, ref_w, rtol=1e-6, atol=1e-6 * np.abs(ref_w).max())
+    return layer, codes, scales, zeros
+
+
+@pytest.mark.parametrize("bits,group_size,sym", RTN_CASES)
+def test_from_float_matches_rtn_reference(bits, group_size, sym):
+    rng = np.random.default_rng(0)
+    _check_from_float(weights(rng, 77, 384), bits, group_size, sym)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("sym", (False, True))
+def test_from_float_degenerate_groups(bits, sym):
+    """All-zero, all-positive and all-negative groups, and a zero output row."""
+    rng = np.random.default_rng(0)
+    gs = 32
+    w = weights(rng, 6, 128)
+    w[0, 32:64] = 0                        # xmin == xmax == 0 -> [-1, 1] range
+    w[1, :] = 0                            # whole output row zero
+    w[2, 0:32] = np.abs(w[2, 0:32]) + 0.01  # all positive: xmin = 0
+    w[3, 64:96] = -np.abs(w[3, 64:96]) - 0.01  # all negative: xmax = 0
+    w[4, 96:128] = 0.03                    # constant group
+    layer, codes, scales, zeros = _check_from_float(w, bits, gs, sym)
+
+    maxq = 2 ** bits - 1
+    # The zero-group path: scale = 2/maxq and every code equals the zero point,
+    # so those weights dequantize to exactly 0.
+    assert np.allclose(scales[1, 0], 2 / maxq)
+    assert np.all(codes[32:64, 0] == zeros[1, 0])
+    deq = layer.dequantize()
+    assert np.all(deq[0, 32:64] == 0) and np.all(deq[1] == 0)
+    if not sym:
+        assert zeros[0, 2] == 0 and zeros[2, 3] == maxq
+
+    X = inputs(rng, 7, 128)
+    y = layer(X)
+    assert np.all(y[:, 1] == 0), "all-zero output row must give exactly 0"
+    assert_matches(y, ref_matmul(X, deq.T), f"degenerate b={bits} sym={sym}")
+
+
+def test_from_float_accepts_noncontiguous_weight():
+    rng = np.random.default_rng(0)
+    w = weights(rng, 256, 64)
+    a = qinfer.QuantizedLinear.from_float(np.ascontiguousarray(w.T), 4, 32)
+    b = qinfer.QuantizedLinear.from_float(w.T, 4, 32)          # F-ordered view
+    assert np.array_equal(a.qweight, b.qweight)
+    assert np.array_equal(a.scales, b.scales) and np.array_equal(a.zeros, b.zeros)
+
+
+# --------------------------------------------------------------------------
+# 4. from_packed round trip
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("integer_zeros", (True, False))
+def test_from_packed_roundtrip(bits, group_size, integer_zeros):
+    rng = np.random.default_rng(0)
+    out_f, in_f = 45, 256
+    G = n_groups(in_f, group_size)
+    codes = random_codes(rng, in_f, out_f, bits)
+    scales, zeros = random_scales_zeros(rng, G, out_f, bits, integer_zeros)
+    packed = pack_gptq(codes, bits)
+
+    layer = qinfer.QuantizedLinear.from_packed(packed, scales, zeros, bits, group_size)
+    assert (layer.bits, layer.group_size) == (bits, group_size)
+    assert (layer.in_features, layer.out_features) == (in_f, out_f)
+    assert np.array_equal(layer.qweight, packed) and layer.qweight.dtype == np.int32
+    assert np.array_equal(layer.scales, scales) and layer.scales.dtype == F32
+    assert np.array_equal(layer.zeros, zeros) and layer.zeros.dtype == F32
+    assert layer.nbytes == in_f * out_f * bits // 8 + 2 * 4 * G * out_f
+
+    deq = layer.dequantize()
+    assert deq.dtype == F32
+    assert np.array_equal(deq, dequant(codes, scales, zeros).T)
+
+    X = inputs(rng, 64, in_f)
+    check_layer_outputs(layer, X, deq.T, f"from_packed b={bits} g={group_size}")
+
+
+def test_from_packed_keeps_no_reference_to_caller_arrays():
+    rng = np.random.default_rng(0)
+    codes = random_codes(rng, 128, 16, 4)
+    scales, zeros = random_scales_zeros(rng, 1, 16, 4)
+    packed = pack_gptq(codes, 4)
+    layer = qinfer.QuantizedLinear.from_packed(packed.copy(), scales.copy(), zeros.copy(), 4, 128)
+    before = layer.dequantize()
+    x = inputs(rng, 1, 128)[0]
+    y0 = layer(x)
+    # Mutating fresh copies given to the constructor must not matter; mutating
+    # the returned properties must not corrupt the layer either.
+    qw, sc, ze = layer.qweight, layer.scales, layer.zeros
+    for a in (qw, sc, ze):
+        if a.flags.writeable:
+            a[...] = 0
+    assert np.array_equal(layer.dequantize(), before)
+    assert np.array_equal(layer(x), y0)
+
+
+def test_from_packed_accepts_uint32_view_and_noncontiguous():
+    rng = np.random.default_rng(0)
+    codes = random_codes(rng, 128, 24, 3)
+    scales, zeros = random_scales_zeros(rng, 4, 24, 3)
+    packed = pack_gptq(codes, 3)
+    ref = dequant(codes, scales, zeros).T
+    wide = np.zeros((packed.shape[0], 48), np.int32)
+    wide[:, ::2] = packed
+    layer = qinfer.QuantizedLinear.from_packed(wide[:, ::2], scales, zeros, 3, 32)
+    assert np.array_equal(layer.dequantize(), ref)
+
+
+# --------------------------------------------------------------------------
+# 5. act-order g_idx
+# --------------------------------------------------------------------------
+
+G_IDX_CASES = [(b, o, i, g) for b in BITS
+               for (o, i, g) in ((77, 256, 32), (64, 384, 16), (300, 1024, 128))]
+
+
+@pytest.mark.parametrize("bits,out_f,in_f,group_size", G_IDX_CASES)
+def test_g_idx_act_order(bits, out_f, in_f, group_size):
+    rng = np.random.default_rng(0)
+    G = in_f // group_size
+    codes = random_codes(rng, in_f, out_f, bits)
+    scales, zeros = random_scales_zeros(rng, G, out_f, bits)
+    g_idx = act_order_g_idx(rng, in_f, group_size)
+    assert not np.array_equal(g_idx, group_index(in_f, group_size))
+
+    layer = qinfer.QuantizedLinear.from_packed(pack_gptq(codes, bits), scales, zeros,
+                                               bits, group_size, g_idx=g_idx)
+    w = dequant(codes, scales, zeros, g_idx=g_idx)          # [in, out]
+    assert np.array_equal(layer.dequantize(), w.T)
+    X = inputs(rng, 64, in_f)
+    check_layer_outputs(layer, X, w, f"g_idx b={bits} [{out_f}x{in_f}] g={group_size}")
+
+
+def test_g_idx_trivial_equals_no_g_idx():
+    rng = np.random.default_rng(0)
+    codes = random_codes(rng, 256, 40, 4)
+    scales, zeros = random_scales_zeros(rng, 4, 40, 4)
+    packed = pack_gptq(codes, 4)
+    plain = qinfer.QuantizedLinear.from_packed(packed, scales, zeros, 4, 64)
+    gi = group_index(256, 64).astype(np.int32)
+    with_g = qinfer.QuantizedLinear.from_packed(packed, scales, zeros, 4, 64, g_idx=gi)
+    assert np.array_equal(plain.dequantize(), with_g.dequantize())
+    X = inputs(rng, 7, 256)
+    ref = ref_matmul(X, plain.dequantize().T)
+    assert_matches(with_g(X), ref, "trivial g_idx")
+
+
+# --------------------------------------------------------------------------
+# 6. Threads: 1 and 2 threads give bitwise equal results
+# --------------------------------------------------------------------------
+
+THREAD_CASES = [(b, g) for b in BITS for g in (16, 128, -1)]
+
+
+@pytest.mark.parametrize("bits,group_size", THREAD_CASES)
+def test_threads_bitwise_equal(bits, group_size):
+    rng = np.random.default_rng(0)
+    out_f, in_f = 1001, 2048
+    layer = qinfer.QuantizedLinear.from_float(weights(rng, out_f, in_f), bits, group_size)
+    X = inputs(rng, 64, in_f)
+    ref = ref_matmul(X, layer.dequantize().T)
+    for x, r, name in ((X[0], ref[0], "gemv"), (X[:7], ref[:7], "gemm7"), (X, ref, "gemm64")):
+        y1 = layer(x, threads=1)
+        y2 = layer(x, threads=2)
+        assert np.array_equal(y1, y2), f"{name}: 1 vs 2 threads differ"
+        assert_matches(y2, r, f"{name} threads=2")
+
+        qinfer.set_num_threads(1)
+        assert qinfer.get_num_threads() == 1
+        g1 = layer(x)
+        qinfer.set_num_threads(2)
+        assert qinfer.get_num_threads() == 2
+        g2 = layer(x)
+        assert np.array_equal(g1, g2), f"{name}: global 1 vs 2 threads differ"
+        assert np.array_equal(g1, y1), f"{name}: global vs per-call threads differ"
+
+
+def test_threads_tiny_layer():
+    rng = np.random.default_rng(0)
+    layer = qinfer.QuantizedLinear.from_float(weights(rng, 1, 32), 4, 16)
+    x = inputs(rng, 3, 32)
+    assert np.array_equal(layer(x, threads=1), layer(x, threads=2))
+
+
+def test_per_call_threads_does_not_change_global():
+    rng = np.random.default_rng(0)
+    layer = qinfer.QuantizedLinear.from_float(weights(rng, 8, 64), 4, 32)
+    qinfer.set_num_threads(2)
+    layer(inputs(rng, 1, 64)[0], threads=1)
+    assert qinfer.get_num_threads() == 2
+
+
+# --------------------------------------------------------------------------
+# 7. Scalar path == AVX2 path
+# --------------------------------------------------------------------------
+
+PATH_CASES = [(b, g, o, i) for b in BITS for g in (128, -1) for (o, i) in ((77, 384), (301, 1024))]
+PATH_CASES += [(b, 16, 13, 96) for b in BITS]
+
+
+def test_default_path_is_avx2_on_this_machine():
+    assert qinfer.kernels.active_path() == "avx2"
+    with qinfer.kernels.use_path("scalar"):
+        assert qinfer.kernels.active_path() == "scalar"
+    assert qinfer.kernels.active_path() == "avx2"
+    with qinfer.kernels.use_path("avx2"):
+        assert qinfer.kernels.active_path() == "avx2"
+
+
+@pytest.mark.parametrize("bits,group_size,out_f,in_f", PATH_CASES)
+def test_scalar_path_matches_avx2(bits, group_size, out_f, in_f):
+    rng = np.random.default_rng(0)
+    layer = qinfer.QuantizedLinear.from_float(weights(rng, out_f, in_f), bits, group_size)
+    X = inputs(rng, 8, in_f)
+    ref = ref_matmul(X, layer.dequantize().T)
+    for x, r, name in ((X[0], ref[0], "n=1"), (X[1:], ref[1:], "n=7")):
+        with qinfer.kernels.use_path("avx2"):
+            y_avx = layer(x)
+        with qinfer.kernels.use_path("scalar"):
+            y_sc = layer(x)
+        assert_matches(y_avx, r, f"avx2 {name}")
+        assert_matches(y_sc, r, f"scalar {name}")
+        diff = np.abs(y_sc.astype(np.float64) - y_avx).max() / np.abs(y_avx).max()
+        assert diff <= 1e-5, f"{name}: scalar vs avx2 rel diff {diff:.3g}"
+
+
+def test_scalar_path_with_g_idx_and_threads():
+    rng = np.random.default_rng(0)
+    codes = random_codes(rng, 256, 50, 3)
+    scales, zeros = random_scales_zeros(rng, 8, 50, 3)
+    g_idx = act_order_g_idx(rng, 256, 32)
+    layer = qinfer.QuantizedLinear.from_packed(pack_gptq(codes, 3), scales, zeros, 3, 32, g_idx=g_idx)
+    X = inputs(rng, 7, 256)
+    ref = ref_matmul(X, dequant(codes, scales, zeros, g_idx=g_idx))
+    with qinfer.kernels.use_path("scalar"):
+        y1 = layer(X, threads=1)
+        y2 = layer(X, threads=2)
+    assert np.array_equal(y1, y2)
+    assert_matches(y1, ref, "scalar g_idx")
+
+
+# --------------------------------------------------------------------------
+# Inputs: dtype, layout, shapes
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_layer():
+    rng = np.random.default_rng(0)
+    return qinfer.QuantizedLinear.from_float(weights(rng, 33, 256), 4, 128)
+
+
+def test_float64_input_is_converted(small_layer):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 256))          # float64
+    y = small_layer(x)
+    assert y.dtype == F32 and y.shape == (5, 33)
+    assert np.array_equal(y, small_layer(x.astype(F32)))
+    y1 = small_layer(x[0])
+    assert y1.shape == (33,)
+    assert np.array_equal(y1, small_layer(x[0].astype(F32)))
+
+
+def test_noncontiguous_input(small_layer):
+    rng = np.random.default_rng(0)
+    big = inputs(rng, 14, 512)
+    x_strided = big[::2, ::2]                  # [7, 256], both axes strided
+    x_fortran = np.asfortranarray(big[:7, :256])
+    ref_s = small_layer(np.ascontiguousarray(x_strided))
+    ref_f = small_layer(np.ascontiguousarray(x_fortran))
+    assert np.array_equal(small_layer(x_strided), ref_s)
+    assert np.array_equal(small_layer(x_fortran), ref_f)
+    assert np.array_equal(small_layer(big[3, ::2]), small_layer(np.ascontiguousarray(big[3, ::2])))
+
+
+def test_input_not_modified(small_layer):
+    rng = np.random.default_rng(0)
+    X = inputs(rng, 7, 256)
+    keep = X.copy()
+    small_layer(X)
+    small_layer(X[0])
+    assert np.array_equal(X, keep)
+
+
+# --------------------------------------------------------------------------
+# 8. Bad input raises QinferError
+# --------------------------------------------------------------------------
+
+def _w(out_f, in_f):
+    return weights(np.random.default_rng(0), out_f, in_f)
+
+
+def test_error_is_exception_class():
+    assert issubclass(qinfer.QinferError, Exception)
+
+
+def test_error_in_features_not_multiple_of_32():
+    with pytest.raises(qinfer.QinferError, match=r"(?i)in_features|multiple|32"):
+        qinfer.QuantizedLinear.from_float(_w(8, 100), 4, -1)
+
+
+def test_error_group_does_not_divide_in_features():
+    with pytest.raises(qinfer.QinferError, match=r"(?i)group"):
+        qinfer.QuantizedLinear.from_float(_w(8, 192), 4, 128)
+
+
+@pytest.mark.parametrize("bits", (1, 5, 6, 7, 16))
+def test_error_unsupported_bits(bits):
+    with pytest.raises(qinfer.QinferError, match=r"(?i)bit"):
+        qinfer.QuantizedLinear.from_float(_w(8, 128), bits, 32)
+
+
+@pytest.mark.parametrize("group_size", (48, 0, 256, 8, -2))
+def test_error_unsupported_group_size(group_size):
+    with pytest.raises(qinfer.QinferError, match=r"(?i)group"):
+        qinfer.QuantizedLinear.from_float(_w(8, 768), 4, group_size)
+
+
+def test_error_weight_ndim():
+    with pytest.raises(qinfer.QinferError):
+        qinfer.QuantizedLinear.from_float(_w(1, 128)[0], 4, 32)
+    with pytest.raises(qinfer.QinferError):
+        qinfer.QuantizedLinear.from_float(_w(4, 128).reshape(2, 2, 128), 4, 32)
+
+
+def test_error_x_wrong_length(small_layer):
+    for bad in (np.zeros(255, F32), np.zeros(257, F32), np.zeros((3, 128), F32)):
+        with pytest.raises(qinfer.QinferError, match=r"(?i)in_features|length|shape|size|256"):
+            small_layer(bad)
+
+
+def test_error_x_wrong_ndim(small_layer):
+    with pytest.raises(qinfer.QinferError):
+        small_layer(np.zeros((2, 3, 256), F32))
+    with pytest.raises(qinfer.QinferError):
+        small_layer(np.float32(1.0))
+
+
+def _packed_parts(bits=4, in_f=256, out_f=16, group_size=64):
+    rng = np.random.default_rng(0)
+    codes = random_codes(rng, in_f, out_f, bits)
+    scales, zeros = random_scales_zeros(rng, n_groups(in_f, group_size), out_f, bits)
+    return pack_gptq(codes, bits), scales, zeros
+
+
+def test_error_from_packed_scales_shape():
+    packed, scales, zeros = _packed_parts()
+    with pytest.raises(qinfer.QinferError, match=r"(?i)scale|shape|group"):
+        qinfer.QuantizedLinear.from_packed(packed, scales[:-1], zeros[:-1], 4, 64)
+    with pytest.raises(qinfer.QinferError):
+        qinfer.QuantizedLinear.from_packed(packed, scales, zeros, 4, 32)   # wrong n_groups
+    with pytest.raises(qinfer.QinferError):
+        qinfer.QuantizedLinear.from_packed(packed, scales[:, :-1], zeros, 4, 64)
+    with pytest.raises(qinfer.QinferError):
+        qinfer.QuantizedLinear.from_packed(packed, scales, zeros[:, :-1], 4, 64)
+    with pytest.raises(qinfer.QinferError):
+        qinfer.QuantizedLinear.from_packed(packed, scales[0], zeros[0], 4, 64)
+
+
+def test_error_from_packed_qweight_inconsistent_with_bits():
+    packed, scales, zeros = _packed_parts(bits=4, in_f=256)        # 32 word rows
+    with pytest.raises(qinfer.QinferError):                        # 3-bit needs rows % 3 == 0
+        qinfer.QuantizedLinear.from_packed(packed[:31], scales, zeros, 3, 64)
+    with pytest.raises(qinfer.QinferError):                        # 4-bit: 6 rows -> in=48
+        qinfer.QuantizedLinear.from_packed(packed[:6], scales[:1], zeros[:1], 4, -1)
+    with pytest.raises(qinfer.QinferError, match=r"(?i)bit"):
+        qinfer.QuantizedLinear.from_packed(packed, scales, zeros, 5, 64)
+
+
+def test_error_from_packed_qweight_dtype():
+    packed, scales, zeros = _packed_parts()
+    with pytest.raises(qinfer.QinferError):
+        qinfer.QuantizedLinear.from_packed(packed.astype(F32), scales, zeros, 4, 64)
+    with pytest.raises(qinfer.QinferError):
+        qinfer.QuantizedLinear.from_packed(packed[:, 0], scales, zeros, 4, 64)
+
+
+def test_error_from_packed_bad_g_idx():
+    packed, scales, zeros = _packed_parts(in_f=256, group_size=64)
+    good = group_index(256, 64).astype(np.int32)
+    with pytest.raises(qinfer.QinferError):                          # wrong length
+        qinfer.QuantizedLinear.from_packed(packed, scales, zeros, 4, 64, g_idx=good[:-1])
+    bad = good.copy()
+    bad[17] = 4                                                      # only groups 0..3 exist
+    with pytest.raises(qinfer.QinferError):
+        qinfer.QuantizedLinear.from_packed(packed, scales, zeros, 4, 64, g_idx=bad)
+    bad[17] = -1
+    with pytest.raises(qinfer.QinferError):
+        qinfer.QuantizedLinear.from_packed(packed, scales, zeros, 4, 64, g_idx=bad)

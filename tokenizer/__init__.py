@@ -1,0 +1,1 @@
+"""qinfer.tokenizer: SentencePiece and byte-level BPE tokenizers (knows nothing of models)."""
