@@ -13,7 +13,9 @@ from Cython import Tempita
 from . import bitlayout, machine as machine_mod, perfmodel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TEMPLATE = os.path.join(HERE, os.pardir, "pyx", "qgemm.pyx.tp")
+PYX = os.path.join(HERE, os.pardir, "pyx")
+TEMPLATE = os.path.join(PYX, "qgemm.pyx.tp")
+SNIPPETS = os.path.join(PYX, "snippets")
 MIN_GROUP = 16   # the smallest group size: a segment can end every MIN_GROUP values
 
 
@@ -28,10 +30,23 @@ def namespace(bits, params, machine):
                 avx2_expr=bitlayout.avx2_expr, scalar_expr=bitlayout.scalar_expr)
 
 
+def load(path):
+    with open(path) as f:
+        return Tempita.Template(f.read(), name=os.path.relpath(path, os.path.join(HERE, os.pardir)))
+
+
 def render(bits, params, machine):
-    with open(TEMPLATE) as f:
-        template = Tempita.Template(f.read(), name="pyx/qgemm.pyx.tp")
-    return template.substitute(namespace(bits, params, machine))
+    ns = namespace(bits, params, machine)
+    snippets = {name[:-len(".c.tp")]: load(os.path.join(SNIPPETS, name))
+                for name in os.listdir(SNIPPETS) if name.endswith(".c.tp")}
+
+    # Tempita's own {{def}} cannot take arguments in current Cython, so the
+    # repeated pieces of C are small templates of their own.
+    def snippet(name, **names):
+        return snippets[name].substitute(dict(ns, **names)).rstrip("\n")
+
+    ns["snippet"] = snippet
+    return load(TEMPLATE).substitute(ns)
 
 
 def write_if_changed(path, text):
