@@ -5,6 +5,7 @@
 Writes OUTDIR/_qgemm_b{2,3,4,8}.pyx from pyx/qgemm.pyx.tp, each with the
 parameters the performance model picked for that bitwidth.
 """
+import dataclasses
 import os
 import sys
 
@@ -61,12 +62,24 @@ def write_if_changed(path, text):
     os.replace(tmp, path)
 
 
+def overrides(text):
+    """QINFER_KERNEL_PARAMS="mu=4,tu=16,nv=3" replaces the model's choice (for experiments)."""
+    fields = {}
+    for item in filter(None, (text or "").split(",")):
+        key, _, value = item.partition("=")
+        fields[key.strip()] = int(value)
+    return fields
+
+
 def render_all(outdir, machine=None):
     machine = machine or machine_mod.detect()
     os.makedirs(outdir, exist_ok=True)
+    forced = overrides(os.environ.get("QINFER_KERNEL_PARAMS"))
     written = []
     for bits in bitlayout.BITWIDTHS:
         params = perfmodel.choose(bits, machine)
+        if forced:
+            params = dataclasses.replace(params, **forced)
         path = os.path.join(outdir, f"_qgemm_b{bits}.pyx")
         write_if_changed(path, render(bits, params, machine))
         written.append(path)

@@ -36,6 +36,10 @@ def cpu_has_avx2():
     return _cpu_avx2
 
 
+def have_openmp():
+    return _runtime.have_openmp()
+
+
 def _resolve(path):
     if path not in PATHS:
         raise UnsupportedError(f"kernel path must be one of {PATHS}, got {path!r}")

@@ -323,6 +323,8 @@ def test_big_shapes_match_numpy(out_f, in_f, bits, group_size):
     rng = np.random.default_rng([out_f, bits, group_size + 1])
     scales, zeros = random_scales_zeros(rng, n_groups(in_f, group_size), out_f, bits)
     layer = qinfer.QuantizedLinear.from_packed(packed, scales, zeros, bits, group_size)
+    if out_f == 4096:   # no tile padding possible: nbytes is exactly words + scales + zeros
+        assert layer.nbytes == packed.nbytes + scales.nbytes + zeros.nbytes
 
     X = _big_inputs(in_f)
     ref = np.empty((64, out_f))
@@ -433,7 +435,9 @@ def test_from_float_degenerate_groups(bits, sym):
 
     X = inputs(rng, 7, 128)
     y = layer(X)
-    assert np.abs(y[:, 1]).max() <= 1e-6 * np.abs(y).max(), "all-zero output row"
+    # A kernel may compute scale * (sum q*x - zero * sum x), so the zero row
+    # need not come out as exactly 0 -- only within the usual tolerance.
+    assert np.abs(y[:, 1]).max() <= MAX_REL * np.abs(y).max(), "all-zero output row"
     assert_matches(y, ref_matmul(X, deq.T), f"degenerate b={bits} sym={sym}",
                    dot_size(X, deq.T))
 
@@ -468,7 +472,12 @@ def test_from_packed_roundtrip(bits, group_size, integer_zeros):
     assert np.array_equal(layer.qweight, packed) and layer.qweight.dtype == np.int32
     assert np.array_equal(layer.scales, scales) and layer.scales.dtype == F32
     assert np.array_equal(layer.zeros, zeros) and layer.zeros.dtype == F32
-    assert layer.nbytes == in_f * out_f * bits // 8 + 2 * 4 * G * out_f
+    # nbytes is the memory held; the layer may pad out_features to its tile
+    # width internally, so allow up to 64 columns of padding here (the
+    # 4096-wide case in test_big_shapes_match_numpy checks it exactly).
+    logical = in_f * out_f * bits // 8 + 2 * 4 * G * out_f
+    padded = (in_f * bits // 8 + 2 * 4 * G) * (-(-out_f // 64) * 64)
+    assert logical <= layer.nbytes <= padded, (layer.nbytes, logical)
 
     deq = layer.dequantize()
     assert deq.dtype == F32

@@ -1,0 +1,105 @@
+"""qgemv/qgemm throughput against the machine's memory bandwidth.
+
+    python benchmarks/kernels.py [--threads 1,2] [--quick]
+
+For each shape (out x in) and bitwidth it builds enough distinct layers that
+together they exceed the last-level cache several times, then times qgemv
+calls cycling through them, so the weights come from memory as in a real
+model. Effective bandwidth = packed bytes (words + scales + zeros) per call
+/ time per call, set against a streaming read measured in the same run.
+Last, qgemm with 64 rows against 64 separate qgemv calls at 4 bits.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import qinfer  # noqa: E402
+from qinfer import kernels  # noqa: E402
+from common import best_time, read_bandwidth  # noqa: E402
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (out_features, in_features)
+BITS = (2, 3, 4, 8)
+GROUPS = (128, -1)
+LLC_MULTIPLE = 3
+
+
+def random_layer(rng, out_features, in_features, bits, group_size):
+    """A layer with random codes: the kernels' speed does not depend on the values."""
+    rows = in_features * bits // 32
+    qweight = rng.integers(-2**31, 2**31, size=(rows, out_features), dtype=np.int64).astype(np.int32)
+    groups = 1 if group_size == -1 else in_features // group_size
+    scales = rng.uniform(0.001, 0.01, size=(groups, out_features)).astype(np.float32)
+    zeros = np.full((groups, out_features), 2 ** (bits - 1), dtype=np.float32)
+    return qinfer.QuantizedLinear.from_packed(qweight, scales, zeros, bits, group_size)
+
+
+def layer_set(rng, shape, bits, group_size, llc_bytes):
+    first = random_layer(rng, *shape, bits, group_size)
+    count = max(2, -(-LLC_MULTIPLE * llc_bytes // first.nbytes))
+    return [first] + [random_layer(rng, *shape, bits, group_size) for _ in range(count - 1)]
+
+
+def time_cycling(layers, x, threads):
+    """Seconds per qgemv while cycling through the layers."""
+    state = {"i": 0}
+
+    def call():
+        layers[state["i"] % len(layers)](x, threads=threads)
+        state["i"] += 1
+
+    return best_time(lambda: [call() for _ in range(len(layers))], min_seconds=1.0) / len(layers)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1 and all cores)")
+    parser.add_argument("--quick", action="store_true", help="4-bit only, 11008x4096 only")
+    args = parser.parse_args()
+    all_threads = os.cpu_count() or 1
+    threads_list = ([int(t) for t in args.threads.split(",")] if args.threads
+                    else sorted({1, all_threads}))
+    shapes = [(11008, 4096)] if args.quick else SHAPES
+    bits_list = (4,) if args.quick else BITS
+    llc = kernels.machine()["l3_bytes"]
+    rng = np.random.default_rng(0)
+
+    print(f"qinfer {qinfer.__version__} kernels on {kernels.machine()['cpu_model']}, "
+          f"path {kernels.active_path()}, LLC {llc >> 20} MiB")
+    bandwidth = {t: read_bandwidth(t) for t in threads_list}
+    for t in threads_list:
+        print(f"streaming read, {t} thread(s): {bandwidth[t]:.1f} GB/s")
+    print()
+    print(f"{'out x in':>12} {'bits':>4} {'group':>5} {'thr':>3} {'layers':>6} {'us/qgemv':>9} "
+          f"{'GB/s':>6} {'% read BW':>9} {'GMAC/s':>7}")
+    for shape in shapes:
+        for bits in bits_list:
+            for group in GROUPS:
+                layers = layer_set(rng, shape, bits, group, llc)
+                x = rng.standard_normal(shape[1]).astype(np.float32)
+                for t in threads_list:
+                    sec = time_cycling(layers, x, t)
+                    gbs = layers[0].nbytes / sec / 1e9
+                    print(f"{shape[0]:>5}x{shape[1]:<6} {bits:>4} {group if group > 0 else 'full':>5} {t:>3} "
+                          f"{len(layers):>6} {sec * 1e6:>9.1f} {gbs:>6.1f} {100 * gbs / bandwidth[t]:>8.0f}% "
+                          f"{shape[0] * shape[1] / sec / 1e9:>7.1f}")
+                del layers
+
+    print()
+    print("qgemm (n = 64) against 64 qgemv calls, 4-bit, group 128, weights from memory:")
+    print(f"{'out x in':>12} {'thr':>3} {'64 x qgemv ms':>13} {'qgemm ms':>9} {'speed-up':>8}")
+    for shape in shapes:
+        layers = layer_set(rng, shape, 4, 128, llc)
+        x = rng.standard_normal(shape[1]).astype(np.float32)
+        X = rng.standard_normal((64, shape[1])).astype(np.float32)
+        for t in threads_list:
+            gemv = time_cycling(layers, x, t) * 64
+            gemm = time_cycling(layers, X, t)
+            print(f"{shape[0]:>5}x{shape[1]:<6} {t:>3} {gemv * 1e3:>13.2f} {gemm * 1e3:>9.2f} {gemv / gemm:>7.2f}x")
+        del layers
+
+
+if __name__ == "__main__":
+    main()
