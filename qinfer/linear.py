@@ -20,6 +20,13 @@ def _row_block(in_features, unit, wanted):
     return best
 
 
+def _check_features(in_features, out_features):
+    if in_features <= 0 or out_features <= 0:
+        raise ShapeError(f"a layer needs in_features and out_features >= 1, got {in_features} and {out_features}")
+    if in_features % 32:
+        raise ShapeError(f"in_features={in_features} is not a multiple of 32 (the packing unit)")
+
+
 def _as_2d_float32(name, array, shape):
     array = np.asarray(array)
     if array.shape != shape:
@@ -34,8 +41,7 @@ class QuantizedLinear:
         packing.check_bits(bits)
         rtn.check_group_size(group_size, in_features)
         words, values = packing.unit_shape(bits)
-        if in_features % 32:
-            raise ShapeError(f"in_features={in_features} is not a multiple of 32 (the packing unit)")
+        _check_features(in_features, out_features)
         self.bits, self.group_size = bits, group_size
         self.in_features, self.out_features = in_features, out_features
         group = in_features if group_size == -1 else group_size
@@ -73,8 +79,7 @@ class QuantizedLinear:
         if weight.ndim != 2:
             raise ShapeError(f"weight must be 2-D [out_features, in_features], got shape {weight.shape}")
         out_features, in_features = weight.shape
-        if in_features % 32:
-            raise ShapeError(f"in_features={in_features} is not a multiple of 32 (the packing unit)")
+        _check_features(in_features, out_features)
         codes, scales, zeros = rtn.quantize(weight, bits, group_size, sym)
         return cls(packing.pack(codes, bits), scales, zeros, bits, group_size, in_features, out_features)
 
@@ -89,6 +94,7 @@ class QuantizedLinear:
         if (rows * 32) % bits:
             raise ShapeError(f"qweight has {rows} rows, not a whole number of {bits}-bit units")
         in_features = rows * 32 // bits
+        _check_features(in_features, out_features)
         rtn.check_group_size(group_size, in_features)
         n_groups = 1 if group_size == -1 else in_features // group_size
         scales = _as_2d_float32("scales", scales, (n_groups, out_features))
