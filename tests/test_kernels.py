@@ -24,6 +24,8 @@ returned by ``dequantize()`` are [out_features, in_features].
 
 import functools
 
+import os
+
 import numpy as np
 import pytest
 
@@ -603,6 +605,10 @@ PATH_CASES = [(b, g, o, i) for b in BITS for g in (128, -1) for (o, i) in ((77, 
 PATH_CASES += [(b, 16, 13, 96) for b in BITS]
 
 
+needs_avx2 = pytest.mark.skipif(not qinfer.kernels.cpu_has_avx2(), reason="CPU lacks AVX2/FMA")
+
+
+@needs_avx2
 def test_default_path_is_avx2_on_this_machine():
     assert qinfer.kernels.active_path() == "avx2"
     with qinfer.kernels.use_path("scalar"):
@@ -612,6 +618,7 @@ def test_default_path_is_avx2_on_this_machine():
         assert qinfer.kernels.active_path() == "avx2"
 
 
+@needs_avx2
 @pytest.mark.parametrize("bits,group_size,out_f,in_f", PATH_CASES)
 def test_scalar_path_matches_avx2(bits, group_size, out_f, in_f):
     rng = np.random.default_rng(0)
@@ -630,6 +637,20 @@ def test_scalar_path_matches_avx2(bits, group_size, out_f, in_f):
         assert_matches(y_sc, r, f"scalar {name}", sz)
         diff, _ = rel_errors(y_sc, y_avx.astype(np.float64), sz)
         assert diff <= 1e-5, f"{name}: scalar vs avx2 rel diff {diff:.3g}"
+
+
+def test_environment_forces_scalar_path():
+    """QINFER_KERNELS=scalar at import selects the portable path (how a CPU without AVX2 runs)."""
+    import subprocess
+    import sys
+    code = ("import numpy as np, qinfer; print(qinfer.kernels.active_path()); "
+            "l = qinfer.QuantizedLinear.from_float(np.eye(64, dtype=np.float32), 8, 32); "
+            "print(float(abs(l(np.arange(64, dtype=np.float32)) - np.arange(64)).max()))")
+    env = dict(os.environ, QINFER_KERNELS="scalar")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    path, err = out.stdout.split()
+    assert path == "scalar"
+    assert float(err) < 1e-3
 
 
 def test_scalar_path_with_g_idx_and_threads():
