@@ -1,0 +1,83 @@
+"""What every reader returns: a validated, plain description of a model.
+
+Readers know nothing of kernels: they hand over a config, named tensors in
+Hugging Face orientation and names, and what is needed to build the
+tokenizer. qinfer/model.py turns that into the runtime model.
+
+Tensor names (Hugging Face LLaMA names):
+    model.embed_tokens.weight                      [vocab, hidden]
+    model.layers.{i}.input_layernorm.weight        [hidden]
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight   [out, in]
+    model.layers.{i}.post_attention_layernorm.weight   [hidden]
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight    [out, in]
+    model.norm.weight                              [hidden]
+    lm_head.weight                                 [vocab, hidden]  (absent when tied)
+q_proj/k_proj rows are in Hugging Face order (rotate-half RoPE): a GGUF
+reader undoes llama.cpp's interleaving permutation.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Union
+
+import numpy as np
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None      # {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: Optional[int] = None
+    eos_token_ids: List[int] = field(default_factory=list)
+
+
+@dataclass
+class PackedTensor:
+    """A linear weight already quantized, in the arguments of QuantizedLinear.from_packed."""
+    bits: int
+    group_size: int                 # -1: full column
+    qweight: np.ndarray             # int32 [in * bits / 32, out]
+    scales: np.ndarray              # float32 [groups, out]
+    zeros: np.ndarray               # float32 [groups, out]
+    g_idx: Optional[np.ndarray] = None
+    shape: tuple = ()               # (out, in), Hugging Face orientation
+
+
+# A float tensor is a numpy array (any float dtype; mmap-backed where possible)
+# or a zero-argument callable that produces one (lazy conversion).
+FloatTensor = Union[np.ndarray, Callable[[], np.ndarray]]
+Tensor = Union[FloatTensor, PackedTensor]
+
+
+@dataclass
+class TokenizerSpec:
+    """How to build the tokenizer: qinfer.tokenizer.load(spec)."""
+    kind: str                          # "sentencepiece_file" | "hf_json" | "gguf"
+    path: Optional[str] = None         # tokenizer.model or tokenizer.json
+    gguf_metadata: Optional[dict] = None   # tokenizer.ggml.* keys, arrays as lists
+    config: Optional[dict] = None      # tokenizer_config.json contents, if any
+
+
+@dataclass
+class ModelSource:
+    path: str
+    format: str                        # "hf" | "gguf"
+    config: ModelConfig
+    tensors: Dict[str, Tensor]
+    tokenizer: Optional[TokenizerSpec]
+    chat_template: Optional[str] = None
+    keepalive: list = field(default_factory=list)   # mmaps / file handles the tensors view
+
+    def float_tensor(self, name):
+        t = self.tensors[name]
+        if callable(t):
+            t = t()
+        return np.asarray(t, dtype=np.float32)
