@@ -24,7 +24,7 @@ def compiler_flags():
     # No -march: the AVX2 kernels carry their own target attribute and are
     # chosen at run time, so the same build runs on CPUs without AVX2.
     return ["-O3", "-fopenmp", "-std=gnu11",
-            "-Wno-unused-function", "-Wno-unreachable-code"], ["-fopenmp"]
+            "-Wno-unused-function", "-Wno-unreachable-code"], ["-fopenmp", "-lm"]
 
 
 def extensions():
@@ -36,6 +36,8 @@ def extensions():
     exts = [Extension(f"qinfer._qgemm_b{b}", [os.path.join(GENERATED, f"_qgemm_b{b}.pyx")], **common)
             for b in BITWIDTHS]
     exts.append(Extension("qinfer._runtime", ["pyx/_runtime.pyx"], **common))
+    exts.append(Extension("qinfer._forward", ["pyx/_forward.pyx"], **common))
+    exts.append(Extension("qinfer._sampling", ["pyx/_sampling.pyx"], **common))
     return cythonize(exts, language_level=3, compiler_directives={
         "boundscheck": False, "wraparound": False, "cdivision": True})
 

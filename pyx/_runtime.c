@@ -14,7 +14,8 @@
             "-Wno-unreachable-code"
         ],
         "extra_link_args": [
-            "-fopenmp"
+            "-fopenmp",
+            "-lm"
         ],
         "include_dirs": [
             "pyx"
@@ -3446,6 +3447,8 @@ static PyObject *__pyx_builtin_id;
 static const char __pyx_k_c[] = "c";
 static const char __pyx_k_name[] = "name";
 static const char __pyx_k_fortran[] = "fortran";
+static const char __pyx_k_qinfer_qmatrix[] = "qinfer.qmatrix";
+static const char __pyx_k_qinfer_qgemm_fn[] = "qinfer.qgemm_fn";
 static const char __pyx_k_qinfer_qkernels[] = "qinfer.qkernels";
 static const char __pyx_k_Dimension_d_is_not_direct[] = "Dimension %d is not direct";
 static const char __pyx_k_Cannot_index_with_type_200U[] = "Cannot index with type \047%.200U\047";
@@ -3508,9 +3511,11 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_4have_openmp(CYTHON_UNUSED PyObject 
 static PyObject *__pyx_pf_6qinfer_8_runtime_6stream_read(CYTHON_UNUSED PyObject *__pyx_self, __Pyx_memviewslice __pyx_v_buf, int __pyx_v_nthreads, int __pyx_v_avx2); /* proto */
 static int __pyx_pf_6qinfer_8_runtime_7QMatrix___cinit__(struct __pyx_obj_6qinfer_8_runtime_QMatrix *__pyx_v_self, PyObject *__pyx_v_kernels_capsule, int __pyx_v_bits, int __pyx_v_in_features, int __pyx_v_out_features, int __pyx_v_group_size, int __pyx_v_tu, int __pyx_v_mb, int __pyx_v_tiles_per_block, __Pyx_memviewslice __pyx_v_words, __Pyx_memviewslice __pyx_v_scales, __Pyx_memviewslice __pyx_v_zeros, PyObject *__pyx_v_perm); /* proto */
 static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_2has_avx2(struct __pyx_obj_6qinfer_8_runtime_QMatrix *__pyx_v_self); /* proto */
-static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6qinfer_8_runtime_QMatrix *__pyx_v_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_out, int __pyx_v_nthreads, int __pyx_v_avx2); /* proto */
-static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_6__reduce_cython__(CYTHON_UNUSED struct __pyx_obj_6qinfer_8_runtime_QMatrix *__pyx_v_self); /* proto */
-static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_8__setstate_cython__(CYTHON_UNUSED struct __pyx_obj_6qinfer_8_runtime_QMatrix *__pyx_v_self, CYTHON_UNUSED PyObject *__pyx_v___pyx_state); /* proto */
+static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matrix_capsule(struct __pyx_obj_6qinfer_8_runtime_QMatrix *__pyx_v_self); /* proto */
+static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_6kernel_capsule(struct __pyx_obj_6qinfer_8_runtime_QMatrix *__pyx_v_self, int __pyx_v_avx2); /* proto */
+static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_8matmul(struct __pyx_obj_6qinfer_8_runtime_QMatrix *__pyx_v_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_out, int __pyx_v_nthreads, int __pyx_v_avx2); /* proto */
+static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_10__reduce_cython__(CYTHON_UNUSED struct __pyx_obj_6qinfer_8_runtime_QMatrix *__pyx_v_self); /* proto */
+static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_12__setstate_cython__(CYTHON_UNUSED struct __pyx_obj_6qinfer_8_runtime_QMatrix *__pyx_v_self, CYTHON_UNUSED PyObject *__pyx_v___pyx_state); /* proto */
 static PyObject *__pyx_tp_new__initialisation_6qinfer_8_runtime_QMatrix(PyObject *o, 
 #if CYTHON_VECTORCALL_TPNEW
     PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames
@@ -3670,8 +3675,8 @@ namespace {
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_values;
     PyObject *__pyx_slice[1];
     PyObject *__pyx_tuple[2];
-    PyObject *__pyx_codeobj_tab[8];
-    PyObject *__pyx_string_tab[144];
+    PyObject *__pyx_codeobj_tab[10];
+    PyObject *__pyx_string_tab[150];
     PyObject *__pyx_number_tab[3];
 /* #### Code section: module_state_contents ### */
 /* PyFrozenDict.module_state_decls */
@@ -3763,108 +3768,114 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_n_u_QMatrix___reduce_cython __pyx_string_tab[39]
 #define __pyx_n_u_QMatrix___setstate_cython __pyx_string_tab[40]
 #define __pyx_n_u_QMatrix_has_avx2 __pyx_string_tab[41]
-#define __pyx_n_u_QMatrix_matmul __pyx_string_tab[42]
-#define __pyx_n_u_Sequence __pyx_string_tab[43]
-#define __pyx_n_u_View_MemoryView __pyx_string_tab[44]
-#define __pyx_n_u_Pyx_PyDict_NextRef __pyx_string_tab[45]
-#define __pyx_n_u_annotate __pyx_string_tab[46]
-#define __pyx_n_u_class __pyx_string_tab[47]
-#define __pyx_n_u_class_getitem __pyx_string_tab[48]
-#define __pyx_n_u_dict __pyx_string_tab[49]
-#define __pyx_n_u_func __pyx_string_tab[50]
-#define __pyx_n_u_getstate __pyx_string_tab[51]
-#define __pyx_n_u_import __pyx_string_tab[52]
-#define __pyx_n_u_main __pyx_string_tab[53]
-#define __pyx_n_u_module __pyx_string_tab[54]
-#define __pyx_n_u_name_2 __pyx_string_tab[55]
-#define __pyx_n_u_new __pyx_string_tab[56]
-#define __pyx_n_u_pyx_checksum __pyx_string_tab[57]
-#define __pyx_n_u_pyx_state __pyx_string_tab[58]
-#define __pyx_n_u_pyx_type __pyx_string_tab[59]
-#define __pyx_n_u_pyx_unpickle_Enum __pyx_string_tab[60]
-#define __pyx_n_u_pyx_vtable __pyx_string_tab[61]
-#define __pyx_n_u_qualname __pyx_string_tab[62]
-#define __pyx_n_u_reduce __pyx_string_tab[63]
-#define __pyx_n_u_reduce_cython __pyx_string_tab[64]
-#define __pyx_n_u_reduce_ex __pyx_string_tab[65]
-#define __pyx_n_u_set_name __pyx_string_tab[66]
-#define __pyx_n_u_setstate __pyx_string_tab[67]
-#define __pyx_n_u_setstate_cython __pyx_string_tab[68]
-#define __pyx_n_u_test __pyx_string_tab[69]
-#define __pyx_n_u_is_coroutine __pyx_string_tab[70]
-#define __pyx_n_u_abc __pyx_string_tab[71]
-#define __pyx_n_u_allocate_buffer __pyx_string_tab[72]
-#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[73]
-#define __pyx_n_u_avx2 __pyx_string_tab[74]
-#define __pyx_n_u_base __pyx_string_tab[75]
-#define __pyx_n_u_bits __pyx_string_tab[76]
-#define __pyx_n_u_buf __pyx_string_tab[77]
-#define __pyx_n_u_c __pyx_string_tab[78]
-#define __pyx_n_u_cline_in_traceback __pyx_string_tab[79]
-#define __pyx_n_u_count __pyx_string_tab[80]
-#define __pyx_n_u_cpu_has_avx2_fma __pyx_string_tab[81]
-#define __pyx_n_u_dtype_is_object __pyx_string_tab[82]
-#define __pyx_n_u_encode __pyx_string_tab[83]
-#define __pyx_n_u_enumerate __pyx_string_tab[84]
-#define __pyx_n_u_error __pyx_string_tab[85]
-#define __pyx_n_u_flags __pyx_string_tab[86]
-#define __pyx_n_u_fn __pyx_string_tab[87]
-#define __pyx_n_u_format __pyx_string_tab[88]
-#define __pyx_n_u_fortran __pyx_string_tab[89]
-#define __pyx_n_u_group_size __pyx_string_tab[90]
-#define __pyx_n_u_has_avx2 __pyx_string_tab[91]
-#define __pyx_n_u_have_openmp __pyx_string_tab[92]
-#define __pyx_n_u_id __pyx_string_tab[93]
-#define __pyx_n_u_in_features __pyx_string_tab[94]
-#define __pyx_n_u_index __pyx_string_tab[95]
-#define __pyx_n_u_items __pyx_string_tab[96]
-#define __pyx_n_u_itemsize __pyx_string_tab[97]
-#define __pyx_n_u_kernels_capsule __pyx_string_tab[98]
-#define __pyx_n_u_matmul __pyx_string_tab[99]
-#define __pyx_n_u_mb __pyx_string_tab[100]
-#define __pyx_n_u_memview __pyx_string_tab[101]
-#define __pyx_n_u_mode __pyx_string_tab[102]
-#define __pyx_n_u_n __pyx_string_tab[103]
-#define __pyx_n_u_name __pyx_string_tab[104]
-#define __pyx_n_u_ndim __pyx_string_tab[105]
-#define __pyx_n_u_nthreads __pyx_string_tab[106]
-#define __pyx_n_u_obj __pyx_string_tab[107]
-#define __pyx_n_u_openmp_threads __pyx_string_tab[108]
-#define __pyx_n_u_out __pyx_string_tab[109]
-#define __pyx_n_u_out_features __pyx_string_tab[110]
-#define __pyx_n_u_pack __pyx_string_tab[111]
-#define __pyx_n_u_perm __pyx_string_tab[112]
-#define __pyx_n_u_pop __pyx_string_tab[113]
-#define __pyx_n_u_qinfer__runtime __pyx_string_tab[114]
-#define __pyx_n_u_rc __pyx_string_tab[115]
-#define __pyx_n_u_register __pyx_string_tab[116]
-#define __pyx_n_u_scales __pyx_string_tab[117]
-#define __pyx_n_u_self __pyx_string_tab[118]
-#define __pyx_n_u_setdefault __pyx_string_tab[119]
-#define __pyx_n_u_shape __pyx_string_tab[120]
-#define __pyx_n_u_size __pyx_string_tab[121]
-#define __pyx_n_u_start __pyx_string_tab[122]
-#define __pyx_n_u_step __pyx_string_tab[123]
-#define __pyx_n_u_stop __pyx_string_tab[124]
-#define __pyx_n_u_stream_read __pyx_string_tab[125]
-#define __pyx_n_u_struct __pyx_string_tab[126]
-#define __pyx_n_u_tiles_per_block __pyx_string_tab[127]
-#define __pyx_n_u_total __pyx_string_tab[128]
-#define __pyx_n_u_tu __pyx_string_tab[129]
-#define __pyx_n_u_unpack __pyx_string_tab[130]
-#define __pyx_n_u_update __pyx_string_tab[131]
-#define __pyx_n_u_values __pyx_string_tab[132]
-#define __pyx_n_u_words __pyx_string_tab[133]
-#define __pyx_n_u_x __pyx_string_tab[134]
-#define __pyx_n_u_zeros __pyx_string_tab[135]
-#define __pyx_n_b_O __pyx_string_tab[136]
-#define __pyx_kp_b_iso88591_Q __pyx_string_tab[137]
-#define __pyx_kp_b_iso88591_4q_a __pyx_string_tab[138]
-#define __pyx_kp_b_iso88591_4q_1 __pyx_string_tab[139]
-#define __pyx_kp_b_iso88591_A __pyx_string_tab[140]
-#define __pyx_kp_b_iso88591_CvQa_r_1_j_aq_1D_Q_1 __pyx_string_tab[141]
-#define __pyx_kp_b_iso88591_A_t86_A __pyx_string_tab[142]
-#define __pyx_kp_b_iso88591_A_4xy_ha_QfAQ_3c_aq_1F_3c_R_Cs_C __pyx_string_tab[143]
+#define __pyx_n_u_QMatrix_kernel_capsule __pyx_string_tab[42]
+#define __pyx_n_u_QMatrix_matmul __pyx_string_tab[43]
+#define __pyx_n_u_QMatrix_matrix_capsule __pyx_string_tab[44]
+#define __pyx_n_u_Sequence __pyx_string_tab[45]
+#define __pyx_n_u_View_MemoryView __pyx_string_tab[46]
+#define __pyx_n_u_Pyx_PyDict_NextRef __pyx_string_tab[47]
+#define __pyx_n_u_annotate __pyx_string_tab[48]
+#define __pyx_n_u_class __pyx_string_tab[49]
+#define __pyx_n_u_class_getitem __pyx_string_tab[50]
+#define __pyx_n_u_dict __pyx_string_tab[51]
+#define __pyx_n_u_func __pyx_string_tab[52]
+#define __pyx_n_u_getstate __pyx_string_tab[53]
+#define __pyx_n_u_import __pyx_string_tab[54]
+#define __pyx_n_u_main __pyx_string_tab[55]
+#define __pyx_n_u_module __pyx_string_tab[56]
+#define __pyx_n_u_name_2 __pyx_string_tab[57]
+#define __pyx_n_u_new __pyx_string_tab[58]
+#define __pyx_n_u_pyx_checksum __pyx_string_tab[59]
+#define __pyx_n_u_pyx_state __pyx_string_tab[60]
+#define __pyx_n_u_pyx_type __pyx_string_tab[61]
+#define __pyx_n_u_pyx_unpickle_Enum __pyx_string_tab[62]
+#define __pyx_n_u_pyx_vtable __pyx_string_tab[63]
+#define __pyx_n_u_qualname __pyx_string_tab[64]
+#define __pyx_n_u_reduce __pyx_string_tab[65]
+#define __pyx_n_u_reduce_cython __pyx_string_tab[66]
+#define __pyx_n_u_reduce_ex __pyx_string_tab[67]
+#define __pyx_n_u_set_name __pyx_string_tab[68]
+#define __pyx_n_u_setstate __pyx_string_tab[69]
+#define __pyx_n_u_setstate_cython __pyx_string_tab[70]
+#define __pyx_n_u_test __pyx_string_tab[71]
+#define __pyx_n_u_is_coroutine __pyx_string_tab[72]
+#define __pyx_n_u_abc __pyx_string_tab[73]
+#define __pyx_n_u_allocate_buffer __pyx_string_tab[74]
+#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[75]
+#define __pyx_n_u_avx2 __pyx_string_tab[76]
+#define __pyx_n_u_base __pyx_string_tab[77]
+#define __pyx_n_u_bits __pyx_string_tab[78]
+#define __pyx_n_u_buf __pyx_string_tab[79]
+#define __pyx_n_u_c __pyx_string_tab[80]
+#define __pyx_n_u_cline_in_traceback __pyx_string_tab[81]
+#define __pyx_n_u_count __pyx_string_tab[82]
+#define __pyx_n_u_cpu_has_avx2_fma __pyx_string_tab[83]
+#define __pyx_n_u_dtype_is_object __pyx_string_tab[84]
+#define __pyx_n_u_encode __pyx_string_tab[85]
+#define __pyx_n_u_enumerate __pyx_string_tab[86]
+#define __pyx_n_u_error __pyx_string_tab[87]
+#define __pyx_n_u_flags __pyx_string_tab[88]
+#define __pyx_n_u_fn __pyx_string_tab[89]
+#define __pyx_n_u_format __pyx_string_tab[90]
+#define __pyx_n_u_fortran __pyx_string_tab[91]
+#define __pyx_n_u_group_size __pyx_string_tab[92]
+#define __pyx_n_u_has_avx2 __pyx_string_tab[93]
+#define __pyx_n_u_have_openmp __pyx_string_tab[94]
+#define __pyx_n_u_id __pyx_string_tab[95]
+#define __pyx_n_u_in_features __pyx_string_tab[96]
+#define __pyx_n_u_index __pyx_string_tab[97]
+#define __pyx_n_u_items __pyx_string_tab[98]
+#define __pyx_n_u_itemsize __pyx_string_tab[99]
+#define __pyx_n_u_kernel_capsule __pyx_string_tab[100]
+#define __pyx_n_u_kernels_capsule __pyx_string_tab[101]
+#define __pyx_n_u_matmul __pyx_string_tab[102]
+#define __pyx_n_u_matrix_capsule __pyx_string_tab[103]
+#define __pyx_n_u_mb __pyx_string_tab[104]
+#define __pyx_n_u_memview __pyx_string_tab[105]
+#define __pyx_n_u_mode __pyx_string_tab[106]
+#define __pyx_n_u_n __pyx_string_tab[107]
+#define __pyx_n_u_name __pyx_string_tab[108]
+#define __pyx_n_u_ndim __pyx_string_tab[109]
+#define __pyx_n_u_nthreads __pyx_string_tab[110]
+#define __pyx_n_u_obj __pyx_string_tab[111]
+#define __pyx_n_u_openmp_threads __pyx_string_tab[112]
+#define __pyx_n_u_out __pyx_string_tab[113]
+#define __pyx_n_u_out_features __pyx_string_tab[114]
+#define __pyx_n_u_pack __pyx_string_tab[115]
+#define __pyx_n_u_perm __pyx_string_tab[116]
+#define __pyx_n_u_pop __pyx_string_tab[117]
+#define __pyx_n_u_qinfer__runtime __pyx_string_tab[118]
+#define __pyx_n_u_rc __pyx_string_tab[119]
+#define __pyx_n_u_register __pyx_string_tab[120]
+#define __pyx_n_u_scales __pyx_string_tab[121]
+#define __pyx_n_u_self __pyx_string_tab[122]
+#define __pyx_n_u_setdefault __pyx_string_tab[123]
+#define __pyx_n_u_shape __pyx_string_tab[124]
+#define __pyx_n_u_size __pyx_string_tab[125]
+#define __pyx_n_u_start __pyx_string_tab[126]
+#define __pyx_n_u_step __pyx_string_tab[127]
+#define __pyx_n_u_stop __pyx_string_tab[128]
+#define __pyx_n_u_stream_read __pyx_string_tab[129]
+#define __pyx_n_u_struct __pyx_string_tab[130]
+#define __pyx_n_u_tiles_per_block __pyx_string_tab[131]
+#define __pyx_n_u_total __pyx_string_tab[132]
+#define __pyx_n_u_tu __pyx_string_tab[133]
+#define __pyx_n_u_unpack __pyx_string_tab[134]
+#define __pyx_n_u_update __pyx_string_tab[135]
+#define __pyx_n_u_values __pyx_string_tab[136]
+#define __pyx_n_u_words __pyx_string_tab[137]
+#define __pyx_n_u_x __pyx_string_tab[138]
+#define __pyx_n_u_zeros __pyx_string_tab[139]
+#define __pyx_n_b_O __pyx_string_tab[140]
+#define __pyx_kp_b_iso88591_Q __pyx_string_tab[141]
+#define __pyx_kp_b_iso88591_4q_a __pyx_string_tab[142]
+#define __pyx_kp_b_iso88591_4q_1 __pyx_string_tab[143]
+#define __pyx_kp_b_iso88591_A __pyx_string_tab[144]
+#define __pyx_kp_b_iso88591_CvQa_r_1_j_aq_1D_Q_1 __pyx_string_tab[145]
+#define __pyx_kp_b_iso88591_A_t86_A __pyx_string_tab[146]
+#define __pyx_kp_b_iso88591_A_AXQd_A __pyx_string_tab[147]
+#define __pyx_kp_b_iso88591_A_4xy_ha_3c_aq_AXT_Q __pyx_string_tab[148]
+#define __pyx_kp_b_iso88591_A_4xy_ha_QfAQ_3c_aq_1F_3c_R_Cs_C __pyx_string_tab[149]
 #define __pyx_int_0 __pyx_number_tab[0]
 #define __pyx_int_neg_1 __pyx_number_tab[1]
 #define __pyx_int_136983863 __pyx_number_tab[2]
@@ -3897,8 +3908,8 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_values.method);
   for (int i=0; i<1; ++i) { Py_CLEAR(clear_module_state->__pyx_slice[i]); }
   for (int i=0; i<2; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
-  for (int i=0; i<8; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<144; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<10; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
+  for (int i=0; i<150; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<3; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
@@ -3937,8 +3948,8 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_values.method);
   for (int i=0; i<1; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_slice[i]); }
   for (int i=0; i<2; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
-  for (int i=0; i<8; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<144; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<10; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
+  for (int i=0; i<150; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<3; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
@@ -19419,7 +19430,7 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_2has_avx2(struct __pyx_obj_
  *     def has_avx2(self):
  *         return self.kernels.avx2 != NULL             # <<<<<<<<<<<<<<
  * 
- *     def matmul(self, const float[:, ::1] x, float[:, ::1] out, int nthreads, bint avx2):
+ *     def matrix_capsule(self):
 */
   __pyx_t_1 = __Pyx_PyBool_FromLong((__pyx_v_self->kernels->avx2 != NULL)); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 204, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
@@ -19456,22 +19467,328 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_2has_avx2(struct __pyx_obj_
 /* "pyx/_runtime.pyx":206
  *         return self.kernels.avx2 != NULL
  * 
- *     def matmul(self, const float[:, ::1] x, float[:, ::1] out, int nthreads, bint avx2):             # <<<<<<<<<<<<<<
- *         """out[n, out_features] = x[n, in_features] @ W^T."""
- *         cdef qgemm_fn fn = self.kernels.avx2 if avx2 else self.kernels.scalar
+ *     def matrix_capsule(self):             # <<<<<<<<<<<<<<
+ *         """The C struct, for compiled callers (the forward pass); valid while self lives."""
+ *         return PyCapsule_New(<void *>&self.m, b"qinfer.qmatrix", NULL)
 */
 
 /* Python wrapper */
-static PyObject *__pyx_pw_6qinfer_8_runtime_7QMatrix_5matmul(PyObject *__pyx_v_self, 
+static PyObject *__pyx_pw_6qinfer_8_runtime_7QMatrix_5matrix_capsule(PyObject *__pyx_v_self, 
 #if CYTHON_VECTORCALL
 PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 #else
 PyObject *__pyx_args, PyObject *__pyx_kwds
 #endif
 ); /*proto*/
-PyDoc_STRVAR(__pyx_doc_6qinfer_8_runtime_7QMatrix_4matmul, "out[n, out_features] = x[n, in_features] @ W^T.");
-static PyMethodDef __pyx_mdef_6qinfer_8_runtime_7QMatrix_5matmul = {"matmul", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_runtime_7QMatrix_5matmul, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_6qinfer_8_runtime_7QMatrix_4matmul};
-static PyObject *__pyx_pw_6qinfer_8_runtime_7QMatrix_5matmul(PyObject *__pyx_v_self, 
+PyDoc_STRVAR(__pyx_doc_6qinfer_8_runtime_7QMatrix_4matrix_capsule, "The C struct, for compiled callers (the forward pass); valid while self lives.");
+static PyMethodDef __pyx_mdef_6qinfer_8_runtime_7QMatrix_5matrix_capsule = {"matrix_capsule", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_runtime_7QMatrix_5matrix_capsule, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_6qinfer_8_runtime_7QMatrix_4matrix_capsule};
+static PyObject *__pyx_pw_6qinfer_8_runtime_7QMatrix_5matrix_capsule(PyObject *__pyx_v_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+) {
+  #if !CYTHON_VECTORCALL
+  CYTHON_UNUSED Py_ssize_t __pyx_nargs;
+  #endif
+  CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
+  PyObject *__pyx_r = 0;
+  __Pyx_RefNannyDeclarations
+  __Pyx_RefNannySetupContext("matrix_capsule (wrapper)", 0);
+  #if !CYTHON_VECTORCALL
+  #if CYTHON_ASSUME_SAFE_SIZE
+  __pyx_nargs = PyTuple_GET_SIZE(__pyx_args);
+  #else
+  __pyx_nargs = PyTuple_Size(__pyx_args); if (unlikely(__pyx_nargs < 0)) return NULL;
+  #endif
+  #endif
+  __pyx_kwvalues = __Pyx_KwValues_FASTCALL(__pyx_args, __pyx_nargs);
+  if (unlikely(__pyx_nargs > 0)) { __Pyx_RaiseArgtupleInvalid("matrix_capsule", 1, 0, 0, __pyx_nargs); return NULL; }
+  const Py_ssize_t __pyx_kwds_len = unlikely(__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
+  if (unlikely(__pyx_kwds_len < 0)) return NULL;
+  if (unlikely(__pyx_kwds_len > 0)) {__Pyx_RejectKeywords("matrix_capsule", __pyx_kwds); return NULL;}
+  __pyx_r = __pyx_pf_6qinfer_8_runtime_7QMatrix_4matrix_capsule(((struct __pyx_obj_6qinfer_8_runtime_QMatrix *)__pyx_v_self));
+
+  /* function exit code */
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matrix_capsule(struct __pyx_obj_6qinfer_8_runtime_QMatrix *__pyx_v_self) {
+  PyObject *__pyx_r = NULL;
+  __Pyx_RefNannyDeclarations
+  PyObject *__pyx_t_1 = NULL;
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  __Pyx_RefNannySetupContext("matrix_capsule", 0);
+
+  /* "pyx/_runtime.pyx":208
+ *     def matrix_capsule(self):
+ *         """The C struct, for compiled callers (the forward pass); valid while self lives."""
+ *         return PyCapsule_New(<void *>&self.m, b"qinfer.qmatrix", NULL)             # <<<<<<<<<<<<<<
+ * 
+ *     def kernel_capsule(self, bint avx2):
+*/
+  __pyx_t_1 = PyCapsule_New(((void *)(&__pyx_v_self->m)), __pyx_k_qinfer_qmatrix, NULL); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 208, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  {
+    PyObject *__pyx_temp;
+    {
+      __pyx_temp = __pyx_r;
+      __pyx_r = __pyx_t_1;
+    }
+    __Pyx_XDECREF(__pyx_temp);
+  }
+  __pyx_t_1 = 0;
+  goto __pyx_L0;
+
+  /* "pyx/_runtime.pyx":206
+ *         return self.kernels.avx2 != NULL
+ * 
+ *     def matrix_capsule(self):             # <<<<<<<<<<<<<<
+ *         """The C struct, for compiled callers (the forward pass); valid while self lives."""
+ *         return PyCapsule_New(<void *>&self.m, b"qinfer.qmatrix", NULL)
+*/
+
+  /* function exit code */
+  __pyx_L1_error:;
+  __Pyx_XDECREF(__pyx_t_1);
+  __Pyx_AddTraceback("qinfer._runtime.QMatrix.matrix_capsule", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __pyx_r = NULL;
+  __pyx_L0:;
+  __Pyx_XGIVEREF(__pyx_r);
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+/* "pyx/_runtime.pyx":210
+ *         return PyCapsule_New(<void *>&self.m, b"qinfer.qmatrix", NULL)
+ * 
+ *     def kernel_capsule(self, bint avx2):             # <<<<<<<<<<<<<<
+ *         """The qgemm function of one path, for compiled callers."""
+ *         cdef qgemm_fn fn = self.kernels.avx2 if avx2 else self.kernels.scalar
+*/
+
+/* Python wrapper */
+static PyObject *__pyx_pw_6qinfer_8_runtime_7QMatrix_7kernel_capsule(PyObject *__pyx_v_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+); /*proto*/
+PyDoc_STRVAR(__pyx_doc_6qinfer_8_runtime_7QMatrix_6kernel_capsule, "The qgemm function of one path, for compiled callers.");
+static PyMethodDef __pyx_mdef_6qinfer_8_runtime_7QMatrix_7kernel_capsule = {"kernel_capsule", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_runtime_7QMatrix_7kernel_capsule, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_6qinfer_8_runtime_7QMatrix_6kernel_capsule};
+static PyObject *__pyx_pw_6qinfer_8_runtime_7QMatrix_7kernel_capsule(PyObject *__pyx_v_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+) {
+  int __pyx_v_avx2;
+  #if !CYTHON_VECTORCALL
+  CYTHON_UNUSED Py_ssize_t __pyx_nargs;
+  #endif
+  CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
+  PyObject* values[1] = {0};
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  PyObject *__pyx_r = 0;
+  __Pyx_RefNannyDeclarations
+  __Pyx_RefNannySetupContext("kernel_capsule (wrapper)", 0);
+  #if !CYTHON_VECTORCALL
+  #if CYTHON_ASSUME_SAFE_SIZE
+  __pyx_nargs = PyTuple_GET_SIZE(__pyx_args);
+  #else
+  __pyx_nargs = PyTuple_Size(__pyx_args); if (unlikely(__pyx_nargs < 0)) return NULL;
+  #endif
+  #endif
+  __pyx_kwvalues = __Pyx_KwValues_FASTCALL(__pyx_args, __pyx_nargs);
+  {
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_avx2,0};
+    const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 210, __pyx_L3_error)
+    if (__pyx_kwds_len > 0) {
+      switch (__pyx_nargs) {
+        case  1:
+        values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 210, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  0: break;
+        default: goto __pyx_L5_argtuple_error;
+      }
+      const Py_ssize_t kwd_pos_args = __pyx_nargs;
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "kernel_capsule", 0) < (0)) __PYX_ERR(0, 210, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("kernel_capsule", 1, 1, 1, i); __PYX_ERR(0, 210, __pyx_L3_error) }
+      }
+    } else if (unlikely(__pyx_nargs != 1)) {
+      goto __pyx_L5_argtuple_error;
+    } else {
+      values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 210, __pyx_L3_error)
+    }
+    __pyx_v_avx2 = __Pyx_PyObject_IsTrue(values[0]); if (unlikely((__pyx_v_avx2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 210, __pyx_L3_error)
+  }
+  goto __pyx_L6_skip;
+  __pyx_L5_argtuple_error:;
+  __Pyx_RaiseArgtupleInvalid("kernel_capsule", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 210, __pyx_L3_error)
+  __pyx_L6_skip:;
+  goto __pyx_L4_argument_unpacking_done;
+  __pyx_L3_error:;
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __Pyx_AddTraceback("qinfer._runtime.QMatrix.kernel_capsule", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __Pyx_RefNannyFinishContext();
+  return NULL;
+  __pyx_L4_argument_unpacking_done:;
+  __pyx_r = __pyx_pf_6qinfer_8_runtime_7QMatrix_6kernel_capsule(((struct __pyx_obj_6qinfer_8_runtime_QMatrix *)__pyx_v_self), __pyx_v_avx2);
+
+  /* function exit code */
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_6kernel_capsule(struct __pyx_obj_6qinfer_8_runtime_QMatrix *__pyx_v_self, int __pyx_v_avx2) {
+  qgemm_fn __pyx_v_fn;
+  PyObject *__pyx_r = NULL;
+  __Pyx_RefNannyDeclarations
+  qgemm_fn __pyx_t_1;
+  int __pyx_t_2;
+  PyObject *__pyx_t_3 = NULL;
+  PyObject *__pyx_t_4 = NULL;
+  size_t __pyx_t_5;
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  __Pyx_RefNannySetupContext("kernel_capsule", 0);
+
+  /* "pyx/_runtime.pyx":212
+ *     def kernel_capsule(self, bint avx2):
+ *         """The qgemm function of one path, for compiled callers."""
+ *         cdef qgemm_fn fn = self.kernels.avx2 if avx2 else self.kernels.scalar             # <<<<<<<<<<<<<<
+ *         if fn == NULL:
+ *             raise RuntimeError("this build has no AVX2 kernels")
+*/
+  if (__pyx_v_avx2) {
+
+    __pyx_t_1 = __pyx_v_self->kernels->avx2;
+  } else {
+
+    __pyx_t_1 = __pyx_v_self->kernels->scalar;
+  }
+  __pyx_v_fn = __pyx_t_1;
+
+  /* "pyx/_runtime.pyx":213
+ *         """The qgemm function of one path, for compiled callers."""
+ *         cdef qgemm_fn fn = self.kernels.avx2 if avx2 else self.kernels.scalar
+ *         if fn == NULL:             # <<<<<<<<<<<<<<
+ *             raise RuntimeError("this build has no AVX2 kernels")
+ *         return PyCapsule_New(<void *>fn, b"qinfer.qgemm_fn", NULL)
+*/
+  __pyx_t_2 = (__pyx_v_fn == NULL);
+
+  if (unlikely(__pyx_t_2)) {
+
+
+    /* "pyx/_runtime.pyx":214
+ *         cdef qgemm_fn fn = self.kernels.avx2 if avx2 else self.kernels.scalar
+ *         if fn == NULL:
+ *             raise RuntimeError("this build has no AVX2 kernels")             # <<<<<<<<<<<<<<
+ *         return PyCapsule_New(<void *>fn, b"qinfer.qgemm_fn", NULL)
+ * 
+*/
+    __pyx_t_4 = NULL;
+    __pyx_t_5 = 1;
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_this_build_has_no_AVX2_kernels};
+      __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_RuntimeError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 214, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_3);
+    }
+    __Pyx_Raise(__pyx_t_3, 0, 0, 0);
+    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+    __PYX_ERR(0, 214, __pyx_L1_error)
+
+    /* "pyx/_runtime.pyx":213
+ *         """The qgemm function of one path, for compiled callers."""
+ *         cdef qgemm_fn fn = self.kernels.avx2 if avx2 else self.kernels.scalar
+ *         if fn == NULL:             # <<<<<<<<<<<<<<
+ *             raise RuntimeError("this build has no AVX2 kernels")
+ *         return PyCapsule_New(<void *>fn, b"qinfer.qgemm_fn", NULL)
+*/
+  }
+
+  /* "pyx/_runtime.pyx":215
+ *         if fn == NULL:
+ *             raise RuntimeError("this build has no AVX2 kernels")
+ *         return PyCapsule_New(<void *>fn, b"qinfer.qgemm_fn", NULL)             # <<<<<<<<<<<<<<
+ * 
+ *     def matmul(self, const float[:, ::1] x, float[:, ::1] out, int nthreads, bint avx2):
+*/
+  __pyx_t_3 = PyCapsule_New(((void *)__pyx_v_fn), __pyx_k_qinfer_qgemm_fn, NULL); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 215, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  {
+    PyObject *__pyx_temp;
+    {
+      __pyx_temp = __pyx_r;
+      __pyx_r = __pyx_t_3;
+    }
+    __Pyx_XDECREF(__pyx_temp);
+  }
+  __pyx_t_3 = 0;
+  goto __pyx_L0;
+
+  /* "pyx/_runtime.pyx":210
+ *         return PyCapsule_New(<void *>&self.m, b"qinfer.qmatrix", NULL)
+ * 
+ *     def kernel_capsule(self, bint avx2):             # <<<<<<<<<<<<<<
+ *         """The qgemm function of one path, for compiled callers."""
+ *         cdef qgemm_fn fn = self.kernels.avx2 if avx2 else self.kernels.scalar
+*/
+
+  /* function exit code */
+  __pyx_L1_error:;
+  __Pyx_XDECREF(__pyx_t_3);
+  __Pyx_XDECREF(__pyx_t_4);
+  __Pyx_AddTraceback("qinfer._runtime.QMatrix.kernel_capsule", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __pyx_r = NULL;
+  __pyx_L0:;
+
+  __Pyx_XGIVEREF(__pyx_r);
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+/* "pyx/_runtime.pyx":217
+ *         return PyCapsule_New(<void *>fn, b"qinfer.qgemm_fn", NULL)
+ * 
+ *     def matmul(self, const float[:, ::1] x, float[:, ::1] out, int nthreads, bint avx2):             # <<<<<<<<<<<<<<
+ *         """out[n, out_features] = x[n, in_features] @ W^T."""
+ *         cdef qgemm_fn fn = self.kernels.avx2 if avx2 else self.kernels.scalar
+*/
+
+/* Python wrapper */
+static PyObject *__pyx_pw_6qinfer_8_runtime_7QMatrix_9matmul(PyObject *__pyx_v_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+); /*proto*/
+PyDoc_STRVAR(__pyx_doc_6qinfer_8_runtime_7QMatrix_8matmul, "out[n, out_features] = x[n, in_features] @ W^T.");
+static PyMethodDef __pyx_mdef_6qinfer_8_runtime_7QMatrix_9matmul = {"matmul", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_runtime_7QMatrix_9matmul, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_6qinfer_8_runtime_7QMatrix_8matmul};
+static PyObject *__pyx_pw_6qinfer_8_runtime_7QMatrix_9matmul(PyObject *__pyx_v_self, 
 #if CYTHON_VECTORCALL
 PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 #else
@@ -19504,53 +19821,53 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_out,&__pyx_mstate_global->__pyx_n_u_nthreads,&__pyx_mstate_global->__pyx_n_u_avx2,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 206, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 217, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 206, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 217, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 206, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 217, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 206, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 217, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 206, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 217, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "matmul", 0) < (0)) __PYX_ERR(0, 206, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "matmul", 0) < (0)) __PYX_ERR(0, 217, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 4; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("matmul", 1, 4, 4, i); __PYX_ERR(0, 206, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("matmul", 1, 4, 4, i); __PYX_ERR(0, 217, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 4)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 206, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 217, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 206, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 217, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 206, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 217, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 206, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 217, __pyx_L3_error)
     }
-    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(0, 206, __pyx_L3_error)
-    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(values[1], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(0, 206, __pyx_L3_error)
-    __pyx_v_nthreads = __Pyx_PyLong_As_int(values[2]); if (unlikely((__pyx_v_nthreads == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 206, __pyx_L3_error)
-    __pyx_v_avx2 = __Pyx_PyObject_IsTrue(values[3]); if (unlikely((__pyx_v_avx2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 206, __pyx_L3_error)
+    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float__const__(values[0], 0); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(0, 217, __pyx_L3_error)
+    __pyx_v_out = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(values[1], PyBUF_WRITABLE); if (unlikely(!__pyx_v_out.memview)) __PYX_ERR(0, 217, __pyx_L3_error)
+    __pyx_v_nthreads = __Pyx_PyLong_As_int(values[2]); if (unlikely((__pyx_v_nthreads == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 217, __pyx_L3_error)
+    __pyx_v_avx2 = __Pyx_PyObject_IsTrue(values[3]); if (unlikely((__pyx_v_avx2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 217, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("matmul", 1, 4, 4, __pyx_nargs); __PYX_ERR(0, 206, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("matmul", 1, 4, 4, __pyx_nargs); __PYX_ERR(0, 217, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -19563,7 +19880,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(((struct __pyx_obj_6qinfer_8_runtime_QMatrix *)__pyx_v_self), __pyx_v_x, __pyx_v_out, __pyx_v_nthreads, __pyx_v_avx2);
+  __pyx_r = __pyx_pf_6qinfer_8_runtime_7QMatrix_8matmul(((struct __pyx_obj_6qinfer_8_runtime_QMatrix *)__pyx_v_self), __pyx_v_x, __pyx_v_out, __pyx_v_nthreads, __pyx_v_avx2);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -19577,7 +19894,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6qinfer_8_runtime_QMatrix *__pyx_v_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_out, int __pyx_v_nthreads, int __pyx_v_avx2) {
+static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_8matmul(struct __pyx_obj_6qinfer_8_runtime_QMatrix *__pyx_v_self, __Pyx_memviewslice __pyx_v_x, __Pyx_memviewslice __pyx_v_out, int __pyx_v_nthreads, int __pyx_v_avx2) {
   qgemm_fn __pyx_v_fn;
   int __pyx_v_n;
   int __pyx_v_rc;
@@ -19598,7 +19915,7 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6q
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("matmul", 0);
 
-  /* "pyx/_runtime.pyx":208
+  /* "pyx/_runtime.pyx":219
  *     def matmul(self, const float[:, ::1] x, float[:, ::1] out, int nthreads, bint avx2):
  *         """out[n, out_features] = x[n, in_features] @ W^T."""
  *         cdef qgemm_fn fn = self.kernels.avx2 if avx2 else self.kernels.scalar             # <<<<<<<<<<<<<<
@@ -19614,7 +19931,7 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6q
   }
   __pyx_v_fn = __pyx_t_1;
 
-  /* "pyx/_runtime.pyx":209
+  /* "pyx/_runtime.pyx":220
  *         """out[n, out_features] = x[n, in_features] @ W^T."""
  *         cdef qgemm_fn fn = self.kernels.avx2 if avx2 else self.kernels.scalar
  *         cdef int n = x.shape[0]             # <<<<<<<<<<<<<<
@@ -19623,7 +19940,7 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6q
 */
   __pyx_v_n = (__pyx_v_x.shape[0]);
 
-  /* "pyx/_runtime.pyx":211
+  /* "pyx/_runtime.pyx":222
  *         cdef int n = x.shape[0]
  *         cdef int rc
  *         if fn == NULL:             # <<<<<<<<<<<<<<
@@ -19635,7 +19952,7 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6q
   if (unlikely(__pyx_t_2)) {
 
 
-    /* "pyx/_runtime.pyx":212
+    /* "pyx/_runtime.pyx":223
  *         cdef int rc
  *         if fn == NULL:
  *             raise RuntimeError("this build has no AVX2 kernels")             # <<<<<<<<<<<<<<
@@ -19648,14 +19965,14 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6q
       PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_this_build_has_no_AVX2_kernels};
       __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_RuntimeError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 212, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 223, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     __Pyx_Raise(__pyx_t_3, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __PYX_ERR(0, 212, __pyx_L1_error)
+    __PYX_ERR(0, 223, __pyx_L1_error)
 
-    /* "pyx/_runtime.pyx":211
+    /* "pyx/_runtime.pyx":222
  *         cdef int n = x.shape[0]
  *         cdef int rc
  *         if fn == NULL:             # <<<<<<<<<<<<<<
@@ -19664,7 +19981,7 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6q
 */
   }
 
-  /* "pyx/_runtime.pyx":213
+  /* "pyx/_runtime.pyx":224
  *         if fn == NULL:
  *             raise RuntimeError("this build has no AVX2 kernels")
  *         if x.shape[1] != self.m.in_features or out.shape[0] != n or out.shape[1] != self.m.out_features:             # <<<<<<<<<<<<<<
@@ -19700,7 +20017,7 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6q
   if (unlikely(__pyx_t_2)) {
 
 
-    /* "pyx/_runtime.pyx":214
+    /* "pyx/_runtime.pyx":225
  *             raise RuntimeError("this build has no AVX2 kernels")
  *         if x.shape[1] != self.m.in_features or out.shape[0] != n or out.shape[1] != self.m.out_features:
  *             raise ValueError("matmul: shapes do not match the layer")             # <<<<<<<<<<<<<<
@@ -19713,14 +20030,14 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6q
       PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_matmul_shapes_do_not_match_the_l};
       __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 214, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 225, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     __Pyx_Raise(__pyx_t_3, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __PYX_ERR(0, 214, __pyx_L1_error)
+    __PYX_ERR(0, 225, __pyx_L1_error)
 
-    /* "pyx/_runtime.pyx":213
+    /* "pyx/_runtime.pyx":224
  *         if fn == NULL:
  *             raise RuntimeError("this build has no AVX2 kernels")
  *         if x.shape[1] != self.m.in_features or out.shape[0] != n or out.shape[1] != self.m.out_features:             # <<<<<<<<<<<<<<
@@ -19729,7 +20046,7 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6q
 */
   }
 
-  /* "pyx/_runtime.pyx":215
+  /* "pyx/_runtime.pyx":226
  *         if x.shape[1] != self.m.in_features or out.shape[0] != n or out.shape[1] != self.m.out_features:
  *             raise ValueError("matmul: shapes do not match the layer")
  *         if n == 0:             # <<<<<<<<<<<<<<
@@ -19741,7 +20058,7 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6q
   if (__pyx_t_2) {
 
 
-    /* "pyx/_runtime.pyx":216
+    /* "pyx/_runtime.pyx":227
  *             raise ValueError("matmul: shapes do not match the layer")
  *         if n == 0:
  *             return             # <<<<<<<<<<<<<<
@@ -19758,7 +20075,7 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6q
     }
     goto __pyx_L0;
 
-    /* "pyx/_runtime.pyx":215
+    /* "pyx/_runtime.pyx":226
  *         if x.shape[1] != self.m.in_features or out.shape[0] != n or out.shape[1] != self.m.out_features:
  *             raise ValueError("matmul: shapes do not match the layer")
  *         if n == 0:             # <<<<<<<<<<<<<<
@@ -19767,7 +20084,7 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6q
 */
   }
 
-  /* "pyx/_runtime.pyx":217
+  /* "pyx/_runtime.pyx":228
  *         if n == 0:
  *             return
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -19780,7 +20097,7 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6q
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "pyx/_runtime.pyx":218
+        /* "pyx/_runtime.pyx":229
  *             return
  *         with nogil:
  *             rc = fn(&self.m, &x[0, 0], n, &out[0, 0], nthreads)             # <<<<<<<<<<<<<<
@@ -19794,7 +20111,7 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6q
         __pyx_v_rc = __pyx_v_fn((&__pyx_v_self->m), (&(*((float const  *) ( /* dim=1 */ ((char *) (((float const  *) ( /* dim=0 */ (__pyx_v_x.data + __pyx_t_7 * __pyx_v_x.strides[0]) )) + __pyx_t_8)) )))), __pyx_v_n, (&(*((float *) ( /* dim=1 */ ((char *) (((float *) ( /* dim=0 */ (__pyx_v_out.data + __pyx_t_9 * __pyx_v_out.strides[0]) )) + __pyx_t_10)) )))), __pyx_v_nthreads);
       }
 
-      /* "pyx/_runtime.pyx":217
+      /* "pyx/_runtime.pyx":228
  *         if n == 0:
  *             return
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -19811,7 +20128,7 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6q
       }
   }
 
-  /* "pyx/_runtime.pyx":219
+  /* "pyx/_runtime.pyx":230
  *         with nogil:
  *             rc = fn(&self.m, &x[0, 0], n, &out[0, 0], nthreads)
  *         if rc != 0:             # <<<<<<<<<<<<<<
@@ -19823,7 +20140,7 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6q
   if (unlikely(__pyx_t_2)) {
 
 
-    /* "pyx/_runtime.pyx":220
+    /* "pyx/_runtime.pyx":231
  *             rc = fn(&self.m, &x[0, 0], n, &out[0, 0], nthreads)
  *         if rc != 0:
  *             raise MemoryError("out of memory in the quantized matmul")             # <<<<<<<<<<<<<<
@@ -19836,14 +20153,14 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6q
       PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_out_of_memory_in_the_quantized_m};
       __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_MemoryError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 220, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 231, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     __Pyx_Raise(__pyx_t_3, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __PYX_ERR(0, 220, __pyx_L1_error)
+    __PYX_ERR(0, 231, __pyx_L1_error)
 
-    /* "pyx/_runtime.pyx":219
+    /* "pyx/_runtime.pyx":230
  *         with nogil:
  *             rc = fn(&self.m, &x[0, 0], n, &out[0, 0], nthreads)
  *         if rc != 0:             # <<<<<<<<<<<<<<
@@ -19852,8 +20169,8 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6q
 */
   }
 
-  /* "pyx/_runtime.pyx":206
- *         return self.kernels.avx2 != NULL
+  /* "pyx/_runtime.pyx":217
+ *         return PyCapsule_New(<void *>fn, b"qinfer.qgemm_fn", NULL)
  * 
  *     def matmul(self, const float[:, ::1] x, float[:, ::1] out, int nthreads, bint avx2):             # <<<<<<<<<<<<<<
  *         """out[n, out_features] = x[n, in_features] @ W^T."""
@@ -19884,15 +20201,15 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_4matmul(struct __pyx_obj_6q
 */
 
 /* Python wrapper */
-static PyObject *__pyx_pw_6qinfer_8_runtime_7QMatrix_7__reduce_cython__(PyObject *__pyx_v_self, 
+static PyObject *__pyx_pw_6qinfer_8_runtime_7QMatrix_11__reduce_cython__(PyObject *__pyx_v_self, 
 #if CYTHON_VECTORCALL
 PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 #else
 PyObject *__pyx_args, PyObject *__pyx_kwds
 #endif
 ); /*proto*/
-static PyMethodDef __pyx_mdef_6qinfer_8_runtime_7QMatrix_7__reduce_cython__ = {"__reduce_cython__", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_runtime_7QMatrix_7__reduce_cython__, __Pyx_METH_FASTCALL|METH_KEYWORDS, 0};
-static PyObject *__pyx_pw_6qinfer_8_runtime_7QMatrix_7__reduce_cython__(PyObject *__pyx_v_self, 
+static PyMethodDef __pyx_mdef_6qinfer_8_runtime_7QMatrix_11__reduce_cython__ = {"__reduce_cython__", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_runtime_7QMatrix_11__reduce_cython__, __Pyx_METH_FASTCALL|METH_KEYWORDS, 0};
+static PyObject *__pyx_pw_6qinfer_8_runtime_7QMatrix_11__reduce_cython__(PyObject *__pyx_v_self, 
 #if CYTHON_VECTORCALL
 PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 #else
@@ -19918,14 +20235,14 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   const Py_ssize_t __pyx_kwds_len = unlikely(__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
   if (unlikely(__pyx_kwds_len < 0)) return NULL;
   if (unlikely(__pyx_kwds_len > 0)) {__Pyx_RejectKeywords("__reduce_cython__", __pyx_kwds); return NULL;}
-  __pyx_r = __pyx_pf_6qinfer_8_runtime_7QMatrix_6__reduce_cython__(((struct __pyx_obj_6qinfer_8_runtime_QMatrix *)__pyx_v_self));
+  __pyx_r = __pyx_pf_6qinfer_8_runtime_7QMatrix_10__reduce_cython__(((struct __pyx_obj_6qinfer_8_runtime_QMatrix *)__pyx_v_self));
 
   /* function exit code */
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_6__reduce_cython__(CYTHON_UNUSED struct __pyx_obj_6qinfer_8_runtime_QMatrix *__pyx_v_self) {
+static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_10__reduce_cython__(CYTHON_UNUSED struct __pyx_obj_6qinfer_8_runtime_QMatrix *__pyx_v_self) {
   PyObject *__pyx_r = NULL;
   __Pyx_RefNannyDeclarations
   int __pyx_lineno = 0;
@@ -19965,15 +20282,15 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_6__reduce_cython__(CYTHON_U
 */
 
 /* Python wrapper */
-static PyObject *__pyx_pw_6qinfer_8_runtime_7QMatrix_9__setstate_cython__(PyObject *__pyx_v_self, 
+static PyObject *__pyx_pw_6qinfer_8_runtime_7QMatrix_13__setstate_cython__(PyObject *__pyx_v_self, 
 #if CYTHON_VECTORCALL
 PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 #else
 PyObject *__pyx_args, PyObject *__pyx_kwds
 #endif
 ); /*proto*/
-static PyMethodDef __pyx_mdef_6qinfer_8_runtime_7QMatrix_9__setstate_cython__ = {"__setstate_cython__", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_runtime_7QMatrix_9__setstate_cython__, __Pyx_METH_FASTCALL|METH_KEYWORDS, 0};
-static PyObject *__pyx_pw_6qinfer_8_runtime_7QMatrix_9__setstate_cython__(PyObject *__pyx_v_self, 
+static PyMethodDef __pyx_mdef_6qinfer_8_runtime_7QMatrix_13__setstate_cython__ = {"__setstate_cython__", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_runtime_7QMatrix_13__setstate_cython__, __Pyx_METH_FASTCALL|METH_KEYWORDS, 0};
+static PyObject *__pyx_pw_6qinfer_8_runtime_7QMatrix_13__setstate_cython__(PyObject *__pyx_v_self, 
 #if CYTHON_VECTORCALL
 PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 #else
@@ -20039,7 +20356,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_6qinfer_8_runtime_7QMatrix_8__setstate_cython__(((struct __pyx_obj_6qinfer_8_runtime_QMatrix *)__pyx_v_self), __pyx_v___pyx_state);
+  __pyx_r = __pyx_pf_6qinfer_8_runtime_7QMatrix_12__setstate_cython__(((struct __pyx_obj_6qinfer_8_runtime_QMatrix *)__pyx_v_self), __pyx_v___pyx_state);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -20049,7 +20366,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_8__setstate_cython__(CYTHON_UNUSED struct __pyx_obj_6qinfer_8_runtime_QMatrix *__pyx_v_self, CYTHON_UNUSED PyObject *__pyx_v___pyx_state) {
+static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_12__setstate_cython__(CYTHON_UNUSED struct __pyx_obj_6qinfer_8_runtime_QMatrix *__pyx_v_self, CYTHON_UNUSED PyObject *__pyx_v___pyx_state) {
   PyObject *__pyx_r = NULL;
   __Pyx_RefNannyDeclarations
   int __pyx_lineno = 0;
@@ -20081,7 +20398,7 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_8__setstate_cython__(CYTHON
   return __pyx_r;
 }
 
-/* "pyx/_runtime.pyx":223
+/* "pyx/_runtime.pyx":234
  * 
  * 
  * cdef int kernels_capsule_unit(const qkernels *k):             # <<<<<<<<<<<<<<
@@ -20091,7 +20408,7 @@ static PyObject *__pyx_pf_6qinfer_8_runtime_7QMatrix_8__setstate_cython__(CYTHON
 static int __pyx_f_6qinfer_8_runtime_kernels_capsule_unit(qkernels const *__pyx_v_k) {
   int __pyx_r;
 
-  /* "pyx/_runtime.pyx":224
+  /* "pyx/_runtime.pyx":235
  * 
  * cdef int kernels_capsule_unit(const qkernels *k):
  *     return k.unit_values             # <<<<<<<<<<<<<<
@@ -20102,7 +20419,7 @@ static int __pyx_f_6qinfer_8_runtime_kernels_capsule_unit(qkernels const *__pyx_
   }
   goto __pyx_L0;
 
-  /* "pyx/_runtime.pyx":223
+  /* "pyx/_runtime.pyx":234
  * 
  * 
  * cdef int kernels_capsule_unit(const qkernels *k):             # <<<<<<<<<<<<<<
@@ -20226,9 +20543,11 @@ static int __pyx_tp_clear_6qinfer_8_runtime_QMatrix(PyObject *o) {
 
 static PyMethodDef __pyx_methods_6qinfer_8_runtime_QMatrix[] = {
   {"has_avx2", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_runtime_7QMatrix_3has_avx2, __Pyx_METH_FASTCALL|METH_KEYWORDS, 0},
-  {"matmul", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_runtime_7QMatrix_5matmul, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_6qinfer_8_runtime_7QMatrix_4matmul},
-  {"__reduce_cython__", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_runtime_7QMatrix_7__reduce_cython__, __Pyx_METH_FASTCALL|METH_KEYWORDS, 0},
-  {"__setstate_cython__", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_runtime_7QMatrix_9__setstate_cython__, __Pyx_METH_FASTCALL|METH_KEYWORDS, 0},
+  {"matrix_capsule", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_runtime_7QMatrix_5matrix_capsule, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_6qinfer_8_runtime_7QMatrix_4matrix_capsule},
+  {"kernel_capsule", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_runtime_7QMatrix_7kernel_capsule, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_6qinfer_8_runtime_7QMatrix_6kernel_capsule},
+  {"matmul", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_runtime_7QMatrix_9matmul, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_6qinfer_8_runtime_7QMatrix_8matmul},
+  {"__reduce_cython__", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_runtime_7QMatrix_11__reduce_cython__, __Pyx_METH_FASTCALL|METH_KEYWORDS, 0},
+  {"__setstate_cython__", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_runtime_7QMatrix_13__setstate_cython__, __Pyx_METH_FASTCALL|METH_KEYWORDS, 0},
   {0, 0, 0, 0}
 };
 #if CYTHON_USE_TYPE_SPECS
@@ -22593,16 +22912,46 @@ __Pyx_RefNannySetupContext("PyInit__runtime", 0);
   /* "pyx/_runtime.pyx":206
  *         return self.kernels.avx2 != NULL
  * 
- *     def matmul(self, const float[:, ::1] x, float[:, ::1] out, int nthreads, bint avx2):             # <<<<<<<<<<<<<<
- *         """out[n, out_features] = x[n, in_features] @ W^T."""
- *         cdef qgemm_fn fn = self.kernels.avx2 if avx2 else self.kernels.scalar
+ *     def matrix_capsule(self):             # <<<<<<<<<<<<<<
+ *         """The C struct, for compiled callers (the forward pass); valid while self lives."""
+ *         return PyCapsule_New(<void *>&self.m, b"qinfer.qmatrix", NULL)
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6qinfer_8_runtime_7QMatrix_5matmul, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_QMatrix_matmul, NULL, __pyx_mstate_global->__pyx_n_u_qinfer__runtime, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[5])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 206, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6qinfer_8_runtime_7QMatrix_5matrix_capsule, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_QMatrix_matrix_capsule, NULL, __pyx_mstate_global->__pyx_n_u_qinfer__runtime, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[5])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 206, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_6qinfer_8_runtime_QMatrix, __pyx_mstate_global->__pyx_n_u_matmul, __pyx_t_4) < (0)) __PYX_ERR(0, 206, __pyx_L1_error)
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_6qinfer_8_runtime_QMatrix, __pyx_mstate_global->__pyx_n_u_matrix_capsule, __pyx_t_4) < (0)) __PYX_ERR(0, 206, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+
+  /* "pyx/_runtime.pyx":210
+ *         return PyCapsule_New(<void *>&self.m, b"qinfer.qmatrix", NULL)
+ * 
+ *     def kernel_capsule(self, bint avx2):             # <<<<<<<<<<<<<<
+ *         """The qgemm function of one path, for compiled callers."""
+ *         cdef qgemm_fn fn = self.kernels.avx2 if avx2 else self.kernels.scalar
+*/
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6qinfer_8_runtime_7QMatrix_7kernel_capsule, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_QMatrix_kernel_capsule, NULL, __pyx_mstate_global->__pyx_n_u_qinfer__runtime, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[6])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 210, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
+  #endif
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_6qinfer_8_runtime_QMatrix, __pyx_mstate_global->__pyx_n_u_kernel_capsule, __pyx_t_4) < (0)) __PYX_ERR(0, 210, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+
+  /* "pyx/_runtime.pyx":217
+ *         return PyCapsule_New(<void *>fn, b"qinfer.qgemm_fn", NULL)
+ * 
+ *     def matmul(self, const float[:, ::1] x, float[:, ::1] out, int nthreads, bint avx2):             # <<<<<<<<<<<<<<
+ *         """out[n, out_features] = x[n, in_features] @ W^T."""
+ *         cdef qgemm_fn fn = self.kernels.avx2 if avx2 else self.kernels.scalar
+*/
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6qinfer_8_runtime_7QMatrix_9matmul, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_QMatrix_matmul, NULL, __pyx_mstate_global->__pyx_n_u_qinfer__runtime, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[7])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 217, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
+  #endif
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_6qinfer_8_runtime_QMatrix, __pyx_mstate_global->__pyx_n_u_matmul, __pyx_t_4) < (0)) __PYX_ERR(0, 217, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
   /* "(tree fragment)":1
@@ -22610,7 +22959,7 @@ __Pyx_RefNannySetupContext("PyInit__runtime", 0);
  *     raise TypeError, "no default __reduce__ due to non-trivial __cinit__"
  * def __setstate_cython__(self, __pyx_state):
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6qinfer_8_runtime_7QMatrix_7__reduce_cython__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_QMatrix___reduce_cython, NULL, __pyx_mstate_global->__pyx_n_u_qinfer__runtime, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[6])); if (unlikely(!__pyx_t_4)) __PYX_ERR(1, 1, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6qinfer_8_runtime_7QMatrix_11__reduce_cython__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_QMatrix___reduce_cython, NULL, __pyx_mstate_global->__pyx_n_u_qinfer__runtime, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[8])); if (unlikely(!__pyx_t_4)) __PYX_ERR(1, 1, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
@@ -22624,7 +22973,7 @@ __Pyx_RefNannySetupContext("PyInit__runtime", 0);
  * def __setstate_cython__(self, __pyx_state):             # <<<<<<<<<<<<<<
  *     raise TypeError, "no default __reduce__ due to non-trivial __cinit__"
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6qinfer_8_runtime_7QMatrix_9__setstate_cython__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_QMatrix___setstate_cython, NULL, __pyx_mstate_global->__pyx_n_u_qinfer__runtime, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[7])); if (unlikely(!__pyx_t_4)) __PYX_ERR(1, 3, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6qinfer_8_runtime_7QMatrix_13__setstate_cython__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_QMatrix___setstate_cython, NULL, __pyx_mstate_global->__pyx_n_u_qinfer__runtime, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[9])); if (unlikely(!__pyx_t_4)) __PYX_ERR(1, 3, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
@@ -22806,38 +23155,38 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{15},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{179},{8},{15},{7},{6},{2},{9},{36},{37},{50},{25},{37},{44},{34},{16},{54},{40},{30},{30},{37},{5},{8},{7},{25},{27},{16},{14},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{13},{3},{15},{18},{4},{4},{4},{3},{1},{18},{5},{16},{15},{6},{9},{5},{5},{2},{6},{7},{10},{8},{11},{2},{11},{5},{5},{8},{15},{6},{2},{7},{4},{1},{4},{4},{8},{3},{14},{3},{12},{4},{4},{3},{15},{2},{8},{6},{4},{10},{5},{4},{5},{4},{4},{11},{6},{15},{5},{2},{6},{6},{6},{5},{1},{5}};
-    const struct { const unsigned int length: 8; } bytes_length_index[] = {{1},{9},{13},{14},{10},{60},{15},{182}};
+    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{15},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{179},{8},{15},{7},{6},{2},{9},{36},{37},{50},{25},{37},{44},{34},{16},{54},{40},{30},{30},{37},{5},{8},{7},{25},{27},{16},{22},{14},{22},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{13},{3},{15},{18},{4},{4},{4},{3},{1},{18},{5},{16},{15},{6},{9},{5},{5},{2},{6},{7},{10},{8},{11},{2},{11},{5},{5},{8},{14},{15},{6},{14},{2},{7},{4},{1},{4},{4},{8},{3},{14},{3},{12},{4},{4},{3},{15},{2},{8},{6},{4},{10},{5},{4},{5},{4},{4},{11},{6},{15},{5},{2},{6},{6},{6},{5},{1},{5}};
+    const struct { const unsigned int length: 8; } bytes_length_index[] = {{1},{9},{13},{14},{10},{60},{15},{22},{53},{182}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1246 bytes) */
-static const char cstring[] = "x\332}U\315o\023G\024W\004RS\010\224\257\236\332\303\240\242\272-\304\255!B(BT\226\001)\007(\006\204\020=\214\306\263o\355!\2633\233\371pl\244J9\372\270\307=\372\350c\2169\346\3101G\037\363\247\364\275];\230\322\326\262wg\336\274\217\337\274\367{\317L\004\366\333\210\331\336{\220\341\321O\301\001\260\324\211~\006&\374\334\334f\017\237Af\335\370\215\202}fS\366PZ\023T?\332\350\2310\tK\224#\273\177\212\225Y\036\370\340T\002\311\2122\263\356\177\317?\227\235i>\372\275#\214\261\201\t\357U\337\260`\231\003\221lZ\243\307,\253@\016\021\344\216\031\n\255\022\226\331\004\3560\030\345h\213\256\032\262Aq\033\251u\301\t\323\270\303\372\350j\251\354\007\"\007\014\305\304Hy\366\334\006`a\200\211\351\214\303\300\032\206\262\004\264\352\201\023\0010\032\341C\257\216\224\014{\361\344\305\346\326\203\255\n\255\003J\243g>\366\244F\240\340)i\275\250t@\357a\234\203o\262\235\224\215md\006\020\027\336\"G\275U\2030\000\303<\004Z\260Fug\021\2245\034\315\225\3517\026iRC \353\247B{h\212$\341\250\007\322jMg\326\370\246\350\311Dy\321\323\000\206\236}\251|\275Jv\301\031\320,\320\206n\207YA\370\026\003:\326Sa_%a\220\211\220E\275]\347\006\023`\031%\037\245rP!\323b\214^,f&\025Q\007\306\271\203$J\340\234%\261\202f\254\331\304L\r\225\320x*\225Q\201\363\252\202lO\231\024c\255\342\2601P\256\352JR-(\310^\024\310\253\017\230\250\032N.\344.\021\30391\376/L\r_c\316\301e,\213>\260\201\030Ruy\n\"D\207\227An;\005>\037\217~\345.b\204\014\232\270qv\237\365\264\225\273\265Y\202\320\223\317\r\251\306\003\253\023\266\217O`\021\257\344\221\r 2Nd\254j\212Zh\217\005\317Q\003o\324\272\317\366\255K|\030`\246\211\n\350BxD\316\332o\336\336]\344\300\307\2522\2246\241\021\002\022\255\276%KD\020\315\1779\2559K\200\352v\361\315\366\253\316\316\316\023\255U\356\225\357>\023(\036-^\315\263\352\310\212\322\234\177:@\252yd\330\227G\210\222\213\341\350\356r_\227\340\025\354E0\022h\"4?\r\007\316_\214G\370{\214\235\301\237\303(\274\204\224\363\005{\221\024H\000\342\367\247E\037\202\n\220\221 !\033\374\244\321Hz\367\227\210\360\243""\262\034[\226V\231\300J\320\333&QWgFd\365\233\302s\216\025\344r\000r\327\307\254\336-\274\320\222z\257^E\223+\271\213\036\236\230\245\336\260b \371@\302\351\245\333%\237\277\310\335\231\000F\264\301\004\236A\361+\320\277H,\347\001<\335Ey.\255C\306+\003\330\246\313\232\362^L\261-\204\037\033\251l\363L\305S\025z\302\003\366\246G\035)5J9\246\003g\231\204\0366\205\264Hc\231G\276,\032O3\221T\227\306`\365t\307\252\341P\004\274u5\310\3009\353R-\372>58\000\260\272\213\341\330\307\2609\367\330vKg\324@\334\346`\262\\%+\375\200\303\031FTE_?>\300\202\315\\\212\334c\225j\312d=\354j\032\3164\224\r\245\n\207zf\302\200z\306#\270\3325_\nb\300\357Y\020\352y\352\345\334\346\365\330h.{\326I\007}\345q\022{\314!\340\364\324)&}1\221\352\301\205\230\260\010\016+\001\271\0176_\351V\\F\031\202BK\216\001x\325\372\001\371\252CD\222`\330\230c\367\001\376GD\360U\017\217>\200\263\376\217\203\265\371\371\013\223\333E\227\026\027\047[\223\275\342r)\016\326N\353\315\311\225\037\246\255jwr\361\373\262M\253\033E\247\030\226\335R\234\236\377\352\300M\256MZ\363\365\313\223\367\345Zyu\376\365\205\371\372\025rP\356M\317M[\323\307\263s\263\355\303.yn\035\264\347\353\337LB\361\240\274?\275>m\037\264O\327\277+\267\312\321t|x\341\350\326\321\340X\314\327\277-\272EZ\266\313\356\351\372\305\311\275\211,\256\3167\256\025w\310\337\034%\255\311\323\342fq\257\220\345\215\362e\371\327\2543\363\207?\036\255\035]?\352\034\271\343\353\307\235\343\341\307\356Gy\322}}\362\372\355\311\333w\047\357\376$\373_\310#\331\337\235\274*\326\346\033\227\346\227.\3177\256\026\327\212V\321.^\243\263\356\002\361\326\324\317n\316\356\315\004:\276u(\346\253(n\223\326\337\260\213D\024";
-    PyObject *data = __Pyx_DecompressString(cstring, 1246, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1289 bytes) */
+static const char cstring[] = "x\332}U\315o\023G\024W\004RS\276J\200\236\332\303\240\242\246\024\3426\020!\204(\225e@\312\001\212!B\021=\214\306\263o\355!\2733\233\371pl$\244\034}\334\343\036}\3641\307\034s\344\350\243\217\371S\372\336\256\3278\205\326Jv\347\343}\374\336{\277\367\226\t\317~\0370\323y\017\322?\371\305[\000\026[\321MA\373\333\215G\354\361\013H\215\035\276Up\300L\314\036K\243\275\352\006\023\034\023:b\221\262\244\367\357c\245\353\013\347\255\212 Z\022f\306\376\357\375\331\263\205\344\223?[Bk\343\231pNu5\363\206Y\020\321\206\321\311\220\245%\310>\202\334\326}\221\250\210\245&\202\273\014\006\031\352\242\251u\271N~\327cc\275\025z\375.\353\242\251Z\330\365D\006\350\212\211\201r\354\245\361\300|\017\023\323\032\372\236\321\014\317\"HT\007\254\360\200\336\010\037Z\265$\244\331\253g\2576\266\036n\225h-P\032\035s\241#\023\004\n\216\222\326\t*\361h\335\0173p\r\266\035\263\241\tL\003\342\302(2\224[V\360=\320\314\201\247\005[/c\026^\031\315Q]\351\356\372<M\252\017\244\375\\$\016\032\"\2128\312\2014IBwF\273\206\350\310H9\321I\0004=\273R\271j\025\355\201\325\2200O\033\212\016\263\202\360\r:\264\254\243\374\201\212|/\025>\r\311\243*7\230\000\303(\371x*{%\262D\014\321\212\301\314\304\"$\236qn!\n\0228gQ(\241i\24370S}%\022\274\225J+\317yYA\266\257t\214\276\226q\230\340)WU%\251\026\344d?\010\344\325\007LT\005\047\023r\217\210a\255\030\376\027\246uWa\316\300\246,\r\316\263\236\350Suy\014\302\007\213\301 \267\255\002\227\r\007\277q\033\320C\n\r\334Xs\300:\211\221{\225Z\204\320\243\263\212T\343\236I\"v\200O`\001Cr\310\006\020)\0472\2265E)\324\307\202g(\201\021m>`\007\306F\316\3670\323D\0054!\034\"g\315\267\273\367\3469p\241\254\014\245M$\010\001\211VE\311\"\341E\343+\267\025g\tP\325.\256\321|\323\332\336~\226$*s\312\265_\010<\036\314_\215EudIi\316?_ \325\0342\354\313+D\311E\177p\257\336WH\271\024\231\013\t\324\247Ua\226v\370\252e\336\300~\000-\201\246G\343\363 \341\374\325p\200\377O\261\213\370K\030\370\327\020s>g:\022\010\311B\275\360y\321\005\257<\244t\020\221\016\376\342\240%\275\2735z\374\2514\303""\366\246U*\260j\3646\021\302\240\225\026i\365&\367\234c\265\271\354\201\334s!\255vs+\264\244>\255VAgJ\356\241\205g\272\226\353\227l%\033H\316\2446[s\377\213</\016`@\033L\366\002\212[\202\376E\0218\367\340(\026\345\2704\026\273Ci\300\226\256\353\317;!\306\026\022n\250\2452\215\205\210\243\212u\204\003\354c\2072R&x\3121\0358\367$t\260\201\244A\312\313,\360\272\300<NET\006\215\316\252/\001V\r\007(`\324\345\320\003k\215\215\023\321u\261\306a\201U\236\017\322.\272\315\270\303\026\255\215Q\263q\223\201N3\025-\365\016\016r\030P\025]\365\370\000g\3714\357\203z[\321\352,\235\322\016N\007\032\3624\3345\245\021?\016\251\366=\352=\207\300+\267\274>\010\036\377\026\000hv\320L\310LV\215\237F\335\373VZ\350*\207\023\335a~\001\247p\022cA\346\223\255\032\200\210\027\013d\261J\2209o\262\245\256\307e\220\336+\324\344\350\200\227#\304#\227\023\037\220@\3506d\330\305\200\337\232\000\256\234\005\203\017`\215\373\353pev\376\302\350N\336\246\305\305\321\326h?\277R\210\303\225\323j3\275\372\323x\263\334M/\376X4iu#o\345\375\242]\210\323\363\337\034\332\321\265\321\346l\365\312\350}\261R\254\315\276\2750[\275J\006\212\375\361\271\361\346\370\351\344\334\344\321Q\233,o\0366g\253\337\215|\376\260x0\276>n\0366Oq\373\261h\026\273\343\3668\232\334\2326\232\047kt\372C\261U\014\306\303\243\013\307\267\216{\047b\266zqt\177$\363\265\331\245k\371]2=[(\356Lo\377q\334\376\252\322\367y;\217Q\250}\372\025}\2043z\236\337\314\357\347\262\270Q\274.>NZ\023w\364\363\361\312\361\365\343\326\261=\271~\322:\351\177j\177\222\323\366\316tgw\272\373n\372\356o\322\377\225,\222\376\275\321\233|ev\351\362\354\362\225\331\245\265\374Z\276\2317\363\0354\326\236\007\2775v\223\233\223\373\023\201\206o\035\235\215\342\016I\375\003~E\201\025";
+    PyObject *data = __Pyx_DecompressString(cstring, 1289, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (1681 bytes) */
-static const char cstring[] = "\377 at 0x o\377bject>(t\377ree frag\377ment).: \377<MemoryV\377iew of <\377contiguo\377us and d\263ir4\001\007\rin\021\005s\277trided\"\010 7or \004\031><(\tA\006\377>?Cannot\377 assign \377to read-\277only m\240\002v\376\242\000Invalid\377 mode, esxp\324\000|\000\047c\047t\001\377\047fortran\317\047, gH\000%\005sh\367ape\222\000 axi\377s Note t\375h\226 Cython\375 \021\000delibe\317ratek\000\320\001ct\373er!\001n PEPo-484\212\"re\303!\177s subcl\246\000\373es\261!built\375i\260\000ypes. \377If you n\311e\224 \303\000p\316\000%\tth\277en set\200\000e\373 \047\357\002ation\377_typing\047\366\355$iv\242\000o Fa\377lse.add_>\231 ecoll\305@+\000\377s.abcdis\277ableen\002\001g\367cis\004\003dker\037nel t\031\001\332\001\223 \372\313@ow\000r bit\377widthmat\337mul: \227\"s gdo \371!\023\000ch\225\002\367layC\000o de\377fault __\377reduce__\367 du\226\002non-\336\373@vial\033\000ci\357nit_\242\001 a \317qinf\275 |\tou\341t\335a\304C\210A\205  qu\345a\354`z\275`\211\003pac\275k\311array|\025\047\375s\256\003perm m\277ust ha\251 i\377n_featur\376\221@entries\377pyx/_run\337time.\n\000ro\177w block1\003\037divid\223a/\007\357\204\001\277hold w\003\000e\373 u\320\000sstre[am\373\000ad\317Bs\335\000\276\267 tiple\257\205\0011\3776 wordst\251h\331`\207ad\216\000s\313  \337AVX2 \206Csu\314\237B\322\204\001al\200\000\346` a~\342\001 data.\013\020\370\256\204\003\200\206\001\335\205\003s.ASC\377IIEllips\377isQMatri\325x\000\004.\225Fc\316\204\002__\374\017\007\350`state_\376\013\rhas_avx\3712<\005\214cSeque\327nce\216\207\001.\223\207\007__\367Pyx\001\000Dict\377_NextRef\263__\267\204\004\222`__\214\205\002_\375_\001\005getite\345m\r\001d0\001\027\000fun\341c\035\001\030\000\214\003+\000imp{or\265`__ma\300@\276=\000modulM\002n\233am\002\003ewT\001\314@_\177checksuT\000\370\n\001?\004\025\001type_\375_\037\001unpick\026?\000En \005v\205\205\002\230\001\356`alO\005\310\204\005\253.\342\204\006ex\314\001\017set_\203\005\304&\346\000\310.\337__tes\310\001is\377_corouti\337neabc\352E_b""\377ufferasy_ncio.\032\006s\202A\377basebits\356!\000ccl6\000_in\377_traceba\377ckcountc\367pu_\255E_fma\341d\360\002j\000\330\212\003\263@ode\371e\363\000\304\210\002error\377flagsfnf_ormat\226\211\004g\227\000?p_size\372E\275\205\001\377_openmpi}d\276\205\010index\302A\361s\000\002/\000\307\204\004_cap\371s\243@\277\207\003mbmem\364\231\212\001\221\212\001n\262Andim\367nth\275\212\001sobj\372U\003_\t\005utout\270\245\206\006\360\206\001\310\206\001pop\261\207\003.\376\254\206\005rcregis\357ters\301 ess?elfset\213\210\004\263\210\003\276\303\000start#\000p\357stop\243\206\010str\377ucttiles\337_per_\366\206\002to\337taltu\242`ac\377kupdatev\337alues\277\206\002xz\377erosO\200\001\330\277\004\n\210+\220Q\005\001\013\377\2104\210q\220\016\230a\357\200\001\340\004\010\002\320\020#\373\2401\t\002\320\013\034\230A\376\024\001\024\220C\220v\230Q\377\230a\340\004\007\200r\210\377\022\2101\330\010\016\210j\377\230\001\230\021\330\t\n\330\373\010\020=\001\230q\240\003\240\3771\240D\250\003\250:\260\373Q\330J\0001\200A\330\010\377\017\210t\2208\2306\240\377\023\240A\200A\340\010\033\377\2304\230x\240y\260\n\377\270$\270h\300a\330\010\377\025\220Q\220f\230A\230\377Q\340\010\013\2103\210c\377\220\021\330\014\022\220,\230\357a\230q\330\017\0001\210F\377\220!\2203\220c\230\024\377\230R\230}\250C\250s\377\260&\270\001\270\023\270C\377\270r\300\023\300C\300v\377\310Q\310c\320QT\320\377TX\320XZ\320Z[\362<\001*N\001<\0012\210S\220\377\001\330\014\r\330\r\016\330\377\014\021\220\022\2201\220A\343\220TJ\000\313\000\255\0024\240s\277\250!\2503\250aV\000$\t\260\216\000{\010+\360\001";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 1681, 2148);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (1736 bytes) */
+static const char cstring[] = "\377 at 0x o\377bject>(t\377ree frag\377ment).: \377<MemoryV\377iew of <\377contiguo\377us and d\263ir4\001\007\rin\021\005s\277trided\"\010 7or \004\031><(\tA\006\377>?Cannot\377 assign \377to read-\277only m\240\002v\376\242\000Invalid\377 mode, esxp\324\000|\000\047c\047t\001\377\047fortran\317\047, gH\000%\005sh\367ape\222\000 axi\377s Note t\375h\226 Cython\375 \021\000delibe\317ratek\000\320\001ct\373er!\001n PEPo-484\212\"re\303!\177s subcl\246\000\373es\261!built\375i\260\000ypes. \377If you n\311e\224 \303\000p\316\000%\tth\277en set\200\000e\373 \047\357\002ation\377_typing\047\366\355$iv\242\000o Fa\377lse.add_>\231 ecoll\305@+\000\377s.abcdis\277ableen\002\001g\367cis\004\003dker\037nel t\031\001\332\001\223 \372\313@ow\000r bit\377widthmat\337mul: \227\"s gdo \371!\023\000ch\225\002\367layC\000o de\377fault __\377reduce__\367 du\226\002non-\336\373@vial\033\000ci\357nit_\242\001 a \317qinf\275 |\tou\341t\335a\304C\210A\205  qu\345a\354`z\275`\211\003pac\275k\311array|\025\047\375s\256\003perm m\277ust ha\251 i\377n_featur\376\221@entries\377pyx/_run\337time.\n\000ro\177w block1\003\037divid\223a/\007\357\204\001\277hold w\003\000e\373 u\320\000sstre[am\373\000ad\317Bs\335\000\276\267 tiple\257\205\0011\3776 wordst\251h\331`\207ad\216\000s\313  \337AVX2 \206Csu\314\237B\322\204\001al\200\000\346` a~\342\001 data.\013\020\370\256\204\003\200\206\001\335\205\003s.ASC\377IIEllips\377isQMatri\325x\000\004.\225Fc\316\204\002__\374\017\007\350`state_\376\013\rhas_avx\3712<\005\260c_caps\007uleR\005\242c\003\010s\000\034\005\377Sequence\372\272\207\001.\277\207\007__Pyx\376\001\000Dict_Ne\177xtRef__\343\204\004\266\276`__\270\205\002__\001\005g\277etitem\r\001d<0\001\027\000func\035\001\030\000|\270\003+\000impor\341`\317__ma\354@=\000mo\271d\250\000E\001namU\002n\363ewT\001\370@_che\017cksuT\000\n\001?\004\025\001\277type__\037\001u\377npickle_\313En \005v\261\205\002\230\001qu\303alO\005\364\204\005\327.\216\205\006ex\036\314\001set_\203\005\360&\346\000\276""\364.__tes\310\001i\377s_corout\277ineabc\226e_\377bufferas\277yncio.\032\006s\376\256Abasebit\335s!\000ccl6\000_i\377n_traceb\377ackcount\357cpu_\331E_fm\303ad\360\002j\000\204\213\003\263@od\363ee\363\000\360\210\002erro\377rflagsfn\277format\302\211\004g~\227\000p_size\246e\376\351\205\001_openmp\373id\352\205\010index\002\302As\000\002/\000\302k\201\205\004\327e\371\207\003ym\300\204\002\013\006bmem\341\212\001\372\331\212\001n\316Andimn{th\205\213\001sobjq\003}_\t\005utout\355\206\006\\\270\207\001\220\207\001pop\371\207\003.\364\206\005\377rcregist\367ers\335 esse\037lfset\323\210\004\373\210\003\337\000\337start#\000ps\367top\353\206\010stru\377cttiles_\357per_\276\207\002tot\357altu\276`ack\377updateva\357lues\207\207\002xze\377rosO\200\001\330\004\337\n\210+\220Q\005\001\013\210\3774\210q\220\016\230a\200\367\001\340\004\010\002\320\020#\240}1\t\002\320\013\034\230A\024\001\377\024\220C\220v\230Q\230\377a\340\004\007\200r\210\022\377\2101\330\010\016\210j\230\377\001\230\021\330\t\n\330\010\375\020=\001\230q\240\003\2401\377\240D\250\003\250:\260Q\375\330J\0001\200A\330\010\017\377\210t\2208\2306\240\023\337\240A\200A\340\014\000}\230\377A\230X\240Q\240d\250\277$\320.A\300\021\022\001\033\377\2304\230x\240y\260\n\377\270$\270h\300a\330\010\377\013\2103\210c\220\021\330\377\014\022\220,\230a\230q\375\3300\006T\320)=\270Q\276 \022\025\220Q\220f[\000Q\375\340-\020\013\2101\210F\220\377!\2203\220c\230\024\230\377R\230}\250C\250s\260\377&\270\001\270\023\270C\270\377r\300\023\300C\300v\310\377Q\310c\320QT\320T\177X\320XZ\320Z[|\001\371*N\001\216\0012\210S\220\001\377\330\014\r\330\r\016\330\014\377\021\220\022\2201\220A\220\361TJ\000\226 \370\0024\240s\250\337!\2503\250aV\000$\260\002\270\013+\273!";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 1736, 2295);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (2148 bytes) */
-static const char bytes[] = " at 0x object>(tree fragment).: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abcdisableenablegcisenabledkernel table is for another bitwidthmatmul: shapes do not match the layerno default __reduce__ due to non-trivial __cinit__not a qinfer kernel tableout of memory in the quantized matmulpacked arrays do not match the layer\047s shapeperm must have in_features entriespyx/_runtime.pyxrow block must divide in_features and hold whole unitsstream_read needs a multiple of 16 wordsthis build has no AVX2 kernelsunable to allocate array data.unable to allocate shape and strides.ASCIIEllipsisQMatrixQMatrix.__reduce_cython__QMatrix.__setstate_cython__QMatrix.has_avx2QMatrix.matmulSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___is_coroutineabcallocate_bufferasyncio.coroutinesavx2basebitsbufccline_in_tracebackcountcpu_has_avx2_fmadtype_is_objectencodeenumerateerrorflagsfnformatfortrangroup_sizehas_avx2have_openmpidin_featuresindexitemsitemsizekernels_capsulematmulmbmemviewmodennamendimnthreadsobjopenmp_threadsoutout_featurespackpermpopqinfer._runtimercregisterscalesselfsetdefaultshapesizestartstepstopstream_readstructtiles_per_blocktotaltuunpackupdatevalueswordsxzerosO\200\001\330\004\n\210+\220Q\200\001\330\004\013\2104\210q\220\016\230a\200\001\340\004\013\2104\210q\320\020#\2401\200\001\340\004""\013\320\013\034\230A\200\001\340\004\024\220C\220v\230Q\230a\340\004\007\200r\210\022\2101\330\010\016\210j\230\001\230\021\330\t\n\330\010\020\220\016\230a\230q\240\003\2401\240D\250\003\250:\260Q\330\004\013\2101\200A\330\010\017\210t\2208\2306\240\023\240A\200A\340\010\033\2304\230x\240y\260\n\270$\270h\300a\330\010\025\220Q\220f\230A\230Q\340\010\013\2103\210c\220\021\330\014\022\220,\230a\230q\330\010\013\2101\210F\220!\2203\220c\230\024\230R\230}\250C\250s\260&\270\001\270\023\270C\270r\300\023\300C\300v\310Q\310c\320QT\320TX\320XZ\320Z[\330\014\022\220*\230A\230Q\330\010\013\2102\210S\220\001\330\014\r\330\r\016\330\014\021\220\022\2201\220A\220T\230\024\230Q\230a\230q\240\003\2404\240s\250!\2503\250a\250s\260$\260a\330\010\013\2103\210c\220\021\330\014\022\220+\230Q\230a";
+    #else /* compression: none (2295 bytes) */
+static const char bytes[] = " at 0x object>(tree fragment).: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abcdisableenablegcisenabledkernel table is for another bitwidthmatmul: shapes do not match the layerno default __reduce__ due to non-trivial __cinit__not a qinfer kernel tableout of memory in the quantized matmulpacked arrays do not match the layer\047s shapeperm must have in_features entriespyx/_runtime.pyxrow block must divide in_features and hold whole unitsstream_read needs a multiple of 16 wordsthis build has no AVX2 kernelsunable to allocate array data.unable to allocate shape and strides.ASCIIEllipsisQMatrixQMatrix.__reduce_cython__QMatrix.__setstate_cython__QMatrix.has_avx2QMatrix.kernel_capsuleQMatrix.matmulQMatrix.matrix_capsuleSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___is_coroutineabcallocate_bufferasyncio.coroutinesavx2basebitsbufccline_in_tracebackcountcpu_has_avx2_fmadtype_is_objectencodeenumerateerrorflagsfnformatfortrangroup_sizehas_avx2have_openmpidin_featuresindexitemsitemsizekernel_capsulekernels_capsulematmulmatrix_capsulembmemviewmodennamendimnthreadsobjopenmp_threadsoutout_featurespackpermpopqinfer._runtimercregisterscalesselfsetdefaultshapesizestartstepstopstream_readstructtiles_per_blocktotaltuunpackupdatevalueswordsxzerosO\200\001\330\004\n\210+\220Q\200\001\330\004\013\2104\210q""\220\016\230a\200\001\340\004\013\2104\210q\320\020#\2401\200\001\340\004\013\320\013\034\230A\200\001\340\004\024\220C\220v\230Q\230a\340\004\007\200r\210\022\2101\330\010\016\210j\230\001\230\021\330\t\n\330\010\020\220\016\230a\230q\240\003\2401\240D\250\003\250:\260Q\330\004\013\2101\200A\330\010\017\210t\2208\2306\240\023\240A\200A\340\010\017\210}\230A\230X\240Q\240d\250$\320.A\300\021\200A\340\010\033\2304\230x\240y\260\n\270$\270h\300a\330\010\013\2103\210c\220\021\330\014\022\220,\230a\230q\330\010\017\210}\230A\230X\240T\320)=\270Q\200A\340\010\033\2304\230x\240y\260\n\270$\270h\300a\330\010\025\220Q\220f\230A\230Q\340\010\013\2103\210c\220\021\330\014\022\220,\230a\230q\330\010\013\2101\210F\220!\2203\220c\230\024\230R\230}\250C\250s\260&\270\001\270\023\270C\270r\300\023\300C\300v\310Q\310c\320QT\320TX\320XZ\320Z[\330\014\022\220*\230A\230Q\330\010\013\2102\210S\220\001\330\014\r\330\r\016\330\014\021\220\022\2201\220A\220T\230\024\230Q\230a\230q\240\003\2404\240s\250!\2503\250a\250s\260$\260a\330\010\013\2103\210c\220\021\330\014\022\220+\230Q\230a";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
     #endif
     PyObject **stringtab = __pyx_mstate->__pyx_string_tab;
     Py_ssize_t pos = 0;
-    for (int i = 0; i < 136; i++) {
+    for (int i = 0; i < 140; i++) {
       Py_ssize_t bytes_length = str_length_index[i].length;
       PyObject *string = PyUnicode_DecodeUTF8(bytes + pos, bytes_length, NULL);
       if (likely(string) && i >= 36) PyUnicode_InternInPlace(&string);
@@ -22848,8 +23197,8 @@ static const char bytes[] = " at 0x object>(tree fragment).: <MemoryView of <con
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 136; i < 144; i++) {
-      Py_ssize_t bytes_length = bytes_length_index[i-136].length;
+    for (int i = 140; i < 150; i++) {
+      Py_ssize_t bytes_length = bytes_length_index[i-140].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
       pos += bytes_length;
@@ -22859,15 +23208,15 @@ static const char bytes[] = " at 0x object>(tree fragment).: <MemoryView of <con
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 144; i++) {
+    for (Py_ssize_t i = 0; i < 150; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
     }
     #if CYTHON_IMMORTAL_CONSTANTS
     {
-      PyObject **table = stringtab + 136;
-      for (Py_ssize_t i=0; i<8; ++i) {
+      PyObject **table = stringtab + 140;
+      for (Py_ssize_t i=0; i<10; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
         #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
@@ -22979,19 +23328,29 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
     __pyx_mstate_global->__pyx_codeobj_tab[4] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_pyx__runtime_pyx, __pyx_mstate->__pyx_n_u_has_avx2, __pyx_mstate->__pyx_kp_b_iso88591_A_t86_A, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[4])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 8, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 206};
+    const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 206};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self};
+    __pyx_mstate_global->__pyx_codeobj_tab[5] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_pyx__runtime_pyx, __pyx_mstate->__pyx_n_u_matrix_capsule, __pyx_mstate->__pyx_kp_b_iso88591_A_AXQd_A, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[5])) goto bad;
+  }
+  {
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 210};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_avx2, __pyx_mstate->__pyx_n_u_fn};
+    __pyx_mstate_global->__pyx_codeobj_tab[6] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_pyx__runtime_pyx, __pyx_mstate->__pyx_n_u_kernel_capsule, __pyx_mstate->__pyx_kp_b_iso88591_A_4xy_ha_3c_aq_AXT_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[6])) goto bad;
+  }
+  {
+    const __Pyx_PyCode_New_function_description descr = {5, 0, 0, 8, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 217};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u_nthreads, __pyx_mstate->__pyx_n_u_avx2, __pyx_mstate->__pyx_n_u_fn, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_rc};
-    __pyx_mstate_global->__pyx_codeobj_tab[5] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_pyx__runtime_pyx, __pyx_mstate->__pyx_n_u_matmul, __pyx_mstate->__pyx_kp_b_iso88591_A_4xy_ha_QfAQ_3c_aq_1F_3c_R_Cs_C, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[5])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[7] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_pyx__runtime_pyx, __pyx_mstate->__pyx_n_u_matmul, __pyx_mstate->__pyx_kp_b_iso88591_A_4xy_ha_QfAQ_3c_aq_1F_3c_R_Cs_C, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[7])) goto bad;
   }
   {
     const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 1};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self};
-    __pyx_mstate_global->__pyx_codeobj_tab[6] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_tree_fragment, __pyx_mstate->__pyx_n_u_reduce_cython, __pyx_mstate->__pyx_kp_b_iso88591_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[6])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[8] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_tree_fragment, __pyx_mstate->__pyx_n_u_reduce_cython, __pyx_mstate->__pyx_kp_b_iso88591_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[8])) goto bad;
   }
   {
     const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 3};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_pyx_state};
-    __pyx_mstate_global->__pyx_codeobj_tab[7] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_tree_fragment, __pyx_mstate->__pyx_n_u_setstate_cython, __pyx_mstate->__pyx_kp_b_iso88591_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[7])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[9] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_tree_fragment, __pyx_mstate->__pyx_n_u_setstate_cython, __pyx_mstate->__pyx_kp_b_iso88591_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[9])) goto bad;
   }
   Py_DECREF(tuple_dedup_map);
   return 0;

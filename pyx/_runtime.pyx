@@ -5,7 +5,7 @@ CPU feature detection, the OpenMP thread count, QMatrix (one packed layer
 handed to a generated kernel without the GIL) and a streaming-read probe
 that benchmarks use to measure the machine's memory bandwidth.
 """
-from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid
+from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid, PyCapsule_New
 from libc.stdint cimport uint32_t, int32_t, uint64_t
 
 cdef extern from "qmatrix.h":
@@ -202,6 +202,17 @@ cdef class QMatrix:
 
     def has_avx2(self):
         return self.kernels.avx2 != NULL
+
+    def matrix_capsule(self):
+        """The C struct, for compiled callers (the forward pass); valid while self lives."""
+        return PyCapsule_New(<void *>&self.m, b"qinfer.qmatrix", NULL)
+
+    def kernel_capsule(self, bint avx2):
+        """The qgemm function of one path, for compiled callers."""
+        cdef qgemm_fn fn = self.kernels.avx2 if avx2 else self.kernels.scalar
+        if fn == NULL:
+            raise RuntimeError("this build has no AVX2 kernels")
+        return PyCapsule_New(<void *>fn, b"qinfer.qgemm_fn", NULL)
 
     def matmul(self, const float[:, ::1] x, float[:, ::1] out, int nthreads, bint avx2):
         """out[n, out_features] = x[n, in_features] @ W^T."""

@@ -5,5 +5,13 @@ from .kernels import set_num_threads, get_num_threads
 from .linear import QuantizedLinear
 
 __version__ = "0.1.0"
-__all__ = ["QinferError", "ShapeError", "UnsupportedError", "QuantizedLinear",
+__all__ = ["Engine", "QinferError", "ShapeError", "UnsupportedError", "QuantizedLinear",
            "kernels", "set_num_threads", "get_num_threads", "__version__"]
+
+
+def __getattr__(name):
+    # The engine pulls in readers, tokenizers and jinja2: load it on first use.
+    if name == "Engine":
+        from .engine import Engine
+        return Engine
+    raise AttributeError(f"module 'qinfer' has no attribute {name!r}")

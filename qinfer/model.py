@@ -1,0 +1,151 @@
+"""The model builder: turns a reader's ModelSource into the runtime model.
+
+Linear layers that arrive packed (GGUF Q4_0/Q4_1/Q8_0, GPTQ) run on the
+quantized kernels as they are; float ones stay float32 (read from the file's
+memory map when already float32) or are quantized on load when asked. The
+embedding table is float32; a tied LM head reuses it (or its packed form).
+"""
+import math
+
+import numpy as np
+
+from . import kernels
+from ._forward import Transformer
+from .errors import QinferError
+from .linear import QuantizedLinear
+from .readers.source import PackedTensor
+
+PREFILL_CHUNK = 512       # tokens per forward call; longer prompts are fed in chunks
+LM_HEAD_BITS = 8          # a quantized-on-load model keeps its LM head at 8 bits
+
+
+class ContextError(QinferError):
+    """More tokens than the context (KV cache) holds."""
+
+
+def rope_frequencies(head_dim, theta, scaling=None):
+    """RoPE inverse frequencies, with Llama 3's long-context scaling when configured."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+class Model:
+    """Weights laid out for the forward pass, the KV cache, and one forward call per step."""
+
+    def __init__(self, source, ctx=None, quantize=None, group_size=128, threads=None):
+        cfg = self.config = source.config
+        self.ctx = ctx if ctx is not None else cfg.max_position_embeddings
+        if not isinstance(self.ctx, int) or self.ctx < 1:
+            raise QinferError(f"context length must be a positive integer, got {self.ctx!r}")
+        self.quantize, self.group_size = quantize, group_size
+        self.threads = kernels.resolve_threads(threads)
+        self._keep = []                       # QuantizedLinear objects the C side points into
+
+        self.embedding = self._float_matrix(source, "model.embed_tokens.weight")
+        layers = [self._layer(source, i) for i in range(cfg.num_hidden_layers)]
+        final_norm = source.float_tensor("model.norm.weight")
+        lm_head = self._lm_head(source)
+        inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self._keep.append(source)
+        self.transformer = Transformer(
+            dict(dim=cfg.hidden_size, hidden_dim=cfg.intermediate_size, n_heads=cfg.num_attention_heads,
+                 n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
+                 ctx=self.ctx, eps=cfg.rms_norm_eps),
+            self.embedding, layers, final_norm, lm_head, inv_freq,
+            min(PREFILL_CHUNK, self.ctx), self.threads)
+
+    # ------------------------------------------------------------ building
+    def _float_matrix(self, source, name):
+        t = source.tensors[name]
+        if isinstance(t, PackedTensor):
+            return self._packed(t).dequantize()
+        return np.ascontiguousarray(source.float_tensor(name))
+
+    def _packed(self, t):
+        layer = QuantizedLinear.from_packed(t.qweight, t.scales, t.zeros, t.bits, t.group_size, t.g_idx)
+        self._keep.append(layer)
+        return layer
+
+    def _linear_spec(self, layer):
+        """What the C side takes: a float32 array, or (matrix, kernel) capsules."""
+        if isinstance(layer, QuantizedLinear):
+            self._keep.append(layer)
+            m = layer._matrix
+            return (m.matrix_capsule(), m.kernel_capsule(kernels.active_path() == "avx2"))
+        return layer
+
+    def _linear(self, source, name, bits=None):
+        t = source.tensors[name]
+        if isinstance(t, PackedTensor):
+            return self._linear_spec(self._packed(t))
+        w = source.float_tensor(name)
+        bits = bits or self.quantize
+        if bits:
+            return self._linear_spec(QuantizedLinear.from_float(w, bits, self.group_size))
+        return np.ascontiguousarray(w)
+
+    def _layer(self, source, i):
+        p = f"model.layers.{i}."
+        return dict(
+            attn_norm=source.float_tensor(p + "input_layernorm.weight"),
+            ffn_norm=source.float_tensor(p + "post_attention_layernorm.weight"),
+            wq=self._linear(source, p + "self_attn.q_proj.weight"),
+            wk=self._linear(source, p + "self_attn.k_proj.weight"),
+            wv=self._linear(source, p + "self_attn.v_proj.weight"),
+            wo=self._linear(source, p + "self_attn.o_proj.weight"),
+            w_gate=self._linear(source, p + "mlp.gate_proj.weight"),
+            w_up=self._linear(source, p + "mlp.up_proj.weight"),
+            w_down=self._linear(source, p + "mlp.down_proj.weight"),
+        )
+
+    def _lm_head(self, source):
+        name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+        t = source.tensors[name]
+        if isinstance(t, PackedTensor):
+            return self._linear_spec(self._packed(t))
+        if self.quantize:
+            w = self.embedding if name == "model.embed_tokens.weight" else source.float_tensor(name)
+            return self._linear_spec(QuantizedLinear.from_float(w, LM_HEAD_BITS, self.group_size))
+        return self.embedding if name == "model.embed_tokens.weight" else np.ascontiguousarray(
+            source.float_tensor(name))
+
+    # ------------------------------------------------------------- running
+    def forward(self, tokens, pos, all_logits=False, threads=None):
+        """Logits for tokens at positions pos..: [n, vocab] if all_logits else [vocab] of the last.
+
+        Feeds the tokens in chunks the buffers hold; the KV cache keeps them.
+        """
+        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+        n = len(tokens)
+        if n == 0:
+            raise QinferError("no tokens to run")
+        if pos + n > self.ctx:
+            raise ContextError(f"{pos + n} tokens do not fit the context of {self.ctx} "
+                               f"(use a shorter prompt or a larger --ctx)")
+        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+            raise QinferError(f"token ids must lie in [0, {self.config.vocab_size})")
+        threads = self.threads if threads is None else kernels.resolve_threads(threads)
+        chunk = self.transformer.max_tokens
+        vocab = self.config.vocab_size
+        out = np.empty((n if all_logits else 1, vocab), dtype=np.float32)
+        for start in range(0, n, chunk):
+            part = tokens[start:start + chunk]
+            last = start + len(part) == n
+            if all_logits:
+                self.transformer.forward(part, pos + start, out[start:start + len(part)], True, threads)
+            elif last:
+                self.transformer.forward(part, pos + start, out, False, threads)
+            else:
+                scratch = np.empty((1, vocab), dtype=np.float32)
+                self.transformer.forward(part, pos + start, scratch, False, threads)
+        return out if all_logits else out[0]
