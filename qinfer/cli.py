@@ -79,6 +79,7 @@ def cmd_generate(args):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
     s = engine.last_stats
     print(f"prompt tokens: {s.prompt_tokens}, generated tokens: {s.generated_tokens}, "
           f"prefill: {s.prefill_tokens_per_second:.1f} tokens/s, "

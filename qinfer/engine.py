@@ -105,10 +105,12 @@ class Engine:
     Engine(model_path=None, threads=None, ctx=None, quantize=None, group_size=128)
     model_path: a Hugging Face LLaMA directory or a GGUF file (None: the default
     SmolLM2-135M-Instruct). quantize: 2/3/4/8 to quantize float linear layers on
-    load (round to nearest, `group_size` rows per group).
+    load (round to nearest, `group_size` rows per group). dequantize: run a
+    quantized file's weights as float32 (a float baseline).
     """
 
-    def __init__(self, model_path=None, threads=None, ctx=None, quantize=None, group_size=128):
+    def __init__(self, model_path=None, threads=None, ctx=None, quantize=None, group_size=128,
+                 dequantize=False):
         from .tokenizer import load as load_tokenizer
 
         if quantize is not None and quantize not in (2, 3, 4, 8):
@@ -118,7 +120,8 @@ class Engine:
         if self.source.tokenizer is None:
             raise QinferError(f"{self.model_path}: no tokenizer found (tokenizer.json or tokenizer.model)")
         self.tokenizer = load_tokenizer(self.source.tokenizer)
-        self.model = Model(self.source, ctx=ctx, quantize=quantize, group_size=group_size, threads=threads)
+        self.model = Model(self.source, ctx=ctx, quantize=quantize, group_size=group_size, threads=threads,
+                           dequantize=dequantize)
         self.config = self.source.config
         self.chat_template = self.source.chat_template
         self.pos = 0
@@ -178,7 +181,7 @@ class Engine:
     def _generate(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop, repetition_penalty):
         stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
         sampler = Sampler(self.config.vocab_size, temperature, top_k, top_p, repetition_penalty, seed)
-        eos = set(self.tokenizer.eos_ids)
+        eos = set(self.tokenizer.eos_ids) | set(self.config.eos_token_ids or ())
         seen = dict.fromkeys(ids)
         decoder = self.tokenizer.decoder(prefix=ids)
         stop_filter = _StopFilter(stop)

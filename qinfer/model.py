@@ -42,12 +42,13 @@ def rope_frequencies(head_dim, theta, scaling=None):
 class Model:
     """Weights laid out for the forward pass, the KV cache, and one forward call per step."""
 
-    def __init__(self, source, ctx=None, quantize=None, group_size=128, threads=None):
+    def __init__(self, source, ctx=None, quantize=None, group_size=128, threads=None, dequantize=False):
         cfg = self.config = source.config
         self.ctx = ctx if ctx is not None else cfg.max_position_embeddings
         if not isinstance(self.ctx, int) or self.ctx < 1:
             raise QinferError(f"context length must be a positive integer, got {self.ctx!r}")
         self.quantize, self.group_size = quantize, group_size
+        self.dequantize = dequantize          # packed tensors become float32 (a float baseline)
         self.threads = kernels.resolve_threads(threads)
         self._keep = []                       # QuantizedLinear objects the C side points into
 
@@ -86,9 +87,9 @@ class Model:
 
     def _linear(self, source, name, bits=None):
         t = source.tensors[name]
-        if isinstance(t, PackedTensor):
+        if isinstance(t, PackedTensor) and not self.dequantize:
             return self._linear_spec(self._packed(t))
-        w = source.float_tensor(name)
+        w = self._packed(t).dequantize() if isinstance(t, PackedTensor) else source.float_tensor(name)
         bits = bits or self.quantize
         if bits:
             return self._linear_spec(QuantizedLinear.from_float(w, bits, self.group_size))
@@ -111,13 +112,14 @@ class Model:
     def _lm_head(self, source):
         name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
         t = source.tensors[name]
-        if isinstance(t, PackedTensor):
+        if isinstance(t, PackedTensor) and not self.dequantize:
             return self._linear_spec(self._packed(t))
         if self.quantize:
-            w = self.embedding if name == "model.embed_tokens.weight" else source.float_tensor(name)
+            w = self.embedding if name == "model.embed_tokens.weight" else self._float_matrix(source, name)
             return self._linear_spec(QuantizedLinear.from_float(w, LM_HEAD_BITS, self.group_size))
-        return self.embedding if name == "model.embed_tokens.weight" else np.ascontiguousarray(
-            source.float_tensor(name))
+        if name == "model.embed_tokens.weight":
+            return self.embedding
+        return self._float_matrix(source, name)
 
     # ------------------------------------------------------------- running
     def forward(self, tokens, pos, all_logits=False, threads=None):

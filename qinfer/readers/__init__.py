@@ -1,1 +1,44 @@
+"""Model readers: open_model(path) -> ModelSource (readers/source.py).
 
+    a directory with config.json      Hugging Face checkpoint (readers/hf.py)
+    a file starting with b"GGUF"      GGUF, llama architecture (readers/gguf_model.py)
+"""
+import os
+
+from ..errors import FormatError
+from .gguf import MAGIC as _GGUF_MAGIC
+from .gguf_model import load_gguf
+from .hf import load_hf
+from .lazy import LazyTensor
+from .source import FloatTensor, ModelConfig, ModelSource, PackedTensor, Tensor, TokenizerSpec
+from .validate import check_config, check_tensors, expected_shapes
+
+__all__ = ["open_model", "load_gguf", "load_hf", "ModelSource", "ModelConfig", "PackedTensor",
+           "TokenizerSpec", "LazyTensor", "FloatTensor", "Tensor",
+           "check_config", "check_tensors", "expected_shapes"]
+
+
+def open_model(path):
+    """Open a model directory or GGUF file; every problem is a QinferError naming the path."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FormatError(f"no such file or directory: {path}")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            ggufs = sorted(n for n in os.listdir(path) if n.lower().endswith(".gguf"))
+            hint = f" (to load a GGUF file, pass the file itself, e.g. {os.path.join(path, ggufs[0])})" if ggufs else ""
+            raise FormatError(f"{path}: no config.json in this directory, so it is not a Hugging Face "
+                              f"checkpoint{hint}")
+        return load_hf(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(_GGUF_MAGIC))
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
+    if magic == _GGUF_MAGIC:
+        return load_gguf(path)
+    name = os.path.basename(path)
+    if name.endswith(".safetensors") or name.endswith(".json"):
+        raise FormatError(f"{path}: a single {name} does not describe a model; pass the directory with "
+                          f"config.json ({os.path.dirname(os.path.abspath(path))})")
+    raise FormatError(f"{path}: not a GGUF file (no GGUF magic) and not a checkpoint directory")

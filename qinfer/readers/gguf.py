@@ -286,10 +286,11 @@ def _read_tensor_info(cur, i):
     n_elements = 1
     for d in range(n_dims):
         ne = cur.scalar("u64", f"dimension {d} of {what}")
+        if ne < 1:
+            raise cur.error(f"{what} has dimension {d} = 0 (each must be >= 1)", at=at)
         n_elements *= ne
-        if ne < 1 or n_elements > MAX_ELEMENTS:
-            raise cur.error(f"{what} has dimension {d} = {ne}: each must be >= 1 and the total "
-                            f"<= {MAX_ELEMENTS} elements", at=at)
+        if n_elements > MAX_ELEMENTS:
+            raise cur.error(f"{what} has more than {MAX_ELEMENTS} elements (dimension {d} = {ne})", at=at)
         shape.append(ne)
     raw_type = cur.scalar("u32", f"type of {what}")
     try:

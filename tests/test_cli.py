@@ -1,0 +1,216 @@
+"""The command line: `python -m qinfer info` and `python -m qinfer generate`,
+run as subprocesses on tiny random models (tests/llama_reference.py), plus the
+errors a user gets: one "qinfer: error:" line on stderr and exit 1, or exit 2
+for a usage mistake, never a Python traceback.
+
+The SmolLM2 CLI check (greedy text equal to Engine.generate) is in
+test_engine.py, next to the engine it compares with.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_reference as ref  # noqa: E402
+
+import qinfer  # noqa: E402
+
+needs_tokenizer = pytest.mark.skipif(
+    not ref.tokenizer_available(),
+    reason=f"the LLaMA 2 tokenizer is not at {ref.LLAMA2_TOKENIZER} (shared/ data absent)")
+
+CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+
+
+def run_cli(*args, stdin=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "qinfer", *map(str, args)], capture_output=True, text=True,
+                          input=stdin, timeout=timeout)
+
+
+def assert_user_error(proc, *words, code=1):
+    """Exit `code`, exactly one stderr line starting "qinfer: error:" naming `words`, no traceback."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip("\n").splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("qinfer: error:"), lines[0]
+    for w in words:
+        assert w.lower() in lines[0].lower(), (w, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    if not ref.tokenizer_available():
+        pytest.skip(f"the LLaMA 2 tokenizer is not at {ref.LLAMA2_TOKENIZER} (shared/ data absent)")
+    d = tmp_path_factory.mktemp("tiny_cli")
+    ref.write_tiny_llama(d, tied=False, seed=11, chat_template=CHAT_TEMPLATE)
+    return d
+
+
+# ------------------------------------------------------------------------ info
+def test_info_prints_the_kernel_table():
+    proc = run_cli("info")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    out = proc.stdout
+    assert out.startswith(f"qinfer {qinfer.__version__}")
+    assert "Kernel parameters" in out
+    header = next(line for line in out.splitlines() if line.split()[:4] == ["bits", "mu", "tu", "nv"])
+    rows = out.splitlines()[out.splitlines().index(header) + 1:]
+    bits = [int(r.split()[0]) for r in rows if r.strip() and r.split()[0].isdigit()]
+    assert bits == [2, 3, 4, 8]
+
+
+# ------------------------------------------------------------------- generate
+@needs_tokenizer
+@pytest.mark.parametrize("quant", [[], ["--quantize", "4", "--group-size", "32"]], ids=["float", "q4"])
+def test_generate_matches_the_engine(tiny_dir, quant):
+    kw = dict(quantize=4, group_size=32) if quant else {}
+    expected = qinfer.Engine(tiny_dir, threads=1, **kw).generate("Hello world", max_new_tokens=6)
+    proc = run_cli("generate", "--model", tiny_dir, "--prompt", "Hello world", "--max-new-tokens", 6,
+                   "--threads", 1, *quant)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout.endswith("\n")
+    assert proc.stdout[:-1] == expected
+    assert "prompt tokens: 3" in proc.stderr          # <s> Hello world
+    assert "generated tokens:" in proc.stderr
+
+
+@needs_tokenizer
+def test_generate_reads_the_prompt_from_stdin(tiny_dir):
+    expected = qinfer.Engine(tiny_dir, threads=1).generate("Hello world", max_new_tokens=4)
+    proc = run_cli("generate", "--model", tiny_dir, "--max-new-tokens", 4, stdin="Hello world")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout[:-1] == expected
+
+
+@needs_tokenizer
+def test_generate_sampling_with_seed_is_reproducible(tiny_dir):
+    args = ("generate", "--model", tiny_dir, "--prompt", "Hello", "--max-new-tokens", 8,
+            "--temperature", 0.8, "--top-k", 40, "--top-p", 0.9, "--seed", 7)
+    a, b = run_cli(*args), run_cli(*args)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout == b.stdout
+    eng = qinfer.Engine(tiny_dir)
+    assert a.stdout[:-1] == eng.generate("Hello", max_new_tokens=8, temperature=0.8, top_k=40, top_p=0.9,
+                                         seed=7)
+
+
+@needs_tokenizer
+def test_generate_chat(tiny_dir):
+    eng = qinfer.Engine(tiny_dir, threads=1)
+    expected = eng.chat([{"role": "user", "content": "Hi"}], max_new_tokens=4)
+    proc = run_cli("generate", "--model", tiny_dir, "--prompt", "Hi", "--chat", "--max-new-tokens", 4)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout[:-1] == expected
+    n = len(eng.chat_prompt_ids([{"role": "user", "content": "Hi"}]))
+    assert f"prompt tokens: {n}" in proc.stderr
+
+
+@needs_tokenizer
+def test_generate_stop(tiny_dir):
+    full = qinfer.Engine(tiny_dir, threads=1).generate("Hello world", max_new_tokens=12)
+    stop = full[3:6]
+    if not stop:
+        pytest.skip(f"the tiny model's greedy text is too short to cut: {full!r}")
+    proc = run_cli("generate", "--model", tiny_dir, "--prompt", "Hello world", "--max-new-tokens", 12,
+                   "--stop", stop)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout[:-1] == full[:full.find(stop)]
+
+
+# --------------------------------------------------------------------- errors
+def test_unknown_option():
+    proc = run_cli("generate", "--bogus")
+    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 2
+    lines = proc.stderr.strip("\n").splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "--bogus" in lines[0]
+
+
+@pytest.mark.parametrize("args", [
+    ["--threads", "0"], ["--temperature", "warm"], ["--max-new-tokens", "many"], ["--quantize", "5"],
+])
+def test_bad_option_values_are_usage_errors(args):
+    proc = run_cli("generate", "--prompt", "x", *args)
+    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip("\n").splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert args[0] in lines[0]
+
+
+@needs_tokenizer
+@pytest.mark.parametrize("args, word", [
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "0"], "top_p"),
+    (["--top-k", "-1"], "top_k"),
+    (["--max-new-tokens", "-1"], "max_new_tokens"),
+    (["--temperature", "nan"], "temperature"),
+], ids=lambda v: "=".join(v) if isinstance(v, list) else str(v))
+def test_bad_sampling_values(tiny_dir, args, word):
+    proc = run_cli("generate", "--model", tiny_dir, "--prompt", "x", *args)
+    assert "Traceback" not in proc.stderr
+    assert proc.returncode in (1, 2), proc.stderr
+    lines = proc.stderr.strip("\n").splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert word.replace("_", "") in lines[0].replace("_", "").replace("-", "").lower()
+
+
+def test_missing_model_path(tmp_path):
+    missing = tmp_path / "nowhere"
+    assert_user_error(run_cli("generate", "--model", missing, "--prompt", "x"), "nowhere")
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert_user_error(run_cli("generate", "--model", tmp_path, "--prompt", "x"), "config.json")
+
+
+@needs_tokenizer
+def test_truncated_safetensors(tmp_path):
+    ref.write_tiny_llama(tmp_path, tied=True, seed=12)
+    st = tmp_path / "model.safetensors"
+    with open(st, "r+b") as f:
+        f.truncate(st.stat().st_size - 1000)
+    assert_user_error(run_cli("generate", "--model", tmp_path, "--prompt", "x"), "model.safetensors")
+
+
+def test_gguf_of_another_architecture(tmp_path):
+    p = tmp_path / "other.gguf"
+    ref.write_gguf(p, "gpt2", {"token_embd.weight": np.ones((8, 4), np.float32)})
+    assert_user_error(run_cli("generate", "--model", p, "--prompt", "x"), "gpt2")
+
+
+@needs_tokenizer
+def test_prompt_longer_than_context(tiny_dir):
+    proc = run_cli("generate", "--model", tiny_dir, "--ctx", 8, "--prompt",
+                   "one two three four five six seven eight nine ten eleven twelve")
+    assert_user_error(proc, "context")
+
+
+@needs_tokenizer
+def test_bad_group_size_for_the_model(tmp_path):
+    # hidden 64 / intermediate 160: group 128 does not divide the MLP's 160 inputs of down_proj
+    ref.write_tiny_llama(tmp_path, tied=True, seed=13)
+    proc = run_cli("generate", "--model", tmp_path, "--prompt", "x", "--quantize", 4, "--group-size", 128)
+    assert_user_error(proc, "group")
+
+
+@needs_tokenizer
+def test_closed_stdout_is_not_a_traceback(tiny_dir):
+    """`qinfer generate ... | head -c 1`: the reader goes away; no Python traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "qinfer", "generate", "--model", str(tiny_dir), "--prompt",
+                             "Hello", "--max-new-tokens", "20", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()                   # before the first piece is written
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err, err
+    assert "BrokenPipeError" not in err, err

