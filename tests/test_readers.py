@@ -520,6 +520,7 @@ def test_gguf_model_level_errors(tmp_path):
     raises_qinfer(load(tiny_kvs(**{"llama.block_count": (VT.FLOAT32, 2.0)})), "block_count.*integer")
     raises_qinfer(load(tiny_kvs(**{"llama.block_count": (VT.BOOL, True)})), "block_count.*integer")
     raises_qinfer(load(tiny_kvs(**{"llama.block_count": (VT.UINT32, 3)})), "blk|layers.2.*missing")
+    raises_qinfer(load(tiny_kvs(**{"llama.block_count": (VT.UINT64, 1 << 40)})), "layers")
     raises_qinfer(load(tiny_kvs(**{"llama.embedding_length": (None, None)})), "embedding_length.*missing")
     raises_qinfer(load(tiny_kvs(**{"llama.attention.head_count_kv": (VT.UINT32, 3)})), "multiple")
     raises_qinfer(load(tiny_kvs(**{"llama.attention.layer_norm_rms_epsilon": (VT.FLOAT32, float("nan"))})),

@@ -164,7 +164,10 @@ def read_gguf(path):
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
     if size < 4:
         raise FormatError(f"{path}: {size} bytes is too small for a GGUF file")
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    try:
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{path}: cannot map the file ({e})") from None
     cur = Cursor(memoryview(mm), path)
 
     magic = bytes(cur.take(4, "magic"))

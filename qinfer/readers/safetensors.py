@@ -79,7 +79,10 @@ def read_safetensors(path):
     entries, metadata = _check_header(header, path, size - data_start)
 
     # np.memmap cannot map 0 bytes; a file with only empty tensors needs no map at all.
-    mm = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else None
+    try:
+        mm = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else None
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{path}: cannot map the file ({e})") from None
     tensors, dtypes = {}, {}
     for name, (dtype_name, shape, begin, end) in entries.items():
         dtypes[name] = dtype_name

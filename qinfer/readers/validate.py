@@ -11,6 +11,10 @@ import numpy as np
 from ..errors import FormatError, UnsupportedError
 from .source import PackedTensor
 
+# Far above any real model; it keeps a corrupt layer count from making us
+# enumerate billions of expected tensor names before noticing they are missing.
+MAX_LAYERS = 1 << 12
+
 _LAYER_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -25,6 +29,8 @@ def check_config(config, path):
         v = getattr(config, field)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise FormatError(f"{path}: {field} must be a positive number, got {v!r}")
+    if config.num_hidden_layers > MAX_LAYERS:
+        raise FormatError(f"{path}: {config.num_hidden_layers} layers is more than the {MAX_LAYERS} qinfer accepts")
     if config.num_attention_heads % config.num_key_value_heads:
         raise FormatError(f"{path}: {config.num_attention_heads} attention heads are not a multiple of "
                           f"{config.num_key_value_heads} key/value heads")
