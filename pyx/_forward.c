@@ -1497,7 +1497,12 @@ static void attention(const weights *w, run_state *s, int layer, int pos, int n,
         float *out = s->att + ((size_t)t * w->n_heads + h) * hd;
         float max = -INFINITY;
         for (int j = 0; j <= last; j++) {
-            scores[j] = dot(q, keys + (size_t)j * kv_dim + kv_h * hd, hd) * scale;
+            const float *k = keys + (size_t)j * kv_dim + kv_h * hd;
+            float score = 0.0f;                 /* inline: a call per position costs more than the dot */
+            #pragma omp simd reduction(+:score)
+            for (int i = 0; i < hd; i++)
+                score += q[i] * k[i];
+            scores[j] = score * scale;
             if (scores[j] > max)
                 max = scores[j];
         }
@@ -2069,7 +2074,7 @@ struct __pyx_MemviewEnum_obj;
 struct __pyx_memoryview_obj;
 struct __pyx_memoryviewslice_obj;
 
-/* "pyx/_forward.pyx":361
+/* "pyx/_forward.pyx":366
  * 
  * 
  * cdef class Transformer:             # <<<<<<<<<<<<<<
@@ -2163,7 +2168,7 @@ struct __pyx_memoryviewslice_obj {
 
 
 
-/* "pyx/_forward.pyx":361
+/* "pyx/_forward.pyx":366
  * 
  * 
  * cdef class Transformer:             # <<<<<<<<<<<<<<
@@ -18373,7 +18378,7 @@ static PyObject *__pyx_unpickle_Enum__set_state(struct __pyx_MemviewEnum_obj *__
   return __pyx_r;
 }
 
-/* "pyx/_forward.pyx":353
+/* "pyx/_forward.pyx":358
  * 
  * 
  * cdef const float *float_ptr(object array, Py_ssize_t size) except NULL:             # <<<<<<<<<<<<<<
@@ -18402,7 +18407,7 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("float_ptr", 0);
 
-  /* "pyx/_forward.pyx":355
+  /* "pyx/_forward.pyx":360
  * cdef const float *float_ptr(object array, Py_ssize_t size) except NULL:
  *     """Pointer into a C-contiguous float32 numpy array of `size` elements."""
  *     cdef const float[::1] view = array.reshape(-1)             # <<<<<<<<<<<<<<
@@ -18416,16 +18421,16 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
     PyObject *__pyx_callargs[2] = {__pyx_t_2, __pyx_mstate_global->__pyx_int_neg_1};
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_reshape, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 355, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 360, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
-  __pyx_t_4 = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(__pyx_t_1, 0); if (unlikely(!__pyx_t_4.memview)) __PYX_ERR(0, 355, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(__pyx_t_1, 0); if (unlikely(!__pyx_t_4.memview)) __PYX_ERR(0, 360, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_view = __pyx_t_4;
   __pyx_t_4.memview = NULL;
   __pyx_t_4.data = NULL;
 
-  /* "pyx/_forward.pyx":356
+  /* "pyx/_forward.pyx":361
  *     """Pointer into a C-contiguous float32 numpy array of `size` elements."""
  *     cdef const float[::1] view = array.reshape(-1)
  *     if view.shape[0] != size:             # <<<<<<<<<<<<<<
@@ -18437,7 +18442,7 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
   if (unlikely(__pyx_t_5)) {
 
 
-    /* "pyx/_forward.pyx":357
+    /* "pyx/_forward.pyx":362
  *     cdef const float[::1] view = array.reshape(-1)
  *     if view.shape[0] != size:
  *         raise ValueError(f"expected {size} floats, got {view.shape[0]}")             # <<<<<<<<<<<<<<
@@ -18445,9 +18450,9 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
  * 
 */
     __pyx_t_2 = NULL;
-    __pyx_t_6 = __Pyx_PyUnicode_From_Py_ssize_t(__pyx_v_size, 0, ' ', 'd'); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 357, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyUnicode_From_Py_ssize_t(__pyx_v_size, 0, ' ', 'd'); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 362, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_7 = __Pyx_PyUnicode_From_Py_ssize_t((__pyx_v_view.shape[0]), 0, ' ', 'd'); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 357, __pyx_L1_error)
+    __pyx_t_7 = __Pyx_PyUnicode_From_Py_ssize_t((__pyx_v_view.shape[0]), 0, ' ', 'd'); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 362, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
     __pyx_t_8[0] = __pyx_mstate_global->__pyx_kp_u_expected;
     __pyx_t_8[1] = __pyx_t_6;
@@ -18459,7 +18464,7 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
     #endif
     __pyx_t_10 = 0;
     __pyx_t_11 = __Pyx_PyUnicode_Join(__pyx_t_8, 4, __pyx_t_9, __pyx_t_10);
-    if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 357, __pyx_L1_error)
+    if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 362, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_11);
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
     __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
@@ -18469,14 +18474,14 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
       __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 357, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 362, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_Raise(__pyx_t_1, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __PYX_ERR(0, 357, __pyx_L1_error)
+    __PYX_ERR(0, 362, __pyx_L1_error)
 
-    /* "pyx/_forward.pyx":356
+    /* "pyx/_forward.pyx":361
  *     """Pointer into a C-contiguous float32 numpy array of `size` elements."""
  *     cdef const float[::1] view = array.reshape(-1)
  *     if view.shape[0] != size:             # <<<<<<<<<<<<<<
@@ -18485,7 +18490,7 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
 */
   }
 
-  /* "pyx/_forward.pyx":358
+  /* "pyx/_forward.pyx":363
  *     if view.shape[0] != size:
  *         raise ValueError(f"expected {size} floats, got {view.shape[0]}")
  *     return &view[0]             # <<<<<<<<<<<<<<
@@ -18499,7 +18504,7 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
   }
   goto __pyx_L0;
 
-  /* "pyx/_forward.pyx":353
+  /* "pyx/_forward.pyx":358
  * 
  * 
  * cdef const float *float_ptr(object array, Py_ssize_t size) except NULL:             # <<<<<<<<<<<<<<
@@ -18524,7 +18529,7 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
   return __pyx_r;
 }
 
-/* "pyx/_forward.pyx":374
+/* "pyx/_forward.pyx":379
  *     cdef object keep
  * 
  *     def __cinit__(self):             # <<<<<<<<<<<<<<
@@ -18576,7 +18581,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
 static int __pyx_pf_6qinfer_8_forward_11Transformer___cinit__(struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self) {
   int __pyx_r;
 
-  /* "pyx/_forward.pyx":375
+  /* "pyx/_forward.pyx":380
  * 
  *     def __cinit__(self):
  *         self.w.layers = NULL             # <<<<<<<<<<<<<<
@@ -18585,7 +18590,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer___cinit__(struct __pyx_obj_6
 */
   __pyx_v_self->w.layers = NULL;
 
-  /* "pyx/_forward.pyx":376
+  /* "pyx/_forward.pyx":381
  *     def __cinit__(self):
  *         self.w.layers = NULL
  *         self.has_state = False             # <<<<<<<<<<<<<<
@@ -18594,7 +18599,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer___cinit__(struct __pyx_obj_6
 */
   __pyx_v_self->has_state = 0;
 
-  /* "pyx/_forward.pyx":374
+  /* "pyx/_forward.pyx":379
  *     cdef object keep
  * 
  *     def __cinit__(self):             # <<<<<<<<<<<<<<
@@ -18608,7 +18613,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer___cinit__(struct __pyx_obj_6
   return __pyx_r;
 }
 
-/* "pyx/_forward.pyx":378
+/* "pyx/_forward.pyx":383
  *         self.has_state = False
  * 
  *     def __init__(self, dict config, embedding, list layers, final_norm, lm_head, inv_freq,             # <<<<<<<<<<<<<<
@@ -18661,68 +18666,68 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_config,&__pyx_mstate_global->__pyx_n_u_embedding,&__pyx_mstate_global->__pyx_n_u_layers,&__pyx_mstate_global->__pyx_n_u_final_norm,&__pyx_mstate_global->__pyx_n_u_lm_head,&__pyx_mstate_global->__pyx_n_u_inv_freq,&__pyx_mstate_global->__pyx_n_u_max_tokens,&__pyx_mstate_global->__pyx_n_u_threads,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL_TPNEW(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 378, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 383, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  8:
         values[7] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 378, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 383, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 378, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 383, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 378, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 383, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 378, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 383, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 378, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 383, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 378, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 383, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 378, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 383, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 378, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 383, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__init__", 0) < (0)) __PYX_ERR(0, 378, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__init__", 0) < (0)) __PYX_ERR(0, 383, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 8; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__init__", 1, 8, 8, i); __PYX_ERR(0, 378, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__init__", 1, 8, 8, i); __PYX_ERR(0, 383, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 8)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 378, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 383, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 378, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 383, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 378, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 383, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 378, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 383, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 378, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 383, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 378, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 383, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 378, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 383, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 378, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 383, __pyx_L3_error)
     }
     __pyx_v_config = ((PyObject*)values[0]);
     __pyx_v_embedding = values[1];
@@ -18730,12 +18735,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
     __pyx_v_final_norm = values[3];
     __pyx_v_lm_head = values[4];
     __pyx_v_inv_freq = values[5];
-    __pyx_v_max_tokens = __Pyx_PyLong_As_int(values[6]); if (unlikely((__pyx_v_max_tokens == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 379, __pyx_L3_error)
-    __pyx_v_threads = __Pyx_PyLong_As_int(values[7]); if (unlikely((__pyx_v_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 379, __pyx_L3_error)
+    __pyx_v_max_tokens = __Pyx_PyLong_As_int(values[6]); if (unlikely((__pyx_v_max_tokens == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 384, __pyx_L3_error)
+    __pyx_v_threads = __Pyx_PyLong_As_int(values[7]); if (unlikely((__pyx_v_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 384, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__init__", 1, 8, 8, __pyx_nargs); __PYX_ERR(0, 378, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__init__", 1, 8, 8, __pyx_nargs); __PYX_ERR(0, 383, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -18746,8 +18751,8 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return -1;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_config), (&PyDict_Type), 1, "config", 1))) __PYX_ERR(0, 378, __pyx_L1_error)
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_layers), (&PyList_Type), 1, "layers", 1))) __PYX_ERR(0, 378, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_config), (&PyDict_Type), 1, "config", 1))) __PYX_ERR(0, 383, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_layers), (&PyList_Type), 1, "layers", 1))) __PYX_ERR(0, 383, __pyx_L1_error)
   __pyx_r = __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(((struct __pyx_obj_6qinfer_8_forward_Transformer *)__pyx_v_self), __pyx_v_config, __pyx_v_embedding, __pyx_v_layers, __pyx_v_final_norm, __pyx_v_lm_head, __pyx_v_inv_freq, __pyx_v_max_tokens, __pyx_v_threads);
 
   /* function exit code */
@@ -18798,36 +18803,36 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__init__", 0);
 
-  /* "pyx/_forward.pyx":381
+  /* "pyx/_forward.pyx":386
  *                  int max_tokens, int threads):
  *         cdef int i
  *         self.keep = [embedding, layers, final_norm, lm_head, inv_freq]             # <<<<<<<<<<<<<<
  *         self.w.dim = config["dim"]
  *         self.w.hidden_dim = config["hidden_dim"]
 */
-  __pyx_t_1 = PyList_New(5); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 381, __pyx_L1_error)
+  __pyx_t_1 = PyList_New(5); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 386, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_INCREF(__pyx_v_embedding);
   __Pyx_GIVEREF(__pyx_v_embedding);
-  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 0, __pyx_v_embedding) != (0)) __PYX_ERR(0, 381, __pyx_L1_error);
+  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 0, __pyx_v_embedding) != (0)) __PYX_ERR(0, 386, __pyx_L1_error);
   __Pyx_INCREF(__pyx_v_layers);
   __Pyx_GIVEREF(__pyx_v_layers);
-  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 1, __pyx_v_layers) != (0)) __PYX_ERR(0, 381, __pyx_L1_error);
+  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 1, __pyx_v_layers) != (0)) __PYX_ERR(0, 386, __pyx_L1_error);
   __Pyx_INCREF(__pyx_v_final_norm);
   __Pyx_GIVEREF(__pyx_v_final_norm);
-  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 2, __pyx_v_final_norm) != (0)) __PYX_ERR(0, 381, __pyx_L1_error);
+  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 2, __pyx_v_final_norm) != (0)) __PYX_ERR(0, 386, __pyx_L1_error);
   __Pyx_INCREF(__pyx_v_lm_head);
   __Pyx_GIVEREF(__pyx_v_lm_head);
-  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 3, __pyx_v_lm_head) != (0)) __PYX_ERR(0, 381, __pyx_L1_error);
+  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 3, __pyx_v_lm_head) != (0)) __PYX_ERR(0, 386, __pyx_L1_error);
   __Pyx_INCREF(__pyx_v_inv_freq);
   __Pyx_GIVEREF(__pyx_v_inv_freq);
-  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 4, __pyx_v_inv_freq) != (0)) __PYX_ERR(0, 381, __pyx_L1_error);
+  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 4, __pyx_v_inv_freq) != (0)) __PYX_ERR(0, 386, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_1);
   __Pyx_GOTREF(__pyx_v_self->keep);
   __Pyx_DECREF_SET(__pyx_v_self->keep, __pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "pyx/_forward.pyx":382
+  /* "pyx/_forward.pyx":387
  *         cdef int i
  *         self.keep = [embedding, layers, final_norm, lm_head, inv_freq]
  *         self.w.dim = config["dim"]             # <<<<<<<<<<<<<<
@@ -18836,15 +18841,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 382, __pyx_L1_error)
+    __PYX_ERR(0, 387, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 382, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 387, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 382, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 387, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.dim = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":383
+  /* "pyx/_forward.pyx":388
  *         self.keep = [embedding, layers, final_norm, lm_head, inv_freq]
  *         self.w.dim = config["dim"]
  *         self.w.hidden_dim = config["hidden_dim"]             # <<<<<<<<<<<<<<
@@ -18853,15 +18858,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 383, __pyx_L1_error)
+    __PYX_ERR(0, 388, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_hidden_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 383, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_hidden_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 388, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 383, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 388, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.hidden_dim = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":384
+  /* "pyx/_forward.pyx":389
  *         self.w.dim = config["dim"]
  *         self.w.hidden_dim = config["hidden_dim"]
  *         self.w.n_layers = len(layers)             # <<<<<<<<<<<<<<
@@ -18870,12 +18875,12 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_layers == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(0, 384, __pyx_L1_error)
+    __PYX_ERR(0, 389, __pyx_L1_error)
   }
-  __pyx_t_3 = __Pyx_PyList_GET_SIZE(__pyx_v_layers); if (unlikely(__pyx_t_3 == ((Py_ssize_t)-1))) __PYX_ERR(0, 384, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyList_GET_SIZE(__pyx_v_layers); if (unlikely(__pyx_t_3 == ((Py_ssize_t)-1))) __PYX_ERR(0, 389, __pyx_L1_error)
   __pyx_v_self->w.n_layers = __pyx_t_3;
 
-  /* "pyx/_forward.pyx":385
+  /* "pyx/_forward.pyx":390
  *         self.w.hidden_dim = config["hidden_dim"]
  *         self.w.n_layers = len(layers)
  *         self.w.n_heads = config["n_heads"]             # <<<<<<<<<<<<<<
@@ -18884,15 +18889,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 385, __pyx_L1_error)
+    __PYX_ERR(0, 390, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_n_heads); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 385, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_n_heads); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 390, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 385, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 390, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.n_heads = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":386
+  /* "pyx/_forward.pyx":391
  *         self.w.n_layers = len(layers)
  *         self.w.n_heads = config["n_heads"]
  *         self.w.n_kv_heads = config["n_kv_heads"]             # <<<<<<<<<<<<<<
@@ -18901,15 +18906,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 386, __pyx_L1_error)
+    __PYX_ERR(0, 391, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_n_kv_heads); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 386, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_n_kv_heads); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 391, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 386, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 391, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.n_kv_heads = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":387
+  /* "pyx/_forward.pyx":392
  *         self.w.n_heads = config["n_heads"]
  *         self.w.n_kv_heads = config["n_kv_heads"]
  *         self.w.head_dim = config["head_dim"]             # <<<<<<<<<<<<<<
@@ -18918,15 +18923,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 387, __pyx_L1_error)
+    __PYX_ERR(0, 392, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_head_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 387, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_head_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 392, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 387, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 392, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.head_dim = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":388
+  /* "pyx/_forward.pyx":393
  *         self.w.n_kv_heads = config["n_kv_heads"]
  *         self.w.head_dim = config["head_dim"]
  *         self.w.vocab_size = config["vocab_size"]             # <<<<<<<<<<<<<<
@@ -18935,15 +18940,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 388, __pyx_L1_error)
+    __PYX_ERR(0, 393, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_vocab_size); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 388, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_vocab_size); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 393, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 388, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 393, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.vocab_size = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":389
+  /* "pyx/_forward.pyx":394
  *         self.w.head_dim = config["head_dim"]
  *         self.w.vocab_size = config["vocab_size"]
  *         self.w.ctx = config["ctx"]             # <<<<<<<<<<<<<<
@@ -18952,15 +18957,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 389, __pyx_L1_error)
+    __PYX_ERR(0, 394, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_ctx); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 389, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_ctx); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 394, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 389, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 394, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.ctx = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":390
+  /* "pyx/_forward.pyx":395
  *         self.w.vocab_size = config["vocab_size"]
  *         self.w.ctx = config["ctx"]
  *         self.w.eps = config["eps"]             # <<<<<<<<<<<<<<
@@ -18969,47 +18974,47 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 390, __pyx_L1_error)
+    __PYX_ERR(0, 395, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_eps); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 390, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_eps); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 395, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_4 = __Pyx_PyFloat_AsFloat(__pyx_t_1); if (unlikely((__pyx_t_4 == (float)-1) && PyErr_Occurred())) __PYX_ERR(0, 390, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyFloat_AsFloat(__pyx_t_1); if (unlikely((__pyx_t_4 == (float)-1) && PyErr_Occurred())) __PYX_ERR(0, 395, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.eps = __pyx_t_4;
 
-  /* "pyx/_forward.pyx":391
+  /* "pyx/_forward.pyx":396
  *         self.w.ctx = config["ctx"]
  *         self.w.eps = config["eps"]
  *         dim, hd = self.w.dim, self.w.head_dim             # <<<<<<<<<<<<<<
  *         q_dim, kv_dim = self.w.n_heads * hd, self.w.n_kv_heads * hd
  *         self.w.embedding = float_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)
 */
-  __pyx_t_1 = __Pyx_PyLong_From_int(__pyx_v_self->w.dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 391, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyLong_From_int(__pyx_v_self->w.dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 396, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  if (__Pyx_PyInt_FromNumber(&__pyx_t_1, NULL, 0) < (0)) __PYX_ERR(0, 391, __pyx_L1_error)
-  __pyx_t_5 = __Pyx_PyLong_From_int(__pyx_v_self->w.head_dim); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 391, __pyx_L1_error)
+  if (__Pyx_PyInt_FromNumber(&__pyx_t_1, NULL, 0) < (0)) __PYX_ERR(0, 396, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyLong_From_int(__pyx_v_self->w.head_dim); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 396, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  if (__Pyx_PyInt_FromNumber(&__pyx_t_5, NULL, 0) < (0)) __PYX_ERR(0, 391, __pyx_L1_error)
+  if (__Pyx_PyInt_FromNumber(&__pyx_t_5, NULL, 0) < (0)) __PYX_ERR(0, 396, __pyx_L1_error)
   __pyx_v_dim = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
   __pyx_v_hd = ((PyObject*)__pyx_t_5);
   __pyx_t_5 = 0;
 
-  /* "pyx/_forward.pyx":392
+  /* "pyx/_forward.pyx":397
  *         self.w.eps = config["eps"]
  *         dim, hd = self.w.dim, self.w.head_dim
  *         q_dim, kv_dim = self.w.n_heads * hd, self.w.n_kv_heads * hd             # <<<<<<<<<<<<<<
  *         self.w.embedding = float_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)
  *         self.w.final_norm = float_ptr(final_norm, dim)
 */
-  __pyx_t_5 = __Pyx_PyLong_From_int(__pyx_v_self->w.n_heads); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 392, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyLong_From_int(__pyx_v_self->w.n_heads); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 397, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_1 = __Pyx_PyNumber_Multiply_int_int(__pyx_t_5, __pyx_v_hd); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 392, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyNumber_Multiply_int_int(__pyx_t_5, __pyx_v_hd); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 397, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = __Pyx_PyLong_From_int(__pyx_v_self->w.n_kv_heads); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 392, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyLong_From_int(__pyx_v_self->w.n_kv_heads); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 397, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_6 = __Pyx_PyNumber_Multiply_int_int(__pyx_t_5, __pyx_v_hd); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 392, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyNumber_Multiply_int_int(__pyx_t_5, __pyx_v_hd); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 397, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __pyx_v_q_dim = ((PyObject*)__pyx_t_1);
@@ -19017,64 +19022,64 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
   __pyx_v_kv_dim = ((PyObject*)__pyx_t_6);
   __pyx_t_6 = 0;
 
-  /* "pyx/_forward.pyx":393
+  /* "pyx/_forward.pyx":398
  *         dim, hd = self.w.dim, self.w.head_dim
  *         q_dim, kv_dim = self.w.n_heads * hd, self.w.n_kv_heads * hd
  *         self.w.embedding = float_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)             # <<<<<<<<<<<<<<
  *         self.w.final_norm = float_ptr(final_norm, dim)
  *         self.w.inv_freq = float_ptr(inv_freq, hd // 2)
 */
-  __pyx_t_6 = PyLong_FromSsize_t(((Py_ssize_t)__pyx_v_self->w.vocab_size)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 393, __pyx_L1_error)
+  __pyx_t_6 = PyLong_FromSsize_t(((Py_ssize_t)__pyx_v_self->w.vocab_size)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 398, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_1 = __Pyx_PyNumber_Multiply_int_int(__pyx_t_6, __pyx_v_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 393, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyNumber_Multiply_int_int(__pyx_t_6, __pyx_v_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 398, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-  __pyx_t_3 = __Pyx_PyIndex_AsSsize_t(__pyx_t_1); if (unlikely((__pyx_t_3 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 393, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyIndex_AsSsize_t(__pyx_t_1); if (unlikely((__pyx_t_3 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 398, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_embedding, __pyx_t_3); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 393, __pyx_L1_error)
+  __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_embedding, __pyx_t_3); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 398, __pyx_L1_error)
 
   __pyx_v_self->w.embedding = __pyx_t_7;
 
-  /* "pyx/_forward.pyx":394
+  /* "pyx/_forward.pyx":399
  *         q_dim, kv_dim = self.w.n_heads * hd, self.w.n_kv_heads * hd
  *         self.w.embedding = float_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)
  *         self.w.final_norm = float_ptr(final_norm, dim)             # <<<<<<<<<<<<<<
  *         self.w.inv_freq = float_ptr(inv_freq, hd // 2)
  *         self.set_linear(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
 */
-  __pyx_t_3 = __Pyx_PyIndex_AsSsize_t(__pyx_v_dim); if (unlikely((__pyx_t_3 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 394, __pyx_L1_error)
-  __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_final_norm, __pyx_t_3); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 394, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyIndex_AsSsize_t(__pyx_v_dim); if (unlikely((__pyx_t_3 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 399, __pyx_L1_error)
+  __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_final_norm, __pyx_t_3); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 399, __pyx_L1_error)
 
   __pyx_v_self->w.final_norm = __pyx_t_7;
 
-  /* "pyx/_forward.pyx":395
+  /* "pyx/_forward.pyx":400
  *         self.w.embedding = float_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)
  *         self.w.final_norm = float_ptr(final_norm, dim)
  *         self.w.inv_freq = float_ptr(inv_freq, hd // 2)             # <<<<<<<<<<<<<<
  *         self.set_linear(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
  *         self.w.layers = <layer_weights *>calloc(len(layers), sizeof(layer_weights))
 */
-  __pyx_t_1 = __Pyx_PyLong_FloorDivideObjC(__pyx_v_hd, __pyx_mstate_global->__pyx_int_2, 2, 0, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 395, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyLong_FloorDivideObjC(__pyx_v_hd, __pyx_mstate_global->__pyx_int_2, 2, 0, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 400, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_3 = __Pyx_PyIndex_AsSsize_t(__pyx_t_1); if (unlikely((__pyx_t_3 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 395, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyIndex_AsSsize_t(__pyx_t_1); if (unlikely((__pyx_t_3 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 400, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_inv_freq, __pyx_t_3); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 395, __pyx_L1_error)
+  __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_inv_freq, __pyx_t_3); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 400, __pyx_L1_error)
 
   __pyx_v_self->w.inv_freq = __pyx_t_7;
 
-  /* "pyx/_forward.pyx":396
+  /* "pyx/_forward.pyx":401
  *         self.w.final_norm = float_ptr(final_norm, dim)
  *         self.w.inv_freq = float_ptr(inv_freq, hd // 2)
  *         self.set_linear(&self.w.lm_head, lm_head, dim, self.w.vocab_size)             # <<<<<<<<<<<<<<
  *         self.w.layers = <layer_weights *>calloc(len(layers), sizeof(layer_weights))
  *         if self.w.layers == NULL:
 */
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 396, __pyx_L1_error)
-  __pyx_t_8 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&__pyx_v_self->w.lm_head), __pyx_v_lm_head, __pyx_t_2, __pyx_v_self->w.vocab_size); if (unlikely(__pyx_t_8 == ((int)-1))) __PYX_ERR(0, 396, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 401, __pyx_L1_error)
+  __pyx_t_8 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&__pyx_v_self->w.lm_head), __pyx_v_lm_head, __pyx_t_2, __pyx_v_self->w.vocab_size); if (unlikely(__pyx_t_8 == ((int)-1))) __PYX_ERR(0, 401, __pyx_L1_error)
 
 
 
-  /* "pyx/_forward.pyx":397
+  /* "pyx/_forward.pyx":402
  *         self.w.inv_freq = float_ptr(inv_freq, hd // 2)
  *         self.set_linear(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
  *         self.w.layers = <layer_weights *>calloc(len(layers), sizeof(layer_weights))             # <<<<<<<<<<<<<<
@@ -19083,13 +19088,13 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_layers == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(0, 397, __pyx_L1_error)
+    __PYX_ERR(0, 402, __pyx_L1_error)
   }
-  __pyx_t_3 = __Pyx_PyList_GET_SIZE(__pyx_v_layers); if (unlikely(__pyx_t_3 == ((Py_ssize_t)-1))) __PYX_ERR(0, 397, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyList_GET_SIZE(__pyx_v_layers); if (unlikely(__pyx_t_3 == ((Py_ssize_t)-1))) __PYX_ERR(0, 402, __pyx_L1_error)
   __pyx_v_self->w.layers = ((layer_weights *)calloc(__pyx_t_3, (sizeof(layer_weights))));
 
 
-  /* "pyx/_forward.pyx":398
+  /* "pyx/_forward.pyx":403
  *         self.set_linear(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
  *         self.w.layers = <layer_weights *>calloc(len(layers), sizeof(layer_weights))
  *         if self.w.layers == NULL:             # <<<<<<<<<<<<<<
@@ -19101,16 +19106,16 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
   if (unlikely(__pyx_t_9)) {
 
 
-    /* "pyx/_forward.pyx":399
+    /* "pyx/_forward.pyx":404
  *         self.w.layers = <layer_weights *>calloc(len(layers), sizeof(layer_weights))
  *         if self.w.layers == NULL:
  *             raise MemoryError()             # <<<<<<<<<<<<<<
  *         for i, layer in enumerate(layers):
  *             self.w.layers[i].attn_norm = float_ptr(layer["attn_norm"], dim)
 */
-    PyErr_NoMemory(); __PYX_ERR(0, 399, __pyx_L1_error)
+    PyErr_NoMemory(); __PYX_ERR(0, 404, __pyx_L1_error)
 
-    /* "pyx/_forward.pyx":398
+    /* "pyx/_forward.pyx":403
  *         self.set_linear(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
  *         self.w.layers = <layer_weights *>calloc(len(layers), sizeof(layer_weights))
  *         if self.w.layers == NULL:             # <<<<<<<<<<<<<<
@@ -19119,7 +19124,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   }
 
-  /* "pyx/_forward.pyx":400
+  /* "pyx/_forward.pyx":405
  *         if self.w.layers == NULL:
  *             raise MemoryError()
  *         for i, layer in enumerate(layers):             # <<<<<<<<<<<<<<
@@ -19134,163 +19139,163 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
     {
       Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
       #if !CYTHON_ASSUME_SAFE_SIZE
-      if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 400, __pyx_L1_error)
+      if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 405, __pyx_L1_error)
       #endif
       if (__pyx_t_3 >= __pyx_temp) break;
     }
     __pyx_t_6 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_1, __pyx_t_3, __Pyx_ReferenceSharing_OwnStrongReference);
     ++__pyx_t_3;
-    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 400, __pyx_L1_error)
+    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 405, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __Pyx_XDECREF_SET(__pyx_v_layer, __pyx_t_6);
     __pyx_t_6 = 0;
     __pyx_v_i = __pyx_t_8;
     __pyx_t_8 = (__pyx_t_8 + 1);
 
-    /* "pyx/_forward.pyx":401
+    /* "pyx/_forward.pyx":406
  *             raise MemoryError()
  *         for i, layer in enumerate(layers):
  *             self.w.layers[i].attn_norm = float_ptr(layer["attn_norm"], dim)             # <<<<<<<<<<<<<<
  *             self.w.layers[i].ffn_norm = float_ptr(layer["ffn_norm"], dim)
  *             self.set_linear(&self.w.layers[i].wq, layer["wq"], dim, q_dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_attn_norm); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 401, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_attn_norm); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 406, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_10 = __Pyx_PyIndex_AsSsize_t(__pyx_v_dim); if (unlikely((__pyx_t_10 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 401, __pyx_L1_error)
-    __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_t_6, __pyx_t_10); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 401, __pyx_L1_error)
+    __pyx_t_10 = __Pyx_PyIndex_AsSsize_t(__pyx_v_dim); if (unlikely((__pyx_t_10 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 406, __pyx_L1_error)
+    __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_t_6, __pyx_t_10); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 406, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
     (__pyx_v_self->w.layers[__pyx_v_i]).attn_norm = __pyx_t_7;
 
-    /* "pyx/_forward.pyx":402
+    /* "pyx/_forward.pyx":407
  *         for i, layer in enumerate(layers):
  *             self.w.layers[i].attn_norm = float_ptr(layer["attn_norm"], dim)
  *             self.w.layers[i].ffn_norm = float_ptr(layer["ffn_norm"], dim)             # <<<<<<<<<<<<<<
  *             self.set_linear(&self.w.layers[i].wq, layer["wq"], dim, q_dim)
  *             self.set_linear(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_ffn_norm); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 402, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_ffn_norm); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 407, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_10 = __Pyx_PyIndex_AsSsize_t(__pyx_v_dim); if (unlikely((__pyx_t_10 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 402, __pyx_L1_error)
-    __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_t_6, __pyx_t_10); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 402, __pyx_L1_error)
+    __pyx_t_10 = __Pyx_PyIndex_AsSsize_t(__pyx_v_dim); if (unlikely((__pyx_t_10 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 407, __pyx_L1_error)
+    __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_t_6, __pyx_t_10); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 407, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
     (__pyx_v_self->w.layers[__pyx_v_i]).ffn_norm = __pyx_t_7;
 
-    /* "pyx/_forward.pyx":403
+    /* "pyx/_forward.pyx":408
  *             self.w.layers[i].attn_norm = float_ptr(layer["attn_norm"], dim)
  *             self.w.layers[i].ffn_norm = float_ptr(layer["ffn_norm"], dim)
  *             self.set_linear(&self.w.layers[i].wq, layer["wq"], dim, q_dim)             # <<<<<<<<<<<<<<
  *             self.set_linear(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)
  *             self.set_linear(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wq); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 403, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wq); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 408, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 403, __pyx_L1_error)
-    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_q_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 403, __pyx_L1_error)
-    __pyx_t_12 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wq), __pyx_t_6, __pyx_t_2, __pyx_t_11); if (unlikely(__pyx_t_12 == ((int)-1))) __PYX_ERR(0, 403, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 408, __pyx_L1_error)
+    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_q_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 408, __pyx_L1_error)
+    __pyx_t_12 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wq), __pyx_t_6, __pyx_t_2, __pyx_t_11); if (unlikely(__pyx_t_12 == ((int)-1))) __PYX_ERR(0, 408, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
 
-    /* "pyx/_forward.pyx":404
+    /* "pyx/_forward.pyx":409
  *             self.w.layers[i].ffn_norm = float_ptr(layer["ffn_norm"], dim)
  *             self.set_linear(&self.w.layers[i].wq, layer["wq"], dim, q_dim)
  *             self.set_linear(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)             # <<<<<<<<<<<<<<
  *             self.set_linear(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)
  *             self.set_linear(&self.w.layers[i].wo, layer["wo"], q_dim, dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wk); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 404, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wk); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 409, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_12 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_12 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 404, __pyx_L1_error)
-    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_kv_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 404, __pyx_L1_error)
-    __pyx_t_2 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wk), __pyx_t_6, __pyx_t_12, __pyx_t_11); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 404, __pyx_L1_error)
+    __pyx_t_12 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_12 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 409, __pyx_L1_error)
+    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_kv_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 409, __pyx_L1_error)
+    __pyx_t_2 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wk), __pyx_t_6, __pyx_t_12, __pyx_t_11); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 409, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
 
-    /* "pyx/_forward.pyx":405
+    /* "pyx/_forward.pyx":410
  *             self.set_linear(&self.w.layers[i].wq, layer["wq"], dim, q_dim)
  *             self.set_linear(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)
  *             self.set_linear(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)             # <<<<<<<<<<<<<<
  *             self.set_linear(&self.w.layers[i].wo, layer["wo"], q_dim, dim)
  *             self.set_linear(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wv); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 405, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wv); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 410, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 405, __pyx_L1_error)
-    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_kv_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 405, __pyx_L1_error)
-    __pyx_t_12 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wv), __pyx_t_6, __pyx_t_2, __pyx_t_11); if (unlikely(__pyx_t_12 == ((int)-1))) __PYX_ERR(0, 405, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 410, __pyx_L1_error)
+    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_kv_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 410, __pyx_L1_error)
+    __pyx_t_12 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wv), __pyx_t_6, __pyx_t_2, __pyx_t_11); if (unlikely(__pyx_t_12 == ((int)-1))) __PYX_ERR(0, 410, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
 
-    /* "pyx/_forward.pyx":406
+    /* "pyx/_forward.pyx":411
  *             self.set_linear(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)
  *             self.set_linear(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)
  *             self.set_linear(&self.w.layers[i].wo, layer["wo"], q_dim, dim)             # <<<<<<<<<<<<<<
  *             self.set_linear(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)
  *             self.set_linear(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wo); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 406, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wo); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 411, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_12 = __Pyx_PyLong_As_int(__pyx_v_q_dim); if (unlikely((__pyx_t_12 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 406, __pyx_L1_error)
-    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 406, __pyx_L1_error)
-    __pyx_t_2 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wo), __pyx_t_6, __pyx_t_12, __pyx_t_11); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 406, __pyx_L1_error)
+    __pyx_t_12 = __Pyx_PyLong_As_int(__pyx_v_q_dim); if (unlikely((__pyx_t_12 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 411, __pyx_L1_error)
+    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 411, __pyx_L1_error)
+    __pyx_t_2 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wo), __pyx_t_6, __pyx_t_12, __pyx_t_11); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 411, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
 
-    /* "pyx/_forward.pyx":407
+    /* "pyx/_forward.pyx":412
  *             self.set_linear(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)
  *             self.set_linear(&self.w.layers[i].wo, layer["wo"], q_dim, dim)
  *             self.set_linear(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)             # <<<<<<<<<<<<<<
  *             self.set_linear(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
  *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_w_gate); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 407, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_w_gate); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 412, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 407, __pyx_L1_error)
-    __pyx_t_11 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).w_gate), __pyx_t_6, __pyx_t_2, __pyx_v_self->w.hidden_dim); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 407, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 412, __pyx_L1_error)
+    __pyx_t_11 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).w_gate), __pyx_t_6, __pyx_t_2, __pyx_v_self->w.hidden_dim); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 412, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
-    /* "pyx/_forward.pyx":408
+    /* "pyx/_forward.pyx":413
  *             self.set_linear(&self.w.layers[i].wo, layer["wo"], q_dim, dim)
  *             self.set_linear(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)
  *             self.set_linear(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)             # <<<<<<<<<<<<<<
  *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_w_up); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 408, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_w_up); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 413, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 408, __pyx_L1_error)
-    __pyx_t_2 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).w_up), __pyx_t_6, __pyx_t_11, __pyx_v_self->w.hidden_dim); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 408, __pyx_L1_error)
+    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 413, __pyx_L1_error)
+    __pyx_t_2 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).w_up), __pyx_t_6, __pyx_t_11, __pyx_v_self->w.hidden_dim); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 413, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
-    /* "pyx/_forward.pyx":409
+    /* "pyx/_forward.pyx":414
  *             self.set_linear(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)
  *             self.set_linear(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
  *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)             # <<<<<<<<<<<<<<
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:
  *             raise MemoryError("not enough memory for the KV cache and buffers "
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_w_down); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 409, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_w_down); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 414, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 409, __pyx_L1_error)
-    __pyx_t_11 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).w_down), __pyx_t_6, __pyx_v_self->w.hidden_dim, __pyx_t_2); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 409, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 414, __pyx_L1_error)
+    __pyx_t_11 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).w_down), __pyx_t_6, __pyx_v_self->w.hidden_dim, __pyx_t_2); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 414, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
-    /* "pyx/_forward.pyx":400
+    /* "pyx/_forward.pyx":405
  *         if self.w.layers == NULL:
  *             raise MemoryError()
  *         for i, layer in enumerate(layers):             # <<<<<<<<<<<<<<
@@ -19300,7 +19305,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "pyx/_forward.pyx":410
+  /* "pyx/_forward.pyx":415
  *             self.set_linear(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
  *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:             # <<<<<<<<<<<<<<
@@ -19312,7 +19317,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
   if (unlikely(__pyx_t_9)) {
 
 
-    /* "pyx/_forward.pyx":411
+    /* "pyx/_forward.pyx":416
  *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:
  *             raise MemoryError("not enough memory for the KV cache and buffers "             # <<<<<<<<<<<<<<
@@ -19321,20 +19326,20 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
     __pyx_t_6 = NULL;
 
-    /* "pyx/_forward.pyx":412
+    /* "pyx/_forward.pyx":417
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:
  *             raise MemoryError("not enough memory for the KV cache and buffers "
  *                               f"(context {self.w.ctx}); try a smaller context")             # <<<<<<<<<<<<<<
  *         self.has_state = True
  * 
 */
-    __pyx_t_5 = __Pyx_PyUnicode_From_int(__pyx_v_self->w.ctx, 0, ' ', 'd'); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 412, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyUnicode_From_int(__pyx_v_self->w.ctx, 0, ' ', 'd'); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 417, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_t_13[0] = __pyx_mstate_global->__pyx_kp_u_not_enough_memory_for_the_KV_cac;
     __pyx_t_13[1] = __pyx_t_5;
     __pyx_t_13[2] = __pyx_mstate_global->__pyx_kp_u_try_a_smaller_context;
 
-    /* "pyx/_forward.pyx":411
+    /* "pyx/_forward.pyx":416
  *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:
  *             raise MemoryError("not enough memory for the KV cache and buffers "             # <<<<<<<<<<<<<<
@@ -19347,7 +19352,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
     #endif
     __pyx_t_8 = 0;
     __pyx_t_14 = __Pyx_PyUnicode_Join(__pyx_t_13, 3, __pyx_t_3, __pyx_t_8);
-    if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 411, __pyx_L1_error)
+    if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 416, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_14);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __pyx_t_15 = 1;
@@ -19356,14 +19361,14 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_MemoryError)), __pyx_callargs+__pyx_t_15, (2-__pyx_t_15) | (__pyx_t_15*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
       __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 411, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 416, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_Raise(__pyx_t_1, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __PYX_ERR(0, 411, __pyx_L1_error)
+    __PYX_ERR(0, 416, __pyx_L1_error)
 
-    /* "pyx/_forward.pyx":410
+    /* "pyx/_forward.pyx":415
  *             self.set_linear(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
  *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:             # <<<<<<<<<<<<<<
@@ -19372,7 +19377,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   }
 
-  /* "pyx/_forward.pyx":413
+  /* "pyx/_forward.pyx":418
  *             raise MemoryError("not enough memory for the KV cache and buffers "
  *                               f"(context {self.w.ctx}); try a smaller context")
  *         self.has_state = True             # <<<<<<<<<<<<<<
@@ -19381,7 +19386,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   __pyx_v_self->has_state = 1;
 
-  /* "pyx/_forward.pyx":378
+  /* "pyx/_forward.pyx":383
  *         self.has_state = False
  * 
  *     def __init__(self, dict config, embedding, list layers, final_norm, lm_head, inv_freq,             # <<<<<<<<<<<<<<
@@ -19411,7 +19416,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
   return __pyx_r;
 }
 
-/* "pyx/_forward.pyx":415
+/* "pyx/_forward.pyx":420
  *         self.has_state = True
  * 
  *     cdef int set_linear(self, linear *l, object spec, int n_in, int n_out) except -1:             # <<<<<<<<<<<<<<
@@ -19431,7 +19436,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("set_linear", 0);
 
-  /* "pyx/_forward.pyx":416
+  /* "pyx/_forward.pyx":421
  * 
  *     cdef int set_linear(self, linear *l, object spec, int n_in, int n_out) except -1:
  *         l.in_ = n_in             # <<<<<<<<<<<<<<
@@ -19440,7 +19445,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
 */
   __pyx_v_l->in = __pyx_v_n_in;
 
-  /* "pyx/_forward.pyx":417
+  /* "pyx/_forward.pyx":422
  *     cdef int set_linear(self, linear *l, object spec, int n_in, int n_out) except -1:
  *         l.in_ = n_in
  *         l.out = n_out             # <<<<<<<<<<<<<<
@@ -19449,7 +19454,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
 */
   __pyx_v_l->out = __pyx_v_n_out;
 
-  /* "pyx/_forward.pyx":418
+  /* "pyx/_forward.pyx":423
  *         l.in_ = n_in
  *         l.out = n_out
  *         l.q = NULL             # <<<<<<<<<<<<<<
@@ -19458,7 +19463,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
 */
   __pyx_v_l->q = NULL;
 
-  /* "pyx/_forward.pyx":419
+  /* "pyx/_forward.pyx":424
  *         l.out = n_out
  *         l.q = NULL
  *         l.qgemm = NULL             # <<<<<<<<<<<<<<
@@ -19467,7 +19472,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
 */
   __pyx_v_l->qgemm = NULL;
 
-  /* "pyx/_forward.pyx":420
+  /* "pyx/_forward.pyx":425
  *         l.q = NULL
  *         l.qgemm = NULL
  *         l.w = NULL             # <<<<<<<<<<<<<<
@@ -19476,7 +19481,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
 */
   __pyx_v_l->w = NULL;
 
-  /* "pyx/_forward.pyx":421
+  /* "pyx/_forward.pyx":426
  *         l.qgemm = NULL
  *         l.w = NULL
  *         if isinstance(spec, tuple):             # <<<<<<<<<<<<<<
@@ -19487,35 +19492,35 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
   if (__pyx_t_1) {
 
 
-    /* "pyx/_forward.pyx":422
+    /* "pyx/_forward.pyx":427
  *         l.w = NULL
  *         if isinstance(spec, tuple):
  *             l.q = <const qmatrix *>PyCapsule_GetPointer(spec[0], b"qinfer.qmatrix")             # <<<<<<<<<<<<<<
  *             l.qgemm = <qgemm_fn>PyCapsule_GetPointer(spec[1], b"qinfer.qgemm_fn")
  *         else:
 */
-    __pyx_t_2 = __Pyx_GetItemInt(__pyx_v_spec, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_FunctionArgument); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 422, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_GetItemInt(__pyx_v_spec, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_FunctionArgument); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 427, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
-    __pyx_t_3 = PyCapsule_GetPointer(__pyx_t_2, __pyx_k_qinfer_qmatrix); if (unlikely(__pyx_t_3 == ((void *)NULL) && PyErr_Occurred())) __PYX_ERR(0, 422, __pyx_L1_error)
+    __pyx_t_3 = PyCapsule_GetPointer(__pyx_t_2, __pyx_k_qinfer_qmatrix); if (unlikely(__pyx_t_3 == ((void *)NULL) && PyErr_Occurred())) __PYX_ERR(0, 427, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __pyx_v_l->q = ((qmatrix const *)__pyx_t_3);
 
 
-    /* "pyx/_forward.pyx":423
+    /* "pyx/_forward.pyx":428
  *         if isinstance(spec, tuple):
  *             l.q = <const qmatrix *>PyCapsule_GetPointer(spec[0], b"qinfer.qmatrix")
  *             l.qgemm = <qgemm_fn>PyCapsule_GetPointer(spec[1], b"qinfer.qgemm_fn")             # <<<<<<<<<<<<<<
  *         else:
  *             l.w = float_ptr(spec, <Py_ssize_t>n_in * n_out)
 */
-    __pyx_t_2 = __Pyx_GetItemInt(__pyx_v_spec, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_FunctionArgument); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 423, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_GetItemInt(__pyx_v_spec, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_FunctionArgument); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 428, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
-    __pyx_t_3 = PyCapsule_GetPointer(__pyx_t_2, __pyx_k_qinfer_qgemm_fn); if (unlikely(__pyx_t_3 == ((void *)NULL) && PyErr_Occurred())) __PYX_ERR(0, 423, __pyx_L1_error)
+    __pyx_t_3 = PyCapsule_GetPointer(__pyx_t_2, __pyx_k_qinfer_qgemm_fn); if (unlikely(__pyx_t_3 == ((void *)NULL) && PyErr_Occurred())) __PYX_ERR(0, 428, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __pyx_v_l->qgemm = ((qgemm_fn)__pyx_t_3);
 
 
-    /* "pyx/_forward.pyx":421
+    /* "pyx/_forward.pyx":426
  *         l.qgemm = NULL
  *         l.w = NULL
  *         if isinstance(spec, tuple):             # <<<<<<<<<<<<<<
@@ -19525,7 +19530,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
     goto __pyx_L3;
   }
 
-  /* "pyx/_forward.pyx":425
+  /* "pyx/_forward.pyx":430
  *             l.qgemm = <qgemm_fn>PyCapsule_GetPointer(spec[1], b"qinfer.qgemm_fn")
  *         else:
  *             l.w = float_ptr(spec, <Py_ssize_t>n_in * n_out)             # <<<<<<<<<<<<<<
@@ -19533,12 +19538,12 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
  * 
 */
   /*else*/ {
-    __pyx_t_4 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_spec, (((Py_ssize_t)__pyx_v_n_in) * __pyx_v_n_out)); if (unlikely(__pyx_t_4 == ((void *)NULL))) __PYX_ERR(0, 425, __pyx_L1_error)
+    __pyx_t_4 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_spec, (((Py_ssize_t)__pyx_v_n_in) * __pyx_v_n_out)); if (unlikely(__pyx_t_4 == ((void *)NULL))) __PYX_ERR(0, 430, __pyx_L1_error)
     __pyx_v_l->w = __pyx_t_4;
   }
   __pyx_L3:;
 
-  /* "pyx/_forward.pyx":426
+  /* "pyx/_forward.pyx":431
  *         else:
  *             l.w = float_ptr(spec, <Py_ssize_t>n_in * n_out)
  *         return 0             # <<<<<<<<<<<<<<
@@ -19551,7 +19556,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
   }
   goto __pyx_L0;
 
-  /* "pyx/_forward.pyx":415
+  /* "pyx/_forward.pyx":420
  *         self.has_state = True
  * 
  *     cdef int set_linear(self, linear *l, object spec, int n_in, int n_out) except -1:             # <<<<<<<<<<<<<<
@@ -19570,7 +19575,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
   return __pyx_r;
 }
 
-/* "pyx/_forward.pyx":428
+/* "pyx/_forward.pyx":433
  *         return 0
  * 
  *     def __dealloc__(self):             # <<<<<<<<<<<<<<
@@ -19593,7 +19598,7 @@ static void __pyx_pw_6qinfer_8_forward_11Transformer_5__dealloc__(PyObject *__py
 
 static void __pyx_pf_6qinfer_8_forward_11Transformer_4__dealloc__(struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self) {
 
-  /* "pyx/_forward.pyx":429
+  /* "pyx/_forward.pyx":434
  * 
  *     def __dealloc__(self):
  *         if self.has_state:             # <<<<<<<<<<<<<<
@@ -19602,7 +19607,7 @@ static void __pyx_pf_6qinfer_8_forward_11Transformer_4__dealloc__(struct __pyx_o
 */
   if (__pyx_v_self->has_state) {
 
-    /* "pyx/_forward.pyx":430
+    /* "pyx/_forward.pyx":435
  *     def __dealloc__(self):
  *         if self.has_state:
  *             free_state(&self.s)             # <<<<<<<<<<<<<<
@@ -19611,7 +19616,7 @@ static void __pyx_pf_6qinfer_8_forward_11Transformer_4__dealloc__(struct __pyx_o
 */
     free_state((&__pyx_v_self->s));
 
-    /* "pyx/_forward.pyx":429
+    /* "pyx/_forward.pyx":434
  * 
  *     def __dealloc__(self):
  *         if self.has_state:             # <<<<<<<<<<<<<<
@@ -19620,7 +19625,7 @@ static void __pyx_pf_6qinfer_8_forward_11Transformer_4__dealloc__(struct __pyx_o
 */
   }
 
-  /* "pyx/_forward.pyx":431
+  /* "pyx/_forward.pyx":436
  *         if self.has_state:
  *             free_state(&self.s)
  *         free(self.w.layers)             # <<<<<<<<<<<<<<
@@ -19629,7 +19634,7 @@ static void __pyx_pf_6qinfer_8_forward_11Transformer_4__dealloc__(struct __pyx_o
 */
   free(__pyx_v_self->w.layers);
 
-  /* "pyx/_forward.pyx":428
+  /* "pyx/_forward.pyx":433
  *         return 0
  * 
  *     def __dealloc__(self):             # <<<<<<<<<<<<<<
@@ -19641,7 +19646,7 @@ static void __pyx_pf_6qinfer_8_forward_11Transformer_4__dealloc__(struct __pyx_o
 
 }
 
-/* "pyx/_forward.pyx":433
+/* "pyx/_forward.pyx":438
  *         free(self.w.layers)
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -19673,14 +19678,14 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_10max_tokens___get__(s
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__get__", 0);
 
-  /* "pyx/_forward.pyx":435
+  /* "pyx/_forward.pyx":440
  *     @property
  *     def max_tokens(self):
  *         return self.s.max_tokens             # <<<<<<<<<<<<<<
  * 
  *     def forward(self, const int32_t[::1] tokens, int pos, float[:, ::1] logits, bint all_logits,
 */
-  __pyx_t_1 = __Pyx_PyLong_From_int(__pyx_v_self->s.max_tokens); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 435, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyLong_From_int(__pyx_v_self->s.max_tokens); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 440, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   {
     PyObject *__pyx_temp;
@@ -19693,7 +19698,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_10max_tokens___get__(s
   __pyx_t_1 = 0;
   goto __pyx_L0;
 
-  /* "pyx/_forward.pyx":433
+  /* "pyx/_forward.pyx":438
  *         free(self.w.layers)
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -19712,7 +19717,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_10max_tokens___get__(s
   return __pyx_r;
 }
 
-/* "pyx/_forward.pyx":437
+/* "pyx/_forward.pyx":442
  *         return self.s.max_tokens
  * 
  *     def forward(self, const int32_t[::1] tokens, int pos, float[:, ::1] logits, bint all_logits,             # <<<<<<<<<<<<<<
@@ -19764,60 +19769,60 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_tokens,&__pyx_mstate_global->__pyx_n_u_pos,&__pyx_mstate_global->__pyx_n_u_logits,&__pyx_mstate_global->__pyx_n_u_all_logits,&__pyx_mstate_global->__pyx_n_u_nthreads,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 437, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 442, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 437, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 442, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 437, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 442, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 437, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 442, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 437, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 442, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 437, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 442, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forward", 0) < (0)) __PYX_ERR(0, 437, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forward", 0) < (0)) __PYX_ERR(0, 442, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 5; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forward", 1, 5, 5, i); __PYX_ERR(0, 437, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forward", 1, 5, 5, i); __PYX_ERR(0, 442, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 5)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 437, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 442, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 437, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 442, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 437, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 442, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 437, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 442, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 437, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 442, __pyx_L3_error)
     }
-    __pyx_v_tokens = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_int32_t__const__(values[0], 0); if (unlikely(!__pyx_v_tokens.memview)) __PYX_ERR(0, 437, __pyx_L3_error)
-    __pyx_v_pos = __Pyx_PyLong_As_int(values[1]); if (unlikely((__pyx_v_pos == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 437, __pyx_L3_error)
-    __pyx_v_logits = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_logits.memview)) __PYX_ERR(0, 437, __pyx_L3_error)
-    __pyx_v_all_logits = __Pyx_PyObject_IsTrue(values[3]); if (unlikely((__pyx_v_all_logits == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 437, __pyx_L3_error)
-    __pyx_v_nthreads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_nthreads == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 438, __pyx_L3_error)
+    __pyx_v_tokens = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_int32_t__const__(values[0], 0); if (unlikely(!__pyx_v_tokens.memview)) __PYX_ERR(0, 442, __pyx_L3_error)
+    __pyx_v_pos = __Pyx_PyLong_As_int(values[1]); if (unlikely((__pyx_v_pos == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 442, __pyx_L3_error)
+    __pyx_v_logits = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_logits.memview)) __PYX_ERR(0, 442, __pyx_L3_error)
+    __pyx_v_all_logits = __Pyx_PyObject_IsTrue(values[3]); if (unlikely((__pyx_v_all_logits == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 442, __pyx_L3_error)
+    __pyx_v_nthreads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_nthreads == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 443, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("forward", 1, 5, 5, __pyx_nargs); __PYX_ERR(0, 437, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("forward", 1, 5, 5, __pyx_nargs); __PYX_ERR(0, 442, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -19864,7 +19869,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("forward", 0);
 
-  /* "pyx/_forward.pyx":440
+  /* "pyx/_forward.pyx":445
  *                 int nthreads):
  *         """Tokens at positions pos.. (the caller checks ids, lengths and the context)."""
  *         cdef int n = tokens.shape[0]             # <<<<<<<<<<<<<<
@@ -19873,7 +19878,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
 */
   __pyx_v_n = (__pyx_v_tokens.shape[0]);
 
-  /* "pyx/_forward.pyx":442
+  /* "pyx/_forward.pyx":447
  *         cdef int n = tokens.shape[0]
  *         cdef int rc
  *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx:             # <<<<<<<<<<<<<<
@@ -19919,7 +19924,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
   if (unlikely(__pyx_t_1)) {
 
 
-    /* "pyx/_forward.pyx":443
+    /* "pyx/_forward.pyx":448
  *         cdef int rc
  *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx:
  *             raise ValueError("forward: token count or position out of range")             # <<<<<<<<<<<<<<
@@ -19932,14 +19937,14 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
       PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_forward_token_count_or_position};
       __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 443, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 448, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     __Pyx_Raise(__pyx_t_3, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __PYX_ERR(0, 443, __pyx_L1_error)
+    __PYX_ERR(0, 448, __pyx_L1_error)
 
-    /* "pyx/_forward.pyx":442
+    /* "pyx/_forward.pyx":447
  *         cdef int n = tokens.shape[0]
  *         cdef int rc
  *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx:             # <<<<<<<<<<<<<<
@@ -19948,7 +19953,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
 */
   }
 
-  /* "pyx/_forward.pyx":444
+  /* "pyx/_forward.pyx":449
  *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx:
  *             raise ValueError("forward: token count or position out of range")
  *         if logits.shape[1] != self.w.vocab_size or logits.shape[0] != (n if all_logits else 1):             # <<<<<<<<<<<<<<
@@ -19982,7 +19987,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
   if (unlikely(__pyx_t_1)) {
 
 
-    /* "pyx/_forward.pyx":445
+    /* "pyx/_forward.pyx":450
  *             raise ValueError("forward: token count or position out of range")
  *         if logits.shape[1] != self.w.vocab_size or logits.shape[0] != (n if all_logits else 1):
  *             raise ValueError("forward: logits buffer has the wrong shape")             # <<<<<<<<<<<<<<
@@ -19995,14 +20000,14 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
       PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_forward_logits_buffer_has_the_wr};
       __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 445, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 450, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     __Pyx_Raise(__pyx_t_3, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __PYX_ERR(0, 445, __pyx_L1_error)
+    __PYX_ERR(0, 450, __pyx_L1_error)
 
-    /* "pyx/_forward.pyx":444
+    /* "pyx/_forward.pyx":449
  *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx:
  *             raise ValueError("forward: token count or position out of range")
  *         if logits.shape[1] != self.w.vocab_size or logits.shape[0] != (n if all_logits else 1):             # <<<<<<<<<<<<<<
@@ -20011,7 +20016,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
 */
   }
 
-  /* "pyx/_forward.pyx":446
+  /* "pyx/_forward.pyx":451
  *         if logits.shape[1] != self.w.vocab_size or logits.shape[0] != (n if all_logits else 1):
  *             raise ValueError("forward: logits buffer has the wrong shape")
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -20024,7 +20029,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "pyx/_forward.pyx":447
+        /* "pyx/_forward.pyx":452
  *             raise ValueError("forward: logits buffer has the wrong shape")
  *         with nogil:
  *             rc = forward(&self.w, &self.s, <const int *>&tokens[0], n, pos, &logits[0, 0],             # <<<<<<<<<<<<<<
@@ -20035,7 +20040,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
         __pyx_t_8 = 0;
         __pyx_t_9 = 0;
 
-        /* "pyx/_forward.pyx":448
+        /* "pyx/_forward.pyx":453
  *         with nogil:
  *             rc = forward(&self.w, &self.s, <const int *>&tokens[0], n, pos, &logits[0, 0],
  *                          all_logits, nthreads)             # <<<<<<<<<<<<<<
@@ -20045,7 +20050,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
         __pyx_v_rc = forward((&__pyx_v_self->w), (&__pyx_v_self->s), ((int const *)(&(*((int32_t const  *) ( /* dim=0 */ ((char *) (((int32_t const  *) __pyx_v_tokens.data) + __pyx_t_7)) ))))), __pyx_v_n, __pyx_v_pos, (&(*((float *) ( /* dim=1 */ ((char *) (((float *) ( /* dim=0 */ (__pyx_v_logits.data + __pyx_t_8 * __pyx_v_logits.strides[0]) )) + __pyx_t_9)) )))), __pyx_v_all_logits, __pyx_v_nthreads);
       }
 
-      /* "pyx/_forward.pyx":446
+      /* "pyx/_forward.pyx":451
  *         if logits.shape[1] != self.w.vocab_size or logits.shape[0] != (n if all_logits else 1):
  *             raise ValueError("forward: logits buffer has the wrong shape")
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -20062,7 +20067,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
       }
   }
 
-  /* "pyx/_forward.pyx":449
+  /* "pyx/_forward.pyx":454
  *             rc = forward(&self.w, &self.s, <const int *>&tokens[0], n, pos, &logits[0, 0],
  *                          all_logits, nthreads)
  *         if rc != 0:             # <<<<<<<<<<<<<<
@@ -20073,7 +20078,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
   if (unlikely(__pyx_t_1)) {
 
 
-    /* "pyx/_forward.pyx":450
+    /* "pyx/_forward.pyx":455
  *                          all_logits, nthreads)
  *         if rc != 0:
  *             raise MemoryError("out of memory in the forward pass")             # <<<<<<<<<<<<<<
@@ -20084,14 +20089,14 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
       PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_out_of_memory_in_the_forward_pas};
       __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_MemoryError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 450, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 455, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     __Pyx_Raise(__pyx_t_3, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __PYX_ERR(0, 450, __pyx_L1_error)
+    __PYX_ERR(0, 455, __pyx_L1_error)
 
-    /* "pyx/_forward.pyx":449
+    /* "pyx/_forward.pyx":454
  *             rc = forward(&self.w, &self.s, <const int *>&tokens[0], n, pos, &logits[0, 0],
  *                          all_logits, nthreads)
  *         if rc != 0:             # <<<<<<<<<<<<<<
@@ -20099,7 +20104,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
 */
   }
 
-  /* "pyx/_forward.pyx":437
+  /* "pyx/_forward.pyx":442
  *         return self.s.max_tokens
  * 
  *     def forward(self, const int32_t[::1] tokens, int pos, float[:, ::1] logits, bint all_logits,             # <<<<<<<<<<<<<<
@@ -21740,14 +21745,14 @@ static int __Pyx_modinit_Exttype___pyx_obj_6qinfer_8_forward_Transformer(__pyx_m
   __pyx_vtabptr_6qinfer_8_forward_Transformer = &__pyx_vtable_6qinfer_8_forward_Transformer;
   __pyx_vtable_6qinfer_8_forward_Transformer.set_linear = (int (*)(struct __pyx_obj_6qinfer_8_forward_Transformer *, linear *, PyObject *, int, int))__pyx_f_6qinfer_8_forward_11Transformer_set_linear;
   #if CYTHON_USE_TYPE_SPECS
-  __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_6qinfer_8_forward_Transformer_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer)) __PYX_ERR(0, 361, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_6qinfer_8_forward_Transformer_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer)) __PYX_ERR(0, 366, __pyx_L1_error)
   #else
   __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer = &__pyx_type_6qinfer_8_forward_Transformer;
   #endif
   #if !CYTHON_COMPILING_IN_LIMITED_API
   #endif
   #if !CYTHON_USE_TYPE_SPECS
-  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 361, __pyx_L1_error)
+  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 366, __pyx_L1_error)
   #endif
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount((PyObject*)__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer);
@@ -21757,9 +21762,9 @@ static int __Pyx_modinit_Exttype___pyx_obj_6qinfer_8_forward_Transformer(__pyx_m
     __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer->tp_getattro = PyObject_GenericGetAttr;
   }
   #endif
-  if (__Pyx_SetVtable(__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer, __pyx_vtabptr_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 361, __pyx_L1_error)
-  if (PyObject_SetAttr(__pyx_m, __pyx_mstate_global->__pyx_n_u_Transformer, (PyObject *) __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 361, __pyx_L1_error)
-  if (__Pyx_setup_reduce((PyObject *) __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 361, __pyx_L1_error)
+  if (__Pyx_SetVtable(__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer, __pyx_vtabptr_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 366, __pyx_L1_error)
+  if (PyObject_SetAttr(__pyx_m, __pyx_mstate_global->__pyx_n_u_Transformer, (PyObject *) __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 366, __pyx_L1_error)
+  if (__Pyx_setup_reduce((PyObject *) __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 366, __pyx_L1_error)
   __Pyx_RefNannyFinishContext();
   return 0;
   __pyx_L1_error:;
@@ -22761,19 +22766,19 @@ __Pyx_RefNannySetupContext("PyInit__forward", 0);
   if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_pyx_unpickle_Enum, __pyx_t_4) < (0)) __PYX_ERR(1, 4, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "pyx/_forward.pyx":437
+  /* "pyx/_forward.pyx":442
  *         return self.s.max_tokens
  * 
  *     def forward(self, const int32_t[::1] tokens, int pos, float[:, ::1] logits, bint all_logits,             # <<<<<<<<<<<<<<
  *                 int nthreads):
  *         """Tokens at positions pos.. (the caller checks ids, lengths and the context)."""
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6qinfer_8_forward_11Transformer_7forward, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_Transformer_forward, NULL, __pyx_mstate_global->__pyx_n_u_qinfer__forward, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 437, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6qinfer_8_forward_11Transformer_7forward, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_Transformer_forward, NULL, __pyx_mstate_global->__pyx_n_u_qinfer__forward, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 442, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_6qinfer_8_forward_Transformer, __pyx_mstate_global->__pyx_n_u_forward, __pyx_t_4) < (0)) __PYX_ERR(0, 437, __pyx_L1_error)
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_6qinfer_8_forward_Transformer, __pyx_mstate_global->__pyx_n_u_forward, __pyx_t_4) < (0)) __PYX_ERR(0, 442, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
   /* "(tree fragment)":1
@@ -22853,7 +22858,7 @@ static int __Pyx_InitCachedBuiltins(__pyx_mstatetype *__pyx_mstate) {
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
-  __pyx_builtin_enumerate = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_enumerate); if (!__pyx_builtin_enumerate) __PYX_ERR(0, 400, __pyx_L1_error)
+  __pyx_builtin_enumerate = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_enumerate); if (!__pyx_builtin_enumerate) __PYX_ERR(0, 405, __pyx_L1_error)
   __pyx_builtin___import__ = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_import); if (!__pyx_builtin___import__) __PYX_ERR(1, 119, __pyx_L1_error)
   __pyx_builtin_Ellipsis = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_Ellipsis); if (!__pyx_builtin_Ellipsis) __PYX_ERR(1, 436, __pyx_L1_error)
   __pyx_builtin_id = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_id); if (!__pyx_builtin_id) __PYX_ERR(1, 662, __pyx_L1_error)
@@ -23125,7 +23130,7 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   PyObject* tuple_dedup_map = PyDict_New();
   if (unlikely(!tuple_dedup_map)) return -1;
   {
-    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 8, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 437};
+    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 8, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 442};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_tokens, __pyx_mstate->__pyx_n_u_pos, __pyx_mstate->__pyx_n_u_logits, __pyx_mstate->__pyx_n_u_all_logits, __pyx_mstate->__pyx_n_u_nthreads, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_rc};
     __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_pyx__forward_pyx, __pyx_mstate->__pyx_n_u_forward, __pyx_mstate->__pyx_kp_b_iso88591_A_V6_2Rr_Bb_Bl_T_2S_Bb_b_AQ_6_q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }

@@ -108,7 +108,7 @@ class GGUFFile:
         return self.mmap[info.offset:info.offset + info.nbytes]
 
     # -- metadata, checked by type before use --------------------------------
-    def _get(self, key, default, required):
+    def _get(self, key, required):
         v = self.kv.get(key)
         if v is None:
             if required:
@@ -117,7 +117,7 @@ class GGUFFile:
         return v
 
     def get_int(self, key, default=None, required=False, minimum=None):
-        v = self._get(key, default, required)
+        v = self._get(key, required)
         if v is None:
             return default
         if v.type not in INT_TYPES:
@@ -127,7 +127,7 @@ class GGUFFile:
         return int(v.value)
 
     def get_float(self, key, default=None, required=False, positive=False):
-        v = self._get(key, default, required)
+        v = self._get(key, required)
         if v is None:
             return default
         if v.type not in FLOAT_TYPES and v.type not in INT_TYPES:
@@ -139,7 +139,7 @@ class GGUFFile:
         return x
 
     def get_str(self, key, default=None, required=False):
-        v = self._get(key, default, required)
+        v = self._get(key, required)
         if v is None:
             return default
         if v.type != GGUFValueType.STRING:

@@ -11,7 +11,6 @@ Reads the structure with readers/gguf.py, then:
 """
 import re
 
-import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 
 from ..errors import FormatError, UnsupportedError

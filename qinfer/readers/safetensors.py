@@ -15,10 +15,11 @@ import numpy as np
 
 from ..errors import FormatError, UnsupportedError
 from .jsonfile import parse_json
-from .lazy import LazyTensor, bf16_to_f32, f16_to_f32
+from .lazy import lazy_bf16, lazy_f16
 
 MAX_HEADER_BYTES = 100 << 20
 MAX_DIMS = 8
+MAX_DIM = 1 << 48        # per dimension: only an empty tensor could have a larger one, and numpy cannot make it
 
 # dtype name -> numpy dtype of the stored bytes (BF16 is read as raw uint16).
 DTYPES = {
@@ -88,20 +89,17 @@ def read_safetensors(path):
         dtypes[name] = dtype_name
         dt = DTYPES[dtype_name]
         if begin == end:
-            arr = np.zeros(shape, dtype=dt)
+            arr = np.zeros(shape, dtype=dt)     # nothing to map (and np.ndarray needs a buffer)
+            arr.flags.writeable = False
         else:
             arr = np.ndarray(shape, dtype=dt, buffer=mm, offset=data_start + begin)
         if dtype_name == "BF16":
-            tensors[name] = LazyTensor(shape, "BF16", _bind(bf16_to_f32, arr))
+            tensors[name] = lazy_bf16(arr)
         elif dtype_name == "F16":
-            tensors[name] = LazyTensor(shape, "F16", _bind(f16_to_f32, arr))
+            tensors[name] = lazy_f16(arr)
         else:
             tensors[name] = arr
     return SafetensorsFile(path, metadata, dtypes, tensors, mm)
-
-
-def _bind(fn, arr):
-    return lambda: fn(arr)
 
 
 def _check_header(header, path, data_size):
@@ -148,6 +146,8 @@ def _check_entry(name, info, path, data_size):
         raise FormatError(f"{where}: shape must be a list of at most {MAX_DIMS} dimensions, got {shape!r}")
     if not all(_is_int(d) and d >= 0 for d in shape):
         raise FormatError(f"{where}: shape must hold non-negative integers, got {shape!r}")
+    if any(d > MAX_DIM for d in shape):
+        raise FormatError(f"{where}: shape {shape} has a dimension above {MAX_DIM}")
 
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)):
         raise FormatError(f"{where}: data_offsets must be [begin, end] integers, got {offsets!r}")
