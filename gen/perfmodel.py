@@ -21,7 +21,7 @@ Mini-GEMV block (mb x tb): mb input rows times tb output columns of packed
 weights, together with the mb-slice of mu activation rows and the tb-slice
 of mu outputs, must fit in the L1 data cache (Eqs. 3 and 5), so that the
 weights unpacked for one row tile are still in L1 for the next. mb is kept
-a multiple of 128 (every group size divides it), tb a multiple of tu.
+a multiple of 128 (every group size divides it), tb a multiple of nv * tu.
 """
 from dataclasses import dataclass, asdict
 
@@ -100,11 +100,13 @@ def block_bytes(bits, mu, mb, tb):
     return weights + activations + outputs
 
 
-def choose_block(bits, mu, tu, l1d_bytes):
+def choose_block(bits, mu, tu, l1d_bytes, nv=1):
+    """tb steps by nv tiles so qgemv never ends a column block on a narrower kernel."""
     budget = int(l1d_bytes * L1_BUDGET)
-    best = (MB_UNIT, tu)
+    step = tu * nv
+    best = (MB_UNIT, step)
     for mb in range(MB_UNIT, MAX_MB + 1, MB_UNIT):
-        for tb in range(tu, MAX_TB + 1, tu):
+        for tb in range(step, MAX_TB + 1, step):
             if block_bytes(bits, mu, mb, tb) > budget:
                 continue
             # Prefer the larger block, then the taller one (fewer y reloads).
@@ -115,7 +117,7 @@ def choose_block(bits, mu, tu, l1d_bytes):
 
 def choose(bits, machine):
     mu, tu, nv = choose_tile(machine.vector_registers)
-    mb, tb = choose_block(bits, mu, tu, machine.l1d_bytes)
+    mb, tb = choose_block(bits, mu, tu, machine.l1d_bytes, nv)
     return KernelParams(bits=bits, mu=mu, tu=tu, nv=nv, mb=mb, tb=tb,
                         registers_used=registers_needed(mu, tu // FLOATS_PER_VECTOR),
                         l1_bytes_used=block_bytes(bits, mu, mb, tb))

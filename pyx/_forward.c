@@ -1287,6 +1287,7 @@ static int __Pyx_init_tpflags_variables(void) {
 #include "qmatrix.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include "qmatrix.h"
@@ -1340,15 +1341,24 @@ typedef struct {
     float *up;        /* [T][hidden_dim] */
     float *scores;    /* [threads][ctx]  attention scores of one (token, head) */
     float *cos_sin;   /* [T][head_dim]   cos (first half) and sin (second half) per position */
-    float *key_cache;   /* [n_layers][ctx][kv_dim] */
-    float *value_cache; /* [n_layers][ctx][kv_dim] */
+    float *k;         /* [T][kv_dim]     new keys, before RoPE and the move into the cache */
+    float *v;         /* [T][kv_dim]     new values */
+    /* The KV cache. Keys are stored transposed in blocks of KV_BLOCK positions,
+     * [n_layers][n_kv_heads][ctx/KV_BLOCK][head_dim][KV_BLOCK], so the scores of a
+     * block are KV_BLOCK-wide vector FMAs with no horizontal sums; values are
+     * [n_layers][n_kv_heads][ctx][head_dim] (each probability scales one row). */
+    float *key_cache;
+    float *value_cache;
+    int ctx_blocks;   /* ctx rounded up to whole KV_BLOCKs, in blocks */
 } run_state;
+
+#define KV_BLOCK 32
 
 static void free_state(run_state *s)
 {
     free(s->x); free(s->xb); free(s->proj); free(s->q); free(s->att);
     free(s->gate); free(s->up); free(s->scores); free(s->cos_sin);
-    free(s->key_cache); free(s->value_cache);
+    free(s->k); free(s->v); free(s->key_cache); free(s->value_cache);
     memset(s, 0, sizeof(*s));
 }
 
@@ -1366,12 +1376,16 @@ static int alloc_state(run_state *s, const weights *w, int max_tokens, int threa
     s->att = malloc(sizeof(float) * T * q_dim);
     s->gate = malloc(sizeof(float) * T * w->hidden_dim);
     s->up = malloc(sizeof(float) * T * w->hidden_dim);
-    s->scores = malloc(sizeof(float) * (size_t)threads * w->ctx);
+    s->ctx_blocks = (w->ctx + KV_BLOCK - 1) / KV_BLOCK;
+    const size_t cache = (size_t)w->n_layers * s->ctx_blocks * KV_BLOCK * kv_dim;
+    s->scores = malloc(sizeof(float) * (size_t)threads * s->ctx_blocks * KV_BLOCK);
     s->cos_sin = malloc(sizeof(float) * T * w->head_dim);
-    s->key_cache = calloc((size_t)w->n_layers * w->ctx * kv_dim, sizeof(float));
-    s->value_cache = calloc((size_t)w->n_layers * w->ctx * kv_dim, sizeof(float));
-    if (!s->x || !s->xb || !s->proj || !s->q || !s->att || !s->gate || !s->up ||
-        !s->scores || !s->cos_sin || !s->key_cache || !s->value_cache) {
+    s->k = malloc(sizeof(float) * T * kv_dim);
+    s->v = malloc(sizeof(float) * T * kv_dim);
+    s->key_cache = calloc(cache, sizeof(float));
+    s->value_cache = calloc(cache, sizeof(float));
+    if (!s->x || !s->xb || !s->proj || !s->q || !s->att || !s->gate || !s->up || !s->scores ||
+        !s->cos_sin || !s->k || !s->v || !s->key_cache || !s->value_cache) {
         free_state(s);
         return -1;
     }
@@ -1475,51 +1489,124 @@ static void rope(float *v, int n, int heads, int head_dim, const float *cos_sin)
     }
 }
 
-/* Causal grouped-query attention of n new tokens at positions pos.. over the cache. */
+/* Where a layer's keys and values for one KV head start in the cache. */
+static float *key_head(const weights *w, const run_state *s, int layer, int kv_h)
+{
+    return s->key_cache + ((size_t)layer * w->n_kv_heads + kv_h) * s->ctx_blocks * KV_BLOCK * w->head_dim;
+}
+
+static float *value_head(const weights *w, const run_state *s, int layer, int kv_h)
+{
+    return s->value_cache + ((size_t)layer * w->n_kv_heads + kv_h) * s->ctx_blocks * KV_BLOCK * w->head_dim;
+}
+
+/* Move the n new keys and values (after RoPE) into the cache at positions pos.. */
+static void store_kv(const weights *w, run_state *s, int layer, int pos, int n)
+{
+    const int hd = w->head_dim, kv_dim = w->n_kv_heads * hd;
+    for (int t = 0; t < n; t++) {
+        const int p = pos + t, block = p / KV_BLOCK, lane = p % KV_BLOCK;
+        for (int h = 0; h < w->n_kv_heads; h++) {
+            const float *k = s->k + (size_t)t * kv_dim + h * hd;
+            float *kb = key_head(w, s, layer, h) + (size_t)block * hd * KV_BLOCK + lane;
+            for (int i = 0; i < hd; i++)
+                kb[(size_t)i * KV_BLOCK] = k[i];
+            memcpy(value_head(w, s, layer, h) + (size_t)p * hd, s->v + (size_t)t * kv_dim + h * hd,
+                   sizeof(float) * hd);
+        }
+    }
+}
+
+/* exp(x) for x <= 0, branch-free so the softmax loop vectorizes: x*log2(e) =
+ * n + f with |f| <= 1/2, 2^f by its Taylor series to degree 6 (relative error
+ * < 2e-7), 2^n written into the exponent bits. */
+static inline float exp_nonpositive(float x)
+{
+    x = x < -87.0f ? -87.0f : x;                       /* exp(-87) ~ 1.6e-38: as good as 0 */
+    const float t = x * 1.44269504088896341f;
+    const float n = (t + 12582912.0f) - 12582912.0f;   /* round to nearest: 1.5 * 2^23 */
+    const float f = t - n;
+    const float p = 1.0f + f * (0.693147181f + f * (0.240226507f + f * (0.0555041087f +
+                    f * (0.00961812911f + f * (0.00133335581f + f * 0.000154035304f)))));
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
+
+/* Scores of one query head against positions 0..last of its KV head. */
 QI_VECTORIZE
+static void attention_scores(const float *q, const float *keys, int hd, int last, float scale, float *scores)
+{
+    for (int b = 0; b * KV_BLOCK <= last; b++) {
+        const float *kb = keys + (size_t)b * hd * KV_BLOCK;
+        float acc[KV_BLOCK] = {0};
+        for (int i = 0; i < hd; i++) {
+            const float qi = q[i];
+            #pragma omp simd
+            for (int l = 0; l < KV_BLOCK; l++)
+                acc[l] += qi * kb[(size_t)i * KV_BLOCK + l];
+        }
+        #pragma omp simd
+        for (int l = 0; l < KV_BLOCK; l++)
+            scores[b * KV_BLOCK + l] = acc[l] * scale;
+    }
+}
+
+/* scores[0..last] <- softmax(scores[0..last]) */
+QI_VECTORIZE
+static void softmax(float *scores, int last)
+{
+    float max = scores[0];
+    for (int j = 1; j <= last; j++)
+        max = scores[j] > max ? scores[j] : max;
+    float sum = 0.0f;
+    #pragma omp simd reduction(+:sum)
+    for (int j = 0; j <= last; j++) {
+        scores[j] = exp_nonpositive(scores[j] - max);
+        sum += scores[j];
+    }
+    const float inv = 1.0f / sum;
+    #pragma omp simd
+    for (int j = 0; j <= last; j++)
+        scores[j] *= inv;
+}
+
+/* out = sum_j p[j] * values[j] */
+QI_VECTORIZE
+static void attention_values(const float *p, const float *values, int hd, int last, float *out)
+{
+    memset(out, 0, sizeof(float) * hd);
+    for (int j = 0; j <= last; j++) {
+        const float *v = values + (size_t)j * hd;
+        const float pj = p[j];
+        #pragma omp simd
+        for (int i = 0; i < hd; i++)
+            out[i] += pj * v[i];
+    }
+}
+
+/* Causal grouped-query attention of n new tokens at positions pos.. over the cache. */
 static void attention(const weights *w, run_state *s, int layer, int pos, int n, int nthreads)
 {
-    const int hd = w->head_dim, kv_dim = w->n_kv_heads * hd, group = w->n_heads / w->n_kv_heads;
-    const float *keys = s->key_cache + (size_t)layer * w->ctx * kv_dim;
-    const float *values = s->value_cache + (size_t)layer * w->ctx * kv_dim;
+    const int hd = w->head_dim, group = w->n_heads / w->n_kv_heads;
     const float scale = 1.0f / sqrtf((float)hd);
+    const size_t scores_row = (size_t)s->ctx_blocks * KV_BLOCK;
     int job;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(thread_count(nthreads))
     for (job = 0; job < n * w->n_heads; job++) {
 #ifdef _OPENMP
-        float *scores = s->scores + (size_t)omp_get_thread_num() * w->ctx;
+        float *scores = s->scores + (size_t)omp_get_thread_num() * scores_row;
 #else
         float *scores = s->scores;
 #endif
         const int t = job / w->n_heads, h = job % w->n_heads, kv_h = h / group;
         const int last = pos + t;                       /* attends to positions 0..last */
         const float *q = s->q + ((size_t)t * w->n_heads + h) * hd;
-        float *out = s->att + ((size_t)t * w->n_heads + h) * hd;
-        float max = -INFINITY;
-        for (int j = 0; j <= last; j++) {
-            const float *k = keys + (size_t)j * kv_dim + kv_h * hd;
-            float score = 0.0f;                 /* inline: a call per position costs more than the dot */
-            #pragma omp simd reduction(+:score)
-            for (int i = 0; i < hd; i++)
-                score += q[i] * k[i];
-            scores[j] = score * scale;
-            if (scores[j] > max)
-                max = scores[j];
-        }
-        float sum = 0.0f;
-        for (int j = 0; j <= last; j++) {
-            scores[j] = expf(scores[j] - max);
-            sum += scores[j];
-        }
-        const float inv = 1.0f / sum;
-        memset(out, 0, sizeof(float) * hd);
-        for (int j = 0; j <= last; j++) {
-            const float p = scores[j] * inv;
-            const float *v = values + (size_t)j * kv_dim + kv_h * hd;
-            #pragma omp simd
-            for (int i = 0; i < hd; i++)
-                out[i] += p * v[i];
-        }
+        attention_scores(q, key_head(w, s, layer, kv_h), hd, last, scale, scores);
+        softmax(scores, last);
+        attention_values(scores, value_head(w, s, layer, kv_h), hd, last,
+                         s->att + ((size_t)t * w->n_heads + h) * hd);
     }
 }
 
@@ -1548,8 +1635,7 @@ static void swiglu(float *gate, const float *up, size_t n)
 static int forward(const weights *w, run_state *s, const int *tokens, int n, int pos,
                    float *logits, int all_logits, int nthreads)
 {
-    const int dim = w->dim, hd = w->head_dim, q_dim = w->n_heads * hd;
-    const int kv_dim = w->n_kv_heads * hd;
+    const int dim = w->dim, hd = w->head_dim;
     int rc = 0;
 
     /* attention() keeps one scores row per thread: never more threads than rows */
@@ -1558,16 +1644,15 @@ static int forward(const weights *w, run_state *s, const int *tokens, int n, int
     rope_tables(w, pos, n, s->cos_sin);
     for (int l = 0; l < w->n_layers && rc == 0; l++) {
         const layer_weights *lw = &w->layers[l];
-        float *k = s->key_cache + ((size_t)l * w->ctx + pos) * kv_dim;
-        float *v = s->value_cache + ((size_t)l * w->ctx + pos) * kv_dim;
 
-        /* attention block: x += wo(attention(rope(q), rope(k) -> cache, v -> cache)) */
+        /* attention block: x += wo(attention(rope(q), cache += (rope(k), v))) */
         rmsnorm(s->x, lw->attn_norm, n, dim, w->eps, s->xb);
         rc |= matmul(&lw->wq, s->xb, n, s->q, nthreads);
-        rc |= matmul(&lw->wk, s->xb, n, k, nthreads);
-        rc |= matmul(&lw->wv, s->xb, n, v, nthreads);
+        rc |= matmul(&lw->wk, s->xb, n, s->k, nthreads);
+        rc |= matmul(&lw->wv, s->xb, n, s->v, nthreads);
         rope(s->q, n, w->n_heads, hd, s->cos_sin);
-        rope(k, n, w->n_kv_heads, hd, s->cos_sin);
+        rope(s->k, n, w->n_kv_heads, hd, s->cos_sin);
+        store_kv(w, s, l, pos, n);
         attention(w, s, l, pos, n, nthreads);
         rc |= matmul(&lw->wo, s->att, n, s->proj, nthreads);
         add(s->x, s->proj, (size_t)n * dim);
@@ -1580,7 +1665,6 @@ static int forward(const weights *w, run_state *s, const int *tokens, int n, int
         rc |= matmul(&lw->w_down, s->gate, n, s->proj, nthreads);
         add(s->x, s->proj, (size_t)n * dim);
     }
-    (void)q_dim;
     if (rc)
         return -1;
 
@@ -2074,7 +2158,7 @@ struct __pyx_MemviewEnum_obj;
 struct __pyx_memoryview_obj;
 struct __pyx_memoryviewslice_obj;
 
-/* "pyx/_forward.pyx":366
+/* "pyx/_forward.pyx":450
  * 
  * 
  * cdef class Transformer:             # <<<<<<<<<<<<<<
@@ -2168,7 +2252,7 @@ struct __pyx_memoryviewslice_obj {
 
 
 
-/* "pyx/_forward.pyx":366
+/* "pyx/_forward.pyx":450
  * 
  * 
  * cdef class Transformer:             # <<<<<<<<<<<<<<
@@ -18378,7 +18462,7 @@ static PyObject *__pyx_unpickle_Enum__set_state(struct __pyx_MemviewEnum_obj *__
   return __pyx_r;
 }
 
-/* "pyx/_forward.pyx":358
+/* "pyx/_forward.pyx":442
  * 
  * 
  * cdef const float *float_ptr(object array, Py_ssize_t size) except NULL:             # <<<<<<<<<<<<<<
@@ -18407,7 +18491,7 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("float_ptr", 0);
 
-  /* "pyx/_forward.pyx":360
+  /* "pyx/_forward.pyx":444
  * cdef const float *float_ptr(object array, Py_ssize_t size) except NULL:
  *     """Pointer into a C-contiguous float32 numpy array of `size` elements."""
  *     cdef const float[::1] view = array.reshape(-1)             # <<<<<<<<<<<<<<
@@ -18421,16 +18505,16 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
     PyObject *__pyx_callargs[2] = {__pyx_t_2, __pyx_mstate_global->__pyx_int_neg_1};
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_reshape, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 360, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 444, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
-  __pyx_t_4 = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(__pyx_t_1, 0); if (unlikely(!__pyx_t_4.memview)) __PYX_ERR(0, 360, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(__pyx_t_1, 0); if (unlikely(!__pyx_t_4.memview)) __PYX_ERR(0, 444, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_view = __pyx_t_4;
   __pyx_t_4.memview = NULL;
   __pyx_t_4.data = NULL;
 
-  /* "pyx/_forward.pyx":361
+  /* "pyx/_forward.pyx":445
  *     """Pointer into a C-contiguous float32 numpy array of `size` elements."""
  *     cdef const float[::1] view = array.reshape(-1)
  *     if view.shape[0] != size:             # <<<<<<<<<<<<<<
@@ -18442,7 +18526,7 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
   if (unlikely(__pyx_t_5)) {
 
 
-    /* "pyx/_forward.pyx":362
+    /* "pyx/_forward.pyx":446
  *     cdef const float[::1] view = array.reshape(-1)
  *     if view.shape[0] != size:
  *         raise ValueError(f"expected {size} floats, got {view.shape[0]}")             # <<<<<<<<<<<<<<
@@ -18450,9 +18534,9 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
  * 
 */
     __pyx_t_2 = NULL;
-    __pyx_t_6 = __Pyx_PyUnicode_From_Py_ssize_t(__pyx_v_size, 0, ' ', 'd'); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 362, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyUnicode_From_Py_ssize_t(__pyx_v_size, 0, ' ', 'd'); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 446, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_7 = __Pyx_PyUnicode_From_Py_ssize_t((__pyx_v_view.shape[0]), 0, ' ', 'd'); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 362, __pyx_L1_error)
+    __pyx_t_7 = __Pyx_PyUnicode_From_Py_ssize_t((__pyx_v_view.shape[0]), 0, ' ', 'd'); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 446, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
     __pyx_t_8[0] = __pyx_mstate_global->__pyx_kp_u_expected;
     __pyx_t_8[1] = __pyx_t_6;
@@ -18464,7 +18548,7 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
     #endif
     __pyx_t_10 = 0;
     __pyx_t_11 = __Pyx_PyUnicode_Join(__pyx_t_8, 4, __pyx_t_9, __pyx_t_10);
-    if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 362, __pyx_L1_error)
+    if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 446, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_11);
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
     __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
@@ -18474,14 +18558,14 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
       __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 362, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 446, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_Raise(__pyx_t_1, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __PYX_ERR(0, 362, __pyx_L1_error)
+    __PYX_ERR(0, 446, __pyx_L1_error)
 
-    /* "pyx/_forward.pyx":361
+    /* "pyx/_forward.pyx":445
  *     """Pointer into a C-contiguous float32 numpy array of `size` elements."""
  *     cdef const float[::1] view = array.reshape(-1)
  *     if view.shape[0] != size:             # <<<<<<<<<<<<<<
@@ -18490,7 +18574,7 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
 */
   }
 
-  /* "pyx/_forward.pyx":363
+  /* "pyx/_forward.pyx":447
  *     if view.shape[0] != size:
  *         raise ValueError(f"expected {size} floats, got {view.shape[0]}")
  *     return &view[0]             # <<<<<<<<<<<<<<
@@ -18504,7 +18588,7 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
   }
   goto __pyx_L0;
 
-  /* "pyx/_forward.pyx":358
+  /* "pyx/_forward.pyx":442
  * 
  * 
  * cdef const float *float_ptr(object array, Py_ssize_t size) except NULL:             # <<<<<<<<<<<<<<
@@ -18529,7 +18613,7 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
   return __pyx_r;
 }
 
-/* "pyx/_forward.pyx":379
+/* "pyx/_forward.pyx":463
  *     cdef object keep
  * 
  *     def __cinit__(self):             # <<<<<<<<<<<<<<
@@ -18581,7 +18665,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
 static int __pyx_pf_6qinfer_8_forward_11Transformer___cinit__(struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self) {
   int __pyx_r;
 
-  /* "pyx/_forward.pyx":380
+  /* "pyx/_forward.pyx":464
  * 
  *     def __cinit__(self):
  *         self.w.layers = NULL             # <<<<<<<<<<<<<<
@@ -18590,7 +18674,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer___cinit__(struct __pyx_obj_6
 */
   __pyx_v_self->w.layers = NULL;
 
-  /* "pyx/_forward.pyx":381
+  /* "pyx/_forward.pyx":465
  *     def __cinit__(self):
  *         self.w.layers = NULL
  *         self.has_state = False             # <<<<<<<<<<<<<<
@@ -18599,7 +18683,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer___cinit__(struct __pyx_obj_6
 */
   __pyx_v_self->has_state = 0;
 
-  /* "pyx/_forward.pyx":379
+  /* "pyx/_forward.pyx":463
  *     cdef object keep
  * 
  *     def __cinit__(self):             # <<<<<<<<<<<<<<
@@ -18613,7 +18697,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer___cinit__(struct __pyx_obj_6
   return __pyx_r;
 }
 
-/* "pyx/_forward.pyx":383
+/* "pyx/_forward.pyx":467
  *         self.has_state = False
  * 
  *     def __init__(self, dict config, embedding, list layers, final_norm, lm_head, inv_freq,             # <<<<<<<<<<<<<<
@@ -18666,68 +18750,68 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_config,&__pyx_mstate_global->__pyx_n_u_embedding,&__pyx_mstate_global->__pyx_n_u_layers,&__pyx_mstate_global->__pyx_n_u_final_norm,&__pyx_mstate_global->__pyx_n_u_lm_head,&__pyx_mstate_global->__pyx_n_u_inv_freq,&__pyx_mstate_global->__pyx_n_u_max_tokens,&__pyx_mstate_global->__pyx_n_u_threads,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL_TPNEW(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 383, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 467, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  8:
         values[7] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 383, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 467, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 383, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 467, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 383, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 467, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 383, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 467, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 383, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 467, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 383, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 467, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 383, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 467, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 383, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 467, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__init__", 0) < (0)) __PYX_ERR(0, 383, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__init__", 0) < (0)) __PYX_ERR(0, 467, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 8; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__init__", 1, 8, 8, i); __PYX_ERR(0, 383, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__init__", 1, 8, 8, i); __PYX_ERR(0, 467, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 8)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 383, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 467, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 383, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 467, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 383, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 467, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 383, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 467, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 383, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 467, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 383, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 467, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 383, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 467, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 383, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 467, __pyx_L3_error)
     }
     __pyx_v_config = ((PyObject*)values[0]);
     __pyx_v_embedding = values[1];
@@ -18735,12 +18819,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
     __pyx_v_final_norm = values[3];
     __pyx_v_lm_head = values[4];
     __pyx_v_inv_freq = values[5];
-    __pyx_v_max_tokens = __Pyx_PyLong_As_int(values[6]); if (unlikely((__pyx_v_max_tokens == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 384, __pyx_L3_error)
-    __pyx_v_threads = __Pyx_PyLong_As_int(values[7]); if (unlikely((__pyx_v_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 384, __pyx_L3_error)
+    __pyx_v_max_tokens = __Pyx_PyLong_As_int(values[6]); if (unlikely((__pyx_v_max_tokens == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 468, __pyx_L3_error)
+    __pyx_v_threads = __Pyx_PyLong_As_int(values[7]); if (unlikely((__pyx_v_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 468, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__init__", 1, 8, 8, __pyx_nargs); __PYX_ERR(0, 383, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__init__", 1, 8, 8, __pyx_nargs); __PYX_ERR(0, 467, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -18751,8 +18835,8 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return -1;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_config), (&PyDict_Type), 1, "config", 1))) __PYX_ERR(0, 383, __pyx_L1_error)
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_layers), (&PyList_Type), 1, "layers", 1))) __PYX_ERR(0, 383, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_config), (&PyDict_Type), 1, "config", 1))) __PYX_ERR(0, 467, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_layers), (&PyList_Type), 1, "layers", 1))) __PYX_ERR(0, 467, __pyx_L1_error)
   __pyx_r = __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(((struct __pyx_obj_6qinfer_8_forward_Transformer *)__pyx_v_self), __pyx_v_config, __pyx_v_embedding, __pyx_v_layers, __pyx_v_final_norm, __pyx_v_lm_head, __pyx_v_inv_freq, __pyx_v_max_tokens, __pyx_v_threads);
 
   /* function exit code */
@@ -18803,36 +18887,36 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__init__", 0);
 
-  /* "pyx/_forward.pyx":386
+  /* "pyx/_forward.pyx":470
  *                  int max_tokens, int threads):
  *         cdef int i
  *         self.keep = [embedding, layers, final_norm, lm_head, inv_freq]             # <<<<<<<<<<<<<<
  *         self.w.dim = config["dim"]
  *         self.w.hidden_dim = config["hidden_dim"]
 */
-  __pyx_t_1 = PyList_New(5); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 386, __pyx_L1_error)
+  __pyx_t_1 = PyList_New(5); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 470, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_INCREF(__pyx_v_embedding);
   __Pyx_GIVEREF(__pyx_v_embedding);
-  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 0, __pyx_v_embedding) != (0)) __PYX_ERR(0, 386, __pyx_L1_error);
+  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 0, __pyx_v_embedding) != (0)) __PYX_ERR(0, 470, __pyx_L1_error);
   __Pyx_INCREF(__pyx_v_layers);
   __Pyx_GIVEREF(__pyx_v_layers);
-  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 1, __pyx_v_layers) != (0)) __PYX_ERR(0, 386, __pyx_L1_error);
+  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 1, __pyx_v_layers) != (0)) __PYX_ERR(0, 470, __pyx_L1_error);
   __Pyx_INCREF(__pyx_v_final_norm);
   __Pyx_GIVEREF(__pyx_v_final_norm);
-  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 2, __pyx_v_final_norm) != (0)) __PYX_ERR(0, 386, __pyx_L1_error);
+  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 2, __pyx_v_final_norm) != (0)) __PYX_ERR(0, 470, __pyx_L1_error);
   __Pyx_INCREF(__pyx_v_lm_head);
   __Pyx_GIVEREF(__pyx_v_lm_head);
-  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 3, __pyx_v_lm_head) != (0)) __PYX_ERR(0, 386, __pyx_L1_error);
+  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 3, __pyx_v_lm_head) != (0)) __PYX_ERR(0, 470, __pyx_L1_error);
   __Pyx_INCREF(__pyx_v_inv_freq);
   __Pyx_GIVEREF(__pyx_v_inv_freq);
-  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 4, __pyx_v_inv_freq) != (0)) __PYX_ERR(0, 386, __pyx_L1_error);
+  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 4, __pyx_v_inv_freq) != (0)) __PYX_ERR(0, 470, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_1);
   __Pyx_GOTREF(__pyx_v_self->keep);
   __Pyx_DECREF_SET(__pyx_v_self->keep, __pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "pyx/_forward.pyx":387
+  /* "pyx/_forward.pyx":471
  *         cdef int i
  *         self.keep = [embedding, layers, final_norm, lm_head, inv_freq]
  *         self.w.dim = config["dim"]             # <<<<<<<<<<<<<<
@@ -18841,15 +18925,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 387, __pyx_L1_error)
+    __PYX_ERR(0, 471, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 387, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 471, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 387, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 471, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.dim = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":388
+  /* "pyx/_forward.pyx":472
  *         self.keep = [embedding, layers, final_norm, lm_head, inv_freq]
  *         self.w.dim = config["dim"]
  *         self.w.hidden_dim = config["hidden_dim"]             # <<<<<<<<<<<<<<
@@ -18858,15 +18942,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 388, __pyx_L1_error)
+    __PYX_ERR(0, 472, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_hidden_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 388, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_hidden_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 472, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 388, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 472, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.hidden_dim = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":389
+  /* "pyx/_forward.pyx":473
  *         self.w.dim = config["dim"]
  *         self.w.hidden_dim = config["hidden_dim"]
  *         self.w.n_layers = len(layers)             # <<<<<<<<<<<<<<
@@ -18875,12 +18959,12 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_layers == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(0, 389, __pyx_L1_error)
+    __PYX_ERR(0, 473, __pyx_L1_error)
   }
-  __pyx_t_3 = __Pyx_PyList_GET_SIZE(__pyx_v_layers); if (unlikely(__pyx_t_3 == ((Py_ssize_t)-1))) __PYX_ERR(0, 389, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyList_GET_SIZE(__pyx_v_layers); if (unlikely(__pyx_t_3 == ((Py_ssize_t)-1))) __PYX_ERR(0, 473, __pyx_L1_error)
   __pyx_v_self->w.n_layers = __pyx_t_3;
 
-  /* "pyx/_forward.pyx":390
+  /* "pyx/_forward.pyx":474
  *         self.w.hidden_dim = config["hidden_dim"]
  *         self.w.n_layers = len(layers)
  *         self.w.n_heads = config["n_heads"]             # <<<<<<<<<<<<<<
@@ -18889,15 +18973,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 390, __pyx_L1_error)
+    __PYX_ERR(0, 474, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_n_heads); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 390, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_n_heads); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 474, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 390, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 474, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.n_heads = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":391
+  /* "pyx/_forward.pyx":475
  *         self.w.n_layers = len(layers)
  *         self.w.n_heads = config["n_heads"]
  *         self.w.n_kv_heads = config["n_kv_heads"]             # <<<<<<<<<<<<<<
@@ -18906,15 +18990,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 391, __pyx_L1_error)
+    __PYX_ERR(0, 475, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_n_kv_heads); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 391, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_n_kv_heads); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 475, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 391, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 475, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.n_kv_heads = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":392
+  /* "pyx/_forward.pyx":476
  *         self.w.n_heads = config["n_heads"]
  *         self.w.n_kv_heads = config["n_kv_heads"]
  *         self.w.head_dim = config["head_dim"]             # <<<<<<<<<<<<<<
@@ -18923,15 +19007,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 392, __pyx_L1_error)
+    __PYX_ERR(0, 476, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_head_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 392, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_head_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 476, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 392, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 476, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.head_dim = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":393
+  /* "pyx/_forward.pyx":477
  *         self.w.n_kv_heads = config["n_kv_heads"]
  *         self.w.head_dim = config["head_dim"]
  *         self.w.vocab_size = config["vocab_size"]             # <<<<<<<<<<<<<<
@@ -18940,15 +19024,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 393, __pyx_L1_error)
+    __PYX_ERR(0, 477, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_vocab_size); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 393, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_vocab_size); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 477, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 393, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 477, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.vocab_size = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":394
+  /* "pyx/_forward.pyx":478
  *         self.w.head_dim = config["head_dim"]
  *         self.w.vocab_size = config["vocab_size"]
  *         self.w.ctx = config["ctx"]             # <<<<<<<<<<<<<<
@@ -18957,15 +19041,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 394, __pyx_L1_error)
+    __PYX_ERR(0, 478, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_ctx); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 394, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_ctx); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 478, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 394, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 478, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.ctx = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":395
+  /* "pyx/_forward.pyx":479
  *         self.w.vocab_size = config["vocab_size"]
  *         self.w.ctx = config["ctx"]
  *         self.w.eps = config["eps"]             # <<<<<<<<<<<<<<
@@ -18974,47 +19058,47 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 395, __pyx_L1_error)
+    __PYX_ERR(0, 479, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_eps); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 395, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_eps); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 479, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_4 = __Pyx_PyFloat_AsFloat(__pyx_t_1); if (unlikely((__pyx_t_4 == (float)-1) && PyErr_Occurred())) __PYX_ERR(0, 395, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyFloat_AsFloat(__pyx_t_1); if (unlikely((__pyx_t_4 == (float)-1) && PyErr_Occurred())) __PYX_ERR(0, 479, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.eps = __pyx_t_4;
 
-  /* "pyx/_forward.pyx":396
+  /* "pyx/_forward.pyx":480
  *         self.w.ctx = config["ctx"]
  *         self.w.eps = config["eps"]
  *         dim, hd = self.w.dim, self.w.head_dim             # <<<<<<<<<<<<<<
  *         q_dim, kv_dim = self.w.n_heads * hd, self.w.n_kv_heads * hd
  *         self.w.embedding = float_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)
 */
-  __pyx_t_1 = __Pyx_PyLong_From_int(__pyx_v_self->w.dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 396, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyLong_From_int(__pyx_v_self->w.dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 480, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  if (__Pyx_PyInt_FromNumber(&__pyx_t_1, NULL, 0) < (0)) __PYX_ERR(0, 396, __pyx_L1_error)
-  __pyx_t_5 = __Pyx_PyLong_From_int(__pyx_v_self->w.head_dim); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 396, __pyx_L1_error)
+  if (__Pyx_PyInt_FromNumber(&__pyx_t_1, NULL, 0) < (0)) __PYX_ERR(0, 480, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyLong_From_int(__pyx_v_self->w.head_dim); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 480, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  if (__Pyx_PyInt_FromNumber(&__pyx_t_5, NULL, 0) < (0)) __PYX_ERR(0, 396, __pyx_L1_error)
+  if (__Pyx_PyInt_FromNumber(&__pyx_t_5, NULL, 0) < (0)) __PYX_ERR(0, 480, __pyx_L1_error)
   __pyx_v_dim = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
   __pyx_v_hd = ((PyObject*)__pyx_t_5);
   __pyx_t_5 = 0;
 
-  /* "pyx/_forward.pyx":397
+  /* "pyx/_forward.pyx":481
  *         self.w.eps = config["eps"]
  *         dim, hd = self.w.dim, self.w.head_dim
  *         q_dim, kv_dim = self.w.n_heads * hd, self.w.n_kv_heads * hd             # <<<<<<<<<<<<<<
  *         self.w.embedding = float_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)
  *         self.w.final_norm = float_ptr(final_norm, dim)
 */
-  __pyx_t_5 = __Pyx_PyLong_From_int(__pyx_v_self->w.n_heads); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 397, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyLong_From_int(__pyx_v_self->w.n_heads); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 481, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_1 = __Pyx_PyNumber_Multiply_int_int(__pyx_t_5, __pyx_v_hd); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 397, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyNumber_Multiply_int_int(__pyx_t_5, __pyx_v_hd); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 481, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = __Pyx_PyLong_From_int(__pyx_v_self->w.n_kv_heads); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 397, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyLong_From_int(__pyx_v_self->w.n_kv_heads); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 481, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_6 = __Pyx_PyNumber_Multiply_int_int(__pyx_t_5, __pyx_v_hd); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 397, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyNumber_Multiply_int_int(__pyx_t_5, __pyx_v_hd); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 481, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __pyx_v_q_dim = ((PyObject*)__pyx_t_1);
@@ -19022,64 +19106,64 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
   __pyx_v_kv_dim = ((PyObject*)__pyx_t_6);
   __pyx_t_6 = 0;
 
-  /* "pyx/_forward.pyx":398
+  /* "pyx/_forward.pyx":482
  *         dim, hd = self.w.dim, self.w.head_dim
  *         q_dim, kv_dim = self.w.n_heads * hd, self.w.n_kv_heads * hd
  *         self.w.embedding = float_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)             # <<<<<<<<<<<<<<
  *         self.w.final_norm = float_ptr(final_norm, dim)
  *         self.w.inv_freq = float_ptr(inv_freq, hd // 2)
 */
-  __pyx_t_6 = PyLong_FromSsize_t(((Py_ssize_t)__pyx_v_self->w.vocab_size)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 398, __pyx_L1_error)
+  __pyx_t_6 = PyLong_FromSsize_t(((Py_ssize_t)__pyx_v_self->w.vocab_size)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 482, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_1 = __Pyx_PyNumber_Multiply_int_int(__pyx_t_6, __pyx_v_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 398, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyNumber_Multiply_int_int(__pyx_t_6, __pyx_v_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 482, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-  __pyx_t_3 = __Pyx_PyIndex_AsSsize_t(__pyx_t_1); if (unlikely((__pyx_t_3 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 398, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyIndex_AsSsize_t(__pyx_t_1); if (unlikely((__pyx_t_3 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 482, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_embedding, __pyx_t_3); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 398, __pyx_L1_error)
+  __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_embedding, __pyx_t_3); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 482, __pyx_L1_error)
 
   __pyx_v_self->w.embedding = __pyx_t_7;
 
-  /* "pyx/_forward.pyx":399
+  /* "pyx/_forward.pyx":483
  *         q_dim, kv_dim = self.w.n_heads * hd, self.w.n_kv_heads * hd
  *         self.w.embedding = float_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)
  *         self.w.final_norm = float_ptr(final_norm, dim)             # <<<<<<<<<<<<<<
  *         self.w.inv_freq = float_ptr(inv_freq, hd // 2)
  *         self.set_linear(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
 */
-  __pyx_t_3 = __Pyx_PyIndex_AsSsize_t(__pyx_v_dim); if (unlikely((__pyx_t_3 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 399, __pyx_L1_error)
-  __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_final_norm, __pyx_t_3); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 399, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyIndex_AsSsize_t(__pyx_v_dim); if (unlikely((__pyx_t_3 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 483, __pyx_L1_error)
+  __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_final_norm, __pyx_t_3); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 483, __pyx_L1_error)
 
   __pyx_v_self->w.final_norm = __pyx_t_7;
 
-  /* "pyx/_forward.pyx":400
+  /* "pyx/_forward.pyx":484
  *         self.w.embedding = float_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)
  *         self.w.final_norm = float_ptr(final_norm, dim)
  *         self.w.inv_freq = float_ptr(inv_freq, hd // 2)             # <<<<<<<<<<<<<<
  *         self.set_linear(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
  *         self.w.layers = <layer_weights *>calloc(len(layers), sizeof(layer_weights))
 */
-  __pyx_t_1 = __Pyx_PyLong_FloorDivideObjC(__pyx_v_hd, __pyx_mstate_global->__pyx_int_2, 2, 0, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 400, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyLong_FloorDivideObjC(__pyx_v_hd, __pyx_mstate_global->__pyx_int_2, 2, 0, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 484, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_3 = __Pyx_PyIndex_AsSsize_t(__pyx_t_1); if (unlikely((__pyx_t_3 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 400, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyIndex_AsSsize_t(__pyx_t_1); if (unlikely((__pyx_t_3 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 484, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_inv_freq, __pyx_t_3); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 400, __pyx_L1_error)
+  __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_inv_freq, __pyx_t_3); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 484, __pyx_L1_error)
 
   __pyx_v_self->w.inv_freq = __pyx_t_7;
 
-  /* "pyx/_forward.pyx":401
+  /* "pyx/_forward.pyx":485
  *         self.w.final_norm = float_ptr(final_norm, dim)
  *         self.w.inv_freq = float_ptr(inv_freq, hd // 2)
  *         self.set_linear(&self.w.lm_head, lm_head, dim, self.w.vocab_size)             # <<<<<<<<<<<<<<
  *         self.w.layers = <layer_weights *>calloc(len(layers), sizeof(layer_weights))
  *         if self.w.layers == NULL:
 */
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 401, __pyx_L1_error)
-  __pyx_t_8 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&__pyx_v_self->w.lm_head), __pyx_v_lm_head, __pyx_t_2, __pyx_v_self->w.vocab_size); if (unlikely(__pyx_t_8 == ((int)-1))) __PYX_ERR(0, 401, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 485, __pyx_L1_error)
+  __pyx_t_8 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&__pyx_v_self->w.lm_head), __pyx_v_lm_head, __pyx_t_2, __pyx_v_self->w.vocab_size); if (unlikely(__pyx_t_8 == ((int)-1))) __PYX_ERR(0, 485, __pyx_L1_error)
 
 
 
-  /* "pyx/_forward.pyx":402
+  /* "pyx/_forward.pyx":486
  *         self.w.inv_freq = float_ptr(inv_freq, hd // 2)
  *         self.set_linear(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
  *         self.w.layers = <layer_weights *>calloc(len(layers), sizeof(layer_weights))             # <<<<<<<<<<<<<<
@@ -19088,13 +19172,13 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_layers == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(0, 402, __pyx_L1_error)
+    __PYX_ERR(0, 486, __pyx_L1_error)
   }
-  __pyx_t_3 = __Pyx_PyList_GET_SIZE(__pyx_v_layers); if (unlikely(__pyx_t_3 == ((Py_ssize_t)-1))) __PYX_ERR(0, 402, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyList_GET_SIZE(__pyx_v_layers); if (unlikely(__pyx_t_3 == ((Py_ssize_t)-1))) __PYX_ERR(0, 486, __pyx_L1_error)
   __pyx_v_self->w.layers = ((layer_weights *)calloc(__pyx_t_3, (sizeof(layer_weights))));
 
 
-  /* "pyx/_forward.pyx":403
+  /* "pyx/_forward.pyx":487
  *         self.set_linear(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
  *         self.w.layers = <layer_weights *>calloc(len(layers), sizeof(layer_weights))
  *         if self.w.layers == NULL:             # <<<<<<<<<<<<<<
@@ -19106,16 +19190,16 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
   if (unlikely(__pyx_t_9)) {
 
 
-    /* "pyx/_forward.pyx":404
+    /* "pyx/_forward.pyx":488
  *         self.w.layers = <layer_weights *>calloc(len(layers), sizeof(layer_weights))
  *         if self.w.layers == NULL:
  *             raise MemoryError()             # <<<<<<<<<<<<<<
  *         for i, layer in enumerate(layers):
  *             self.w.layers[i].attn_norm = float_ptr(layer["attn_norm"], dim)
 */
-    PyErr_NoMemory(); __PYX_ERR(0, 404, __pyx_L1_error)
+    PyErr_NoMemory(); __PYX_ERR(0, 488, __pyx_L1_error)
 
-    /* "pyx/_forward.pyx":403
+    /* "pyx/_forward.pyx":487
  *         self.set_linear(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
  *         self.w.layers = <layer_weights *>calloc(len(layers), sizeof(layer_weights))
  *         if self.w.layers == NULL:             # <<<<<<<<<<<<<<
@@ -19124,7 +19208,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   }
 
-  /* "pyx/_forward.pyx":405
+  /* "pyx/_forward.pyx":489
  *         if self.w.layers == NULL:
  *             raise MemoryError()
  *         for i, layer in enumerate(layers):             # <<<<<<<<<<<<<<
@@ -19139,163 +19223,163 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
     {
       Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
       #if !CYTHON_ASSUME_SAFE_SIZE
-      if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 405, __pyx_L1_error)
+      if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 489, __pyx_L1_error)
       #endif
       if (__pyx_t_3 >= __pyx_temp) break;
     }
     __pyx_t_6 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_1, __pyx_t_3, __Pyx_ReferenceSharing_OwnStrongReference);
     ++__pyx_t_3;
-    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 405, __pyx_L1_error)
+    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 489, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __Pyx_XDECREF_SET(__pyx_v_layer, __pyx_t_6);
     __pyx_t_6 = 0;
     __pyx_v_i = __pyx_t_8;
     __pyx_t_8 = (__pyx_t_8 + 1);
 
-    /* "pyx/_forward.pyx":406
+    /* "pyx/_forward.pyx":490
  *             raise MemoryError()
  *         for i, layer in enumerate(layers):
  *             self.w.layers[i].attn_norm = float_ptr(layer["attn_norm"], dim)             # <<<<<<<<<<<<<<
  *             self.w.layers[i].ffn_norm = float_ptr(layer["ffn_norm"], dim)
  *             self.set_linear(&self.w.layers[i].wq, layer["wq"], dim, q_dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_attn_norm); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 406, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_attn_norm); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 490, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_10 = __Pyx_PyIndex_AsSsize_t(__pyx_v_dim); if (unlikely((__pyx_t_10 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 406, __pyx_L1_error)
-    __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_t_6, __pyx_t_10); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 406, __pyx_L1_error)
+    __pyx_t_10 = __Pyx_PyIndex_AsSsize_t(__pyx_v_dim); if (unlikely((__pyx_t_10 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 490, __pyx_L1_error)
+    __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_t_6, __pyx_t_10); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 490, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
     (__pyx_v_self->w.layers[__pyx_v_i]).attn_norm = __pyx_t_7;
 
-    /* "pyx/_forward.pyx":407
+    /* "pyx/_forward.pyx":491
  *         for i, layer in enumerate(layers):
  *             self.w.layers[i].attn_norm = float_ptr(layer["attn_norm"], dim)
  *             self.w.layers[i].ffn_norm = float_ptr(layer["ffn_norm"], dim)             # <<<<<<<<<<<<<<
  *             self.set_linear(&self.w.layers[i].wq, layer["wq"], dim, q_dim)
  *             self.set_linear(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_ffn_norm); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 407, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_ffn_norm); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 491, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_10 = __Pyx_PyIndex_AsSsize_t(__pyx_v_dim); if (unlikely((__pyx_t_10 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 407, __pyx_L1_error)
-    __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_t_6, __pyx_t_10); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 407, __pyx_L1_error)
+    __pyx_t_10 = __Pyx_PyIndex_AsSsize_t(__pyx_v_dim); if (unlikely((__pyx_t_10 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 491, __pyx_L1_error)
+    __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_t_6, __pyx_t_10); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 491, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
     (__pyx_v_self->w.layers[__pyx_v_i]).ffn_norm = __pyx_t_7;
 
-    /* "pyx/_forward.pyx":408
+    /* "pyx/_forward.pyx":492
  *             self.w.layers[i].attn_norm = float_ptr(layer["attn_norm"], dim)
  *             self.w.layers[i].ffn_norm = float_ptr(layer["ffn_norm"], dim)
  *             self.set_linear(&self.w.layers[i].wq, layer["wq"], dim, q_dim)             # <<<<<<<<<<<<<<
  *             self.set_linear(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)
  *             self.set_linear(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wq); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 408, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wq); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 492, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 408, __pyx_L1_error)
-    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_q_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 408, __pyx_L1_error)
-    __pyx_t_12 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wq), __pyx_t_6, __pyx_t_2, __pyx_t_11); if (unlikely(__pyx_t_12 == ((int)-1))) __PYX_ERR(0, 408, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 492, __pyx_L1_error)
+    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_q_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 492, __pyx_L1_error)
+    __pyx_t_12 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wq), __pyx_t_6, __pyx_t_2, __pyx_t_11); if (unlikely(__pyx_t_12 == ((int)-1))) __PYX_ERR(0, 492, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
 
-    /* "pyx/_forward.pyx":409
+    /* "pyx/_forward.pyx":493
  *             self.w.layers[i].ffn_norm = float_ptr(layer["ffn_norm"], dim)
  *             self.set_linear(&self.w.layers[i].wq, layer["wq"], dim, q_dim)
  *             self.set_linear(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)             # <<<<<<<<<<<<<<
  *             self.set_linear(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)
  *             self.set_linear(&self.w.layers[i].wo, layer["wo"], q_dim, dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wk); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 409, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wk); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 493, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_12 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_12 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 409, __pyx_L1_error)
-    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_kv_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 409, __pyx_L1_error)
-    __pyx_t_2 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wk), __pyx_t_6, __pyx_t_12, __pyx_t_11); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 409, __pyx_L1_error)
+    __pyx_t_12 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_12 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 493, __pyx_L1_error)
+    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_kv_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 493, __pyx_L1_error)
+    __pyx_t_2 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wk), __pyx_t_6, __pyx_t_12, __pyx_t_11); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 493, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
 
-    /* "pyx/_forward.pyx":410
+    /* "pyx/_forward.pyx":494
  *             self.set_linear(&self.w.layers[i].wq, layer["wq"], dim, q_dim)
  *             self.set_linear(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)
  *             self.set_linear(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)             # <<<<<<<<<<<<<<
  *             self.set_linear(&self.w.layers[i].wo, layer["wo"], q_dim, dim)
  *             self.set_linear(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wv); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 410, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wv); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 494, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 410, __pyx_L1_error)
-    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_kv_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 410, __pyx_L1_error)
-    __pyx_t_12 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wv), __pyx_t_6, __pyx_t_2, __pyx_t_11); if (unlikely(__pyx_t_12 == ((int)-1))) __PYX_ERR(0, 410, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 494, __pyx_L1_error)
+    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_kv_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 494, __pyx_L1_error)
+    __pyx_t_12 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wv), __pyx_t_6, __pyx_t_2, __pyx_t_11); if (unlikely(__pyx_t_12 == ((int)-1))) __PYX_ERR(0, 494, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
 
-    /* "pyx/_forward.pyx":411
+    /* "pyx/_forward.pyx":495
  *             self.set_linear(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)
  *             self.set_linear(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)
  *             self.set_linear(&self.w.layers[i].wo, layer["wo"], q_dim, dim)             # <<<<<<<<<<<<<<
  *             self.set_linear(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)
  *             self.set_linear(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wo); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 411, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wo); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 495, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_12 = __Pyx_PyLong_As_int(__pyx_v_q_dim); if (unlikely((__pyx_t_12 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 411, __pyx_L1_error)
-    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 411, __pyx_L1_error)
-    __pyx_t_2 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wo), __pyx_t_6, __pyx_t_12, __pyx_t_11); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 411, __pyx_L1_error)
+    __pyx_t_12 = __Pyx_PyLong_As_int(__pyx_v_q_dim); if (unlikely((__pyx_t_12 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 495, __pyx_L1_error)
+    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 495, __pyx_L1_error)
+    __pyx_t_2 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wo), __pyx_t_6, __pyx_t_12, __pyx_t_11); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 495, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
 
-    /* "pyx/_forward.pyx":412
+    /* "pyx/_forward.pyx":496
  *             self.set_linear(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)
  *             self.set_linear(&self.w.layers[i].wo, layer["wo"], q_dim, dim)
  *             self.set_linear(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)             # <<<<<<<<<<<<<<
  *             self.set_linear(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
  *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_w_gate); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 412, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_w_gate); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 496, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 412, __pyx_L1_error)
-    __pyx_t_11 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).w_gate), __pyx_t_6, __pyx_t_2, __pyx_v_self->w.hidden_dim); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 412, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 496, __pyx_L1_error)
+    __pyx_t_11 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).w_gate), __pyx_t_6, __pyx_t_2, __pyx_v_self->w.hidden_dim); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 496, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
-    /* "pyx/_forward.pyx":413
+    /* "pyx/_forward.pyx":497
  *             self.set_linear(&self.w.layers[i].wo, layer["wo"], q_dim, dim)
  *             self.set_linear(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)
  *             self.set_linear(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)             # <<<<<<<<<<<<<<
  *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_w_up); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 413, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_w_up); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 497, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 413, __pyx_L1_error)
-    __pyx_t_2 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).w_up), __pyx_t_6, __pyx_t_11, __pyx_v_self->w.hidden_dim); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 413, __pyx_L1_error)
+    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 497, __pyx_L1_error)
+    __pyx_t_2 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).w_up), __pyx_t_6, __pyx_t_11, __pyx_v_self->w.hidden_dim); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 497, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
-    /* "pyx/_forward.pyx":414
+    /* "pyx/_forward.pyx":498
  *             self.set_linear(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)
  *             self.set_linear(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
  *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)             # <<<<<<<<<<<<<<
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:
  *             raise MemoryError("not enough memory for the KV cache and buffers "
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_w_down); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 414, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_w_down); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 498, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 414, __pyx_L1_error)
-    __pyx_t_11 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).w_down), __pyx_t_6, __pyx_v_self->w.hidden_dim, __pyx_t_2); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 414, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 498, __pyx_L1_error)
+    __pyx_t_11 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).w_down), __pyx_t_6, __pyx_v_self->w.hidden_dim, __pyx_t_2); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 498, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
-    /* "pyx/_forward.pyx":405
+    /* "pyx/_forward.pyx":489
  *         if self.w.layers == NULL:
  *             raise MemoryError()
  *         for i, layer in enumerate(layers):             # <<<<<<<<<<<<<<
@@ -19305,7 +19389,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "pyx/_forward.pyx":415
+  /* "pyx/_forward.pyx":499
  *             self.set_linear(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
  *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:             # <<<<<<<<<<<<<<
@@ -19317,7 +19401,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
   if (unlikely(__pyx_t_9)) {
 
 
-    /* "pyx/_forward.pyx":416
+    /* "pyx/_forward.pyx":500
  *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:
  *             raise MemoryError("not enough memory for the KV cache and buffers "             # <<<<<<<<<<<<<<
@@ -19326,20 +19410,20 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
     __pyx_t_6 = NULL;
 
-    /* "pyx/_forward.pyx":417
+    /* "pyx/_forward.pyx":501
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:
  *             raise MemoryError("not enough memory for the KV cache and buffers "
  *                               f"(context {self.w.ctx}); try a smaller context")             # <<<<<<<<<<<<<<
  *         self.has_state = True
  * 
 */
-    __pyx_t_5 = __Pyx_PyUnicode_From_int(__pyx_v_self->w.ctx, 0, ' ', 'd'); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 417, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyUnicode_From_int(__pyx_v_self->w.ctx, 0, ' ', 'd'); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 501, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_t_13[0] = __pyx_mstate_global->__pyx_kp_u_not_enough_memory_for_the_KV_cac;
     __pyx_t_13[1] = __pyx_t_5;
     __pyx_t_13[2] = __pyx_mstate_global->__pyx_kp_u_try_a_smaller_context;
 
-    /* "pyx/_forward.pyx":416
+    /* "pyx/_forward.pyx":500
  *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:
  *             raise MemoryError("not enough memory for the KV cache and buffers "             # <<<<<<<<<<<<<<
@@ -19352,7 +19436,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
     #endif
     __pyx_t_8 = 0;
     __pyx_t_14 = __Pyx_PyUnicode_Join(__pyx_t_13, 3, __pyx_t_3, __pyx_t_8);
-    if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 416, __pyx_L1_error)
+    if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 500, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_14);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __pyx_t_15 = 1;
@@ -19361,14 +19445,14 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_MemoryError)), __pyx_callargs+__pyx_t_15, (2-__pyx_t_15) | (__pyx_t_15*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
       __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 416, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 500, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_Raise(__pyx_t_1, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __PYX_ERR(0, 416, __pyx_L1_error)
+    __PYX_ERR(0, 500, __pyx_L1_error)
 
-    /* "pyx/_forward.pyx":415
+    /* "pyx/_forward.pyx":499
  *             self.set_linear(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
  *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:             # <<<<<<<<<<<<<<
@@ -19377,7 +19461,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   }
 
-  /* "pyx/_forward.pyx":418
+  /* "pyx/_forward.pyx":502
  *             raise MemoryError("not enough memory for the KV cache and buffers "
  *                               f"(context {self.w.ctx}); try a smaller context")
  *         self.has_state = True             # <<<<<<<<<<<<<<
@@ -19386,7 +19470,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   __pyx_v_self->has_state = 1;
 
-  /* "pyx/_forward.pyx":383
+  /* "pyx/_forward.pyx":467
  *         self.has_state = False
  * 
  *     def __init__(self, dict config, embedding, list layers, final_norm, lm_head, inv_freq,             # <<<<<<<<<<<<<<
@@ -19416,7 +19500,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
   return __pyx_r;
 }
 
-/* "pyx/_forward.pyx":420
+/* "pyx/_forward.pyx":504
  *         self.has_state = True
  * 
  *     cdef int set_linear(self, linear *l, object spec, int n_in, int n_out) except -1:             # <<<<<<<<<<<<<<
@@ -19436,7 +19520,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("set_linear", 0);
 
-  /* "pyx/_forward.pyx":421
+  /* "pyx/_forward.pyx":505
  * 
  *     cdef int set_linear(self, linear *l, object spec, int n_in, int n_out) except -1:
  *         l.in_ = n_in             # <<<<<<<<<<<<<<
@@ -19445,7 +19529,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
 */
   __pyx_v_l->in = __pyx_v_n_in;
 
-  /* "pyx/_forward.pyx":422
+  /* "pyx/_forward.pyx":506
  *     cdef int set_linear(self, linear *l, object spec, int n_in, int n_out) except -1:
  *         l.in_ = n_in
  *         l.out = n_out             # <<<<<<<<<<<<<<
@@ -19454,7 +19538,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
 */
   __pyx_v_l->out = __pyx_v_n_out;
 
-  /* "pyx/_forward.pyx":423
+  /* "pyx/_forward.pyx":507
  *         l.in_ = n_in
  *         l.out = n_out
  *         l.q = NULL             # <<<<<<<<<<<<<<
@@ -19463,7 +19547,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
 */
   __pyx_v_l->q = NULL;
 
-  /* "pyx/_forward.pyx":424
+  /* "pyx/_forward.pyx":508
  *         l.out = n_out
  *         l.q = NULL
  *         l.qgemm = NULL             # <<<<<<<<<<<<<<
@@ -19472,7 +19556,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
 */
   __pyx_v_l->qgemm = NULL;
 
-  /* "pyx/_forward.pyx":425
+  /* "pyx/_forward.pyx":509
  *         l.q = NULL
  *         l.qgemm = NULL
  *         l.w = NULL             # <<<<<<<<<<<<<<
@@ -19481,7 +19565,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
 */
   __pyx_v_l->w = NULL;
 
-  /* "pyx/_forward.pyx":426
+  /* "pyx/_forward.pyx":510
  *         l.qgemm = NULL
  *         l.w = NULL
  *         if isinstance(spec, tuple):             # <<<<<<<<<<<<<<
@@ -19492,35 +19576,35 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
   if (__pyx_t_1) {
 
 
-    /* "pyx/_forward.pyx":427
+    /* "pyx/_forward.pyx":511
  *         l.w = NULL
  *         if isinstance(spec, tuple):
  *             l.q = <const qmatrix *>PyCapsule_GetPointer(spec[0], b"qinfer.qmatrix")             # <<<<<<<<<<<<<<
  *             l.qgemm = <qgemm_fn>PyCapsule_GetPointer(spec[1], b"qinfer.qgemm_fn")
  *         else:
 */
-    __pyx_t_2 = __Pyx_GetItemInt(__pyx_v_spec, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_FunctionArgument); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 427, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_GetItemInt(__pyx_v_spec, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_FunctionArgument); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 511, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
-    __pyx_t_3 = PyCapsule_GetPointer(__pyx_t_2, __pyx_k_qinfer_qmatrix); if (unlikely(__pyx_t_3 == ((void *)NULL) && PyErr_Occurred())) __PYX_ERR(0, 427, __pyx_L1_error)
+    __pyx_t_3 = PyCapsule_GetPointer(__pyx_t_2, __pyx_k_qinfer_qmatrix); if (unlikely(__pyx_t_3 == ((void *)NULL) && PyErr_Occurred())) __PYX_ERR(0, 511, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __pyx_v_l->q = ((qmatrix const *)__pyx_t_3);
 
 
-    /* "pyx/_forward.pyx":428
+    /* "pyx/_forward.pyx":512
  *         if isinstance(spec, tuple):
  *             l.q = <const qmatrix *>PyCapsule_GetPointer(spec[0], b"qinfer.qmatrix")
  *             l.qgemm = <qgemm_fn>PyCapsule_GetPointer(spec[1], b"qinfer.qgemm_fn")             # <<<<<<<<<<<<<<
  *         else:
  *             l.w = float_ptr(spec, <Py_ssize_t>n_in * n_out)
 */
-    __pyx_t_2 = __Pyx_GetItemInt(__pyx_v_spec, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_FunctionArgument); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 428, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_GetItemInt(__pyx_v_spec, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_FunctionArgument); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 512, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
-    __pyx_t_3 = PyCapsule_GetPointer(__pyx_t_2, __pyx_k_qinfer_qgemm_fn); if (unlikely(__pyx_t_3 == ((void *)NULL) && PyErr_Occurred())) __PYX_ERR(0, 428, __pyx_L1_error)
+    __pyx_t_3 = PyCapsule_GetPointer(__pyx_t_2, __pyx_k_qinfer_qgemm_fn); if (unlikely(__pyx_t_3 == ((void *)NULL) && PyErr_Occurred())) __PYX_ERR(0, 512, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __pyx_v_l->qgemm = ((qgemm_fn)__pyx_t_3);
 
 
-    /* "pyx/_forward.pyx":426
+    /* "pyx/_forward.pyx":510
  *         l.qgemm = NULL
  *         l.w = NULL
  *         if isinstance(spec, tuple):             # <<<<<<<<<<<<<<
@@ -19530,7 +19614,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
     goto __pyx_L3;
   }
 
-  /* "pyx/_forward.pyx":430
+  /* "pyx/_forward.pyx":514
  *             l.qgemm = <qgemm_fn>PyCapsule_GetPointer(spec[1], b"qinfer.qgemm_fn")
  *         else:
  *             l.w = float_ptr(spec, <Py_ssize_t>n_in * n_out)             # <<<<<<<<<<<<<<
@@ -19538,12 +19622,12 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
  * 
 */
   /*else*/ {
-    __pyx_t_4 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_spec, (((Py_ssize_t)__pyx_v_n_in) * __pyx_v_n_out)); if (unlikely(__pyx_t_4 == ((void *)NULL))) __PYX_ERR(0, 430, __pyx_L1_error)
+    __pyx_t_4 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_spec, (((Py_ssize_t)__pyx_v_n_in) * __pyx_v_n_out)); if (unlikely(__pyx_t_4 == ((void *)NULL))) __PYX_ERR(0, 514, __pyx_L1_error)
     __pyx_v_l->w = __pyx_t_4;
   }
   __pyx_L3:;
 
-  /* "pyx/_forward.pyx":431
+  /* "pyx/_forward.pyx":515
  *         else:
  *             l.w = float_ptr(spec, <Py_ssize_t>n_in * n_out)
  *         return 0             # <<<<<<<<<<<<<<
@@ -19556,7 +19640,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
   }
   goto __pyx_L0;
 
-  /* "pyx/_forward.pyx":420
+  /* "pyx/_forward.pyx":504
  *         self.has_state = True
  * 
  *     cdef int set_linear(self, linear *l, object spec, int n_in, int n_out) except -1:             # <<<<<<<<<<<<<<
@@ -19575,7 +19659,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
   return __pyx_r;
 }
 
-/* "pyx/_forward.pyx":433
+/* "pyx/_forward.pyx":517
  *         return 0
  * 
  *     def __dealloc__(self):             # <<<<<<<<<<<<<<
@@ -19598,7 +19682,7 @@ static void __pyx_pw_6qinfer_8_forward_11Transformer_5__dealloc__(PyObject *__py
 
 static void __pyx_pf_6qinfer_8_forward_11Transformer_4__dealloc__(struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self) {
 
-  /* "pyx/_forward.pyx":434
+  /* "pyx/_forward.pyx":518
  * 
  *     def __dealloc__(self):
  *         if self.has_state:             # <<<<<<<<<<<<<<
@@ -19607,7 +19691,7 @@ static void __pyx_pf_6qinfer_8_forward_11Transformer_4__dealloc__(struct __pyx_o
 */
   if (__pyx_v_self->has_state) {
 
-    /* "pyx/_forward.pyx":435
+    /* "pyx/_forward.pyx":519
  *     def __dealloc__(self):
  *         if self.has_state:
  *             free_state(&self.s)             # <<<<<<<<<<<<<<
@@ -19616,7 +19700,7 @@ static void __pyx_pf_6qinfer_8_forward_11Transformer_4__dealloc__(struct __pyx_o
 */
     free_state((&__pyx_v_self->s));
 
-    /* "pyx/_forward.pyx":434
+    /* "pyx/_forward.pyx":518
  * 
  *     def __dealloc__(self):
  *         if self.has_state:             # <<<<<<<<<<<<<<
@@ -19625,7 +19709,7 @@ static void __pyx_pf_6qinfer_8_forward_11Transformer_4__dealloc__(struct __pyx_o
 */
   }
 
-  /* "pyx/_forward.pyx":436
+  /* "pyx/_forward.pyx":520
  *         if self.has_state:
  *             free_state(&self.s)
  *         free(self.w.layers)             # <<<<<<<<<<<<<<
@@ -19634,7 +19718,7 @@ static void __pyx_pf_6qinfer_8_forward_11Transformer_4__dealloc__(struct __pyx_o
 */
   free(__pyx_v_self->w.layers);
 
-  /* "pyx/_forward.pyx":433
+  /* "pyx/_forward.pyx":517
  *         return 0
  * 
  *     def __dealloc__(self):             # <<<<<<<<<<<<<<
@@ -19646,7 +19730,7 @@ static void __pyx_pf_6qinfer_8_forward_11Transformer_4__dealloc__(struct __pyx_o
 
 }
 
-/* "pyx/_forward.pyx":438
+/* "pyx/_forward.pyx":522
  *         free(self.w.layers)
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -19678,14 +19762,14 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_10max_tokens___get__(s
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__get__", 0);
 
-  /* "pyx/_forward.pyx":440
+  /* "pyx/_forward.pyx":524
  *     @property
  *     def max_tokens(self):
  *         return self.s.max_tokens             # <<<<<<<<<<<<<<
  * 
  *     def forward(self, const int32_t[::1] tokens, int pos, float[:, ::1] logits, bint all_logits,
 */
-  __pyx_t_1 = __Pyx_PyLong_From_int(__pyx_v_self->s.max_tokens); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 440, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyLong_From_int(__pyx_v_self->s.max_tokens); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 524, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   {
     PyObject *__pyx_temp;
@@ -19698,7 +19782,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_10max_tokens___get__(s
   __pyx_t_1 = 0;
   goto __pyx_L0;
 
-  /* "pyx/_forward.pyx":438
+  /* "pyx/_forward.pyx":522
  *         free(self.w.layers)
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -19717,7 +19801,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_10max_tokens___get__(s
   return __pyx_r;
 }
 
-/* "pyx/_forward.pyx":442
+/* "pyx/_forward.pyx":526
  *         return self.s.max_tokens
  * 
  *     def forward(self, const int32_t[::1] tokens, int pos, float[:, ::1] logits, bint all_logits,             # <<<<<<<<<<<<<<
@@ -19769,60 +19853,60 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_tokens,&__pyx_mstate_global->__pyx_n_u_pos,&__pyx_mstate_global->__pyx_n_u_logits,&__pyx_mstate_global->__pyx_n_u_all_logits,&__pyx_mstate_global->__pyx_n_u_nthreads,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 442, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 526, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 442, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 526, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 442, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 526, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 442, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 526, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 442, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 526, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 442, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 526, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forward", 0) < (0)) __PYX_ERR(0, 442, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forward", 0) < (0)) __PYX_ERR(0, 526, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 5; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forward", 1, 5, 5, i); __PYX_ERR(0, 442, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forward", 1, 5, 5, i); __PYX_ERR(0, 526, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 5)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 442, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 526, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 442, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 526, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 442, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 526, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 442, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 526, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 442, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 526, __pyx_L3_error)
     }
-    __pyx_v_tokens = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_int32_t__const__(values[0], 0); if (unlikely(!__pyx_v_tokens.memview)) __PYX_ERR(0, 442, __pyx_L3_error)
-    __pyx_v_pos = __Pyx_PyLong_As_int(values[1]); if (unlikely((__pyx_v_pos == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 442, __pyx_L3_error)
-    __pyx_v_logits = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_logits.memview)) __PYX_ERR(0, 442, __pyx_L3_error)
-    __pyx_v_all_logits = __Pyx_PyObject_IsTrue(values[3]); if (unlikely((__pyx_v_all_logits == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 442, __pyx_L3_error)
-    __pyx_v_nthreads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_nthreads == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 443, __pyx_L3_error)
+    __pyx_v_tokens = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_int32_t__const__(values[0], 0); if (unlikely(!__pyx_v_tokens.memview)) __PYX_ERR(0, 526, __pyx_L3_error)
+    __pyx_v_pos = __Pyx_PyLong_As_int(values[1]); if (unlikely((__pyx_v_pos == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 526, __pyx_L3_error)
+    __pyx_v_logits = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_logits.memview)) __PYX_ERR(0, 526, __pyx_L3_error)
+    __pyx_v_all_logits = __Pyx_PyObject_IsTrue(values[3]); if (unlikely((__pyx_v_all_logits == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 526, __pyx_L3_error)
+    __pyx_v_nthreads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_nthreads == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 527, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("forward", 1, 5, 5, __pyx_nargs); __PYX_ERR(0, 442, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("forward", 1, 5, 5, __pyx_nargs); __PYX_ERR(0, 526, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -19869,7 +19953,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("forward", 0);
 
-  /* "pyx/_forward.pyx":445
+  /* "pyx/_forward.pyx":529
  *                 int nthreads):
  *         """Tokens at positions pos.. (the caller checks ids, lengths and the context)."""
  *         cdef int n = tokens.shape[0]             # <<<<<<<<<<<<<<
@@ -19878,7 +19962,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
 */
   __pyx_v_n = (__pyx_v_tokens.shape[0]);
 
-  /* "pyx/_forward.pyx":447
+  /* "pyx/_forward.pyx":531
  *         cdef int n = tokens.shape[0]
  *         cdef int rc
  *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx:             # <<<<<<<<<<<<<<
@@ -19924,7 +20008,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
   if (unlikely(__pyx_t_1)) {
 
 
-    /* "pyx/_forward.pyx":448
+    /* "pyx/_forward.pyx":532
  *         cdef int rc
  *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx:
  *             raise ValueError("forward: token count or position out of range")             # <<<<<<<<<<<<<<
@@ -19937,14 +20021,14 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
       PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_forward_token_count_or_position};
       __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 448, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 532, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     __Pyx_Raise(__pyx_t_3, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __PYX_ERR(0, 448, __pyx_L1_error)
+    __PYX_ERR(0, 532, __pyx_L1_error)
 
-    /* "pyx/_forward.pyx":447
+    /* "pyx/_forward.pyx":531
  *         cdef int n = tokens.shape[0]
  *         cdef int rc
  *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx:             # <<<<<<<<<<<<<<
@@ -19953,7 +20037,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
 */
   }
 
-  /* "pyx/_forward.pyx":449
+  /* "pyx/_forward.pyx":533
  *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx:
  *             raise ValueError("forward: token count or position out of range")
  *         if logits.shape[1] != self.w.vocab_size or logits.shape[0] != (n if all_logits else 1):             # <<<<<<<<<<<<<<
@@ -19987,7 +20071,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
   if (unlikely(__pyx_t_1)) {
 
 
-    /* "pyx/_forward.pyx":450
+    /* "pyx/_forward.pyx":534
  *             raise ValueError("forward: token count or position out of range")
  *         if logits.shape[1] != self.w.vocab_size or logits.shape[0] != (n if all_logits else 1):
  *             raise ValueError("forward: logits buffer has the wrong shape")             # <<<<<<<<<<<<<<
@@ -20000,14 +20084,14 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
       PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_forward_logits_buffer_has_the_wr};
       __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 450, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 534, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     __Pyx_Raise(__pyx_t_3, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __PYX_ERR(0, 450, __pyx_L1_error)
+    __PYX_ERR(0, 534, __pyx_L1_error)
 
-    /* "pyx/_forward.pyx":449
+    /* "pyx/_forward.pyx":533
  *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx:
  *             raise ValueError("forward: token count or position out of range")
  *         if logits.shape[1] != self.w.vocab_size or logits.shape[0] != (n if all_logits else 1):             # <<<<<<<<<<<<<<
@@ -20016,7 +20100,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
 */
   }
 
-  /* "pyx/_forward.pyx":451
+  /* "pyx/_forward.pyx":535
  *         if logits.shape[1] != self.w.vocab_size or logits.shape[0] != (n if all_logits else 1):
  *             raise ValueError("forward: logits buffer has the wrong shape")
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -20029,7 +20113,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "pyx/_forward.pyx":452
+        /* "pyx/_forward.pyx":536
  *             raise ValueError("forward: logits buffer has the wrong shape")
  *         with nogil:
  *             rc = forward(&self.w, &self.s, <const int *>&tokens[0], n, pos, &logits[0, 0],             # <<<<<<<<<<<<<<
@@ -20040,7 +20124,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
         __pyx_t_8 = 0;
         __pyx_t_9 = 0;
 
-        /* "pyx/_forward.pyx":453
+        /* "pyx/_forward.pyx":537
  *         with nogil:
  *             rc = forward(&self.w, &self.s, <const int *>&tokens[0], n, pos, &logits[0, 0],
  *                          all_logits, nthreads)             # <<<<<<<<<<<<<<
@@ -20050,7 +20134,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
         __pyx_v_rc = forward((&__pyx_v_self->w), (&__pyx_v_self->s), ((int const *)(&(*((int32_t const  *) ( /* dim=0 */ ((char *) (((int32_t const  *) __pyx_v_tokens.data) + __pyx_t_7)) ))))), __pyx_v_n, __pyx_v_pos, (&(*((float *) ( /* dim=1 */ ((char *) (((float *) ( /* dim=0 */ (__pyx_v_logits.data + __pyx_t_8 * __pyx_v_logits.strides[0]) )) + __pyx_t_9)) )))), __pyx_v_all_logits, __pyx_v_nthreads);
       }
 
-      /* "pyx/_forward.pyx":451
+      /* "pyx/_forward.pyx":535
  *         if logits.shape[1] != self.w.vocab_size or logits.shape[0] != (n if all_logits else 1):
  *             raise ValueError("forward: logits buffer has the wrong shape")
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -20067,7 +20151,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
       }
   }
 
-  /* "pyx/_forward.pyx":454
+  /* "pyx/_forward.pyx":538
  *             rc = forward(&self.w, &self.s, <const int *>&tokens[0], n, pos, &logits[0, 0],
  *                          all_logits, nthreads)
  *         if rc != 0:             # <<<<<<<<<<<<<<
@@ -20078,7 +20162,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
   if (unlikely(__pyx_t_1)) {
 
 
-    /* "pyx/_forward.pyx":455
+    /* "pyx/_forward.pyx":539
  *                          all_logits, nthreads)
  *         if rc != 0:
  *             raise MemoryError("out of memory in the forward pass")             # <<<<<<<<<<<<<<
@@ -20089,14 +20173,14 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
       PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_out_of_memory_in_the_forward_pas};
       __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_MemoryError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 455, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 539, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     __Pyx_Raise(__pyx_t_3, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __PYX_ERR(0, 455, __pyx_L1_error)
+    __PYX_ERR(0, 539, __pyx_L1_error)
 
-    /* "pyx/_forward.pyx":454
+    /* "pyx/_forward.pyx":538
  *             rc = forward(&self.w, &self.s, <const int *>&tokens[0], n, pos, &logits[0, 0],
  *                          all_logits, nthreads)
  *         if rc != 0:             # <<<<<<<<<<<<<<
@@ -20104,7 +20188,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
 */
   }
 
-  /* "pyx/_forward.pyx":442
+  /* "pyx/_forward.pyx":526
  *         return self.s.max_tokens
  * 
  *     def forward(self, const int32_t[::1] tokens, int pos, float[:, ::1] logits, bint all_logits,             # <<<<<<<<<<<<<<
@@ -21745,14 +21829,14 @@ static int __Pyx_modinit_Exttype___pyx_obj_6qinfer_8_forward_Transformer(__pyx_m
   __pyx_vtabptr_6qinfer_8_forward_Transformer = &__pyx_vtable_6qinfer_8_forward_Transformer;
   __pyx_vtable_6qinfer_8_forward_Transformer.set_linear = (int (*)(struct __pyx_obj_6qinfer_8_forward_Transformer *, linear *, PyObject *, int, int))__pyx_f_6qinfer_8_forward_11Transformer_set_linear;
   #if CYTHON_USE_TYPE_SPECS
-  __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_6qinfer_8_forward_Transformer_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer)) __PYX_ERR(0, 366, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_6qinfer_8_forward_Transformer_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer)) __PYX_ERR(0, 450, __pyx_L1_error)
   #else
   __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer = &__pyx_type_6qinfer_8_forward_Transformer;
   #endif
   #if !CYTHON_COMPILING_IN_LIMITED_API
   #endif
   #if !CYTHON_USE_TYPE_SPECS
-  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 366, __pyx_L1_error)
+  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 450, __pyx_L1_error)
   #endif
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount((PyObject*)__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer);
@@ -21762,9 +21846,9 @@ static int __Pyx_modinit_Exttype___pyx_obj_6qinfer_8_forward_Transformer(__pyx_m
     __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer->tp_getattro = PyObject_GenericGetAttr;
   }
   #endif
-  if (__Pyx_SetVtable(__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer, __pyx_vtabptr_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 366, __pyx_L1_error)
-  if (PyObject_SetAttr(__pyx_m, __pyx_mstate_global->__pyx_n_u_Transformer, (PyObject *) __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 366, __pyx_L1_error)
-  if (__Pyx_setup_reduce((PyObject *) __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 366, __pyx_L1_error)
+  if (__Pyx_SetVtable(__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer, __pyx_vtabptr_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 450, __pyx_L1_error)
+  if (PyObject_SetAttr(__pyx_m, __pyx_mstate_global->__pyx_n_u_Transformer, (PyObject *) __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 450, __pyx_L1_error)
+  if (__Pyx_setup_reduce((PyObject *) __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 450, __pyx_L1_error)
   __Pyx_RefNannyFinishContext();
   return 0;
   __pyx_L1_error:;
@@ -22766,19 +22850,19 @@ __Pyx_RefNannySetupContext("PyInit__forward", 0);
   if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_pyx_unpickle_Enum, __pyx_t_4) < (0)) __PYX_ERR(1, 4, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "pyx/_forward.pyx":442
+  /* "pyx/_forward.pyx":526
  *         return self.s.max_tokens
  * 
  *     def forward(self, const int32_t[::1] tokens, int pos, float[:, ::1] logits, bint all_logits,             # <<<<<<<<<<<<<<
  *                 int nthreads):
  *         """Tokens at positions pos.. (the caller checks ids, lengths and the context)."""
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6qinfer_8_forward_11Transformer_7forward, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_Transformer_forward, NULL, __pyx_mstate_global->__pyx_n_u_qinfer__forward, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 442, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6qinfer_8_forward_11Transformer_7forward, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_Transformer_forward, NULL, __pyx_mstate_global->__pyx_n_u_qinfer__forward, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 526, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_6qinfer_8_forward_Transformer, __pyx_mstate_global->__pyx_n_u_forward, __pyx_t_4) < (0)) __PYX_ERR(0, 442, __pyx_L1_error)
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_6qinfer_8_forward_Transformer, __pyx_mstate_global->__pyx_n_u_forward, __pyx_t_4) < (0)) __PYX_ERR(0, 526, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
   /* "(tree fragment)":1
@@ -22858,7 +22942,7 @@ static int __Pyx_InitCachedBuiltins(__pyx_mstatetype *__pyx_mstate) {
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
-  __pyx_builtin_enumerate = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_enumerate); if (!__pyx_builtin_enumerate) __PYX_ERR(0, 405, __pyx_L1_error)
+  __pyx_builtin_enumerate = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_enumerate); if (!__pyx_builtin_enumerate) __PYX_ERR(0, 489, __pyx_L1_error)
   __pyx_builtin___import__ = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_import); if (!__pyx_builtin___import__) __PYX_ERR(1, 119, __pyx_L1_error)
   __pyx_builtin_Ellipsis = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_Ellipsis); if (!__pyx_builtin_Ellipsis) __PYX_ERR(1, 436, __pyx_L1_error)
   __pyx_builtin_id = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_id); if (!__pyx_builtin_id) __PYX_ERR(1, 662, __pyx_L1_error)
@@ -23110,7 +23194,7 @@ typedef struct {
     unsigned int num_kwonly_args : 1;
     unsigned int nlocals : 4;
     unsigned int flags : 10;
-    unsigned int first_line : 9;
+    unsigned int first_line : 10;
 } __Pyx_PyCode_New_function_description;
 #ifdef __cplusplus
 } /* anonymous namespace */
@@ -23130,7 +23214,7 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   PyObject* tuple_dedup_map = PyDict_New();
   if (unlikely(!tuple_dedup_map)) return -1;
   {
-    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 8, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 442};
+    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 8, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 526};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_tokens, __pyx_mstate->__pyx_n_u_pos, __pyx_mstate->__pyx_n_u_logits, __pyx_mstate->__pyx_n_u_all_logits, __pyx_mstate->__pyx_n_u_nthreads, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_rc};
     __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_pyx__forward_pyx, __pyx_mstate->__pyx_n_u_forward, __pyx_mstate->__pyx_kp_b_iso88591_A_V6_2Rr_Bb_Bl_T_2S_Bb_b_AQ_6_q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }

@@ -21,6 +21,7 @@ cdef extern from "qmatrix.h":
 cdef extern from *:
     """
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include "qmatrix.h"
@@ -74,15 +75,24 @@ typedef struct {
     float *up;        /* [T][hidden_dim] */
     float *scores;    /* [threads][ctx]  attention scores of one (token, head) */
     float *cos_sin;   /* [T][head_dim]   cos (first half) and sin (second half) per position */
-    float *key_cache;   /* [n_layers][ctx][kv_dim] */
-    float *value_cache; /* [n_layers][ctx][kv_dim] */
+    float *k;         /* [T][kv_dim]     new keys, before RoPE and the move into the cache */
+    float *v;         /* [T][kv_dim]     new values */
+    /* The KV cache. Keys are stored transposed in blocks of KV_BLOCK positions,
+     * [n_layers][n_kv_heads][ctx/KV_BLOCK][head_dim][KV_BLOCK], so the scores of a
+     * block are KV_BLOCK-wide vector FMAs with no horizontal sums; values are
+     * [n_layers][n_kv_heads][ctx][head_dim] (each probability scales one row). */
+    float *key_cache;
+    float *value_cache;
+    int ctx_blocks;   /* ctx rounded up to whole KV_BLOCKs, in blocks */
 } run_state;
+
+#define KV_BLOCK 32
 
 static void free_state(run_state *s)
 {
     free(s->x); free(s->xb); free(s->proj); free(s->q); free(s->att);
     free(s->gate); free(s->up); free(s->scores); free(s->cos_sin);
-    free(s->key_cache); free(s->value_cache);
+    free(s->k); free(s->v); free(s->key_cache); free(s->value_cache);
     memset(s, 0, sizeof(*s));
 }
 
@@ -100,12 +110,16 @@ static int alloc_state(run_state *s, const weights *w, int max_tokens, int threa
     s->att = malloc(sizeof(float) * T * q_dim);
     s->gate = malloc(sizeof(float) * T * w->hidden_dim);
     s->up = malloc(sizeof(float) * T * w->hidden_dim);
-    s->scores = malloc(sizeof(float) * (size_t)threads * w->ctx);
+    s->ctx_blocks = (w->ctx + KV_BLOCK - 1) / KV_BLOCK;
+    const size_t cache = (size_t)w->n_layers * s->ctx_blocks * KV_BLOCK * kv_dim;
+    s->scores = malloc(sizeof(float) * (size_t)threads * s->ctx_blocks * KV_BLOCK);
     s->cos_sin = malloc(sizeof(float) * T * w->head_dim);
-    s->key_cache = calloc((size_t)w->n_layers * w->ctx * kv_dim, sizeof(float));
-    s->value_cache = calloc((size_t)w->n_layers * w->ctx * kv_dim, sizeof(float));
-    if (!s->x || !s->xb || !s->proj || !s->q || !s->att || !s->gate || !s->up ||
-        !s->scores || !s->cos_sin || !s->key_cache || !s->value_cache) {
+    s->k = malloc(sizeof(float) * T * kv_dim);
+    s->v = malloc(sizeof(float) * T * kv_dim);
+    s->key_cache = calloc(cache, sizeof(float));
+    s->value_cache = calloc(cache, sizeof(float));
+    if (!s->x || !s->xb || !s->proj || !s->q || !s->att || !s->gate || !s->up || !s->scores ||
+        !s->cos_sin || !s->k || !s->v || !s->key_cache || !s->value_cache) {
         free_state(s);
         return -1;
     }
@@ -209,51 +223,124 @@ static void rope(float *v, int n, int heads, int head_dim, const float *cos_sin)
     }
 }
 
-/* Causal grouped-query attention of n new tokens at positions pos.. over the cache. */
+/* Where a layer's keys and values for one KV head start in the cache. */
+static float *key_head(const weights *w, const run_state *s, int layer, int kv_h)
+{
+    return s->key_cache + ((size_t)layer * w->n_kv_heads + kv_h) * s->ctx_blocks * KV_BLOCK * w->head_dim;
+}
+
+static float *value_head(const weights *w, const run_state *s, int layer, int kv_h)
+{
+    return s->value_cache + ((size_t)layer * w->n_kv_heads + kv_h) * s->ctx_blocks * KV_BLOCK * w->head_dim;
+}
+
+/* Move the n new keys and values (after RoPE) into the cache at positions pos.. */
+static void store_kv(const weights *w, run_state *s, int layer, int pos, int n)
+{
+    const int hd = w->head_dim, kv_dim = w->n_kv_heads * hd;
+    for (int t = 0; t < n; t++) {
+        const int p = pos + t, block = p / KV_BLOCK, lane = p % KV_BLOCK;
+        for (int h = 0; h < w->n_kv_heads; h++) {
+            const float *k = s->k + (size_t)t * kv_dim + h * hd;
+            float *kb = key_head(w, s, layer, h) + (size_t)block * hd * KV_BLOCK + lane;
+            for (int i = 0; i < hd; i++)
+                kb[(size_t)i * KV_BLOCK] = k[i];
+            memcpy(value_head(w, s, layer, h) + (size_t)p * hd, s->v + (size_t)t * kv_dim + h * hd,
+                   sizeof(float) * hd);
+        }
+    }
+}
+
+/* exp(x) for x <= 0, branch-free so the softmax loop vectorizes: x*log2(e) =
+ * n + f with |f| <= 1/2, 2^f by its Taylor series to degree 6 (relative error
+ * < 2e-7), 2^n written into the exponent bits. */
+static inline float exp_nonpositive(float x)
+{
+    x = x < -87.0f ? -87.0f : x;                       /* exp(-87) ~ 1.6e-38: as good as 0 */
+    const float t = x * 1.44269504088896341f;
+    const float n = (t + 12582912.0f) - 12582912.0f;   /* round to nearest: 1.5 * 2^23 */
+    const float f = t - n;
+    const float p = 1.0f + f * (0.693147181f + f * (0.240226507f + f * (0.0555041087f +
+                    f * (0.00961812911f + f * (0.00133335581f + f * 0.000154035304f)))));
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
+
+/* Scores of one query head against positions 0..last of its KV head. */
 QI_VECTORIZE
+static void attention_scores(const float *q, const float *keys, int hd, int last, float scale, float *scores)
+{
+    for (int b = 0; b * KV_BLOCK <= last; b++) {
+        const float *kb = keys + (size_t)b * hd * KV_BLOCK;
+        float acc[KV_BLOCK] = {0};
+        for (int i = 0; i < hd; i++) {
+            const float qi = q[i];
+            #pragma omp simd
+            for (int l = 0; l < KV_BLOCK; l++)
+                acc[l] += qi * kb[(size_t)i * KV_BLOCK + l];
+        }
+        #pragma omp simd
+        for (int l = 0; l < KV_BLOCK; l++)
+            scores[b * KV_BLOCK + l] = acc[l] * scale;
+    }
+}
+
+/* scores[0..last] <- softmax(scores[0..last]) */
+QI_VECTORIZE
+static void softmax(float *scores, int last)
+{
+    float max = scores[0];
+    for (int j = 1; j <= last; j++)
+        max = scores[j] > max ? scores[j] : max;
+    float sum = 0.0f;
+    #pragma omp simd reduction(+:sum)
+    for (int j = 0; j <= last; j++) {
+        scores[j] = exp_nonpositive(scores[j] - max);
+        sum += scores[j];
+    }
+    const float inv = 1.0f / sum;
+    #pragma omp simd
+    for (int j = 0; j <= last; j++)
+        scores[j] *= inv;
+}
+
+/* out = sum_j p[j] * values[j] */
+QI_VECTORIZE
+static void attention_values(const float *p, const float *values, int hd, int last, float *out)
+{
+    memset(out, 0, sizeof(float) * hd);
+    for (int j = 0; j <= last; j++) {
+        const float *v = values + (size_t)j * hd;
+        const float pj = p[j];
+        #pragma omp simd
+        for (int i = 0; i < hd; i++)
+            out[i] += pj * v[i];
+    }
+}
+
+/* Causal grouped-query attention of n new tokens at positions pos.. over the cache. */
 static void attention(const weights *w, run_state *s, int layer, int pos, int n, int nthreads)
 {
-    const int hd = w->head_dim, kv_dim = w->n_kv_heads * hd, group = w->n_heads / w->n_kv_heads;
-    const float *keys = s->key_cache + (size_t)layer * w->ctx * kv_dim;
-    const float *values = s->value_cache + (size_t)layer * w->ctx * kv_dim;
+    const int hd = w->head_dim, group = w->n_heads / w->n_kv_heads;
     const float scale = 1.0f / sqrtf((float)hd);
+    const size_t scores_row = (size_t)s->ctx_blocks * KV_BLOCK;
     int job;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(thread_count(nthreads))
     for (job = 0; job < n * w->n_heads; job++) {
 #ifdef _OPENMP
-        float *scores = s->scores + (size_t)omp_get_thread_num() * w->ctx;
+        float *scores = s->scores + (size_t)omp_get_thread_num() * scores_row;
 #else
         float *scores = s->scores;
 #endif
         const int t = job / w->n_heads, h = job % w->n_heads, kv_h = h / group;
         const int last = pos + t;                       /* attends to positions 0..last */
         const float *q = s->q + ((size_t)t * w->n_heads + h) * hd;
-        float *out = s->att + ((size_t)t * w->n_heads + h) * hd;
-        float max = -INFINITY;
-        for (int j = 0; j <= last; j++) {
-            const float *k = keys + (size_t)j * kv_dim + kv_h * hd;
-            float score = 0.0f;                 /* inline: a call per position costs more than the dot */
-            #pragma omp simd reduction(+:score)
-            for (int i = 0; i < hd; i++)
-                score += q[i] * k[i];
-            scores[j] = score * scale;
-            if (scores[j] > max)
-                max = scores[j];
-        }
-        float sum = 0.0f;
-        for (int j = 0; j <= last; j++) {
-            scores[j] = expf(scores[j] - max);
-            sum += scores[j];
-        }
-        const float inv = 1.0f / sum;
-        memset(out, 0, sizeof(float) * hd);
-        for (int j = 0; j <= last; j++) {
-            const float p = scores[j] * inv;
-            const float *v = values + (size_t)j * kv_dim + kv_h * hd;
-            #pragma omp simd
-            for (int i = 0; i < hd; i++)
-                out[i] += p * v[i];
-        }
+        attention_scores(q, key_head(w, s, layer, kv_h), hd, last, scale, scores);
+        softmax(scores, last);
+        attention_values(scores, value_head(w, s, layer, kv_h), hd, last,
+                         s->att + ((size_t)t * w->n_heads + h) * hd);
     }
 }
 
@@ -282,8 +369,7 @@ static void swiglu(float *gate, const float *up, size_t n)
 static int forward(const weights *w, run_state *s, const int *tokens, int n, int pos,
                    float *logits, int all_logits, int nthreads)
 {
-    const int dim = w->dim, hd = w->head_dim, q_dim = w->n_heads * hd;
-    const int kv_dim = w->n_kv_heads * hd;
+    const int dim = w->dim, hd = w->head_dim;
     int rc = 0;
 
     /* attention() keeps one scores row per thread: never more threads than rows */
@@ -292,16 +378,15 @@ static int forward(const weights *w, run_state *s, const int *tokens, int n, int
     rope_tables(w, pos, n, s->cos_sin);
     for (int l = 0; l < w->n_layers && rc == 0; l++) {
         const layer_weights *lw = &w->layers[l];
-        float *k = s->key_cache + ((size_t)l * w->ctx + pos) * kv_dim;
-        float *v = s->value_cache + ((size_t)l * w->ctx + pos) * kv_dim;
 
-        /* attention block: x += wo(attention(rope(q), rope(k) -> cache, v -> cache)) */
+        /* attention block: x += wo(attention(rope(q), cache += (rope(k), v))) */
         rmsnorm(s->x, lw->attn_norm, n, dim, w->eps, s->xb);
         rc |= matmul(&lw->wq, s->xb, n, s->q, nthreads);
-        rc |= matmul(&lw->wk, s->xb, n, k, nthreads);
-        rc |= matmul(&lw->wv, s->xb, n, v, nthreads);
+        rc |= matmul(&lw->wk, s->xb, n, s->k, nthreads);
+        rc |= matmul(&lw->wv, s->xb, n, s->v, nthreads);
         rope(s->q, n, w->n_heads, hd, s->cos_sin);
-        rope(k, n, w->n_kv_heads, hd, s->cos_sin);
+        rope(s->k, n, w->n_kv_heads, hd, s->cos_sin);
+        store_kv(w, s, l, pos, n);
         attention(w, s, l, pos, n, nthreads);
         rc |= matmul(&lw->wo, s->att, n, s->proj, nthreads);
         add(s->x, s->proj, (size_t)n * dim);
@@ -314,7 +399,6 @@ static int forward(const weights *w, run_state *s, const int *tokens, int n, int
         rc |= matmul(&lw->w_down, s->gate, n, s->proj, nthreads);
         add(s->x, s->proj, (size_t)n * dim);
     }
-    (void)q_dim;
     if (rc)
         return -1;
 
