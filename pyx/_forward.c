@@ -1629,50 +1629,93 @@ static void swiglu(float *gate, const float *up, size_t n)
 
 /* ------------------------------------------------------------- forward */
 
+/* Inputs of a layer's linear maps, copied out when a caller asks (GPTQ
+ * calibration collects them); any pointer may be NULL. */
+typedef struct {
+    float *attn_in;   /* [n][dim]        input of q/k/v_proj */
+    float *o_in;      /* [n][n_heads*hd] input of o_proj */
+    float *mlp_in;    /* [n][dim]        input of gate/up_proj */
+    float *down_in;   /* [n][hidden]     input of down_proj */
+} layer_capture;
+
+static void capture(float *dst, const float *src, size_t count)
+{
+    if (dst)
+        memcpy(dst, src, sizeof(float) * count);
+}
+
+/* One transformer block on s->x (n tokens at positions pos..). */
+static int layer_forward(const weights *w, run_state *s, int l, int pos, int n,
+                         const layer_capture *cap, int nthreads)
+{
+    const layer_weights *lw = &w->layers[l];
+    const int dim = w->dim, hd = w->head_dim, q_dim = w->n_heads * hd;
+    int rc = 0;
+
+    /* attention block: x += wo(attention(rope(q), cache += (rope(k), v))) */
+    rmsnorm(s->x, lw->attn_norm, n, dim, w->eps, s->xb);
+    capture(cap ? cap->attn_in : NULL, s->xb, (size_t)n * dim);
+    rc |= matmul(&lw->wq, s->xb, n, s->q, nthreads);
+    rc |= matmul(&lw->wk, s->xb, n, s->k, nthreads);
+    rc |= matmul(&lw->wv, s->xb, n, s->v, nthreads);
+    rope(s->q, n, w->n_heads, hd, s->cos_sin);
+    rope(s->k, n, w->n_kv_heads, hd, s->cos_sin);
+    store_kv(w, s, l, pos, n);
+    attention(w, s, l, pos, n, nthreads);
+    capture(cap ? cap->o_in : NULL, s->att, (size_t)n * q_dim);
+    rc |= matmul(&lw->wo, s->att, n, s->proj, nthreads);
+    add(s->x, s->proj, (size_t)n * dim);
+
+    /* MLP block: x += w_down(silu(w_gate(x)) * w_up(x)) */
+    rmsnorm(s->x, lw->ffn_norm, n, dim, w->eps, s->xb);
+    capture(cap ? cap->mlp_in : NULL, s->xb, (size_t)n * dim);
+    rc |= matmul(&lw->w_gate, s->xb, n, s->gate, nthreads);
+    rc |= matmul(&lw->w_up, s->xb, n, s->up, nthreads);
+    swiglu(s->gate, s->up, (size_t)n * w->hidden_dim);
+    capture(cap ? cap->down_in : NULL, s->gate, (size_t)n * w->hidden_dim);
+    rc |= matmul(&lw->w_down, s->gate, n, s->proj, nthreads);
+    add(s->x, s->proj, (size_t)n * dim);
+    return rc ? -1 : 0;
+}
+
+static int clamp_threads(const run_state *s, int nthreads)
+{
+    /* attention() keeps one scores row per thread: never more threads than rows */
+    return (nthreads > 0 && nthreads < s->threads) ? nthreads : s->threads;
+}
+
 /* Run n tokens at positions pos..pos+n-1 through the model, filling the KV
  * cache. logits gets [n][vocab] when all_logits, else the last row only.
  * Returns 0, or -1 when a kernel ran out of memory. */
 static int forward(const weights *w, run_state *s, const int *tokens, int n, int pos,
                    float *logits, int all_logits, int nthreads)
 {
-    const int dim = w->dim, hd = w->head_dim;
-    int rc = 0;
-
-    /* attention() keeps one scores row per thread: never more threads than rows */
-    nthreads = (nthreads > 0 && nthreads < s->threads) ? nthreads : s->threads;
+    const int dim = w->dim;
+    nthreads = clamp_threads(s, nthreads);
     embed(w, tokens, n, s->x);
     rope_tables(w, pos, n, s->cos_sin);
-    for (int l = 0; l < w->n_layers && rc == 0; l++) {
-        const layer_weights *lw = &w->layers[l];
-
-        /* attention block: x += wo(attention(rope(q), cache += (rope(k), v))) */
-        rmsnorm(s->x, lw->attn_norm, n, dim, w->eps, s->xb);
-        rc |= matmul(&lw->wq, s->xb, n, s->q, nthreads);
-        rc |= matmul(&lw->wk, s->xb, n, s->k, nthreads);
-        rc |= matmul(&lw->wv, s->xb, n, s->v, nthreads);
-        rope(s->q, n, w->n_heads, hd, s->cos_sin);
-        rope(s->k, n, w->n_kv_heads, hd, s->cos_sin);
-        store_kv(w, s, l, pos, n);
-        attention(w, s, l, pos, n, nthreads);
-        rc |= matmul(&lw->wo, s->att, n, s->proj, nthreads);
-        add(s->x, s->proj, (size_t)n * dim);
-
-        /* MLP block: x += w_down(silu(w_gate(x)) * w_up(x)) */
-        rmsnorm(s->x, lw->ffn_norm, n, dim, w->eps, s->xb);
-        rc |= matmul(&lw->w_gate, s->xb, n, s->gate, nthreads);
-        rc |= matmul(&lw->w_up, s->xb, n, s->up, nthreads);
-        swiglu(s->gate, s->up, (size_t)n * w->hidden_dim);
-        rc |= matmul(&lw->w_down, s->gate, n, s->proj, nthreads);
-        add(s->x, s->proj, (size_t)n * dim);
-    }
-    if (rc)
-        return -1;
+    for (int l = 0; l < w->n_layers; l++)
+        if (layer_forward(w, s, l, pos, n, NULL, nthreads))
+            return -1;
 
     /* final norm and LM head: every row, or just the last one for generation */
     const float *rows = all_logits ? s->x : s->x + (size_t)(n - 1) * dim;
     const int n_rows = all_logits ? n : 1;
     rmsnorm(rows, w->final_norm, n_rows, dim, w->eps, s->xb);
     return matmul(&w->lm_head, s->xb, n_rows, logits, nthreads);
+}
+
+/* One block on caller-given hidden states x[n][dim] (in place), for
+ * layer-by-layer work such as GPTQ calibration. */
+static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int pos,
+                     const layer_capture *cap, int nthreads)
+{
+    nthreads = clamp_threads(s, nthreads);
+    memcpy(s->x, x, sizeof(float) * (size_t)n * w->dim);
+    rope_tables(w, pos, n, s->cos_sin);
+    const int rc = layer_forward(w, s, l, pos, n, cap, nthreads);
+    memcpy(x, s->x, sizeof(float) * (size_t)n * w->dim);
+    return rc;
 }
     
 #include "pythread.h"
@@ -2158,7 +2201,7 @@ struct __pyx_MemviewEnum_obj;
 struct __pyx_memoryview_obj;
 struct __pyx_memoryviewslice_obj;
 
-/* "pyx/_forward.pyx":450
+/* "pyx/_forward.pyx":500
  * 
  * 
  * cdef class Transformer:             # <<<<<<<<<<<<<<
@@ -2252,7 +2295,7 @@ struct __pyx_memoryviewslice_obj {
 
 
 
-/* "pyx/_forward.pyx":450
+/* "pyx/_forward.pyx":500
  * 
  * 
  * cdef class Transformer:             # <<<<<<<<<<<<<<
@@ -2261,7 +2304,7 @@ struct __pyx_memoryviewslice_obj {
 */
 
 struct __pyx_vtabstruct_6qinfer_8_forward_Transformer {
-  int (*set_linear)(struct __pyx_obj_6qinfer_8_forward_Transformer *, linear *, PyObject *, int, int);
+  int (*set_linear_ptr)(struct __pyx_obj_6qinfer_8_forward_Transformer *, linear *, PyObject *, int, int);
 };
 static struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *__pyx_vtabptr_6qinfer_8_forward_Transformer;
 
@@ -3190,6 +3233,34 @@ static CYTHON_INLINE PyObject* __Pyx_PyLong_FloorDivideObjC(PyObject *op1, PyObj
     (inplace ? PyNumber_InPlaceFloorDivide(op1, op2) : PyNumber_FloorDivide(op1, op2))
 #endif
 
+/* ListAppend.proto (used by append) */
+#if CYTHON_USE_PYLIST_INTERNALS && CYTHON_ASSUME_SAFE_MACROS && CYTHON_ASSUME_SAFE_SIZE
+static CYTHON_INLINE int __Pyx_PyList_Append(PyObject* list, PyObject* x);
+#else
+#define __Pyx_PyList_Append(L,x) PyList_Append(L,x)
+#endif
+
+/* PyObjectCallMethod1.proto (used by append) */
+static CYTHON_INLINE PyObject* __Pyx_PyObject_CallMethod1(PyObject* obj, PyObject* method_name, PyObject* arg);
+
+/* append.proto */
+static CYTHON_INLINE int __Pyx_PyObject_Append(PyObject* L, PyObject* x);
+
+/* dict_getitem_default.proto */
+static PyObject* __Pyx_PyDict_GetItemDefault(PyObject* d, PyObject* key, PyObject* default_value);
+
+/* PyObjectCall2Args.proto (used by CallUnboundCMethod1) */
+static CYTHON_INLINE PyObject* __Pyx_PyObject_Call2Args(PyObject* function, PyObject* arg1, PyObject* arg2);
+
+/* CallUnboundCMethod1.proto */
+CYTHON_UNUSED
+static PyObject* __Pyx__CallUnboundCMethod1(__Pyx_CachedCFunction* cfunc, PyObject* self, PyObject* arg);
+#if CYTHON_COMPILING_IN_CPYTHON
+static CYTHON_INLINE PyObject* __Pyx_CallUnboundCMethod1(__Pyx_CachedCFunction* cfunc, PyObject* self, PyObject* arg);
+#else
+#define __Pyx_CallUnboundCMethod1(cfunc, self, arg)  __Pyx__CallUnboundCMethod1(cfunc, self, arg)
+#endif
+
 /* AllocateExtensionType.proto */
 static PyObject *__Pyx_AllocateExtensionType(PyTypeObject *t, int is_final);
 
@@ -3580,9 +3651,6 @@ static CYTHON_INLINE PyObject* __Pyx_PyLong_From_int(int value);
 /* CIntToPy.proto */
 static CYTHON_INLINE PyObject* __Pyx_PyLong_From_long(long value);
 
-/* PyObjectCallMethod1.proto (used by UpdateUnpickledDict) */
-static CYTHON_INLINE PyObject* __Pyx_PyObject_CallMethod1(PyObject* obj, PyObject* method_name, PyObject* arg);
-
 /* UpdateUnpickledDict.export */
 static int __Pyx_UpdateUnpickledDict(PyObject *obj, PyObject *state, Py_ssize_t index);
 
@@ -3701,7 +3769,7 @@ static PyObject *__pyx_memoryview__get_base(struct __pyx_memoryview_obj *__pyx_v
 static PyObject *__pyx_memoryviewslice_convert_item_to_object(struct __pyx_memoryviewslice_obj *__pyx_v_self, char *__pyx_v_itemp); /* proto*/
 static PyObject *__pyx_memoryviewslice_assign_item_from_object(struct __pyx_memoryviewslice_obj *__pyx_v_self, char *__pyx_v_itemp, PyObject *__pyx_v_value); /* proto*/
 static PyObject *__pyx_memoryviewslice__get_base(struct __pyx_memoryviewslice_obj *__pyx_v_self); /* proto*/
-static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self, linear *__pyx_v_l, PyObject *__pyx_v_spec, int __pyx_v_n_in, int __pyx_v_n_out); /* proto*/
+static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear_ptr(CYTHON_UNUSED struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self, linear *__pyx_v_l, PyObject *__pyx_v_spec, int __pyx_v_n_in, int __pyx_v_n_out); /* proto*/
 
 /* Module declarations from "cpython.pycapsule" */
 
@@ -3721,6 +3789,7 @@ static PyObject *indirect_contiguous = 0;
 static int __pyx_memoryview_thread_locks_used;
 static PyThread_type_lock __pyx_memoryview_thread_locks[8];
 static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *, Py_ssize_t); /*proto*/
+static float *__pyx_f_6qinfer_8_forward_capture_ptr(PyObject *, PyObject *, int, int); /*proto*/
 static int __pyx_array_allocate_buffer(struct __pyx_array_obj *); /*proto*/
 static struct __pyx_array_obj *__pyx_array_new(PyObject *, Py_ssize_t, char *, char const *, char *); /*proto*/
 static PyObject *__pyx_memoryview_new(PyObject *, int, int, __Pyx_TypeInfo const *); /*proto*/
@@ -3839,8 +3908,10 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 static void __pyx_pf_6qinfer_8_forward_11Transformer_4__dealloc__(struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self); /* proto */
 static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_10max_tokens___get__(struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self); /* proto */
 static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self, __Pyx_memviewslice __pyx_v_tokens, int __pyx_v_pos, __Pyx_memviewslice __pyx_v_logits, int __pyx_v_all_logits, int __pyx_v_nthreads); /* proto */
-static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_8__reduce_cython__(CYTHON_UNUSED struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self); /* proto */
-static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_10__setstate_cython__(CYTHON_UNUSED struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self, CYTHON_UNUSED PyObject *__pyx_v___pyx_state); /* proto */
+static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_8run_layer(struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self, int __pyx_v_layer, __Pyx_memviewslice __pyx_v_x, int __pyx_v_pos, PyObject *__pyx_v_captures, int __pyx_v_nthreads); /* proto */
+static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_10set_linear(struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self, int __pyx_v_layer, PyObject *__pyx_v_name, PyObject *__pyx_v_spec); /* proto */
+static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_12__reduce_cython__(CYTHON_UNUSED struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self); /* proto */
+static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_14__setstate_cython__(CYTHON_UNUSED struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self, CYTHON_UNUSED PyObject *__pyx_v___pyx_state); /* proto */
 static PyObject *__pyx_tp_new__initialisation_6qinfer_8_forward_Transformer(PyObject *o, 
 #if CYTHON_VECTORCALL_TPNEW
     PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames
@@ -4001,13 +4072,14 @@ namespace {
     PyTypeObject *__pyx_MemviewEnum_type;
     PyTypeObject *__pyx_memoryview_type;
     PyTypeObject *__pyx_memoryviewslice_type;
+    __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_get;
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_items;
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_pop;
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_values;
     PyObject *__pyx_slice[1];
-    PyObject *__pyx_tuple[2];
-    PyObject *__pyx_codeobj_tab[3];
-    PyObject *__pyx_string_tab[144];
+    PyObject *__pyx_tuple[3];
+    PyObject *__pyx_codeobj_tab[5];
+    PyObject *__pyx_string_tab[172];
     PyObject *__pyx_number_tab[4];
 /* #### Code section: module_state_contents ### */
 /* PyFrozenDict.module_state_decls */
@@ -4059,148 +4131,176 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 /* #### Code section: constant_name_defines ### */
 #define __pyx_kp_u_at_0x __pyx_string_tab[0]
 #define __pyx_kp_u_floats_got __pyx_string_tab[1]
-#define __pyx_kp_u_object __pyx_string_tab[2]
-#define __pyx_kp_u_tree_fragment __pyx_string_tab[3]
-#define __pyx_kp_u_try_a_smaller_context __pyx_string_tab[4]
-#define __pyx_kp_u__3 __pyx_string_tab[5]
-#define __pyx_kp_u__2 __pyx_string_tab[6]
-#define __pyx_kp_u_MemoryView_of __pyx_string_tab[7]
-#define __pyx_kp_u_contiguous_and_direct __pyx_string_tab[8]
-#define __pyx_kp_u_contiguous_and_indirect __pyx_string_tab[9]
-#define __pyx_kp_u_strided_and_direct_or_indirect __pyx_string_tab[10]
-#define __pyx_kp_u_strided_and_direct __pyx_string_tab[11]
-#define __pyx_kp_u_strided_and_indirect __pyx_string_tab[12]
-#define __pyx_kp_u__4 __pyx_string_tab[13]
-#define __pyx_kp_u_ __pyx_string_tab[14]
-#define __pyx_kp_u_Cannot_assign_to_read_only_memor __pyx_string_tab[15]
-#define __pyx_kp_u_Invalid_mode_expected_c_or_fortr __pyx_string_tab[16]
-#define __pyx_kp_u_Invalid_shape_in_axis __pyx_string_tab[17]
-#define __pyx_kp_u_Note_that_Cython_is_deliberately __pyx_string_tab[18]
-#define __pyx_kp_u_add_note __pyx_string_tab[19]
-#define __pyx_kp_u_collections_abc __pyx_string_tab[20]
-#define __pyx_kp_u_disable __pyx_string_tab[21]
-#define __pyx_kp_u_enable __pyx_string_tab[22]
-#define __pyx_kp_u_expected __pyx_string_tab[23]
-#define __pyx_kp_u_forward_logits_buffer_has_the_wr __pyx_string_tab[24]
-#define __pyx_kp_u_forward_token_count_or_position __pyx_string_tab[25]
-#define __pyx_kp_u_gc __pyx_string_tab[26]
-#define __pyx_kp_u_isenabled __pyx_string_tab[27]
-#define __pyx_kp_u_no_default___reduce___due_to_non __pyx_string_tab[28]
-#define __pyx_kp_u_not_enough_memory_for_the_KV_cac __pyx_string_tab[29]
-#define __pyx_kp_u_out_of_memory_in_the_forward_pas __pyx_string_tab[30]
-#define __pyx_kp_u_pyx__forward_pyx __pyx_string_tab[31]
-#define __pyx_kp_u_unable_to_allocate_array_data __pyx_string_tab[32]
-#define __pyx_kp_u_unable_to_allocate_shape_and_str __pyx_string_tab[33]
-#define __pyx_n_u_ASCII __pyx_string_tab[34]
-#define __pyx_n_u_Ellipsis __pyx_string_tab[35]
-#define __pyx_n_u_Sequence __pyx_string_tab[36]
-#define __pyx_n_u_Transformer __pyx_string_tab[37]
-#define __pyx_n_u_Transformer___reduce_cython __pyx_string_tab[38]
-#define __pyx_n_u_Transformer___setstate_cython __pyx_string_tab[39]
-#define __pyx_n_u_Transformer_forward __pyx_string_tab[40]
-#define __pyx_n_u_View_MemoryView __pyx_string_tab[41]
-#define __pyx_n_u_Pyx_PyDict_NextRef __pyx_string_tab[42]
-#define __pyx_n_u_annotate __pyx_string_tab[43]
-#define __pyx_n_u_class __pyx_string_tab[44]
-#define __pyx_n_u_class_getitem __pyx_string_tab[45]
-#define __pyx_n_u_dict __pyx_string_tab[46]
-#define __pyx_n_u_func __pyx_string_tab[47]
-#define __pyx_n_u_getstate __pyx_string_tab[48]
-#define __pyx_n_u_import __pyx_string_tab[49]
-#define __pyx_n_u_main __pyx_string_tab[50]
-#define __pyx_n_u_module __pyx_string_tab[51]
-#define __pyx_n_u_name_2 __pyx_string_tab[52]
-#define __pyx_n_u_new __pyx_string_tab[53]
-#define __pyx_n_u_pyx_checksum __pyx_string_tab[54]
-#define __pyx_n_u_pyx_state __pyx_string_tab[55]
-#define __pyx_n_u_pyx_type __pyx_string_tab[56]
-#define __pyx_n_u_pyx_unpickle_Enum __pyx_string_tab[57]
-#define __pyx_n_u_pyx_vtable __pyx_string_tab[58]
-#define __pyx_n_u_qualname __pyx_string_tab[59]
-#define __pyx_n_u_reduce __pyx_string_tab[60]
-#define __pyx_n_u_reduce_cython __pyx_string_tab[61]
-#define __pyx_n_u_reduce_ex __pyx_string_tab[62]
-#define __pyx_n_u_set_name __pyx_string_tab[63]
-#define __pyx_n_u_setstate __pyx_string_tab[64]
-#define __pyx_n_u_setstate_cython __pyx_string_tab[65]
-#define __pyx_n_u_test __pyx_string_tab[66]
-#define __pyx_n_u_is_coroutine __pyx_string_tab[67]
-#define __pyx_n_u_abc __pyx_string_tab[68]
-#define __pyx_n_u_all_logits __pyx_string_tab[69]
-#define __pyx_n_u_allocate_buffer __pyx_string_tab[70]
-#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[71]
-#define __pyx_n_u_attn_norm __pyx_string_tab[72]
-#define __pyx_n_u_base __pyx_string_tab[73]
-#define __pyx_n_u_c __pyx_string_tab[74]
-#define __pyx_n_u_cline_in_traceback __pyx_string_tab[75]
-#define __pyx_n_u_config __pyx_string_tab[76]
-#define __pyx_n_u_count __pyx_string_tab[77]
-#define __pyx_n_u_ctx __pyx_string_tab[78]
-#define __pyx_n_u_dim __pyx_string_tab[79]
-#define __pyx_n_u_dtype_is_object __pyx_string_tab[80]
-#define __pyx_n_u_embedding __pyx_string_tab[81]
-#define __pyx_n_u_encode __pyx_string_tab[82]
-#define __pyx_n_u_enumerate __pyx_string_tab[83]
-#define __pyx_n_u_eps __pyx_string_tab[84]
-#define __pyx_n_u_error __pyx_string_tab[85]
-#define __pyx_n_u_ffn_norm __pyx_string_tab[86]
-#define __pyx_n_u_final_norm __pyx_string_tab[87]
-#define __pyx_n_u_flags __pyx_string_tab[88]
-#define __pyx_n_u_format __pyx_string_tab[89]
-#define __pyx_n_u_fortran __pyx_string_tab[90]
-#define __pyx_n_u_forward __pyx_string_tab[91]
-#define __pyx_n_u_head_dim __pyx_string_tab[92]
-#define __pyx_n_u_hidden_dim __pyx_string_tab[93]
-#define __pyx_n_u_id __pyx_string_tab[94]
-#define __pyx_n_u_index __pyx_string_tab[95]
-#define __pyx_n_u_inv_freq __pyx_string_tab[96]
-#define __pyx_n_u_items __pyx_string_tab[97]
-#define __pyx_n_u_itemsize __pyx_string_tab[98]
-#define __pyx_n_u_layers __pyx_string_tab[99]
-#define __pyx_n_u_lm_head __pyx_string_tab[100]
-#define __pyx_n_u_logits __pyx_string_tab[101]
-#define __pyx_n_u_max_tokens __pyx_string_tab[102]
-#define __pyx_n_u_memview __pyx_string_tab[103]
-#define __pyx_n_u_mode __pyx_string_tab[104]
-#define __pyx_n_u_n __pyx_string_tab[105]
-#define __pyx_n_u_n_heads __pyx_string_tab[106]
-#define __pyx_n_u_n_kv_heads __pyx_string_tab[107]
-#define __pyx_n_u_name __pyx_string_tab[108]
-#define __pyx_n_u_ndim __pyx_string_tab[109]
-#define __pyx_n_u_nthreads __pyx_string_tab[110]
-#define __pyx_n_u_obj __pyx_string_tab[111]
-#define __pyx_n_u_pack __pyx_string_tab[112]
-#define __pyx_n_u_pop __pyx_string_tab[113]
-#define __pyx_n_u_pos __pyx_string_tab[114]
-#define __pyx_n_u_qinfer__forward __pyx_string_tab[115]
-#define __pyx_n_u_rc __pyx_string_tab[116]
-#define __pyx_n_u_register __pyx_string_tab[117]
-#define __pyx_n_u_reshape __pyx_string_tab[118]
-#define __pyx_n_u_self __pyx_string_tab[119]
-#define __pyx_n_u_setdefault __pyx_string_tab[120]
-#define __pyx_n_u_shape __pyx_string_tab[121]
-#define __pyx_n_u_size __pyx_string_tab[122]
-#define __pyx_n_u_start __pyx_string_tab[123]
-#define __pyx_n_u_step __pyx_string_tab[124]
-#define __pyx_n_u_stop __pyx_string_tab[125]
-#define __pyx_n_u_struct __pyx_string_tab[126]
-#define __pyx_n_u_threads __pyx_string_tab[127]
-#define __pyx_n_u_tokens __pyx_string_tab[128]
-#define __pyx_n_u_unpack __pyx_string_tab[129]
-#define __pyx_n_u_update __pyx_string_tab[130]
-#define __pyx_n_u_values __pyx_string_tab[131]
-#define __pyx_n_u_vocab_size __pyx_string_tab[132]
-#define __pyx_n_u_w_down __pyx_string_tab[133]
-#define __pyx_n_u_w_gate __pyx_string_tab[134]
-#define __pyx_n_u_w_up __pyx_string_tab[135]
-#define __pyx_n_u_wk __pyx_string_tab[136]
-#define __pyx_n_u_wo __pyx_string_tab[137]
-#define __pyx_n_u_wq __pyx_string_tab[138]
-#define __pyx_n_u_wv __pyx_string_tab[139]
-#define __pyx_n_u_x __pyx_string_tab[140]
-#define __pyx_n_b_O __pyx_string_tab[141]
-#define __pyx_kp_b_iso88591_Q __pyx_string_tab[142]
-#define __pyx_kp_b_iso88591_A_V6_2Rr_Bb_Bl_T_2S_Bb_b_AQ_6_q __pyx_string_tab[143]
+#define __pyx_kp_u_must_have_shape __pyx_string_tab[2]
+#define __pyx_kp_u_object __pyx_string_tab[3]
+#define __pyx_kp_u_tree_fragment __pyx_string_tab[4]
+#define __pyx_kp_u__6 __pyx_string_tab[5]
+#define __pyx_kp_u_try_a_smaller_context __pyx_string_tab[6]
+#define __pyx_kp_u__5 __pyx_string_tab[7]
+#define __pyx_kp_u__3 __pyx_string_tab[8]
+#define __pyx_kp_u__2 __pyx_string_tab[9]
+#define __pyx_kp_u_MemoryView_of __pyx_string_tab[10]
+#define __pyx_kp_u_contiguous_and_direct __pyx_string_tab[11]
+#define __pyx_kp_u_contiguous_and_indirect __pyx_string_tab[12]
+#define __pyx_kp_u_strided_and_direct_or_indirect __pyx_string_tab[13]
+#define __pyx_kp_u_strided_and_direct __pyx_string_tab[14]
+#define __pyx_kp_u_strided_and_indirect __pyx_string_tab[15]
+#define __pyx_kp_u__4 __pyx_string_tab[16]
+#define __pyx_kp_u_ __pyx_string_tab[17]
+#define __pyx_kp_u_Cannot_assign_to_read_only_memor __pyx_string_tab[18]
+#define __pyx_kp_u_Invalid_mode_expected_c_or_fortr __pyx_string_tab[19]
+#define __pyx_kp_u_Invalid_shape_in_axis __pyx_string_tab[20]
+#define __pyx_kp_u_Note_that_Cython_is_deliberately __pyx_string_tab[21]
+#define __pyx_kp_u_add_note __pyx_string_tab[22]
+#define __pyx_kp_u_capture __pyx_string_tab[23]
+#define __pyx_kp_u_collections_abc __pyx_string_tab[24]
+#define __pyx_kp_u_disable __pyx_string_tab[25]
+#define __pyx_kp_u_enable __pyx_string_tab[26]
+#define __pyx_kp_u_expected __pyx_string_tab[27]
+#define __pyx_kp_u_forward_logits_buffer_has_the_wr __pyx_string_tab[28]
+#define __pyx_kp_u_forward_token_count_or_position __pyx_string_tab[29]
+#define __pyx_kp_u_gc __pyx_string_tab[30]
+#define __pyx_kp_u_isenabled __pyx_string_tab[31]
+#define __pyx_kp_u_no_default___reduce___due_to_non __pyx_string_tab[32]
+#define __pyx_kp_u_no_linear_map_named __pyx_string_tab[33]
+#define __pyx_kp_u_no_such_layer __pyx_string_tab[34]
+#define __pyx_kp_u_not_enough_memory_for_the_KV_cac __pyx_string_tab[35]
+#define __pyx_kp_u_out_of_memory_in_the_forward_pas __pyx_string_tab[36]
+#define __pyx_kp_u_pyx__forward_pyx __pyx_string_tab[37]
+#define __pyx_kp_u_run_layer_shape_or_position_out __pyx_string_tab[38]
+#define __pyx_kp_u_unable_to_allocate_array_data __pyx_string_tab[39]
+#define __pyx_kp_u_unable_to_allocate_shape_and_str __pyx_string_tab[40]
+#define __pyx_n_u_ASCII __pyx_string_tab[41]
+#define __pyx_n_u_Ellipsis __pyx_string_tab[42]
+#define __pyx_n_u_Sequence __pyx_string_tab[43]
+#define __pyx_n_u_Transformer __pyx_string_tab[44]
+#define __pyx_n_u_Transformer___reduce_cython __pyx_string_tab[45]
+#define __pyx_n_u_Transformer___setstate_cython __pyx_string_tab[46]
+#define __pyx_n_u_Transformer_forward __pyx_string_tab[47]
+#define __pyx_n_u_Transformer_run_layer __pyx_string_tab[48]
+#define __pyx_n_u_Transformer_set_linear __pyx_string_tab[49]
+#define __pyx_n_u_View_MemoryView __pyx_string_tab[50]
+#define __pyx_n_u_Pyx_PyDict_NextRef __pyx_string_tab[51]
+#define __pyx_n_u_annotate __pyx_string_tab[52]
+#define __pyx_n_u_class __pyx_string_tab[53]
+#define __pyx_n_u_class_getitem __pyx_string_tab[54]
+#define __pyx_n_u_dict __pyx_string_tab[55]
+#define __pyx_n_u_func __pyx_string_tab[56]
+#define __pyx_n_u_getstate __pyx_string_tab[57]
+#define __pyx_n_u_import __pyx_string_tab[58]
+#define __pyx_n_u_main __pyx_string_tab[59]
+#define __pyx_n_u_module __pyx_string_tab[60]
+#define __pyx_n_u_name_2 __pyx_string_tab[61]
+#define __pyx_n_u_new __pyx_string_tab[62]
+#define __pyx_n_u_pyx_checksum __pyx_string_tab[63]
+#define __pyx_n_u_pyx_state __pyx_string_tab[64]
+#define __pyx_n_u_pyx_type __pyx_string_tab[65]
+#define __pyx_n_u_pyx_unpickle_Enum __pyx_string_tab[66]
+#define __pyx_n_u_pyx_vtable __pyx_string_tab[67]
+#define __pyx_n_u_qualname __pyx_string_tab[68]
+#define __pyx_n_u_reduce __pyx_string_tab[69]
+#define __pyx_n_u_reduce_cython __pyx_string_tab[70]
+#define __pyx_n_u_reduce_ex __pyx_string_tab[71]
+#define __pyx_n_u_set_name __pyx_string_tab[72]
+#define __pyx_n_u_setstate __pyx_string_tab[73]
+#define __pyx_n_u_setstate_cython __pyx_string_tab[74]
+#define __pyx_n_u_test __pyx_string_tab[75]
+#define __pyx_n_u_is_coroutine __pyx_string_tab[76]
+#define __pyx_n_u_abc __pyx_string_tab[77]
+#define __pyx_n_u_all_logits __pyx_string_tab[78]
+#define __pyx_n_u_allocate_buffer __pyx_string_tab[79]
+#define __pyx_n_u_append __pyx_string_tab[80]
+#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[81]
+#define __pyx_n_u_attn_in __pyx_string_tab[82]
+#define __pyx_n_u_attn_norm __pyx_string_tab[83]
+#define __pyx_n_u_base __pyx_string_tab[84]
+#define __pyx_n_u_c __pyx_string_tab[85]
+#define __pyx_n_u_cap __pyx_string_tab[86]
+#define __pyx_n_u_captures __pyx_string_tab[87]
+#define __pyx_n_u_cline_in_traceback __pyx_string_tab[88]
+#define __pyx_n_u_config __pyx_string_tab[89]
+#define __pyx_n_u_count __pyx_string_tab[90]
+#define __pyx_n_u_ctx __pyx_string_tab[91]
+#define __pyx_n_u_dim __pyx_string_tab[92]
+#define __pyx_n_u_down_in __pyx_string_tab[93]
+#define __pyx_n_u_dtype_is_object __pyx_string_tab[94]
+#define __pyx_n_u_embedding __pyx_string_tab[95]
+#define __pyx_n_u_encode __pyx_string_tab[96]
+#define __pyx_n_u_enumerate __pyx_string_tab[97]
+#define __pyx_n_u_eps __pyx_string_tab[98]
+#define __pyx_n_u_error __pyx_string_tab[99]
+#define __pyx_n_u_ffn_norm __pyx_string_tab[100]
+#define __pyx_n_u_final_norm __pyx_string_tab[101]
+#define __pyx_n_u_flags __pyx_string_tab[102]
+#define __pyx_n_u_format __pyx_string_tab[103]
+#define __pyx_n_u_fortran __pyx_string_tab[104]
+#define __pyx_n_u_forward __pyx_string_tab[105]
+#define __pyx_n_u_get __pyx_string_tab[106]
+#define __pyx_n_u_head_dim __pyx_string_tab[107]
+#define __pyx_n_u_hidden __pyx_string_tab[108]
+#define __pyx_n_u_hidden_dim __pyx_string_tab[109]
+#define __pyx_n_u_id __pyx_string_tab[110]
+#define __pyx_n_u_index __pyx_string_tab[111]
+#define __pyx_n_u_inv_freq __pyx_string_tab[112]
+#define __pyx_n_u_items __pyx_string_tab[113]
+#define __pyx_n_u_itemsize __pyx_string_tab[114]
+#define __pyx_n_u_kv_dim __pyx_string_tab[115]
+#define __pyx_n_u_layer __pyx_string_tab[116]
+#define __pyx_n_u_layers __pyx_string_tab[117]
+#define __pyx_n_u_lm_head __pyx_string_tab[118]
+#define __pyx_n_u_logits __pyx_string_tab[119]
+#define __pyx_n_u_lw __pyx_string_tab[120]
+#define __pyx_n_u_max_tokens __pyx_string_tab[121]
+#define __pyx_n_u_memview __pyx_string_tab[122]
+#define __pyx_n_u_mlp_in __pyx_string_tab[123]
+#define __pyx_n_u_mode __pyx_string_tab[124]
+#define __pyx_n_u_n __pyx_string_tab[125]
+#define __pyx_n_u_n_heads __pyx_string_tab[126]
+#define __pyx_n_u_n_kv_heads __pyx_string_tab[127]
+#define __pyx_n_u_name __pyx_string_tab[128]
+#define __pyx_n_u_ndim __pyx_string_tab[129]
+#define __pyx_n_u_nthreads __pyx_string_tab[130]
+#define __pyx_n_u_o_in __pyx_string_tab[131]
+#define __pyx_n_u_obj __pyx_string_tab[132]
+#define __pyx_n_u_pack __pyx_string_tab[133]
+#define __pyx_n_u_pop __pyx_string_tab[134]
+#define __pyx_n_u_pos __pyx_string_tab[135]
+#define __pyx_n_u_q_dim __pyx_string_tab[136]
+#define __pyx_n_u_qinfer__forward __pyx_string_tab[137]
+#define __pyx_n_u_rc __pyx_string_tab[138]
+#define __pyx_n_u_register __pyx_string_tab[139]
+#define __pyx_n_u_reshape __pyx_string_tab[140]
+#define __pyx_n_u_run_layer __pyx_string_tab[141]
+#define __pyx_n_u_self __pyx_string_tab[142]
+#define __pyx_n_u_set_linear __pyx_string_tab[143]
+#define __pyx_n_u_setdefault __pyx_string_tab[144]
+#define __pyx_n_u_shape __pyx_string_tab[145]
+#define __pyx_n_u_size __pyx_string_tab[146]
+#define __pyx_n_u_spec __pyx_string_tab[147]
+#define __pyx_n_u_start __pyx_string_tab[148]
+#define __pyx_n_u_step __pyx_string_tab[149]
+#define __pyx_n_u_stop __pyx_string_tab[150]
+#define __pyx_n_u_struct __pyx_string_tab[151]
+#define __pyx_n_u_threads __pyx_string_tab[152]
+#define __pyx_n_u_tokens __pyx_string_tab[153]
+#define __pyx_n_u_unpack __pyx_string_tab[154]
+#define __pyx_n_u_update __pyx_string_tab[155]
+#define __pyx_n_u_values __pyx_string_tab[156]
+#define __pyx_n_u_vocab_size __pyx_string_tab[157]
+#define __pyx_n_u_w_down __pyx_string_tab[158]
+#define __pyx_n_u_w_gate __pyx_string_tab[159]
+#define __pyx_n_u_w_up __pyx_string_tab[160]
+#define __pyx_n_u_widths __pyx_string_tab[161]
+#define __pyx_n_u_wk __pyx_string_tab[162]
+#define __pyx_n_u_wo __pyx_string_tab[163]
+#define __pyx_n_u_wq __pyx_string_tab[164]
+#define __pyx_n_u_wv __pyx_string_tab[165]
+#define __pyx_n_u_x __pyx_string_tab[166]
+#define __pyx_n_b_O __pyx_string_tab[167]
+#define __pyx_kp_b_iso88591_Q __pyx_string_tab[168]
+#define __pyx_kp_b_iso88591_A_6_2S_c_Rq_AQ_Qd_G1A_Yd_F_b_y_B __pyx_string_tab[169]
+#define __pyx_kp_b_iso88591_A_V6_2Rr_Bb_Bl_T_2S_Bb_b_AQ_6_q __pyx_string_tab[170]
+#define __pyx_kp_b_iso88591_KK___QfAQ_6_2S_c_Rq_AQ_2Rr_Bb_B __pyx_string_tab[171]
 #define __pyx_int_0 __pyx_number_tab[0]
 #define __pyx_int_neg_1 __pyx_number_tab[1]
 #define __pyx_int_2 __pyx_number_tab[2]
@@ -4229,13 +4329,14 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   Py_CLEAR(clear_module_state->__pyx_type___pyx_memoryview);
   Py_CLEAR(clear_module_state->__pyx_memoryviewslice_type);
   Py_CLEAR(clear_module_state->__pyx_type___pyx_memoryviewslice);
+  Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_get.method);
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_items.method);
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_pop.method);
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_values.method);
   for (int i=0; i<1; ++i) { Py_CLEAR(clear_module_state->__pyx_slice[i]); }
-  for (int i=0; i<2; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
-  for (int i=0; i<3; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<144; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<3; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
+  for (int i=0; i<5; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
+  for (int i=0; i<172; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<4; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
@@ -4269,13 +4370,14 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   Py_VISIT(traverse_module_state->__pyx_type___pyx_memoryview);
   Py_VISIT(traverse_module_state->__pyx_memoryviewslice_type);
   Py_VISIT(traverse_module_state->__pyx_type___pyx_memoryviewslice);
+  Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_get.method);
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_items.method);
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_pop.method);
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_values.method);
   for (int i=0; i<1; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_slice[i]); }
-  for (int i=0; i<2; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
-  for (int i=0; i<3; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<144; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<3; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
+  for (int i=0; i<5; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
+  for (int i=0; i<172; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<4; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
@@ -18462,7 +18564,7 @@ static PyObject *__pyx_unpickle_Enum__set_state(struct __pyx_MemviewEnum_obj *__
   return __pyx_r;
 }
 
-/* "pyx/_forward.pyx":442
+/* "pyx/_forward.pyx":492
  * 
  * 
  * cdef const float *float_ptr(object array, Py_ssize_t size) except NULL:             # <<<<<<<<<<<<<<
@@ -18491,7 +18593,7 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("float_ptr", 0);
 
-  /* "pyx/_forward.pyx":444
+  /* "pyx/_forward.pyx":494
  * cdef const float *float_ptr(object array, Py_ssize_t size) except NULL:
  *     """Pointer into a C-contiguous float32 numpy array of `size` elements."""
  *     cdef const float[::1] view = array.reshape(-1)             # <<<<<<<<<<<<<<
@@ -18505,16 +18607,16 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
     PyObject *__pyx_callargs[2] = {__pyx_t_2, __pyx_mstate_global->__pyx_int_neg_1};
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_reshape, __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 444, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 494, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
-  __pyx_t_4 = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(__pyx_t_1, 0); if (unlikely(!__pyx_t_4.memview)) __PYX_ERR(0, 444, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_to_MemoryviewSlice_dc_float__const__(__pyx_t_1, 0); if (unlikely(!__pyx_t_4.memview)) __PYX_ERR(0, 494, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_view = __pyx_t_4;
   __pyx_t_4.memview = NULL;
   __pyx_t_4.data = NULL;
 
-  /* "pyx/_forward.pyx":445
+  /* "pyx/_forward.pyx":495
  *     """Pointer into a C-contiguous float32 numpy array of `size` elements."""
  *     cdef const float[::1] view = array.reshape(-1)
  *     if view.shape[0] != size:             # <<<<<<<<<<<<<<
@@ -18526,7 +18628,7 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
   if (unlikely(__pyx_t_5)) {
 
 
-    /* "pyx/_forward.pyx":446
+    /* "pyx/_forward.pyx":496
  *     cdef const float[::1] view = array.reshape(-1)
  *     if view.shape[0] != size:
  *         raise ValueError(f"expected {size} floats, got {view.shape[0]}")             # <<<<<<<<<<<<<<
@@ -18534,9 +18636,9 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
  * 
 */
     __pyx_t_2 = NULL;
-    __pyx_t_6 = __Pyx_PyUnicode_From_Py_ssize_t(__pyx_v_size, 0, ' ', 'd'); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 446, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyUnicode_From_Py_ssize_t(__pyx_v_size, 0, ' ', 'd'); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 496, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_7 = __Pyx_PyUnicode_From_Py_ssize_t((__pyx_v_view.shape[0]), 0, ' ', 'd'); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 446, __pyx_L1_error)
+    __pyx_t_7 = __Pyx_PyUnicode_From_Py_ssize_t((__pyx_v_view.shape[0]), 0, ' ', 'd'); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 496, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
     __pyx_t_8[0] = __pyx_mstate_global->__pyx_kp_u_expected;
     __pyx_t_8[1] = __pyx_t_6;
@@ -18548,7 +18650,7 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
     #endif
     __pyx_t_10 = 0;
     __pyx_t_11 = __Pyx_PyUnicode_Join(__pyx_t_8, 4, __pyx_t_9, __pyx_t_10);
-    if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 446, __pyx_L1_error)
+    if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 496, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_11);
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
     __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
@@ -18558,14 +18660,14 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_3, (2-__pyx_t_3) | (__pyx_t_3*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
       __Pyx_DECREF(__pyx_t_11); __pyx_t_11 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 446, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 496, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_Raise(__pyx_t_1, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __PYX_ERR(0, 446, __pyx_L1_error)
+    __PYX_ERR(0, 496, __pyx_L1_error)
 
-    /* "pyx/_forward.pyx":445
+    /* "pyx/_forward.pyx":495
  *     """Pointer into a C-contiguous float32 numpy array of `size` elements."""
  *     cdef const float[::1] view = array.reshape(-1)
  *     if view.shape[0] != size:             # <<<<<<<<<<<<<<
@@ -18574,7 +18676,7 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
 */
   }
 
-  /* "pyx/_forward.pyx":447
+  /* "pyx/_forward.pyx":497
  *     if view.shape[0] != size:
  *         raise ValueError(f"expected {size} floats, got {view.shape[0]}")
  *     return &view[0]             # <<<<<<<<<<<<<<
@@ -18588,7 +18690,7 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
   }
   goto __pyx_L0;
 
-  /* "pyx/_forward.pyx":442
+  /* "pyx/_forward.pyx":492
  * 
  * 
  * cdef const float *float_ptr(object array, Py_ssize_t size) except NULL:             # <<<<<<<<<<<<<<
@@ -18613,7 +18715,7 @@ static float const *__pyx_f_6qinfer_8_forward_float_ptr(PyObject *__pyx_v_array,
   return __pyx_r;
 }
 
-/* "pyx/_forward.pyx":463
+/* "pyx/_forward.pyx":513
  *     cdef object keep
  * 
  *     def __cinit__(self):             # <<<<<<<<<<<<<<
@@ -18665,7 +18767,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
 static int __pyx_pf_6qinfer_8_forward_11Transformer___cinit__(struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self) {
   int __pyx_r;
 
-  /* "pyx/_forward.pyx":464
+  /* "pyx/_forward.pyx":514
  * 
  *     def __cinit__(self):
  *         self.w.layers = NULL             # <<<<<<<<<<<<<<
@@ -18674,7 +18776,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer___cinit__(struct __pyx_obj_6
 */
   __pyx_v_self->w.layers = NULL;
 
-  /* "pyx/_forward.pyx":465
+  /* "pyx/_forward.pyx":515
  *     def __cinit__(self):
  *         self.w.layers = NULL
  *         self.has_state = False             # <<<<<<<<<<<<<<
@@ -18683,7 +18785,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer___cinit__(struct __pyx_obj_6
 */
   __pyx_v_self->has_state = 0;
 
-  /* "pyx/_forward.pyx":463
+  /* "pyx/_forward.pyx":513
  *     cdef object keep
  * 
  *     def __cinit__(self):             # <<<<<<<<<<<<<<
@@ -18697,7 +18799,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer___cinit__(struct __pyx_obj_6
   return __pyx_r;
 }
 
-/* "pyx/_forward.pyx":467
+/* "pyx/_forward.pyx":517
  *         self.has_state = False
  * 
  *     def __init__(self, dict config, embedding, list layers, final_norm, lm_head, inv_freq,             # <<<<<<<<<<<<<<
@@ -18750,68 +18852,68 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_config,&__pyx_mstate_global->__pyx_n_u_embedding,&__pyx_mstate_global->__pyx_n_u_layers,&__pyx_mstate_global->__pyx_n_u_final_norm,&__pyx_mstate_global->__pyx_n_u_lm_head,&__pyx_mstate_global->__pyx_n_u_inv_freq,&__pyx_mstate_global->__pyx_n_u_max_tokens,&__pyx_mstate_global->__pyx_n_u_threads,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL_TPNEW(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 467, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 517, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  8:
         values[7] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 7);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 467, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  7:
         values[6] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 6);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 467, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  6:
         values[5] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 467, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 467, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 467, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 467, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 467, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 467, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 517, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__init__", 0) < (0)) __PYX_ERR(0, 467, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__init__", 0) < (0)) __PYX_ERR(0, 517, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 8; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__init__", 1, 8, 8, i); __PYX_ERR(0, 467, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__init__", 1, 8, 8, i); __PYX_ERR(0, 517, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 8)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 467, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 517, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 467, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 517, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 467, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 517, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 467, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 517, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 467, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 517, __pyx_L3_error)
       values[5] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 5);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 467, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 517, __pyx_L3_error)
       values[6] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 6);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 467, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[6])) __PYX_ERR(0, 517, __pyx_L3_error)
       values[7] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 7);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 467, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[7])) __PYX_ERR(0, 517, __pyx_L3_error)
     }
     __pyx_v_config = ((PyObject*)values[0]);
     __pyx_v_embedding = values[1];
@@ -18819,12 +18921,12 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
     __pyx_v_final_norm = values[3];
     __pyx_v_lm_head = values[4];
     __pyx_v_inv_freq = values[5];
-    __pyx_v_max_tokens = __Pyx_PyLong_As_int(values[6]); if (unlikely((__pyx_v_max_tokens == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 468, __pyx_L3_error)
-    __pyx_v_threads = __Pyx_PyLong_As_int(values[7]); if (unlikely((__pyx_v_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 468, __pyx_L3_error)
+    __pyx_v_max_tokens = __Pyx_PyLong_As_int(values[6]); if (unlikely((__pyx_v_max_tokens == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 518, __pyx_L3_error)
+    __pyx_v_threads = __Pyx_PyLong_As_int(values[7]); if (unlikely((__pyx_v_threads == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 518, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__init__", 1, 8, 8, __pyx_nargs); __PYX_ERR(0, 467, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__init__", 1, 8, 8, __pyx_nargs); __PYX_ERR(0, 517, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -18835,8 +18937,8 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return -1;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_config), (&PyDict_Type), 1, "config", 1))) __PYX_ERR(0, 467, __pyx_L1_error)
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_layers), (&PyList_Type), 1, "layers", 1))) __PYX_ERR(0, 467, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_config), (&PyDict_Type), 1, "config", 1))) __PYX_ERR(0, 517, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_layers), (&PyList_Type), 1, "layers", 1))) __PYX_ERR(0, 517, __pyx_L1_error)
   __pyx_r = __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(((struct __pyx_obj_6qinfer_8_forward_Transformer *)__pyx_v_self), __pyx_v_config, __pyx_v_embedding, __pyx_v_layers, __pyx_v_final_norm, __pyx_v_lm_head, __pyx_v_inv_freq, __pyx_v_max_tokens, __pyx_v_threads);
 
   /* function exit code */
@@ -18887,36 +18989,36 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__init__", 0);
 
-  /* "pyx/_forward.pyx":470
+  /* "pyx/_forward.pyx":520
  *                  int max_tokens, int threads):
  *         cdef int i
  *         self.keep = [embedding, layers, final_norm, lm_head, inv_freq]             # <<<<<<<<<<<<<<
  *         self.w.dim = config["dim"]
  *         self.w.hidden_dim = config["hidden_dim"]
 */
-  __pyx_t_1 = PyList_New(5); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 470, __pyx_L1_error)
+  __pyx_t_1 = PyList_New(5); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 520, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_INCREF(__pyx_v_embedding);
   __Pyx_GIVEREF(__pyx_v_embedding);
-  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 0, __pyx_v_embedding) != (0)) __PYX_ERR(0, 470, __pyx_L1_error);
+  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 0, __pyx_v_embedding) != (0)) __PYX_ERR(0, 520, __pyx_L1_error);
   __Pyx_INCREF(__pyx_v_layers);
   __Pyx_GIVEREF(__pyx_v_layers);
-  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 1, __pyx_v_layers) != (0)) __PYX_ERR(0, 470, __pyx_L1_error);
+  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 1, __pyx_v_layers) != (0)) __PYX_ERR(0, 520, __pyx_L1_error);
   __Pyx_INCREF(__pyx_v_final_norm);
   __Pyx_GIVEREF(__pyx_v_final_norm);
-  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 2, __pyx_v_final_norm) != (0)) __PYX_ERR(0, 470, __pyx_L1_error);
+  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 2, __pyx_v_final_norm) != (0)) __PYX_ERR(0, 520, __pyx_L1_error);
   __Pyx_INCREF(__pyx_v_lm_head);
   __Pyx_GIVEREF(__pyx_v_lm_head);
-  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 3, __pyx_v_lm_head) != (0)) __PYX_ERR(0, 470, __pyx_L1_error);
+  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 3, __pyx_v_lm_head) != (0)) __PYX_ERR(0, 520, __pyx_L1_error);
   __Pyx_INCREF(__pyx_v_inv_freq);
   __Pyx_GIVEREF(__pyx_v_inv_freq);
-  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 4, __pyx_v_inv_freq) != (0)) __PYX_ERR(0, 470, __pyx_L1_error);
+  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 4, __pyx_v_inv_freq) != (0)) __PYX_ERR(0, 520, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_1);
   __Pyx_GOTREF(__pyx_v_self->keep);
   __Pyx_DECREF_SET(__pyx_v_self->keep, __pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "pyx/_forward.pyx":471
+  /* "pyx/_forward.pyx":521
  *         cdef int i
  *         self.keep = [embedding, layers, final_norm, lm_head, inv_freq]
  *         self.w.dim = config["dim"]             # <<<<<<<<<<<<<<
@@ -18925,15 +19027,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 471, __pyx_L1_error)
+    __PYX_ERR(0, 521, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 471, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 521, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 471, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 521, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.dim = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":472
+  /* "pyx/_forward.pyx":522
  *         self.keep = [embedding, layers, final_norm, lm_head, inv_freq]
  *         self.w.dim = config["dim"]
  *         self.w.hidden_dim = config["hidden_dim"]             # <<<<<<<<<<<<<<
@@ -18942,15 +19044,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 472, __pyx_L1_error)
+    __PYX_ERR(0, 522, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_hidden_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 472, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_hidden_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 522, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 472, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 522, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.hidden_dim = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":473
+  /* "pyx/_forward.pyx":523
  *         self.w.dim = config["dim"]
  *         self.w.hidden_dim = config["hidden_dim"]
  *         self.w.n_layers = len(layers)             # <<<<<<<<<<<<<<
@@ -18959,12 +19061,12 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_layers == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(0, 473, __pyx_L1_error)
+    __PYX_ERR(0, 523, __pyx_L1_error)
   }
-  __pyx_t_3 = __Pyx_PyList_GET_SIZE(__pyx_v_layers); if (unlikely(__pyx_t_3 == ((Py_ssize_t)-1))) __PYX_ERR(0, 473, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyList_GET_SIZE(__pyx_v_layers); if (unlikely(__pyx_t_3 == ((Py_ssize_t)-1))) __PYX_ERR(0, 523, __pyx_L1_error)
   __pyx_v_self->w.n_layers = __pyx_t_3;
 
-  /* "pyx/_forward.pyx":474
+  /* "pyx/_forward.pyx":524
  *         self.w.hidden_dim = config["hidden_dim"]
  *         self.w.n_layers = len(layers)
  *         self.w.n_heads = config["n_heads"]             # <<<<<<<<<<<<<<
@@ -18973,15 +19075,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 474, __pyx_L1_error)
+    __PYX_ERR(0, 524, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_n_heads); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 474, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_n_heads); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 524, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 474, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 524, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.n_heads = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":475
+  /* "pyx/_forward.pyx":525
  *         self.w.n_layers = len(layers)
  *         self.w.n_heads = config["n_heads"]
  *         self.w.n_kv_heads = config["n_kv_heads"]             # <<<<<<<<<<<<<<
@@ -18990,15 +19092,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 475, __pyx_L1_error)
+    __PYX_ERR(0, 525, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_n_kv_heads); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 475, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_n_kv_heads); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 525, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 475, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 525, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.n_kv_heads = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":476
+  /* "pyx/_forward.pyx":526
  *         self.w.n_heads = config["n_heads"]
  *         self.w.n_kv_heads = config["n_kv_heads"]
  *         self.w.head_dim = config["head_dim"]             # <<<<<<<<<<<<<<
@@ -19007,15 +19109,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 476, __pyx_L1_error)
+    __PYX_ERR(0, 526, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_head_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 476, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_head_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 526, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 476, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 526, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.head_dim = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":477
+  /* "pyx/_forward.pyx":527
  *         self.w.n_kv_heads = config["n_kv_heads"]
  *         self.w.head_dim = config["head_dim"]
  *         self.w.vocab_size = config["vocab_size"]             # <<<<<<<<<<<<<<
@@ -19024,15 +19126,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 477, __pyx_L1_error)
+    __PYX_ERR(0, 527, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_vocab_size); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 477, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_vocab_size); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 527, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 477, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 527, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.vocab_size = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":478
+  /* "pyx/_forward.pyx":528
  *         self.w.head_dim = config["head_dim"]
  *         self.w.vocab_size = config["vocab_size"]
  *         self.w.ctx = config["ctx"]             # <<<<<<<<<<<<<<
@@ -19041,15 +19143,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 478, __pyx_L1_error)
+    __PYX_ERR(0, 528, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_ctx); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 478, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_ctx); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 528, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 478, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_t_1); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 528, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.ctx = __pyx_t_2;
 
-  /* "pyx/_forward.pyx":479
+  /* "pyx/_forward.pyx":529
  *         self.w.vocab_size = config["vocab_size"]
  *         self.w.ctx = config["ctx"]
  *         self.w.eps = config["eps"]             # <<<<<<<<<<<<<<
@@ -19058,47 +19160,47 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   if (unlikely(__pyx_v_config == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 479, __pyx_L1_error)
+    __PYX_ERR(0, 529, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_eps); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 479, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItem(__pyx_v_config, __pyx_mstate_global->__pyx_n_u_eps); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 529, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_4 = __Pyx_PyFloat_AsFloat(__pyx_t_1); if (unlikely((__pyx_t_4 == (float)-1) && PyErr_Occurred())) __PYX_ERR(0, 479, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyFloat_AsFloat(__pyx_t_1); if (unlikely((__pyx_t_4 == (float)-1) && PyErr_Occurred())) __PYX_ERR(0, 529, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_self->w.eps = __pyx_t_4;
 
-  /* "pyx/_forward.pyx":480
+  /* "pyx/_forward.pyx":530
  *         self.w.ctx = config["ctx"]
  *         self.w.eps = config["eps"]
  *         dim, hd = self.w.dim, self.w.head_dim             # <<<<<<<<<<<<<<
  *         q_dim, kv_dim = self.w.n_heads * hd, self.w.n_kv_heads * hd
  *         self.w.embedding = float_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)
 */
-  __pyx_t_1 = __Pyx_PyLong_From_int(__pyx_v_self->w.dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 480, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyLong_From_int(__pyx_v_self->w.dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 530, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  if (__Pyx_PyInt_FromNumber(&__pyx_t_1, NULL, 0) < (0)) __PYX_ERR(0, 480, __pyx_L1_error)
-  __pyx_t_5 = __Pyx_PyLong_From_int(__pyx_v_self->w.head_dim); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 480, __pyx_L1_error)
+  if (__Pyx_PyInt_FromNumber(&__pyx_t_1, NULL, 0) < (0)) __PYX_ERR(0, 530, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyLong_From_int(__pyx_v_self->w.head_dim); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 530, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  if (__Pyx_PyInt_FromNumber(&__pyx_t_5, NULL, 0) < (0)) __PYX_ERR(0, 480, __pyx_L1_error)
+  if (__Pyx_PyInt_FromNumber(&__pyx_t_5, NULL, 0) < (0)) __PYX_ERR(0, 530, __pyx_L1_error)
   __pyx_v_dim = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
   __pyx_v_hd = ((PyObject*)__pyx_t_5);
   __pyx_t_5 = 0;
 
-  /* "pyx/_forward.pyx":481
+  /* "pyx/_forward.pyx":531
  *         self.w.eps = config["eps"]
  *         dim, hd = self.w.dim, self.w.head_dim
  *         q_dim, kv_dim = self.w.n_heads * hd, self.w.n_kv_heads * hd             # <<<<<<<<<<<<<<
  *         self.w.embedding = float_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)
  *         self.w.final_norm = float_ptr(final_norm, dim)
 */
-  __pyx_t_5 = __Pyx_PyLong_From_int(__pyx_v_self->w.n_heads); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 481, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyLong_From_int(__pyx_v_self->w.n_heads); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 531, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_1 = __Pyx_PyNumber_Multiply_int_int(__pyx_t_5, __pyx_v_hd); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 481, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyNumber_Multiply_int_int(__pyx_t_5, __pyx_v_hd); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 531, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  __pyx_t_5 = __Pyx_PyLong_From_int(__pyx_v_self->w.n_kv_heads); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 481, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyLong_From_int(__pyx_v_self->w.n_kv_heads); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 531, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_6 = __Pyx_PyNumber_Multiply_int_int(__pyx_t_5, __pyx_v_hd); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 481, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyNumber_Multiply_int_int(__pyx_t_5, __pyx_v_hd); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 531, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __pyx_v_q_dim = ((PyObject*)__pyx_t_1);
@@ -19106,80 +19208,80 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
   __pyx_v_kv_dim = ((PyObject*)__pyx_t_6);
   __pyx_t_6 = 0;
 
-  /* "pyx/_forward.pyx":482
+  /* "pyx/_forward.pyx":532
  *         dim, hd = self.w.dim, self.w.head_dim
  *         q_dim, kv_dim = self.w.n_heads * hd, self.w.n_kv_heads * hd
  *         self.w.embedding = float_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)             # <<<<<<<<<<<<<<
  *         self.w.final_norm = float_ptr(final_norm, dim)
  *         self.w.inv_freq = float_ptr(inv_freq, hd // 2)
 */
-  __pyx_t_6 = PyLong_FromSsize_t(((Py_ssize_t)__pyx_v_self->w.vocab_size)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 482, __pyx_L1_error)
+  __pyx_t_6 = PyLong_FromSsize_t(((Py_ssize_t)__pyx_v_self->w.vocab_size)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 532, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_1 = __Pyx_PyNumber_Multiply_int_int(__pyx_t_6, __pyx_v_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 482, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyNumber_Multiply_int_int(__pyx_t_6, __pyx_v_dim); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 532, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-  __pyx_t_3 = __Pyx_PyIndex_AsSsize_t(__pyx_t_1); if (unlikely((__pyx_t_3 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 482, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyIndex_AsSsize_t(__pyx_t_1); if (unlikely((__pyx_t_3 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 532, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_embedding, __pyx_t_3); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 482, __pyx_L1_error)
+  __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_embedding, __pyx_t_3); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 532, __pyx_L1_error)
 
   __pyx_v_self->w.embedding = __pyx_t_7;
 
-  /* "pyx/_forward.pyx":483
+  /* "pyx/_forward.pyx":533
  *         q_dim, kv_dim = self.w.n_heads * hd, self.w.n_kv_heads * hd
  *         self.w.embedding = float_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)
  *         self.w.final_norm = float_ptr(final_norm, dim)             # <<<<<<<<<<<<<<
  *         self.w.inv_freq = float_ptr(inv_freq, hd // 2)
- *         self.set_linear(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
+ *         self.set_linear_ptr(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
 */
-  __pyx_t_3 = __Pyx_PyIndex_AsSsize_t(__pyx_v_dim); if (unlikely((__pyx_t_3 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 483, __pyx_L1_error)
-  __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_final_norm, __pyx_t_3); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 483, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyIndex_AsSsize_t(__pyx_v_dim); if (unlikely((__pyx_t_3 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 533, __pyx_L1_error)
+  __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_final_norm, __pyx_t_3); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 533, __pyx_L1_error)
 
   __pyx_v_self->w.final_norm = __pyx_t_7;
 
-  /* "pyx/_forward.pyx":484
+  /* "pyx/_forward.pyx":534
  *         self.w.embedding = float_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)
  *         self.w.final_norm = float_ptr(final_norm, dim)
  *         self.w.inv_freq = float_ptr(inv_freq, hd // 2)             # <<<<<<<<<<<<<<
- *         self.set_linear(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
+ *         self.set_linear_ptr(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
  *         self.w.layers = <layer_weights *>calloc(len(layers), sizeof(layer_weights))
 */
-  __pyx_t_1 = __Pyx_PyLong_FloorDivideObjC(__pyx_v_hd, __pyx_mstate_global->__pyx_int_2, 2, 0, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 484, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyLong_FloorDivideObjC(__pyx_v_hd, __pyx_mstate_global->__pyx_int_2, 2, 0, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 534, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_3 = __Pyx_PyIndex_AsSsize_t(__pyx_t_1); if (unlikely((__pyx_t_3 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 484, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyIndex_AsSsize_t(__pyx_t_1); if (unlikely((__pyx_t_3 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 534, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_inv_freq, __pyx_t_3); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 484, __pyx_L1_error)
+  __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_inv_freq, __pyx_t_3); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 534, __pyx_L1_error)
 
   __pyx_v_self->w.inv_freq = __pyx_t_7;
 
-  /* "pyx/_forward.pyx":485
+  /* "pyx/_forward.pyx":535
  *         self.w.final_norm = float_ptr(final_norm, dim)
  *         self.w.inv_freq = float_ptr(inv_freq, hd // 2)
- *         self.set_linear(&self.w.lm_head, lm_head, dim, self.w.vocab_size)             # <<<<<<<<<<<<<<
+ *         self.set_linear_ptr(&self.w.lm_head, lm_head, dim, self.w.vocab_size)             # <<<<<<<<<<<<<<
  *         self.w.layers = <layer_weights *>calloc(len(layers), sizeof(layer_weights))
  *         if self.w.layers == NULL:
 */
-  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 485, __pyx_L1_error)
-  __pyx_t_8 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&__pyx_v_self->w.lm_head), __pyx_v_lm_head, __pyx_t_2, __pyx_v_self->w.vocab_size); if (unlikely(__pyx_t_8 == ((int)-1))) __PYX_ERR(0, 485, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 535, __pyx_L1_error)
+  __pyx_t_8 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear_ptr(__pyx_v_self, (&__pyx_v_self->w.lm_head), __pyx_v_lm_head, __pyx_t_2, __pyx_v_self->w.vocab_size); if (unlikely(__pyx_t_8 == ((int)-1))) __PYX_ERR(0, 535, __pyx_L1_error)
 
 
 
-  /* "pyx/_forward.pyx":486
+  /* "pyx/_forward.pyx":536
  *         self.w.inv_freq = float_ptr(inv_freq, hd // 2)
- *         self.set_linear(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
+ *         self.set_linear_ptr(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
  *         self.w.layers = <layer_weights *>calloc(len(layers), sizeof(layer_weights))             # <<<<<<<<<<<<<<
  *         if self.w.layers == NULL:
  *             raise MemoryError()
 */
   if (unlikely(__pyx_v_layers == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "object of type \047NoneType\047 has no len()");
-    __PYX_ERR(0, 486, __pyx_L1_error)
+    __PYX_ERR(0, 536, __pyx_L1_error)
   }
-  __pyx_t_3 = __Pyx_PyList_GET_SIZE(__pyx_v_layers); if (unlikely(__pyx_t_3 == ((Py_ssize_t)-1))) __PYX_ERR(0, 486, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyList_GET_SIZE(__pyx_v_layers); if (unlikely(__pyx_t_3 == ((Py_ssize_t)-1))) __PYX_ERR(0, 536, __pyx_L1_error)
   __pyx_v_self->w.layers = ((layer_weights *)calloc(__pyx_t_3, (sizeof(layer_weights))));
 
 
-  /* "pyx/_forward.pyx":487
- *         self.set_linear(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
+  /* "pyx/_forward.pyx":537
+ *         self.set_linear_ptr(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
  *         self.w.layers = <layer_weights *>calloc(len(layers), sizeof(layer_weights))
  *         if self.w.layers == NULL:             # <<<<<<<<<<<<<<
  *             raise MemoryError()
@@ -19190,17 +19292,17 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
   if (unlikely(__pyx_t_9)) {
 
 
-    /* "pyx/_forward.pyx":488
+    /* "pyx/_forward.pyx":538
  *         self.w.layers = <layer_weights *>calloc(len(layers), sizeof(layer_weights))
  *         if self.w.layers == NULL:
  *             raise MemoryError()             # <<<<<<<<<<<<<<
  *         for i, layer in enumerate(layers):
  *             self.w.layers[i].attn_norm = float_ptr(layer["attn_norm"], dim)
 */
-    PyErr_NoMemory(); __PYX_ERR(0, 488, __pyx_L1_error)
+    PyErr_NoMemory(); __PYX_ERR(0, 538, __pyx_L1_error)
 
-    /* "pyx/_forward.pyx":487
- *         self.set_linear(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
+    /* "pyx/_forward.pyx":537
+ *         self.set_linear_ptr(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
  *         self.w.layers = <layer_weights *>calloc(len(layers), sizeof(layer_weights))
  *         if self.w.layers == NULL:             # <<<<<<<<<<<<<<
  *             raise MemoryError()
@@ -19208,7 +19310,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
   }
 
-  /* "pyx/_forward.pyx":489
+  /* "pyx/_forward.pyx":539
  *         if self.w.layers == NULL:
  *             raise MemoryError()
  *         for i, layer in enumerate(layers):             # <<<<<<<<<<<<<<
@@ -19223,163 +19325,163 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
     {
       Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
       #if !CYTHON_ASSUME_SAFE_SIZE
-      if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 489, __pyx_L1_error)
+      if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 539, __pyx_L1_error)
       #endif
       if (__pyx_t_3 >= __pyx_temp) break;
     }
     __pyx_t_6 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_1, __pyx_t_3, __Pyx_ReferenceSharing_OwnStrongReference);
     ++__pyx_t_3;
-    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 489, __pyx_L1_error)
+    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 539, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     __Pyx_XDECREF_SET(__pyx_v_layer, __pyx_t_6);
     __pyx_t_6 = 0;
     __pyx_v_i = __pyx_t_8;
     __pyx_t_8 = (__pyx_t_8 + 1);
 
-    /* "pyx/_forward.pyx":490
+    /* "pyx/_forward.pyx":540
  *             raise MemoryError()
  *         for i, layer in enumerate(layers):
  *             self.w.layers[i].attn_norm = float_ptr(layer["attn_norm"], dim)             # <<<<<<<<<<<<<<
  *             self.w.layers[i].ffn_norm = float_ptr(layer["ffn_norm"], dim)
- *             self.set_linear(&self.w.layers[i].wq, layer["wq"], dim, q_dim)
+ *             self.set_linear_ptr(&self.w.layers[i].wq, layer["wq"], dim, q_dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_attn_norm); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 490, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_attn_norm); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 540, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_10 = __Pyx_PyIndex_AsSsize_t(__pyx_v_dim); if (unlikely((__pyx_t_10 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 490, __pyx_L1_error)
-    __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_t_6, __pyx_t_10); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 490, __pyx_L1_error)
+    __pyx_t_10 = __Pyx_PyIndex_AsSsize_t(__pyx_v_dim); if (unlikely((__pyx_t_10 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 540, __pyx_L1_error)
+    __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_t_6, __pyx_t_10); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 540, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
     (__pyx_v_self->w.layers[__pyx_v_i]).attn_norm = __pyx_t_7;
 
-    /* "pyx/_forward.pyx":491
+    /* "pyx/_forward.pyx":541
  *         for i, layer in enumerate(layers):
  *             self.w.layers[i].attn_norm = float_ptr(layer["attn_norm"], dim)
  *             self.w.layers[i].ffn_norm = float_ptr(layer["ffn_norm"], dim)             # <<<<<<<<<<<<<<
- *             self.set_linear(&self.w.layers[i].wq, layer["wq"], dim, q_dim)
- *             self.set_linear(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)
+ *             self.set_linear_ptr(&self.w.layers[i].wq, layer["wq"], dim, q_dim)
+ *             self.set_linear_ptr(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_ffn_norm); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 491, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_ffn_norm); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 541, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_10 = __Pyx_PyIndex_AsSsize_t(__pyx_v_dim); if (unlikely((__pyx_t_10 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 491, __pyx_L1_error)
-    __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_t_6, __pyx_t_10); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 491, __pyx_L1_error)
+    __pyx_t_10 = __Pyx_PyIndex_AsSsize_t(__pyx_v_dim); if (unlikely((__pyx_t_10 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 541, __pyx_L1_error)
+    __pyx_t_7 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_t_6, __pyx_t_10); if (unlikely(__pyx_t_7 == ((void *)NULL))) __PYX_ERR(0, 541, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
     (__pyx_v_self->w.layers[__pyx_v_i]).ffn_norm = __pyx_t_7;
 
-    /* "pyx/_forward.pyx":492
+    /* "pyx/_forward.pyx":542
  *             self.w.layers[i].attn_norm = float_ptr(layer["attn_norm"], dim)
  *             self.w.layers[i].ffn_norm = float_ptr(layer["ffn_norm"], dim)
- *             self.set_linear(&self.w.layers[i].wq, layer["wq"], dim, q_dim)             # <<<<<<<<<<<<<<
- *             self.set_linear(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)
- *             self.set_linear(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)
+ *             self.set_linear_ptr(&self.w.layers[i].wq, layer["wq"], dim, q_dim)             # <<<<<<<<<<<<<<
+ *             self.set_linear_ptr(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)
+ *             self.set_linear_ptr(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wq); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 492, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wq); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 542, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 492, __pyx_L1_error)
-    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_q_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 492, __pyx_L1_error)
-    __pyx_t_12 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wq), __pyx_t_6, __pyx_t_2, __pyx_t_11); if (unlikely(__pyx_t_12 == ((int)-1))) __PYX_ERR(0, 492, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 542, __pyx_L1_error)
+    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_q_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 542, __pyx_L1_error)
+    __pyx_t_12 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear_ptr(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wq), __pyx_t_6, __pyx_t_2, __pyx_t_11); if (unlikely(__pyx_t_12 == ((int)-1))) __PYX_ERR(0, 542, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
 
-    /* "pyx/_forward.pyx":493
+    /* "pyx/_forward.pyx":543
  *             self.w.layers[i].ffn_norm = float_ptr(layer["ffn_norm"], dim)
- *             self.set_linear(&self.w.layers[i].wq, layer["wq"], dim, q_dim)
- *             self.set_linear(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)             # <<<<<<<<<<<<<<
- *             self.set_linear(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)
- *             self.set_linear(&self.w.layers[i].wo, layer["wo"], q_dim, dim)
+ *             self.set_linear_ptr(&self.w.layers[i].wq, layer["wq"], dim, q_dim)
+ *             self.set_linear_ptr(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)             # <<<<<<<<<<<<<<
+ *             self.set_linear_ptr(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)
+ *             self.set_linear_ptr(&self.w.layers[i].wo, layer["wo"], q_dim, dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wk); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 493, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wk); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 543, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_12 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_12 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 493, __pyx_L1_error)
-    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_kv_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 493, __pyx_L1_error)
-    __pyx_t_2 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wk), __pyx_t_6, __pyx_t_12, __pyx_t_11); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 493, __pyx_L1_error)
+    __pyx_t_12 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_12 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 543, __pyx_L1_error)
+    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_kv_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 543, __pyx_L1_error)
+    __pyx_t_2 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear_ptr(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wk), __pyx_t_6, __pyx_t_12, __pyx_t_11); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 543, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
 
-    /* "pyx/_forward.pyx":494
- *             self.set_linear(&self.w.layers[i].wq, layer["wq"], dim, q_dim)
- *             self.set_linear(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)
- *             self.set_linear(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)             # <<<<<<<<<<<<<<
- *             self.set_linear(&self.w.layers[i].wo, layer["wo"], q_dim, dim)
- *             self.set_linear(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)
+    /* "pyx/_forward.pyx":544
+ *             self.set_linear_ptr(&self.w.layers[i].wq, layer["wq"], dim, q_dim)
+ *             self.set_linear_ptr(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)
+ *             self.set_linear_ptr(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)             # <<<<<<<<<<<<<<
+ *             self.set_linear_ptr(&self.w.layers[i].wo, layer["wo"], q_dim, dim)
+ *             self.set_linear_ptr(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wv); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 494, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wv); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 544, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 494, __pyx_L1_error)
-    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_kv_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 494, __pyx_L1_error)
-    __pyx_t_12 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wv), __pyx_t_6, __pyx_t_2, __pyx_t_11); if (unlikely(__pyx_t_12 == ((int)-1))) __PYX_ERR(0, 494, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 544, __pyx_L1_error)
+    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_kv_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 544, __pyx_L1_error)
+    __pyx_t_12 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear_ptr(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wv), __pyx_t_6, __pyx_t_2, __pyx_t_11); if (unlikely(__pyx_t_12 == ((int)-1))) __PYX_ERR(0, 544, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
 
-    /* "pyx/_forward.pyx":495
- *             self.set_linear(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)
- *             self.set_linear(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)
- *             self.set_linear(&self.w.layers[i].wo, layer["wo"], q_dim, dim)             # <<<<<<<<<<<<<<
- *             self.set_linear(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)
- *             self.set_linear(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
+    /* "pyx/_forward.pyx":545
+ *             self.set_linear_ptr(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)
+ *             self.set_linear_ptr(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)
+ *             self.set_linear_ptr(&self.w.layers[i].wo, layer["wo"], q_dim, dim)             # <<<<<<<<<<<<<<
+ *             self.set_linear_ptr(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)
+ *             self.set_linear_ptr(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wo); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 495, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_wo); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 545, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_12 = __Pyx_PyLong_As_int(__pyx_v_q_dim); if (unlikely((__pyx_t_12 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 495, __pyx_L1_error)
-    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 495, __pyx_L1_error)
-    __pyx_t_2 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wo), __pyx_t_6, __pyx_t_12, __pyx_t_11); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 495, __pyx_L1_error)
+    __pyx_t_12 = __Pyx_PyLong_As_int(__pyx_v_q_dim); if (unlikely((__pyx_t_12 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 545, __pyx_L1_error)
+    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 545, __pyx_L1_error)
+    __pyx_t_2 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear_ptr(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).wo), __pyx_t_6, __pyx_t_12, __pyx_t_11); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 545, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
 
-    /* "pyx/_forward.pyx":496
- *             self.set_linear(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)
- *             self.set_linear(&self.w.layers[i].wo, layer["wo"], q_dim, dim)
- *             self.set_linear(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)             # <<<<<<<<<<<<<<
- *             self.set_linear(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
- *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
+    /* "pyx/_forward.pyx":546
+ *             self.set_linear_ptr(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)
+ *             self.set_linear_ptr(&self.w.layers[i].wo, layer["wo"], q_dim, dim)
+ *             self.set_linear_ptr(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)             # <<<<<<<<<<<<<<
+ *             self.set_linear_ptr(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
+ *             self.set_linear_ptr(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_w_gate); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 496, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_w_gate); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 546, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 496, __pyx_L1_error)
-    __pyx_t_11 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).w_gate), __pyx_t_6, __pyx_t_2, __pyx_v_self->w.hidden_dim); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 496, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 546, __pyx_L1_error)
+    __pyx_t_11 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear_ptr(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).w_gate), __pyx_t_6, __pyx_t_2, __pyx_v_self->w.hidden_dim); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 546, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
-    /* "pyx/_forward.pyx":497
- *             self.set_linear(&self.w.layers[i].wo, layer["wo"], q_dim, dim)
- *             self.set_linear(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)
- *             self.set_linear(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)             # <<<<<<<<<<<<<<
- *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
+    /* "pyx/_forward.pyx":547
+ *             self.set_linear_ptr(&self.w.layers[i].wo, layer["wo"], q_dim, dim)
+ *             self.set_linear_ptr(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)
+ *             self.set_linear_ptr(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)             # <<<<<<<<<<<<<<
+ *             self.set_linear_ptr(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_w_up); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 497, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_w_up); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 547, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 497, __pyx_L1_error)
-    __pyx_t_2 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).w_up), __pyx_t_6, __pyx_t_11, __pyx_v_self->w.hidden_dim); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 497, __pyx_L1_error)
+    __pyx_t_11 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_11 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 547, __pyx_L1_error)
+    __pyx_t_2 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear_ptr(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).w_up), __pyx_t_6, __pyx_t_11, __pyx_v_self->w.hidden_dim); if (unlikely(__pyx_t_2 == ((int)-1))) __PYX_ERR(0, 547, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
-    /* "pyx/_forward.pyx":498
- *             self.set_linear(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)
- *             self.set_linear(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
- *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)             # <<<<<<<<<<<<<<
+    /* "pyx/_forward.pyx":548
+ *             self.set_linear_ptr(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)
+ *             self.set_linear_ptr(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
+ *             self.set_linear_ptr(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)             # <<<<<<<<<<<<<<
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:
  *             raise MemoryError("not enough memory for the KV cache and buffers "
 */
-    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_w_down); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 498, __pyx_L1_error)
+    __pyx_t_6 = __Pyx_PyObject_Dict_GetItem(__pyx_v_layer, __pyx_mstate_global->__pyx_n_u_w_down); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 548, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
-    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 498, __pyx_L1_error)
-    __pyx_t_11 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).w_down), __pyx_t_6, __pyx_v_self->w.hidden_dim, __pyx_t_2); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 498, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_PyLong_As_int(__pyx_v_dim); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 548, __pyx_L1_error)
+    __pyx_t_11 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear_ptr(__pyx_v_self, (&(__pyx_v_self->w.layers[__pyx_v_i]).w_down), __pyx_t_6, __pyx_v_self->w.hidden_dim, __pyx_t_2); if (unlikely(__pyx_t_11 == ((int)-1))) __PYX_ERR(0, 548, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
 
 
-    /* "pyx/_forward.pyx":489
+    /* "pyx/_forward.pyx":539
  *         if self.w.layers == NULL:
  *             raise MemoryError()
  *         for i, layer in enumerate(layers):             # <<<<<<<<<<<<<<
@@ -19389,9 +19491,9 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
   }
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-  /* "pyx/_forward.pyx":499
- *             self.set_linear(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
- *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
+  /* "pyx/_forward.pyx":549
+ *             self.set_linear_ptr(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
+ *             self.set_linear_ptr(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:             # <<<<<<<<<<<<<<
  *             raise MemoryError("not enough memory for the KV cache and buffers "
  *                               f"(context {self.w.ctx}); try a smaller context")
@@ -19401,8 +19503,8 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
   if (unlikely(__pyx_t_9)) {
 
 
-    /* "pyx/_forward.pyx":500
- *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
+    /* "pyx/_forward.pyx":550
+ *             self.set_linear_ptr(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:
  *             raise MemoryError("not enough memory for the KV cache and buffers "             # <<<<<<<<<<<<<<
  *                               f"(context {self.w.ctx}); try a smaller context")
@@ -19410,21 +19512,21 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
 */
     __pyx_t_6 = NULL;
 
-    /* "pyx/_forward.pyx":501
+    /* "pyx/_forward.pyx":551
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:
  *             raise MemoryError("not enough memory for the KV cache and buffers "
  *                               f"(context {self.w.ctx}); try a smaller context")             # <<<<<<<<<<<<<<
  *         self.has_state = True
  * 
 */
-    __pyx_t_5 = __Pyx_PyUnicode_From_int(__pyx_v_self->w.ctx, 0, ' ', 'd'); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 501, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyUnicode_From_int(__pyx_v_self->w.ctx, 0, ' ', 'd'); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 551, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_t_13[0] = __pyx_mstate_global->__pyx_kp_u_not_enough_memory_for_the_KV_cac;
     __pyx_t_13[1] = __pyx_t_5;
     __pyx_t_13[2] = __pyx_mstate_global->__pyx_kp_u_try_a_smaller_context;
 
-    /* "pyx/_forward.pyx":500
- *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
+    /* "pyx/_forward.pyx":550
+ *             self.set_linear_ptr(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:
  *             raise MemoryError("not enough memory for the KV cache and buffers "             # <<<<<<<<<<<<<<
  *                               f"(context {self.w.ctx}); try a smaller context")
@@ -19436,7 +19538,7 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
     #endif
     __pyx_t_8 = 0;
     __pyx_t_14 = __Pyx_PyUnicode_Join(__pyx_t_13, 3, __pyx_t_3, __pyx_t_8);
-    if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 500, __pyx_L1_error)
+    if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 550, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_14);
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __pyx_t_15 = 1;
@@ -19445,32 +19547,32 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_MemoryError)), __pyx_callargs+__pyx_t_15, (2-__pyx_t_15) | (__pyx_t_15*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_6); __pyx_t_6 = 0;
       __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 500, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 550, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_Raise(__pyx_t_1, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-    __PYX_ERR(0, 500, __pyx_L1_error)
+    __PYX_ERR(0, 550, __pyx_L1_error)
 
-    /* "pyx/_forward.pyx":499
- *             self.set_linear(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
- *             self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
+    /* "pyx/_forward.pyx":549
+ *             self.set_linear_ptr(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
+ *             self.set_linear_ptr(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
  *         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:             # <<<<<<<<<<<<<<
  *             raise MemoryError("not enough memory for the KV cache and buffers "
  *                               f"(context {self.w.ctx}); try a smaller context")
 */
   }
 
-  /* "pyx/_forward.pyx":502
+  /* "pyx/_forward.pyx":552
  *             raise MemoryError("not enough memory for the KV cache and buffers "
  *                               f"(context {self.w.ctx}); try a smaller context")
  *         self.has_state = True             # <<<<<<<<<<<<<<
  * 
- *     cdef int set_linear(self, linear *l, object spec, int n_in, int n_out) except -1:
+ *     cdef int set_linear_ptr(self, linear *l, object spec, int n_in, int n_out) except -1:
 */
   __pyx_v_self->has_state = 1;
 
-  /* "pyx/_forward.pyx":467
+  /* "pyx/_forward.pyx":517
  *         self.has_state = False
  * 
  *     def __init__(self, dict config, embedding, list layers, final_norm, lm_head, inv_freq,             # <<<<<<<<<<<<<<
@@ -19500,15 +19602,15 @@ static int __pyx_pf_6qinfer_8_forward_11Transformer_2__init__(struct __pyx_obj_6
   return __pyx_r;
 }
 
-/* "pyx/_forward.pyx":504
+/* "pyx/_forward.pyx":554
  *         self.has_state = True
  * 
- *     cdef int set_linear(self, linear *l, object spec, int n_in, int n_out) except -1:             # <<<<<<<<<<<<<<
+ *     cdef int set_linear_ptr(self, linear *l, object spec, int n_in, int n_out) except -1:             # <<<<<<<<<<<<<<
  *         l.in_ = n_in
  *         l.out = n_out
 */
 
-static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self, linear *__pyx_v_l, PyObject *__pyx_v_spec, int __pyx_v_n_in, int __pyx_v_n_out) {
+static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear_ptr(CYTHON_UNUSED struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self, linear *__pyx_v_l, PyObject *__pyx_v_spec, int __pyx_v_n_in, int __pyx_v_n_out) {
   int __pyx_r;
   __Pyx_RefNannyDeclarations
   int __pyx_t_1;
@@ -19518,19 +19620,19 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
-  __Pyx_RefNannySetupContext("set_linear", 0);
+  __Pyx_RefNannySetupContext("set_linear_ptr", 0);
 
-  /* "pyx/_forward.pyx":505
+  /* "pyx/_forward.pyx":555
  * 
- *     cdef int set_linear(self, linear *l, object spec, int n_in, int n_out) except -1:
+ *     cdef int set_linear_ptr(self, linear *l, object spec, int n_in, int n_out) except -1:
  *         l.in_ = n_in             # <<<<<<<<<<<<<<
  *         l.out = n_out
  *         l.q = NULL
 */
   __pyx_v_l->in = __pyx_v_n_in;
 
-  /* "pyx/_forward.pyx":506
- *     cdef int set_linear(self, linear *l, object spec, int n_in, int n_out) except -1:
+  /* "pyx/_forward.pyx":556
+ *     cdef int set_linear_ptr(self, linear *l, object spec, int n_in, int n_out) except -1:
  *         l.in_ = n_in
  *         l.out = n_out             # <<<<<<<<<<<<<<
  *         l.q = NULL
@@ -19538,7 +19640,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
 */
   __pyx_v_l->out = __pyx_v_n_out;
 
-  /* "pyx/_forward.pyx":507
+  /* "pyx/_forward.pyx":557
  *         l.in_ = n_in
  *         l.out = n_out
  *         l.q = NULL             # <<<<<<<<<<<<<<
@@ -19547,7 +19649,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
 */
   __pyx_v_l->q = NULL;
 
-  /* "pyx/_forward.pyx":508
+  /* "pyx/_forward.pyx":558
  *         l.out = n_out
  *         l.q = NULL
  *         l.qgemm = NULL             # <<<<<<<<<<<<<<
@@ -19556,7 +19658,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
 */
   __pyx_v_l->qgemm = NULL;
 
-  /* "pyx/_forward.pyx":509
+  /* "pyx/_forward.pyx":559
  *         l.q = NULL
  *         l.qgemm = NULL
  *         l.w = NULL             # <<<<<<<<<<<<<<
@@ -19565,7 +19667,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
 */
   __pyx_v_l->w = NULL;
 
-  /* "pyx/_forward.pyx":510
+  /* "pyx/_forward.pyx":560
  *         l.qgemm = NULL
  *         l.w = NULL
  *         if isinstance(spec, tuple):             # <<<<<<<<<<<<<<
@@ -19576,35 +19678,35 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
   if (__pyx_t_1) {
 
 
-    /* "pyx/_forward.pyx":511
+    /* "pyx/_forward.pyx":561
  *         l.w = NULL
  *         if isinstance(spec, tuple):
  *             l.q = <const qmatrix *>PyCapsule_GetPointer(spec[0], b"qinfer.qmatrix")             # <<<<<<<<<<<<<<
  *             l.qgemm = <qgemm_fn>PyCapsule_GetPointer(spec[1], b"qinfer.qgemm_fn")
  *         else:
 */
-    __pyx_t_2 = __Pyx_GetItemInt(__pyx_v_spec, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_FunctionArgument); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 511, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_GetItemInt(__pyx_v_spec, 0, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_FunctionArgument); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 561, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
-    __pyx_t_3 = PyCapsule_GetPointer(__pyx_t_2, __pyx_k_qinfer_qmatrix); if (unlikely(__pyx_t_3 == ((void *)NULL) && PyErr_Occurred())) __PYX_ERR(0, 511, __pyx_L1_error)
+    __pyx_t_3 = PyCapsule_GetPointer(__pyx_t_2, __pyx_k_qinfer_qmatrix); if (unlikely(__pyx_t_3 == ((void *)NULL) && PyErr_Occurred())) __PYX_ERR(0, 561, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __pyx_v_l->q = ((qmatrix const *)__pyx_t_3);
 
 
-    /* "pyx/_forward.pyx":512
+    /* "pyx/_forward.pyx":562
  *         if isinstance(spec, tuple):
  *             l.q = <const qmatrix *>PyCapsule_GetPointer(spec[0], b"qinfer.qmatrix")
  *             l.qgemm = <qgemm_fn>PyCapsule_GetPointer(spec[1], b"qinfer.qgemm_fn")             # <<<<<<<<<<<<<<
  *         else:
  *             l.w = float_ptr(spec, <Py_ssize_t>n_in * n_out)
 */
-    __pyx_t_2 = __Pyx_GetItemInt(__pyx_v_spec, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_FunctionArgument); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 512, __pyx_L1_error)
+    __pyx_t_2 = __Pyx_GetItemInt(__pyx_v_spec, 1, long, 1, __Pyx_PyLong_From_long, 0, 0, 1, __Pyx_ReferenceSharing_FunctionArgument); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 562, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
-    __pyx_t_3 = PyCapsule_GetPointer(__pyx_t_2, __pyx_k_qinfer_qgemm_fn); if (unlikely(__pyx_t_3 == ((void *)NULL) && PyErr_Occurred())) __PYX_ERR(0, 512, __pyx_L1_error)
+    __pyx_t_3 = PyCapsule_GetPointer(__pyx_t_2, __pyx_k_qinfer_qgemm_fn); if (unlikely(__pyx_t_3 == ((void *)NULL) && PyErr_Occurred())) __PYX_ERR(0, 562, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     __pyx_v_l->qgemm = ((qgemm_fn)__pyx_t_3);
 
 
-    /* "pyx/_forward.pyx":510
+    /* "pyx/_forward.pyx":560
  *         l.qgemm = NULL
  *         l.w = NULL
  *         if isinstance(spec, tuple):             # <<<<<<<<<<<<<<
@@ -19614,7 +19716,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
     goto __pyx_L3;
   }
 
-  /* "pyx/_forward.pyx":514
+  /* "pyx/_forward.pyx":564
  *             l.qgemm = <qgemm_fn>PyCapsule_GetPointer(spec[1], b"qinfer.qgemm_fn")
  *         else:
  *             l.w = float_ptr(spec, <Py_ssize_t>n_in * n_out)             # <<<<<<<<<<<<<<
@@ -19622,12 +19724,12 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
  * 
 */
   /*else*/ {
-    __pyx_t_4 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_spec, (((Py_ssize_t)__pyx_v_n_in) * __pyx_v_n_out)); if (unlikely(__pyx_t_4 == ((void *)NULL))) __PYX_ERR(0, 514, __pyx_L1_error)
+    __pyx_t_4 = __pyx_f_6qinfer_8_forward_float_ptr(__pyx_v_spec, (((Py_ssize_t)__pyx_v_n_in) * __pyx_v_n_out)); if (unlikely(__pyx_t_4 == ((void *)NULL))) __PYX_ERR(0, 564, __pyx_L1_error)
     __pyx_v_l->w = __pyx_t_4;
   }
   __pyx_L3:;
 
-  /* "pyx/_forward.pyx":515
+  /* "pyx/_forward.pyx":565
  *         else:
  *             l.w = float_ptr(spec, <Py_ssize_t>n_in * n_out)
  *         return 0             # <<<<<<<<<<<<<<
@@ -19640,10 +19742,10 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
   }
   goto __pyx_L0;
 
-  /* "pyx/_forward.pyx":504
+  /* "pyx/_forward.pyx":554
  *         self.has_state = True
  * 
- *     cdef int set_linear(self, linear *l, object spec, int n_in, int n_out) except -1:             # <<<<<<<<<<<<<<
+ *     cdef int set_linear_ptr(self, linear *l, object spec, int n_in, int n_out) except -1:             # <<<<<<<<<<<<<<
  *         l.in_ = n_in
  *         l.out = n_out
 */
@@ -19651,7 +19753,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
   /* function exit code */
   __pyx_L1_error:;
   __Pyx_XDECREF(__pyx_t_2);
-  __Pyx_AddTraceback("qinfer._forward.Transformer.set_linear", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __Pyx_AddTraceback("qinfer._forward.Transformer.set_linear_ptr", __pyx_clineno, __pyx_lineno, __pyx_filename);
   __pyx_r = -1;
   __pyx_L0:;
 
@@ -19659,7 +19761,7 @@ static int __pyx_f_6qinfer_8_forward_11Transformer_set_linear(CYTHON_UNUSED stru
   return __pyx_r;
 }
 
-/* "pyx/_forward.pyx":517
+/* "pyx/_forward.pyx":567
  *         return 0
  * 
  *     def __dealloc__(self):             # <<<<<<<<<<<<<<
@@ -19682,7 +19784,7 @@ static void __pyx_pw_6qinfer_8_forward_11Transformer_5__dealloc__(PyObject *__py
 
 static void __pyx_pf_6qinfer_8_forward_11Transformer_4__dealloc__(struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self) {
 
-  /* "pyx/_forward.pyx":518
+  /* "pyx/_forward.pyx":568
  * 
  *     def __dealloc__(self):
  *         if self.has_state:             # <<<<<<<<<<<<<<
@@ -19691,7 +19793,7 @@ static void __pyx_pf_6qinfer_8_forward_11Transformer_4__dealloc__(struct __pyx_o
 */
   if (__pyx_v_self->has_state) {
 
-    /* "pyx/_forward.pyx":519
+    /* "pyx/_forward.pyx":569
  *     def __dealloc__(self):
  *         if self.has_state:
  *             free_state(&self.s)             # <<<<<<<<<<<<<<
@@ -19700,7 +19802,7 @@ static void __pyx_pf_6qinfer_8_forward_11Transformer_4__dealloc__(struct __pyx_o
 */
     free_state((&__pyx_v_self->s));
 
-    /* "pyx/_forward.pyx":518
+    /* "pyx/_forward.pyx":568
  * 
  *     def __dealloc__(self):
  *         if self.has_state:             # <<<<<<<<<<<<<<
@@ -19709,7 +19811,7 @@ static void __pyx_pf_6qinfer_8_forward_11Transformer_4__dealloc__(struct __pyx_o
 */
   }
 
-  /* "pyx/_forward.pyx":520
+  /* "pyx/_forward.pyx":570
  *         if self.has_state:
  *             free_state(&self.s)
  *         free(self.w.layers)             # <<<<<<<<<<<<<<
@@ -19718,7 +19820,7 @@ static void __pyx_pf_6qinfer_8_forward_11Transformer_4__dealloc__(struct __pyx_o
 */
   free(__pyx_v_self->w.layers);
 
-  /* "pyx/_forward.pyx":517
+  /* "pyx/_forward.pyx":567
  *         return 0
  * 
  *     def __dealloc__(self):             # <<<<<<<<<<<<<<
@@ -19730,7 +19832,7 @@ static void __pyx_pf_6qinfer_8_forward_11Transformer_4__dealloc__(struct __pyx_o
 
 }
 
-/* "pyx/_forward.pyx":522
+/* "pyx/_forward.pyx":572
  *         free(self.w.layers)
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -19762,14 +19864,14 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_10max_tokens___get__(s
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__get__", 0);
 
-  /* "pyx/_forward.pyx":524
+  /* "pyx/_forward.pyx":574
  *     @property
  *     def max_tokens(self):
  *         return self.s.max_tokens             # <<<<<<<<<<<<<<
  * 
  *     def forward(self, const int32_t[::1] tokens, int pos, float[:, ::1] logits, bint all_logits,
 */
-  __pyx_t_1 = __Pyx_PyLong_From_int(__pyx_v_self->s.max_tokens); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 524, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyLong_From_int(__pyx_v_self->s.max_tokens); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 574, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   {
     PyObject *__pyx_temp;
@@ -19782,7 +19884,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_10max_tokens___get__(s
   __pyx_t_1 = 0;
   goto __pyx_L0;
 
-  /* "pyx/_forward.pyx":522
+  /* "pyx/_forward.pyx":572
  *         free(self.w.layers)
  * 
  *     @property             # <<<<<<<<<<<<<<
@@ -19801,7 +19903,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_10max_tokens___get__(s
   return __pyx_r;
 }
 
-/* "pyx/_forward.pyx":526
+/* "pyx/_forward.pyx":576
  *         return self.s.max_tokens
  * 
  *     def forward(self, const int32_t[::1] tokens, int pos, float[:, ::1] logits, bint all_logits,             # <<<<<<<<<<<<<<
@@ -19853,60 +19955,60 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_tokens,&__pyx_mstate_global->__pyx_n_u_pos,&__pyx_mstate_global->__pyx_n_u_logits,&__pyx_mstate_global->__pyx_n_u_all_logits,&__pyx_mstate_global->__pyx_n_u_nthreads,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 526, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 576, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 526, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 576, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 526, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 576, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 526, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 576, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 526, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 576, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 526, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 576, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forward", 0) < (0)) __PYX_ERR(0, 526, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "forward", 0) < (0)) __PYX_ERR(0, 576, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 5; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forward", 1, 5, 5, i); __PYX_ERR(0, 526, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("forward", 1, 5, 5, i); __PYX_ERR(0, 576, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 5)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 526, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 576, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 526, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 576, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 526, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 576, __pyx_L3_error)
       values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 526, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 576, __pyx_L3_error)
       values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 526, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 576, __pyx_L3_error)
     }
-    __pyx_v_tokens = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_int32_t__const__(values[0], 0); if (unlikely(!__pyx_v_tokens.memview)) __PYX_ERR(0, 526, __pyx_L3_error)
-    __pyx_v_pos = __Pyx_PyLong_As_int(values[1]); if (unlikely((__pyx_v_pos == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 526, __pyx_L3_error)
-    __pyx_v_logits = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_logits.memview)) __PYX_ERR(0, 526, __pyx_L3_error)
-    __pyx_v_all_logits = __Pyx_PyObject_IsTrue(values[3]); if (unlikely((__pyx_v_all_logits == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 526, __pyx_L3_error)
-    __pyx_v_nthreads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_nthreads == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 527, __pyx_L3_error)
+    __pyx_v_tokens = __Pyx_PyObject_to_MemoryviewSlice_dc_nn_int32_t__const__(values[0], 0); if (unlikely(!__pyx_v_tokens.memview)) __PYX_ERR(0, 576, __pyx_L3_error)
+    __pyx_v_pos = __Pyx_PyLong_As_int(values[1]); if (unlikely((__pyx_v_pos == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 576, __pyx_L3_error)
+    __pyx_v_logits = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(values[2], PyBUF_WRITABLE); if (unlikely(!__pyx_v_logits.memview)) __PYX_ERR(0, 576, __pyx_L3_error)
+    __pyx_v_all_logits = __Pyx_PyObject_IsTrue(values[3]); if (unlikely((__pyx_v_all_logits == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 576, __pyx_L3_error)
+    __pyx_v_nthreads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_nthreads == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 577, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("forward", 1, 5, 5, __pyx_nargs); __PYX_ERR(0, 526, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("forward", 1, 5, 5, __pyx_nargs); __PYX_ERR(0, 576, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -19953,7 +20055,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("forward", 0);
 
-  /* "pyx/_forward.pyx":529
+  /* "pyx/_forward.pyx":579
  *                 int nthreads):
  *         """Tokens at positions pos.. (the caller checks ids, lengths and the context)."""
  *         cdef int n = tokens.shape[0]             # <<<<<<<<<<<<<<
@@ -19962,7 +20064,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
 */
   __pyx_v_n = (__pyx_v_tokens.shape[0]);
 
-  /* "pyx/_forward.pyx":531
+  /* "pyx/_forward.pyx":581
  *         cdef int n = tokens.shape[0]
  *         cdef int rc
  *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx:             # <<<<<<<<<<<<<<
@@ -20008,7 +20110,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
   if (unlikely(__pyx_t_1)) {
 
 
-    /* "pyx/_forward.pyx":532
+    /* "pyx/_forward.pyx":582
  *         cdef int rc
  *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx:
  *             raise ValueError("forward: token count or position out of range")             # <<<<<<<<<<<<<<
@@ -20021,14 +20123,14 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
       PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_forward_token_count_or_position};
       __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 532, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 582, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     __Pyx_Raise(__pyx_t_3, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __PYX_ERR(0, 532, __pyx_L1_error)
+    __PYX_ERR(0, 582, __pyx_L1_error)
 
-    /* "pyx/_forward.pyx":531
+    /* "pyx/_forward.pyx":581
  *         cdef int n = tokens.shape[0]
  *         cdef int rc
  *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx:             # <<<<<<<<<<<<<<
@@ -20037,7 +20139,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
 */
   }
 
-  /* "pyx/_forward.pyx":533
+  /* "pyx/_forward.pyx":583
  *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx:
  *             raise ValueError("forward: token count or position out of range")
  *         if logits.shape[1] != self.w.vocab_size or logits.shape[0] != (n if all_logits else 1):             # <<<<<<<<<<<<<<
@@ -20071,7 +20173,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
   if (unlikely(__pyx_t_1)) {
 
 
-    /* "pyx/_forward.pyx":534
+    /* "pyx/_forward.pyx":584
  *             raise ValueError("forward: token count or position out of range")
  *         if logits.shape[1] != self.w.vocab_size or logits.shape[0] != (n if all_logits else 1):
  *             raise ValueError("forward: logits buffer has the wrong shape")             # <<<<<<<<<<<<<<
@@ -20084,14 +20186,14 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
       PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_forward_logits_buffer_has_the_wr};
       __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 534, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 584, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     __Pyx_Raise(__pyx_t_3, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __PYX_ERR(0, 534, __pyx_L1_error)
+    __PYX_ERR(0, 584, __pyx_L1_error)
 
-    /* "pyx/_forward.pyx":533
+    /* "pyx/_forward.pyx":583
  *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx:
  *             raise ValueError("forward: token count or position out of range")
  *         if logits.shape[1] != self.w.vocab_size or logits.shape[0] != (n if all_logits else 1):             # <<<<<<<<<<<<<<
@@ -20100,7 +20202,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
 */
   }
 
-  /* "pyx/_forward.pyx":535
+  /* "pyx/_forward.pyx":585
  *         if logits.shape[1] != self.w.vocab_size or logits.shape[0] != (n if all_logits else 1):
  *             raise ValueError("forward: logits buffer has the wrong shape")
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -20113,7 +20215,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
       __Pyx_FastGIL_Remember();
       /*try:*/ {
 
-        /* "pyx/_forward.pyx":536
+        /* "pyx/_forward.pyx":586
  *             raise ValueError("forward: logits buffer has the wrong shape")
  *         with nogil:
  *             rc = forward(&self.w, &self.s, <const int *>&tokens[0], n, pos, &logits[0, 0],             # <<<<<<<<<<<<<<
@@ -20124,7 +20226,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
         __pyx_t_8 = 0;
         __pyx_t_9 = 0;
 
-        /* "pyx/_forward.pyx":537
+        /* "pyx/_forward.pyx":587
  *         with nogil:
  *             rc = forward(&self.w, &self.s, <const int *>&tokens[0], n, pos, &logits[0, 0],
  *                          all_logits, nthreads)             # <<<<<<<<<<<<<<
@@ -20134,7 +20236,7 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
         __pyx_v_rc = forward((&__pyx_v_self->w), (&__pyx_v_self->s), ((int const *)(&(*((int32_t const  *) ( /* dim=0 */ ((char *) (((int32_t const  *) __pyx_v_tokens.data) + __pyx_t_7)) ))))), __pyx_v_n, __pyx_v_pos, (&(*((float *) ( /* dim=1 */ ((char *) (((float *) ( /* dim=0 */ (__pyx_v_logits.data + __pyx_t_8 * __pyx_v_logits.strides[0]) )) + __pyx_t_9)) )))), __pyx_v_all_logits, __pyx_v_nthreads);
       }
 
-      /* "pyx/_forward.pyx":535
+      /* "pyx/_forward.pyx":585
  *         if logits.shape[1] != self.w.vocab_size or logits.shape[0] != (n if all_logits else 1):
  *             raise ValueError("forward: logits buffer has the wrong shape")
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -20151,21 +20253,24 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
       }
   }
 
-  /* "pyx/_forward.pyx":538
+  /* "pyx/_forward.pyx":588
  *             rc = forward(&self.w, &self.s, <const int *>&tokens[0], n, pos, &logits[0, 0],
  *                          all_logits, nthreads)
  *         if rc != 0:             # <<<<<<<<<<<<<<
  *             raise MemoryError("out of memory in the forward pass")
+ * 
 */
   __pyx_t_1 = (__pyx_v_rc != 0);
 
   if (unlikely(__pyx_t_1)) {
 
 
-    /* "pyx/_forward.pyx":539
+    /* "pyx/_forward.pyx":589
  *                          all_logits, nthreads)
  *         if rc != 0:
  *             raise MemoryError("out of memory in the forward pass")             # <<<<<<<<<<<<<<
+ * 
+ *     def run_layer(self, int layer, float[:, ::1] x, int pos, dict captures=None, int nthreads=0):
 */
     __pyx_t_4 = NULL;
     __pyx_t_5 = 1;
@@ -20173,22 +20278,23 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
       PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_out_of_memory_in_the_forward_pas};
       __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_MemoryError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 539, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 589, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     __Pyx_Raise(__pyx_t_3, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __PYX_ERR(0, 539, __pyx_L1_error)
+    __PYX_ERR(0, 589, __pyx_L1_error)
 
-    /* "pyx/_forward.pyx":538
+    /* "pyx/_forward.pyx":588
  *             rc = forward(&self.w, &self.s, <const int *>&tokens[0], n, pos, &logits[0, 0],
  *                          all_logits, nthreads)
  *         if rc != 0:             # <<<<<<<<<<<<<<
  *             raise MemoryError("out of memory in the forward pass")
+ * 
 */
   }
 
-  /* "pyx/_forward.pyx":526
+  /* "pyx/_forward.pyx":576
  *         return self.s.max_tokens
  * 
  *     def forward(self, const int32_t[::1] tokens, int pos, float[:, ::1] logits, bint all_logits,             # <<<<<<<<<<<<<<
@@ -20212,6 +20318,944 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
   return __pyx_r;
 }
 
+/* "pyx/_forward.pyx":591
+ *             raise MemoryError("out of memory in the forward pass")
+ * 
+ *     def run_layer(self, int layer, float[:, ::1] x, int pos, dict captures=None, int nthreads=0):             # <<<<<<<<<<<<<<
+ *         """Run block `layer` on hidden states x [n, dim] in place (positions pos..).
+ * 
+*/
+
+/* Python wrapper */
+static PyObject *__pyx_pw_6qinfer_8_forward_11Transformer_9run_layer(PyObject *__pyx_v_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+); /*proto*/
+PyDoc_STRVAR(__pyx_doc_6qinfer_8_forward_11Transformer_8run_layer, "Run block `layer` on hidden states x [n, dim] in place (positions pos..).\n\n        captures: optional dict of float32 arrays to fill with the inputs of\n        the linear maps: \"attn_in\" [n, dim], \"o_in\" [n, n_heads*head_dim],\n        \"mlp_in\" [n, dim], \"down_in\" [n, hidden].\n        ");
+static PyMethodDef __pyx_mdef_6qinfer_8_forward_11Transformer_9run_layer = {"run_layer", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_forward_11Transformer_9run_layer, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_6qinfer_8_forward_11Transformer_8run_layer};
+static PyObject *__pyx_pw_6qinfer_8_forward_11Transformer_9run_layer(PyObject *__pyx_v_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+) {
+  int __pyx_v_layer;
+  __Pyx_memviewslice __pyx_v_x = { 0, 0, { 0 }, { 0 }, { 0 } };
+  int __pyx_v_pos;
+  PyObject *__pyx_v_captures = 0;
+  int __pyx_v_nthreads;
+  #if !CYTHON_VECTORCALL
+  CYTHON_UNUSED Py_ssize_t __pyx_nargs;
+  #endif
+  CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
+  PyObject* values[5] = {0,0,0,0,0};
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  PyObject *__pyx_r = 0;
+  __Pyx_RefNannyDeclarations
+  __Pyx_RefNannySetupContext("run_layer (wrapper)", 0);
+  #if !CYTHON_VECTORCALL
+  #if CYTHON_ASSUME_SAFE_SIZE
+  __pyx_nargs = PyTuple_GET_SIZE(__pyx_args);
+  #else
+  __pyx_nargs = PyTuple_Size(__pyx_args); if (unlikely(__pyx_nargs < 0)) return NULL;
+  #endif
+  #endif
+  __pyx_kwvalues = __Pyx_KwValues_FASTCALL(__pyx_args, __pyx_nargs);
+  {
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_layer,&__pyx_mstate_global->__pyx_n_u_x,&__pyx_mstate_global->__pyx_n_u_pos,&__pyx_mstate_global->__pyx_n_u_captures,&__pyx_mstate_global->__pyx_n_u_nthreads,0};
+    const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 591, __pyx_L3_error)
+    if (__pyx_kwds_len > 0) {
+      switch (__pyx_nargs) {
+        case  5:
+        values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 591, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  4:
+        values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 591, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  3:
+        values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 591, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  2:
+        values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 591, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  1:
+        values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 591, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  0: break;
+        default: goto __pyx_L5_argtuple_error;
+      }
+      const Py_ssize_t kwd_pos_args = __pyx_nargs;
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "run_layer", 0) < (0)) __PYX_ERR(0, 591, __pyx_L3_error)
+      if (!values[3]) values[3] = __Pyx_NewRef(((PyObject*)Py_None));
+      for (Py_ssize_t i = __pyx_nargs; i < 3; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("run_layer", 0, 3, 5, i); __PYX_ERR(0, 591, __pyx_L3_error) }
+      }
+    } else {
+      switch (__pyx_nargs) {
+        case  5:
+        values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 591, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  4:
+        values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 591, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  3:
+        values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 591, __pyx_L3_error)
+        values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 591, __pyx_L3_error)
+        values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 591, __pyx_L3_error)
+        break;
+        default: goto __pyx_L5_argtuple_error;
+      }
+      if (!values[3]) values[3] = __Pyx_NewRef(((PyObject*)Py_None));
+    }
+    __pyx_v_layer = __Pyx_PyLong_As_int(values[0]); if (unlikely((__pyx_v_layer == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 591, __pyx_L3_error)
+    __pyx_v_x = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(values[1], PyBUF_WRITABLE); if (unlikely(!__pyx_v_x.memview)) __PYX_ERR(0, 591, __pyx_L3_error)
+    __pyx_v_pos = __Pyx_PyLong_As_int(values[2]); if (unlikely((__pyx_v_pos == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 591, __pyx_L3_error)
+    __pyx_v_captures = ((PyObject*)values[3]);
+    if (values[4]) {
+      __pyx_v_nthreads = __Pyx_PyLong_As_int(values[4]); if (unlikely((__pyx_v_nthreads == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 591, __pyx_L3_error)
+    } else {
+      __pyx_v_nthreads = ((int)0);
+    }
+  }
+  goto __pyx_L6_skip;
+  __pyx_L5_argtuple_error:;
+  __Pyx_RaiseArgtupleInvalid("run_layer", 0, 3, 5, __pyx_nargs); __PYX_ERR(0, 591, __pyx_L3_error)
+  __pyx_L6_skip:;
+  goto __pyx_L4_argument_unpacking_done;
+  __pyx_L3_error:;
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_x, 1);
+  __Pyx_AddTraceback("qinfer._forward.Transformer.run_layer", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __Pyx_RefNannyFinishContext();
+  return NULL;
+  __pyx_L4_argument_unpacking_done:;
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_captures), (&PyDict_Type), 1, "captures", 1))) __PYX_ERR(0, 591, __pyx_L1_error)
+  __pyx_r = __pyx_pf_6qinfer_8_forward_11Transformer_8run_layer(((struct __pyx_obj_6qinfer_8_forward_Transformer *)__pyx_v_self), __pyx_v_layer, __pyx_v_x, __pyx_v_pos, __pyx_v_captures, __pyx_v_nthreads);
+
+  /* function exit code */
+  goto __pyx_L0;
+  __pyx_L1_error:;
+  __pyx_r = NULL;
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  goto __pyx_L7_cleaned_up;
+  __pyx_L0:;
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __pyx_L7_cleaned_up:;
+
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_x, 1);
+
+
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_8run_layer(struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self, int __pyx_v_layer, __Pyx_memviewslice __pyx_v_x, int __pyx_v_pos, PyObject *__pyx_v_captures, int __pyx_v_nthreads) {
+  layer_capture __pyx_v_cap;
+  int __pyx_v_n;
+  int __pyx_v_rc;
+  PyObject *__pyx_v_widths = NULL;
+  PyObject *__pyx_r = NULL;
+  __Pyx_RefNannyDeclarations
+  int __pyx_t_1;
+  int __pyx_t_2;
+  PyObject *__pyx_t_3 = NULL;
+  PyObject *__pyx_t_4 = NULL;
+  size_t __pyx_t_5;
+  int __pyx_t_6;
+  float *__pyx_t_7;
+  Py_ssize_t __pyx_t_8;
+  Py_ssize_t __pyx_t_9;
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  __Pyx_RefNannySetupContext("run_layer", 0);
+
+  /* "pyx/_forward.pyx":599
+ *         """
+ *         cdef layer_capture cap
+ *         cdef int n = x.shape[0]             # <<<<<<<<<<<<<<
+ *         cdef int rc
+ *         if layer < 0 or layer >= self.w.n_layers:
+*/
+  __pyx_v_n = (__pyx_v_x.shape[0]);
+
+  /* "pyx/_forward.pyx":601
+ *         cdef int n = x.shape[0]
+ *         cdef int rc
+ *         if layer < 0 or layer >= self.w.n_layers:             # <<<<<<<<<<<<<<
+ *             raise ValueError("no such layer")
+ *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx or x.shape[1] != self.w.dim:
+*/
+  __pyx_t_2 = (__pyx_v_layer < 0);
+
+  if (!__pyx_t_2) {
+
+  } else {
+
+    __pyx_t_1 = __pyx_t_2;
+
+    goto __pyx_L4_bool_binop_done;
+  }
+  __pyx_t_2 = (__pyx_v_layer >= __pyx_v_self->w.n_layers);
+
+
+  __pyx_t_1 = __pyx_t_2;
+
+  __pyx_L4_bool_binop_done:;
+  if (unlikely(__pyx_t_1)) {
+
+
+    /* "pyx/_forward.pyx":602
+ *         cdef int rc
+ *         if layer < 0 or layer >= self.w.n_layers:
+ *             raise ValueError("no such layer")             # <<<<<<<<<<<<<<
+ *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx or x.shape[1] != self.w.dim:
+ *             raise ValueError("run_layer: shape or position out of range")
+*/
+    __pyx_t_4 = NULL;
+    __pyx_t_5 = 1;
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_no_such_layer};
+      __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 602, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_3);
+    }
+    __Pyx_Raise(__pyx_t_3, 0, 0, 0);
+    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+    __PYX_ERR(0, 602, __pyx_L1_error)
+
+    /* "pyx/_forward.pyx":601
+ *         cdef int n = x.shape[0]
+ *         cdef int rc
+ *         if layer < 0 or layer >= self.w.n_layers:             # <<<<<<<<<<<<<<
+ *             raise ValueError("no such layer")
+ *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx or x.shape[1] != self.w.dim:
+*/
+  }
+
+  /* "pyx/_forward.pyx":603
+ *         if layer < 0 or layer >= self.w.n_layers:
+ *             raise ValueError("no such layer")
+ *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx or x.shape[1] != self.w.dim:             # <<<<<<<<<<<<<<
+ *             raise ValueError("run_layer: shape or position out of range")
+ *         widths = {"attn_in": self.w.dim, "o_in": self.w.n_heads * self.w.head_dim,
+*/
+  __pyx_t_2 = (__pyx_v_n < 1);
+
+  if (!__pyx_t_2) {
+
+  } else {
+
+    __pyx_t_1 = __pyx_t_2;
+
+    goto __pyx_L7_bool_binop_done;
+  }
+  __pyx_t_2 = (__pyx_v_n > __pyx_v_self->s.max_tokens);
+
+  if (!__pyx_t_2) {
+
+  } else {
+
+    __pyx_t_1 = __pyx_t_2;
+
+    goto __pyx_L7_bool_binop_done;
+  }
+  __pyx_t_2 = (__pyx_v_pos < 0);
+
+  if (!__pyx_t_2) {
+
+  } else {
+
+    __pyx_t_1 = __pyx_t_2;
+
+    goto __pyx_L7_bool_binop_done;
+  }
+  __pyx_t_2 = ((__pyx_v_pos + __pyx_v_n) > __pyx_v_self->w.ctx);
+
+  if (!__pyx_t_2) {
+
+  } else {
+
+    __pyx_t_1 = __pyx_t_2;
+
+    goto __pyx_L7_bool_binop_done;
+  }
+  __pyx_t_2 = ((__pyx_v_x.shape[1]) != __pyx_v_self->w.dim);
+
+
+  __pyx_t_1 = __pyx_t_2;
+
+  __pyx_L7_bool_binop_done:;
+  if (unlikely(__pyx_t_1)) {
+
+
+    /* "pyx/_forward.pyx":604
+ *             raise ValueError("no such layer")
+ *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx or x.shape[1] != self.w.dim:
+ *             raise ValueError("run_layer: shape or position out of range")             # <<<<<<<<<<<<<<
+ *         widths = {"attn_in": self.w.dim, "o_in": self.w.n_heads * self.w.head_dim,
+ *                   "mlp_in": self.w.dim, "down_in": self.w.hidden_dim}
+*/
+    __pyx_t_4 = NULL;
+    __pyx_t_5 = 1;
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_run_layer_shape_or_position_out};
+      __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 604, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_3);
+    }
+    __Pyx_Raise(__pyx_t_3, 0, 0, 0);
+    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+    __PYX_ERR(0, 604, __pyx_L1_error)
+
+    /* "pyx/_forward.pyx":603
+ *         if layer < 0 or layer >= self.w.n_layers:
+ *             raise ValueError("no such layer")
+ *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx or x.shape[1] != self.w.dim:             # <<<<<<<<<<<<<<
+ *             raise ValueError("run_layer: shape or position out of range")
+ *         widths = {"attn_in": self.w.dim, "o_in": self.w.n_heads * self.w.head_dim,
+*/
+  }
+
+  /* "pyx/_forward.pyx":605
+ *         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx or x.shape[1] != self.w.dim:
+ *             raise ValueError("run_layer: shape or position out of range")
+ *         widths = {"attn_in": self.w.dim, "o_in": self.w.n_heads * self.w.head_dim,             # <<<<<<<<<<<<<<
+ *                   "mlp_in": self.w.dim, "down_in": self.w.hidden_dim}
+ *         cap.attn_in = capture_ptr(captures, "attn_in", n, widths["attn_in"])
+*/
+  __pyx_t_3 = __Pyx_PyDict_NewPresized(4); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 605, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_4 = __Pyx_PyLong_From_int(__pyx_v_self->w.dim); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 605, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  if (PyDict_SetItem(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_attn_in, __pyx_t_4) < (0)) __PYX_ERR(0, 605, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  __pyx_t_4 = __Pyx_PyLong_From_int((__pyx_v_self->w.n_heads * __pyx_v_self->w.head_dim)); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 605, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  if (PyDict_SetItem(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_o_in, __pyx_t_4) < (0)) __PYX_ERR(0, 605, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+
+  /* "pyx/_forward.pyx":606
+ *             raise ValueError("run_layer: shape or position out of range")
+ *         widths = {"attn_in": self.w.dim, "o_in": self.w.n_heads * self.w.head_dim,
+ *                   "mlp_in": self.w.dim, "down_in": self.w.hidden_dim}             # <<<<<<<<<<<<<<
+ *         cap.attn_in = capture_ptr(captures, "attn_in", n, widths["attn_in"])
+ *         cap.o_in = capture_ptr(captures, "o_in", n, widths["o_in"])
+*/
+  __pyx_t_4 = __Pyx_PyLong_From_int(__pyx_v_self->w.dim); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 606, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  if (PyDict_SetItem(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_mlp_in, __pyx_t_4) < (0)) __PYX_ERR(0, 605, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  __pyx_t_4 = __Pyx_PyLong_From_int(__pyx_v_self->w.hidden_dim); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 606, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  if (PyDict_SetItem(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_down_in, __pyx_t_4) < (0)) __PYX_ERR(0, 605, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  __pyx_v_widths = ((PyObject*)__pyx_t_3);
+  __pyx_t_3 = 0;
+
+  /* "pyx/_forward.pyx":607
+ *         widths = {"attn_in": self.w.dim, "o_in": self.w.n_heads * self.w.head_dim,
+ *                   "mlp_in": self.w.dim, "down_in": self.w.hidden_dim}
+ *         cap.attn_in = capture_ptr(captures, "attn_in", n, widths["attn_in"])             # <<<<<<<<<<<<<<
+ *         cap.o_in = capture_ptr(captures, "o_in", n, widths["o_in"])
+ *         cap.mlp_in = capture_ptr(captures, "mlp_in", n, widths["mlp_in"])
+*/
+  __pyx_t_3 = __Pyx_PyDict_GetItem(__pyx_v_widths, __pyx_mstate_global->__pyx_n_u_attn_in); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 607, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_6 = __Pyx_PyLong_As_int(__pyx_t_3); if (unlikely((__pyx_t_6 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 607, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+  __pyx_t_7 = __pyx_f_6qinfer_8_forward_capture_ptr(__pyx_v_captures, __pyx_mstate_global->__pyx_n_u_attn_in, __pyx_v_n, __pyx_t_6); if (unlikely(__pyx_t_7 == ((void *)NULL) && PyErr_Occurred())) __PYX_ERR(0, 607, __pyx_L1_error)
+
+  __pyx_v_cap.attn_in = __pyx_t_7;
+
+  /* "pyx/_forward.pyx":608
+ *                   "mlp_in": self.w.dim, "down_in": self.w.hidden_dim}
+ *         cap.attn_in = capture_ptr(captures, "attn_in", n, widths["attn_in"])
+ *         cap.o_in = capture_ptr(captures, "o_in", n, widths["o_in"])             # <<<<<<<<<<<<<<
+ *         cap.mlp_in = capture_ptr(captures, "mlp_in", n, widths["mlp_in"])
+ *         cap.down_in = capture_ptr(captures, "down_in", n, widths["down_in"])
+*/
+  __pyx_t_3 = __Pyx_PyDict_GetItem(__pyx_v_widths, __pyx_mstate_global->__pyx_n_u_o_in); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 608, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_6 = __Pyx_PyLong_As_int(__pyx_t_3); if (unlikely((__pyx_t_6 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 608, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+  __pyx_t_7 = __pyx_f_6qinfer_8_forward_capture_ptr(__pyx_v_captures, __pyx_mstate_global->__pyx_n_u_o_in, __pyx_v_n, __pyx_t_6); if (unlikely(__pyx_t_7 == ((void *)NULL) && PyErr_Occurred())) __PYX_ERR(0, 608, __pyx_L1_error)
+
+  __pyx_v_cap.o_in = __pyx_t_7;
+
+  /* "pyx/_forward.pyx":609
+ *         cap.attn_in = capture_ptr(captures, "attn_in", n, widths["attn_in"])
+ *         cap.o_in = capture_ptr(captures, "o_in", n, widths["o_in"])
+ *         cap.mlp_in = capture_ptr(captures, "mlp_in", n, widths["mlp_in"])             # <<<<<<<<<<<<<<
+ *         cap.down_in = capture_ptr(captures, "down_in", n, widths["down_in"])
+ *         with nogil:
+*/
+  __pyx_t_3 = __Pyx_PyDict_GetItem(__pyx_v_widths, __pyx_mstate_global->__pyx_n_u_mlp_in); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 609, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_6 = __Pyx_PyLong_As_int(__pyx_t_3); if (unlikely((__pyx_t_6 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 609, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+  __pyx_t_7 = __pyx_f_6qinfer_8_forward_capture_ptr(__pyx_v_captures, __pyx_mstate_global->__pyx_n_u_mlp_in, __pyx_v_n, __pyx_t_6); if (unlikely(__pyx_t_7 == ((void *)NULL) && PyErr_Occurred())) __PYX_ERR(0, 609, __pyx_L1_error)
+
+  __pyx_v_cap.mlp_in = __pyx_t_7;
+
+  /* "pyx/_forward.pyx":610
+ *         cap.o_in = capture_ptr(captures, "o_in", n, widths["o_in"])
+ *         cap.mlp_in = capture_ptr(captures, "mlp_in", n, widths["mlp_in"])
+ *         cap.down_in = capture_ptr(captures, "down_in", n, widths["down_in"])             # <<<<<<<<<<<<<<
+ *         with nogil:
+ *             rc = run_layer(&self.w, &self.s, layer, &x[0, 0], n, pos, &cap, nthreads)
+*/
+  __pyx_t_3 = __Pyx_PyDict_GetItem(__pyx_v_widths, __pyx_mstate_global->__pyx_n_u_down_in); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 610, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_6 = __Pyx_PyLong_As_int(__pyx_t_3); if (unlikely((__pyx_t_6 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 610, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+  __pyx_t_7 = __pyx_f_6qinfer_8_forward_capture_ptr(__pyx_v_captures, __pyx_mstate_global->__pyx_n_u_down_in, __pyx_v_n, __pyx_t_6); if (unlikely(__pyx_t_7 == ((void *)NULL) && PyErr_Occurred())) __PYX_ERR(0, 610, __pyx_L1_error)
+
+  __pyx_v_cap.down_in = __pyx_t_7;
+
+  /* "pyx/_forward.pyx":611
+ *         cap.mlp_in = capture_ptr(captures, "mlp_in", n, widths["mlp_in"])
+ *         cap.down_in = capture_ptr(captures, "down_in", n, widths["down_in"])
+ *         with nogil:             # <<<<<<<<<<<<<<
+ *             rc = run_layer(&self.w, &self.s, layer, &x[0, 0], n, pos, &cap, nthreads)
+ *         if rc != 0:
+*/
+  {
+      PyThreadState * _save;
+      _save = PyEval_SaveThread();
+      __Pyx_FastGIL_Remember();
+      /*try:*/ {
+
+        /* "pyx/_forward.pyx":612
+ *         cap.down_in = capture_ptr(captures, "down_in", n, widths["down_in"])
+ *         with nogil:
+ *             rc = run_layer(&self.w, &self.s, layer, &x[0, 0], n, pos, &cap, nthreads)             # <<<<<<<<<<<<<<
+ *         if rc != 0:
+ *             raise MemoryError("out of memory in the forward pass")
+*/
+        __pyx_t_8 = 0;
+        __pyx_t_9 = 0;
+        __pyx_v_rc = run_layer((&__pyx_v_self->w), (&__pyx_v_self->s), __pyx_v_layer, (&(*((float *) ( /* dim=1 */ ((char *) (((float *) ( /* dim=0 */ (__pyx_v_x.data + __pyx_t_8 * __pyx_v_x.strides[0]) )) + __pyx_t_9)) )))), __pyx_v_n, __pyx_v_pos, (&__pyx_v_cap), __pyx_v_nthreads);
+      }
+
+      /* "pyx/_forward.pyx":611
+ *         cap.mlp_in = capture_ptr(captures, "mlp_in", n, widths["mlp_in"])
+ *         cap.down_in = capture_ptr(captures, "down_in", n, widths["down_in"])
+ *         with nogil:             # <<<<<<<<<<<<<<
+ *             rc = run_layer(&self.w, &self.s, layer, &x[0, 0], n, pos, &cap, nthreads)
+ *         if rc != 0:
+*/
+      /*finally:*/ {
+        /*normal exit:*/{
+          __Pyx_FastGIL_Forget();
+          PyEval_RestoreThread(_save);
+          goto __pyx_L14;
+        }
+        __pyx_L14:;
+      }
+  }
+
+  /* "pyx/_forward.pyx":613
+ *         with nogil:
+ *             rc = run_layer(&self.w, &self.s, layer, &x[0, 0], n, pos, &cap, nthreads)
+ *         if rc != 0:             # <<<<<<<<<<<<<<
+ *             raise MemoryError("out of memory in the forward pass")
+ * 
+*/
+  __pyx_t_1 = (__pyx_v_rc != 0);
+
+  if (unlikely(__pyx_t_1)) {
+
+
+    /* "pyx/_forward.pyx":614
+ *             rc = run_layer(&self.w, &self.s, layer, &x[0, 0], n, pos, &cap, nthreads)
+ *         if rc != 0:
+ *             raise MemoryError("out of memory in the forward pass")             # <<<<<<<<<<<<<<
+ * 
+ *     def set_linear(self, int layer, str name, spec):
+*/
+    __pyx_t_4 = NULL;
+    __pyx_t_5 = 1;
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_out_of_memory_in_the_forward_pas};
+      __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_MemoryError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 614, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_3);
+    }
+    __Pyx_Raise(__pyx_t_3, 0, 0, 0);
+    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+    __PYX_ERR(0, 614, __pyx_L1_error)
+
+    /* "pyx/_forward.pyx":613
+ *         with nogil:
+ *             rc = run_layer(&self.w, &self.s, layer, &x[0, 0], n, pos, &cap, nthreads)
+ *         if rc != 0:             # <<<<<<<<<<<<<<
+ *             raise MemoryError("out of memory in the forward pass")
+ * 
+*/
+  }
+
+  /* "pyx/_forward.pyx":591
+ *             raise MemoryError("out of memory in the forward pass")
+ * 
+ *     def run_layer(self, int layer, float[:, ::1] x, int pos, dict captures=None, int nthreads=0):             # <<<<<<<<<<<<<<
+ *         """Run block `layer` on hidden states x [n, dim] in place (positions pos..).
+ * 
+*/
+
+  /* function exit code */
+  __pyx_r = Py_None; __Pyx_INCREF(Py_None);
+  goto __pyx_L0;
+  __pyx_L1_error:;
+  __Pyx_XDECREF(__pyx_t_3);
+  __Pyx_XDECREF(__pyx_t_4);
+  __Pyx_AddTraceback("qinfer._forward.Transformer.run_layer", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __pyx_r = NULL;
+  __pyx_L0:;
+
+
+
+  __Pyx_XDECREF(__pyx_v_widths);
+  __Pyx_XGIVEREF(__pyx_r);
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+/* "pyx/_forward.pyx":616
+ *             raise MemoryError("out of memory in the forward pass")
+ * 
+ *     def set_linear(self, int layer, str name, spec):             # <<<<<<<<<<<<<<
+ *         """Point one linear map of a block at new weights (the caller keeps them alive)."""
+ *         cdef layer_weights *lw
+*/
+
+/* Python wrapper */
+static PyObject *__pyx_pw_6qinfer_8_forward_11Transformer_11set_linear(PyObject *__pyx_v_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+); /*proto*/
+PyDoc_STRVAR(__pyx_doc_6qinfer_8_forward_11Transformer_10set_linear, "Point one linear map of a block at new weights (the caller keeps them alive).");
+static PyMethodDef __pyx_mdef_6qinfer_8_forward_11Transformer_11set_linear = {"set_linear", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_forward_11Transformer_11set_linear, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_6qinfer_8_forward_11Transformer_10set_linear};
+static PyObject *__pyx_pw_6qinfer_8_forward_11Transformer_11set_linear(PyObject *__pyx_v_self, 
+#if CYTHON_VECTORCALL
+PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
+#else
+PyObject *__pyx_args, PyObject *__pyx_kwds
+#endif
+) {
+  int __pyx_v_layer;
+  PyObject *__pyx_v_name = 0;
+  PyObject *__pyx_v_spec = 0;
+  #if !CYTHON_VECTORCALL
+  CYTHON_UNUSED Py_ssize_t __pyx_nargs;
+  #endif
+  CYTHON_UNUSED PyObject *const *__pyx_kwvalues;
+  PyObject* values[3] = {0,0,0};
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  PyObject *__pyx_r = 0;
+  __Pyx_RefNannyDeclarations
+  __Pyx_RefNannySetupContext("set_linear (wrapper)", 0);
+  #if !CYTHON_VECTORCALL
+  #if CYTHON_ASSUME_SAFE_SIZE
+  __pyx_nargs = PyTuple_GET_SIZE(__pyx_args);
+  #else
+  __pyx_nargs = PyTuple_Size(__pyx_args); if (unlikely(__pyx_nargs < 0)) return NULL;
+  #endif
+  #endif
+  __pyx_kwvalues = __Pyx_KwValues_FASTCALL(__pyx_args, __pyx_nargs);
+  {
+    PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_layer,&__pyx_mstate_global->__pyx_n_u_name,&__pyx_mstate_global->__pyx_n_u_spec,0};
+    const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 616, __pyx_L3_error)
+    if (__pyx_kwds_len > 0) {
+      switch (__pyx_nargs) {
+        case  3:
+        values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 616, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  2:
+        values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 616, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  1:
+        values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 616, __pyx_L3_error)
+        CYTHON_FALLTHROUGH;
+        case  0: break;
+        default: goto __pyx_L5_argtuple_error;
+      }
+      const Py_ssize_t kwd_pos_args = __pyx_nargs;
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "set_linear", 0) < (0)) __PYX_ERR(0, 616, __pyx_L3_error)
+      for (Py_ssize_t i = __pyx_nargs; i < 3; i++) {
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("set_linear", 1, 3, 3, i); __PYX_ERR(0, 616, __pyx_L3_error) }
+      }
+    } else if (unlikely(__pyx_nargs != 3)) {
+      goto __pyx_L5_argtuple_error;
+    } else {
+      values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 616, __pyx_L3_error)
+      values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 616, __pyx_L3_error)
+      values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 616, __pyx_L3_error)
+    }
+    __pyx_v_layer = __Pyx_PyLong_As_int(values[0]); if (unlikely((__pyx_v_layer == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 616, __pyx_L3_error)
+    __pyx_v_name = ((PyObject*)values[1]);
+    __pyx_v_spec = values[2];
+  }
+  goto __pyx_L6_skip;
+  __pyx_L5_argtuple_error:;
+  __Pyx_RaiseArgtupleInvalid("set_linear", 1, 3, 3, __pyx_nargs); __PYX_ERR(0, 616, __pyx_L3_error)
+  __pyx_L6_skip:;
+  goto __pyx_L4_argument_unpacking_done;
+  __pyx_L3_error:;
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __Pyx_AddTraceback("qinfer._forward.Transformer.set_linear", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __Pyx_RefNannyFinishContext();
+  return NULL;
+  __pyx_L4_argument_unpacking_done:;
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_name), (&PyUnicode_Type), 1, "name", 1))) __PYX_ERR(0, 616, __pyx_L1_error)
+  __pyx_r = __pyx_pf_6qinfer_8_forward_11Transformer_10set_linear(((struct __pyx_obj_6qinfer_8_forward_Transformer *)__pyx_v_self), __pyx_v_layer, __pyx_v_name, __pyx_v_spec);
+
+  /* function exit code */
+  goto __pyx_L0;
+  __pyx_L1_error:;
+  __pyx_r = NULL;
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  goto __pyx_L7_cleaned_up;
+  __pyx_L0:;
+  for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
+    Py_XDECREF(values[__pyx_temp]);
+  }
+  __pyx_L7_cleaned_up:;
+
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_10set_linear(struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self, int __pyx_v_layer, PyObject *__pyx_v_name, PyObject *__pyx_v_spec) {
+  layer_weights *__pyx_v_lw;
+  int __pyx_v_dim;
+  int __pyx_v_hidden;
+  int __pyx_v_q_dim;
+  int __pyx_v_kv_dim;
+  PyObject *__pyx_r = NULL;
+  __Pyx_RefNannyDeclarations
+  int __pyx_t_1;
+  int __pyx_t_2;
+  PyObject *__pyx_t_3 = NULL;
+  PyObject *__pyx_t_4 = NULL;
+  size_t __pyx_t_5;
+  int __pyx_t_6;
+  int __pyx_t_7;
+  PyObject *__pyx_t_8 = NULL;
+  PyObject *__pyx_t_9 = NULL;
+  int __pyx_t_10;
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  __Pyx_RefNannySetupContext("set_linear", 0);
+
+  /* "pyx/_forward.pyx":619
+ *         """Point one linear map of a block at new weights (the caller keeps them alive)."""
+ *         cdef layer_weights *lw
+ *         if layer < 0 or layer >= self.w.n_layers:             # <<<<<<<<<<<<<<
+ *             raise ValueError("no such layer")
+ *         lw = &self.w.layers[layer]
+*/
+  __pyx_t_2 = (__pyx_v_layer < 0);
+
+  if (!__pyx_t_2) {
+
+  } else {
+
+    __pyx_t_1 = __pyx_t_2;
+
+    goto __pyx_L4_bool_binop_done;
+  }
+  __pyx_t_2 = (__pyx_v_layer >= __pyx_v_self->w.n_layers);
+
+
+  __pyx_t_1 = __pyx_t_2;
+
+  __pyx_L4_bool_binop_done:;
+  if (unlikely(__pyx_t_1)) {
+
+
+    /* "pyx/_forward.pyx":620
+ *         cdef layer_weights *lw
+ *         if layer < 0 or layer >= self.w.n_layers:
+ *             raise ValueError("no such layer")             # <<<<<<<<<<<<<<
+ *         lw = &self.w.layers[layer]
+ *         dim, hidden = self.w.dim, self.w.hidden_dim
+*/
+    __pyx_t_4 = NULL;
+    __pyx_t_5 = 1;
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_no_such_layer};
+      __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 620, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_3);
+    }
+    __Pyx_Raise(__pyx_t_3, 0, 0, 0);
+    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+    __PYX_ERR(0, 620, __pyx_L1_error)
+
+    /* "pyx/_forward.pyx":619
+ *         """Point one linear map of a block at new weights (the caller keeps them alive)."""
+ *         cdef layer_weights *lw
+ *         if layer < 0 or layer >= self.w.n_layers:             # <<<<<<<<<<<<<<
+ *             raise ValueError("no such layer")
+ *         lw = &self.w.layers[layer]
+*/
+  }
+
+  /* "pyx/_forward.pyx":621
+ *         if layer < 0 or layer >= self.w.n_layers:
+ *             raise ValueError("no such layer")
+ *         lw = &self.w.layers[layer]             # <<<<<<<<<<<<<<
+ *         dim, hidden = self.w.dim, self.w.hidden_dim
+ *         q_dim, kv_dim = self.w.n_heads * self.w.head_dim, self.w.n_kv_heads * self.w.head_dim
+*/
+  __pyx_v_lw = (&(__pyx_v_self->w.layers[__pyx_v_layer]));
+
+  /* "pyx/_forward.pyx":622
+ *             raise ValueError("no such layer")
+ *         lw = &self.w.layers[layer]
+ *         dim, hidden = self.w.dim, self.w.hidden_dim             # <<<<<<<<<<<<<<
+ *         q_dim, kv_dim = self.w.n_heads * self.w.head_dim, self.w.n_kv_heads * self.w.head_dim
+ *         if name == "wq": self.set_linear_ptr(&lw.wq, spec, dim, q_dim)
+*/
+  __pyx_t_6 = __pyx_v_self->w.dim;
+
+  __pyx_t_7 = __pyx_v_self->w.hidden_dim;
+
+  __pyx_v_dim = __pyx_t_6;
+  __pyx_v_hidden = __pyx_t_7;
+
+  /* "pyx/_forward.pyx":623
+ *         lw = &self.w.layers[layer]
+ *         dim, hidden = self.w.dim, self.w.hidden_dim
+ *         q_dim, kv_dim = self.w.n_heads * self.w.head_dim, self.w.n_kv_heads * self.w.head_dim             # <<<<<<<<<<<<<<
+ *         if name == "wq": self.set_linear_ptr(&lw.wq, spec, dim, q_dim)
+ *         elif name == "wk": self.set_linear_ptr(&lw.wk, spec, dim, kv_dim)
+*/
+  __pyx_t_7 = (__pyx_v_self->w.n_heads * __pyx_v_self->w.head_dim);
+
+  __pyx_t_6 = (__pyx_v_self->w.n_kv_heads * __pyx_v_self->w.head_dim);
+
+  __pyx_v_q_dim = __pyx_t_7;
+  __pyx_v_kv_dim = __pyx_t_6;
+
+  /* "pyx/_forward.pyx":624
+ *         dim, hidden = self.w.dim, self.w.hidden_dim
+ *         q_dim, kv_dim = self.w.n_heads * self.w.head_dim, self.w.n_kv_heads * self.w.head_dim
+ *         if name == "wq": self.set_linear_ptr(&lw.wq, spec, dim, q_dim)             # <<<<<<<<<<<<<<
+ *         elif name == "wk": self.set_linear_ptr(&lw.wk, spec, dim, kv_dim)
+ *         elif name == "wv": self.set_linear_ptr(&lw.wv, spec, dim, kv_dim)
+*/
+  __pyx_t_1 = __Pyx_PyObject_CompareBoolEq_str_str(__pyx_v_name, __pyx_mstate_global->__pyx_n_u_wq, Py_EQ); if (unlikely((__pyx_t_1 < 0))) __PYX_ERR(0, 624, __pyx_L1_error)
+  if (__pyx_t_1) {
+
+    __pyx_t_6 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear_ptr(__pyx_v_self, (&__pyx_v_lw->wq), __pyx_v_spec, __pyx_v_dim, __pyx_v_q_dim); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(0, 624, __pyx_L1_error)
+
+    goto __pyx_L6;
+  }
+
+  /* "pyx/_forward.pyx":625
+ *         q_dim, kv_dim = self.w.n_heads * self.w.head_dim, self.w.n_kv_heads * self.w.head_dim
+ *         if name == "wq": self.set_linear_ptr(&lw.wq, spec, dim, q_dim)
+ *         elif name == "wk": self.set_linear_ptr(&lw.wk, spec, dim, kv_dim)             # <<<<<<<<<<<<<<
+ *         elif name == "wv": self.set_linear_ptr(&lw.wv, spec, dim, kv_dim)
+ *         elif name == "wo": self.set_linear_ptr(&lw.wo, spec, q_dim, dim)
+*/
+  __pyx_t_1 = __Pyx_PyObject_CompareBoolEq_str_str(__pyx_v_name, __pyx_mstate_global->__pyx_n_u_wk, Py_EQ); if (unlikely((__pyx_t_1 < 0))) __PYX_ERR(0, 625, __pyx_L1_error)
+  if (__pyx_t_1) {
+
+    __pyx_t_6 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear_ptr(__pyx_v_self, (&__pyx_v_lw->wk), __pyx_v_spec, __pyx_v_dim, __pyx_v_kv_dim); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(0, 625, __pyx_L1_error)
+
+    goto __pyx_L6;
+  }
+
+  /* "pyx/_forward.pyx":626
+ *         if name == "wq": self.set_linear_ptr(&lw.wq, spec, dim, q_dim)
+ *         elif name == "wk": self.set_linear_ptr(&lw.wk, spec, dim, kv_dim)
+ *         elif name == "wv": self.set_linear_ptr(&lw.wv, spec, dim, kv_dim)             # <<<<<<<<<<<<<<
+ *         elif name == "wo": self.set_linear_ptr(&lw.wo, spec, q_dim, dim)
+ *         elif name == "w_gate": self.set_linear_ptr(&lw.w_gate, spec, dim, hidden)
+*/
+  __pyx_t_1 = __Pyx_PyObject_CompareBoolEq_str_str(__pyx_v_name, __pyx_mstate_global->__pyx_n_u_wv, Py_EQ); if (unlikely((__pyx_t_1 < 0))) __PYX_ERR(0, 626, __pyx_L1_error)
+  if (__pyx_t_1) {
+
+    __pyx_t_6 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear_ptr(__pyx_v_self, (&__pyx_v_lw->wv), __pyx_v_spec, __pyx_v_dim, __pyx_v_kv_dim); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(0, 626, __pyx_L1_error)
+
+    goto __pyx_L6;
+  }
+
+  /* "pyx/_forward.pyx":627
+ *         elif name == "wk": self.set_linear_ptr(&lw.wk, spec, dim, kv_dim)
+ *         elif name == "wv": self.set_linear_ptr(&lw.wv, spec, dim, kv_dim)
+ *         elif name == "wo": self.set_linear_ptr(&lw.wo, spec, q_dim, dim)             # <<<<<<<<<<<<<<
+ *         elif name == "w_gate": self.set_linear_ptr(&lw.w_gate, spec, dim, hidden)
+ *         elif name == "w_up": self.set_linear_ptr(&lw.w_up, spec, dim, hidden)
+*/
+  __pyx_t_1 = __Pyx_PyObject_CompareBoolEq_str_str(__pyx_v_name, __pyx_mstate_global->__pyx_n_u_wo, Py_EQ); if (unlikely((__pyx_t_1 < 0))) __PYX_ERR(0, 627, __pyx_L1_error)
+  if (__pyx_t_1) {
+
+    __pyx_t_6 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear_ptr(__pyx_v_self, (&__pyx_v_lw->wo), __pyx_v_spec, __pyx_v_q_dim, __pyx_v_dim); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(0, 627, __pyx_L1_error)
+
+    goto __pyx_L6;
+  }
+
+  /* "pyx/_forward.pyx":628
+ *         elif name == "wv": self.set_linear_ptr(&lw.wv, spec, dim, kv_dim)
+ *         elif name == "wo": self.set_linear_ptr(&lw.wo, spec, q_dim, dim)
+ *         elif name == "w_gate": self.set_linear_ptr(&lw.w_gate, spec, dim, hidden)             # <<<<<<<<<<<<<<
+ *         elif name == "w_up": self.set_linear_ptr(&lw.w_up, spec, dim, hidden)
+ *         elif name == "w_down": self.set_linear_ptr(&lw.w_down, spec, hidden, dim)
+*/
+  __pyx_t_1 = __Pyx_PyObject_CompareBoolEq_str_str(__pyx_v_name, __pyx_mstate_global->__pyx_n_u_w_gate, Py_EQ); if (unlikely((__pyx_t_1 < 0))) __PYX_ERR(0, 628, __pyx_L1_error)
+  if (__pyx_t_1) {
+
+    __pyx_t_6 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear_ptr(__pyx_v_self, (&__pyx_v_lw->w_gate), __pyx_v_spec, __pyx_v_dim, __pyx_v_hidden); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(0, 628, __pyx_L1_error)
+
+    goto __pyx_L6;
+  }
+
+  /* "pyx/_forward.pyx":629
+ *         elif name == "wo": self.set_linear_ptr(&lw.wo, spec, q_dim, dim)
+ *         elif name == "w_gate": self.set_linear_ptr(&lw.w_gate, spec, dim, hidden)
+ *         elif name == "w_up": self.set_linear_ptr(&lw.w_up, spec, dim, hidden)             # <<<<<<<<<<<<<<
+ *         elif name == "w_down": self.set_linear_ptr(&lw.w_down, spec, hidden, dim)
+ *         else:
+*/
+  __pyx_t_1 = __Pyx_PyObject_CompareBoolEq_str_str(__pyx_v_name, __pyx_mstate_global->__pyx_n_u_w_up, Py_EQ); if (unlikely((__pyx_t_1 < 0))) __PYX_ERR(0, 629, __pyx_L1_error)
+  if (__pyx_t_1) {
+
+    __pyx_t_6 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear_ptr(__pyx_v_self, (&__pyx_v_lw->w_up), __pyx_v_spec, __pyx_v_dim, __pyx_v_hidden); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(0, 629, __pyx_L1_error)
+
+    goto __pyx_L6;
+  }
+
+  /* "pyx/_forward.pyx":630
+ *         elif name == "w_gate": self.set_linear_ptr(&lw.w_gate, spec, dim, hidden)
+ *         elif name == "w_up": self.set_linear_ptr(&lw.w_up, spec, dim, hidden)
+ *         elif name == "w_down": self.set_linear_ptr(&lw.w_down, spec, hidden, dim)             # <<<<<<<<<<<<<<
+ *         else:
+ *             raise ValueError(f"no linear map named {name!r}")
+*/
+  __pyx_t_1 = __Pyx_PyObject_CompareBoolEq_str_str(__pyx_v_name, __pyx_mstate_global->__pyx_n_u_w_down, Py_EQ); if (unlikely((__pyx_t_1 < 0))) __PYX_ERR(0, 630, __pyx_L1_error)
+  if (likely(__pyx_t_1)) {
+
+    __pyx_t_6 = ((struct __pyx_vtabstruct_6qinfer_8_forward_Transformer *)__pyx_v_self->__pyx_vtab)->set_linear_ptr(__pyx_v_self, (&__pyx_v_lw->w_down), __pyx_v_spec, __pyx_v_hidden, __pyx_v_dim); if (unlikely(__pyx_t_6 == ((int)-1))) __PYX_ERR(0, 630, __pyx_L1_error)
+
+    goto __pyx_L6;
+  }
+
+  /* "pyx/_forward.pyx":632
+ *         elif name == "w_down": self.set_linear_ptr(&lw.w_down, spec, hidden, dim)
+ *         else:
+ *             raise ValueError(f"no linear map named {name!r}")             # <<<<<<<<<<<<<<
+ *         self.keep.append(spec)
+ * 
+*/
+  /*else*/ {
+    __pyx_t_4 = NULL;
+    __pyx_t_8 = __Pyx_PyObject_FormatSimpleAndDecref(PyObject_Repr(__pyx_v_name), __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 632, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_8);
+    __pyx_t_9 = __Pyx_PyUnicode_Concat(__pyx_mstate_global->__pyx_kp_u_no_linear_map_named, __pyx_t_8); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 632, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_9);
+    __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+    __pyx_t_5 = 1;
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_t_9};
+      __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
+      __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 632, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_3);
+    }
+    __Pyx_Raise(__pyx_t_3, 0, 0, 0);
+    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+    __PYX_ERR(0, 632, __pyx_L1_error)
+  }
+  __pyx_L6:;
+
+  /* "pyx/_forward.pyx":633
+ *         else:
+ *             raise ValueError(f"no linear map named {name!r}")
+ *         self.keep.append(spec)             # <<<<<<<<<<<<<<
+ * 
+ * 
+*/
+  __pyx_t_10 = __Pyx_PyObject_Append(__pyx_v_self->keep, __pyx_v_spec); if (unlikely(__pyx_t_10 == ((int)-1))) __PYX_ERR(0, 633, __pyx_L1_error)
+
+
+  /* "pyx/_forward.pyx":616
+ *             raise MemoryError("out of memory in the forward pass")
+ * 
+ *     def set_linear(self, int layer, str name, spec):             # <<<<<<<<<<<<<<
+ *         """Point one linear map of a block at new weights (the caller keeps them alive)."""
+ *         cdef layer_weights *lw
+*/
+
+  /* function exit code */
+  __pyx_r = Py_None; __Pyx_INCREF(Py_None);
+  goto __pyx_L0;
+  __pyx_L1_error:;
+  __Pyx_XDECREF(__pyx_t_3);
+  __Pyx_XDECREF(__pyx_t_4);
+  __Pyx_XDECREF(__pyx_t_8);
+  __Pyx_XDECREF(__pyx_t_9);
+  __Pyx_AddTraceback("qinfer._forward.Transformer.set_linear", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __pyx_r = NULL;
+  __pyx_L0:;
+
+
+
+
+
+  __Pyx_XGIVEREF(__pyx_r);
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
 /* "(tree fragment)":1
  * def __reduce_cython__(self):             # <<<<<<<<<<<<<<
  *     raise TypeError, "no default __reduce__ due to non-trivial __cinit__"
@@ -20219,15 +21263,15 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_6forward(struct __pyx_
 */
 
 /* Python wrapper */
-static PyObject *__pyx_pw_6qinfer_8_forward_11Transformer_9__reduce_cython__(PyObject *__pyx_v_self, 
+static PyObject *__pyx_pw_6qinfer_8_forward_11Transformer_13__reduce_cython__(PyObject *__pyx_v_self, 
 #if CYTHON_VECTORCALL
 PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 #else
 PyObject *__pyx_args, PyObject *__pyx_kwds
 #endif
 ); /*proto*/
-static PyMethodDef __pyx_mdef_6qinfer_8_forward_11Transformer_9__reduce_cython__ = {"__reduce_cython__", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_forward_11Transformer_9__reduce_cython__, __Pyx_METH_FASTCALL|METH_KEYWORDS, 0};
-static PyObject *__pyx_pw_6qinfer_8_forward_11Transformer_9__reduce_cython__(PyObject *__pyx_v_self, 
+static PyMethodDef __pyx_mdef_6qinfer_8_forward_11Transformer_13__reduce_cython__ = {"__reduce_cython__", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_forward_11Transformer_13__reduce_cython__, __Pyx_METH_FASTCALL|METH_KEYWORDS, 0};
+static PyObject *__pyx_pw_6qinfer_8_forward_11Transformer_13__reduce_cython__(PyObject *__pyx_v_self, 
 #if CYTHON_VECTORCALL
 PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 #else
@@ -20253,14 +21297,14 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   const Py_ssize_t __pyx_kwds_len = unlikely(__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
   if (unlikely(__pyx_kwds_len < 0)) return NULL;
   if (unlikely(__pyx_kwds_len > 0)) {__Pyx_RejectKeywords("__reduce_cython__", __pyx_kwds); return NULL;}
-  __pyx_r = __pyx_pf_6qinfer_8_forward_11Transformer_8__reduce_cython__(((struct __pyx_obj_6qinfer_8_forward_Transformer *)__pyx_v_self));
+  __pyx_r = __pyx_pf_6qinfer_8_forward_11Transformer_12__reduce_cython__(((struct __pyx_obj_6qinfer_8_forward_Transformer *)__pyx_v_self));
 
   /* function exit code */
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_8__reduce_cython__(CYTHON_UNUSED struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self) {
+static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_12__reduce_cython__(CYTHON_UNUSED struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self) {
   PyObject *__pyx_r = NULL;
   __Pyx_RefNannyDeclarations
   int __pyx_lineno = 0;
@@ -20300,15 +21344,15 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_8__reduce_cython__(CYT
 */
 
 /* Python wrapper */
-static PyObject *__pyx_pw_6qinfer_8_forward_11Transformer_11__setstate_cython__(PyObject *__pyx_v_self, 
+static PyObject *__pyx_pw_6qinfer_8_forward_11Transformer_15__setstate_cython__(PyObject *__pyx_v_self, 
 #if CYTHON_VECTORCALL
 PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 #else
 PyObject *__pyx_args, PyObject *__pyx_kwds
 #endif
 ); /*proto*/
-static PyMethodDef __pyx_mdef_6qinfer_8_forward_11Transformer_11__setstate_cython__ = {"__setstate_cython__", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_forward_11Transformer_11__setstate_cython__, __Pyx_METH_FASTCALL|METH_KEYWORDS, 0};
-static PyObject *__pyx_pw_6qinfer_8_forward_11Transformer_11__setstate_cython__(PyObject *__pyx_v_self, 
+static PyMethodDef __pyx_mdef_6qinfer_8_forward_11Transformer_15__setstate_cython__ = {"__setstate_cython__", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_forward_11Transformer_15__setstate_cython__, __Pyx_METH_FASTCALL|METH_KEYWORDS, 0};
+static PyObject *__pyx_pw_6qinfer_8_forward_11Transformer_15__setstate_cython__(PyObject *__pyx_v_self, 
 #if CYTHON_VECTORCALL
 PyObject *const *__pyx_args, Py_ssize_t __pyx_nargs, PyObject *__pyx_kwds
 #else
@@ -20374,7 +21418,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  __pyx_r = __pyx_pf_6qinfer_8_forward_11Transformer_10__setstate_cython__(((struct __pyx_obj_6qinfer_8_forward_Transformer *)__pyx_v_self), __pyx_v___pyx_state);
+  __pyx_r = __pyx_pf_6qinfer_8_forward_11Transformer_14__setstate_cython__(((struct __pyx_obj_6qinfer_8_forward_Transformer *)__pyx_v_self), __pyx_v___pyx_state);
 
   /* function exit code */
   for (Py_ssize_t __pyx_temp=0; __pyx_temp < (Py_ssize_t)(sizeof(values)/sizeof(values[0])); ++__pyx_temp) {
@@ -20384,7 +21428,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   return __pyx_r;
 }
 
-static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_10__setstate_cython__(CYTHON_UNUSED struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self, CYTHON_UNUSED PyObject *__pyx_v___pyx_state) {
+static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_14__setstate_cython__(CYTHON_UNUSED struct __pyx_obj_6qinfer_8_forward_Transformer *__pyx_v_self, CYTHON_UNUSED PyObject *__pyx_v___pyx_state) {
   PyObject *__pyx_r = NULL;
   __Pyx_RefNannyDeclarations
   int __pyx_lineno = 0;
@@ -20412,6 +21456,231 @@ static PyObject *__pyx_pf_6qinfer_8_forward_11Transformer_10__setstate_cython__(
   __Pyx_AddTraceback("qinfer._forward.Transformer.__setstate_cython__", __pyx_clineno, __pyx_lineno, __pyx_filename);
   __pyx_r = NULL;
   __Pyx_XGIVEREF(__pyx_r);
+  __Pyx_RefNannyFinishContext();
+  return __pyx_r;
+}
+
+/* "pyx/_forward.pyx":636
+ * 
+ * 
+ * cdef float *capture_ptr(dict captures, str name, int n, int width) except? NULL:             # <<<<<<<<<<<<<<
+ *     cdef float[:, ::1] view
+ *     if captures is None or captures.get(name) is None:
+*/
+
+static float *__pyx_f_6qinfer_8_forward_capture_ptr(PyObject *__pyx_v_captures, PyObject *__pyx_v_name, int __pyx_v_n, int __pyx_v_width) {
+  __Pyx_memviewslice __pyx_v_view = { 0, 0, { 0 }, { 0 }, { 0 } };
+  float *__pyx_r;
+  __Pyx_RefNannyDeclarations
+  int __pyx_t_1;
+  int __pyx_t_2;
+  PyObject *__pyx_t_3 = NULL;
+  __Pyx_memviewslice __pyx_t_4 = { 0, 0, { 0 }, { 0 }, { 0 } };
+  PyObject *__pyx_t_5 = NULL;
+  PyObject *__pyx_t_6 = NULL;
+  PyObject *__pyx_t_7 = NULL;
+  PyObject *__pyx_t_8 = NULL;
+  PyObject *__pyx_t_9[7];
+  Py_ssize_t __pyx_t_10;
+  int __pyx_t_11;
+  PyObject *__pyx_t_12 = NULL;
+  size_t __pyx_t_13;
+  Py_ssize_t __pyx_t_14;
+  Py_ssize_t __pyx_t_15;
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
+  __Pyx_RefNannySetupContext("capture_ptr", 0);
+
+  /* "pyx/_forward.pyx":638
+ * cdef float *capture_ptr(dict captures, str name, int n, int width) except? NULL:
+ *     cdef float[:, ::1] view
+ *     if captures is None or captures.get(name) is None:             # <<<<<<<<<<<<<<
+ *         return NULL
+ *     view = captures[name]
+*/
+  __pyx_t_2 = (__pyx_v_captures == ((PyObject*)Py_None));
+  if (!__pyx_t_2) {
+
+  } else {
+
+    __pyx_t_1 = __pyx_t_2;
+
+    goto __pyx_L4_bool_binop_done;
+  }
+  if (unlikely(__pyx_v_captures == Py_None)) {
+    PyErr_Format(PyExc_AttributeError, "\047NoneType\047 object has no attribute \047%.30s\047", "get");
+    __PYX_ERR(0, 638, __pyx_L1_error)
+  }
+  __pyx_t_3 = __Pyx_PyDict_GetItemDefault(__pyx_v_captures, __pyx_v_name, Py_None); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 638, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_2 = (__pyx_t_3 == Py_None);
+  __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+
+  __pyx_t_1 = __pyx_t_2;
+
+  __pyx_L4_bool_binop_done:;
+  if (__pyx_t_1) {
+
+
+    /* "pyx/_forward.pyx":639
+ *     cdef float[:, ::1] view
+ *     if captures is None or captures.get(name) is None:
+ *         return NULL             # <<<<<<<<<<<<<<
+ *     view = captures[name]
+ *     if view.shape[0] != n or view.shape[1] != width:
+*/
+    {
+
+      __pyx_r = NULL;
+    }
+    goto __pyx_L0;
+
+    /* "pyx/_forward.pyx":638
+ * cdef float *capture_ptr(dict captures, str name, int n, int width) except? NULL:
+ *     cdef float[:, ::1] view
+ *     if captures is None or captures.get(name) is None:             # <<<<<<<<<<<<<<
+ *         return NULL
+ *     view = captures[name]
+*/
+  }
+
+  /* "pyx/_forward.pyx":640
+ *     if captures is None or captures.get(name) is None:
+ *         return NULL
+ *     view = captures[name]             # <<<<<<<<<<<<<<
+ *     if view.shape[0] != n or view.shape[1] != width:
+ *         raise ValueError(f"capture {name!r} must have shape ({n}, {width})")
+*/
+  if (unlikely(__pyx_v_captures == Py_None)) {
+    PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
+    __PYX_ERR(0, 640, __pyx_L1_error)
+  }
+  __pyx_t_3 = __Pyx_PyDict_GetItem(__pyx_v_captures, __pyx_v_name); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 640, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
+  __pyx_t_4 = __Pyx_PyObject_to_MemoryviewSlice_d_dc_float(__pyx_t_3, PyBUF_WRITABLE); if (unlikely(!__pyx_t_4.memview)) __PYX_ERR(0, 640, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+  __pyx_v_view = __pyx_t_4;
+  __pyx_t_4.memview = NULL;
+  __pyx_t_4.data = NULL;
+
+  /* "pyx/_forward.pyx":641
+ *         return NULL
+ *     view = captures[name]
+ *     if view.shape[0] != n or view.shape[1] != width:             # <<<<<<<<<<<<<<
+ *         raise ValueError(f"capture {name!r} must have shape ({n}, {width})")
+ *     return &view[0, 0]
+*/
+  __pyx_t_2 = ((__pyx_v_view.shape[0]) != __pyx_v_n);
+
+  if (!__pyx_t_2) {
+
+  } else {
+
+    __pyx_t_1 = __pyx_t_2;
+
+    goto __pyx_L7_bool_binop_done;
+  }
+  __pyx_t_2 = ((__pyx_v_view.shape[1]) != __pyx_v_width);
+
+
+  __pyx_t_1 = __pyx_t_2;
+
+  __pyx_L7_bool_binop_done:;
+  if (unlikely(__pyx_t_1)) {
+
+
+    /* "pyx/_forward.pyx":642
+ *     view = captures[name]
+ *     if view.shape[0] != n or view.shape[1] != width:
+ *         raise ValueError(f"capture {name!r} must have shape ({n}, {width})")             # <<<<<<<<<<<<<<
+ *     return &view[0, 0]
+*/
+    __pyx_t_5 = NULL;
+    __pyx_t_6 = __Pyx_PyObject_FormatSimpleAndDecref(PyObject_Repr(__pyx_v_name), __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 642, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_6);
+    __pyx_t_7 = __Pyx_PyUnicode_From_int(__pyx_v_n, 0, ' ', 'd'); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 642, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_7);
+    __pyx_t_8 = __Pyx_PyUnicode_From_int(__pyx_v_width, 0, ' ', 'd'); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 642, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_8);
+    __pyx_t_9[0] = __pyx_mstate_global->__pyx_kp_u_capture;
+    __pyx_t_9[1] = __pyx_t_6;
+    __pyx_t_9[2] = __pyx_mstate_global->__pyx_kp_u_must_have_shape;
+    __pyx_t_9[3] = __pyx_t_7;
+    __pyx_t_9[4] = __pyx_mstate_global->__pyx_kp_u__5;
+    __pyx_t_9[5] = __pyx_t_8;
+    __pyx_t_9[6] = __pyx_mstate_global->__pyx_kp_u__6;
+    __pyx_t_10 = 29;
+    #if __Pyx_PyUnicode_Join_CAN_USE_KIND_AND_LENGTH
+    __pyx_t_10 += __Pyx_PyUnicode_GET_LENGTH(__pyx_t_9[1]) + __Pyx_PyUnicode_GET_LENGTH(__pyx_t_9[3]) + __Pyx_PyUnicode_GET_LENGTH(__pyx_t_9[5]);
+    #endif
+    __pyx_t_11 = 0;
+    #if __Pyx_PyUnicode_Join_CAN_USE_KIND_AND_LENGTH
+    __pyx_t_11 |= __Pyx_PyUnicode_KIND_04(__pyx_t_9[1]);
+    #endif
+    __pyx_t_12 = __Pyx_PyUnicode_Join(__pyx_t_9, 7, __pyx_t_10, __pyx_t_11);
+    if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 642, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_12);
+    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
+    __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+    __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+    __pyx_t_13 = 1;
+    {
+      PyObject *__pyx_callargs[2] = {__pyx_t_5, __pyx_t_12};
+      __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_13, (2-__pyx_t_13) | (__pyx_t_13*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+      __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
+      __Pyx_DECREF(__pyx_t_12); __pyx_t_12 = 0;
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 642, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_3);
+    }
+    __Pyx_Raise(__pyx_t_3, 0, 0, 0);
+    __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+    __PYX_ERR(0, 642, __pyx_L1_error)
+
+    /* "pyx/_forward.pyx":641
+ *         return NULL
+ *     view = captures[name]
+ *     if view.shape[0] != n or view.shape[1] != width:             # <<<<<<<<<<<<<<
+ *         raise ValueError(f"capture {name!r} must have shape ({n}, {width})")
+ *     return &view[0, 0]
+*/
+  }
+
+  /* "pyx/_forward.pyx":643
+ *     if view.shape[0] != n or view.shape[1] != width:
+ *         raise ValueError(f"capture {name!r} must have shape ({n}, {width})")
+ *     return &view[0, 0]             # <<<<<<<<<<<<<<
+*/
+  __pyx_t_14 = 0;
+  __pyx_t_15 = 0;
+  {
+
+    __pyx_r = (&(*((float *) ( /* dim=1 */ ((char *) (((float *) ( /* dim=0 */ (__pyx_v_view.data + __pyx_t_14 * __pyx_v_view.strides[0]) )) + __pyx_t_15)) ))));
+  }
+  goto __pyx_L0;
+
+  /* "pyx/_forward.pyx":636
+ * 
+ * 
+ * cdef float *capture_ptr(dict captures, str name, int n, int width) except? NULL:             # <<<<<<<<<<<<<<
+ *     cdef float[:, ::1] view
+ *     if captures is None or captures.get(name) is None:
+*/
+
+  /* function exit code */
+  __pyx_L1_error:;
+  __Pyx_XDECREF(__pyx_t_3);
+  __PYX_XCLEAR_MEMVIEW(&__pyx_t_4, 1);
+  __Pyx_XDECREF(__pyx_t_5);
+  __Pyx_XDECREF(__pyx_t_6);
+  __Pyx_XDECREF(__pyx_t_7);
+  __Pyx_XDECREF(__pyx_t_8);
+  __Pyx_XDECREF(__pyx_t_12);
+  __Pyx_AddTraceback("qinfer._forward.capture_ptr", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __pyx_r = NULL;
+  __pyx_L0:;
+  __PYX_XCLEAR_MEMVIEW(&__pyx_v_view, 1);
+
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
 }
@@ -20552,8 +21821,10 @@ static PyObject *__pyx_getprop_6qinfer_8_forward_11Transformer_max_tokens(PyObje
 
 static PyMethodDef __pyx_methods_6qinfer_8_forward_Transformer[] = {
   {"forward", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_forward_11Transformer_7forward, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_6qinfer_8_forward_11Transformer_6forward},
-  {"__reduce_cython__", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_forward_11Transformer_9__reduce_cython__, __Pyx_METH_FASTCALL|METH_KEYWORDS, 0},
-  {"__setstate_cython__", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_forward_11Transformer_11__setstate_cython__, __Pyx_METH_FASTCALL|METH_KEYWORDS, 0},
+  {"run_layer", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_forward_11Transformer_9run_layer, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_6qinfer_8_forward_11Transformer_8run_layer},
+  {"set_linear", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_forward_11Transformer_11set_linear, __Pyx_METH_FASTCALL|METH_KEYWORDS, __pyx_doc_6qinfer_8_forward_11Transformer_10set_linear},
+  {"__reduce_cython__", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_forward_11Transformer_13__reduce_cython__, __Pyx_METH_FASTCALL|METH_KEYWORDS, 0},
+  {"__setstate_cython__", (PyCFunction)(void(*)(void))(__Pyx_PyCFunction_FastCallWithKeywords)__pyx_pw_6qinfer_8_forward_11Transformer_15__setstate_cython__, __Pyx_METH_FASTCALL|METH_KEYWORDS, 0},
   {0, 0, 0, 0}
 };
 
@@ -21827,16 +23098,16 @@ static int __Pyx_modinit_Exttype___pyx_obj_6qinfer_8_forward_Transformer(__pyx_m
   __Pyx_RefNannySetupContext("__Pyx_modinit_Exttype___pyx_obj_6qinfer_8_forward_Transformer", 0);
   /*--- Exttype __pyx_obj_6qinfer_8_forward_Transformer ---*/
   __pyx_vtabptr_6qinfer_8_forward_Transformer = &__pyx_vtable_6qinfer_8_forward_Transformer;
-  __pyx_vtable_6qinfer_8_forward_Transformer.set_linear = (int (*)(struct __pyx_obj_6qinfer_8_forward_Transformer *, linear *, PyObject *, int, int))__pyx_f_6qinfer_8_forward_11Transformer_set_linear;
+  __pyx_vtable_6qinfer_8_forward_Transformer.set_linear_ptr = (int (*)(struct __pyx_obj_6qinfer_8_forward_Transformer *, linear *, PyObject *, int, int))__pyx_f_6qinfer_8_forward_11Transformer_set_linear_ptr;
   #if CYTHON_USE_TYPE_SPECS
-  __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_6qinfer_8_forward_Transformer_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer)) __PYX_ERR(0, 450, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_6qinfer_8_forward_Transformer_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer)) __PYX_ERR(0, 500, __pyx_L1_error)
   #else
   __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer = &__pyx_type_6qinfer_8_forward_Transformer;
   #endif
   #if !CYTHON_COMPILING_IN_LIMITED_API
   #endif
   #if !CYTHON_USE_TYPE_SPECS
-  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 450, __pyx_L1_error)
+  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 500, __pyx_L1_error)
   #endif
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount((PyObject*)__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer);
@@ -21846,9 +23117,9 @@ static int __Pyx_modinit_Exttype___pyx_obj_6qinfer_8_forward_Transformer(__pyx_m
     __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer->tp_getattro = PyObject_GenericGetAttr;
   }
   #endif
-  if (__Pyx_SetVtable(__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer, __pyx_vtabptr_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 450, __pyx_L1_error)
-  if (PyObject_SetAttr(__pyx_m, __pyx_mstate_global->__pyx_n_u_Transformer, (PyObject *) __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 450, __pyx_L1_error)
-  if (__Pyx_setup_reduce((PyObject *) __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 450, __pyx_L1_error)
+  if (__Pyx_SetVtable(__pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer, __pyx_vtabptr_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 500, __pyx_L1_error)
+  if (PyObject_SetAttr(__pyx_m, __pyx_mstate_global->__pyx_n_u_Transformer, (PyObject *) __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 500, __pyx_L1_error)
+  if (__Pyx_setup_reduce((PyObject *) __pyx_mstate->__pyx_ptype_6qinfer_8_forward_Transformer) < (0)) __PYX_ERR(0, 500, __pyx_L1_error)
   __Pyx_RefNannyFinishContext();
   return 0;
   __pyx_L1_error:;
@@ -22850,19 +24121,50 @@ __Pyx_RefNannySetupContext("PyInit__forward", 0);
   if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_pyx_unpickle_Enum, __pyx_t_4) < (0)) __PYX_ERR(1, 4, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "pyx/_forward.pyx":526
+  /* "pyx/_forward.pyx":576
  *         return self.s.max_tokens
  * 
  *     def forward(self, const int32_t[::1] tokens, int pos, float[:, ::1] logits, bint all_logits,             # <<<<<<<<<<<<<<
  *                 int nthreads):
  *         """Tokens at positions pos.. (the caller checks ids, lengths and the context)."""
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6qinfer_8_forward_11Transformer_7forward, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_Transformer_forward, NULL, __pyx_mstate_global->__pyx_n_u_qinfer__forward, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 526, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6qinfer_8_forward_11Transformer_7forward, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_Transformer_forward, NULL, __pyx_mstate_global->__pyx_n_u_qinfer__forward, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 576, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_6qinfer_8_forward_Transformer, __pyx_mstate_global->__pyx_n_u_forward, __pyx_t_4) < (0)) __PYX_ERR(0, 526, __pyx_L1_error)
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_6qinfer_8_forward_Transformer, __pyx_mstate_global->__pyx_n_u_forward, __pyx_t_4) < (0)) __PYX_ERR(0, 576, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+
+  /* "pyx/_forward.pyx":591
+ *             raise MemoryError("out of memory in the forward pass")
+ * 
+ *     def run_layer(self, int layer, float[:, ::1] x, int pos, dict captures=None, int nthreads=0):             # <<<<<<<<<<<<<<
+ *         """Run block `layer` on hidden states x [n, dim] in place (positions pos..).
+ * 
+*/
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6qinfer_8_forward_11Transformer_9run_layer, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_Transformer_run_layer, NULL, __pyx_mstate_global->__pyx_n_u_qinfer__forward, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 591, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
+  #endif
+  __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_4, __pyx_mstate_global->__pyx_tuple[2]);
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_6qinfer_8_forward_Transformer, __pyx_mstate_global->__pyx_n_u_run_layer, __pyx_t_4) < (0)) __PYX_ERR(0, 591, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+
+  /* "pyx/_forward.pyx":616
+ *             raise MemoryError("out of memory in the forward pass")
+ * 
+ *     def set_linear(self, int layer, str name, spec):             # <<<<<<<<<<<<<<
+ *         """Point one linear map of a block at new weights (the caller keeps them alive)."""
+ *         cdef layer_weights *lw
+*/
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6qinfer_8_forward_11Transformer_11set_linear, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_Transformer_set_linear, NULL, __pyx_mstate_global->__pyx_n_u_qinfer__forward, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 616, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
+  #endif
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_6qinfer_8_forward_Transformer, __pyx_mstate_global->__pyx_n_u_set_linear, __pyx_t_4) < (0)) __PYX_ERR(0, 616, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
   /* "(tree fragment)":1
@@ -22870,7 +24172,7 @@ __Pyx_RefNannySetupContext("PyInit__forward", 0);
  *     raise TypeError, "no default __reduce__ due to non-trivial __cinit__"
  * def __setstate_cython__(self, __pyx_state):
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6qinfer_8_forward_11Transformer_9__reduce_cython__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_Transformer___reduce_cython, NULL, __pyx_mstate_global->__pyx_n_u_qinfer__forward, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1])); if (unlikely(!__pyx_t_4)) __PYX_ERR(1, 1, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6qinfer_8_forward_11Transformer_13__reduce_cython__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_Transformer___reduce_cython, NULL, __pyx_mstate_global->__pyx_n_u_qinfer__forward, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_4)) __PYX_ERR(1, 1, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
@@ -22884,7 +24186,7 @@ __Pyx_RefNannySetupContext("PyInit__forward", 0);
  * def __setstate_cython__(self, __pyx_state):             # <<<<<<<<<<<<<<
  *     raise TypeError, "no default __reduce__ due to non-trivial __cinit__"
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6qinfer_8_forward_11Transformer_11__setstate_cython__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_Transformer___setstate_cython, NULL, __pyx_mstate_global->__pyx_n_u_qinfer__forward, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2])); if (unlikely(!__pyx_t_4)) __PYX_ERR(1, 3, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_6qinfer_8_forward_11Transformer_15__setstate_cython__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_Transformer___setstate_cython, NULL, __pyx_mstate_global->__pyx_n_u_qinfer__forward, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_4)) __PYX_ERR(1, 3, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
@@ -22942,12 +24244,14 @@ static int __Pyx_InitCachedBuiltins(__pyx_mstatetype *__pyx_mstate) {
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
-  __pyx_builtin_enumerate = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_enumerate); if (!__pyx_builtin_enumerate) __PYX_ERR(0, 489, __pyx_L1_error)
+  __pyx_builtin_enumerate = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_enumerate); if (!__pyx_builtin_enumerate) __PYX_ERR(0, 539, __pyx_L1_error)
   __pyx_builtin___import__ = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_import); if (!__pyx_builtin___import__) __PYX_ERR(1, 119, __pyx_L1_error)
   __pyx_builtin_Ellipsis = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_Ellipsis); if (!__pyx_builtin_Ellipsis) __PYX_ERR(1, 436, __pyx_L1_error)
   __pyx_builtin_id = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_id); if (!__pyx_builtin_id) __PYX_ERR(1, 662, __pyx_L1_error)
 
   /* Cached unbound methods */
+  __pyx_mstate->__pyx_umethod_PyDict_Type_get.type = (PyObject*)&PyDict_Type;
+  __pyx_mstate->__pyx_umethod_PyDict_Type_get.method_name = &__pyx_mstate->__pyx_n_u_get;
   __pyx_mstate->__pyx_umethod_PyDict_Type_items.type = (PyObject*)&PyDict_Type;
   __pyx_mstate->__pyx_umethod_PyDict_Type_items.method_name = &__pyx_mstate->__pyx_n_u_items;
   __pyx_mstate->__pyx_umethod_PyDict_Type_pop.type = (PyObject*)&PyDict_Type;
@@ -23006,10 +24310,24 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_slice[0]);
   if (__Pyx_PyTuple_SET_ITEM(__pyx_mstate_global->__pyx_tuple[1], 0, __pyx_mstate_global->__pyx_slice[0]) != (0)) __PYX_ERR(1, 763, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[1]);
+
+  /* "pyx/_forward.pyx":591
+ *             raise MemoryError("out of memory in the forward pass")
+ * 
+ *     def run_layer(self, int layer, float[:, ::1] x, int pos, dict captures=None, int nthreads=0):             # <<<<<<<<<<<<<<
+ *         """Run block `layer` on hidden states x [n, dim] in place (positions pos..).
+ * 
+*/
+  {
+    PyObject* __pyx_temp[2] = {Py_None, __pyx_mstate_global->__pyx_int_0};
+    __pyx_mstate_global->__pyx_tuple[2] = __Pyx_PyTuple_FromArray(__pyx_temp, 2); if (unlikely(!__pyx_mstate_global->__pyx_tuple[2])) __PYX_ERR(0, 591, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[2]);
+  }
+  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[2]);
   #if CYTHON_IMMORTAL_CONSTANTS
   {
     PyObject **table = __pyx_mstate->__pyx_tuple;
-    for (Py_ssize_t i=0; i<2; ++i) {
+    for (Py_ssize_t i=0; i<3; ++i) {
       #if PY_VERSION_HEX >= 0x030F0000
       PyUnstable_SetImmortal(table[i]);
       #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
@@ -23066,41 +24384,41 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{13},{8},{15},{24},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{179},{8},{15},{7},{6},{9},{42},{45},{2},{9},{50},{56},{33},{16},{30},{37},{5},{8},{8},{11},{29},{31},{19},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{13},{3},{10},{15},{18},{9},{4},{1},{18},{6},{5},{3},{3},{15},{9},{6},{9},{3},{5},{8},{10},{5},{6},{7},{7},{8},{10},{2},{5},{8},{5},{8},{6},{7},{6},{10},{7},{4},{1},{7},{10},{4},{4},{8},{3},{4},{3},{3},{15},{2},{8},{7},{4},{10},{5},{4},{5},{4},{4},{6},{7},{6},{6},{6},{6},{10},{6},{6},{4},{2},{2},{2},{2},{1}};
-    const struct { const unsigned int length: 8; } bytes_length_index[] = {{1},{9},{189}};
+    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{13},{18},{8},{15},{1},{24},{2},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{179},{8},{8},{15},{7},{6},{9},{42},{45},{2},{9},{50},{20},{13},{56},{33},{16},{41},{30},{37},{5},{8},{8},{11},{29},{31},{19},{21},{22},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{11},{10},{19},{14},{12},{10},{17},{13},{12},{12},{19},{8},{13},{3},{10},{15},{6},{18},{7},{9},{4},{1},{3},{8},{18},{6},{5},{3},{3},{7},{15},{9},{6},{9},{3},{5},{8},{10},{5},{6},{7},{7},{3},{8},{6},{10},{2},{5},{8},{5},{8},{6},{5},{6},{7},{6},{2},{10},{7},{6},{4},{1},{7},{10},{4},{4},{8},{4},{3},{4},{3},{3},{5},{15},{2},{8},{7},{9},{4},{10},{10},{5},{4},{4},{5},{4},{4},{6},{7},{6},{6},{6},{6},{10},{6},{6},{4},{6},{2},{2},{2},{2},{1}};
+    const struct { const unsigned int length: 9; } bytes_length_index[] = {{1},{9},{303},{189},{322}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1133 bytes) */
-static const char cstring[] = "x\332}TKo\034E\020\306\330B<\002\222\203d\304\255\003A\233\220xA\211e\241\020\202lc$\213\020\354\330r8\004\265z\272kf\233\355\351\236\355\307>8\345\350\343\036\347\270G\037}\334\343\036}\364\321G~\002?\201\352\231\331\265C\"V\232\235\232\356z|\365\325\2030O\276\035\222T\031\346\335}\222\031O\210I\376\004\356\237\334\361\026\200\244\226e9h\177\367\356\367\304\333\021a\304\345L)\260\204\033\355a\350\333\217\310\343_!7vt,a@LJ\036\307\033\231\005\023\034aZ\020!m\364\367\337c\251\347\027\316[)@\\S&\306\376\357\375\353g\013\315\047?\3560\2551\007\346\234\3144\361\206X`b\335h5\"y\005\262\217 \367t\237))Hn\004\334\0470,\320\026]\265x+\306m\245\306z\313t\253\246c\256\354:\254\000\014E\330P:\362\314x \276\203\354\355\214|\307h\202g\002\224L\3002\017\030-\342C\2576*i\262\277\273\277\276\361\335F\205\326B\244\327\021\027\022\256\020(\270HZ\022\244\362\350\335\217\npm\262\227\222\221\tD\003\342\302,\n\324\273n\340;\240\211\003\037\005\322\252rf^\032M\321\\\352\254\325\320$\373\020\255\177f\312A\233\tAQ\017\270\301\362\361\250\355\332,\341B:\226(\000]\375\317\271@\016\006\314\212GD\231L\"\330$\244)&\323aUl2\260Fg5%\013Mo\272\010\212\233\240\253\362\025\306\311\030\204\230\340c\202\310h\006\031\227\256\216$\264A\302R\026\224\047\224Z\020\201\003\245D\204\n\2616z\035\t\354K\246\360\226K-=\215\340\th\023\262NS\313\210\262\202\363\3131\341\214\243\020\371\255\241:r\247i\3209\200\306&r\214\232\r\354\212\331b4\374\2066\007m\374\010\025\302\210\003;\335p,(a\326\262\021\021\314\263\366[n\353\336\210\301\353\266t\355\255\303\235\275\275]\245d\341\244;\204^\000\315\341\0109p\030\047\007{Ml/\322\347U+Q\372\372%\226\331au\337~\335\240\216\243\327\276\232BJ\367GC|~\302\026\244\317\220\203\347\220R\332\264\t\322\214\224\306F\272\0222\360\322C\036\017D\264\301_\0324\217\357l\036\036\1772/p6\242\2243\251\253\267\021AUw\232\345\365;\206\247\024i\244X\021\336u!\257\277\032/Q\214M^KA\027\222w\321\303\256\236\353\365}\3447\372\350\005\246\346n\347\035\362\006Y\213\003\030\306\017dk\001\305]\203\376""\006\213\224zp1\027\351(7\026\233Dj\300y\300\242\322\272\351\347\345\245uG17\322\\\232\366B\3311\3575v\245\315\023\346\200s\205g\024i\301\345\301!a\274\213\r\230\312\254\232\010\356\207B\346\242J\034\003\326+\026\362\004\204\300y\305\346\300U\004HA\265>\240p`\255\261iZ\273O\245f\252\226\024\313\252\3223\337l\251\246\001:\270\346\260tyG\n\001:J\022\035\013\030J\335\247\251\205^,\257\253\377\376\002\305F8!*\247\321\254N6gX\2268\301\016\347$.\311\270\034\265\2564\234\246\335~#!\265\270ms\355;q\263:L\244\300L\013S\340\274\367\244Nc\3136\230,\267\220I\207K\320B5!\016T\212uh\306\276>B4X\027\213\305\301\254\275\301\307\006\356\033\3575 \354\021\014\021\n\234>\300]\034\300\365\261.\t\215\266\003*\314@\017h\206w\003\032\212Aw`\006\275A\177\370\333\253\245\313\225\017O\356\215\017^m\375\363\336;\037\254\215\217\313\315\311\352\344\326\337\357\177t\362\340\344\371\211\035\177:\336\036\047\345J\271]\252\323/O\217\316n\236=8;\234\256L\267\247\311\354\335\331\355Yr\276ty\343\346\370\353r\253<\270D\253\315\361\332\270W.\227\017K1\371b\362\364l\371ls\2726\355\315\226g\033\263p\361\364\345\305\313?\256\364?\376\344\362\306\352\370\263r\251\\-o\243\301\255\311\306\304\237\3760]\252LVf;\263p\276u~|qxtq\364\342\342\305\357\227\237\1775\251\242<<\341\343\325\350\347^yP\262\177\001`\035\373\275";
-    PyObject *data = __Pyx_DecompressString(cstring, 1133, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (1608 bytes) */
+static const char cstring[] = "x\332\225U\313s\324F\032\317\200C\261\301lb\207e7\251lm\23381\004\230,`\\)\223Mj\314#E\221\007c\033\303.,]\255\356\326L\257\245nMwk\036\331\303\3468G\035u\324q\216:\3528G\037\347\350#\177B\376\204|-i\214\023H*;U#\365\343{\374\276\337\367\020\"\026\375}\210\374@\021k\256\240\216\262\010\205\261\261\250K\372\034\231.\2118\272\210\224\367\037N\355\027\027\255\346\034\371\232tB.\355\245K\227n!\253G\210 \023\222 \340\032Q%-\037\332+\250\271\211>\377\206\207J\217\366\004\037 \345\243\317\335\235\350\304*6\210H\206\230\320\316\344/\217\205\234_\030\253\005\343\354\2300R\3727\357\177~v$\371\305\227\267\211\224\020\0301Ft$\262\niN\330U%\203\021\nK\220}\000y_\366I \030\n\025\343W\020\037F\240\013\246\326\350\232\363\273\346+m5\221k\025Gs\341\212 !\021\031\n\203\276U\226#\333\005Jo\217lWI\004g\214\007\302\343\232X\016\336\034>\260\252\235\220D\017\357>\274\272\376\331z\211Vs\307\260A&\366h\000@\271q\244y\261\010,X\267\243\210\233&\272\357\243\221\212\221\344\200\013\242\210@\356\270\202\355r\211\014\267n\201\326\312\230\211\025JbP\027\262\263V\323$ \261\240}\217\004\2067\tc\030\3448%\221\2155\207\014B\"\251\3232M\342Q&\014\361\002\316e\371\234s\002\\\014\210f\233(P\035\001\240\275\330\367!\250.)1\240\201V\262SQs$i\325>\200\243*\226e\032#e\204s\202Tl]\240\300l\207w\2500\225\047&\025\020\347\2238\260\010c\315YL9\306\210\305%r\251\344U \262/H\000\267THa1\004\201\002!9\321($\021\222$\004\234pfb\332E\001\031q\355*\200K\025w\272u\322]\030%\336\007{\210\022\n\013\227\210*\026\203.\326\265<GX\353\270d\200d\035W\231\202h4\374\024\327\007M\330\350X\342\322\343f]\036\277\026o\\\306\352\"\202\356Q\024J\004\021\255\311\0101bI\3635\267\2259\207\262*t\323l\355\334\276\177\377n\020\210\310\010\263\303{1\227\224\357\202u\003\200B\256\217-\233GD\322\26281\376\371%\024\216\201zy\375u\035\336\361\243\2430\217\037\202\021\\\245\301\365}\363\345\010\300\370\341h\010\377;P\377\370[\340u\233\373\030\3275\n\271\205<\272*~\271\350p+,\017\335\001s:\360\363cI\335\2733G\n?\021F\320\230n\025\022!\313\267bq""P\336\271\"(\337\316=\306\220\032\014Y\246\373&\016\253]m\305-]\207U\253XF\202\356\203\205\273r.\327\267.\025\316F/&\301\334\354\274,_\341\365\350\200\017\335\306q2\3271\307\240\277B8\306\226\033\027\2130\230*\r\245\342\230\364(\344\037W\2356\257\004\\U)\211\".\0311#I\205j\036\251\030b\255\304B\226/\t\211\361\210\341\024:\274nrC]\212@\000\303D\243\334#t\037\212\335\027\235\262=\251\0352\02125p&X\311\013\340\251\276\000<\3648c0K\240\314`Lr`\250\034m<2\\k\245}\277r\350\203\363\240Z\005\244S\026\007\261\365\004\255K\t\222\330\205)\014\311\r\273\2021.\253\247\333\013\360\300\370P\310>\3665\357\27120\325\343{\276\337w\022e\335\225\017\023\204\330\331\251\370\t\006!\201\\\272Yc\240a\335X\017\203\010\342pC]\312R\322H\014F\252\025d\005\276\022\241\264]\367E0\n$!\320\010\010\211T\004=\333s\316zB\372\256Cj\340\232j\336\021\006\24680\351\032\362\250\021\014\017\374\227\r\000\253z\204\225R\016\274\201\371\t)\327\220w`\314*\370\353\230\332\332{\005\033\312\017\334\307\021\314\000\016\337\230\230\233>\244\334\303N\177\200]Z\006\270\003w\003\034G\003\301l\327\014\366\007j\320\033\364\207\337\375\3208\\xk|9i\377\320\372\361\324\033\177X\034o$\313\311\365d\047=\225\322\354\\\266\235\365\016\027\227\223O\322V\332><}v\334\036\263\344B\362Uz-m\271\355?\023\226^H\357e\253\2317i\034\236~{<J\027\322\255Tdzrn\262=\371o\261Zx\323\305\203\255\0036\333\336\235\355>:<}f|39\231l\244\347R<iM\332\023/\1773\337+nN\033\207g\227\223\017\223\275t=\375\337\204Lz\371\211\374\243\274_<\232\256\374\237\027\217\247\255\352\342_\251\315\276\314W\362k\371V.\212\376\364\321A\255\361$\335\315\376\2267\362\245\374B\376U\2611\375\323\224\274^\343\311A\373E\025\374\354\2577\340\024B^\034\337M\376\2346\322\245\212\256\363\340~#[\312V^@`\327\307\333c\235\274\233l%^\311B0\371p\262\233/\347\327\363\235b\241\330\002&NLW\247\336A\343\030\243g\200\357\363I/=\231\336HYv!\373:?\231o\024\347\213\336\364\344t}\032\317\276~6{\366\357\227\362g\377x\270\270T\001HWAa%[\317\354\344\037E\243TY\230\336\236\306\007\255\203\275""\331\016\220\375x\366\370\311\341{\037e\245\227\033c\232,9;\227\323vJf\013\017f\017\236\317\236\343\037\337q1\264\023\337Y\177Q\242\371\365\354\377\376\010\337<\330\231=l\317\332\016\302\354\311\323\331S\360\345\315<6c\374\230=\007f7[\3166&\177\311\317\345\333\371\350\210\237\345\017\322;\331\211\354\343\311\231|=\327\305\222\363}+\331\007\242?\231<\310M\361\361\2641-\017?Kn\245$\375\036\014\274\233\337+V\212k\356p3y\2325\262\367\047\233\200\352TA\212\336\353\325+.\337KW\240\230\357d\013Y+\333\205\242}\234\267\362vN@j\265\240\2564\034\243\2572\370\023\035\324ca";
+    PyObject *data = __Pyx_DecompressString(cstring, 1608, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (1508 bytes) */
-static const char cstring[] = "\377 at 0x f\377loats, g\377ot  obje\377ct>(tree\377 fragmen\377t)); try\377 a small\377er conte\377xt.: <Me\377moryView\337 of <\026\001ig\377uous and\317 dirL\001\007\rin\376\021\005strided\336\"\010 or \004\031><\374(\tA\006>?Cann\376\301\000assign \377to read-\277only m\240\002v\376\242\000Invalid\377 mode, esxp\354\000|\000\047c\047t\001\377\047fortran\371\047\211#%\005shape\376\222\000 axis N\277ote th\273 C\277ython \021\000d\377eliberat\231ek\000\320\001ct\244 \"\000n\377 PEP-484\366\212\"re\333!s su\267bcl\246\000es\261!b\337uilti\260\000yp\377es. If y\237ou ne\224 \303\000p\374\316\000%\tthen s\273et\200\000e \047\357\002a\377tion_typoing\047\355$iv\242\000\377o False.\357add_\231 eco\372\274@c*\001s.abc\377disablee\361n\001\002\204%\201 ward\377: logits\337 buff\361@ha\375sn\002wrong \334\216\"!\006tok\222\000co\367unt\273Aposin\217\001 ou\r\000f \317 \277gegcisd\003d\377no defau\377lt __red\377uce__ du\336\255\002non-\222`vi\373al\033\000cinit\375_\271\001 enoug\345h\305D \247@\375\002KV \237cache\352b\245\003s\203 (\232\204\004y\005\372C\276A\273  \372\332\004 \326!pyx/_\312\353\004.\n\000u\207\"\272aal\367loc\316@ arr\377ay data.\360\013\020\226c\350\204\001\305\204\003s.AS\377CIIEllip\377sisSeque\257nceT\323`s\333`m\253er\000\010.\366\006c\306b_Y_\017\013\344@st\322`_\013\021\364\241D\367\205\001.\374\205\007__Py\375x\001\000Dict_N\377extRef__l\240d\344 __\365b__\001\005\177getitem\r\001yd0\001\027\000func\035\001\370\030\000y\003+\000impor~\207@__main;\001\337modulM\002naMm\002\003ewT\001\321 _\217@\017cksuT\000\n\001?\004\025\001\347typ\352@\037\001unp\267ick?\000En \005vyt\214\204\001\230\001qualO\005\330\232e\234.\264fex\314\001se\303t_\203\005\261&\346\000\265.__\367tes\310\001is_c\377oroutine\177abcall_\357\204\003\372\365E_\367\204\003async\367io.$\006satt\377n_normba_seccl>\000_\224 \377tracebac\177kconfig\215\205\002\177ctxdimd\364\002\374n\000\335\211\003embedd\367ing\232`odee\374\200 \272\207\002epserr\357orffY\003fin{ald\002flag\275b\363at""\237\210\004\242\206\004head\375__\000hidden\372\006\001iV\000dexin\277v_freq\333As\376\000\002izelaye\237rslm_3\001\334\206\003m\367ax_\275\206\002smem\354\241\211\001\231\211\001nn\035\002sn_\323kv\003\004\343@n\307\000nt}h\326\211\001sobjp\347\000\377popposqi\337nfer.\303\205\005rc\277regist\311\000e\376\271\211\002selfset\370\360\206\004\r\003\213\000start\336$\000psto\001\000ru\303ctW\004\213\003\241`\312 up\377datevalu\377esvocab_\375s\307\000w_down\337w_gat\365`up\377wkwowqwv\377xO\200\001\330\004\n\210\377+\220Q\200A\360\006\000\377\t\026\220V\2306\240\021\377\240!\340\010\013\2102\210\377R\210r\220\023\220B\220\377b\230\004\230B\230l\250\377#\250T\260\022\2602\260\377S\270\004\270B\270b\300\377\002\300$\300b\310\001\330\377\014\022\220*\230A\230Q\375\3303\0006\220\026\220q\230\377\003\2303\230d\240\"\240\377L\260\003\2606\270\026\270\377q\300\003\3004\300u\320\337L\\\320\\]&\007\r\016\377\330\014\021\220\027\230\001\230\367\021\230$.\000!\2404\240\337t\250=\270\001.\002\004\300\377C\300u\310A\310V\320\377ST\320TW\320WX\357\330\031%\240a\0023\210c\373\220\021t\001+\230Q\230a";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 1508, 1952);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2097 bytes) */
+static const char cstring[] = "\377 at 0x f\377loats, g\377ot  must\377 have sh\377ape ( ob\377ject>(tr\377ee fragm\377ent))); \377try a sm\377aller co\377ntext, .\377: <Memor\377yView of\373 <\030\001iguou\377s and di\331rO\001\007\rin\021\005st\337rided\"\010 o\233r \004\031><(\tA\006>\337?Cann\326\000as\377sign to \377read-onl\327y m\240\002v\242\000In\377valid mo\177de, exp\357\000\356|\000\047c\047t\001\047fo?rtran\047\236#%\005\376\233#in axis\377 Note th\376\320 Cython \376\021\000delibergatek\000\320\001ct\246 \376\"\000n PEP-4\33384\212\"re\336!s \337subcl\246\000es\276\261!built[\000t\377ypes. If\177 you ne\224 \362\303\000p\316\000%\tthen\357 set\200\000e \047~\357\002ation_<\000/ing\047\355$i\326@\201 \377False.ad\373d_\231 ecapt\247ure\277@\306@c2\001s\377.abcdisa\037bleen\001\002\214%\211 \377ward: lo\377gits buf\335f\373@hasv\002wr\347ong\266c!\006tok\276\232\000count\303Apwosi\227\001 ou\r\000\373f \327 gegci\375sd\003dno de\377fault __\377reduce__\367 du\334 o no{n-\232`vial\033\000\277cinit_\302\000 \377linear m?ap nam\270`C\000\377such lay\373er\376Aenoug\345h\356D \320@\246\"KV \237cache\223\204\002\306\003s\003 (\305\204\004\232\005\243c\375`\331\"\373\004} \377!pyx/_\214$\275.\n\000run_m\002:.\271\205\004or \333\022u\321\"\214\204\001\337alloc\240` a\377rray dat\303a.\013\020\211\206\003\272\205\001\227\205\003s.\377ASCIIEll\377ipsisSeq\377uenceTra\377nsformerj\000\010.\300&c\230\204\002__\017\013~\266`state_\013\021 \353DC\t\336\006X\t\373`_\201C\364\206\001}.\371\206\007__Pyx\001\000\377Dict_Nex?tRef__\235\204\004\331@\333__\362\204\002__\001\005ge_titem\r\001d0\001\036\027\000func\035\001\030\000\244\003\276+\000impor\374@_\337_main;\001mo\307dulM\002\201aM\001ne\351wT\001\245@_\343@cks\301uT\000\n\001?\004\025\001\336\205\001__~\037\001unpick?\000\233En \005vt\201\205\001\230\001q\207ualO\005\217\204\005\307.\251\204\006e\201x\314\001\220!\203\005\334&\346\000\340._\357_tes\310\001is_\277corout\315\204\001b\237call_\344\205\003\240e_\376\354\205\003appenda\177syncio.*""\006\377sattn_in\372\002\002n\205`basec7cap\336\206\004sc\246\205\001\036\000\377_traceba\377ckconfig\376\232\206\002ctxdimd\213ow?\001d\223\"\215\000\374\212\003e\377mbedding\236\344`odee\237 \326\210\002e\377pserrorfWfn_m\001fz\000l\004\0037lag\207\204\002at\273\211\004\266\207\004\276\335@head_i\000h\237idden\000\003\014\001i\376_\000dexinv_\257freq\203as\000\002i\217zekv.\001\314\206\002\321\206\002s\347lm_D\001\204\210\003lwm\367ax_\347\207\002smem\316\323\212\001mlp\210 \321\212\001nnN%\002sn_B\000x\001s\242\207\001\335n\352\000nth\216\213\001so\336\262 objp\216 po\337pposq\233\001qi\337nfer.\333\206\005rc\277regist\356\000e\274\233\215\002\347\206\006self\367\204\007s\323et\274\210\004\301\215\002s\272\000sp\177ecstart;\000\357psto\001\000ruc\341tw\004\261\003\374`\215@upd\377atevalue\177svocab_<\001\373w_\223Aw_gat\377ew_upwid\377thswkwow\377qwvxO\200\001\330\377\004\n\210+\220Q\200A\377\360\006\000\t\014\2106\220\377\022\2202\220S\230\006\230\377c\240\024\240R\240q\330\377\014\022\220*\230A\230Q\377\330\010\r\210Q\210d\220\177\"\220G\2301\230A\013\001\377Y\220d\230\"\230F\240\377$\240b\250\001\330\010\017\377\210y\230\004\230B\230i\377\240r\250\024\250R\250{\377\270$\270b\300\014\310B\377\310d\320RT\320TU\377\330\010\013\2105\220\003\220\3776\230\024\230_\250A\250\377Q\250b\260\005\260V\270\3775\300\001\330\r\022\220#\377\220V\2304\230\177\250a\377\250q\260\002\260%\260v\317\270U\300!\000\026\034\023W\300\375AE\003Z\230t\240?\260\377!\2601\260B\260i\270\357v\300U\310D\004X\230T\377\240\037\260\001\260\021\260\"\377\260G\2706\300\025\300a\336\034\023X\310Q\340\367\003\320\035\3713E\000\360\000\014\210E\220\027\257\230\001\230\021\251#\026\256\0006\337\240\021\240!\340\326\0002\210\377R\210r\220\023\220B\220\375b\201\"l\250#\250T\260\377\022\2602\260S\270\004\270\375B\207 \002\300$\300b\310\365\001\307(\013\355 \026\220q\230\377\003\2303\230d\240\"\240\377L\260\003\2606\270\026\270\377q\300\003\3004\300u\320\337L\\\320\\]\370\047\r\016\267\330\014\021{\003""\230$.\000!\377\2404\240t\250=\270\001\376.\002\004\300C\300u\310A\357\310V\320S\352 W\320W\337X\330\031%\240\265@\013\210\3373\210c\220\021\306A+\230\377Q\230a\320\004K\320K\377^\320^_\360\020\000\t\037\026\220Q\220f\334A\300\001\342Y\373\013\210\272\200%\005\310S\320P\367Q\320Q\177\001\320X[\320\375[i\000b\320bd\320d\335e\303h\022\220+\207@\022\240\3776\250\030\260\024\260R\260\373y\300\230%\022\034\230D\240\377\002\240&\250\013\2604\260wr\270\021\263a;\220k\346 \377*\250K\260s\270&\300\373\001\300\020\0028\220;\230a\373\230z>\000\023\260F\270!\373\2701\335a:\220[\240\001\357\240\032\250:\365 \006\270a\363\270q)\023\306#\031\230!\230\3751k\000\004\240A\240T\250\377\024\250W\260A\260Q\260\035ab\000$\270c\227a\316!\263\204\001\000\264+";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2097, 2820);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (1952 bytes) */
-static const char bytes[] = " at 0x floats, got  object>(tree fragment)); try a smaller context.: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abcdisableenableexpected forward: logits buffer has the wrong shapeforward: token count or position out of rangegcisenabledno default __reduce__ due to non-trivial __cinit__not enough memory for the KV cache and buffers (context out of memory in the forward passpyx/_forward.pyxunable to allocate array data.unable to allocate shape and strides.ASCIIEllipsisSequenceTransformerTransformer.__reduce_cython__Transformer.__setstate_cython__Transformer.forwardView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___is_coroutineabcall_logitsallocate_bufferasyncio.coroutinesattn_normbaseccline_in_tracebackconfigcountctxdimdtype_is_objectembeddingencodeenumerateepserrorffn_normfinal_normflagsformatfortranforwardhead_dimhidden_dimidindexinv_freqitemsitemsizelayerslm_headlogitsmax_tokensmemviewmodenn_headsn_kv_headsnamendimnthreadsobjpackpopposqinfer._forwardrcregisterreshapeselfsetdefaultshapesizestartstepstopstructthreadstokensunpackupdatevaluesvocab_sizew_downw_gatew_upwkwowqwvxO\200\001\330\004\n\210+\220Q\200A\360\006\000\t\026\220V\2306\240\021\240!\340\010\013\2102\210R\210r\220\023\220B\220b\230\004\230B\230l\250#\250T\260\022\2602\260S\270\004\270B\270b\300\002\300$\300b\310\001\330\014\022\220*""\230A\230Q\330\010\013\2106\220\026\220q\230\003\2303\230d\240\"\240L\260\003\2606\270\026\270q\300\003\3004\300u\320L\\\320\\]\330\014\022\220*\230A\230Q\330\r\016\330\014\021\220\027\230\001\230\021\230$\230d\240!\2404\240t\250=\270\001\270\026\270q\300\004\300C\300u\310A\310V\320ST\320TW\320WX\330\031%\240Q\330\010\013\2103\210c\220\021\330\014\022\220+\230Q\230a";
+    #else /* compression: none (2820 bytes) */
+static const char bytes[] = " at 0x floats, got  must have shape ( object>(tree fragment))); try a smaller context, .: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecapture collections.abcdisableenableexpected forward: logits buffer has the wrong shapeforward: token count or position out of rangegcisenabledno default __reduce__ due to non-trivial __cinit__no linear map named no such layernot enough memory for the KV cache and buffers (context out of memory in the forward passpyx/_forward.pyxrun_layer: shape or position out of rangeunable to allocate array data.unable to allocate shape and strides.ASCIIEllipsisSequenceTransformerTransformer.__reduce_cython__Transformer.__setstate_cython__Transformer.forwardTransformer.run_layerTransformer.set_linearView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____test___is_coroutineabcall_logitsallocate_bufferappendasyncio.coroutinesattn_inattn_normbaseccapcapturescline_in_tracebackconfigcountctxdimdown_indtype_is_objectembeddingencodeenumerateepserrorffn_normfinal_normflagsformatfortranforwardgethead_dimhiddenhidden_dimidindexinv_freqitemsitemsizekv_dimlayerlayerslm_headlogitslwmax_tokensmemviewmlp_inmodenn_headsn_kv_headsnamendimnthreadso_inobjpackpopposq_dimqinfer._forwardrcregisterreshaperun_layerselfset_linearsetdefaultshapesizespecstartstepstopstructthreadstokensunpackupdatevaluesvocab_sizew_downw_gatew_upw""idthswkwowqwvxO\200\001\330\004\n\210+\220Q\200A\360\006\000\t\014\2106\220\022\2202\220S\230\006\230c\240\024\240R\240q\330\014\022\220*\230A\230Q\330\010\r\210Q\210d\220\"\220G\2301\230A\330\010\r\210Y\220d\230\"\230F\240$\240b\250\001\330\010\017\210y\230\004\230B\230i\240r\250\024\250R\250{\270$\270b\300\014\310B\310d\320RT\320TU\330\010\013\2105\220\003\2206\230\024\230_\250A\250Q\250b\260\005\260V\2705\300\001\330\r\022\220#\220V\2304\230\177\250a\250q\260\002\260%\260v\270U\300!\330\r\022\220#\220V\2304\230\177\250a\250q\260\002\260%\260v\270U\300!\330\r\022\220#\220V\2304\230\177\250a\250q\260\002\260%\260v\270W\300A\330\r\022\220#\220Z\230t\240?\260!\2601\260B\260i\270v\300U\310!\330\r\022\220#\220X\230T\240\037\260\001\260\021\260\"\260G\2706\300\025\300a\330\r\022\220#\220Z\230t\240?\260!\2601\260B\260i\270v\300X\310Q\340\014\022\220*\230A\320\0353\2601\260A\330\010\014\210E\220\027\230\001\230\021\200A\360\006\000\t\026\220V\2306\240\021\240!\340\010\013\2102\210R\210r\220\023\220B\220b\230\004\230B\230l\250#\250T\260\022\2602\260S\270\004\270B\270b\300\002\300$\300b\310\001\330\014\022\220*\230A\230Q\330\010\013\2106\220\026\220q\230\003\2303\230d\240\"\240L\260\003\2606\270\026\270q\300\003\3004\300u\320L\\\320\\]\330\014\022\220*\230A\230Q\330\r\016\330\014\021\220\027\230\001\230\021\230$\230d\240!\2404\240t\250=\270\001\270\026\270q\300\004\300C\300u\310A\310V\320ST\320TW\320WX\330\031%\240Q\330\010\013\2103\210c\220\021\330\014\022\220+\230Q\230a\320\004K\320K^\320^_\360\020\000\t\026\220Q\220f\230A\230Q\340\010\013\2106\220\022\2202\220S\230\006\230c\240\024\240R\240q\330\014\022\220*\230A\230Q\330\010\013\2102\210R\210r\220\023\220B\220b\230\004\230B\230l\250#\250T\260\022\2602\260S\270\004\270B\270b\300\002\300$\300b\310\005\310S\320PQ\320QW\320WX\320X[\320[^\320^b\320bd\320de\330\014\022\220*\230A\230Q\330\010\022\220+\230T\240\022\2406\250\030\260\024\260R\260y\300\002\300$\300b\310\001\330\022\034\230D\240\002\240&\250\013\2604\260r\270\021""\330\010\013\210;\220k\240\021\240*\250K\260s\270&\300\001\300\021\330\010\013\2108\220;\230a\230z\250\030\260\023\260F\270!\2701\330\010\013\210:\220[\240\001\240\032\250:\260S\270\006\270a\270q\330\010\013\210;\220k\240\021\240*\250K\260s\270&\300\001\300\021\330\r\016\330\014\021\220\031\230!\2301\230D\240\004\240A\240T\250\024\250W\260A\260Q\260a\260s\270$\270c\300\025\300a\300u\310A\330\010\013\2103\210c\220\021\330\014\022\220+\230Q\230a";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
     #endif
     PyObject **stringtab = __pyx_mstate->__pyx_string_tab;
     Py_ssize_t pos = 0;
-    for (int i = 0; i < 141; i++) {
+    for (int i = 0; i < 167; i++) {
       Py_ssize_t bytes_length = str_length_index[i].length;
       PyObject *string = PyUnicode_DecodeUTF8(bytes + pos, bytes_length, NULL);
-      if (likely(string) && i >= 34) PyUnicode_InternInPlace(&string);
+      if (likely(string) && i >= 41) PyUnicode_InternInPlace(&string);
       if (unlikely(!string)) {
         Py_XDECREF(data);
         __PYX_ERR(0, 1, __pyx_L1_error)
@@ -23108,8 +24426,8 @@ static const char bytes[] = " at 0x floats, got  object>(tree fragment)); try a 
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 141; i < 144; i++) {
-      Py_ssize_t bytes_length = bytes_length_index[i-141].length;
+    for (int i = 167; i < 172; i++) {
+      Py_ssize_t bytes_length = bytes_length_index[i-167].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
       pos += bytes_length;
@@ -23119,15 +24437,15 @@ static const char bytes[] = " at 0x floats, got  object>(tree fragment)); try a 
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 144; i++) {
+    for (Py_ssize_t i = 0; i < 172; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
     }
     #if CYTHON_IMMORTAL_CONSTANTS
     {
-      PyObject **table = stringtab + 141;
-      for (Py_ssize_t i=0; i<3; ++i) {
+      PyObject **table = stringtab + 167;
+      for (Py_ssize_t i=0; i<5; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
         #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
@@ -23214,19 +24532,29 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   PyObject* tuple_dedup_map = PyDict_New();
   if (unlikely(!tuple_dedup_map)) return -1;
   {
-    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 8, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 526};
+    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 8, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 576};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_tokens, __pyx_mstate->__pyx_n_u_pos, __pyx_mstate->__pyx_n_u_logits, __pyx_mstate->__pyx_n_u_all_logits, __pyx_mstate->__pyx_n_u_nthreads, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_rc};
     __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_pyx__forward_pyx, __pyx_mstate->__pyx_n_u_forward, __pyx_mstate->__pyx_kp_b_iso88591_A_V6_2Rr_Bb_Bl_T_2S_Bb_b_AQ_6_q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }
   {
+    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 10, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 591};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_layer, __pyx_mstate->__pyx_n_u_x, __pyx_mstate->__pyx_n_u_pos, __pyx_mstate->__pyx_n_u_captures, __pyx_mstate->__pyx_n_u_nthreads, __pyx_mstate->__pyx_n_u_cap, __pyx_mstate->__pyx_n_u_n, __pyx_mstate->__pyx_n_u_rc, __pyx_mstate->__pyx_n_u_widths};
+    __pyx_mstate_global->__pyx_codeobj_tab[1] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_pyx__forward_pyx, __pyx_mstate->__pyx_n_u_run_layer, __pyx_mstate->__pyx_kp_b_iso88591_KK___QfAQ_6_2S_c_Rq_AQ_2Rr_Bb_B, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[1])) goto bad;
+  }
+  {
+    const __Pyx_PyCode_New_function_description descr = {4, 0, 0, 9, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 616};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_layer, __pyx_mstate->__pyx_n_u_name, __pyx_mstate->__pyx_n_u_spec, __pyx_mstate->__pyx_n_u_lw, __pyx_mstate->__pyx_n_u_dim, __pyx_mstate->__pyx_n_u_hidden, __pyx_mstate->__pyx_n_u_q_dim, __pyx_mstate->__pyx_n_u_kv_dim};
+    __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_pyx__forward_pyx, __pyx_mstate->__pyx_n_u_set_linear, __pyx_mstate->__pyx_kp_b_iso88591_A_6_2S_c_Rq_AQ_Qd_G1A_Yd_F_b_y_B, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
+  }
+  {
     const __Pyx_PyCode_New_function_description descr = {1, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 1};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self};
-    __pyx_mstate_global->__pyx_codeobj_tab[1] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_tree_fragment, __pyx_mstate->__pyx_n_u_reduce_cython, __pyx_mstate->__pyx_kp_b_iso88591_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[1])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[3] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_tree_fragment, __pyx_mstate->__pyx_n_u_reduce_cython, __pyx_mstate->__pyx_kp_b_iso88591_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[3])) goto bad;
   }
   {
     const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 3};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_pyx_state};
-    __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_tree_fragment, __pyx_mstate->__pyx_n_u_setstate_cython, __pyx_mstate->__pyx_kp_b_iso88591_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[4] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_tree_fragment, __pyx_mstate->__pyx_n_u_setstate_cython, __pyx_mstate->__pyx_kp_b_iso88591_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[4])) goto bad;
   }
   Py_DECREF(tuple_dedup_map);
   return 0;
@@ -26744,6 +28072,134 @@ static CYTHON_INLINE PyObject* __Pyx_PyLong_FloorDivideObjC(PyObject *op1, PyObj
     return __Pyx_Fallback___Pyx_PyLong_FloorDivideObjC(op1, op2, inplace);
 }
 #endif
+
+/* ListAppend (used by append) */
+#if CYTHON_USE_PYLIST_INTERNALS && CYTHON_ASSUME_SAFE_MACROS && CYTHON_ASSUME_SAFE_SIZE
+static CYTHON_INLINE int __Pyx_PyList_Append(PyObject* list, PyObject* x) {
+    PyListObject* L = (PyListObject*) list;
+    Py_ssize_t len = Py_SIZE(list);
+    if (likely(L->allocated > len) & likely(len > (L->allocated >> 1))) {
+        Py_INCREF(x);
+        __Pyx__ListComp_AppendAndDecref(list, len, x);
+        return 0;
+    }
+    return PyList_Append(list, x);
+}
+#endif
+
+/* PyObjectCallMethod1 (used by append) */
+static CYTHON_INLINE PyObject* __Pyx_PyObject_CallMethod1(PyObject* obj, PyObject* method_name, PyObject* arg) {
+#if CYTHON_VECTORCALL && (__PYX_LIMITED_VERSION_HEX >= 0x030C0000 || !CYTHON_COMPILING_IN_LIMITED_API)
+    PyObject *args[2] = {obj, arg};
+    return PyObject_VectorcallMethod(method_name, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+#elif CYTHON_COMPILING_IN_LIMITED_API
+    return PyObject_CallMethodObjArgs(obj, method_name, arg, NULL);
+#else
+    return PyObject_CallMethodOneArg(obj, method_name, arg);
+#endif
+}
+
+/* append */
+static CYTHON_INLINE int __Pyx_PyObject_Append(PyObject* L, PyObject* x) {
+    if (likely(PyList_CheckExact(L))) {
+        if (unlikely(__Pyx_PyList_Append(L, x) < 0)) return -1;
+    } else {
+        PyObject* retval = __Pyx_PyObject_CallMethod1(L, __pyx_mstate_global->__pyx_n_u_append, x);
+        if (unlikely(!retval))
+            return -1;
+        Py_DECREF(retval);
+    }
+    return 0;
+}
+
+/* PyObjectCall2Args (used by CallUnboundCMethod1) */
+static CYTHON_INLINE PyObject* __Pyx_PyObject_Call2Args(PyObject* function, PyObject* arg1, PyObject* arg2) {
+    PyObject *args[3] = {NULL, arg1, arg2};
+    return __Pyx_PyObject_FastCall(function, args+1, 2 | __Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET);
+}
+
+/* CallUnboundCMethod1 */
+#if CYTHON_COMPILING_IN_CPYTHON
+static CYTHON_INLINE PyObject* __Pyx_CallUnboundCMethod1(__Pyx_CachedCFunction* cfunc, PyObject* self, PyObject* arg) {
+    int was_initialized =  __Pyx_CachedCFunction_GetAndSetInitializing(cfunc);
+    if (likely(was_initialized == 2 && cfunc->func)) {
+        int flag = cfunc->flag;
+        if (flag == METH_O) {
+            return __Pyx_CallCFunction(cfunc, self, arg);
+        } else if (flag == METH_FASTCALL) {
+            return __Pyx_CallCFunctionFast(cfunc, self, &arg, 1);
+        } else if (flag == (METH_FASTCALL | METH_KEYWORDS)) {
+            return __Pyx_CallCFunctionFastWithKeywords(cfunc, self, &arg, 1, NULL);
+        }
+    }
+#if CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
+    else if (unlikely(was_initialized == 1)) {
+        __Pyx_CachedCFunction tmp_cfunc = {
+#ifndef __cplusplus
+            0
+#endif
+        };
+        tmp_cfunc.type = cfunc->type;
+        tmp_cfunc.method_name = cfunc->method_name;
+        return __Pyx__CallUnboundCMethod1(&tmp_cfunc, self, arg);
+    }
+#endif
+    PyObject* result = __Pyx__CallUnboundCMethod1(cfunc, self, arg);
+    __Pyx_CachedCFunction_SetFinishedInitializing(cfunc);
+    return result;
+}
+#endif
+static PyObject* __Pyx__CallUnboundCMethod1(__Pyx_CachedCFunction* cfunc, PyObject* self, PyObject* arg){
+    PyObject *result = NULL;
+    if (unlikely(!cfunc->func && !cfunc->method) && unlikely(__Pyx_TryUnpackUnboundCMethod(cfunc) < 0)) return NULL;
+#if CYTHON_COMPILING_IN_CPYTHON
+    if (cfunc->func && (cfunc->flag & METH_VARARGS)) {
+        PyObject *args = PyTuple_New(1);
+        if (unlikely(!args)) return NULL;
+        Py_INCREF(arg);
+        PyTuple_SET_ITEM(args, 0, arg);
+        if (cfunc->flag & METH_KEYWORDS)
+            result = __Pyx_CallCFunctionWithKeywords(cfunc, self, args, NULL);
+        else
+            result = __Pyx_CallCFunction(cfunc, self, args);
+        Py_DECREF(args);
+    } else
+#endif
+    {
+        result = __Pyx_PyObject_Call2Args(cfunc->method, self, arg);
+    }
+    return result;
+}
+
+/* dict_getitem_default */
+static PyObject* __Pyx_PyDict_GetItemDefault(PyObject* d, PyObject* key, PyObject* default_value) {
+    PyObject* value;
+#if !CYTHON_COMPILING_IN_PYPY || PYPY_VERSION_NUM >= 0x07020000
+    value = PyDict_GetItemWithError(d, key);
+    if (unlikely(!value)) {
+        if (unlikely(PyErr_Occurred()))
+            return NULL;
+        value = default_value;
+    }
+    Py_INCREF(value);
+    if ((1));
+#else
+    if (PyBytes_CheckExact(key) || PyUnicode_CheckExact(key) || PyLong_CheckExact(key)) {
+        value = PyDict_GetItem(d, key);
+        if (unlikely(!value)) {
+            value = default_value;
+        }
+        Py_INCREF(value);
+    }
+#endif
+    else {
+        if (default_value == Py_None)
+            value = __Pyx_CallUnboundCMethod1(&__pyx_mstate_global->__pyx_umethod_PyDict_Type_get, d, key);
+        else
+            value = __Pyx_CallUnboundCMethod2(&__pyx_mstate_global->__pyx_umethod_PyDict_Type_get, d, key, default_value);
+    }
+    return value;
+}
 
 /* AllocateExtensionType */
 static PyObject *__Pyx_AllocateExtensionType(PyTypeObject *t, int is_final) {
@@ -31030,18 +32486,6 @@ static CYTHON_INLINE PyObject* __Pyx_PyLong_From_long(long value) {
         return result;
 #endif
     }
-}
-
-/* PyObjectCallMethod1 (used by UpdateUnpickledDict) */
-static CYTHON_INLINE PyObject* __Pyx_PyObject_CallMethod1(PyObject* obj, PyObject* method_name, PyObject* arg) {
-#if CYTHON_VECTORCALL && (__PYX_LIMITED_VERSION_HEX >= 0x030C0000 || !CYTHON_COMPILING_IN_LIMITED_API)
-    PyObject *args[2] = {obj, arg};
-    return PyObject_VectorcallMethod(method_name, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-#elif CYTHON_COMPILING_IN_LIMITED_API
-    return PyObject_CallMethodObjArgs(obj, method_name, arg, NULL);
-#else
-    return PyObject_CallMethodOneArg(obj, method_name, arg);
-#endif
 }
 
 /* UpdateUnpickledDict */

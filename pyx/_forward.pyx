@@ -363,50 +363,93 @@ static void swiglu(float *gate, const float *up, size_t n)
 
 /* ------------------------------------------------------------- forward */
 
+/* Inputs of a layer's linear maps, copied out when a caller asks (GPTQ
+ * calibration collects them); any pointer may be NULL. */
+typedef struct {
+    float *attn_in;   /* [n][dim]        input of q/k/v_proj */
+    float *o_in;      /* [n][n_heads*hd] input of o_proj */
+    float *mlp_in;    /* [n][dim]        input of gate/up_proj */
+    float *down_in;   /* [n][hidden]     input of down_proj */
+} layer_capture;
+
+static void capture(float *dst, const float *src, size_t count)
+{
+    if (dst)
+        memcpy(dst, src, sizeof(float) * count);
+}
+
+/* One transformer block on s->x (n tokens at positions pos..). */
+static int layer_forward(const weights *w, run_state *s, int l, int pos, int n,
+                         const layer_capture *cap, int nthreads)
+{
+    const layer_weights *lw = &w->layers[l];
+    const int dim = w->dim, hd = w->head_dim, q_dim = w->n_heads * hd;
+    int rc = 0;
+
+    /* attention block: x += wo(attention(rope(q), cache += (rope(k), v))) */
+    rmsnorm(s->x, lw->attn_norm, n, dim, w->eps, s->xb);
+    capture(cap ? cap->attn_in : NULL, s->xb, (size_t)n * dim);
+    rc |= matmul(&lw->wq, s->xb, n, s->q, nthreads);
+    rc |= matmul(&lw->wk, s->xb, n, s->k, nthreads);
+    rc |= matmul(&lw->wv, s->xb, n, s->v, nthreads);
+    rope(s->q, n, w->n_heads, hd, s->cos_sin);
+    rope(s->k, n, w->n_kv_heads, hd, s->cos_sin);
+    store_kv(w, s, l, pos, n);
+    attention(w, s, l, pos, n, nthreads);
+    capture(cap ? cap->o_in : NULL, s->att, (size_t)n * q_dim);
+    rc |= matmul(&lw->wo, s->att, n, s->proj, nthreads);
+    add(s->x, s->proj, (size_t)n * dim);
+
+    /* MLP block: x += w_down(silu(w_gate(x)) * w_up(x)) */
+    rmsnorm(s->x, lw->ffn_norm, n, dim, w->eps, s->xb);
+    capture(cap ? cap->mlp_in : NULL, s->xb, (size_t)n * dim);
+    rc |= matmul(&lw->w_gate, s->xb, n, s->gate, nthreads);
+    rc |= matmul(&lw->w_up, s->xb, n, s->up, nthreads);
+    swiglu(s->gate, s->up, (size_t)n * w->hidden_dim);
+    capture(cap ? cap->down_in : NULL, s->gate, (size_t)n * w->hidden_dim);
+    rc |= matmul(&lw->w_down, s->gate, n, s->proj, nthreads);
+    add(s->x, s->proj, (size_t)n * dim);
+    return rc ? -1 : 0;
+}
+
+static int clamp_threads(const run_state *s, int nthreads)
+{
+    /* attention() keeps one scores row per thread: never more threads than rows */
+    return (nthreads > 0 && nthreads < s->threads) ? nthreads : s->threads;
+}
+
 /* Run n tokens at positions pos..pos+n-1 through the model, filling the KV
  * cache. logits gets [n][vocab] when all_logits, else the last row only.
  * Returns 0, or -1 when a kernel ran out of memory. */
 static int forward(const weights *w, run_state *s, const int *tokens, int n, int pos,
                    float *logits, int all_logits, int nthreads)
 {
-    const int dim = w->dim, hd = w->head_dim;
-    int rc = 0;
-
-    /* attention() keeps one scores row per thread: never more threads than rows */
-    nthreads = (nthreads > 0 && nthreads < s->threads) ? nthreads : s->threads;
+    const int dim = w->dim;
+    nthreads = clamp_threads(s, nthreads);
     embed(w, tokens, n, s->x);
     rope_tables(w, pos, n, s->cos_sin);
-    for (int l = 0; l < w->n_layers && rc == 0; l++) {
-        const layer_weights *lw = &w->layers[l];
-
-        /* attention block: x += wo(attention(rope(q), cache += (rope(k), v))) */
-        rmsnorm(s->x, lw->attn_norm, n, dim, w->eps, s->xb);
-        rc |= matmul(&lw->wq, s->xb, n, s->q, nthreads);
-        rc |= matmul(&lw->wk, s->xb, n, s->k, nthreads);
-        rc |= matmul(&lw->wv, s->xb, n, s->v, nthreads);
-        rope(s->q, n, w->n_heads, hd, s->cos_sin);
-        rope(s->k, n, w->n_kv_heads, hd, s->cos_sin);
-        store_kv(w, s, l, pos, n);
-        attention(w, s, l, pos, n, nthreads);
-        rc |= matmul(&lw->wo, s->att, n, s->proj, nthreads);
-        add(s->x, s->proj, (size_t)n * dim);
-
-        /* MLP block: x += w_down(silu(w_gate(x)) * w_up(x)) */
-        rmsnorm(s->x, lw->ffn_norm, n, dim, w->eps, s->xb);
-        rc |= matmul(&lw->w_gate, s->xb, n, s->gate, nthreads);
-        rc |= matmul(&lw->w_up, s->xb, n, s->up, nthreads);
-        swiglu(s->gate, s->up, (size_t)n * w->hidden_dim);
-        rc |= matmul(&lw->w_down, s->gate, n, s->proj, nthreads);
-        add(s->x, s->proj, (size_t)n * dim);
-    }
-    if (rc)
-        return -1;
+    for (int l = 0; l < w->n_layers; l++)
+        if (layer_forward(w, s, l, pos, n, NULL, nthreads))
+            return -1;
 
     /* final norm and LM head: every row, or just the last one for generation */
     const float *rows = all_logits ? s->x : s->x + (size_t)(n - 1) * dim;
     const int n_rows = all_logits ? n : 1;
     rmsnorm(rows, w->final_norm, n_rows, dim, w->eps, s->xb);
     return matmul(&w->lm_head, s->xb, n_rows, logits, nthreads);
+}
+
+/* One block on caller-given hidden states x[n][dim] (in place), for
+ * layer-by-layer work such as GPTQ calibration. */
+static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int pos,
+                     const layer_capture *cap, int nthreads)
+{
+    nthreads = clamp_threads(s, nthreads);
+    memcpy(s->x, x, sizeof(float) * (size_t)n * w->dim);
+    rope_tables(w, pos, n, s->cos_sin);
+    const int rc = layer_forward(w, s, l, pos, n, cap, nthreads);
+    memcpy(x, s->x, sizeof(float) * (size_t)n * w->dim);
+    return rc;
 }
     """
     ctypedef struct linear:
@@ -437,6 +480,13 @@ static int forward(const weights *w, run_state *s, const int *tokens, int n, int
     void free_state(run_state *s) nogil
     int forward(const weights *w, run_state *s, const int *tokens, int n, int pos,
                 float *logits, int all_logits, int nthreads) nogil
+    ctypedef struct layer_capture:
+        float *attn_in
+        float *o_in
+        float *mlp_in
+        float *down_in
+    int run_layer(const weights *w, run_state *s, int l, float *x, int n, int pos,
+                  const layer_capture *cap, int nthreads) nogil
 
 
 cdef const float *float_ptr(object array, Py_ssize_t size) except NULL:
@@ -482,26 +532,26 @@ cdef class Transformer:
         self.w.embedding = float_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)
         self.w.final_norm = float_ptr(final_norm, dim)
         self.w.inv_freq = float_ptr(inv_freq, hd // 2)
-        self.set_linear(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
+        self.set_linear_ptr(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
         self.w.layers = <layer_weights *>calloc(len(layers), sizeof(layer_weights))
         if self.w.layers == NULL:
             raise MemoryError()
         for i, layer in enumerate(layers):
             self.w.layers[i].attn_norm = float_ptr(layer["attn_norm"], dim)
             self.w.layers[i].ffn_norm = float_ptr(layer["ffn_norm"], dim)
-            self.set_linear(&self.w.layers[i].wq, layer["wq"], dim, q_dim)
-            self.set_linear(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)
-            self.set_linear(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)
-            self.set_linear(&self.w.layers[i].wo, layer["wo"], q_dim, dim)
-            self.set_linear(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)
-            self.set_linear(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
-            self.set_linear(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
+            self.set_linear_ptr(&self.w.layers[i].wq, layer["wq"], dim, q_dim)
+            self.set_linear_ptr(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)
+            self.set_linear_ptr(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)
+            self.set_linear_ptr(&self.w.layers[i].wo, layer["wo"], q_dim, dim)
+            self.set_linear_ptr(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)
+            self.set_linear_ptr(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
+            self.set_linear_ptr(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:
             raise MemoryError("not enough memory for the KV cache and buffers "
                               f"(context {self.w.ctx}); try a smaller context")
         self.has_state = True
 
-    cdef int set_linear(self, linear *l, object spec, int n_in, int n_out) except -1:
+    cdef int set_linear_ptr(self, linear *l, object spec, int n_in, int n_out) except -1:
         l.in_ = n_in
         l.out = n_out
         l.q = NULL
@@ -537,3 +587,57 @@ cdef class Transformer:
                          all_logits, nthreads)
         if rc != 0:
             raise MemoryError("out of memory in the forward pass")
+
+    def run_layer(self, int layer, float[:, ::1] x, int pos, dict captures=None, int nthreads=0):
+        """Run block `layer` on hidden states x [n, dim] in place (positions pos..).
+
+        captures: optional dict of float32 arrays to fill with the inputs of
+        the linear maps: "attn_in" [n, dim], "o_in" [n, n_heads*head_dim],
+        "mlp_in" [n, dim], "down_in" [n, hidden].
+        """
+        cdef layer_capture cap
+        cdef int n = x.shape[0]
+        cdef int rc
+        if layer < 0 or layer >= self.w.n_layers:
+            raise ValueError("no such layer")
+        if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx or x.shape[1] != self.w.dim:
+            raise ValueError("run_layer: shape or position out of range")
+        widths = {"attn_in": self.w.dim, "o_in": self.w.n_heads * self.w.head_dim,
+                  "mlp_in": self.w.dim, "down_in": self.w.hidden_dim}
+        cap.attn_in = capture_ptr(captures, "attn_in", n, widths["attn_in"])
+        cap.o_in = capture_ptr(captures, "o_in", n, widths["o_in"])
+        cap.mlp_in = capture_ptr(captures, "mlp_in", n, widths["mlp_in"])
+        cap.down_in = capture_ptr(captures, "down_in", n, widths["down_in"])
+        with nogil:
+            rc = run_layer(&self.w, &self.s, layer, &x[0, 0], n, pos, &cap, nthreads)
+        if rc != 0:
+            raise MemoryError("out of memory in the forward pass")
+
+    def set_linear(self, int layer, str name, spec):
+        """Point one linear map of a block at new weights (the caller keeps them alive)."""
+        cdef layer_weights *lw
+        if layer < 0 or layer >= self.w.n_layers:
+            raise ValueError("no such layer")
+        lw = &self.w.layers[layer]
+        dim, hidden = self.w.dim, self.w.hidden_dim
+        q_dim, kv_dim = self.w.n_heads * self.w.head_dim, self.w.n_kv_heads * self.w.head_dim
+        if name == "wq": self.set_linear_ptr(&lw.wq, spec, dim, q_dim)
+        elif name == "wk": self.set_linear_ptr(&lw.wk, spec, dim, kv_dim)
+        elif name == "wv": self.set_linear_ptr(&lw.wv, spec, dim, kv_dim)
+        elif name == "wo": self.set_linear_ptr(&lw.wo, spec, q_dim, dim)
+        elif name == "w_gate": self.set_linear_ptr(&lw.w_gate, spec, dim, hidden)
+        elif name == "w_up": self.set_linear_ptr(&lw.w_up, spec, dim, hidden)
+        elif name == "w_down": self.set_linear_ptr(&lw.w_down, spec, hidden, dim)
+        else:
+            raise ValueError(f"no linear map named {name!r}")
+        self.keep.append(spec)
+
+
+cdef float *capture_ptr(dict captures, str name, int n, int width) except? NULL:
+    cdef float[:, ::1] view
+    if captures is None or captures.get(name) is None:
+        return NULL
+    view = captures[name]
+    if view.shape[0] != n or view.shape[1] != width:
+        raise ValueError(f"capture {name!r} must have shape ({n}, {width})")
+    return &view[0, 0]

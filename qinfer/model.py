@@ -16,6 +16,12 @@ from .linear import QuantizedLinear
 from .readers.source import PackedTensor
 
 PREFILL_CHUNK = 512       # tokens per forward call; longer prompts are fed in chunks
+# The linear maps of a block: the C side's names and the Hugging Face ones.
+LINEAR_NAMES = {
+    "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+    "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
+    "w_down": "mlp.down_proj",
+}
 LM_HEAD_BITS = 8          # a quantized-on-load model keeps its LM head at 8 bits
 
 
@@ -100,14 +106,8 @@ class Model:
         return dict(
             attn_norm=source.float_tensor(p + "input_layernorm.weight"),
             ffn_norm=source.float_tensor(p + "post_attention_layernorm.weight"),
-            wq=self._linear(source, p + "self_attn.q_proj.weight"),
-            wk=self._linear(source, p + "self_attn.k_proj.weight"),
-            wv=self._linear(source, p + "self_attn.v_proj.weight"),
-            wo=self._linear(source, p + "self_attn.o_proj.weight"),
-            w_gate=self._linear(source, p + "mlp.gate_proj.weight"),
-            w_up=self._linear(source, p + "mlp.up_proj.weight"),
-            w_down=self._linear(source, p + "mlp.down_proj.weight"),
-        )
+            **{c_name: self._linear(source, f"{p}{hf_name}.weight")
+               for c_name, hf_name in LINEAR_NAMES.items()})
 
     def _lm_head(self, source):
         name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
@@ -120,6 +120,29 @@ class Model:
         if name == "model.embed_tokens.weight":
             return self.embedding
         return self._float_matrix(source, name)
+
+    def replace_linear(self, layer, name, weight):
+        """Swap one linear map of block `layer` (name as in LINEAR_NAMES) for a
+        float32 [out, in] array or a QuantizedLinear (GPTQ does this layer by layer)."""
+        if name not in LINEAR_NAMES:
+            raise QinferError(f"no linear map named {name!r}; expected one of {sorted(LINEAR_NAMES)}")
+        spec = self._linear_spec(weight) if isinstance(weight, QuantizedLinear) else \
+            np.ascontiguousarray(weight, dtype=np.float32)
+        self.transformer.set_linear(layer, name, spec)
+
+    def run_layer(self, layer, x, pos=0, captures=None, threads=None):
+        """Block `layer` on hidden states x [n, dim] (float32, C order), in place.
+
+        Positions start at pos; the layer's KV cache keeps the keys so a long
+        sequence can be fed in parts. captures: optional dict of float32
+        arrays [n, width] for "attn_in", "o_in", "mlp_in", "down_in".
+        """
+        threads = self.threads if threads is None else kernels.resolve_threads(threads)
+        chunk = self.transformer.max_tokens
+        for start in range(0, len(x), chunk):
+            stop = min(start + chunk, len(x))
+            parts = None if captures is None else {k: v[start:stop] for k, v in captures.items()}
+            self.transformer.run_layer(layer, x[start:stop], pos + start, parts, threads)
 
     # ------------------------------------------------------------- running
     def forward(self, tokens, pos, all_logits=False, threads=None):
