@@ -22,6 +22,10 @@ weights, together with the mb-slice of mu activation rows and the tb-slice
 of mu outputs, must fit in the L1 data cache (Eqs. 3 and 5), so that the
 weights unpacked for one row tile are still in L1 for the next. mb is kept
 a multiple of 128 (every group size divides it), tb a multiple of nv * tu.
+
+Row chunk (nb): qgemm with many activation rows (a prompt) takes them nb at
+a time, nb rows of an mb-slice of x filling half of L2, so the slice is
+read from L2, not from L3 or memory, for every tile.
 """
 from dataclasses import dataclass, asdict
 
@@ -30,6 +34,7 @@ FMA_LATENCY = 4          # cycles; Haswell..Zen 4 are all 4 or 5
 FMA_PORTS = 2
 VECTOR_PORTS = 4
 L1_BUDGET = 0.5          # leave half of L1 for stack, scales and prefetched lines
+L2_BUDGET = 0.5          # half of L2 for the activations of one row chunk
 MB_UNIT = 128
 MAX_MB = 1024
 MAX_TB = 256
@@ -43,6 +48,7 @@ class KernelParams:
     nv: int
     mb: int
     tb: int
+    nb: int
     registers_used: int
     l1_bytes_used: int
 
@@ -115,9 +121,16 @@ def choose_block(bits, mu, tu, l1d_bytes, nv=1):
     return best
 
 
+def choose_row_chunk(mu, mb, l2_bytes):
+    """Activation rows whose mb-slice fills half of L2: qgemm walks them per column block."""
+    rows = int(l2_bytes * L2_BUDGET) // (mb * 4)
+    return max(mu, rows // mu * mu)
+
+
 def choose(bits, machine):
     mu, tu, nv = choose_tile(machine.vector_registers)
     mb, tb = choose_block(bits, mu, tu, machine.l1d_bytes, nv)
-    return KernelParams(bits=bits, mu=mu, tu=tu, nv=nv, mb=mb, tb=tb,
+    nb = choose_row_chunk(mu, mb, machine.l2_bytes)
+    return KernelParams(bits=bits, mu=mu, tu=tu, nv=nv, mb=mb, tb=tb, nb=nb,
                         registers_used=registers_needed(mu, tu // FLOATS_PER_VECTOR),
                         l1_bytes_used=block_bytes(bits, mu, mb, tb))

@@ -23,6 +23,9 @@ cdef extern from *:
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <string.h>
 #include "qmatrix.h"
 #ifdef _OPENMP
@@ -148,9 +151,9 @@ static float dot(const float *a, const float *b, int n)
     return sum;
 }
 
-/* y[n][out] = x[n][in] @ w[out][in]^T, float32 weights. */
+/* y[n][out] = x[n][in] @ w[out][in]^T, float32 weights: one dot product per output. */
 QI_VECTORIZE
-static void float_matmul(const linear *l, const float *x, int n, float *y, int nthreads)
+static void float_matmul_portable(const linear *l, const float *x, int n, float *y, int nthreads)
 {
     int o;
     #pragma omp parallel for schedule(static) num_threads(thread_count(nthreads))
@@ -159,6 +162,93 @@ static void float_matmul(const linear *l, const float *x, int n, float *y, int n
         for (int t = 0; t < n; t++)
             y[(size_t)t * l->out + o] = dot(row, x + (size_t)t * l->in, l->in);
     }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define QI_HAVE_AVX2_GEMM 1
+#define GEMM_ROWS 3          /* weight rows per block: 3 x 4 accumulators + 3 + 1 operands = 16 registers */
+#define GEMM_TOKENS 4
+#define GEMM_TOKEN_CHUNK 64  /* tokens whose activations stay in L2 while the weights stream past */
+
+__attribute__((target("avx2,fma")))
+static inline float hsum256(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* The prefill path: a block of 3 weight rows x 4 tokens shares every load. */
+__attribute__((target("avx2,fma")))
+static void gemm_block(const float *w, const float *x, int in, int out, float *y)
+{
+    const int vec_end = in & ~7;
+    __m256 acc[GEMM_ROWS][GEMM_TOKENS];
+    for (int r = 0; r < GEMM_ROWS; r++)
+        for (int c = 0; c < GEMM_TOKENS; c++)
+            acc[r][c] = _mm256_setzero_ps();
+    for (int i = 0; i < vec_end; i += 8) {
+        __m256 wr[GEMM_ROWS];
+        for (int r = 0; r < GEMM_ROWS; r++)
+            wr[r] = _mm256_loadu_ps(w + (size_t)r * in + i);
+        for (int c = 0; c < GEMM_TOKENS; c++) {
+            const __m256 xv = _mm256_loadu_ps(x + (size_t)c * in + i);
+            for (int r = 0; r < GEMM_ROWS; r++)
+                acc[r][c] = _mm256_fmadd_ps(wr[r], xv, acc[r][c]);
+        }
+    }
+    for (int r = 0; r < GEMM_ROWS; r++)
+        for (int c = 0; c < GEMM_TOKENS; c++) {
+            float sum = hsum256(acc[r][c]);
+            for (int i = vec_end; i < in; i++)
+                sum += w[(size_t)r * in + i] * x[(size_t)c * in + i];
+            y[(size_t)c * out + r] = sum;
+        }
+}
+
+__attribute__((target("avx2,fma")))
+static void float_matmul_avx2(const linear *l, const float *x, int n, float *y, int nthreads)
+{
+    const int in = l->in, out = l->out, blocks = (out + GEMM_ROWS - 1) / GEMM_ROWS;
+    #pragma omp parallel num_threads(thread_count(nthreads))
+    for (int t0 = 0; t0 < n; t0 += GEMM_TOKEN_CHUNK) {
+        const int t1 = t0 + GEMM_TOKEN_CHUNK < n ? t0 + GEMM_TOKEN_CHUNK : n;
+        int b;
+        #pragma omp for schedule(static)
+        for (b = 0; b < blocks; b++) {
+            const int o0 = b * GEMM_ROWS;
+            for (int t = t0; t < t1; t += GEMM_TOKENS) {
+                if (o0 + GEMM_ROWS <= out && t + GEMM_TOKENS <= t1) {
+                    gemm_block(l->w + (size_t)o0 * in, x + (size_t)t * in, in, out, y + (size_t)t * out + o0);
+                    continue;
+                }
+                for (int o = o0; o < o0 + GEMM_ROWS && o < out; o++)     /* ragged edge */
+                    for (int c = t; c < t + GEMM_TOKENS && c < t1; c++)
+                        y[(size_t)c * out + o] = dot(l->w + (size_t)o * in, x + (size_t)c * in, in);
+            }
+        }
+    }
+}
+#else
+#define QI_HAVE_AVX2_GEMM 0
+#endif
+
+static int cpu_avx2_fma = -1;
+
+static void float_matmul(const linear *l, const float *x, int n, float *y, int nthreads)
+{
+#if QI_HAVE_AVX2_GEMM
+    if (cpu_avx2_fma < 0) {
+        __builtin_cpu_init();
+        cpu_avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+    if (n > 1 && cpu_avx2_fma) {
+        float_matmul_avx2(l, x, n, y, nthreads);
+        return;
+    }
+#endif
+    float_matmul_portable(l, x, n, y, nthreads);
 }
 
 static int matmul(const linear *l, const float *x, int n, float *y, int nthreads)

@@ -37,11 +37,11 @@ def cmd_info(args):
           f"L3 {_fmt_bytes(built['l3_bytes'])} (read from {built['cache_source']} at build time)")
     print(f"Threads:      {kernels.get_num_threads()} (OpenMP {'on' if kernels.have_openmp() else 'off'})")
     print("Kernel parameters (performance model; mu x tu: qgemm tile, nv: tiles per qgemv step,")
-    print("mb x tb: Mini-GEMV block):")
-    print(f"  {'bits':>4} {'mu':>3} {'tu':>3} {'nv':>3} {'mb':>5} {'tb':>4} {'registers':>9} {'L1 bytes':>9}")
+    print("mb x tb: Mini-GEMV block, nb: activation rows per L2 chunk):")
+    print(f"  {'bits':>4} {'mu':>3} {'tu':>3} {'nv':>3} {'mb':>5} {'tb':>4} {'nb':>4} {'registers':>9} {'L1 bytes':>9}")
     for bits in BITWIDTHS:
         p = kernels.params(bits)
-        print(f"  {bits:>4} {p['mu']:>3} {p['tu']:>3} {p['nv']:>3} {p['mb']:>5} {p['tb']:>4} "
+        print(f"  {bits:>4} {p['mu']:>3} {p['tu']:>3} {p['nv']:>3} {p['mb']:>5} {p['tb']:>4} {p['nb']:>4} "
               f"{p['registers_used']:>9} {p['l1_bytes_used']:>9}")
 
 
