@@ -50,6 +50,27 @@ static int by_probability_desc(const void *a, const void *b)
     return ((const candidate *)a)->id - ((const candidate *)b)->id;
 }
 
+/* Move the k most probable candidates to the front (unordered): quickselect. */
+static void select_top(candidate *c, int n, int k)
+{
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const candidate pivot = c[(lo + hi) / 2];
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (by_probability_desc(&c[i], &pivot) < 0) i++;
+            while (by_probability_desc(&c[j], &pivot) > 0) j--;
+            if (i <= j) {
+                const candidate t = c[i]; c[i] = c[j]; c[j] = t;
+                i++; j--;
+            }
+        }
+        if (k - 1 <= j) hi = j;
+        else if (k - 1 >= i) lo = i;
+        else break;
+    }
+}
+
 static int argmax(const float *logits, int n)
 {
     int best = 0;
@@ -85,9 +106,22 @@ static int sample(float *logits, int n, float temperature, int top_k, float top_
     }
     int kept = n;
     if ((top_k > 0 && top_k < n) || top_p < 1.0f) {
-        qsort(work, n, sizeof(candidate), by_probability_desc);
+        if (top_p < 1.0f && !(top_k > 0 && top_k < n)) {
+            /* Without top-k: a token with probability below (1 - top_p) / (n - 1) can never be in
+             * the nucleus (all of them together hold less than 1 - top_p): drop them
+             * before sorting, which leaves a few hundred candidates, not the vocabulary. */
+            const double cutoff = (1.0 - top_p) / (n - 1) * total;
+            int m = 0;
+            for (int i = 0; i < kept; i++)
+                if (work[i].p >= cutoff)
+                    work[m++] = work[i];
+            kept = m > 0 ? m : 1;
+        }
         if (top_k > 0 && top_k < kept)
-            kept = top_k;
+            select_top(work, kept, top_k);
+        const int sorted = (top_k > 0 && top_k < kept) ? top_k : kept;
+        qsort(work, sorted, sizeof(candidate), by_probability_desc);
+        kept = sorted;
         if (top_p < 1.0f) {
             double mass = 0.0, kept_total = 0.0;
             for (int i = 0; i < kept; i++)
