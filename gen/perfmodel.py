@@ -127,10 +127,30 @@ def choose_row_chunk(mu, mb, l2_bytes):
     return max(mu, rows // mu * mu)
 
 
+def gemm_rows(tu, vector_registers=16):
+    """Rows of qgemm's float micro-kernel: it multiplies unpacked float weights,
+    so it needs rows * V accumulators + V weight vectors + 1 broadcast."""
+    v = tu // FLOATS_PER_VECTOR
+    return max(1, (vector_registers - 1 - v) // v)
+
+
+def choose_gemm_rows_per_block(tu, l1d_bytes):
+    """mb for qgemm: the unpacked float tile (mb x tu floats) fills L1 (Eq. 3 with
+    the tile in float): each call of the float micro-kernel then runs mb steps,
+    so its per-call cost (loading and storing y) is spread thinly."""
+    mb = l1d_bytes // (tu * 4) // MB_UNIT * MB_UNIT
+    return max(MB_UNIT, min(MAX_MB, mb))
+
+
 def choose(bits, machine):
-    mu, tu, nv = choose_tile(machine.vector_registers)
-    mb, tb = choose_block(bits, mu, tu, machine.l1d_bytes, nv)
+    _, tu, nv = choose_tile(machine.vector_registers)
+    # The model above weighs unpacking in registers against FMAs; qgemm now
+    # unpacks a tile once per row chunk (see pyx/qgemm.pyx.tp), so its tile
+    # height is set by the registers of the float micro-kernel alone.
+    mu = gemm_rows(tu, machine.vector_registers)
+    _, tb = choose_block(bits, mu, tu, machine.l1d_bytes, nv)
+    mb = choose_gemm_rows_per_block(tu, machine.l1d_bytes)
     nb = choose_row_chunk(mu, mb, machine.l2_bytes)
     return KernelParams(bits=bits, mu=mu, tu=tu, nv=nv, mb=mb, tb=tb, nb=nb,
-                        registers_used=registers_needed(mu, tu // FLOATS_PER_VECTOR),
-                        l1_bytes_used=block_bytes(bits, mu, mb, tb))
+                        registers_used=mu * (tu // FLOATS_PER_VECTOR) + tu // FLOATS_PER_VECTOR + 1,
+                        l1_bytes_used=mb * tu * 4 + mu * mb * 4 + mu * tu * 4)

@@ -22,12 +22,11 @@ MIN_GROUP = 16   # the smallest group size: a segment can end every MIN_GROUP va
 
 def namespace(bits, params, machine):
     layout = bitlayout.layout(bits)
-    gemm_rows = list(range(1, params.mu + 1))
     gemv_tiles = list(range(1, params.nv + 1))
-    kernels = [(rows, 1) for rows in gemm_rows] + [(1, t) for t in gemv_tiles if t > 1]
+    kernels = [(1, t) for t in gemv_tiles]
     return dict(bits=bits, layout=layout, params=params, machine=machine,
                 check=min(MIN_GROUP, layout.unit_values),
-                gemm_rows=gemm_rows, gemv_tiles=gemv_tiles, kernels=kernels,
+                gemv_tiles=gemv_tiles, kernels=kernels,
                 avx2_expr=bitlayout.avx2_expr, scalar_expr=bitlayout.scalar_expr)
 
 

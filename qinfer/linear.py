@@ -61,7 +61,12 @@ class QuantizedLinear:
         self._perm = None      # act-order: kernel input k is x[perm[k]]
         self._g_idx = None
         self._tu, self._group = tu, group
-        self._mb = _row_block(in_features, int(np.lcm(values, group)), max(p["mb"], group))
+        # Row blocks hold whole groups; a full column is one group, so any
+        # multiple of the packing unit will do.
+        if group_size == -1:
+            self._mb = _row_block(in_features, values, p["mb"])
+        else:
+            self._mb = _row_block(in_features, int(np.lcm(values, group)), max(p["mb"], group))
         self._tiles_per_block = max(1, p["tb"] // tu)
         self._matrix = self._build_matrix()
 
