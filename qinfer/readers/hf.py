@@ -6,6 +6,9 @@
     chat template                    tokenizer_config.json["chat_template"], else chat_template.jinja
     generation_config.json           optional: its eos_token_id(s) join config.json's
 
+A GPTQ checkpoint (quantization_config.quant_method "gptq", or a
+quantize_config.json) is read by readers/gptq.py.
+
 Tensors are views on the shards' memory maps (BF16/F16 lazily converted to
 float32); only the tensors the config calls for are taken, so leftovers such
 as rotary inv_freq buffers are ignored.
@@ -30,6 +33,9 @@ def load_hf(directory):
     if not os.path.isfile(config_path):
         raise FormatError(f"{directory}: no config.json (a Hugging Face checkpoint directory needs one)")
     cfg = read_json(config_path)
+    from .gptq import is_gptq, load_gptq        # gptq.py builds on this module
+    if is_gptq(directory, cfg):
+        return load_gptq(directory, cfg, config_path)
     gen_eos = _generation_eos(directory)
     config = model_config(cfg, config_path, extra_eos=gen_eos)
     validate.check_config(config, config_path)

@@ -1,0 +1,243 @@
+"""qinfer.quantize: a float model in, a GPTQ-format checkpoint directory out.
+
+GPTQ runs layer by layer on the engine's own forward pass:
+
+    hidden states X = embedding of the calibration windows
+    for each block i:
+        run block i on X (float weights, earlier blocks already quantized),
+            capturing the inputs of its linear maps -> one Hessian per input
+            (q/k/v share one, gate/up share one)
+        quantize each linear map with GPTQ; swap it into the block
+        run block i again (now quantized) on X: the inputs of block i + 1
+
+With true_sequential the linear maps of a block are done in four stages
+(q/k/v, o, gate/up, down), each calibrated on inputs that already went
+through the quantized earlier stages: one more pass per stage.
+
+Round to nearest ("rtn") writes the same checkpoint without calibration.
+Nothing is written until every layer is done (checkpoint.py).
+"""
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import QinferError, UnsupportedError
+from ..packing import BITWIDTHS
+from ..rtn import GROUP_SIZES
+from . import checkpoint
+from .gptq import Hessian, PreparedHessian, gptq_quantize, output_error
+from .progress import Progress
+from .quantizer import rtn_quantize
+from .writer import FLOAT_DTYPES, float_tensors, float_weight, save_checkpoint
+
+METHODS = ("gptq", "rtn")
+# The input each linear map reads (Model.run_layer's capture names).
+INPUT_OF = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "o_in",
+            "w_gate": "mlp_in", "w_up": "mlp_in", "w_down": "down_in"}
+TRUE_SEQUENTIAL_STAGES = (("wq", "wk", "wv"), ("wo",), ("w_gate", "w_up"), ("w_down",))
+SLOW_LAYER_ENV = "QINFER_TEST_SLOW_LAYER"     # tests: sleep this many seconds after each layer
+
+
+@dataclass
+class QuantizeReport:
+    path: str
+    method: str
+    bits: int
+    group_size: int
+    sym: bool
+    act_order: bool
+    static_groups: bool
+    checkpoint_format: str
+    seconds: float
+    bytes: int
+    layers: int
+    # GPTQ only: per linear map (Hugging Face name), the output error on the
+    # calibration inputs relative to the layer's output, ||WX - QX||^2 / ||WX||^2,
+    # for GPTQ and for round to nearest with the same scales rule.
+    errors: dict = field(default_factory=dict)
+
+    def summary(self):
+        group = "full column" if self.group_size == -1 else f"group {self.group_size}"
+        lines = [f"{self.method} {self.bits}-bit {group}{' sym' if self.sym else ''}"
+                 f"{' act-order' if self.act_order else ''}{' static-groups' if self.static_groups else ''}: "
+                 f"{self.layers} layers in {self.seconds:.1f} s; wrote {self.path} "
+                 f"({self.bytes / 2 ** 20:.1f} MiB, checkpoint_format {self.checkpoint_format})"]
+        if self.errors:
+            g = np.mean([e["gptq"] for e in self.errors.values()])
+            r = np.mean([e["rtn"] for e in self.errors.values()])
+            lines.append(f"mean relative output error on the calibration data: gptq {g:.3g}, rtn {r:.3g}")
+        return "\n".join(lines)
+
+
+def _check_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise QinferError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_settings(bits, group_size, method, nsamples, seqlen, damp, seed, float_dtype):
+    if bits not in BITWIDTHS:
+        raise UnsupportedError(f"bits must be one of {BITWIDTHS}, got {bits!r}")
+    if group_size not in GROUP_SIZES:
+        raise UnsupportedError(f"group_size must be one of {GROUP_SIZES} (-1 = full column), got {group_size!r}")
+    if method not in METHODS:
+        raise UnsupportedError(f"method must be one of {METHODS}, got {method!r}")
+    _check_int("nsamples", nsamples, 1)
+    _check_int("seqlen", seqlen, 1)
+    _check_int("seed", seed, 0)
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or \
+            not 0 <= damp < 1:
+        raise QinferError(f"damp must be a number in [0, 1), got {damp!r}")
+    if float_dtype not in FLOAT_DTYPES:
+        raise UnsupportedError(f"float_dtype must be one of {FLOAT_DTYPES}, got {float_dtype!r}")
+
+
+def _open_source(model):
+    from ..engine import default_model_path
+    from ..readers import open_model
+
+    path = os.fspath(model) if model is not None else default_model_path()
+    source = open_model(path)
+    if source.format == "gptq":
+        raise QinferError(f"{path} is already a GPTQ checkpoint; quantize a float model "
+                          f"(a Hugging Face directory or a GGUF file) instead")
+    if source.tokenizer is None:
+        raise QinferError(f"{path}: no tokenizer found (tokenizer.json or tokenizer.model)")
+    return source
+
+
+def _check_shapes(source):
+    c = source.config
+    for what, n in (("hidden_size", c.hidden_size), ("num_attention_heads * head_dim",
+                                                    c.num_attention_heads * c.head_dim),
+                    ("intermediate_size", c.intermediate_size)):
+        if n % 32:
+            raise UnsupportedError(f"{source.path}: {what} = {n} is not a multiple of 32, which the packed "
+                                   f"layout needs for every linear layer's input")
+
+
+def _linear_name(layer, name):
+    from ..model import LINEAR_NAMES
+    return f"model.layers.{layer}.{LINEAR_NAMES[name]}"
+
+
+# ---------------------------------------------------------------- methods
+def _rtn_layers(source, bits, group_size, sym, progress):
+    from ..model import LINEAR_NAMES
+
+    results = {}
+    for i in range(source.config.num_hidden_layers):
+        with progress.layer(i, len(LINEAR_NAMES)) as bar:
+            for name in LINEAR_NAMES:
+                base = _linear_name(i, name)
+                results[base] = rtn_quantize(float_weight(source, base + ".weight"), bits, group_size, sym)
+                bar.update()
+            checkpoint.pause_for_tests(SLOW_LAYER_ENV)
+    return results, {}
+
+
+def _gptq_layers(source, windows, settings, threads, true_sequential, progress):
+    from ..model import LINEAR_NAMES, Model
+
+    bits, group_size, sym = settings["bits"], settings["group_size"], settings["sym"]
+    nsamples, seqlen = windows.shape
+    model = Model(source, ctx=seqlen, threads=threads, dequantize=True)
+    cfg = model.config
+    widths = {"attn_in": cfg.hidden_size, "o_in": cfg.num_attention_heads * cfg.head_dim,
+              "mlp_in": cfg.hidden_size, "down_in": cfg.intermediate_size}
+    hidden = np.ascontiguousarray(model.embedding[windows])          # [nsamples, seqlen, dim]
+    stages = TRUE_SEQUENTIAL_STAGES if true_sequential else (tuple(LINEAR_NAMES),)
+    n_layers = cfg.num_hidden_layers
+    results, errors = {}, {}
+    for i in range(n_layers):
+        last = i == n_layers - 1
+        steps = nsamples * (len(stages) + (0 if last else 1)) + len(LINEAR_NAMES)
+        with progress.layer(i, steps) as bar:
+            for stage in stages:
+                keys = sorted({INPUT_OF[name] for name in stage})
+                hessians = {k: Hessian(widths[k]) for k in keys}
+                captures = {k: np.empty((seqlen, widths[k]), dtype=np.float32) for k in keys}
+                for s in range(nsamples):
+                    x = hidden[s].copy()
+                    model.run_layer(i, x, 0, captures)
+                    for k in keys:
+                        hessians[k].add(captures[k])
+                    bar.update()
+                H = {k: h.value for k, h in hessians.items()}
+                prepared = {k: PreparedHessian(h, settings["damp"], settings["act_order"]) for k, h in H.items()}
+                for name in stage:
+                    base = _linear_name(i, name)
+                    w = float_weight(source, base + ".weight")
+                    h = H[INPUT_OF[name]]
+                    res = gptq_quantize(w, prepared[INPUT_OF[name]], bits, group_size, sym,
+                                        static_groups=settings["static_groups"])
+                    scale = output_error(w, np.zeros_like(w), h) or 1.0
+                    rtn = rtn_quantize(w, bits, group_size, sym)
+                    errors[base] = {"gptq": output_error(w, res.dequantize(), h) / scale,
+                                    "rtn": output_error(w, rtn.dequantize(), h) / scale}
+                    model.replace_linear(i, name, res.to_linear())
+                    results[base] = res
+                    bar.update()
+            if not last:
+                for s in range(nsamples):
+                    model.run_layer(i, hidden[s], 0)
+                    bar.update()
+            checkpoint.pause_for_tests(SLOW_LAYER_ENV)
+    return results, errors
+
+
+# ---------------------------------------------------------------- the API
+def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False, sym=False,
+             static_groups=False, calib=None, nsamples=128, seqlen=2048, damp=0.01, seed=0, force=False,
+             threads=None, true_sequential=False, float_dtype="float16", progress=True):
+    """Quantize a float model into a GPTQ-format checkpoint directory `out`.
+
+    model: a Hugging Face LLaMA directory or a GGUF file (quantized GGUF
+    tensors are dequantized first); None for the default SmolLM2 model.
+    method "gptq" needs calib, a text file: nsamples windows of seqlen
+    tokens are drawn from it with `seed`. act_order quantizes columns by
+    decreasing Hessian diagonal (static_groups keeps groups contiguous);
+    damp is GPTQ's dampening (a fraction of the mean Hessian diagonal).
+    float_dtype: how the embedding, norms and an untied LM head are stored.
+    `out` must not exist unless force. Returns a QuantizeReport.
+    """
+    t0 = time.perf_counter()
+    _check_settings(bits, group_size, method, nsamples, seqlen, damp, seed, float_dtype)
+    source = _open_source(model)
+    _check_shapes(source)
+    out = checkpoint.check_output(out, force, source.path)
+    meta = dict(bits=bits, group_size=group_size, sym=bool(sym), act_order=bool(act_order),
+                static_groups=bool(static_groups), true_sequential=bool(true_sequential), method=method,
+                damp=damp, nsamples=None, seqlen=None, seed=None, calibration=None, float_dtype=float_dtype)
+    if method == "gptq":
+        from ..tokenizer import load as load_tokenizer
+        from .calibration import calibration_windows
+
+        if calib is None:
+            raise QinferError("GPTQ needs calibration text: pass --calib FILE (e.g. WikiText-2's wiki.test.raw)")
+        if seqlen > source.config.max_position_embeddings:
+            raise QinferError(f"seqlen {seqlen} is longer than the model's context "
+                              f"({source.config.max_position_embeddings} tokens)")
+        windows = calibration_windows(calib, load_tokenizer(source.tokenizer), nsamples, seqlen, seed)
+        meta.update(nsamples=nsamples, seqlen=seqlen, seed=seed, calibration=os.path.basename(os.fspath(calib)))
+    else:
+        if act_order or static_groups or true_sequential:
+            raise QinferError("act-order, static groups and true-sequential are GPTQ options; "
+                              "round to nearest (method 'rtn') has no column order to choose")
+        meta.update(damp=None)
+    floats = float_tensors(source, float_dtype)
+
+    bar = Progress(source.config.num_hidden_layers, enabled=progress)
+    if method == "gptq":
+        results, errors = _gptq_layers(source, windows, meta, threads, true_sequential, bar)
+    else:
+        results, errors = _rtn_layers(source, bits, group_size, sym, bar)
+    fmt = save_checkpoint(out, source, results, meta, force=force, floats=floats)
+    return QuantizeReport(path=out, method=method, bits=bits, group_size=group_size, sym=bool(sym),
+                          act_order=meta["act_order"], static_groups=meta["static_groups"],
+                          checkpoint_format=fmt, seconds=time.perf_counter() - t0,
+                          bytes=checkpoint.directory_size(out), layers=source.config.num_hidden_layers,
+                          errors=errors)

@@ -1,0 +1,216 @@
+"""A GPTQ checkpoint directory (AutoGPTQ / GPTQModel / qinfer.quantize) -> ModelSource.
+
+Recognized by config.json["quantization_config"]["quant_method"] == "gptq"
+or by a quantize_config.json (readers/hf.py routes here). Settings read:
+
+    bits               2, 3, 4 or 8
+    group_size         any positive size, or -1 (the kernels run groups that
+                       split into runs of 16/32/64/128 rows: quant/layout.py)
+    checkpoint_format  "gptq" (v1: qzeros hold zero - 1; the default when the
+                       key is absent, as in AutoGPTQ) or "gptq_v2" (the zero
+                       itself); GPTQModel's older key "format" is read too.
+                       Anything else is refused, never guessed.
+    desc_act, sym      informational: g_idx and qzeros say what they imply
+
+Both files may be present (transformers writes the first, AutoGPTQ the
+second); where both give a setting they must agree.
+
+Per linear layer (docs/FORMAT.md, section 4): `.qweight` int32, `.qzeros`
+int32, `.scales` (float16 usually), `.g_idx` int32 (optional: without it
+rows are in order). A weight stored as plain `.weight` instead stays float
+(e.g. an unquantized lm_head). A `.bias` must be all zeros (LLaMA has none).
+"""
+import math
+import os
+
+import numpy as np
+
+from ..errors import FormatError, UnsupportedError
+from ..packing import BITWIDTHS
+from ..quant import layout
+from . import validate
+from .hf import SINGLE, INDEX, _chat_template, _generation_eos, _tokenizer, _tokenizer_config, _weight_files
+from .hf_config import model_config
+from .jsonfile import read_json
+from .safetensors import read_safetensors
+from .source import ModelSource, PackedTensor
+
+QUANTIZE_CONFIG = "quantize_config.json"
+_COMPARED = ("bits", "group_size", "checkpoint_format")
+
+
+def is_gptq(directory, cfg):
+    """Whether readers/hf.py should hand this directory to load_gptq."""
+    quant = cfg.get("quantization_config")
+    if isinstance(quant, dict):
+        return quant.get("quant_method") == "gptq"
+    return quant is None and os.path.isfile(os.path.join(directory, QUANTIZE_CONFIG))
+
+
+def _settings(directory, cfg, config_path):
+    """{"bits", "group_size", "checkpoint_format"} from config.json and/or quantize_config.json."""
+    sources = []
+    quant = cfg.get("quantization_config")
+    if quant is not None:
+        sources.append((quant, f"{config_path} quantization_config"))
+    qc_path = os.path.join(directory, QUANTIZE_CONFIG)
+    if os.path.isfile(qc_path):
+        sources.append((read_json(qc_path), qc_path))
+    merged, origin = {}, {}
+    for entries, where in sources:
+        settings = _read_settings(entries, where)
+        for key, value in settings.items():
+            if key in merged and merged[key] != value:
+                raise FormatError(f"{directory}: {key} is {merged[key]!r} in {origin[key]} but {value!r} in {where}")
+            merged[key], origin[key] = value, where
+    for key in ("bits", "group_size"):
+        if key not in merged:
+            raise FormatError(f"{sources[-1][1]}: no {key!r}; qinfer does not guess quantization settings")
+    merged.setdefault("checkpoint_format", "gptq")
+    return merged
+
+
+def _read_settings(entries, where):
+    method = entries.get("quant_method", "gptq")
+    if method != "gptq":
+        raise UnsupportedError(f"{where}: quant_method {method!r} is not supported (qinfer reads GPTQ checkpoints)")
+    if entries.get("is_marlin_format"):
+        raise UnsupportedError(f"{where}: Marlin-format GPTQ checkpoints are not supported")
+    if entries.get("dynamic"):
+        raise UnsupportedError(f"{where}: per-module ('dynamic') quantization settings are not supported")
+    pack_dtype = entries.get("pack_dtype", "int32")
+    if pack_dtype not in ("int32", "torch.int32"):
+        raise UnsupportedError(f"{where}: pack_dtype {pack_dtype!r} is not supported (qinfer reads int32 words)")
+    out = {}
+    if "bits" in entries:
+        bits = entries["bits"]
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITWIDTHS:
+            raise UnsupportedError(f"{where}: bits {bits!r} is not supported (supported: {BITWIDTHS})")
+        out["bits"] = bits
+    if "group_size" in entries:
+        g = entries["group_size"]
+        if isinstance(g, bool) or not isinstance(g, int) or not (g == -1 or g > 0):
+            raise FormatError(f"{where}: group_size must be a positive integer or -1, got {g!r}")
+        out["group_size"] = g
+    formats = {entries[k] for k in ("checkpoint_format", "format") if entries.get(k) is not None}
+    if len(formats) > 1:
+        raise FormatError(f"{where}: 'checkpoint_format' and 'format' disagree ({sorted(formats)})")
+    if formats:
+        out["checkpoint_format"] = layout.check_format(formats.pop(), where)
+    return out
+
+
+def _weight_source(directory, settings):
+    """({file: SafetensorsFile}, {tensor: file}): model.safetensors / its index, or AutoGPTQ's own name."""
+    if os.path.isfile(os.path.join(directory, SINGLE)) or os.path.isfile(os.path.join(directory, INDEX)):
+        return _weight_files(directory)
+    qc_path = os.path.join(directory, QUANTIZE_CONFIG)
+    names = []
+    if os.path.isfile(qc_path):
+        base = read_json(qc_path).get("model_file_base_name")
+        if isinstance(base, str) and base and os.path.basename(base) == base:
+            names.append(base + ".safetensors")
+    names.append(f"gptq_model-{settings['bits']}bit-{settings['group_size']}g.safetensors")
+    found = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+    for name in names:
+        if name in found:
+            break
+    else:
+        if len(found) != 1:
+            raise FormatError(f"{directory}: no {SINGLE}, {INDEX} or {names[0]}"
+                              + (f" (and several other .safetensors files: {found})" if found else ""))
+        name = found[0]
+    f = read_safetensors(os.path.join(directory, name))
+    return {name: f}, {t: name for t in f.tensors}
+
+
+def load_gptq(directory, cfg, config_path):
+    directory = os.fspath(directory)
+    settings = _settings(directory, cfg, config_path)
+    plain = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    config = model_config(plain, config_path, extra_eos=_generation_eos(directory))
+    validate.check_config(config, config_path)
+
+    shards, owner = _weight_source(directory, settings)
+
+    def get(name):
+        shard = shards[owner[name]]
+        if name not in shard:
+            raise FormatError(f"{shard.path}: tensor {name!r} is listed in {INDEX} but not in this shard")
+        return shard, shard[name]
+
+    tensors = {}
+    for name, shape in validate.expected_shapes(config).items():
+        base = name[:-len(".weight")]
+        if base + ".qweight" in owner:
+            if len(shape) != 2:
+                raise FormatError(f"{directory}: {base} is quantized but is not a matrix")
+            tensors[name] = _packed(base, shape, settings, get, owner, directory)
+        elif name in owner:
+            shard, t = get(name)
+            if shard.dtypes[name] not in ("F32", "F16", "BF16"):
+                raise FormatError(f"{shard.path}: tensor {name!r} has dtype {shard.dtypes[name]}, expected a "
+                                  f"float type (F32, F16, BF16)")
+            tensors[name] = t
+        else:
+            raise FormatError(f"{directory}: tensor {name!r} is missing from the checkpoint "
+                              f"(neither {base}.qweight nor {name})")
+        _check_bias(base, get, owner)
+    validate.check_tensors(config, tensors, directory)
+
+    tok_config = _tokenizer_config(directory)
+    return ModelSource(path=directory, format="gptq", config=config, tensors=tensors,
+                       tokenizer=_tokenizer(directory, tok_config),
+                       chat_template=_chat_template(directory, tok_config),
+                       keepalive=[s.mmap for s in shards.values() if s.mmap is not None])
+
+
+def _check_bias(base, get, owner):
+    name = base + ".bias"
+    if name not in owner:
+        return
+    shard, t = get(name)
+    values = np.asarray(t() if callable(t) else t)
+    if values.dtype.kind != "f" or np.any(values != 0):
+        raise UnsupportedError(f"{shard.path}: {name} is not all zeros; qinfer's LLaMA has no biases")
+
+
+def _int_tensor(name, get, shape, where, dtypes=("I32",)):
+    shard, t = get(name)
+    if shard.dtypes[name] not in dtypes:
+        raise FormatError(f"{shard.path}: {name} has dtype {shard.dtypes[name]}, expected I32")
+    if tuple(t.shape) != shape:
+        raise FormatError(f"{shard.path}: {name} has shape {list(t.shape)}, expected {list(shape)} ({where})")
+    return t
+
+
+def _packed(base, shape, settings, get, owner, directory):
+    bits, group_size, fmt = settings["bits"], settings["group_size"], settings["checkpoint_format"]
+    out_features, in_features = shape
+    where = f"{bits}-bit, group_size {group_size}, layer [{out_features}, {in_features}]"
+    if in_features % 32:
+        raise UnsupportedError(f"{directory}: {base} has {in_features} inputs, not a multiple of 32 "
+                               f"(the packing unit qinfer's kernels need)")
+    groups = layout.n_groups(in_features, group_size)
+    qweight = _int_tensor(base + ".qweight", get, (math.ceil(in_features * bits / 32), out_features), where)
+    shard, scales = get(base + ".scales")
+    if shard.dtypes[base + ".scales"] not in ("F16", "F32", "BF16"):
+        raise FormatError(f"{shard.path}: {base}.scales has dtype {shard.dtypes[base + '.scales']}, expected F16")
+    if tuple(scales.shape) != (groups, out_features):
+        raise FormatError(f"{shard.path}: {base}.scales has shape {list(scales.shape)}, expected "
+                          f"{[groups, out_features]} ({where})")
+    scales = np.asarray(scales() if callable(scales) else scales, dtype=np.float32)
+    if not np.all(np.isfinite(scales)):
+        raise FormatError(f"{shard.path}: {base}.scales holds NaN or infinity")
+
+    if base + ".qzeros" not in owner:
+        raise FormatError(f"{directory}: {base}.qzeros is missing (next to {base}.qweight)")
+    qzeros = _int_tensor(base + ".qzeros", get, (groups, layout.qzeros_words(out_features, bits)), where)
+    zeros = layout.decode_zeros(layout.unpack_rows(np.asarray(qzeros), bits, out_features), bits, fmt)
+    g_idx = None
+    if base + ".g_idx" in owner:
+        g_idx = np.asarray(_int_tensor(base + ".g_idx", get, (in_features,), where, ("I32", "I64")))
+    group, scales, zeros, g_idx = layout.kernel_layout(scales, zeros, g_idx, in_features, group_size,
+                                                       where=f"{directory}: {base}")
+    return PackedTensor(bits=bits, group_size=group, qweight=np.asarray(qweight), scales=scales, zeros=zeros,
+                        g_idx=g_idx, shape=shape)
