@@ -143,6 +143,7 @@ def _gptq_layers(source, windows, settings, threads, true_sequential, progress):
     from ..model import LINEAR_NAMES, Model
 
     bits, group_size, sym = settings["bits"], settings["group_size"], settings["sym"]
+    sink_weight = settings["sink_weight"]
     nsamples, seqlen = windows.shape
     model = Model(source, ctx=seqlen, threads=threads, dequantize=True)
     cfg = model.config
@@ -165,6 +166,8 @@ def _gptq_layers(source, windows, settings, threads, true_sequential, progress):
                     model.run_layer(i, x, 0, captures)
                     for k in keys:
                         hessians[k].add(captures[k])
+                        if sink_weight != 1:
+                            hessians[k].add(captures[k][:1], sink_weight - 1)
                     bar.update()
                 H = {k: h.value for k, h in hessians.items()}
                 prepared = {k: PreparedHessian(h, settings["damp"], settings["act_order"]) for k, h in H.items()}
@@ -192,7 +195,7 @@ def _gptq_layers(source, windows, settings, threads, true_sequential, progress):
 # ---------------------------------------------------------------- the API
 def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False, sym=False,
              static_groups=False, calib=None, nsamples=128, seqlen=2048, damp=0.01, seed=0, force=False,
-             threads=None, true_sequential=False, float_dtype="float16", progress=True):
+             threads=None, true_sequential=False, sink_weight=1.0, float_dtype="float16", progress=True):
     """Quantize a float model into a GPTQ-format checkpoint directory `out`.
 
     model: a Hugging Face LLaMA directory or a GGUF file (quantized GGUF
@@ -201,17 +204,25 @@ def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False,
     tokens are drawn from it with `seed`. act_order quantizes columns by
     decreasing Hessian diagonal (static_groups keeps groups contiguous);
     damp is GPTQ's dampening (a fraction of the mean Hessian diagonal).
+    sink_weight: how many times the first token of each calibration window
+    counts in the Hessians (1: plain GPTQ). That position becomes the
+    attention sink every later token attends to; with weight 1 GPTQ may move
+    error into the directions only it uses (README, "Quantizing").
     float_dtype: how the embedding, norms and an untied LM head are stored.
     `out` must not exist unless force. Returns a QuantizeReport.
     """
     t0 = time.perf_counter()
     _check_settings(bits, group_size, method, nsamples, seqlen, damp, seed, float_dtype)
+    if isinstance(sink_weight, bool) or not isinstance(sink_weight, (int, float)) or \
+            not math.isfinite(sink_weight) or sink_weight < 1:
+        raise QinferError(f"sink_weight must be a number >= 1, got {sink_weight!r}")
     source = _open_source(model)
     _check_shapes(source)
     out = checkpoint.check_output(out, force, source.path)
     meta = dict(bits=bits, group_size=group_size, sym=bool(sym), act_order=bool(act_order),
                 static_groups=bool(static_groups), true_sequential=bool(true_sequential), method=method,
-                damp=damp, nsamples=None, seqlen=None, seed=None, calibration=None, float_dtype=float_dtype)
+                damp=damp, nsamples=None, seqlen=None, seed=None, calibration=None, float_dtype=float_dtype,
+                sink_weight=float(sink_weight))
     if method == "gptq":
         from ..tokenizer import load as load_tokenizer
         from .calibration import calibration_windows
@@ -224,10 +235,10 @@ def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False,
         windows = calibration_windows(calib, load_tokenizer(source.tokenizer), nsamples, seqlen, seed)
         meta.update(nsamples=nsamples, seqlen=seqlen, seed=seed, calibration=os.path.basename(os.fspath(calib)))
     else:
-        if act_order or static_groups or true_sequential:
-            raise QinferError("act-order, static groups and true-sequential are GPTQ options; "
-                              "round to nearest (method 'rtn') has no column order to choose")
-        meta.update(damp=None)
+        if act_order or static_groups or true_sequential or sink_weight != 1:
+            raise QinferError("act-order, static groups, true-sequential and the sink weight are GPTQ options; "
+                              "round to nearest (method 'rtn') uses no calibration")
+        meta.update(damp=None, sink_weight=None)
     floats = float_tensors(source, float_dtype)
 
     bar = Progress(source.config.num_hidden_layers, enabled=progress)

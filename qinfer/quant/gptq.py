@@ -46,11 +46,12 @@ class Hessian:
         self.sum = np.zeros((in_features, in_features), dtype=np.float64)
         self.count = 0
 
-    def add(self, x):
+    def add(self, x, weight=1.0):
+        """Add the inputs x [n, in], each counted `weight` times."""
         x = np.asarray(x, dtype=np.float32)
         # One float32 product per batch (BLAS), summed across batches in float64.
-        self.sum += (x.T @ x).astype(np.float64)
-        self.count += x.shape[0]
+        self.sum += weight * (x.T @ x).astype(np.float64)
+        self.count += weight * x.shape[0]
 
     @property
     def value(self):

@@ -18,7 +18,8 @@ from .tokenizer_files import tokenizer_files
 
 FLOAT_DTYPES = ("float16", "float32")
 DEFAULT_META = dict(sym=False, act_order=False, static_groups=False, true_sequential=False, method="gptq",
-                    damp=None, nsamples=None, seqlen=None, seed=None, calibration=None, float_dtype="float16")
+                    damp=None, nsamples=None, seqlen=None, seed=None, calibration=None, sink_weight=None,
+                    float_dtype="float16")
 
 
 def float_weight(source, name):
@@ -111,7 +112,8 @@ def save_checkpoint(out, source, results, meta, force=False, floats=None):
     quantize_config = dict(quant_config, model_name_or_path=None, model_file_base_name="model",
                            qinfer={"version": __version__, "method": meta["method"],
                                    "nsamples": meta["nsamples"], "seqlen": meta["seqlen"], "seed": meta["seed"],
-                                   "damp": meta["damp"], "calibration": meta["calibration"],
+                                   "damp": meta["damp"], "sink_weight": meta["sink_weight"],
+                                   "calibration": meta["calibration"],
                                    "source": os.path.basename(os.path.normpath(source.path))})
     tensors = {"model.embed_tokens.weight": floats["model.embed_tokens.weight"]}
     for i in range(cfg.num_hidden_layers):
