@@ -71,10 +71,10 @@ def tuned_summary():
         return ["Tuned kernel parameters: none yet (an Engine tunes on first use; or run `qinfer tune`)"]
     state = "" if table.enabled() else " (not used: QINFER_TUNE=0)"
     lines = [f"Tuned kernel parameters{state}, from {cache.cache_path()}:",
-             f"  {'bits':>4}  {'out x in, group':<20} {'nv/mb/nb/tb':<16} status"]
+             f"  {'width':<6} {'out x in, group':<20} {'nv/mb/nb/tb':<16} status"]
     for shape in sorted(layers, key=lambda s: (s.bits, s.out_features, s.in_features, s.group_size)):
         params, entry = layers[shape]
-        lines.append(f"  {shape.bits:>4}  {str(shape):<20} {str(params):<16} {entry.get('status', '?')}")
+        lines.append(f"  {str(shape.bits) + '-bit':<6} {str(shape):<20} {str(params):<16} {entry.get('status', '?')}")
     return lines
 
 
