@@ -7,6 +7,7 @@ compiled kernels' parameters, so a new CPU, upgrade or rebuild starts afresh
 instead of trusting measurements of other code. Written atomically (a
 temporary file renamed over the old one): a reader never sees half a file.
 """
+import functools
 import hashlib
 import json
 import os
@@ -28,8 +29,9 @@ def cache_dir():
     return os.path.join(base, "qinfer")
 
 
+@functools.lru_cache(maxsize=None)     # every layer built looks the cache up: read the CPU once
 def _cpu():
-    """(model name, sorted flags) of this CPU, as /proc/cpuinfo gives them."""
+    """(model name, flags digest) of this CPU, as /proc/cpuinfo gives them."""
     model, flags = platform.processor() or platform.machine(), []
     try:
         with open("/proc/cpuinfo") as f:
@@ -43,7 +45,13 @@ def _cpu():
                     break
     except OSError:
         pass
-    return model, flags
+    return model, hashlib.sha256(" ".join(flags).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_digest():
+    built = json.dumps({b: kernels.params(b) for b in BITWIDTHS}, sort_keys=True)
+    return hashlib.sha256(built.encode()).hexdigest()[:16]
 
 
 def machine_key():
@@ -51,9 +59,7 @@ def machine_key():
     from .. import __version__
 
     model, flags = _cpu()
-    built = json.dumps({b: kernels.params(b) for b in BITWIDTHS}, sort_keys=True)
-    return dict(cpu=model, flags=hashlib.sha256(" ".join(flags).encode()).hexdigest()[:16],
-                qinfer=__version__, kernels=hashlib.sha256(built.encode()).hexdigest()[:16],
+    return dict(cpu=model, flags=flags, qinfer=__version__, kernels=_kernels_digest(),
                 path=kernels.active_path())
 
 
