@@ -76,7 +76,7 @@ typedef struct {
     float *att;       /* [T][n_heads*head_dim]  attention output per head */
     float *gate;      /* [T][hidden_dim] */
     float *up;        /* [T][hidden_dim] */
-    float *scores;    /* [threads][ctx]  attention scores of one (token, head) */
+    float *scores;    /* [threads][QUERY_TOKENS*group][ctx]  attention scores of one query tile */
     float *cos_sin;   /* [T][head_dim]   cos (first half) and sin (second half) per position */
     float *k;         /* [T][kv_dim]     new keys, before RoPE and the move into the cache */
     float *v;         /* [T][kv_dim]     new values */
@@ -90,6 +90,7 @@ typedef struct {
 } run_state;
 
 #define KV_BLOCK 32
+#define QUERY_TOKENS 8   /* tokens per attention tile (see attention_tile) */
 
 static void free_state(run_state *s)
 {
@@ -115,7 +116,8 @@ static int alloc_state(run_state *s, const weights *w, int max_tokens, int threa
     s->up = malloc(sizeof(float) * T * w->hidden_dim);
     s->ctx_blocks = (w->ctx + KV_BLOCK - 1) / KV_BLOCK;
     const size_t cache = (size_t)w->n_layers * s->ctx_blocks * KV_BLOCK * kv_dim;
-    s->scores = malloc(sizeof(float) * (size_t)threads * s->ctx_blocks * KV_BLOCK);
+    s->scores = malloc(sizeof(float) * (size_t)threads * QUERY_TOKENS * (w->n_heads / w->n_kv_heads) *
+                       s->ctx_blocks * KV_BLOCK);
     s->cos_sin = malloc(sizeof(float) * T * w->head_dim);
     s->k = malloc(sizeof(float) * T * kv_dim);
     s->v = malloc(sizeof(float) * T * kv_dim);
@@ -358,23 +360,27 @@ static inline float exp_nonpositive(float x)
     return p * scale;
 }
 
-/* Scores of one query head against positions 0..last of its KV head. */
+/* Attention is computed for a tile of queries at a time: the heads that
+ * share one KV head, for up to QUERY_TOKENS consecutive tokens. Each key and
+ * value block of the cache is then read once per tile while it sits in L1,
+ * instead of once per query: at a 2048-token prefill one KV head's keys
+ * (512 KiB) no longer fit L2, and streaming them per query made attention
+ * the larger part of the prefill. */
+
+/* scores[0..KV_BLOCK) = scale * (q . key) for the KV_BLOCK positions of one key block */
 QI_VECTORIZE
-static void attention_scores(const float *q, const float *keys, int hd, int last, float scale, float *scores)
+static void score_block(const float *q, const float *key_block, int hd, float scale, float *scores)
 {
-    for (int b = 0; b * KV_BLOCK <= last; b++) {
-        const float *kb = keys + (size_t)b * hd * KV_BLOCK;
-        float acc[KV_BLOCK] = {0};
-        for (int i = 0; i < hd; i++) {
-            const float qi = q[i];
-            #pragma omp simd
-            for (int l = 0; l < KV_BLOCK; l++)
-                acc[l] += qi * kb[(size_t)i * KV_BLOCK + l];
-        }
+    float acc[KV_BLOCK] = {0};
+    for (int i = 0; i < hd; i++) {
+        const float qi = q[i];
         #pragma omp simd
         for (int l = 0; l < KV_BLOCK; l++)
-            scores[b * KV_BLOCK + l] = acc[l] * scale;
+            acc[l] += qi * key_block[(size_t)i * KV_BLOCK + l];
     }
+    #pragma omp simd
+    for (int l = 0; l < KV_BLOCK; l++)
+        scores[l] = acc[l] * scale;
 }
 
 /* scores[0..last] <- softmax(scores[0..last]) */
@@ -396,12 +402,11 @@ static void softmax(float *scores, int last)
         scores[j] *= inv;
 }
 
-/* out = sum_j p[j] * values[j] */
+/* out += sum_{j in [first, last]} p[j] * values[j] */
 QI_VECTORIZE
-static void attention_values(const float *p, const float *values, int hd, int last, float *out)
+static void add_values(const float *p, const float *values, int hd, int first, int last, float *out)
 {
-    memset(out, 0, sizeof(float) * hd);
-    for (int j = 0; j <= last; j++) {
+    for (int j = first; j <= last; j++) {
         const float *v = values + (size_t)j * hd;
         const float pj = p[j];
         #pragma omp simd
@@ -410,27 +415,68 @@ static void attention_values(const float *p, const float *values, int hd, int la
     }
 }
 
+/* A tile of queries: tokens t0..t0+nt-1 (at positions pos+t) times query heads h0..h0+nh-1,
+ * all of one KV head. Row r of the tile is token t0 + r / nh, head h0 + r % nh. */
+typedef struct {
+    int t0, nt, h0, nh, kv_h;
+} query_tile;
+
+static inline size_t tile_offset(const weights *w, const query_tile *tile, int r)
+{
+    return ((size_t)(tile->t0 + r / tile->nh) * w->n_heads + tile->h0 + r % tile->nh) * w->head_dim;
+}
+
+static void attention_tile(const weights *w, run_state *s, int layer, int pos, const query_tile *tile,
+                           float *scores, size_t row_len)
+{
+    const int hd = w->head_dim, rows = tile->nt * tile->nh;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const float *keys = key_head(w, s, layer, tile->kv_h), *values = value_head(w, s, layer, tile->kv_h);
+    const int last_of_tile = pos + tile->t0 + tile->nt - 1;
+#define LAST_OF_ROW(r) (pos + tile->t0 + (r) / tile->nh)   /* the row's query attends to 0..this */
+
+    for (int b = 0; b * KV_BLOCK <= last_of_tile; b++)
+        for (int r = 0; r < rows; r++)
+            if (b * KV_BLOCK <= LAST_OF_ROW(r))
+                score_block(s->q + tile_offset(w, tile, r), keys + (size_t)b * hd * KV_BLOCK, hd, scale,
+                            scores + r * row_len + (size_t)b * KV_BLOCK);
+    for (int r = 0; r < rows; r++) {
+        softmax(scores + r * row_len, LAST_OF_ROW(r));
+        memset(s->att + tile_offset(w, tile, r), 0, sizeof(float) * hd);
+    }
+    for (int first = 0; first <= last_of_tile; first += KV_BLOCK)
+        for (int r = 0; r < rows; r++) {
+            const int last = LAST_OF_ROW(r) < first + KV_BLOCK - 1 ? LAST_OF_ROW(r) : first + KV_BLOCK - 1;
+            add_values(scores + r * row_len, values, hd, first, last, s->att + tile_offset(w, tile, r));
+        }
+#undef LAST_OF_ROW
+}
+
 /* Causal grouped-query attention of n new tokens at positions pos.. over the cache. */
 static void attention(const weights *w, run_state *s, int layer, int pos, int n, int nthreads)
 {
-    const int hd = w->head_dim, group = w->n_heads / w->n_kv_heads;
-    const float scale = 1.0f / sqrtf((float)hd);
-    const size_t scores_row = (size_t)s->ctx_blocks * KV_BLOCK;
+    const int group = w->n_heads / w->n_kv_heads;
+    /* One token (decode) has too few tiles to share out if a tile holds the whole group. */
+    const int heads_per_tile = n == 1 ? 1 : group, tiles_per_group = group / heads_per_tile;
+    const int token_tiles = (n + QUERY_TOKENS - 1) / QUERY_TOKENS;
+    const size_t row_len = (size_t)s->ctx_blocks * KV_BLOCK;
     int job;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(thread_count(nthreads))
-    for (job = 0; job < n * w->n_heads; job++) {
+    for (job = 0; job < token_tiles * w->n_heads / heads_per_tile; job++) {
 #ifdef _OPENMP
-        float *scores = s->scores + (size_t)omp_get_thread_num() * scores_row;
+        float *scores = s->scores + (size_t)omp_get_thread_num() * QUERY_TOKENS * group * row_len;
 #else
         float *scores = s->scores;
 #endif
-        const int t = job / w->n_heads, h = job % w->n_heads, kv_h = h / group;
-        const int last = pos + t;                       /* attends to positions 0..last */
-        const float *q = s->q + ((size_t)t * w->n_heads + h) * hd;
-        attention_scores(q, key_head(w, s, layer, kv_h), hd, last, scale, scores);
-        softmax(scores, last);
-        attention_values(scores, value_head(w, s, layer, kv_h), hd, last,
-                         s->att + ((size_t)t * w->n_heads + h) * hd);
+        const int heads_job = job % (w->n_kv_heads * tiles_per_group);
+        query_tile tile;
+        /* later token tiles have longer rows: hand them out first */
+        tile.t0 = (token_tiles - 1 - job / (w->n_kv_heads * tiles_per_group)) * QUERY_TOKENS;
+        tile.nt = n - tile.t0 < QUERY_TOKENS ? n - tile.t0 : QUERY_TOKENS;
+        tile.kv_h = heads_job / tiles_per_group;
+        tile.nh = heads_per_tile;
+        tile.h0 = tile.kv_h * group + (heads_job % tiles_per_group) * heads_per_tile;
+        attention_tile(w, s, layer, pos, &tile, scores, row_len);
     }
 }
 

@@ -102,6 +102,20 @@ def test_two_prefills_match_one_shot(tiny_engine):
     assert max_err(last, full[-1]) <= CACHE_TOL
 
 
+def test_prefills_across_cache_blocks_match_one_shot(tiny, tiny_engine):
+    # Chunks that start and end inside the cache's 32-position blocks and
+    # inside the attention's 8-token query tiles.
+    _, _, config = tiny
+    ids = np.random.default_rng(7).integers(0, config["vocab_size"], size=220).tolist()
+    full = tiny_engine.logits(ids)
+    tiny_engine.reset()
+    end = 0
+    for size in (37, 50, 1, 100, 32):
+        last = tiny_engine.prefill(ids[end:end + size])
+        end += size
+        assert max_err(last, full[end - 1]) <= CACHE_TOL, f"chunk ending at {end}"
+
+
 def test_reset_forgets_the_cache(tiny_engine):
     tiny_engine.reset()
     tiny_engine.prefill(SEQ[:10])
