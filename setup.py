@@ -43,7 +43,7 @@ def extensions():
 
 
 setup(
-    packages=["qinfer", "qinfer.quant", "qinfer.readers", "qinfer.tokenizer"],
+    packages=["qinfer", "qinfer.quant", "qinfer.readers", "qinfer.tokenizer", "qinfer.tuning"],
     package_dir={"qinfer": "qinfer", "qinfer.tokenizer": "tokenizer"},
     ext_modules=extensions(),
 )

@@ -15,7 +15,8 @@ cycles, and the model keeps the tile with most multiply-adds per cycle
 (ties: fewer registers, then larger mu). The packed layout is cut in tiles
 of tu columns; qgemv (mu = 1) walks nv such tiles side by side, nv chosen
 by the same count, because one tile alone is too few chains to hide the
-FMA latency.
+FMA latency. Every nv up to the register budget (nv_max) gets a qgemv
+micro-kernel, so the run-time tuner (qinfer/tuning) can measure them all.
 
 Mini-GEMV block (mb x tb): mb input rows times tb output columns of packed
 weights, together with the mb-slice of mu activation rows and the tb-slice
@@ -46,6 +47,7 @@ class KernelParams:
     mu: int
     tu: int
     nv: int
+    nv_max: int
     mb: int
     tb: int
     nb: int
@@ -71,6 +73,12 @@ def best_mu(vectors, vector_registers=16, max_mu=8):
             if registers_needed(mu, vectors) <= vector_registers]
     # Fastest first; among equals the fewest registers (the smallest mu).
     return max(fits, key=lambda mu: (round(macs_per_cycle(mu, vectors), 6), -mu)) if fits else 0
+
+
+def max_gemv_tiles(tu, vector_registers=16):
+    """The most tu-wide tiles qgemv can walk side by side within the registers."""
+    v = tu // FLOATS_PER_VECTOR
+    return max((nv for nv in range(1, 9) if registers_needed(1, nv * v) <= vector_registers), default=1)
 
 
 def choose_gemv_tiles(tu, vector_registers=16):
@@ -151,6 +159,7 @@ def choose(bits, machine):
     _, tb = choose_block(bits, mu, tu, machine.l1d_bytes, nv)
     mb = choose_gemm_rows_per_block(tu, machine.l1d_bytes)
     nb = choose_row_chunk(mu, mb, machine.l2_bytes)
-    return KernelParams(bits=bits, mu=mu, tu=tu, nv=nv, mb=mb, tb=tb, nb=nb,
+    return KernelParams(bits=bits, mu=mu, tu=tu, nv=nv, nv_max=max_gemv_tiles(tu, machine.vector_registers),
+                        mb=mb, tb=tb, nb=nb,
                         registers_used=mu * (tu // FLOATS_PER_VECTOR) + tu // FLOATS_PER_VECTOR + 1,
                         l1_bytes_used=mb * tu * 4 + mu * mb * 4 + mu * tu * 4)

@@ -22,7 +22,7 @@ MIN_GROUP = 16   # the smallest group size: a segment can end every MIN_GROUP va
 
 def namespace(bits, params, machine):
     layout = bitlayout.layout(bits)
-    gemv_tiles = list(range(1, params.nv + 1))
+    gemv_tiles = list(range(1, max(params.nv, params.nv_max) + 1))
     kernels = [(1, t) for t in gemv_tiles]
     return dict(bits=bits, layout=layout, params=params, machine=machine,
                 check=min(MIN_GROUP, layout.unit_values),
@@ -62,7 +62,8 @@ def write_if_changed(path, text):
 
 
 def overrides(text):
-    """QINFER_KERNEL_PARAMS="mu=4,tu=16,nv=3" replaces the model's choice (for experiments)."""
+    """QINFER_KERNEL_PARAMS="mu=4,tu=16,nv=3" replaces the model's choice (for experiments);
+    a forced nv above the register budget still gets its micro-kernel."""
     fields = {}
     for item in filter(None, (text or "").split(",")):
         key, _, value = item.partition("=")

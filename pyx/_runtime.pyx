@@ -18,7 +18,10 @@ cdef extern from "qmatrix.h":
         int n_groups
         int tu
         int n_tiles
+        int segment_rows
+        int gemv_tiles
         int mb
+        int rows_per_chunk
         int tiles_per_block
         const uint32_t *words
         const float *scales
@@ -28,6 +31,7 @@ cdef extern from "qmatrix.h":
         int bits
         int unit_words
         int unit_values
+        int max_gemv_tiles
         qgemm_fn avx2
         qgemm_fn scalar
 
@@ -157,14 +161,17 @@ cdef class QMatrix:
     """One packed layer as the kernels see it (see pyx/qmatrix.h).
 
     Holds references to the numpy arrays whose memory the C struct points
-    into, so they live as long as the struct does.
+    into, so they live as long as the struct does. The run-time kernel
+    parameters start at the smallest valid values; the owner sets its own
+    with configure(), and may change them later (the forward pass reads the
+    struct on every call, so a change reaches it too).
     """
     cdef qmatrix m
     cdef const qkernels *kernels
     cdef object arrays
 
     def __cinit__(self, kernels_capsule, int bits, int in_features, int out_features,
-                  int group_size, int tu, int mb, int tiles_per_block,
+                  int group_size, int tu, int segment_rows,
                   const uint32_t[::1] words, const float[::1] scales, const float[::1] zeros,
                   perm=None):
         cdef const int32_t[::1] perm_view
@@ -180,15 +187,14 @@ cdef class QMatrix:
         self.m.n_groups = in_features // group_size
         self.m.tu = tu
         self.m.n_tiles = (out_features + tu - 1) // tu
-        self.m.mb = mb
-        self.m.tiles_per_block = tiles_per_block
+        self.m.segment_rows = segment_rows
         expected_words = <size_t>self.m.n_tiles * tu * in_features * bits // 32
         expected_scales = <size_t>self.m.n_tiles * tu * self.m.n_groups
         if (words.shape[0] != expected_words or scales.shape[0] != expected_scales
                 or zeros.shape[0] != expected_scales):
             raise ValueError("packed arrays do not match the layer's shape")
-        if in_features % mb or mb % kernels_capsule_unit(self.kernels):
-            raise ValueError("row block must divide in_features and hold whole units")
+        self._check_row_block(segment_rows)
+        self.configure(1, segment_rows, 1, 1)
         self.m.words = &words[0]
         self.m.scales = &scales[0]
         self.m.zeros = &zeros[0]
@@ -199,6 +205,37 @@ cdef class QMatrix:
                 raise ValueError("perm must have in_features entries")
             self.m.perm = &perm_view[0]
         self.arrays = (words, scales, zeros, perm)
+
+    def _check_row_block(self, int rows):
+        if rows <= 0 or self.m.in_features % rows or rows % self.kernels.unit_values:
+            raise ValueError(f"a row block of {rows} must divide in_features={self.m.in_features} "
+                             f"and hold whole units of {self.kernels.unit_values} values")
+
+    def configure(self, int gemv_tiles, int mb, int rows_per_chunk, int tiles_per_block):
+        """Set the run-time kernel parameters (not while a matmul on this layer runs).
+
+        gemv_tiles: qgemv's tiles side by side (1..max_gemv_tiles); mb: qgemm's
+        row block; rows_per_chunk: qgemm's activation rows per pass;
+        tiles_per_block: qgemm's column block, in tiles.
+        """
+        if not 1 <= gemv_tiles <= self.kernels.max_gemv_tiles:
+            raise ValueError(f"gemv_tiles must lie in [1, {self.kernels.max_gemv_tiles}], got {gemv_tiles}")
+        self._check_row_block(mb)
+        if rows_per_chunk < 1 or tiles_per_block < 1:
+            raise ValueError("rows_per_chunk and tiles_per_block must be >= 1")
+        self.m.gemv_tiles = gemv_tiles
+        self.m.mb = mb
+        self.m.rows_per_chunk = rows_per_chunk
+        self.m.tiles_per_block = tiles_per_block
+
+    def configuration(self):
+        """The run-time kernel parameters, as configure() takes them."""
+        return dict(gemv_tiles=self.m.gemv_tiles, mb=self.m.mb, rows_per_chunk=self.m.rows_per_chunk,
+                    tiles_per_block=self.m.tiles_per_block)
+
+    @property
+    def max_gemv_tiles(self):
+        return self.kernels.max_gemv_tiles
 
     def has_avx2(self):
         return self.kernels.avx2 != NULL
@@ -214,11 +251,13 @@ cdef class QMatrix:
             raise RuntimeError("this build has no AVX2 kernels")
         return PyCapsule_New(<void *>fn, b"qinfer.qgemm_fn", NULL)
 
-    def matmul(self, const float[:, ::1] x, float[:, ::1] out, int nthreads, bint avx2):
-        """out[n, out_features] = x[n, in_features] @ W^T."""
+    def matmul(self, const float[:, ::1] x, float[:, ::1] out, int nthreads, bint avx2, int repeats=1):
+        """out[n, out_features] = x[n, in_features] @ W^T, computed `repeats` times
+        without returning to Python in between (the tuner times short calls so)."""
         cdef qgemm_fn fn = self.kernels.avx2 if avx2 else self.kernels.scalar
         cdef int n = x.shape[0]
-        cdef int rc
+        cdef int rc = 0
+        cdef int i
         if fn == NULL:
             raise RuntimeError("this build has no AVX2 kernels")
         if x.shape[1] != self.m.in_features or out.shape[0] != n or out.shape[1] != self.m.out_features:
@@ -226,10 +265,8 @@ cdef class QMatrix:
         if n == 0:
             return
         with nogil:
-            rc = fn(&self.m, &x[0, 0], n, &out[0, 0], nthreads)
+            for i in range(repeats):
+                rc = rc | fn(&self.m, &x[0, 0], n, &out[0, 0], nthreads)
         if rc != 0:
             raise MemoryError("out of memory in the quantized matmul")
 
-
-cdef int kernels_capsule_unit(const qkernels *k):
-    return k.unit_values

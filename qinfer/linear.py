@@ -4,20 +4,19 @@ The layer is given in GPTQ's layout (qinfer/packing.py) and re-laid once into
 tiles of `tu` output columns (pyx/qmatrix.h), so each kernel thread streams
 its tiles front to back. Everything the public properties return is
 reconstructed from that one copy.
+
+Each layer carries its run-time kernel parameters (qinfer/tuning/space.py):
+the tuned ones for its shape when this CPU was tuned, else the performance
+model's; set_kernel_params() changes them.
 """
+import copy
+
 import numpy as np
 
 from . import _runtime, kernels, packing, rtn
-from .errors import ShapeError
-
-
-def _row_block(in_features, unit, wanted):
-    """The largest multiple of `unit` that divides in_features and is <= wanted (at least unit)."""
-    best = unit
-    for mb in range(unit, min(wanted, in_features) + 1, unit):
-        if in_features % mb == 0:
-            best = mb
-    return best
+from .errors import ShapeError, UnsupportedError
+from .tuning import table as tuning_table
+from .tuning.space import LayerParams, LayerShape, segment_rows
 
 
 def _check_features(in_features, out_features):
@@ -61,20 +60,47 @@ class QuantizedLinear:
         self._perm = None      # act-order: kernel input k is x[perm[k]]
         self._g_idx = None
         self._tu, self._group = tu, group
-        # Row blocks hold whole groups; a full column is one group, so any
-        # multiple of the packing unit will do.
-        if group_size == -1:
-            self._mb = _row_block(in_features, values, p["mb"])
-        else:
-            self._mb = _row_block(in_features, int(np.lcm(values, group)), max(p["mb"], group))
-        self._tiles_per_block = max(1, p["tb"] // tu)
+        self._kernel_params = tuning_table.params_for(self.shape)
         self._matrix = self._build_matrix()
 
     def _build_matrix(self):
-        return _runtime.QMatrix(
+        m = _runtime.QMatrix(
             kernels.module(self.bits).KERNELS, self.bits, self.in_features, self.out_features,
-            self._group, self._tu, self._mb, self._tiles_per_block,
+            self._group, self._tu, segment_rows(self.shape),
             self._words, self._scales, self._zeros, self._perm)
+        p = self._kernel_params
+        m.configure(p.nv, p.mb, p.nb, p.tb // self._tu)
+        return m
+
+    # ---------------------------------------------------- kernel parameters
+    @property
+    def shape(self):
+        """What tuned kernel parameters are keyed by."""
+        return LayerShape(self.bits, self.out_features, self.in_features, self.group_size)
+
+    @property
+    def kernel_params(self):
+        return self._kernel_params
+
+    def set_kernel_params(self, params):
+        """Run with other kernel parameters (a LayerParams); the result stays the
+        same up to float rounding. Also reaches a forward pass using this layer."""
+        if not isinstance(params, LayerParams):
+            raise UnsupportedError(f"expected LayerParams, got {type(params).__name__}")
+        if params.tb % self._tu:
+            raise UnsupportedError(f"tb={params.tb} is not a multiple of the tile width {self._tu}")
+        try:
+            self._matrix.configure(params.nv, params.mb, params.nb, params.tb // self._tu)
+        except ValueError as exc:
+            raise UnsupportedError(f"kernel parameters {params} do not fit {self!r}: {exc}") from None
+        self._kernel_params = params
+
+    def copy(self):
+        """An independent layer with its own memory (the tuner streams copies)."""
+        twin = copy.copy(self)
+        twin._words, twin._scales, twin._zeros = self._words.copy(), self._scales.copy(), self._zeros.copy()
+        twin._matrix = twin._build_matrix()
+        return twin
 
     # ------------------------------------------------------------ builders
     @classmethod

@@ -121,6 +121,10 @@ class Model:
             return self.embedding
         return self._float_matrix(source, name)
 
+    def quantized_layers(self):
+        """The QuantizedLinear objects the forward pass runs (each once)."""
+        return list({id(k): k for k in self._keep if isinstance(k, QuantizedLinear)}.values())
+
     def replace_linear(self, layer, name, weight):
         """Swap one linear map of block `layer` (name as in LINEAR_NAMES) for a
         float32 [out, in] array or a QuantizedLinear (GPTQ does this layer by layer)."""
