@@ -154,3 +154,22 @@ def choose(bits, machine):
     return KernelParams(bits=bits, mu=mu, tu=tu, nv=nv, mb=mb, tb=tb, nb=nb,
                         registers_used=mu * (tu // FLOATS_PER_VECTOR) + tu // FLOATS_PER_VECTOR + 1,
                         l1_bytes_used=mb * tu * 4 + mu * mb * 4 + mu * tu * 4)
+
+
+def int8_registers_needed(int8, vectors):
+    """Registers of the int8-activation qgemv (pyx/snippets/int8_gemv.c.tp) over
+    `vectors` vectors of 8 columns: per vector an integer block sum and a
+    float accumulator; shared, the broadcast activation words of one unit (one
+    per slice), the lane mask, the loaded word and its masked slice, and for
+    byte lanes the vector of ones that widens the int16 pairs."""
+    return 2 * vectors + len(int8.slices) + 3 + (1 if int8.lane_bits == 8 else 0)
+
+
+def int8_gemv_tiles(int8, tu, vector_registers=16, max_tiles=4):
+    """Tiles the int8 qgemv walks side by side: as many as fit the registers.
+    Its integer multiply-adds have no long dependency chain (one float FMA per
+    32 rows), so more tiles only share the activation broadcasts over more
+    columns; spilling would cost more than that saves."""
+    v = tu // FLOATS_PER_VECTOR
+    fits = [t for t in range(1, max_tiles + 1) if int8_registers_needed(int8, t * v) <= vector_registers]
+    return max(fits) if fits else 1
