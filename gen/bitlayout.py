@@ -156,3 +156,23 @@ def avx2_int8_expr(lay, s, w="w"):
         return f"_mm256_srli_epi16({w}, 8)"          # the high byte of each half: no mask needed
     shifted = f"_mm256_srli_epi32({w}, {s.shift})" if s.shift else w
     return f"_mm256_and_si256({shifted}, _mm256_set1_epi32({lay.lane_mask:#010x}))"
+
+
+def int8_chunk_order(lay, unit_values):
+    """The byte shuffle that turns 16 activation codes of consecutive rows
+    (int8, or int16 for 16-bit lanes: 16 bytes of one 128-bit lane, 8 rows)
+    into their activation words: words of a unit in slice order, lanes
+    in the order each slice reads them. Entry i names the source byte of
+    output byte i."""
+    order = []
+    if lay.lane_bits == 8:
+        for u in range(16 // unit_values):
+            for s in lay.slices:
+                order += [u * unit_values + r for r in s.rows]
+    else:
+        for u in range(8 // unit_values):
+            for s in lay.slices:
+                for r in s.rows:
+                    order += [2 * (u * unit_values + r), 2 * (u * unit_values + r) + 1]
+    assert sorted(order) == list(range(16))
+    return order
