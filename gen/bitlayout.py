@@ -94,3 +94,85 @@ def scalar_expr(f, w="w"):
         return (f"(({w}[{f.word}] >> {f.offset}) | "
                 f"(({w}[{f.word + 1}] & {(1 << high_bits) - 1}u) << {f.low_bits}))")
     return f"(({w}[{f.word}] >> {f.offset}) & {m}u)"
+
+
+# ------------------------------------------------ int8 activations (decode)
+# The int8 qgemv multiplies the packed codes by activations rounded to int8
+# (per block of 32 rows, see pyx/qgemm.pyx.tp) with integer multiply-adds:
+# one instruction multiplies the lanes of a code vector by the lanes of a
+# broadcast 32-bit "activation word" and adds neighbouring products.
+#
+# The codes are not moved: a *slice* of a packed 32-bit word is the word
+# shifted right and masked so that each lane (a byte for 2- and 4-bit codes,
+# a 16-bit half for 8-bit codes) holds one code. The activation word of that
+# slice holds, lane for lane, the activations of the same input rows, so the
+# products line up without any shuffle of the weights; the activations are
+# arranged once per call instead.
+
+@dataclass(frozen=True)
+class Slice:
+    shift: int        # right shift of the word (0: none)
+    rows: tuple       # value index (inside the unit) held by lane 0, 1, ...
+
+
+@dataclass(frozen=True)
+class Int8Layout:
+    bits: int
+    lane_bits: int    # 8: u8 codes x s8 activations; 16: u16 codes x s16 activations
+    lane_mask: int    # the AND that isolates one code per lane after the shift
+    slices: tuple
+
+    @property
+    def lanes(self):
+        return 32 // self.lane_bits
+
+
+INT8_BITWIDTHS = (2, 4, 8)   # 3-bit codes straddle words: no int8 path (yet)
+
+
+def int8_layout(bits):
+    """How the int8 qgemv reads a unit (one word) of b-bit codes.
+
+    b = 2, 4: byte j of the word holds values 8j/b .. 8j/b + 8/b - 1; shifting
+    by b*s and masking every byte with 2^b - 1 leaves value j*(8/b) + s in
+    byte j. b = 8: the 16-bit halves of the word hold values (0, 1) and
+    (2, 3); masking with 0x00FF00FF leaves values (0, 2), a 16-bit shift by 8
+    leaves values (1, 3).
+    """
+    if bits not in INT8_BITWIDTHS:
+        raise ValueError(f"no int8-activation layout for {bits}-bit values")
+    if bits == 8:
+        return Int8Layout(8, 16, 0x00FF00FF, (Slice(0, (0, 2)), Slice(8, (1, 3))))
+    per_byte = 8 // bits
+    byte_mask = (1 << bits) - 1
+    mask = byte_mask * 0x01010101
+    slices = tuple(Slice(bits * s, tuple(j * per_byte + s for j in range(4))) for s in range(per_byte))
+    return Int8Layout(bits, 8, mask, slices)
+
+
+def avx2_int8_expr(lay, s, w="w"):
+    """__m256i of one slice: a code per lane (u8 or u16) for eight columns."""
+    if lay.lane_bits == 16 and s.shift == 8:
+        return f"_mm256_srli_epi16({w}, 8)"          # the high byte of each half: no mask needed
+    shifted = f"_mm256_srli_epi32({w}, {s.shift})" if s.shift else w
+    return f"_mm256_and_si256({shifted}, _mm256_set1_epi32({lay.lane_mask:#010x}))"
+
+
+def int8_chunk_order(lay, unit_values):
+    """The byte shuffle that turns 16 activation codes of consecutive rows
+    (int8, or int16 for 16-bit lanes: 16 bytes of one 128-bit lane, 8 rows)
+    into their activation words: words of a unit in slice order, lanes
+    in the order each slice reads them. Entry i names the source byte of
+    output byte i."""
+    order = []
+    if lay.lane_bits == 8:
+        for u in range(16 // unit_values):
+            for s in lay.slices:
+                order += [u * unit_values + r for r in s.rows]
+    else:
+        for u in range(8 // unit_values):
+            for s in lay.slices:
+                for r in s.rows:
+                    order += [2 * (u * unit_values + r), 2 * (u * unit_values + r) + 1]
+    assert sorted(order) == list(range(16))
+    return order

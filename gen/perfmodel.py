@@ -163,3 +163,45 @@ def choose(bits, machine):
                         mb=mb, tb=tb, nb=nb,
                         registers_used=mu * (tu // FLOATS_PER_VECTOR) + tu // FLOATS_PER_VECTOR + 1,
                         l1_bytes_used=mb * tu * 4 + mu * mb * 4 + mu * tu * 4)
+
+
+# The int8-activation qgemv (pyx/snippets/int8_gemv.c.tp) does a few integer
+# operations per 32-byte vector of packed words, so one core can outrun its
+# share of memory bandwidth; what matters is then how memory is read.
+MEMORY_BYTES_PER_CYCLE = 8     # a generous per-core DRAM share (~24 GB/s at 3 GHz)
+LOAD_PORTS = 3
+
+
+def int8_registers_needed(int8, vectors):
+    """Registers the inner loop keeps busy over `vectors` vectors of 8 columns:
+    per vector the integer sum of the current block; shared, the broadcast
+    activation words of one unit (one per slice), the lane mask, the loaded
+    word and its masked slice. (y is updated in L1 once per block.)"""
+    return vectors + len(int8.slices) + 3
+
+
+def int8_bytes_per_cycle(int8, vectors):
+    """Packed bytes per cycle of the int8 qgemv's inner loop over one unit
+    (a 32-byte word vector per 8 columns): per vector a load, per slice a
+    shift (not the first) and a mask (not a 16-bit lane's high half), a
+    multiply-add and an add; per unit one broadcast per slice."""
+    slices = len(int8.slices)
+    alu = vectors * (sum((s.shift > 0) + (int8.lane_bits == 8 or s.shift == 0) for s in int8.slices)
+                     + 2 * slices)
+    loads = vectors + slices
+    return 32 * vectors / max(alu / VECTOR_PORTS, loads / LOAD_PORTS)
+
+
+def int8_gemv_tiles(int8, tu, vector_registers=16, max_tiles=4):
+    """Tiles the int8 qgemv walks side by side: the fewest whose inner loop
+    outruns memory. Tiles are stored one after another, so one tile at a time
+    reads each array (words, scales, zeros) front to back, a single stream the
+    hardware prefetcher follows across tiles; t tiles side by side read 3t
+    streams, each only K*b/8*tu bytes long. (Zen 3, SmolLM2: four tiles of
+    576-row 4-bit columns ran 30% slower than one, and decode 98 -> 70 tok/s.)"""
+    v = tu // FLOATS_PER_VECTOR
+    fits = [t for t in range(1, max_tiles + 1) if int8_registers_needed(int8, t * v) <= vector_registers]
+    for t in fits:
+        if int8_bytes_per_cycle(int8, t * v) >= MEMORY_BYTES_PER_CYCLE:
+            return t
+    return max(fits) if fits else 1

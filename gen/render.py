@@ -30,6 +30,17 @@ def namespace(bits, params, machine):
                 avx2_expr=bitlayout.avx2_expr, scalar_expr=bitlayout.scalar_expr)
 
 
+def int8_namespace(bits, params):
+    """Names for the int8-activation qgemv (pyx/snippets/int8_gemv.c.tp).
+    QINFER_INT8_TILES=N replaces the model's tile count (for experiments)."""
+    has = bits in bitlayout.INT8_BITWIDTHS
+    int8 = bitlayout.int8_layout(bits) if has else None
+    return dict(int8=int8, avx2_int8_expr=bitlayout.avx2_int8_expr,
+                int8_chunk_order=bitlayout.int8_chunk_order,
+                int8_tiles=(int(os.environ.get("QINFER_INT8_TILES", 0)) or
+                            perfmodel.int8_gemv_tiles(int8, params.tu)) if has else 0)
+
+
 def load(path):
     with open(path) as f:
         return Tempita.Template(f.read(), name=os.path.relpath(path, os.path.join(HERE, os.pardir)))
@@ -46,6 +57,7 @@ def render(bits, params, machine):
         return snippets[name].substitute(dict(ns, **names)).rstrip("\n")
 
     ns["snippet"] = snippet
+    ns.update(int8_namespace(bits, params))
     return load(TEMPLATE).substitute(ns)
 
 

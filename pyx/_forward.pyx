@@ -43,6 +43,7 @@ cdef extern from *:
 typedef struct {
     const qmatrix *q;     /* quantized: the packed layer ... */
     qgemm_fn qgemm;       /* ... and the kernel for its bitwidth */
+    qgemm_fn qgemv_i8;    /* NULL, or the int8-activation kernel for one-token steps (decode) */
     const float *w;       /* float32: [out][in] (Hugging Face orientation) */
     int in, out;
 } linear;
@@ -256,7 +257,7 @@ static void float_matmul(const linear *l, const float *x, int n, float *y, int n
 static int matmul(const linear *l, const float *x, int n, float *y, int nthreads)
 {
     if (l->q)
-        return l->qgemm(l->q, x, n, y, nthreads);
+        return (n == 1 && l->qgemv_i8 ? l->qgemv_i8 : l->qgemm)(l->q, x, n, y, nthreads);
     float_matmul(l, x, n, y, nthreads);
     return 0;
 }
@@ -591,6 +592,7 @@ static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int
     ctypedef struct linear:
         const qmatrix *q
         qgemm_fn qgemm
+        qgemm_fn qgemv_i8
         const float *w
         int in_ "in"
         int out
@@ -639,7 +641,8 @@ cdef class Transformer:
 
     `layers` is a list of dicts with keys attn_norm, ffn_norm (float32
     arrays) and wq, wk, wv, wo, w_gate, w_up, w_down; each linear is either a
-    float32 [out, in] array or a tuple (matrix capsule, kernel capsule).
+    float32 [out, in] array or a tuple (matrix capsule, kernel capsule[, int8
+    kernel capsule or None]); the int8 kernel, when given, runs one-token steps.
     """
     cdef weights w
     cdef run_state s
@@ -692,10 +695,13 @@ cdef class Transformer:
         l.out = n_out
         l.q = NULL
         l.qgemm = NULL
+        l.qgemv_i8 = NULL
         l.w = NULL
         if isinstance(spec, tuple):
             l.q = <const qmatrix *>PyCapsule_GetPointer(spec[0], b"qinfer.qmatrix")
             l.qgemm = <qgemm_fn>PyCapsule_GetPointer(spec[1], b"qinfer.qgemm_fn")
+            if len(spec) > 2 and spec[2] is not None:
+                l.qgemv_i8 = <qgemm_fn>PyCapsule_GetPointer(spec[2], b"qinfer.qgemm_fn")
         else:
             l.w = float_ptr(spec, <Py_ssize_t>n_in * n_out)
         return 0

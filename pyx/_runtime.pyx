@@ -34,6 +34,8 @@ cdef extern from "qmatrix.h":
         int max_gemv_tiles
         qgemm_fn avx2
         qgemm_fn scalar
+        qgemm_fn avx2_i8
+        qgemm_fn scalar_i8
 
 cdef extern from *:
     """
@@ -270,3 +272,30 @@ cdef class QMatrix:
         if rc != 0:
             raise MemoryError("out of memory in the quantized matmul")
 
+    # ------------------------------------------ int8 activations (decode)
+    def has_int8(self):
+        """True when this bitwidth has the int8-activation qgemv (2, 4 and 8 bits)."""
+        return self.kernels.scalar_i8 != NULL
+
+    def int8_kernel_capsule(self, bint avx2):
+        """The int8-activation qgemv of one path for compiled callers, or None."""
+        cdef qgemm_fn fn = self.kernels.avx2_i8 if avx2 else self.kernels.scalar_i8
+        if fn == NULL:
+            return None
+        return PyCapsule_New(<void *>fn, b"qinfer.qgemm_fn", NULL)
+
+    def matmul_int8(self, const float[:, ::1] x, float[:, ::1] out, int nthreads, bint avx2):
+        """out = x @ W^T with each row of x rounded to int8 per block of 32 inputs."""
+        cdef qgemm_fn fn = self.kernels.avx2_i8 if avx2 else self.kernels.scalar_i8
+        cdef int n = x.shape[0]
+        cdef int rc
+        if fn == NULL:
+            raise RuntimeError(f"no int8-activation kernel for {self.m.bits}-bit weights")
+        if x.shape[1] != self.m.in_features or out.shape[0] != n or out.shape[1] != self.m.out_features:
+            raise ValueError("matmul_int8: shapes do not match the layer")
+        if n == 0:
+            return
+        with nogil:
+            rc = fn(&self.m, &x[0, 0], n, &out[0, 0], nthreads)
+        if rc != 0:
+            raise MemoryError("out of memory in the quantized matmul")

@@ -310,7 +310,7 @@ def cmd_bench(args):
     check_counts(args.n_prompt, args.n_gen, args.repetitions, limit, what)
     ctx = args.ctx if args.ctx is not None else args.n_prompt + args.n_gen
     engine = Engine(path, threads=threads[0], ctx=ctx, quantize=args.quantize, group_size=args.group_size,
-                    dequantize=args.dequantize)
+                    dequantize=args.dequantize, activations=args.activations)
     results = bench(engine, args.n_prompt, args.n_gen, threads, args.repetitions, seed=args.seed)
     rss = peak_rss_kib()
     if args.json:
@@ -345,6 +345,8 @@ def add_parser(sub):
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random token ids (default 0)")
     p.add_argument("--dequantize", action="store_true",
                    help="run a quantized model's weights as float32 (a float baseline)")
+    p.add_argument("--activations", choices=("float", "int8"), default=None,
+                   help="int8: decode with activations rounded to int8 per block of 32 inputs (see generate)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list, one object per (threads, test), with each run's seconds")
     p.set_defaults(func=cmd_bench)

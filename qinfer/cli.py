@@ -80,7 +80,7 @@ def cmd_generate(args):
 
     prompt = _read_prompt(args)
     engine = Engine(args.model, threads=args.threads, ctx=args.ctx, quantize=args.quantize,
-                    group_size=args.group_size)
+                    group_size=args.group_size, activations=args.activations)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop=args.stop or None,
                    repetition_penalty=args.repetition_penalty)
@@ -200,6 +200,11 @@ def build_parser():
     gen.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
     gen.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--activations", choices=("float", "int8"), default=None,
+                     help="int8: decode with activations rounded to int8 per block of 32 inputs "
+                          "(faster, llama.cpp-like numerics); default float, or QINFER_ACTIVATIONS")
+    gen.add_argument("--int8-activations", dest="activations", action="store_const", const="int8",
+                     help="the same as --activations int8")
     gen.set_defaults(func=cmd_generate)
     add_quantize_parser(sub)
     from .perplexity import add_parser as add_perplexity_parser

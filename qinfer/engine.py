@@ -121,17 +121,22 @@ class _StopFilter:
 class Engine:
     """A loaded model ready to generate.
 
-    Engine(model_path=None, threads=None, ctx=None, quantize=None, group_size=128)
+    Engine(model_path=None, threads=None, ctx=None, quantize=None, group_size=128, activations=None)
     model_path: a Hugging Face LLaMA directory or a GGUF file (None: the default
     SmolLM2-135M-Instruct). quantize: 2/3/4/8 to quantize float linear layers on
     load (round to nearest, `group_size` rows per group). dequantize: run a
-    quantized file's weights as float32 (a float baseline).
+    quantized file's weights as float32 (a float baseline). activations:
+    "int8" rounds the activations of quantized layers to int8 per block of
+    32 inputs when decoding (faster; llama.cpp-like numerics), "float" keeps
+    them float32; None takes qinfer.kernels' mode (QINFER_ACTIVATIONS).
     """
 
     def __init__(self, model_path=None, threads=None, ctx=None, quantize=None, group_size=128,
-                 dequantize=False):
+                 dequantize=False, activations=None):
         from .tokenizer import load as load_tokenizer
 
+        if activations is not None:
+            kernels.check_activations(activations)
         if quantize is not None and quantize not in (2, 3, 4, 8):
             raise QinferError(f"quantize must be one of 2, 3, 4, 8, got {quantize!r}")
         self.model_path = str(model_path) if model_path is not None else default_model_path()
@@ -140,7 +145,7 @@ class Engine:
             raise QinferError(f"{self.model_path}: no tokenizer found (tokenizer.json or tokenizer.model)")
         self.tokenizer = load_tokenizer(self.source.tokenizer)
         self.model = Model(self.source, ctx=ctx, quantize=quantize, group_size=group_size, threads=threads,
-                           dequantize=dequantize)
+                           dequantize=dequantize, activations=activations)
         # First use on this CPU: measure the kernel parameters of the model's layer shapes (cached).
         tune_layers(self.model.quantized_layers(), self.model.threads)
         self.config = self.source.config
@@ -289,4 +294,4 @@ class Engine:
         c = self.config
         return (f"Engine({self.model_path!r}: {c.num_hidden_layers} layers, d={c.hidden_size}, "
                 f"vocab {c.vocab_size}, ctx {self.ctx}, {self.model.threads} threads, "
-                f"kernels {kernels.active_path()})")
+                f"kernels {kernels.active_path()}, {self.model.activations} activations)")

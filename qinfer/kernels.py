@@ -3,6 +3,12 @@
 The AVX2+FMA path is used when the CPU has both; otherwise the portable
 scalar path. QINFER_KERNELS=scalar (or use_path("scalar")) forces the scalar
 path, for testing and for comparing the two.
+
+Activations: "float" (the default) multiplies the weights by float32 x;
+"int8" (QINFER_ACTIVATIONS=int8, set_activations("int8")) makes one-row
+products (qgemv, i.e. decode) round x to int8 per block of 32 inputs and
+multiply in integers, llama.cpp-style: faster, with llama.cpp-like numerics.
+Products of several rows (prefill) and 3-bit layers stay float.
 """
 import contextlib
 import importlib
@@ -13,9 +19,10 @@ from .errors import UnsupportedError
 from .packing import BITWIDTHS
 
 PATHS = ("auto", "avx2", "scalar")
+ACTIVATIONS = ("float", "int8")
 _modules = {b: importlib.import_module(f"qinfer._qgemm_b{b}") for b in BITWIDTHS}
 _cpu_avx2 = _runtime.cpu_has_avx2_fma()
-_state = {"path": None, "threads": None}
+_state = {"path": None, "threads": None, "activations": None}
 
 
 def module(bits):
@@ -89,3 +96,32 @@ def resolve_threads(threads=None):
     if not isinstance(threads, int) or threads < 1:
         raise UnsupportedError(f"threads must be a positive integer, got {threads!r}")
     return threads
+
+
+def check_activations(mode):
+    if mode not in ACTIVATIONS:
+        raise UnsupportedError(f"activations must be one of {ACTIVATIONS}, got {mode!r}")
+    return mode
+
+
+def set_activations(mode):
+    """"float" or "int8" (decode only) for every later call."""
+    _state["activations"] = check_activations(mode)
+
+
+def active_activations():
+    if _state["activations"] is None:
+        _state["activations"] = check_activations(
+            os.environ.get("QINFER_ACTIVATIONS", "float").strip().lower() or "float")
+    return _state["activations"]
+
+
+@contextlib.contextmanager
+def use_activations(mode):
+    """Run the enclosed calls with "float" or "int8" activations, then restore the previous mode."""
+    previous = active_activations()
+    set_activations(mode)
+    try:
+        yield
+    finally:
+        _state["activations"] = previous

@@ -48,7 +48,8 @@ def rope_frequencies(head_dim, theta, scaling=None):
 class Model:
     """Weights laid out for the forward pass, the KV cache, and one forward call per step."""
 
-    def __init__(self, source, ctx=None, quantize=None, group_size=128, threads=None, dequantize=False):
+    def __init__(self, source, ctx=None, quantize=None, group_size=128, threads=None, dequantize=False,
+                 activations=None):
         cfg = self.config = source.config
         self.ctx = ctx if ctx is not None else cfg.max_position_embeddings
         if not isinstance(self.ctx, int) or self.ctx < 1:
@@ -56,6 +57,8 @@ class Model:
         self.quantize, self.group_size = quantize, group_size
         self.dequantize = dequantize          # packed tensors become float32 (a float baseline)
         self.threads = kernels.resolve_threads(threads)
+        # "int8": one-token steps round activations to int8 (kernels.py); None: the global mode
+        self.activations = kernels.check_activations(activations or kernels.active_activations())
         self._keep = []                       # QuantizedLinear objects the C side points into
 
         self.embedding = self._float_matrix(source, "model.embed_tokens.weight")
@@ -84,11 +87,13 @@ class Model:
         return layer
 
     def _linear_spec(self, layer):
-        """What the C side takes: a float32 array, or (matrix, kernel) capsules."""
+        """What the C side takes: a float32 array, or (matrix, kernel, int8 kernel or None) capsules."""
         if isinstance(layer, QuantizedLinear):
             self._keep.append(layer)
             m = layer._matrix
-            return (m.matrix_capsule(), m.kernel_capsule(kernels.active_path() == "avx2"))
+            avx2 = kernels.active_path() == "avx2"
+            int8 = m.int8_kernel_capsule(avx2) if self.activations == "int8" else None
+            return (m.matrix_capsule(), m.kernel_capsule(avx2), int8)
         return layer
 
     def _linear(self, source, name, bits=None):
