@@ -309,7 +309,7 @@ def cmd_bench(args):
     limit, what = (args.ctx, "--ctx") if args.ctx is not None else (max_ctx, "the model's context")
     check_counts(args.n_prompt, args.n_gen, args.repetitions, limit, what)
     ctx = args.ctx if args.ctx is not None else args.n_prompt + args.n_gen
-    engine = Engine(path, threads=threads[0], ctx=ctx, quantize=args.quantize, group_size=args.group_size,
+    engine = Engine(path, threads=max(threads), ctx=ctx, quantize=args.quantize, group_size=args.group_size,
                     dequantize=args.dequantize, activations=args.activations)
     results = bench(engine, args.n_prompt, args.n_gen, threads, args.repetitions, seed=args.seed)
     rss = peak_rss_kib()
