@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .errors import QinferError
+from .textfile import read_utf8
 
 WIKITEXT2 = "wikitext2"                 # --data wikitext2: the Hugging Face datasets loader
-MAX_DATA_BYTES = 1 << 30
 NLL_ROWS = 128                          # logits rows per log-softmax block
 MAX_AUTO_CTX = 1 << 20                  # the CLI's KV cache when --ctx is absent: seqlen, at most this
 
@@ -66,22 +66,7 @@ class PerplexityResult:
 # ------------------------------------------------------------------- data
 def read_rows(path):
     """The lines of a UTF-8 text file, line ends (LF or CRLF) stripped."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DataError(f"data file {path}: no such file")
-    try:
-        size = os.path.getsize(path)
-        if size > MAX_DATA_BYTES:
-            raise DataError(f"data file {path}: {size} bytes is more than the {MAX_DATA_BYTES >> 20} MiB "
-                            f"qinfer reads")
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise DataError(f"data file {path}: cannot read ({e.strerror or e})") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"data file {path}: not UTF-8 text (byte {e.start})") from None
+    text = read_utf8(path, "data file", DataError)
     if not text.strip():
         raise DataError(f"data file {path} is empty")
     rows = text.split("\n")

@@ -6,32 +6,15 @@ uniformly with a seeded generator (numpy's default_rng(seed)), so the same
 file, tokenizer and seed give the same windows. Windows may overlap when the
 text is short.
 """
-import os
 
 import numpy as np
 
 from ..errors import QinferError
-
-MAX_CALIB_BYTES = 1 << 30
+from ..textfile import read_utf8
 
 
 def read_text(path):
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise QinferError(f"calibration file {path}: no such file")
-    try:
-        size = os.path.getsize(path)
-        if size > MAX_CALIB_BYTES:
-            raise QinferError(f"calibration file {path}: {size} bytes is more than the "
-                              f"{MAX_CALIB_BYTES >> 20} MiB qinfer reads")
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise QinferError(f"calibration file {path}: cannot read ({e.strerror or e})") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise QinferError(f"calibration file {path}: not UTF-8 text (byte {e.start})") from None
+    return read_utf8(path, "calibration file")
 
 
 def token_windows(tokens, nsamples, seqlen, seed, what="calibration text"):
