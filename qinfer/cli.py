@@ -107,7 +107,7 @@ def cmd_quantize(args):
                       true_sequential=args.true_sequential, calib=args.calib, nsamples=args.nsamples,
                       seqlen=args.seqlen, damp=args.damp, seed=args.seed, sink_weight=args.sink_weight,
                       force=args.force,
-                      threads=args.threads, float_dtype=args.float_dtype)
+                      threads=args.threads, float_dtype=args.float_dtype, zero_point=args.zero_point)
     print(report.summary(), file=sys.stderr)
 
 
@@ -152,6 +152,10 @@ def add_quantize_parser(sub):
                    help="GPTQ: calibrate o, gate/up and down on inputs from the already quantized earlier "
                         "maps of the same block (one more pass per stage)")
     q.add_argument("--sym", action="store_true", help="symmetric quantization (zero point 2^(bits-1))")
+    q.add_argument("--zero-point", choices=("int", "float"), default="int",
+                   help="int: GPTQ's integer zero points (an AutoGPTQ-compatible checkpoint, the default); "
+                        "float: each group's own min..max range with a float16 zero point (more accurate; "
+                        "a checkpoint only qinfer reads)")
     q.add_argument("--calib", metavar="FILE", default=None,
                    help="calibration text for GPTQ (e.g. WikiText-2's wiki.test.raw)")
     q.add_argument("--nsamples", type=_positive_int, default=128, help="calibration windows (default 128)")

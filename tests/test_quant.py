@@ -504,6 +504,109 @@ def test_qinfer_checkpoint_round_trips(tiny_src, tmp_path, bits, group_size, act
     assert 0 < diff < 1e-2
 
 
+# ---------------------------------------------------------- float zero points
+def reference_float_zero(w, bits, group_size):
+    """The test's own min/max quantizer with real zero points, float16 scale and zero:
+    codes [in, out], scales and zeros [groups, out], and the weight they stand for [out, in]."""
+    out_f, in_f = w.shape
+    g = in_f if group_size == -1 else group_size
+    grouped = w.reshape(out_f, in_f // g, g).astype(np.float32)
+    lo, hi = grouped.min(axis=2), grouped.max(axis=2)
+    maxq = 2 ** bits - 1
+    scale = ((hi - lo) / maxq).astype(np.float16).astype(np.float32)
+    zero = (-lo / scale).astype(np.float16).astype(np.float32)
+    q = np.clip(np.round(grouped / scale[..., None] + zero[..., None]), 0, maxq)
+    w_hat = (scale[..., None] * (q - zero[..., None])).reshape(out_f, in_f)
+    return q.reshape(out_f, in_f).astype(np.uint8).T, scale.T, zero.T, w_hat
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [16, 32, -1])
+def test_float_zero_rtn_matches_the_reference(bits, group_size):
+    rng = np.random.default_rng(bits * 100 + group_size)
+    w = (rng.normal(0, 0.02, (48, 128)) + rng.normal(0, 0.01, (48, 1))).astype(np.float32)
+    r = rtn_quantize(w, bits, group_size, zero_point="float")
+    codes, scales, zeros, w_hat = reference_float_zero(w, bits, group_size)
+    np.testing.assert_array_equal(r.codes, codes)
+    np.testing.assert_array_equal(r.scales, scales)
+    np.testing.assert_array_equal(r.zeros, zeros)
+    np.testing.assert_allclose(r.dequantize(), w_hat, rtol=1e-6, atol=1e-9)
+    # what the kernels run is that same weight
+    np.testing.assert_allclose(r.to_linear().dequantize(), w_hat, rtol=1e-6, atol=1e-9)
+
+
+def test_float_zero_reproduces_a_min_max_grid():
+    """Weights already on a per-group min/max grid (llama.cpp Q4_1 stores float16 d and m per 32,
+    w = m + d * q): float zero points find that grid again; integer ones, which must put a
+    grid point on 0.0, are up to half a step off."""
+    rng = np.random.default_rng(5)
+    out_f, in_f = 64, 256
+    d = rng.uniform(0.001, 0.02, (out_f, in_f // 32)).astype(np.float16).astype(np.float32)
+    m = (-d * rng.uniform(3, 12, d.shape)).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, 16, (out_f, in_f))
+    q[:, ::32], q[:, 1::32] = 0, 15                      # every group spans its whole range
+    w = (np.repeat(m, 32, axis=1) + np.repeat(d, 32, axis=1) * q).astype(np.float32)
+    step = np.repeat(d, 32, axis=1)
+    float_err = np.abs(rtn_quantize(w, 4, 32, zero_point="float").dequantize() - w) / step
+    int_err = np.abs(rtn_quantize(w, 4, 32).dequantize() - w) / step
+    assert float_err.max() < 0.01, float_err.max()
+    assert int_err.max() > 0.3 and np.sqrt(np.mean(int_err ** 2)) > 0.2, int_err.max()
+
+
+def test_float_zero_gptq():
+    rng = np.random.default_rng(11)
+    w = rng.normal(0, 0.02, (64, 256)).astype(np.float32)
+    for bits, group_size in ((4, 32), (3, 128), (2, -1)):
+        r = rtn_quantize(w, bits, group_size, zero_point="float")
+        g = gptq_quantize(w, np.eye(256) * 4.0, bits, group_size, damp=0.0, zero_point="float")
+        np.testing.assert_array_equal(g.codes, r.codes)        # no correlation: round to nearest
+        np.testing.assert_array_equal(g.zeros, r.zeros)
+    # inputs with correlated features, as a layer's are: GPTQ's error feedback has room to work
+    x = rng.normal(size=(1024, 64)) @ rng.normal(size=(64, 256)) + 0.1 * rng.normal(size=(1024, 256))
+    H = 2 * x.T @ x / len(x)
+    for bits in (3, 4):
+        def err(res):
+            return float(np.sum((x @ (w - res.dequantize()).T.astype(np.float64)) ** 2))
+        rtn = err(rtn_quantize(w, bits, 32, zero_point="float"))
+        gptq = err(gptq_quantize(w, H, bits, 32, zero_point="float"))
+        assert gptq < 0.5 * rtn, (bits, gptq, rtn)
+
+
+@needs_tokenizer
+@pytest.mark.parametrize("bits", [3, 4])
+def test_float_zero_checkpoint_round_trips(tiny_src, tmp_path, bits):
+    from safetensors.numpy import load_file, save_file
+
+    source = open_model(tiny_src)
+    out = tmp_path / "fz"
+    report = qinfer.quantize(tiny_src, out, bits=bits, group_size=32, method="rtn", zero_point="float",
+                             float_dtype="float32", progress=False)
+    assert report.checkpoint_format == layout.FLOAT_ZERO_FORMAT and "float-zero" in report.summary()
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc["checkpoint_format"] == "qinfer_float_zero"
+    tensors = load_file(out / "model.safetensors")
+    assert not any(name.endswith(".qzeros") for name in tensors)
+    zeros = tensors["model.layers.0.mlp.down_proj.zeros"]
+    assert zeros.dtype == np.float16 and zeros.shape == (source.config.intermediate_size // 32,
+                                                         source.config.hidden_size)
+
+    results = {f"model.layers.{i}.{p}": rtn_quantize(float_weight(source, f"model.layers.{i}.{p}.weight"),
+                                                      bits, 32, zero_point="float")
+               for i in range(source.config.num_hidden_layers) for p in PROJ}
+    engine = qinfer.Engine(out, threads=1)
+    ids = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog", add_bos=True)
+    np.testing.assert_array_equal(engine.logits(ids), in_memory_logits(source, results, ids))
+    np.testing.assert_array_equal(
+        dequantize_packed(engine.source.tensors["model.layers.1.self_attn.o_proj.weight"]),
+        results["model.layers.1.self_attn.o_proj"].dequantize())
+
+    # A float-zero checkpoint without its zeros is refused by name.
+    del tensors["model.layers.1.mlp.up_proj.zeros"]
+    save_file(tensors, out / "model.safetensors")
+    with pytest.raises(FormatError, match=r"up_proj\.zeros is missing"):
+        qinfer.Engine(out, threads=1)
+
+
 @needs_tokenizer
 @needs_wikitext
 def test_quantize_end_to_end_and_cli(tiny_src, short_calib, tmp_path):
@@ -609,6 +712,10 @@ def test_bad_settings_are_refused_before_any_work(tiny_src, short_calib, tmp_pat
         qinfer.quantize(tiny_src, out, method="rtn", act_order=True, progress=False)
     with pytest.raises(QinferError, match="sink_weight"):
         qinfer.quantize(tiny_src, out, method="gptq", calib=short_calib, sink_weight=0.5, progress=False)
+    with pytest.raises(UnsupportedError, match="zero_point"):
+        qinfer.quantize(tiny_src, out, method="rtn", zero_point="half", progress=False)
+    with pytest.raises(UnsupportedError, match="symmetric"):
+        qinfer.quantize(tiny_src, out, method="rtn", sym=True, zero_point="float", progress=False)
     assert not out.exists() and leftovers(tmp_path) == []
 
     # A GPTQ checkpoint is not a source.
@@ -620,6 +727,7 @@ def test_bad_settings_are_refused_before_any_work(tiny_src, short_calib, tmp_pat
     # The command line: usage mistakes exit 2, errors one line and exit 1.
     assert run_cli("quantize", "--model", tiny_src, "--out", tmp_path / "c", "--bits", 5).returncode == 2
     assert run_cli("quantize", "--model", tiny_src, "--out", tmp_path / "c", "--group-size", 48).returncode == 2
+    assert run_cli("quantize", "--model", tiny_src, "--out", tmp_path / "c", "--zero-point", "half").returncode == 2
     proc = run_cli("quantize", "--model", tiny_src, "--out", tmp_path / "c", "--method", "gptq")
     assert proc.returncode == 1 and proc.stderr.startswith("qinfer: error:") and "--calib" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

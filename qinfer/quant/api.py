@@ -30,7 +30,7 @@ from ..rtn import GROUP_SIZES
 from . import checkpoint
 from .gptq import Hessian, PreparedHessian, gptq_quantize, output_error
 from .progress import Progress
-from .quantizer import rtn_quantize
+from .quantizer import check_settings, rtn_quantize
 from .writer import FLOAT_DTYPES, float_tensors, float_weight, save_checkpoint
 
 METHODS = ("gptq", "rtn")
@@ -58,10 +58,12 @@ class QuantizeReport:
     # calibration inputs relative to the layer's output, ||WX - QX||^2 / ||WX||^2,
     # for GPTQ and for round to nearest with the same scales rule.
     errors: dict = field(default_factory=dict)
+    zero_point: str = "int"
 
     def summary(self):
         group = "full column" if self.group_size == -1 else f"group {self.group_size}"
         lines = [f"{self.method} {self.bits}-bit {group}{' sym' if self.sym else ''}"
+                 f"{' float-zero' if self.zero_point == 'float' else ''}"
                  f"{' act-order' if self.act_order else ''}{' static-groups' if self.static_groups else ''}: "
                  f"{self.layers} layers in {self.seconds:.1f} s; wrote {self.path} "
                  f"({self.bytes / 2 ** 20:.1f} MiB, checkpoint_format {self.checkpoint_format})"]
@@ -125,7 +127,7 @@ def _linear_name(layer, name):
 
 
 # ---------------------------------------------------------------- methods
-def _rtn_layers(source, bits, group_size, sym, progress):
+def _rtn_layers(source, bits, group_size, sym, zero_point, progress):
     from ..model import LINEAR_NAMES
 
     results = {}
@@ -133,7 +135,8 @@ def _rtn_layers(source, bits, group_size, sym, progress):
         with progress.layer(i, len(LINEAR_NAMES)) as bar:
             for name in LINEAR_NAMES:
                 base = _linear_name(i, name)
-                results[base] = rtn_quantize(float_weight(source, base + ".weight"), bits, group_size, sym)
+                results[base] = rtn_quantize(float_weight(source, base + ".weight"), bits, group_size, sym,
+                                             zero_point)
                 bar.update()
             checkpoint.pause_for_tests(SLOW_LAYER_ENV)
     return results, {}
@@ -143,6 +146,7 @@ def _gptq_layers(source, windows, settings, threads, true_sequential, progress):
     from ..model import LINEAR_NAMES, Model
 
     bits, group_size, sym = settings["bits"], settings["group_size"], settings["sym"]
+    zero_point = settings["zero_point"]
     sink_weight = settings["sink_weight"]
     nsamples, seqlen = windows.shape
     model = Model(source, ctx=seqlen, threads=threads, dequantize=True)
@@ -176,9 +180,9 @@ def _gptq_layers(source, windows, settings, threads, true_sequential, progress):
                     w = float_weight(source, base + ".weight")
                     h = H[INPUT_OF[name]]
                     res = gptq_quantize(w, prepared[INPUT_OF[name]], bits, group_size, sym,
-                                        static_groups=settings["static_groups"])
+                                        static_groups=settings["static_groups"], zero_point=zero_point)
                     scale = output_error(w, np.zeros_like(w), h) or 1.0
-                    rtn = rtn_quantize(w, bits, group_size, sym)
+                    rtn = rtn_quantize(w, bits, group_size, sym, zero_point)
                     errors[base] = {"gptq": output_error(w, res.dequantize(), h) / scale,
                                     "rtn": output_error(w, rtn.dequantize(), h) / scale}
                     model.replace_linear(i, name, res.to_linear())
@@ -195,7 +199,8 @@ def _gptq_layers(source, windows, settings, threads, true_sequential, progress):
 # ---------------------------------------------------------------- the API
 def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False, sym=False,
              static_groups=False, calib=None, nsamples=128, seqlen=2048, damp=0.01, seed=0, force=False,
-             threads=None, true_sequential=False, sink_weight=1.0, float_dtype="float16", progress=True):
+             threads=None, true_sequential=False, sink_weight=1.0, float_dtype="float16", zero_point="int",
+             progress=True):
     """Quantize a float model into a GPTQ-format checkpoint directory `out`.
 
     model: a Hugging Face LLaMA directory or a GGUF file (quantized GGUF
@@ -209,10 +214,15 @@ def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False,
     attention sink every later token attends to; with weight 1 GPTQ may move
     error into the directions only it uses (README, "Quantizing").
     float_dtype: how the embedding, norms and an untied LM head are stored.
+    zero_point: "int" (GPTQ's integer zero points, an AutoGPTQ-compatible
+    checkpoint) or "float" (each group's own min/max range, a real zero
+    point stored in float16: checkpoint_format "qinfer_float_zero", which
+    only qinfer reads; quant/quantizer.py).
     `out` must not exist unless force. Returns a QuantizeReport.
     """
     t0 = time.perf_counter()
     _check_settings(bits, group_size, method, nsamples, seqlen, damp, seed, float_dtype)
+    check_settings(bits, group_size, sym, zero_point)
     if isinstance(sink_weight, bool) or not isinstance(sink_weight, (int, float)) or \
             not math.isfinite(sink_weight) or sink_weight < 1:
         raise QinferError(f"sink_weight must be a number >= 1, got {sink_weight!r}")
@@ -222,7 +232,7 @@ def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False,
     meta = dict(bits=bits, group_size=group_size, sym=bool(sym), act_order=bool(act_order),
                 static_groups=bool(static_groups), true_sequential=bool(true_sequential), method=method,
                 damp=damp, nsamples=None, seqlen=None, seed=None, calibration=None, float_dtype=float_dtype,
-                sink_weight=float(sink_weight))
+                sink_weight=float(sink_weight), zero_point=zero_point)
     if method == "gptq":
         from ..tokenizer import load as load_tokenizer
         from .calibration import calibration_windows
@@ -245,10 +255,10 @@ def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False,
     if method == "gptq":
         results, errors = _gptq_layers(source, windows, meta, threads, true_sequential, bar)
     else:
-        results, errors = _rtn_layers(source, bits, group_size, sym, bar)
+        results, errors = _rtn_layers(source, bits, group_size, sym, zero_point, bar)
     fmt = save_checkpoint(out, source, results, meta, force=force, floats=floats)
     return QuantizeReport(path=out, method=method, bits=bits, group_size=group_size, sym=bool(sym),
                           act_order=meta["act_order"], static_groups=meta["static_groups"],
                           checkpoint_format=fmt, seconds=time.perf_counter() - t0,
                           bytes=checkpoint.directory_size(out), layers=source.config.num_hidden_layers,
-                          errors=errors)
+                          errors=errors, zero_point=zero_point)

@@ -112,11 +112,11 @@ class PreparedHessian:
 
 
 def gptq_quantize(weight, H, bits, group_size=128, sym=False, act_order=False, static_groups=False,
-                  damp=0.01, block_size=BLOCK_SIZE):
+                  damp=0.01, block_size=BLOCK_SIZE, zero_point="int"):
     """GPTQ of a float [out, in] weight -> QuantResult.
 
     H: the Hessian [in, in], or a PreparedHessian (which then fixes act_order and damp)."""
-    check_settings(bits, group_size)
+    check_settings(bits, group_size, sym, zero_point)
     prepared = H if isinstance(H, PreparedHessian) else PreparedHessian(H, damp, act_order)
     W = np.array(weight, dtype=np.float64)             # a copy: updated in place
     if W.ndim != 2:
@@ -138,7 +138,7 @@ def gptq_quantize(weight, H, bits, group_size=128, sym=False, act_order=False, s
     fixed = group_size == -1 or static_groups          # parameters chosen up front from W
     if fixed:
         for g in range(groups):
-            scales[g], zeros[g] = group_params(W[:, g * G:(g + 1) * G], bits, sym)
+            scales[g], zeros[g] = group_params(W[:, g * G:(g + 1) * G], bits, sym, zero_point)
 
     act_order = prepared.perm is not None
     perm = prepared.perm if act_order else np.arange(n_in)
@@ -162,10 +162,13 @@ def gptq_quantize(weight, H, bits, group_size=128, sym=False, act_order=False, s
                 # The group's columns are all inside this block (G divides the
                 # block size) and hold every update made so far.
                 g = c // G
-                scales[g], zeros[g] = group_params(W[:, c:c + G], bits, sym)
+                scales[g], zeros[g] = group_params(W[:, c:c + G], bits, sym, zero_point)
                 scale, zero = scales[g].astype(np.float64), zeros[g].astype(np.float64)
             w = W1[:, i]
-            q = np.clip(np.round(w / scale) + zero, 0, maxq)
+            if zero_point == "float":
+                q = np.clip(np.round(w / scale + zero), 0, maxq)
+            else:
+                q = np.clip(np.round(w / scale) + zero, 0, maxq)
             codes[:, c] = q
             e = (w - scale * (q - zero)) / U1[i, i]
             W1[:, i:] -= np.outer(e, U1[i, i:])
@@ -179,4 +182,4 @@ def gptq_quantize(weight, H, bits, group_size=128, sym=False, act_order=False, s
     else:
         g_idx = layout.trivial_g_idx(n_in, group_size)
     return QuantResult(bits, group_size, np.ascontiguousarray(codes.T), scales, zeros,
-                       np.ascontiguousarray(g_idx, dtype=np.int32))
+                       np.ascontiguousarray(g_idx, dtype=np.int32), zero_point)

@@ -12,7 +12,14 @@ Per linear layer `name` (docs/FORMAT.md, section 4):
 n_groups = ceil(in / group_size) (the last group may be short), 1 for
 group_size -1. The zero stored in qzeros depends on the checkpoint format:
 "gptq" (v1, AutoGPTQ) stores zero - 1 and reads zero = (field & maxq) + 1;
-"gptq_v2" (GPTQModel) stores the zero itself.
+"gptq_v2" (GPTQModel) stores the zero itself. qinfer's own
+"qinfer_float_zero" has no qzeros: real-valued zero points (quantizer.py,
+zero_point "float") are stored as
+
+    name.zeros    float16 [n_groups, out]
+
+AutoGPTQ and GPTQModel do not read that format (they refuse its
+checkpoint_format rather than misread it).
 
 The kernels want groups of one of (16, 32, 64, 128) rows or a full column,
 contiguous after sorting rows by group. `kernel_layout` re-expresses any
@@ -26,7 +33,8 @@ import numpy as np
 from .. import packing
 from ..errors import FormatError, UnsupportedError
 
-CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+FLOAT_ZERO_FORMAT = "qinfer_float_zero"
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2", FLOAT_ZERO_FORMAT)
 KERNEL_GROUPS = (128, 64, 32, 16)
 
 

@@ -7,6 +7,20 @@ scales in float16, as AutoGPTQ does, so the scale is rounded to float16
 scale that is actually stored, and a written checkpoint reproduces the
 quantized weights bit for bit (GPTQ's error feedback also sees the stored
 weights, not a float32 version of them).
+
+Zero points (`zero_point`):
+
+    "int"    GPTQ's: the range [min(w, 0), max(w, 0)] and zero = the code of
+             0.0, rounded to an integer (AutoGPTQ stores it packed in qzeros).
+             The grid must then pass through 0.0, so it sits up to half a
+             step away from where the group's own range would put it.
+    "float"  the group's own range [min(w), max(w)] cut into 2^b - 1 steps,
+             zero = -min / scale kept as a real number (stored in float16,
+             like llama.cpp's Q4_1 stores its minimum): the grid starts at
+             the smallest weight and ends at the largest. Same bits per
+             weight as "int" in memory (the kernels hold float zeros
+             anyway); in a checkpoint a float16 zero costs 16 bits per group
+             where a packed integer one costs b.
 """
 import numpy as np
 
@@ -19,11 +33,18 @@ F16_TINY = np.float32(np.finfo(np.float16).smallest_subnormal)
 F16_MAX = np.float32(np.finfo(np.float16).max)
 
 
-def group_params(w, bits, sym):
+ZERO_POINTS = ("int", "float")
+
+
+def group_params(w, bits, sym, zero_point="int"):
     """w: float [..., rows] (one group on the last axis) -> scale, zero float32 [...].
 
-    scale is exact in float16; zero is an integer in [0, 2^bits)."""
-    scale, zero = rtn.scale_zero(np.asarray(w, dtype=np.float32), bits, sym)
+    scale is exact in float16; zero is an integer in [0, 2^bits) ("int") or
+    a real number exact in float16 ("float")."""
+    w = np.asarray(w, dtype=np.float32)
+    if zero_point == "float":
+        return _float_zero_params(w, bits)
+    scale, zero = rtn.scale_zero(w, bits, sym)
     if not np.all(np.isfinite(scale)) or scale.max(initial=0) > F16_MAX:
         raise UnsupportedError("a weight group's range does not fit a float16 scale (non-finite or "
                                f"larger than {float(F16_MAX) * (2 ** bits - 1):g})")
@@ -33,29 +54,64 @@ def group_params(w, bits, sym):
     return scale, zero
 
 
-def quantize_codes(w, scale, zero, bits):
-    """Codes of w [..., rows] for scale/zero [...]: round(w / scale) + zero, clipped to [0, 2^bits)."""
+def _float_zero_params(w, bits):
+    maxq = np.float32(2 ** bits - 1)
+    xmin, xmax = w.min(axis=-1), w.max(axis=-1)
+    # A constant group has no range of its own: take [min(c, 0), max(c, 0)]
+    # as "int" does, so c is a grid point (an all-zero group gets [-1, 1]).
+    flat = xmax == xmin
+    xmin = np.where(flat, np.minimum(xmin, 0), xmin)
+    xmax = np.where(flat, np.maximum(xmax, 0), xmax)
+    both_zero = (xmin == 0) & (xmax == 0)
+    xmin = np.where(both_zero, np.float32(-1), xmin)
+    xmax = np.where(both_zero, np.float32(1), xmax)
+    scale = ((xmax - xmin) / maxq).astype(np.float32)
+    if not np.all(np.isfinite(scale)) or scale.max(initial=0) > F16_MAX:
+        raise UnsupportedError("a weight group's range does not fit a float16 scale (non-finite or "
+                               f"larger than {float(F16_MAX) * float(maxq):g})")
+    scale = np.maximum(scale.astype(np.float16).astype(np.float32), F16_TINY)
+    zero = (-xmin / scale).astype(np.float16).astype(np.float32)
+    if not np.all(np.isfinite(zero)):
+        raise UnsupportedError("a weight group lies so far from 0, relative to its range, that its "
+                               "zero point does not fit float16; use zero_point='int'")
+    return scale, zero
+
+
+def quantize_codes(w, scale, zero, bits, zero_point="int"):
+    """Codes of w [..., rows] for scale/zero [...], clipped to [0, 2^bits).
+
+    "int": round(w / scale) + zero, as AutoGPTQ computes it (the two forms
+    differ only at exact ties); "float": round(w / scale + zero)."""
     maxq = 2 ** bits - 1
-    q = np.round(np.asarray(w, dtype=np.float32) / scale[..., None]) + zero[..., None]
+    w = np.asarray(w, dtype=np.float32)
+    if zero_point == "float":
+        q = np.round(w / scale[..., None] + zero[..., None])
+    else:
+        q = np.round(w / scale[..., None]) + zero[..., None]
     return np.clip(q, 0, maxq).astype(np.uint8)
 
 
-def check_settings(bits, group_size):
+def check_settings(bits, group_size, sym=False, zero_point="int"):
     from ..packing import check_bits
 
     check_bits(bits)
+    if zero_point not in ZERO_POINTS:
+        raise UnsupportedError(f"zero_point must be one of {ZERO_POINTS}, got {zero_point!r}")
+    if sym and zero_point == "float":
+        raise UnsupportedError("symmetric quantization fixes the zero point at 2^(bits-1); "
+                               "zero_point='float' is for asymmetric groups")
     if group_size not in rtn.GROUP_SIZES:
         raise UnsupportedError(f"group_size must be one of {rtn.GROUP_SIZES} (-1 = full column), "
                                f"got {group_size!r}")
 
 
-def rtn_quantize(weight, bits, group_size=128, sym=False):
+def rtn_quantize(weight, bits, group_size=128, sym=False, zero_point="int"):
     """Round to nearest of a float [out, in] weight -> QuantResult.
 
     Groups are group_size consecutive input rows; when in_features is not a
     multiple of it the last group is short (AutoGPTQ's ceil(in / group_size)
     groups)."""
-    check_settings(bits, group_size)
+    check_settings(bits, group_size, sym, zero_point)
     w = np.asarray(weight, dtype=np.float32)
     n_out, n_in = w.shape
     g = n_in if group_size == -1 else group_size
@@ -63,16 +119,16 @@ def rtn_quantize(weight, bits, group_size=128, sym=False):
     scales, zeros, codes = [], [], np.empty((n_out, n_in), dtype=np.uint8)
     if full:
         body = w[:, :full * g].reshape(n_out, full, g)
-        s, z = group_params(body, bits, sym)                       # [out, full]
-        codes[:, :full * g] = quantize_codes(body, s, z, bits).reshape(n_out, full * g)
+        s, z = group_params(body, bits, sym, zero_point)           # [out, full]
+        codes[:, :full * g] = quantize_codes(body, s, z, bits, zero_point).reshape(n_out, full * g)
         scales.append(s.T)
         zeros.append(z.T)
     if full * g < n_in:
         tail = w[:, full * g:]
-        s, z = group_params(tail, bits, sym)                       # [out]
-        codes[:, full * g:] = quantize_codes(tail, s, z, bits)
+        s, z = group_params(tail, bits, sym, zero_point)           # [out]
+        codes[:, full * g:] = quantize_codes(tail, s, z, bits, zero_point)
         scales.append(s[None])
         zeros.append(z[None])
     return QuantResult(bits, group_size, np.ascontiguousarray(codes.T),
                        np.ascontiguousarray(np.concatenate(scales)), np.ascontiguousarray(np.concatenate(zeros)),
-                       layout.trivial_g_idx(n_in, group_size))
+                       layout.trivial_g_idx(n_in, group_size), zero_point)

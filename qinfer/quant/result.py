@@ -19,8 +19,9 @@ class QuantResult:
     group_size: int            # the checkpoint's group size (-1: full column); the last group may be short
     codes: np.ndarray          # uint8 [in, out], in [0, 2^bits)
     scales: np.ndarray         # float32 [n_groups, out], every value exact in float16
-    zeros: np.ndarray          # float32 [n_groups, out], integers in [0, 2^bits)
+    zeros: np.ndarray          # float32 [n_groups, out]: integers in [0, 2^bits), or exact float16 values
     g_idx: np.ndarray          # int32 [in]: group of each input row
+    zero_point: str = "int"    # "int" (AutoGPTQ's packed qzeros) or "float" (quantizer.py)
 
     @property
     def in_features(self):
@@ -51,14 +52,18 @@ class QuantResult:
 
     def needs_v2(self):
         """True when a zero point is 0, which the v1 ("gptq") format cannot store."""
-        return bool((self.zeros == 0).any())
+        return self.zero_point == "int" and bool((self.zeros == 0).any())
 
     def checkpoint_tensors(self, checkpoint_format):
-        """{"qweight", "qzeros", "scales", "g_idx"} in AutoGPTQ's layout (layout.py)."""
-        stored = layout.encode_zeros(self.zeros, self.bits, checkpoint_format)
+        """{"qweight", "qzeros" (or float16 "zeros"), "scales", "g_idx"} as layout.py lays them out."""
+        if checkpoint_format == layout.FLOAT_ZERO_FORMAT:
+            zeros = {"zeros": self.zeros.astype(np.float16)}
+        else:
+            zeros = {"qzeros": layout.pack_rows(layout.encode_zeros(self.zeros, self.bits, checkpoint_format),
+                                                self.bits)}
         return {
             "qweight": packing.pack(self.codes, self.bits),
-            "qzeros": layout.pack_rows(stored, self.bits),
+            **zeros,
             "scales": self.scales.astype(np.float16),
             "g_idx": np.ascontiguousarray(self.g_idx, dtype=np.int32),
         }

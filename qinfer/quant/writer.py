@@ -13,12 +13,12 @@ import os
 import numpy as np
 
 from ..errors import QinferError
-from . import checkpoint
+from . import checkpoint, layout
 from .tokenizer_files import tokenizer_files
 
 FLOAT_DTYPES = ("float16", "float32")
 DEFAULT_META = dict(sym=False, act_order=False, static_groups=False, true_sequential=False, method="gptq",
-                    damp=None, nsamples=None, seqlen=None, seed=None, calibration=None, sink_weight=None,
+                    damp=None, nsamples=None, seqlen=None, seed=None, calibration=None, sink_weight=None, zero_point="int",
                     float_dtype="float16")
 
 
@@ -86,7 +86,8 @@ def save_checkpoint(out, source, results, meta, force=False, floats=None):
 
     source: the float model's ModelSource; results: {"model.layers.{i}.<proj>": QuantResult} for
     every linear layer; meta: bits, group_size and optionally the keys of DEFAULT_META. The format
-    is v1 ("gptq", AutoGPTQ's) unless some zero point is 0, which v1 cannot store: then "gptq_v2".
+    is v1 ("gptq", AutoGPTQ's) unless some zero point is 0, which v1 cannot store: then "gptq_v2";
+    float zero points (zero_point "float") make it "qinfer_float_zero" (layout.py).
     """
     from .. import __version__
     from ..model import LINEAR_NAMES
@@ -104,7 +105,13 @@ def save_checkpoint(out, source, results, meta, force=False, floats=None):
                                   f"not {meta['bits']}-bit group {meta['group_size']}")
     if floats is None:
         floats = float_tensors(source, meta["float_dtype"])
-    fmt = "gptq_v2" if any(r.needs_v2() for r in results.values()) else "gptq"
+    kinds = {r.zero_point for r in results.values()}
+    if len(kinds) > 1:
+        raise QinferError("some layers have integer and some float zero points; a checkpoint holds one kind")
+    if kinds == {"float"}:
+        fmt = layout.FLOAT_ZERO_FORMAT
+    else:
+        fmt = "gptq_v2" if any(r.needs_v2() for r in results.values()) else "gptq"
     quant_config = {"quant_method": "gptq", "bits": meta["bits"], "group_size": meta["group_size"],
                     "sym": meta["sym"], "desc_act": bool(meta["act_order"]) or any(r.act_order for r in results.values()),
                     "static_groups": meta["static_groups"], "true_sequential": meta["true_sequential"],

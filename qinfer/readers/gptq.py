@@ -9,6 +9,8 @@ or by a quantize_config.json (readers/hf.py routes here). Settings read:
     checkpoint_format  "gptq" (v1: qzeros hold zero - 1; the default when the
                        key is absent, as in AutoGPTQ) or "gptq_v2" (the zero
                        itself); GPTQModel's older key "format" is read too.
+                       "qinfer_float_zero" (qinfer.quantize, zero_point
+                       "float"): `.zeros` float16 instead of `.qzeros`.
                        Anything else is refused, never guessed.
     desc_act, sym      informational: g_idx and qzeros say what they imply
 
@@ -184,6 +186,21 @@ def _int_tensor(name, get, shape, where, dtypes=("I32",)):
     return t
 
 
+def _float_tensor(name, get, owner, shape, where, directory):
+    """Per-group scales or float zero points: float16 (or float32/bfloat16), finite."""
+    if name not in owner:
+        raise FormatError(f"{directory}: {name} is missing")
+    shard, t = get(name)
+    if shard.dtypes[name] not in ("F16", "F32", "BF16"):
+        raise FormatError(f"{shard.path}: {name} has dtype {shard.dtypes[name]}, expected F16")
+    if tuple(t.shape) != shape:
+        raise FormatError(f"{shard.path}: {name} has shape {list(t.shape)}, expected {list(shape)} ({where})")
+    values = np.asarray(t() if callable(t) else t, dtype=np.float32)
+    if not np.all(np.isfinite(values)):
+        raise FormatError(f"{shard.path}: {name} holds NaN or infinity")
+    return values
+
+
 def _packed(base, shape, settings, get, owner, directory):
     bits, group_size, fmt = settings["bits"], settings["group_size"], settings["checkpoint_format"]
     out_features, in_features = shape
@@ -193,20 +210,15 @@ def _packed(base, shape, settings, get, owner, directory):
                                f"(the packing unit qinfer's kernels need)")
     groups = layout.n_groups(in_features, group_size)
     qweight = _int_tensor(base + ".qweight", get, (math.ceil(in_features * bits / 32), out_features), where)
-    shard, scales = get(base + ".scales")
-    if shard.dtypes[base + ".scales"] not in ("F16", "F32", "BF16"):
-        raise FormatError(f"{shard.path}: {base}.scales has dtype {shard.dtypes[base + '.scales']}, expected F16")
-    if tuple(scales.shape) != (groups, out_features):
-        raise FormatError(f"{shard.path}: {base}.scales has shape {list(scales.shape)}, expected "
-                          f"{[groups, out_features]} ({where})")
-    scales = np.asarray(scales() if callable(scales) else scales, dtype=np.float32)
-    if not np.all(np.isfinite(scales)):
-        raise FormatError(f"{shard.path}: {base}.scales holds NaN or infinity")
+    scales = _float_tensor(base + ".scales", get, owner, (groups, out_features), where, directory)
 
-    if base + ".qzeros" not in owner:
-        raise FormatError(f"{directory}: {base}.qzeros is missing (next to {base}.qweight)")
-    qzeros = _int_tensor(base + ".qzeros", get, (groups, layout.qzeros_words(out_features, bits)), where)
-    zeros = layout.decode_zeros(layout.unpack_rows(np.asarray(qzeros), bits, out_features), bits, fmt)
+    if fmt == layout.FLOAT_ZERO_FORMAT:
+        zeros = _float_tensor(base + ".zeros", get, owner, (groups, out_features), where, directory)
+    else:
+        if base + ".qzeros" not in owner:
+            raise FormatError(f"{directory}: {base}.qzeros is missing (next to {base}.qweight)")
+        qzeros = _int_tensor(base + ".qzeros", get, (groups, layout.qzeros_words(out_features, bits)), where)
+        zeros = layout.decode_zeros(layout.unpack_rows(np.asarray(qzeros), bits, out_features), bits, fmt)
     g_idx = None
     if base + ".g_idx" in owner:
         g_idx = np.asarray(_int_tensor(base + ".g_idx", get, (in_features,), where, ("I32", "I64")))
