@@ -18,8 +18,8 @@
    layers, vocab 32000) with random weights, written straight into a GPTQ
    checkpoint (4-bit, group 128, random int32 codes, float16 scales, the
    embedding and LM head in float16 as GPTQ checkpoints keep them); no float
-   7B tensor is ever built. qinfer decodes tg128 only; the bound is the weight
-   bytes one token reads (packed codes, float32 scales/zeros, the float32 LM
+   7B tensor is ever built. qinfer decodes tg128 only, with float and with
+   int8 activations; the bound is the weight bytes one token reads (packed codes, float32 scales/zeros, the float32 LM
    head, as loaded) over the streaming read bandwidth measured at the same
    thread count in the same run (benchmarks/common.py). The checkpoint is
    deleted at the end. No llama.cpp run for this model.
@@ -305,6 +305,9 @@ def write_random_gptq(directory, layers, seed=0, group=GROUP_7B):
     return offset
 
 
+ACTIVATIONS_7B = ("float", "int8")   # qinfer's exact mode and its llama.cpp-style speed mode
+
+
 def run_7b(args, threads):
     from common import read_bandwidth
 
@@ -322,22 +325,25 @@ def run_7b(args, threads):
         samples, rss, row = {}, [], None
         bandwidth = {t: [] for t in threads}
         for rnd in range(args.r):
-            log(f"7B: round {rnd + 1}/{args.r}: read bandwidth, then qinfer bench -p 0 -n {args.n_7b}")
+            log(f"7B: round {rnd + 1}/{args.r}: read bandwidth, then qinfer bench -p 0 -n {args.n_7b} "
+                f"with float and with int8 activations")
             for t in threads:
                 bandwidth[t].append(read_bandwidth(t))
-            s, row, peak = qinfer_bench(directory, 0, args.n_7b, threads, ctx=args.n_7b)
-            rss.append(peak)
-            for k, v in s.items():
-                samples.setdefault(k, []).append(v)
+            for act in ACTIVATIONS_7B:
+                s, row, peak = qinfer_bench(directory, 0, args.n_7b, threads, ctx=args.n_7b,
+                                            extra=["--activations", act])
+                rss.append(peak)
+                for (t, test), v in s.items():
+                    samples.setdefault((t, act, test), []).append(v)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     rows = []
-    for (t, test), v in sorted(samples.items()):
+    for (t, act, test), v in sorted(samples.items()):
         gbs = max(bandwidth[t])
         limit = gbs * 1e9 / row["decode_bytes"]
         ts = statistics.fmean(v)
         rows.append(dict(model=f"LLaMA-7B shape, {args.layers_7b} layers, random, 4-bit g{GROUP_7B}", threads=t,
-                         test=test, qinfer_ts=ts, qinfer_samples=v, decode_bytes=row["decode_bytes"],
+                         test=test, activations=act, qinfer_ts=ts, qinfer_samples=v, decode_bytes=row["decode_bytes"],
                          size_bytes=row["size_bytes"], lm_head=row["lm_head"], read_gbs=gbs,
                          read_gbs_samples=bandwidth[t], limit_ts=limit, fraction=ts / limit,
                          qinfer_rss_mib=max(rss) / 1024))
@@ -349,10 +355,10 @@ def print_7b(rows, rounds):
     print(f"\n{r0['model']}: weights as loaded {r0['size_bytes'] / 2**30:.2f} GiB, read per token "
           f"{r0['decode_bytes'] / 1e9:.2f} GB (packed codes, float32 scales/zeros, LM head {r0['lm_head']}); "
           f"mean of {rounds} round(s), read bandwidth best of the rounds")
-    print(f"{'threads':>7} {'test':>6} {'qinfer t/s':>10} {'read GB/s':>9} {'limit t/s':>9} {'fraction':>8} "
-          f"{'qinfer RSS MiB':>14}")
+    print(f"{'threads':>7} {'act':>5} {'test':>6} {'qinfer t/s':>10} {'read GB/s':>9} {'limit t/s':>9} "
+          f"{'fraction':>8} {'qinfer RSS MiB':>14}")
     for r in rows:
-        print(f"{r['threads']:>7} {r['test']:>6} {r['qinfer_ts']:>10.3f} {r['read_gbs']:>9.2f} {r['limit_ts']:>9.3f} "
+        print(f"{r['threads']:>7} {r['activations']:>5} {r['test']:>6} {r['qinfer_ts']:>10.3f} {r['read_gbs']:>9.2f} {r['limit_ts']:>9.3f} "
               f"{r['fraction']:>8.2f} {r['qinfer_rss_mib']:>14.1f}")
 
 
