@@ -48,11 +48,18 @@ typedef struct {
     int in, out;
 } linear;
 
+/* A block's linear maps. Stacked maps: when wqkv is set (quantized models,
+ * qinfer/model.py), it holds wq, wk and wv one above the other and replaces
+ * them, so the three projections of the same input are one kernel call (one
+ * pass of the threads, one preparation of the input) and wq/wk/wv are unset;
+ * w_gate_up likewise stacks w_gate over w_up. */
 typedef struct {
     const float *attn_norm;     /* [dim] */
     linear wq, wk, wv, wo;      /* dim -> n_heads*head_dim, dim -> kv_dim (x2), n_heads*head_dim -> dim */
+    linear wqkv;                /* dim -> n_heads*head_dim + 2*kv_dim, or unset */
     const float *ffn_norm;      /* [dim] */
     linear w_gate, w_up, w_down;
+    linear w_gate_up;           /* dim -> 2*hidden_dim, or unset */
 } layer_weights;
 
 typedef struct {
@@ -81,6 +88,7 @@ typedef struct {
     float *cos_sin;   /* [T][head_dim]   cos (first half) and sin (second half) per position */
     float *k;         /* [T][kv_dim]     new keys, before RoPE and the move into the cache */
     float *v;         /* [T][kv_dim]     new values */
+    float *stacked;   /* [T][widest stacked map]  output of wqkv / w_gate_up (NULL when none) */
     /* The KV cache. Keys are stored transposed in blocks of KV_BLOCK positions,
      * [n_layers][n_kv_heads][ctx/KV_BLOCK][head_dim][KV_BLOCK], so the scores of a
      * block are KV_BLOCK-wide vector FMAs with no horizontal sums; values are
@@ -93,11 +101,16 @@ typedef struct {
 #define KV_BLOCK 32
 #define QUERY_TOKENS 8   /* tokens per attention tile (see attention_tile) */
 
+static int is_set(const linear *l)
+{
+    return l->q != NULL || l->w != NULL;
+}
+
 static void free_state(run_state *s)
 {
     free(s->x); free(s->xb); free(s->proj); free(s->q); free(s->att);
     free(s->gate); free(s->up); free(s->scores); free(s->cos_sin);
-    free(s->k); free(s->v); free(s->key_cache); free(s->value_cache);
+    free(s->k); free(s->v); free(s->stacked); free(s->key_cache); free(s->value_cache);
     memset(s, 0, sizeof(*s));
 }
 
@@ -124,8 +137,16 @@ static int alloc_state(run_state *s, const weights *w, int max_tokens, int threa
     s->v = malloc(sizeof(float) * T * kv_dim);
     s->key_cache = calloc(cache, sizeof(float));
     s->value_cache = calloc(cache, sizeof(float));
+    size_t stacked = 0;
+    for (int l = 0; l < w->n_layers; l++) {
+        if (is_set(&w->layers[l].wqkv) && stacked < q_dim + 2 * kv_dim)
+            stacked = q_dim + 2 * kv_dim;
+        if (is_set(&w->layers[l].w_gate_up) && stacked < 2 * (size_t)w->hidden_dim)
+            stacked = 2 * (size_t)w->hidden_dim;
+    }
+    s->stacked = stacked ? malloc(sizeof(float) * T * stacked) : NULL;
     if (!s->x || !s->xb || !s->proj || !s->q || !s->att || !s->gate || !s->up || !s->scores ||
-        !s->cos_sin || !s->k || !s->v || !s->key_cache || !s->value_cache) {
+        !s->cos_sin || !s->k || !s->v || !s->key_cache || !s->value_cache || (stacked && !s->stacked)) {
         free_state(s);
         return -1;
     }
@@ -489,13 +510,54 @@ static void add(float *x, const float *y, size_t n)
         x[i] += y[i];
 }
 
-/* gate = silu(gate) * up */
-static void swiglu(float *gate, const float *up, size_t n)
+/* out = silu(gate) * up (out may be gate) */
+static void swiglu(float *out, const float *gate, const float *up, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
         const float g = gate[i];
-        gate[i] = g / (1.0f + expf(-g)) * up[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
     }
+}
+
+/* q, k, v = wq(xb), wk(xb), wv(xb): three kernel calls, or one call of the
+ * stacked wqkv whose rows [q | k | v] are then copied apart. */
+static int project_qkv(const weights *w, const layer_weights *lw, run_state *s, int n, int nthreads)
+{
+    const size_t q_dim = (size_t)w->n_heads * w->head_dim, kv_dim = (size_t)w->n_kv_heads * w->head_dim;
+    if (!is_set(&lw->wqkv)) {
+        int rc = matmul(&lw->wq, s->xb, n, s->q, nthreads);
+        rc |= matmul(&lw->wk, s->xb, n, s->k, nthreads);
+        rc |= matmul(&lw->wv, s->xb, n, s->v, nthreads);
+        return rc;
+    }
+    if (!s->stacked || matmul(&lw->wqkv, s->xb, n, s->stacked, nthreads))
+        return -1;
+    for (int t = 0; t < n; t++) {
+        const float *row = s->stacked + (size_t)t * (q_dim + 2 * kv_dim);
+        memcpy(s->q + t * q_dim, row, sizeof(float) * q_dim);
+        memcpy(s->k + t * kv_dim, row + q_dim, sizeof(float) * kv_dim);
+        memcpy(s->v + t * kv_dim, row + q_dim + kv_dim, sizeof(float) * kv_dim);
+    }
+    return 0;
+}
+
+/* gate = silu(w_gate(xb)) * w_up(xb): two kernel calls, or one of the stacked w_gate_up. */
+static int gated_hidden(const weights *w, const layer_weights *lw, run_state *s, int n, int nthreads)
+{
+    const size_t hidden = (size_t)w->hidden_dim;
+    if (!is_set(&lw->w_gate_up)) {
+        int rc = matmul(&lw->w_gate, s->xb, n, s->gate, nthreads);
+        rc |= matmul(&lw->w_up, s->xb, n, s->up, nthreads);
+        swiglu(s->gate, s->gate, s->up, (size_t)n * hidden);
+        return rc;
+    }
+    if (!s->stacked || matmul(&lw->w_gate_up, s->xb, n, s->stacked, nthreads))
+        return -1;
+    for (int t = 0; t < n; t++) {
+        const float *row = s->stacked + t * 2 * hidden;
+        swiglu(s->gate + t * hidden, row, row + hidden, hidden);
+    }
+    return 0;
 }
 
 /* ------------------------------------------------------------- forward */
@@ -526,9 +588,7 @@ static int layer_forward(const weights *w, run_state *s, int l, int pos, int n,
     /* attention block: x += wo(attention(rope(q), cache += (rope(k), v))) */
     rmsnorm(s->x, lw->attn_norm, n, dim, w->eps, s->xb);
     capture(cap ? cap->attn_in : NULL, s->xb, (size_t)n * dim);
-    rc |= matmul(&lw->wq, s->xb, n, s->q, nthreads);
-    rc |= matmul(&lw->wk, s->xb, n, s->k, nthreads);
-    rc |= matmul(&lw->wv, s->xb, n, s->v, nthreads);
+    rc |= project_qkv(w, lw, s, n, nthreads);
     rope(s->q, n, w->n_heads, hd, s->cos_sin);
     rope(s->k, n, w->n_kv_heads, hd, s->cos_sin);
     store_kv(w, s, l, pos, n);
@@ -540,9 +600,7 @@ static int layer_forward(const weights *w, run_state *s, int l, int pos, int n,
     /* MLP block: x += w_down(silu(w_gate(x)) * w_up(x)) */
     rmsnorm(s->x, lw->ffn_norm, n, dim, w->eps, s->xb);
     capture(cap ? cap->mlp_in : NULL, s->xb, (size_t)n * dim);
-    rc |= matmul(&lw->w_gate, s->xb, n, s->gate, nthreads);
-    rc |= matmul(&lw->w_up, s->xb, n, s->up, nthreads);
-    swiglu(s->gate, s->up, (size_t)n * w->hidden_dim);
+    rc |= gated_hidden(w, lw, s, n, nthreads);
     capture(cap ? cap->down_in : NULL, s->gate, (size_t)n * w->hidden_dim);
     rc |= matmul(&lw->w_down, s->gate, n, s->proj, nthreads);
     add(s->x, s->proj, (size_t)n * dim);
@@ -598,9 +656,9 @@ static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int
         int out
     ctypedef struct layer_weights:
         const float *attn_norm
-        linear wq, wk, wv, wo
+        linear wq, wk, wv, wo, wqkv
         const float *ffn_norm
-        linear w_gate, w_up, w_down
+        linear w_gate, w_up, w_down, w_gate_up
     ctypedef struct weights:
         int dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size, ctx
         float eps
@@ -612,6 +670,7 @@ static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int
     ctypedef struct run_state:
         int max_tokens
         int threads
+        float *stacked
         float *key_cache
         float *value_cache
     int alloc_state(run_state *s, const weights *w, int max_tokens, int threads) nogil
@@ -643,6 +702,8 @@ cdef class Transformer:
     arrays) and wq, wk, wv, wo, w_gate, w_up, w_down; each linear is either a
     float32 [out, in] array or a tuple (matrix capsule, kernel capsule[, int8
     kernel capsule or None]); the int8 kernel, when given, runs one-token steps.
+    A dict may instead give "wqkv" (wq, wk, wv stacked: [q_dim + 2*kv_dim, dim])
+    for wq/wk/wv and "w_gate_up" ([2*hidden, dim]) for w_gate/w_up.
     """
     cdef weights w
     cdef run_state s
@@ -678,25 +739,58 @@ cdef class Transformer:
         for i, layer in enumerate(layers):
             self.w.layers[i].attn_norm = float_ptr(layer["attn_norm"], dim)
             self.w.layers[i].ffn_norm = float_ptr(layer["ffn_norm"], dim)
-            self.set_linear_ptr(&self.w.layers[i].wq, layer["wq"], dim, q_dim)
-            self.set_linear_ptr(&self.w.layers[i].wk, layer["wk"], dim, kv_dim)
-            self.set_linear_ptr(&self.w.layers[i].wv, layer["wv"], dim, kv_dim)
-            self.set_linear_ptr(&self.w.layers[i].wo, layer["wo"], q_dim, dim)
-            self.set_linear_ptr(&self.w.layers[i].w_gate, layer["w_gate"], dim, self.w.hidden_dim)
-            self.set_linear_ptr(&self.w.layers[i].w_up, layer["w_up"], dim, self.w.hidden_dim)
-            self.set_linear_ptr(&self.w.layers[i].w_down, layer["w_down"], self.w.hidden_dim, dim)
+            for name, spec in layer.items():
+                if name not in ("attn_norm", "ffn_norm"):
+                    self.point(i, name, spec)
+            for parts, stacked in ((("wq", "wk", "wv"), "wqkv"), (("w_gate", "w_up"), "w_gate_up")):
+                if all(layer.get(p) is not None for p in parts) == (layer.get(stacked) is not None):
+                    raise ValueError(f"layer {i}: give either {', '.join(parts)} or {stacked}")
+            for name in ("wo", "w_down"):
+                if layer.get(name) is None:
+                    raise ValueError(f"layer {i}: {name} is missing")
         if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:
             raise MemoryError("not enough memory for the KV cache and buffers "
                               f"(context {self.w.ctx}); try a smaller context")
         self.has_state = True
 
+    def linear_shape(self, str name):
+        """(in, out) of a block's linear map."""
+        dim, hidden = self.w.dim, self.w.hidden_dim
+        q_dim, kv_dim = self.w.n_heads * self.w.head_dim, self.w.n_kv_heads * self.w.head_dim
+        shapes = {"wq": (dim, q_dim), "wk": (dim, kv_dim), "wv": (dim, kv_dim), "wo": (q_dim, dim),
+                  "wqkv": (dim, q_dim + 2 * kv_dim), "w_gate": (dim, hidden), "w_up": (dim, hidden),
+                  "w_gate_up": (dim, 2 * hidden), "w_down": (hidden, dim)}
+        if name not in shapes:
+            raise ValueError(f"no linear map named {name!r}")
+        return shapes[name]
+
+    cdef linear *linear_slot(self, int layer, str name) except NULL:
+        cdef layer_weights *lw = &self.w.layers[layer]
+        if name == "wq": return &lw.wq
+        if name == "wk": return &lw.wk
+        if name == "wv": return &lw.wv
+        if name == "wo": return &lw.wo
+        if name == "wqkv": return &lw.wqkv
+        if name == "w_gate": return &lw.w_gate
+        if name == "w_up": return &lw.w_up
+        if name == "w_gate_up": return &lw.w_gate_up
+        if name == "w_down": return &lw.w_down
+        raise ValueError(f"no linear map named {name!r}")
+
+    cdef int point(self, int layer, str name, object spec) except -1:
+        n_in, n_out = self.linear_shape(name)
+        return self.set_linear_ptr(self.linear_slot(layer, name), spec, n_in, n_out)
+
     cdef int set_linear_ptr(self, linear *l, object spec, int n_in, int n_out) except -1:
+        """Point l at spec; None unsets it."""
         l.in_ = n_in
         l.out = n_out
         l.q = NULL
         l.qgemm = NULL
         l.qgemv_i8 = NULL
         l.w = NULL
+        if spec is None:
+            return 0
         if isinstance(spec, tuple):
             l.q = <const qmatrix *>PyCapsule_GetPointer(spec[0], b"qinfer.qmatrix")
             l.qgemm = <qgemm_fn>PyCapsule_GetPointer(spec[1], b"qinfer.qgemm_fn")
@@ -756,22 +850,16 @@ cdef class Transformer:
             raise MemoryError("out of memory in the forward pass")
 
     def set_linear(self, int layer, str name, spec):
-        """Point one linear map of a block at new weights (the caller keeps them alive)."""
-        cdef layer_weights *lw
+        """Point one linear map of a block at new weights (the caller keeps them
+        alive), or unset it (None). A stacked map (wqkv, w_gate_up) runs in place
+        of its parts while set; unset it after setting the parts to undo it."""
         if layer < 0 or layer >= self.w.n_layers:
             raise ValueError("no such layer")
-        lw = &self.w.layers[layer]
-        dim, hidden = self.w.dim, self.w.hidden_dim
-        q_dim, kv_dim = self.w.n_heads * self.w.head_dim, self.w.n_kv_heads * self.w.head_dim
-        if name == "wq": self.set_linear_ptr(&lw.wq, spec, dim, q_dim)
-        elif name == "wk": self.set_linear_ptr(&lw.wk, spec, dim, kv_dim)
-        elif name == "wv": self.set_linear_ptr(&lw.wv, spec, dim, kv_dim)
-        elif name == "wo": self.set_linear_ptr(&lw.wo, spec, q_dim, dim)
-        elif name == "w_gate": self.set_linear_ptr(&lw.w_gate, spec, dim, hidden)
-        elif name == "w_up": self.set_linear_ptr(&lw.w_up, spec, dim, hidden)
-        elif name == "w_down": self.set_linear_ptr(&lw.w_down, spec, hidden, dim)
-        else:
-            raise ValueError(f"no linear map named {name!r}")
+        if spec is None and name not in ("wqkv", "w_gate_up"):
+            raise ValueError(f"only a stacked map can be unset, not {name!r}")
+        if name in ("wqkv", "w_gate_up") and spec is not None and self.s.stacked == NULL:
+            raise ValueError("stacked maps must be given when the model is built")
+        self.point(layer, name, spec)
         self.keep.append(spec)
 
 

@@ -160,6 +160,36 @@ class QuantizedLinear:
         layer._g_idx = np.ascontiguousarray(g_idx, dtype=np.int32)
         return layer
 
+    @classmethod
+    def stack(cls, layers):
+        """One layer computing [a(x) | b(x) | ...]: the layers' output columns side by
+        side (same input, bits, group size and row groups), e.g. q, k and v."""
+        first = layers[0]
+        for layer in layers[1:]:
+            if not first.can_stack(layer):
+                raise UnsupportedError(f"cannot stack {layer!r} onto {first!r}: inputs, bits, groups or "
+                                       "act-order rows differ")
+        return cls.from_packed(np.concatenate([l.qweight for l in layers], axis=1),
+                               np.concatenate([l.scales for l in layers], axis=1),
+                               np.concatenate([l.zeros for l in layers], axis=1),
+                               first.bits, first.group_size, first.g_idx)
+
+    def can_stack(self, other):
+        same_rows = (self._g_idx is None and other._g_idx is None) or (
+            self._g_idx is not None and other._g_idx is not None and np.array_equal(self._g_idx, other._g_idx))
+        return (isinstance(other, QuantizedLinear) and same_rows and
+                (self.bits, self.group_size, self.in_features) == (other.bits, other.group_size, other.in_features))
+
+    def split(self, widths):
+        """The stacked parts back: layers of `widths` output columns (they must add up)."""
+        if sum(widths) != self.out_features or min(widths) < 1:
+            raise ShapeError(f"widths {list(widths)} do not split {self.out_features} outputs")
+        qweight, scales, zeros = self.qweight, self.scales, self.zeros
+        edges = np.cumsum([0, *widths])
+        return [QuantizedLinear.from_packed(qweight[:, a:b], scales[:, a:b], zeros[:, a:b],
+                                            self.bits, self.group_size, self._g_idx)
+                for a, b in zip(edges[:-1], edges[1:])]
+
     # -------------------------------------------------------------- compute
     def __call__(self, x, threads=None):
         x = np.asarray(x)

@@ -6,6 +6,7 @@ memory map when already float32) or are quantized on load when asked. The
 embedding table is float32; a tied LM head reuses it (or its packed form).
 """
 import math
+import os
 
 import numpy as np
 
@@ -23,6 +24,11 @@ LINEAR_NAMES = {
     "w_down": "mlp.down_proj",
 }
 LM_HEAD_BITS = 8          # a quantized-on-load model keeps its LM head at 8 bits
+# Maps of a block that read the same input, run as one stacked layer when
+# they are quantized alike: one kernel call instead of three (two), so one
+# pass of the threads and one preparation of the input per token.
+STACKED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+STACK_ENV = "QINFER_STACK"    # "0": keep them separate (A/B measurements)
 
 
 class ContextError(QinferError):
@@ -49,7 +55,7 @@ class Model:
     """Weights laid out for the forward pass, the KV cache, and one forward call per step."""
 
     def __init__(self, source, ctx=None, quantize=None, group_size=128, threads=None, dequantize=False,
-                 activations=None):
+                 activations=None, stack=None):
         cfg = self.config = source.config
         self.ctx = ctx if ctx is not None else cfg.max_position_embeddings
         if not isinstance(self.ctx, int) or self.ctx < 1:
@@ -60,6 +66,8 @@ class Model:
         # "int8": one-token steps round activations to int8 (kernels.py); None: the global mode
         self.activations = kernels.check_activations(activations or kernels.active_activations())
         self._keep = []                       # QuantizedLinear objects the C side points into
+        self.stack = os.environ.get(STACK_ENV, "1") != "0" if stack is None else bool(stack)
+        self._stacked = {}                    # (layer, "wqkv" | "w_gate_up") -> the stacked QuantizedLinear
 
         self.embedding = self._float_matrix(source, "model.embed_tokens.weight")
         layers = [self._layer(source, i) for i in range(cfg.num_hidden_layers)]
@@ -82,9 +90,7 @@ class Model:
         return np.ascontiguousarray(source.float_tensor(name))
 
     def _packed(self, t):
-        layer = QuantizedLinear.from_packed(t.qweight, t.scales, t.zeros, t.bits, t.group_size, t.g_idx)
-        self._keep.append(layer)
-        return layer
+        return QuantizedLinear.from_packed(t.qweight, t.scales, t.zeros, t.bits, t.group_size, t.g_idx)
 
     def _linear_spec(self, layer):
         """What the C side takes: a float32 array, or (matrix, kernel, int8 kernel or None) capsules."""
@@ -96,23 +102,28 @@ class Model:
             return (m.matrix_capsule(), m.kernel_capsule(avx2), int8)
         return layer
 
-    def _linear(self, source, name, bits=None):
+    def _linear(self, source, name):
+        """A QuantizedLinear, or a float32 [out, in] array."""
         t = source.tensors[name]
         if isinstance(t, PackedTensor) and not self.dequantize:
-            return self._linear_spec(self._packed(t))
+            return self._packed(t)
         w = self._packed(t).dequantize() if isinstance(t, PackedTensor) else source.float_tensor(name)
-        bits = bits or self.quantize
-        if bits:
-            return self._linear_spec(QuantizedLinear.from_float(w, bits, self.group_size))
+        if self.quantize:
+            return QuantizedLinear.from_float(w, self.quantize, self.group_size)
         return np.ascontiguousarray(w)
 
     def _layer(self, source, i):
         p = f"model.layers.{i}."
-        return dict(
-            attn_norm=source.float_tensor(p + "input_layernorm.weight"),
-            ffn_norm=source.float_tensor(p + "post_attention_layernorm.weight"),
-            **{c_name: self._linear(source, f"{p}{hf_name}.weight")
-               for c_name, hf_name in LINEAR_NAMES.items()})
+        maps = {c_name: self._linear(source, f"{p}{hf_name}.weight") for c_name, hf_name in LINEAR_NAMES.items()}
+        for stacked, parts in STACKED.items():
+            layers = [maps[name] for name in parts]
+            if self.stack and all(isinstance(l, QuantizedLinear) and layers[0].can_stack(l) for l in layers):
+                maps[stacked] = self._stacked[i, stacked] = QuantizedLinear.stack(layers)
+                for name in parts:
+                    del maps[name]
+        return dict(attn_norm=source.float_tensor(p + "input_layernorm.weight"),
+                    ffn_norm=source.float_tensor(p + "post_attention_layernorm.weight"),
+                    **{name: self._linear_spec(w) for name, w in maps.items()})
 
     def _lm_head(self, source):
         name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
@@ -135,9 +146,22 @@ class Model:
         float32 [out, in] array or a QuantizedLinear (GPTQ does this layer by layer)."""
         if name not in LINEAR_NAMES:
             raise QinferError(f"no linear map named {name!r}; expected one of {sorted(LINEAR_NAMES)}")
+        self._unstack(layer, name)
         spec = self._linear_spec(weight) if isinstance(weight, QuantizedLinear) else \
             np.ascontiguousarray(weight, dtype=np.float32)
         self.transformer.set_linear(layer, name, spec)
+
+    def _unstack(self, layer, name):
+        """Before one part of a stacked map changes, give the parts back their own layers."""
+        for stacked, parts in STACKED.items():
+            whole = self._stacked.pop((layer, stacked), None) if name in parts else None
+            if whole is None:
+                continue
+            widths = [self.transformer.linear_shape(part)[1] for part in parts]
+            for part, piece in zip(parts, whole.split(widths)):
+                self.transformer.set_linear(layer, part, self._linear_spec(piece))
+            self.transformer.set_linear(layer, stacked, None)
+            self._keep = [k for k in self._keep if k is not whole]
 
     def run_layer(self, layer, x, pos=0, captures=None, threads=None):
         """Block `layer` on hidden states x [n, dim] (float32, C order), in place.

@@ -188,6 +188,51 @@ def test_other_bitwidths_match_reference(tiny, bits):
     assert max_err(eng.logits(SEQ), expected) <= LOGIT_TOL
 
 
+# -------------------------------------------------------------- stacked maps
+def _engines_with_and_without_stacking(d, monkeypatch, **options):
+    stacked = qinfer.Engine(d, threads=2, **options)
+    monkeypatch.setenv("QINFER_STACK", "0")
+    separate = qinfer.Engine(d, threads=2, **options)
+    monkeypatch.delenv("QINFER_STACK")
+    return stacked, separate
+
+
+@pytest.mark.parametrize("activations", ["float", "int8"])
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (3, 32), (8, -1)])
+def test_stacked_maps_give_the_same_logits(tiny, monkeypatch, bits, group_size, activations):
+    """q/k/v and gate/up run as one stacked layer each: one kernel call instead of three and two."""
+    d, _, config = tiny
+    stacked, separate = _engines_with_and_without_stacking(d, monkeypatch, quantize=bits, group_size=group_size,
+                                                           activations=activations)
+    layers = config["num_hidden_layers"]
+    assert set(stacked.model._stacked) == {(i, n) for i in range(layers) for n in ("wqkv", "w_gate_up")}
+    assert not separate.model._stacked
+    dim, hd = config["hidden_size"], config["hidden_size"] // config["num_attention_heads"]
+    qkv = (config["num_attention_heads"] + 2 * config["num_key_value_heads"]) * hd
+    shapes = {(l.out_features, l.in_features) for l in stacked.model.quantized_layers()}
+    assert {(qkv, dim), (2 * config["intermediate_size"], dim)} <= shapes
+    assert max_err(stacked.logits(SEQ), separate.logits(SEQ)) <= 1e-5
+    stacked.reset(), separate.reset()
+    for t in SEQ[:6]:
+        assert max_err(stacked.decode_step(t), separate.decode_step(t)) <= 1e-5
+
+
+def test_replacing_a_stacked_part_unstacks_it(tiny, monkeypatch):
+    d, _, config = tiny
+    stacked, separate = _engines_with_and_without_stacking(d, monkeypatch, quantize=4, group_size=32)
+    dim, hd = config["hidden_size"], config["hidden_size"] // config["num_attention_heads"]
+    rng = np.random.default_rng(4)
+    new_k = qinfer.QuantizedLinear.from_float(
+        rng.normal(0, 0.2, (config["num_key_value_heads"] * hd, dim)).astype(np.float32), 4, 32)
+    for engine in (stacked, separate):
+        engine.model.replace_linear(0, "wk", new_k)
+    assert set(stacked.model._stacked) == {(0, "w_gate_up"), (1, "wqkv"), (1, "w_gate_up")}
+    a, b = stacked.logits(SEQ), separate.logits(SEQ)
+    assert max_err(a, b) <= 1e-5
+    before = qinfer.Engine(d, threads=2, quantize=4, group_size=32).logits(SEQ)
+    assert max_err(a, before) > 1e-3          # the replacement took effect
+
+
 # --------------------------------------------------------------------- threads
 @pytest.mark.parametrize("quantize", [None, 4])
 def test_threads_give_the_same_logits(tiny, quantize):

@@ -835,3 +835,25 @@ def test_empty_in_features_rejected_cleanly(group_size):
     else:
         y = layer(np.zeros(0, F32))
         assert y.shape == (4,) and np.all(y == 0)
+
+
+# ------------------------------------------------------- stacking layers
+def test_stack_and_split_layers():
+    """QuantizedLinear.stack puts layers' outputs side by side (the forward pass runs q/k/v as one)."""
+    rng = np.random.default_rng(12)
+    parts = [qinfer.QuantizedLinear.from_float(rng.normal(size=(out, 96)).astype(np.float32), 4, 32)
+             for out in (24, 40, 9)]
+    whole = qinfer.QuantizedLinear.stack(parts)
+    assert (whole.out_features, whole.in_features) == (73, 96)
+    x = rng.normal(size=96).astype(np.float32)
+    X = rng.normal(size=(7, 96)).astype(np.float32)
+    np.testing.assert_array_equal(whole(x), np.concatenate([p(x) for p in parts]))
+    np.testing.assert_allclose(whole(X), np.concatenate([p(X) for p in parts], axis=1), rtol=1e-5, atol=1e-5)
+    for part, back in zip(parts, whole.split([24, 40, 9])):
+        np.testing.assert_array_equal(back.qweight, part.qweight)
+        np.testing.assert_array_equal(back.dequantize(), part.dequantize())
+    with pytest.raises(qinfer.QinferError, match="cannot stack"):
+        qinfer.QuantizedLinear.stack([parts[0], qinfer.QuantizedLinear.from_float(
+            rng.normal(size=(8, 96)).astype(np.float32), 8, 32)])
+    with pytest.raises(qinfer.QinferError, match="do not split"):
+        whole.split([24, 40])
