@@ -1,4 +1,7 @@
 """Helpers shared by the benchmark scripts (not part of the installed package)."""
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -35,3 +38,30 @@ def best_time(fn, min_seconds=0.5, min_calls=3):
         fn()
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+_SGEMM_CHILD = """
+import sys, time
+import numpy as np
+n = int(sys.argv[1])
+a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+b = a.T.copy()
+a @ b
+best = float("inf")
+for _ in range(5):
+    t0 = time.perf_counter()
+    a @ b
+    best = min(best, time.perf_counter() - t0)
+print(n ** 3 / best / 1e9)
+"""
+
+
+def sgemm_gmacs(threads, n=1536):
+    """float32 multiply-adds per second (GMAC/s) numpy's BLAS (OpenBLAS sgemm) reaches
+    with `threads` threads: what this CPU's FMA units give a well-tuned dense kernel.
+    Run in a child process, as BLAS fixes its thread count when it loads."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    out = subprocess.run([sys.executable, "-c", _SGEMM_CHILD, str(n)], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    return float(out)

@@ -10,7 +10,9 @@ model. Effective bandwidth = packed bytes (words + scales + zeros) per call
 Each qgemv is timed with float activations and, for 2/4/8 bits, again with
 int8 activations (act int8; "vs float" is the speed-up over the row above,
 same layers, same run). Last, qgemm with 64 rows against 64 separate qgemv
-calls at 4 bits.
+calls at 4 bits, and qgemm's multiply-add rate against what numpy's sgemm
+(OpenBLAS) reaches on the same cores in the same run: the ceiling of any
+float32 kernel, so the speed-up qgemm can have over qgemv is bounded by it.
 """
 import argparse
 import os
@@ -21,7 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import qinfer  # noqa: E402
 from qinfer import kernels  # noqa: E402
-from common import best_time, read_bandwidth  # noqa: E402
+from common import best_time, read_bandwidth, sgemm_gmacs  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (out_features, in_features)
 BITS = (2, 3, 4, 8)
@@ -74,6 +76,10 @@ def main():
     bandwidth = {t: read_bandwidth(t) for t in threads_list}
     for t in threads_list:
         print(f"streaming read, {t} thread(s): {bandwidth[t]:.1f} GB/s")
+    # The ceiling of any float32 kernel on this CPU: qgemm beyond it is impossible.
+    sgemm = {t: sgemm_gmacs(t) for t in threads_list}
+    for t in threads_list:
+        print(f"float32 multiply-adds, numpy sgemm (OpenBLAS), {t} thread(s): {sgemm[t]:.1f} GMAC/s")
     print()
     print(f"{'out x in':>12} {'bits':>4} {'group':>5} {'thr':>3} {'act':>5} {'layers':>6} {'us/qgemv':>9} "
           f"{'GB/s':>6} {'% read BW':>9} {'GMAC/s':>7} {'vs float':>8}")
@@ -98,7 +104,8 @@ def main():
 
     print()
     print("qgemm (n = 64) against 64 qgemv calls, 4-bit, group 128, weights from memory:")
-    print(f"{'out x in':>12} {'thr':>3} {'64 x qgemv ms':>13} {'qgemm ms':>9} {'speed-up':>8}")
+    print(f"{'out x in':>12} {'thr':>3} {'64 x qgemv ms':>13} {'qgemm ms':>9} {'speed-up':>8} "
+          f"{'qgemm GMAC/s':>12} {'% sgemm':>7}")
     for shape in shapes:
         layers = layer_set(rng, shape, 4, 128, llc)
         x = rng.standard_normal(shape[1]).astype(np.float32)
@@ -107,7 +114,9 @@ def main():
             with kernels.use_activations("float"):
                 gemv = time_cycling(layers, x, t) * 64
             gemm = time_cycling(layers, X, t)
-            print(f"{shape[0]:>5}x{shape[1]:<6} {t:>3} {gemv * 1e3:>13.2f} {gemm * 1e3:>9.2f} {gemv / gemm:>7.2f}x")
+            gmacs = 64 * shape[0] * shape[1] / gemm / 1e9
+            print(f"{shape[0]:>5}x{shape[1]:<6} {t:>3} {gemv * 1e3:>13.2f} {gemm * 1e3:>9.2f} {gemv / gemm:>7.2f}x "
+                  f"{gmacs:>12.1f} {100 * gmacs / sgemm[t]:>6.0f}%")
         del layers
 
 
