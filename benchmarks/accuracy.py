@@ -346,7 +346,7 @@ def run_llamacpp(args, store, model, cache, n_eval, float_engine):
         llamacpp.write_f32_gguf(model, f32)
     data_id = f"{os.path.basename(args.data)}:{os.path.getsize(args.data)}"
     formats = {}
-    for qtype, bits in (("F32", 32),) + LLAMACPP_TYPES:
+    for qtype, bits in (("F32", 32),) + args.llamacpp_types:
         path = f32 if qtype == "F32" else quiet_quantize(llamacpp, tools, f32,
                                                          os.path.join(gdir, f"{stem}.{qtype}.gguf"), qtype,
                                                          args.threads)
@@ -363,6 +363,8 @@ def run_llamacpp(args, store, model, cache, n_eval, float_engine):
         log(f"  llama.cpp {qtype}: ppl {rec['ppl']:.4f}, {rec['linear_bpw']:.3f} bpw in the linear layers")
         formats[qtype] = rec
 
+    if args.no_cross_check:
+        return formats, None, llamacpp.VERSION, float_engine.config.hidden_size
     # the cross-check: qinfer's float model under llama.cpp's protocol, on the same tokens
     key = f"crosscheck|{llamacpp.VERSION}|chunks={n_eval}|threads={args.threads}|{data_id}"
     check = store.get(key)
@@ -534,7 +536,7 @@ def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, pn
               "| llama.cpp | linear-layer types | bits/weight (linear) | BPW (all tensors) | ppl | vs F32 | "
               "qinfer best (bits/weight) | ppl | vs float |",
               "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
-        for qtype, bits in LLAMACPP_TYPES:
+        for qtype, bits in args.llamacpp_types:
             r = formats[qtype]
             types = ", ".join(f"{k.lower()} x{v}" for k, v in sorted(r["linear_types"].items()))
             m = best_match(rows, bits, r["linear_bpw"])
@@ -547,6 +549,9 @@ def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, pn
             L += ["", f"llama.cpp's k-quants need rows of a multiple of 256 weights; SmolLM2's {hidden}-wide "
                       f"inputs are not, so `llama-quantize` falls back to other types for those matrices (the "
                       f"types column), and its files carry more bits per weight than their names suggest."]
+    if llama and check is None:
+        L += ["", "(No cross-check of the float baselines in this run: `--no-cross-check`.)"]
+    if llama and check is not None:
         same = check.get("first_chunk_same_tokens")
         L += ["", "### Cross-check of the float baselines", "",
               f"qinfer's float32 model scored under llama.cpp's protocol (the raw file tokenized, "
@@ -591,6 +596,10 @@ def main():
     p.add_argument("--act-order", action="store_true", help="GPTQ with act-order")
     p.add_argument("--threads", type=int, default=2, help="threads for everything (default 2)")
     p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp comparison")
+    p.add_argument("--llamacpp-types", default=",".join(t for t, _ in LLAMACPP_TYPES),
+                   help="llama.cpp formats to compare with (default Q4_K_M,Q3_K_M,Q2_K; F32 always runs)")
+    p.add_argument("--no-cross-check", action="store_true",
+                   help="skip qinfer's float model under llama.cpp's protocol (a third full pass over the text)")
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "results.md"),
                    help="the report (default docs/results.md; the plot goes next to it)")
     p.add_argument("--cache", default=default_cache(), help=f"cache folder (default {default_cache()})")
@@ -599,6 +608,11 @@ def main():
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not set(args.methods) <= {"rtn", "gptq"}:
         p.error("--methods takes rtn and/or gptq")
+    known = dict(LLAMACPP_TYPES)
+    names = [t.strip() for t in args.llamacpp_types.split(",") if t.strip()]
+    if not set(names) <= set(known):
+        p.error(f"--llamacpp-types takes {', '.join(known)}")
+    args.llamacpp_types = tuple((t, known[t]) for t in names)
     args.zero_points = [z.strip() for z in args.zero_points.split(",") if z.strip()]
     if not args.zero_points or not set(args.zero_points) <= {"int", "float"}:
         p.error("--zero-points takes int and/or float")
