@@ -601,7 +601,8 @@ def main():
     p.add_argument("--no-cross-check", action="store_true",
                    help="skip qinfer's float model under llama.cpp's protocol (a third full pass over the text)")
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "results.md"),
-                   help="the report (default docs/results.md; the plot goes next to it)")
+                   help="the report (default docs/results.md; the plot goes next to it: ppl_vs_speed.png, "
+                        "or ppl_vs_speed-X.png for results-X.md)")
     p.add_argument("--cache", default=default_cache(), help=f"cache folder (default {default_cache()})")
     p.add_argument("--fresh", action="store_true", help="ignore cached results (checkpoints are reused)")
     args = p.parse_args()
@@ -645,7 +646,10 @@ def main():
     rows, float_engine, calib_note, disjoint = run_qinfer(args, store, model, text, tokens, windows, total, cache)
     llama = None if args.no_llamacpp else run_llamacpp(args, store, model, cache, n_eval, float_engine)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    png = os.path.join(os.path.dirname(os.path.abspath(args.out)), "ppl_vs_speed.png")
+    # docs/results.md -> docs/ppl_vs_speed.png; docs/results-X.md -> docs/ppl_vs_speed-X.png
+    suffix = os.path.splitext(os.path.basename(args.out))[0][len("results"):] \
+        if os.path.basename(args.out).startswith("results") else ""
+    png = os.path.join(os.path.dirname(os.path.abspath(args.out)), f"ppl_vs_speed{suffix}.png")
     png_written = plot(rows, png, args.threads)
     write_report(args, rows, total, len(tokens), calib_note, disjoint, llama, png_written, png,
                  time.perf_counter() - t0)
