@@ -114,6 +114,25 @@ static void free_state(run_state *s)
     memset(s, 0, sizeof(*s));
 }
 
+/* Floats of `scores` one attention thread uses: a query tile's rows over the whole context. */
+static size_t scores_per_thread(const weights *w, const run_state *s)
+{
+    return (size_t)QUERY_TOKENS * (w->n_heads / w->n_kv_heads) * s->ctx_blocks * KV_BLOCK;
+}
+
+/* Room for `threads` attention threads, when a call asks for more than the state was made for. */
+static int grow_threads(run_state *s, const weights *w, int threads)
+{
+    if (threads <= s->threads)
+        return 0;
+    float *scores = realloc(s->scores, sizeof(float) * (size_t)threads * scores_per_thread(w, s));
+    if (!scores)
+        return -1;
+    s->scores = scores;
+    s->threads = threads;
+    return 0;
+}
+
 static int alloc_state(run_state *s, const weights *w, int max_tokens, int threads)
 {
     const size_t T = (size_t)max_tokens, q_dim = (size_t)w->n_heads * w->head_dim;
@@ -130,8 +149,7 @@ static int alloc_state(run_state *s, const weights *w, int max_tokens, int threa
     s->up = malloc(sizeof(float) * T * w->hidden_dim);
     s->ctx_blocks = (w->ctx + KV_BLOCK - 1) / KV_BLOCK;
     const size_t cache = (size_t)w->n_layers * s->ctx_blocks * KV_BLOCK * kv_dim;
-    s->scores = malloc(sizeof(float) * (size_t)threads * QUERY_TOKENS * (w->n_heads / w->n_kv_heads) *
-                       s->ctx_blocks * KV_BLOCK);
+    s->scores = malloc(sizeof(float) * (size_t)threads * scores_per_thread(w, s));
     s->cos_sin = malloc(sizeof(float) * T * w->head_dim);
     s->k = malloc(sizeof(float) * T * kv_dim);
     s->v = malloc(sizeof(float) * T * kv_dim);
@@ -609,7 +627,8 @@ static int layer_forward(const weights *w, run_state *s, int l, int pos, int n,
 
 static int clamp_threads(const run_state *s, int nthreads)
 {
-    /* attention() keeps one scores row per thread: never more threads than rows */
+    /* attention() keeps one scores block per thread: never more threads than blocks
+     * (the Python side grows them first, grow_threads, when a call asks for more) */
     return (nthreads > 0 && nthreads < s->threads) ? nthreads : s->threads;
 }
 
@@ -674,6 +693,7 @@ static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int
         float *key_cache
         float *value_cache
     int alloc_state(run_state *s, const weights *w, int max_tokens, int threads) nogil
+    int grow_threads(run_state *s, const weights *w, int threads) nogil
     void free_state(run_state *s) nogil
     int forward(const weights *w, run_state *s, const int *tokens, int n, int pos,
                 float *logits, int all_logits, int nthreads) nogil
@@ -809,6 +829,16 @@ cdef class Transformer:
     def max_tokens(self):
         return self.s.max_tokens
 
+    @property
+    def threads(self):
+        """Threads the run state has room for (it grows when a call asks for more)."""
+        return self.s.threads
+
+    cdef int ensure_threads(self, int nthreads) except -1:
+        if grow_threads(&self.s, &self.w, nthreads) != 0:
+            raise MemoryError(f"not enough memory for {nthreads} threads' attention scores")
+        return 0
+
     def forward(self, const int32_t[::1] tokens, int pos, float[:, ::1] logits, bint all_logits,
                 int nthreads):
         """Tokens at positions pos.. (the caller checks ids, lengths and the context)."""
@@ -818,6 +848,7 @@ cdef class Transformer:
             raise ValueError("forward: token count or position out of range")
         if logits.shape[1] != self.w.vocab_size or logits.shape[0] != (n if all_logits else 1):
             raise ValueError("forward: logits buffer has the wrong shape")
+        self.ensure_threads(nthreads)
         with nogil:
             rc = forward(&self.w, &self.s, <const int *>&tokens[0], n, pos, &logits[0, 0],
                          all_logits, nthreads)
@@ -838,6 +869,7 @@ cdef class Transformer:
             raise ValueError("no such layer")
         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx or x.shape[1] != self.w.dim:
             raise ValueError("run_layer: shape or position out of range")
+        self.ensure_threads(nthreads)
         widths = {"attn_in": self.w.dim, "o_in": self.w.n_heads * self.w.head_dim,
                   "mlp_in": self.w.dim, "down_in": self.w.hidden_dim}
         cap.attn_in = capture_ptr(captures, "attn_in", n, widths["attn_in"])

@@ -250,10 +250,16 @@ def test_threads_give_the_same_logits(tiny, quantize):
         assert max_err(one.decode_step(t), two.decode_step(t)) <= 1e-5
 
 
-def test_logits_threads_argument(tiny_engine):
+def test_logits_threads_argument(tiny, tiny_engine):
+    d, _, _ = tiny
     a = tiny_engine.logits(SEQ, threads=1)
     b = tiny_engine.logits(SEQ, threads=2)
     assert max_err(a, b) <= 1e-5
+    # an engine made for one thread runs a call that asks for three on three, not silently on one
+    one = qinfer.Engine(d, threads=1)
+    assert one.model.transformer.threads == 1
+    assert max_err(one.logits(SEQ, threads=3), a) <= 1e-5
+    assert one.model.transformer.threads == 3
 
 
 # ------------------------------------------------------------ tiny-model chat
