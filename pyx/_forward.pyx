@@ -43,7 +43,7 @@ cdef extern from *:
 typedef struct {
     const qmatrix *q;     /* quantized: the packed layer ... */
     qgemm_fn qgemm;       /* ... and the kernel for its bitwidth */
-    qgemm_fn qgemv_i8;    /* NULL, or the int8-activation kernel for one-token steps (decode) */
+    qgemm_fn qgemm_i8;    /* NULL, or the int8-activation kernel (Engine(activations="int8")) */
     const float *w;       /* float32: [out][in] (Hugging Face orientation) */
     int in, out;
 } linear;
@@ -296,7 +296,7 @@ static void float_matmul(const linear *l, const float *x, int n, float *y, int n
 static int matmul(const linear *l, const float *x, int n, float *y, int nthreads)
 {
     if (l->q)
-        return (n == 1 && l->qgemv_i8 ? l->qgemv_i8 : l->qgemm)(l->q, x, n, y, nthreads);
+        return (l->qgemm_i8 ? l->qgemm_i8 : l->qgemm)(l->q, x, n, y, nthreads);
     float_matmul(l, x, n, y, nthreads);
     return 0;
 }
@@ -442,17 +442,34 @@ static void softmax(float *scores, int last)
         scores[j] *= inv;
 }
 
-/* out += sum_{j in [first, last]} p[j] * values[j] */
+/* out += sum_{j in [first, last]} p[j] * values[j]. The sum runs in a local
+ * chunk of VALUE_CHUNK floats (four AVX2 registers) over all j, then goes
+ * back to out once: summed through out itself, every j would load and store
+ * the whole row (out may alias values, as far as the compiler knows). */
+#define VALUE_CHUNK 32
 QI_VECTORIZE
 static void add_values(const float *p, const float *values, int hd, int first, int last, float *out)
 {
-    for (int j = first; j <= last; j++) {
-        const float *v = values + (size_t)j * hd;
-        const float pj = p[j];
+    int i0 = 0;
+    for (; i0 + VALUE_CHUNK <= hd; i0 += VALUE_CHUNK) {
+        float acc[VALUE_CHUNK];
         #pragma omp simd
-        for (int i = 0; i < hd; i++)
-            out[i] += pj * v[i];
+        for (int i = 0; i < VALUE_CHUNK; i++)
+            acc[i] = out[i0 + i];
+        for (int j = first; j <= last; j++) {
+            const float *v = values + (size_t)j * hd + i0;
+            const float pj = p[j];
+            #pragma omp simd
+            for (int i = 0; i < VALUE_CHUNK; i++)
+                acc[i] += pj * v[i];
+        }
+        #pragma omp simd
+        for (int i = 0; i < VALUE_CHUNK; i++)
+            out[i0 + i] = acc[i];
     }
+    for (int j = first; j <= last; j++)          /* a head_dim that is not a multiple of the chunk */
+        for (int i = i0; i < hd; i++)
+            out[i] += p[j] * values[(size_t)j * hd + i];
 }
 
 /* A tile of queries: tokens t0..t0+nt-1 (at positions pos+t) times query heads h0..h0+nh-1,
@@ -669,7 +686,7 @@ static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int
     ctypedef struct linear:
         const qmatrix *q
         qgemm_fn qgemm
-        qgemm_fn qgemv_i8
+        qgemm_fn qgemm_i8
         const float *w
         int in_ "in"
         int out
@@ -721,7 +738,7 @@ cdef class Transformer:
     `layers` is a list of dicts with keys attn_norm, ffn_norm (float32
     arrays) and wq, wk, wv, wo, w_gate, w_up, w_down; each linear is either a
     float32 [out, in] array or a tuple (matrix capsule, kernel capsule[, int8
-    kernel capsule or None]); the int8 kernel, when given, runs one-token steps.
+    kernel capsule or None]); the int8 kernel, when given, runs every step.
     A dict may instead give "wqkv" (wq, wk, wv stacked: [q_dim + 2*kv_dim, dim])
     for wq/wk/wv and "w_gate_up" ([2*hidden, dim]) for w_gate/w_up.
     """
@@ -807,7 +824,7 @@ cdef class Transformer:
         l.out = n_out
         l.q = NULL
         l.qgemm = NULL
-        l.qgemv_i8 = NULL
+        l.qgemm_i8 = NULL
         l.w = NULL
         if spec is None:
             return 0
@@ -815,7 +832,7 @@ cdef class Transformer:
             l.q = <const qmatrix *>PyCapsule_GetPointer(spec[0], b"qinfer.qmatrix")
             l.qgemm = <qgemm_fn>PyCapsule_GetPointer(spec[1], b"qinfer.qgemm_fn")
             if len(spec) > 2 and spec[2] is not None:
-                l.qgemv_i8 = <qgemm_fn>PyCapsule_GetPointer(spec[2], b"qinfer.qgemm_fn")
+                l.qgemm_i8 = <qgemm_fn>PyCapsule_GetPointer(spec[2], b"qinfer.qgemm_fn")
         else:
             l.w = float_ptr(spec, <Py_ssize_t>n_in * n_out)
         return 0
