@@ -103,20 +103,24 @@ def main():
                 del layers
 
     print()
-    print("qgemm (n = 64) against 64 qgemv calls, 4-bit, group 128, weights from memory:")
-    print(f"{'out x in':>12} {'thr':>3} {'64 x qgemv ms':>13} {'qgemm ms':>9} {'speed-up':>8} "
-          f"{'qgemm GMAC/s':>12} {'% sgemm':>7}")
+    print("qgemm (n = 64) against 64 qgemv calls, 4-bit, group 128, weights from memory; act: the activations "
+          "of both (int8: each row rounded as qgemv rounds it); 'vs float qgemv': against 64 float-activation qgemv:")
+    print(f"{'out x in':>12} {'thr':>3} {'act':>5} {'64 x qgemv ms':>13} {'qgemm ms':>9} {'speed-up':>8} "
+          f"{'vs float qgemv':>14} {'qgemm GMAC/s':>12} {'% sgemm':>7}")
     for shape in shapes:
         layers = layer_set(rng, shape, 4, 128, llc)
         x = rng.standard_normal(shape[1]).astype(np.float32)
         X = rng.standard_normal((64, shape[1])).astype(np.float32)
         for t in threads_list:
-            with kernels.use_activations("float"):
-                gemv = time_cycling(layers, x, t) * 64
-            gemm = time_cycling(layers, X, t)
-            gmacs = 64 * shape[0] * shape[1] / gemm / 1e9
-            print(f"{shape[0]:>5}x{shape[1]:<6} {t:>3} {gemv * 1e3:>13.2f} {gemm * 1e3:>9.2f} {gemv / gemm:>7.2f}x "
-                  f"{gmacs:>12.1f} {100 * gmacs / sgemm[t]:>6.0f}%")
+            float_gemv = None
+            for mode in ("float", "int8"):
+                with kernels.use_activations(mode):
+                    gemv = time_cycling(layers, x, t) * 64
+                    gemm = time_cycling(layers, X, t)
+                float_gemv = float_gemv or gemv
+                gmacs = 64 * shape[0] * shape[1] / gemm / 1e9
+                print(f"{shape[0]:>5}x{shape[1]:<6} {t:>3} {mode:>5} {gemv * 1e3:>13.2f} {gemm * 1e3:>9.2f} "
+                      f"{gemv / gemm:>7.2f}x {float_gemv / gemm:>13.2f}x {gmacs:>12.1f} {100 * gmacs / sgemm[t]:>6.0f}%")
         del layers
 
 
