@@ -10,7 +10,7 @@ model. Effective bandwidth = packed bytes (words + scales + zeros) per call
 Each qgemv is timed with float activations and, for 2/4/8 bits, again with
 int8 activations (act int8; "vs float" is the speed-up over the row above,
 same layers, same run). Last, qgemm with 64 rows against 64 separate qgemv
-calls at 4 bits, and qgemm's multiply-add rate against what numpy's sgemm
+calls at 4 bits, with float and with int8 activations, and qgemm's multiply-add rate against what numpy's sgemm
 (OpenBLAS) reaches on the same cores in the same run: the ceiling of any
 float32 kernel, so the speed-up qgemm can have over qgemv is bounded by it.
 """
