@@ -28,8 +28,9 @@ def read_bandwidth(threads, nbytes=1 << 30, repeats=5):
     return nbytes / best / 1e9
 
 
-def best_time(fn, min_seconds=0.5, min_calls=3):
-    """Median seconds per call of fn() over a run of at least min_seconds."""
+def best_time(fn, min_seconds=0.5, min_calls=3, statistic=np.median):
+    """Seconds per call of fn() over a run of at least min_seconds: the median of the
+    calls, or another statistic of them (min: the best call, as read_bandwidth reports)."""
     fn()
     times = []
     start = time.perf_counter()
@@ -37,7 +38,7 @@ def best_time(fn, min_seconds=0.5, min_calls=3):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(statistic(times))
 
 
 _SGEMM_CHILD = """
