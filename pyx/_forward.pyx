@@ -99,6 +99,10 @@ typedef struct {
 } run_state;
 
 #define KV_BLOCK 32
+/* Prefill's row-wise steps (norms, RoPE, the cache write, SwiGLU, residual
+ * adds) share their rows out among the threads; fewer rows than this (decode)
+ * are too little work to wake them for. */
+#define PARALLEL_ROWS 4
 #define QUERY_TOKENS 8   /* tokens per attention tile (see attention_tile) */
 
 static int is_set(const linear *l)
@@ -309,9 +313,11 @@ static void embed(const weights *w, const int *tokens, int n, float *x)
 
 /* out = x / sqrt(mean(x^2) + eps) * weight, row by row (Hugging Face order of operations). */
 QI_VECTORIZE
-static void rmsnorm(const float *x, const float *weight, int n, int dim, float eps, float *out)
+static void rmsnorm(const float *x, const float *weight, int n, int dim, float eps, float *out, int nthreads)
 {
-    for (int t = 0; t < n; t++) {
+    int t;
+    #pragma omp parallel for schedule(static) if(n >= PARALLEL_ROWS) num_threads(thread_count(nthreads))
+    for (t = 0; t < n; t++) {
         const float *xt = x + (size_t)t * dim;
         float *ot = out + (size_t)t * dim;
         float ss = 0.0f;
@@ -339,10 +345,12 @@ static void rope_tables(const weights *w, int pos, int n, float *cos_sin)
 }
 
 /* Rotate-half RoPE (Hugging Face order): pairs (i, i + head_dim/2) of every head. */
-static void rope(float *v, int n, int heads, int head_dim, const float *cos_sin)
+static void rope(float *v, int n, int heads, int head_dim, const float *cos_sin, int nthreads)
 {
     const int half = head_dim / 2;
-    for (int t = 0; t < n; t++) {
+    int t;
+    #pragma omp parallel for schedule(static) if(n >= PARALLEL_ROWS) num_threads(thread_count(nthreads))
+    for (t = 0; t < n; t++) {
         const float *cs = cos_sin + (size_t)t * head_dim;
         for (int h = 0; h < heads; h++) {
             float *vh = v + ((size_t)t * heads + h) * head_dim;
@@ -367,10 +375,12 @@ static float *value_head(const weights *w, const run_state *s, int layer, int kv
 }
 
 /* Move the n new keys and values (after RoPE) into the cache at positions pos.. */
-static void store_kv(const weights *w, run_state *s, int layer, int pos, int n)
+static void store_kv(const weights *w, run_state *s, int layer, int pos, int n, int nthreads)
 {
     const int hd = w->head_dim, kv_dim = w->n_kv_heads * hd;
-    for (int t = 0; t < n; t++) {
+    int t;
+    #pragma omp parallel for schedule(static) if(n >= PARALLEL_ROWS) num_threads(thread_count(nthreads))
+    for (t = 0; t < n; t++) {
         const int p = pos + t, block = p / KV_BLOCK, lane = p % KV_BLOCK;
         for (int h = 0; h < w->n_kv_heads; h++) {
             const float *k = s->k + (size_t)t * kv_dim + h * hd;
@@ -537,21 +547,37 @@ static void attention(const weights *w, run_state *s, int layer, int pos, int n,
     }
 }
 
+/* x[n][dim] += y[n][dim] */
 QI_VECTORIZE
-static void add(float *x, const float *y, size_t n)
+static void add_rows(float *x, const float *y, int n, int dim, int nthreads)
 {
-    #pragma omp simd
-    for (size_t i = 0; i < n; i++)
-        x[i] += y[i];
+    int t;
+    #pragma omp parallel for schedule(static) if(n >= PARALLEL_ROWS) num_threads(thread_count(nthreads))
+    for (t = 0; t < n; t++) {
+        float *xt = x + (size_t)t * dim;
+        const float *yt = y + (size_t)t * dim;
+        #pragma omp simd
+        for (int i = 0; i < dim; i++)
+            xt[i] += yt[i];
+    }
 }
 
-/* out = silu(gate) * up (out may be gate) */
-static void swiglu(float *out, const float *gate, const float *up, size_t n)
+/* silu(g) = g * sigmoid(g), with sigmoid from e = exp(-|g|) <= 1 so that the
+ * branch-free exp_nonpositive serves both signs and the loop vectorizes:
+ * sigmoid(g) = 1 / (1 + e) for g >= 0, e / (1 + e) below. */
+static inline float silu(float g)
 {
-    for (size_t i = 0; i < n; i++) {
-        const float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
-    }
+    const float e = exp_nonpositive(-fabsf(g));
+    return g * (g >= 0.0f ? 1.0f : e) / (1.0f + e);
+}
+
+/* out = silu(gate) * up over one row of n values (out may be gate) */
+QI_VECTORIZE
+static void swiglu(float *out, const float *gate, const float *up, int n)
+{
+    #pragma omp simd
+    for (int i = 0; i < n; i++)
+        out[i] = silu(gate[i]) * up[i];
 }
 
 /* q, k, v = wq(xb), wk(xb), wv(xb): three kernel calls, or one call of the
@@ -567,7 +593,9 @@ static int project_qkv(const weights *w, const layer_weights *lw, run_state *s, 
     }
     if (!s->stacked || matmul(&lw->wqkv, s->xb, n, s->stacked, nthreads))
         return -1;
-    for (int t = 0; t < n; t++) {
+    int t;
+    #pragma omp parallel for schedule(static) if(n >= PARALLEL_ROWS) num_threads(thread_count(nthreads))
+    for (t = 0; t < n; t++) {
         const float *row = s->stacked + (size_t)t * (q_dim + 2 * kv_dim);
         memcpy(s->q + t * q_dim, row, sizeof(float) * q_dim);
         memcpy(s->k + t * kv_dim, row + q_dim, sizeof(float) * kv_dim);
@@ -579,18 +607,24 @@ static int project_qkv(const weights *w, const layer_weights *lw, run_state *s, 
 /* gate = silu(w_gate(xb)) * w_up(xb): two kernel calls, or one of the stacked w_gate_up. */
 static int gated_hidden(const weights *w, const layer_weights *lw, run_state *s, int n, int nthreads)
 {
-    const size_t hidden = (size_t)w->hidden_dim;
-    if (!is_set(&lw->w_gate_up)) {
-        int rc = matmul(&lw->w_gate, s->xb, n, s->gate, nthreads);
-        rc |= matmul(&lw->w_up, s->xb, n, s->up, nthreads);
-        swiglu(s->gate, s->gate, s->up, (size_t)n * hidden);
-        return rc;
-    }
-    if (!s->stacked || matmul(&lw->w_gate_up, s->xb, n, s->stacked, nthreads))
+    const int hidden = w->hidden_dim;
+    const int stacked = is_set(&lw->w_gate_up);
+    if (stacked) {
+        if (!s->stacked || matmul(&lw->w_gate_up, s->xb, n, s->stacked, nthreads))
+            return -1;
+    } else if (matmul(&lw->w_gate, s->xb, n, s->gate, nthreads) | matmul(&lw->w_up, s->xb, n, s->up, nthreads)) {
         return -1;
-    for (int t = 0; t < n; t++) {
-        const float *row = s->stacked + t * 2 * hidden;
-        swiglu(s->gate + t * hidden, row, row + hidden, hidden);
+    }
+    int t;
+    #pragma omp parallel for schedule(static) if(n >= PARALLEL_ROWS) num_threads(thread_count(nthreads))
+    for (t = 0; t < n; t++) {
+        float *gate = s->gate + (size_t)t * hidden;
+        if (stacked) {
+            const float *row = s->stacked + (size_t)t * 2 * hidden;
+            swiglu(gate, row, row + hidden, hidden);
+        } else {
+            swiglu(gate, gate, s->up + (size_t)t * hidden, hidden);
+        }
     }
     return 0;
 }
@@ -621,24 +655,24 @@ static int layer_forward(const weights *w, run_state *s, int l, int pos, int n,
     int rc = 0;
 
     /* attention block: x += wo(attention(rope(q), cache += (rope(k), v))) */
-    rmsnorm(s->x, lw->attn_norm, n, dim, w->eps, s->xb);
+    rmsnorm(s->x, lw->attn_norm, n, dim, w->eps, s->xb, nthreads);
     capture(cap ? cap->attn_in : NULL, s->xb, (size_t)n * dim);
     rc |= project_qkv(w, lw, s, n, nthreads);
-    rope(s->q, n, w->n_heads, hd, s->cos_sin);
-    rope(s->k, n, w->n_kv_heads, hd, s->cos_sin);
-    store_kv(w, s, l, pos, n);
+    rope(s->q, n, w->n_heads, hd, s->cos_sin, nthreads);
+    rope(s->k, n, w->n_kv_heads, hd, s->cos_sin, nthreads);
+    store_kv(w, s, l, pos, n, nthreads);
     attention(w, s, l, pos, n, nthreads);
     capture(cap ? cap->o_in : NULL, s->att, (size_t)n * q_dim);
     rc |= matmul(&lw->wo, s->att, n, s->proj, nthreads);
-    add(s->x, s->proj, (size_t)n * dim);
+    add_rows(s->x, s->proj, n, dim, nthreads);
 
     /* MLP block: x += w_down(silu(w_gate(x)) * w_up(x)) */
-    rmsnorm(s->x, lw->ffn_norm, n, dim, w->eps, s->xb);
+    rmsnorm(s->x, lw->ffn_norm, n, dim, w->eps, s->xb, nthreads);
     capture(cap ? cap->mlp_in : NULL, s->xb, (size_t)n * dim);
     rc |= gated_hidden(w, lw, s, n, nthreads);
     capture(cap ? cap->down_in : NULL, s->gate, (size_t)n * w->hidden_dim);
     rc |= matmul(&lw->w_down, s->gate, n, s->proj, nthreads);
-    add(s->x, s->proj, (size_t)n * dim);
+    add_rows(s->x, s->proj, n, dim, nthreads);
     return rc ? -1 : 0;
 }
 
@@ -666,7 +700,7 @@ static int forward(const weights *w, run_state *s, const int *tokens, int n, int
     /* final norm and LM head: every row, or just the last one for generation */
     const float *rows = all_logits ? s->x : s->x + (size_t)(n - 1) * dim;
     const int n_rows = all_logits ? n : 1;
-    rmsnorm(rows, w->final_norm, n_rows, dim, w->eps, s->xb);
+    rmsnorm(rows, w->final_norm, n_rows, dim, w->eps, s->xb, nthreads);
     return matmul(&w->lm_head, s->xb, n_rows, logits, nthreads);
 }
 

@@ -365,17 +365,27 @@ def test_smollm2_int8_greedy_says_paris(smol_pair):
     assert text.startswith(" Paris"), repr(text)
 
 
+NEAR_TIE = 0.5   # logits
+
+
 @needs_smollm2
 def test_smollm2_int8_prefill_and_decode(smol_pair):
     flt, int8 = smol_pair
     ids = flt.tokenizer.encode(PROMPT, add_bos=flt.tokenizer.add_bos_default)
     a_all, b_all = flt.logits(ids), int8.logits(ids)                # prefill: int8 rows too
     assert not np.array_equal(a_all, b_all)
-    assert np.array_equal(np.argmax(a_all, axis=1), np.argmax(b_all, axis=1))
+    # int8's top token is float's, or one float ranks within a near tie of it: rounding the
+    # activations moves the logits by up to about half a logit (row 2 of this prompt has two
+    # tokens 0.25 apart in float, and which of them int8 ranks first follows the last bits of
+    # SiLU's exponential)
+    rows = np.arange(len(ids))
+    assert np.all(a_all[rows, np.argmax(b_all, axis=1)] >= a_all.max(axis=1) - NEAR_TIE)
+    clear = np.sort(a_all, axis=1)[:, -2] < a_all.max(axis=1) - 2 * NEAR_TIE
+    assert clear.sum() >= 3 and np.array_equal(np.argmax(a_all, axis=1)[clear], np.argmax(b_all, axis=1)[clear])
     assert np.linalg.norm(a_all - b_all) / np.linalg.norm(a_all) < 1e-1   # rounding compounds over rows
     a, b = flt.decode_step(ids[-1]), int8.decode_step(ids[-1])    # one token: int8 activations
     assert not np.array_equal(a, b)
-    assert np.argmax(a) == np.argmax(b)
+    assert a[np.argmax(b)] >= a.max() - NEAR_TIE     # here float's top two are 0.09 apart
     assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-1     # over an int8-made KV cache
     int8.reset(), int8.prefill(ids)
     assert np.array_equal(int8.decode_step(ids[-1], threads=2), b)   # threads split columns: exact
