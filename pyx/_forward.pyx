@@ -438,6 +438,7 @@ QI_VECTORIZE
 static void softmax(float *scores, int last)
 {
     float max = scores[0];
+    #pragma omp simd reduction(max:max)
     for (int j = 1; j <= last; j++)
         max = scores[j] > max ? scores[j] : max;
     float sum = 0.0f;
