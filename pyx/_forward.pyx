@@ -32,8 +32,13 @@ cdef extern from *:
 #include <omp.h>
 #endif
 
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
-#define QI_VECTORIZE __attribute__((target_clones("avx2,fma", "default")))
+/* One clone for x86-64-v3 (AVX2 and FMA together) and one baseline. Not
+ * target_clones("avx2,fma"): that makes an AVX2 clone without FMA and an FMA
+ * clone without AVX2, and the resolver picks the first. */
+#if defined(__GNUC__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+#define QI_VECTORIZE __attribute__((target_clones("arch=x86-64-v3", "default")))
+#elif defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+#define QI_VECTORIZE __attribute__((target_clones("avx2", "default")))
 #else
 #define QI_VECTORIZE
 #endif
