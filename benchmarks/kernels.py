@@ -10,8 +10,9 @@ model. Effective bandwidth = packed bytes (words + scales + zeros) per call
 both are the best of repeated passes (the machine may be shared: the best
 pass is the one least disturbed, for the read and the kernel alike).
 Each qgemv is timed with float activations and, for 2/4/8 bits, again with
-int8 activations (act int8; "vs float" is the speed-up over the row above,
-same layers, same run). Last, qgemm with 64 rows against 64 separate qgemv
+int8 activations (act int8; "vs float" is the speed-up over the float row of
+the same layers, same run), and with the layers' scales and zeros held in
+float16 (as checkpoints and quantize-on-load give them) and in float32. Last, qgemm with 64 rows against 64 separate qgemv
 calls at 4 bits, with float and with int8 activations, and qgemm's multiply-add rate against what numpy's sgemm
 (OpenBLAS) reaches on the same cores in the same run: the ceiling of any
 float32 kernel, so the speed-up qgemm can have over qgemv is bounded by it.
@@ -33,20 +34,24 @@ GROUPS = (128, -1)
 LLC_MULTIPLE = 3
 
 
-def random_layer(rng, out_features, in_features, bits, group_size):
-    """A layer with random codes: the kernels' speed does not depend on the values."""
+SCALE_DTYPES = ("float16", "float32")
+
+
+def random_layer(rng, out_features, in_features, bits, group_size, scale_dtype):
+    """A layer with random codes: the kernels' speed does not depend on the values.
+    The scales are exact in float16, held as scale_dtype says."""
     rows = in_features * bits // 32
     qweight = rng.integers(-2**31, 2**31, size=(rows, out_features), dtype=np.int64).astype(np.int32)
     groups = 1 if group_size == -1 else in_features // group_size
-    scales = rng.uniform(0.001, 0.01, size=(groups, out_features)).astype(np.float32)
+    scales = rng.uniform(0.001, 0.01, size=(groups, out_features)).astype(np.float16).astype(np.float32)
     zeros = np.full((groups, out_features), 2 ** (bits - 1), dtype=np.float32)
-    return qinfer.QuantizedLinear.from_packed(qweight, scales, zeros, bits, group_size)
+    return qinfer.QuantizedLinear.from_packed(qweight, scales, zeros, bits, group_size, scale_dtype=scale_dtype)
 
 
-def layer_set(rng, shape, bits, group_size, llc_bytes):
-    first = random_layer(rng, *shape, bits, group_size)
+def layer_set(rng, shape, bits, group_size, llc_bytes, scale_dtype):
+    first = random_layer(rng, *shape, bits, group_size, scale_dtype)
     count = max(2, -(-LLC_MULTIPLE * llc_bytes // first.nbytes))
-    return [first] + [random_layer(rng, *shape, bits, group_size) for _ in range(count - 1)]
+    return [first] + [random_layer(rng, *shape, bits, group_size, scale_dtype) for _ in range(count - 1)]
 
 
 def time_cycling(layers, x, threads):
@@ -86,47 +91,50 @@ def main():
     for t in threads_list:
         print(f"float32 multiply-adds, numpy sgemm (OpenBLAS), {t} thread(s): {sgemm[t]:.1f} GMAC/s")
     print()
-    print(f"{'out x in':>12} {'bits':>4} {'group':>5} {'thr':>3} {'act':>5} {'layers':>6} {'us/qgemv':>9} "
-          f"{'GB/s':>6} {'% read BW':>9} {'GMAC/s':>7} {'vs float':>8}")
+    print(f"{'out x in':>12} {'bits':>4} {'group':>5} {'scales':>7} {'thr':>3} {'act':>5} {'layers':>6} "
+          f"{'us/qgemv':>9} {'GB/s':>6} {'% read BW':>9} {'GMAC/s':>7} {'vs float':>8}")
     for shape in shapes:
         for bits in bits_list:
             for group in GROUPS:
-                layers = layer_set(rng, shape, bits, group, llc)
-                x = rng.standard_normal(shape[1]).astype(np.float32)
-                modes = ("float", "int8") if layers[0]._matrix.has_int8() else ("float",)
-                for t in threads_list:
-                    float_sec = None
-                    for mode in modes:
-                        with kernels.use_activations(mode):
-                            sec = time_cycling(layers, x, t)
-                        float_sec = float_sec or sec
-                        gbs = layers[0].nbytes / sec / 1e9
-                        print(f"{shape[0]:>5}x{shape[1]:<6} {bits:>4} {group if group > 0 else 'full':>5} {t:>3} "
-                              f"{mode:>5} {len(layers):>6} {sec * 1e6:>9.1f} {gbs:>6.1f} "
-                              f"{100 * gbs / bandwidth[t]:>8.0f}% {shape[0] * shape[1] / sec / 1e9:>7.1f} "
-                              f"{float_sec / sec:>7.2f}x")
-                del layers
+                for scale_dtype in SCALE_DTYPES:
+                    layers = layer_set(rng, shape, bits, group, llc, scale_dtype)
+                    x = rng.standard_normal(shape[1]).astype(np.float32)
+                    modes = ("float", "int8") if layers[0]._matrix.has_int8() else ("float",)
+                    for t in threads_list:
+                        float_sec = None
+                        for mode in modes:
+                            with kernels.use_activations(mode):
+                                sec = time_cycling(layers, x, t)
+                            float_sec = float_sec or sec
+                            gbs = layers[0].nbytes / sec / 1e9
+                            print(f"{shape[0]:>5}x{shape[1]:<6} {bits:>4} {group if group > 0 else 'full':>5} "
+                                  f"{scale_dtype[5:] + '-bit':>7} {t:>3} {mode:>5} {len(layers):>6} "
+                                  f"{sec * 1e6:>9.1f} {gbs:>6.1f} {100 * gbs / bandwidth[t]:>8.0f}% "
+                                  f"{shape[0] * shape[1] / sec / 1e9:>7.1f} {float_sec / sec:>7.2f}x")
+                    del layers
 
     print()
     print("qgemm (n = 64) against 64 qgemv calls, 4-bit, group 128, weights from memory; act: the activations "
           "of both (int8: each row rounded as qgemv rounds it); 'vs float qgemv': against 64 float-activation qgemv:")
-    print(f"{'out x in':>12} {'thr':>3} {'act':>5} {'64 x qgemv ms':>13} {'qgemm ms':>9} {'speed-up':>8} "
-          f"{'vs float qgemv':>14} {'qgemm GMAC/s':>12} {'% sgemm':>7}")
+    print(f"{'out x in':>12} {'scales':>7} {'thr':>3} {'act':>5} {'64 x qgemv ms':>13} {'qgemm ms':>9} "
+          f"{'speed-up':>8} {'vs float qgemv':>14} {'qgemm GMAC/s':>12} {'% sgemm':>7}")
     for shape in shapes:
-        layers = layer_set(rng, shape, 4, 128, llc)
-        x = rng.standard_normal(shape[1]).astype(np.float32)
-        X = rng.standard_normal((64, shape[1])).astype(np.float32)
-        for t in threads_list:
-            float_gemv = None
-            for mode in ("float", "int8"):
-                with kernels.use_activations(mode):
-                    gemv = time_cycling(layers, x, t) * 64
-                    gemm = time_cycling(layers, X, t)
-                float_gemv = float_gemv or gemv
-                gmacs = 64 * shape[0] * shape[1] / gemm / 1e9
-                print(f"{shape[0]:>5}x{shape[1]:<6} {t:>3} {mode:>5} {gemv * 1e3:>13.2f} {gemm * 1e3:>9.2f} "
-                      f"{gemv / gemm:>7.2f}x {float_gemv / gemm:>13.2f}x {gmacs:>12.1f} {100 * gmacs / sgemm[t]:>6.0f}%")
-        del layers
+        for scale_dtype in SCALE_DTYPES:
+            layers = layer_set(rng, shape, 4, 128, llc, scale_dtype)
+            x = rng.standard_normal(shape[1]).astype(np.float32)
+            X = rng.standard_normal((64, shape[1])).astype(np.float32)
+            for t in threads_list:
+                float_gemv = None
+                for mode in ("float", "int8"):
+                    with kernels.use_activations(mode):
+                        gemv = time_cycling(layers, x, t) * 64
+                        gemm = time_cycling(layers, X, t)
+                    float_gemv = float_gemv or gemv
+                    gmacs = 64 * shape[0] * shape[1] / gemm / 1e9
+                    print(f"{shape[0]:>5}x{shape[1]:<6} {scale_dtype[5:] + '-bit':>7} {t:>3} {mode:>5} "
+                          f"{gemv * 1e3:>13.2f} {gemm * 1e3:>9.2f} {gemv / gemm:>7.2f}x {float_gemv / gemm:>13.2f}x "
+                          f"{gmacs:>12.1f} {100 * gmacs / sgemm[t]:>6.0f}%")
+            del layers
 
 
 if __name__ == "__main__":

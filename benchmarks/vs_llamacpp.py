@@ -19,7 +19,7 @@
    checkpoint (4-bit, group 128, random int32 codes, float16 scales, the
    embedding and LM head in float16 as GPTQ checkpoints keep them); no float
    7B tensor is ever built. qinfer decodes tg128 only, with float and with
-   int8 activations; the bound is the weight bytes one token reads (packed codes, float32 scales/zeros, the float32 LM
+   int8 activations; the bound is the weight bytes one token reads (packed codes, float16 scales/zeros, the float32 LM
    head, as loaded) over the streaming read bandwidth measured at the same
    thread count in the same run (benchmarks/common.py). The checkpoint is
    deleted at the end. No llama.cpp run for this model.
@@ -356,7 +356,7 @@ def run_7b(args, threads):
 def print_7b(rows, rounds):
     r0 = rows[0]
     print(f"\n{r0['model']}: weights as loaded {r0['size_bytes'] / 2**30:.2f} GiB, read per token "
-          f"{r0['decode_bytes'] / 1e9:.2f} GB (packed codes, float32 scales/zeros, LM head {r0['lm_head']}); "
+          f"{r0['decode_bytes'] / 1e9:.2f} GB (packed codes, float16 scales/zeros, LM head {r0['lm_head']}); "
           f"mean of {rounds} round(s); fraction: each round's t/s over the limit of the bandwidth read just "
           f"before it, averaged")
     print(f"{'threads':>7} {'act':>5} {'test':>6} {'qinfer t/s':>10} {'read GB/s':>9} {'limit t/s':>9} "

@@ -6,7 +6,7 @@ handed to a generated kernel without the GIL) and a streaming-read probe
 that benchmarks use to measure the machine's memory bandwidth.
 """
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid, PyCapsule_New
-from libc.stdint cimport uint32_t, int32_t, uint64_t
+from libc.stdint cimport uint16_t, uint32_t, int32_t, uint64_t
 
 cdef extern from "qmatrix.h":
     ctypedef int (*qgemm_fn)(const qmatrix *m, const float *x, int n, float *y, int nthreads) noexcept nogil
@@ -23,9 +23,10 @@ cdef extern from "qmatrix.h":
         int mb
         int rows_per_chunk
         int tiles_per_block
+        int half_scales
         const uint32_t *words
-        const float *scales
-        const float *zeros
+        const void *scales
+        const void *zeros
         const int32_t *perm
     ctypedef struct qkernels:
         int bits
@@ -55,7 +56,7 @@ static int qi_cpu_has_avx2_fma(void)
 {
 #if QI_X86
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #else
     return 0;
 #endif
@@ -174,9 +175,12 @@ cdef class QMatrix:
 
     def __cinit__(self, kernels_capsule, int bits, int in_features, int out_features,
                   int group_size, int tu, int segment_rows,
-                  const uint32_t[::1] words, const float[::1] scales, const float[::1] zeros,
-                  perm=None):
+                  const uint32_t[::1] words, scales, zeros, perm=None, bint half_scales=False):
+        # scales, zeros: float32 buffers, or (half_scales) float16 ones viewed as uint16
         cdef const int32_t[::1] perm_view
+        cdef const float[::1] scales32, zeros32
+        cdef const uint16_t[::1] scales16, zeros16
+        cdef size_t n_scales, n_zeros
         if not PyCapsule_IsValid(kernels_capsule, b"qinfer.qkernels"):
             raise TypeError("not a qinfer kernel table")
         self.kernels = <const qkernels *>PyCapsule_GetPointer(kernels_capsule, b"qinfer.qkernels")
@@ -192,14 +196,24 @@ cdef class QMatrix:
         self.m.segment_rows = segment_rows
         expected_words = <size_t>self.m.n_tiles * tu * in_features * bits // 32
         expected_scales = <size_t>self.m.n_tiles * tu * self.m.n_groups
-        if (words.shape[0] != expected_words or scales.shape[0] != expected_scales
-                or zeros.shape[0] != expected_scales):
+        self.m.half_scales = half_scales
+        if half_scales:
+            scales16, zeros16 = scales, zeros
+            n_scales, n_zeros = scales16.shape[0], zeros16.shape[0]
+        else:
+            scales32, zeros32 = scales, zeros
+            n_scales, n_zeros = scales32.shape[0], zeros32.shape[0]
+        if words.shape[0] != expected_words or n_scales != expected_scales or n_zeros != expected_scales:
             raise ValueError("packed arrays do not match the layer's shape")
         self._check_row_block(segment_rows)
         self.configure(1, segment_rows, 1, 1)
         self.m.words = &words[0]
-        self.m.scales = &scales[0]
-        self.m.zeros = &zeros[0]
+        if half_scales:
+            self.m.scales = &scales16[0]
+            self.m.zeros = &zeros16[0]
+        else:
+            self.m.scales = &scales32[0]
+            self.m.zeros = &zeros32[0]
         self.m.perm = NULL
         if perm is not None:
             perm_view = perm

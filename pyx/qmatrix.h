@@ -6,7 +6,8 @@
  * so a thread streams memory front to back:
  *
  *   words [n_tiles][n_units][unit_words][tu]     (uint32)
- *   scales, zeros  [n_tiles][n_groups][tu]       (float32; w = scale * (q - zero))
+ *   scales, zeros  [n_tiles][n_groups][tu]       (w = scale * (q - zero); float32, or
+ *                                                 float16 when every value is exact in it)
  *
  * A unit is the run of words that holds a whole number of values (one word
  * of 32/b values for b = 2, 4, 8; three words of 32 values for b = 3).
@@ -36,11 +37,44 @@ typedef struct qmatrix {
     int mb;               /* qgemm: input rows per row block; divides in_features */
     int rows_per_chunk;   /* nb: activation rows qgemm takes per pass over the weights */
     int tiles_per_block;  /* tb / tu: tiles qgemm finishes before moving on */
+    int half_scales;      /* 1: scales and zeros are IEEE float16, 0: float32. qinfer/linear.py
+                             stores float16 only when that is exact, so the kernels compute
+                             the same numbers from half the scale bytes. */
     const uint32_t *words;
-    const float *scales;
-    const float *zeros;
+    const void *scales;   /* read through qm_scale / qm_scale_ptr (or load_scales8 in AVX2) */
+    const void *zeros;
     const int32_t *perm;  /* NULL, or act-order: kernel input k is x[perm[k]] */
 } qmatrix;
+
+/* A float16 as float32, exactly (the scalar kernels' reading of half-width
+ * scales; the AVX2 kernels widen 8 at a time with F16C's vcvtph2ps). */
+static inline float qm_half_to_float(uint16_t h)
+{
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    const uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+    union { uint32_t u; float f; } v;
+    if (exponent == 0x1f) {          /* inf, nan */
+        v.u = sign | 0x7f800000u | (mantissa << 13);
+    } else if (exponent != 0) {      /* normal: the exponent bias goes from 15 to 127 */
+        v.u = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    } else {                         /* zero, subnormal: mantissa * 2^-24 */
+        v.f = (float)mantissa * 0x1p-24f;
+        v.u |= sign;
+    }
+    return v.f;
+}
+
+/* The scales (or zeros) from element i of `base` (m->scales or m->zeros) on. */
+static inline const void *qm_scale_ptr(const qmatrix *m, const void *base, size_t i)
+{
+    return (const char *)base + i * (m->half_scales ? sizeof(uint16_t) : sizeof(float));
+}
+
+/* Element i of `base` (m->scales or m->zeros, or a qm_scale_ptr into them). */
+static inline float qm_scale(const qmatrix *m, const void *base, size_t i)
+{
+    return m->half_scales ? qm_half_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
 
 /* y[n][out_features] = x[n][in_features] @ W^T. Returns 0, or -1 when out of memory. */
 typedef int (*qgemm_fn)(const qmatrix *m, const float *x, int n, float *y, int nthreads);

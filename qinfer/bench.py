@@ -17,8 +17,9 @@ llama-bench's avg_ts / stddev_ts: the mean and the sample standard deviation
 of n_tokens / seconds over the runs; ``seconds`` keeps each run's time.
 
 The weights are summarized as loaded (``weight_summary``): a quantized
-linear layer counts its packed codes plus a float32 scale and zero per group
-and output, a float tensor four bytes per element. The peak resident memory
+linear layer counts its packed codes plus a scale and zero per group and
+output as the layer holds them (float16 when exact, else float32), a float
+tensor four bytes per element. The peak resident memory
 of the process (``ru_maxrss``) covers the load and every test.
 """
 import json
@@ -105,9 +106,10 @@ class WeightSummary:
     n_params: int
 
 
-def _quantized_bytes(out_f, in_f, bits, group):
+def _quantized_bytes(out_f, in_f, bits, group, scale_bytes=4):
+    """Codes + a scale and a zero per group and column, float32 (4) or float16 (2)."""
     groups = 1 if group == -1 else in_f // group
-    return out_f * in_f * bits // 8 + 2 * 4 * groups * out_f      # codes + float32 scale and zero
+    return out_f * in_f * bits // 8 + 2 * scale_bytes * groups * out_f
 
 
 def _group_text(group):
@@ -118,6 +120,7 @@ def weight_summary(engine):
     """What the engine's model holds, decided as qinfer/model.py decides it: a packed tensor runs
     packed (unless the model dequantizes), a float linear map is quantized on load when asked
     (the LM head at model.LM_HEAD_BITS), everything else is float32."""
+    from .linear import held_scale_dtype
     from .model import LM_HEAD_BITS, LINEAR_NAMES
     from .readers.source import PackedTensor
     from .readers.validate import expected_shapes
@@ -130,9 +133,10 @@ def weight_summary(engine):
         out_f, in_f = shapes[name]
         t = source.tensors[name]
         if isinstance(t, PackedTensor) and not model.dequantize:
-            return _quantized_bytes(out_f, in_f, t.bits, t.group_size), t.bits, t.group_size
-        if load_bits:
-            return _quantized_bytes(out_f, in_f, load_bits, model.group_size), load_bits, model.group_size
+            held = np.dtype(held_scale_dtype(t.scales, t.zeros)).itemsize
+            return _quantized_bytes(out_f, in_f, t.bits, t.group_size, held), t.bits, t.group_size
+        if load_bits:      # quantize on load: float16 scales (model.quantize_on_load)
+            return _quantized_bytes(out_f, in_f, load_bits, model.group_size, 2), load_bits, model.group_size
         return 4 * out_f * in_f, None, None
 
     total = decode = 0

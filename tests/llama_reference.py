@@ -145,12 +145,14 @@ def forward(weights, config, ids, start_pos=0):
 
 
 # ------------------------------------------------------------------ quantization
-def rtn_quantize(w, bits, group_size):
+def rtn_quantize(w, bits, group_size, float16_scales=False):
     """Dequantized RTN weight: per output row of w [out, in], per group of input features.
 
     xmin = min(w, 0), xmax = max(w, 0) over the group (all zero -> [-1, 1]);
     scale = (xmax - xmin) / (2^b - 1); zero = round(-xmin / scale);
     q = clip(round(w / scale) + zero, 0, 2^b - 1); w' = scale * (q - zero). All float32.
+    float16_scales: after the zero is found, the scale is rounded to float16 (at
+    least float16's smallest subnormal) and the codes are rounded against that.
     """
     w = np.asarray(w, dtype=np.float32)
     out_f, in_f = w.shape
@@ -166,6 +168,9 @@ def rtn_quantize(w, bits, group_size):
         xmin[flat], xmax[flat] = np.float32(-1), np.float32(1)
         scale = ((xmax - xmin) / maxq).astype(np.float32)[:, None]
         zero = np.round(-xmin[:, None] / scale).astype(np.float32)
+        if float16_scales:
+            tiny = np.float32(2.0 ** -24)
+            scale = np.maximum(scale.astype(np.float16).astype(np.float32), tiny)
         q = np.clip(np.round(blk / scale) + zero, np.float32(0), maxq).astype(np.float32)
         res[:, start:start + g] = scale * (q - zero)
     return res
@@ -179,17 +184,16 @@ LINEAR_SUFFIXES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_a
 def quantized_reference_weights(weights, bits, group_size, head_bits=8):
     """The weights an engine quantizing on load should compute with.
 
-    Linear layers: RTN at `bits`; LM head: RTN at `head_bits`. Tied: the
-    embedding lookup keeps the float table, the LM head is its quantized copy.
+    Linear layers: RTN at `bits`; LM head: RTN at `head_bits`, both with
+    float16 scales. Tied: the embedding lookup keeps the float table, the LM
+    head is its quantized copy.
     """
     out = dict(weights)
     for name, w in weights.items():
         if name.endswith(LINEAR_SUFFIXES):
-            out[name] = rtn_quantize(w, bits, group_size)
-    if "lm_head.weight" in weights:
-        out["lm_head.weight"] = rtn_quantize(weights["lm_head.weight"], head_bits, group_size)
-    else:
-        out["lm_head.weight"] = rtn_quantize(weights["model.embed_tokens.weight"], head_bits, group_size)
+            out[name] = rtn_quantize(w, bits, group_size, float16_scales=True)
+    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    out["lm_head.weight"] = rtn_quantize(head, head_bits, group_size, float16_scales=True)
     return out
 
 

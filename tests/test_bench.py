@@ -44,21 +44,22 @@ def tiny(tmp_path_factory):
     return d, weights, config
 
 
-def q_bytes(out_f, in_f, bits, group):
-    """Packed codes + a float32 scale and zero per group and output column."""
-    return out_f * in_f * bits // 8 + 2 * 4 * (in_f // group) * out_f
+def q_bytes(out_f, in_f, bits, group, scale_bytes=4):
+    """Packed codes + a scale and zero per group and output column (float32: 4 bytes, float16: 2)."""
+    return out_f * in_f * bits // 8 + 2 * scale_bytes * (in_f // group) * out_f
 
 
 def expected_sizes(config, bits=None, group=None, head_bits=8):
-    """(all weights, weights read per decoded token) counted from the config alone."""
+    """(all weights, weights read per decoded token) counted from the config alone; quantized
+    on load, so with float16 scales and zeros."""
     d, ff, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     hd = d // config["num_attention_heads"]
     q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
     maps = [(q, d), (kv, d), (kv, d), (d, q), (ff, d), (ff, d), (d, ff)]
-    per_layer = sum(q_bytes(o, i, bits, group) if bits else 4 * o * i for o, i in maps) + 2 * 4 * d
+    per_layer = sum(q_bytes(o, i, bits, group, 2) if bits else 4 * o * i for o, i in maps) + 2 * 4 * d
     blocks = config["num_hidden_layers"] * per_layer + 4 * d            # + final norm
     embedding = 4 * vocab * d
-    head = q_bytes(vocab, d, head_bits, group) if bits else 4 * vocab * d
+    head = q_bytes(vocab, d, head_bits, group, 2) if bits else 4 * vocab * d
     if config["tie_word_embeddings"] and not bits:
         return blocks + embedding, blocks + embedding
     return blocks + embedding + head, blocks + 4 * d + head
@@ -68,8 +69,11 @@ def test_size_formula_is_what_a_layer_holds(tiny):
     _, weights, _ = tiny
     w = weights["model.layers.0.mlp.down_proj.weight"]          # [64, 160]
     for bits, group in ((4, 32), (8, 32), (3, 32), (4, 16)):
-        layer = qinfer.QuantizedLinear.from_float(w, bits, group)
+        layer = qinfer.QuantizedLinear.from_float(w, bits, group)     # float32 scales
         assert layer.nbytes == q_bytes(*w.shape, bits, group)
+        half = qinfer.QuantizedLinear.from_packed(layer.qweight, layer.scales.astype(np.float16),
+                                                  layer.zeros, bits, group)
+        assert half.scale_dtype == "float16" and half.nbytes == q_bytes(*w.shape, bits, group, 2)
 
 
 def test_cli_json_rows_and_times(tiny):

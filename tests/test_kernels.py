@@ -857,3 +857,67 @@ def test_stack_and_split_layers():
             rng.normal(size=(8, 96)).astype(np.float32), 8, 32)])
     with pytest.raises(qinfer.QinferError, match="do not split"):
         whole.split([24, 40])
+
+
+# ------------------------------------------------ scales and zeros held in float16
+def float16_exact_scales_zeros(rng, G, out_f, bits, integer_zeros):
+    """Scales and zeros every one of which float16 holds exactly: normal and
+    subnormal scales, negative and fractional zeros when not integer."""
+    scales, zeros = random_scales_zeros(rng, G, out_f, bits, integer_zeros)
+    scales = scales.astype(np.float16).astype(F32)
+    scales[0, ::3] = F32(2.0 ** -20) * rng.integers(1, 16, size=scales[0, ::3].shape)   # subnormal
+    if not integer_zeros:
+        zeros = (zeros - F32(1.5)).astype(np.float16).astype(F32)
+    return scales, zeros
+
+
+def test_scale_storage_is_float16_only_when_exact():
+    rng = np.random.default_rng(3)
+    codes = random_codes(rng, 64, 20, 4)
+    scales, zeros = random_scales_zeros(rng, 2, 20, 4)            # float32 scales: not exact in float16
+    packed = pack_gptq(codes, 4)
+    assert qinfer.QuantizedLinear.from_packed(packed, scales, zeros, 4, 32).scale_dtype == "float32"
+    with pytest.raises(qinfer.UnsupportedError, match="float16"):
+        qinfer.QuantizedLinear.from_packed(packed, scales, zeros, 4, 32, scale_dtype="float16")
+    with pytest.raises(qinfer.UnsupportedError, match="scale_dtype"):
+        qinfer.QuantizedLinear.from_packed(packed, scales, zeros, 4, 32, scale_dtype="int8")
+    s16 = scales.astype(np.float16).astype(F32)
+    held = qinfer.QuantizedLinear.from_packed(packed, s16, zeros, 4, 32)
+    assert held.scale_dtype == "float16"
+    assert held.nbytes < qinfer.QuantizedLinear.from_packed(packed, s16, zeros, 4, 32, scale_dtype="float32").nbytes
+    assert np.array_equal(held.scales, s16) and held.scales.dtype == F32
+    big = s16.copy()
+    big[0, 0] = F32(70000.0)                                       # beyond float16's range
+    assert qinfer.QuantizedLinear.from_packed(packed, big, zeros, 4, 32).scale_dtype == "float32"
+
+
+HALF_CASES = [(b, g, act) for b in BITS for g in GROUP_SIZES for act in (False, True) if not (act and g == -1)]
+
+
+@pytest.mark.parametrize("bits,group_size,act_order", HALF_CASES)
+def test_float16_held_scales_compute_the_same(bits, group_size, act_order):
+    """The kernels widen float16 scales and zeros exactly: every path gives the same
+    bits as with the same values held in float32, and matches numpy."""
+    rng = np.random.default_rng(bits * 100 + group_size)
+    out_f, in_f = 37, 256
+    G = n_groups(in_f, group_size)
+    codes = random_codes(rng, in_f, out_f, bits)
+    scales, zeros = float16_exact_scales_zeros(rng, G, out_f, bits, integer_zeros=group_size != 32)
+    g_idx = act_order_g_idx(rng, in_f, group_size) if act_order else None
+    packed = pack_gptq(codes, bits)
+    half = qinfer.QuantizedLinear.from_packed(packed, scales, zeros, bits, group_size, g_idx)
+    full = qinfer.QuantizedLinear.from_packed(packed, scales, zeros, bits, group_size, g_idx, scale_dtype="float32")
+    assert (half.scale_dtype, full.scale_dtype) == ("float16", "float32")
+    rows = g_idx if act_order else group_index(in_f, group_size)
+    want = scales[rows] * (codes.astype(F32) - zeros[rows])      # [in, out]
+    assert np.array_equal(half.dequantize(), want.T)
+    X = inputs(rng, 64, in_f)
+    check_layer_outputs(half, X, want, f"float16 scales b={bits} g={group_size}")
+    paths = ("avx2", "scalar") if qinfer.kernels.cpu_has_avx2() else ("scalar",)
+    for path in paths:
+        for activations in ("float", "int8"):
+            with qinfer.kernels.use_path(path), qinfer.kernels.use_activations(activations):
+                for x in (X[0], X[:7], X):
+                    for threads in (1, 2):
+                        np.testing.assert_array_equal(half(x, threads=threads), full(x, threads=threads),
+                                                      err_msg=f"{path} {activations} n={x.ndim and len(x)}")

@@ -31,7 +31,9 @@ def random_layer(rng, shape, out_features=None):
     bits, in_f, group = shape.bits, shape.in_features, shape.group_size
     qweight = rng.integers(-2**31, 2**31, size=(in_f * bits // 32, out_f), dtype=np.int64).astype(np.int32)
     n_groups = 1 if group == -1 else in_f // group
-    scales = rng.uniform(0.001, 0.01, size=(n_groups, out_f)).astype(np.float32)
+    # float16-exact, as the layers of a checkpoint or of quantize-on-load are, so
+    # the kernels read the scale bytes real layers have
+    scales = rng.uniform(0.001, 0.01, size=(n_groups, out_f)).astype(np.float16).astype(np.float32)
     zeros = np.full((n_groups, out_f), 2 ** (bits - 1), dtype=np.float32)
     return QuantizedLinear.from_packed(qweight, scales, zeros, bits, group)
 
