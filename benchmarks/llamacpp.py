@@ -7,7 +7,13 @@ llama.cpp), built once with cmake into a cache folder, and reused while its
 stamp file matches the version. It also writes the F32 GGUF both engines start
 from, so every comparison model comes from the same float weights.
 
-    python benchmarks/llamacpp.py            # build (or find) the tools and print their paths
+    python benchmarks/llamacpp.py [--isa avx2]   # build (or find) the tools and print their paths
+
+The instruction set: "native" (the default) builds for this CPU as llama.cpp
+does by default (GGML_NATIVE: AVX-512 and VNNI where the CPU has them);
+"avx2" builds with AVX2, FMA and F16C only, the instruction set of qinfer's
+kernels and of the machines the targets were set on, so on an AVX-512 CPU
+the two engines can also be compared like for like. Each has its own tools.
 """
 import argparse
 import glob
@@ -20,6 +26,11 @@ import tempfile
 
 VERSION = "0.3.36"
 TOOLS = ("llama-bench", "llama-perplexity", "llama-quantize")
+ISAS = {
+    "native": ["-DGGML_NATIVE=ON"],
+    "avx2": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+             "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=OFF"],
+}
 
 
 def cache_dir():
@@ -54,11 +65,14 @@ def _run(cmd, cwd=None):
     subprocess.run(cmd, cwd=cwd, check=True)
 
 
-def build(jobs=None):
-    """Paths of the llama.cpp tools, building them on first use."""
+def build(jobs=None, isa="native"):
+    """Paths of the llama.cpp tools for instruction set `isa` (ISAS), building them on first use."""
+    if isa not in ISAS:
+        raise SystemExit(f"unknown llama.cpp instruction set {isa!r}; expected one of {sorted(ISAS)}")
     root = cache_dir()
-    bindir = os.path.join(root, "bin")
-    stamp = os.path.join(root, "stamp")
+    suffix = "" if isa == "native" else f"-{isa}"
+    bindir = os.path.join(root, "bin" + suffix)
+    stamp = os.path.join(root, "stamp" + suffix)
     paths = {t: os.path.join(bindir, t) for t in TOOLS}
     if os.path.exists(stamp) and all(os.access(p, os.X_OK) for p in paths.values()):
         return paths
@@ -70,7 +84,7 @@ def build(jobs=None):
             tar.extractall(work, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(work)
         src = glob.glob(os.path.join(work, "llama_cpp_python-*", "vendor", "llama.cpp"))[0]
         build_dir = os.path.join(work, "build")
-        _run(["cmake", "-S", src, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+        _run(["cmake", "-S", src, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release", *ISAS[isa],
               "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
               "-DBUILD_SHARED_LIBS=OFF"])
         _run(["cmake", "--build", build_dir, "--config", "Release", "-j", str(jobs or os.cpu_count() or 2),
@@ -79,7 +93,7 @@ def build(jobs=None):
         for tool, dest in paths.items():
             shutil.copy2(os.path.join(build_dir, "bin", tool), dest)
         with open(stamp, "w") as f:
-            f.write(f"llama-cpp-python {VERSION}\n")
+            f.write(f"llama-cpp-python {VERSION} {isa}\n")
     return paths
 
 
@@ -139,6 +153,8 @@ def quantize(tools, f32_gguf, dest, qtype, threads=2):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-j", "--jobs", type=int, default=None)
+    p.add_argument("--isa", choices=sorted(ISAS), default="native",
+                   help="instruction set of the build (default: native, this CPU's)")
     args = p.parse_args()
-    for tool, path in build(args.jobs).items():
+    for tool, path in build(args.jobs, args.isa).items():
         print(f"{tool}: {path}")

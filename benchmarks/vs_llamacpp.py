@@ -367,6 +367,16 @@ def print_7b(rows, rounds):
 
 
 # --------------------------------------------------------------------- main
+def cpu_isa_note():
+    """", AVX-512" when this CPU has it: a native llama.cpp build uses it, qinfer's kernels do not."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ""
+    return " with AVX-512 (qinfer's kernels use AVX2)" if "avx512f" in flags else ""
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-r", type=int, default=3, help="alternating rounds (default 3)")
@@ -377,6 +387,9 @@ def main():
     parser.add_argument("--skip-smollm2", action="store_true", help="only the LLaMA-7B-shaped model")
     parser.add_argument("--n-7b", type=int, default=128, help="decoded tokens of the 7B model (default 128)")
     parser.add_argument("--layers-7b", type=int, default=32, help="layers of the 7B model (default 32)")
+    parser.add_argument("--llamacpp-isa", choices=sorted(llamacpp.ISAS), default="native",
+                        help="llama.cpp's instruction set: native (this CPU's, AVX-512 where present; the default) "
+                             "or avx2 (AVX2/FMA/F16C, as qinfer's kernels)")
     parser.add_argument("--no-llamacpp", action="store_true", help="qinfer only (no llama.cpp build or runs)")
     parser.add_argument("--qinfer-load", choices=("quantize", "checkpoint"), default="quantize",
                         help="qinfer's SmolLM2: quantize the F32 GGUF on load (default), or load a "
@@ -394,12 +407,13 @@ def main():
         parser.error("-r, -t, --n-7b and --layers-7b must be >= 1; -p and -n >= 0")
 
     import qinfer
-    tools = None if args.no_llamacpp else llamacpp.build()
+    tools = None if args.no_llamacpp else llamacpp.build(isa=args.llamacpp_isa)
     print(f"qinfer {qinfer.__version__} (kernels {qinfer.kernels.active_path()}), llama.cpp from "
-          f"llama-cpp-python {llamacpp.VERSION}{' (not run)' if tools is None else ''}; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+          f"llama-cpp-python {llamacpp.VERSION}{' (not run)' if tools is None else f' built for {args.llamacpp_isa}'}; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs{cpu_isa_note()}, load average "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at the start")
-    report = dict(qinfer=qinfer.__version__, llamacpp=llamacpp.VERSION if tools else None, rounds=args.r,
+    report = dict(qinfer=qinfer.__version__, llamacpp=llamacpp.VERSION if tools else None,
+                  llamacpp_isa=args.llamacpp_isa, rounds=args.r,
                   threads=threads, n_prompt=args.p, n_gen=args.n, load_average_start=os.getloadavg())
     if not args.skip_smollm2:
         models = smollm2_models(tools, args.workdir, args.qinfer_load)
