@@ -258,6 +258,49 @@ static void gemm_block(const float *w, const float *x, int in, int out, float *y
         }
 }
 
+/* The decode path (one token): GEMV_ROWS weight rows at a time with two accumulators
+ * each. One dot product at a time is a single chain of FMAs, paced by their latency:
+ * on long rows (a 7B model's float LM head) that is slower than memory. */
+#define GEMV_ROWS 4
+__attribute__((target("avx2,fma")))
+static void gemv_rows(const float *w, const float *x, int in, float *y)
+{
+    const int vec_end = in & ~15;
+    __m256 acc[GEMV_ROWS][2];
+    for (int r = 0; r < GEMV_ROWS; r++)
+        acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int i = 0; i < vec_end; i += 16) {
+        const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(w + (size_t)r * in + i), x0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(w + (size_t)r * in + i + 8), x1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        float sum = hsum256(_mm256_add_ps(acc[r][0], acc[r][1]));
+        for (int i = vec_end; i < in; i++)
+            sum += w[(size_t)r * in + i] * x[i];
+        y[r] = sum;
+    }
+}
+
+__attribute__((target("avx2,fma")))
+static void float_gemv_avx2(const linear *l, const float *x, float *y, int nthreads)
+{
+    const int in = l->in, out = l->out, blocks = (out + GEMV_ROWS - 1) / GEMV_ROWS;
+    int b;
+    #pragma omp parallel for schedule(static) num_threads(thread_count(nthreads))
+    for (b = 0; b < blocks; b++) {
+        const int o0 = b * GEMV_ROWS;
+        if (o0 + GEMV_ROWS <= out) {
+            gemv_rows(l->w + (size_t)o0 * in, x, in, y + o0);
+            continue;
+        }
+        for (int o = o0; o < out; o++)     /* ragged edge */
+            y[o] = dot(l->w + (size_t)o * in, x, in);
+    }
+}
+
 __attribute__((target("avx2,fma")))
 static void float_matmul_avx2(const linear *l, const float *x, int n, float *y, int nthreads)
 {
@@ -296,6 +339,10 @@ static void float_matmul(const linear *l, const float *x, int n, float *y, int n
     }
     if (n > 1 && cpu_avx2_fma) {
         float_matmul_avx2(l, x, n, y, nthreads);
+        return;
+    }
+    if (n == 1 && cpu_avx2_fma) {
+        float_gemv_avx2(l, x, y, nthreads);
         return;
     }
 #endif
