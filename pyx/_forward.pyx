@@ -337,12 +337,11 @@ static void float_matmul(const linear *l, const float *x, int n, float *y, int n
         __builtin_cpu_init();
         cpu_avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     }
-    if (n > 1 && cpu_avx2_fma) {
-        float_matmul_avx2(l, x, n, y, nthreads);
-        return;
-    }
-    if (n == 1 && cpu_avx2_fma) {
-        float_gemv_avx2(l, x, y, nthreads);
+    if (cpu_avx2_fma) {
+        if (n == 1)
+            float_gemv_avx2(l, x, y, nthreads);
+        else
+            float_matmul_avx2(l, x, n, y, nthreads);
         return;
     }
 #endif

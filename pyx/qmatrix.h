@@ -70,6 +70,17 @@ static inline const void *qm_scale_ptr(const qmatrix *m, const void *base, size_
     return (const char *)base + i * (m->half_scales ? sizeof(uint16_t) : sizeof(float));
 }
 
+/* Tile `tile`'s scales or zeros: its [n_groups][tu] block. */
+static inline const void *qm_tile_scales(const qmatrix *m, int tile)
+{
+    return qm_scale_ptr(m, m->scales, (size_t)tile * m->n_groups * m->tu);
+}
+
+static inline const void *qm_tile_zeros(const qmatrix *m, int tile)
+{
+    return qm_scale_ptr(m, m->zeros, (size_t)tile * m->n_groups * m->tu);
+}
+
 /* Element i of `base` (m->scales or m->zeros, or a qm_scale_ptr into them). */
 static inline float qm_scale(const qmatrix *m, const void *base, size_t i)
 {
