@@ -262,6 +262,7 @@ static void gemm_block(const float *w, const float *x, int in, int out, float *y
  * each. One dot product at a time is a single chain of FMAs, paced by their latency:
  * on long rows (a 7B model's float LM head) that is slower than memory. */
 #define GEMV_ROWS 4
+#define GEMV_RUN_BYTES (256 * 1024)
 __attribute__((target("avx2,fma")))
 static void gemv_rows(const float *w, const float *x, int in, float *y)
 {
@@ -288,8 +289,12 @@ __attribute__((target("avx2,fma")))
 static void float_gemv_avx2(const linear *l, const float *x, float *y, int nthreads)
 {
     const int in = l->in, out = l->out, blocks = (out + GEMV_ROWS - 1) / GEMV_ROWS;
+    /* runs of about GEMV_RUN_BYTES of weights, taken in turn: a fixed half per thread left
+     * one core waiting for the other whenever their share of the memory bandwidth differed */
+    const size_t block_bytes = (size_t)GEMV_ROWS * in * sizeof(float);
+    const int run = block_bytes >= GEMV_RUN_BYTES ? 1 : (int)(GEMV_RUN_BYTES / block_bytes);
     int b;
-    #pragma omp parallel for schedule(static) num_threads(thread_count(nthreads))
+    #pragma omp parallel for schedule(dynamic, run) num_threads(thread_count(nthreads))
     for (b = 0; b < blocks; b++) {
         const int o0 = b * GEMV_ROWS;
         if (o0 + GEMV_ROWS <= out) {
