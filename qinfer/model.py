@@ -82,9 +82,14 @@ class Model:
         self._stacked = {}                    # (layer, "wqkv" | "w_gate_up") -> the stacked QuantizedLinear
 
         self.embedding = self._float_matrix(source, "model.embed_tokens.weight")
-        layers = [self._layer(source, i) for i in range(cfg.num_hidden_layers)]
+        source.release_pages()
+        layers = []
+        for i in range(cfg.num_hidden_layers):
+            layers.append(self._layer(source, i))
+            source.release_pages()        # peak memory: the model as laid out plus one layer of the file
         final_norm = source.float_tensor("model.norm.weight")
         lm_head = self._lm_head(source)
+        source.release_pages()
         inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self._keep.append(source)
         self.transformer = Transformer(

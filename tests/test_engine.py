@@ -659,3 +659,34 @@ def test_empty_inputs(tiny):
         assert isinstance(eng.generate("", max_new_tokens=2), str)
     with pytest.raises(QinferError):
         eng.logits([])
+
+
+# ------------------------------------------------------------ memory after loading
+def resident_kib_of_file(path):
+    """Resident KiB of this process's maps of `path` (Linux /proc/self/smaps)."""
+    path, total, inside = os.path.realpath(path), 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if fields and "-" in fields[0] and len(fields) >= 5:   # a map's header line
+                inside = len(fields) >= 6 and fields[-1] == path
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@needs_tokenizer
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
+@pytest.mark.parametrize("quantize", [None, 4], ids=["float", "quantize-on-load"])
+def test_loading_gives_back_the_checkpoint_pages(tmp_path, quantize):
+    # Loading reads every byte of the mapped checkpoint; those pages must not stay in the
+    # process once copied into the kernels' layout (a 7B checkpoint cost twice its size).
+    weights, config = ref.write_tiny_llama(tmp_path, tied=False, seed=11)
+    st = tmp_path / "model.safetensors"
+    eng = qinfer.Engine(tmp_path, threads=1, quantize=quantize, group_size=32)
+    file_kib = st.stat().st_size // 1024
+    assert resident_kib_of_file(st) < 0.05 * file_kib, "the checkpoint's pages stayed resident after loading"
+    # the float model runs on views of the map: its pages come back from the file, unchanged
+    want = (ref.forward(weights, config, SEQ) if quantize is None else
+            ref.forward(ref.quantized_reference_weights(weights, bits=4, group_size=32, head_bits=8), config, SEQ))
+    assert max_err(eng.logits(SEQ), want) <= LOGIT_TOL

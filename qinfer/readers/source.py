@@ -15,6 +15,7 @@ Tensor names (Hugging Face LLaMA names):
 q_proj/k_proj rows are in Hugging Face order (rotate-half RoPE): a GGUF
 reader undoes llama.cpp's interleaving permutation.
 """
+import mmap
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Union
 
@@ -76,8 +77,33 @@ class ModelSource:
     chat_template: Optional[str] = None
     keepalive: list = field(default_factory=list)   # mmaps / file handles the tensors view
 
+    def release_pages(self):
+        """Give back the pages of the mapped files that reading has made resident.
+
+        Loading copies the weights into the kernels' layout, yet the file pages it read
+        stay resident in this process (counted in its RSS) for as long as the map lives,
+        and the map lives as long as any tensor views it: a 4 GB checkpoint would cost
+        8 GB to load. The maps are read-only, so dropping the pages changes no data: a
+        view that is read again (a float32 norm or embedding used in place) faults its
+        pages back in from the page cache."""
+        for m in self.keepalive:
+            _drop_resident_pages(m)
+
     def float_tensor(self, name):
         t = self.tensors[name]
         if callable(t):
             t = t()
         return np.asarray(t, dtype=np.float32)
+
+
+def _drop_resident_pages(array):
+    # np.memmap keeps its mmap.mmap in ._mmap (slices share it); madvise exists on Linux
+    # and some BSDs, and elsewhere the pages simply stay until the map is closed.
+    mm = getattr(array, "_mmap", None)
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if mm is None or advice is None or not hasattr(mm, "madvise"):
+        return
+    try:
+        mm.madvise(advice)
+    except (OSError, ValueError):    # a closed map, or a kernel that refuses: nothing to give back
+        pass
