@@ -15,6 +15,7 @@ import numpy as np
 from .errors import ShapeError, UnsupportedError
 
 BITWIDTHS = (2, 3, 4, 8)
+PACK_BLOCK_CODES = 1 << 20     # codes packed per step
 
 
 def check_bits(bits):
@@ -36,16 +37,22 @@ def pack(codes, bits):
     words, values = unit_shape(bits)
     if k % values:
         raise ShapeError(f"in_features={k} is not a multiple of {values} ({bits}-bit packing unit)")
-    units = codes.reshape(k // values, values, n).astype(np.uint64)
-    packed = np.zeros((k // values, words, n), dtype=np.uint64)
-    for i in range(values):
-        start = bits * i
-        word, offset = divmod(start, 32)
-        value = units[:, i, :]
-        packed[:, word, :] |= (value << np.uint64(offset)) & np.uint64(0xFFFFFFFF)
-        if offset + bits > 32:   # the high bits spill into the next word
-            packed[:, word + 1, :] |= value >> np.uint64(32 - offset)
-    return packed.astype(np.uint32).reshape(k * bits // 32, n).view(np.int32)
+    all_units = codes.reshape(k // values, values, n)
+    out = np.empty((k // values, words, n), dtype=np.uint32)
+    # A few units at a time: the 64-bit working copy of a whole LM head would be 8 bytes per code.
+    step = max(1, PACK_BLOCK_CODES // (values * n))
+    for u0 in range(0, k // values, step):
+        units = all_units[u0:u0 + step].astype(np.uint64)
+        packed = np.zeros((units.shape[0], words, n), dtype=np.uint64)
+        for i in range(values):
+            start = bits * i
+            word, offset = divmod(start, 32)
+            value = units[:, i, :]
+            packed[:, word, :] |= (value << np.uint64(offset)) & np.uint64(0xFFFFFFFF)
+            if offset + bits > 32:   # the high bits spill into the next word
+                packed[:, word + 1, :] |= value >> np.uint64(32 - offset)
+        out[u0:u0 + step] = packed
+    return out.reshape(k * bits // 32, n).view(np.int32)
 
 
 def unpack(qweight, bits):

@@ -105,6 +105,9 @@ def check_settings(bits, group_size, sym=False, zero_point="int"):
                                f"got {group_size!r}")
 
 
+RTN_ROW_BLOCK = 1024      # output rows rounded at a time
+
+
 def rtn_quantize(weight, bits, group_size=128, sym=False, zero_point="int"):
     """Round to nearest of a float [out, in] weight -> QuantResult.
 
@@ -116,19 +119,23 @@ def rtn_quantize(weight, bits, group_size=128, sym=False, zero_point="int"):
     n_out, n_in = w.shape
     g = n_in if group_size == -1 else group_size
     full = n_in // g
-    scales, zeros, codes = [], [], np.empty((n_out, n_in), dtype=np.uint8)
-    if full:
-        body = w[:, :full * g].reshape(n_out, full, g)
-        s, z = group_params(body, bits, sym, zero_point)           # [out, full]
-        codes[:, :full * g] = quantize_codes(body, s, z, bits, zero_point).reshape(n_out, full * g)
-        scales.append(s.T)
-        zeros.append(z.T)
-    if full * g < n_in:
-        tail = w[:, full * g:]
-        s, z = group_params(tail, bits, sym, zero_point)           # [out]
-        codes[:, full * g:] = quantize_codes(tail, s, z, bits, zero_point)
-        scales.append(s[None])
-        zeros.append(z[None])
-    return QuantResult(bits, group_size, np.ascontiguousarray(codes.T),
-                       np.ascontiguousarray(np.concatenate(scales)), np.ascontiguousarray(np.concatenate(zeros)),
+    n_groups = full + (full * g < n_in)
+    codes = np.empty((n_out, n_in), dtype=np.uint8)
+    scales = np.empty((n_groups, n_out), dtype=np.float32)
+    zeros = np.empty((n_groups, n_out), dtype=np.float32)
+    # Rows are independent: a block of them at a time keeps the float temporaries of the
+    # rounding to a few MiB instead of several copies of the whole matrix (an LM head).
+    for r0 in range(0, n_out, RTN_ROW_BLOCK):
+        rows = slice(r0, min(n_out, r0 + RTN_ROW_BLOCK))
+        if full:
+            body = w[rows, :full * g].reshape(-1, full, g)
+            sc, z = group_params(body, bits, sym, zero_point)           # [rows, full]
+            codes[rows, :full * g] = quantize_codes(body, sc, z, bits, zero_point).reshape(-1, full * g)
+            scales[:full, rows], zeros[:full, rows] = sc.T, z.T
+        if full * g < n_in:
+            tail = w[rows, full * g:]
+            sc, z = group_params(tail, bits, sym, zero_point)           # [rows]
+            codes[rows, full * g:] = quantize_codes(tail, sc, z, bits, zero_point)
+            scales[full, rows], zeros[full, rows] = sc, z
+    return QuantResult(bits, group_size, np.ascontiguousarray(codes.T), scales, zeros,
                        layout.trivial_g_idx(n_in, group_size), zero_point)
