@@ -19,8 +19,8 @@
    checkpoint (4-bit, group 128, random int32 codes, float16 scales, the
    embedding and LM head in float16 as GPTQ checkpoints keep them); no float
    7B tensor is ever built. qinfer decodes tg128 only, with float and with
-   int8 activations; the bound is the weight bytes one token reads (packed codes, float16 scales/zeros, the float32 LM
-   head, as loaded) over the streaming read bandwidth measured at the same
+   int8 activations; the bound is the weight bytes one token reads (packed codes, float16 scales/zeros, the LM
+   head as held: float16, as the checkpoint stores it) over the streaming read bandwidth measured at the same
    thread count in the same run (benchmarks/common.py). The checkpoint is
    deleted at the end. No llama.cpp run for this model.
 

@@ -10,7 +10,7 @@ Float loops are compiled twice (AVX2+FMA and baseline) and picked by the
 dynamic loader (GCC target_clones), so they vectorize where the CPU can.
 """
 from cpython.pycapsule cimport PyCapsule_GetPointer
-from libc.stdint cimport int32_t
+from libc.stdint cimport int32_t, uint16_t
 from libc.stdlib cimport malloc, calloc, free
 
 cdef extern from "qmatrix.h":
@@ -50,6 +50,7 @@ typedef struct {
     qgemm_fn qgemm;       /* ... and the kernel for its bitwidth */
     qgemm_fn qgemm_i8;    /* NULL, or the int8-activation kernel (Engine(activations="int8")) */
     const float *w;       /* float32: [out][in] (Hugging Face orientation) */
+    const uint16_t *w16;  /* or float16, the same layout (a float16 checkpoint's LM head) */
     int in, out;
 } linear;
 
@@ -70,7 +71,8 @@ typedef struct {
 typedef struct {
     int dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size, ctx;
     float eps;
-    const float *embedding;     /* [vocab][dim] */
+    const float *embedding;     /* [vocab][dim] float32, or */
+    const uint16_t *embedding16;    /* [vocab][dim] float16 (a float16 checkpoint's table) */
     layer_weights *layers;      /* [n_layers] */
     const float *final_norm;    /* [dim] */
     linear lm_head;             /* dim -> vocab */
@@ -112,7 +114,7 @@ typedef struct {
 
 static int is_set(const linear *l)
 {
-    return l->q != NULL || l->w != NULL;
+    return l->q != NULL || l->w != NULL || l->w16 != NULL;
 }
 
 static void free_state(run_state *s)
@@ -334,14 +336,38 @@ static void float_matmul_avx2(const linear *l, const float *x, int n, float *y, 
 #endif
 
 static int cpu_avx2_fma = -1;
+static int cpu_f16c;
+
+static void check_cpu(void)
+{
+    if (cpu_avx2_fma >= 0)
+        return;
+#if QI_HAVE_AVX2_GEMM
+    __builtin_cpu_init();
+    cpu_f16c = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    cpu_avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    cpu_f16c = 0;
+    cpu_avx2_fma = 0;
+#endif
+}
+
+#if QI_HAVE_AVX2_GEMM
+/* float16 -> float32, 8 at a time; returns how many it did (count rounded down to 8). */
+__attribute__((target("avx2,f16c")))
+static size_t widen_f16c(const uint16_t *h, size_t count, float *out)
+{
+    size_t i = 0;
+    for (; i + 8 <= count; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+    return i;
+}
+#endif
 
 static void float_matmul(const linear *l, const float *x, int n, float *y, int nthreads)
 {
+    check_cpu();
 #if QI_HAVE_AVX2_GEMM
-    if (cpu_avx2_fma < 0) {
-        __builtin_cpu_init();
-        cpu_avx2_fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    }
     if (cpu_avx2_fma) {
         if (n == 1)
             float_gemv_avx2(l, x, y, nthreads);
@@ -353,18 +379,93 @@ static void float_matmul(const linear *l, const float *x, int n, float *y, int n
     float_matmul_portable(l, x, n, y, nthreads);
 }
 
+/* float16 weights: HALF_ROWS rows at a time are widened into a float32 buffer of the
+ * thread's, then multiplied exactly as float32 rows are (the same blocks, the same order of
+ * the sums): the same results as the weights held in float32, from half the bytes. */
+#define HALF_ROWS 12    /* a multiple of GEMM_ROWS and of GEMV_ROWS, so the blocks line up */
+
+static void widen_rows(const uint16_t *h, size_t count, float *out)
+{
+    size_t i = 0;
+#if QI_HAVE_AVX2_GEMM
+    if (cpu_f16c)
+        i = widen_f16c(h, count, out);
+#endif
+    for (; i < count; i++)
+        out[i] = qm_half_to_float(h[i]);
+}
+
+/* y[t * ldy + r] = w[r] . x[t] for r < rows, t < n. */
+static void rows_times_x(const float *w, int rows, int in, const float *x, int n, float *y, int ldy)
+{
+#if QI_HAVE_AVX2_GEMM
+    if (cpu_avx2_fma) {
+        for (int t = 0; t < n; t += GEMM_TOKENS)
+            for (int r = 0; r < rows; r += n == 1 ? GEMV_ROWS : GEMM_ROWS) {
+                if (n == 1 && r + GEMV_ROWS <= rows) {
+                    gemv_rows(w + (size_t)r * in, x, in, y + r);
+                    continue;
+                }
+                if (n > 1 && r + GEMM_ROWS <= rows && t + GEMM_TOKENS <= n) {
+                    gemm_block(w + (size_t)r * in, x + (size_t)t * in, in, ldy, y + (size_t)t * ldy + r);
+                    continue;
+                }
+                const int r_end = n == 1 ? GEMV_ROWS : GEMM_ROWS;
+                for (int o = r; o < r + r_end && o < rows; o++)     /* ragged edge */
+                    for (int c = t; c < t + GEMM_TOKENS && c < n; c++)
+                        y[(size_t)c * ldy + o] = dot(w + (size_t)o * in, x + (size_t)c * in, in);
+            }
+        return;
+    }
+#endif
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < n; t++)
+            y[(size_t)t * ldy + r] = dot(w + (size_t)r * in, x + (size_t)t * in, in);
+}
+
+static int half_matmul(const linear *l, const float *x, int n, float *y, int nthreads)
+{
+    const int in = l->in, out = l->out, blocks = (out + HALF_ROWS - 1) / HALF_ROWS;
+    check_cpu();
+    int failed = 0;
+    #pragma omp parallel num_threads(thread_count(nthreads)) reduction(|:failed)
+    {
+        float *rows = (float *)malloc(sizeof(float) * HALF_ROWS * (size_t)in);
+        failed = rows == NULL;
+        int b;
+        #pragma omp for schedule(dynamic, 4)
+        for (b = 0; b < blocks; b++) {
+            if (!rows)
+                continue;
+            const int o0 = b * HALF_ROWS, count = out - o0 < HALF_ROWS ? out - o0 : HALF_ROWS;
+            widen_rows(l->w16 + (size_t)o0 * in, (size_t)count * in, rows);
+            rows_times_x(rows, count, in, x, n, y + o0, out);
+        }
+        free(rows);
+    }
+    return failed ? -1 : 0;
+}
+
 static int matmul(const linear *l, const float *x, int n, float *y, int nthreads)
 {
     if (l->q)
         return (l->qgemm_i8 ? l->qgemm_i8 : l->qgemm)(l->q, x, n, y, nthreads);
+    if (l->w16)
+        return half_matmul(l, x, n, y, nthreads);
     float_matmul(l, x, n, y, nthreads);
     return 0;
 }
 
 static void embed(const weights *w, const int *tokens, int n, float *x)
 {
-    for (int t = 0; t < n; t++)
-        memcpy(x + (size_t)t * w->dim, w->embedding + (size_t)tokens[t] * w->dim, sizeof(float) * w->dim);
+    for (int t = 0; t < n; t++) {
+        float *row = x + (size_t)t * w->dim;
+        if (w->embedding16)
+            for (int i = 0; i < w->dim; i++)
+                row[i] = qm_half_to_float(w->embedding16[(size_t)tokens[t] * w->dim + i]);
+        else
+            memcpy(row, w->embedding + (size_t)tokens[t] * w->dim, sizeof(float) * w->dim);
+    }
 }
 
 /* out = x / sqrt(mean(x^2) + eps) * weight, row by row (Hugging Face order of operations). */
@@ -779,6 +880,7 @@ static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int
         qgemm_fn qgemm
         qgemm_fn qgemm_i8
         const float *w
+        const uint16_t *w16
         int in_ "in"
         int out
     ctypedef struct layer_weights:
@@ -790,6 +892,7 @@ static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int
         int dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size, ctx
         float eps
         const float *embedding
+        const uint16_t *embedding16
         layer_weights *layers
         const float *final_norm
         linear lm_head
@@ -812,6 +915,18 @@ static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int
         float *down_in
     int run_layer(const weights *w, run_state *s, int l, float *x, int n, int pos,
                   const layer_capture *cap, int nthreads) nogil
+
+
+cdef const uint16_t *half_ptr(object array, Py_ssize_t size) except NULL:
+    """Pointer into a C-contiguous float16 numpy array of `size` elements."""
+    cdef const uint16_t[::1] view = array.reshape(-1).view("uint16")
+    if view.shape[0] != size:
+        raise ValueError(f"expected {size} float16 values, got {view.shape[0]}")
+    return &view[0]
+
+
+cdef bint is_half(object array):
+    return getattr(array, "dtype", None) == "float16"
 
 
 cdef const float *float_ptr(object array, Py_ssize_t size) except NULL:
@@ -857,7 +972,12 @@ cdef class Transformer:
         self.w.eps = config["eps"]
         dim, hd = self.w.dim, self.w.head_dim
         q_dim, kv_dim = self.w.n_heads * hd, self.w.n_kv_heads * hd
-        self.w.embedding = float_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)
+        self.w.embedding = NULL
+        self.w.embedding16 = NULL
+        if is_half(embedding):
+            self.w.embedding16 = half_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)
+        else:
+            self.w.embedding = float_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)
         self.w.final_norm = float_ptr(final_norm, dim)
         self.w.inv_freq = float_ptr(inv_freq, hd // 2)
         self.set_linear_ptr(&self.w.lm_head, lm_head, dim, self.w.vocab_size)
@@ -917,6 +1037,7 @@ cdef class Transformer:
         l.qgemm = NULL
         l.qgemm_i8 = NULL
         l.w = NULL
+        l.w16 = NULL
         if spec is None:
             return 0
         if isinstance(spec, tuple):
@@ -924,6 +1045,8 @@ cdef class Transformer:
             l.qgemm = <qgemm_fn>PyCapsule_GetPointer(spec[1], b"qinfer.qgemm_fn")
             if len(spec) > 2 and spec[2] is not None:
                 l.qgemm_i8 = <qgemm_fn>PyCapsule_GetPointer(spec[2], b"qinfer.qgemm_fn")
+        elif is_half(spec):
+            l.w16 = half_ptr(spec, <Py_ssize_t>n_in * n_out)
         else:
             l.w = float_ptr(spec, <Py_ssize_t>n_in * n_out)
         return 0

@@ -119,7 +119,8 @@ def _group_text(group):
 def weight_summary(engine):
     """What the engine's model holds, decided as qinfer/model.py decides it: a packed tensor runs
     packed (unless the model dequantizes), a float linear map is quantized on load when asked
-    (the LM head at model.LM_HEAD_BITS), everything else is float32."""
+    (the LM head at model.LM_HEAD_BITS), the embedding and a float LM head are as the model holds
+    them (float16 when the checkpoint stores them so), everything else is float32."""
     from .linear import held_scale_dtype
     from .model import LM_HEAD_BITS, LINEAR_NAMES
     from .readers.source import PackedTensor
@@ -152,18 +153,21 @@ def weight_summary(engine):
         total += nbytes
         decode += nbytes
     vocab, hidden = shapes["model.embed_tokens.weight"]
-    embedding = 4 * vocab * hidden
+    embedding = model.embedding.nbytes                 # float16 as a float16 checkpoint stores it
     head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     head_bytes, head_bits, head_group = linear(head_name, LM_HEAD_BITS if model.quantize else None)
+    if head_bits is None:
+        head_bytes = model.float_lm_head.nbytes
+        float_text = f"f{8 * model.float_lm_head.dtype.itemsize}"
     if head_bits is None and cfg.tie_word_embeddings:
         # a float tied head is the embedding table itself: held once, read whole per token
         total += embedding
         decode += embedding
-        head = "f32 (tied)"
+        head = f"{float_text} (tied)"
     else:
         total += embedding + head_bytes
-        decode += 4 * hidden + head_bytes
-        head = "f32" if head_bits is None else f"{head_bits}-bit g{_group_text(head_group)}"
+        decode += embedding // vocab + head_bytes
+        head = float_text if head_bits is None else f"{head_bits}-bit g{_group_text(head_group)}"
     bits = sorted(kinds, key=lambda k: (k[0] is None, k[0] or 0))
     bits_text = "/".join(dict.fromkeys("f32" if b is None else str(b) for b, _ in bits))
     groups = {g for _, g in kinds}

@@ -81,7 +81,7 @@ class Model:
         self.stack = os.environ.get(STACK_ENV, "1") != "0" if stack is None else bool(stack)
         self._stacked = {}                    # (layer, "wqkv" | "w_gate_up") -> the stacked QuantizedLinear
 
-        self.embedding = self._float_matrix(source, "model.embed_tokens.weight")
+        self.embedding = self._table(source, "model.embed_tokens.weight")
         source.release_pages()
         layers = []
         for i in range(cfg.num_hidden_layers):
@@ -90,6 +90,7 @@ class Model:
         final_norm = source.float_tensor("model.norm.weight")
         lm_head = self._lm_head(source)
         source.release_pages()
+        self.float_lm_head = lm_head if isinstance(lm_head, np.ndarray) else None   # float32 or float16
         inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self._keep.append(source)
         self.transformer = Transformer(
@@ -105,6 +106,16 @@ class Model:
         if isinstance(t, PackedTensor):
             return self._packed(t).dequantize()
         return np.ascontiguousarray(source.float_tensor(name))
+
+    def _table(self, source, name):
+        """The embedding table or a float LM head: float16 as stored when the checkpoint
+        has it so (the forward pass widens the rows it reads), float32 otherwise. A
+        float16 7B checkpoint's two tables are 1 GB in float32, and the LM head is read
+        whole for every token."""
+        half = getattr(source.tensors[name], "half", None)      # readers.lazy.LazyTensor of F16
+        if half is not None:
+            return np.ascontiguousarray(half)
+        return self._float_matrix(source, name)
 
     def _packed(self, t):
         return QuantizedLinear.from_packed(t.qweight, t.scales, t.zeros, t.bits, t.group_size, t.g_idx)
@@ -152,7 +163,7 @@ class Model:
             return self._linear_spec(quantize_on_load(w, LM_HEAD_BITS, self.group_size))
         if name == "model.embed_tokens.weight":
             return self.embedding
-        return self._float_matrix(source, name)
+        return self._table(source, name)
 
     def quantized_layers(self):
         """The QuantizedLinear objects the forward pass runs (each once)."""

@@ -690,3 +690,28 @@ def test_loading_gives_back_the_checkpoint_pages(tmp_path, quantize):
     want = (ref.forward(weights, config, SEQ) if quantize is None else
             ref.forward(ref.quantized_reference_weights(weights, bits=4, group_size=32, head_bits=8), config, SEQ))
     assert max_err(eng.logits(SEQ), want) <= LOGIT_TOL
+
+
+@needs_tokenizer
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_float16_tables_stay_float16_and_compute_as_float32(tmp_path, tied):
+    # A float16 checkpoint's embedding and LM head are held as float16 (half the memory; the
+    # LM head is read whole per token) and widened row by row: the logits must be exactly
+    # those of the same values stored as float32, for prefill and for decode.
+    d16, d32 = tmp_path / "f16", tmp_path / "f32"
+    weights, config = ref.write_tiny_llama(d16, tied=tied, seed=12, dtype=np.float16)
+    ref.write_tiny_llama(d32, tied=tied, seed=12)
+    ref.save_safetensors(weights, d32 / "model.safetensors")      # the float16 values, as float32
+    e16, e32 = qinfer.Engine(d16, threads=2), qinfer.Engine(d32, threads=2)
+    assert e16.model.embedding.dtype == np.float16 and e32.model.embedding.dtype == np.float32
+    if not tied:
+        assert e16.model.float_lm_head.dtype == np.float16
+    assert np.array_equal(e16.logits(SEQ), e32.logits(SEQ))
+    for engine in (e16, e32):
+        engine.reset()
+    steps = [(e16.decode_step(t), e32.decode_step(t)) for t in SEQ[:5]]
+    assert all(np.array_equal(a, b) for a, b in steps)
+    assert max_err(e16.logits(SEQ), ref.forward(weights, config, SEQ)) <= LOGIT_TOL
+    from qinfer.bench import weight_summary
+    summary = weight_summary(e16)
+    assert summary.lm_head == ("f16 (tied)" if tied else "f16")

@@ -153,7 +153,7 @@ def _gptq_layers(source, windows, settings, threads, true_sequential, progress):
     cfg = model.config
     widths = {"attn_in": cfg.hidden_size, "o_in": cfg.num_attention_heads * cfg.head_dim,
               "mlp_in": cfg.hidden_size, "down_in": cfg.intermediate_size}
-    hidden = np.ascontiguousarray(model.embedding[windows])          # [nsamples, seqlen, dim]
+    hidden = np.ascontiguousarray(model.embedding[windows], dtype=np.float32)   # [nsamples, seqlen, dim]
     stages = TRUE_SEQUENTIAL_STAGES if true_sequential else (tuple(LINEAR_NAMES),)
     n_layers = cfg.num_hidden_layers
     results, errors = {}, {}

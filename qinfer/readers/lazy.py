@@ -11,12 +11,13 @@ import numpy as np
 class LazyTensor:
     """A callable producing a float32 array of `shape`; nothing is cached (the caller keeps the result)."""
 
-    __slots__ = ("shape", "source_dtype", "_make")
+    __slots__ = ("shape", "source_dtype", "_make", "half")
 
-    def __init__(self, shape, source_dtype, make):
+    def __init__(self, shape, source_dtype, make, half=None):
         self.shape = tuple(int(d) for d in shape)
         self.source_dtype = source_dtype      # e.g. "BF16", "F16": what the file stores
         self._make = make
+        self.half = half                      # F16: the float16 values themselves (a view on the file)
 
     dtype = np.dtype(np.float32)              # what calling it returns
 
@@ -45,7 +46,7 @@ def bf16_to_f32(raw_u16):
 
 
 def lazy_f16(half):
-    return LazyTensor(half.shape, "F16", lambda: f16_to_f32(half))
+    return LazyTensor(half.shape, "F16", lambda: f16_to_f32(half), half=half)
 
 
 def lazy_bf16(raw_u16):
