@@ -362,6 +362,30 @@ static size_t widen_f16c(const uint16_t *h, size_t count, float *out)
         _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
     return i;
 }
+
+/* gemv_rows on float16 rows, widened in registers: the same products and sums. */
+__attribute__((target("avx2,fma,f16c")))
+static void gemv_rows_f16c(const uint16_t *w, const float *x, int in, float *y)
+{
+    const int vec_end = in & ~15;
+    __m256 acc[GEMV_ROWS][2];
+    for (int r = 0; r < GEMV_ROWS; r++)
+        acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int i = 0; i < vec_end; i += 16) {
+        const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+        for (int r = 0; r < GEMV_ROWS; r++) {
+            const uint16_t *row = w + (size_t)r * in + i;
+            acc[r][0] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)row)), x0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 8))), x1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < GEMV_ROWS; r++) {
+        float sum = hsum256(_mm256_add_ps(acc[r][0], acc[r][1]));
+        for (int i = vec_end; i < in; i++)
+            sum += qm_half_to_float(w[(size_t)r * in + i]) * x[i];
+        y[r] = sum;
+    }
+}
 #endif
 
 static void float_matmul(const linear *l, const float *x, int n, float *y, int nthreads)
@@ -438,6 +462,13 @@ static int half_matmul(const linear *l, const float *x, int n, float *y, int nth
             if (!rows)
                 continue;
             const int o0 = b * HALF_ROWS, count = out - o0 < HALF_ROWS ? out - o0 : HALF_ROWS;
+#if QI_HAVE_AVX2_GEMM
+            if (n == 1 && count == HALF_ROWS && cpu_avx2_fma && cpu_f16c) {   /* decode: no buffer */
+                for (int r = 0; r < HALF_ROWS; r += GEMV_ROWS)
+                    gemv_rows_f16c(l->w16 + (size_t)(o0 + r) * in, x, in, y + o0 + r);
+                continue;
+            }
+#endif
             widen_rows(l->w16 + (size_t)o0 * in, (size_t)count * in, rows);
             rows_times_x(rows, count, in, x, n, y + o0, out);
         }
