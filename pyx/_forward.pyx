@@ -454,13 +454,10 @@ static int half_matmul(const linear *l, const float *x, int n, float *y, int nth
     int failed = 0;
     #pragma omp parallel num_threads(thread_count(nthreads)) reduction(|:failed)
     {
-        float *rows = (float *)malloc(sizeof(float) * HALF_ROWS * (size_t)in);
-        failed = rows == NULL;
+        float *rows = NULL;     /* the widened rows, allocated when a block first needs them */
         int b;
         #pragma omp for schedule(dynamic, 4)
         for (b = 0; b < blocks; b++) {
-            if (!rows)
-                continue;
             const int o0 = b * HALF_ROWS, count = out - o0 < HALF_ROWS ? out - o0 : HALF_ROWS;
 #if QI_HAVE_AVX2_GEMM
             if (n == 1 && count == HALF_ROWS && cpu_avx2_fma && cpu_f16c) {   /* decode: no buffer */
@@ -469,6 +466,10 @@ static int half_matmul(const linear *l, const float *x, int n, float *y, int nth
                 continue;
             }
 #endif
+            if (!rows && !(rows = (float *)malloc(sizeof(float) * HALF_ROWS * (size_t)in))) {
+                failed = 1;
+                continue;
+            }
             widen_rows(l->w16 + (size_t)o0 * in, (size_t)count * in, rows);
             rows_times_x(rows, count, in, x, n, y + o0, out);
         }
