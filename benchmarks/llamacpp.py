@@ -4,7 +4,7 @@ The benchmark scripts compare qinfer with llama.cpp on the same machine in the
 same run. This module gets llama.cpp the way a user without a hub would: the
 llama-cpp-python source distribution from the package registry (it vendors
 llama.cpp), built once with cmake into a cache folder, and reused while its
-stamp file matches the version. It also writes the F32 GGUF both engines start
+stamp file matches the version and flags. It also writes the F32 GGUF both engines start
 from, so every comparison model comes from the same float weights.
 
     python benchmarks/llamacpp.py [--isa avx2]   # build (or find) the tools and print their paths
@@ -26,8 +26,13 @@ import tempfile
 
 VERSION = "0.3.36"
 TOOLS = ("llama-bench", "llama-perplexity", "llama-quantize")
+# AMX off even in the native build: its tile registers need a permission from
+# the kernel that virtual machines may not grant, and llama-bench died with
+# SIGSEGV in ggml_backend_amx_mul_mat on a KVM Xeon that lists amx_tile. Explicit
+# -mno-* flags win over -march=native in GCC and clang whatever their order.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 ISAS = {
-    "native": ["-DGGML_NATIVE=ON"],
+    "native": ["-DGGML_NATIVE=ON", f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"],
     "avx2": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
              "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=OFF"],
 }
@@ -65,6 +70,14 @@ def _run(cmd, cwd=None):
     subprocess.run(cmd, cwd=cwd, check=True)
 
 
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def build(jobs=None, isa="native"):
     """Paths of the llama.cpp tools for instruction set `isa` (ISAS), building them on first use."""
     if isa not in ISAS:
@@ -74,7 +87,8 @@ def build(jobs=None, isa="native"):
     bindir = os.path.join(root, "bin" + suffix)
     stamp = os.path.join(root, "stamp" + suffix)
     paths = {t: os.path.join(bindir, t) for t in TOOLS}
-    if os.path.exists(stamp) and all(os.access(p, os.X_OK) for p in paths.values()):
+    stamp_text = f"llama-cpp-python {VERSION} {isa} {' '.join(ISAS[isa])}\n"
+    if _read(stamp) == stamp_text and all(os.access(p, os.X_OK) for p in paths.values()):
         return paths
     os.makedirs(root, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as work:
@@ -93,7 +107,7 @@ def build(jobs=None, isa="native"):
         for tool, dest in paths.items():
             shutil.copy2(os.path.join(build_dir, "bin", tool), dest)
         with open(stamp, "w") as f:
-            f.write(f"llama-cpp-python {VERSION} {isa}\n")
+            f.write(stamp_text)
     return paths
 
 
