@@ -5,6 +5,7 @@
 Writes OUTDIR/_qgemm_b{2,3,4,8}.pyx from pyx/qgemm.pyx.tp, each with the
 parameters the performance model picked for that bitwidth.
 """
+import collections
 import dataclasses
 import os
 import sys
@@ -38,12 +39,25 @@ def namespace(bits, params, machine):
                 avx2_expr=bitlayout.avx2_expr, scalar_expr=bitlayout.scalar_expr)
 
 
+class Isa(collections.namedtuple("Isa", "name sfx attr guard cpu")):
+    """An instruction set the int8 kernels are rendered for: its name at run time,
+    the suffix of its functions and multiply-add macros, the C function
+    attribute, the preprocessor test that the compiler has it, and the C
+    expression that the CPU has it."""
+
+
+# Slowest first: the first is the one every AVX2 CPU runs.
+INT8_ISAS = (Isa("avx2", "", "QI_AVX2", "1", "1"),
+             Isa("avxvnni", "_vnni", "QI_AVXVNNI", "QINFER_HAVE_AVXVNNI", "qi_cpu_has_avxvnni()"))
+INT8_ROWS = 4   # activation rows per int8 qgemm kernel call (pyx/snippets/int8_gemm.c.tp)
+
+
 def int8_namespace(bits, params):
     """Names for the int8-activation qgemv (pyx/snippets/int8_gemv.c.tp).
     QINFER_INT8_TILES=N replaces the model's tile count (for experiments)."""
     has = bits in bitlayout.INT8_BITWIDTHS
     int8 = bitlayout.int8_layout(bits) if has else None
-    return dict(int8=int8, avx2_int8_expr=bitlayout.avx2_int8_expr,
+    return dict(int8=int8, avx2_int8_expr=bitlayout.avx2_int8_expr, int8_isas=INT8_ISAS, int8_rows=INT8_ROWS,
                 int8_chunk_order=bitlayout.int8_chunk_order,
                 int8_tiles=(int(os.environ.get("QINFER_INT8_TILES", 0)) or
                             perfmodel.int8_gemv_tiles(int8, params.tu)) if has else 0)

@@ -33,6 +33,9 @@ def cmd_info(args):
     print(f"qinfer {__version__}")
     print(f"CPU:          {built['cpu_model']}")
     print(f"AVX2 + FMA:   {'yes' if kernels.cpu_has_avx2() else 'no'} (kernel path: {kernels.active_path()})")
+    isas = kernels.int8_isas()
+    print(f"int8 kernels: {kernels.active_int8_isa() or 'scalar only'}"
+          + (f" (this CPU and build: {', '.join(isas)})" if isas else ""))
     print(f"Caches:       L1d {_fmt_bytes(built['l1d_bytes'])}, L2 {_fmt_bytes(built['l2_bytes'])}, "
           f"L3 {_fmt_bytes(built['l3_bytes'])} (read from {built['cache_source']} at build time)")
     print(f"Threads:      {kernels.get_num_threads()} (OpenMP {'on' if kernels.have_openmp() else 'off'})")

@@ -8,11 +8,17 @@ Activations: "float" (the default) multiplies the weights by float32 x;
 "int8" (QINFER_ACTIVATIONS=int8, set_activations("int8")) makes one-row
 products (qgemv, i.e. decode) round x to int8 per block of 32 inputs and
 multiply in integers, llama.cpp-style: faster, with llama.cpp-like numerics.
-Products of several rows (prefill) and 3-bit layers stay float.
+3-bit layers stay float.
+
+The int8 kernels run on the fastest instruction set this CPU has of those
+the build made (int8_isas(): "avxvnni", then "avx2"); QINFER_INT8_ISA=avx2
+(or set_int8_isa("avx2")) holds them to AVX2. The integer sums are exact
+either way, so the results are the same bit for bit.
 """
 import contextlib
 import importlib
 import os
+import sys
 
 from . import _runtime
 from .errors import UnsupportedError
@@ -22,7 +28,7 @@ PATHS = ("auto", "avx2", "scalar")
 ACTIVATIONS = ("float", "int8")
 _modules = {b: importlib.import_module(f"qinfer._qgemm_b{b}") for b in BITWIDTHS}
 _cpu_avx2 = _runtime.cpu_has_avx2_fma()
-_state = {"path": None, "threads": None, "activations": None}
+_state = {"path": None, "threads": None, "activations": None, "int8_isa": None}
 
 
 def module(bits):
@@ -125,3 +131,53 @@ def use_activations(mode):
         yield
     finally:
         _state["activations"] = previous
+
+
+def int8_isas():
+    """Instruction sets the int8 kernels can run on here (this build, this CPU), fastest first."""
+    have = [_modules[b].int8_isas() for b in BITWIDTHS if _modules[b].int8_isas()]
+    return [isa for isa in have[0] if all(isa in h for h in have)] if have else []
+
+
+def set_int8_isa(isa):
+    """Run every int8 kernel on `isa` ("auto": the fastest of int8_isas())."""
+    available = int8_isas()
+    if isa == "auto":
+        isa = available[0] if available else None
+    elif isa not in available:
+        raise UnsupportedError(f"int8 kernels: instruction set must be 'auto' or one of {available}, got {isa!r}")
+    for b in BITWIDTHS:
+        if isa is not None and _modules[b].int8_isas():
+            _modules[b].use_int8_isa(isa)
+    _state["int8_isa"] = isa
+
+
+def active_int8_isa():
+    """The instruction set the int8 kernels run on (None: no int8 kernel on this CPU)."""
+    return _state["int8_isa"]
+
+
+@contextlib.contextmanager
+def use_int8_isa(isa):
+    """Run the enclosed calls' int8 kernels on `isa`, then restore the previous one."""
+    previous = active_int8_isa()
+    set_int8_isa(isa)
+    try:
+        yield
+    finally:
+        set_int8_isa(previous)
+
+
+def _int8_isa_from_environment():
+    """At import (the kernel tables hold the choice from then on): QINFER_INT8_ISA, or
+    "auto". A bad value must not make `import qinfer` fail: it is named on stderr
+    and "auto" used."""
+    wanted = os.environ.get("QINFER_INT8_ISA", "auto").strip().lower() or "auto"
+    try:
+        set_int8_isa(wanted)
+    except UnsupportedError as e:
+        sys.stderr.write(f"qinfer: QINFER_INT8_ISA ignored: {e}\n")
+        set_int8_isa("auto")
+
+
+_int8_isa_from_environment()

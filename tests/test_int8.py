@@ -306,6 +306,48 @@ def test_several_rows_equal_each_row_alone(out_f, in_f, bits, group_size, act_or
         for threads in (1, 2):
             Y = int8_call(layer, X, threads, path)
             assert np.array_equal(Y, alone), f"{what}: {path} threads={threads} differs from one row at a time"
+# The AVX-VNNI kernels (one multiply-add instruction where AVX2 takes two or three) must give
+# the AVX2 kernels' results bit for bit: the integer dot products are exact in both.
+VNNI_CASES = [(o, i, b, g, a) for (o, i) in [(13, 96), (77, 384), (200, 640), (1000, 4096)] for b in BITS
+              for g in (16, 32, 128, -1) for a in (False, True)
+              if (g == -1 or i % g == 0) and not (a and g == -1)]
+
+
+@pytest.mark.skipif("avxvnni" not in kernels.int8_isas(), reason="this CPU (or build) has no AVX-VNNI")
+@pytest.mark.parametrize("out_f,in_f,bits,group_size,act_order", VNNI_CASES)
+def test_vnni_kernels_equal_avx2(out_f, in_f, bits, group_size, act_order):
+    rng = np.random.default_rng([out_f, in_f, bits, group_size + 1, act_order, 9])
+    codes = rng.integers(0, 2 ** bits, size=(in_f, out_f), dtype=np.uint8)
+    layer, scales, zeros, perm = make_layer(rng, codes, bits, group_size, act_order, integer_zeros=False)
+    X = rng.standard_normal((9, in_f)).astype(F32)
+    X[3] = 0.0
+    X[5] = np.where(rng.random(in_f) < 0.5, -3.0, 3.0)    # every code +-127: the widest integer sums
+    for x in (X[0], X[5], X):
+        with kernels.use_int8_isa("avx2"):
+            want = int8_call(layer, x, 2)
+        with kernels.use_int8_isa("avxvnni"):
+            assert kernels.active_int8_isa() == "avxvnni"
+            got = int8_call(layer, x, 2)
+        assert np.array_equal(got, want), f"[{out_f}x{in_f}] b={bits} g={group_size} rows={x.ndim}"
+    assert_matches_reference(got[0], int8_reference(codes, scales, zeros, X[0], group_size, perm), "vnni row 0")
+
+
+def test_int8_isa_choice_and_errors():
+    isas = kernels.int8_isas()
+    if kernels.cpu_has_avx2():
+        assert isas[-1] == "avx2" and kernels.active_int8_isa() in isas
+    with pytest.raises(qinfer.UnsupportedError, match="instruction set"):
+        kernels.set_int8_isa("avx1024")
+    code = "import qinfer; print(qinfer.kernels.active_int8_isa())"
+    for wanted, shown in (("avx2", "avx2"), ("nonsense", isas[0] if isas else "None")):
+        if wanted == "avx2" and "avx2" not in isas:
+            continue
+        out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, QINFER_INT8_ISA=wanted),
+                             capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == shown
+        assert ("QINFER_INT8_ISA ignored" in out.stderr) == (wanted == "nonsense")
+
+
 def test_set_activations_and_errors(layer4):
     before = kernels.active_activations()
     kernels.set_activations("int8")
