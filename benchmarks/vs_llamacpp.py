@@ -374,7 +374,10 @@ def cpu_isa_note():
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return ""
-    return " with AVX-512 (qinfer's kernels use AVX2)" if "avx512f" in flags else ""
+    from qinfer import kernels
+    isa = kernels.active_int8_isa()
+    int8 = f"; its int8 kernels {isa}" if isa not in (None, "avx2") else ""
+    return f" with AVX-512 (qinfer's kernels use AVX2{int8})" if "avx512f" in flags else ""
 
 
 def main():
