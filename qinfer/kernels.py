@@ -75,14 +75,19 @@ def active_path():
 
 
 @contextlib.contextmanager
-def use_path(path):
-    """Run the enclosed calls on one kernel path, then restore the previous one."""
-    previous = active_path()
-    set_path(path)
+def _switched(get, put, value):
+    """put(value) for the enclosed calls, then put back what get() gave before."""
+    previous = get()
+    put(value)
     try:
         yield
     finally:
-        _state["path"] = previous
+        put(previous)
+
+
+def use_path(path):
+    """Run the enclosed calls on one kernel path, then restore the previous one."""
+    return _switched(active_path, set_path, path)
 
 
 def set_num_threads(n):
@@ -122,15 +127,9 @@ def active_activations():
     return _state["activations"]
 
 
-@contextlib.contextmanager
 def use_activations(mode):
     """Run the enclosed calls with "float" or "int8" activations, then restore the previous mode."""
-    previous = active_activations()
-    set_activations(mode)
-    try:
-        yield
-    finally:
-        _state["activations"] = previous
+    return _switched(active_activations, set_activations, mode)
 
 
 def int8_isas():
@@ -157,15 +156,9 @@ def active_int8_isa():
     return _state["int8_isa"]
 
 
-@contextlib.contextmanager
 def use_int8_isa(isa):
     """Run the enclosed calls' int8 kernels on `isa`, then restore the previous one."""
-    previous = active_int8_isa()
-    set_int8_isa(isa)
-    try:
-        yield
-    finally:
-        set_int8_isa(previous)
+    return _switched(lambda: active_int8_isa() or "auto", set_int8_isa, isa)
 
 
 def _int8_isa_from_environment():
