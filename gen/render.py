@@ -47,7 +47,7 @@ class Isa(collections.namedtuple("Isa", "name sfx attr guard cpu")):
 
 
 # Slowest first: the first is the one every AVX2 CPU runs.
-INT8_ISAS = (Isa("avx2", "", "QI_AVX2", "1", "1"),
+INT8_ISAS = (Isa("avx2", "", "QI_AVX2", "1", "qi_cpu_has_avx2_kernels()"),
              Isa("avxvnni", "_vnni", "QI_AVXVNNI", "QINFER_HAVE_AVXVNNI", "qi_cpu_has_avxvnni()"))
 INT8_ROWS = 4   # activation rows per int8 qgemm kernel call (pyx/snippets/int8_gemm.c.tp)
 
