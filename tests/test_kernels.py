@@ -921,3 +921,21 @@ def test_float16_held_scales_compute_the_same(bits, group_size, act_order):
                     for threads in (1, 2):
                         np.testing.assert_array_equal(half(x, threads=threads), full(x, threads=threads),
                                                       err_msg=f"{path} {activations} n={x.ndim and len(x)}")
+
+
+def test_codes_start_on_a_cache_line():
+    """The packed codes the kernels stream start 64-byte aligned (no 32-byte load
+    straddles two lines), for new layers, copies, stacks and splits alike, and the
+    aligned copy holds the same codes (dequantize is unchanged)."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((48, 256)).astype(np.float32)
+    layers = [qinfer.QuantizedLinear.from_float(w[:, :k] if k else w, bits, group_size=32)
+              for bits in (2, 3, 4, 8) for k in (0, 96)]
+    a = qinfer.QuantizedLinear.from_float(w, 4, group_size=32)
+    b = qinfer.QuantizedLinear.from_float(w[:16], 4, group_size=32)
+    stacked = qinfer.QuantizedLinear.stack([a, b])
+    layers += [a.copy(), stacked, *stacked.split([48, 16])]
+    for layer in layers:
+        assert layer._words.ctypes.data % 64 == 0, layer
+    np.testing.assert_array_equal(a.copy().dequantize(), a.dequantize())
+    np.testing.assert_array_equal(stacked.split([48, 16])[0].dequantize(), a.dequantize())
