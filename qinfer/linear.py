@@ -63,7 +63,8 @@ def _aligned(a, alignment=CODE_ALIGNMENT):
     promises 16 bytes, and from a start 16 bytes off a 32-byte boundary every
     other 32-byte load of the kernels' code streams straddles two cache lines
     (and the prefetches run a line short): 64-byte alignment made the
-    float qgemv about 9% faster (benchmarks/kernels.py, 11008x4096 4-bit g128)."""
+    float qgemv 5-9% and the int8 one 3-4% faster (benchmarks/kernels.py,
+    11008x4096 4-bit g128, 2 threads; the machine is noisy)."""
     buf = np.empty(a.nbytes + alignment, dtype=np.uint8)
     start = -buf.ctypes.data % alignment
     out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
