@@ -59,8 +59,8 @@ CODE_ALIGNMENT = 64       # bytes: a cache line
 
 
 def _aligned(a, alignment=CODE_ALIGNMENT):
-    """A copy of `a` whose data starts on a cache-line boundary. numpy only
-    promises 16 bytes, and from a start 16 bytes off a 32-byte boundary every
+    """A C-contiguous copy of `a` (any strides) starting on a cache-line
+    boundary. numpy only promises 16 bytes, and from a start 16 bytes off a 32-byte boundary every
     other 32-byte load of the kernels' code streams straddles two cache lines
     (and the prefetches run a line short): 64-byte alignment made the
     float qgemv 5-9% and the int8 one 3-4% faster (benchmarks/kernels.py,
@@ -92,7 +92,7 @@ class QuantizedLinear:
         # [units*words, out] -> [tiles][units][words][tu]
         q = np.pad(qweight.view(np.uint32), ((0, 0), (0, pad)))
         q = q.reshape(in_features // values, words, n_tiles, tu).transpose(2, 0, 1, 3)
-        self._words = _aligned(np.ascontiguousarray(q).reshape(-1))
+        self._words = _aligned(q).reshape(-1)        # one copy: the transpose is written aligned
         tiled = lambda a: np.ascontiguousarray(
             np.pad(a, ((0, 0), (0, pad))).reshape(n_groups, n_tiles, tu).transpose(1, 0, 2)).reshape(-1)
         dtype = held_scale_dtype(scales, zeros, scale_dtype)
