@@ -203,9 +203,26 @@ def checkpoint_key(method, bits, g, args, calib_id):
     return key
 
 
-def run_qinfer(args, store, model, text, tokens, windows, total, cache):
+def ensure_checkpoint(model, out, method, bits, g, args, calib):
+    """Quantize `model` into `out` unless a checkpoint is there already: seconds taken, or None.
+    args: nsamples, sink_weight, act_order and threads, as main() parses them."""
     from qinfer.quant import quantize
 
+    if os.path.exists(os.path.join(out, "config.json")):
+        return None
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    log(f"  quantizing into {out}")
+    t0 = time.perf_counter()
+    base_method, zero_point = split_method(method)
+    options = dict(calib=calib, nsamples=args.nsamples, seqlen=SEQLEN, seed=0,
+                   sink_weight=args.sink_weight, act_order=args.act_order) \
+        if base_method == "gptq" else {}
+    quantize(model, out, bits=bits, group_size=g, method=base_method, zero_point=zero_point,
+             threads=args.threads, force=os.path.exists(out), **options)
+    return time.perf_counter() - t0
+
+
+def run_qinfer(args, store, model, text, tokens, windows, total, cache):
     rows = []
     float_engine = qinfer.Engine(model, dequantize=True, ctx=SEQLEN, threads=args.threads)
     prompt = text[:400]
@@ -245,18 +262,7 @@ def run_qinfer(args, store, model, text, tokens, windows, total, cache):
                        params=params)
         else:
             out = os.path.join(cache, "checkpoints", ckey)
-            quant_seconds = None
-            if not os.path.exists(os.path.join(out, "config.json")):
-                os.makedirs(os.path.dirname(out), exist_ok=True)
-                log(f"  quantizing into {out}")
-                t0 = time.perf_counter()
-                base_method, zero_point = split_method(method)
-                options = dict(calib=calib, nsamples=args.nsamples, seqlen=SEQLEN, seed=0,
-                               sink_weight=args.sink_weight, act_order=args.act_order) \
-                    if base_method == "gptq" else {}
-                quantize(model, out, bits=bits, group_size=g, method=base_method, zero_point=zero_point,
-                         threads=args.threads, force=os.path.exists(out), **options)
-                quant_seconds = time.perf_counter() - t0
+            quant_seconds = ensure_checkpoint(model, out, method, bits, g, args, calib)
             qbits, nweights = checkpoint_bits(out)
             rec.update(size_mib=directory_mib(out), bpw=qbits / nweights, checkpoint=out,
                        quant_seconds=quant_seconds)

@@ -16,11 +16,11 @@ import argparse
 import gc
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import qinfer  # noqa: E402
-from accuracy import SEQLEN, WIKITEXT, calibration_file, default_cache, score  # noqa: E402
+from accuracy import (SEQLEN, WIKITEXT, calibration_file, checkpoint_key, default_cache,  # noqa: E402
+                      ensure_checkpoint, score)
 from qinfer.perplexity import load_text, split_windows, tokenize  # noqa: E402
 
 
@@ -30,20 +30,6 @@ def float_list(text):
 
 def log(message):
     print(f"[gptq_sink] {message}", file=sys.stderr, flush=True)
-
-
-def quantized(model, out, args, method, sink_weight=1.0, calib=None):
-    """The checkpoint at `out`, quantized first unless it is there."""
-    from qinfer.quant import quantize
-
-    if not os.path.exists(os.path.join(out, "config.json")):
-        options = dict(calib=calib, nsamples=args.nsamples, seqlen=SEQLEN, seed=0, sink_weight=sink_weight) \
-            if method == "gptq" else {}
-        t0 = time.perf_counter()
-        quantize(model, out, bits=args.bits, group_size=args.group_size, method=method, threads=args.threads,
-                 force=os.path.exists(out), progress=False, **options)
-        log(f"  quantized {os.path.basename(out)} in {time.perf_counter() - t0:.0f} s")
-    return out
 
 
 def main():
@@ -86,15 +72,15 @@ def main():
     gc.collect()
 
     group = "col" if args.group_size == -1 else f"g{args.group_size}"
-    folder = os.path.join(args.cache, "checkpoints")
-    os.makedirs(folder, exist_ok=True)
-    candidates = [("rtn", None)] + [("gptq", w) for w in args.weights]
-    for method, weight in candidates:
+    calib_id = f"{tag}-tail{last * SEQLEN}"
+    args.act_order = False
+    for method, weight in [("rtn", 1.0)] + [("gptq", w) for w in args.weights]:
         name = "rtn" if method == "rtn" else f"gptq sink {weight:g}"
-        key = f"rtn-w{args.bits}-{group}" if method == "rtn" else \
-            f"gptq-w{args.bits}-{group}-n{args.nsamples}-{tag}-tail{last * SEQLEN}-sink{weight:g}"
-        log(f"{name}")
-        out = quantized(model, os.path.join(folder, key), args, method, weight or 1.0, calib)
+        log(name)
+        args.sink_weight = weight
+        out = os.path.join(args.cache, "checkpoints",
+                           checkpoint_key(method, args.bits, args.group_size, args, calib_id))
+        ensure_checkpoint(model, out, method, args.bits, args.group_size, args, calib)
         engine = qinfer.Engine(out, ctx=SEQLEN, threads=args.threads)
         rows.append((name, score(engine, validation, args.threads)["ppl"]))
         log(f"  validation ppl {rows[-1][1]:.4f}")
