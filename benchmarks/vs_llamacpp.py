@@ -366,6 +366,40 @@ def print_7b(rows, rounds):
               f"{r['fraction']:>8.2f} {r['qinfer_rss_mib']:>14.1f}")
 
 
+# ------------------------------------------------------------------ targets
+# Issue 6's targets at 2 threads: (what, the figure's row, the least it must reach).
+TARGETS = (("decode, qinfer 4-bit g32 / llama.cpp Q4_0", "tg", 1.5),
+           ("prefill, qinfer 4-bit g32 / llama.cpp Q4_0", "pp", 1.0),
+           ("7B-shaped 4-bit decode, fraction of the bandwidth limit", "7b", 0.85))
+
+
+def target_rows(smollm2, llama7b, threads=2):
+    """[(target, activations, figure or None, least)] from this run's rows."""
+    out = []
+    for what, kind, least in TARGETS:
+        for act in ("float", "int8"):
+            if kind == "7b":
+                got = [r["fraction"] for r in llama7b if r["threads"] == threads and r["activations"] == act]
+            else:
+                got = [r["ratio"] for r in smollm2
+                       if r["threads"] == threads and r["test"].startswith(kind) and r["ratio"] is not None
+                       and r["model"].startswith("SmolLM2 Q4_0") and r["model"].endswith(" int8-act") == (act == "int8")]
+            out.append((what, act, got[0] if got else None, least))
+    return out
+
+
+def print_targets(smollm2, llama7b, threads=2):
+    print(f"\ntargets ({threads} threads, this run):")
+    for what, act, got, least in target_rows(smollm2, llama7b, threads):
+        if got is None:
+            verdict = "not measured in this run"
+        elif got >= least:
+            verdict = f"{got:.2f} >= {least:.2f}: met"
+        else:
+            verdict = f"{got:.2f} < {least:.2f}: short by {(least - got) / least:.0%}"
+        print(f"  {what} ({act} activations): {verdict}")
+
+
 # --------------------------------------------------------------------- main
 def cpu_isa_note():
     """", AVX-512" when this CPU has it: a native llama.cpp build uses it, qinfer's kernels do not."""
@@ -428,6 +462,8 @@ def main():
         if rows:
             print_7b(rows, args.r)
         report["llama7b"] = rows
+    if 2 in threads:
+        print_targets(report.get("smollm2", []), report.get("llama7b", []))
     report["load_average_end"] = os.getloadavg()
     print(f"\nload average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if args.json_out:
