@@ -17,6 +17,7 @@ cdef extern from "qmatrix.h":
     ctypedef struct qmatrix:
         pass
     ctypedef int (*qgemm_fn)(const qmatrix *m, const float *x, int n, float *y, int nthreads) noexcept nogil
+    ctypedef int (*qgemv_team_fn)(const qmatrix *m, const float *x, float *y) noexcept nogil
 
 cdef extern from *:
     """
@@ -27,6 +28,7 @@ cdef extern from *:
 #include <immintrin.h>
 #endif
 #include <string.h>
+#include <sched.h>
 #include "qmatrix.h"
 #ifdef _OPENMP
 #include <omp.h>
@@ -49,6 +51,7 @@ typedef struct {
     const qmatrix *q;     /* quantized: the packed layer ... */
     qgemm_fn qgemm;       /* ... and the kernel for its bitwidth */
     qgemm_fn qgemm_i8;    /* NULL, or the int8-activation kernel (Engine(activations="int8")) */
+    qgemv_team_fn team;   /* NULL, or qgemm_i8's twin for the decode team (decode_team) */
     const float *w;       /* float32: [out][in] (Hugging Face orientation) */
     const uint16_t *w16;  /* or float16, the same layout (a float16 checkpoint's LM head) */
     int in, out;
@@ -103,6 +106,7 @@ typedef struct {
     float *key_cache;
     float *value_cache;
     int ctx_blocks;   /* ctx rounded up to whole KV_BLOCKs, in blocks */
+    int decode_team;  /* 1: a decode step runs as one thread team when every layer can (decode_team) */
 } run_state;
 
 #define KV_BLOCK 32
@@ -151,6 +155,7 @@ static int alloc_state(run_state *s, const weights *w, int max_tokens, int threa
     memset(s, 0, sizeof(*s));
     s->max_tokens = max_tokens;
     s->threads = threads;
+    s->decode_team = 1;
     s->x = malloc(sizeof(float) * T * w->dim);
     s->xb = malloc(sizeof(float) * T * w->dim);
     s->proj = malloc(sizeof(float) * T * w->dim);
@@ -500,24 +505,26 @@ static void embed(const weights *w, const int *tokens, int n, float *x)
     }
 }
 
-/* out = x / sqrt(mean(x^2) + eps) * weight, row by row (Hugging Face order of operations). */
+/* out = x / sqrt(mean(x^2) + eps) * weight (Hugging Face order of operations) */
 QI_VECTORIZE
+static void rmsnorm_row(const float *x, const float *weight, int dim, float eps, float *out)
+{
+    float ss = 0.0f;
+    #pragma omp simd reduction(+:ss)
+    for (int i = 0; i < dim; i++)
+        ss += x[i] * x[i];
+    const float inv = 1.0f / sqrtf(ss / dim + eps);
+    #pragma omp simd
+    for (int i = 0; i < dim; i++)
+        out[i] = weight[i] * (x[i] * inv);
+}
+
 static void rmsnorm(const float *x, const float *weight, int n, int dim, float eps, float *out, int nthreads)
 {
     int t;
     #pragma omp parallel for schedule(static) if(n >= PARALLEL_ROWS) num_threads(thread_count(nthreads))
-    for (t = 0; t < n; t++) {
-        const float *xt = x + (size_t)t * dim;
-        float *ot = out + (size_t)t * dim;
-        float ss = 0.0f;
-        #pragma omp simd reduction(+:ss)
-        for (int i = 0; i < dim; i++)
-            ss += xt[i] * xt[i];
-        const float inv = 1.0f / sqrtf(ss / dim + eps);
-        #pragma omp simd
-        for (int i = 0; i < dim; i++)
-            ot[i] = weight[i] * (xt[i] * inv);
-    }
+    for (t = 0; t < n; t++)
+        rmsnorm_row(x + (size_t)t * dim, weight, dim, eps, out + (size_t)t * dim);
 }
 
 static void rope_tables(const weights *w, int pos, int n, float *cos_sin)
@@ -533,23 +540,26 @@ static void rope_tables(const weights *w, int pos, int n, float *cos_sin)
     }
 }
 
-/* Rotate-half RoPE (Hugging Face order): pairs (i, i + head_dim/2) of every head. */
-static void rope(float *v, int n, int heads, int head_dim, const float *cos_sin, int nthreads)
+/* Rotate-half RoPE (Hugging Face order): pairs (i, i + head_dim/2) of every head of one token. */
+static void rope_row(float *v, int heads, int head_dim, const float *cs)
 {
     const int half = head_dim / 2;
-    int t;
-    #pragma omp parallel for schedule(static) if(n >= PARALLEL_ROWS) num_threads(thread_count(nthreads))
-    for (t = 0; t < n; t++) {
-        const float *cs = cos_sin + (size_t)t * head_dim;
-        for (int h = 0; h < heads; h++) {
-            float *vh = v + ((size_t)t * heads + h) * head_dim;
-            for (int i = 0; i < half; i++) {
-                const float a = vh[i], b = vh[half + i];
-                vh[i] = a * cs[i] - b * cs[half + i];
-                vh[half + i] = b * cs[i] + a * cs[half + i];
-            }
+    for (int h = 0; h < heads; h++) {
+        float *vh = v + (size_t)h * head_dim;
+        for (int i = 0; i < half; i++) {
+            const float a = vh[i], b = vh[half + i];
+            vh[i] = a * cs[i] - b * cs[half + i];
+            vh[half + i] = b * cs[i] + a * cs[half + i];
         }
     }
+}
+
+static void rope(float *v, int n, int heads, int head_dim, const float *cos_sin, int nthreads)
+{
+    int t;
+    #pragma omp parallel for schedule(static) if(n >= PARALLEL_ROWS) num_threads(thread_count(nthreads))
+    for (t = 0; t < n; t++)
+        rope_row(v + (size_t)t * heads * head_dim, heads, head_dim, cos_sin + (size_t)t * head_dim);
 }
 
 /* Where a layer's keys and values for one KV head start in the cache. */
@@ -563,23 +573,27 @@ static float *value_head(const weights *w, const run_state *s, int layer, int kv
     return s->value_cache + ((size_t)layer * w->n_kv_heads + kv_h) * s->ctx_blocks * KV_BLOCK * w->head_dim;
 }
 
+/* Move new token t's key and value (after RoPE) into the cache at position p. */
+static void store_kv_row(const weights *w, run_state *s, int layer, int t, int p)
+{
+    const int hd = w->head_dim, kv_dim = w->n_kv_heads * hd, block = p / KV_BLOCK, lane = p % KV_BLOCK;
+    for (int h = 0; h < w->n_kv_heads; h++) {
+        const float *k = s->k + (size_t)t * kv_dim + h * hd;
+        float *kb = key_head(w, s, layer, h) + (size_t)block * hd * KV_BLOCK + lane;
+        for (int i = 0; i < hd; i++)
+            kb[(size_t)i * KV_BLOCK] = k[i];
+        memcpy(value_head(w, s, layer, h) + (size_t)p * hd, s->v + (size_t)t * kv_dim + h * hd,
+               sizeof(float) * hd);
+    }
+}
+
 /* Move the n new keys and values (after RoPE) into the cache at positions pos.. */
 static void store_kv(const weights *w, run_state *s, int layer, int pos, int n, int nthreads)
 {
-    const int hd = w->head_dim, kv_dim = w->n_kv_heads * hd;
     int t;
     #pragma omp parallel for schedule(static) if(n >= PARALLEL_ROWS) num_threads(thread_count(nthreads))
-    for (t = 0; t < n; t++) {
-        const int p = pos + t, block = p / KV_BLOCK, lane = p % KV_BLOCK;
-        for (int h = 0; h < w->n_kv_heads; h++) {
-            const float *k = s->k + (size_t)t * kv_dim + h * hd;
-            float *kb = key_head(w, s, layer, h) + (size_t)block * hd * KV_BLOCK + lane;
-            for (int i = 0; i < hd; i++)
-                kb[(size_t)i * KV_BLOCK] = k[i];
-            memcpy(value_head(w, s, layer, h) + (size_t)p * hd, s->v + (size_t)t * kv_dim + h * hd,
-                   sizeof(float) * hd);
-        }
-    }
+    for (t = 0; t < n; t++)
+        store_kv_row(w, s, layer, t, pos + t);
 }
 
 /* exp(x) for x <= 0, branch-free so the softmax loop vectorizes: x*log2(e) =
@@ -709,47 +723,71 @@ static void attention_tile(const weights *w, run_state *s, int layer, int pos, c
 #undef LAST_OF_ROW
 }
 
+/* One token (decode) has too few tiles to share out if a tile holds the whole group. */
+static int heads_per_tile(const weights *w, int n)
+{
+    return n == 1 ? 1 : w->n_heads / w->n_kv_heads;
+}
+
+/* The query tiles attention() shares out among its threads. */
+static int attention_jobs(const weights *w, int n)
+{
+    return (n + QUERY_TOKENS - 1) / QUERY_TOKENS * w->n_heads / heads_per_tile(w, n);
+}
+
+/* Query tile `job` of n new tokens at positions pos.., with a thread's `scores`. */
+static void attention_job(const weights *w, run_state *s, int layer, int pos, int n, int job, float *scores)
+{
+    const int group = w->n_heads / w->n_kv_heads, nh = heads_per_tile(w, n), tiles_per_group = group / nh;
+    const int token_tiles = (n + QUERY_TOKENS - 1) / QUERY_TOKENS;
+    const int heads_job = job % (w->n_kv_heads * tiles_per_group);
+    query_tile tile;
+    /* later token tiles have longer rows: hand them out first */
+    tile.t0 = (token_tiles - 1 - job / (w->n_kv_heads * tiles_per_group)) * QUERY_TOKENS;
+    tile.nt = n - tile.t0 < QUERY_TOKENS ? n - tile.t0 : QUERY_TOKENS;
+    tile.kv_h = heads_job / tiles_per_group;
+    tile.nh = nh;
+    tile.h0 = tile.kv_h * group + (heads_job % tiles_per_group) * nh;
+    attention_tile(w, s, layer, pos, &tile, scores, (size_t)s->ctx_blocks * KV_BLOCK);
+}
+
+/* Thread `thread`'s block of attention scores. */
+static float *thread_scores(const weights *w, const run_state *s, int thread)
+{
+    return s->scores + (size_t)thread * scores_per_thread(w, s);
+}
+
 /* Causal grouped-query attention of n new tokens at positions pos.. over the cache. */
 static void attention(const weights *w, run_state *s, int layer, int pos, int n, int nthreads)
 {
-    const int group = w->n_heads / w->n_kv_heads;
-    /* One token (decode) has too few tiles to share out if a tile holds the whole group. */
-    const int heads_per_tile = n == 1 ? 1 : group, tiles_per_group = group / heads_per_tile;
-    const int token_tiles = (n + QUERY_TOKENS - 1) / QUERY_TOKENS;
-    const size_t row_len = (size_t)s->ctx_blocks * KV_BLOCK;
     int job;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(thread_count(nthreads))
-    for (job = 0; job < token_tiles * w->n_heads / heads_per_tile; job++) {
+    for (job = 0; job < attention_jobs(w, n); job++) {
 #ifdef _OPENMP
-        float *scores = s->scores + (size_t)omp_get_thread_num() * QUERY_TOKENS * group * row_len;
+        float *scores = thread_scores(w, s, omp_get_thread_num());
 #else
-        float *scores = s->scores;
+        float *scores = thread_scores(w, s, 0);
 #endif
-        const int heads_job = job % (w->n_kv_heads * tiles_per_group);
-        query_tile tile;
-        /* later token tiles have longer rows: hand them out first */
-        tile.t0 = (token_tiles - 1 - job / (w->n_kv_heads * tiles_per_group)) * QUERY_TOKENS;
-        tile.nt = n - tile.t0 < QUERY_TOKENS ? n - tile.t0 : QUERY_TOKENS;
-        tile.kv_h = heads_job / tiles_per_group;
-        tile.nh = heads_per_tile;
-        tile.h0 = tile.kv_h * group + (heads_job % tiles_per_group) * heads_per_tile;
-        attention_tile(w, s, layer, pos, &tile, scores, row_len);
+        attention_job(w, s, layer, pos, n, job, scores);
     }
 }
 
-/* x[n][dim] += y[n][dim] */
+/* x[dim] += y[dim] */
 QI_VECTORIZE
+static void add_row(float *x, const float *y, int dim)
+{
+    #pragma omp simd
+    for (int i = 0; i < dim; i++)
+        x[i] += y[i];
+}
+
+/* x[n][dim] += y[n][dim] */
 static void add_rows(float *x, const float *y, int n, int dim, int nthreads)
 {
     int t;
     #pragma omp parallel for schedule(static) if(n >= PARALLEL_ROWS) num_threads(thread_count(nthreads))
-    for (t = 0; t < n; t++) {
-        float *xt = x + (size_t)t * dim;
-        const float *yt = y + (size_t)t * dim;
-        #pragma omp simd
-        for (int i = 0; i < dim; i++)
-            xt[i] += yt[i];
-    }
+    for (t = 0; t < n; t++)
+        add_row(x + (size_t)t * dim, y + (size_t)t * dim, dim);
 }
 
 /* silu(g) = g * sigmoid(g), with sigmoid from e = exp(-|g|) <= 1 so that the
@@ -866,6 +904,179 @@ static int layer_forward(const weights *w, run_state *s, int l, int pos, int n,
     return rc ? -1 : 0;
 }
 
+/* ------------------------------------------------------- the decode team */
+
+/* A decode step (one token) runs as one OpenMP thread team from the first
+ * layer to the LM head, the threads waiting for each other at spinning
+ * barriers between the steps, instead of a parallel region per kernel call
+ * (five a layer): on a 2-core KVM guest libgomp's fork and join of a region
+ * cost ~1.5 us (its join makes a futex system call every time), the barrier
+ * below ~0.1 us. Each kernel call is a qgemv_team_fn (qmatrix.h); the row-wise
+ * steps between them are a few microseconds of work, done by thread 0 while
+ * the others wait, and attention shares its heads out. Every number is
+ * computed by the same functions as in the per-call path, so the results are
+ * the same. */
+
+typedef struct {
+    int arrived;      /* threads at the barrier in this generation */
+    int generation;   /* advanced by the last to arrive, which releases the others */
+} team_barrier;
+
+typedef struct {
+    team_barrier *barrier;
+    int thread, threads;   /* this thread, of the team */
+} team;
+
+/* Pauses a waiting thread spins through before it starts giving its core away
+ * (a team with more threads than free cores must not spin against itself). */
+#define TEAM_SPINS 4000
+
+static inline void cpu_pause(void)
+{
+#if defined(__GNUC__) && defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void team_wait(const team *tm)
+{
+    team_barrier *b = tm->barrier;
+    if (tm->threads == 1)
+        return;
+    const int generation = __atomic_load_n(&b->generation, __ATOMIC_ACQUIRE);
+    if (__atomic_add_fetch(&b->arrived, 1, __ATOMIC_ACQ_REL) == tm->threads) {
+        __atomic_store_n(&b->arrived, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&b->generation, generation + 1, __ATOMIC_RELEASE);
+        return;
+    }
+    for (int spins = 0; __atomic_load_n(&b->generation, __ATOMIC_ACQUIRE) == generation; spins++) {
+        if (spins < TEAM_SPINS)
+            cpu_pause();
+        else
+            sched_yield();
+    }
+}
+
+static int team_ready_linear(const linear *l)
+{
+    return l->team != NULL;
+}
+
+/* Whether every linear map a decode step runs has a team kernel. */
+static int team_ready(const weights *w)
+{
+    if (!team_ready_linear(&w->lm_head))
+        return 0;
+    for (int l = 0; l < w->n_layers; l++) {
+        const layer_weights *lw = &w->layers[l];
+        const int qkv = is_set(&lw->wqkv) ? team_ready_linear(&lw->wqkv)
+            : team_ready_linear(&lw->wq) && team_ready_linear(&lw->wk) && team_ready_linear(&lw->wv);
+        const int gate_up = is_set(&lw->w_gate_up) ? team_ready_linear(&lw->w_gate_up)
+            : team_ready_linear(&lw->w_gate) && team_ready_linear(&lw->w_up);
+        if (!qkv || !gate_up || !team_ready_linear(&lw->wo) || !team_ready_linear(&lw->w_down))
+            return 0;
+    }
+    return 1;
+}
+
+static int team_matmul(const linear *l, const float *x, float *y)
+{
+    return l->team(l->q, x, y);
+}
+
+/* One block on s->x for the token at position pos, by every thread of the team. */
+static int layer_decode_team(const weights *w, run_state *s, int l, int pos, const team *tm)
+{
+    const layer_weights *lw = &w->layers[l];
+    const int dim = w->dim, hd = w->head_dim, hidden = w->hidden_dim;
+    const size_t q_dim = (size_t)w->n_heads * hd, kv_dim = (size_t)w->n_kv_heads * hd;
+    const int lead = tm->thread == 0;
+    int rc = 0;
+
+    /* attention block: x += wo(attention(rope(q), cache += (rope(k), v))) */
+    if (lead)
+        rmsnorm_row(s->x, lw->attn_norm, dim, w->eps, s->xb);
+    team_wait(tm);
+    if (is_set(&lw->wqkv)) {
+        rc |= team_matmul(&lw->wqkv, s->xb, s->stacked);
+    } else {
+        rc |= team_matmul(&lw->wq, s->xb, s->q);
+        rc |= team_matmul(&lw->wk, s->xb, s->k);
+        rc |= team_matmul(&lw->wv, s->xb, s->v);
+    }
+    team_wait(tm);
+    if (lead) {
+        if (is_set(&lw->wqkv)) {
+            memcpy(s->q, s->stacked, sizeof(float) * q_dim);
+            memcpy(s->k, s->stacked + q_dim, sizeof(float) * kv_dim);
+            memcpy(s->v, s->stacked + q_dim + kv_dim, sizeof(float) * kv_dim);
+        }
+        rope_row(s->q, w->n_heads, hd, s->cos_sin);
+        rope_row(s->k, w->n_kv_heads, hd, s->cos_sin);
+        store_kv_row(w, s, l, 0, pos);
+    }
+    team_wait(tm);
+    for (int job = tm->thread; job < attention_jobs(w, 1); job += tm->threads)
+        attention_job(w, s, l, pos, 1, job, thread_scores(w, s, tm->thread));
+    team_wait(tm);
+    rc |= team_matmul(&lw->wo, s->att, s->proj);
+    team_wait(tm);
+
+    /* MLP block: x += w_down(silu(w_gate(x)) * w_up(x)) */
+    if (lead) {
+        add_row(s->x, s->proj, dim);
+        rmsnorm_row(s->x, lw->ffn_norm, dim, w->eps, s->xb);
+    }
+    team_wait(tm);
+    if (is_set(&lw->w_gate_up)) {
+        rc |= team_matmul(&lw->w_gate_up, s->xb, s->stacked);
+    } else {
+        rc |= team_matmul(&lw->w_gate, s->xb, s->gate);
+        rc |= team_matmul(&lw->w_up, s->xb, s->up);
+    }
+    team_wait(tm);
+    if (lead) {
+        if (is_set(&lw->w_gate_up))
+            swiglu(s->gate, s->stacked, s->stacked + hidden, hidden);
+        else
+            swiglu(s->gate, s->gate, s->up, hidden);
+    }
+    team_wait(tm);
+    rc |= team_matmul(&lw->w_down, s->gate, s->proj);
+    team_wait(tm);
+    if (lead)
+        add_row(s->x, s->proj, dim);   /* the next block's first step is thread 0's too */
+    return rc;
+}
+
+/* forward() for one token, as one team of nthreads threads (team_ready(w)). */
+static int decode_team(const weights *w, run_state *s, int token, int pos, float *logits, int nthreads)
+{
+    team_barrier barrier = {0, 0};
+    int failed = 0;
+    embed(w, &token, 1, s->x);
+    rope_tables(w, pos, 1, s->cos_sin);
+    #pragma omp parallel num_threads(nthreads) reduction(|:failed)
+    {
+        team tm;
+        tm.barrier = &barrier;
+#ifdef _OPENMP
+        tm.thread = omp_get_thread_num();
+        tm.threads = omp_get_num_threads();   /* all the team's threads see the same count */
+#else
+        tm.thread = 0;
+        tm.threads = 1;
+#endif
+        for (int l = 0; l < w->n_layers; l++)
+            failed |= layer_decode_team(w, s, l, pos, &tm);
+        if (tm.thread == 0)
+            rmsnorm_row(s->x, w->final_norm, w->dim, w->eps, s->xb);
+        team_wait(&tm);
+        failed |= team_matmul(&w->lm_head, s->xb, logits);
+    }
+    return failed ? -1 : 0;
+}
+
 static int clamp_threads(const run_state *s, int nthreads)
 {
     /* attention() keeps one scores block per thread: never more threads than blocks
@@ -881,6 +1092,8 @@ static int forward(const weights *w, run_state *s, const int *tokens, int n, int
 {
     const int dim = w->dim;
     nthreads = clamp_threads(s, nthreads);
+    if (n == 1 && nthreads > 1 && s->decode_team && team_ready(w))
+        return decode_team(w, s, tokens[0], pos, logits, nthreads);
     embed(w, tokens, n, s->x);
     rope_tables(w, pos, n, s->cos_sin);
     for (int l = 0; l < w->n_layers; l++)
@@ -911,6 +1124,7 @@ static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int
         const qmatrix *q
         qgemm_fn qgemm
         qgemm_fn qgemm_i8
+        qgemv_team_fn team
         const float *w
         const uint16_t *w16
         int in_ "in"
@@ -932,9 +1146,11 @@ static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int
     ctypedef struct run_state:
         int max_tokens
         int threads
+        int decode_team
         float *stacked
         float *key_cache
         float *value_cache
+    int team_ready(const weights *w) nogil
     int alloc_state(run_state *s, const weights *w, int max_tokens, int threads) nogil
     int grow_threads(run_state *s, const weights *w, int threads) nogil
     void free_state(run_state *s) nogil
@@ -976,7 +1192,8 @@ cdef class Transformer:
     `layers` is a list of dicts with keys attn_norm, ffn_norm (float32
     arrays) and wq, wk, wv, wo, w_gate, w_up, w_down; each linear is either a
     float32 [out, in] array or a tuple (matrix capsule, kernel capsule[, int8
-    kernel capsule or None]); the int8 kernel, when given, runs every step.
+    kernel capsule or None[, its team twin or None]]); the int8 kernel, when
+    given, runs every step, and its team twin the decode steps (decode_team).
     A dict may instead give "wqkv" (wq, wk, wv stacked: [q_dim + 2*kv_dim, dim])
     for wq/wk/wv and "w_gate_up" ([2*hidden, dim]) for w_gate/w_up.
     """
@@ -1068,6 +1285,7 @@ cdef class Transformer:
         l.q = NULL
         l.qgemm = NULL
         l.qgemm_i8 = NULL
+        l.team = NULL
         l.w = NULL
         l.w16 = NULL
         if spec is None:
@@ -1077,6 +1295,8 @@ cdef class Transformer:
             l.qgemm = <qgemm_fn>PyCapsule_GetPointer(spec[1], b"qinfer.qgemm_fn")
             if len(spec) > 2 and spec[2] is not None:
                 l.qgemm_i8 = <qgemm_fn>PyCapsule_GetPointer(spec[2], b"qinfer.qgemm_fn")
+            if len(spec) > 3 and spec[3] is not None:
+                l.team = <qgemv_team_fn>PyCapsule_GetPointer(spec[3], b"qinfer.qgemv_team_fn")
         elif is_half(spec):
             l.w16 = half_ptr(spec, <Py_ssize_t>n_in * n_out)
         else:
@@ -1087,6 +1307,23 @@ cdef class Transformer:
         if self.has_state:
             free_state(&self.s)
         free(self.w.layers)
+
+    @property
+    def decode_team(self):
+        """Whether a decode step runs as one thread team (when every layer has a team
+        kernel: int8 activations on the AVX2 path) or as a parallel region per kernel
+        call; both give the same numbers. On by default."""
+        return bool(self.s.decode_team)
+
+    @decode_team.setter
+    def decode_team(self, bint on):
+        self.s.decode_team = on
+
+    @property
+    def team_ready(self):
+        """Whether every linear map of a decode step has a team kernel, so that
+        decode steps with more than one thread run as one team."""
+        return bool(team_ready(&self.w))
 
     @property
     def max_tokens(self):

@@ -10,6 +10,7 @@ from libc.stdint cimport uint16_t, uint32_t, int32_t, uint64_t
 
 cdef extern from "qmatrix.h":
     ctypedef int (*qgemm_fn)(const qmatrix *m, const float *x, int n, float *y, int nthreads) noexcept nogil
+    ctypedef int (*qgemv_team_fn)(const qmatrix *m, const float *x, float *y) noexcept nogil
     ctypedef struct qmatrix:
         int bits
         int in_features
@@ -28,6 +29,7 @@ cdef extern from "qmatrix.h":
         const void *scales
         const void *zeros
         const int32_t *perm
+    int qm_whole_tiles(const qmatrix *m) nogil
     ctypedef struct qkernels:
         int bits
         int unit_words
@@ -37,6 +39,7 @@ cdef extern from "qmatrix.h":
         qgemm_fn scalar
         qgemm_fn avx2_i8
         qgemm_fn scalar_i8
+        qgemv_team_fn avx2_i8_team
 
 cdef extern from *:
     """
@@ -297,6 +300,14 @@ cdef class QMatrix:
         if fn == NULL:
             return None
         return PyCapsule_New(<void *>fn, b"qinfer.qgemm_fn", NULL)
+
+    def int8_team_capsule(self, bint avx2):
+        """The team twin of int8_kernel_capsule (qgemv_team_fn, qmatrix.h) for the
+        forward pass's decode team, or None: the scalar path, a bitwidth
+        without int8 kernels, or a layer whose last tile is padded."""
+        if not avx2 or self.kernels.avx2_i8_team == NULL or not qm_whole_tiles(&self.m):
+            return None
+        return PyCapsule_New(<void *>self.kernels.avx2_i8_team, b"qinfer.qgemv_team_fn", NULL)
 
     def matmul_int8(self, const float[:, ::1] x, float[:, ::1] out, int nthreads, bint avx2):
         """out = x @ W^T with each row of x rounded to int8 per block of 32 inputs."""

@@ -90,6 +90,22 @@ static inline float qm_scale(const qmatrix *m, const void *base, size_t i)
 /* y[n][out_features] = x[n][in_features] @ W^T. Returns 0, or -1 when out of memory. */
 typedef int (*qgemm_fn)(const qmatrix *m, const float *x, int n, float *y, int nthreads);
 
+/* One row (decode) inside the caller's OpenMP thread team: every thread of
+ * the enclosing parallel region calls it with the same arguments, and each
+ * computes its share of y[out_features] = W x; y is whole once all of them
+ * have returned (the caller's barrier). The forward pass runs a decode step
+ * as one team so, instead of starting the threads for every layer. Only for
+ * layers of whole tiles (qm_whole_tiles). Returns 0, or -1 (out of memory in
+ * this thread: its share of y is then missing). */
+typedef int (*qgemv_team_fn)(const qmatrix *m, const float *x, float *y);
+
+/* Whether out_features fills the last tile: the kernels then write y in
+ * place, with no padded block to share. */
+static inline int qm_whole_tiles(const qmatrix *m)
+{
+    return (size_t)m->n_tiles * m->tu == (size_t)m->out_features;
+}
+
 typedef struct qkernels {
     int bits;
     int unit_words;
@@ -101,6 +117,7 @@ typedef struct qkernels {
      * time): NULL where the bitwidth has no such path (3-bit). */
     qgemm_fn avx2_i8;
     qgemm_fn scalar_i8;
+    qgemv_team_fn avx2_i8_team;   /* avx2_i8's team twin (NULL with it) */
 } qkernels;
 
 #define QINFER_KERNELS_CAPSULE "qinfer.qkernels"

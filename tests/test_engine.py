@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_reference as ref  # noqa: E402
 
 import qinfer  # noqa: E402
-from qinfer import QinferError  # noqa: E402
+from qinfer import QinferError, kernels  # noqa: E402
 
 needs_tokenizer = pytest.mark.skipif(
     not ref.tokenizer_available(),
@@ -231,6 +231,33 @@ def test_replacing_a_stacked_part_unstacks_it(tiny, monkeypatch):
     assert max_err(a, b) <= 1e-5
     before = qinfer.Engine(d, threads=2, quantize=4, group_size=32).logits(SEQ)
     assert max_err(a, before) > 1e-3          # the replacement took effect
+
+
+# ----------------------------------------------------------------- decode team
+@pytest.mark.parametrize("stack", [True, False], ids=["stacked", "separate"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_decode_team_gives_the_per_call_logits(tiny, monkeypatch, bits, stack):
+    """With int8 activations on the AVX2 path a decode step runs as one thread team; its
+    logits are those of a parallel region per kernel call and of one thread, bit for bit
+    (three threads on this machine's two cores: uneven shares, and the barrier yields)."""
+    d, _, _ = tiny
+    monkeypatch.setenv("QINFER_STACK", "1" if stack else "0")
+    eng = qinfer.Engine(d, threads=2, quantize=bits, group_size=32, activations="int8")
+    tr = eng.model.transformer
+    assert tr.decode_team     # on by default
+    assert tr.team_ready == (kernels.active_path() == "avx2" and bool(kernels.int8_isas()))
+    assert not qinfer.Engine(d, threads=2, quantize=bits, group_size=32).model.transformer.team_ready
+
+    def steps(threads, team):
+        tr.decode_team = team
+        eng.reset()
+        eng.prefill(SEQ[:3])
+        return np.stack([eng.decode_step(t, threads=threads) for t in SEQ[3:12]])
+
+    single = steps(1, True)
+    for threads in (2, 3):
+        team, per_call = steps(threads, True), steps(threads, False)
+        assert np.array_equal(team, per_call) and np.array_equal(team, single)
 
 
 # --------------------------------------------------------------------- threads
