@@ -17,7 +17,9 @@ cdef extern from "qmatrix.h":
     ctypedef struct qmatrix:
         pass
     ctypedef int (*qgemm_fn)(const qmatrix *m, const float *x, int n, float *y, int nthreads) noexcept nogil
-    ctypedef int (*qgemv_team_fn)(const qmatrix *m, const float *x, float *y) noexcept nogil
+    ctypedef struct team:
+        pass
+    ctypedef int (*qgemv_team_fn)(const qmatrix *m, const float *x, float *y, const team *tm) noexcept nogil
 
 cdef extern from *:
     """
@@ -28,8 +30,8 @@ cdef extern from *:
 #include <immintrin.h>
 #endif
 #include <string.h>
-#include <sched.h>
 #include "qmatrix.h"
+#include "team.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -911,51 +913,11 @@ static int layer_forward(const weights *w, run_state *s, int l, int pos, int n,
  * barriers between the steps, instead of a parallel region per kernel call
  * (five a layer): on a 2-core KVM guest libgomp's fork and join of a region
  * cost ~1.5 us (its join makes a futex system call every time), the barrier
- * below ~0.1 us. Each kernel call is a qgemv_team_fn (qmatrix.h); the row-wise
+ * of team.h ~0.1 us. Each kernel call is a qgemv_team_fn (qmatrix.h); the row-wise
  * steps between them are a few microseconds of work, done by thread 0 while
  * the others wait, and attention shares its heads out. Every number is
  * computed by the same functions as in the per-call path, so the results are
  * the same. */
-
-typedef struct {
-    int arrived;      /* threads at the barrier in this generation */
-    int generation;   /* advanced by the last to arrive, which releases the others */
-} team_barrier;
-
-typedef struct {
-    team_barrier *barrier;
-    int thread, threads;   /* this thread, of the team */
-} team;
-
-/* Pauses a waiting thread spins through before it starts giving its core away
- * (a team with more threads than free cores must not spin against itself). */
-#define TEAM_SPINS 4000
-
-static inline void cpu_pause(void)
-{
-#if defined(__GNUC__) && defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
-}
-
-static void team_wait(const team *tm)
-{
-    team_barrier *b = tm->barrier;
-    if (tm->threads == 1)
-        return;
-    const int generation = __atomic_load_n(&b->generation, __ATOMIC_ACQUIRE);
-    if (__atomic_add_fetch(&b->arrived, 1, __ATOMIC_ACQ_REL) == tm->threads) {
-        __atomic_store_n(&b->arrived, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&b->generation, generation + 1, __ATOMIC_RELEASE);
-        return;
-    }
-    for (int spins = 0; __atomic_load_n(&b->generation, __ATOMIC_ACQUIRE) == generation; spins++) {
-        if (spins < TEAM_SPINS)
-            cpu_pause();
-        else
-            sched_yield();
-    }
-}
 
 static int team_ready_linear(const linear *l)
 {
@@ -979,9 +941,9 @@ static int team_ready(const weights *w)
     return 1;
 }
 
-static int team_matmul(const linear *l, const float *x, float *y)
+static int team_matmul(const linear *l, const float *x, float *y, const team *tm)
 {
-    return l->team(l->q, x, y);
+    return l->team(l->q, x, y, tm);
 }
 
 /* One block on s->x for the token at position pos, by every thread of the team. */
@@ -998,11 +960,11 @@ static int layer_decode_team(const weights *w, run_state *s, int l, int pos, con
         rmsnorm_row(s->x, lw->attn_norm, dim, w->eps, s->xb);
     team_wait(tm);
     if (is_set(&lw->wqkv)) {
-        rc |= team_matmul(&lw->wqkv, s->xb, s->stacked);
+        rc |= team_matmul(&lw->wqkv, s->xb, s->stacked, tm);
     } else {
-        rc |= team_matmul(&lw->wq, s->xb, s->q);
-        rc |= team_matmul(&lw->wk, s->xb, s->k);
-        rc |= team_matmul(&lw->wv, s->xb, s->v);
+        rc |= team_matmul(&lw->wq, s->xb, s->q, tm);
+        rc |= team_matmul(&lw->wk, s->xb, s->k, tm);
+        rc |= team_matmul(&lw->wv, s->xb, s->v, tm);
     }
     team_wait(tm);
     if (lead) {
@@ -1019,7 +981,7 @@ static int layer_decode_team(const weights *w, run_state *s, int l, int pos, con
     for (int job = tm->thread; job < attention_jobs(w, 1); job += tm->threads)
         attention_job(w, s, l, pos, 1, job, thread_scores(w, s, tm->thread));
     team_wait(tm);
-    rc |= team_matmul(&lw->wo, s->att, s->proj);
+    rc |= team_matmul(&lw->wo, s->att, s->proj, tm);
     team_wait(tm);
 
     /* MLP block: x += w_down(silu(w_gate(x)) * w_up(x)) */
@@ -1029,10 +991,10 @@ static int layer_decode_team(const weights *w, run_state *s, int l, int pos, con
     }
     team_wait(tm);
     if (is_set(&lw->w_gate_up)) {
-        rc |= team_matmul(&lw->w_gate_up, s->xb, s->stacked);
+        rc |= team_matmul(&lw->w_gate_up, s->xb, s->stacked, tm);
     } else {
-        rc |= team_matmul(&lw->w_gate, s->xb, s->gate);
-        rc |= team_matmul(&lw->w_up, s->xb, s->up);
+        rc |= team_matmul(&lw->w_gate, s->xb, s->gate, tm);
+        rc |= team_matmul(&lw->w_up, s->xb, s->up, tm);
     }
     team_wait(tm);
     if (lead) {
@@ -1042,7 +1004,7 @@ static int layer_decode_team(const weights *w, run_state *s, int l, int pos, con
             swiglu(s->gate, s->gate, s->up, hidden);
     }
     team_wait(tm);
-    rc |= team_matmul(&lw->w_down, s->gate, s->proj);
+    rc |= team_matmul(&lw->w_down, s->gate, s->proj, tm);
     team_wait(tm);
     if (lead)
         add_row(s->x, s->proj, dim);   /* the next block's first step is thread 0's too */
@@ -1063,16 +1025,18 @@ static int decode_team(const weights *w, run_state *s, int token, int pos, float
 #ifdef _OPENMP
         tm.thread = omp_get_thread_num();
         tm.threads = omp_get_num_threads();   /* all the team's threads see the same count */
+        tm.spins = team_spins(tm.threads, omp_get_num_procs());
 #else
         tm.thread = 0;
         tm.threads = 1;
+        tm.spins = 0;
 #endif
         for (int l = 0; l < w->n_layers; l++)
             failed |= layer_decode_team(w, s, l, pos, &tm);
         if (tm.thread == 0)
             rmsnorm_row(s->x, w->final_norm, w->dim, w->eps, s->xb);
         team_wait(&tm);
-        failed |= team_matmul(&w->lm_head, s->xb, logits);
+        failed |= team_matmul(&w->lm_head, s->xb, logits, &tm);
     }
     return failed ? -1 : 0;
 }

@@ -10,7 +10,9 @@ from libc.stdint cimport uint16_t, uint32_t, int32_t, uint64_t
 
 cdef extern from "qmatrix.h":
     ctypedef int (*qgemm_fn)(const qmatrix *m, const float *x, int n, float *y, int nthreads) noexcept nogil
-    ctypedef int (*qgemv_team_fn)(const qmatrix *m, const float *x, float *y) noexcept nogil
+    ctypedef struct team:
+        pass
+    ctypedef int (*qgemv_team_fn)(const qmatrix *m, const float *x, float *y, const team *tm) noexcept nogil
     ctypedef struct qmatrix:
         int bits
         int in_features

@@ -90,14 +90,15 @@ static inline float qm_scale(const qmatrix *m, const void *base, size_t i)
 /* y[n][out_features] = x[n][in_features] @ W^T. Returns 0, or -1 when out of memory. */
 typedef int (*qgemm_fn)(const qmatrix *m, const float *x, int n, float *y, int nthreads);
 
-/* One row (decode) inside the caller's OpenMP thread team: every thread of
- * the enclosing parallel region calls it with the same arguments, and each
- * computes its share of y[out_features] = W x; y is whole once all of them
- * have returned (the caller's barrier). The forward pass runs a decode step
+/* One row (decode) inside the caller's OpenMP thread team (team.h): every
+ * thread of the enclosing parallel region calls it with the same arguments
+ * but its own `tm`, and each computes its share of y[out_features] = W x; y
+ * is whole once all of them have returned (the caller's barrier). The forward pass runs a decode step
  * as one team so, instead of starting the threads for every layer. Only for
  * layers of whole tiles (qm_whole_tiles). Returns 0, or -1 (out of memory in
  * this thread: its share of y is then missing). */
-typedef int (*qgemv_team_fn)(const qmatrix *m, const float *x, float *y);
+struct team;   /* team.h */
+typedef int (*qgemv_team_fn)(const qmatrix *m, const float *x, float *y, const struct team *tm);
 
 /* Whether out_features fills the last tile: the kernels then write y in
  * place, with no padded block to share. */
