@@ -160,6 +160,9 @@ class Engine:
     # ---------------------------------------------------------- low level
     def _check_ids(self, token_ids):
         """A list of ints in [0, vocab), or a QinferError."""
+        vocab = self.config.vocab_size
+        if type(token_ids) is list and all(type(t) is int and 0 <= t < vocab for t in token_ids):
+            return token_ids     # the common case (a decode step): no numpy round trip
         try:
             ids = [int(t) for t in np.asarray(token_ids).reshape(-1)] if np.ndim(token_ids) == 1 else None
         except (TypeError, ValueError):

@@ -224,7 +224,8 @@ class Model:
         if pos + n > self.ctx:
             raise ContextError(f"{pos + n} tokens do not fit the context of {self.ctx} "
                                f"(use a shorter prompt or a larger --ctx)")
-        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+        low, high = (int(tokens[0]),) * 2 if n == 1 else (tokens.min(), tokens.max())
+        if low < 0 or high >= self.config.vocab_size:
             raise QinferError(f"token ids must lie in [0, {self.config.vocab_size})")
         threads = self.threads if threads is None else kernels.resolve_threads(threads)
         chunk = self.transformer.max_tokens
