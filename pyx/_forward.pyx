@@ -622,20 +622,55 @@ static inline float exp_nonpositive(float x)
  * (512 KiB) no longer fit L2, and streaming them per query made attention
  * the larger part of the prefill. */
 
-/* scores[0..KV_BLOCK) = scale * (q . key) for the KV_BLOCK positions of one key block */
-QI_VECTORIZE
-static void score_block(const float *q, const float *key_block, int hd, float scale, float *scores)
+/* Attention's inner loops work on ROWS_PER_PASS query rows at once, so that
+ * each key or value vector loaded from L1 feeds that many multiply-adds
+ * instead of one (one row at a time, the loads and not the FMAs set the pace).
+ * Three rows of a 32-wide block are 12 accumulators: with the broadcast
+ * operand they fit AVX2's 16 registers. GCC/clang vector types keep them in
+ * registers (arrays of accumulators get spilled); the baseline clone
+ * compiles the same code to SSE. Each row's sums run in the same order as
+ * with one row, so the results do not depend on how rows are grouped. */
+#define ROWS_PER_PASS 3
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
+#define LOAD8(p) (*(const v8f_unaligned *)(p))
+#define STORE8(p, v) (*(v8f_unaligned *)(p) = (v))
+
+/* scores[r][0..KV_BLOCK) = scale * (q[r] . key) for the KV_BLOCK positions of one key block, r < R */
+static inline __attribute__((always_inline))
+void score_block_rows(const float *const *q, const float *key_block, int hd, float scale,
+                      float *const *scores, const int R)
 {
-    float acc[KV_BLOCK] = {0};
+    v8f acc[ROWS_PER_PASS][KV_BLOCK / 8];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < KV_BLOCK / 8; c++)
+            acc[r][c] = (v8f){0};
     for (int i = 0; i < hd; i++) {
-        const float qi = q[i];
-        #pragma omp simd
-        for (int l = 0; l < KV_BLOCK; l++)
-            acc[l] += qi * key_block[(size_t)i * KV_BLOCK + l];
+        const float *key = key_block + (size_t)i * KV_BLOCK;
+        const v8f k0 = LOAD8(key), k1 = LOAD8(key + 8), k2 = LOAD8(key + 16), k3 = LOAD8(key + 24);
+        for (int r = 0; r < R; r++) {
+            const float qi = q[r][i];
+            acc[r][0] += qi * k0;
+            acc[r][1] += qi * k1;
+            acc[r][2] += qi * k2;
+            acc[r][3] += qi * k3;
+        }
     }
-    #pragma omp simd
-    for (int l = 0; l < KV_BLOCK; l++)
-        scores[l] = acc[l] * scale;
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < KV_BLOCK / 8; c++)
+            STORE8(scores[r] + 8 * c, acc[r][c] * scale);
+}
+
+QI_VECTORIZE
+static void score_block(const float *const *q, const float *key_block, int hd, float scale,
+                        float *const *scores, int rows)
+{
+    if (rows == 3)
+        score_block_rows(q, key_block, hd, scale, scores, 3);
+    else if (rows == 2)
+        score_block_rows(q, key_block, hd, scale, scores, 2);
+    else
+        score_block_rows(q, key_block, hd, scale, scores, 1);
 }
 
 /* scores[0..last] <- softmax(scores[0..last]) */
@@ -658,34 +693,52 @@ static void softmax(float *scores, int last)
         scores[j] *= inv;
 }
 
-/* out += sum_{j in [first, last]} p[j] * values[j]. The sum runs in a local
- * chunk of VALUE_CHUNK floats (four AVX2 registers) over all j, then goes
+/* out[r] += sum_{j in [first, last]} p[r][j] * values[j], r < R. The sums
+ * run over all j in registers, VALUE_CHUNK floats of a row at a time, and go
  * back to out once: summed through out itself, every j would load and store
  * the whole row (out may alias values, as far as the compiler knows). */
 #define VALUE_CHUNK 32
-QI_VECTORIZE
-static void add_values(const float *p, const float *values, int hd, int first, int last, float *out)
+static inline __attribute__((always_inline))
+void add_values_rows(const float *const *p, const float *values, int hd, int first, int last,
+                     float *const *out, const int R)
 {
     int i0 = 0;
     for (; i0 + VALUE_CHUNK <= hd; i0 += VALUE_CHUNK) {
-        float acc[VALUE_CHUNK];
-        #pragma omp simd
-        for (int i = 0; i < VALUE_CHUNK; i++)
-            acc[i] = out[i0 + i];
+        v8f acc[ROWS_PER_PASS][VALUE_CHUNK / 8];
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < VALUE_CHUNK / 8; c++)
+                acc[r][c] = LOAD8(out[r] + i0 + 8 * c);
         for (int j = first; j <= last; j++) {
             const float *v = values + (size_t)j * hd + i0;
-            const float pj = p[j];
-            #pragma omp simd
-            for (int i = 0; i < VALUE_CHUNK; i++)
-                acc[i] += pj * v[i];
+            const v8f v0 = LOAD8(v), v1 = LOAD8(v + 8), v2 = LOAD8(v + 16), v3 = LOAD8(v + 24);
+            for (int r = 0; r < R; r++) {
+                const float pj = p[r][j];
+                acc[r][0] += pj * v0;
+                acc[r][1] += pj * v1;
+                acc[r][2] += pj * v2;
+                acc[r][3] += pj * v3;
+            }
         }
-        #pragma omp simd
-        for (int i = 0; i < VALUE_CHUNK; i++)
-            out[i0 + i] = acc[i];
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < VALUE_CHUNK / 8; c++)
+                STORE8(out[r] + i0 + 8 * c, acc[r][c]);
     }
-    for (int j = first; j <= last; j++)          /* a head_dim that is not a multiple of the chunk */
-        for (int i = i0; i < hd; i++)
-            out[i] += p[j] * values[(size_t)j * hd + i];
+    for (int r = 0; r < R; r++)                  /* a head_dim that is not a multiple of the chunk */
+        for (int j = first; j <= last; j++)
+            for (int i = i0; i < hd; i++)
+                out[r][i] += p[r][j] * values[(size_t)j * hd + i];
+}
+
+QI_VECTORIZE
+static void add_values(const float *const *p, const float *values, int hd, int first, int last,
+                       float *const *out, int rows)
+{
+    if (rows == 3)
+        add_values_rows(p, values, hd, first, last, out, 3);
+    else if (rows == 2)
+        add_values_rows(p, values, hd, first, last, out, 2);
+    else
+        add_values_rows(p, values, hd, first, last, out, 1);
 }
 
 /* A tile of queries: tokens t0..t0+nt-1 (at positions pos+t) times query heads h0..h0+nh-1,
@@ -706,22 +759,46 @@ static void attention_tile(const weights *w, run_state *s, int layer, int pos, c
     const float scale = 1.0f / sqrtf((float)hd);
     const float *keys = key_head(w, s, layer, tile->kv_h), *values = value_head(w, s, layer, tile->kv_h);
     const int last_of_tile = pos + tile->t0 + tile->nt - 1;
+    /* Rows go token by token, so a pass's last row attends furthest. A pass
+     * covers the positions its last row attends to; its earlier rows' scores
+     * past their own last position are computed but never read, and their
+     * probabilities there are set to 0, which adds nothing to their sums. */
 #define LAST_OF_ROW(r) (pos + tile->t0 + (r) / tile->nh)   /* the row's query attends to 0..this */
+#define PASS_ROWS(r0) (rows - (r0) < ROWS_PER_PASS ? rows - (r0) : ROWS_PER_PASS)
+    const float *q[ROWS_PER_PASS];
+    float *row_scores[ROWS_PER_PASS], *out[ROWS_PER_PASS];
 
     for (int b = 0; b * KV_BLOCK <= last_of_tile; b++)
-        for (int r = 0; r < rows; r++)
-            if (b * KV_BLOCK <= LAST_OF_ROW(r))
-                score_block(s->q + tile_offset(w, tile, r), keys + (size_t)b * hd * KV_BLOCK, hd, scale,
-                            scores + r * row_len + (size_t)b * KV_BLOCK);
+        for (int r0 = 0; r0 < rows; r0 += ROWS_PER_PASS) {
+            const int n = PASS_ROWS(r0);
+            if (b * KV_BLOCK > LAST_OF_ROW(r0 + n - 1))
+                continue;
+            for (int r = 0; r < n; r++) {
+                q[r] = s->q + tile_offset(w, tile, r0 + r);
+                row_scores[r] = scores + (r0 + r) * row_len + (size_t)b * KV_BLOCK;
+            }
+            score_block(q, keys + (size_t)b * hd * KV_BLOCK, hd, scale, row_scores, n);
+        }
     for (int r = 0; r < rows; r++) {
-        softmax(scores + r * row_len, LAST_OF_ROW(r));
+        float *p = scores + r * row_len;
+        softmax(p, LAST_OF_ROW(r));
+        for (int j = LAST_OF_ROW(r) + 1; j <= last_of_tile; j++)
+            p[j] = 0.0f;
         memset(s->att + tile_offset(w, tile, r), 0, sizeof(float) * hd);
     }
     for (int first = 0; first <= last_of_tile; first += KV_BLOCK)
-        for (int r = 0; r < rows; r++) {
-            const int last = LAST_OF_ROW(r) < first + KV_BLOCK - 1 ? LAST_OF_ROW(r) : first + KV_BLOCK - 1;
-            add_values(scores + r * row_len, values, hd, first, last, s->att + tile_offset(w, tile, r));
+        for (int r0 = 0; r0 < rows; r0 += ROWS_PER_PASS) {
+            const int n = PASS_ROWS(r0), pass_last = LAST_OF_ROW(r0 + n - 1);
+            if (first > pass_last)
+                continue;
+            for (int r = 0; r < n; r++) {
+                row_scores[r] = scores + (r0 + r) * row_len;
+                out[r] = s->att + tile_offset(w, tile, r0 + r);
+            }
+            add_values((const float *const *)row_scores, values, hd, first,
+                       pass_last < first + KV_BLOCK - 1 ? pass_last : first + KV_BLOCK - 1, out, n);
         }
+#undef PASS_ROWS
 #undef LAST_OF_ROW
 }
 
