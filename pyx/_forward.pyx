@@ -635,29 +635,39 @@ typedef float v8f __attribute__((vector_size(32)));
 typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
 #define LOAD8(p) (*(const v8f_unaligned *)(p))
 #define STORE8(p, v) (*(v8f_unaligned *)(p) = (v))
+#define PASS_WIDTH 32   /* floats of a row one pass holds: 4 vectors */
+
+/* acc[r] += coef[r][index] * row[0..PASS_WIDTH) for r < R: the row is loaded
+ * once for all R multiply-adds (scores: a key row by q[r][i]; value sums: a
+ * value row by p[r][j]). */
+static inline __attribute__((always_inline))
+void add_scaled_row(v8f acc[][PASS_WIDTH / 8], const float *row, const float *const *coef, int index,
+                    const int R)
+{
+    const v8f r0 = LOAD8(row), r1 = LOAD8(row + 8), r2 = LOAD8(row + 16), r3 = LOAD8(row + 24);
+    for (int r = 0; r < R; r++) {
+        const float c = coef[r][index];
+        acc[r][0] += c * r0;
+        acc[r][1] += c * r1;
+        acc[r][2] += c * r2;
+        acc[r][3] += c * r3;
+    }
+}
 
 /* scores[r][0..KV_BLOCK) = scale * (q[r] . key) for the KV_BLOCK positions of one key block, r < R */
+_Static_assert(KV_BLOCK == PASS_WIDTH, "score_block_rows holds one key block per pass");
 static inline __attribute__((always_inline))
 void score_block_rows(const float *const *q, const float *key_block, int hd, float scale,
                       float *const *scores, const int R)
 {
-    v8f acc[ROWS_PER_PASS][KV_BLOCK / 8];
+    v8f acc[ROWS_PER_PASS][PASS_WIDTH / 8];
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < KV_BLOCK / 8; c++)
+        for (int c = 0; c < PASS_WIDTH / 8; c++)
             acc[r][c] = (v8f){0};
-    for (int i = 0; i < hd; i++) {
-        const float *key = key_block + (size_t)i * KV_BLOCK;
-        const v8f k0 = LOAD8(key), k1 = LOAD8(key + 8), k2 = LOAD8(key + 16), k3 = LOAD8(key + 24);
-        for (int r = 0; r < R; r++) {
-            const float qi = q[r][i];
-            acc[r][0] += qi * k0;
-            acc[r][1] += qi * k1;
-            acc[r][2] += qi * k2;
-            acc[r][3] += qi * k3;
-        }
-    }
+    for (int i = 0; i < hd; i++)
+        add_scaled_row(acc, key_block + (size_t)i * KV_BLOCK, q, i, R);
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < KV_BLOCK / 8; c++)
+        for (int c = 0; c < PASS_WIDTH / 8; c++)
             STORE8(scores[r] + 8 * c, acc[r][c] * scale);
 }
 
@@ -697,30 +707,21 @@ static void softmax(float *scores, int last)
  * run over all j in registers, VALUE_CHUNK floats of a row at a time, and go
  * back to out once: summed through out itself, every j would load and store
  * the whole row (out may alias values, as far as the compiler knows). */
-#define VALUE_CHUNK 32
+#define VALUE_CHUNK PASS_WIDTH
 static inline __attribute__((always_inline))
 void add_values_rows(const float *const *p, const float *values, int hd, int first, int last,
                      float *const *out, const int R)
 {
     int i0 = 0;
     for (; i0 + VALUE_CHUNK <= hd; i0 += VALUE_CHUNK) {
-        v8f acc[ROWS_PER_PASS][VALUE_CHUNK / 8];
+        v8f acc[ROWS_PER_PASS][PASS_WIDTH / 8];
         for (int r = 0; r < R; r++)
-            for (int c = 0; c < VALUE_CHUNK / 8; c++)
+            for (int c = 0; c < PASS_WIDTH / 8; c++)
                 acc[r][c] = LOAD8(out[r] + i0 + 8 * c);
-        for (int j = first; j <= last; j++) {
-            const float *v = values + (size_t)j * hd + i0;
-            const v8f v0 = LOAD8(v), v1 = LOAD8(v + 8), v2 = LOAD8(v + 16), v3 = LOAD8(v + 24);
-            for (int r = 0; r < R; r++) {
-                const float pj = p[r][j];
-                acc[r][0] += pj * v0;
-                acc[r][1] += pj * v1;
-                acc[r][2] += pj * v2;
-                acc[r][3] += pj * v3;
-            }
-        }
+        for (int j = first; j <= last; j++)
+            add_scaled_row(acc, values + (size_t)j * hd + i0, p, j, R);
         for (int r = 0; r < R; r++)
-            for (int c = 0; c < VALUE_CHUNK / 8; c++)
+            for (int c = 0; c < PASS_WIDTH / 8; c++)
                 STORE8(out[r] + i0 + 8 * c, acc[r][c]);
     }
     for (int r = 0; r < R; r++)                  /* a head_dim that is not a multiple of the chunk */
