@@ -150,12 +150,14 @@ def int8_layout(bits):
     return Int8Layout(bits, 8, mask, slices)
 
 
-def avx2_int8_expr(lay, s, w="w"):
-    """__m256i of one slice: a code per lane (u8 or u16) for eight columns."""
+def avx2_int8_expr(lay, s, w="w", width=256):
+    """One slice, a code per lane (u8 or u16) for eight columns (__m256i) or,
+    with width=512, for sixteen (AVX-512's __m512i)."""
+    p = f"_mm{width}"
     if lay.lane_bits == 16 and s.shift == 8:
-        return f"_mm256_srli_epi16({w}, 8)"          # the high byte of each half: no mask needed
-    shifted = f"_mm256_srli_epi32({w}, {s.shift})" if s.shift else w
-    return f"_mm256_and_si256({shifted}, _mm256_set1_epi32({lay.lane_mask:#010x}))"
+        return f"{p}_srli_epi16({w}, 8)"          # the high byte of each half: no mask needed
+    shifted = f"{p}_srli_epi32({w}, {s.shift})" if s.shift else w
+    return f"{p}_and_si{width}({shifted}, {p}_set1_epi32({lay.lane_mask:#010x}))"
 
 
 def int8_chunk_order(lay, unit_values):

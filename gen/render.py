@@ -39,17 +39,33 @@ def namespace(bits, params, machine):
                 avx2_expr=bitlayout.avx2_expr, scalar_expr=bitlayout.scalar_expr)
 
 
-class Isa(collections.namedtuple("Isa", "name sfx attr guard cpu")):
+class Vec(collections.namedtuple("Vec", "bits lanes ivec fvec p si dot keep scales")):
+    """The vectors an int8 qgemm kernel (pyx/snippets/int8_gemm.c.tp) is written in:
+    their width in bits and in 32-bit lanes, the C types, the intrinsics' prefix
+    and integer suffix, the prefix of the multiply-add macros, the register-pinning
+    macro and the scale loader."""
+
+
+YMM = Vec(256, 8, "__m256i", "__m256", "_mm256", "si256", "I8", "QI_KEEP_IN_REGISTER", "load_scales8")
+ZMM = Vec(512, 16, "__m512i", "__m512", "_mm512", "si512", "I8Z", "QI_KEEP_IN_ZMM", "load_scales16")
+
+
+class Isa(collections.namedtuple("Isa", "name sfx attr guard cpu vec rows")):
     """An instruction set the int8 kernels are rendered for: its name at run time,
     the suffix of its functions and multiply-add macros, the C function
-    attribute, the preprocessor test that the compiler has it, and the C
-    expression that the CPU has it."""
+    attribute, the preprocessor test that the compiler has it, the C
+    expression that the CPU has it, and the vectors (Vec) and activation rows
+    per call of its qgemm kernel. The qgemv is written in 256-bit vectors for
+    every instruction set (it waits on memory, not on multiply-adds)."""
 
 
-# Slowest first: the first is the one every AVX2 CPU runs.
-INT8_ISAS = (Isa("avx2", "", "QI_AVX2", "1", "qi_cpu_has_avx2_kernels()"),
-             Isa("avxvnni", "_vnni", "QI_AVXVNNI", "QINFER_HAVE_AVXVNNI", "qi_cpu_has_avxvnni()"))
-INT8_ROWS = 4   # activation rows per int8 qgemm kernel call (pyx/snippets/int8_gemm.c.tp)
+# Slowest first: the first is the one every AVX2 CPU runs. AVX-512 VNNI (Ice Lake,
+# Sapphire Rapids, Zen 4 and later) multiplies 64 bytes an instruction and has 32
+# vector registers: its qgemm takes 8 rows of 16 columns a call.
+INT8_ISAS = (Isa("avx2", "", "QI_AVX2", "1", "qi_cpu_has_avx2_kernels()", YMM, 4),
+             Isa("avxvnni", "_vnni", "QI_AVXVNNI", "QINFER_HAVE_AVXVNNI", "qi_cpu_has_avxvnni()", YMM, 4),
+             Isa("avx512vnni", "_v512", "QI_AVX512VNNI", "QINFER_HAVE_AVX512VNNI", "qi_cpu_has_avx512vnni()",
+                 ZMM, 8))
 
 
 def int8_namespace(bits, params):
@@ -57,7 +73,9 @@ def int8_namespace(bits, params):
     QINFER_INT8_TILES=N replaces the model's tile count (for experiments)."""
     has = bits in bitlayout.INT8_BITWIDTHS
     int8 = bitlayout.int8_layout(bits) if has else None
-    return dict(int8=int8, avx2_int8_expr=bitlayout.avx2_int8_expr, int8_isas=INT8_ISAS, int8_rows=INT8_ROWS,
+    # a 512-bit kernel needs tiles of a whole number of its vectors
+    isas = tuple(isa for isa in INT8_ISAS if params.tu % isa.vec.lanes == 0)
+    return dict(int8=int8, avx2_int8_expr=bitlayout.avx2_int8_expr, int8_isas=isas,
                 int8_chunk_order=bitlayout.int8_chunk_order,
                 int8_tiles=(int(os.environ.get("QINFER_INT8_TILES", 0)) or
                             perfmodel.int8_gemv_tiles(int8, params.tu)) if has else 0)

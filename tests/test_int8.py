@@ -306,16 +306,20 @@ def test_several_rows_equal_each_row_alone(out_f, in_f, bits, group_size, act_or
         for threads in (1, 2):
             Y = int8_call(layer, X, threads, path)
             assert np.array_equal(Y, alone), f"{what}: {path} threads={threads} differs from one row at a time"
-# The AVX-VNNI kernels (one multiply-add instruction where AVX2 takes two or three) must give
-# the AVX2 kernels' results bit for bit: the integer dot products are exact in both.
+# The AVX-VNNI and AVX-512 VNNI kernels (one multiply-add instruction where AVX2 takes two or
+# three; AVX-512's qgemm in 512-bit vectors, 8 rows a call) must give the AVX2 kernels' results
+# bit for bit: the integer dot products are exact in all of them.
 VNNI_CASES = [(o, i, b, g, a) for (o, i) in [(13, 96), (77, 384), (200, 640), (1000, 4096)] for b in BITS
               for g in (16, 32, 128, -1) for a in (False, True)
               if (g == -1 or i % g == 0) and not (a and g == -1)]
+VNNI_ISAS = ("avxvnni", "avx512vnni")
 
 
-@pytest.mark.skipif("avxvnni" not in kernels.int8_isas(), reason="this CPU (or build) has no AVX-VNNI")
+@pytest.mark.parametrize("isa", VNNI_ISAS)
 @pytest.mark.parametrize("out_f,in_f,bits,group_size,act_order", VNNI_CASES)
-def test_vnni_kernels_equal_avx2(out_f, in_f, bits, group_size, act_order):
+def test_vnni_kernels_equal_avx2(isa, out_f, in_f, bits, group_size, act_order):
+    if isa not in kernels.int8_isas():
+        pytest.skip(f"this CPU (or build) has no {isa}")
     rng = np.random.default_rng([out_f, in_f, bits, group_size + 1, act_order, 9])
     codes = rng.integers(0, 2 ** bits, size=(in_f, out_f), dtype=np.uint8)
     layer, scales, zeros, perm = make_layer(rng, codes, bits, group_size, act_order, integer_zeros=False)
@@ -325,11 +329,11 @@ def test_vnni_kernels_equal_avx2(out_f, in_f, bits, group_size, act_order):
     for x in (X[0], X[5], X):
         with kernels.use_int8_isa("avx2"):
             want = int8_call(layer, x, 2)
-        with kernels.use_int8_isa("avxvnni"):
-            assert kernels.active_int8_isa() == "avxvnni"
+        with kernels.use_int8_isa(isa):
+            assert kernels.active_int8_isa() == isa
             got = int8_call(layer, x, 2)
         assert np.array_equal(got, want), f"[{out_f}x{in_f}] b={bits} g={group_size} rows={x.ndim}"
-    assert_matches_reference(got[0], int8_reference(codes, scales, zeros, X[0], group_size, perm), "vnni row 0")
+    assert_matches_reference(got[0], int8_reference(codes, scales, zeros, X[0], group_size, perm), f"{isa} row 0")
 
 
 def test_int8_isa_choice_and_errors():
