@@ -11,8 +11,8 @@ multiply in integers, llama.cpp-style: faster, with llama.cpp-like numerics.
 3-bit layers stay float.
 
 The int8 kernels run on the fastest instruction set this CPU has of those
-the build made (int8_isas(): "avxvnni", then "avx2"); QINFER_INT8_ISA=avx2
-(or set_int8_isa("avx2")) holds them to AVX2. The integer sums are exact
+the build made (int8_isas(): "avx512vnni", "avxvnni", then "avx2");
+QINFER_INT8_ISA=avx2 (or set_int8_isa("avx2")) holds them to AVX2. The integer sums are exact
 either way, so the results are the same bit for bit.
 """
 import contextlib
