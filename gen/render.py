@@ -28,11 +28,17 @@ MIN_GROUP = 16   # the smallest group size: a segment can end every MIN_GROUP va
 GEMV_PREFETCH_BYTES = 4096
 
 
+# Activation rows per call of the float qgemm's AVX-512 micro-kernel (one
+# 16-float accumulator per row of a 16-column tile, 32 registers).
+FMAC512_ROWS = 12
+
+
 def namespace(bits, params, machine):
     layout = bitlayout.layout(bits)
     gemv_tiles = list(range(1, max(params.nv, params.nv_max) + 1))
     kernels = [(1, t) for t in gemv_tiles]
     return dict(bits=bits, layout=layout, params=params, machine=machine,
+                has_fmac512=params.tu % 16 == 0, fmac512_rows=FMAC512_ROWS,
                 gemv_prefetch_bytes=int(os.environ.get("QINFER_GEMV_PREFETCH", 0)) or GEMV_PREFETCH_BYTES,
                 check=min(MIN_GROUP, layout.unit_values),
                 gemv_tiles=gemv_tiles, kernels=kernels,

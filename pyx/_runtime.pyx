@@ -67,6 +67,16 @@ static int qi_cpu_has_avx2_fma(void)
 #endif
 }
 
+static int qi_cpu_has_avx512f(void)
+{
+#if QI_X86
+    __builtin_cpu_init();
+    return qi_cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f");
+#else
+    return 0;
+#endif
+}
+
 static int qi_openmp_threads(void)
 {
 #ifdef _OPENMP
@@ -135,6 +145,7 @@ static uint64_t qi_stream_read(const uint64_t *buf, size_t n_words, int nthreads
 }
     """
     int qi_cpu_has_avx2_fma()
+    int qi_cpu_has_avx512f()
     int qi_openmp_threads()
     int qi_have_openmp()
     uint64_t qi_stream_read(const uint64_t *buf, size_t n_words, int nthreads, int avx2) nogil
@@ -143,6 +154,11 @@ static uint64_t qi_stream_read(const uint64_t *buf, size_t n_words, int nthreads
 def cpu_has_avx2_fma():
     """True when this CPU can run the AVX2+FMA kernels."""
     return bool(qi_cpu_has_avx2_fma())
+
+
+def cpu_has_avx512f():
+    """True when this CPU has AVX-512F as well (the float qgemm multiplies with it)."""
+    return bool(qi_cpu_has_avx512f())
 
 
 def openmp_threads():

@@ -49,6 +49,12 @@ def cpu_has_avx2():
     return _cpu_avx2
 
 
+def cpu_has_avx512():
+    """Whether the float qgemm (several rows) multiplies with AVX-512 here: this CPU has
+    AVX-512F (QINFER_AVX512=0 holds it to AVX2; the sums are the same bit for bit)."""
+    return _cpu_avx2 and _runtime.cpu_has_avx512f()
+
+
 def have_openmp():
     return _runtime.have_openmp()
 

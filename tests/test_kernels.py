@@ -939,3 +939,32 @@ def test_codes_start_on_a_cache_line():
         assert layer._words.ctypes.data % 64 == 0, layer
     np.testing.assert_array_equal(a.copy().dequantize(), a.dequantize())
     np.testing.assert_array_equal(stacked.split([48, 16])[0].dequantize(), a.dequantize())
+
+
+# --------------------------------------------------------------------------
+# The float qgemm's AVX-512 micro-kernel (12 rows of a 16-column tile a call)
+# does each output's multiply-adds in the AVX2 one's order: the same bits.
+# --------------------------------------------------------------------------
+
+AVX512_CASES = [(o, i, b, g, n) for (o, i) in [(13, 256), (77, 384), (1000, 4096)] for b in BITS
+                for g in (32, 128, -1) for n in (2, 12, 29) if g == -1 or i % g == 0]
+
+
+@pytest.mark.skipif(not qinfer.kernels.cpu_has_avx512(), reason="this CPU has no AVX-512F")
+@pytest.mark.parametrize("out_f,in_f,bits,group_size,n", AVX512_CASES)
+def test_float_qgemm_avx512_equals_avx2(out_f, in_f, bits, group_size, n, monkeypatch):
+    rng = np.random.default_rng([out_f, in_f, bits, group_size + 1, n, 5])
+    codes = random_codes(rng, in_f, out_f, bits)
+    scales, zeros = random_scales_zeros(rng, n_groups(in_f, group_size), out_f, bits)
+    layer = qinfer.QuantizedLinear.from_packed(pack_gptq(codes, bits), scales, zeros, bits, group_size)
+    X = inputs(rng, n, in_f)
+    with qinfer.kernels.use_path("avx2"):
+        for threads in (1, 2):
+            wide = layer(X, threads=threads)
+            monkeypatch.setenv("QINFER_AVX512", "0")
+            narrow = layer(X, threads=threads)
+            monkeypatch.delenv("QINFER_AVX512")
+            assert np.array_equal(wide, narrow), f"[{out_f}x{in_f}] b={bits} g={group_size} n={n} t={threads}"
+    w_in_out = dequant(codes, scales, zeros, group_size).astype(np.float64)
+    assert_matches(wide, ref_matmul(X, w_in_out), f"avx512 [{out_f}x{in_f}] b={bits} g={group_size} n={n}",
+                   size=dot_size(X, w_in_out))
