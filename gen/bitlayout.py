@@ -69,21 +69,22 @@ def layout(bits):
 # ---------------------------------------------------------------- C snippets
 # Each returns a C expression; `w` names the unit's words (w[0], w[1], ...).
 
-def avx2_expr(f, w="w"):
-    """__m256 holding q * 2**exponent for eight columns."""
+def avx2_expr(f, w="w", width=256):
+    """__m256 holding q * 2**exponent for eight columns (width=512: __m512, sixteen)."""
     m = (1 << f.bits) - 1
+    p, si = f"_mm{width}", f"si{width}"
     if f.split:
         high_bits = f.bits - f.low_bits
-        return (f"_mm256_cvtepi32_ps(_mm256_or_si256("
-                f"_mm256_srli_epi32({w}[{f.word}], {f.offset}), "
-                f"_mm256_slli_epi32(_mm256_and_si256({w}[{f.word + 1}], "
-                f"_mm256_set1_epi32({(1 << high_bits) - 1})), {f.low_bits})))")
+        return (f"{p}_cvtepi32_ps({p}_or_{si}("
+                f"{p}_srli_epi32({w}[{f.word}], {f.offset}), "
+                f"{p}_slli_epi32({p}_and_{si}({w}[{f.word + 1}], "
+                f"{p}_set1_epi32({(1 << high_bits) - 1})), {f.low_bits})))")
     if f.offset + f.bits == 32:
-        return (f"_mm256_cvtepi32_ps(_mm256_and_si256("
-                f"_mm256_srli_epi32({w}[{f.word}], {f.bits}), "
-                f"_mm256_set1_epi32({m << f.exponent}u)))")
-    return (f"_mm256_cvtepi32_ps(_mm256_and_si256({w}[{f.word}], "
-            f"_mm256_set1_epi32({m << f.exponent}u)))")
+        return (f"{p}_cvtepi32_ps({p}_and_{si}("
+                f"{p}_srli_epi32({w}[{f.word}], {f.bits}), "
+                f"{p}_set1_epi32({m << f.exponent}u)))")
+    return (f"{p}_cvtepi32_ps({p}_and_{si}({w}[{f.word}], "
+            f"{p}_set1_epi32({m << f.exponent}u)))")
 
 
 def scalar_expr(f, w="w"):

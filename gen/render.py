@@ -28,6 +28,8 @@ MIN_GROUP = 16   # the smallest group size: a segment can end every MIN_GROUP va
 GEMV_PREFETCH_BYTES = 4096
 
 
+GEMV512_TILE_FACTOR = 2
+
 # Activation rows per call of the float qgemm's AVX-512 micro-kernel (one
 # 16-float accumulator per row of a 16-column tile, 32 registers).
 FMAC512_ROWS = 12
@@ -37,23 +39,33 @@ def namespace(bits, params, machine):
     layout = bitlayout.layout(bits)
     gemv_tiles = list(range(1, max(params.nv, params.nv_max) + 1))
     kernels = [(1, t) for t in gemv_tiles]
+    # A 512-bit qgemv walks twice the tiles side by side: one vector a tile is half
+    # the dependency chains of two, and 32 registers hold twice as many.
+    wide_tiles = list(range(1, GEMV512_TILE_FACTOR * gemv_tiles[-1] + 1))
     return dict(bits=bits, layout=layout, params=params, machine=machine,
                 has_fmac512=params.tu % 16 == 0, fmac512_rows=FMAC512_ROWS,
+                # the float qgemv's micro-kernels, once per vector width that spans whole tiles
+                float_vecs=[vec for vec in (YMM, ZMM) if params.tu % vec.lanes == 0],
+                vec_tiles={256: gemv_tiles, 512: wide_tiles}, vec_tile_factor={256: 1, 512: GEMV512_TILE_FACTOR},
                 gemv_prefetch_bytes=int(os.environ.get("QINFER_GEMV_PREFETCH", 0)) or GEMV_PREFETCH_BYTES,
                 check=min(MIN_GROUP, layout.unit_values),
                 gemv_tiles=gemv_tiles, kernels=kernels,
                 avx2_expr=bitlayout.avx2_expr, scalar_expr=bitlayout.scalar_expr)
 
 
-class Vec(collections.namedtuple("Vec", "bits lanes ivec fvec p si dot keep scales")):
-    """The vectors an int8 qgemm kernel (pyx/snippets/int8_gemm.c.tp) is written in:
-    their width in bits and in 32-bit lanes, the C types, the intrinsics' prefix
-    and integer suffix, the prefix of the multiply-add macros, the register-pinning
-    macro and the scale loader."""
+class Vec(collections.namedtuple("Vec", "bits lanes ivec fvec p si dot keep scales sfx attr guard")):
+    """The vectors a kernel is written in (the float qgemv's micro-kernels, the
+    int8 qgemm's row kernel): their width in bits and in 32-bit lanes, the C
+    types, the intrinsics' prefix and integer suffix, the prefix of the int8
+    multiply-add macros, the register-pinning macro, the scale loader, and for
+    the float kernels the suffix of their names, their C function attribute
+    and the preprocessor test that the compiler has them."""
 
 
-YMM = Vec(256, 8, "__m256i", "__m256", "_mm256", "si256", "I8", "QI_KEEP_IN_REGISTER", "load_scales8")
-ZMM = Vec(512, 16, "__m512i", "__m512", "_mm512", "si512", "I8Z", "QI_KEEP_IN_ZMM", "load_scales16")
+YMM = Vec(256, 8, "__m256i", "__m256", "_mm256", "si256", "I8", "QI_KEEP_IN_REGISTER", "load_scales8",
+          "", "QI_AVX2", "1")
+ZMM = Vec(512, 16, "__m512i", "__m512", "_mm512", "si512", "I8Z", "QI_KEEP_IN_ZMM", "load_scales16",
+          "512", "QI_AVX512", "QINFER_HAVE_AVX512")
 
 
 class Isa(collections.namedtuple("Isa", "name sfx attr guard cpu vec rows")):

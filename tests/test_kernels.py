@@ -942,22 +942,25 @@ def test_codes_start_on_a_cache_line():
 
 
 # --------------------------------------------------------------------------
-# The float qgemm's AVX-512 micro-kernel (12 rows of a 16-column tile a call)
-# does each output's multiply-adds in the AVX2 one's order: the same bits.
+# The float kernels' AVX-512 twins (qgemv: the micro-kernels in 16-float
+# vectors; qgemm: 12 rows of a 16-column tile a call) do each output's
+# multiply-adds in the AVX2 ones' order: the same bits.
 # --------------------------------------------------------------------------
 
 AVX512_CASES = [(o, i, b, g, n) for (o, i) in [(13, 256), (77, 384), (1000, 4096)] for b in BITS
-                for g in (32, 128, -1) for n in (2, 12, 29) if g == -1 or i % g == 0]
+                for g in (16, 32, 128, -1) for n in (1, 2, 12, 29) if g == -1 or i % g == 0]
 
 
 @pytest.mark.skipif(not qinfer.kernels.cpu_has_avx512(), reason="this CPU has no AVX-512F")
 @pytest.mark.parametrize("out_f,in_f,bits,group_size,n", AVX512_CASES)
-def test_float_qgemm_avx512_equals_avx2(out_f, in_f, bits, group_size, n, monkeypatch):
+def test_float_kernels_avx512_equal_avx2(out_f, in_f, bits, group_size, n, monkeypatch):
     rng = np.random.default_rng([out_f, in_f, bits, group_size + 1, n, 5])
     codes = random_codes(rng, in_f, out_f, bits)
     scales, zeros = random_scales_zeros(rng, n_groups(in_f, group_size), out_f, bits)
     layer = qinfer.QuantizedLinear.from_packed(pack_gptq(codes, bits), scales, zeros, bits, group_size)
     X = inputs(rng, n, in_f)
+    if n == 1:
+        X = X[0]
     with qinfer.kernels.use_path("avx2"):
         for threads in (1, 2):
             wide = layer(X, threads=threads)
