@@ -53,7 +53,7 @@ typedef struct {
     const qmatrix *q;     /* quantized: the packed layer ... */
     qgemm_fn qgemm;       /* ... and the kernel for its bitwidth */
     qgemm_fn qgemm_i8;    /* NULL, or the int8-activation kernel (Engine(activations="int8")) */
-    qgemv_team_fn team;   /* NULL, or qgemm_i8's twin for the decode team (decode_team) */
+    qgemv_team_fn team;   /* NULL, or the decode kernel's twin for the decode team (decode_team) */
     const float *w;       /* float32: [out][in] (Hugging Face orientation) */
     const uint16_t *w16;  /* or float16, the same layout (a float16 checkpoint's LM head) */
     int in, out;

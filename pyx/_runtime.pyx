@@ -42,6 +42,7 @@ cdef extern from "qmatrix.h":
         qgemm_fn avx2_i8
         qgemm_fn scalar_i8
         qgemv_team_fn avx2_i8_team
+        qgemv_team_fn avx2_team
 
 cdef extern from *:
     """
@@ -62,16 +63,6 @@ static int qi_cpu_has_avx2_fma(void)
 #if QI_X86
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-    return 0;
-#endif
-}
-
-static int qi_cpu_has_avx512f(void)
-{
-#if QI_X86
-    __builtin_cpu_init();
-    return qi_cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f");
 #else
     return 0;
 #endif
@@ -145,7 +136,6 @@ static uint64_t qi_stream_read(const uint64_t *buf, size_t n_words, int nthreads
 }
     """
     int qi_cpu_has_avx2_fma()
-    int qi_cpu_has_avx512f()
     int qi_openmp_threads()
     int qi_have_openmp()
     uint64_t qi_stream_read(const uint64_t *buf, size_t n_words, int nthreads, int avx2) nogil
@@ -154,11 +144,6 @@ static uint64_t qi_stream_read(const uint64_t *buf, size_t n_words, int nthreads
 def cpu_has_avx2_fma():
     """True when this CPU can run the AVX2+FMA kernels."""
     return bool(qi_cpu_has_avx2_fma())
-
-
-def cpu_has_avx512f():
-    """True when this CPU has AVX-512F as well (the float qgemm multiplies with it)."""
-    return bool(qi_cpu_has_avx512f())
 
 
 def openmp_threads():
@@ -318,6 +303,14 @@ cdef class QMatrix:
         if fn == NULL:
             return None
         return PyCapsule_New(<void *>fn, b"qinfer.qgemm_fn", NULL)
+
+    def team_capsule(self, bint avx2):
+        """The team twin of kernel_capsule for one row (qgemv_team_fn, qmatrix.h),
+        for the forward pass's decode team, or None: the scalar path, or a layer
+        whose last tile is padded."""
+        if not avx2 or self.kernels.avx2_team == NULL or not qm_whole_tiles(&self.m):
+            return None
+        return PyCapsule_New(<void *>self.kernels.avx2_team, b"qinfer.qgemv_team_fn", NULL)
 
     def int8_team_capsule(self, bint avx2):
         """The team twin of int8_kernel_capsule (qgemv_team_fn, qmatrix.h) for the

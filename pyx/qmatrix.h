@@ -114,6 +114,7 @@ typedef struct qkernels {
     int max_gemv_tiles;   /* qgemv has a micro-kernel for 1..max_gemv_tiles tiles */
     qgemm_fn avx2;        /* NULL when the compiler could not build it */
     qgemm_fn scalar;
+    qgemv_team_fn avx2_team;      /* avx2's team twin for one row (NULL with it) */
     /* Activations rounded to int8 per block of 32 rows (decode, one row at a
      * time): NULL where the bitwidth has no such path (3-bit). */
     qgemm_fn avx2_i8;

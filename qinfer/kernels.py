@@ -12,7 +12,9 @@ multiply in integers, llama.cpp-style: faster, with llama.cpp-like numerics.
 
 The int8 kernels run on the fastest instruction set this CPU has of those
 the build made (int8_isas(): "avx512vnni", "avxvnni", then "avx2");
-QINFER_INT8_ISA=avx2 (or set_int8_isa("avx2")) holds them to AVX2. The integer sums are exact
+QINFER_INT8_ISA=avx2 (or set_int8_isa("avx2")) holds them to AVX2. The float
+kernels multiply with AVX-512 where the CPU has it; QINFER_AVX512=0 (or
+set_float_avx512(False)) holds them to AVX2. The integer sums are exact
 either way, so the results are the same bit for bit.
 """
 import contextlib
@@ -49,10 +51,29 @@ def cpu_has_avx2():
     return _cpu_avx2
 
 
-def cpu_has_avx512():
-    """Whether the float qgemm (several rows) multiplies with AVX-512 here: this CPU has
-    AVX-512F (QINFER_AVX512=0 holds it to AVX2; the sums are the same bit for bit)."""
-    return _cpu_avx2 and _runtime.cpu_has_avx512f()
+def has_float_avx512():
+    """Whether the float qgemv and qgemm can multiply with AVX-512 here (this build,
+    this CPU: AVX-512F)."""
+    return all(_modules[b].has_float_avx512() for b in BITWIDTHS)
+
+
+def set_float_avx512(on):
+    """Run the float kernels with AVX-512 (on, where has_float_avx512()) or AVX2.
+    Each lane does the same operations either way: the same results bit for bit."""
+    if on and not has_float_avx512():
+        raise UnsupportedError("float kernels: this build or CPU has no AVX-512")
+    for b in BITWIDTHS:
+        _modules[b].use_float_avx512(bool(on))
+
+
+def float_avx512():
+    """Whether the float kernels multiply with AVX-512 now."""
+    return all(_modules[b].float_avx512() for b in BITWIDTHS)
+
+
+def use_float_avx512(on):
+    """Run the enclosed calls' float kernels with AVX-512 (on) or AVX2, then restore."""
+    return _switched(float_avx512, set_float_avx512, on)
 
 
 def have_openmp():
@@ -180,3 +201,5 @@ def _int8_isa_from_environment():
 
 
 _int8_isa_from_environment()
+# QINFER_AVX512=0 holds the float kernels to AVX2 (they use AVX-512 where the CPU has it).
+set_float_avx512(has_float_avx512() and os.environ.get("QINFER_AVX512", "1").strip() != "0")

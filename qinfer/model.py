@@ -126,14 +126,14 @@ class Model:
 
     def _linear_spec(self, layer):
         """What the C side takes: a float32 array, or (matrix, kernel, int8 kernel or None,
-        int8 team kernel or None) capsules."""
+        team kernel of the decode step's activations or None) capsules."""
         if isinstance(layer, QuantizedLinear):
             self._keep.append(layer)
             m = layer._matrix
             avx2 = kernels.active_path() == "avx2"
             int8 = self.activations == "int8"
             return (m.matrix_capsule(), m.kernel_capsule(avx2), m.int8_kernel_capsule(avx2) if int8 else None,
-                    m.int8_team_capsule(avx2) if int8 else None)
+                    m.int8_team_capsule(avx2) if int8 else m.team_capsule(avx2))
         return layer
 
     def _linear(self, source, name):

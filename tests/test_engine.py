@@ -236,17 +236,20 @@ def test_replacing_a_stacked_part_unstacks_it(tiny, monkeypatch):
 # ----------------------------------------------------------------- decode team
 @pytest.mark.parametrize("stack", [True, False], ids=["stacked", "separate"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_decode_team_gives_the_per_call_logits(tiny, monkeypatch, bits, stack):
-    """With int8 activations on the AVX2 path a decode step runs as one thread team; its
+@pytest.mark.parametrize("activations", ["float", "int8"])
+def test_decode_team_gives_the_per_call_logits(tiny, monkeypatch, bits, stack, activations):
+    """On the AVX2 path a decode step of a quantized model runs as one thread team; its
     logits are those of a parallel region per kernel call and of one thread, bit for bit
     (three threads on this machine's two cores: uneven shares, and the barrier yields)."""
     d, _, _ = tiny
     monkeypatch.setenv("QINFER_STACK", "1" if stack else "0")
-    eng = qinfer.Engine(d, threads=2, quantize=bits, group_size=32, activations="int8")
+    eng = qinfer.Engine(d, threads=2, quantize=bits, group_size=32, activations=activations)
     tr = eng.model.transformer
     assert tr.decode_team     # on by default
-    assert tr.team_ready == (kernels.active_path() == "avx2" and bool(kernels.int8_isas()))
-    assert not qinfer.Engine(d, threads=2, quantize=bits, group_size=32).model.transformer.team_ready
+    kernels_here = activations == "float" or bool(kernels.int8_isas())
+    assert tr.team_ready == (kernels.active_path() == "avx2" and kernels_here)
+    # float32 layers have no team kernel
+    assert not qinfer.Engine(d, threads=2).model.transformer.team_ready
 
     def steps(threads, team):
         tr.decode_team = team

@@ -951,9 +951,9 @@ AVX512_CASES = [(o, i, b, g, n) for (o, i) in [(13, 256), (77, 384), (1000, 4096
                 for g in (16, 32, 128, -1) for n in (1, 2, 12, 29) if g == -1 or i % g == 0]
 
 
-@pytest.mark.skipif(not qinfer.kernels.cpu_has_avx512(), reason="this CPU has no AVX-512F")
+@pytest.mark.skipif(not qinfer.kernels.has_float_avx512(), reason="this CPU (or build) has no AVX-512F")
 @pytest.mark.parametrize("out_f,in_f,bits,group_size,n", AVX512_CASES)
-def test_float_kernels_avx512_equal_avx2(out_f, in_f, bits, group_size, n, monkeypatch):
+def test_float_kernels_avx512_equal_avx2(out_f, in_f, bits, group_size, n):
     rng = np.random.default_rng([out_f, in_f, bits, group_size + 1, n, 5])
     codes = random_codes(rng, in_f, out_f, bits)
     scales, zeros = random_scales_zeros(rng, n_groups(in_f, group_size), out_f, bits)
@@ -963,10 +963,10 @@ def test_float_kernels_avx512_equal_avx2(out_f, in_f, bits, group_size, n, monke
         X = X[0]
     with qinfer.kernels.use_path("avx2"):
         for threads in (1, 2):
-            wide = layer(X, threads=threads)
-            monkeypatch.setenv("QINFER_AVX512", "0")
-            narrow = layer(X, threads=threads)
-            monkeypatch.delenv("QINFER_AVX512")
+            with qinfer.kernels.use_float_avx512(True):
+                wide = layer(X, threads=threads)
+            with qinfer.kernels.use_float_avx512(False):
+                narrow = layer(X, threads=threads)
             assert np.array_equal(wide, narrow), f"[{out_f}x{in_f}] b={bits} g={group_size} n={n} t={threads}"
     w_in_out = dequant(codes, scales, zeros, group_size).astype(np.float64)
     assert_matches(wide, ref_matmul(X, w_in_out), f"avx512 [{out_f}x{in_f}] b={bits} g={group_size} n={n}",
