@@ -28,8 +28,6 @@ MIN_GROUP = 16   # the smallest group size: a segment can end every MIN_GROUP va
 GEMV_PREFETCH_BYTES = 4096
 
 
-GEMV512_TILE_FACTOR = 2
-
 # Activation rows per call of the float qgemm's AVX-512 micro-kernel (one
 # 16-float accumulator per row of a 16-column tile, 32 registers).
 FMAC512_ROWS = 12
@@ -39,14 +37,10 @@ def namespace(bits, params, machine):
     layout = bitlayout.layout(bits)
     gemv_tiles = list(range(1, max(params.nv, params.nv_max) + 1))
     kernels = [(1, t) for t in gemv_tiles]
-    # A 512-bit qgemv walks twice the tiles side by side: one vector a tile is half
-    # the dependency chains of two, and 32 registers hold twice as many.
-    wide_tiles = list(range(1, GEMV512_TILE_FACTOR * gemv_tiles[-1] + 1))
     return dict(bits=bits, layout=layout, params=params, machine=machine,
                 has_fmac512=params.tu % 16 == 0, fmac512_rows=FMAC512_ROWS,
                 # the float qgemv's micro-kernels, once per vector width that spans whole tiles
                 float_vecs=[vec for vec in (YMM, ZMM) if params.tu % vec.lanes == 0],
-                vec_tiles={256: gemv_tiles, 512: wide_tiles}, vec_tile_factor={256: 1, 512: GEMV512_TILE_FACTOR},
                 gemv_prefetch_bytes=int(os.environ.get("QINFER_GEMV_PREFETCH", 0)) or GEMV_PREFETCH_BYTES,
                 check=min(MIN_GROUP, layout.unit_values),
                 gemv_tiles=gemv_tiles, kernels=kernels,
