@@ -11,9 +11,11 @@ from, so every comparison model comes from the same float weights.
 
 The instruction set: "native" (the default) builds for this CPU as llama.cpp
 does by default (GGML_NATIVE: AVX-512 and VNNI where the CPU has them);
-"avx2" builds with AVX2, FMA and F16C only, the instruction set of qinfer's
-kernels and of the machines the targets were set on, so on an AVX-512 CPU
-the two engines can also be compared like for like. Each has its own tools.
+"avx2" builds with AVX2, FMA and F16C only, the instruction set of the
+machines the targets were set on, so on an AVX-512 CPU the two engines can
+also be compared like for like (qinfer with QINFER_AVX512=0 and
+QINFER_INT8_ISA=avxvnni or avx2: its kernels then use no AVX-512 either).
+Each has its own tools.
 """
 import argparse
 import glob

@@ -402,7 +402,8 @@ def print_targets(smollm2, llama7b, threads=2):
 
 # --------------------------------------------------------------------- main
 def cpu_isa_note():
-    """", AVX-512" when this CPU has it: a native llama.cpp build uses it, qinfer's kernels do not."""
+    """", AVX-512 (...)" when this CPU has it: a native llama.cpp build uses it, and qinfer's
+    kernels where they have an AVX-512 twin (QINFER_AVX512=0, QINFER_INT8_ISA hold them back)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
@@ -410,8 +411,9 @@ def cpu_isa_note():
         return ""
     from qinfer import kernels
     isa = kernels.active_int8_isa()
+    float_isa = "AVX-512" if kernels.float_avx512() else "AVX2"
     int8 = f"; its int8 kernels {isa}" if isa not in (None, "avx2") else ""
-    return f" with AVX-512 (qinfer's kernels use AVX2{int8})" if "avx512f" in flags else ""
+    return f" with AVX-512 (qinfer's float kernels use {float_isa}{int8})" if "avx512f" in flags else ""
 
 
 def main():
@@ -426,7 +428,7 @@ def main():
     parser.add_argument("--layers-7b", type=int, default=32, help="layers of the 7B model (default 32)")
     parser.add_argument("--llamacpp-isa", choices=sorted(llamacpp.ISAS), default="native",
                         help="llama.cpp's instruction set: native (this CPU's, AVX-512 where present; the default) "
-                             "or avx2 (AVX2/FMA/F16C, as qinfer's kernels)")
+                             "or avx2 (AVX2/FMA/F16C; with QINFER_AVX512=0 QINFER_INT8_ISA=avxvnni, qinfer's too)")
     parser.add_argument("--no-llamacpp", action="store_true", help="qinfer only (no llama.cpp build or runs)")
     parser.add_argument("--qinfer-load", choices=("quantize", "checkpoint"), default="quantize",
                         help="qinfer's SmolLM2: quantize the F32 GGUF on load (default), or load a "

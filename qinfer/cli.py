@@ -33,6 +33,8 @@ def cmd_info(args):
     print(f"qinfer {__version__}")
     print(f"CPU:          {built['cpu_model']}")
     print(f"AVX2 + FMA:   {'yes' if kernels.cpu_has_avx2() else 'no'} (kernel path: {kernels.active_path()})")
+    if kernels.has_float_avx512():
+        print(f"AVX-512:      yes (float kernels: {'AVX-512' if kernels.float_avx512() else 'AVX2, QINFER_AVX512=0'})")
     isas = kernels.int8_isas()
     print(f"int8 kernels: {kernels.active_int8_isa() or 'scalar only'}"
           + (f" (this CPU and build: {', '.join(isas)})" if isas else ""))
