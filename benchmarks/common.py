@@ -15,17 +15,31 @@ def aligned_buffer(nbytes, align=64):
     return raw[start:start + nbytes]
 
 
+class ReadProbe:
+    """A streaming read over one buffer far larger than the caches, kept for measuring
+    again and again: on a shared or virtual machine the bandwidth two threads get
+    changes over minutes (here 45-52 GB/s, at times 76), so a kernel is best set
+    against a read measured next to it."""
+
+    def __init__(self, nbytes=1 << 30):
+        self.nbytes = nbytes
+        self.buf = aligned_buffer(nbytes).view(np.uint64)
+        self.buf[:] = 1   # touch every page so the reads measure memory, not page faults
+
+    def gbs(self, threads, repeats=5):
+        """Best-of-`repeats` read of the whole buffer with `threads` threads, in GB/s."""
+        avx2 = kernels.cpu_has_avx2()
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            _runtime.stream_read(self.buf, threads, avx2)
+            best = min(best, time.perf_counter() - t0)
+        return self.nbytes / best / 1e9
+
+
 def read_bandwidth(threads, nbytes=1 << 30, repeats=5):
     """Best-of-`repeats` streaming read over a buffer far larger than the caches, in GB/s."""
-    buf = aligned_buffer(nbytes).view(np.uint64)
-    buf[:] = 1   # touch every page so the reads measure memory, not page faults
-    avx2 = kernels.cpu_has_avx2()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        _runtime.stream_read(buf, threads, avx2)
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best / 1e9
+    return ReadProbe(nbytes).gbs(threads, repeats)
 
 
 def best_time(fn, min_seconds=0.5, min_calls=3, statistic=np.median):

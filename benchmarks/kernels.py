@@ -6,9 +6,10 @@ For each shape (out x in) and bitwidth it builds enough distinct layers that
 together they exceed the last-level cache several times, then times qgemv
 calls cycling through them, so the weights come from memory as in a real
 model. Effective bandwidth = packed bytes (words + scales + zeros) per call
-/ time per call, set against a streaming read measured in the same run;
-both are the best of repeated passes (the machine may be shared: the best
-pass is the one least disturbed, for the read and the kernel alike).
+/ time per call, set against a streaming read measured just before that
+row's kernel (read GB/s: on a shared or virtual machine what two threads get
+changes over minutes); both are the best of repeated passes (the best pass
+is the one least disturbed, for the read and the kernel alike).
 Each qgemv is timed with float activations and, for 2/4/8 bits, again with
 int8 activations (act int8; "vs float" is the speed-up over the float row of
 the same layers, same run), and with the layers' scales and zeros held in
@@ -26,7 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import qinfer  # noqa: E402
 from qinfer import kernels  # noqa: E402
-from common import best_time, read_bandwidth, sgemm_gmacs  # noqa: E402
+from common import ReadProbe, best_time, sgemm_gmacs  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (out_features, in_features)
 BITS = (2, 3, 4, 8)
@@ -83,16 +84,16 @@ def main():
 
     print(f"qinfer {qinfer.__version__} kernels on {kernels.machine()['cpu_model']}, "
           f"path {kernels.active_path()}, LLC {llc >> 20} MiB")
-    bandwidth = {t: read_bandwidth(t) for t in threads_list}
+    probe = ReadProbe()
     for t in threads_list:
-        print(f"streaming read, {t} thread(s): {bandwidth[t]:.1f} GB/s")
+        print(f"streaming read, {t} thread(s): {probe.gbs(t):.1f} GB/s (again before each row below)")
     # The ceiling of any float32 kernel on this CPU: qgemm beyond it is impossible.
     sgemm = {t: sgemm_gmacs(t) for t in threads_list}
     for t in threads_list:
         print(f"float32 multiply-adds, numpy sgemm (OpenBLAS), {t} thread(s): {sgemm[t]:.1f} GMAC/s")
     print()
     print(f"{'out x in':>12} {'bits':>4} {'group':>5} {'scales':>7} {'thr':>3} {'act':>5} {'layers':>6} "
-          f"{'us/qgemv':>9} {'GB/s':>6} {'% read BW':>9} {'GMAC/s':>7} {'vs float':>8}")
+          f"{'us/qgemv':>9} {'GB/s':>6} {'read GB/s':>9} {'% read BW':>9} {'GMAC/s':>7} {'vs float':>8}")
     for shape in shapes:
         for bits in bits_list:
             for group in GROUPS:
@@ -103,13 +104,14 @@ def main():
                     for t in threads_list:
                         float_sec = None
                         for mode in modes:
+                            read = probe.gbs(t, repeats=3)
                             with kernels.use_activations(mode):
                                 sec = time_cycling(layers, x, t)
                             float_sec = float_sec or sec
                             gbs = layers[0].nbytes / sec / 1e9
                             print(f"{shape[0]:>5}x{shape[1]:<6} {bits:>4} {group if group > 0 else 'full':>5} "
                                   f"{scale_dtype[5:] + '-bit':>7} {t:>3} {mode:>5} {len(layers):>6} "
-                                  f"{sec * 1e6:>9.1f} {gbs:>6.1f} {100 * gbs / bandwidth[t]:>8.0f}% "
+                                  f"{sec * 1e6:>9.1f} {gbs:>6.1f} {read:>9.1f} {100 * gbs / read:>8.0f}% "
                                   f"{shape[0] * shape[1] / sec / 1e9:>7.1f} {float_sec / sec:>7.2f}x")
                     del layers
 
