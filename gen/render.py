@@ -29,7 +29,7 @@ GEMV_PREFETCH_BYTES = 4096
 
 
 # Activation rows per call of the float qgemm's AVX-512 micro-kernel (one
-# 16-float accumulator per row of a 16-column tile, 32 registers).
+# 16-float accumulator per row and tile, two tiles: 24 of the 32 registers).
 FMAC512_ROWS = 12
 
 
@@ -37,10 +37,14 @@ def namespace(bits, params, machine):
     layout = bitlayout.layout(bits)
     gemv_tiles = list(range(1, max(params.nv, params.nv_max) + 1))
     kernels = [(1, t) for t in gemv_tiles]
+    avx512_float = params.tu % ZMM.lanes == 0
     return dict(bits=bits, layout=layout, params=params, machine=machine,
-                has_fmac512=params.tu % 16 == 0, fmac512_rows=FMAC512_ROWS,
-                # the float qgemv's micro-kernels, once per vector width that spans whole tiles
-                float_vecs=[vec for vec in (YMM, ZMM) if params.tu % vec.lanes == 0],
+                # AVX-512 twins of the float kernels where a 16-float vector spans whole tiles
+                avx512_float=avx512_float,
+                # the float qgemv's micro-kernels, once per vector width
+                float_vecs=[YMM] + ([ZMM] if avx512_float else []),
+                # the float qgemm's micro-kernels: (vectors, rows a call, tiles a call)
+                float_gemm_shapes=[(YMM, params.mu, (1,))] + ([(ZMM, FMAC512_ROWS, (1, 2))] if avx512_float else []),
                 gemv_prefetch_bytes=int(os.environ.get("QINFER_GEMV_PREFETCH", 0)) or GEMV_PREFETCH_BYTES,
                 check=min(MIN_GROUP, layout.unit_values),
                 gemv_tiles=gemv_tiles, kernels=kernels,
