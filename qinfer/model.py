@@ -131,9 +131,11 @@ class Model:
             self._keep.append(layer)
             m = layer._matrix
             avx2 = kernels.active_path() == "avx2"
-            int8 = self.activations == "int8"
-            return (m.matrix_capsule(), m.kernel_capsule(avx2), m.int8_kernel_capsule(avx2) if int8 else None,
-                    m.int8_team_capsule(avx2) if int8 else m.team_capsule(avx2))
+            int8 = m.int8_kernel_capsule(avx2) if self.activations == "int8" else None
+            # the decode team's kernel is the twin of the one a call runs: int8, or float
+            # (float activations, or a bitwidth without int8 kernels: 3-bit)
+            team = m.int8_team_capsule(avx2) if int8 is not None else m.team_capsule(avx2)
+            return (m.matrix_capsule(), m.kernel_capsule(avx2), int8, team)
         return layer
 
     def _linear(self, source, name):

@@ -235,7 +235,7 @@ def test_replacing_a_stacked_part_unstacks_it(tiny, monkeypatch):
 
 # ----------------------------------------------------------------- decode team
 @pytest.mark.parametrize("stack", [True, False], ids=["stacked", "separate"])
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [3, 4, 8])
 @pytest.mark.parametrize("activations", ["float", "int8"])
 def test_decode_team_gives_the_per_call_logits(tiny, monkeypatch, bits, stack, activations):
     """On the AVX2 path a decode step of a quantized model runs as one thread team; its
@@ -246,7 +246,8 @@ def test_decode_team_gives_the_per_call_logits(tiny, monkeypatch, bits, stack, a
     eng = qinfer.Engine(d, threads=2, quantize=bits, group_size=32, activations=activations)
     tr = eng.model.transformer
     assert tr.decode_team     # on by default
-    kernels_here = activations == "float" or bool(kernels.int8_isas())
+    # 3-bit layers have no int8 kernels: they run (and team) with float activations
+    kernels_here = activations == "float" or bits == 3 or bool(kernels.int8_isas())
     assert tr.team_ready == (kernels.active_path() == "avx2" and kernels_here)
     # float32 layers have no team kernel
     assert not qinfer.Engine(d, threads=2).model.transformer.team_ready
