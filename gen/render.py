@@ -36,7 +36,6 @@ FMAC512_ROWS = 12
 def namespace(bits, params, machine):
     layout = bitlayout.layout(bits)
     gemv_tiles = list(range(1, max(params.nv, params.nv_max) + 1))
-    kernels = [(1, t) for t in gemv_tiles]
     avx512_float = params.tu % ZMM.lanes == 0
     return dict(bits=bits, layout=layout, params=params, machine=machine,
                 # AVX-512 twins of the float kernels where a 16-float vector spans whole tiles
@@ -47,7 +46,7 @@ def namespace(bits, params, machine):
                 float_gemm_shapes=[(YMM, params.mu, (1,))] + ([(ZMM, FMAC512_ROWS, (1, 2))] if avx512_float else []),
                 gemv_prefetch_bytes=int(os.environ.get("QINFER_GEMV_PREFETCH", 0)) or GEMV_PREFETCH_BYTES,
                 check=min(MIN_GROUP, layout.unit_values),
-                gemv_tiles=gemv_tiles, kernels=kernels,
+                gemv_tiles=gemv_tiles,
                 avx2_expr=bitlayout.avx2_expr, scalar_expr=bitlayout.scalar_expr)
 
 
