@@ -112,7 +112,8 @@ def cmd_quantize(args):
                       true_sequential=args.true_sequential, calib=args.calib, nsamples=args.nsamples,
                       seqlen=args.seqlen, damp=args.damp, seed=args.seed, sink_weight=args.sink_weight,
                       force=args.force,
-                      threads=args.threads, float_dtype=args.float_dtype, zero_point=args.zero_point)
+                      threads=args.threads, float_dtype=args.float_dtype, zero_point=args.zero_point,
+                      clip_search=args.clip_search)
     print(report.summary(), file=sys.stderr)
 
 
@@ -161,6 +162,9 @@ def add_quantize_parser(sub):
                    help="int: GPTQ's integer zero points (an AutoGPTQ-compatible checkpoint, the default); "
                         "float: each group's own min..max range with a float16 zero point (more accurate; "
                         "a checkpoint only qinfer reads)")
+    q.add_argument("--clip-search", action="store_true",
+                   help="choose each group's range from its min/max and the same shrunk by 1%%..20%%, "
+                        "whichever rounds the group best (round to nearest and GPTQ; slower to quantize)")
     q.add_argument("--calib", metavar="FILE", default=None,
                    help="calibration text for GPTQ (e.g. WikiText-2's wiki.test.raw)")
     q.add_argument("--nsamples", type=_positive_int, default=128, help="calibration windows (default 128)")

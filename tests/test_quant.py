@@ -639,6 +639,102 @@ def test_quantize_end_to_end_and_cli(tiny_src, short_calib, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+# ---------------------------------------------------------- clip search
+def reference_range(w, bits, sym, zero_point):
+    """The test's own range rules for one group w [rows] (float16 scales):
+    GPTQ's [min(w, 0), max(w, 0)] with an integer zero (symmetric: +-max|w|), or the group's
+    own [min, max] with a real zero. Returns (scale, zero)."""
+    maxq = 2 ** bits - 1
+    tiny = float(np.finfo(np.float16).smallest_subnormal)
+    if zero_point == "float":
+        lo, hi = float(w.min()), float(w.max())
+        if lo == hi:
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+        if lo == hi == 0:
+            lo, hi = -1.0, 1.0
+        scale = max(float(np.float16(np.float32(np.float32(hi - lo) / np.float32(maxq)))), tiny)
+        return scale, float(np.float16(np.float32(-lo) / np.float32(scale)))
+    lo, hi = min(float(w.min()), 0.0), max(float(w.max()), 0.0)
+    if sym:
+        hi = max(-lo, hi)
+        lo = -hi if lo < 0 else lo
+    if lo == hi == 0:
+        lo, hi = -1.0, 1.0
+    scale32 = np.float32(np.float32(hi - lo) / np.float32(maxq))
+    # GPTQ's order: the zero from the float32 scale, then the scale rounded to float16
+    zero = (maxq + 1) / 2 if sym else float(np.round(np.float32(-lo) / scale32))
+    return max(float(np.float16(scale32)), tiny), zero
+
+
+def reference_error(w, scale, zero, bits, zero_point):
+    maxq = 2 ** bits - 1
+    w = w.astype(np.float64)
+    q = np.round(w / scale + zero) if zero_point == "float" else np.round(w / scale) + zero
+    q = np.clip(q, 0, maxq)
+    return float(np.sum(np.abs(w - scale * (q - zero)) ** 2.4))
+
+
+@pytest.mark.parametrize("bits,group_size,sym,zero_point", [
+    (2, 16, False, "int"), (3, 16, False, "int"), (3, 32, True, "int"), (4, -1, False, "int"),
+    (3, 16, False, "float"), (2, 32, False, "float"), (4, 128, False, "float")])
+def test_clip_search_picks_the_best_shrunk_range(bits, group_size, sym, zero_point):
+    """Each group's (scale, zero) is one of the test's 21 candidate ranges (full, shrunk by
+    1%..20% toward 0) and rounds the group no worse, in the 2.4-norm, than the best of them."""
+    rng = np.random.default_rng(bits * 10 + max(group_size, 0))
+    out_f, in_f = 24, 256
+    w = rng.normal(0, 0.02, (out_f, in_f)).astype(np.float32)
+    w[rng.random(w.shape) < 0.02] *= 6                    # outliers: clipping them pays in some groups
+    r = rtn_quantize(w, bits, group_size, sym, zero_point, clip=True)
+    g = in_f if group_size == -1 else group_size
+    shrunk = 0
+    for o in range(out_f):
+        for k in range(in_f // g):
+            group = w[o, k * g:(k + 1) * g]
+            cands = [reference_range(group * np.float32(1 - 0.01 * i), bits, sym, zero_point)
+                     for i in range(21)]
+            errors = [reference_error(group, s, z, bits, zero_point) for s, z in cands]
+            chosen = (float(r.scales[k, o]), float(r.zeros[k, o]))
+            assert chosen in cands, (o, k, chosen)
+            assert reference_error(group, *chosen, bits, zero_point) <= min(errors) * (1 + 1e-5)
+            shrunk += chosen != cands[0]
+            # the codes are those of the chosen range
+            s, z = chosen
+            q = np.round(group / np.float32(s) + np.float32(z)) if zero_point == "float" else \
+                np.round(group / np.float32(s)) + np.float32(z)
+            np.testing.assert_array_equal(r.codes[k * g:(k + 1) * g, o], np.clip(q, 0, 2 ** bits - 1))
+    assert shrunk > 0                                     # the search did choose clipped ranges
+    plain = rtn_quantize(w, bits, group_size, sym, zero_point)
+    err = lambda res: np.sum(np.abs(res.dequantize().astype(np.float64) - w) ** 2.4)  # noqa: E731
+    assert err(r) < err(plain)
+
+
+def test_clip_search_in_gptq_with_identity_hessian_is_clipped_rtn():
+    rng = np.random.default_rng(3)
+    w = rng.standard_t(3, (64, 256)).astype(np.float32) * 0.02
+    for bits, group_size, zero_point in ((3, 32, "int"), (2, 64, "float"), (4, -1, "int")):
+        r = rtn_quantize(w, bits, group_size, zero_point=zero_point, clip=True)
+        g = gptq_quantize(w, np.eye(256) * 4.0, bits, group_size, damp=0.0, zero_point=zero_point, clip=True)
+        np.testing.assert_array_equal(g.codes, r.codes)
+        np.testing.assert_array_equal(g.scales, r.scales)
+        np.testing.assert_array_equal(g.zeros, r.zeros)
+        assert not np.array_equal(r.scales, rtn_quantize(w, bits, group_size, zero_point=zero_point).scales)
+
+
+def test_clip_search_checkpoint_from_the_cli(tiny_src, tmp_path):
+    proc = run_cli("quantize", "--model", tiny_src, "--method", "rtn", "--bits", 3, "--group-size", 16,
+                   "--clip-search", "--out", tmp_path / "clip")
+    assert proc.returncode == 0, proc.stderr
+    assert "clip-search" in proc.stderr
+    qc = json.loads((tmp_path / "clip" / "quantize_config.json").read_text())
+    assert qc["qinfer"]["clip_search"] is True
+    src, ckpt = open_model(tiny_src), open_model(tmp_path / "clip")
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        want = rtn_quantize(float_weight(src, name + ".weight"), 3, 16, clip=True).dequantize()
+        t = ckpt.tensors[name + ".weight"]
+        got = QuantizedLinear.from_packed(t.qweight, t.scales, t.zeros, t.bits, t.group_size, t.g_idx).dequantize()
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+
+
 @needs_smollm2
 def test_smollm2_checkpoint_keeps_the_gguf_tokenizer(tmp_path):
     """RTN over the GGUF (quick); the written tokenizer.json encodes like the GGUF vocabulary, the

@@ -59,11 +59,13 @@ class QuantizeReport:
     # for GPTQ and for round to nearest with the same scales rule.
     errors: dict = field(default_factory=dict)
     zero_point: str = "int"
+    clip_search: bool = False
 
     def summary(self):
         group = "full column" if self.group_size == -1 else f"group {self.group_size}"
         lines = [f"{self.method} {self.bits}-bit {group}{' sym' if self.sym else ''}"
                  f"{' float-zero' if self.zero_point == 'float' else ''}"
+                 f"{' clip-search' if self.clip_search else ''}"
                  f"{' act-order' if self.act_order else ''}{' static-groups' if self.static_groups else ''}: "
                  f"{self.layers} layers in {self.seconds:.1f} s; wrote {self.path} "
                  f"({self.bytes / 2 ** 20:.1f} MiB, checkpoint_format {self.checkpoint_format})"]
@@ -127,7 +129,7 @@ def _linear_name(layer, name):
 
 
 # ---------------------------------------------------------------- methods
-def _rtn_layers(source, bits, group_size, sym, zero_point, progress):
+def _rtn_layers(source, bits, group_size, sym, zero_point, clip, progress):
     from ..model import LINEAR_NAMES
 
     results = {}
@@ -136,7 +138,7 @@ def _rtn_layers(source, bits, group_size, sym, zero_point, progress):
             for name in LINEAR_NAMES:
                 base = _linear_name(i, name)
                 results[base] = rtn_quantize(float_weight(source, base + ".weight"), bits, group_size, sym,
-                                             zero_point)
+                                             zero_point, clip)
                 bar.update()
             checkpoint.pause_for_tests(SLOW_LAYER_ENV)
     return results, {}
@@ -146,7 +148,7 @@ def _gptq_layers(source, windows, settings, threads, true_sequential, progress):
     from ..model import LINEAR_NAMES, Model
 
     bits, group_size, sym = settings["bits"], settings["group_size"], settings["sym"]
-    zero_point = settings["zero_point"]
+    zero_point, clip = settings["zero_point"], settings["clip_search"]
     sink_weight = settings["sink_weight"]
     nsamples, seqlen = windows.shape
     model = Model(source, ctx=seqlen, threads=threads, dequantize=True)
@@ -180,9 +182,10 @@ def _gptq_layers(source, windows, settings, threads, true_sequential, progress):
                     w = float_weight(source, base + ".weight")
                     h = H[INPUT_OF[name]]
                     res = gptq_quantize(w, prepared[INPUT_OF[name]], bits, group_size, sym,
-                                        static_groups=settings["static_groups"], zero_point=zero_point)
+                                        static_groups=settings["static_groups"], zero_point=zero_point,
+                                        clip=clip)
                     scale = output_error(w, np.zeros_like(w), h) or 1.0
-                    rtn = rtn_quantize(w, bits, group_size, sym, zero_point)
+                    rtn = rtn_quantize(w, bits, group_size, sym, zero_point, clip)
                     errors[base] = {"gptq": output_error(w, res.dequantize(), h) / scale,
                                     "rtn": output_error(w, rtn.dequantize(), h) / scale}
                     model.replace_linear(i, name, res.to_linear())
@@ -200,7 +203,7 @@ def _gptq_layers(source, windows, settings, threads, true_sequential, progress):
 def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False, sym=False,
              static_groups=False, calib=None, nsamples=128, seqlen=2048, damp=0.01, seed=0, force=False,
              threads=None, true_sequential=False, sink_weight=1.0, float_dtype="float16", zero_point="int",
-             progress=True):
+             clip_search=False, progress=True):
     """Quantize a float model into a GPTQ-format checkpoint directory `out`.
 
     model: a Hugging Face LLaMA directory or a GGUF file (quantized GGUF
@@ -218,6 +221,10 @@ def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False,
     checkpoint) or "float" (each group's own min/max range, a real zero
     point stored in float16: checkpoint_format "qinfer_float_zero", which
     only qinfer reads; quant/quantizer.py).
+    clip_search: choose each group's range by the clip search (quant/quantizer.py:
+    the min/max range or one shrunk by up to 20%, whichever rounds the group's
+    weights best), for round to nearest and GPTQ alike; the checkpoint's format
+    does not change.
     `out` must not exist unless force. Returns a QuantizeReport.
     """
     t0 = time.perf_counter()
@@ -232,7 +239,7 @@ def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False,
     meta = dict(bits=bits, group_size=group_size, sym=bool(sym), act_order=bool(act_order),
                 static_groups=bool(static_groups), true_sequential=bool(true_sequential), method=method,
                 damp=damp, nsamples=None, seqlen=None, seed=None, calibration=None, float_dtype=float_dtype,
-                sink_weight=float(sink_weight), zero_point=zero_point)
+                sink_weight=float(sink_weight), zero_point=zero_point, clip_search=bool(clip_search))
     if method == "gptq":
         from ..tokenizer import load as load_tokenizer
         from .calibration import calibration_windows
@@ -255,10 +262,10 @@ def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False,
     if method == "gptq":
         results, errors = _gptq_layers(source, windows, meta, threads, true_sequential, bar)
     else:
-        results, errors = _rtn_layers(source, bits, group_size, sym, zero_point, bar)
+        results, errors = _rtn_layers(source, bits, group_size, sym, zero_point, meta["clip_search"], bar)
     fmt = save_checkpoint(out, source, results, meta, force=force, floats=floats)
     return QuantizeReport(path=out, method=method, bits=bits, group_size=group_size, sym=bool(sym),
                           act_order=meta["act_order"], static_groups=meta["static_groups"],
                           checkpoint_format=fmt, seconds=time.perf_counter() - t0,
                           bytes=checkpoint.directory_size(out), layers=source.config.num_hidden_layers,
-                          errors=errors, zero_point=zero_point)
+                          errors=errors, zero_point=zero_point, clip_search=meta["clip_search"])

@@ -112,10 +112,11 @@ class PreparedHessian:
 
 
 def gptq_quantize(weight, H, bits, group_size=128, sym=False, act_order=False, static_groups=False,
-                  damp=0.01, block_size=BLOCK_SIZE, zero_point="int"):
+                  damp=0.01, block_size=BLOCK_SIZE, zero_point="int", clip=False):
     """GPTQ of a float [out, in] weight -> QuantResult.
 
-    H: the Hessian [in, in], or a PreparedHessian (which then fixes act_order and damp)."""
+    H: the Hessian [in, in], or a PreparedHessian (which then fixes act_order and damp).
+    clip: each group's range from the clip search (quantizer.py)."""
     check_settings(bits, group_size, sym, zero_point)
     prepared = H if isinstance(H, PreparedHessian) else PreparedHessian(H, damp, act_order)
     W = np.array(weight, dtype=np.float64)             # a copy: updated in place
@@ -138,7 +139,7 @@ def gptq_quantize(weight, H, bits, group_size=128, sym=False, act_order=False, s
     fixed = group_size == -1 or static_groups          # parameters chosen up front from W
     if fixed:
         for g in range(groups):
-            scales[g], zeros[g] = group_params(W[:, g * G:(g + 1) * G], bits, sym, zero_point)
+            scales[g], zeros[g] = group_params(W[:, g * G:(g + 1) * G], bits, sym, zero_point, clip)
 
     act_order = prepared.perm is not None
     perm = prepared.perm if act_order else np.arange(n_in)
@@ -162,7 +163,7 @@ def gptq_quantize(weight, H, bits, group_size=128, sym=False, act_order=False, s
                 # The group's columns are all inside this block (G divides the
                 # block size) and hold every update made so far.
                 g = c // G
-                scales[g], zeros[g] = group_params(W[:, c:c + G], bits, sym, zero_point)
+                scales[g], zeros[g] = group_params(W[:, c:c + G], bits, sym, zero_point, clip)
                 scale, zero = scales[g].astype(np.float64), zeros[g].astype(np.float64)
             w = W1[:, i]
             if zero_point == "float":
