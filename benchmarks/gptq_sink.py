@@ -2,6 +2,7 @@
 
     python benchmarks/gptq_sink.py [--bits 3] [--group-size 16] [--weights 1,16,64,256,1024]
                                    [--scored 4] [--validation 4] [--nsamples 2] [--threads 2]
+                                   [--clip-search]
 
 WikiText-2's test text is cut into windows of 2048 tokens, as benchmarks/accuracy.py cuts it:
 windows 0..scored-1 are the ones docs/results.md scores (never looked at here), the next
@@ -43,6 +44,8 @@ def main():
     p.add_argument("--scored", type=int, default=4, help="windows the accuracy table scores, skipped (default 4)")
     p.add_argument("--validation", type=int, default=4, help="validation windows (default 4)")
     p.add_argument("--nsamples", type=int, default=2, help="GPTQ calibration windows (default 2)")
+    p.add_argument("--clip-search", action="store_true",
+                   help="quantize (round to nearest and GPTQ alike) with qinfer quantize --clip-search")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default=default_cache())
     args = p.parse_args()
@@ -88,7 +91,8 @@ def main():
         gc.collect()
 
     base = rows[0][1]
-    print(f"SmolLM2-135M, {args.bits}-bit {group}, GPTQ nsamples {args.nsamples}: perplexity on validation "
+    print(f"SmolLM2-135M, {args.bits}-bit {group}, GPTQ nsamples {args.nsamples}"
+          f"{', clip search' if args.clip_search else ''}: perplexity on validation "
           f"windows {first}..{last - 1} of {total} ({args.validation * (SEQLEN - 1):,} predicted tokens)")
     print(f"{'model':<18} {'ppl':>10} {'vs float':>9}")
     for name, ppl in rows:
