@@ -2,7 +2,7 @@
 
     python benchmarks/gptq_sink.py [--bits 3] [--group-size 16] [--weights 1,16,64,256,1024]
                                    [--scored 4] [--validation 4] [--nsamples 2] [--threads 2]
-                                   [--clip-search]
+                                   [--clip-search] [--act-order]
 
 WikiText-2's test text is cut into windows of 2048 tokens, as benchmarks/accuracy.py cuts it:
 windows 0..scored-1 are the ones docs/results.md scores (never looked at here), the next
@@ -46,6 +46,7 @@ def main():
     p.add_argument("--nsamples", type=int, default=2, help="GPTQ calibration windows (default 2)")
     p.add_argument("--clip-search", action="store_true",
                    help="quantize (round to nearest and GPTQ alike) with qinfer quantize --clip-search")
+    p.add_argument("--act-order", action="store_true", help="GPTQ with act-order")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default=default_cache())
     args = p.parse_args()
@@ -76,7 +77,6 @@ def main():
 
     group = "col" if args.group_size == -1 else f"g{args.group_size}"
     calib_id = f"{tag}-tail{last * SEQLEN}"
-    args.act_order = False
     for method, weight in [("rtn", 1.0)] + [("gptq", w) for w in args.weights]:
         name = "rtn" if method == "rtn" else f"gptq sink {weight:g}"
         log(name)
@@ -92,7 +92,8 @@ def main():
 
     base = rows[0][1]
     print(f"SmolLM2-135M, {args.bits}-bit {group}, GPTQ nsamples {args.nsamples}"
-          f"{', clip search' if args.clip_search else ''}: perplexity on validation "
+          f"{', clip search' if args.clip_search else ''}{', act-order' if args.act_order else ''}: "
+          f"perplexity on validation "
           f"windows {first}..{last - 1} of {total} ({args.validation * (SEQLEN - 1):,} predicted tokens)")
     print(f"{'model':<18} {'ppl':>10} {'vs float':>9}")
     for name, ppl in rows:
