@@ -200,14 +200,14 @@ def checkpoint_key(method, bits, g, args, calib_id):
             key += f"-sink{args.sink_weight:g}"
         if args.act_order:
             key += "-act"
-    if getattr(args, "clip_search", False):
+    if args.clip_search:
         key += "-clip"
     return key
 
 
 def ensure_checkpoint(model, out, method, bits, g, args, calib):
     """Quantize `model` into `out` unless a checkpoint is there already: seconds taken, or None.
-    args: nsamples, sink_weight, act_order and threads, as main() parses them."""
+    args: nsamples, sink_weight, act_order, clip_search and threads, as main() parses them."""
     from qinfer.quant import quantize
 
     if os.path.exists(os.path.join(out, "config.json")):
@@ -220,7 +220,7 @@ def ensure_checkpoint(model, out, method, bits, g, args, calib):
                    sink_weight=args.sink_weight, act_order=args.act_order) \
         if base_method == "gptq" else {}
     quantize(model, out, bits=bits, group_size=g, method=base_method, zero_point=zero_point,
-             clip_search=getattr(args, "clip_search", False),
+             clip_search=args.clip_search,
              threads=args.threads, force=os.path.exists(out), **options)
     return time.perf_counter() - t0
 
