@@ -107,9 +107,13 @@ class Store:
 
 # --------------------------------------------------------------------- measuring
 def checkpoint_bits(directory):
-    """(bits of qweight + scales + qzeros or float zeros, quantized weights) from the safetensors headers."""
+    """(bits of qweight + scales + qzeros or float zeros, quantized weights) from the safetensors headers
+    (each layer's bitwidth from the settings and, in a mixed checkpoint, its "dynamic" rules)."""
+    from qinfer.quant.dynamic import Rules
+
     with open(os.path.join(directory, "config.json")) as f:
-        bits = int(json.load(f)["quantization_config"]["bits"])
+        quant = json.load(f)["quantization_config"]
+    rules, base = Rules(quant.get("dynamic"), directory), {"bits": int(quant["bits"])}
     width = {"I32": 32, "F16": 16, "BF16": 16, "F32": 32}
     total_bits = weights = 0
     for name in sorted(os.listdir(directory)):
@@ -123,7 +127,7 @@ def checkpoint_bits(directory):
                 total_bits += int(np.prod(info["shape"])) * width[info["dtype"]]
             if tensor.endswith(".qweight"):             # int32 [in * bits / 32, out]
                 rows, cols = info["shape"]
-                weights += rows * 32 // bits * cols
+                weights += rows * 32 // rules.resolve(tensor[:-len(".qweight")], base)["bits"] * cols
     return total_bits, weights
 
 
@@ -183,17 +187,34 @@ def calibration_file(cache, text, tokens, engine, n_eval, total, tag="data"):
 
 
 FLOAT_ZERO_SUFFIX = "-fz"     # "rtn-fz": round to nearest with float zero points
+MIX_SUFFIX = "+mix"           # "gptq+mix": the --mix rules give some layers other bits
 
 
 def split_method(method):
-    """"gptq-fz" -> ("gptq", "float"); "rtn" -> ("rtn", "int")."""
+    """"gptq-fz" -> ("gptq", "float"); "rtn" -> ("rtn", "int"); "gptq+mix" -> ("gptq", "int")."""
+    method = method[:-len(MIX_SUFFIX)] if method.endswith(MIX_SUFFIX) else method
     if method.endswith(FLOAT_ZERO_SUFFIX):
         return method[:-len(FLOAT_ZERO_SUFFIX)], "float"
     return method, "int"
 
 
+def mix_rules(args):
+    """The --mix rules as quantize's `dynamic` argument (GPTQModel's rules, first match wins)."""
+    from qinfer.quant.dynamic import parse_cli_rule
+    return dict(parse_cli_rule(text) for text in args.mix)
+
+
+def mix_text(args):
+    return ", ".join(f"`{r}`" for r in args.mix)
+
+
 def checkpoint_key(method, bits, g, args, calib_id):
-    key = f"{method}-w{bits}-{'col' if g == -1 else f'g{g}'}"
+    mixed = method.endswith(MIX_SUFFIX)
+    base_method = method[:-len(MIX_SUFFIX)] if mixed else method
+    key = f"{base_method}-w{bits}-{'col' if g == -1 else f'g{g}'}"
+    if mixed:       # a hash of the rules: a folder name of bounded length
+        import hashlib
+        key += "-mix" + hashlib.sha1(json.dumps(mix_rules(args), sort_keys=True).encode()).hexdigest()[:10]
     if split_method(method)[0] == "gptq":
         key += f"-n{args.nsamples}-{calib_id}"
         if args.sink_weight != 1:
@@ -220,7 +241,7 @@ def ensure_checkpoint(model, out, method, bits, g, args, calib):
                    sink_weight=args.sink_weight, act_order=args.act_order) \
         if base_method == "gptq" else {}
     quantize(model, out, bits=bits, group_size=g, method=base_method, zero_point=zero_point,
-             clip_search=args.clip_search,
+             clip_search=args.clip_search, dynamic=mix_rules(args) if method.endswith(MIX_SUFFIX) else None,
              threads=args.threads, force=os.path.exists(out), **options)
     return time.perf_counter() - t0
 
@@ -240,6 +261,8 @@ def run_qinfer(args, store, model, text, tokens, windows, total, cache):
     methods = args.table_methods
     configs = [("float", None, None)] + [(m, b, g) for b in args.bits for m in methods
                                          for g in args.group_sizes]
+    if args.mix:
+        configs += [(m + MIX_SUFFIX, b, g) for b in args.mix_bits for m in methods for g in args.group_sizes]
     for k, (method, bits, g) in enumerate(configs, 1):
         name = "float32" if method == "float" else f"{method} {bits}-bit {group_label(g)}"
         ckey = "float32" if method == "float" else checkpoint_key(method, bits, g, args, calib_id)
@@ -439,7 +462,7 @@ def plot(rows, path, threads):
         return False
     fig, ax = plt.subplots(figsize=(8, 5.5))
     colors = {4: "tab:blue", 3: "tab:orange", 2: "tab:red", 8: "tab:green"}
-    markers = {"rtn": "o", "gptq": "s", "rtn-fz": "^", "gptq-fz": "D"}
+    markers = {"rtn": "o", "gptq": "s", "rtn-fz": "^", "gptq-fz": "D", "rtn+mix": "v", "gptq+mix": "P"}
     for r in rows:
         if r["method"] == "float":
             ax.axhline(r["ppl"], color="gray", ls="--", lw=1)
@@ -520,6 +543,10 @@ def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, pn
          *([f"* Clip search: every quantized model made with `qinfer quantize --clip-search` (each group's "
             f"min/max range or the same shrunk toward 0 by 1%..20%, whichever rounds its weights best; "
             f"README, \"Quantizing\")."] if args.clip_search else []),
+         *([f"* Mixed precision (`+mix` rows): the same bits and groups, except for the layers the rules "
+            f"{mix_text(args)} match (`qinfer quantize --dynamic`: the first matching rule gives the layer's "
+            f"bits, and group size when it names one; the checkpoint records them as GPTQModel's `dynamic` "
+            f"settings). Their bits per weight count those layers at their own bits."] if args.mix else []),
          f"* Decode: best of {DECODE_REPEATS} greedy generations of up to {DECODE_TOKENS} tokens "
          f"(`Engine.generate`, `last_stats.decode_tokens_per_second`), {args.threads} threads."]
     if "gptq" in args.methods:
@@ -617,6 +644,11 @@ def main():
     p.add_argument("--act-order", action="store_true", help="GPTQ with act-order")
     p.add_argument("--clip-search", action="store_true",
                    help="every quantized row with qinfer quantize --clip-search (each group's range searched)")
+    p.add_argument("--mix", action="append", default=[], metavar="PATTERN=BITS[gGROUP]",
+                   help="add mixed-precision rows (method+mix): the layers PATTERN matches get other bits "
+                        "(qinfer quantize --dynamic's syntax, e.g. '.*down_proj=4'); repeatable")
+    p.add_argument("--mix-bits", type=int_list, default=None,
+                   help="the bitwidths that get +mix rows (default: every --bits)")
     p.add_argument("--threads", type=int, default=2, help="threads for everything (default 2)")
     p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp comparison")
     p.add_argument("--llamacpp-types", default=",".join(t for t, _ in LLAMACPP_TYPES),
@@ -654,6 +686,12 @@ def main():
         p.error("--bits takes 2, 3, 4, 8")
     if any(g not in (16, 32, 64, 128, -1) for g in args.group_sizes):
         p.error("--group-sizes takes 16, 32, 64, 128, -1")
+    if args.mix_bits is None:
+        args.mix_bits = list(args.bits)
+    try:
+        mix_rules(args)
+    except qinfer.QinferError as e:
+        p.error(str(e))
     if args.windows is not None and args.windows < 1:
         p.error("--windows must be >= 1")
     if not os.path.isfile(args.data):

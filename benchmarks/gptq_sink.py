@@ -2,7 +2,7 @@
 
     python benchmarks/gptq_sink.py [--bits 3] [--group-size 16] [--weights 1,16,64,256,1024]
                                    [--scored 4] [--validation 4] [--nsamples 2] [--threads 2]
-                                   [--clip-search] [--act-order]
+                                   [--clip-search] [--act-order] [--mix PATTERN=BITS ...]
 
 WikiText-2's test text is cut into windows of 2048 tokens, as benchmarks/accuracy.py cuts it:
 windows 0..scored-1 are the ones docs/results.md scores (never looked at here), the next
@@ -20,8 +20,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import qinfer  # noqa: E402
-from accuracy import (SEQLEN, WIKITEXT, calibration_file, checkpoint_key, default_cache,  # noqa: E402
-                      ensure_checkpoint, score)
+from accuracy import (MIX_SUFFIX, SEQLEN, WIKITEXT, calibration_file, checkpoint_key,  # noqa: E402
+                      default_cache, ensure_checkpoint, score)
 from qinfer.perplexity import load_text, split_windows, tokenize  # noqa: E402
 
 
@@ -47,6 +47,9 @@ def main():
     p.add_argument("--clip-search", action="store_true",
                    help="quantize (round to nearest and GPTQ alike) with qinfer quantize --clip-search")
     p.add_argument("--act-order", action="store_true", help="GPTQ with act-order")
+    p.add_argument("--mix", action="append", default=[], metavar="PATTERN=BITS[gGROUP]",
+                   help="mixed precision: the layers PATTERN matches get other bits (qinfer quantize "
+                        "--dynamic's syntax, e.g. '.*down_proj=4'); repeatable")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default=default_cache())
     args = p.parse_args()
@@ -79,6 +82,7 @@ def main():
     calib_id = f"{tag}-tail{last * SEQLEN}"
     for method, weight in [("rtn", 1.0)] + [("gptq", w) for w in args.weights]:
         name = "rtn" if method == "rtn" else f"gptq sink {weight:g}"
+        method += MIX_SUFFIX if args.mix else ""
         log(name)
         args.sink_weight = weight
         out = os.path.join(args.cache, "checkpoints",
@@ -91,7 +95,8 @@ def main():
         gc.collect()
 
     base = rows[0][1]
-    print(f"SmolLM2-135M, {args.bits}-bit {group}, GPTQ nsamples {args.nsamples}"
+    print(f"SmolLM2-135M, {args.bits}-bit {group}{' mixed (' + ', '.join(args.mix) + ')' if args.mix else ''}, "
+          f"GPTQ nsamples {args.nsamples}"
           f"{', clip search' if args.clip_search else ''}{', act-order' if args.act_order else ''}: "
           f"perplexity on validation "
           f"windows {first}..{last - 1} of {total} ({args.validation * (SEQLEN - 1):,} predicted tokens)")

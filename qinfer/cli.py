@@ -106,6 +106,9 @@ def cmd_generate(args):
 
 def cmd_quantize(args):
     from .quant import quantize
+    from .quant.dynamic import parse_cli_rule
+
+    rules = dict(parse_cli_rule(text) for text in args.dynamic) or None
 
     report = quantize(args.model, args.out, bits=args.bits, group_size=args.group_size, method=args.method,
                       act_order=args.act_order, sym=args.sym, static_groups=args.static_groups,
@@ -113,7 +116,7 @@ def cmd_quantize(args):
                       seqlen=args.seqlen, damp=args.damp, seed=args.seed, sink_weight=args.sink_weight,
                       force=args.force,
                       threads=args.threads, float_dtype=args.float_dtype, zero_point=args.zero_point,
-                      clip_search=args.clip_search)
+                      clip_search=args.clip_search, dynamic=rules)
     print(report.summary(), file=sys.stderr)
 
 
@@ -165,6 +168,11 @@ def add_quantize_parser(sub):
     q.add_argument("--clip-search", action="store_true",
                    help="choose each group's range from its min/max and the same shrunk by 1%%..20%%, "
                         "whichever rounds the group best (round to nearest and GPTQ; slower to quantize)")
+    q.add_argument("--dynamic", action="append", default=[], metavar="PATTERN=BITS[gGROUP]",
+                   help="other settings for the linear layers whose name (model.layers.<i>.mlp.down_proj, "
+                        "...) the regular expression PATTERN matches from its start, e.g. "
+                        "'.*down_proj=4' or '.*v_proj=4g32'; repeatable, the first match wins (written as "
+                        "GPTQModel's 'dynamic' rules: a mixed-precision checkpoint)")
     q.add_argument("--calib", metavar="FILE", default=None,
                    help="calibration text for GPTQ (e.g. WikiText-2's wiki.test.raw)")
     q.add_argument("--nsamples", type=_positive_int, default=128, help="calibration windows (default 128)")

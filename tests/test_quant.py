@@ -118,8 +118,10 @@ def autogptq_tensors(rng, out_f, in_f, bits, group_size, act_order, sym, fmt):
 
 
 def write_autogptq(directory, bits, group_size, act_order, sym, fmt, where="config", seed=0,
-                   file_name="model.safetensors", tensor_hook=None):
-    """A tiny GPTQ checkpoint; returns {HF weight name: the float32 weight it encodes}."""
+                   file_name="model.safetensors", tensor_hook=None, layer_settings=None, dynamic=None):
+    """A tiny GPTQ checkpoint; returns {HF weight name: the float32 weight it encodes}.
+    layer_settings(base name) -> (bits, group_size) of that linear layer, or None to store it
+    float; dynamic: the "dynamic" rules written with the settings (GPTQModel's mixed precision)."""
     from safetensors.numpy import save_file
 
     directory = Path(directory)
@@ -130,8 +132,9 @@ def write_autogptq(directory, bits, group_size, act_order, sym, fmt, where="conf
     tensors, expected = {}, {}
     for name, w in floats.items():
         base = name[:-len(".weight")]
-        if base.split(".", 3)[-1] in PROJ:
-            parts, weight = autogptq_tensors(rng, *w.shape, bits, group_size, act_order, sym, fmt)
+        own = (bits, group_size) if layer_settings is None else layer_settings(base)
+        if base.split(".", 3)[-1] in PROJ and own is not None:
+            parts, weight = autogptq_tensors(rng, *w.shape, *own, act_order, sym, fmt)
             tensors.update({f"{base}.{k}": v for k, v in parts.items()})
             expected[name] = weight
         else:
@@ -141,6 +144,8 @@ def write_autogptq(directory, bits, group_size, act_order, sym, fmt, where="conf
         tensor_hook(tensors)
     save_file(tensors, str(directory / file_name))
     qc = {"bits": bits, "group_size": group_size, "desc_act": act_order, "sym": sym, "quant_method": "gptq"}
+    if dynamic is not None:
+        qc["dynamic"] = dynamic
     if fmt == "gptq_v2":
         qc["checkpoint_format"] = fmt
     if where == "config":
@@ -210,6 +215,67 @@ def test_autogptq_file_names_and_settings(tmp_path):
     write_autogptq(tmp_path / "b", 4, 32, False, False, "gptq", tensor_hook=bias)
     with pytest.raises(UnsupportedError, match="bias"):
         open_model(tmp_path / "b")
+
+
+def own_dynamic_settings(base):
+    """The rules test_dynamic_checkpoint_loads_exactly writes, decided here without regular
+    expressions: layer 0's maps 8-bit group 16, every down_proj 3-bit full columns, o_proj float."""
+    if base.startswith("model.layers.0."):
+        return 8, 16
+    if base.endswith("down_proj"):
+        return 3, -1
+    if base.endswith("o_proj"):
+        return None
+    return 4, 32
+
+
+DYNAMIC_RULES = {r"+:model\.layers\.0\.": {"bits": 8, "group_size": 16},
+                 r".*\.down_proj": {"bits": 3, "group_size": -1, "sym": False},
+                 r"-:.*o_proj$": {}}
+
+
+@needs_tokenizer
+@pytest.mark.parametrize("where", ["config", "quantize_config"])
+def test_dynamic_checkpoint_loads_exactly(tmp_path, where):
+    expected = write_autogptq(tmp_path, 4, 32, act_order=True, sym=False, fmt="gptq", where=where,
+                              layer_settings=own_dynamic_settings, dynamic=DYNAMIC_RULES)
+    source = open_model(tmp_path)
+    for name, want in expected.items():
+        base = name[:-len(".weight")]
+        if base.split(".", 3)[-1] not in PROJ:
+            continue
+        t = source.tensors[name]
+        settings = own_dynamic_settings(base)
+        if settings is None:
+            assert not isinstance(t, PackedTensor), name
+            np.testing.assert_array_equal(np.asarray(t() if callable(t) else t, np.float32), want)
+        else:
+            assert t.bits == settings[0], name
+            np.testing.assert_array_equal(dequantize_packed(t), want)
+    got = qinfer.Engine(tmp_path, threads=1).logits([1, 450, 4996, 17354, 1701])
+    want = ref.forward(expected, dict(ref.TINY_CONFIG, tie_word_embeddings=False), [1, 450, 4996, 17354, 1701])
+    assert np.max(np.abs(got - want)) < 2e-3
+
+
+@needs_tokenizer
+def test_bad_dynamic_rules(tmp_path):
+    def variant(name, rules):
+        d = tmp_path / name
+        write_autogptq(d, 4, 32, False, False, "gptq", dynamic=rules)
+        return d
+
+    with pytest.raises(FormatError, match="regular expression"):
+        open_model(variant("regex", {"+:(": {"bits": 4}}))
+    with pytest.raises(UnsupportedError, match="bits 5"):
+        open_model(variant("bits", {".*": {"bits": 5}}))
+    with pytest.raises(FormatError, match="must map to an object"):
+        open_model(variant("value", {".*": 4}))
+    # The rule says 3-bit, the tensors are 4-bit: their shapes give it away.
+    with pytest.raises(FormatError, match="shape"):
+        open_model(variant("mismatch", {r".*\.mlp\.up_proj": {"bits": 3}}))
+    # A negative rule for a layer that holds a .qweight.
+    with pytest.raises(FormatError, match="negative"):
+        open_model(variant("negative", {"-:.*q_proj": {}}))
 
 
 @needs_tokenizer
@@ -733,6 +799,38 @@ def test_clip_search_checkpoint_from_the_cli(tiny_src, tmp_path):
         t = ckpt.tensors[name + ".weight"]
         got = QuantizedLinear.from_packed(t.qweight, t.scales, t.zeros, t.bits, t.group_size, t.g_idx).dequantize()
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8)
+
+
+def test_dynamic_mixed_checkpoint_from_the_cli(tiny_src, tmp_path):
+    proc = run_cli("quantize", "--model", tiny_src, "--method", "rtn", "--bits", 3, "--group-size", 16,
+                   "--dynamic", r".*\.mlp\.down_proj=4", "--dynamic", r".*v_proj=8g32",
+                   "--dynamic", r"model\.layers\.1\.mlp\.down_proj=2", "--out", tmp_path / "mix")
+    assert proc.returncode == 0, proc.stderr
+    assert "down_proj" in proc.stderr
+    qc = json.loads((tmp_path / "mix" / "quantize_config.json").read_text())
+    assert qc["dynamic"] == {r"+:.*\.mlp\.down_proj": {"bits": 4}, r"+:.*v_proj": {"bits": 8, "group_size": 32},
+                             r"+:model\.layers\.1\.mlp\.down_proj": {"bits": 2}}
+    assert (qc["bits"], qc["group_size"]) == (3, 16)
+    src, ckpt = open_model(tiny_src), open_model(tmp_path / "mix")
+    # Expected per layer, by hand: the first rule wins, so layer 1's down_proj stays 4-bit.
+    want = {"self_attn.q_proj": (3, 16), "self_attn.v_proj": (8, 32), "mlp.down_proj": (4, 16)}
+    for layer in range(src.config.num_hidden_layers):
+        for proj, (bits, group) in want.items():
+            name = f"model.layers.{layer}.{proj}"
+            t = ckpt.tensors[name + ".weight"]
+            assert t.bits == bits, name
+            ref_q = rtn_quantize(float_weight(src, name + ".weight"), bits, group).dequantize()
+            np.testing.assert_allclose(dequantize_packed(t), ref_q, rtol=1e-6, atol=1e-8)
+
+    for bad, message in (("down_proj", "PATTERN=BITS"), ("(=4", "regular expression"), (".*=5", "bits"),
+                         (".*=4g48", "group_size")):
+        proc = run_cli("quantize", "--model", tiny_src, "--method", "rtn", "--dynamic", bad,
+                       "--out", tmp_path / "bad")
+        assert proc.returncode == 1 and message in proc.stderr, (bad, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(UnsupportedError, match="negative"):
+        qinfer.quantize(tiny_src, tmp_path / "bad", method="rtn", dynamic={"-:.*": {}}, progress=False)
 
 
 @needs_smollm2

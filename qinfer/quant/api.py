@@ -28,6 +28,7 @@ from ..errors import QinferError, UnsupportedError
 from ..packing import BITWIDTHS
 from ..rtn import GROUP_SIZES
 from . import checkpoint
+from .dynamic import Rules
 from .gptq import Hessian, PreparedHessian, gptq_quantize, output_error
 from .progress import Progress
 from .quantizer import check_settings, rtn_quantize
@@ -60,6 +61,7 @@ class QuantizeReport:
     errors: dict = field(default_factory=dict)
     zero_point: str = "int"
     clip_search: bool = False
+    dynamic: dict = None          # per-layer rules (quant/dynamic.py), None when every layer is alike
 
     def summary(self):
         group = "full column" if self.group_size == -1 else f"group {self.group_size}"
@@ -69,6 +71,9 @@ class QuantizeReport:
                  f"{' act-order' if self.act_order else ''}{' static-groups' if self.static_groups else ''}: "
                  f"{self.layers} layers in {self.seconds:.1f} s; wrote {self.path} "
                  f"({self.bytes / 2 ** 20:.1f} MiB, checkpoint_format {self.checkpoint_format})"]
+        for key, overrides in (self.dynamic or {}).items():
+            lines.append(f"  layers matching {key[2:]!r}: "
+                         + ", ".join(f"{k} {v}" for k, v in overrides.items()))
         if self.errors:
             g = np.mean([e["gptq"] for e in self.errors.values()])
             r = np.mean([e["rtn"] for e in self.errors.values()])
@@ -97,6 +102,19 @@ def _check_settings(bits, group_size, method, nsamples, seqlen, damp, seed, floa
         raise QinferError(f"damp must be a number in [0, 1), got {damp!r}")
     if float_dtype not in FLOAT_DTYPES:
         raise UnsupportedError(f"float_dtype must be one of {FLOAT_DTYPES}, got {float_dtype!r}")
+
+
+def _check_dynamic(rules, bits, group_size, sym, zero_point):
+    """dynamic.Rules from the API's dict; every rule's settings must be ones quantize can make."""
+    parsed = Rules(rules, "dynamic")
+    for key, _, positive, overrides in parsed.rules:
+        if not positive:
+            raise UnsupportedError(f"dynamic rule {key!r}: negative rules (left float) are not supported by "
+                                   f"quantize; every linear layer is quantized")
+        if not overrides:
+            raise QinferError(f"dynamic rule {key!r} sets neither bits nor group_size")
+        check_settings(overrides.get("bits", bits), overrides.get("group_size", group_size), sym, zero_point)
+    return parsed
 
 
 def _open_source(model):
@@ -129,14 +147,22 @@ def _linear_name(layer, name):
 
 
 # ---------------------------------------------------------------- methods
-def _rtn_layers(source, bits, group_size, sym, zero_point, clip, progress):
+def _layer_settings(rules, base, settings):
+    """(bits, group_size) of one linear layer: the checkpoint's, or a dynamic rule's."""
+    s = rules.resolve(base, settings)
+    return s["bits"], s["group_size"]
+
+
+def _rtn_layers(source, settings, rules, progress):
     from ..model import LINEAR_NAMES
 
+    sym, zero_point, clip = settings["sym"], settings["zero_point"], settings["clip_search"]
     results = {}
     for i in range(source.config.num_hidden_layers):
         with progress.layer(i, len(LINEAR_NAMES)) as bar:
             for name in LINEAR_NAMES:
                 base = _linear_name(i, name)
+                bits, group_size = _layer_settings(rules, base, settings)
                 results[base] = rtn_quantize(float_weight(source, base + ".weight"), bits, group_size, sym,
                                              zero_point, clip)
                 bar.update()
@@ -144,10 +170,10 @@ def _rtn_layers(source, bits, group_size, sym, zero_point, clip, progress):
     return results, {}
 
 
-def _gptq_layers(source, windows, settings, threads, true_sequential, progress):
+def _gptq_layers(source, windows, settings, rules, threads, true_sequential, progress):
     from ..model import LINEAR_NAMES, Model
 
-    bits, group_size, sym = settings["bits"], settings["group_size"], settings["sym"]
+    sym = settings["sym"]
     zero_point, clip = settings["zero_point"], settings["clip_search"]
     sink_weight = settings["sink_weight"]
     nsamples, seqlen = windows.shape
@@ -179,6 +205,7 @@ def _gptq_layers(source, windows, settings, threads, true_sequential, progress):
                 prepared = {k: PreparedHessian(h, settings["damp"], settings["act_order"]) for k, h in H.items()}
                 for name in stage:
                     base = _linear_name(i, name)
+                    bits, group_size = _layer_settings(rules, base, settings)
                     w = float_weight(source, base + ".weight")
                     h = H[INPUT_OF[name]]
                     res = gptq_quantize(w, prepared[INPUT_OF[name]], bits, group_size, sym,
@@ -203,7 +230,7 @@ def _gptq_layers(source, windows, settings, threads, true_sequential, progress):
 def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False, sym=False,
              static_groups=False, calib=None, nsamples=128, seqlen=2048, damp=0.01, seed=0, force=False,
              threads=None, true_sequential=False, sink_weight=1.0, float_dtype="float16", zero_point="int",
-             clip_search=False, progress=True):
+             clip_search=False, dynamic=None, progress=True):
     """Quantize a float model into a GPTQ-format checkpoint directory `out`.
 
     model: a Hugging Face LLaMA directory or a GGUF file (quantized GGUF
@@ -225,6 +252,10 @@ def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False,
     the min/max range or one shrunk by up to 20%, whichever rounds the group's
     weights best), for round to nearest and GPTQ alike; the checkpoint's format
     does not change.
+    dynamic: per-layer settings, GPTQModel's rules (quant/dynamic.py), e.g.
+    {"+:.*\\.mlp\\.down_proj": {"bits": 4}}: the layers a rule matches get its bits
+    and/or group_size (a mixed-precision model); written to the checkpoint as
+    quantize_config.json's "dynamic". Negative ("-:") rules are not supported here.
     `out` must not exist unless force. Returns a QuantizeReport.
     """
     t0 = time.perf_counter()
@@ -233,13 +264,15 @@ def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False,
     if isinstance(sink_weight, bool) or not isinstance(sink_weight, (int, float)) or \
             not math.isfinite(sink_weight) or sink_weight < 1:
         raise QinferError(f"sink_weight must be a number >= 1, got {sink_weight!r}")
+    rules = _check_dynamic(dynamic, bits, group_size, sym, zero_point)
     source = _open_source(model)
     _check_shapes(source)
     out = checkpoint.check_output(out, force, source.path)
     meta = dict(bits=bits, group_size=group_size, sym=bool(sym), act_order=bool(act_order),
                 static_groups=bool(static_groups), true_sequential=bool(true_sequential), method=method,
                 damp=damp, nsamples=None, seqlen=None, seed=None, calibration=None, float_dtype=float_dtype,
-                sink_weight=float(sink_weight), zero_point=zero_point, clip_search=bool(clip_search))
+                sink_weight=float(sink_weight), zero_point=zero_point, clip_search=bool(clip_search),
+                dynamic=rules.to_json() or None)
     if method == "gptq":
         from ..tokenizer import load as load_tokenizer
         from .calibration import calibration_windows
@@ -260,12 +293,13 @@ def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False,
 
     bar = Progress(source.config.num_hidden_layers, enabled=progress)
     if method == "gptq":
-        results, errors = _gptq_layers(source, windows, meta, threads, true_sequential, bar)
+        results, errors = _gptq_layers(source, windows, meta, rules, threads, true_sequential, bar)
     else:
-        results, errors = _rtn_layers(source, bits, group_size, sym, zero_point, meta["clip_search"], bar)
+        results, errors = _rtn_layers(source, meta, rules, bar)
     fmt = save_checkpoint(out, source, results, meta, force=force, floats=floats)
     return QuantizeReport(path=out, method=method, bits=bits, group_size=group_size, sym=bool(sym),
                           act_order=meta["act_order"], static_groups=meta["static_groups"],
                           checkpoint_format=fmt, seconds=time.perf_counter() - t0,
                           bytes=checkpoint.directory_size(out), layers=source.config.num_hidden_layers,
-                          errors=errors, zero_point=zero_point, clip_search=meta["clip_search"])
+                          errors=errors, zero_point=zero_point, clip_search=meta["clip_search"],
+                          dynamic=meta["dynamic"])

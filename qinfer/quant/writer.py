@@ -13,13 +13,13 @@ import os
 import numpy as np
 
 from ..errors import QinferError
-from . import checkpoint, layout
+from . import checkpoint, dynamic, layout
 from .tokenizer_files import tokenizer_files
 
 FLOAT_DTYPES = ("float16", "float32")
 DEFAULT_META = dict(sym=False, act_order=False, static_groups=False, true_sequential=False, method="gptq",
                     damp=None, nsamples=None, seqlen=None, seed=None, calibration=None, sink_weight=None, zero_point="int",
-                    float_dtype="float16", clip_search=False)
+                    float_dtype="float16", clip_search=False, dynamic=None)
 
 
 def float_weight(source, name):
@@ -85,7 +85,8 @@ def save_checkpoint(out, source, results, meta, force=False, floats=None):
     """Write the checkpoint directory `out` (all or nothing); returns the checkpoint_format used.
 
     source: the float model's ModelSource; results: {"model.layers.{i}.<proj>": QuantResult} for
-    every linear layer; meta: bits, group_size and optionally the keys of DEFAULT_META. The format
+    every linear layer; meta: bits, group_size and optionally the keys of DEFAULT_META (dynamic:
+    per-layer rules, quant/dynamic.py, which the results must follow). The format
     is v1 ("gptq", AutoGPTQ's) unless some zero point is 0, which v1 cannot store: then "gptq_v2";
     float zero points (zero_point "float") make it "qinfer_float_zero" (layout.py).
     """
@@ -93,6 +94,7 @@ def save_checkpoint(out, source, results, meta, force=False, floats=None):
     from ..model import LINEAR_NAMES
 
     meta = dict(DEFAULT_META, **meta)
+    rules = dynamic.Rules(meta["dynamic"], "dynamic")
     out = checkpoint.check_output(out, force, source.path)
     cfg = source.config
     for i in range(cfg.num_hidden_layers):
@@ -100,9 +102,10 @@ def save_checkpoint(out, source, results, meta, force=False, floats=None):
             r = results.get(f"model.layers.{i}.{hf_name}")
             if r is None:
                 raise QinferError(f"no quantized result for model.layers.{i}.{hf_name}")
-            if (r.bits, r.group_size) != (meta["bits"], meta["group_size"]):
+            want = rules.resolve(f"model.layers.{i}.{hf_name}", meta)
+            if (r.bits, r.group_size) != (want["bits"], want["group_size"]):
                 raise QinferError(f"model.layers.{i}.{hf_name} is {r.bits}-bit group {r.group_size}, "
-                                  f"not {meta['bits']}-bit group {meta['group_size']}")
+                                  f"not {want['bits']}-bit group {want['group_size']}")
     if floats is None:
         floats = float_tensors(source, meta["float_dtype"])
     kinds = {r.zero_point for r in results.values()}
@@ -116,6 +119,8 @@ def save_checkpoint(out, source, results, meta, force=False, floats=None):
                     "sym": meta["sym"], "desc_act": bool(meta["act_order"]) or any(r.act_order for r in results.values()),
                     "static_groups": meta["static_groups"], "true_sequential": meta["true_sequential"],
                     "damp_percent": meta["damp"], "checkpoint_format": fmt}
+    if rules:
+        quant_config["dynamic"] = rules.to_json()
     quantize_config = dict(quant_config, model_name_or_path=None, model_file_base_name="model",
                            qinfer={"version": __version__, "method": meta["method"],
                                    "nsamples": meta["nsamples"], "seqlen": meta["seqlen"], "seed": meta["seed"],

@@ -12,6 +12,8 @@ or by a quantize_config.json (readers/hf.py routes here). Settings read:
                        "qinfer_float_zero" (qinfer.quantize, zero_point
                        "float"): `.zeros` float16 instead of `.qzeros`.
                        Anything else is refused, never guessed.
+    dynamic            GPTQModel's per-layer rules (quant/dynamic.py): other bits
+                       or group_size for the layers a rule matches, or float
     desc_act, sym      informational: g_idx and qzeros say what they imply
 
 Both files may be present (transformers writes the first, AutoGPTQ the
@@ -29,7 +31,7 @@ import numpy as np
 
 from ..errors import FormatError, UnsupportedError
 from ..packing import BITWIDTHS
-from ..quant import layout
+from ..quant import dynamic, layout
 from . import validate
 from .hf import SINGLE, INDEX, _chat_template, _generation_eos, _tokenizer, _tokenizer_config, _weight_files
 from .hf_config import model_config
@@ -38,7 +40,7 @@ from .safetensors import read_safetensors
 from .source import ModelSource, PackedTensor
 
 QUANTIZE_CONFIG = "quantize_config.json"
-_COMPARED = ("bits", "group_size", "checkpoint_format")
+_COMPARED = ("bits", "group_size", "checkpoint_format", "dynamic")
 
 
 def is_gptq(directory, cfg):
@@ -78,8 +80,6 @@ def _read_settings(entries, where):
         raise UnsupportedError(f"{where}: quant_method {method!r} is not supported (qinfer reads GPTQ checkpoints)")
     if entries.get("is_marlin_format"):
         raise UnsupportedError(f"{where}: Marlin-format GPTQ checkpoints are not supported")
-    if entries.get("dynamic"):
-        raise UnsupportedError(f"{where}: per-module ('dynamic') quantization settings are not supported")
     pack_dtype = entries.get("pack_dtype", "int32")
     if pack_dtype not in ("int32", "torch.int32"):
         raise UnsupportedError(f"{where}: pack_dtype {pack_dtype!r} is not supported (qinfer reads int32 words)")
@@ -99,6 +99,8 @@ def _read_settings(entries, where):
         raise FormatError(f"{where}: 'checkpoint_format' and 'format' disagree ({sorted(formats)})")
     if formats:
         out["checkpoint_format"] = layout.check_format(formats.pop(), where)
+    if entries.get("dynamic"):
+        out["dynamic"] = dynamic.Rules(entries["dynamic"], where).to_json()
     return out
 
 
@@ -141,13 +143,18 @@ def load_gptq(directory, cfg, config_path):
             raise FormatError(f"{shard.path}: tensor {name!r} is listed in {INDEX} but not in this shard")
         return shard, shard[name]
 
+    rules = dynamic.Rules(settings.get("dynamic"), directory)
     tensors = {}
     for name, shape in validate.expected_shapes(config).items():
         base = name[:-len(".weight")]
         if base + ".qweight" in owner:
             if len(shape) != 2:
                 raise FormatError(f"{directory}: {base} is quantized but is not a matrix")
-            tensors[name] = _packed(base, shape, settings, get, owner, directory)
+            layer_settings = rules.resolve(base, settings)
+            if layer_settings is dynamic.SKIP:
+                raise FormatError(f"{directory}: {base} holds a .qweight but a negative 'dynamic' rule says "
+                                  f"it is not quantized")
+            tensors[name] = _packed(base, shape, layer_settings, get, owner, directory)
         elif name in owner:
             shard, t = get(name)
             if shard.dtypes[name] not in ("F32", "F16", "BF16"):
