@@ -223,6 +223,8 @@ def checkpoint_key(method, bits, g, args, calib_id):
             key += "-act"
     if args.clip_search:
         key += "-clip"
+    if args.rotate:
+        key += "-rot"
     return key
 
 
@@ -241,7 +243,7 @@ def ensure_checkpoint(model, out, method, bits, g, args, calib):
                    sink_weight=args.sink_weight, act_order=args.act_order) \
         if base_method == "gptq" else {}
     quantize(model, out, bits=bits, group_size=g, method=base_method, zero_point=zero_point,
-             clip_search=args.clip_search, dynamic=mix_rules(args) if method.endswith(MIX_SUFFIX) else None,
+             clip_search=args.clip_search, rotate=args.rotate, dynamic=mix_rules(args) if method.endswith(MIX_SUFFIX) else None,
              threads=args.threads, force=os.path.exists(out), **options)
     return time.perf_counter() - t0
 
@@ -508,7 +510,9 @@ def git_commit():
 
 
 def best_match(rows, bits, max_bpw):
-    cands = [r for r in rows if r["method"] != "float" and r["bits"] == bits and r["bpw"] <= max_bpw + 1e-9]
+    """The lowest-perplexity quantized row within max_bpw bits per weight, at `bits` (None: any bitwidth)."""
+    cands = [r for r in rows if r["method"] != "float" and bits in (None, r["bits"])
+             and r["bpw"] <= max_bpw + 1e-9]
     return min(cands, key=lambda r: r["ppl"]) if cands else None
 
 
@@ -543,6 +547,9 @@ def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, pn
          *([f"* Clip search: every quantized model made with `qinfer quantize --clip-search` (each group's "
             f"min/max range or the same shrunk toward 0 by 1%..20%, whichever rounds its weights best; "
             f"README, \"Quantizing\")."] if args.clip_search else []),
+         *(["* Rotation: every quantized model made with `qinfer quantize --rotate` (the residual stream "
+            "rotated by a random orthogonal matrix first: the same float model, with an untied lm_head, which "
+            "the size column counts; README, \"Quantizing\")."] if args.rotate else []),
          *([f"* Mixed precision (`+mix` rows): the same bits and groups, except for the layers the rules "
             f"{mix_text(args)} match (`qinfer quantize --dynamic`: the first matching rule gives the layer's "
             f"bits, and group size when it names one; the checkpoint records them as GPTQModel's `dynamic` "
@@ -578,19 +585,25 @@ def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, pn
               f"-c {SEQLEN} --chunks {n} -t {args.threads}` (its protocol: raw file, only the second half of each "
               f"chunk scored). Each format's degradation is against llama.cpp's own F32; next to it, qinfer's "
               f"best model at the same bitwidth whose bits per weight do not exceed the format's (both counted "
-              f"over the linear layers only), against qinfer's float32.", "",
+              f"over the linear layers only), against qinfer's float32; and qinfer's best model at any bitwidth "
+              f"within the same bits per weight (the formats below are not the bitwidth their names say on "
+              f"this model: see the types column).", "",
               "| llama.cpp | linear-layer types | bits/weight (linear) | BPW (all tensors) | ppl | vs F32 | "
-              "qinfer best (bits/weight) | ppl | vs float |",
-              "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+              "qinfer best, same bits (bits/weight) | ppl | vs float | qinfer best, any bits | ppl | vs float |",
+              "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: |"]
         for qtype, bits in args.llamacpp_types:
             r = formats[qtype]
             types = ", ".join(f"{k.lower()} x{v}" for k, v in sorted(r["linear_types"].items()))
-            m = best_match(rows, bits, r["linear_bpw"])
-            mine = (f"{m['method']} {bits}-bit {group_label(m['group_size'])} ({m['bpw']:.3f}) | {m['ppl']:.4f} | "
-                    f"{pct(m['ppl'] / base - 1)}") if m else f"none measured at {bits} bits <= {r['linear_bpw']:.3f} | - | -"
+            cells = []
+            for want in (bits, None):
+                m = best_match(rows, want, r["linear_bpw"])
+                cells.append(f"{m['method']} {m['bits']}-bit {group_label(m['group_size'])} ({m['bpw']:.3f}) | "
+                             f"{m['ppl']:.4f} | {pct(m['ppl'] / base - 1)}" if m else
+                             f"none measured <= {r['linear_bpw']:.3f} | - | -")
             L.append(f"| {qtype} | {types} | {r['linear_bpw']:.3f} | {r['file_bpw']:.2f} | "
-                     f"{r['ppl']:.4f} | {pct(r['ppl'] / f32['ppl'] - 1)} | {mine} |")
-        L.append(f"| F32 | | 32 | {f32['file_bpw']:.2f} | {f32['ppl']:.4f} | - | float32 | {base:.4f} | - |")
+                     f"{r['ppl']:.4f} | {pct(r['ppl'] / f32['ppl'] - 1)} | {' | '.join(cells)} |")
+        L.append(f"| F32 | | 32 | {f32['file_bpw']:.2f} | {f32['ppl']:.4f} | - | float32 | {base:.4f} | - "
+                 f"| float32 | {base:.4f} | - |")
         if hidden % 256:
             L += ["", f"llama.cpp's k-quants need rows of a multiple of 256 weights; SmolLM2's {hidden}-wide "
                       f"inputs are not, so `llama-quantize` falls back to other types for those matrices (the "
@@ -644,6 +657,8 @@ def main():
     p.add_argument("--act-order", action="store_true", help="GPTQ with act-order")
     p.add_argument("--clip-search", action="store_true",
                    help="every quantized row with qinfer quantize --clip-search (each group's range searched)")
+    p.add_argument("--rotate", action="store_true",
+                   help="every quantized row with qinfer quantize --rotate (residual stream rotated first)")
     p.add_argument("--mix", action="append", default=[], metavar="PATTERN=BITS[gGROUP]",
                    help="add mixed-precision rows (method+mix): the layers PATTERN matches get other bits "
                         "(qinfer quantize --dynamic's syntax, e.g. '.*down_proj=4'); repeatable")
