@@ -223,8 +223,6 @@ def checkpoint_key(method, bits, g, args, calib_id):
             key += "-act"
     if args.clip_search:
         key += "-clip"
-    if args.rotate:
-        key += "-rot"
     return key
 
 
@@ -243,7 +241,7 @@ def ensure_checkpoint(model, out, method, bits, g, args, calib):
                    sink_weight=args.sink_weight, act_order=args.act_order) \
         if base_method == "gptq" else {}
     quantize(model, out, bits=bits, group_size=g, method=base_method, zero_point=zero_point,
-             clip_search=args.clip_search, rotate=args.rotate, dynamic=mix_rules(args) if method.endswith(MIX_SUFFIX) else None,
+             clip_search=args.clip_search, dynamic=mix_rules(args) if method.endswith(MIX_SUFFIX) else None,
              threads=args.threads, force=os.path.exists(out), **options)
     return time.perf_counter() - t0
 
@@ -547,9 +545,6 @@ def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, pn
          *([f"* Clip search: every quantized model made with `qinfer quantize --clip-search` (each group's "
             f"min/max range or the same shrunk toward 0 by 1%..20%, whichever rounds its weights best; "
             f"README, \"Quantizing\")."] if args.clip_search else []),
-         *(["* Rotation: every quantized model made with `qinfer quantize --rotate` (the residual stream "
-            "rotated by a random orthogonal matrix first: the same float model, with an untied lm_head, which "
-            "the size column counts; README, \"Quantizing\")."] if args.rotate else []),
          *([f"* Mixed precision (`+mix` rows): the same bits and groups, except for the layers the rules "
             f"{mix_text(args)} match (`qinfer quantize --dynamic`: the first matching rule gives the layer's "
             f"bits, and group size when it names one; the checkpoint records them as GPTQModel's `dynamic` "
@@ -657,8 +652,6 @@ def main():
     p.add_argument("--act-order", action="store_true", help="GPTQ with act-order")
     p.add_argument("--clip-search", action="store_true",
                    help="every quantized row with qinfer quantize --clip-search (each group's range searched)")
-    p.add_argument("--rotate", action="store_true",
-                   help="every quantized row with qinfer quantize --rotate (residual stream rotated first)")
     p.add_argument("--mix", action="append", default=[], metavar="PATTERN=BITS[gGROUP]",
                    help="add mixed-precision rows (method+mix): the layers PATTERN matches get other bits "
                         "(qinfer quantize --dynamic's syntax, e.g. '.*down_proj=4'); repeatable")

@@ -47,8 +47,6 @@ def main():
     p.add_argument("--clip-search", action="store_true",
                    help="quantize (round to nearest and GPTQ alike) with qinfer quantize --clip-search")
     p.add_argument("--act-order", action="store_true", help="GPTQ with act-order")
-    p.add_argument("--rotate", action="store_true",
-                   help="quantize with qinfer quantize --rotate (residual stream rotated first)")
     p.add_argument("--mix", action="append", default=[], metavar="PATTERN=BITS[gGROUP]",
                    help="mixed precision: the layers PATTERN matches get other bits (qinfer quantize "
                         "--dynamic's syntax, e.g. '.*down_proj=4'); repeatable")
@@ -99,7 +97,7 @@ def main():
     base = rows[0][1]
     print(f"SmolLM2-135M, {args.bits}-bit {group}{' mixed (' + ', '.join(args.mix) + ')' if args.mix else ''}, "
           f"GPTQ nsamples {args.nsamples}"
-          f"{', clip search' if args.clip_search else ''}{', act-order' if args.act_order else ''}{', rotated' if args.rotate else ''}: "
+          f"{', clip search' if args.clip_search else ''}{', act-order' if args.act_order else ''}: "
           f"perplexity on validation "
           f"windows {first}..{last - 1} of {total} ({args.validation * (SEQLEN - 1):,} predicted tokens)")
     print(f"{'model':<18} {'ppl':>10} {'vs float':>9}")

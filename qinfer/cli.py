@@ -116,7 +116,7 @@ def cmd_quantize(args):
                       seqlen=args.seqlen, damp=args.damp, seed=args.seed, sink_weight=args.sink_weight,
                       force=args.force,
                       threads=args.threads, float_dtype=args.float_dtype, zero_point=args.zero_point,
-                      clip_search=args.clip_search, dynamic=rules, rotate=args.rotate)
+                      clip_search=args.clip_search, dynamic=rules)
     print(report.summary(), file=sys.stderr)
 
 
@@ -168,10 +168,6 @@ def add_quantize_parser(sub):
     q.add_argument("--clip-search", action="store_true",
                    help="choose each group's range from its min/max and the same shrunk by 1%%..20%%, "
                         "whichever rounds the group best (round to nearest and GPTQ; slower to quantize)")
-    q.add_argument("--rotate", action="store_true",
-                   help="rotate the residual stream by a random orthogonal matrix before quantizing: the "
-                        "same model, weights without outlier columns (better at 3 and 2 bits); no cost at "
-                        "inference, the checkpoint gets an untied lm_head")
     q.add_argument("--dynamic", action="append", default=[], metavar="PATTERN=BITS[gGROUP]",
                    help="other settings for the linear layers whose name (model.layers.<i>.mlp.down_proj, "
                         "...) the regular expression PATTERN matches from its start, e.g. "

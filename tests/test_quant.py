@@ -833,62 +833,6 @@ def test_dynamic_mixed_checkpoint_from_the_cli(tiny_src, tmp_path):
         qinfer.quantize(tiny_src, tmp_path / "bad", method="rtn", dynamic={"-:.*": {}}, progress=False)
 
 
-@needs_tokenizer
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_rotated_source_computes_the_same_function(tmp_path, tied):
-    """The rotated model (random orthogonal residual stream, norm gains folded in) gives the
-    logits of this file's numpy reference on the original weights; its norms are all 1, its
-    lm_head untied, and the matrices that write into the stream are rotated copies: the same
-    singular values, other entries."""
-    from qinfer.quant.rotation import rotated_source
-
-    weights, config = ref.write_tiny_llama(tmp_path / "m", tied=tied, seed=5)
-    rotated = rotated_source(open_model(tmp_path / "m"), seed=1)
-    assert rotated.config.tie_word_embeddings is False and "lm_head.weight" in rotated.tensors
-    norms = [n for n in rotated.tensors if n.endswith("norm.weight")]
-    assert len(norms) == 2 * config["num_hidden_layers"] + 1
-    for name in norms:
-        np.testing.assert_array_equal(rotated.float_tensor(name), 1.0)
-    down = "model.layers.0.mlp.down_proj.weight"
-    assert not np.allclose(rotated.float_tensor(down), weights[down], atol=1e-3)
-    np.testing.assert_allclose(np.linalg.svd(rotated.float_tensor(down), compute_uv=False),
-                               np.linalg.svd(weights[down], compute_uv=False), rtol=1e-4)
-
-    ids = np.array([1, 7, 300, 4, 99, 5000, 13, 2], dtype=np.int32)
-    want = ref.forward(weights, config, ids)
-    got = Model(rotated, ctx=16, threads=1, dequantize=True).forward(ids, 0, all_logits=True)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-
-
-@needs_tokenizer
-def test_rotated_checkpoint_from_the_cli(tiny_src, tmp_path):
-    """quantize --rotate: the checkpoint records the rotation, has an untied float lm_head, and
-    its layers are round to nearest of the rotated weights; at 8 bits the model still computes
-    the original one's logits (the numpy reference on the source weights) closely."""
-    from qinfer.quant.rotation import rotated_source
-
-    proc = run_cli("quantize", "--model", tiny_src, "--method", "rtn", "--bits", 8, "--group-size", 32,
-                   "--rotate", "--float-dtype", "float32", "--out", tmp_path / "rot")
-    assert proc.returncode == 0, proc.stderr
-    assert "rotated" in proc.stderr
-    qc = json.loads((tmp_path / "rot" / "quantize_config.json").read_text())
-    assert qc["qinfer"]["rotation"] == {"kind": "haar", "seed": 0}
-    assert json.loads((tmp_path / "rot" / "config.json").read_text())["tie_word_embeddings"] is False
-    ckpt, rotated = open_model(tmp_path / "rot"), rotated_source(open_model(tiny_src), seed=0)
-    for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"):
-        want = rtn_quantize(rotated.float_tensor(name + ".weight"), 8, 32).dequantize()
-        np.testing.assert_allclose(dequantize_packed(ckpt.tensors[name + ".weight"]), want, rtol=1e-6, atol=1e-8)
-
-    source = open_model(tiny_src)
-    weights = {name: source.float_tensor(name) for name in source.tensors}
-    config = json.loads((tiny_src / "config.json").read_text())
-    ids = np.array([1, 450, 7483, 310, 3444, 338], dtype=np.int32)
-    want = ref.forward(weights, config, ids)
-    got = Model(ckpt, ctx=16, threads=1).forward(ids, 0, all_logits=True)
-    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
-    assert (got.argmax(axis=1) == want.argmax(axis=1)).mean() >= 0.8
-
-
 @needs_smollm2
 def test_smollm2_checkpoint_keeps_the_gguf_tokenizer(tmp_path):
     """RTN over the GGUF (quick); the written tokenizer.json encodes like the GGUF vocabulary, the

@@ -32,7 +32,6 @@ from .dynamic import Rules
 from .gptq import Hessian, PreparedHessian, gptq_quantize, output_error
 from .progress import Progress
 from .quantizer import check_settings, rtn_quantize
-from .rotation import rotated_source
 from .writer import FLOAT_DTYPES, float_tensors, float_weight, save_checkpoint
 
 METHODS = ("gptq", "rtn")
@@ -40,7 +39,6 @@ METHODS = ("gptq", "rtn")
 INPUT_OF = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "o_in",
             "w_gate": "mlp_in", "w_up": "mlp_in", "w_down": "down_in"}
 TRUE_SEQUENTIAL_STAGES = (("wq", "wk", "wv"), ("wo",), ("w_gate", "w_up"), ("w_down",))
-ROTATION_SEED = 0                             # quantize(rotate=True)'s random orthogonal matrix
 SLOW_LAYER_ENV = "QINFER_TEST_SLOW_LAYER"     # tests: sleep this many seconds after each layer
 
 
@@ -64,13 +62,12 @@ class QuantizeReport:
     zero_point: str = "int"
     clip_search: bool = False
     dynamic: dict = None          # per-layer rules (quant/dynamic.py), None when every layer is alike
-    rotation: dict = None         # {"kind": "haar", "seed": 0} when the residual stream was rotated
 
     def summary(self):
         group = "full column" if self.group_size == -1 else f"group {self.group_size}"
         lines = [f"{self.method} {self.bits}-bit {group}{' sym' if self.sym else ''}"
                  f"{' float-zero' if self.zero_point == 'float' else ''}"
-                 f"{' clip-search' if self.clip_search else ''}{' rotated' if self.rotation else ''}"
+                 f"{' clip-search' if self.clip_search else ''}"
                  f"{' act-order' if self.act_order else ''}{' static-groups' if self.static_groups else ''}: "
                  f"{self.layers} layers in {self.seconds:.1f} s; wrote {self.path} "
                  f"({self.bytes / 2 ** 20:.1f} MiB, checkpoint_format {self.checkpoint_format})"]
@@ -233,7 +230,7 @@ def _gptq_layers(source, windows, settings, rules, threads, true_sequential, pro
 def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False, sym=False,
              static_groups=False, calib=None, nsamples=128, seqlen=2048, damp=0.01, seed=0, force=False,
              threads=None, true_sequential=False, sink_weight=1.0, float_dtype="float16", zero_point="int",
-             clip_search=False, dynamic=None, rotate=False, progress=True):
+             clip_search=False, dynamic=None, progress=True):
     """Quantize a float model into a GPTQ-format checkpoint directory `out`.
 
     model: a Hugging Face LLaMA directory or a GGUF file (quantized GGUF
@@ -259,9 +256,6 @@ def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False,
     {"+:.*\\.mlp\\.down_proj": {"bits": 4}}: the layers a rule matches get its bits
     and/or group_size (a mixed-precision model); written to the checkpoint as
     quantize_config.json's "dynamic". Negative ("-:") rules are not supported here.
-    rotate: quantize the model with its residual stream rotated by a random orthogonal
-    matrix (quant/rotation.py: the same function, weights that quantize better; no cost
-    at inference, but the checkpoint gets an untied lm_head); recorded as qinfer.rotation.
     `out` must not exist unless force. Returns a QuantizeReport.
     """
     t0 = time.perf_counter()
@@ -274,14 +268,11 @@ def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False,
     source = _open_source(model)
     _check_shapes(source)
     out = checkpoint.check_output(out, force, source.path)
-    if rotate:
-        source = rotated_source(source, ROTATION_SEED)
     meta = dict(bits=bits, group_size=group_size, sym=bool(sym), act_order=bool(act_order),
                 static_groups=bool(static_groups), true_sequential=bool(true_sequential), method=method,
                 damp=damp, nsamples=None, seqlen=None, seed=None, calibration=None, float_dtype=float_dtype,
                 sink_weight=float(sink_weight), zero_point=zero_point, clip_search=bool(clip_search),
-                dynamic=rules.to_json() or None,
-                rotation={"kind": "haar", "seed": ROTATION_SEED} if rotate else None)
+                dynamic=rules.to_json() or None)
     if method == "gptq":
         from ..tokenizer import load as load_tokenizer
         from .calibration import calibration_windows
@@ -311,4 +302,4 @@ def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False,
                           checkpoint_format=fmt, seconds=time.perf_counter() - t0,
                           bytes=checkpoint.directory_size(out), layers=source.config.num_hidden_layers,
                           errors=errors, zero_point=zero_point, clip_search=meta["clip_search"],
-                          dynamic=meta["dynamic"], rotation=meta["rotation"])
+                          dynamic=meta["dynamic"])

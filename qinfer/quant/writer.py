@@ -19,7 +19,7 @@ from .tokenizer_files import tokenizer_files
 FLOAT_DTYPES = ("float16", "float32")
 DEFAULT_META = dict(sym=False, act_order=False, static_groups=False, true_sequential=False, method="gptq",
                     damp=None, nsamples=None, seqlen=None, seed=None, calibration=None, sink_weight=None, zero_point="int",
-                    float_dtype="float16", clip_search=False, dynamic=None, rotation=None)
+                    float_dtype="float16", clip_search=False, dynamic=None)
 
 
 def float_weight(source, name):
@@ -126,7 +126,6 @@ def save_checkpoint(out, source, results, meta, force=False, floats=None):
                                    "nsamples": meta["nsamples"], "seqlen": meta["seqlen"], "seed": meta["seed"],
                                    "damp": meta["damp"], "sink_weight": meta["sink_weight"],
                                    "clip_search": bool(meta["clip_search"]),
-                                   "rotation": meta["rotation"],
                                    "calibration": meta["calibration"],
                                    "source": os.path.basename(os.path.normpath(source.path))})
     tensors = {"model.embed_tokens.weight": floats["model.embed_tokens.weight"]}
