@@ -23,6 +23,7 @@ class Machine:
     vector_registers: int      # YMM registers visible to the compiler
     avx2: bool
     fma: bool
+    vendor: str = ""           # /proc/cpuinfo's vendor_id: "GenuineIntel", "AuthenticAMD", ...
 
     def as_dict(self):
         return asdict(self)
@@ -58,8 +59,8 @@ def read_caches(sysfs=SYSFS_CACHE):
 
 
 def read_cpuinfo(path="/proc/cpuinfo"):
-    """Return (model name, set of flags) of the first CPU listed."""
-    model, flags = platform.processor() or platform.machine(), set()
+    """Return (model name, set of flags, vendor id) of the first CPU listed."""
+    model, flags, vendor = platform.processor() or platform.machine(), set(), ""
     try:
         with open(path) as f:
             for line in f:
@@ -67,17 +68,19 @@ def read_cpuinfo(path="/proc/cpuinfo"):
                 key = key.strip()
                 if key == "model name" and model in ("", platform.machine()):
                     model = value.strip()
+                elif key == "vendor_id" and not vendor:
+                    vendor = value.strip()
                 elif key == "flags":
                     flags = set(value.split())
                     break
     except OSError:
         pass
-    return model, flags
+    return model, flags, vendor
 
 
 def detect():
     sizes, source = read_caches()
-    model, flags = read_cpuinfo()
+    model, flags, vendor = read_cpuinfo()
     return Machine(
         cpu_model=model,
         l1d_bytes=sizes.get(1, DEFAULT_L1D),
@@ -87,4 +90,5 @@ def detect():
         vector_registers=16,   # AVX2 has 16 YMM registers (AVX-512's 32 are not used)
         avx2="avx2" in flags,
         fma="fma" in flags,
+        vendor=vendor,
     )

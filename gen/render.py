@@ -28,6 +28,24 @@ MIN_GROUP = 16   # the smallest group size: a segment can end every MIN_GROUP va
 GEMV_PREFETCH_BYTES = 4096
 
 
+# Bytes ahead the int8 qgemv prefetches its codes (one stream per thread), by
+# CPU vendor. 7B-shaped 4-bit g128 decode, 2 threads, fraction of the
+# read-bandwidth bound, builds run alternately: on a 2-core Zen 3, 1 KiB 0.90,
+# 2 KiB 0.85, 4 KiB 0.84 (7 rounds); on a 2-core KVM Xeon with AVX-512 (the
+# guided schedule of int8_gemv.c.tp), 1 KiB 0.82, 2 KiB 0.86, 4 KiB 0.73 with
+# prefetcht0 and 0.80 with prefetcht1 (4 rounds). The Xeon's cores keep fewer
+# misses of their own in flight against a longer memory latency, so the
+# prefetches have to start further ahead; too far, and the lines come in
+# before they are needed and crowd the L1. Vendors not measured get AMD's.
+# QINFER_I8_PREFETCH=N at build time replaces it (for experiments).
+I8_PREFETCH_BYTES = {"GenuineIntel": 2048}
+I8_PREFETCH_DEFAULT = 1024
+
+
+def i8_prefetch_bytes(machine):
+    return int(os.environ.get("QINFER_I8_PREFETCH", 0)) or I8_PREFETCH_BYTES.get(machine.vendor, I8_PREFETCH_DEFAULT)
+
+
 # Activation rows per call of the float qgemm's AVX-512 micro-kernel (one
 # 16-float accumulator per row and tile, two tiles: 24 of the 32 registers).
 FMAC512_ROWS = 12
@@ -112,7 +130,7 @@ def render(bits, params, machine):
         return snippets[name].substitute(dict(ns, **names)).rstrip("\n")
 
     ns["snippet"] = snippet
-    ns.update(int8_namespace(bits, params))
+    ns.update(int8_namespace(bits, params), i8_prefetch_bytes=i8_prefetch_bytes(machine))
     return load(TEMPLATE).substitute(ns)
 
 
