@@ -525,6 +525,17 @@ def pct(x):
     return f"{100 * x:+.2f}%"
 
 
+def best_cells(rows, bits, budget, base, ppl=lambda m: m["ppl"]):
+    """A llama.cpp format's qinfer cells: the best of `rows` at `bits` and at any bitwidth within `budget`
+    bits per weight (chosen by the rows' perplexities), each with ppl(row) and its change over `base`."""
+    cells = []
+    for want in (bits, None):
+        m = best_match(rows, want, budget)
+        cells.append(f"{m['method']} {m['bits']}-bit {group_label(m['group_size'])} ({m['bpw']:.3f}) | "
+                     f"{ppl(m):.4f} | {pct(ppl(m) / base - 1)}" if m else f"none measured <= {budget:.3f} | - | -")
+    return " | ".join(cells)
+
+
 def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, png_written, png_path, seconds,
                  final=None):
     n = rows[0]["windows"]
@@ -597,14 +608,9 @@ def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, pn
         for qtype, bits in args.llamacpp_types:
             r = formats[qtype]
             types = ", ".join(f"{k.lower()} x{v}" for k, v in sorted(r["linear_types"].items()))
-            cells = []
-            for want in (bits, None):
-                m = best_match(rows, want, r["linear_bpw"])
-                cells.append(f"{m['method']} {m['bits']}-bit {group_label(m['group_size'])} ({m['bpw']:.3f}) | "
-                             f"{m['ppl']:.4f} | {pct(m['ppl'] / base - 1)}" if m else
-                             f"none measured <= {r['linear_bpw']:.3f} | - | -")
             L.append(f"| {qtype} | {types} | {r['linear_bpw']:.3f} | {r['file_bpw']:.2f} | "
-                     f"{r['ppl']:.4f} | {pct(r['ppl'] / f32['ppl'] - 1)} | {' | '.join(cells)} |")
+                     f"{r['ppl']:.4f} | {pct(r['ppl'] / f32['ppl'] - 1)} | "
+                     f"{best_cells(rows, bits, r['linear_bpw'], base)} |")
         L.append(f"| F32 | | 32 | {f32['file_bpw']:.2f} | {f32['ppl']:.4f} | - | float32 | {base:.4f} | - "
                  f"| float32 | {base:.4f} | - |")
         if hidden % 256:

@@ -22,7 +22,7 @@ import qinfer
 
 from qinfer.perplexity import split_windows
 
-from accuracy import (SEQLEN, best_match, checkpoint_key, ensure_checkpoint, group_label, log, run_llamacpp,
+from accuracy import (SEQLEN, best_cells, best_match, checkpoint_key, ensure_checkpoint, log, pct, run_llamacpp,
                       score, split_method)
 
 
@@ -119,17 +119,8 @@ def report(args, final, llama, grid_rows):
          "| --- | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: |"]
     for qtype, bits in args.llamacpp_types:
         r = formats[qtype]
-        cells = []
-        for want in (bits, None):
-            m = best_match(grid_rows, want, r["linear_bpw"])
-            if m is None:
-                cells.append(f"none measured <= {r['linear_bpw']:.3f} | - | -")
-                continue
-            q = final["rows"][m["name"]]
-            cells.append(f"{m['method']} {m['bits']}-bit {group_label(m['group_size'])} ({m['bpw']:.3f}) | "
-                         f"{q['ppl']:.4f} | {100 * (q['ppl'] / base - 1):+.2f}%")
-        L.append(f"| {qtype} | {r['linear_bpw']:.3f} | {r['ppl']:.4f} | {100 * (r['ppl'] / f32['ppl'] - 1):+.2f}% | "
-                 f"{' | '.join(cells)} |")
+        cells = best_cells(grid_rows, bits, r["linear_bpw"], base, ppl=lambda m: final["rows"][m["name"]]["ppl"])
+        L.append(f"| {qtype} | {r['linear_bpw']:.3f} | {r['ppl']:.4f} | {pct(r['ppl'] / f32['ppl'] - 1)} | {cells} |")
     L.append(f"| F32 | 32 | {f32['ppl']:.4f} | - | float32 | {base:.4f} | - | float32 | {base:.4f} | - |")
     if check is not None:
         L += ["", f"Cross-check on these {check['chunks']} chunks: llama.cpp F32 {check['llamacpp_ppl']:.4f}, "
