@@ -143,32 +143,39 @@ def split_windows(tokens, seqlen, max_chunks=None):
 def nll_rows(logits, targets):
     """float64 [n]: -log softmax(logits[i])[targets[i]] for float32 logits [n, vocab]."""
     out = np.empty(len(targets), dtype=np.float64)
+    scratch = np.empty((min(NLL_ROWS, len(targets)), logits.shape[1]), dtype=np.float32)
     for start in range(0, len(targets), NLL_ROWS):
         block = logits[start:start + NLL_ROWS]
         t = targets[start:start + NLL_ROWS]
         top = block.max(axis=1)
-        total = np.exp(block - top[:, None]).sum(axis=1, dtype=np.float64)
+        shifted = scratch[:len(t)]
+        np.subtract(block, top[:, None], out=shifted)
+        total = np.exp(shifted, out=shifted).sum(axis=1, dtype=np.float64)
         picked = block[np.arange(len(t)), t].astype(np.float64)
         out[start:start + len(t)] = np.log(total) + top.astype(np.float64) - picked
     return out
 
 
-def window_nll(engine, window, first=0, threads=None):
+def window_nll(engine, window, first=0, threads=None, logits_buffer=None):
     """Summed NLL of window[first + 1:], each token predicted from the ones before it in the
-    window, which runs from an empty KV cache in one prefill (fed in the engine's chunks)."""
+    window, which runs from an empty KV cache in one prefill (fed in the engine's chunks).
+    logits_buffer: float32 [chunk, vocab] for the chunks' logits, reused across windows."""
     window = np.ascontiguousarray(window, dtype=np.int32)
     n = len(window)
     if not 0 <= first < n - 1:
         raise QinferError(f"a window of {n} tokens has nothing to score from position {first}")
     model = engine.model
     chunk = model.transformer.max_tokens
+    if logits_buffer is None:
+        logits_buffer = np.empty((chunk, engine.config.vocab_size), dtype=np.float32)
     engine.reset()
     total = 0.0
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         # positions start..stop-1 predict tokens start+1..stop; positions first..n-2 are scored
         lo, hi = max(first, start), min(stop, n - 1)
-        logits = model.forward(window[start:stop], start, all_logits=lo < hi, threads=threads)
+        logits = model.forward(window[start:stop], start, all_logits=lo < hi, threads=threads,
+                               out=logits_buffer[:stop - start] if lo < hi else None)
         engine.pos = stop
         if lo < hi:
             total += float(nll_rows(logits[lo - start:hi - start], window[lo + 1:hi + 1]).sum())
@@ -229,10 +236,11 @@ def evaluate_windows(engine, windows, first=0, threads=None, progress=None):
     check_seqlen(engine, seqlen)
     sums = []
     bar = _Bar(len(windows), progress)
+    logits = np.empty((engine.model.transformer.max_tokens, engine.config.vocab_size), dtype=np.float32)
     t0 = time.perf_counter()
     try:
         for w in windows:
-            sums.append(window_nll(engine, w, first, threads))
+            sums.append(window_nll(engine, w, first, threads, logits))
             elapsed = time.perf_counter() - t0
             bar.update(math.exp(sum(sums) / (per_window * len(sums))),
                        len(sums) * seqlen / elapsed if elapsed else 0.0)
