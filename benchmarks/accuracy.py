@@ -509,7 +509,7 @@ def git_commit(outputs=()):
         rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
+                               capture_output=True, text=True).stdout   # "XY path" lines: no strip()
         mine = {os.path.relpath(os.path.abspath(p), ROOT) for p in outputs}
         dirty = [line for line in dirty.splitlines() if line[3:] not in mine]
         return rev + (" (with uncommitted changes)" if dirty else "") if rev else "unknown"
