@@ -493,8 +493,9 @@ def plot(rows, path, threads):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path + ".tmp", dpi=120, format="png")    # renamed when whole, as the table is
     plt.close(fig)
+    os.replace(path + ".tmp", path)
     return True
 
 
@@ -648,8 +649,9 @@ def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, pn
         L += report(args, final[0], final[1], rows)
     L += ["", "## Machine", "", "```", machine_info(), "```", ""]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    with open(args.out + ".tmp", "w") as f:
         f.write("\n".join(L))
+    os.replace(args.out + ".tmp", args.out)
 
 
 # -------------------------------------------------------------------------- main
