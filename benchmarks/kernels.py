@@ -10,15 +10,18 @@ model. Effective bandwidth = packed bytes (words + scales + zeros) per call
 row's kernel (read GB/s: on a shared or virtual machine what two threads get
 changes over minutes); both are the best of repeated passes (the best pass
 is the one least disturbed, for the read and the kernel alike).
-Each qgemv is timed with float activations and, for 2/4/8 bits, again with
-int8 activations (act int8; "vs float" is the speed-up over the float row of
-the same layers, same run), and with the layers' scales and zeros held in
+Each qgemv is timed with float activations (act float: the default kernel, which
+for 2/4 bits multiplies in integers, x cut into three bytes of a 23-bit code per
+block of 32 rows; act fma: the same layers with QINFER_FLOAT_LIMBS=0's float
+multiply-adds) and, for 2/4/8 bits, again with int8 activations (act int8; "vs
+float" is the speed-up over the float row of the same layers, same run), and with the layers' scales and zeros held in
 float16 (as checkpoints and quantize-on-load give them) and in float32. Last, qgemm with 64 rows against 64 separate qgemv
 calls at 4 bits, with float and with int8 activations, and qgemm's multiply-add rate against what numpy's sgemm
 (OpenBLAS) reaches on the same cores in the same run: the ceiling of any
 float32 kernel, so the speed-up qgemm can have over qgemv is bounded by it.
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -69,6 +72,20 @@ def time_cycling(layers, x, threads):
                      statistic=min) / len(layers)
 
 
+@contextlib.contextmanager
+def activations(mode):
+    """"float" (the default float kernels), "fma" (float, limbs off) or "int8"."""
+    with kernels.use_activations("int8" if mode == "int8" else "float"), \
+            kernels.use_float_limbs(kernels.float_limbs() and mode != "fma"):
+        yield
+
+
+def qgemv_modes(layer):
+    """The activation modes a qgemv of this layer can run in here."""
+    limbs = kernels.float_limbs() and kernels.module(layer.bits).float_limbs() is not None
+    return ("float",) + (("fma",) if limbs else ()) + (("int8",) if layer._matrix.has_int8() else ())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1 and all cores)")
@@ -100,12 +117,12 @@ def main():
                 for scale_dtype in SCALE_DTYPES:
                     layers = layer_set(rng, shape, bits, group, llc, scale_dtype)
                     x = rng.standard_normal(shape[1]).astype(np.float32)
-                    modes = ("float", "int8") if layers[0]._matrix.has_int8() else ("float",)
+                    modes = qgemv_modes(layers[0])
                     for t in threads_list:
                         float_sec = None
                         for mode in modes:
                             read = probe.gbs(t, repeats=3)
-                            with kernels.use_activations(mode):
+                            with activations(mode):
                                 sec = time_cycling(layers, x, t)
                             float_sec = float_sec or sec
                             gbs = layers[0].nbytes / sec / 1e9

@@ -16,6 +16,14 @@ QINFER_INT8_ISA=avx2 (or set_int8_isa("avx2")) holds them to AVX2. The float
 kernels multiply with AVX-512 where the CPU has it; QINFER_AVX512=0 (or
 set_float_avx512(False)) holds them to AVX2. The integer sums are exact
 either way, so the results are the same bit for bit.
+
+The float qgemv (one row: decode) of 2- and 4-bit layers runs in integer
+multiply-adds on the int8 kernels' instruction set: x is cut per block of 32
+inputs into three signed bytes of a 23-bit fixed-point code (within 2^-23 of
+the block's largest |x|; float32 keeps 24 bits of each x), each multiplied by
+the codes exactly, a third of the float multiply-adds' vector operations, so
+it keeps up with memory. QINFER_FLOAT_LIMBS=0 (or set_float_limbs(False))
+runs it in float multiply-adds.
 """
 import contextlib
 import importlib
@@ -30,7 +38,7 @@ PATHS = ("auto", "avx2", "scalar")
 ACTIVATIONS = ("float", "int8")
 _modules = {b: importlib.import_module(f"qinfer._qgemm_b{b}") for b in BITWIDTHS}
 _cpu_avx2 = _runtime.cpu_has_avx2_fma()
-_state = {"path": None, "threads": None, "activations": None, "int8_isa": None}
+_state = {"path": None, "threads": None, "activations": None, "int8_isa": None, "float_limbs": False}
 
 
 def module(bits):
@@ -176,6 +184,7 @@ def set_int8_isa(isa):
         if isa is not None and _modules[b].int8_isas():
             _modules[b].use_int8_isa(isa)
     _state["int8_isa"] = isa
+    set_float_limbs(_state["float_limbs"])   # the float qgemv's integer kernels follow
 
 
 def active_int8_isa():
@@ -200,6 +209,38 @@ def _int8_isa_from_environment():
         set_int8_isa("auto")
 
 
+def has_float_limbs():
+    """Whether the float qgemv can run in integer multiply-adds here (some
+    bitwidth's kernels on the int8 kernels' instruction set)."""
+    isa = active_int8_isa()
+    return isa is not None and any(isa in _modules[b].float_limb_isas() for b in BITWIDTHS)
+
+
+def set_float_limbs(on):
+    """Run the float qgemv of 2- and 4-bit layers in integer multiply-adds (on,
+    where has_float_limbs()) or in float multiply-adds; 3- and 8-bit layers
+    always take the latter."""
+    if on and not has_float_limbs():
+        raise UnsupportedError("float qgemv: no integer (limb) kernels on this build and CPU")
+    isa = active_int8_isa() if on else None
+    for b in BITWIDTHS:
+        module = _modules[b]
+        module.use_float_limbs(isa if isa in module.float_limb_isas() else None)
+    _state["float_limbs"] = bool(on)
+
+
+def float_limbs():
+    """Whether the float qgemv runs in integer multiply-adds now."""
+    return _state["float_limbs"]
+
+
+def use_float_limbs(on):
+    """Run the enclosed calls' float qgemv in integer multiply-adds (on) or float ones, then restore."""
+    return _switched(float_limbs, set_float_limbs, on)
+
+
 _int8_isa_from_environment()
+# QINFER_FLOAT_LIMBS=0 keeps the float qgemv in float multiply-adds.
+set_float_limbs(has_float_limbs() and os.environ.get("QINFER_FLOAT_LIMBS", "1").strip() != "0")
 # QINFER_AVX512=0 holds the float kernels to AVX2 (they use AVX-512 where the CPU has it).
 set_float_avx512(has_float_avx512() and os.environ.get("QINFER_AVX512", "1").strip() != "0")
