@@ -38,6 +38,8 @@ def cmd_info(args):
     isas = kernels.int8_isas()
     print(f"int8 kernels: {kernels.active_int8_isa() or 'scalar only'}"
           + (f" (this CPU and build: {', '.join(isas)})" if isas else ""))
+    if kernels.has_float_amx():
+        print(f"AMX:          yes (float qgemm of 16+ rows: {'AMX-BF16 tiles' if kernels.float_amx() else 'AVX, QINFER_AMX=0'})")
     if kernels.float_limbs():
         print(f"float qgemv:  2/4-bit in integer multiply-adds ({kernels.active_int8_isa()}; QINFER_FLOAT_LIMBS=0: float)")
     print(f"Caches:       L1d {_fmt_bytes(built['l1d_bytes'])}, L2 {_fmt_bytes(built['l2_bytes'])}, "

@@ -24,6 +24,12 @@ the block's largest |x|; float32 keeps 24 bits of each x), each multiplied by
 the codes exactly, a third of the float multiply-adds' vector operations, so
 it keeps up with memory. QINFER_FLOAT_LIMBS=0 (or set_float_limbs(False))
 runs it in float multiply-adds.
+
+The float qgemm (16 activation rows or more: prefill, perplexity) multiplies
+on AMX tiles where the CPU has AMX-BF16 (Intel since Sapphire Rapids) and the
+OS grants the tile state: the codes as bf16 (exact) times x cut into three
+bf16 limbs (exact: 8 of x's 24 significant bits each), summed in float32;
+QINFER_AMX=0 (or set_float_amx(False)) holds it to AVX multiply-adds.
 """
 import contextlib
 import importlib
@@ -239,7 +245,34 @@ def use_float_limbs(on):
     return _switched(float_limbs, set_float_limbs, on)
 
 
+def has_float_amx():
+    """Whether the float qgemm can multiply on AMX tiles here (build, CPU and OS)."""
+    return all(_modules[b].has_float_amx() for b in BITWIDTHS)
+
+
+def set_float_amx(on):
+    """Run the float qgemm of 16 rows or more on AMX tiles (on, where has_float_amx())
+    or with AVX multiply-adds. The two sum in other orders: results agree to float32's
+    rounding, not bit for bit."""
+    if on and not has_float_amx():
+        raise UnsupportedError("float qgemm: no AMX tiles on this build, CPU or OS")
+    for b in BITWIDTHS:
+        _modules[b].use_float_amx(bool(on))
+
+
+def float_amx():
+    """Whether the float qgemm multiplies on AMX tiles now."""
+    return all(_modules[b].float_amx() for b in BITWIDTHS)
+
+
+def use_float_amx(on):
+    """Run the enclosed calls' float qgemm on AMX tiles (on) or AVX multiply-adds, then restore."""
+    return _switched(float_amx, set_float_amx, on)
+
+
 _int8_isa_from_environment()
+# QINFER_AMX=0 keeps the float qgemm on AVX multiply-adds (it uses AMX tiles where it can).
+set_float_amx(has_float_amx() and os.environ.get("QINFER_AMX", "1").strip() != "0")
 # QINFER_FLOAT_LIMBS=0 keeps the float qgemv in float multiply-adds.
 set_float_limbs(has_float_limbs() and os.environ.get("QINFER_FLOAT_LIMBS", "1").strip() != "0")
 # QINFER_AVX512=0 holds the float kernels to AVX2 (they use AVX-512 where the CPU has it).
