@@ -16,9 +16,10 @@ block of 32 rows; act fma: the same layers with QINFER_FLOAT_LIMBS=0's float
 multiply-adds) and, for 2/4/8 bits, again with int8 activations (act int8; "vs
 float" is the speed-up over the float row of the same layers, same run), and with the layers' scales and zeros held in
 float16 (as checkpoints and quantize-on-load give them) and in float32. Last, qgemm with 64 rows against 64 separate qgemv
-calls at 4 bits, with float and with int8 activations, and qgemm's multiply-add rate against what numpy's sgemm
-(OpenBLAS) reaches on the same cores in the same run: the ceiling of any
-float32 kernel, so the speed-up qgemm can have over qgemv is bounded by it.
+calls at 4 bits, with float activations (act float: on AMX tiles where the CPU has them, see
+pyx/snippets/amx_gemm.c.tp; act fma: QINFER_AMX=0's AVX multiply-adds) and with int8 activations, and
+qgemm's multiply-add rate against what numpy's sgemm (OpenBLAS) reaches on the same cores in the same run: the
+ceiling of float32 multiply-add instructions, which AMX and the int8 kernels' integer multiply-adds get past.
 """
 import argparse
 import contextlib
@@ -74,9 +75,10 @@ def time_cycling(layers, x, threads):
 
 @contextlib.contextmanager
 def activations(mode):
-    """"float" (the default float kernels), "fma" (float, limbs off) or "int8"."""
+    """"float" (the default float kernels), "fma" (float, integer qgemv and AMX qgemm off) or "int8"."""
     with kernels.use_activations("int8" if mode == "int8" else "float"), \
-            kernels.use_float_limbs(kernels.float_limbs() and mode != "fma"):
+            kernels.use_float_limbs(kernels.float_limbs() and mode != "fma"), \
+            kernels.use_float_amx(kernels.float_amx() and mode != "fma"):
         yield
 
 
@@ -134,7 +136,8 @@ def main():
 
     print()
     print("qgemm (n = 64) against 64 qgemv calls, 4-bit, group 128, weights from memory; act: the activations "
-          "of both (int8: each row rounded as qgemv rounds it); 'vs float qgemv': against 64 float-activation qgemv:")
+          "of both (float: the default kernels; fma: both with float multiply-adds, QINFER_FLOAT_LIMBS=0 QINFER_AMX=0; "
+          "int8: each row rounded as qgemv rounds it); 'vs float qgemv': against 64 float-activation qgemv:")
     print(f"{'out x in':>12} {'scales':>7} {'thr':>3} {'act':>5} {'64 x qgemv ms':>13} {'qgemm ms':>9} "
           f"{'speed-up':>8} {'vs float qgemv':>14} {'qgemm GMAC/s':>12} {'% sgemm':>7}")
     for shape in shapes:
@@ -144,8 +147,8 @@ def main():
             X = rng.standard_normal((64, shape[1])).astype(np.float32)
             for t in threads_list:
                 float_gemv = None
-                for mode in ("float", "int8"):
-                    with kernels.use_activations(mode):
+                for mode in ("float",) + (("fma",) if kernels.float_amx() else ()) + ("int8",):
+                    with activations(mode):
                         gemv = time_cycling(layers, x, t) * 64
                         gemm = time_cycling(layers, X, t)
                     float_gemv = float_gemv or gemv
