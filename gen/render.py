@@ -103,7 +103,8 @@ INT8_ISAS = (Isa("avx2", "", "QI_AVX2", "1", "qi_cpu_has_avx2_kernels()", YMM, 4
 
 def int8_namespace(bits, params):
     """Names for the int8-activation qgemv (pyx/snippets/int8_gemv.c.tp).
-    QINFER_INT8_TILES=N replaces the model's tile count (for experiments)."""
+    QINFER_INT8_TILES=N and QINFER_INT8_STREAM_TILES=N replace the model's tile
+    counts for layers that fit the caches and layers that stream (for experiments)."""
     has = bits in bitlayout.INT8_BITWIDTHS
     int8 = bitlayout.int8_layout(bits) if has else None
     # a 512-bit kernel needs tiles of a whole number of its vectors
@@ -111,7 +112,9 @@ def int8_namespace(bits, params):
     return dict(int8=int8, avx2_int8_expr=bitlayout.avx2_int8_expr, int8_isas=isas,
                 int8_chunk_order=bitlayout.int8_chunk_order,
                 int8_tiles=(int(os.environ.get("QINFER_INT8_TILES", 0)) or
-                            perfmodel.int8_gemv_tiles(int8, params.tu)) if has else 0)
+                            perfmodel.int8_gemv_tiles(int8, params.tu)) if has else 0,
+                int8_stream_tiles=(int(os.environ.get("QINFER_INT8_STREAM_TILES", 0)) or
+                                   perfmodel.INT8_STREAM_TILES) if has else 0)
 
 
 def load(path):
