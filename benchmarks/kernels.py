@@ -1,6 +1,6 @@
 """qgemv/qgemm throughput against the machine's memory bandwidth.
 
-    python benchmarks/kernels.py [--threads 1,2] [--quick]
+    python benchmarks/kernels.py [--threads 1,2] [--quick] [--only qgemv|qgemm]
 
 For each shape (out x in) and bitwidth it builds enough distinct layers that
 together they exceed the last-level cache several times, then times qgemv
@@ -92,6 +92,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1 and all cores)")
     parser.add_argument("--quick", action="store_true", help="4-bit only, 11008x4096 only")
+    parser.add_argument("--only", choices=("qgemv", "qgemm"), help="time only the qgemv table or only the qgemm one")
     args = parser.parse_args()
     all_threads = os.cpu_count() or 1
     threads_list = ([int(t) for t in args.threads.split(",")] if args.threads
@@ -111,9 +112,10 @@ def main():
     for t in threads_list:
         print(f"float32 multiply-adds, numpy sgemm (OpenBLAS), {t} thread(s): {sgemm[t]:.1f} GMAC/s")
     print()
-    print(f"{'out x in':>12} {'bits':>4} {'group':>5} {'scales':>7} {'thr':>3} {'act':>5} {'layers':>6} "
-          f"{'us/qgemv':>9} {'GB/s':>6} {'read GB/s':>9} {'% read BW':>9} {'GMAC/s':>7} {'vs float':>8}")
-    for shape in shapes:
+    if args.only != "qgemm":
+        print(f"{'out x in':>12} {'bits':>4} {'group':>5} {'scales':>7} {'thr':>3} {'act':>5} {'layers':>6} "
+              f"{'us/qgemv':>9} {'GB/s':>6} {'read GB/s':>9} {'% read BW':>9} {'GMAC/s':>7} {'vs float':>8}")
+    for shape in shapes if args.only != "qgemm" else ():
         for bits in bits_list:
             for group in GROUPS:
                 for scale_dtype in SCALE_DTYPES:
@@ -140,7 +142,7 @@ def main():
           "int8: each row rounded as qgemv rounds it); 'vs float qgemv': against 64 float-activation qgemv:")
     print(f"{'out x in':>12} {'scales':>7} {'thr':>3} {'act':>5} {'64 x qgemv ms':>13} {'qgemm ms':>9} "
           f"{'speed-up':>8} {'vs float qgemv':>14} {'qgemm GMAC/s':>12} {'% sgemm':>7}")
-    for shape in shapes:
+    for shape in shapes if args.only != "qgemv" else ():
         for scale_dtype in SCALE_DTYPES:
             layers = layer_set(rng, shape, 4, 128, llc, scale_dtype)
             x = rng.standard_normal(shape[1]).astype(np.float32)
