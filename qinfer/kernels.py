@@ -25,8 +25,8 @@ the codes exactly, a third of the float multiply-adds' vector operations, so
 it keeps up with memory. QINFER_FLOAT_LIMBS=0 (or set_float_limbs(False))
 runs it in float multiply-adds.
 
-The float qgemm (16 activation rows or more: prefill, perplexity) multiplies
-on AMX tiles where the CPU has AMX-BF16 (Intel since Sapphire Rapids) and the
+The float qgemm (16 activation rows or more: prefill, perplexity; groups of
+128 rows or full columns) multiplies on AMX tiles where the CPU has AMX-BF16 (Intel since Sapphire Rapids) and the
 OS grants the tile state: the codes as bf16 (exact) times x cut into three
 bf16 limbs (exact: 8 of x's 24 significant bits each), summed in float32;
 QINFER_AMX=0 (or set_float_amx(False)) holds it to AVX multiply-adds.

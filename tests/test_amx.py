@@ -8,8 +8,8 @@ What the kernel claims, checked against numpy:
   kernels' own tolerance is 1e-4) for every bitwidth, group size and act order;
 * each column's sums do not depend on which thread runs it: 1 and 2 threads agree bit
   for bit;
-* fewer than 16 rows, and 16-row groups (segments shorter than one AMX step), keep
-  the FMA kernel: bit for bit the same with AMX on or off.
+* fewer than 16 rows, and groups under 128 rows (where scaling the tile sums per group
+  costs what the tiles save), keep the FMA kernel: bit for bit the same with AMX on or off.
 """
 import os
 import subprocess
@@ -59,17 +59,17 @@ def check(y, X, w, what, tol=1e-5):
     assert y.dtype == F32 and err <= tol, f"{what}: max rel error {err:.3g}"
 
 
-CASES = [(bits, g, a) for bits in (2, 3, 4, 8) for g in (32, 64, 128, -1) for a in (False, True)
+CASES = [(bits, g, a) for bits in (2, 3, 4, 8) for g in (128, -1) for a in (False, True)
          if not (a and g == -1)]
 
 
 @pytest.mark.parametrize("bits,group_size,act_order", CASES)
 def test_amx_qgemm_matches_numpy(bits, group_size, act_order):
     rng = np.random.default_rng([bits, group_size + 1, act_order, 16])
-    layer, w = make_layer(rng, 80, 768, bits, group_size, act_order)
+    layer, w = make_layer(rng, 80, 1536, bits, group_size, act_order)
     assert kernels.float_amx()
     for n in (16, 37, 64, 100):
-        X = rng.standard_normal((n, 768)).astype(F32)
+        X = rng.standard_normal((n, 1536)).astype(F32)
         X[:, 7] *= 300.0                            # an outlier column: the low limbs matter
         X[1] = 0.0
         X[2] *= F32(1e-20)                          # tiny rows: still relative precision
@@ -94,9 +94,9 @@ def test_amx_and_fma_kernels_agree(bits):
     check(fma, X, w, "fma", tol=1e-4)
 
 
-def test_few_rows_and_sixteen_row_groups_keep_fma():
+def test_few_rows_and_short_groups_keep_fma():
     rng = np.random.default_rng(7)
-    for n, group_size in ((15, 128), (1, 128), (64, 16)):
+    for n, group_size in ((15, 128), (1, 128), (64, 16), (64, 32), (64, 64)):
         layer, w = make_layer(rng, 48, 256, 4, group_size)
         X = rng.standard_normal((n, 256)).astype(F32)
         with kernels.use_float_amx(False):
