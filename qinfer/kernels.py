@@ -26,10 +26,11 @@ it keeps up with memory. QINFER_FLOAT_LIMBS=0 (or set_float_limbs(False))
 runs it in float multiply-adds.
 
 The float qgemm (16 activation rows or more: prefill, perplexity; groups of
-128 rows or full columns) multiplies on AMX tiles where the CPU has AMX-BF16 (Intel since Sapphire Rapids) and the
-OS grants the tile state: the codes as bf16 (exact) times x cut into three
-bf16 limbs (exact: 8 of x's 24 significant bits each), summed in float32;
-QINFER_AMX=0 (or set_float_amx(False)) holds it to AVX multiply-adds.
+128 rows or full columns) multiplies on AMX tiles where the CPU has AMX-BF16
+(Intel since Sapphire Rapids) and the OS grants the tile state: the codes as
+bf16 (exact) times x cut into three bf16 limbs (exact: 8 of x's 24
+significant bits each), summed in float32; QINFER_AMX=0 (or
+set_float_amx(False)) holds it to AVX multiply-adds.
 """
 import contextlib
 import importlib
@@ -251,9 +252,9 @@ def has_float_amx():
 
 
 def set_float_amx(on):
-    """Run the float qgemm of 16 rows or more on AMX tiles (on, where has_float_amx())
-    or with AVX multiply-adds. The two sum in other orders: results agree to float32's
-    rounding, not bit for bit."""
+    """Run the float qgemm of 16 rows or more (128-row groups or full columns) on AMX
+    tiles (on, where has_float_amx()) or with AVX multiply-adds. The two sum in other
+    orders: results agree to float32's rounding, not bit for bit."""
     if on and not has_float_amx():
         raise UnsupportedError("float qgemm: no AMX tiles on this build, CPU or OS")
     for b in BITWIDTHS:

@@ -14,6 +14,7 @@ What the kernel claims, checked against numpy:
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,21 +22,11 @@ import pytest
 import qinfer
 from qinfer import kernels
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_kernels import pack_gptq  # noqa: E402  (GPTQ's packing loop, all four bitwidths)
+
 F32 = np.float32
 pytestmark = pytest.mark.skipif(not kernels.has_float_amx(), reason="no AMX tiles on this CPU/OS/build")
-
-
-def pack_codes(codes, bits):
-    """codes [in, out] -> GPTQ int32 words [in*bits/32, out] (value k of a run of 32 at bits k*bits)."""
-    in_f, out_f = codes.shape
-    c = codes.astype(np.uint64).reshape(in_f // 32, 32, out_f)
-    stream = np.zeros((in_f // 32, out_f), dtype=object)
-    for k in range(32):
-        stream = stream + (c[:, k, :].astype(object) << (bits * k))
-    words = np.zeros((in_f // 32, bits, out_f), np.uint32)
-    for j in range(bits):
-        words[:, j, :] = ((stream >> (32 * j)) & 0xFFFFFFFF).astype(np.uint32)
-    return words.reshape(in_f * bits // 32, out_f).view(np.int32)
 
 
 def make_layer(rng, out_f, in_f, bits, group_size, act_order=False):
@@ -46,7 +37,7 @@ def make_layer(rng, out_f, in_f, bits, group_size, act_order=False):
     g_idx = None
     if act_order:
         g_idx = rng.permutation(np.repeat(np.arange(G), group_size)).astype(np.int32)
-    layer = qinfer.QuantizedLinear.from_packed(pack_codes(codes, bits), scales, zeros, bits, group_size, g_idx=g_idx)
+    layer = qinfer.QuantizedLinear.from_packed(pack_gptq(codes, bits), scales, zeros, bits, group_size, g_idx=g_idx)
     rows_group = (np.arange(in_f) // (in_f if group_size == -1 else group_size)) if g_idx is None else g_idx
     w = (codes - zeros[rows_group]) * scales[rows_group].astype(np.float64)     # [in, out], float64
     return layer, w
