@@ -1,8 +1,8 @@
 """Where each packed value sits, per bitwidth, and how a kernel pulls it out.
 
-A *unit* is the smallest run of int32 words that holds a whole number of
-values: one word of 32/b values for b in {2, 4, 8}, three words of 32 values
-for b = 3 (GPTQ's layout). Inside a unit, value i occupies bits
+A *unit* is a run of int32 words that holds a whole number of values: one
+word of 32/b values for b in {2, 4, 8}; for b in {3, 5, 6}, b words of 32
+values (GPTQ's 3-bit layout, extended the same way to 5 and 6 bits). Inside a unit, value i occupies bits
 [b*i, b*i + b) of the little-endian bit stream word0 | word1 << 32 | ...
 
 The AVX2 kernels avoid a shift per value: they AND the word with the value's
@@ -12,12 +12,13 @@ pre-scaled by 2^-e once per call, so the product is q * x with no rounding.
 Two cases need more work:
   - a value whose field reaches bit 31 would read as negative: shift the
     word right by b first, so its field ends at bit 31 - b;
-  - a value split across two words (3-bit only, values 10 and 21): shift
-    both halves into place and OR them (exponent 0).
+  - a value split across two words (3-bit: values 10 and 21; 5-bit: 6, 12,
+    19, 25; 6-bit: 5, 10, 21, 26): shift both halves into place and OR them
+    (exponent 0).
 """
 from dataclasses import dataclass
 
-BITWIDTHS = (2, 3, 4, 8)
+BITWIDTHS = (2, 3, 4, 5, 6, 8)
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Layout:
 def layout(bits):
     if bits not in BITWIDTHS:
         raise ValueError(f"no layout for {bits}-bit values")
-    unit_words = 3 if bits == 3 else 1
+    unit_words = 1 if 32 % bits == 0 else bits
     unit_values = 32 * unit_words // bits
     fields = []
     for i in range(unit_values):

@@ -3,18 +3,25 @@
     qweight[in_features * b / 32, out_features]   (int32)
 
 For b in {2, 4, 8}: word row r holds input rows r*(32/b) .. r*(32/b) + 32/b - 1,
-value i at bits [b*i, b*i + b). For b = 3: each run of 32 input rows fills 3
-word rows as one 96-bit little-endian stream (value i at stream bits
-[3i, 3i + 3); values 10 and 21 straddle two words). docs/FORMAT.md draws it.
+value i at bits [b*i, b*i + b). For b in {3, 5, 6}: each run of 32 input rows
+fills b word rows as one 32b-bit little-endian stream (value i at stream bits
+[b*i, b*i + b); a value that crosses a word boundary straddles two words).
+docs/FORMAT.md draws them. 3 bits is GPTQ's layout; 5 and 6 bits are
+qinfer's (GPTQ tools write none), for llama.cpp's Q5/Q6 tensors.
 
-Both directions treat a unit (1 word, or 3 words for 3 bits) as a bit stream,
-so one code path serves every bitwidth.
+Both directions treat a unit (1 word, or b words) as a bit stream, so one
+code path serves every bitwidth.
 """
 import numpy as np
 
 from .errors import ShapeError, UnsupportedError
 
-BITWIDTHS = (2, 3, 4, 8)
+BITWIDTHS = (2, 3, 4, 5, 6, 8)     # the kernel families
+# What GPTQ checkpoints hold and `qinfer quantize` writes. 5 and 6 bits are for
+# imported llama.cpp tensors only: no GPTQ tool writes them, so a GPTQ
+# checkpoint that says bits 5 or 6 is refused rather than read in a layout its
+# writer may not have meant.
+GPTQ_BITWIDTHS = (2, 3, 4, 8)
 PACK_BLOCK_CODES = 1 << 20     # codes packed per step
 
 
@@ -25,7 +32,7 @@ def check_bits(bits):
 
 def unit_shape(bits):
     """(words, values) of one packing unit."""
-    words = 3 if bits == 3 else 1
+    words = 1 if 32 % bits == 0 else bits
     return words, 32 * words // bits
 
 

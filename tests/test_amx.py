@@ -50,7 +50,7 @@ def check(y, X, w, what, tol=1e-5):
     assert y.dtype == F32 and err <= tol, f"{what}: max rel error {err:.3g}"
 
 
-CASES = [(bits, g, a) for bits in (2, 3, 4, 8) for g in (128, -1) for a in (False, True)
+CASES = [(bits, g, a) for bits in (2, 3, 4, 5, 6, 8) for g in (128, -1) for a in (False, True)
          if not (a and g == -1)]
 
 
@@ -71,7 +71,7 @@ def test_amx_qgemm_matches_numpy(bits, group_size, act_order):
         assert np.array_equal(y, layer(X, threads=1)), "1 vs 2 threads"
 
 
-@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("bits", (2, 3, 4, 5, 6, 8))
 def test_amx_and_fma_kernels_agree(bits):
     rng = np.random.default_rng([bits, 99])
     layer, w = make_layer(rng, 4096 // 8, 4096, bits, 128)

@@ -62,7 +62,7 @@ def test_info_prints_the_kernel_table():
     header = next(line for line in out.splitlines() if line.split()[:4] == ["bits", "mu", "tu", "nv"])
     rows = out.splitlines()[out.splitlines().index(header) + 1:]
     bits = [int(r.split()[0]) for r in rows if r.strip() and r.split()[0].isdigit()]
-    assert bits == [2, 3, 4, 8]
+    assert bits == [2, 3, 4, 5, 6, 8]
 
 
 # ------------------------------------------------------------------- generate

@@ -31,7 +31,7 @@ import pytest
 
 import qinfer
 
-BITS = (2, 3, 4, 8)
+BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (16, 32, 64, 128, -1)
 F32 = np.float32
 
@@ -140,6 +140,17 @@ def pack_gptq(codes, bits):
                 words[row] |= q[j] << np.uint64(3 * (j - i) + 2)
             i += 10
             row += 1
+    elif bits in (5, 6):
+        # qinfer's 5/6-bit layout: 32 values in `bits` words, one little-endian
+        # bit stream. Written as the stream itself: every code's bits laid out
+        # one by one, then cut into 32-bit words.
+        stream = np.zeros((in_f * bits, out_f), dtype=np.uint64)
+        for k in range(in_f):
+            for t in range(bits):
+                stream[k * bits + t] = (q[k] >> np.uint64(t)) & np.uint64(1)
+        for row in range(words.shape[0]):
+            for t in range(32):
+                words[row] |= stream[row * 32 + t] << np.uint64(t)
     else:
         raise AssertionError(bits)
 
@@ -274,12 +285,18 @@ def test_helpers_pack_unpack_roundtrip(bits):
     packed = pack_gptq(codes, bits)
     assert packed.dtype == np.int32 and packed.shape == (256 * bits // 32, 9)
     assert np.array_equal(unpack_stream(packed, bits, 256), codes)
-    if bits != 3:  # explicit position check: row r*(32/b)+i at bits [b*i, b*i+b)
+    if 32 % bits == 0:  # explicit position check: row r*(32/b)+i at bits [b*i, b*i+b)
         per = 32 // bits
         r, i = 3, per - 1
         k = r * per + i
         expect = (int(packed.view(np.uint32)[r, 4]) >> (bits * i)) & (2 ** bits - 1)
         assert expect == codes[k, 4]
+    else:  # value i of a unit of b words sits at stream bits [b*i, b*i+b): check one that straddles
+        i = next(i for i in range(32) if (bits * i) // 32 != (bits * i + bits - 1) // 32)
+        word, offset = divmod(bits * i, 32)
+        u = packed.view(np.uint32).astype(np.uint64)[bits:2 * bits, 4]      # the second unit
+        expect = ((int(u[word]) | (int(u[word + 1]) << 32)) >> offset) & (2 ** bits - 1)
+        assert expect == codes[32 + i, 4]
 
 
 # --------------------------------------------------------------------------
@@ -732,7 +749,7 @@ def test_error_group_does_not_divide_in_features():
         qinfer.QuantizedLinear.from_float(_w(8, 192), 4, 128)
 
 
-@pytest.mark.parametrize("bits", (1, 5, 6, 7, 16))
+@pytest.mark.parametrize("bits", (1, 7, 16))
 def test_error_unsupported_bits(bits):
     with pytest.raises(qinfer.QinferError, match=r"(?i)bit"):
         qinfer.QuantizedLinear.from_float(_w(8, 128), bits, 32)

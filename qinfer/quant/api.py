@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import QinferError, UnsupportedError
-from ..packing import BITWIDTHS
+from ..packing import GPTQ_BITWIDTHS as BITWIDTHS
 from ..rtn import GROUP_SIZES
 from . import checkpoint
 from .dynamic import Rules

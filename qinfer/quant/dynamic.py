@@ -22,7 +22,7 @@ describe what the packed tensors already say and are not needed to read them).
 import re
 
 from ..errors import FormatError, UnsupportedError
-from ..packing import BITWIDTHS
+from ..packing import GPTQ_BITWIDTHS as BITWIDTHS
 
 SKIP = None      # what resolve() returns for a layer a negative rule leaves float
 OVERRIDABLE = ("bits", "group_size")

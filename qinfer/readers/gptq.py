@@ -30,7 +30,7 @@ import os
 import numpy as np
 
 from ..errors import FormatError, UnsupportedError
-from ..packing import BITWIDTHS
+from ..packing import GPTQ_BITWIDTHS as BITWIDTHS
 from ..quant import dynamic, layout
 from . import validate
 from .hf import SINGLE, INDEX, _chat_template, _generation_eos, _tokenizer, _tokenizer_config, _weight_files
