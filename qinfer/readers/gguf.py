@@ -24,6 +24,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..errors import FormatError, UnsupportedError
+from . import ggml_quants
 from .cursor import Cursor, item_size
 
 MAGIC = b"GGUF"
@@ -40,8 +41,7 @@ MAX_ELEMENTS = 1 << 40             # per tensor; the file size bounds it far low
 MAX_ALIGNMENT = 1 << 16
 DEFAULT_ALIGNMENT = 32
 
-SUPPORTED_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.Q8_0,
-                   GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+SUPPORTED_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16) + tuple(ggml_quants.FORMATS)
 
 _SCALAR_KIND = {
     GGUFValueType.UINT8: "u8", GGUFValueType.INT8: "i8", GGUFValueType.UINT16: "u16",

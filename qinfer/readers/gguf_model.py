@@ -5,7 +5,8 @@ Reads the structure with readers/gguf.py, then:
     checked by type before use);
   * maps llama.cpp tensor names to Hugging Face names; GGUF dims are reversed
     relative to numpy, so GGUF [ne0 = in, ne1 = out] is the HF [out, in] matrix;
-  * F32 -> float views on the map, F16 -> lazy float32, Q4_0/Q4_1/Q8_0 ->
+  * F32 -> float views on the map, F16 -> lazy float32, the quantized block
+    formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q2_K..Q6_K) ->
     PackedTensor (readers/ggml_quants.py);
   * undoes llama.cpp's q/k row permutation (readers/rope_order.py).
 """
