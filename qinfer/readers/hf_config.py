@@ -75,6 +75,7 @@ def model_config(cfg, path, extra_eos=()):
         raise FormatError(f"{path}: tie_word_embeddings must be true or false, got {tie!r}")
     eos = _token_ids(cfg.get("eos_token_id"), "eos_token_id", path)
     eos += [t for t in extra_eos if t not in eos]
+    theta, scaling = rope_scaling.from_hf_config(cfg, path)
     return ModelConfig(
         vocab_size=_int(cfg, "vocab_size", path),
         hidden_size=hidden,
@@ -84,8 +85,8 @@ def model_config(cfg, path, extra_eos=()):
         num_key_value_heads=n_kv if n_kv is not None else n_head,
         head_dim=head_dim,
         rms_norm_eps=_float(cfg, "rms_norm_eps", path, 1e-6),
-        rope_theta=_float(cfg, "rope_theta", path, 10000.0),
-        rope_scaling=rope_scaling.from_hf(cfg.get("rope_scaling"), path),
+        rope_theta=theta,
+        rope_scaling=scaling,
         max_position_embeddings=_int(cfg, "max_position_embeddings", path, default=2048),
         tie_word_embeddings=tie,
         bos_token_id=_int(cfg, "bos_token_id", path, default=None, minimum=0),
