@@ -46,6 +46,10 @@ def _token_ids(v, key, path):
 
 # transformers' ACT2FN maps both names to the same x * sigmoid(x) (SiLU), SwiGLU's gate.
 SILU_NAMES = ("silu", "swish")
+# quantization_config.quant_method values whose checkpoints are plain float tensors:
+# transformers dequantizes a GGUF to float on load and save_pretrained keeps the
+# "gguf" tag over the float weights (readers/hf.py checks they really are float).
+FLOAT_QUANT_METHODS = ("gguf",)
 
 
 def _flag(cfg, key, path):
@@ -54,6 +58,11 @@ def _flag(cfg, key, path):
     if v is not None and not isinstance(v, bool):
         raise FormatError(f"{path}: {key} must be true, false or null, got {v!r}")
     return bool(v)
+
+
+def quant_method(cfg):
+    quant = cfg.get("quantization_config")
+    return quant.get("quant_method") if isinstance(quant, dict) else None
 
 
 def check_architecture(cfg, path):
@@ -66,11 +75,12 @@ def check_architecture(cfg, path):
                                f"model_type 'llama' / LlamaForCausalLM)")
     quant = cfg.get("quantization_config")
     if quant is not None:
-        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        method = quant_method(cfg)
         if method == "gptq":
             raise UnsupportedError(f"{path}: GPTQ checkpoints (quantization_config.quant_method 'gptq') are not "
                                    f"supported yet")
-        raise UnsupportedError(f"{path}: quantized checkpoints with quant_method {method!r} are not supported")
+        if method not in FLOAT_QUANT_METHODS:
+            raise UnsupportedError(f"{path}: quantized checkpoints with quant_method {method!r} are not supported")
     check_unsupported(cfg, path)
 
 
