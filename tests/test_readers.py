@@ -733,12 +733,14 @@ def test_hf_directory_round_trip(tmp_path, dtype, shards):
 
 
 def test_hf_config_variants(tmp_path):
-    # Tied embeddings: lm_head not needed (and ignored if present); head_dim given explicitly; llama3 RoPE.
+    # Tied embeddings: lm_head not needed (and ignored if present, as a copy of the embedding:
+    # tests/test_hf_config.py refuses one that differs); head_dim given explicitly; llama3 RoPE.
     cfg = dict(HF_CFG, tie_word_embeddings=True, head_dim=16, eos_token_id=2, rope_scaling={
         "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192})
     d = str(tmp_path / "tied")
-    write_hf(d, cfg, extra={"lm_head.weight": np.zeros((64, 64), np.float32),
+    w = hf_weights(cfg)
+    write_hf(d, cfg, weights=w, extra={"lm_head.weight": w["model.embed_tokens.weight"].copy(),
                             "model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros(8, np.float32)})
     with open(os.path.join(d, "tokenizer.model"), "wb") as f:
         f.write(b"\0")

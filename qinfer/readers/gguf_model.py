@@ -77,6 +77,9 @@ def _config(gf):
     n_kv = gf.get_int(key + "attention.head_count_kv", default=n_head, minimum=1)
     head_dim = gf.get_int(key + "attention.key_length", default=None, minimum=1)
     rope_dim = gf.get_int(key + "rope.dimension_count", default=None, minimum=1)
+    if head_dim is None and rope_dim is None and hidden % n_head:
+        raise FormatError(f"{gf.path}: {key}embedding_length {hidden} is not a multiple of "
+                          f"{key}attention.head_count {n_head} and no {key}attention.key_length is given")
     if head_dim is None:
         head_dim = rope_dim if rope_dim is not None else hidden // n_head
     if rope_dim is not None and rope_dim != head_dim:
@@ -86,6 +89,11 @@ def _config(gf):
     if value_dim != head_dim:
         raise UnsupportedError(f"{gf.path}: attention.value_length {value_dim} != key_length {head_dim} "
                                f"is not supported")
+
+    # Mixtral-style GGUFs say "llama" too; their experts would otherwise surface as unknown tensors.
+    experts = gf.get_int(key + "expert_count", default=0, minimum=0)
+    if experts:
+        raise UnsupportedError(f"{gf.path}: {key}expert_count {experts} (a mixture of experts) is not supported")
 
     vocab = gf.get_int(key + "vocab_size", minimum=1)
     if vocab is None:

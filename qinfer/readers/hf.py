@@ -7,7 +7,13 @@
     generation_config.json           optional: its eos_token_id(s) join config.json's
 
 A GPTQ checkpoint (quantization_config.quant_method "gptq", or a
-quantize_config.json) is read by readers/gptq.py.
+quantize_config.json) is read by readers/gptq.py. quant_method "gguf" is what
+transformers writes after dequantizing a GGUF to float: such a checkpoint is
+read here as the float model it is, provided every tensor is float.
+
+tie_word_embeddings must match the files: when true, an lm_head.weight that is
+stored anyway must equal the embedding (else which one is the head would be a
+guess); when false, lm_head.weight must be there.
 
 Tensors are views on the shards' memory maps (BF16/F16 lazily converted to
 float32); only the tensors the config calls for are taken, so leftovers such
@@ -15,14 +21,18 @@ as rotary inv_freq buffers are ignored.
 """
 import os
 
+import numpy as np
+
 from ..errors import FormatError, UnsupportedError
 from . import validate
-from .hf_config import model_config
+from .hf_config import FLOAT_QUANT_METHODS, model_config, quant_method
 from .jsonfile import read_json
 from .safetensors import read_safetensors
 from .source import ModelSource, TokenizerSpec
 
 SINGLE = "model.safetensors"
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
 INDEX = "model.safetensors.index.json"
 MAX_TEMPLATE_BYTES = 16 << 20
 
@@ -42,25 +52,60 @@ def load_hf(directory):
 
     needed = validate.expected_shapes(config)
     shards, owner = _weight_files(directory)
+    method = quant_method(cfg)
     tensors = {}
     for name in needed:
         if name not in owner:
+            hint = (f"; config.json has tie_word_embeddings = false, so the LM head is not the embedding"
+                    if name == LM_HEAD else "")
             raise FormatError(f"{directory}: tensor {name!r} is missing from the checkpoint "
-                              f"(expected shape {list(needed[name])})")
-        shard = shards[owner[name]]
-        if name not in shard:
-            raise FormatError(f"{shard.path}: tensor {name!r} is listed in {INDEX} but not in this shard")
-        if shard.dtypes[name] not in ("F32", "F16", "BF16"):
-            raise FormatError(f"{shard.path}: tensor {name!r} has dtype {shard.dtypes[name]}, expected a "
-                              f"float type (F32, F16, BF16)")
-        tensors[name] = shard[name]
+                              f"(expected shape {list(needed[name])}){hint}")
+        tensors[name] = _float_tensor(shards, owner, name, method)
     validate.check_tensors(config, tensors, directory)
+    if config.tie_word_embeddings and LM_HEAD in owner:
+        _check_tied_head(tensors[EMBED], _float_tensor(shards, owner, LM_HEAD, method), directory)
 
     tok_config = _tokenizer_config(directory)
     return ModelSource(path=directory, format="hf", config=config, tensors=tensors,
                        tokenizer=_tokenizer(directory, tok_config),
                        chat_template=_chat_template(directory, tok_config),
                        keepalive=[s.mmap for s in shards.values() if s.mmap is not None])
+
+
+def _float_tensor(shards, owner, name, method):
+    shard = shards[owner[name]]
+    if name not in shard:
+        raise FormatError(f"{shard.path}: tensor {name!r} is listed in {INDEX} but not in this shard")
+    if shard.dtypes[name] not in ("F32", "F16", "BF16"):
+        if method in FLOAT_QUANT_METHODS:
+            raise UnsupportedError(f"{shard.path}: tensor {name!r} has dtype {shard.dtypes[name]}: config.json's "
+                                   f"quantization_config.quant_method {method!r} is read only over float tensors "
+                                   f"(F32, F16, BF16)")
+        raise FormatError(f"{shard.path}: tensor {name!r} has dtype {shard.dtypes[name]}, expected a "
+                          f"float type (F32, F16, BF16)")
+    return shard[name]
+
+
+def _check_tied_head(embedding, head, directory):
+    """tie_word_embeddings = true with an lm_head.weight stored too: it must be the embedding."""
+    if tuple(head.shape) != tuple(embedding.shape):
+        raise FormatError(f"{directory}: config.json has tie_word_embeddings = true but {LM_HEAD!r} has shape "
+                          f"{list(head.shape)}, not the embedding's {list(embedding.shape)}")
+    for (start, a), (_, b) in zip(_row_blocks(embedding), _row_blocks(head)):
+        if not np.array_equal(a, b):
+            raise FormatError(f"{directory}: config.json has tie_word_embeddings = true but the checkpoint's "
+                              f"{LM_HEAD!r} differs from {EMBED!r} (from row {start}); qinfer does not guess "
+                              f"which is the LM head")
+
+
+def _row_blocks(t, rows=4096):
+    """(first row, float32 block) over a float tensor, without converting all of it at once where the
+    stored values can be sliced (F32 arrays, F16's half view); a BF16 LazyTensor is converted whole."""
+    values = t if isinstance(t, np.ndarray) else getattr(t, "half", None)
+    if values is None:
+        values = t()
+    for start in range(0, values.shape[0], rows):
+        yield start, np.asarray(values[start:start + rows], dtype=np.float32)
 
 
 def _weight_files(directory):

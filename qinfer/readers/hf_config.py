@@ -1,4 +1,10 @@
-"""A Hugging Face LLaMA config.json (already parsed) -> ModelConfig, every field type-checked."""
+"""A Hugging Face LLaMA config.json (already parsed) -> ModelConfig, every field type-checked.
+
+Fields that would change the maths in a way qinfer does not implement (biases,
+another activation, sliding-window attention, other RoPE types, ...) are
+refused naming the field, never ignored; RoPE fields in transformers 4's and
+5's shapes are read by readers/rope_scaling.py.
+"""
 import math
 
 from ..errors import FormatError, UnsupportedError
@@ -38,6 +44,27 @@ def _token_ids(v, key, path):
     return list(dict.fromkeys(ids))        # unique, in order
 
 
+# transformers' ACT2FN maps both names to the same x * sigmoid(x) (SiLU), SwiGLU's gate.
+SILU_NAMES = ("silu", "swish")
+# quantization_config.quant_method values whose checkpoints are plain float tensors:
+# transformers dequantizes a GGUF to float on load and save_pretrained keeps the
+# "gguf" tag over the float weights (readers/hf.py checks they really are float).
+FLOAT_QUANT_METHODS = ("gguf",)
+
+
+def _flag(cfg, key, path):
+    """An optional true/false field (null or absent = false)."""
+    v = cfg.get(key)
+    if v is not None and not isinstance(v, bool):
+        raise FormatError(f"{path}: {key} must be true, false or null, got {v!r}")
+    return bool(v)
+
+
+def quant_method(cfg):
+    quant = cfg.get("quantization_config")
+    return quant.get("quant_method") if isinstance(quant, dict) else None
+
+
 def check_architecture(cfg, path):
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures")
@@ -48,14 +75,43 @@ def check_architecture(cfg, path):
                                f"model_type 'llama' / LlamaForCausalLM)")
     quant = cfg.get("quantization_config")
     if quant is not None:
-        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        method = quant_method(cfg)
         if method == "gptq":
             raise UnsupportedError(f"{path}: GPTQ checkpoints (quantization_config.quant_method 'gptq') are not "
                                    f"supported yet")
-        raise UnsupportedError(f"{path}: quantized checkpoints with quant_method {method!r} are not supported")
+        if method not in FLOAT_QUANT_METHODS:
+            raise UnsupportedError(f"{path}: quantized checkpoints with quant_method {method!r} are not supported")
+    check_unsupported(cfg, path)
+
+
+def check_unsupported(cfg, path):
+    """Fields of a LLaMA config that would change the maths in ways qinfer does not implement."""
     for flag in ("attention_bias", "mlp_bias"):
-        if cfg.get(flag):
+        if _flag(cfg, flag, path):
             raise UnsupportedError(f"{path}: {flag} = true is not supported (qinfer's LLaMA has no biases)")
+    act = cfg.get("hidden_act", "silu")       # LlamaConfig's default
+    if act not in SILU_NAMES:
+        raise UnsupportedError(f"{path}: hidden_act {act!r} is not supported (qinfer's MLP is SwiGLU: "
+                               f"hidden_act 'silu')")
+    # transformers' LlamaModel itself ignores a window, but a LLaMA config naming one
+    # comes from a model that attended through it: full attention would not be that
+    # model. use_sliding_window = false (Qwen2's switch) says the window is off.
+    if cfg.get("sliding_window") is not None and cfg.get("use_sliding_window") is not False:
+        raise UnsupportedError(f"{path}: sliding_window = {cfg['sliding_window']!r} (sliding-window attention) "
+                               f"is not supported; qinfer attends to the whole context")
+    if _flag(cfg, "use_sliding_window", path):
+        raise UnsupportedError(f"{path}: use_sliding_window = true (sliding-window attention) is not supported")
+    layer_types = cfg.get("layer_types")
+    if layer_types is not None:
+        if not isinstance(layer_types, list):
+            raise FormatError(f"{path}: layer_types must be a list or null, got {layer_types!r}")
+        other = sorted({repr(t) for t in layer_types if t != "full_attention"})
+        if other:
+            raise UnsupportedError(f"{path}: layer_types {', '.join(other)} are not supported (qinfer runs "
+                                   f"'full_attention' in every layer)")
+    # pretraining_tp > 1 made some transformers 4 versions split each projection into
+    # that many slices and add the partial products: the same sums in another order,
+    # not another model (later versions ignore the field). Accepted, whatever its value.
 
 
 def model_config(cfg, path, extra_eos=()):
@@ -64,6 +120,9 @@ def model_config(cfg, path, extra_eos=()):
     hidden = _int(cfg, "hidden_size", path)
     n_head = _int(cfg, "num_attention_heads", path)
     n_kv = _int(cfg, "num_key_value_heads", path, default=None)
+    # An explicit head_dim is honoured even when it is not hidden_size / num_attention_heads:
+    # the forward pass sizes q/k/v and o_proj by num_heads * head_dim (pyx/_forward.pyx),
+    # and readers/validate.py holds the tensors to those shapes.
     head_dim = _int(cfg, "head_dim", path, default=None)
     if head_dim is None:
         if hidden % n_head:
@@ -75,6 +134,7 @@ def model_config(cfg, path, extra_eos=()):
         raise FormatError(f"{path}: tie_word_embeddings must be true or false, got {tie!r}")
     eos = _token_ids(cfg.get("eos_token_id"), "eos_token_id", path)
     eos += [t for t in extra_eos if t not in eos]
+    theta, scaling = rope_scaling.from_hf_config(cfg, path)
     return ModelConfig(
         vocab_size=_int(cfg, "vocab_size", path),
         hidden_size=hidden,
@@ -84,8 +144,8 @@ def model_config(cfg, path, extra_eos=()):
         num_key_value_heads=n_kv if n_kv is not None else n_head,
         head_dim=head_dim,
         rms_norm_eps=_float(cfg, "rms_norm_eps", path, 1e-6),
-        rope_theta=_float(cfg, "rope_theta", path, 10000.0),
-        rope_scaling=rope_scaling.from_hf(cfg.get("rope_scaling"), path),
+        rope_theta=theta,
+        rope_scaling=scaling,
         max_position_embeddings=_int(cfg, "max_position_embeddings", path, default=2048),
         tie_word_embeddings=tie,
         bos_token_id=_int(cfg, "bos_token_id", path, default=None, minimum=0),

@@ -9,11 +9,20 @@ import math
 import numpy as np
 
 from ..errors import FormatError, UnsupportedError
+from .rope_scaling import MIN_THETA
 from .source import PackedTensor
 
 # Far above any real model; it keeps a corrupt layer count from making us
 # enumerate billions of expected tensor names before noticing they are missing.
 MAX_LAYERS = 1 << 12
+# Sizes reach the C forward pass as C ints; a larger value (max_position_embeddings
+# sets the default context) must be refused here, not overflow there.
+MAX_INT = (1 << 31) - 1
+# rms_norm_eps only keeps RMSNorm's division away from zero: configs use 1e-5 or
+# 1e-6, below the mean squares of real hidden states (a LLaMA embedding row's is
+# about 1e-4). Above 1e-2 it would dominate the norm of every row: a mistyped
+# field, not a model.
+MAX_RMS_NORM_EPS = 1e-2
 
 _LAYER_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -25,10 +34,16 @@ def check_config(config, path):
         v = getattr(config, field)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise FormatError(f"{path}: {field} must be a positive integer, got {v!r}")
+        if v > MAX_INT:
+            raise FormatError(f"{path}: {field} = {v} is beyond what qinfer accepts (at most 2**31 - 1)")
     for field in ("rms_norm_eps", "rope_theta"):
         v = getattr(config, field)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise FormatError(f"{path}: {field} must be a positive number, got {v!r}")
+    if config.rms_norm_eps > MAX_RMS_NORM_EPS:
+        raise FormatError(f"{path}: rms_norm_eps = {config.rms_norm_eps!r} is outside (0, {MAX_RMS_NORM_EPS:g}]")
+    if config.rope_theta < MIN_THETA:
+        raise FormatError(f"{path}: rope_theta (the RoPE base) must be >= {MIN_THETA:g}, got {config.rope_theta!r}")
     if config.num_hidden_layers > MAX_LAYERS:
         raise FormatError(f"{path}: {config.num_hidden_layers} layers is more than the {MAX_LAYERS} qinfer accepts")
     if config.num_attention_heads % config.num_key_value_heads:
@@ -75,8 +90,10 @@ def check_tensors(config, tensors, path):
             raise FormatError(f"{path}: tensor {name!r} is missing (expected shape {list(shape)})")
         got = tensor_shape(tensors[name])
         if got != shape:
+            how = (f" (num_attention_heads {config.num_attention_heads}, num_key_value_heads "
+                   f"{config.num_key_value_heads}, head_dim {config.head_dim})" if ".self_attn." in name else "")
             raise FormatError(f"{path}: tensor {name!r} has shape {list(got)}, expected {list(shape)} "
-                              f"from the config")
+                              f"from the config{how}")
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise UnsupportedError(f"{path}: unexpected tensor {extra[0]!r}"
