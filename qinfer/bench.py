@@ -134,6 +134,7 @@ def weight_summary(engine):
         out_f, in_f = shapes[name]
         t = source.tensors[name]
         if isinstance(t, PackedTensor) and not model.dequantize:
+            t = t.load()           # a GGUF block tensor: converted again to see its scales
             held = np.dtype(held_scale_dtype(t.scales, t.zeros)).itemsize
             return _quantized_bytes(out_f, in_f, t.bits, t.group_size, held), t.bits, t.group_size
         if load_bits:      # quantize on load: float16 scales (model.quantize_on_load)

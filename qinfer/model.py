@@ -122,6 +122,7 @@ class Model:
         return np.array(half, dtype=np.float16, order="C", copy=True) if streamed else np.ascontiguousarray(half)
 
     def _packed(self, t):
+        t = t.load()
         return QuantizedLinear.from_packed(t.qweight, t.scales, t.zeros, t.bits, t.group_size, t.g_idx)
 
     def _linear_spec(self, layer):

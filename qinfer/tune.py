@@ -31,8 +31,7 @@ def model_shapes(path, bits):
     source = open_model(path)
     packed = [t for t in source.tensors.values() if isinstance(t, PackedTensor)]
     if packed:
-        shapes = [LayerShape(t.bits, t.qweight.shape[1], t.qweight.shape[0] * 32 // t.bits, t.group_size)
-                  for t in packed]
+        shapes = [LayerShape(t.bits, t.shape[0], t.shape[1], t.group_size) for t in packed]
         return [s for s in dict.fromkeys(shapes) if s.bits in bits]
     linear = [name for name in source.tensors if name.endswith("_proj.weight")]
     dims = dict.fromkeys(tuple(source.float_tensor(name).shape) for name in linear)

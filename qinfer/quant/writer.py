@@ -29,6 +29,7 @@ def float_weight(source, name):
 
     t = source.tensors[name]
     if isinstance(t, PackedTensor):
+        t = t.load()
         return QuantizedLinear.from_packed(t.qweight, t.scales, t.zeros, t.bits, t.group_size,
                                            t.g_idx).dequantize()
     return np.ascontiguousarray(source.float_tensor(name))

@@ -213,6 +213,13 @@ FORMATS = {
 }
 
 
+def lazy_packed(qtype, raw, out_features, in_features, what="tensor"):
+    """A PackedTensor that converts the blocks when loaded (PackedTensor.load)."""
+    fmt = FORMATS[T(qtype)]
+    return PackedTensor(bits=fmt.bits, group_size=fmt.group, shape=(out_features, in_features),
+                        make=lambda: to_packed(qtype, raw, out_features, in_features, what))
+
+
 def to_packed(qtype, raw, out_features, in_features, what="tensor"):
     """raw: the tensor's bytes (uint8, out_features * in_features / block blocks) -> PackedTensor [out, in].
 

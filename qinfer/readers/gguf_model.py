@@ -16,7 +16,7 @@ from gguf.constants import GGMLQuantizationType as T
 
 from ..errors import FormatError, UnsupportedError
 from . import rope_scaling, validate
-from .ggml_quants import to_packed
+from .ggml_quants import lazy_packed
 from .gguf import read_gguf
 from .lazy import lazy_f16
 from .rope_order import unpermute
@@ -173,4 +173,4 @@ def _tensor(gf, info):
         raise UnsupportedError(f"{gf.path}: tensor {info.name!r} is {info.type.name} with {len(shape)} "
                                f"dimensions; only 2-D matrices may be quantized")
     out_features, in_features = shape
-    return to_packed(info.type, raw, out_features, in_features, what=f"{gf.path}: tensor {info.name!r}")
+    return lazy_packed(info.type, raw, out_features, in_features, what=f"{gf.path}: tensor {info.name!r}")

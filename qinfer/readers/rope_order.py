@@ -31,6 +31,10 @@ def hf_rows_from_gguf(n_rows, n_head):
 
 def unpermute(tensor, n_head):
     """A GGUF-order q/k weight (PackedTensor, float array or LazyTensor) -> HF row order."""
+    if isinstance(tensor, PackedTensor) and tensor.make is not None:
+        hf_rows_from_gguf(tensor.shape[0], n_head)          # the error now, not when loaded
+        return PackedTensor(bits=tensor.bits, group_size=tensor.group_size, shape=tensor.shape,
+                            make=lambda: unpermute(tensor.load(), n_head))
     if isinstance(tensor, PackedTensor):
         index = hf_rows_from_gguf(tensor.shape[0], n_head)
         # Output rows are PackedTensor columns.

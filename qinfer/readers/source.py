@@ -42,14 +42,24 @@ class ModelConfig:
 
 @dataclass
 class PackedTensor:
-    """A linear weight already quantized, in the arguments of QuantizedLinear.from_packed."""
+    """A linear weight already quantized, in the arguments of QuantizedLinear.from_packed.
+
+    A lazy one (`make` set, the arrays None) is converted by load(): a GGUF
+    block tensor is re-laid only when the model builder takes it, and the
+    result is not kept here, so a whole model is never held twice.
+    """
     bits: int
     group_size: int                 # -1: full column
-    qweight: np.ndarray             # int32 [in * bits / 32, out]
-    scales: np.ndarray              # float32 [groups, out]
-    zeros: np.ndarray               # float32 [groups, out]
+    qweight: Optional[np.ndarray] = None    # int32 [in * bits / 32, out]
+    scales: Optional[np.ndarray] = None     # float32 [groups, out]
+    zeros: Optional[np.ndarray] = None      # float32 [groups, out]
     g_idx: Optional[np.ndarray] = None
     shape: tuple = ()               # (out, in), Hugging Face orientation
+    make: Optional[Callable[[], "PackedTensor"]] = None
+
+    def load(self):
+        """This tensor with its arrays: itself, or a new PackedTensor made now (not cached)."""
+        return self if self.make is None else self.make()
 
 
 # A float tensor is a numpy array (any float dtype; mmap-backed where possible)
