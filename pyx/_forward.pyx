@@ -77,7 +77,8 @@ typedef struct {
     int dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size, ctx;
     float eps;
     const float *embedding;     /* [vocab][dim] float32, or */
-    const uint16_t *embedding16;    /* [vocab][dim] float16 (a float16 checkpoint's table) */
+    const uint16_t *embedding16;    /* [vocab][dim] float16 (a float16 checkpoint's table), or */
+    const qmatrix *embedding_q;     /* dim -> vocab packed (a quantized table, rows widened on lookup) */
     layer_weights *layers;      /* [n_layers] */
     const float *final_norm;    /* [dim] */
     linear lm_head;             /* dim -> vocab */
@@ -499,7 +500,9 @@ static void embed(const weights *w, const int *tokens, int n, float *x)
 {
     for (int t = 0; t < n; t++) {
         float *row = x + (size_t)t * w->dim;
-        if (w->embedding16)
+        if (w->embedding_q)
+            qm_dequantize_column(w->embedding_q, tokens[t], row);
+        else if (w->embedding16)
             for (int i = 0; i < w->dim; i++)
                 row[i] = qm_half_to_float(w->embedding16[(size_t)tokens[t] * w->dim + i]);
         else
@@ -1181,6 +1184,7 @@ static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int
         float eps
         const float *embedding
         const uint16_t *embedding16
+        const qmatrix *embedding_q
         layer_weights *layers
         const float *final_norm
         linear lm_head
@@ -1238,6 +1242,9 @@ cdef class Transformer:
     given, runs every step, and its team twin the decode steps (decode_team).
     A dict may instead give "wqkv" (wq, wk, wv stacked: [q_dim + 2*kv_dim, dim])
     for wq/wk/wv and "w_gate_up" ([2*hidden, dim]) for w_gate/w_up.
+    `embedding` is a float32 or float16 [vocab, dim] array, or a quantized
+    table: a linear spec tuple of a packed dim -> vocab layer (the caller
+    checks its shape), whose rows are widened only when looked up.
     """
     cdef weights w
     cdef run_state s
@@ -1265,7 +1272,10 @@ cdef class Transformer:
         q_dim, kv_dim = self.w.n_heads * hd, self.w.n_kv_heads * hd
         self.w.embedding = NULL
         self.w.embedding16 = NULL
-        if is_half(embedding):
+        self.w.embedding_q = NULL
+        if isinstance(embedding, tuple):        # (matrix capsule, ...): a packed dim -> vocab layer
+            self.w.embedding_q = <const qmatrix *>PyCapsule_GetPointer(embedding[0], b"qinfer.qmatrix")
+        elif is_half(embedding):
             self.w.embedding16 = half_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)
         else:
             self.w.embedding = float_ptr(embedding, <Py_ssize_t>self.w.vocab_size * dim)

@@ -10,7 +10,7 @@
  *                                                 float16 when every value is exact in it)
  *
  * A unit is the run of words that holds a whole number of values (one word
- * of 32/b values for b = 2, 4, 8; three words of 32 values for b = 3).
+ * of 32/b values for b = 2, 4, 8; b words of 32 values for b = 3, 5, 6).
  * docs/FORMAT.md draws the bits.
  */
 #ifndef QINFER_QMATRIX_H
@@ -85,6 +85,33 @@ static inline const void *qm_tile_zeros(const qmatrix *m, int tile)
 static inline float qm_scale(const qmatrix *m, const void *base, size_t i)
 {
     return m->half_scales ? qm_half_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+/* Output column j of W (W[j][0..in_features), one row of the weight in Hugging
+ * Face orientation) as float32: scale * (q - zero), as QuantizedLinear.dequantize
+ * computes it. For a quantized embedding table, whose rows are looked up one
+ * token at a time: the table is held as the LM head's packed matrix (output j =
+ * token j), and only the looked-up rows are ever widened. */
+static inline void qm_dequantize_column(const qmatrix *m, int j, float *out)
+{
+    const int b = m->bits;
+    const int unit_words = 32 % b ? b : 1, unit_values = 32 * unit_words / b;
+    const int tile = j / m->tu, c = j % m->tu;
+    const size_t n_units = (size_t)(m->in_features / unit_values);
+    const uint32_t *words = m->words + (size_t)tile * n_units * unit_words * m->tu + c;
+    const void *scales = qm_tile_scales(m, tile), *zeros = qm_tile_zeros(m, tile);
+    const uint64_t mask = (1u << b) - 1;
+    for (int k = 0; k < m->in_features; k++) {
+        /* value i of its unit sits at bits [b*i, b*i + b) of the unit's words read as one stream */
+        const int i = k % unit_values, bit = b * i, word = bit / 32, offset = bit % 32;
+        const uint32_t *unit = words + (size_t)(k / unit_values) * unit_words * m->tu;
+        uint64_t stream = unit[(size_t)word * m->tu];
+        if (offset + b > 32)
+            stream |= (uint64_t)unit[(size_t)(word + 1) * m->tu] << 32;
+        const float q = (float)((stream >> offset) & mask);
+        const size_t g = (size_t)(k / m->group_size) * m->tu + c;
+        out[m->perm ? m->perm[k] : k] = qm_scale(m, scales, g) * (q - qm_scale(m, zeros, g));
+    }
 }
 
 /* y[n][out_features] = x[n][in_features] @ W^T. Returns 0, or -1 when out of memory. */

@@ -154,17 +154,18 @@ def weight_summary(engine):
         total += nbytes
         decode += nbytes
     vocab, hidden = shapes["model.embed_tokens.weight"]
-    embedding = model.embedding.nbytes                 # float16 as a float16 checkpoint stores it
+    embedding = model.embedding_nbytes          # as held: packed, or float16 as a float16 checkpoint stores it
     head_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     head_bytes, head_bits, head_group = linear(head_name, LM_HEAD_BITS if model.quantize else None)
     if head_bits is None:
         head_bytes = model.float_lm_head.nbytes
         float_text = f"f{8 * model.float_lm_head.dtype.itemsize}"
-    if head_bits is None and cfg.tie_word_embeddings:
-        # a float tied head is the embedding table itself: held once, read whole per token
+    if cfg.tie_word_embeddings and (head_bits is None or model.embedding_packed):
+        # a tied head is the embedding table itself (float, or one packed layer): held once,
+        # read whole per token
         total += embedding
         decode += embedding
-        head = f"{float_text} (tied)"
+        head = f"{float_text if head_bits is None else f'{head_bits}-bit g{_group_text(head_group)}'} (tied)"
     else:
         total += embedding + head_bytes
         decode += embedding // vocab + head_bytes

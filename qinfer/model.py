@@ -1,11 +1,13 @@
 """The model builder: turns a reader's ModelSource into the runtime model.
 
-Linear layers that arrive packed (GGUF Q4_0/Q4_1/Q8_0, GPTQ) run on the
+Linear layers that arrive packed (GGUF block formats, GPTQ) run on the
 quantized kernels as they are; float ones stay float32 (read from the file's
 memory map when already float32) or are quantized on load when asked
 (round to nearest with float16 scales, the model `qinfer quantize --method
-rtn` writes, so its scales and zeros are held in float16). The embedding
-table is float32; a tied LM head reuses it (or its packed form).
+rtn` writes, so its scales and zeros are held in float16). An embedding
+table stored quantized stays packed, its rows widened when looked up (a 7B
+model's Q4_0 table is 70 MB packed, 500 MB in float32), and a tied LM head
+is that same layer; a float table is held as stored (float16 or float32).
 """
 import math
 import os
@@ -82,8 +84,9 @@ class Model:
         self._stacked = {}                    # (layer, "wqkv" | "w_gate_up") -> the stacked QuantizedLinear
 
         # a float tied LM head is the embedding itself, read whole per token
-        self.embedding = self._table(source, "model.embed_tokens.weight",
-                                     streamed=cfg.tie_word_embeddings and not quantize)
+        self._embedding_layer = self._packed_embedding(source)
+        self._embedding_table = None if self._embedding_layer is not None else self._table(
+            source, "model.embed_tokens.weight", streamed=cfg.tie_word_embeddings and not quantize)
         source.release_pages()
         layers = []
         for i in range(cfg.num_hidden_layers):
@@ -99,10 +102,47 @@ class Model:
             dict(dim=cfg.hidden_size, hidden_dim=cfg.intermediate_size, n_heads=cfg.num_attention_heads,
                  n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
                  ctx=self.ctx, eps=cfg.rms_norm_eps),
-            self.embedding, layers, final_norm, lm_head, inv_freq,
+            self._embedding_spec(), layers, final_norm, lm_head, inv_freq,
             min(PREFILL_CHUNK, self.ctx), self.threads)
 
     # ------------------------------------------------------------ building
+    def _packed_embedding(self, source):
+        """The embedding as a packed dim -> vocab layer when the file stores it quantized
+        and the model runs packed tensors packed; else None (a float table)."""
+        t = source.tensors["model.embed_tokens.weight"]
+        if not isinstance(t, PackedTensor) or self.dequantize:
+            return None
+        layer = self._packed(t)
+        if (layer.out_features, layer.in_features) != (self.config.vocab_size, self.config.hidden_size):
+            raise QinferError(f"the embedding table has shape {[layer.out_features, layer.in_features]}, "
+                              f"expected {[self.config.vocab_size, self.config.hidden_size]}")
+        return layer
+
+    def _embedding_spec(self):
+        if self._embedding_layer is None:
+            return self._embedding_table
+        self._keep.append(self._embedding_layer)
+        return (self._embedding_layer._matrix.matrix_capsule(),)
+
+    @property
+    def embedding(self):
+        """The embedding table [vocab, dim] as float (a quantized one is widened whole: for
+        calibration, not for running)."""
+        if self._embedding_layer is not None:
+            return self._embedding_layer.dequantize()
+        return self._embedding_table
+
+    @property
+    def embedding_packed(self):
+        return self._embedding_layer is not None
+
+    @property
+    def embedding_nbytes(self):
+        """Bytes the model holds for its embedding table."""
+        if self._embedding_layer is not None:
+            return self._embedding_layer.nbytes
+        return self._embedding_table.nbytes
+
     def _float_matrix(self, source, name):
         t = source.tensors[name]
         if isinstance(t, PackedTensor):
@@ -165,13 +205,15 @@ class Model:
     def _lm_head(self, source):
         name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
         t = source.tensors[name]
+        if name == "model.embed_tokens.weight" and self._embedding_layer is not None:
+            return self._linear_spec(self._embedding_layer)          # the same packed layer
         if isinstance(t, PackedTensor) and not self.dequantize:
             return self._linear_spec(self._packed(t))
         if self.quantize:
             w = self.embedding if name == "model.embed_tokens.weight" else self._float_matrix(source, name)
             return self._linear_spec(quantize_on_load(w, LM_HEAD_BITS, self.group_size))
         if name == "model.embed_tokens.weight":
-            return self.embedding
+            return self._embedding_table
         return self._table(source, name, streamed=True)
 
     def quantized_layers(self):
