@@ -5,7 +5,17 @@ from .kernels import set_num_threads, get_num_threads
 from .linear import QuantizedLinear
 from .perplexity import PerplexityResult, perplexity   # binds qinfer.perplexity to the function
 
-__version__ = "0.1.0"
+
+def _version():
+    """The installed distribution's version: pyproject.toml's `version` is its single source."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("qinfer")
+    except PackageNotFoundError:      # run from a source tree that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 __all__ = ["Engine", "quantize", "perplexity", "PerplexityResult", "QinferError", "ShapeError",
            "UnsupportedError", "QuantizedLinear", "kernels", "set_num_threads", "get_num_threads", "__version__"]
 

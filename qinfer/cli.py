@@ -208,7 +208,10 @@ def add_model_options(p):
 
 
 def build_parser():
+    from . import __version__
+
     parser = _Parser(prog="qinfer", description="CPU inference for quantized LLaMA-family models.")
+    parser.add_argument("--version", action="version", version=f"qinfer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     info = sub.add_parser("info", help="CPU features, cache sizes and the kernel parameters chosen")
     info.set_defaults(func=cmd_info)

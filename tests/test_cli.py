@@ -65,6 +65,16 @@ def test_info_prints_the_kernel_table():
     assert bits == [2, 3, 4, 8]
 
 
+def test_version():
+    # one version source: pyproject.toml's, read back from the installed package's metadata
+    from importlib.metadata import version
+    proc = run_cli("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"qinfer {version('qinfer')}\n"
+    assert qinfer.__version__ == version("qinfer")
+    assert proc.stderr == ""
+
+
 # ------------------------------------------------------------------- generate
 @needs_tokenizer
 @pytest.mark.parametrize("quant", [[], ["--quantize", "4", "--group-size", "32"]], ids=["float", "q4"])
