@@ -102,10 +102,17 @@ def cmd_generate(args):
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    s = engine.last_stats
-    print(f"prompt tokens: {s.prompt_tokens}, generated tokens: {s.generated_tokens}, "
-          f"prefill: {s.prefill_tokens_per_second:.1f} tokens/s, "
-          f"decode: {s.decode_tokens_per_second:.1f} tokens/s", file=sys.stderr)
+    print(stats_line(engine.load_seconds, engine.last_stats), file=sys.stderr)
+
+
+def stats_line(load_seconds, s):
+    """generate's figures on stderr: load time, tokens, time to first token, speeds, why it stopped."""
+    first = "" if s.first_token_seconds is None else \
+        f"time to first token: {1000 * s.first_token_seconds:.1f} ms, "
+    return (f"load: {load_seconds:.2f} s, prompt tokens: {s.prompt_tokens}, "
+            f"generated tokens: {s.generated_tokens}, {first}"
+            f"prefill: {s.prefill_tokens_per_second:.1f} tokens/s, "
+            f"decode: {s.decode_tokens_per_second:.1f} tokens/s, stopped: {s.stop_text}")
 
 
 def cmd_quantize(args):

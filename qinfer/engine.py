@@ -46,14 +46,30 @@ def default_model_path():
     return path
 
 
+STOP_REASONS = {                     # GenerationStats.stop_reason -> words (the CLI's stats line)
+    "eos": "end of sequence",        # the model produced an end-of-sequence or end-of-turn token
+    "stop": "stop string",           # the text reached one of the stop strings
+    "length": "max tokens",          # max_new_tokens were generated
+    "context": "context full",       # the KV cache (ctx) holds no more tokens
+}
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    stop_reason: str = ""            # "eos", "stop", "length", "context"
+    # seconds from the start of generation to the first sampled token (the prefill and one
+    # sampling step); None when no token was sampled (max_new_tokens=0)
+    first_token_seconds: float = None
+    stop_reason: str = ""            # "eos", "stop", "length", "context" (STOP_REASONS)
     token_ids: list = field(default_factory=list)
+
+    @property
+    def stop_text(self):
+        """Why generation stopped, in words: "end of sequence", "stop string", "max tokens", "context full"."""
+        return STOP_REASONS.get(self.stop_reason, self.stop_reason)
 
     @property
     def prefill_tokens_per_second(self):
@@ -137,12 +153,17 @@ class Engine:
     "int8" rounds the activations of quantized layers to int8 per block of
     32 inputs when decoding (faster; llama.cpp-like numerics), "float" keeps
     them float32; None takes qinfer.kernels' mode (QINFER_ACTIVATIONS).
+
+    load_seconds: how long Engine() took; last_stats: the GenerationStats of
+    the last generation (tokens, prefill/decode times, first_token_seconds,
+    stop_reason).
     """
 
     def __init__(self, model_path=None, threads=None, ctx=None, quantize=None, group_size=128,
                  dequantize=False, activations=None):
         from .tokenizer import load as load_tokenizer
 
+        start = time.perf_counter()
         if activations is not None:
             kernels.check_activations(activations)
         if quantize is not None and quantize not in (2, 3, 4, 8):
@@ -160,6 +181,9 @@ class Engine:
         self.chat_template = self.source.chat_template
         self.pos = 0
         self.last_stats = GenerationStats()
+        # seconds Engine() took: reading the file, laying out the weights (quantizing them when
+        # asked), the tokenizer, and tuning the kernels on first use on this CPU
+        self.load_seconds = time.perf_counter() - start
 
     @property
     def ctx(self):
@@ -242,14 +266,16 @@ class Engine:
         stop_filter = _StopFilter(stop)
 
         self.reset()
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         logits = self.prefill(ids)
-        stats.prefill_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
+        stats.prefill_seconds = t0 - start
         stats.stop_reason = "length"
         for step in range(max_new_tokens):
             penalized = np.fromiter(seen, dtype=np.int32) if repetition_penalty != 1.0 else None
             token = sampler(logits, penalized)
+            if step == 0:
+                stats.first_token_seconds = time.perf_counter() - start
             if token in eos:
                 stats.stop_reason = "eos"
                 break

@@ -6,6 +6,8 @@ for a usage mistake, never a Python traceback.
 The SmolLM2 CLI check (greedy text equal to Engine.generate) is in
 test_engine.py, next to the engine it compares with.
 """
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +93,67 @@ def test_generate_matches_the_engine(tiny_dir, quant):
     assert "generated tokens:" in proc.stderr
 
 
+STATS_LINE = re.compile(
+    r"load: (?P<load>\d+\.\d\d) s, prompt tokens: (?P<prompt>\d+), generated tokens: (?P<generated>\d+), "
+    r"time to first token: (?P<first>\d+\.\d) ms, prefill: \d+\.\d tokens/s, decode: \d+\.\d tokens/s, "
+    r"stopped: (?P<stopped>end of sequence|stop string|max tokens|context full)")
+
+
+def stats_of(proc):
+    """The figures of generate's stats line (the last stderr line, matched whole)."""
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    m = STATS_LINE.fullmatch(proc.stderr.strip("\n").splitlines()[-1])
+    assert m, proc.stderr
+    d = m.groupdict()
+    return dict(d, load=float(d["load"]), first=float(d["first"]), prompt=int(d["prompt"]),
+                generated=int(d["generated"]))
+
+
+@needs_tokenizer
+def test_generate_reports_load_time_first_token_and_max_tokens(tiny_dir):
+    eng = qinfer.Engine(tiny_dir, threads=1)
+    eng.generate("Hello world", max_new_tokens=6)
+    assert eng.last_stats.stop_reason == "length"      # the tiny model does not end before 6 tokens
+    s = stats_of(run_cli("generate", "--model", tiny_dir, "--prompt", "Hello world", "--max-new-tokens", 6,
+                         "--threads", 1))
+    assert (s["prompt"], s["generated"], s["stopped"]) == (3, 6, "max tokens")
+    assert s["load"] > 0 and s["first"] > 0
+
+
+@needs_tokenizer
+def test_generate_says_it_stopped_at_the_end_of_sequence(tmp_path):
+    # The model's 4th greedy token is made an end-of-sequence id (config.json's eos_token_id
+    # list): generation must stop there, after 3 tokens, and say why.
+    ref.write_tiny_llama(tmp_path, tied=False, seed=11)
+    eng = qinfer.Engine(tmp_path, threads=1)
+    eng.generate("Hello world", max_new_tokens=8)
+    ids = eng.last_stats.token_ids
+    assert len(ids) == 8 and ids[3] not in ids[:3] and 2 not in ids[:3], ids
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["eos_token_id"] = [2, ids[3]]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ended = qinfer.Engine(tmp_path, threads=1)
+    expected = ended.generate("Hello world", max_new_tokens=8)
+    assert ended.last_stats.token_ids == ids[:3] and ended.last_stats.stop_reason == "eos"
+    proc = run_cli("generate", "--model", tmp_path, "--prompt", "Hello world", "--max-new-tokens", 8)
+    s = stats_of(proc)
+    assert (s["generated"], s["stopped"]) == (3, "end of sequence")
+    assert proc.stdout[:-1] == expected
+
+
+@needs_tokenizer
+def test_generate_says_the_context_is_full(tiny_dir):
+    # <s> Hello is 2 tokens; a context of 8 holds 6 more, and the 7th comes from the last logits
+    eng = qinfer.Engine(tiny_dir, threads=1, ctx=8)
+    expected = eng.generate("Hello", max_new_tokens=50)
+    assert eng.last_stats.stop_reason == "context" and eng.last_stats.generated_tokens == 7
+    proc = run_cli("generate", "--model", tiny_dir, "--prompt", "Hello", "--max-new-tokens", 50, "--ctx", 8)
+    s = stats_of(proc)
+    assert (s["prompt"], s["generated"], s["stopped"]) == (2, 7, "context full")
+    assert proc.stdout[:-1] == expected
+
+
 @needs_tokenizer
 def test_generate_reads_the_prompt_from_stdin(tiny_dir):
     expected = qinfer.Engine(tiny_dir, threads=1).generate("Hello world", max_new_tokens=4)
@@ -132,6 +195,8 @@ def test_generate_stop(tiny_dir):
                    "--stop", stop)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout[:-1] == full[:full.find(stop)]
+    s = stats_of(proc)
+    assert s["stopped"] == "stop string" and s["generated"] < 12
 
 
 # --------------------------------------------------------------------- errors

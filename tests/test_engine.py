@@ -746,3 +746,46 @@ def test_float16_tables_stay_float16_and_compute_as_float32(tmp_path, tied):
     from qinfer.bench import weight_summary
     summary = weight_summary(e16)
     assert summary.lm_head == ("f16 (tied)" if tied else "f16")
+
+
+# ------------------------------------------------- load time, first token, stop reasons
+@needs_tokenizer
+def test_load_time_first_token_and_the_stop_reasons_in_words(tmp_path):
+    weights, config = ref.write_tiny_llama(tmp_path, tied=False, seed=21)
+    eng = qinfer.Engine(tmp_path, threads=1)
+    assert isinstance(eng.load_seconds, float) and eng.load_seconds > 0
+    eng.generate("Hello world", max_new_tokens=5)
+    s = eng.last_stats
+    assert (s.stop_reason, s.stop_text, s.generated_tokens) == ("length", "max tokens", 5)
+    # the first token comes after the prefill, from its logits, before any decode step
+    assert s.prefill_seconds <= s.first_token_seconds <= s.prefill_seconds + s.decode_seconds
+    eng.generate("Hello world", max_new_tokens=0)
+    assert eng.last_stats.first_token_seconds is None and eng.last_stats.generated_tokens == 0
+    text = eng.generate("Hello world", max_new_tokens=5)
+    full = eng.generate("Hello world", max_new_tokens=12)
+    stop = full[len(text) - 2:len(text)]          # the end of the 5th token's text
+    assert stop.strip() and full.find(stop) == len(text) - 2, (text, full)
+    assert eng.generate("Hello world", max_new_tokens=12, stop=stop) == text[:-2]
+    assert (eng.last_stats.stop_reason, eng.last_stats.stop_text) == ("stop", "stop string")
+    assert eng.last_stats.generated_tokens == 5
+    eng = qinfer.Engine(tmp_path, threads=1, ctx=6)
+    eng.generate("Hello world", max_new_tokens=50)       # 3 prompt tokens, room for 3 more, +1
+    assert (eng.last_stats.stop_reason, eng.last_stats.stop_text) == ("context", "context full")
+    assert eng.last_stats.generated_tokens == 4
+
+
+@needs_tokenizer
+def test_an_lm_head_that_favours_eos_stops_at_once(tmp_path):
+    # Column 0 of the embedding is large and positive, so after the final norm every position
+    # points along it; the LM head's row of the EOS id (2) reads only that column.
+    weights, config = ref.write_tiny_llama(tmp_path, tied=False, seed=22)
+    weights["model.embed_tokens.weight"][:, 0] = 50.0
+    weights["lm_head.weight"][2] = 0.0
+    weights["lm_head.weight"][2, 0] = 10.0
+    ref.save_safetensors(weights, tmp_path / "model.safetensors")
+    assert int(np.argmax(ref.forward(weights, config, [1, 15043])[-1])) == 2
+    eng = qinfer.Engine(tmp_path, threads=1)
+    assert eng.generate("Hello", max_new_tokens=8) == ""
+    s = eng.last_stats
+    assert (s.stop_reason, s.stop_text, s.generated_tokens, s.token_ids) == ("eos", "end of sequence", 0, [])
+    assert s.first_token_seconds is not None and s.first_token_seconds >= s.prefill_seconds
