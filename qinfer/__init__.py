@@ -16,15 +16,15 @@ def _version():
 
 
 __version__ = _version()
-__all__ = ["Engine", "quantize", "perplexity", "PerplexityResult", "QinferError", "ShapeError",
+__all__ = ["Engine", "QinferWarning", "quantize", "perplexity", "PerplexityResult", "QinferError", "ShapeError",
            "UnsupportedError", "QuantizedLinear", "kernels", "set_num_threads", "get_num_threads", "__version__"]
 
 
 def __getattr__(name):
     # The engine pulls in readers, tokenizers and jinja2: load it on first use.
-    if name == "Engine":
-        from .engine import Engine
-        return Engine
+    if name in ("Engine", "QinferWarning"):
+        from . import engine
+        return getattr(engine, name)
     if name == "quantize":
         from .quant import quantize
         return quantize

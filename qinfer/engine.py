@@ -7,6 +7,7 @@ sampling decision.
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,11 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelNotFoundError(QinferError):
     """No model at the given path, or the default model is not installed."""
+
+
+class QinferWarning(UserWarning):
+    """A setting qinfer accepts and runs, but that may not do what was meant
+    (the CLI prints it as one "qinfer: warning:" line)."""
 
 
 def default_model_path():
@@ -147,7 +153,9 @@ class Engine:
 
     Engine(model_path=None, threads=None, ctx=None, quantize=None, group_size=128, activations=None)
     model_path: a Hugging Face LLaMA directory or a GGUF file (None: the default
-    SmolLM2-135M-Instruct). quantize: 2/3/4/8 to quantize float linear layers on
+    SmolLM2-135M-Instruct). ctx: KV cache size in tokens (default: the model's
+    trained context, max_position_embeddings; a larger one runs, with a
+    QinferWarning). quantize: 2/3/4/8 to quantize float linear layers on
     load (round to nearest, `group_size` rows per group). dequantize: run a
     quantized file's weights as float32 (a float baseline). activations:
     "int8" rounds the activations of quantized layers to int8 per block of
@@ -170,6 +178,11 @@ class Engine:
             raise QinferError(f"quantize must be one of 2, 3, 4, 8, got {quantize!r}")
         self.model_path = str(model_path) if model_path is not None else default_model_path()
         self.source = open_model(self.model_path)
+        trained = self.source.config.max_position_embeddings
+        if isinstance(ctx, int) and not isinstance(ctx, bool) and trained and ctx > trained:
+            warnings.warn(f"context {ctx} is longer than the {trained} tokens the model was trained on "
+                          f"(max_position_embeddings): text past position {trained} may be poor",
+                          QinferWarning, stacklevel=2)
         if self.source.tokenizer is None:
             raise QinferError(f"{self.model_path}: no tokenizer found (tokenizer.json or tokenizer.model)")
         self.tokenizer = load_tokenizer(self.source.tokenizer)

@@ -155,6 +155,24 @@ def test_generate_says_the_context_is_full(tiny_dir):
 
 
 @needs_tokenizer
+def test_ctx_above_the_trained_context_warns_and_runs(tiny_dir):
+    # the tiny model's max_position_embeddings is 256
+    with pytest.warns(qinfer.QinferWarning):
+        expected = qinfer.Engine(tiny_dir, threads=1, ctx=300).generate("Hello world", max_new_tokens=4)
+    proc = run_cli("generate", "--model", tiny_dir, "--prompt", "Hello world", "--max-new-tokens", 4,
+                   "--ctx", 300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout[:-1] == expected
+    lines = proc.stderr.strip("\n").splitlines()
+    assert len(lines) == 2, proc.stderr                 # the warning, then the stats line
+    assert lines[0].startswith("qinfer: warning: context 300 ") and "256" in lines[0], lines[0]
+    assert STATS_LINE.fullmatch(lines[1]), lines[1]
+    quiet = run_cli("generate", "--model", tiny_dir, "--prompt", "Hello world", "--max-new-tokens", 4,
+                    "--ctx", 256)
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr, quiet.stderr
+
+
+@needs_tokenizer
 def test_generate_reads_the_prompt_from_stdin(tiny_dir):
     expected = qinfer.Engine(tiny_dir, threads=1).generate("Hello world", max_new_tokens=4)
     proc = run_cli("generate", "--model", tiny_dir, "--max-new-tokens", 4, stdin="Hello world")

@@ -789,3 +789,18 @@ def test_an_lm_head_that_favours_eos_stops_at_once(tmp_path):
     s = eng.last_stats
     assert (s.stop_reason, s.stop_text, s.generated_tokens, s.token_ids) == ("eos", "end of sequence", 0, [])
     assert s.first_token_seconds is not None and s.first_token_seconds >= s.prefill_seconds
+
+
+# ------------------------------------------------------------ a context beyond training
+@needs_tokenizer
+def test_ctx_above_the_trained_context_warns(tiny):
+    import warnings
+    d, weights, config = tiny                       # max_position_embeddings 256
+    with pytest.warns(qinfer.QinferWarning, match=r"context 300 .*256 tokens"):
+        eng = qinfer.Engine(d, threads=1, ctx=300)
+    assert eng.ctx == 300
+    assert max_err(eng.logits(SEQ), ref.forward(weights, config, SEQ)) <= LOGIT_TOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # any warning fails the test
+        assert qinfer.Engine(d, threads=1, ctx=256).ctx == 256
+        assert qinfer.Engine(d, threads=1).ctx == 256
