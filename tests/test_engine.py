@@ -804,3 +804,26 @@ def test_ctx_above_the_trained_context_warns(tiny):
         warnings.simplefilter("error")              # any warning fails the test
         assert qinfer.Engine(d, threads=1, ctx=256).ctx == 256
         assert qinfer.Engine(d, threads=1).ctx == 256
+
+
+# ------------------------------------------------- quantize= on an already quantized model
+@needs_tokenizer
+def test_quantize_on_a_quantized_model_is_refused_unless_dequantized(tmp_path, monkeypatch):
+    from qinfer.engine import AlreadyQuantizedError
+    from qinfer.quant.quantizer import rtn_quantize
+
+    ref.write_tiny_llama(tmp_path / "float", tied=True, seed=23)
+    ckpt = tmp_path / "gptq"
+    qinfer.quantize(tmp_path / "float", ckpt, bits=4, group_size=32, method="rtn", progress=False)
+    with pytest.raises(AlreadyQuantizedError, match=r"already quantized \(4-bit groups of 32\).*dequantize"):
+        qinfer.Engine(ckpt, quantize=4, group_size=32)
+    monkeypatch.setenv("QINFER_STACK", "0")          # one QuantizedLinear per map, in LINEAR_NAMES order
+    reader = qinfer.Engine(ckpt, threads=1)          # without quantize: the checkpoint's own layers
+    assert {(layer.bits, layer.group_size) for layer in reader.model.quantized_layers()} == {(4, 32)}
+    # dequantize=True: the checkpoint's weights, dequantized, are quantized again as asked
+    eng = qinfer.Engine(ckpt, threads=1, dequantize=True, quantize=8, group_size=16)
+    layers = eng.model.quantized_layers()
+    assert {(layer.bits, layer.group_size) for layer in layers} == {(8, 16)}
+    down = reader.model.quantized_layers()[6].dequantize()     # block 0's down_proj, as the file has it
+    assert down.shape == (64, 160)
+    assert np.array_equal(layers[6].dequantize(), rtn_quantize(down, 8, 16).dequantize())
