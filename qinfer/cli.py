@@ -216,7 +216,8 @@ def add_model_options(p):
                         "An already quantized model (GPTQ, a Q4/Q8 GGUF such as the default) is an error "
                         "unless --dequantize is given too: its weights are then dequantized and re-quantized")
     p.add_argument("--group-size", type=int, choices=(16, 32, 64, 128, -1), default=128,
-                   help="rows per scale/zero group with --quantize (-1: full column; default 128)")
+                   help="rows per scale/zero group with --quantize (-1: full column; default 128); one that "
+                        "does not divide a layer's inputs leaves a short last group, as qinfer quantize does")
 
 
 def build_parser():

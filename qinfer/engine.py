@@ -15,7 +15,7 @@ import numpy as np
 from . import kernels
 from ._sampling import Sampler
 from .chat import render_chat
-from .errors import QinferError
+from .errors import QinferError, ShapeError, UnsupportedError
 from .model import LINEAR_NAMES, ContextError, Model
 from .readers import open_model
 from .readers.source import PackedTensor
@@ -139,6 +139,17 @@ def _refuse_requantizing(source, path):
         f"to re-quantize its dequantized weights")
 
 
+def _check_quantizable(cfg):
+    """Quantizing on load takes any group size (a short last group when it does not divide a
+    layer's inputs), but the kernels pack every layer's inputs in units of 32."""
+    widths = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+              "num_attention_heads * head_dim": cfg.num_attention_heads * cfg.head_dim}
+    bad = [f"{name} is {width}" for name, width in widths.items() if width % 32]
+    if bad:
+        raise ShapeError(f"cannot quantize this model on load: the kernels need each linear layer's inputs "
+                         f"in multiples of 32 (with any group size), and its {', '.join(bad)}")
+
+
 class _StopFilter:
     """Holds back text that may be the start of a stop string."""
 
@@ -178,7 +189,9 @@ class Engine:
     SmolLM2-135M-Instruct). ctx: KV cache size in tokens (default: the model's
     trained context, max_position_embeddings; a larger one runs, with a
     QinferWarning). quantize: 2/3/4/8 to quantize float linear layers on load
-    (round to nearest, `group_size` rows per group). A model whose linear
+    (round to nearest, `group_size` rows per group; a group size that does not
+    divide a layer's inputs leaves a short last group, as `qinfer quantize`
+    does). A model whose linear
     layers are quantized already (GPTQ, a Q4/Q8 GGUF) raises
     AlreadyQuantizedError unless dequantize is set too. dequantize: run a
     quantized file's weights as float32 (a float baseline), or with quantize,
@@ -194,6 +207,7 @@ class Engine:
 
     def __init__(self, model_path=None, threads=None, ctx=None, quantize=None, group_size=128,
                  dequantize=False, activations=None):
+        from .rtn import GROUP_SIZES
         from .tokenizer import load as load_tokenizer
 
         start = time.perf_counter()
@@ -201,10 +215,15 @@ class Engine:
             kernels.check_activations(activations)
         if quantize is not None and quantize not in (2, 3, 4, 8):
             raise QinferError(f"quantize must be one of 2, 3, 4, 8, got {quantize!r}")
+        if quantize is not None and group_size not in GROUP_SIZES:
+            raise UnsupportedError(f"group_size must be one of {GROUP_SIZES} (-1 = full column), "
+                                   f"got {group_size!r}")
         self.model_path = str(model_path) if model_path is not None else default_model_path()
         self.source = open_model(self.model_path)
         if quantize is not None and not dequantize:
             _refuse_requantizing(self.source, self.model_path)
+        if quantize is not None:
+            _check_quantizable(self.source.config)
         trained = self.source.config.max_position_embeddings
         if isinstance(ctx, int) and not isinstance(ctx, bool) and trained and ctx > trained:
             warnings.warn(f"context {ctx} is longer than the {trained} tokens the model was trained on "

