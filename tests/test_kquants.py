@@ -132,7 +132,8 @@ def hf_from_llamacpp_rows(w, n_head):
 
 
 def write_kquant_model(path, embd_type=Q.Q6_K, head_type=Q.Q6_K):
-    """A random LLaMA whose every matrix is a K-quant or Q5 tensor; -> the float64 weights it holds."""
+    """A random LLaMA whose every matrix is a K-quant or Q5 tensor; -> the float64 weights it holds.
+    head_type None: no output.weight (the LM head is the embedding, tied)."""
     rng = np.random.default_rng(7)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(LAYERS)
@@ -171,7 +172,8 @@ def write_kquant_model(path, embd_type=Q.Q6_K, head_type=Q.Q6_K):
             heads = HEADS if key == "attn_q" else KV_HEADS if key == "attn_k" else None
             matrix(f"blk.{i}.{key}.weight", f"model.layers.{i}.{HF[key]}.weight", types[key], out_f, in_f, heads)
     norm("output_norm.weight", "model.norm.weight")
-    matrix("output.weight", "lm_head.weight", head_type, VOCAB, HIDDEN, scale=0.02)
+    if head_type is not None:
+        matrix("output.weight", "lm_head.weight", head_type, VOCAB, HIDDEN, scale=0.02)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -179,10 +181,14 @@ def write_kquant_model(path, embd_type=Q.Q6_K, head_type=Q.Q6_K):
     return weights
 
 
-def test_kquant_model_matches_the_numpy_reference(tmp_path):
+@pytest.mark.parametrize("embd_type,head_type", [(Q.Q6_K, Q.Q6_K), (Q.Q4_K, None), (Q.Q5_0, None)],
+                         ids=["untied", "tied-q4_k", "tied-q5_0"])
+def test_kquant_model_matches_the_numpy_reference(tmp_path, embd_type, head_type):
+    """Also the quantized embedding: held packed, its rows widened on lookup (and, tied, the LM head)."""
     path = tmp_path / "kquant.gguf"
-    weights = write_kquant_model(path)
+    weights = write_kquant_model(path, embd_type, head_type)
     src = open_model(str(path))
+    assert src.config.tie_word_embeddings == (head_type is None)
     for i, types in enumerate(LAYER_TYPES):
         for key, qtype in types.items():
             t = src.tensors[f"model.layers.{i}.{HF[key]}.weight"]
@@ -192,6 +198,9 @@ def test_kquant_model_matches_the_numpy_reference(tmp_path):
     ids = [3, 17, 42, 5, 88, 1, 60, 23, 9, 71, 30, 2]
     want = ref.forward(weights, config, ids)
     model = Model(src, ctx=64, threads=2)
+    assert model.embedding_packed
+    table = weights["model.embed_tokens.weight"]
+    assert np.abs(model.embedding - table).max() <= 1e-6 * np.abs(table).max()
     got = model.forward(np.array(ids), 0, all_logits=True)            # one prefill: qgemm
     err = np.abs(got - want).max() / np.abs(want).max()
     assert err < 1e-4, f"prefill logits: {err:.2e}"
