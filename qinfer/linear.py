@@ -52,10 +52,32 @@ def _as_2d_float32(name, array, shape):
     array = np.asarray(array)
     if array.shape != shape:
         raise ShapeError(f"{name} must have shape {shape}, got {array.shape}")
-    return np.ascontiguousarray(array, dtype=np.float32)
+    return np.asarray(array, dtype=np.float32)     # any strides: the layer copies it into tiles once
 
 
 CODE_ALIGNMENT = 64       # bytes: a cache line
+
+
+def _empty_aligned(shape, dtype, alignment=CODE_ALIGNMENT):
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    buf = np.empty(nbytes + alignment, dtype=np.uint8)
+    start = -buf.ctypes.data % alignment
+    return buf[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _tiles(a, tu, dtype=None):
+    """[rows, out] (any strides: GPTQ's row-major arrays, or the transposed views of a
+    GGUF tensor's column-major ones) -> [n_tiles][rows][tu], C order, 64-byte aligned
+    (see _aligned), converted to `dtype` in the same copy; columns past `out` are zero."""
+    rows, out = a.shape
+    n_tiles, full = -(-out // tu), out // tu
+    dst = _empty_aligned((n_tiles, rows, tu), dtype or a.dtype)
+    dst[:full] = a[:, :full * tu].reshape(rows, full, tu).transpose(1, 0, 2)
+    if full < n_tiles:
+        dst[full] = 0
+        dst[full, :, :out - full * tu] = a[:, full * tu:]
+    return dst
 
 
 def _aligned(a, alignment=CODE_ALIGNMENT):
@@ -78,25 +100,17 @@ class QuantizedLinear:
     def __init__(self, qweight, scales, zeros, bits, group_size, in_features, out_features, scale_dtype=None):
         packing.check_bits(bits)
         rtn.check_group_size(group_size, in_features)
-        words, values = packing.unit_shape(bits)
         _check_features(in_features, out_features)
         self.bits, self.group_size = bits, group_size
         self.in_features, self.out_features = in_features, out_features
         group = in_features if group_size == -1 else group_size
-        n_groups = in_features // group
 
         p = kernels.params(bits)
         tu = p["tu"]
-        n_tiles = -(-out_features // tu)
-        pad = n_tiles * tu - out_features
-        # [units*words, out] -> [tiles][units][words][tu]
-        q = np.pad(qweight.view(np.uint32), ((0, 0), (0, pad)))
-        q = q.reshape(in_features // values, words, n_tiles, tu).transpose(2, 0, 1, 3)
-        self._words = _aligned(q).reshape(-1)        # one copy: the transpose is written aligned
-        tiled = lambda a: np.ascontiguousarray(
-            np.pad(a, ((0, 0), (0, pad))).reshape(n_groups, n_tiles, tu).transpose(1, 0, 2)).reshape(-1)
+        # [units*words, out] -> [tiles][units*words][tu]: one copy, written aligned
+        self._words = _tiles(qweight.view(np.uint32), tu).reshape(-1)
         dtype = held_scale_dtype(scales, zeros, scale_dtype)
-        self._scales, self._zeros = tiled(scales).astype(dtype), tiled(zeros).astype(dtype)
+        self._scales, self._zeros = (_tiles(a, tu, dtype).reshape(-1) for a in (scales, zeros))
         self._perm = None      # act-order: kernel input k is x[perm[k]]
         self._g_idx = None
         self._tu, self._group = tu, group
@@ -176,7 +190,7 @@ class QuantizedLinear:
         n_groups = 1 if group_size == -1 else in_features // group_size
         scales = _as_2d_float32("scales", scales, (n_groups, out_features))
         zeros = _as_2d_float32("zeros", zeros, (n_groups, out_features))
-        qweight = np.ascontiguousarray(qweight).view(np.int32)
+        qweight = qweight.view(np.int32)           # any strides: the layer copies it into tiles once
         if g_idx is None:
             return cls(qweight, scales, zeros, bits, group_size, in_features, out_features, scale_dtype)
         return cls._from_act_order(qweight, scales, zeros, bits, group_size, g_idx, scale_dtype)

@@ -46,6 +46,25 @@ def quantize_on_load(weight, bits, group_size):
     return rtn_quantize(weight, bits, group_size).to_linear()
 
 
+def stack_packed(parts):
+    """PackedTensors of one input side by side (their output columns concatenated), e.g.
+    q, k and v: one layer is built from them instead of three built and stacked."""
+    parts = [t.load() for t in parts]
+    # concatenated as rows of the transposed arrays: GGUF tensors are held column-major
+    cat = lambda arrays: np.concatenate([a.T for a in arrays]).T
+    first = parts[0]
+    return PackedTensor(bits=first.bits, group_size=first.group_size, qweight=cat([t.qweight for t in parts]),
+                        scales=cat([t.scales for t in parts]), zeros=cat([t.zeros for t in parts]),
+                        shape=(sum(t.shape[0] for t in parts), first.shape[1]))
+
+
+def _stackable(tensors):
+    first = tensors[0]
+    return all(isinstance(t, PackedTensor) and t.g_idx is None and
+               (t.bits, t.group_size, t.shape[1]) == (first.bits, first.group_size, first.shape[1])
+               for t in tensors)
+
+
 class ContextError(QinferError):
     """More tokens than the context (KV cache) holds."""
 
@@ -192,8 +211,17 @@ class Model:
 
     def _layer(self, source, i):
         p = f"model.layers.{i}."
-        maps = {c_name: self._linear(source, f"{p}{hf_name}.weight") for c_name, hf_name in LINEAR_NAMES.items()}
-        for stacked, parts in STACKED.items():
+        names = {c_name: f"{p}{hf_name}.weight" for c_name, hf_name in LINEAR_NAMES.items()}
+        maps = {}
+        for stacked, parts in STACKED.items():     # packed in the file: stacked before they are laid out
+            tensors = [source.tensors[names[c_name]] for c_name in parts]
+            if self.stack and not self.dequantize and _stackable(tensors):
+                maps[stacked] = self._stacked[i, stacked] = self._packed(stack_packed(tensors))
+        done = {c_name for stacked in maps for c_name in STACKED[stacked]}
+        maps.update({c_name: self._linear(source, name) for c_name, name in names.items() if c_name not in done})
+        for stacked, parts in STACKED.items():     # quantized on load: the layers made are stacked
+            if stacked in maps:
+                continue
             layers = [maps[name] for name in parts]
             if self.stack and all(isinstance(l, QuantizedLinear) and layers[0].can_stack(l) for l in layers):
                 maps[stacked] = self._stacked[i, stacked] = QuantizedLinear.stack(layers)

@@ -38,28 +38,37 @@ def unit_shape(bits):
 
 def pack(codes, bits):
     """codes: integers in [0, 2**bits) shaped [in_features, out_features] -> int32 qweight."""
-    check_bits(bits)
     codes = np.asarray(codes)
-    k, n = codes.shape
+    return np.ascontiguousarray(pack_rows(codes.T, bits).T).view(np.int32)
+
+
+def pack_rows(codes, bits):
+    """codes [out_features, in_features] (each row one output column's inputs) -> uint32 words
+    [out_features, in_features * bits / 32]: row j is column j of the qweight pack() makes.
+
+    A column's words are its codes as one little-endian bit stream, so for 2, 4 and 8
+    bits whole bytes are put together (2 or 4 codes a byte) and read as words; 3, 5 and
+    6 bits go through the stream's bits themselves (np.packbits), a few rows at a time."""
+    check_bits(bits)
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    n, k = codes.shape
     words, values = unit_shape(bits)
     if k % values:
         raise ShapeError(f"in_features={k} is not a multiple of {values} ({bits}-bit packing unit)")
-    all_units = codes.reshape(k // values, values, n)
-    out = np.empty((k // values, words, n), dtype=np.uint32)
-    # A few units at a time: the 64-bit working copy of a whole LM head would be 8 bytes per code.
-    step = max(1, PACK_BLOCK_CODES // (values * n))
-    for u0 in range(0, k // values, step):
-        units = all_units[u0:u0 + step].astype(np.uint64)
-        packed = np.zeros((units.shape[0], words, n), dtype=np.uint64)
-        for i in range(values):
-            start = bits * i
-            word, offset = divmod(start, 32)
-            value = units[:, i, :]
-            packed[:, word, :] |= (value << np.uint64(offset)) & np.uint64(0xFFFFFFFF)
-            if offset + bits > 32:   # the high bits spill into the next word
-                packed[:, word + 1, :] |= value >> np.uint64(32 - offset)
-        out[u0:u0 + step] = packed
-    return out.reshape(k * bits // 32, n).view(np.int32)
+    out = np.empty((n, k * bits // 32), dtype=np.uint32)
+    per_byte = 8 // bits if 8 % bits == 0 else 0
+    step = max(1, PACK_BLOCK_CODES // k)
+    for r in range(0, n, step):
+        c = codes[r:r + step]
+        if per_byte:
+            packed = c[:, 0::per_byte].copy()
+            for i in range(1, per_byte):
+                packed |= c[:, i::per_byte] << np.uint8(bits * i)
+        else:
+            stream = ((c[:, :, None] >> np.arange(bits, dtype=np.uint8)) & np.uint8(1)).reshape(len(c), -1)
+            packed = np.packbits(stream, axis=1, bitorder="little")
+        out[r:r + step] = packed.view("<u4")
+    return out
 
 
 def unpack(qweight, bits):

@@ -37,12 +37,12 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType as T
 
 from ..errors import FormatError
-from ..packing import pack
+from ..packing import pack_rows
 from .source import PackedTensor
 
 QK_K = 256
-# pack() widens codes to uint64; converting a few output columns at a time
-# bounds that temporary (a 128k-vocabulary embedding would otherwise need GBs).
+# Converting a few output columns at a time bounds the temporaries (the codes as
+# bytes, A and B in float32) to a few MB whatever the tensor's size.
 _CHUNK_ELEMENTS = 1 << 22
 
 
@@ -66,6 +66,25 @@ def _bit_planes(qh, planes):
     return np.concatenate([(qh >> np.uint8(i)) & np.uint8(1) for i in range(planes)], axis=-1)
 
 
+class Stream:
+    """What a 4-bit decoder returns in place of the codes: the codes already as
+    qinfer's bit stream, bytes [rows, in / 2] (byte m holds elements 2m and
+    2m + 1, low nibble first). llama.cpp's 4-bit blocks hold two elements a
+    byte too, only in another order, so moving nibbles is all it takes."""
+
+    def __init__(self, data):
+        self.data = data
+
+
+def _nibble_stream(qs):
+    """Bytes [rows, runs, n] whose low nibbles are elements 0..n-1 of a run and high
+    nibbles n..2n-1 -> the same 2n elements as stream bytes [rows, runs, n]."""
+    from .._runtime import nibble_stream       # compiled; readers import no kernels at module level
+    out = np.empty(qs.shape, dtype=np.uint8)
+    nibble_stream(qs, out)
+    return out
+
+
 def _per_group(values):
     """[rows, n_blocks, groups a block] -> [rows, n_blocks * groups a block] float32."""
     return values.reshape(values.shape[0], -1).astype(np.float32)
@@ -75,12 +94,12 @@ def _per_group(values):
 # Q4_0 {f16 d; u8 qs[16]}: element j in qs[j]'s low nibble, j + 16 in its high nibble.
 def _q4_0(b):
     d = _f16(b, 0)
-    return _nibbles(b[:, :, 2:]).reshape(b.shape[0], -1), d, 8 * d
+    return Stream(_nibble_stream(b[:, :, 2:]).reshape(b.shape[0], -1)), d, 8 * d
 
 
 # Q4_1 {f16 d; f16 m; u8 qs[16]}: as Q4_0; w = d q + m.
 def _q4_1(b):
-    return _nibbles(b[:, :, 4:]).reshape(b.shape[0], -1), _f16(b, 0), -_f16(b, 2)
+    return Stream(_nibble_stream(b[:, :, 4:]).reshape(b.shape[0], -1)), _f16(b, 0), -_f16(b, 2)
 
 
 # Q5_0 {f16 d; u8 qh[4]; u8 qs[16]}: low 4 bits as Q4_0; bit 4 of element j is
@@ -166,7 +185,9 @@ def _k_affine(b):
 
 
 def _q4_k(b):
-    return (_q4_k_low(b, 16).reshape(b.shape[0], -1),) + _k_affine(b)
+    rows, n, _ = b.shape
+    stream = _nibble_stream(b[:, :, 16:144].reshape(rows, n * 4, 32))
+    return (Stream(stream.reshape(rows, -1)),) + _k_affine(b)
 
 
 # Q5_K {f16 d; f16 dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}: as Q4_K, and
@@ -196,7 +217,7 @@ class BlockFormat:
     group: int             # inputs per scale and zero
     block: int             # inputs per block
     nbytes: int            # bytes per block
-    decode: Callable       # blocks -> (codes, A, B), see the module docstring
+    decode: Callable       # blocks -> (codes or a Stream of them, A, B), see the module docstring
 
 
 FORMATS = {
@@ -232,26 +253,28 @@ def to_packed(qtype, raw, out_features, in_features, what="tensor"):
     n_blocks = in_features // fmt.block
     blocks = np.asarray(raw).reshape(out_features, n_blocks, fmt.nbytes)
     n_groups = in_features // fmt.group
-    qweight = np.empty((in_features * fmt.bits // 32, out_features), dtype=np.int32)
-    scales = np.empty((n_groups, out_features), dtype=np.float32)
-    zeros = np.empty((n_groups, out_features), dtype=np.float32)
+    # Filled one output column (a GGUF row) at a time, so held column-major: the
+    # PackedTensor's arrays are transposed views of these (GPTQ orientation, no copy).
+    words = np.empty((out_features, in_features * fmt.bits // 32), dtype=np.uint32)
+    scales = np.empty((out_features, n_groups), dtype=np.float32)
+    zeros = np.empty((out_features, n_groups), dtype=np.float32)
     step = max(1, _CHUNK_ELEMENTS // in_features)
     for j in range(0, out_features, step):
         codes, a, b = fmt.decode(blocks[j:j + step])
+        rows = len(a)
         _check_finite(a, what, "scale", j, fmt.group)
         _check_finite(b, what, "minimum", j, fmt.group)
         flat = a == 0
         with np.errstate(divide="ignore", invalid="ignore"):
             zero = np.where(flat, np.float32(-1), b / np.where(flat, 1, a)).astype(np.float32)
-        if flat.any():
-            codes = codes.reshape(codes.shape[0], n_groups, fmt.group)
-            codes[flat] = 0
-            codes = codes.reshape(codes.shape[0], -1)
-        scales[:, j:j + step] = np.where(flat, -b, a).T
-        zeros[:, j:j + step] = zero.T
-        qweight[:, j:j + step] = pack(codes.T, fmt.bits)
-    return PackedTensor(bits=fmt.bits, group_size=fmt.group, qweight=qweight, scales=scales, zeros=zeros,
-                        shape=(out_features, in_features))
+        if flat.any():               # (bytes of a Stream: a group is group / 2 of them)
+            data = codes.data if isinstance(codes, Stream) else codes
+            data.reshape(rows, n_groups, -1)[flat] = 0
+        scales[j:j + step] = np.where(flat, -b, a)
+        zeros[j:j + step] = zero
+        words[j:j + step] = codes.data.view("<u4") if isinstance(codes, Stream) else pack_rows(codes, fmt.bits)
+    return PackedTensor(bits=fmt.bits, group_size=fmt.group, qweight=words.T.view(np.int32), scales=scales.T,
+                        zeros=zeros.T, shape=(out_features, in_features))
 
 
 def _check_finite(values, what, role, first_row, group):

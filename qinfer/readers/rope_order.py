@@ -37,12 +37,12 @@ def unpermute(tensor, n_head):
                             make=lambda: unpermute(tensor.load(), n_head))
     if isinstance(tensor, PackedTensor):
         index = hf_rows_from_gguf(tensor.shape[0], n_head)
-        # Output rows are PackedTensor columns.
-        return PackedTensor(bits=tensor.bits, group_size=tensor.group_size,
-                            qweight=np.ascontiguousarray(tensor.qweight[:, index]),
-                            scales=np.ascontiguousarray(tensor.scales[:, index]),
-                            zeros=np.ascontiguousarray(tensor.zeros[:, index]),
-                            g_idx=tensor.g_idx, shape=tensor.shape)
+        # Output rows are PackedTensor columns: gathered as rows of the transposed arrays
+        # (GGUF tensors are held column-major, so these are whole contiguous rows).
+        rows = lambda a: np.ascontiguousarray(a.T[index]).T
+        return PackedTensor(bits=tensor.bits, group_size=tensor.group_size, qweight=rows(tensor.qweight),
+                            scales=rows(tensor.scales), zeros=rows(tensor.zeros), g_idx=tensor.g_idx,
+                            shape=tensor.shape)
     index = hf_rows_from_gguf(tensor.shape[0], n_head)
     if isinstance(tensor, LazyTensor):
         return LazyTensor(tensor.shape, tensor.source_dtype, lambda: tensor()[index])
