@@ -209,3 +209,66 @@ def test_kquant_model_matches_the_numpy_reference(tmp_path, embd_type, head_type
         last = model2.forward(np.array([t]), pos)
     err = np.abs(last - want[-1]).max() / np.abs(want[-1]).max()
     assert err < 1e-4, f"decoded logits: {err:.2e}"
+
+
+# ------------------------------------------------------- files llama-quantize made
+# tests/data/make_kquant_files.py wrote these with llama.cpp's llama-quantize (the
+# mixes users download) from a random LLaMA with rows of 256: hidden 256, 4 heads,
+# 2 KV heads, ffn 512, 2 layers, vocabulary 256.
+DATA = ref.REPO_ROOT / "tests" / "data"
+LLAMA_QUANTIZE_FILES = ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K"]
+GGUF_TO_HF = dict(HF, attn_norm="input_layernorm", ffn_norm="post_attention_layernorm")
+
+
+def weights_from_gguf_package(path):
+    """The file's weights in Hugging Face names and row order, read and dequantized by the gguf package."""
+    reader = gguf.GGUFReader(str(path))
+    heads = int(reader.fields["llama.attention.head_count"].parts[-1][0])
+    kv_heads = int(reader.fields["llama.attention.head_count_kv"].parts[-1][0])
+    weights, types = {}, {}
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape))
+        w = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape).astype(np.float64)
+        parts = t.name.split(".")
+        if t.name == "token_embd.weight":
+            name = "model.embed_tokens.weight"
+        elif t.name == "output.weight":
+            name = "lm_head.weight"
+        elif t.name == "output_norm.weight":
+            name = "model.norm.weight"
+        else:
+            name = f"model.layers.{parts[1]}.{GGUF_TO_HF[parts[2]]}.weight"
+            if parts[2] in ("attn_q", "attn_k"):
+                w = hf_from_llamacpp_rows(w, heads if parts[2] == "attn_q" else kv_heads)
+        weights[name], types[name] = w, t.tensor_type
+    return weights, types
+
+
+@pytest.mark.parametrize("mix", LLAMA_QUANTIZE_FILES)
+def test_llama_quantize_files_load_losslessly(mix):
+    path = DATA / f"tiny-llama.{mix}.gguf"
+    weights, types = weights_from_gguf_package(path)
+    src = open_model(str(path))
+    quantized = [n for n, t in types.items() if t in KQUANTS]
+    assert len(quantized) == 16, "every matrix of the file is quantized"
+    for name in quantized:
+        t = src.tensors[name].load()
+        assert (t.bits, t.group_size) == KQUANTS[types[name]][:2], (name, types[name].name)
+        got = QuantizedLinear.from_packed(t.qweight, t.scales, t.zeros, t.bits, t.group_size).dequantize()
+        want = weights[name]
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err <= 1e-6, f"{mix} {name} ({types[name].name}): max relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("mix", LLAMA_QUANTIZE_FILES)
+def test_llama_quantize_files_run_like_the_reference(mix):
+    path = DATA / f"tiny-llama.{mix}.gguf"
+    weights, _ = weights_from_gguf_package(path)
+    config = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                  rms_norm_eps=1e-5, rope_theta=10000.0)
+    ids = [1, 17, 42, 5, 200, 3, 60, 123, 9, 71]
+    want = ref.forward(weights, config, ids)
+    model = Model(open_model(str(path)), ctx=32, threads=2)
+    got = model.forward(np.array(ids), 0, all_logits=True)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < 1e-4, f"{mix}: logits {err:.2e}"
