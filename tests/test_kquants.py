@@ -272,3 +272,34 @@ def test_llama_quantize_files_run_like_the_reference(mix):
     got = model.forward(np.array(ids), 0, all_logits=True)
     err = np.abs(got - want).max() / np.abs(want).max()
     assert err < 1e-4, f"{mix}: logits {err:.2e}"
+
+
+def _run_cli(*args):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, QINFER_TUNE="0")
+    return subprocess.run([sys.executable, "-m", "qinfer", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "nan-scale", "inf-minimum"])
+def test_malformed_kquant_file_is_one_error_line(tmp_path, damage):
+    from qinfer.readers.gguf import read_gguf
+    src = DATA / "tiny-llama.Q4_K_M.gguf"
+    data = bytearray(src.read_bytes())
+    info = read_gguf(str(src)).tensors["blk.0.ffn_gate.weight"]
+    assert info.type == Q.Q4_K
+    if damage == "truncated":
+        data = data[:info.offset + 100]
+    else:   # block 3's d (bytes 0-1) or dmin (bytes 2-3)
+        at = info.offset + 3 * 144 + (0 if damage == "nan-scale" else 2)
+        data[at:at + 2] = np.array([np.nan if damage == "nan-scale" else np.inf], "<f2").tobytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    proc = _run_cli("generate", "--model", str(bad), "--prompt", "t5", "--max-new-tokens", "1")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("qinfer: error:"), proc.stderr
+    assert {"truncated": "truncated", "nan-scale": "non-finite scale",
+            "inf-minimum": "non-finite minimum"}[damage] in lines[0]
+    assert "Traceback" not in proc.stderr
