@@ -271,13 +271,18 @@ def perplexity(engine, text, seqlen=2048, max_chunks=None, progress=None, thread
 
 # -------------------------------------------------------------------- CLI
 def cmd_perplexity(args):
-    from .engine import Engine
+    import warnings
+
+    from .engine import Engine, QinferWarning
 
     seqlen, max_chunks = check_options(args.seqlen, args.max_chunks)
     text = load_text(args.data)
     ctx = args.ctx if args.ctx is not None else min(seqlen, MAX_AUTO_CTX)
-    engine = Engine(args.model, threads=args.threads, ctx=ctx, quantize=args.quantize,
-                    group_size=args.group_size, dequantize=args.dequantize)
+    with warnings.catch_warnings():
+        if args.ctx is None:      # a cache sized from --seqlen: a seqlen too long is the error below
+            warnings.simplefilter("ignore", QinferWarning)
+        engine = Engine(args.model, threads=args.threads, ctx=ctx, quantize=args.quantize,
+                        group_size=args.group_size, dequantize=args.dequantize)
     result = perplexity(engine, text, seqlen=seqlen, max_chunks=max_chunks, threads=args.threads)
     if args.json:
         print(json.dumps(dict(result.to_dict(), model=engine.model_path, data=os.fspath(args.data))))
