@@ -195,7 +195,8 @@ def compare(models, tools, args, threads):
             log(f"{label}: round {rnd + 1}/{args.r}: qinfer bench")
             s, row, peak = qinfer_bench(qmodel, args.p, args.n, threads, extra)
             info["qinfer size"] = row["size_bytes"]
-            info["qinfer weights"] = f"{row['bits']}-bit g{row['group']}, LM head {row['lm_head']}"
+            group = "mixed groups" if row["group"] == "mixed" else f"g{row['group']}"
+            info["qinfer weights"] = f"{row['bits']}-bit {group}, LM head {row['lm_head']}"
             rss["qinfer"].append(peak)
             for k, v in s.items():
                 speeds["qinfer"].setdefault(k, []).append(v)
