@@ -400,3 +400,31 @@ def test_chat_template_paths_without_a_model(smol_template):
         assert hf_render(multiline, messages=msgs, add_generation_prompt=gen,
                          bos_token="<|im_start|>", eos_token="<|im_end|>") == want
         assert render_chat(multiline, msgs, tok, add_generation_prompt=gen) == want
+
+
+# ------------------------------------------------------------------ 7. unusual head shapes in the engine
+ENGINE_SEQ = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203, 29889, 13, 3492, 338]
+
+
+@pytest.mark.skipif(not ref.tokenizer_available(), reason="needs ../shared's LLaMA-2 tokenizer")
+@pytest.mark.parametrize("overrides", [
+    dict(head_dim=8),                                           # q 32 wide < hidden 64
+    dict(head_dim=32),                                          # q 128 wide > hidden 64
+    dict(num_key_value_heads=1),                                # one KV head shared by all 4
+    dict(num_key_value_heads=1, head_dim=24, num_attention_heads=2),
+], ids=["head_dim8", "head_dim32", "one_kv_head", "one_kv_head_dim24"])
+def test_engine_head_shapes_match_the_reference(tmp_path, overrides):
+    """Prefill logits and token-by-token decoding against the float64 reference."""
+    import qinfer
+    weights, config = ref.write_tiny_llama(tmp_path, tied=False, seed=31, **overrides)
+    want = ref.forward(weights, config, ENGINE_SEQ)
+    assert want.std() > 0.3
+    eng = qinfer.Engine(tmp_path, threads=1)
+    assert eng.config.head_dim == overrides.get("head_dim", 64 // overrides.get("num_attention_heads", 4))
+    tol = 1e-3                                                  # float32 engine vs float64 reference
+    assert np.abs(eng.logits(ENGINE_SEQ) - want).max() <= tol
+    eng.reset()
+    eng.prefill(ENGINE_SEQ[:5])
+    for pos in range(5, len(ENGINE_SEQ)):
+        step = eng.decode_step(ENGINE_SEQ[pos])
+        assert np.abs(step - want[pos]).max() <= tol, pos
