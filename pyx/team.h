@@ -135,9 +135,11 @@ static inline void team_wait(const team *tm)
 #define TEAM_PROBE_MARGIN 0.08
 /* The moving average's weight of the newest unit. */
 #define TEAM_COST_WEIGHT 0.5
-/* A moving average this much above the one the last probe ended with probes
- * at once (another process took a core), without waiting for the interval. */
+/* Units in a row this much slower than the moving average the last probe
+ * ended with probe at once (another process took a core), without waiting for
+ * the interval; one slow unit (an interrupt, a page fault) does not. */
 #define TEAM_DEGRADED 1.25
+#define TEAM_SLOW_UNITS 2
 /* Seconds between periodic probes: the first a second after a change, then
  * twice as long after every probe that loses, up to TEAM_PROBE_MAX_S. */
 #define TEAM_PROBE_MIN_S 1.0
@@ -157,6 +159,7 @@ typedef struct {
     int probe_units;    /* units a probe runs */
     int direction;      /* the side the next probe tries: -1 one thread fewer, +1 one more */
     int units;          /* units at `use` since the last probe or rebase */
+    int slow;           /* of which the last ones in a row TEAM_DEGRADED slower than `ref` */
     int rows;           /* rows of the last unit (governor_rows) */
     int probes, switches;   /* counts since the start, for tests and diagnostics */
     double probe_sum;   /* seconds of the running probe's units */
@@ -187,7 +190,7 @@ static inline void governor_init(team_governor *g, int probe_units)
 static inline void governor_rebase(team_governor *g)
 {
     g->probe = 0;
-    g->units = 0;
+    g->units = g->slow = 0;
     g->cost = g->ref = -1.0;
 }
 
@@ -214,7 +217,7 @@ static inline int governor_threads(team_governor *g, int nthreads, double now)
     }
     if (g->probe)
         return g->probe;
-    if (g->cost >= 0.0 && g->units >= TEAM_MIN_UNITS && (now >= g->next_probe || g->cost > TEAM_DEGRADED * g->ref)) {
+    if (g->cost >= 0.0 && g->units >= TEAM_MIN_UNITS && (now >= g->next_probe || g->slow >= TEAM_SLOW_UNITS)) {
         if (g->use + g->direction < 1 || g->use + g->direction > g->max)
             g->direction = -g->direction;
         g->probe = g->use + g->direction;
@@ -247,7 +250,7 @@ static inline void governor_report(team_governor *g, int threads, double seconds
         }
         g->probe = 0;
         g->ref = g->cost;
-        g->units = 0;
+        g->units = g->slow = 0;
         g->next_probe = now + g->interval;
         return;
     }
@@ -256,6 +259,7 @@ static inline void governor_report(team_governor *g, int threads, double seconds
     g->cost = g->cost < 0.0 ? seconds : g->cost + TEAM_COST_WEIGHT * (seconds - g->cost);
     if (g->ref < 0.0)
         g->ref = g->cost;
+    g->slow = seconds > TEAM_DEGRADED * g->ref ? g->slow + 1 : 0;
     g->units++;
 }
 

@@ -74,6 +74,29 @@ def test_governor_drops_a_thread_when_one_is_held_up_and_takes_it_back():
     assert back < 20.0 + HI + LO                          # two threads again within HI seconds
 
 
+def test_governor_probes_after_slow_units_in_a_row_not_after_one():
+    """Before the first periodic probe (1 s): one slow unit (an interrupt) leaves the
+    count alone; two in a row mean another process took a core, and it probes."""
+    gov = _runtime.Governor()
+    now = 0.0
+
+    def unit(seconds):
+        nonlocal now
+        t = gov.threads(2, now)
+        now += seconds if t == 2 else 0.018
+        gov.report(t, seconds if t == 2 else 0.018, now)
+        return t
+
+    for _ in range(10):
+        unit(0.01)
+    unit(0.05)
+    for _ in range(10):
+        unit(0.01)
+    assert gov.probes == 0 and now < LO
+    unit(0.05), unit(0.05)
+    assert unit(0.05) == 1 and gov.probes == 1
+
+
 def test_governor_needs_a_clear_win_to_switch():
     """A probe only a little faster (within the margin) does not replace the count."""
     gov = _runtime.Governor()
