@@ -3,7 +3,7 @@ with another process busy on one core (issue 34).
 
     python benchmarks/contention.py [--model PATH] [-p 256] [-n 128] [-r 5]
         [--quantize 4 --group-size 32] [--policies new,old] [--core N] [--no-settle]
-        [--stat median|max] [--baseline PP,TG]
+        [--stat median|max] [--baseline PP,TG] [--conditions quiet,busy]
 
 Each policy runs in its own worker process, which loads the model once (the
 OpenMP runtime reads its wait policy when it loads, so policies cannot share a
@@ -205,6 +205,8 @@ def main():
                         help="statistic of the rounds' tokens/s (max: the best round)")
     parser.add_argument("--baseline", default=None, metavar="PP,TG",
                         help="quiet 2-thread tokens/s to set the new policy against (pp,tg)")
+    parser.add_argument("--conditions", default="quiet,busy",
+                        help="quiet, busy or both (default): e.g. quiet only, for the quiet target in a quiet spell")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -219,6 +221,9 @@ def main():
     if len(cores) < 2:
         sys.exit("needs at least 2 cores")
     settle = not args.no_settle
+    wanted = [c.strip() for c in args.conditions.split(",") if c.strip()]
+    if not wanted or any(c not in ("quiet", "busy") for c in wanted):
+        parser.error(f"--conditions takes quiet, busy or both, got {args.conditions!r}")
     stat = statistics.median if args.stat == "median" else max
     baseline = None
     if args.baseline:
@@ -244,7 +249,7 @@ def main():
         for w in workers:
             print(f"  {w.name}: adaptive threads {w.info['adaptive']}, waits {w.info['wait']}")
         for r in range(args.rounds):
-            conditions = ("quiet", "busy") if r % 2 == 0 else ("busy", "quiet")
+            conditions = [c for c in (("quiet", "busy") if r % 2 == 0 else ("busy", "quiet")) if c in wanted]
             for condition in conditions:
                 competitor = start_competitor(core) if condition == "busy" else None
                 try:
@@ -283,11 +288,11 @@ def main():
     def ratio(a, b):
         return a / b if b else float("nan")
 
-    for name in policies:
+    for name in policies if "busy" in wanted else ():
         pp, tg = (ratio(median(speeds[(name, "busy", 2, test)], stat), median(speeds[(name, "busy", 1, test)], stat))
                   for test in TESTS)
         print(f"busy, 2 threads / 1 thread, {name:<4}: pp {pp:.2f}  tg {tg:.2f}   (target >= 0.90)")
-    if "new" in policies:
+    if "new" in policies and "quiet" in wanted:
         for base in (p for p in policies if p != "new"):
             pp, tg = (ratio(median(speeds[("new", "quiet", 2, test)], stat),
                             median(speeds[(base, "quiet", 2, test)], stat)) for test in TESTS)
@@ -296,9 +301,9 @@ def main():
             pp, tg = (ratio(median(speeds[("new", "quiet", 2, test)], stat), b) for test, b in zip(TESTS, baseline))
             print(f"quiet, 2 threads, new / --baseline: pp {pp:.2f}  tg {tg:.2f}   (target >= 0.97)")
     print()
-    print(f"other load during the runs (cores, median [max]): quiet {median(loads['quiet']):.2f} "
-          f"[{max(loads['quiet']):.2f}], busy {median(loads['busy']):.2f} [{max(loads['busy']):.2f}] "
-          f"(the competitor is 1.00); load average before {' '.join(load_before)}, after {' '.join(load_after)}")
+    print("other load during the runs (cores, median [max]): "
+          + ", ".join(f"{c} {median(loads[c]):.2f} [{max(loads[c]):.2f}]" for c in wanted)
+          + f" (the competitor is 1.00); load average before {' '.join(load_before)}, after {' '.join(load_after)}")
     if "new" in policies:
         for condition in ("quiet", "busy"):
             g = final_governors.get(("new", condition))
