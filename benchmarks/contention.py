@@ -3,7 +3,7 @@ with another process busy on one core (issue 34).
 
     python benchmarks/contention.py [--model PATH] [-p 256] [-n 128] [-r 5]
         [--quantize 4 --group-size 32] [--policies new,old] [--core N] [--no-settle]
-        [--stat median|max] [--baseline PP,TG] [--conditions quiet,busy]
+        [--stat median|max] [--baseline PP,TG] [--conditions quiet,busy] [--quiet-max-load CORES]
 
 Each policy runs in its own worker process, which loads the model once (the
 OpenMP runtime reads its wait policy when it loads, so policies cannot share a
@@ -34,7 +34,9 @@ tokens/s given with --baseline (e.g. from a run of the commit before).
 
 The machine's other load is measured during every run (/proc/stat busy time
 less the workers' and this process's own): a "quiet" round on a shared machine
-is only as quiet as that column says, so the script prints it.
+is only as quiet as that, so the script prints it, and --quiet-max-load drops
+the quiet runs during which other processes used more than that many cores
+(the table then says how many of the rounds' runs each quiet cell kept).
 """
 import argparse
 import json
@@ -207,6 +209,8 @@ def main():
                         help="quiet 2-thread tokens/s to set the new policy against (pp,tg)")
     parser.add_argument("--conditions", default="quiet,busy",
                         help="quiet, busy or both (default): e.g. quiet only, for the quiet target in a quiet spell")
+    parser.add_argument("--quiet-max-load", type=float, default=None, metavar="CORES",
+                        help="keep only quiet runs during which other processes used at most this many cores")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -234,6 +238,7 @@ def main():
             parser.error(f"--baseline takes two positive numbers, pp,tg; got {args.baseline!r}")
     speeds = {}    # (policy, condition, threads, test) -> [tokens/s]
     loads = {"quiet": [], "busy": []}
+    dropped = {}   # runs left out by --quiet-max-load
     final_governors = {}
     workers, competitor = [], None
     start = time.time()
@@ -261,8 +266,14 @@ def main():
                                 with LoadMeter(pids) as meter:
                                     answer = w.run(test, t, settle)
                                 n = args.p if test == "pp" else args.n
-                                speeds.setdefault((w.name, condition, t, test), []).append(n / answer["seconds"])
                                 loads[condition].append(meter.cores)
+                                key = (w.name, condition, t, test)
+                                dropped.setdefault(key, 0)
+                                if (condition == "quiet" and args.quiet_max_load is not None
+                                        and meter.cores > args.quiet_max_load):
+                                    dropped[key] += 1
+                                    continue
+                                speeds.setdefault(key, []).append(n / answer["seconds"])
                                 final_governors[(w.name, condition)] = answer["governors"]
                 finally:
                     stop(competitor)
@@ -283,22 +294,27 @@ def main():
         for t in THREADS:
             cells = [median(speeds.get((name, c, t, test), []), stat) for c in ("quiet", "busy") for test in TESTS]
             print(f"{name:<7} {t:>7} " + " ".join(f"{v:>9.1f}" for v in cells))
+    if args.quiet_max_load is not None:
+        kept = {k: len(speeds.get(k, [])) for k in dropped if k[1] == "quiet"}
+        print(f"quiet runs kept (other load <= {args.quiet_max_load} cores): "
+              + ", ".join(f"{k[0]} {k[2]}T {k[3]} {n}/{n + dropped[k]}" for k, n in sorted(kept.items())))
     print()
 
     def ratio(a, b):
-        return a / b if b else float("nan")
+        return a / b if b and b == b else float("nan")
 
     for name in policies if "busy" in wanted else ():
-        pp, tg = (ratio(median(speeds[(name, "busy", 2, test)], stat), median(speeds[(name, "busy", 1, test)], stat))
-                  for test in TESTS)
+        pp, tg = (ratio(median(speeds.get((name, "busy", 2, test), []), stat),
+                        median(speeds.get((name, "busy", 1, test), []), stat)) for test in TESTS)
         print(f"busy, 2 threads / 1 thread, {name:<4}: pp {pp:.2f}  tg {tg:.2f}   (target >= 0.90)")
     if "new" in policies and "quiet" in wanted:
         for base in (p for p in policies if p != "new"):
-            pp, tg = (ratio(median(speeds[("new", "quiet", 2, test)], stat),
-                            median(speeds[(base, "quiet", 2, test)], stat)) for test in TESTS)
+            pp, tg = (ratio(median(speeds.get(("new", "quiet", 2, test), []), stat),
+                            median(speeds.get((base, "quiet", 2, test), []), stat)) for test in TESTS)
             print(f"quiet, 2 threads, new / {base:<4}:     pp {pp:.2f}  tg {tg:.2f}   (target >= 0.97)")
         if baseline:
-            pp, tg = (ratio(median(speeds[("new", "quiet", 2, test)], stat), b) for test, b in zip(TESTS, baseline))
+            pp, tg = (ratio(median(speeds.get(("new", "quiet", 2, test), []), stat), b)
+                      for test, b in zip(TESTS, baseline))
             print(f"quiet, 2 threads, new / --baseline: pp {pp:.2f}  tg {tg:.2f}   (target >= 0.97)")
     print()
     print("other load during the runs (cores, median [max]): "
