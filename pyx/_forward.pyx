@@ -1146,13 +1146,11 @@ static int forward_with(const weights *w, run_state *s, const int *tokens, int n
     for (int l = 0; l < w->n_layers; l++) {
         const double t0 = g ? team_clock() : 0.0;
         if (g)
-            threads = governor_threads(g, nthreads, t0);
+            threads = governor_threads(g, nthreads);
         if (layer_forward(w, s, l, pos, n, NULL, threads))
             return -1;
-        if (g) {
-            const double t1 = team_clock();
-            governor_report(g, threads, (t1 - t0) / n, t1);
-        }
+        if (g)
+            governor_report(g, threads, team_clock() - t0);
     }
     if (g)
         threads = g->use;
@@ -1182,10 +1180,9 @@ static int forward(const weights *w, run_state *s, const int *tokens, int n, int
     if (n > 1)
         return forward_with(w, s, tokens, n, pos, logits, all_logits, nthreads, &s->prefill_governor);
     const double t0 = team_clock();
-    const int threads = governor_threads(&s->decode_governor, nthreads, t0);
+    const int threads = governor_threads(&s->decode_governor, nthreads);
     const int rc = forward_with(w, s, tokens, n, pos, logits, all_logits, threads, NULL);
-    const double t1 = team_clock();
-    governor_report(&s->decode_governor, threads, t1 - t0, t1);
+    governor_report(&s->decode_governor, threads, team_clock() - t0);
     return rc;
 }
 
@@ -1227,7 +1224,7 @@ static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int
         const float *inv_freq
     ctypedef struct team_governor:
         int max, use, probes, switches
-        double cost
+        double cost, work
     ctypedef struct run_state:
         int max_tokens
         int threads
@@ -1273,10 +1270,10 @@ def thread_policy():
 
 
 def set_probe_interval(double shortest, double longest):
-    """Seconds between the governors' periodic probes: `shortest` after a start or a
-    switch, doubling after every probe that loses, up to `longest` (pyx/team.h:
-    1 and 8). Tests set 0: a probe whenever enough units have run. Returns the
-    previous pair. Governors already running keep their current interval."""
+    """Seconds of work between the governors' periodic probes: `shortest` after a
+    start or a switch, doubling after every probe that loses, up to `longest`
+    (pyx/team.h: 1 and 8). Tests set 0: a probe whenever enough units have run.
+    Returns the previous pair. Governors already running keep their current interval."""
     global team_probe_min_s, team_probe_max_s
     previous = team_probe_min_s, team_probe_max_s
     team_probe_min_s, team_probe_max_s = shortest, longest
@@ -1285,7 +1282,7 @@ def set_probe_interval(double shortest, double longest):
 
 cdef dict governor_state(const team_governor *g):
     return dict(asked=g.max, threads=g.use if g.max else None, probes=g.probes, switches=g.switches,
-                seconds=g.cost if g.max and g.cost >= 0 else None)
+                seconds=g.cost if g.max and g.cost >= 0 else None, work=g.work)
 
 
 cdef const uint16_t *half_ptr(object array, Py_ssize_t size) except NULL:
@@ -1445,8 +1442,8 @@ cdef class Transformer:
     def thread_governors(self):
         """What the thread governors (pyx/team.h) chose: for "decode" (steps) and
         "prefill" (blocks), the count asked for (0: none yet), the count in use, the
-        probes and switches so far and the moving average of a unit's seconds (per
-        token for prefill blocks) at that count."""
+        probes and switches so far, the moving average of a unit's seconds (per
+        token for prefill blocks) at that count and the seconds of work governed."""
         return {"decode": governor_state(&self.s.decode_governor),
                 "prefill": governor_state(&self.s.prefill_governor)}
 

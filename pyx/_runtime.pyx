@@ -2,7 +2,7 @@
 """Run-time glue between Python and the generated kernels.
 
 CPU feature detection, the OpenMP thread count and wait policy, the thread
-governor of pyx/team.h on a clock the caller gives (for tests), QMatrix (one
+governor of pyx/team.h on made-up timings (for tests), QMatrix (one
 packed layer handed to a generated kernel without the GIL) and a
 streaming-read probe that benchmarks use to measure the machine's memory
 bandwidth.
@@ -52,8 +52,8 @@ cdef extern from "team.h":
         double cost
     void governor_init(team_governor *g, int probe_units)
     void governor_rows(team_governor *g, int rows)
-    int governor_threads(team_governor *g, int nthreads, double now)
-    void governor_report(team_governor *g, int threads, double seconds, double now)
+    int governor_threads(team_governor *g, int nthreads)
+    void governor_report(team_governor *g, int threads, double seconds)
     double TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S, TEAM_PROBE_MARGIN
 
 cdef extern from *:
@@ -197,9 +197,10 @@ PROBE_MIN_SECONDS, PROBE_MAX_SECONDS, PROBE_MARGIN = TEAM_PROBE_MIN_S, TEAM_PROB
 
 cdef class Governor:
     """The thread governor of pyx/team.h (the forward pass has one for decode steps
-    and one for prefill blocks) on a clock the caller gives: tests drive it with
-    made-up timings. threads(n, now) is the count for the next unit of at most n;
-    report(threads, seconds, now) tells it how long that unit took."""
+    and one for prefill blocks), for tests to drive with made-up timings.
+    threads(n) is the count for the next unit of at most n; report(threads,
+    seconds) tells it how long that unit took; rows(n): the units that follow
+    have n rows."""
     cdef team_governor g
 
     def __cinit__(self, int probe_units=2):
@@ -208,11 +209,11 @@ cdef class Governor:
     def rows(self, int rows):
         governor_rows(&self.g, rows)
 
-    def threads(self, int nthreads, double now):
-        return governor_threads(&self.g, nthreads, now)
+    def threads(self, int nthreads):
+        return governor_threads(&self.g, nthreads)
 
-    def report(self, int threads, double seconds, double now):
-        governor_report(&self.g, threads, seconds, now)
+    def report(self, int threads, double seconds):
+        governor_report(&self.g, threads, seconds)
 
     @property
     def use(self):

@@ -140,8 +140,10 @@ static inline void team_wait(const team *tm)
  * the interval; one slow unit (an interrupt, a page fault) does not. */
 #define TEAM_DEGRADED 1.25
 #define TEAM_SLOW_UNITS 2
-/* Seconds between periodic probes: the first a second after a change, then
- * twice as long after every probe that loses, up to TEAM_PROBE_MAX_S. */
+/* Seconds of work (the governor's units, not the wall clock: a program that
+ * prefills once a minute is not probed on every call) between periodic
+ * probes: the first a second after a start or a switch, then twice as long
+ * after every probe that loses, up to TEAM_PROBE_MAX_S. */
 #define TEAM_PROBE_MIN_S 1.0
 #define TEAM_PROBE_MAX_S 8.0
 /* The two in force in this extension module (tests set them to 0: a probe as
@@ -160,16 +162,17 @@ typedef struct {
     int direction;      /* the side the next probe tries: -1 one thread fewer, +1 one more */
     int units;          /* units at `use` since the last probe or rebase */
     int slow;           /* of which the last ones in a row TEAM_DEGRADED slower than `ref` */
-    int rows;           /* rows of the last unit (governor_rows) */
+    int rows;           /* rows of the units (governor_rows; 0: one) */
     int probes, switches;   /* counts since the start, for tests and diagnostics */
-    double probe_sum;   /* seconds of the running probe's units */
-    double cost;        /* seconds a unit takes at `use` (moving average); < 0 unknown */
+    double probe_sum;   /* cost of the running probe's units */
+    double cost;        /* seconds a unit takes at `use`, per row (moving average); < 0 unknown */
     double ref;         /* `cost` when the last probe ended (or at a rebase) */
-    double next_probe;  /* clock (seconds) of the next periodic probe */
-    double interval;    /* seconds between periodic probes */
+    double work;        /* seconds of all units so far: the governor's clock */
+    double next_probe;  /* `work` at the next periodic probe */
+    double interval;    /* seconds of work between periodic probes */
 } team_governor;
 
-/* The processes's monotonic clock, in seconds (~25 ns a call through the vDSO). */
+/* The process's monotonic clock, in seconds (~25 ns a call through the vDSO). */
 static inline double team_clock(void)
 {
     struct timespec ts;
@@ -183,6 +186,7 @@ static inline void governor_init(team_governor *g, int probe_units)
     g->probe_units = probe_units > 0 ? probe_units : 1;
     g->probes = g->switches = 0;
     g->rows = 0;
+    g->work = 0.0;
 }
 
 /* Forget the cost (not the count in use, nor when to probe next): the units
@@ -194,8 +198,9 @@ static inline void governor_rebase(team_governor *g)
     g->cost = g->ref = -1.0;
 }
 
-/* The units that follow have `rows` rows: a change of more than a quarter
- * makes their cost another one. */
+/* The units that follow have `rows` rows (a prefill block's tokens): their
+ * cost is counted per row, and a change of more than a quarter makes it
+ * another one. */
 static inline void governor_rows(team_governor *g, int rows)
 {
     if (4 * (rows > g->rows ? rows - g->rows : g->rows - rows) > g->rows)
@@ -203,8 +208,8 @@ static inline void governor_rows(team_governor *g, int rows)
     g->rows = rows;
 }
 
-/* Threads for the next unit, of at most `nthreads` (the count asked for), at clock `now`. */
-static inline int governor_threads(team_governor *g, int nthreads, double now)
+/* Threads for the next unit, of at most `nthreads` (the count asked for). */
+static inline int governor_threads(team_governor *g, int nthreads)
 {
     if (nthreads <= 1)
         return nthreads;
@@ -212,12 +217,12 @@ static inline int governor_threads(team_governor *g, int nthreads, double now)
         g->max = g->use = nthreads;
         g->direction = -1;
         g->interval = team_probe_min_s;
-        g->next_probe = now + g->interval;
+        g->next_probe = g->work + g->interval;
         governor_rebase(g);
     }
     if (g->probe)
         return g->probe;
-    if (g->cost >= 0.0 && g->units >= TEAM_MIN_UNITS && (now >= g->next_probe || g->slow >= TEAM_SLOW_UNITS)) {
+    if (g->cost >= 0.0 && g->units >= TEAM_MIN_UNITS && (g->work >= g->next_probe || g->slow >= TEAM_SLOW_UNITS)) {
         if (g->use + g->direction < 1 || g->use + g->direction > g->max)
             g->direction = -g->direction;
         g->probe = g->use + g->direction;
@@ -229,13 +234,15 @@ static inline int governor_threads(team_governor *g, int nthreads, double now)
     return g->use;
 }
 
-/* A unit ran with `threads` threads (what governor_threads gave) in `seconds`; `now` is the clock. */
-static inline void governor_report(team_governor *g, int threads, double seconds, double now)
+/* A unit ran with `threads` threads (what governor_threads gave) in `seconds`. */
+static inline void governor_report(team_governor *g, int threads, double seconds)
 {
     if (g->max <= 1)
         return;
+    g->work += seconds;
+    const double cost = g->rows > 1 ? seconds / g->rows : seconds;
     if (g->probe && threads == g->probe) {
-        g->probe_sum += seconds;
+        g->probe_sum += cost;
         if (--g->probe_left > 0)
             return;
         const double mean = g->probe_sum / g->probe_units;
@@ -251,15 +258,15 @@ static inline void governor_report(team_governor *g, int threads, double seconds
         g->probe = 0;
         g->ref = g->cost;
         g->units = g->slow = 0;
-        g->next_probe = now + g->interval;
+        g->next_probe = g->work + g->interval;
         return;
     }
     if (threads != g->use)
         return;
-    g->cost = g->cost < 0.0 ? seconds : g->cost + TEAM_COST_WEIGHT * (seconds - g->cost);
+    g->cost = g->cost < 0.0 ? cost : g->cost + TEAM_COST_WEIGHT * (cost - g->cost);
     if (g->ref < 0.0)
         g->ref = g->cost;
-    g->slow = seconds > TEAM_DEGRADED * g->ref ? g->slow + 1 : 0;
+    g->slow = cost > TEAM_DEGRADED * g->ref ? g->slow + 1 : 0;
     g->units++;
 }
 

@@ -26,23 +26,24 @@ LO, HI = _runtime.PROBE_MIN_SECONDS, _runtime.PROBE_MAX_SECONDS
 
 # ---------------------------------------------------------------- the governor
 def drive(gov, cost, seconds, start=0.0, asked=2, rows=None):
-    """Run units for `seconds` of made-up time; cost(threads, now) is the seconds of a
-    unit that starts at `now`. Returns [(start of the unit, its thread count)] and the end."""
+    """Run units for `seconds` of made-up work (the governor's clock is the seconds of
+    the units it governs); cost(threads, now) is the seconds of a unit that starts
+    at `now`. Returns [(start of the unit, its thread count)] and the end."""
     now, units = start, []
     while now < start + seconds:
         if rows is not None:
             gov.rows(rows)
-        t = gov.threads(asked, now)
+        t = gov.threads(asked)
         c = cost(t, now)
         units.append((now, t))
         now += c
-        gov.report(t, c, now)
+        gov.report(t, c)
     return units, now
 
 
 def test_governor_keeps_the_faster_count_on_a_quiet_machine():
     """Two threads 1.8x as fast as one: the governor stays at two; its probes of one
-    thread come a second after the start, then ever further apart (up to HI seconds)."""
+    thread come a second of work after the start, then ever further apart (up to HI)."""
     gov = _runtime.Governor()
     units, _ = drive(gov, lambda t, now: 0.01 if t == 2 else 0.018, 60.0)
     counts = [t for _, t in units]
@@ -55,8 +56,8 @@ def test_governor_keeps_the_faster_count_on_a_quiet_machine():
 
 def test_governor_drops_a_thread_when_one_is_held_up_and_takes_it_back():
     """Another process takes a core at t=5 s (two threads now 3x slower than one):
-    the rise probes at once and the governor drops to one thread within a few units;
-    when the core is free again (t=20 s) a periodic probe finds it within HI seconds."""
+    two slow units in a row probe at once and the governor drops to one thread; when
+    the core is free again (t=20 s) a periodic probe finds it within HI seconds."""
     gov = _runtime.Governor()
 
     def cost(t, now):
@@ -75,16 +76,14 @@ def test_governor_drops_a_thread_when_one_is_held_up_and_takes_it_back():
 
 
 def test_governor_probes_after_slow_units_in_a_row_not_after_one():
-    """Before the first periodic probe (1 s): one slow unit (an interrupt) leaves the
-    count alone; two in a row mean another process took a core, and it probes."""
+    """Before the first periodic probe (a second of work): one slow unit (an
+    interrupt) leaves the count alone; two in a row mean another process took a
+    core, and it probes."""
     gov = _runtime.Governor()
-    now = 0.0
 
     def unit(seconds):
-        nonlocal now
-        t = gov.threads(2, now)
-        now += seconds if t == 2 else 0.018
-        gov.report(t, seconds if t == 2 else 0.018, now)
+        t = gov.threads(2)
+        gov.report(t, seconds if t == 2 else 0.018)
         return t
 
     for _ in range(10):
@@ -92,9 +91,17 @@ def test_governor_probes_after_slow_units_in_a_row_not_after_one():
     unit(0.05)
     for _ in range(10):
         unit(0.01)
-    assert gov.probes == 0 and now < LO
+    assert gov.probes == 0
     unit(0.05), unit(0.05)
     assert unit(0.05) == 1 and gov.probes == 1
+
+
+def test_governor_counts_work_not_idle_time():
+    """The interval between probes is seconds of work: units far apart in time (a
+    prefill once a minute) are not each a probe."""
+    gov = _runtime.Governor()
+    counts = [t for _, t in drive(gov, lambda t, now: 0.01 if t == 2 else 0.018, 0.5)[0]]
+    assert gov.probes == 0 and set(counts) == {2}
 
 
 def test_governor_needs_a_clear_win_to_switch():
@@ -106,21 +113,22 @@ def test_governor_needs_a_clear_win_to_switch():
 
 def test_governor_one_thread_and_a_new_count():
     gov = _runtime.Governor()
-    assert gov.threads(1, 0.0) == 1 and gov.probes == 0     # one thread asked: nothing to choose
+    assert gov.threads(1) == 1 and gov.probes == 0          # one thread asked: nothing to choose
     drive(gov, lambda t, now: 0.01 if t == 1 else 0.05, 10.0)
     assert gov.use == 1
-    assert gov.threads(3, 10.0) == 3                        # another count asked for: start from it
-    drive(gov, lambda t, now: {1: 0.05, 2: 0.02, 3: 0.01}[t], 30.0, start=10.0, asked=3)
+    assert gov.threads(3) == 3                              # another count asked for: start from it
+    drive(gov, lambda t, now: {1: 0.05, 2: 0.02, 3: 0.01}[t], 30.0, asked=3)
     assert gov.use == 3
 
 
 def test_governor_rows_change_is_not_a_slowdown():
-    """Prefill blocks of another length cost another time: a new length starts the
-    moving average again instead of looking like a slowdown that calls for a probe."""
+    """Prefill blocks of another length cost another time per row: a new length
+    starts the moving average again instead of looking like a slowdown that calls
+    for a probe."""
     gov = _runtime.Governor()
-    drive(gov, lambda t, now: 0.01 if t == 2 else 0.018, 0.5, rows=256)
+    drive(gov, lambda t, now: 0.256 if t == 2 else 0.46, 0.5, rows=256)
     probes = gov.probes
-    drive(gov, lambda t, now: 0.1 if t == 2 else 0.18, 0.5, start=0.5, rows=16)   # well before a periodic probe
+    drive(gov, lambda t, now: 0.08 if t == 2 else 0.144, 0.4, rows=16)   # 5x the cost per row
     assert gov.probes == probes and gov.use == 2
 
 
