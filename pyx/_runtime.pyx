@@ -54,7 +54,7 @@ cdef extern from "team.h":
     void governor_rows(team_governor *g, int rows)
     int governor_threads(team_governor *g, int nthreads)
     void governor_report(team_governor *g, int threads, double seconds)
-    double TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S, TEAM_PROBE_MARGIN
+    double TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S, TEAM_PROBE_MARGIN, TEAM_PROBE_MARGIN_UP
 
 cdef extern from *:
     """
@@ -192,7 +192,8 @@ def display_omp_env():
     return bool(qi_display_omp_env())
 
 
-PROBE_MIN_SECONDS, PROBE_MAX_SECONDS, PROBE_MARGIN = TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S, TEAM_PROBE_MARGIN
+PROBE_MIN_SECONDS, PROBE_MAX_SECONDS = TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S
+PROBE_MARGIN, PROBE_MARGIN_UP = TEAM_PROBE_MARGIN, TEAM_PROBE_MARGIN_UP
 
 
 cdef class Governor:

@@ -131,8 +131,12 @@ static inline void team_wait(const team *tm)
 /* ------------------------------------------------------------ the governor */
 
 /* A probe must be this much faster than the moving average of the count in
- * use to replace it: noise of a few percent does not make the count flap. */
+ * use to replace it: noise of a few percent does not make the count flap. A
+ * probe of one thread more must win by TEAM_PROBE_MARGIN_UP / (threads in use)
+ * more (15% from one thread to two): a lucky probe that adds a thread to a
+ * contended core costs more, until noticed, than one that drops a thread. */
 #define TEAM_PROBE_MARGIN 0.08
+#define TEAM_PROBE_MARGIN_UP 0.07
 /* The moving average's weight of the newest unit. */
 #define TEAM_COST_WEIGHT 0.5
 /* Units in a row this much slower than the moving average the last probe
@@ -246,7 +250,8 @@ static inline void governor_report(team_governor *g, int threads, double seconds
         if (--g->probe_left > 0)
             return;
         const double mean = g->probe_sum / g->probe_units;
-        if (mean < (1.0 - TEAM_PROBE_MARGIN) * g->cost) {
+        const double margin = TEAM_PROBE_MARGIN + (g->probe > g->use ? TEAM_PROBE_MARGIN_UP / g->use : 0.0);
+        if (mean < (1.0 - margin) * g->cost) {
             g->use = g->probe;   /* the probe won: keep going that way next time */
             g->cost = mean;
             g->interval = team_probe_min_s;

@@ -105,10 +105,19 @@ def test_governor_counts_work_not_idle_time():
 
 
 def test_governor_needs_a_clear_win_to_switch():
-    """A probe only a little faster (within the margin) does not replace the count."""
+    """A probe only a little faster (within the margin) does not replace the count;
+    one thread more must win by more than one thread fewer."""
     gov = _runtime.Governor()
     drive(gov, lambda t, now: 0.01 if t == 2 else 0.01 * (1 - _runtime.PROBE_MARGIN / 2), 30.0)
     assert gov.use == 2 and gov.switches == 0 and gov.probes > 0
+    down = _runtime.Governor()
+    drive(down, lambda t, now: 0.01 if t == 2 else 0.01 * (1 - 1.5 * _runtime.PROBE_MARGIN), 30.0)
+    assert down.use == 1 and down.switches == 1
+    # at one thread, a probe of two that wins by the down-margin alone stays a probe
+    drive(down, lambda t, now: 0.01 if t == 1 else 0.01 * (1 - 1.5 * _runtime.PROBE_MARGIN), 30.0)
+    assert down.use == 1 and down.switches == 1 and down.probes > 2
+    drive(down, lambda t, now: 0.01 if t == 1 else 0.005, 30.0)
+    assert down.use == 2 and down.switches == 2
 
 
 def test_governor_one_thread_and_a_new_count():
