@@ -4,6 +4,7 @@ with another process busy on one core (issue 34).
     python benchmarks/contention.py [--model PATH] [-p 256] [-n 128] [-r 5]
         [--quantize 4 --group-size 32] [--policies new,old] [--core N] [--no-settle]
         [--stat median|max] [--baseline PP,TG] [--conditions quiet,busy] [--quiet-max-load CORES]
+        [--json-out FILE]
 
 Each policy runs in its own worker process, which loads the model once (the
 OpenMP runtime reads its wait policy when it loads, so policies cannot share a
@@ -211,6 +212,8 @@ def main():
                         help="quiet, busy or both (default): e.g. quiet only, for the quiet target in a quiet spell")
     parser.add_argument("--quiet-max-load", type=float, default=None, metavar="CORES",
                         help="keep only quiet runs during which other processes used at most this many cores")
+    parser.add_argument("--json-out", default=None, metavar="FILE",
+                        help="write every run (policy, condition, threads, test, tokens/s, other load) as JSON")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -239,6 +242,7 @@ def main():
     speeds = {}    # (policy, condition, threads, test) -> [tokens/s]
     loads = {"quiet": [], "busy": []}
     dropped = {}   # runs left out by --quiet-max-load
+    runs = []      # every run, for --json-out
     final_governors = {}
     workers, competitor = [], None
     start = time.time()
@@ -267,6 +271,9 @@ def main():
                                     answer = w.run(test, t, settle)
                                 n = args.p if test == "pp" else args.n
                                 loads[condition].append(meter.cores)
+                                runs.append(dict(round=r, policy=w.name, condition=condition, threads=t, test=test,
+                                                 tokens_per_s=n / answer["seconds"], other_load=meter.cores,
+                                                 governors=answer["governors"]))
                                 key = (w.name, condition, t, test)
                                 dropped.setdefault(key, 0)
                                 if (condition == "quiet" and args.quiet_max_load is not None
@@ -286,6 +293,9 @@ def main():
 
     with open("/proc/loadavg") as f:
         load_after = f.read().split()[:3]
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(dict(args=vars(args), load_before=load_before, load_after=load_after, runs=runs), f, indent=1)
     print()
     header = f"{'policy':<7} {'threads':>7} {'quiet pp':>9} {'quiet tg':>9} {'busy pp':>9} {'busy tg':>9}"
     print(header)
