@@ -6,9 +6,12 @@ with another process busy on one core (issue 34).
         [--stat median|max] [--baseline PP,TG] [--conditions quiet,busy] [--quiet-max-load CORES]
         [--json-out FILE]
 
-Each policy runs in its own worker process, which loads the model once (the
-OpenMP runtime reads its wait policy when it loads, so policies cannot share a
-process):
+Each policy runs in worker processes that load the model once (the OpenMP
+runtime reads its wait policy when it loads, so policies cannot share a
+process), one for the quiet runs and one for the busy runs, so that each
+governor knows only its own condition, as on a machine that stays quiet or
+stays busy (--shared-workers: one worker per policy for both, whose governor
+then also pays for noticing every change of condition):
 
 - new: qinfer's defaults: the thread governor (pyx/team.h) picks each decode
   step's and prefill block's thread count, waiting threads sleep after a short
@@ -212,6 +215,8 @@ def main():
                         help="quiet, busy or both (default): e.g. quiet only, for the quiet target in a quiet spell")
     parser.add_argument("--quiet-max-load", type=float, default=None, metavar="CORES",
                         help="keep only quiet runs during which other processes used at most this many cores")
+    parser.add_argument("--shared-workers", action="store_true",
+                        help="one worker per policy for quiet and busy runs (default: one per policy and condition)")
     parser.add_argument("--json-out", default=None, metavar="FILE",
                         help="write every run (policy, condition, threads, test, tokens/s, other load) as JSON")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -244,25 +249,32 @@ def main():
     dropped = {}   # runs left out by --quiet-max-load
     runs = []      # every run, for --json-out
     final_governors = {}
-    workers, competitor = [], None
+    workers, competitor = {}, None   # (policy, condition) -> Worker
     start = time.time()
     with open("/proc/loadavg") as f:
         load_before = f.read().split()[:3]
     try:
         for name in policies:
-            workers.append(Worker(name, args))
-        info = workers[0].info
+            for condition in wanted:
+                if args.shared_workers and condition != wanted[0]:
+                    workers[(name, condition)] = workers[(name, wanted[0])]
+                else:
+                    workers[(name, condition)] = Worker(name, args)
+        info = workers[(policies[0], wanted[0])].info
         print(f"model {info['model']}{f' quantized {args.quantize}-bit g{args.group_size}' if args.quantize else ''}, "
               f"pp{args.p} tg{args.n}, {args.rounds} rounds, {args.stat} tokens/s; competitor: a Python busy loop "
               f"on CPU {core}; {'one untimed run before each' if settle else 'no settling run'}")
-        for w in workers:
-            print(f"  {w.name}: adaptive threads {w.info['adaptive']}, waits {w.info['wait']}")
+        for name in policies:
+            w = workers[(name, wanted[0])]
+            print(f"  {name}: adaptive threads {w.info['adaptive']}, waits {w.info['wait']}")
+        print(f"  workers: {'one per policy' if args.shared_workers else 'one per policy and condition'}")
         for r in range(args.rounds):
             conditions = [c for c in (("quiet", "busy") if r % 2 == 0 else ("busy", "quiet")) if c in wanted]
             for condition in conditions:
                 competitor = start_competitor(core) if condition == "busy" else None
                 try:
-                    order = workers if r % 2 == 0 else workers[::-1]
+                    order = [workers[(name, condition)] for name in policies]
+                    order = order if r % 2 == 0 else order[::-1]
                     for test in TESTS:
                         for t in (THREADS if r % 2 == 0 else THREADS[::-1]):
                             for w in order:
@@ -288,7 +300,7 @@ def main():
             print(f"  round {r + 1}/{args.rounds} done ({time.time() - start:.0f} s)", file=sys.stderr)
     finally:
         stop(competitor)
-        for w in workers:
+        for w in set(workers.values()):
             w.close()
 
     with open("/proc/loadavg") as f:
