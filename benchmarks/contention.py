@@ -45,6 +45,7 @@ the quiet runs during which other processes used more than that many cores
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -232,6 +233,10 @@ def main():
     core = args.core if args.core is not None else cores[-1]
     if len(cores) < 2:
         sys.exit("needs at least 2 cores")
+    # SIGTERM, and SIGINT where the shell that started us in the background ignores it,
+    # end the run through the finally below, which kills the competitor and the workers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     settle = not args.no_settle
     wanted = [c.strip() for c in args.conditions.split(",") if c.strip()]
     if not wanted or any(c not in ("quiet", "busy") for c in wanted):
