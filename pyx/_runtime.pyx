@@ -55,6 +55,7 @@ cdef extern from "team.h":
     int governor_threads(team_governor *g, int nthreads)
     void governor_report(team_governor *g, int threads, double seconds)
     double TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S, TEAM_PROBE_MARGIN, TEAM_PROBE_MARGIN_UP
+    int TEAM_PROBE_WARMUP
 
 cdef extern from *:
     """
@@ -194,6 +195,7 @@ def display_omp_env():
 
 PROBE_MIN_SECONDS, PROBE_MAX_SECONDS = TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S
 PROBE_MARGIN, PROBE_MARGIN_UP = TEAM_PROBE_MARGIN, TEAM_PROBE_MARGIN_UP
+PROBE_WARMUP_UNITS = TEAM_PROBE_WARMUP
 
 
 cdef class Governor:

@@ -156,12 +156,17 @@ static double team_probe_min_s TEAM_UNUSED = TEAM_PROBE_MIN_S;
 static double team_probe_max_s TEAM_UNUSED = TEAM_PROBE_MAX_S;
 /* Units at the count in use before any probe (the average must mean something). */
 #define TEAM_MIN_UNITS 4
+/* Units a probe runs before the ones it times: the first unit with more
+ * threads than just before wakes threads that went to sleep (libgomp's and
+ * the team's futexes; a halted virtual CPU takes long to wake), and would
+ * make the probe lose on a machine where that count is the faster one. */
+#define TEAM_PROBE_WARMUP 1
 
 typedef struct {
     int max;            /* the thread count asked for; 0 before the first unit */
     int use;            /* threads units run with */
     int probe;          /* threads the running probe uses, 0 when none runs */
-    int probe_left;     /* units the running probe has still to run */
+    int probe_left;     /* units the running probe has still to run (its warm-up too) */
     int probe_units;    /* units a probe runs */
     int direction;      /* the side the next probe tries: -1 one thread fewer, +1 one more */
     int units;          /* units at `use` since the last probe or rebase */
@@ -230,7 +235,7 @@ static inline int governor_threads(team_governor *g, int nthreads)
         if (g->use + g->direction < 1 || g->use + g->direction > g->max)
             g->direction = -g->direction;
         g->probe = g->use + g->direction;
-        g->probe_left = g->probe_units;
+        g->probe_left = TEAM_PROBE_WARMUP + g->probe_units;
         g->probe_sum = 0.0;
         g->probes++;
         return g->probe;
@@ -246,8 +251,10 @@ static inline void governor_report(team_governor *g, int threads, double seconds
     g->work += seconds;
     const double cost = g->rows > 1 ? seconds / g->rows : seconds;
     if (g->probe && threads == g->probe) {
+        if (g->probe_left-- > g->probe_units)
+            return;   /* a warm-up unit */
         g->probe_sum += cost;
-        if (--g->probe_left > 0)
+        if (g->probe_left > 0)
             return;
         const double mean = g->probe_sum / g->probe_units;
         const double margin = TEAM_PROBE_MARGIN + (g->probe > g->use ? TEAM_PROBE_MARGIN_UP / g->use : 0.0);
