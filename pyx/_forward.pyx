@@ -1150,7 +1150,7 @@ static int forward_with(const weights *w, run_state *s, const int *tokens, int n
         if (layer_forward(w, s, l, pos, n, NULL, threads))
             return -1;
         if (g)
-            governor_report(g, threads, team_clock() - t0);
+            governor_report(g, threads, t0, team_clock());
     }
     if (g)
         threads = g->use;
@@ -1182,7 +1182,7 @@ static int forward(const weights *w, run_state *s, const int *tokens, int n, int
     const double t0 = team_clock();
     const int threads = governor_threads(&s->decode_governor, nthreads);
     const int rc = forward_with(w, s, tokens, n, pos, logits, all_logits, threads, NULL);
-    governor_report(&s->decode_governor, threads, team_clock() - t0);
+    governor_report(&s->decode_governor, threads, t0, team_clock());
     return rc;
 }
 

@@ -53,7 +53,7 @@ cdef extern from "team.h":
     void governor_init(team_governor *g, int probe_units)
     void governor_rows(team_governor *g, int rows)
     int governor_threads(team_governor *g, int nthreads)
-    void governor_report(team_governor *g, int threads, double seconds)
+    void governor_report(team_governor *g, int threads, double start, double end)
     double TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S, TEAM_PROBE_MARGIN, TEAM_PROBE_MARGIN_UP
     int TEAM_PROBE_WARMUP
 
@@ -202,12 +202,14 @@ cdef class Governor:
     """The thread governor of pyx/team.h (the forward pass has one for decode steps
     and one for prefill blocks), for tests to drive with made-up timings.
     threads(n) is the count for the next unit of at most n; report(threads,
-    seconds) tells it how long that unit took; rows(n): the units that follow
-    have n rows."""
+    seconds, idle=0) tells it how long that unit took, started `idle` seconds
+    after the previous one ended; rows(n): the units that follow have n rows."""
     cdef team_governor g
+    cdef double clock
 
     def __cinit__(self, int probe_units=2):
         governor_init(&self.g, probe_units)
+        self.clock = 1.0
 
     def rows(self, int rows):
         governor_rows(&self.g, rows)
@@ -215,8 +217,9 @@ cdef class Governor:
     def threads(self, int nthreads):
         return governor_threads(&self.g, nthreads)
 
-    def report(self, int threads, double seconds):
-        governor_report(&self.g, threads, seconds)
+    def report(self, int threads, double seconds, double idle=0.0):
+        governor_report(&self.g, threads, self.clock + idle, self.clock + idle + seconds)
+        self.clock += idle + seconds
 
     @property
     def use(self):

@@ -161,6 +161,11 @@ static double team_probe_max_s TEAM_UNUSED = TEAM_PROBE_MAX_S;
  * the team's futexes; a halted virtual CPU takes long to wake), and would
  * make the probe lose on a machine where that count is the faster one. */
 #define TEAM_PROBE_WARMUP 1
+/* A unit that starts this long after the previous one ended (between two
+ * prefills, before the first step of a generation) finds threads asleep and
+ * caches cold: it counts as work, but neither in the moving average nor in a
+ * probe, nor as a slow unit. */
+#define TEAM_IDLE_S 0.01
 
 typedef struct {
     int max;            /* the thread count asked for; 0 before the first unit */
@@ -177,6 +182,7 @@ typedef struct {
     double cost;        /* seconds a unit takes at `use`, per row (moving average); < 0 unknown */
     double ref;         /* `cost` when the last probe ended (or at a rebase) */
     double work;        /* seconds of all units so far: the governor's clock */
+    double last_end;    /* clock (team_clock) when the last unit ended; 0 before the first */
     double next_probe;  /* `work` at the next periodic probe */
     double interval;    /* seconds of work between periodic probes */
 } team_governor;
@@ -195,7 +201,7 @@ static inline void governor_init(team_governor *g, int probe_units)
     g->probe_units = probe_units > 0 ? probe_units : 1;
     g->probes = g->switches = 0;
     g->rows = 0;
-    g->work = 0.0;
+    g->work = g->last_end = 0.0;
 }
 
 /* Forget the cost (not the count in use, nor when to probe next): the units
@@ -243,12 +249,18 @@ static inline int governor_threads(team_governor *g, int nthreads)
     return g->use;
 }
 
-/* A unit ran with `threads` threads (what governor_threads gave) in `seconds`. */
-static inline void governor_report(team_governor *g, int threads, double seconds)
+/* A unit ran with `threads` threads (what governor_threads gave) from clock
+ * `start` to `end` (team_clock). */
+static inline void governor_report(team_governor *g, int threads, double start, double end)
 {
     if (g->max <= 1)
         return;
+    const double seconds = end - start;
+    const int after_idle = g->last_end > 0.0 && start - g->last_end > TEAM_IDLE_S;
     g->work += seconds;
+    g->last_end = end;
+    if (after_idle)
+        return;
     const double cost = g->rows > 1 ? seconds / g->rows : seconds;
     if (g->probe && threads == g->probe) {
         if (g->probe_left-- > g->probe_units)

@@ -114,6 +114,24 @@ def test_governor_does_not_time_a_probes_first_unit():
     assert gov.use == 2
 
 
+def test_governor_ignores_the_unit_after_a_pause():
+    """The first unit after a pause (threads asleep, caches cold) is slow whatever
+    the count: it and a slow unit after it are not two slow units in a row."""
+    gov = _runtime.Governor()
+    for _ in range(20):
+        t = gov.threads(2)
+        gov.report(t, 0.01)
+    for _ in range(5):                       # five short runs, each after a pause
+        assert gov.threads(2) == 2
+        gov.report(2, 0.05, idle=1.0)
+        assert gov.threads(2) == 2
+        gov.report(2, 0.05)
+        for _ in range(3):
+            t = gov.threads(2)
+            gov.report(t, 0.01)
+    assert gov.probes == 0 and gov.use == 2
+
+
 def test_governor_counts_work_not_idle_time():
     """The interval between probes is seconds of work: units far apart in time (a
     prefill once a minute) are not each a probe."""
