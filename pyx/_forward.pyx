@@ -110,6 +110,8 @@ typedef struct {
     float *value_cache;
     int ctx_blocks;   /* ctx rounded up to whole KV_BLOCKs, in blocks */
     int decode_team;  /* 1: a decode step runs as one thread team when every layer can (decode_team) */
+    team_governor decode_governor;    /* how many threads decode steps run with (team.h) ... */
+    team_governor prefill_governor;   /* ... and each block of a prefill */
 } run_state;
 
 #define KV_BLOCK 32
@@ -159,6 +161,8 @@ static int alloc_state(run_state *s, const weights *w, int max_tokens, int threa
     s->max_tokens = max_tokens;
     s->threads = threads;
     s->decode_team = 1;
+    governor_init(&s->decode_governor, 2);
+    governor_init(&s->prefill_governor, 2);
     s->x = malloc(sizeof(float) * T * w->dim);
     s->xb = malloc(sizeof(float) * T * w->dim);
     s->proj = malloc(sizeof(float) * T * w->dim);
@@ -1095,7 +1099,7 @@ static int layer_decode_team(const weights *w, run_state *s, int l, int pos, con
 /* forward() for one token, as one team of nthreads threads (team_ready(w)). */
 static int decode_team(const weights *w, run_state *s, int token, int pos, float *logits, int nthreads)
 {
-    team_barrier barrier = {0, 0};
+    team_barrier barrier = {0, 0, 0};
     int failed = 0;
     embed(w, &token, 1, s->x);
     rope_tables(w, pos, 1, s->cos_sin);
@@ -1129,27 +1133,60 @@ static int clamp_threads(const run_state *s, int nthreads)
     return (nthreads > 0 && nthreads < s->threads) ? nthreads : s->threads;
 }
 
-/* Run n tokens at positions pos..pos+n-1 through the model, filling the KV
- * cache. logits gets [n][vocab] when all_logits, else the last row only.
- * Returns 0, or -1 when a kernel ran out of memory. */
-static int forward(const weights *w, run_state *s, const int *tokens, int n, int pos,
-                   float *logits, int all_logits, int nthreads)
+/* forward() with nthreads threads, or with the prefill governor's count for
+ * each block when g is set (n > 1). */
+static int forward_with(const weights *w, run_state *s, const int *tokens, int n, int pos,
+                        float *logits, int all_logits, int nthreads, team_governor *g)
 {
     const int dim = w->dim;
-    nthreads = clamp_threads(s, nthreads);
     if (n == 1 && nthreads > 1 && s->decode_team && team_ready(w))
         return decode_team(w, s, tokens[0], pos, logits, nthreads);
     embed(w, tokens, n, s->x);
     rope_tables(w, pos, n, s->cos_sin);
-    for (int l = 0; l < w->n_layers; l++)
-        if (layer_forward(w, s, l, pos, n, NULL, nthreads))
+    if (g)
+        governor_rows(g, n);
+    int threads = nthreads;
+    for (int l = 0; l < w->n_layers; l++) {
+        const double t0 = g ? team_clock() : 0.0;
+        if (g)
+            threads = governor_threads(g, nthreads);
+        if (layer_forward(w, s, l, pos, n, NULL, threads))
             return -1;
+        if (g)
+            governor_report(g, threads, t0, team_clock());
+    }
+    if (g)
+        threads = g->use;
 
     /* final norm and LM head: every row, or just the last one for generation */
     const float *rows = all_logits ? s->x : s->x + (size_t)(n - 1) * dim;
     const int n_rows = all_logits ? n : 1;
-    rmsnorm(rows, w->final_norm, n_rows, dim, w->eps, s->xb, nthreads);
-    return matmul(&w->lm_head, s->xb, n_rows, logits, nthreads);
+    rmsnorm(rows, w->final_norm, n_rows, dim, w->eps, s->xb, threads);
+    return matmul(&w->lm_head, s->xb, n_rows, logits, threads);
+}
+
+/* Whether forward() lets the governors (team.h) choose its thread count, of at
+ * most the count asked for (kernels.set_adaptive_threads); 0: always that count. */
+static int adapt_threads = 1;
+
+/* Run n tokens at positions pos..pos+n-1 through the model, filling the KV
+ * cache. logits gets [n][vocab] when all_logits, else the last row only.
+ * Returns 0, or -1 when a kernel ran out of memory. With adapt_threads, a
+ * decode step runs with the decode governor's count of threads and each block
+ * of a prefill with the prefill governor's (the results are the same for any count). */
+static int forward(const weights *w, run_state *s, const int *tokens, int n, int pos,
+                   float *logits, int all_logits, int nthreads)
+{
+    nthreads = clamp_threads(s, nthreads);
+    if (!adapt_threads || nthreads == 1)
+        return forward_with(w, s, tokens, n, pos, logits, all_logits, nthreads, NULL);
+    if (n > 1)
+        return forward_with(w, s, tokens, n, pos, logits, all_logits, nthreads, &s->prefill_governor);
+    const double t0 = team_clock();
+    const int threads = governor_threads(&s->decode_governor, nthreads);
+    const int rc = forward_with(w, s, tokens, n, pos, logits, all_logits, threads, NULL);
+    governor_report(&s->decode_governor, threads, t0, team_clock());
+    return rc;
 }
 
 /* One block on caller-given hidden states x[n][dim] (in place), for
@@ -1189,14 +1226,23 @@ static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int
         const float *final_norm
         linear lm_head
         const float *inv_freq
+    ctypedef struct team_governor:
+        int max, use, probes, switches
+        double cost, work
     ctypedef struct run_state:
         int max_tokens
         int threads
         int decode_team
+        team_governor decode_governor
+        team_governor prefill_governor
         float *stacked
         float *key_cache
         float *value_cache
     int team_ready(const weights *w) nogil
+    int adapt_threads
+    int team_wait_mode
+    int TEAM_WAIT_SLEEP, TEAM_WAIT_SPIN
+    double team_probe_min_s, team_probe_max_s
     int alloc_state(run_state *s, const weights *w, int max_tokens, int threads) nogil
     int grow_threads(run_state *s, const weights *w, int threads) nogil
     void free_state(run_state *s) nogil
@@ -1209,6 +1255,38 @@ static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int
         float *down_in
     int run_layer(const weights *w, run_state *s, int l, float *x, int n, int pos,
                   const layer_capture *cap, int nthreads) nogil
+
+
+def set_thread_policy(bint adaptive, bint spin):
+    """How forward() uses threads (qinfer.kernels sets this): adaptive, let the
+    governors of pyx/team.h choose the count of each decode step and prefill
+    block (at most the count asked for), else always run the count asked for;
+    spin, make the decode team's barrier spin and yield until released (before
+    issue 34) instead of sleeping on a futex after ~50 us."""
+    global adapt_threads, team_wait_mode
+    adapt_threads = adaptive
+    team_wait_mode = TEAM_WAIT_SPIN if spin else TEAM_WAIT_SLEEP
+
+
+def thread_policy():
+    """(adaptive, spin) as set_thread_policy last set them."""
+    return bool(adapt_threads), team_wait_mode == TEAM_WAIT_SPIN
+
+
+def set_probe_interval(double shortest, double longest):
+    """Seconds of work between the governors' periodic probes: `shortest` after a
+    start or a switch, doubling after every probe that loses, up to `longest`
+    (pyx/team.h: 1 and 8). Tests set 0: a probe whenever enough units have run.
+    Returns the previous pair. Governors already running keep their current interval."""
+    global team_probe_min_s, team_probe_max_s
+    previous = team_probe_min_s, team_probe_max_s
+    team_probe_min_s, team_probe_max_s = shortest, longest
+    return previous
+
+
+cdef dict governor_state(const team_governor *g):
+    return dict(asked=g.max, threads=g.use if g.max else None, probes=g.probes, switches=g.switches,
+                seconds=g.cost if g.max and g.cost >= 0 else None, work=g.work)
 
 
 cdef const uint16_t *half_ptr(object array, Py_ssize_t size) except NULL:
@@ -1370,6 +1448,14 @@ cdef class Transformer:
     @decode_team.setter
     def decode_team(self, bint on):
         self.s.decode_team = on
+
+    def thread_governors(self):
+        """What the thread governors (pyx/team.h) chose: for "decode" (steps) and
+        "prefill" (blocks), the count asked for (0: none yet), the count in use, the
+        probes and switches so far, the moving average of a unit's seconds (per
+        token for prefill blocks) at that count and the seconds of work governed."""
+        return {"decode": governor_state(&self.s.decode_governor),
+                "prefill": governor_state(&self.s.prefill_governor)}
 
     @property
     def team_ready(self):

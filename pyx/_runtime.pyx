@@ -1,9 +1,11 @@
 # cython: language_level=3
 """Run-time glue between Python and the generated kernels.
 
-CPU feature detection, the OpenMP thread count, QMatrix (one packed layer
-handed to a generated kernel without the GIL) and a streaming-read probe
-that benchmarks use to measure the machine's memory bandwidth.
+CPU feature detection, the OpenMP thread count and wait policy, the thread
+governor of pyx/team.h on made-up timings (for tests), QMatrix (one
+packed layer handed to a generated kernel without the GIL) and a
+streaming-read probe that benchmarks use to measure the machine's memory
+bandwidth.
 """
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid, PyCapsule_New
 from libc.stdint cimport uint16_t, uint32_t, int32_t, uint64_t
@@ -44,6 +46,17 @@ cdef extern from "qmatrix.h":
         qgemv_team_fn avx2_i8_team
         qgemv_team_fn avx2_team
 
+cdef extern from "team.h":
+    ctypedef struct team_governor:
+        int max, use, probe, probes, switches
+        double cost
+    void governor_init(team_governor *g, int probe_units)
+    void governor_rows(team_governor *g, int rows)
+    int governor_threads(team_governor *g, int nthreads)
+    void governor_report(team_governor *g, int threads, double start, double end)
+    double TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S, TEAM_PROBE_MARGIN, TEAM_PROBE_MARGIN_UP
+    int TEAM_PROBE_WARMUP
+
 cdef extern from *:
     """
 #include <stdint.h>
@@ -75,6 +88,24 @@ static int qi_openmp_threads(void)
 #else
     return 1;
 #endif
+}
+
+/* OpenMP 5.1's omp_display_env (libgomp since GCC 11): the settings libgomp
+ * read from the environment when it loaded, on stderr. Weak, so that an
+ * older runtime leaves it NULL. */
+#ifdef _OPENMP
+extern void omp_display_env(int verbose) __attribute__((weak));
+#endif
+
+static int qi_display_omp_env(void)
+{
+#ifdef _OPENMP
+    if (omp_display_env) {
+        omp_display_env(1);
+        return 1;
+    }
+#endif
+    return 0;
 }
 
 static int qi_have_openmp(void)
@@ -138,6 +169,7 @@ static uint64_t qi_stream_read(const uint64_t *buf, size_t n_words, int nthreads
     int qi_cpu_has_avx2_fma()
     int qi_openmp_threads()
     int qi_have_openmp()
+    int qi_display_omp_env()
     uint64_t qi_stream_read(const uint64_t *buf, size_t n_words, int nthreads, int avx2) nogil
 
 
@@ -153,6 +185,53 @@ def openmp_threads():
 
 def have_openmp():
     return bool(qi_have_openmp())
+
+
+def display_omp_env():
+    """Print the OpenMP runtime's settings (OMP_WAIT_POLICY, GOMP_SPINCOUNT, ...)
+    as it read them when it loaded, on stderr; False when it cannot."""
+    return bool(qi_display_omp_env())
+
+
+PROBE_MIN_SECONDS, PROBE_MAX_SECONDS = TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S
+PROBE_MARGIN, PROBE_MARGIN_UP = TEAM_PROBE_MARGIN, TEAM_PROBE_MARGIN_UP
+PROBE_WARMUP_UNITS = TEAM_PROBE_WARMUP
+
+
+cdef class Governor:
+    """The thread governor of pyx/team.h (the forward pass has one for decode steps
+    and one for prefill blocks), for tests to drive with made-up timings.
+    threads(n) is the count for the next unit of at most n; report(threads,
+    seconds, idle=0) tells it how long that unit took, started `idle` seconds
+    after the previous one ended; rows(n): the units that follow have n rows."""
+    cdef team_governor g
+    cdef double clock
+
+    def __cinit__(self, int probe_units=2):
+        governor_init(&self.g, probe_units)
+        self.clock = 1.0
+
+    def rows(self, int rows):
+        governor_rows(&self.g, rows)
+
+    def threads(self, int nthreads):
+        return governor_threads(&self.g, nthreads)
+
+    def report(self, int threads, double seconds, double idle=0.0):
+        governor_report(&self.g, threads, self.clock + idle, self.clock + idle + seconds)
+        self.clock += idle + seconds
+
+    @property
+    def use(self):
+        return self.g.use
+
+    @property
+    def probes(self):
+        return self.g.probes
+
+    @property
+    def switches(self):
+        return self.g.switches
 
 
 def stream_read(const uint64_t[::1] buf, int nthreads, bint avx2):

@@ -1,18 +1,47 @@
 /* team.h: the thread team of a decode step (pyx/_forward.pyx, decode_team),
- * which the kernels it calls (qgemv_team_fn, qmatrix.h) are given.
+ * which the kernels it calls (qgemv_team_fn, qmatrix.h) are given, and the
+ * governor that chooses how many threads the forward pass runs with.
  *
  * A decode step runs as one OpenMP parallel region; between its steps the
- * threads meet at team_wait, a spinning barrier (~0.1 us on a 2-core KVM
- * guest, where libgomp's fork and join of a region cost ~1.5 us).
+ * threads meet at team_wait, a barrier that spins briefly (~0.1 us on a
+ * 2-core KVM guest, where libgomp's fork and join of a region cost ~1.5 us),
+ * then yields, then sleeps on a futex: a thread whose partner has lost its
+ * core to another process must not keep its own core spinning for it.
+ *
+ * The governor (team_governor): on a busy machine (a laptop compiling, a
+ * second program) a thread that shares its core with another process runs at
+ * half speed or less, and every thread of a statically split kernel waits for
+ * it: two threads then decode slower than one. The governor times each unit of
+ * work (a decode step; one block of a prefill) at the thread count in use and
+ * now and then runs a few units with one thread fewer (or more) as a probe,
+ * keeping whichever is faster. Thread counts do not change results: every
+ * kernel's sums are the same for any split of its tiles.
  */
 #ifndef QINFER_TEAM_H
 #define QINFER_TEAM_H
 
+#include <limits.h>
 #include <sched.h>
+#include <time.h>
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define TEAM_FUTEX 1
+#else
+#define TEAM_FUTEX 0
+#endif
+
+#if defined(__GNUC__)
+#define TEAM_UNUSED __attribute__((unused))
+#else
+#define TEAM_UNUSED
+#endif
 
 typedef struct {
     int arrived;      /* threads at the barrier in this generation */
     int generation;   /* advanced by the last to arrive, which releases the others */
+    int sleepers;     /* threads asleep (or about to be) on `generation` */
 } team_barrier;
 
 typedef struct team {
@@ -21,27 +50,46 @@ typedef struct team {
     int spins;             /* pauses a waiting thread spins through before it gives its core away */
 } team;
 
-/* Pauses a waiting thread spins through (~50 us) before it starts giving its
- * core away, when the team has a core per thread; with more threads than
- * cores it yields at once, or it would spin while the thread it waits for
- * waits for its core. */
+/* Pauses a waiting thread spins through (~50 us at ~25 ns a pause) before it
+ * starts giving its core away, when the team has a core per thread; with more
+ * threads than cores it yields at once, or it would spin while the thread it
+ * waits for waits for its core. */
 #define TEAM_SPINS 2000
+/* Then sched_yield()s (~0.5 us each when nothing else wants the core; a
+ * thread of ours that shares it runs at once) before it sleeps on the futex. */
+#define TEAM_YIELDS 64
+
+/* How a waiting thread waits: TEAM_WAIT_SLEEP (spin, yield, then sleep) or
+ * TEAM_WAIT_SPIN (spin, then yield for as long as it takes: before issue 34,
+ * kept for A/B measurements, QINFER_WAIT=spin). Set once per extension module
+ * that runs teams (pyx/_forward.pyx, set_thread_policy). */
+#define TEAM_WAIT_SLEEP 0
+#define TEAM_WAIT_SPIN 1
+static int team_wait_mode TEAM_UNUSED = TEAM_WAIT_SLEEP;
 
 static inline int team_spins(int threads, int cores)
 {
     return threads <= cores ? TEAM_SPINS : 0;
 }
 
-static inline void team_pause(const team *tm, int *spins)
+static inline void team_cpu_pause(void)
 {
-    if (++*spins < tm->spins) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-        __builtin_ia32_pause();
+    __builtin_ia32_pause();
 #endif
-    } else {
-        sched_yield();
-    }
 }
+
+#if TEAM_FUTEX
+static inline void team_futex_wait(int *word, int value)
+{
+    syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0);
+}
+
+static inline void team_futex_wake(int *word)
+{
+    syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+}
+#endif
 
 static inline void team_wait(const team *tm)
 {
@@ -51,12 +99,199 @@ static inline void team_wait(const team *tm)
     const int generation = __atomic_load_n(&b->generation, __ATOMIC_ACQUIRE);
     if (__atomic_add_fetch(&b->arrived, 1, __ATOMIC_ACQ_REL) == tm->threads) {
         __atomic_store_n(&b->arrived, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&b->generation, generation + 1, __ATOMIC_RELEASE);
+        /* sequentially consistent with the sleepers' count below (a waiter adds
+         * itself, then reads generation): either it sees the new generation or
+         * the releaser sees it and wakes it */
+        __atomic_store_n(&b->generation, generation + 1, __ATOMIC_SEQ_CST);
+#if TEAM_FUTEX
+        if (__atomic_load_n(&b->sleepers, __ATOMIC_SEQ_CST))
+            team_futex_wake(&b->generation);
+#endif
         return;
     }
-    int spins = 0;
-    while (__atomic_load_n(&b->generation, __ATOMIC_ACQUIRE) == generation)
-        team_pause(tm, &spins);
+    for (int spins = 0; spins < tm->spins; spins++) {
+        if (__atomic_load_n(&b->generation, __ATOMIC_ACQUIRE) != generation)
+            return;
+        team_cpu_pause();
+    }
+    const int sleeps = TEAM_FUTEX && team_wait_mode == TEAM_WAIT_SLEEP;
+    for (int i = 0; !sleeps || i < TEAM_YIELDS; i++) {
+        if (__atomic_load_n(&b->generation, __ATOMIC_ACQUIRE) != generation)
+            return;
+        sched_yield();
+    }
+#if TEAM_FUTEX
+    __atomic_add_fetch(&b->sleepers, 1, __ATOMIC_SEQ_CST);
+    while (__atomic_load_n(&b->generation, __ATOMIC_SEQ_CST) == generation)
+        team_futex_wait(&b->generation, generation);   /* returns at once if it has moved on */
+    __atomic_sub_fetch(&b->sleepers, 1, __ATOMIC_RELAXED);
+#endif
+}
+
+/* ------------------------------------------------------------ the governor */
+
+/* A probe must be this much faster than the moving average of the count in
+ * use to replace it: noise of a few percent does not make the count flap. A
+ * probe of one thread more must win by TEAM_PROBE_MARGIN_UP / (threads in use)
+ * more (15% from one thread to two): a lucky probe that adds a thread to a
+ * contended core costs more, until noticed, than one that drops a thread. */
+#define TEAM_PROBE_MARGIN 0.08
+#define TEAM_PROBE_MARGIN_UP 0.07
+/* The moving average's weight of the newest unit. */
+#define TEAM_COST_WEIGHT 0.5
+/* Units in a row this much slower than the moving average the last probe
+ * ended with probe at once (another process took a core), without waiting for
+ * the interval; one slow unit (an interrupt, a page fault) does not. */
+#define TEAM_DEGRADED 1.25
+#define TEAM_SLOW_UNITS 2
+/* Seconds of work (the governor's units, not the wall clock: a program that
+ * prefills once a minute is not probed on every call) between periodic
+ * probes: the first a second after a start or a switch, then twice as long
+ * after every probe that loses, up to TEAM_PROBE_MAX_S. */
+#define TEAM_PROBE_MIN_S 1.0
+#define TEAM_PROBE_MAX_S 8.0
+/* The two in force in this extension module (tests set them to 0: a probe as
+ * soon as TEAM_MIN_UNITS units allow; pyx/_forward.pyx, set_probe_interval). */
+static double team_probe_min_s TEAM_UNUSED = TEAM_PROBE_MIN_S;
+static double team_probe_max_s TEAM_UNUSED = TEAM_PROBE_MAX_S;
+/* Units at the count in use before any probe (the average must mean something). */
+#define TEAM_MIN_UNITS 4
+/* Units a probe runs before the ones it times: the first unit with more
+ * threads than just before wakes threads that went to sleep (libgomp's and
+ * the team's futexes; a halted virtual CPU takes long to wake), and would
+ * make the probe lose on a machine where that count is the faster one. */
+#define TEAM_PROBE_WARMUP 1
+/* A unit that starts this long after the previous one ended (between two
+ * prefills, before the first step of a generation) finds threads asleep and
+ * caches cold: it counts as work, but neither in the moving average nor in a
+ * probe, nor as a slow unit. */
+#define TEAM_IDLE_S 0.01
+
+typedef struct {
+    int max;            /* the thread count asked for; 0 before the first unit */
+    int use;            /* threads units run with */
+    int probe;          /* threads the running probe uses, 0 when none runs */
+    int probe_left;     /* units the running probe has still to run (its warm-up too) */
+    int probe_units;    /* units a probe runs */
+    int direction;      /* the side the next probe tries: -1 one thread fewer, +1 one more */
+    int units;          /* units at `use` since the last probe or rebase */
+    int slow;           /* of which the last ones in a row TEAM_DEGRADED slower than `ref` */
+    int rows;           /* rows of the units (governor_rows; 0: one) */
+    int probes, switches;   /* counts since the start, for tests and diagnostics */
+    double probe_sum;   /* cost of the running probe's units */
+    double cost;        /* seconds a unit takes at `use`, per row (moving average); < 0 unknown */
+    double ref;         /* `cost` when the last probe ended (or at a rebase) */
+    double work;        /* seconds of all units so far: the governor's clock */
+    double last_end;    /* clock (team_clock) when the last unit ended; 0 before the first */
+    double next_probe;  /* `work` at the next periodic probe */
+    double interval;    /* seconds of work between periodic probes */
+} team_governor;
+
+/* The process's monotonic clock, in seconds (~25 ns a call through the vDSO). */
+static inline double team_clock(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static inline void governor_init(team_governor *g, int probe_units)
+{
+    g->max = 0;
+    g->probe_units = probe_units > 0 ? probe_units : 1;
+    g->probes = g->switches = 0;
+    g->rows = 0;
+    g->work = g->last_end = 0.0;
+}
+
+/* Forget the cost (not the count in use, nor when to probe next): the units
+ * that follow cost something else (a prefill of another length). */
+static inline void governor_rebase(team_governor *g)
+{
+    g->probe = 0;
+    g->units = g->slow = 0;
+    g->cost = g->ref = -1.0;
+}
+
+/* The units that follow have `rows` rows (a prefill block's tokens): their
+ * cost is counted per row, and a change of more than a quarter makes it
+ * another one. */
+static inline void governor_rows(team_governor *g, int rows)
+{
+    if (4 * (rows > g->rows ? rows - g->rows : g->rows - rows) > g->rows)
+        governor_rebase(g);
+    g->rows = rows;
+}
+
+/* Threads for the next unit, of at most `nthreads` (the count asked for). */
+static inline int governor_threads(team_governor *g, int nthreads)
+{
+    if (nthreads <= 1)
+        return nthreads;
+    if (g->max != nthreads) {   /* a new count asked for: start from it */
+        g->max = g->use = nthreads;
+        g->direction = -1;
+        g->interval = team_probe_min_s;
+        g->next_probe = g->work + g->interval;
+        governor_rebase(g);
+    }
+    if (g->probe)
+        return g->probe;
+    if (g->cost >= 0.0 && g->units >= TEAM_MIN_UNITS && (g->work >= g->next_probe || g->slow >= TEAM_SLOW_UNITS)) {
+        if (g->use + g->direction < 1 || g->use + g->direction > g->max)
+            g->direction = -g->direction;
+        g->probe = g->use + g->direction;
+        g->probe_left = TEAM_PROBE_WARMUP + g->probe_units;
+        g->probe_sum = 0.0;
+        g->probes++;
+        return g->probe;
+    }
+    return g->use;
+}
+
+/* A unit ran with `threads` threads (what governor_threads gave) from clock
+ * `start` to `end` (team_clock). */
+static inline void governor_report(team_governor *g, int threads, double start, double end)
+{
+    if (g->max <= 1)
+        return;
+    const double seconds = end - start;
+    const int after_idle = g->last_end > 0.0 && start - g->last_end > TEAM_IDLE_S;
+    g->work += seconds;
+    g->last_end = end;
+    if (after_idle)
+        return;
+    const double cost = g->rows > 1 ? seconds / g->rows : seconds;
+    if (g->probe && threads == g->probe) {
+        if (g->probe_left-- > g->probe_units)
+            return;   /* a warm-up unit */
+        g->probe_sum += cost;
+        if (g->probe_left > 0)
+            return;
+        const double mean = g->probe_sum / g->probe_units;
+        const double margin = TEAM_PROBE_MARGIN + (g->probe > g->use ? TEAM_PROBE_MARGIN_UP / g->use : 0.0);
+        if (mean < (1.0 - margin) * g->cost) {
+            g->use = g->probe;   /* the probe won: keep going that way next time */
+            g->cost = mean;
+            g->interval = team_probe_min_s;
+            g->switches++;
+        } else {                 /* it lost: wait longer, then try the other side */
+            g->direction = -g->direction;
+            g->interval = 2 * g->interval < team_probe_max_s ? 2 * g->interval : team_probe_max_s;
+        }
+        g->probe = 0;
+        g->ref = g->cost;
+        g->units = g->slow = 0;
+        g->next_probe = g->work + g->interval;
+        return;
+    }
+    if (threads != g->use)
+        return;
+    g->cost = g->cost < 0.0 ? cost : g->cost + TEAM_COST_WEIGHT * (cost - g->cost);
+    if (g->ref < 0.0)
+        g->ref = g->cost;
+    g->slow = cost > TEAM_DEGRADED * g->ref ? g->slow + 1 : 0;
+    g->units++;
 }
 
 #endif

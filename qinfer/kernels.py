@@ -31,13 +31,26 @@ The float qgemm (16 activation rows or more: prefill, perplexity; groups of
 bf16 (exact) times x cut into three bf16 limbs (exact: 8 of x's 24
 significant bits each), summed in float32; QINFER_AMX=0 (or
 set_float_amx(False)) holds it to AVX multiply-adds.
+
+Threads on a busy machine: a thread that shares its core with another
+process runs at half speed or less, and the others wait for it. The forward
+pass lets a governor (pyx/team.h) choose how many threads each decode step
+and each prefill block runs with, at most the count asked for: it times the
+count in use, now and then tries one thread fewer (or more) for two units,
+and keeps the faster (QINFER_ADAPT_THREADS=0 or set_adaptive_threads(False):
+always the count asked for). Waiting threads spin ~50 us (the decode team's
+barrier) or ~0.25 ms (libgomp, GOMP_SPINCOUNT=10000, unless OMP_WAIT_POLICY
+or GOMP_SPINCOUNT is set) before they sleep; QINFER_WAIT=spin restores the
+spinning of before (libgomp's ~300000 pauses, a barrier that never sleeps),
+for A/B measurements (OMP_WAIT_POLICY=active makes the barrier spin too).
+Thread counts do not change results.
 """
 import contextlib
 import importlib
 import os
 import sys
 
-from . import _runtime
+from . import _forward, _runtime
 from .errors import UnsupportedError
 from .packing import BITWIDTHS
 
@@ -141,6 +154,57 @@ def set_num_threads(n):
 
 def get_num_threads():
     return _state["threads"] or _runtime.openmp_threads()
+
+
+WAIT_ENV, ADAPT_ENV = "QINFER_WAIT", "QINFER_ADAPT_THREADS"
+WAIT_POLICIES = ("sleep", "spin")
+
+
+def set_adaptive_threads(on):
+    """Let the forward pass choose each decode step's and prefill block's thread
+    count (on: at most the count asked for, the faster one as measured) or run
+    the count asked for (off)."""
+    _forward.set_thread_policy(bool(on), _forward.thread_policy()[1])
+
+
+def adaptive_threads():
+    return _forward.thread_policy()[0]
+
+
+def use_adaptive_threads(on):
+    """Run the enclosed calls with adaptive thread counts on or off, then restore."""
+    return _switched(adaptive_threads, set_adaptive_threads, on)
+
+
+def wait_policy():
+    """How waiting threads wait: {"team": "sleep" (the decode team's barrier spins
+    ~50 us, yields, then sleeps) or "spin" (QINFER_WAIT=spin, or OMP_WAIT_POLICY=active:
+    it spins and yields until released), "openmp": what libgomp was told when it loaded, e.g.
+    "GOMP_SPINCOUNT=10000 (qinfer)", "OMP_WAIT_POLICY=passive (user)" or
+    "libgomp's default"}. (If another library loaded libgomp before qinfer, its
+    settings stand; _runtime.display_omp_env() prints what libgomp uses.)"""
+    import qinfer
+    team = "spin" if _forward.thread_policy()[1] else "sleep"
+    if qinfer._omp_default:
+        openmp = f"GOMP_SPINCOUNT={qinfer._OMP_SPINCOUNT} (qinfer)"
+    else:
+        user = [f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ]
+        openmp = f"{', '.join(user)} (user)" if user else "libgomp's default"
+    return {"team": team, "openmp": openmp}
+
+
+def _wait_from_environment():
+    """At import: QINFER_WAIT ("sleep", the default, or "spin"; OMP_WAIT_POLICY=active
+    alone means "spin": the user asked for spinning threads) and QINFER_ADAPT_THREADS
+    ("0" turns the governor off). A bad value is named on stderr and the default
+    used, as for QINFER_INT8_ISA."""
+    default = "spin" if os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "active" else "sleep"
+    wait = os.environ.get(WAIT_ENV, default).strip().lower() or default
+    if wait not in WAIT_POLICIES:
+        sys.stderr.write(f"qinfer: {WAIT_ENV} ignored: must be one of {WAIT_POLICIES}, got {wait!r}\n")
+        wait = default
+    adapt = os.environ.get(ADAPT_ENV, "1").strip() != "0"
+    _forward.set_thread_policy(adapt, wait == "spin")
 
 
 def resolve_threads(threads=None):
@@ -272,6 +336,7 @@ def use_float_amx(on):
 
 
 _int8_isa_from_environment()
+_wait_from_environment()
 # QINFER_AMX=0 keeps the float qgemm on AVX multiply-adds (it uses AMX tiles where it can).
 set_float_amx(has_float_amx() and os.environ.get("QINFER_AMX", "1").strip() != "0")
 # QINFER_FLOAT_LIMBS=0 keeps the float qgemv in float multiply-adds.

@@ -1,0 +1,329 @@
+"""Threads on a busy machine (issue 34): the thread governor of pyx/team.h on
+made-up timings, the same logits whichever thread counts it picks, the
+switches (QINFER_ADAPT_THREADS, QINFER_WAIT) as qinfer.kernels reports them,
+and the OpenMP wait policy qinfer gives libgomp unless the user set one.
+Speed figures are benchmarks/contention.py's, not these tests'.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_reference as ref  # noqa: E402
+
+import qinfer  # noqa: E402
+from qinfer import _forward, _runtime, kernels  # noqa: E402
+from qinfer.errors import UnsupportedError  # noqa: E402
+
+SEQ = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203, 29889, 13, 3492,
+       338, 263, 1243, 29871, 31000]
+LO, HI = _runtime.PROBE_MIN_SECONDS, _runtime.PROBE_MAX_SECONDS
+
+
+# ---------------------------------------------------------------- the governor
+def drive(gov, cost, seconds, start=0.0, asked=2, rows=None):
+    """Run units for `seconds` of made-up work (the governor's clock is the seconds of
+    the units it governs); cost(threads, now) is the seconds of a unit that starts
+    at `now`. Returns [(start of the unit, its thread count)] and the end."""
+    now, units = start, []
+    while now < start + seconds:
+        if rows is not None:
+            gov.rows(rows)
+        t = gov.threads(asked)
+        c = cost(t, now)
+        units.append((now, t))
+        now += c
+        gov.report(t, c)
+    return units, now
+
+
+def test_governor_keeps_the_faster_count_on_a_quiet_machine():
+    """Two threads 1.8x as fast as one: the governor stays at two; its probes of one
+    thread come a second of work after the start, then ever further apart (up to HI)."""
+    gov = _runtime.Governor()
+    units, _ = drive(gov, lambda t, now: 0.01 if t == 2 else 0.018, 60.0)
+    counts = [t for _, t in units]
+    assert gov.use == 2 and gov.switches == 0
+    # probes at ~1, 3, 7, 15 s, then every HI seconds: a handful in a minute
+    assert 4 <= gov.probes <= 4 + 60 / HI
+    assert counts.count(1) == (_runtime.PROBE_WARMUP_UNITS + 2) * gov.probes   # two timed units a probe
+    assert counts.count(1) / len(counts) < 0.01
+
+
+def test_governor_drops_a_thread_when_one_is_held_up_and_takes_it_back():
+    """Another process takes a core at t=5 s (two threads now 3x slower than one):
+    two slow units in a row probe at once and the governor drops to one thread; when
+    the core is free again (t=20 s) a periodic probe finds it within HI seconds."""
+    gov = _runtime.Governor()
+
+    def cost(t, now):
+        busy = 5.0 <= now < 20.0
+        return (0.03 if busy else 0.01) if t == 2 else 0.018
+
+    units, now = drive(gov, cost, 25.0 + HI)
+    two_busy = [start for start, t in units if t == 2 and 5.0 <= start < 20.0]
+    assert gov.switches == 2 and gov.use == 2
+    assert len([s for s in two_busy if s < 6.0]) <= 8     # noticed within a few units
+    # then only probes of two threads while busy: a small share of the time
+    assert sum(cost(2, 10.0) for s in two_busy if s >= 6.0) < 0.05 * 14.0
+    back = min(s for s, t in units if t == 2 and s >= 20.0 and
+               all(t2 == 2 for s2, t2 in units if s < s2 < s + 0.5))
+    assert back < 20.0 + HI + LO                          # two threads again within HI seconds
+
+
+def test_governor_probes_after_slow_units_in_a_row_not_after_one():
+    """Before the first periodic probe (a second of work): one slow unit (an
+    interrupt) leaves the count alone; two in a row mean another process took a
+    core, and it probes."""
+    gov = _runtime.Governor()
+
+    def unit(seconds):
+        t = gov.threads(2)
+        gov.report(t, seconds if t == 2 else 0.018)
+        return t
+
+    for _ in range(10):
+        unit(0.01)
+    unit(0.05)
+    for _ in range(10):
+        unit(0.01)
+    assert gov.probes == 0
+    unit(0.05), unit(0.05)
+    assert unit(0.05) == 1 and gov.probes == 1
+
+
+def test_governor_does_not_time_a_probes_first_unit():
+    """The first unit with a thread more wakes a sleeping thread (slow on a virtual
+    machine): a probe that would win but for that unit still wins."""
+    gov = _runtime.Governor()
+    drive(gov, lambda t, now: 0.01 if t == 1 else 0.05, 5.0)
+    assert gov.use == 1
+    last = None
+
+    def cost(t, now):
+        nonlocal last
+        first = t == 2 and last != 2
+        last = t
+        return 0.01 if t == 1 else (0.05 if first else 0.005)
+
+    drive(gov, cost, HI + 2 * LO)      # the next periodic probe comes within HI seconds of work
+    assert gov.use == 2
+
+
+def test_governor_ignores_the_unit_after_a_pause():
+    """The first unit after a pause (threads asleep, caches cold) is slow whatever
+    the count: it and a slow unit after it are not two slow units in a row."""
+    gov = _runtime.Governor()
+    for _ in range(20):
+        t = gov.threads(2)
+        gov.report(t, 0.01)
+    for _ in range(5):                       # five short runs, each after a pause
+        assert gov.threads(2) == 2
+        gov.report(2, 0.05, idle=1.0)
+        assert gov.threads(2) == 2
+        gov.report(2, 0.05)
+        for _ in range(3):
+            t = gov.threads(2)
+            gov.report(t, 0.01)
+    assert gov.probes == 0 and gov.use == 2
+
+
+def test_governor_counts_work_not_idle_time():
+    """The interval between probes is seconds of work: units far apart in time (a
+    prefill once a minute) are not each a probe."""
+    gov = _runtime.Governor()
+    counts = [t for _, t in drive(gov, lambda t, now: 0.01 if t == 2 else 0.018, 0.5)[0]]
+    assert gov.probes == 0 and set(counts) == {2}
+
+
+def test_governor_needs_a_clear_win_to_switch():
+    """A probe only a little faster (within the margin) does not replace the count;
+    one thread more must win by more than one thread fewer."""
+    gov = _runtime.Governor()
+    drive(gov, lambda t, now: 0.01 if t == 2 else 0.01 * (1 - _runtime.PROBE_MARGIN / 2), 30.0)
+    assert gov.use == 2 and gov.switches == 0 and gov.probes > 0
+    down = _runtime.Governor()
+    drive(down, lambda t, now: 0.01 if t == 2 else 0.01 * (1 - 1.5 * _runtime.PROBE_MARGIN), 30.0)
+    assert down.use == 1 and down.switches == 1
+    # at one thread, a probe of two that wins by the down-margin alone stays a probe
+    drive(down, lambda t, now: 0.01 if t == 1 else 0.01 * (1 - 1.5 * _runtime.PROBE_MARGIN), 30.0)
+    assert down.use == 1 and down.switches == 1 and down.probes > 2
+    drive(down, lambda t, now: 0.01 if t == 1 else 0.005, 30.0)
+    assert down.use == 2 and down.switches == 2
+
+
+def test_governor_one_thread_and_a_new_count():
+    gov = _runtime.Governor()
+    assert gov.threads(1) == 1 and gov.probes == 0          # one thread asked: nothing to choose
+    drive(gov, lambda t, now: 0.01 if t == 1 else 0.05, 10.0)
+    assert gov.use == 1
+    assert gov.threads(3) == 3                              # another count asked for: start from it
+    drive(gov, lambda t, now: {1: 0.05, 2: 0.02, 3: 0.01}[t], 30.0, asked=3)
+    assert gov.use == 3
+
+
+def test_governor_rows_change_is_not_a_slowdown():
+    """Prefill blocks of another length cost another time per row: a new length
+    starts the moving average again instead of looking like a slowdown that calls
+    for a probe."""
+    gov = _runtime.Governor()
+    drive(gov, lambda t, now: 0.256 if t == 2 else 0.46, 0.5, rows=256)
+    probes = gov.probes
+    drive(gov, lambda t, now: 0.08 if t == 2 else 0.144, 0.4, rows=16)   # 5x the cost per row
+    assert gov.probes == probes and gov.use == 2
+
+
+# -------------------------------------------------- the same logits, any count
+@pytest.fixture(scope="module")
+def six_layers(tmp_path_factory):
+    if not ref.tokenizer_available():
+        pytest.skip(f"the LLaMA 2 tokenizer is not at {ref.LLAMA2_TOKENIZER} (shared/ data absent)")
+    d = tmp_path_factory.mktemp("six")
+    ref.write_tiny_llama(d, seed=7, num_hidden_layers=6)
+    return d
+
+
+@pytest.fixture
+def probe_always():
+    """Probe whenever enough units have run, so that short runs switch counts back and forth."""
+    previous = _forward.set_probe_interval(0.0, 0.0)
+    try:
+        yield
+    finally:
+        _forward.set_probe_interval(*previous)
+
+
+@pytest.mark.parametrize("wait", ["sleep", "spin"])
+@pytest.mark.parametrize("activations", ["float", "int8"])
+def test_governed_threads_give_the_logits_of_one_thread(six_layers, probe_always, wait, activations):
+    """With the governor probing all the time, decode steps (the team at two threads)
+    and prefill blocks run at one or two threads in turn: the logits are those of one
+    thread and of a fixed two, bit for bit; with either waiting policy."""
+    previous = _forward.thread_policy()
+    _forward.set_thread_policy(True, wait == "spin")
+    try:
+        one = qinfer.Engine(six_layers, threads=1, quantize=4, group_size=32, activations=activations)
+        two = qinfer.Engine(six_layers, threads=2, quantize=4, group_size=32, activations=activations)
+
+        def run(engine, threads):
+            engine.reset()
+            prefills = [engine.logits(SEQ[:8], threads=threads) for _ in range(4)]
+            engine.reset()
+            engine.prefill(SEQ[:2], threads=threads)
+            steps = [engine.decode_step(t, threads=threads) for t in SEQ[2:]]
+            return np.concatenate([np.concatenate(prefills), np.stack(steps)])
+
+        single = run(one, 1)
+        governed = run(two, 2)
+        g = two.model.transformer.thread_governors()
+        assert g["decode"]["asked"] == 2 and g["decode"]["probes"] > 0
+        assert g["prefill"]["asked"] == 2 and g["prefill"]["probes"] > 0
+        with kernels.use_adaptive_threads(False):
+            fixed = run(two, 2)
+        assert np.array_equal(governed, single) and np.array_equal(fixed, single)
+    finally:
+        _forward.set_thread_policy(*previous)
+
+
+def test_fixed_count_leaves_the_governors_alone(six_layers):
+    eng = qinfer.Engine(six_layers, threads=2, quantize=4, group_size=32)
+    with kernels.use_adaptive_threads(False):
+        assert not kernels.adaptive_threads()
+        eng.prefill(SEQ[:8])
+        eng.decode_step(SEQ[8])
+    assert kernels.adaptive_threads()
+    g = eng.model.transformer.thread_governors()
+    assert g["decode"]["asked"] == 0 and g["prefill"]["asked"] == 0
+    eng.decode_step(SEQ[9], threads=1)          # one thread asked: nothing to govern
+    assert eng.model.transformer.thread_governors()["decode"]["asked"] == 0
+    eng.decode_step(SEQ[10])
+    assert eng.model.transformer.thread_governors()["decode"]["asked"] == 2
+
+
+# ------------------------------------------------------ switches and libgomp
+def run_python(code, **env):
+    """Run code in a fresh interpreter (libgomp reads its environment once, when it
+    loads) with the OpenMP and qinfer wait settings of this process removed."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "QINFER_WAIT", "QINFER_ADAPT_THREADS")}
+    base.update(env)
+    return subprocess.run([sys.executable, "-c", code], env=base, capture_output=True, text=True, check=True)
+
+
+REPORT = """
+import os, qinfer
+from qinfer import kernels, _runtime
+print(kernels.adaptive_threads(), kernels.wait_policy()["team"], "|", kernels.wait_policy()["openmp"], "|",
+      os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT"), flush=True)
+_runtime.display_omp_env()
+"""
+
+
+def spincount(stderr):
+    """GOMP_SPINCOUNT as libgomp's omp_display_env printed it, or None."""
+    for line in stderr.splitlines():
+        if line.strip().startswith("GOMP_SPINCOUNT"):
+            return line.split("=", 1)[1].strip().strip("'")
+    return None
+
+
+def test_defaults_bounded_waits_and_adaptive_threads():
+    r = run_python(REPORT)
+    assert r.stdout.split() == ["True", "sleep", "|", "GOMP_SPINCOUNT=10000", "(qinfer)", "|", "None", "None"]
+    if spincount(r.stderr) is not None:         # libgomp >= 11 prints its settings
+        assert spincount(r.stderr) == "10000"   # what libgomp read; not left in os.environ
+
+
+def test_qinfer_wait_spin_restores_the_old_waits():
+    r = run_python(REPORT, QINFER_WAIT="spin")
+    assert r.stdout.split()[:4] == ["True", "spin", "|", "libgomp's"]
+    if spincount(r.stderr) is not None:
+        assert spincount(r.stderr) == "300000"   # libgomp's own default
+
+
+def test_qinfer_adapt_threads_0_fixes_the_count():
+    assert run_python(REPORT, QINFER_ADAPT_THREADS="0").stdout.split()[:2] == ["False", "sleep"]
+
+
+def test_a_bad_qinfer_wait_is_named_and_ignored():
+    r = run_python(REPORT, QINFER_WAIT="sometimes")
+    assert r.stdout.split()[:2] == ["True", "sleep"]
+    assert "QINFER_WAIT ignored" in r.stderr
+
+
+@pytest.mark.parametrize("name, value, effective, team", [("OMP_WAIT_POLICY", "passive", "0", "sleep"),
+                                                          ("OMP_WAIT_POLICY", "active", None, "spin"),
+                                                          ("GOMP_SPINCOUNT", "12345", "12345", "sleep")])
+def test_a_users_openmp_wait_setting_is_respected(name, value, effective, team):
+    """qinfer sets no spin count when the user chose a wait policy or spin count:
+    libgomp runs the user's, the environment is as the user left it, and
+    kernels.wait_policy() names it; OMP_WAIT_POLICY=active makes the decode team's
+    barrier spin too."""
+    r = run_python(REPORT, **{name: value})
+    out = r.stdout.split("|")
+    assert out[0].split() == ["True", team]
+    assert out[1].strip() == f"{name}={value} (user)"
+    env = out[2].split()
+    assert env == ([value, "None"] if name == "OMP_WAIT_POLICY" else ["None", value])
+    if effective is not None and spincount(r.stderr) is not None:
+        assert spincount(r.stderr) == effective
+    assert spincount(r.stderr) != "10000"
+
+
+def test_set_adaptive_threads_in_process():
+    before = kernels.adaptive_threads()
+    kernels.set_adaptive_threads(False)
+    try:
+        assert not kernels.adaptive_threads()
+        with kernels.use_adaptive_threads(True):
+            assert kernels.adaptive_threads()
+        assert not kernels.adaptive_threads()
+    finally:
+        kernels.set_adaptive_threads(before)
+    assert kernels.wait_policy()["team"] in kernels.WAIT_POLICIES
+    with pytest.raises(UnsupportedError):
+        kernels.set_num_threads(0)      # thread counts are still checked as before
