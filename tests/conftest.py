@@ -9,3 +9,7 @@ inherited by the subprocesses the CLI tests start.
 import os
 
 os.environ["QINFER_TUNE"] = "0"
+# The thread governor (pyx/team.h) may run a 2-thread step on 1 thread when that is
+# faster; the results are the same bit for bit, but a test of the decode team must
+# run the team it asks for. tests/test_threads.py turns the governor on for itself.
+os.environ["QINFER_ADAPT_THREADS"] = "0"

@@ -24,6 +24,13 @@ SEQ = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203, 298
 LO, HI = _runtime.PROBE_MIN_SECONDS, _runtime.PROBE_MAX_SECONDS
 
 
+@pytest.fixture(autouse=True)
+def governor_on():
+    """tests/conftest.py turns the governor off for the rest of the suite; these tests are about it."""
+    with kernels.use_adaptive_threads(True):
+        yield
+
+
 # ---------------------------------------------------------------- the governor
 def drive(gov, cost, seconds, start=0.0, asked=2, rows=None):
     """Run units for `seconds` of made-up work (the governor's clock is the seconds of
