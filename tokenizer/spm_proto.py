@@ -6,6 +6,7 @@ ModelProto lets the sentencepiece library itself do the encoding, so the
 GGUF path tokenizes exactly like the original tokenizer.model.
 """
 from . import gguf_metadata as gm
+from .errors import TokenizerError
 from .protowire import bytes_field, float_field, int_field, string_field
 
 _BPE = 2    # TrainerSpec.ModelType: llama.cpp's SPM tokenizer is score-driven BPE
@@ -36,6 +37,9 @@ def model_proto_from_gguf(meta: dict) -> bytes:
     unk = gm.token_id(meta, gm.UNK_ID, n)
     if unk is None and gm.UNKNOWN in types:
         unk = types.index(gm.UNKNOWN)
+    if unk is None:
+        raise TokenizerError(f"GGUF llama vocabulary has no unknown token (no {gm.UNK_ID!r} and no token of "
+                             f"type {gm.UNKNOWN} in {gm.TOKEN_TYPE!r}); a SentencePiece vocabulary needs one")
     trainer = (int_field(_MODEL_TYPE, _BPE) + int_field(_VOCAB_SIZE, n)
                + int_field(_BYTE_FALLBACK, gm.BYTE in types))
     if unk is not None:

@@ -94,6 +94,10 @@ def _read_settings(entries, where):
         if isinstance(g, bool) or not isinstance(g, int) or not (g == -1 or g > 0):
             raise FormatError(f"{where}: group_size must be a positive integer or -1, got {g!r}")
         out["group_size"] = g
+    for k in ("checkpoint_format", "format"):
+        if entries.get(k) is not None and not isinstance(entries[k], str):
+            raise FormatError(f"{where}: {k!r} must be a string such as \"gptq\" or \"gptq_v2\", "
+                              f"got {type(entries[k]).__name__} {entries[k]!r}"[:200])
     formats = {entries[k] for k in ("checkpoint_format", "format") if entries.get(k) is not None}
     if len(formats) > 1:
         raise FormatError(f"{where}: 'checkpoint_format' and 'format' disagree ({sorted(formats)})")
