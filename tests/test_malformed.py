@@ -160,3 +160,110 @@ def test_gptq_checkpoint_format_not_a_string(tmp_path, value):
     cfg["quantization_config"]["checkpoint_format"] = value
     (tmp_path / "g" / "config.json").write_text(json.dumps(cfg))
     raises_qinfer(lambda: open_model(tmp_path / "g"), match="'checkpoint_format' must be a string")
+
+
+# --------------------------------------------------------------------------- 2. hangs: GPTQ dynamic rules
+
+@pytest.mark.parametrize("pattern", [r"(.*)*z", r"(a+)+$", r"(a|a)*z", r".*.*.*.*.*z", "a" * 2000])
+def test_gptq_dynamic_rule_that_could_backtrack_is_refused(pattern):
+    from qinfer.errors import FormatError
+    from qinfer.quant.dynamic import Rules
+    raises_qinfer(lambda: Rules({"-:" + pattern: {}}, "quantize_config.json"), match="refused", kind=FormatError)
+
+
+def test_gptq_dynamic_usual_rules_still_accepted():
+    from qinfer.quant.dynamic import Rules
+    r = Rules({r"+:.*\.mlp\.down_proj": {"bits": 8}, r"-:model\.layers\.(0|1)\..*": {},
+               r".*\.layers\.\d+\.self_attn\..*": {"group_size": 32}}, "q")
+    assert r.resolve("model.layers.3.mlp.down_proj", {"bits": 4})["bits"] == 8
+    assert r.resolve("model.layers.1.self_attn.q_proj", {"bits": 4}) is None
+
+
+@needs_tokenizer
+def test_gptq_dynamic_backtracking_rule_from_the_cli(tmp_path):
+    from test_quant import write_autogptq
+    write_autogptq(tmp_path / "g", 4, 32, False, True, "gptq", dynamic={"-:(.*)*z": {}})
+    line = assert_one_error_line(*cli("generate", "--model", str(tmp_path / "g"), "--prompt", "hi",
+                                      "--max-new-tokens", "1"))
+    assert "(.*)*z" in line and "refused" in line
+
+
+# --------------------------------------------------------------------------- 2./3. chat templates
+
+class _Tok:
+    bos_id, eos_id = 1, 2
+
+    def id_to_piece(self, i):
+        return {1: "<s>", 2: "</s>"}[i]
+
+
+def render(template):
+    from qinfer.chat import render_chat
+    return render_chat(template, [{"role": "user", "content": "hi"}], _Tok())
+
+
+@pytest.mark.parametrize("template, match", [
+    ("{{ 'a' * 10**9 }}", "repeats a sequence"),
+    ("{{ [0] * 10**9 }}", "repeats a sequence"),
+    ("{{ 2 ** 100000000 }}", "too large a number"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "loop iterations"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "stopped"),
+    ("{{ '%0999999999d' % 1 }}", "format width"),
+    ("{{ '%0999999999d' | format(1) }}", "format width"),
+    ("{{ '{:>999999999}'.format(1) }}", "format width"),
+    ("{{ 'a'.center(10**9) }}", "width"),
+    ("{{ 'a' | center(10**9) }}", "width"),
+    ("{{ 'a' | indent(10**9) }}", "width"),
+    ("{% set ns = namespace(s='a' * 1000) %}{% for i in range(10000) %}{{ ns.s }}{% endfor %}", "output exceeds"),
+])
+def test_chat_template_runaway_is_stopped(template, match):
+    import time
+    start = time.monotonic()
+    err = raises_qinfer(lambda: render(template), match=match)
+    assert "chat template" in str(err)
+    assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("template, match", [
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("{{ 1 + 'a' }}", "TypeError"),
+    ("{% include 'x' %}", "chat template could not be rendered"),
+    ("{% extends 'x' %}", "chat template could not be rendered"),
+    ("{% import 'x' as y %}", "chat template could not be rendered"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "chat template could not be rendered"),
+    ("{{ 'abcdefgh' | truncate(-5) }}", "chat template could not be rendered"),
+    ("{{ 'abc def' | wordwrap(0) }}", "chat template could not be rendered"),
+    ("{{ '\\ud800' }}", "not valid Unicode"),
+    ("{% for %}", "chat template could not be rendered"),
+])
+def test_chat_template_errors_are_one_qinfer_error(template, match):
+    raises_qinfer(lambda: render(template), match=match)
+
+
+def test_ordinary_chat_template_still_renders():
+    t = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}{{ eos_token }}{% endfor %}"
+         "{% if add_generation_prompt %}<|assistant|>{% endif %}{{ '%d' % 3 }}{{ 'x'.center(5) }}")
+    assert render(t) == "<|user|>hi</s><|assistant|>3  x  "
+
+
+@needs_tokenizer
+def test_chat_template_error_from_the_cli(tiny_dir, tmp_path):
+    d = _tok_dir(tiny_dir, tmp_path)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{{ 'a' * 10**9 }}"
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    line = assert_one_error_line(*cli("generate", "--model", str(d), "--prompt", "hi", "--chat",
+                                      "--max-new-tokens", "1"), match="chat template")
+    assert "repeats a sequence" in line
+
+
+@needs_tokenizer
+def test_prompt_with_a_lone_surrogate(tiny_dir):
+    proc = subprocess.run([sys.executable, "-m", "qinfer", "generate", "--model", str(tiny_dir),
+                           "--prompt", b"hi \xff".decode("utf-8", "surrogateescape"), "--max-new-tokens", "1"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    line = assert_one_error_line(proc.returncode, proc.stderr, match="not valid Unicode")
+    assert "U+DCFF" in line
+    from qinfer.tokenizer import load
+    tok = load(open_model(tiny_dir).tokenizer)
+    raises_qinfer(lambda: tok.encode("a\ud800b"), match="lone surrogate U\\+D800")
