@@ -267,3 +267,95 @@ def test_prompt_with_a_lone_surrogate(tiny_dir):
     from qinfer.tokenizer import load
     tok = load(open_model(tiny_dir).tokenizer)
     raises_qinfer(lambda: tok.encode("a\ud800b"), match="lone surrogate U\\+D800")
+
+
+# --------------------------------------------------------------------------- 4. accepted silently, then garbage
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_float_weights_in_a_gguf(tmp_path, bad):
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    tensors = tiny_tensors()
+    for i, t in enumerate(tensors):
+        if t[0] == "blk.0.ffn_down.weight":
+            assert t[2] == Q.F32
+            w = np.frombuffer(t[3], dtype="<f4").copy()
+            w[5] = bad
+            tensors[i] = (t[0], t[1], t[2], w.tobytes())
+    path = gguf_file(tmp_path, tensors=tensors)
+    from qinfer.model import Model
+    err = raises_qinfer(lambda: Model(open_model(path)), match="non-finite")
+    assert "model.layers.0.mlp.down_proj.weight" in str(err)
+
+
+@needs_tokenizer
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_non_finite_float_weights_in_safetensors(tmp_path, dtype):
+    import numpy as np
+    d = tmp_path / "m"
+    ref.write_tiny_llama(d, dtype=np.dtype(dtype))
+    from safetensors.numpy import load_file, save_file
+    t = load_file(str(d / "model.safetensors"))
+    t["model.layers.1.input_layernorm.weight"][3] = np.nan
+    save_file(t, str(d / "model.safetensors"))
+    err = raises_qinfer(lambda: __import__("qinfer").Engine(d), match="non-finite")
+    assert "model.layers.1.input_layernorm.weight" in str(err)
+    assert_one_error_line(*cli("generate", "--model", str(d), "--prompt", "hi"), match="non-finite")
+
+
+def test_gguf_vocab_size_differs_from_token_list(tmp_path):
+    path = gguf_file(tmp_path, **{"llama.vocab_size": (VT.UINT32, 65)})
+    raises_qinfer(lambda: open_model(path), match="vocab_size is 65 but tokenizer.ggml.tokens lists 64")
+
+
+@needs_tokenizer
+def test_hf_num_hidden_layers_smaller_than_the_files(tmp_path):
+    d = tmp_path / "m"
+    _, cfg = ref.write_tiny_llama(d)
+    cfg["num_hidden_layers"] -= 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    n = cfg["num_hidden_layers"]
+    raises_qinfer(lambda: open_model(d), match=f"tensors of layer {n} but config.json's num_hidden_layers is {n}")
+
+
+def _gptq(tmp_path, **kw):
+    from test_quant import write_autogptq
+    d = tmp_path / "g"
+    write_autogptq(d, 4, 32, kw.pop("act_order", False), True, "gptq", **kw)
+    return d
+
+
+def _edit_qc(d, **changes):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"].update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+@needs_tokenizer
+@pytest.mark.parametrize("value", ["true", 1, None.__class__.__name__])
+def test_gptq_desc_act_not_a_boolean(tmp_path, value):
+    d = _gptq(tmp_path)
+    _edit_qc(d, desc_act=value)
+    raises_qinfer(lambda: open_model(d), match="'desc_act' must be true or false")
+
+
+@needs_tokenizer
+def test_gptq_group_size_disagrees_with_g_idx(tmp_path):
+    import numpy as np
+
+    def regroup(tensors):          # g_idx of 64-row groups under a group_size of 32
+        for name, t in tensors.items():
+            if name.endswith(".g_idx"):
+                tensors[name] = (np.arange(t.shape[0]) // 64).astype(np.int32)
+    d = _gptq(tmp_path, tensor_hook=regroup, act_order=True)
+    raises_qinfer(lambda: open_model(d), match="g_idx disagrees with the group size")
+
+
+@needs_tokenizer
+def test_gptq_layer_stored_both_quantized_and_float(tmp_path):
+    import numpy as np
+
+    def both(tensors):
+        tensors["model.layers.0.mlp.up_proj.weight"] = np.zeros((96, 64), np.float16)
+    d = _gptq(tmp_path, tensor_hook=both)
+    raises_qinfer(lambda: open_model(d), match="stored twice")

@@ -5,6 +5,7 @@ given config must contain (names and shapes listed in source.py) and rejects
 anything missing, misshaped or unexpected, naming the tensor and the file.
 """
 import math
+import re
 
 import numpy as np
 
@@ -121,3 +122,17 @@ def _check_packed(name, t, path):
     if t.qweight.dtype != np.int32 or t.scales.dtype != np.float32 or t.zeros.dtype != np.float32:
         raise FormatError(f"{path}: packed tensor {name!r} has dtypes {t.qweight.dtype}/{t.scales.dtype}/"
                           f"{t.zeros.dtype}, expected int32/float32/float32")
+
+
+_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def check_no_extra_layers(config, names, path):
+    """A checkpoint whose files hold layers beyond num_hidden_layers: the config is wrong (or the files
+    are), and running only the first layers would generate garbage."""
+    n = config.num_hidden_layers
+    extra = sorted({int(m.group(1)) for m in map(_LAYER_INDEX.match, names) if m and int(m.group(1)) >= n})
+    if extra:
+        raise FormatError(f"{path}: the checkpoint has tensors of layer {extra[0]}"
+                          f"{f' (up to {extra[-1]})' if len(extra) > 1 else ''} but config.json's "
+                          f"num_hidden_layers is {n}")
