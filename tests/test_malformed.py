@@ -138,7 +138,7 @@ def test_added_tokens_decoder_entries_that_are_strings(tiny_dir, tmp_path):
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     cfg["added_tokens_decoder"] = {"32000": "<x>"}
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    raises_qinfer(lambda: load_tokenizer(d), match="added token '32000' must be a dict")
+    raises_qinfer(lambda: load_tokenizer(d), match="entry '32000' must be a dict")
 
 
 @needs_tokenizer
@@ -359,3 +359,9 @@ def test_gptq_layer_stored_both_quantized_and_float(tmp_path):
         tensors["model.layers.0.mlp.up_proj.weight"] = np.zeros((96, 64), np.float16)
     d = _gptq(tmp_path, tensor_hook=both)
     raises_qinfer(lambda: open_model(d), match="stored twice")
+
+
+def test_gguf_unknown_token_id_of_a_normal_token_is_taken_as_unk(tmp_path):
+    path = gguf_file(tmp_path, **{"tokenizer.ggml.unknown_token_id": (VT.UINT32, 0)})
+    tok = load_tokenizer(path)
+    assert tok.encode("tok5") != []

@@ -40,7 +40,8 @@ def added_tokens(config: Optional[dict], tokenizer_json: Optional[dict] = None) 
         except (TypeError, ValueError):
             raise TokenizerError(f"added token {entry!r} has no integer id") from None
         if not isinstance(entry, dict):
-            raise TokenizerError(f"added token {raw_id!r} must be a dict with 'content', got "
+            raise TokenizerError(f"tokenizer config 'added_tokens_decoder' / tokenizer.json 'added_tokens': "
+                                 f"entry {raw_id!r} must be a dict with 'content', got "
                                  f"{type(entry).__name__} {entry!r}"[:200])
         content = token_content(entry, "added token")
         if not content:
