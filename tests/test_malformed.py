@@ -365,3 +365,15 @@ def test_gguf_unknown_token_id_of_a_normal_token_is_taken_as_unk(tmp_path):
     path = gguf_file(tmp_path, **{"tokenizer.ggml.unknown_token_id": (VT.UINT32, 0)})
     tok = load_tokenizer(path)
     assert tok.encode("tok5") != []
+
+
+@needs_tokenizer
+def test_non_finite_float16_embedding(tmp_path):
+    import numpy as np
+    d = tmp_path / "m"
+    ref.write_tiny_llama(d, dtype=np.float16)
+    from safetensors.numpy import load_file, save_file
+    t = load_file(str(d / "model.safetensors"))
+    t["model.embed_tokens.weight"][7, 1] = np.inf
+    save_file(t, str(d / "model.safetensors"))
+    raises_qinfer(lambda: open_model(d), match=r"'model.embed_tokens.weight' holds a non-finite value \(inf\) at \[7, 1\]")

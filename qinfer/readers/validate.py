@@ -100,6 +100,7 @@ def check_tensors(config, tensors, path):
         raise UnsupportedError(f"{path}: unexpected tensor {extra[0]!r}"
                                f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}: "
                                f"not part of a LLaMA model with this config")
+    check_half_tables(tensors, path)
     for name, t in tensors.items():
         if isinstance(t, PackedTensor):
             if t.make is None:         # a lazy one (GGUF blocks) is consistent by construction
@@ -108,6 +109,16 @@ def check_tensors(config, tensors, path):
             kind = getattr(getattr(t, "dtype", None), "kind", None)
             if kind != "f":
                 raise FormatError(f"{path}: tensor {name!r} must hold floats, got {getattr(t, 'dtype', type(t))}")
+
+
+def check_half_tables(tensors, path):
+    """The embedding and LM head stored as F16 are used as stored (the model never converts them, so
+    source.float_tensor's check does not see them): NaN/Inf there is refused here."""
+    from .source import check_finite
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        half = getattr(tensors.get(name), "half", None)
+        if half is not None and not np.isfinite(half.sum(dtype=np.float64)):
+            check_finite(np.asarray(half, dtype=np.float32), name, path)
 
 
 def _check_packed(name, t, path):
