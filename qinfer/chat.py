@@ -80,6 +80,7 @@ def _make_env():
             super().__init__(**kw)
             self.deadline = time.monotonic() + TIME_LIMIT
             self.iterations = 0
+            self.max_items = MAX_ITEMS       # raised by render_chat by the messages' own length
 
         def tick(self, n=1):
             self.iterations += n
@@ -92,11 +93,12 @@ def _make_env():
             self.tick()
             if operator_name == "*":
                 seq, n = (left, right) if _sized(left) else (right, left)
-                if _sized(seq) and isinstance(n, int) and len(seq) * max(n, 0) > MAX_ITEMS:
-                    raise _Limit(f"it repeats a sequence to {len(seq) * n} items (limit {MAX_ITEMS})")
+                if _sized(seq) and isinstance(n, int) and len(seq) * max(n, 0) > self.max_items:
+                    raise _Limit(f"it repeats a sequence to {len(seq) * n} items (limit {self.max_items})")
             elif operator_name == "+":
-                if _sized(left) and _sized(right) and len(left) + len(right) > MAX_ITEMS:
-                    raise _Limit(f"it builds a sequence of {len(left) + len(right)} items (limit {MAX_ITEMS})")
+                if _sized(left) and _sized(right) and len(left) + len(right) > self.max_items:
+                    raise _Limit(f"it builds a sequence of {len(left) + len(right)} items "
+                                 f"(limit {self.max_items})")
             elif operator_name == "**":
                 if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 \
                         and right * abs(left).bit_length() > MAX_POW_BITS:
@@ -121,13 +123,38 @@ def _make_env():
 
     env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
+    class CountedRange:
+        """range() whose iteration spends the render's loop budget (len, indexing, `in` as a range)."""
+
+        def __init__(self, r):
+            self.r = r
+
+        def __iter__(self):
+            for i in self.r:
+                env.tick()
+                yield i
+
+        def __reversed__(self):
+            return iter(CountedRange(self.r[::-1]))
+
+        def __len__(self):
+            return len(self.r)
+
+        def __getitem__(self, i):
+            v = self.r[i]
+            return CountedRange(v) if isinstance(v, range) else v
+
+        def __contains__(self, x):
+            return x in self.r
+
+        def __repr__(self):
+            return repr(self.r)
+
     def bounded_range(*args):
         r = range(*args)
         if len(r) > sandbox.MAX_RANGE:
             raise _Limit(f"range() of {len(r)} items is over the limit of {sandbox.MAX_RANGE}")
-        for i in r:
-            env.tick()
-            yield i
+        return CountedRange(r)
 
     env.globals["range"] = bounded_range
     env.globals["raise_exception"] = _raise
@@ -175,6 +202,7 @@ def render_chat(template, messages, tokenizer, add_generation_prompt=True):
     env = _make_env()
     piece = lambda i: tokenizer.id_to_piece(i) if i is not None else ""
     limit = MAX_OUTPUT_CHARS + 2 * sum(len(m["content"]) for m in messages)
+    env.max_items = MAX_ITEMS + limit
     try:
         compiled = env.from_string(template)
         parts, size = [], 0

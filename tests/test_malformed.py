@@ -377,3 +377,16 @@ def test_non_finite_float16_embedding(tmp_path):
     t["model.embed_tokens.weight"][7, 1] = np.inf
     save_file(t, str(d / "model.safetensors"))
     raises_qinfer(lambda: open_model(d), match=r"'model.embed_tokens.weight' holds a non-finite value \(inf\) at \[7, 1\]")
+
+
+def test_chat_template_range_still_behaves_like_range():
+    assert render("{{ range(3)|list }}{{ range(4)|length }}{{ range(5)[2] }}{{ range(3)|reverse|list }}"
+                  "{{ 2 in range(3) }}{% for i in range(2) %}{{ loop.index }}{{ loop.length }}{% endfor %}") \
+        == "[0, 1, 2]42[2, 1, 0]True1222"
+
+
+def test_chat_template_long_message_is_not_a_runaway():
+    from qinfer.chat import render_chat
+    t = "{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] + '</>' }}{% endfor %}"
+    text = render_chat(t, [{"role": "user", "content": "x" * 3_000_000}], _Tok())
+    assert len(text) == 3_000_000 + 9
