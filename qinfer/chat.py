@@ -73,8 +73,31 @@ def _sized(x):
 def _make_env():
     import jinja2.sandbox as sandbox
 
+    from jinja2.compiler import CodeGenerator, optimizeconst
+
+    class BoundedCodeGenerator(CodeGenerator):
+        # `a ~ b` compiles to a bare "".join, which no sandbox hook sees; route it through the
+        # environment so that repeated doubling ({% set ns.s = ns.s ~ ns.s %}) is bounded too.
+        # (Autoescape is off here, so markup_join is never needed.)
+        @optimizeconst
+        def visit_Concat(self, node, frame):
+            self.write("environment.bounded_join((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
     class BoundedEnvironment(sandbox.ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset(["*", "**", "%", "+"])
+        code_generator_class = BoundedCodeGenerator
+
+        def bounded_join(self, parts):
+            self.tick()
+            parts = [p if isinstance(p, str) else str(p) for p in parts]
+            total = sum(map(len, parts))
+            if total > self.max_items:
+                raise _Limit(f"it builds a string of {total} characters with '~' (limit {self.max_items})")
+            return "".join(parts)
 
         def __init__(self, **kw):
             super().__init__(**kw)

@@ -214,6 +214,8 @@ def render(template):
     ("{{ 'a'.center(10**9) }}", "width"),
     ("{{ 'a' | center(10**9) }}", "width"),
     ("{{ 'a' | indent(10**9) }}", "width"),
+    ("{% set ns = namespace(s='a') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "with '~'"),
     ("{% set ns = namespace(s='a' * 1000) %}{% for i in range(10000) %}{{ ns.s }}{% endfor %}", "output exceeds"),
 ])
 def test_chat_template_runaway_is_stopped(template, match):
@@ -380,9 +382,9 @@ def test_non_finite_float16_embedding(tmp_path):
 
 
 def test_chat_template_range_still_behaves_like_range():
-    assert render("{{ range(3)|list }}{{ range(4)|length }}{{ range(5)[2] }}{{ range(3)|reverse|list }}"
+    assert render("{{ 'a' ~ 1 ~ none }}{{ range(3)|list }}{{ range(4)|length }}{{ range(5)[2] }}{{ range(3)|reverse|list }}"
                   "{{ 2 in range(3) }}{% for i in range(2) %}{{ loop.index }}{{ loop.length }}{% endfor %}") \
-        == "[0, 1, 2]42[2, 1, 0]True1222"
+        == "a1None[0, 1, 2]42[2, 1, 0]True1222"
 
 
 def test_chat_template_long_message_is_not_a_runaway():
