@@ -222,6 +222,8 @@ class Engine:
             _refuse_requantizing(self.source, self.model_path)
         if quantize is not None:
             _check_quantizable(self.source.config)
+        if isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > (1 << 31) - 1:
+            raise QinferError(f"context length {ctx} is beyond what qinfer accepts (at most 2**31 - 1)")
         trained = self.source.config.max_position_embeddings
         if isinstance(ctx, int) and not isinstance(ctx, bool) and trained and ctx > trained:
             warnings.warn(f"context {ctx} is longer than the {trained} tokens the model was trained on "

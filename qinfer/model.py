@@ -92,8 +92,10 @@ class Model:
                  activations=None, stack=None):
         cfg = self.config = source.config
         self.ctx = ctx if ctx is not None else cfg.max_position_embeddings
-        if not isinstance(self.ctx, int) or self.ctx < 1:
+        if isinstance(self.ctx, bool) or not isinstance(self.ctx, int) or self.ctx < 1:
             raise QinferError(f"context length must be a positive integer, got {self.ctx!r}")
+        if self.ctx > (1 << 31) - 1:
+            raise QinferError(f"context length {self.ctx} is beyond what qinfer accepts (at most 2**31 - 1)")
         self.quantize, self.group_size = quantize, group_size
         self.dequantize = dequantize          # packed tensors become float32 (a float baseline)
         self.threads = kernels.resolve_threads(threads)
@@ -118,12 +120,17 @@ class Model:
         self.float_lm_head = lm_head if isinstance(lm_head, np.ndarray) else None   # float32 or float16
         inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self._keep.append(source)
-        self.transformer = Transformer(
-            dict(dim=cfg.hidden_size, hidden_dim=cfg.intermediate_size, n_heads=cfg.num_attention_heads,
-                 n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
-                 ctx=self.ctx, eps=cfg.rms_norm_eps),
-            self._embedding_spec(), layers, final_norm, lm_head, inv_freq,
-            min(PREFILL_CHUNK, self.ctx), self.threads)
+        try:
+            self.transformer = Transformer(
+                dict(dim=cfg.hidden_size, hidden_dim=cfg.intermediate_size, n_heads=cfg.num_attention_heads,
+                     n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
+                     ctx=self.ctx, eps=cfg.rms_norm_eps),
+                self._embedding_spec(), layers, final_norm, lm_head, inv_freq,
+                min(PREFILL_CHUNK, self.ctx), self.threads)
+        except MemoryError:
+            need = 2 * cfg.num_hidden_layers * self.ctx * cfg.num_key_value_heads * cfg.head_dim * 4
+            raise QinferError(f"out of memory allocating the KV cache for a context of {self.ctx} tokens "
+                              f"(about {need} bytes, {need / 2**30:.1f} GiB); use a smaller ctx/--ctx") from None
 
     # ------------------------------------------------------------ building
     def _packed_embedding(self, source):

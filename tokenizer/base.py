@@ -94,6 +94,7 @@ class Tokenizer(ABC):
     def encode(self, text: str, add_bos: bool = False) -> List[int]:
         if not isinstance(text, str):
             raise TokenizerError(f"encode() takes a str, got {type(text).__name__}")
+        check_unicode(text)
         ids = self._encode_text(text)
         if add_bos:
             if self._bos_id is None:
@@ -154,3 +155,13 @@ def end_of_generation_ids(eos_id, piece_to_id, is_special, extra=()):
         if i is not None and is_special(i):
             ids.add(i)
     return ids
+
+
+def check_unicode(text: str, what: str = "text") -> None:
+    """Reject a str that cannot be encoded as UTF-8 (a lone surrogate, e.g. from
+    undecodable command-line bytes or a chat template's escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"the {what} is not valid Unicode: lone surrogate "
+                             f"U+{ord(text[e.start]):04X} at character {e.start}") from None

@@ -30,7 +30,7 @@ def bpe_from_gguf(meta: dict) -> BPETokenizer:
     n = len(tokens)
     types = gm.number_list(meta, gm.TOKEN_TYPE, n, int, default=gm.NORMAL)
     merges = [_split_merge(m, i) for i, m in enumerate(gm.string_list(meta, gm.MERGES))]
-    pre, ignore_merges = pre_tokenizer_for(meta.get(gm.PRE))
+    pre, ignore_merges = pre_tokenizer_for(gm.string(meta, gm.PRE))
 
     vocab = {}
     for i, t in enumerate(tokens):

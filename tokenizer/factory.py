@@ -121,11 +121,13 @@ def hf_dir_spec(path: str):
 def _read_json(path):
     if not os.path.isfile(path):
         return None
+    from qinfer.readers.jsonfile import parse_json
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError) as e:
-        raise TokenizerError(f"cannot read {path}: {e}") from None
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise TokenizerError(f"cannot read {path}: {e.strerror or e}") from None
+    value = parse_json(data, path, os.path.basename(path))
     if not isinstance(value, dict):
         raise TokenizerError(f"{path} must hold a JSON object")
     return value

@@ -3,6 +3,7 @@
 The engine's GGUF reader hands over the metadata as a dict: keys exactly as
 in the file, arrays as Python lists, scalars as Python values.
 """
+import math
 from typing import Optional
 
 from .errors import TokenizerError
@@ -34,10 +35,24 @@ def require(meta: dict, key: str):
 
 
 def string_list(meta: dict, key: str) -> list:
-    value = list(require(meta, key))
-    if not all(isinstance(v, str) for v in value):
-        raise TokenizerError(f"GGUF metadata {key!r} must be a list of strings")
+    value = require(meta, key)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TokenizerError(f"GGUF metadata {key!r} must be an array of strings, got {_kind(value)}")
+    return list(value)
+
+
+def string(meta: dict, key: str, default=None):
+    """An optional string key (e.g. tokenizer.ggml.pre)."""
+    value = meta.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise TokenizerError(f"GGUF metadata {key!r} must be a string, got {_kind(value)}")
     return value
+
+
+def _kind(value):
+    if isinstance(value, (list, tuple)):
+        return f"an array of {len(value)}"
+    return f"{type(value).__name__} {value!r}"[:80]
 
 
 def number_list(meta: dict, key: str, length: int, kind=float, default=None) -> list:
@@ -46,10 +61,18 @@ def number_list(meta: dict, key: str, length: int, kind=float, default=None) -> 
         if default is None:
             raise TokenizerError(f"GGUF metadata lacks {key!r}")
         return [default] * length
-    try:
-        value = [kind(v) for v in meta[key]]
-    except (TypeError, ValueError):
-        raise TokenizerError(f"GGUF metadata {key!r} must be a list of numbers") from None
+    raw = meta[key]
+    if not isinstance(raw, (list, tuple)):
+        raise TokenizerError(f"GGUF metadata {key!r} must be an array of numbers, got {_kind(raw)}")
+    value = []
+    for v in raw:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise TokenizerError(f"GGUF metadata {key!r} must be an array of finite numbers, got {v!r}")
+        if kind is int and v != int(v):
+            raise TokenizerError(f"GGUF metadata {key!r} must be an array of integers, got {v!r}")
+        if kind is float and abs(v) > 3.4e38:
+            raise TokenizerError(f"GGUF metadata {key!r} value {v!r} does not fit a float32 score")
+        value.append(kind(v))
     if len(value) != length:
         raise TokenizerError(f"GGUF metadata {key!r} has {len(value)} entries "
                              f"but {TOKENS!r} has {length}")
@@ -62,10 +85,10 @@ def token_id(meta: dict, key: str, n_vocab: int) -> Optional[int]:
     value = meta.get(key)
     if value is None:
         return None
-    try:
-        value = int(value)
-    except (TypeError, ValueError):
-        raise TokenizerError(f"GGUF metadata {key!r} must be an integer, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value):
+        raise TokenizerError(f"GGUF metadata {key!r} must be an integer, got {_kind(value)}")
+    value = int(value)
     return value if 0 <= value < n_vocab else None
 
 

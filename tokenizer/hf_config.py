@@ -25,7 +25,10 @@ def added_tokens(config: Optional[dict], tokenizer_json: Optional[dict] = None) 
     found = {}
     entries = []
     if tokenizer_json:
-        entries += [(e.get("id"), e) for e in tokenizer_json.get("added_tokens") or []]
+        listed = tokenizer_json.get("added_tokens") or []
+        if not isinstance(listed, list):
+            raise TokenizerError("tokenizer.json 'added_tokens' must be a list")
+        entries += [(e.get("id") if isinstance(e, dict) else None, e) for e in listed]
     if config:
         decoder = config.get("added_tokens_decoder") or {}
         if not isinstance(decoder, dict):
@@ -36,6 +39,10 @@ def added_tokens(config: Optional[dict], tokenizer_json: Optional[dict] = None) 
             token_id = int(raw_id)
         except (TypeError, ValueError):
             raise TokenizerError(f"added token {entry!r} has no integer id") from None
+        if not isinstance(entry, dict):
+            raise TokenizerError(f"tokenizer config 'added_tokens_decoder' / tokenizer.json 'added_tokens': "
+                                 f"entry {raw_id!r} must be a dict with 'content', got "
+                                 f"{type(entry).__name__} {entry!r}"[:200])
         content = token_content(entry, "added token")
         if not content:
             continue

@@ -6,6 +6,7 @@ ModelProto lets the sentencepiece library itself do the encoding, so the
 GGUF path tokenizes exactly like the original tokenizer.model.
 """
 from . import gguf_metadata as gm
+from .errors import TokenizerError
 from .protowire import bytes_field, float_field, int_field, string_field
 
 _BPE = 2    # TrainerSpec.ModelType: llama.cpp's SPM tokenizer is score-driven BPE
@@ -26,6 +27,14 @@ def model_proto_from_gguf(meta: dict) -> bytes:
     scores = gm.number_list(meta, gm.SCORES, n, float, default=0.0)
     types = gm.number_list(meta, gm.TOKEN_TYPE, n, int, default=gm.NORMAL)
 
+    unk = gm.token_id(meta, gm.UNK_ID, n)
+    if unk is None and gm.UNKNOWN in types:
+        unk = types.index(gm.UNKNOWN)
+    if unk is None:
+        raise TokenizerError(f"GGUF llama vocabulary has no unknown token (no {gm.UNK_ID!r} and no token of "
+                             f"type {gm.UNKNOWN} in {gm.TOKEN_TYPE!r}); a SentencePiece vocabulary needs one")
+    # llama.cpp takes unknown_token_id whatever its piece's type; sentencepiece needs that type
+    types = [gm.UNKNOWN if i == unk else (gm.NORMAL if t == gm.UNKNOWN else t) for i, t in enumerate(types)]
     out = bytearray()
     for piece, score, kind in zip(pieces, scores, types):
         entry = string_field(_PIECE, piece) + float_field(_SCORE, score)
@@ -33,9 +42,6 @@ def model_proto_from_gguf(meta: dict) -> bytes:
             entry += int_field(_TYPE, kind)
         out += bytes_field(_PIECES, entry)
 
-    unk = gm.token_id(meta, gm.UNK_ID, n)
-    if unk is None and gm.UNKNOWN in types:
-        unk = types.index(gm.UNKNOWN)
     trainer = (int_field(_MODEL_TYPE, _BPE) + int_field(_VOCAB_SIZE, n)
                + int_field(_BYTE_FALLBACK, gm.BYTE in types))
     if unk is not None:

@@ -21,8 +21,23 @@ describe what the packed tensors already say and are not needed to read them).
 """
 import re
 
+try:                                   # Python 3.11+
+    from re import _constants as _sre_c, _parser as _sre_parse
+except ImportError:                    # pragma: no cover - Python 3.10
+    import sre_constants as _sre_c
+    import sre_parse as _sre_parse
+
 from ..errors import FormatError, UnsupportedError
 from ..packing import GPTQ_BITWIDTHS as BITWIDTHS
+
+# Rules are matched with Python's backtracking `re`, so a pattern is checked for
+# shape first (there is no time limit on re.match): no repeat inside a repeat
+# ("(.*)*z", "(a+)+"), no alternation inside a repeat ("(a|a)*"), at most
+# MAX_UNBOUNDED unbounded repeats in all (".*.*.*.*.*z" is polynomial in the
+# name's length, with the count as exponent) and at most MAX_PATTERN characters.
+MAX_PATTERN = 1000
+MAX_UNBOUNDED = 4
+_REPEATS = {getattr(_sre_c, n) for n in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT") if hasattr(_sre_c, n)}
 
 SKIP = None      # what resolve() returns for a layer a negative rule leaves float
 OVERRIDABLE = ("bits", "group_size")
@@ -44,8 +59,11 @@ class Rules:
             pattern = key[2:] if key.startswith(("+:", "-:")) else key
             try:
                 regex = re.compile(pattern)
-            except re.error as e:
+            except (re.error, RecursionError, OverflowError) as e:
                 raise FormatError(f"{where}: dynamic rule {key!r} is not a valid regular expression ({e})") from None
+            problem = backtracking_risk(pattern)
+            if problem:
+                raise FormatError(f"{where}: dynamic rule {key!r} is refused: {problem}")
             if not isinstance(overrides, dict):
                 raise FormatError(f"{where}: dynamic rule {key!r} must map to an object, got {overrides!r}")
             self.rules.append((key, regex, positive, _check_overrides(overrides, f"{where}: dynamic rule {key!r}")))
@@ -63,6 +81,48 @@ class Rules:
 
     def to_json(self):
         return {key: dict(overrides) for key, _, _, overrides in self.rules}
+
+
+def backtracking_risk(pattern):
+    """Why matching `pattern` could backtrack catastrophically, or None (a structural check)."""
+    if len(pattern) > MAX_PATTERN:
+        return f"a pattern of {len(pattern)} characters is longer than {MAX_PATTERN}"
+    try:
+        parsed = _sre_parse.parse(pattern)
+    except Exception as e:            # compile() succeeded, so this should not happen
+        return f"it cannot be parsed ({e})"
+    unbounded = [0]
+
+    def children(av):
+        if isinstance(av, _sre_parse.SubPattern):
+            yield av
+        elif isinstance(av, (tuple, list)):
+            for a in av:
+                yield from children(a)
+
+    def walk(items, in_repeat):
+        for op, av in items:
+            if op in _REPEATS:
+                lo, hi, body = av
+                if in_repeat:
+                    return "it nests a repeat inside a repeat (catastrophic backtracking)"
+                if hi == _sre_c.MAXREPEAT or hi > 100:
+                    unbounded[0] += 1
+                why = walk(body, True)
+            elif op == _sre_c.BRANCH and in_repeat:
+                return "it repeats an alternation (catastrophic backtracking)"
+            else:
+                why = None
+                for sp in children(av):
+                    why = why or walk(sp, in_repeat)
+            if why:
+                return why
+        return None
+
+    why = walk(parsed, False)
+    if why is None and unbounded[0] > MAX_UNBOUNDED:
+        why = f"it has {unbounded[0]} unbounded repeats (at most {MAX_UNBOUNDED})"
+    return why
 
 
 def _check_overrides(overrides, where):

@@ -96,8 +96,11 @@ def _config(gf):
         raise UnsupportedError(f"{gf.path}: {key}expert_count {experts} (a mixture of experts) is not supported")
 
     vocab = gf.get_int(key + "vocab_size", minimum=1)
+    n_tokens = gf.get_array_len("tokenizer.ggml.tokens")
+    if vocab is not None and n_tokens is not None and vocab != n_tokens:
+        raise FormatError(f"{gf.path}: {key}vocab_size is {vocab} but tokenizer.ggml.tokens lists {n_tokens} tokens")
     if vocab is None:
-        vocab = gf.get_array_len("tokenizer.ggml.tokens")
+        vocab = n_tokens
     if vocab is None:
         raise FormatError(f"{gf.path}: neither llama.vocab_size nor tokenizer.ggml.tokens gives the vocabulary size")
 

@@ -80,6 +80,9 @@ def _read_settings(entries, where):
         raise UnsupportedError(f"{where}: quant_method {method!r} is not supported (qinfer reads GPTQ checkpoints)")
     if entries.get("is_marlin_format"):
         raise UnsupportedError(f"{where}: Marlin-format GPTQ checkpoints are not supported")
+    for key in ("desc_act", "sym", "static_groups", "true_sequential"):
+        if entries.get(key) is not None and not isinstance(entries[key], bool):
+            raise FormatError(f"{where}: {key!r} must be true or false, got {entries[key]!r}"[:200])
     pack_dtype = entries.get("pack_dtype", "int32")
     if pack_dtype not in ("int32", "torch.int32"):
         raise UnsupportedError(f"{where}: pack_dtype {pack_dtype!r} is not supported (qinfer reads int32 words)")
@@ -94,6 +97,10 @@ def _read_settings(entries, where):
         if isinstance(g, bool) or not isinstance(g, int) or not (g == -1 or g > 0):
             raise FormatError(f"{where}: group_size must be a positive integer or -1, got {g!r}")
         out["group_size"] = g
+    for k in ("checkpoint_format", "format"):
+        if entries.get(k) is not None and not isinstance(entries[k], str):
+            raise FormatError(f"{where}: {k!r} must be a string such as \"gptq\" or \"gptq_v2\", "
+                              f"got {type(entries[k]).__name__} {entries[k]!r}"[:200])
     formats = {entries[k] for k in ("checkpoint_format", "format") if entries.get(k) is not None}
     if len(formats) > 1:
         raise FormatError(f"{where}: 'checkpoint_format' and 'format' disagree ({sorted(formats)})")
@@ -148,6 +155,9 @@ def load_gptq(directory, cfg, config_path):
     for name, shape in validate.expected_shapes(config).items():
         base = name[:-len(".weight")]
         if base + ".qweight" in owner:
+            if name in owner:
+                raise FormatError(f"{directory}: {base} is stored twice, as {base}.qweight (quantized) and as "
+                                  f"{name} (float); qinfer does not guess which one is the layer")
             if len(shape) != 2:
                 raise FormatError(f"{directory}: {base} is quantized but is not a matrix")
             layer_settings = rules.resolve(base, settings)
@@ -166,6 +176,7 @@ def load_gptq(directory, cfg, config_path):
                               f"(neither {base}.qweight nor {name})")
         _check_bias(base, get, owner)
     validate.check_tensors(config, tensors, directory)
+    validate.check_no_extra_layers(config, owner, directory)
 
     tok_config = _tokenizer_config(directory)
     return ModelSource(path=directory, format="gptq", config=config, tensors=tensors,
@@ -208,6 +219,21 @@ def _float_tensor(name, get, owner, shape, where, directory):
     return values
 
 
+def _check_g_idx_groups(g_idx, groups, in_features, group_size, where):
+    """Each quantization group holds group_size input rows (the last may hold fewer), whatever the order
+    (act-order permutes rows, not group sizes): a g_idx made for another group_size disagrees."""
+    if g_idx.size == 0 or g_idx.min() < 0 or g_idx.max() >= groups:
+        return                                   # layout.kernel_layout names this problem
+    size = in_features if group_size == -1 else group_size
+    want = np.full(groups, size)
+    want[-1] = in_features - size * (groups - 1)
+    counts = np.bincount(g_idx.astype(np.int64), minlength=groups)
+    if not np.array_equal(counts, want):
+        bad = int(np.flatnonzero(counts != want)[0])
+        raise FormatError(f"{where}: group {bad} holds {int(counts[bad])} input rows but group_size "
+                          f"{group_size} means {int(want[bad])}; the g_idx disagrees with the group size")
+
+
 def _packed(base, shape, settings, get, owner, directory):
     bits, group_size, fmt = settings["bits"], settings["group_size"], settings["checkpoint_format"]
     out_features, in_features = shape
@@ -229,6 +255,7 @@ def _packed(base, shape, settings, get, owner, directory):
     g_idx = None
     if base + ".g_idx" in owner:
         g_idx = np.asarray(_int_tensor(base + ".g_idx", get, (in_features,), where, ("I32", "I64")))
+        _check_g_idx_groups(g_idx, groups, in_features, group_size, f"{directory}: {base}.g_idx ({where})")
     group, scales, zeros, g_idx = layout.kernel_layout(scales, zeros, g_idx, in_features, group_size,
                                                        where=f"{directory}: {base}")
     return PackedTensor(bits=bits, group_size=group, qweight=np.asarray(qweight), scales=scales, zeros=zeros,

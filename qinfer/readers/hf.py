@@ -62,6 +62,7 @@ def load_hf(directory):
                               f"(expected shape {list(needed[name])}){hint}")
         tensors[name] = _float_tensor(shards, owner, name, method)
     validate.check_tensors(config, tensors, directory)
+    validate.check_no_extra_layers(config, owner, directory)
     if config.tie_word_embeddings and LM_HEAD in owner:
         _check_tied_head(tensors[EMBED], _float_tensor(shards, owner, LM_HEAD, method), directory)
 

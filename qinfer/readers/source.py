@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 
+from ..errors import FormatError
+
 
 @dataclass
 class ModelConfig:
@@ -103,7 +105,9 @@ class ModelSource:
         t = self.tensors[name]
         if callable(t):
             t = t()
-        return np.asarray(t, dtype=np.float32)
+        t = np.asarray(t, dtype=np.float32)
+        check_finite(t, name, self.path)
+        return t
 
 
 def _drop_resident_pages(array):
@@ -117,3 +121,14 @@ def _drop_resident_pages(array):
         mm.madvise(advice)
     except (OSError, ValueError):    # a closed map, or a kernel that refuses: nothing to give back
         pass
+
+
+def check_finite(array, name, path):
+    """FormatError if a float array holds NaN or Inf (a corrupt or mis-converted file, which
+    would otherwise load and generate garbage). A float64 sum of float32 values cannot
+    overflow, so it is finite exactly when every value is, without a boolean temporary."""
+    if array.size and not np.isfinite(array.sum(dtype=np.float64)):
+        bad = np.argwhere(~np.isfinite(array))[0]
+        value = array[tuple(bad)]
+        raise FormatError(f"{path}: tensor {name!r} holds a non-finite value ({value}) at "
+                          f"{list(int(i) for i in bad)}")

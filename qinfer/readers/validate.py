@@ -5,6 +5,7 @@ given config must contain (names and shapes listed in source.py) and rejects
 anything missing, misshaped or unexpected, naming the tensor and the file.
 """
 import math
+import re
 
 import numpy as np
 
@@ -99,6 +100,7 @@ def check_tensors(config, tensors, path):
         raise UnsupportedError(f"{path}: unexpected tensor {extra[0]!r}"
                                f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}: "
                                f"not part of a LLaMA model with this config")
+    check_half_tables(tensors, path)
     for name, t in tensors.items():
         if isinstance(t, PackedTensor):
             if t.make is None:         # a lazy one (GGUF blocks) is consistent by construction
@@ -107,6 +109,16 @@ def check_tensors(config, tensors, path):
             kind = getattr(getattr(t, "dtype", None), "kind", None)
             if kind != "f":
                 raise FormatError(f"{path}: tensor {name!r} must hold floats, got {getattr(t, 'dtype', type(t))}")
+
+
+def check_half_tables(tensors, path):
+    """The embedding and LM head stored as F16 are used as stored (the model never converts them, so
+    source.float_tensor's check does not see them): NaN/Inf there is refused here."""
+    from .source import check_finite
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        half = getattr(tensors.get(name), "half", None)
+        if half is not None and not np.isfinite(half.sum(dtype=np.float64)):
+            check_finite(np.asarray(half, dtype=np.float32), name, path)
 
 
 def _check_packed(name, t, path):
@@ -121,3 +133,17 @@ def _check_packed(name, t, path):
     if t.qweight.dtype != np.int32 or t.scales.dtype != np.float32 or t.zeros.dtype != np.float32:
         raise FormatError(f"{path}: packed tensor {name!r} has dtypes {t.qweight.dtype}/{t.scales.dtype}/"
                           f"{t.zeros.dtype}, expected int32/float32/float32")
+
+
+_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def check_no_extra_layers(config, names, path):
+    """A checkpoint whose files hold layers beyond num_hidden_layers: the config is wrong (or the files
+    are), and running only the first layers would generate garbage."""
+    n = config.num_hidden_layers
+    extra = sorted({int(m.group(1)) for m in map(_LAYER_INDEX.match, names) if m and int(m.group(1)) >= n})
+    if extra:
+        raise FormatError(f"{path}: the checkpoint has tensors of layer {extra[0]}"
+                          f"{f' (up to {extra[-1]})' if len(extra) > 1 else ''} but config.json's "
+                          f"num_hidden_layers is {n}")
