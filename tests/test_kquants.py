@@ -135,20 +135,7 @@ def write_kquant_model(path, embd_type=Q.Q6_K, head_type=Q.Q6_K):
     """A random LLaMA whose every matrix is a K-quant or Q5 tensor; -> the float64 weights it holds.
     head_type None: no output.weight (the LM head is the embedding, tied)."""
     rng = np.random.default_rng(7)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(LAYERS)
-    w.add_context_length(128)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_dimension_count(HEAD_DIM)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_tokenizer_model("llama")
-    w.add_token_list([f"t{i}" for i in range(VOCAB)])
-    w.add_token_scores([-float(i) for i in range(VOCAB)])
-    w.add_token_types([1] * VOCAB)
+    w = ref.gguf_llama_writer(path, LAYERS, HIDDEN, FFN, HEADS, KV_HEADS, VOCAB, context=128)
     weights = {}
 
     def matrix(name, hf, qtype, out_f, in_f, heads=None, scale=0.004):

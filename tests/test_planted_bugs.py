@@ -200,20 +200,7 @@ def write_test_gguf(path, rope_divisors=None, seed=5):
     from gguf.quants import dequantize, quantize
     Q = gguf.GGMLQuantizationType
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(G_LAYERS)
-    w.add_context_length(256)
-    w.add_embedding_length(G_HIDDEN)
-    w.add_feed_forward_length(G_FFN)
-    w.add_head_count(G_HEADS)
-    w.add_head_count_kv(G_KV)
-    w.add_rope_dimension_count(G_HEAD_DIM)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_tokenizer_model("llama")
-    w.add_token_list([f"t{i}" for i in range(G_VOCAB)])
-    w.add_token_scores([-float(i) for i in range(G_VOCAB)])
-    w.add_token_types([1] * G_VOCAB)
+    w = ref.gguf_llama_writer(path, G_LAYERS, G_HIDDEN, G_FFN, G_HEADS, G_KV, G_VOCAB)
     weights = {}
 
     def matrix(gname, out_f, in_f, heads=None, std=0.15):
