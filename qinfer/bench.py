@@ -121,7 +121,6 @@ def weight_summary(engine):
     packed (unless the model dequantizes), a float linear map is quantized on load when asked
     (the LM head at model.LM_HEAD_BITS), the embedding and a float LM head are as the model holds
     them (float16 when the checkpoint stores them so), everything else is float32."""
-    from .linear import held_scale_dtype
     from .model import LM_HEAD_BITS, LINEAR_NAMES
     from .readers.source import PackedTensor
     from .readers.validate import expected_shapes
@@ -134,8 +133,7 @@ def weight_summary(engine):
         out_f, in_f = shapes[name]
         t = source.tensors[name]
         if isinstance(t, PackedTensor) and not model.dequantize:
-            t = t.load()           # a GGUF block tensor: converted again to see its scales
-            held = np.dtype(held_scale_dtype(t.scales, t.zeros)).itemsize
+            held = model.scale_bytes[name]          # as the model built it: no second conversion
             return _quantized_bytes(out_f, in_f, t.bits, t.group_size, held), t.bits, t.group_size
         if load_bits:      # quantize on load: float16 scales (model.quantize_on_load)
             return _quantized_bytes(out_f, in_f, load_bits, model.group_size, 2), load_bits, model.group_size

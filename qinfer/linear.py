@@ -59,6 +59,7 @@ CODE_ALIGNMENT = 64       # bytes: a cache line
 
 
 def _empty_aligned(shape, dtype, alignment=CODE_ALIGNMENT):
+    """An uninitialized C-order array starting on a cache-line boundary (see _aligned)."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
     buf = np.empty(nbytes + alignment, dtype=np.uint8)
@@ -87,9 +88,7 @@ def _aligned(a, alignment=CODE_ALIGNMENT):
     (and the prefetches run a line short): 64-byte alignment made the
     float qgemv 5-9% and the int8 one 3-4% faster (benchmarks/kernels.py,
     11008x4096 4-bit g128, 2 threads; the machine is noisy)."""
-    buf = np.empty(a.nbytes + alignment, dtype=np.uint8)
-    start = -buf.ctypes.data % alignment
-    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out = _empty_aligned(a.shape, a.dtype, alignment)
     out[...] = a
     return out
 

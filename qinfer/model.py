@@ -104,6 +104,7 @@ class Model:
         self._keep = []                       # QuantizedLinear objects the C side points into
         self.stack = os.environ.get(STACK_ENV, "1") != "0" if stack is None else bool(stack)
         self._stacked = {}                    # (layer, "wqkv" | "w_gate_up") -> the stacked QuantizedLinear
+        self.scale_bytes = {}                 # name of a tensor run packed -> bytes of each scale/zero as held
 
         # a float tied LM head is the embedding itself, read whole per token
         self._embedding_layer = self._packed_embedding(source)
@@ -139,7 +140,7 @@ class Model:
         t = source.tensors["model.embed_tokens.weight"]
         if not isinstance(t, PackedTensor) or self.dequantize:
             return None
-        layer = self._packed(t)
+        layer = self._packed(t, "model.embed_tokens.weight")
         if (layer.out_features, layer.in_features) != (self.config.vocab_size, self.config.hidden_size):
             raise QinferError(f"the embedding table has shape {[layer.out_features, layer.in_features]}, "
                               f"expected {[self.config.vocab_size, self.config.hidden_size]}")
@@ -188,9 +189,13 @@ class Model:
             return self._float_matrix(source, name)
         return np.array(half, dtype=np.float16, order="C", copy=True) if streamed else np.ascontiguousarray(half)
 
-    def _packed(self, t):
+    def _packed(self, t, *names):
+        """The run-time layer of a PackedTensor; `names`: the source tensors it runs, whose
+        held scale width is recorded (scale_bytes: what `qinfer bench` counts)."""
         t = t.load()
-        return QuantizedLinear.from_packed(t.qweight, t.scales, t.zeros, t.bits, t.group_size, t.g_idx)
+        layer = QuantizedLinear.from_packed(t.qweight, t.scales, t.zeros, t.bits, t.group_size, t.g_idx)
+        self.scale_bytes.update(dict.fromkeys(names, np.dtype(layer.scale_dtype).itemsize))
+        return layer
 
     def _linear_spec(self, layer):
         """What the C side takes: a float32 array, or (matrix, kernel, int8 kernel or None,
@@ -210,7 +215,7 @@ class Model:
         """A QuantizedLinear, or a float32 [out, in] array."""
         t = source.tensors[name]
         if isinstance(t, PackedTensor) and not self.dequantize:
-            return self._packed(t)
+            return self._packed(t, name)
         w = self._packed(t).dequantize() if isinstance(t, PackedTensor) else source.float_tensor(name)
         if self.quantize:
             return quantize_on_load(w, self.quantize, self.group_size)
@@ -223,7 +228,8 @@ class Model:
         for stacked, parts in STACKED.items():     # packed in the file: stacked before they are laid out
             tensors = [source.tensors[names[c_name]] for c_name in parts]
             if self.stack and not self.dequantize and _stackable(tensors):
-                maps[stacked] = self._stacked[i, stacked] = self._packed(stack_packed(tensors))
+                maps[stacked] = self._stacked[i, stacked] = self._packed(
+                    stack_packed(tensors), *(names[c_name] for c_name in parts))
         done = {c_name for stacked in maps for c_name in STACKED[stacked]}
         maps.update({c_name: self._linear(source, name) for c_name, name in names.items() if c_name not in done})
         for stacked, parts in STACKED.items():     # quantized on load: the layers made are stacked
@@ -244,7 +250,7 @@ class Model:
         if name == "model.embed_tokens.weight" and self._embedding_layer is not None:
             return self._linear_spec(self._embedding_layer)          # the same packed layer
         if isinstance(t, PackedTensor) and not self.dequantize:
-            return self._linear_spec(self._packed(t))
+            return self._linear_spec(self._packed(t, name))
         if self.quantize:
             w = self.embedding if name == "model.embed_tokens.weight" else self._float_matrix(source, name)
             return self._linear_spec(quantize_on_load(w, LM_HEAD_BITS, self.group_size))
