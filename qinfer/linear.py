@@ -35,12 +35,16 @@ def _check_features(in_features, out_features):
 SCALE_DTYPES = ("float16", "float32")
 
 
-def held_scale_dtype(scales, zeros, requested=None):
-    """The storage of a layer's scales and zeros: float16 when that loses nothing."""
+def held_scale_dtype(scales, zeros, requested=None, known_exact=False):
+    """The storage of a layer's scales and zeros: float16 when that loses nothing.
+    known_exact: the caller knows every value is exact in float16 (a GGUF Q4_0 block's
+    d and 8 d): not checked again, a pass less over them when a 7B model loads."""
     if requested is not None and requested not in SCALE_DTYPES:
         raise UnsupportedError(f"scale_dtype must be one of {SCALE_DTYPES} or None (automatic), got {requested!r}")
     if requested == "float32":
         return np.float32
+    if requested == "float16" and known_exact:
+        return np.float16
     with np.errstate(over="ignore"):
         exact = all(np.array_equal(a.astype(np.float16).astype(np.float32), a) for a in (scales, zeros))
     if requested == "float16" and not exact:
@@ -96,7 +100,8 @@ def _aligned(a, alignment=CODE_ALIGNMENT):
 class QuantizedLinear:
     """y = x @ W^T with W stored as b-bit codes, a scale and a zero per group."""
 
-    def __init__(self, qweight, scales, zeros, bits, group_size, in_features, out_features, scale_dtype=None):
+    def __init__(self, qweight, scales, zeros, bits, group_size, in_features, out_features, scale_dtype=None,
+                 known_exact=False):
         packing.check_bits(bits)
         rtn.check_group_size(group_size, in_features)
         _check_features(in_features, out_features)
@@ -108,7 +113,7 @@ class QuantizedLinear:
         tu = p["tu"]
         # [units*words, out] -> [tiles][units*words][tu]: one copy, written aligned
         self._words = _tiles(qweight.view(np.uint32), tu).reshape(-1)
-        dtype = held_scale_dtype(scales, zeros, scale_dtype)
+        dtype = held_scale_dtype(scales, zeros, scale_dtype, known_exact)
         self._scales, self._zeros = (_tiles(a, tu, dtype).reshape(-1) for a in (scales, zeros))
         self._perm = None      # act-order: kernel input k is x[perm[k]]
         self._g_idx = None
@@ -170,12 +175,14 @@ class QuantizedLinear:
         return cls(packing.pack(codes, bits), scales, zeros, bits, group_size, in_features, out_features)
 
     @classmethod
-    def from_packed(cls, qweight, scales, zeros, bits, group_size, g_idx=None, scale_dtype=None):
+    def from_packed(cls, qweight, scales, zeros, bits, group_size, g_idx=None, scale_dtype=None,
+                    known_exact=False):
         """From GPTQ-layout int32 words [in*bits/32, out] and float scales/zeros [groups, out].
 
         scale_dtype: how the layer holds its scales and zeros: None (float16
         when every value is exact in it, else float32), "float32", or
-        "float16" (an error when that would round)."""
+        "float16" (an error when that would round; with known_exact, the
+        caller vouches that none does, and it is not checked)."""
         packing.check_bits(bits)
         qweight = np.asarray(qweight)
         if qweight.ndim != 2 or qweight.dtype.itemsize != 4 or qweight.dtype.kind not in "iu":
@@ -191,7 +198,8 @@ class QuantizedLinear:
         zeros = _as_2d_float32("zeros", zeros, (n_groups, out_features))
         qweight = qweight.view(np.int32)           # any strides: the layer copies it into tiles once
         if g_idx is None:
-            return cls(qweight, scales, zeros, bits, group_size, in_features, out_features, scale_dtype)
+            return cls(qweight, scales, zeros, bits, group_size, in_features, out_features, scale_dtype,
+                       known_exact)
         return cls._from_act_order(qweight, scales, zeros, bits, group_size, g_idx, scale_dtype)
 
     @classmethod

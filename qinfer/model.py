@@ -49,13 +49,28 @@ def quantize_on_load(weight, bits, group_size):
 def stack_packed(parts):
     """PackedTensors of one input side by side (their output columns concatenated), e.g.
     q, k and v: one layer is built from them instead of three built and stacked."""
+    first = parts[0]
+    shape = (sum(t.shape[0] for t in parts), first.shape[1])
+    half_exact = all(t.half_exact for t in parts)
+    if all(t.fill is not None for t in parts):
+        # GGUF blocks: each part converted straight into its rows of the stacked arrays
+        # (held column-major, like one GGUF tensor), no copy of the parts to concatenate
+        n_groups = shape[1] // first.group_size
+        arrays = (np.empty((shape[0], shape[1] * first.bits // 32), dtype=np.uint32),
+                  np.empty((shape[0], n_groups), dtype=np.float32), np.empty((shape[0], n_groups), dtype=np.float32))
+        row = 0
+        for t in parts:
+            t.fill(tuple(a[row:row + t.shape[0]] for a in arrays))
+            row += t.shape[0]
+        words, scales, zeros = (a.T for a in arrays)
+        return PackedTensor(bits=first.bits, group_size=first.group_size, qweight=words.view(np.int32),
+                            scales=scales, zeros=zeros, shape=shape, half_exact=half_exact)
     parts = [t.load() for t in parts]
     # concatenated as rows of the transposed arrays: GGUF tensors are held column-major
     cat = lambda arrays: np.concatenate([a.T for a in arrays]).T
-    first = parts[0]
     return PackedTensor(bits=first.bits, group_size=first.group_size, qweight=cat([t.qweight for t in parts]),
                         scales=cat([t.scales for t in parts]), zeros=cat([t.zeros for t in parts]),
-                        shape=(sum(t.shape[0] for t in parts), first.shape[1]))
+                        shape=shape, half_exact=half_exact)
 
 
 def _stackable(tensors):
@@ -193,7 +208,8 @@ class Model:
         """The run-time layer of a PackedTensor; `names`: the source tensors it runs, whose
         held scale width is recorded (scale_bytes: what `qinfer bench` counts)."""
         t = t.load()
-        layer = QuantizedLinear.from_packed(t.qweight, t.scales, t.zeros, t.bits, t.group_size, t.g_idx)
+        layer = QuantizedLinear.from_packed(t.qweight, t.scales, t.zeros, t.bits, t.group_size, t.g_idx,
+                                            "float16" if t.half_exact else None, known_exact=t.half_exact)
         self.scale_bytes.update(dict.fromkeys(names, np.dtype(layer.scale_dtype).itemsize))
         return layer
 

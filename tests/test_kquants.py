@@ -290,3 +290,32 @@ def test_malformed_kquant_file_is_one_error_line(tmp_path, damage):
     assert {"truncated": "truncated", "nan-scale": "non-finite scale",
             "inf-minimum": "non-finite minimum"}[damage] in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("qtype", list(KQUANTS), ids=lambda t: t.name)
+def test_stacked_and_reordered_conversion_equals_gguf_dequantize(qtype):
+    """The 7B load path: q (rows in another order) and k converted straight into one stacked
+    layer; Q4_0/Q5_0/Q8_0 layers hold their scales in float16 without a check: still exact."""
+    from qinfer.model import stack_packed
+    from qinfer.readers.ggml_quants import lazy_packed
+    from qinfer.readers.rope_order import hf_rows_from_gguf, unpermute
+
+    in_features, heads = 512, 4
+    raws = [random_blocks(qtype, rows, in_features, seed=rows) for rows in (64, 32)]
+    if qtype in (Q.Q4_0, Q.Q5_0, Q.Q8_0):
+        raws[1].reshape(32, in_features // 32, -1)[3, 1, 0:2] = 0    # d = 0: a block of zeros
+    q = unpermute(lazy_packed(qtype, raws[0], 64, in_features), heads)
+    k = lazy_packed(qtype, raws[1], 32, in_features)
+    want = np.concatenate([reference(raws[0], qtype, 64, in_features)[hf_rows_from_gguf(64, heads)],
+                           reference(raws[1], qtype, 32, in_features)])
+    p = stack_packed([q, k])
+    layer = QuantizedLinear.from_packed(p.qweight, p.scales, p.zeros, p.bits, p.group_size,
+                                        scale_dtype="float16" if p.half_exact else None, known_exact=p.half_exact)
+    assert p.half_exact == (qtype in (Q.Q4_0, Q.Q5_0, Q.Q8_0))
+    if p.half_exact:
+        assert layer.scale_dtype == "float16"
+        for a in (p.scales, p.zeros):       # the claim checked: float16 holds every value
+            assert np.array_equal(a.astype(np.float16).astype(np.float32), a)
+    got = layer.dequantize()
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+    assert np.array_equal(stack_packed([q.load(), k.load()]).qweight, p.qweight), "the copying path agrees"

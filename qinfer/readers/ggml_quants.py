@@ -48,7 +48,8 @@ _CHUNK_ELEMENTS = 1 << 22
 
 def _f16(blocks, start):
     """The float16 at byte `start` of every block -> float32 [rows, n_blocks]."""
-    return np.ascontiguousarray(blocks[:, :, start:start + 2]).view("<f2")[:, :, 0].astype(np.float32)
+    # a strided float16 view of the blocks (numpy reads unaligned strides): one pass, no gather copy
+    return blocks[:, :, start:start + 2].view("<f2")[:, :, 0].astype(np.float32)
 
 
 def _nibbles(qs):
@@ -218,14 +219,17 @@ class BlockFormat:
     block: int             # inputs per block
     nbytes: int            # bytes per block
     decode: Callable       # blocks -> (codes or a Stream of them, A, B), see the module docstring
+    # A is a block's float16 d and B a fixed multiple of it (Q4_0, Q5_0, Q8_0), so every
+    # scale and zero is exact in float16: the layer holds them so without checking
+    half_exact: bool = False
 
 
 FORMATS = {
-    T.Q4_0: BlockFormat(4, 32, 32, 18, _q4_0),
+    T.Q4_0: BlockFormat(4, 32, 32, 18, _q4_0, half_exact=True),
     T.Q4_1: BlockFormat(4, 32, 32, 20, _q4_1),
-    T.Q5_0: BlockFormat(5, 32, 32, 22, _q5_0),
+    T.Q5_0: BlockFormat(5, 32, 32, 22, _q5_0, half_exact=True),
     T.Q5_1: BlockFormat(5, 32, 32, 24, _q5_1),
-    T.Q8_0: BlockFormat(8, 32, 32, 34, _q8_0),
+    T.Q8_0: BlockFormat(8, 32, 32, 34, _q8_0, half_exact=True),
     T.Q2_K: BlockFormat(2, 16, QK_K, 84, _q2_k),
     T.Q3_K: BlockFormat(3, 16, QK_K, 110, _q3_k),
     T.Q4_K: BlockFormat(4, 32, QK_K, 144, _q4_k),
@@ -235,16 +239,23 @@ FORMATS = {
 
 
 def lazy_packed(qtype, raw, out_features, in_features, what="tensor"):
-    """A PackedTensor that converts the blocks when loaded (PackedTensor.load)."""
+    """A PackedTensor that converts the blocks when loaded (PackedTensor.load), or
+    straight into the rows of a larger one (PackedTensor.fill: model.stack_packed)."""
     fmt = FORMATS[T(qtype)]
+
+    def fill(into=None, order=None):
+        return to_packed(qtype, raw, out_features, in_features, what, into, order)
     return PackedTensor(bits=fmt.bits, group_size=fmt.group, shape=(out_features, in_features),
-                        make=lambda: to_packed(qtype, raw, out_features, in_features, what))
+                        half_exact=fmt.half_exact, make=fill, fill=fill)
 
 
-def to_packed(qtype, raw, out_features, in_features, what="tensor"):
+def to_packed(qtype, raw, out_features, in_features, what="tensor", into=None, order=None):
     """raw: the tensor's bytes (uint8, out_features * in_features / block blocks) -> PackedTensor [out, in].
 
-    `what` names the tensor (and file) in errors.
+    `what` names the tensor (and file) in errors. into: (words uint32 [out, in * bits / 32],
+    scales float32 [out, groups], zeros float32 [out, groups]) to fill instead of new arrays.
+    order: the stored rows (output features) in the order to convert them (rope_order's
+    unpermute), None: as stored.
     """
     fmt = FORMATS[T(qtype)]
     if in_features % fmt.block:
@@ -255,26 +266,28 @@ def to_packed(qtype, raw, out_features, in_features, what="tensor"):
     n_groups = in_features // fmt.group
     # Filled one output column (a GGUF row) at a time, so held column-major: the
     # PackedTensor's arrays are transposed views of these (GPTQ orientation, no copy).
-    words = np.empty((out_features, in_features * fmt.bits // 32), dtype=np.uint32)
-    scales = np.empty((out_features, n_groups), dtype=np.float32)
-    zeros = np.empty((out_features, n_groups), dtype=np.float32)
+    words, scales, zeros = into or (np.empty((out_features, in_features * fmt.bits // 32), dtype=np.uint32),
+                                    np.empty((out_features, n_groups), dtype=np.float32),
+                                    np.empty((out_features, n_groups), dtype=np.float32))
     step = max(1, _CHUNK_ELEMENTS // in_features)
     for j in range(0, out_features, step):
-        codes, a, b = fmt.decode(blocks[j:j + step])
+        codes, a, b = fmt.decode(blocks[j:j + step] if order is None else blocks[order[j:j + step]])
         rows = len(a)
         _check_finite(a, what, "scale", j, fmt.group)
         _check_finite(b, what, "minimum", j, fmt.group)
         flat = a == 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            zero = np.where(flat, np.float32(-1), b / np.where(flat, 1, a)).astype(np.float32)
         if flat.any():               # (bytes of a Stream: a group is group / 2 of them)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                zeros[j:j + step] = np.where(flat, np.float32(-1), b / np.where(flat, 1, a))
             data = codes.data if isinstance(codes, Stream) else codes
             data.reshape(rows, n_groups, -1)[flat] = 0
-        scales[j:j + step] = np.where(flat, -b, a)
-        zeros[j:j + step] = zero
+            scales[j:j + step] = np.where(flat, -b, a)
+        else:
+            np.divide(b, a, out=zeros[j:j + step])
+            scales[j:j + step] = a
         words[j:j + step] = codes.data.view("<u4") if isinstance(codes, Stream) else pack_rows(codes, fmt.bits)
     return PackedTensor(bits=fmt.bits, group_size=fmt.group, qweight=words.T.view(np.int32), scales=scales.T,
-                        zeros=zeros.T, shape=(out_features, in_features))
+                        zeros=zeros.T, shape=(out_features, in_features), half_exact=fmt.half_exact)
 
 
 def _check_finite(values, what, role, first_row, group):

@@ -31,6 +31,14 @@ def hf_rows_from_gguf(n_rows, n_head):
 
 def unpermute(tensor, n_head):
     """A GGUF-order q/k weight (PackedTensor, float array or LazyTensor) -> HF row order."""
+    if isinstance(tensor, PackedTensor) and tensor.fill is not None:
+        index = hf_rows_from_gguf(tensor.shape[0], n_head)
+        # GGUF blocks: converted in HF row order, with no copy to reorder afterwards
+
+        def fill(into=None, order=None):
+            return tensor.fill(into, index if order is None else index[order])
+        return PackedTensor(bits=tensor.bits, group_size=tensor.group_size, shape=tensor.shape,
+                            half_exact=tensor.half_exact, make=fill, fill=fill)
     if isinstance(tensor, PackedTensor) and tensor.make is not None:
         hf_rows_from_gguf(tensor.shape[0], n_head)          # the error now, not when loaded
         return PackedTensor(bits=tensor.bits, group_size=tensor.group_size, shape=tensor.shape,

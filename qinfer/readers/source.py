@@ -58,6 +58,11 @@ class PackedTensor:
     g_idx: Optional[np.ndarray] = None
     shape: tuple = ()               # (out, in), Hugging Face orientation
     make: Optional[Callable[[], "PackedTensor"]] = None
+    # A GGUF block tensor's make is fill(into=None, order=None): it converts into given arrays
+    # (qweight, scales, zeros transposed: [out, ...]), so tensors of one input are stacked
+    # as they are converted (model.stack_packed), and its rows in a given order (unpermute).
+    fill: Optional[Callable[..., "PackedTensor"]] = None
+    half_exact: bool = False        # every scale and zero is exact in float16 (known from the format)
 
     def load(self):
         """This tensor with its arrays: itself, or a new PackedTensor made now (not cached)."""
