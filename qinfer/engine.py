@@ -68,6 +68,7 @@ STOP_REASONS = {                     # GenerationStats.stop_reason -> words (the
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0           # of the prompt's, found in the KV cache (not prefilled again)
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -84,7 +85,8 @@ class GenerationStats:
 
     @property
     def prefill_tokens_per_second(self):
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+        prefilled = self.prompt_tokens - self.cached_tokens
+        return prefilled / self.prefill_seconds if self.prefill_seconds else 0.0
 
     @property
     def decode_tokens_per_second(self):
@@ -239,6 +241,7 @@ class Engine:
         self.config = self.source.config
         self.chat_template = self.source.chat_template
         self.pos = 0
+        self.cached_ids = []          # the tokens in the KV cache, positions 0..pos-1
         self.last_stats = GenerationStats()
         # seconds Engine() took: reading the file, laying out the weights (quantizing them when
         # asked), the tokenizer, and tuning the kernels on first use on this CPU
@@ -268,6 +271,17 @@ class Engine:
     def reset(self):
         """Forget the conversation: the next call starts from an empty KV cache."""
         self.pos = 0
+        self.cached_ids = []
+
+    def reusable_prefix(self, ids):
+        """How many of `ids`' first tokens the KV cache holds already (a chat's earlier
+        turns): at most len(ids) - 1, since the last prompt token must run to give logits."""
+        n = 0
+        for a, b in zip(self.cached_ids, ids[:len(ids) - 1]):
+            if a != b:
+                break
+            n += 1
+        return n
 
     def logits(self, token_ids, threads=None):
         """float32 [n, vocab]: the logits at every position of token_ids, from an empty cache."""
@@ -275,6 +289,7 @@ class Engine:
         self.reset()
         out = self.model.forward(token_ids, 0, all_logits=True, threads=threads)
         self.pos = len(token_ids)
+        self.cached_ids = list(token_ids)
         return out
 
     def prefill(self, token_ids, threads=None):
@@ -282,6 +297,7 @@ class Engine:
         token_ids = self._check_ids(token_ids)
         out = self.model.forward(token_ids, self.pos, threads=threads)
         self.pos += len(token_ids)
+        self.cached_ids += token_ids
         return out
 
     def decode_step(self, token_id, threads=None):
@@ -301,7 +317,10 @@ class Engine:
                                repetition_penalty)
 
     def stream_ids(self, ids, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None,
-                   stop=None, repetition_penalty=1.0):
+                   stop=None, repetition_penalty=1.0, reuse_cache=False):
+        """Yield the text generated after the token ids `ids`. reuse_cache: keep the KV
+        cache's entries for the prompt's first tokens when it holds them already (the
+        earlier turns of a chat) and prefill only the rest; otherwise start afresh."""
         _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
         if isinstance(stop, str):
             stop = [stop]
@@ -314,19 +333,21 @@ class Engine:
             raise ContextError(f"the prompt has {len(ids)} tokens but the context holds {self.ctx} "
                                f"(use a shorter prompt or a larger --ctx)")
         return self._generate(list(ids), max_new_tokens, temperature, top_k, top_p, seed, stop,
-                              repetition_penalty)
+                              repetition_penalty, reuse_cache)
 
-    def _generate(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop, repetition_penalty):
-        stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
+    def _generate(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop, repetition_penalty,
+                  reuse_cache=False):
+        kept = self.reusable_prefix(ids) if reuse_cache else 0
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(ids), cached_tokens=kept)
         sampler = Sampler(self.config.vocab_size, temperature, top_k, top_p, repetition_penalty, seed)
         eos = set(self.tokenizer.eos_ids) | set(self.config.eos_token_ids or ())
         seen = dict.fromkeys(ids)
         decoder = self.tokenizer.decoder(prefix=ids)
         stop_filter = _StopFilter(stop)
 
-        self.reset()
+        self.pos, self.cached_ids = kept, self.cached_ids[:kept]
         start = time.perf_counter()
-        logits = self.prefill(ids)
+        logits = self.prefill(ids[kept:])
         t0 = time.perf_counter()
         stats.prefill_seconds = t0 - start
         stats.stop_reason = "length"
@@ -379,11 +400,13 @@ class Engine:
         return self.tokenizer.encode(text, add_bos=add_bos)
 
     def chat(self, messages, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None,
-             stop=None, repetition_penalty=1.0, stream=False):
-        """Reply to a list of {"role", "content"} messages; a generator of pieces if stream."""
+             stop=None, repetition_penalty=1.0, stream=False, reuse_cache=True):
+        """Reply to a list of {"role", "content"} messages; a generator of pieces if stream.
+        The conversation's earlier turns are taken from the KV cache where it holds them
+        (reuse_cache=False: prefill the whole conversation again)."""
         ids = self.chat_prompt_ids(messages)
         pieces = self.stream_ids(ids, max_new_tokens, temperature, top_k, top_p, seed, stop,
-                                 repetition_penalty)
+                                 repetition_penalty, reuse_cache)
         return pieces if stream else "".join(pieces)
 
     def __repr__(self):
