@@ -276,6 +276,8 @@ class Engine:
     def reusable_prefix(self, ids):
         """How many of `ids`' first tokens the KV cache holds already (a chat's earlier
         turns): at most len(ids) - 1, since the last prompt token must run to give logits."""
+        if len(self.cached_ids) != self.pos:
+            return 0              # the cache was filled around prefill() (perplexity's windows)
         n = 0
         for a, b in zip(self.cached_ids, ids[:len(ids) - 1]):
             if a != b:
