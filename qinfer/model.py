@@ -11,6 +11,7 @@ is that same layer; a float table is held as stored (float16 or float32).
 """
 import math
 import os
+from typing import NamedTuple
 
 import numpy as np
 
@@ -80,6 +81,12 @@ def _stackable(tensors):
                for t in tensors)
 
 
+class Cache(NamedTuple):
+    """A KV cache and the step buffers of one sequence (pyx/_forward.pyx's Transformer)."""
+    transformer: Transformer
+    ctx: int                  # tokens it holds
+
+
 class ContextError(QinferError):
     """More tokens than the context (KV cache) holds."""
 
@@ -136,17 +143,32 @@ class Model:
         self.float_lm_head = lm_head if isinstance(lm_head, np.ndarray) else None   # float32 or float16
         inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self._keep.append(source)
+        self._weights = (self._embedding_spec(), layers, final_norm, lm_head, inv_freq)
+        self.transformer = self._transformer(self.ctx)
+        self.cache = Cache(self.transformer, self.ctx)
+
+    def _transformer(self, ctx):
+        """The C forward pass over this model's weights, with a KV cache of ctx tokens."""
+        cfg = self.config
         try:
-            self.transformer = Transformer(
+            return Transformer(
                 dict(dim=cfg.hidden_size, hidden_dim=cfg.intermediate_size, n_heads=cfg.num_attention_heads,
                      n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
-                     ctx=self.ctx, eps=cfg.rms_norm_eps),
-                self._embedding_spec(), layers, final_norm, lm_head, inv_freq,
-                min(PREFILL_CHUNK, self.ctx), self.threads)
+                     ctx=ctx, eps=cfg.rms_norm_eps),
+                *self._weights, min(PREFILL_CHUNK, ctx), self.threads)
         except MemoryError:
-            need = 2 * cfg.num_hidden_layers * self.ctx * cfg.num_key_value_heads * cfg.head_dim * 4
-            raise QinferError(f"out of memory allocating the KV cache for a context of {self.ctx} tokens "
+            need = 2 * cfg.num_hidden_layers * ctx * cfg.num_key_value_heads * cfg.head_dim * 4
+            raise QinferError(f"out of memory allocating the KV cache for a context of {ctx} tokens "
                               f"(about {need} bytes, {need / 2**30:.1f} GiB); use a smaller ctx/--ctx") from None
+
+    def new_cache(self, ctx=None):
+        """Another KV cache of ctx tokens (default: the model's), with its own step buffers,
+        over the same weights: one more sequence (a server's slot). Model.forward(cache=...).
+        It runs the layers as they are now (replace_linear later changes the model's own)."""
+        ctx = self.ctx if ctx is None else ctx
+        if isinstance(ctx, bool) or not isinstance(ctx, int) or not 1 <= ctx <= (1 << 31) - 1:
+            raise QinferError(f"context length must be a positive integer, got {ctx!r}")
+        return Cache(self._transformer(ctx), ctx)
 
     # ------------------------------------------------------------ building
     def _packed_embedding(self, source):
@@ -315,10 +337,11 @@ class Model:
             self.transformer.run_layer(layer, x[start:stop], pos + start, parts, threads)
 
     # ------------------------------------------------------------- running
-    def forward(self, tokens, pos, all_logits=False, threads=None, out=None):
+    def forward(self, tokens, pos, all_logits=False, threads=None, out=None, cache=None):
         """Logits for tokens at positions pos..: [n, vocab] if all_logits else [vocab] of the last.
 
-        Feeds the tokens in chunks the buffers hold; the KV cache keeps them.
+        Feeds the tokens in chunks the buffers hold; the KV cache keeps them (cache: one
+        from new_cache(), default the model's own).
         out: with all_logits, a C-contiguous float32 [n, vocab] array to write the logits
         into (a caller scoring many windows reuses one: a fresh 100 MB array per call
         costs the kernel's page clearing, 8% of a perplexity run).
@@ -327,14 +350,15 @@ class Model:
         n = len(tokens)
         if n == 0:
             raise QinferError("no tokens to run")
-        if pos + n > self.ctx:
-            raise ContextError(f"{pos + n} tokens do not fit the context of {self.ctx} "
+        transformer, ctx = cache or self.cache
+        if pos + n > ctx:
+            raise ContextError(f"{pos + n} tokens do not fit the context of {ctx} "
                                f"(use a shorter prompt or a larger --ctx)")
         low, high = (int(tokens[0]),) * 2 if n == 1 else (tokens.min(), tokens.max())
         if low < 0 or high >= self.config.vocab_size:
             raise QinferError(f"token ids must lie in [0, {self.config.vocab_size})")
         threads = self.threads if threads is None else kernels.resolve_threads(threads)
-        chunk = self.transformer.max_tokens
+        chunk = transformer.max_tokens
         vocab = self.config.vocab_size
         shape = (n if all_logits else 1, vocab)
         if out is None or not all_logits:
@@ -345,10 +369,10 @@ class Model:
             part = tokens[start:start + chunk]
             last = start + len(part) == n
             if all_logits:
-                self.transformer.forward(part, pos + start, out[start:start + len(part)], True, threads)
+                transformer.forward(part, pos + start, out[start:start + len(part)], True, threads)
             elif last:
-                self.transformer.forward(part, pos + start, out, False, threads)
+                transformer.forward(part, pos + start, out, False, threads)
             else:
                 scratch = np.empty((1, vocab), dtype=np.float32)
-                self.transformer.forward(part, pos + start, scratch, False, threads)
+                transformer.forward(part, pos + start, scratch, False, threads)
         return out if all_logits else out[0]
