@@ -206,11 +206,15 @@ class Engine:
 
     def reusable_prefix(self, ids):
         """How many of `ids`' first tokens the KV cache holds already (a chat's earlier
-        turns): at most len(ids) - 1, since the last prompt token must run to give logits."""
+        turns), at most len(ids) - 2: the last prompt token must run to give logits, and
+        with one more it runs as a prefill of 2+ rows, whose quantized layers' results do
+        not depend on the row count (a single row runs the decode kernels, which round
+        differently), so a quantized model given a prompt found in the cache returns the
+        very logits of a fresh prefill."""
         if len(self.cached_ids) != self.pos:
             return 0              # the cache was filled around prefill() (perplexity's windows)
         n = 0
-        for a, b in zip(self.cached_ids, ids[:len(ids) - 1]):
+        for a, b in zip(self.cached_ids, ids[:len(ids) - 2]):
             if a != b:
                 break
             n += 1
