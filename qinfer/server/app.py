@@ -1,0 +1,175 @@
+"""The HTTP side: an ASGI app (Starlette) over a Scheduler.
+
+    GET  /health                 {"status": "ok", "slots": n, "busy": k}
+    GET  /v1/models              the one model served
+    POST /v1/completions         OpenAI completions, streamed (Server-Sent Events) or whole
+    POST /v1/chat/completions    the same with the model's chat template
+
+Errors are OpenAI-style JSON bodies ({"error": {...}}) with a 4xx status for
+the client's mistakes (protocol.ApiError) and 500 for a failed step. With an
+API key set, every request must carry it as `Authorization: Bearer KEY`.
+"""
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from ..errors import QinferError
+from . import protocol
+from .protocol import ApiError
+from .scheduler import Job
+
+MAX_BODY_BYTES = 16 << 20      # a request body beyond this is refused (413) before it is read whole
+
+
+def _error(exc):
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+class _ApiKey:
+    """Pure ASGI middleware: requests without `Authorization: Bearer <key>` get a 401."""
+
+    def __init__(self, app, key):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, b"Bearer " + self.key):
+                response = _error(ApiError(401, "a valid API key is required (Authorization: Bearer KEY)",
+                                           kind="authentication_error", code="invalid_api_key"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class Server:
+    """The routes of one served model. engine: a qinfer.Engine; scheduler: its Scheduler."""
+
+    def __init__(self, engine, scheduler, model_name):
+        self.engine, self.scheduler, self.model_name = engine, scheduler, model_name
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------------ routes
+    async def health(self, request):
+        return JSONResponse({"status": "ok", "slots": len(self.scheduler.slots),
+                             "busy": self.scheduler.busy_slots()})
+
+    async def models(self, request):
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "qinfer"}]})
+
+    async def completions(self, request):
+        return await self._generate(request, "completion")
+
+    async def chat_completions(self, request):
+        return await self._generate(request, "chat")
+
+    # ----------------------------------------------------------------- helpers
+    def _prompt_ids(self, req):
+        engine = self.engine
+        try:
+            if req.kind == "chat":
+                if not engine.chat_template:
+                    raise ApiError(400, "this model has no chat template; use /v1/completions")
+                ids = engine.chat_prompt_ids(req.messages)
+            else:
+                ids = engine.tokenizer.encode(req.prompt, add_bos=engine.tokenizer.add_bos_default)
+        except QinferError as exc:
+            if isinstance(exc, ApiError):
+                raise
+            raise ApiError(400, str(exc)) from None
+        if not ids:
+            raise ApiError(400, "the prompt is empty (no tokens)", param="prompt")
+        ctx = self.scheduler.ctx
+        if len(ids) >= ctx:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens but the context holds {ctx}",
+                           param="messages" if req.kind == "chat" else "prompt", code="context_length_exceeded")
+        return ids
+
+    async def _generate(self, request, kind):
+        try:
+            try:
+                body = json.loads(await request.body())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ApiError(400, f"the request body is not valid JSON ({exc})") from None
+            req = protocol.parse(kind, body, self.model_name)
+            ids = self._prompt_ids(req)
+        except ApiError as exc:
+            return _error(exc)
+        loop = asyncio.get_running_loop()
+        events = asyncio.Queue()
+        greedy = req.temperature == 0 or req.top_p == 0
+        job = Job(ids, lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)),
+                  req.max_tokens, temperature=0.0 if greedy else req.temperature,
+                  top_p=1.0 if greedy else req.top_p, seed=req.seed, stop=req.stop)
+        response = protocol.Response(req, self.model_name)
+        self.scheduler.submit(job)
+        if req.stream:
+            return StreamingResponse(self._stream(job, events, response, req), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        pieces = [req.prompt] if req.echo else []
+        try:
+            while True:
+                what, value = await events.get()
+                if what == "text":
+                    pieces.append(value)
+                elif what == "done":
+                    return JSONResponse(response.whole("".join(pieces), value))
+                else:
+                    return _error(ApiError(500, f"generation failed: {value}", kind="server_error"))
+        finally:
+            job.cancel()            # a client gone mid-way frees its slot (no-op when done)
+
+    async def _stream(self, job, events, response, req):
+        def sse(obj):
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+        try:
+            if req.kind == "chat":
+                yield sse(response.chunk(first=True))
+            elif req.echo:
+                yield sse(response.chunk(req.prompt))
+            while True:
+                what, value = await events.get()
+                if what == "text":
+                    yield sse(response.chunk(value))
+                elif what == "done":
+                    yield sse(response.chunk(finish=value.stop_reason))
+                    if req.include_usage:
+                        yield sse(response.usage_chunk(value))
+                    break
+                else:
+                    yield sse(ApiError(500, f"generation failed: {value}", kind="server_error").body())
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()
+
+
+def create_app(engine, scheduler, model_name, api_key=None):
+    """The ASGI app serving `engine` through `scheduler` under the name `model_name`."""
+    server = Server(engine, scheduler, model_name)
+    routes = [Route("/health", server.health), Route("/v1/models", server.models),
+              Route("/v1/completions", server.completions, methods=["POST"]),
+              Route("/v1/chat/completions", server.chat_completions, methods=["POST"])]
+
+    async def not_found(request, exc):
+        return _error(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                               code="not_found" if exc.status_code == 404 else None))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        scheduler.close()
+
+    middleware = [Middleware(_ApiKey, key=api_key)] if api_key else []
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers={404: not_found, 405: not_found},
+                    lifespan=lifespan, max_body_size=MAX_BODY_BYTES)
+    app.state.server = server
+    return app
