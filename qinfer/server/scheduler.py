@@ -59,12 +59,16 @@ def shared_prefix(cached, ids):
 class Scheduler:
     """Runs jobs on `engine`'s model in `parallel` slots of `ctx` tokens each."""
 
-    def __init__(self, engine, parallel=1, ctx=None, prefill_chunk=DEFAULT_PREFILL_CHUNK):
+    def __init__(self, engine, parallel=1, ctx=None, prefill_chunk=DEFAULT_PREFILL_CHUNK,
+                 share_engine_cache=False):
         self.engine, self.model = engine, engine.model
         self.ctx = ctx or engine.ctx
         self.prefill_chunk = prefill_chunk
-        # caches of their own: the engine's stays its own (Engine.generate may run beside the server)
-        self.slots = [Slot(i, self.model.new_cache(self.ctx)) for i in range(parallel)]
+        # Caches of their own, so the engine can still run beside the server; `qinfer serve`,
+        # which never runs the engine itself, lets the first slot use the engine's (memory).
+        caches = [self.model.cache] if share_engine_cache and self.ctx == self.model.ctx else []
+        caches += [self.model.new_cache(self.ctx) for _ in range(parallel - len(caches))]
+        self.slots = [Slot(i, c) for i, c in enumerate(caches)]
         self.waiting = collections.deque()
         self.lock = threading.Condition()
         self.closed = False
