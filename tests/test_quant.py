@@ -948,12 +948,40 @@ def test_existing_output_needs_force(tiny_src, tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def _start_slow_quantize(tiny_src, calib, out, env, ready):
-    """Start `qinfer quantize` (GPTQ, tiny) with a test pause; return once ready(stderr so far) holds."""
-    proc = subprocess.Popen([sys.executable, "-m", "qinfer", "quantize", "--model", str(tiny_src), "--out",
-                             str(out), "--method", "gptq", "--calib", str(calib), "--nsamples", "2",
-                             "--seqlen", "32", "--threads", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, **env))
+# `python -c SLOW_QUANTIZE PAUSE SECONDS quantize ...`: the CLI, run as `python -m qinfer` runs it,
+# with a pause patched in at one point (qinfer's code has no test hooks):
+#   layer  after each layer's work, before its progress bar closes (inside the layer loop)
+#   write  once the checkpoint files are written, before the directory is renamed into place
+SLOW_QUANTIZE = """
+import contextlib, runpy, sys, time
+from qinfer.quant import checkpoint, progress
+pause, seconds = sys.argv[1], float(sys.argv[2])
+del sys.argv[1:3]
+if pause == "layer":
+    layer = progress.Progress.layer
+    @contextlib.contextmanager
+    def slow_layer(self, index, steps):
+        with layer(self, index, steps) as bar:
+            yield bar
+            time.sleep(seconds)
+    progress.Progress.layer = slow_layer
+else:
+    commit = checkpoint.OutputDir.commit
+    def slow_commit(self):
+        time.sleep(seconds)
+        return commit(self)
+    checkpoint.OutputDir.commit = slow_commit
+runpy.run_module("qinfer", run_name="__main__", alter_sys=True)
+"""
+
+
+def _start_slow_quantize(tiny_src, calib, out, pause, ready):
+    """Start `qinfer quantize` (GPTQ, tiny) with a 60 s pause at `pause` ("layer" or "write", above);
+    return once ready(stderr so far) holds."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_QUANTIZE, pause, "60", "quantize", "--model",
+                             str(tiny_src), "--out", str(out), "--method", "gptq", "--calib", str(calib),
+                             "--nsamples", "2", "--seqlen", "32", "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seen = bytearray()
 
     def read():
@@ -984,7 +1012,7 @@ def _stop(proc, reader, sig):
 def test_interrupted_quantize_leaves_nothing(tiny_src, short_calib, tmp_path, sig):
     out = tmp_path / "out"
     # The pause comes after each layer: the run is inside its layer loop.
-    proc, seen, reader = _start_slow_quantize(tiny_src, short_calib, out, {"QINFER_TEST_SLOW_LAYER": "60"},
+    proc, seen, reader = _start_slow_quantize(tiny_src, short_calib, out, "layer",
                                               lambda err: b"layer 1/2" in err)
     time.sleep(0.5)
     code = _stop(proc, reader, sig)
@@ -1000,7 +1028,7 @@ def test_interrupted_write_leaves_no_partial_model(tiny_src, short_calib, tmp_pa
 
     def writing(_):
         return any((tmp_path / n / "quantize_config.json").is_file() for n in leftovers(tmp_path))
-    proc, seen, reader = _start_slow_quantize(tiny_src, short_calib, out, {"QINFER_TEST_SLOW_WRITE": "60"},
+    proc, seen, reader = _start_slow_quantize(tiny_src, short_calib, out, "write",
                                               writing)
     code = _stop(proc, reader, sig)
     assert not out.exists()
