@@ -239,7 +239,7 @@ def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False,
     sink_weight: how many times the first token of each calibration window
     counts in the Hessians (1: plain GPTQ). That position becomes the
     attention sink every later token attends to; with weight 1 GPTQ may move
-    error into the directions only it uses (README, "Quantizing").
+    error into the directions only it uses (docs/quantize.md).
     float_dtype: how the embedding, norms and an untied LM head are stored.
     zero_point: "int" (GPTQ's integer zero points, an AutoGPTQ-compatible
     checkpoint) or "float" (each group's own min/max range, a real zero

@@ -29,7 +29,7 @@ the ends clip to the first or last code) and keeps, per group, the candidate
 with the smallest sum of |w - dequantized w|^2.4: a norm above 2 weighs the
 large weights' errors more than mean squared error does, so outliers are
 clipped only when that pays. At 3 bits and groups of 16 it lowered
-SmolLM2-135M's validation perplexity (README, "Quantizing"). It is the
+SmolLM2-135M's validation perplexity (docs/perplexity.md). It is the
 same search in GPTQ, run on the error-updated weights of each group.
 """
 import numpy as np
