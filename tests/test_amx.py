@@ -23,7 +23,7 @@ import qinfer
 from qinfer import kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_kernels import pack_gptq  # noqa: E402  (GPTQ's packing loop, all four bitwidths)
+from helpers import pack_gptq  # noqa: E402  (GPTQ's packing loop, every bitwidth)
 
 F32 = np.float32
 pytestmark = pytest.mark.skipif(not kernels.has_float_amx(), reason="no AMX tiles on this CPU/OS/build")

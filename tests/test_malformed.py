@@ -17,6 +17,7 @@ from qinfer.readers import open_model
 from gguf import GGUFValueType as VT
 
 import llama_reference as ref
+from helpers import needs_tokenizer
 from test_readers import build_gguf, raises_qinfer, tiny_kvs, tiny_tensors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

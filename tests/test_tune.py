@@ -27,8 +27,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_reference as ref  # noqa: E402
-from test_kernels import (assert_matches, dequant, dot_size, pack_gptq, random_codes,  # noqa: E402
-                          random_scales_zeros, ref_matmul)
+from helpers import pack_gptq  # noqa: E402
+from test_kernels import (assert_matches, dequant, dot_size, random_codes, random_scales_zeros,  # noqa: E402
+                          ref_matmul)
 
 import qinfer  # noqa: E402
 from qinfer import QuantizedLinear, UnsupportedError, kernels  # noqa: E402

@@ -39,7 +39,6 @@ METHODS = ("gptq", "rtn")
 INPUT_OF = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "o_in",
             "w_gate": "mlp_in", "w_up": "mlp_in", "w_down": "down_in"}
 TRUE_SEQUENTIAL_STAGES = (("wq", "wk", "wv"), ("wo",), ("w_gate", "w_up"), ("w_down",))
-SLOW_LAYER_ENV = "QINFER_TEST_SLOW_LAYER"     # tests: sleep this many seconds after each layer
 
 
 @dataclass
@@ -166,7 +165,6 @@ def _rtn_layers(source, settings, rules, progress):
                 results[base] = rtn_quantize(float_weight(source, base + ".weight"), bits, group_size, sym,
                                              zero_point, clip)
                 bar.update()
-            checkpoint.pause_for_tests(SLOW_LAYER_ENV)
     return results, {}
 
 
@@ -222,7 +220,6 @@ def _gptq_layers(source, windows, settings, rules, threads, true_sequential, pro
                 for s in range(nsamples):
                     model.run_layer(i, hidden[s], 0)
                     bar.update()
-            checkpoint.pause_for_tests(SLOW_LAYER_ENV)
     return results, errors
 
 
@@ -242,7 +239,7 @@ def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False,
     sink_weight: how many times the first token of each calibration window
     counts in the Hessians (1: plain GPTQ). That position becomes the
     attention sink every later token attends to; with weight 1 GPTQ may move
-    error into the directions only it uses (README, "Quantizing").
+    error into the directions only it uses (docs/quantize.md).
     float_dtype: how the embedding, norms and an untied LM head are stored.
     zero_point: "int" (GPTQ's integer zero points, an AutoGPTQ-compatible
     checkpoint) or "float" (each group's own min/max range, a real zero

@@ -15,23 +15,14 @@ import shutil
 import signal
 import struct
 import threading
-import time
 
 import numpy as np
 
 from ..errors import QinferError
 
-SLOW_WRITE_ENV = "QINFER_TEST_SLOW_WRITE"     # tests: pause this many seconds before the rename
 PARTIAL_TAG = ".qinfer-partial-"
 OLD_TAG = ".qinfer-old-"
 SAFETENSORS_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int32"): "I32"}
-
-
-def pause_for_tests(env_name):
-    """Tests make a run slow at a chosen point (a layer, the write) by naming seconds in the environment."""
-    value = os.environ.get(env_name)
-    if value:
-        time.sleep(float(value))
 
 
 # ------------------------------------------------------------------ safetensors

@@ -40,7 +40,6 @@ MAX_UNBOUNDED = 4
 _REPEATS = {getattr(_sre_c, n) for n in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT") if hasattr(_sre_c, n)}
 
 SKIP = None      # what resolve() returns for a layer a negative rule leaves float
-OVERRIDABLE = ("bits", "group_size")
 
 
 class Rules:

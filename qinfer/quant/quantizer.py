@@ -29,7 +29,7 @@ the ends clip to the first or last code) and keeps, per group, the candidate
 with the smallest sum of |w - dequantized w|^2.4: a norm above 2 weighs the
 large weights' errors more than mean squared error does, so outliers are
 clipped only when that pays. At 3 bits and groups of 16 it lowered
-SmolLM2-135M's validation perplexity (README, "Quantizing"). It is the
+SmolLM2-135M's validation perplexity (docs/perplexity.md). It is the
 same search in GPTQ, run on the error-updated weights of each group.
 """
 import numpy as np
@@ -126,13 +126,11 @@ def quantize_codes(w, scale, zero, bits, zero_point="int"):
 
     "int": round(w / scale) + zero, as AutoGPTQ computes it (the two forms
     differ only at exact ties); "float": round(w / scale + zero)."""
-    maxq = 2 ** bits - 1
     w = np.asarray(w, dtype=np.float32)
-    if zero_point == "float":
-        q = np.round(w / scale[..., None] + zero[..., None])
-    else:
-        q = np.round(w / scale[..., None]) + zero[..., None]
-    return np.clip(q, 0, maxq).astype(np.uint8)
+    if zero_point != "float":
+        return rtn.round_codes(w, scale, zero, bits)
+    q = np.round(w / scale[..., None] + zero[..., None])
+    return np.clip(q, 0, 2 ** bits - 1).astype(np.uint8)
 
 
 def check_settings(bits, group_size, sym=False, zero_point="int"):
@@ -149,37 +147,18 @@ def check_settings(bits, group_size, sym=False, zero_point="int"):
                                f"got {group_size!r}")
 
 
-RTN_ROW_BLOCK = 1024      # output rows rounded at a time
-
-
 def rtn_quantize(weight, bits, group_size=128, sym=False, zero_point="int", clip=False):
     """Round to nearest of a float [out, in] weight -> QuantResult.
 
     Groups are group_size consecutive input rows; when in_features is not a
     multiple of it the last group is short (AutoGPTQ's ceil(in / group_size)
-    groups). clip: each group's range from the clip search (module docstring)."""
+    groups). clip: each group's range from the clip search (module docstring).
+    The loop is rtn.quantize_groups, with this module's float16-exact scales."""
     check_settings(bits, group_size, sym, zero_point)
     w = np.asarray(weight, dtype=np.float32)
-    n_out, n_in = w.shape
-    g = n_in if group_size == -1 else group_size
-    full = n_in // g
-    n_groups = full + (full * g < n_in)
-    codes = np.empty((n_out, n_in), dtype=np.uint8)
-    scales = np.empty((n_groups, n_out), dtype=np.float32)
-    zeros = np.empty((n_groups, n_out), dtype=np.float32)
-    # Rows are independent: a block of them at a time keeps the float temporaries of the
-    # rounding to a few MiB instead of several copies of the whole matrix (an LM head).
-    for r0 in range(0, n_out, RTN_ROW_BLOCK):
-        rows = slice(r0, min(n_out, r0 + RTN_ROW_BLOCK))
-        if full:
-            body = w[rows, :full * g].reshape(-1, full, g)
-            sc, z = group_params(body, bits, sym, zero_point, clip)     # [rows, full]
-            codes[rows, :full * g] = quantize_codes(body, sc, z, bits, zero_point).reshape(-1, full * g)
-            scales[:full, rows], zeros[:full, rows] = sc.T, z.T
-        if full * g < n_in:
-            tail = w[rows, full * g:]
-            sc, z = group_params(tail, bits, sym, zero_point, clip)     # [rows]
-            codes[rows, full * g:] = quantize_codes(tail, sc, z, bits, zero_point)
-            scales[full, rows], zeros[full, rows] = sc, z
-    return QuantResult(bits, group_size, np.ascontiguousarray(codes.T), scales, zeros,
+    codes, scales, zeros = rtn.quantize_groups(
+        w, group_size, lambda g: group_params(g, bits, sym, zero_point, clip),
+        lambda g, scale, zero: quantize_codes(g, scale, zero, bits, zero_point))
+    n_in = w.shape[1]
+    return QuantResult(bits, group_size, codes, scales, zeros,
                        layout.trivial_g_idx(n_in, group_size), zero_point)

@@ -151,6 +151,5 @@ def save_checkpoint(out, source, results, meta, force=False, floats=None):
         for name, data in files.items():
             with open(os.path.join(d.path, name), "wb") as f:
                 f.write(data)
-        checkpoint.pause_for_tests(checkpoint.SLOW_WRITE_ENV)
         d.commit()
     return fmt
