@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .checks import whole
 from .errors import QinferError
 
 DEFAULT_PROMPT = 512
@@ -75,18 +76,12 @@ def parse_threads(spec):
     return values
 
 
-def _count(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise BenchError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def check_counts(n_prompt, n_gen, repetitions, ctx=None, ctx_what="the context"):
     """(n_prompt, n_gen, repetitions) checked: counts >= 0 (0 skips a test, not both), r >= 1,
     and n_prompt + n_gen <= ctx when ctx is given (as llama-bench sizes its context)."""
-    n_prompt = _count("the prompt length (-p)", n_prompt, 0)
-    n_gen = _count("the generated tokens (-n)", n_gen, 0)
-    repetitions = _count("repetitions (-r)", repetitions, 1)
+    n_prompt = whole("the prompt length (-p)", n_prompt, 0, BenchError)
+    n_gen = whole("the generated tokens (-n)", n_gen, 0, BenchError)
+    repetitions = whole("repetitions (-r)", repetitions, 1, BenchError)
     if n_prompt == 0 and n_gen == 0:
         raise BenchError("nothing to run: -p and -n are both 0 (0 skips a test; give at least one a length)")
     if ctx is not None and n_prompt + n_gen > ctx:
@@ -248,7 +243,7 @@ def bench(engine, n_prompt=DEFAULT_PROMPT, n_gen=DEFAULT_GEN, threads=None, repe
     threads = parse_threads(threads if threads is not None else engine.model.threads)
     n_prompt, n_gen, repetitions = check_counts(n_prompt, n_gen, repetitions, engine.ctx,
                                                 "the engine's context (KV cache)")
-    seed = _count("seed", seed, 0)
+    seed = whole("seed", seed, 0, BenchError)
     summary = weight_summary(engine)
     rng = np.random.default_rng(seed)
     vocab = engine.config.vocab_size

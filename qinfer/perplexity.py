@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .checks import whole
 from .errors import QinferError
 from .textfile import read_utf8
 
@@ -104,17 +105,11 @@ def tokenize(engine, text):
 
 
 # ---------------------------------------------------------------- scoring
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise QinferError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def check_options(seqlen, max_chunks):
     """seqlen >= 2 and max_chunks None or >= 1, else a QinferError."""
-    seqlen = _check_int("seqlen", seqlen, 2)
+    seqlen = whole("seqlen", seqlen, 2)
     if max_chunks is not None:
-        max_chunks = _check_int("max_chunks", max_chunks, 1)
+        max_chunks = whole("max_chunks", max_chunks, 1)
     return seqlen, max_chunks
 
 
