@@ -268,7 +268,8 @@ class _CallableModule(types.ModuleType):
     `from qinfer.perplexity import load_text`) needs the module: the module is callable instead of
     the package rebinding its name to the function."""
 
-    __call__ = staticmethod(perplexity)
+    def __call__(self, *args, **kwargs):
+        return perplexity(*args, **kwargs)
 
 
 sys.modules[__name__].__class__ = _CallableModule
