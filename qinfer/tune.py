@@ -1,20 +1,16 @@
-"""`qinfer tune`: run the kernel parameter search again and show what it chose.
+"""Tuning on request (`qinfer tune`, qinfer/cli/tune.py): search the kernel parameters again.
 
-    qinfer tune [--model PATH] [--budget SECONDS] [--bits 2,3,4,8] [--threads N]
+    shapes = shapes_to_tune(model_path_or_None, bits=[4])
+    path, used = tune(shapes, budget=60, threads=2, progress=lambda r: print(row(r)))
 
-The shapes are the model's quantized layers with --model (a float model's
-linear maps at each of --bits, group 128), else DEFAULT_SHAPES: LLaMA-7B's
-and SmolLM2-135M's. The results replace those shapes' entries in this CPU's
+The shapes are a model's quantized layers (a float model's linear maps at
+each bit width asked for, group 128), else DEFAULT_SHAPES: LLaMA-7B's and
+SmolLM2-135M's. The results replace those shapes' entries in this CPU's
 cache (qinfer/tuning/cache.py), which Engines then use.
 """
-import argparse
-import sys
-import time
-
 from . import kernels
 from .errors import QinferError
-from .packing import BITWIDTHS
-from .tuning import cache, measure, search, table
+from .tuning import cache, search, table
 from .tuning.space import LayerShape
 
 # (out_features, in_features, group_size)
@@ -77,58 +73,25 @@ def tuned_summary():
     return lines
 
 
-def cmd_tune(args):
+def require_avx2():
     if kernels.active_path() != "avx2":
         raise QinferError("tuning measures the AVX2 kernels, and this run uses the scalar path")
-    bits = args.bits
-    if args.model is not None:
-        shapes = model_shapes(args.model, bits)
-        if not shapes:
-            raise QinferError(f"{args.model}: no quantized layers of {','.join(map(str, bits))} bits to tune")
-    else:
-        shapes = [LayerShape(b, o, i, g) for b in bits for o, i, g in DEFAULT_SHAPES]
-    threads = kernels.resolve_threads(args.threads)
-    print(f"qinfer tune: {len(shapes)} layer shapes, budget {args.budget:g} s, {threads} thread(s); "
-          f"qgemm timed on {measure.GEMM_ROWS} rows", file=sys.stderr)
-    print(HEADER)
-    start = time.perf_counter()
-    results = search.search(shapes, args.budget, threads, progress=lambda r: print(row(r), flush=True))
-    stored = table.update(results)
-    path = cache.save(stored, threads)
-    print(f"{time.perf_counter() - start:.1f} s; saved to {path}"
-          + ("" if table.enabled() else " (QINFER_TUNE=0: Engines will not use it)"))
 
 
-def _bits_list(text):
-    try:
-        values = sorted({int(b) for b in text.split(",") if b.strip()})
-    except ValueError:
-        values = []
-    if not values or any(b not in BITWIDTHS for b in values):
-        raise argparse.ArgumentTypeError(f"expected bitwidths from {BITWIDTHS} separated by commas, got {text!r}")
-    return values
+def shapes_to_tune(model, bits):
+    """The layer shapes of `model` (a path) at `bits`, or DEFAULT_SHAPES at each of them (model None)."""
+    if model is None:
+        return [LayerShape(b, o, i, g) for b in bits for o, i, g in DEFAULT_SHAPES]
+    shapes = model_shapes(model, bits)
+    if not shapes:
+        raise QinferError(f"{model}: no quantized layers of {','.join(map(str, bits))} bits to tune")
+    return shapes
 
 
-def _seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
-def add_tune_parser(sub, positive_int):
-    t = sub.add_parser("tune", help="measure the fastest kernel parameters for this CPU (cached)",
-                       description="Search the qgemv tile count and the qgemm block parameters per layer "
-                                   "shape within a time budget, print before/after, and save the results "
-                                   "to this CPU's tuning cache.")
-    t.add_argument("--model", metavar="PATH", default=None,
-                   help="tune this model's layer shapes (default: LLaMA-7B's and SmolLM2-135M's)")
-    t.add_argument("--budget", type=_seconds, default=60.0, metavar="SECONDS",
-                   help="time for the whole search (default 60)")
-    t.add_argument("--bits", type=_bits_list, default=list(BITWIDTHS), metavar="2,3,4,8",
-                   help="bitwidths to tune (default: all)")
-    t.add_argument("--threads", type=positive_int, default=None, help="threads (default: all cores)")
-    t.set_defaults(func=cmd_tune)
+def tune(shapes, budget, threads, progress=None):
+    """Search `shapes` within `budget` seconds (progress(result) after each), store the results in
+    this CPU's cache; returns (the cache's path, whether Engines use it: not with QINFER_TUNE=0)."""
+    require_avx2()
+    results = search.search(shapes, budget, threads, progress=progress)
+    path = cache.save(table.update(results), threads)
+    return path, table.enabled()

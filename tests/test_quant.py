@@ -837,7 +837,7 @@ def test_llama_vocabulary_from_gguf_metadata_is_written_as_tokenizer_model(tmp_p
     import sentencepiece as spm
 
     from qinfer.quant.tokenizer_files import tokenizer_files
-    from qinfer.readers.source import TokenizerSpec
+    from qinfer.tokenizer import TokenizerSpec
     from qinfer.tokenizer import from_gguf_metadata
 
     sp = spm.SentencePieceProcessor(model_file=str(ref.LLAMA2_TOKENIZER))

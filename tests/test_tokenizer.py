@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from qinfer import QinferError
-from qinfer.readers.source import TokenizerSpec
+from qinfer.tokenizer import TokenizerSpec
 from qinfer import tokenizer as qt
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

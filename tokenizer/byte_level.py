@@ -38,7 +38,3 @@ def piece_to_bytes(piece: str) -> bytes:
         return bytes(CHAR_TO_BYTE[c] for c in piece)
     except KeyError:
         return piece.encode("utf-8")
-
-
-def bytes_to_piece(data: bytes) -> str:
-    return "".join(BYTE_TO_CHAR[b] for b in data)

@@ -8,10 +8,12 @@ from . import gguf_metadata as gm
 from . import hf_config
 from .base import Tokenizer
 from .errors import TokenizerError
+from .jsonfile import parse_json
+from .spec import TokenizerSpec
 
 
 def load(spec) -> Tokenizer:
-    """Build the tokenizer a qinfer.readers.source.TokenizerSpec describes."""
+    """Build the tokenizer a TokenizerSpec describes."""
     kind = getattr(spec, "kind", None)
     if kind == "sentencepiece_file":
         return sentencepiece_file(_need_path(spec), getattr(spec, "config", None))
@@ -98,9 +100,7 @@ def from_hf_dir(path: str) -> Tokenizer:
     return load(hf_dir_spec(path))
 
 
-def hf_dir_spec(path: str):
-    from qinfer.readers.source import TokenizerSpec
-
+def hf_dir_spec(path: str) -> TokenizerSpec:
     if not os.path.isdir(path):
         raise TokenizerError(f"{path} is not a directory")
     config = _read_json(os.path.join(path, "tokenizer_config.json"))
@@ -121,7 +121,6 @@ def hf_dir_spec(path: str):
 def _read_json(path):
     if not os.path.isfile(path):
         return None
-    from qinfer.readers.jsonfile import parse_json
     try:
         with open(path, "rb") as f:
             data = f.read()

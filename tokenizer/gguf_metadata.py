@@ -19,7 +19,6 @@ EOS_ID = "tokenizer.ggml.eos_token_id"
 EOT_ID = "tokenizer.ggml.eot_token_id"
 EOM_ID = "tokenizer.ggml.eom_token_id"
 UNK_ID = "tokenizer.ggml.unknown_token_id"
-PAD_ID = "tokenizer.ggml.padding_token_id"
 ADD_BOS = "tokenizer.ggml.add_bos_token"
 ADD_SPACE_PREFIX = "tokenizer.ggml.add_space_prefix"
 

@@ -13,6 +13,7 @@ from . import hf_config
 from .base import END_OF_GENERATION_PIECES
 from .bpe import BPETokenizer
 from .errors import TokenizerError
+from .jsonfile import parse_json
 
 _BOS_GUESSES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>")
 
@@ -22,13 +23,12 @@ def bpe_from_tokenizer_json(path: str, config: Optional[dict] = None) -> BPEToke
         from tokenizers import Tokenizer
     except ImportError:  # pragma: no cover - a declared dependency
         raise TokenizerError("the 'tokenizers' package is needed for tokenizer.json: pip install tokenizers") from None
-    from qinfer.readers.jsonfile import parse_json
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise TokenizerError(f"cannot read {path}: {e.strerror or e}") from None
-    spec = parse_json(data, path, "tokenizer.json")      # FormatError on bad UTF-8, JSON or deep nesting
+    spec = parse_json(data, path, "tokenizer.json")      # bad UTF-8, JSON or deep nesting
     if not isinstance(spec, dict) or "model" not in spec:
         raise TokenizerError(f"{path} is not a tokenizer.json (no 'model' section)")
     try:

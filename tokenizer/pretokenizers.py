@@ -6,10 +6,6 @@ encode differently. Names follow llama.cpp's (the converter writes them).
 """
 from .errors import TokenizerError
 
-# GPT-2's rule: contractions, letters, digits, other symbols (each with an
-# optional leading space), then whitespace runs.
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
 # LLaMA 3: case-insensitive contractions, a letter run may take one leading
 # non-letter/digit, digits in groups of at most three, newlines kept apart.
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"

@@ -17,8 +17,6 @@ same text as decode_bytes: only the moment it is produced differs.
 """
 import codecs
 
-POLICIES = ("per_byte", "replace")
-
 # surrogateescape turns each undecodable byte into one lone surrogate in
 # U+DC80..U+DCFF, which valid UTF-8 can never produce; mapping those to
 # U+FFFD gives the per-byte policy without registering a global handler.

@@ -1,6 +1,7 @@
 """Model readers: open_model(path) -> ModelSource (readers/source.py).
 
-    a directory with config.json      Hugging Face checkpoint (readers/hf.py)
+    a directory with config.json      Hugging Face checkpoint: load_hf picks readers/gptq.py
+                                      (a GPTQ one) or readers/hf.py (float)
     a file starting with b"GGUF"      GGUF, llama architecture (readers/gguf_model.py)
 """
 import os
@@ -8,7 +9,8 @@ import os
 from ..errors import FormatError
 from .gguf import MAGIC as _GGUF_MAGIC
 from .gguf_model import load_gguf
-from .hf import load_hf
+from .gptq import is_gptq, load_gptq
+from .hf import load_float, read_config
 from .lazy import LazyTensor
 from .source import FloatTensor, ModelConfig, ModelSource, PackedTensor, Tensor, TokenizerSpec
 from .validate import check_config, check_tensors, expected_shapes
@@ -16,6 +18,16 @@ from .validate import check_config, check_tensors, expected_shapes
 __all__ = ["open_model", "load_gguf", "load_hf", "ModelSource", "ModelConfig", "PackedTensor",
            "TokenizerSpec", "LazyTensor", "FloatTensor", "Tensor",
            "check_config", "check_tensors", "expected_shapes"]
+
+
+def load_hf(directory):
+    """A Hugging Face checkpoint directory: readers/gptq.py reads it when it says it is GPTQ, else
+    readers/hf.py as float (the choice is made here so that hf.py, which gptq.py builds on, never
+    imports gptq.py)."""
+    cfg, config_path = read_config(directory)
+    if is_gptq(directory, cfg):
+        return load_gptq(directory, cfg, config_path)
+    return load_float(directory, cfg, config_path)
 
 
 def open_model(path):

@@ -1,7 +1,7 @@
 """A GPTQ checkpoint directory (AutoGPTQ / GPTQModel / qinfer.quantize) -> ModelSource.
 
 Recognized by config.json["quantization_config"]["quant_method"] == "gptq"
-or by a quantize_config.json (readers/hf.py routes here). Settings read:
+or by a quantize_config.json (readers/__init__.py's load_hf routes here). Settings read:
 
     bits               2, 3, 4 or 8
     group_size         any positive size, or -1 (the kernels run groups that
@@ -33,18 +33,17 @@ from ..errors import FormatError, UnsupportedError
 from ..packing import GPTQ_BITWIDTHS as BITWIDTHS
 from ..quant import dynamic, layout
 from . import validate
-from .hf import SINGLE, INDEX, _chat_template, _generation_eos, _tokenizer, _tokenizer_config, _weight_files
+from .hf import INDEX, SINGLE, generation_eos, model_source, shard_of, weight_files
 from .hf_config import model_config
 from .jsonfile import read_json
 from .safetensors import read_safetensors
-from .source import ModelSource, PackedTensor
+from .source import PackedTensor
 
 QUANTIZE_CONFIG = "quantize_config.json"
-_COMPARED = ("bits", "group_size", "checkpoint_format", "dynamic")
 
 
 def is_gptq(directory, cfg):
-    """Whether readers/hf.py should hand this directory to load_gptq."""
+    """Whether load_hf (readers/__init__.py) should hand this directory to load_gptq."""
     quant = cfg.get("quantization_config")
     if isinstance(quant, dict):
         return quant.get("quant_method") == "gptq"
@@ -114,7 +113,7 @@ def _read_settings(entries, where):
 def _weight_source(directory, settings):
     """({file: SafetensorsFile}, {tensor: file}): model.safetensors / its index, or AutoGPTQ's own name."""
     if os.path.isfile(os.path.join(directory, SINGLE)) or os.path.isfile(os.path.join(directory, INDEX)):
-        return _weight_files(directory)
+        return weight_files(directory)
     qc_path = os.path.join(directory, QUANTIZE_CONFIG)
     names = []
     if os.path.isfile(qc_path):
@@ -139,16 +138,13 @@ def load_gptq(directory, cfg, config_path):
     directory = os.fspath(directory)
     settings = _settings(directory, cfg, config_path)
     plain = {k: v for k, v in cfg.items() if k != "quantization_config"}
-    config = model_config(plain, config_path, extra_eos=_generation_eos(directory))
+    config = model_config(plain, config_path, extra_eos=generation_eos(directory))
     validate.check_config(config, config_path)
 
     shards, owner = _weight_source(directory, settings)
 
     def get(name):
-        shard = shards[owner[name]]
-        if name not in shard:
-            raise FormatError(f"{shard.path}: tensor {name!r} is listed in {INDEX} but not in this shard")
-        return shard, shard[name]
+        return shard_of(shards, owner, name)
 
     rules = dynamic.Rules(settings.get("dynamic"), directory)
     tensors = {}
@@ -177,12 +173,7 @@ def load_gptq(directory, cfg, config_path):
         _check_bias(base, get, owner)
     validate.check_tensors(config, tensors, directory)
     validate.check_no_extra_layers(config, owner, directory)
-
-    tok_config = _tokenizer_config(directory)
-    return ModelSource(path=directory, format="gptq", config=config, tensors=tensors,
-                       tokenizer=_tokenizer(directory, tok_config),
-                       chat_template=_chat_template(directory, tok_config),
-                       keepalive=[s.mmap for s in shards.values() if s.mmap is not None])
+    return model_source(directory, "gptq", config, tensors, shards)
 
 
 def _check_bias(base, get, owner):

@@ -7,7 +7,9 @@
     generation_config.json           optional: its eos_token_id(s) join config.json's
 
 A GPTQ checkpoint (quantization_config.quant_method "gptq", or a
-quantize_config.json) is read by readers/gptq.py. quant_method "gguf" is what
+quantize_config.json) is read by readers/gptq.py, which builds on the
+public helpers here (weight_files, generation_eos, shard_of, model_source);
+readers/__init__.py's load_hf picks the reader. quant_method "gguf" is what
 transformers writes after dequantizing a GGUF to float: such a checkpoint is
 read here as the float model it is, provided every tensor is float.
 
@@ -24,11 +26,12 @@ import os
 import numpy as np
 
 from ..errors import FormatError, UnsupportedError
+from ..tokenizer.spec import TokenizerSpec
 from . import validate
 from .hf_config import FLOAT_QUANT_METHODS, model_config, quant_method
 from .jsonfile import read_json
 from .safetensors import read_safetensors
-from .source import ModelSource, TokenizerSpec
+from .source import ModelSource
 
 SINGLE = "model.safetensors"
 EMBED = "model.embed_tokens.weight"
@@ -37,21 +40,23 @@ INDEX = "model.safetensors.index.json"
 MAX_TEMPLATE_BYTES = 16 << 20
 
 
-def load_hf(directory):
+def read_config(directory):
+    """(config.json's object, its path): every Hugging Face checkpoint directory has one."""
     directory = os.fspath(directory)
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise FormatError(f"{directory}: no config.json (a Hugging Face checkpoint directory needs one)")
-    cfg = read_json(config_path)
-    from .gptq import is_gptq, load_gptq        # gptq.py builds on this module
-    if is_gptq(directory, cfg):
-        return load_gptq(directory, cfg, config_path)
-    gen_eos = _generation_eos(directory)
-    config = model_config(cfg, config_path, extra_eos=gen_eos)
+    return read_json(config_path), config_path
+
+
+def load_float(directory, cfg, config_path):
+    """A float checkpoint (readers/__init__.py's load_hf routes GPTQ ones to readers/gptq.py)."""
+    directory = os.fspath(directory)
+    config = model_config(cfg, config_path, extra_eos=generation_eos(directory))
     validate.check_config(config, config_path)
 
     needed = validate.expected_shapes(config)
-    shards, owner = _weight_files(directory)
+    shards, owner = weight_files(directory)
     method = quant_method(cfg)
     tensors = {}
     for name in needed:
@@ -65,18 +70,29 @@ def load_hf(directory):
     validate.check_no_extra_layers(config, owner, directory)
     if config.tie_word_embeddings and LM_HEAD in owner:
         _check_tied_head(tensors[EMBED], _float_tensor(shards, owner, LM_HEAD, method), directory)
+    return model_source(directory, "hf", config, tensors, shards)
 
-    tok_config = _tokenizer_config(directory)
-    return ModelSource(path=directory, format="hf", config=config, tensors=tensors,
+
+def model_source(directory, format, config, tensors, shards):
+    """The ModelSource of a checkpoint directory: its tokenizer and chat template read here, the
+    shards' memory maps kept alive for the tensors that view them."""
+    tok_config = _optional_json(os.path.join(directory, "tokenizer_config.json"))
+    return ModelSource(path=directory, format=format, config=config, tensors=tensors,
                        tokenizer=_tokenizer(directory, tok_config),
                        chat_template=_chat_template(directory, tok_config),
                        keepalive=[s.mmap for s in shards.values() if s.mmap is not None])
 
 
-def _float_tensor(shards, owner, name, method):
+def shard_of(shards, owner, name):
+    """(the SafetensorsFile holding tensor `name`, the tensor); owner maps names to shard files."""
     shard = shards[owner[name]]
     if name not in shard:
         raise FormatError(f"{shard.path}: tensor {name!r} is listed in {INDEX} but not in this shard")
+    return shard, shard[name]
+
+
+def _float_tensor(shards, owner, name, method):
+    shard, tensor = shard_of(shards, owner, name)
     if shard.dtypes[name] not in ("F32", "F16", "BF16"):
         if method in FLOAT_QUANT_METHODS:
             raise UnsupportedError(f"{shard.path}: tensor {name!r} has dtype {shard.dtypes[name]}: config.json's "
@@ -84,7 +100,7 @@ def _float_tensor(shards, owner, name, method):
                                    f"(F32, F16, BF16)")
         raise FormatError(f"{shard.path}: tensor {name!r} has dtype {shard.dtypes[name]}, expected a "
                           f"float type (F32, F16, BF16)")
-    return shard[name]
+    return tensor
 
 
 def _check_tied_head(embedding, head, directory):
@@ -109,7 +125,7 @@ def _row_blocks(t, rows=4096):
         yield start, np.asarray(values[start:start + rows], dtype=np.float32)
 
 
-def _weight_files(directory):
+def weight_files(directory):
     """-> ({file name: SafetensorsFile}, {tensor name: file name})."""
     single = os.path.join(directory, SINGLE)
     index_path = os.path.join(directory, INDEX)
@@ -142,7 +158,7 @@ def _optional_json(path):
     return read_json(path) if os.path.isfile(path) else None
 
 
-def _generation_eos(directory):
+def generation_eos(directory):
     gen = _optional_json(os.path.join(directory, "generation_config.json"))
     if not gen or gen.get("eos_token_id") is None:
         return []
@@ -151,10 +167,6 @@ def _generation_eos(directory):
     if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
         raise FormatError(f"{directory}/generation_config.json: eos_token_id must be an integer or a list of them")
     return ids
-
-
-def _tokenizer_config(directory):
-    return _optional_json(os.path.join(directory, "tokenizer_config.json"))
 
 
 def _tokenizer(directory, tok_config):

@@ -1,35 +1,20 @@
 """Reading the small JSON files of a checkpoint (config.json, indexes) with a size cap.
 
 json.loads can fail with ValueError, UnicodeDecodeError or, on deeply nested
-input, RecursionError: all of them become one FormatError naming the file.
+input, RecursionError: all of them become one FormatError naming the file
+(the parsing is the tokenizer package's, which reads tokenizer.json alike).
 """
-import json
 import os
 
 from ..errors import FormatError
+from ..tokenizer.jsonfile import parse_json as _parse_json
 
 MAX_JSON_BYTES = 64 << 20
 
 
 def parse_json(data, path, what="JSON"):
     """bytes -> object; duplicate keys are rejected (which copy would a reader pick?)."""
-    def no_duplicates(pairs):
-        obj = {}
-        for key, value in pairs:
-            if key in obj:
-                raise FormatError(f"{path}: {what} has the key {key!r} twice")
-            obj[key] = value
-        return obj
-
-    try:
-        text = data.decode("utf-8")
-        return json.loads(text, object_pairs_hook=no_duplicates)
-    except FormatError:
-        raise
-    except UnicodeDecodeError:
-        raise FormatError(f"{path}: {what} is not valid UTF-8") from None
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"{path}: {what} is not valid JSON ({e})") from None
+    return _parse_json(data, path, what, FormatError)
 
 
 def read_json(path, max_bytes=MAX_JSON_BYTES):

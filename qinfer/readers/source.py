@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Union
 import numpy as np
 
 from ..errors import FormatError
+from ..tokenizer.spec import TokenizerSpec     # a ModelSource's tokenizer; readers import it from here
 
 
 @dataclass
@@ -73,15 +74,6 @@ class PackedTensor:
 # or a zero-argument callable that produces one (lazy conversion).
 FloatTensor = Union[np.ndarray, Callable[[], np.ndarray]]
 Tensor = Union[FloatTensor, PackedTensor]
-
-
-@dataclass
-class TokenizerSpec:
-    """How to build the tokenizer: qinfer.tokenizer.load(spec)."""
-    kind: str                          # "sentencepiece_file" | "hf_json" | "gguf"
-    path: Optional[str] = None         # tokenizer.model or tokenizer.json
-    gguf_metadata: Optional[dict] = None   # tokenizer.ggml.* keys, arrays as lists
-    config: Optional[dict] = None      # tokenizer_config.json contents, if any
 
 
 @dataclass
