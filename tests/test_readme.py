@@ -37,7 +37,7 @@ from qinfer.cli import build_parser
 ROOT = Path(__file__).resolve().parents[1]
 # README.md, then the docs pages with examples, in the order the README points to them
 PAGES = ["README.md", "docs/engine.md", "docs/quantize.md", "docs/perplexity.md", "docs/cli.md",
-         "docs/kernels.md", "docs/benchmarks.md", "docs/environment.md"]
+         "docs/kernels.md", "docs/benchmarks.md", "docs/environment.md", "docs/server.md"]
 TEXT = {page: (ROOT / page).read_text() for page in PAGES}
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_reference as ref  # noqa: E402

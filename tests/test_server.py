@@ -211,3 +211,40 @@ def test_api_key_is_checked_on_every_request(engine):
         assert c.completions.create(model="smollm2", prompt="Hi", max_tokens=2).usage.completion_tokens >= 0
     finally:
         running.stop()
+
+
+def test_the_serve_command(engine):
+    import signal
+    import subprocess
+    import sys
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "qinfer", "serve", "--port", str(port), "--parallel", "2",
+                             "--ctx", "256", "--threads", "2", "--model-name", "smol"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "slow"
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert health == {"status": "ok", "slots": 2, "busy": 0}
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["smol"]
+        r = c.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert r.usage.completion_tokens <= 4
+        # a second server on the same port: one line, exit 1
+        again = subprocess.run([sys.executable, "-m", "qinfer", "serve", "--port", str(port)],
+                               capture_output=True, text=True, timeout=120)
+        assert again.returncode == 1
+        assert again.stderr.strip().splitlines() == [f"qinfer: error: cannot listen on 127.0.0.1:{port}: "
+                                                     "Address already in use"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        err = proc.stderr.read()
+        assert "Traceback" not in err and err.rstrip().endswith("qinfer: server stopped")
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,6 +1,6 @@
 """The command line: parses arguments and calls the public API, nothing more.
 
-One module per subcommand (info, generate, quantize, perplexity, bench, tune),
+One module per subcommand (info, generate, chat, serve, quantize, perplexity, bench, tune),
 each with add_parser(sub) and run(args); options.py holds what they share.
 The library never imports this package: imports run cli -> library only.
 
@@ -14,11 +14,11 @@ import sys
 import warnings
 
 from ..errors import QinferError
-from . import bench, generate, info, perplexity, quantize, tune
+from . import bench, chat, generate, info, perplexity, quantize, serve, tune
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-SUBCOMMANDS = (info, generate, quantize, perplexity, bench, tune)     # in `qinfer --help`'s order
+SUBCOMMANDS = (info, generate, chat, serve, quantize, perplexity, bench, tune)     # in `qinfer --help`'s order
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,90 @@
+"""`qinfer serve`: the OpenAI-compatible HTTP server (qinfer/server/) on one model."""
+import ipaddress
+import socket
+import sys
+
+from ..errors import QinferError
+from .options import add_model_options, positive_int
+
+DEFAULT_SLOT_CTX = 4096      # tokens a slot holds unless --ctx says; at most the trained context
+
+
+def add_parser(sub):
+    p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                       description="Serve GET /v1/models, POST /v1/completions, POST /v1/chat/completions "
+                                   "(streamed or whole) and GET /health. Up to --parallel requests run at "
+                                   "once, each in a slot with a KV cache of its own (--ctx tokens); a "
+                                   "request whose prompt starts with what a slot holds (a chat's next "
+                                   "turn) prefills only the rest. Needs the server extra: "
+                                   "pip install 'qinfer[server]'.")
+    add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens the "
+                        "server to the network, best with --api-key)")
+    p.add_argument("--port", type=positive_int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--parallel", type=positive_int, default=4, metavar="N",
+                   help="requests served at once, one KV-cache slot each (default 4)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every request")
+    p.add_argument("--model-name", default=None, metavar="NAME",
+                   help="the model's id in the API (default: the model file or directory's name)")
+    return p
+
+
+def _check_listen(host, port):
+    """Fail now, in one line, where uvicorn would fail later with a log."""
+    if port > 65535:
+        raise QinferError(f"--port {port} is not a TCP port (1..65535)")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except (OSError, UnicodeError) as exc:
+        raise QinferError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _loopback(host):
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run(args):
+    from .. import server
+    from ..engine import Engine
+    from ..readers import open_model
+
+    server.require()
+    import uvicorn
+
+    _check_listen(args.host, args.port)
+    ctx = args.ctx
+    if ctx is None:
+        trained = open_model(args.model or _default_model()).config.max_position_embeddings
+        ctx = min(trained or DEFAULT_SLOT_CTX, DEFAULT_SLOT_CTX)
+    engine = Engine(args.model, threads=args.threads, ctx=ctx, quantize=args.quantize,
+                    group_size=args.group_size)
+    app, scheduler = server.build(engine, parallel=args.parallel, ctx=ctx, model_name=args.model_name,
+                                  api_key=args.api_key, share_engine_cache=True)
+    name = app.state.server.model_name
+    if not _loopback(args.host) and not args.api_key:
+        print(f"qinfer: warning: listening on {args.host} without --api-key: anyone who reaches this "
+              f"machine can use the server", file=sys.stderr)
+    print(f"qinfer: serving {name} on http://{args.host}:{args.port}/v1 ({args.parallel} slots of {ctx} "
+          f"tokens, {engine.model.threads} threads, loaded in {engine.load_seconds:.1f} s); Ctrl-C stops",
+          file=sys.stderr)
+    try:
+        # lifespan off: the scheduler is closed here, and Ctrl-C leaves no lifespan traceback
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", lifespan="off")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        scheduler.close()
+    print("qinfer: server stopped", file=sys.stderr)
+
+
+def _default_model():
+    from ..engine import default_model_path
+    return default_model_path()
