@@ -1,8 +1,10 @@
-/* The float qgemm on AMX tiles, part 2 of 2: the tile products, driven per
- * thread's share of the tiles. Plain C included by pyx/qgemm.pyx.tp after
- * pyx/amx_tiles.h and amx_unpack_codes (pyx/snippets/amx_unpack_codes.c.tp);
- * it also uses the module's load_scales16() and the qm_* accessors of
- * pyx/qmatrix.h. */
+/* The float qgemm on AMX tiles, part 2 of 2: the tile products over a
+ * thread's share of the tiles. Plain C, the same for every bit width,
+ * included as text by pyx/qgemm.pyx.tp after pyx/amx_tiles.h and
+ * amx_unpack_codes (pyx/snippets/amx_unpack_codes.c.tp). It uses the module's
+ * UNIT_VALUES, UNIT_WORDS, TU, prepared and load_scales16(), and the qm_*
+ * accessors of pyx/qmatrix.h. */
+
 /* Ask for what a segment (`len` rows from row k0) of a tile reads: its codes and
  * its group's scales and zeros. Called for the next segment while this one's
  * tile products run: each is read in one short burst after a long stretch of

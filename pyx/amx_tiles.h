@@ -1,10 +1,10 @@
 /* The float qgemm on AMX tiles, part 1 of 2: when it runs, and x cut into
- * bf16 limbs. Plain C included by the kernel modules (pyx/qgemm.pyx.tp, in
- * its AVX2 section, where the module holds the AMX qgemm: QINFER_HAVE_AMX,
- * qinfer/variants.py), after the float kernels it falls back to: it uses the
- * module's UNIT_VALUES, UNIT_WORDS, TU, prepared, row_stride() and
- * float_avx512_available(). Then come amx_unpack_codes (rendered per bit
- * width: pyx/snippets/amx_unpack_codes.c.tp) and part 2, amx_gemm.h. */
+ * bf16 limbs. Plain C, the same for every bit width, included as text by
+ * pyx/qgemm.pyx.tp in its AVX2 section where the module holds the AMX qgemm
+ * (QINFER_HAVE_AMX; the rule is in qinfer/variants.py). It uses the module's
+ * prepared, row_stride() and float_avx512_available(). Next come
+ * amx_unpack_codes, rendered per bit width (pyx/snippets/amx_unpack_codes.c.tp),
+ * and part 2, pyx/amx_gemm.h. */
 /* ------------------------------------------------ qgemm: AMX tiles, bf16 limbs */
 /* With many activation rows the float qgemm is bound by the float multiply-adds
  * (about numpy's sgemm rate). AMX multiplies 16 x 32 bf16 by 32 x 16 bf16 into a

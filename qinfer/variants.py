@@ -8,9 +8,9 @@ package's __init__ loads the very extension modules the build is about to
 make). So it stays plain data and standard library only, and gen/ need not
 be installed with the package.
 
-Each table has a comment naming its columns. pyx/qgemm.pyx.tp and its
-snippets render one {{for}} per table over the rows held(), at the bottom,
-picks for one module.
+Each table has a comment naming its columns. held(), at the bottom, picks
+the rows one module holds; pyx/qgemm.pyx.tp and its snippets render each
+table's rows in one {{for}}, and open the module with a comment listing them.
 """
 from collections import namedtuple
 
@@ -50,7 +50,7 @@ def bitwidth(bits):
 #   ivec, fvec    the C integer and float vector types
 #   p, si         the intrinsics' prefix and integer suffix (_mm256_and_si256)
 #   dot           prefix of the int8 multiply-add macros (I8_DOT_U8, I8Z_DOT_U8, ...)
-#   keep          the macro that pins a value to a register (int8_gemm_rows.c.tp)
+#   keep          the macro that pins a value to a register (pyx/int8_rows.h)
 #   scales        the scale loader (pyx/qgemm.pyx.tp)
 #   sfx           suffix of the float kernels' names (mac512_1x2, fmac512_12x2, ...)
 #   attr          the float kernels' C function attribute
@@ -93,10 +93,10 @@ FLOAT_KERNELS = (
 #   rows    activation rows per call of the qgemm's kernel
 Isa = namedtuple("Isa", "name sfx attr guard cpu vec rows")
 INT8_ISAS = (
-    #   name          sfx      attr              guard                     cpu                          vec  rows
-    Isa("avx2",       "",      "QI_AVX2",        "1",                      "qi_cpu_has_avx2_kernels()", YMM, 4),
-    Isa("avxvnni",    "_vnni", "QI_AVXVNNI",     "QINFER_HAVE_AVXVNNI",    "qi_cpu_has_avxvnni()",      YMM, 4),
-    Isa("avx512vnni", "_v512", "QI_AVX512VNNI",  "QINFER_HAVE_AVX512VNNI", "qi_cpu_has_avx512vnni()",   ZMM, 8),
+    #   name          sfx      attr             guard                     cpu                          vec  rows
+    Isa("avx2",       "",      "QI_AVX2",       "1",                      "qi_cpu_has_avx2_kernels()", YMM, 4),
+    Isa("avxvnni",    "_vnni", "QI_AVXVNNI",    "QINFER_HAVE_AVXVNNI",    "qi_cpu_has_avxvnni()",      YMM, 4),
+    Isa("avx512vnni", "_v512", "QI_AVX512VNNI", "QINFER_HAVE_AVX512VNNI", "qi_cpu_has_avx512vnni()",   ZMM, 8),
 )
 
 # ---------------------------------------------------------------- int8 qgemv kinds
@@ -134,9 +134,10 @@ def held(bits, tu, mu):
     columns and the performance model's mu rows."""
     row = bitwidth(bits)
     floats = tuple(k._replace(gemm_rows=k.gemm_rows or mu) for k in FLOAT_KERNELS if tu % k.vec.lanes == 0)
-    return Module(
-        bits=row,
-        float_kernels=floats,
-        int8_isas=tuple(isa for isa in INT8_ISAS if tu % isa.vec.lanes == 0),
-        mac_kinds=tuple(kind for kind in MAC_KINDS if row.int8_lanes == 8 or row.int8_lanes and not kind.u8_only),
-        amx=tu == AMX_TILE_COLUMNS and ZMM in (k.vec for k in floats))
+    kinds = ()
+    if row.int8_lanes:
+        kinds = tuple(kind for kind in MAC_KINDS if row.int8_lanes == 8 or not kind.u8_only)
+    return Module(bits=row, float_kernels=floats,
+                  int8_isas=tuple(isa for isa in INT8_ISAS if tu % isa.vec.lanes == 0),
+                  mac_kinds=kinds,
+                  amx=tu == AMX_TILE_COLUMNS and ZMM in (k.vec for k in floats))
