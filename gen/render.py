@@ -20,7 +20,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PYX = os.path.join(HERE, os.pardir, "pyx")
 TEMPLATE = os.path.join(PYX, "qgemm.pyx.tp")
 SNIPPETS = os.path.join(PYX, "snippets")
-MIN_GROUP = 16   # the smallest group size: a segment can end every MIN_GROUP values
+# the smallest group size: a segment can end every MIN_GROUP values
+MIN_GROUP = min(g for g in table.GROUP_SIZES if g > 0)
 
 
 # Bytes ahead the float qgemv prefetches its codes. 4096 measured best of

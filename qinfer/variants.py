@@ -39,6 +39,12 @@ GPTQ_BITWIDTHS = tuple(row.bits for row in BITWIDTH_TABLE if row.gptq)
 INT8_BITWIDTHS = tuple(row.bits for row in BITWIDTH_TABLE if row.int8_lanes)
 
 
+# Group sizes (input rows sharing a scale and a zero; -1: the full column) the modules
+# handle. The kernels end a segment every min(smallest group, unit values) values
+# (gen/render.py, `check`); qinfer.rtn refuses the others.
+GROUP_SIZES = (16, 32, 64, 128, -1)
+
+
 def bitwidth(bits):
     """The row of `bits` (KeyError if no module has it)."""
     return {row.bits: row for row in BITWIDTH_TABLE}[bits]
