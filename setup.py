@@ -5,6 +5,7 @@ picks the kernel parameters with the performance model and renders
 pyx/qgemm.pyx.tp once per bitwidth into build/generated/. Nothing it writes
 is committed.
 """
+import glob
 import os
 import sys
 
@@ -35,7 +36,10 @@ def extensions():
 
     render_all(os.path.join(ROOT, GENERATED))
     cflags, lflags = compiler_flags()
-    common = dict(include_dirs=["pyx"], extra_compile_args=cflags, extra_link_args=lflags)
+    # depends: the modules include pyx/*.h as text (kernel code among them: amx_*.h, int8_*.h),
+    # so a changed header must rebuild them even where no .pyx changed.
+    common = dict(include_dirs=["pyx"], depends=sorted(glob.glob(os.path.join("pyx", "*.h"))),
+                  extra_compile_args=cflags, extra_link_args=lflags)
     exts = [Extension(f"qinfer._qgemm_b{b}", [os.path.join(GENERATED, f"_qgemm_b{b}.pyx")], **common)
             for b in BITWIDTHS]
     exts.append(Extension("qinfer._runtime", ["pyx/_runtime.pyx"], **common))

@@ -18,7 +18,9 @@ Two cases need more work:
 """
 from dataclasses import dataclass
 
-BITWIDTHS = (2, 3, 4, 5, 6, 8)
+from .variants import table
+
+BITWIDTHS = table.BITWIDTHS
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ class Int8Layout:
         return 32 // self.lane_bits
 
 
-INT8_BITWIDTHS = (2, 4, 8)   # 3-bit codes straddle words: no int8 path (yet)
+INT8_BITWIDTHS = table.INT8_BITWIDTHS
 
 
 def int8_layout(bits):
@@ -143,13 +145,14 @@ def int8_layout(bits):
     """
     if bits not in INT8_BITWIDTHS:
         raise ValueError(f"no int8-activation layout for {bits}-bit values")
-    if bits == 8:
-        return Int8Layout(8, 16, 0x00FF00FF, (Slice(0, (0, 2)), Slice(8, (1, 3))))
+    lane_bits = table.bitwidth(bits).int8_lanes   # qinfer/variants.py: 16 for 8-bit codes, else 8
+    if lane_bits == 16:
+        return Int8Layout(bits, lane_bits, 0x00FF00FF, (Slice(0, (0, 2)), Slice(8, (1, 3))))
     per_byte = 8 // bits
     byte_mask = (1 << bits) - 1
     mask = byte_mask * 0x01010101
     slices = tuple(Slice(bits * s, tuple(j * per_byte + s for j in range(4))) for s in range(per_byte))
-    return Int8Layout(bits, 8, mask, slices)
+    return Int8Layout(bits, lane_bits, mask, slices)
 
 
 def avx2_int8_expr(lay, s, w="w", width=256):

@@ -2,10 +2,11 @@
 
     python -m gen.render OUTDIR     (setup.py calls render_all at build time)
 
-Writes OUTDIR/_qgemm_b{2,3,4,8}.pyx from pyx/qgemm.pyx.tp, each with the
-parameters the performance model picked for that bitwidth.
+Writes OUTDIR/_qgemm_b{bits}.pyx from pyx/qgemm.pyx.tp for every bit width
+of the variant table (qinfer/variants.py: 2, 3, 4, 5, 6, 8), each with the
+parameters the performance model picked for that bitwidth and the variants
+(vector widths, instruction sets, kernel kinds) the table holds for them.
 """
-import collections
 import dataclasses
 import os
 import sys
@@ -13,12 +14,14 @@ import sys
 from Cython import Tempita
 
 from . import bitlayout, machine as machine_mod, perfmodel
+from .variants import table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PYX = os.path.join(HERE, os.pardir, "pyx")
 TEMPLATE = os.path.join(PYX, "qgemm.pyx.tp")
 SNIPPETS = os.path.join(PYX, "snippets")
-MIN_GROUP = 16   # the smallest group size: a segment can end every MIN_GROUP values
+# the smallest group size: a segment can end every MIN_GROUP values
+MIN_GROUP = min(g for g in table.GROUP_SIZES if g > 0)
 
 
 # Bytes ahead the float qgemv prefetches its codes. 4096 measured best of
@@ -46,59 +49,32 @@ def i8_prefetch_bytes(machine):
     return int(os.environ.get("QINFER_I8_PREFETCH", 0)) or I8_PREFETCH_BYTES.get(machine.vendor, I8_PREFETCH_DEFAULT)
 
 
-# Activation rows per call of the float qgemm's AVX-512 micro-kernel (one
-# 16-float accumulator per row and tile, two tiles: 24 of the 32 registers).
-FMAC512_ROWS = 12
-
-
 def namespace(bits, params, machine):
     layout = bitlayout.layout(bits)
-    gemv_tiles = list(range(1, max(params.nv, params.nv_max) + 1))
-    avx512_float = params.tu % ZMM.lanes == 0
+    held = table.held(bits, params.tu, params.mu)
     return dict(bits=bits, layout=layout, params=params, machine=machine,
-                # AVX-512 twins of the float kernels where a 16-float vector spans whole tiles
-                avx512_float=avx512_float,
-                # the float qgemv's micro-kernels, once per vector width
-                float_vecs=[YMM] + ([ZMM] if avx512_float else []),
-                # the float qgemm's micro-kernels: (vectors, rows a call, tiles a call)
-                float_gemm_shapes=[(YMM, params.mu, (1,))] + ([(ZMM, FMAC512_ROWS, (1, 2))] if avx512_float else []),
+                # the variants this module holds (qinfer/variants.py), one {{for}} each
+                held=held, float_kernels=held.float_kernels, int8_isas=held.int8_isas, mac_kinds=held.mac_kinds,
+                all_mac_kinds=table.MAC_KINDS, variants_comment=variants_comment(held),
+                # AVX-512 twins of the float kernels
+                avx512_float=table.ZMM in (k.vec for k in held.float_kernels),
                 gemv_prefetch_bytes=int(os.environ.get("QINFER_GEMV_PREFETCH", 0)) or GEMV_PREFETCH_BYTES,
                 check=min(MIN_GROUP, layout.unit_values),
-                gemv_tiles=gemv_tiles,
+                gemv_tiles=list(range(1, max(params.nv, params.nv_max) + 1)),
                 avx2_expr=bitlayout.avx2_expr, scalar_expr=bitlayout.scalar_expr)
 
 
-class Vec(collections.namedtuple("Vec", "bits lanes ivec fvec p si dot keep scales sfx attr guard")):
-    """The vectors a kernel is written in (the float qgemv's micro-kernels, the
-    int8 qgemm's row kernel): their width in bits and in 32-bit lanes, the C
-    types, the intrinsics' prefix and integer suffix, the prefix of the int8
-    multiply-add macros, the register-pinning macro, the scale loader, and for
-    the float kernels the suffix of their names, their C function attribute
-    and the preprocessor test that the compiler has them."""
-
-
-YMM = Vec(256, 8, "__m256i", "__m256", "_mm256", "si256", "I8", "QI_KEEP_IN_REGISTER", "load_scales8",
-          "", "QI_AVX2", "1")
-ZMM = Vec(512, 16, "__m512i", "__m512", "_mm512", "si512", "I8Z", "QI_KEEP_IN_ZMM", "load_scales16",
-          "512", "QI_AVX512", "QINFER_HAVE_AVX512")
-
-
-class Isa(collections.namedtuple("Isa", "name sfx attr guard cpu vec rows")):
-    """An instruction set the int8 kernels are rendered for: its name at run time,
-    the suffix of its functions and multiply-add macros, the C function
-    attribute, the preprocessor test that the compiler has it, the C
-    expression that the CPU has it, and the vectors (Vec) and activation rows
-    per call of its qgemm kernel. The qgemv is written in 256-bit vectors for
-    every instruction set (it waits on memory, not on multiply-adds)."""
-
-
-# Slowest first: the first is the one every AVX2 CPU runs. AVX-512 VNNI (Ice Lake,
-# Sapphire Rapids, Zen 4 and later) multiplies 64 bytes an instruction and has 32
-# vector registers: its qgemm takes 8 rows of 16 columns a call.
-INT8_ISAS = (Isa("avx2", "", "QI_AVX2", "1", "qi_cpu_has_avx2_kernels()", YMM, 4),
-             Isa("avxvnni", "_vnni", "QI_AVXVNNI", "QINFER_HAVE_AVXVNNI", "qi_cpu_has_avxvnni()", YMM, 4),
-             Isa("avx512vnni", "_v512", "QI_AVX512VNNI", "QINFER_HAVE_AVX512VNNI", "qi_cpu_has_avx512vnni()",
-                 ZMM, 8))
+def variants_comment(held):
+    """The generated module's opening comment: the variants it holds."""
+    floats = ", ".join(f"{k.vec.bits}-bit vectors (qgemm: {k.gemm_rows} rows x {' or '.join(map(str, k.gemm_tiles))}"
+                       f" tile(s) a call)" for k in held.float_kernels)
+    kinds = ", ".join(mac.name for mac in held.mac_kinds) or "none (the codes straddle words)"
+    isas = ", ".join(isa.name for isa in held.int8_isas) if held.mac_kinds else "-"
+    return "\n".join(["# Variants (qinfer/variants.py):",
+                      f"#   float qgemv, qgemm:    {floats}",
+                      f"#   int8 qgemv kinds:      {kinds}",
+                      f"#   ... instruction sets:  {isas}",
+                      f"#   AMX float qgemm:       {'yes' if held.amx else 'no'}"])
 
 
 def int8_namespace(bits, params):
@@ -107,9 +83,7 @@ def int8_namespace(bits, params):
     counts for layers that fit the caches and layers that stream (for experiments)."""
     has = bits in bitlayout.INT8_BITWIDTHS
     int8 = bitlayout.int8_layout(bits) if has else None
-    # a 512-bit kernel needs tiles of a whole number of its vectors
-    isas = tuple(isa for isa in INT8_ISAS if params.tu % isa.vec.lanes == 0)
-    return dict(int8=int8, avx2_int8_expr=bitlayout.avx2_int8_expr, int8_isas=isas,
+    return dict(int8=int8, avx2_int8_expr=bitlayout.avx2_int8_expr,
                 int8_chunk_order=bitlayout.int8_chunk_order,
                 int8_tiles=(int(os.environ.get("QINFER_INT8_TILES", 0)) or
                             perfmodel.int8_gemv_tiles(int8, params.tu)) if has else 0,
@@ -164,7 +138,7 @@ def render_all(outdir, machine=None):
     os.makedirs(outdir, exist_ok=True)
     forced = overrides(os.environ.get("QINFER_KERNEL_PARAMS"))
     written = []
-    for bits in bitlayout.BITWIDTHS:
+    for bits in table.BITWIDTHS:
         params = perfmodel.choose(bits, machine)
         if forced:
             params = dataclasses.replace(params, **forced)

@@ -52,7 +52,7 @@ import sys
 
 from . import _forward, _runtime
 from .errors import UnsupportedError
-from .packing import BITWIDTHS
+from .variants import BITWIDTHS
 
 PATHS = ("auto", "avx2", "scalar")
 ACTIVATIONS = ("float", "int8")

@@ -15,13 +15,10 @@ code path serves every bitwidth.
 import numpy as np
 
 from .errors import ShapeError, UnsupportedError
+# The kernel families, and what GPTQ checkpoints hold and `qinfer quantize` writes
+# (the table says why 5 and 6 bits are not among those); importers take them from here.
+from .variants import BITWIDTHS, GPTQ_BITWIDTHS  # noqa: F401
 
-BITWIDTHS = (2, 3, 4, 5, 6, 8)     # the kernel families
-# What GPTQ checkpoints hold and `qinfer quantize` writes. 5 and 6 bits are for
-# imported llama.cpp tensors only: no GPTQ tool writes them, so a GPTQ
-# checkpoint that says bits 5 or 6 is refused rather than read in a layout its
-# writer may not have meant.
-GPTQ_BITWIDTHS = (2, 3, 4, 8)
 PACK_BLOCK_CODES = 1 << 20     # codes packed per step
 
 

@@ -12,8 +12,7 @@ import numpy as np
 
 from .packing import check_bits
 from .errors import ShapeError, UnsupportedError
-
-GROUP_SIZES = (16, 32, 64, 128, -1)
+from .variants import GROUP_SIZES   # the kernels' table: the group sizes they are built for
 
 
 def check_group_size(group_size, in_features):

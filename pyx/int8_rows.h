@@ -1,8 +1,9 @@
-{{# The int8-activation qgemm (prefill: several rows), part 1 of 2: what
-    every instruction set's kernels share (the row blocking constants and the
-    rounded activations of all rows). Included by int8_gemv.c.tp inside its
-    int8 section, after quantize_i8_avx2; int8_gemm.c.tp has the kernels.
-    Names: bits, layout, int8, machine. }}
+/* The int8-activation qgemm (prefill: several rows), part 1 of 2: what every
+ * instruction set's kernels share, the row blocking constants and the rounded
+ * activations of all rows. Plain C included by the kernel modules that have
+ * int8 kernels (pyx/snippets/int8_gemv.c.tp, after quantize_i8_avx2, which it
+ * calls, and after defining I8_CHUNK_BYTES from the build machine's L2); part 2,
+ * the kernels, is pyx/snippets/int8_gemm.c.tp, rendered per instruction set. */
 /* ------------------------------------------------ qgemm, int8 activations */
 /* Several rows at once (a prompt): each row's activations are rounded to
  * int8 exactly as a qgemv call rounds them (quantize_i8_avx2, row by row),
@@ -26,10 +27,6 @@
  * chunk goes over them. A pass only reorders whole blocks of different
  * rows: each output still sees its blocks in order, so the result is the
  * same bit for bit. */
-/* Rows per chunk: their activation words (K bytes a row) fill half the L2 of the
- * build machine ({{machine.l2_bytes // 1024}} KiB), so a prompt of up to that many rows reads the
- * weights from memory once. */
-#define I8_CHUNK_BYTES ({{machine.l2_bytes // 2}})
 #define I8_PASS_BYTES (8 * 1024)
 /* An empty asm that takes and gives back v in a vector register: GCC must
  * then add each slice's products into the accumulator where the template
