@@ -50,7 +50,8 @@ def extensions():
 
 
 setup(
-    packages=["qinfer", "qinfer.cli", "qinfer.quant", "qinfer.readers", "qinfer.tokenizer", "qinfer.tuning"],
+    packages=["qinfer", "qinfer.cli", "qinfer.quant", "qinfer.readers", "qinfer.server", "qinfer.tokenizer",
+              "qinfer.tuning"],
     package_dir={"qinfer": "qinfer", "qinfer.tokenizer": "tokenizer"},
     ext_modules=extensions(),
 )
