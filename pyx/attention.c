@@ -28,15 +28,6 @@ static void store_kv_row(const weights *w, run_state *s, int layer, int t, int p
     }
 }
 
-/* Move the n new keys and values (after RoPE) into the cache at positions pos.. */
-static void store_kv(const weights *w, run_state *s, int layer, int pos, int n, int nthreads)
-{
-    int t;
-    #pragma omp parallel for schedule(static) if(n >= PARALLEL_ROWS) num_threads(thread_count(nthreads))
-    for (t = 0; t < n; t++)
-        store_kv_row(w, s, layer, t, pos + t);
-}
-
 /* Attention is computed for a tile of queries at a time: the heads that
  * share one KV head, for up to QUERY_TOKENS consecutive tokens. Each key and
  * value block of the cache is then read once per tile while it sits in L1,
@@ -259,11 +250,18 @@ static float *thread_scores(const weights *w, const run_state *s, int thread)
     return s->scores + (size_t)thread * scores_per_thread(w, s);
 }
 
-/* Causal grouped-query attention of n new tokens at positions pos.. over the cache. */
-static void attention(const weights *w, run_state *s, int layer, int pos, int n, int nthreads)
+/* Causal grouped-query attention of n new tokens at positions pos.. over the
+ * cache: the query tiles taken in turn by the team's threads (exec_ctx), or
+ * by a parallel region's as each finishes one. */
+static void attention(const weights *w, run_state *s, int layer, int pos, int n, const exec_ctx *cx)
 {
+    if (cx->tm) {
+        for (int job = cx->tm->thread; job < attention_jobs(w, n); job += cx->tm->threads)
+            attention_job(w, s, layer, pos, n, job, thread_scores(w, s, cx->tm->thread));
+        return;
+    }
     int job;
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(thread_count(nthreads))
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(thread_count(cx->nthreads))
     for (job = 0; job < attention_jobs(w, n); job++) {
 #ifdef _OPENMP
         float *scores = thread_scores(w, s, omp_get_thread_num());

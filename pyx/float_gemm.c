@@ -217,6 +217,9 @@ static void float_matmul(const linear *l, const float *x, int n, float *y, int n
  * thread's, then multiplied exactly as float32 rows are (the same blocks, the same order of
  * the sums): the same results as the weights held in float32, from half the bytes. */
 #define HALF_ROWS 12    /* a multiple of GEMM_ROWS and of GEMV_ROWS, so the blocks line up */
+#if QI_HAVE_AVX2_GEMM
+_Static_assert(HALF_ROWS % GEMM_ROWS == 0 && HALF_ROWS % GEMV_ROWS == 0, "half_matmul's blocks line up");
+#endif
 
 static void widen_rows(const uint16_t *h, size_t count, float *out)
 {

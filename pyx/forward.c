@@ -1,40 +1,89 @@
-/* forward.c: the forward pass (forward.h) and its steps. Part of
+/* forward.c: the forward pass (forward.h), then its steps. Part of
  * _forward.pyx's translation unit. */
 #include "forward.h"
 
 /* ------------------------------------------------------------- forward */
 
-/* One transformer block on s->x (n tokens at positions pos..). */
+/* One transformer block on s->x (n tokens at positions pos..), its steps'
+ * work shared among threads as cx says (exec_ctx): the same code for a
+ * prefill, a decode step and the decode team. */
 static int layer_forward(const weights *w, run_state *s, int l, int pos, int n,
-                         const layer_capture *cap, int nthreads)
+                         const layer_capture *cap, const exec_ctx *cx)
 {
     const layer_weights *lw = &w->layers[l];
-    const int dim = w->dim, hd = w->head_dim, q_dim = w->n_heads * hd;
+    const block b = {w, s, lw, l, pos, n, s->x};
+    const int dim = w->dim, q_dim = w->n_heads * w->head_dim;
     int rc = 0;
 
     /* attention block: x += wo(attention(rope(q), cache += (rope(k), v))) */
-    rmsnorm(s->x, lw->attn_norm, n, dim, w->eps, s->xb, nthreads);
+    each_row(cx, &b, attn_norm_row);
     capture(cap ? cap->attn_in : NULL, s->xb, (size_t)n * dim);
-    rc |= project_qkv(w, lw, s, n, nthreads);
-    rope(s->q, n, w->n_heads, hd, s->cos_sin, nthreads);
-    rope(s->k, n, w->n_kv_heads, hd, s->cos_sin, nthreads);
-    store_kv(w, s, l, pos, n, nthreads);
-    attention(w, s, l, pos, n, nthreads);
+    sync_point(cx);
+    rc |= project_qkv(cx, &b);
+    sync_point(cx);
+    if (is_set(&lw->wqkv) && s->stacked)
+        each_row(cx, &b, split_qkv_row);
+    each_row(cx, &b, rope_q_row);
+    each_row(cx, &b, rope_k_row);
+    each_row(cx, &b, cache_kv_row);
+    sync_point(cx);
+    attention(w, s, l, pos, n, cx);
+    sync_point(cx);
     capture(cap ? cap->o_in : NULL, s->att, (size_t)n * q_dim);
-    rc |= matmul(&lw->wo, s->att, n, s->proj, nthreads);
-    add_rows(s->x, s->proj, n, dim, nthreads);
+    rc |= linear_map(cx, &lw->wo, s->att, n, s->proj);
+    sync_point(cx);
+    each_row(cx, &b, residual_row);
 
     /* MLP block: x += w_down(silu(w_gate(x)) * w_up(x)) */
-    rmsnorm(s->x, lw->ffn_norm, n, dim, w->eps, s->xb, nthreads);
+    each_row(cx, &b, ffn_norm_row);
     capture(cap ? cap->mlp_in : NULL, s->xb, (size_t)n * dim);
-    rc |= gated_hidden(w, lw, s, n, nthreads);
+    sync_point(cx);
+    rc |= project_gate_up(cx, &b);
+    sync_point(cx);
+    each_row(cx, &b, swiglu_row);
+    sync_point(cx);
     capture(cap ? cap->down_in : NULL, s->gate, (size_t)n * w->hidden_dim);
-    rc |= matmul(&lw->w_down, s->gate, n, s->proj, nthreads);
-    add_rows(s->x, s->proj, n, dim, nthreads);
+    rc |= linear_map(cx, &lw->w_down, s->gate, n, s->proj);
+    sync_point(cx);
+    each_row(cx, &b, residual_row);   /* in the team, the next block's first step is thread 0's too */
     return rc ? -1 : 0;
 }
 
-/* ------------------------------------------------------- the decode team */
+/* The final norm and the LM head on the last n_rows of the n rows of s->x:
+ * every row, or just the last one for generation. */
+static int lm_head(const weights *w, run_state *s, int n, int n_rows, float *logits, const exec_ctx *cx)
+{
+    const block b = {w, s, NULL, 0, 0, n_rows, s->x + (size_t)(n - n_rows) * w->dim};
+    each_row(cx, &b, final_norm_row);
+    sync_point(cx);
+    return linear_map(cx, &w->lm_head, s->xb, n_rows, logits);
+}
+
+/* forward() with nthreads threads, or with the prefill governor's count for
+ * each block when g is set (n > 1). */
+static int forward_with(const weights *w, run_state *s, const int *tokens, int n, int pos,
+                        float *logits, int all_logits, int nthreads, team_governor *g)
+{
+    if (n == 1 && nthreads > 1 && s->decode_team && team_ready(w))
+        return decode_team(w, s, tokens[0], pos, logits, nthreads);
+    embed(w, tokens, n, s->x);
+    rope_tables(w, pos, n, s->cos_sin);
+    if (g)
+        governor_rows(g, n);
+    int threads = nthreads;
+    for (int l = 0; l < w->n_layers; l++) {
+        const double t0 = g ? team_clock() : 0.0;
+        if (g)
+            threads = governor_threads(g, nthreads);
+        if (layer_forward(w, s, l, pos, n, NULL, &(exec_ctx){threads, NULL}))
+            return -1;
+        if (g)
+            governor_report(g, threads, t0, team_clock());
+    }
+    if (g)
+        threads = g->use;
+    return lm_head(w, s, n, all_logits ? n : 1, logits, &(exec_ctx){threads, NULL});
+}
 
 /* A decode step (one token) runs as one OpenMP thread team from the first
  * layer to the LM head, the threads waiting for each other at spinning
@@ -43,9 +92,37 @@ static int layer_forward(const weights *w, run_state *s, int l, int pos, int n,
  * cost ~1.5 us (its join makes a futex system call every time), the barrier
  * of team.h ~0.1 us. Each kernel call is a qgemv_team_fn (qmatrix.h); the row-wise
  * steps between them are a few microseconds of work, done by thread 0 while
- * the others wait, and attention shares its heads out. Every number is
- * computed by the same functions as in the per-call path, so the results are
- * the same. */
+ * the others wait, and attention shares its heads out. It runs the same
+ * layer_forward as the per-call path (exec_ctx, forward.h), so the results
+ * are the same. */
+
+/* forward() for one token, as one team of nthreads threads (team_ready(w)). */
+static int decode_team(const weights *w, run_state *s, int token, int pos, float *logits, int nthreads)
+{
+    team_barrier barrier = {0, 0, 0};
+    int failed = 0;
+    embed(w, &token, 1, s->x);
+    rope_tables(w, pos, 1, s->cos_sin);
+    #pragma omp parallel num_threads(nthreads) reduction(|:failed)
+    {
+        team tm;
+        tm.barrier = &barrier;
+#ifdef _OPENMP
+        tm.thread = omp_get_thread_num();
+        tm.threads = omp_get_num_threads();   /* all the team's threads see the same count */
+        tm.spins = team_spins(tm.threads, omp_get_num_procs());
+#else
+        tm.thread = 0;
+        tm.threads = 1;
+        tm.spins = 0;
+#endif
+        const exec_ctx cx = {tm.threads, &tm};
+        for (int l = 0; l < w->n_layers; l++)
+            failed |= layer_forward(w, s, l, pos, 1, NULL, &cx);
+        failed |= lm_head(w, s, 1, 1, logits, &cx);
+    }
+    return failed ? -1 : 0;
+}
 
 static int team_ready_linear(const linear *l)
 {
@@ -69,143 +146,11 @@ static int team_ready(const weights *w)
     return 1;
 }
 
-static int team_matmul(const linear *l, const float *x, float *y, const team *tm)
-{
-    return l->team(l->q, x, y, tm);
-}
-
-/* One block on s->x for the token at position pos, by every thread of the team. */
-static int layer_decode_team(const weights *w, run_state *s, int l, int pos, const team *tm)
-{
-    const layer_weights *lw = &w->layers[l];
-    const int dim = w->dim, hd = w->head_dim, hidden = w->hidden_dim;
-    const size_t q_dim = (size_t)w->n_heads * hd, kv_dim = (size_t)w->n_kv_heads * hd;
-    const int lead = tm->thread == 0;
-    int rc = 0;
-
-    /* attention block: x += wo(attention(rope(q), cache += (rope(k), v))) */
-    if (lead)
-        rmsnorm_row(s->x, lw->attn_norm, dim, w->eps, s->xb);
-    team_wait(tm);
-    if (is_set(&lw->wqkv)) {
-        rc |= team_matmul(&lw->wqkv, s->xb, s->stacked, tm);
-    } else {
-        rc |= team_matmul(&lw->wq, s->xb, s->q, tm);
-        rc |= team_matmul(&lw->wk, s->xb, s->k, tm);
-        rc |= team_matmul(&lw->wv, s->xb, s->v, tm);
-    }
-    team_wait(tm);
-    if (lead) {
-        if (is_set(&lw->wqkv)) {
-            memcpy(s->q, s->stacked, sizeof(float) * q_dim);
-            memcpy(s->k, s->stacked + q_dim, sizeof(float) * kv_dim);
-            memcpy(s->v, s->stacked + q_dim + kv_dim, sizeof(float) * kv_dim);
-        }
-        rope_row(s->q, w->n_heads, hd, s->cos_sin);
-        rope_row(s->k, w->n_kv_heads, hd, s->cos_sin);
-        store_kv_row(w, s, l, 0, pos);
-    }
-    team_wait(tm);
-    for (int job = tm->thread; job < attention_jobs(w, 1); job += tm->threads)
-        attention_job(w, s, l, pos, 1, job, thread_scores(w, s, tm->thread));
-    team_wait(tm);
-    rc |= team_matmul(&lw->wo, s->att, s->proj, tm);
-    team_wait(tm);
-
-    /* MLP block: x += w_down(silu(w_gate(x)) * w_up(x)) */
-    if (lead) {
-        add_row(s->x, s->proj, dim);
-        rmsnorm_row(s->x, lw->ffn_norm, dim, w->eps, s->xb);
-    }
-    team_wait(tm);
-    if (is_set(&lw->w_gate_up)) {
-        rc |= team_matmul(&lw->w_gate_up, s->xb, s->stacked, tm);
-    } else {
-        rc |= team_matmul(&lw->w_gate, s->xb, s->gate, tm);
-        rc |= team_matmul(&lw->w_up, s->xb, s->up, tm);
-    }
-    team_wait(tm);
-    if (lead) {
-        if (is_set(&lw->w_gate_up))
-            swiglu(s->gate, s->stacked, s->stacked + hidden, hidden);
-        else
-            swiglu(s->gate, s->gate, s->up, hidden);
-    }
-    team_wait(tm);
-    rc |= team_matmul(&lw->w_down, s->gate, s->proj, tm);
-    team_wait(tm);
-    if (lead)
-        add_row(s->x, s->proj, dim);   /* the next block's first step is thread 0's too */
-    return rc;
-}
-
-/* forward() for one token, as one team of nthreads threads (team_ready(w)). */
-static int decode_team(const weights *w, run_state *s, int token, int pos, float *logits, int nthreads)
-{
-    team_barrier barrier = {0, 0, 0};
-    int failed = 0;
-    embed(w, &token, 1, s->x);
-    rope_tables(w, pos, 1, s->cos_sin);
-    #pragma omp parallel num_threads(nthreads) reduction(|:failed)
-    {
-        team tm;
-        tm.barrier = &barrier;
-#ifdef _OPENMP
-        tm.thread = omp_get_thread_num();
-        tm.threads = omp_get_num_threads();   /* all the team's threads see the same count */
-        tm.spins = team_spins(tm.threads, omp_get_num_procs());
-#else
-        tm.thread = 0;
-        tm.threads = 1;
-        tm.spins = 0;
-#endif
-        for (int l = 0; l < w->n_layers; l++)
-            failed |= layer_decode_team(w, s, l, pos, &tm);
-        if (tm.thread == 0)
-            rmsnorm_row(s->x, w->final_norm, w->dim, w->eps, s->xb);
-        team_wait(&tm);
-        failed |= team_matmul(&w->lm_head, s->xb, logits, &tm);
-    }
-    return failed ? -1 : 0;
-}
-
 static int clamp_threads(const run_state *s, int nthreads)
 {
     /* attention() keeps one scores block per thread: never more threads than blocks
      * (the Python side grows them first, grow_threads, when a call asks for more) */
     return (nthreads > 0 && nthreads < s->threads) ? nthreads : s->threads;
-}
-
-/* forward() with nthreads threads, or with the prefill governor's count for
- * each block when g is set (n > 1). */
-static int forward_with(const weights *w, run_state *s, const int *tokens, int n, int pos,
-                        float *logits, int all_logits, int nthreads, team_governor *g)
-{
-    const int dim = w->dim;
-    if (n == 1 && nthreads > 1 && s->decode_team && team_ready(w))
-        return decode_team(w, s, tokens[0], pos, logits, nthreads);
-    embed(w, tokens, n, s->x);
-    rope_tables(w, pos, n, s->cos_sin);
-    if (g)
-        governor_rows(g, n);
-    int threads = nthreads;
-    for (int l = 0; l < w->n_layers; l++) {
-        const double t0 = g ? team_clock() : 0.0;
-        if (g)
-            threads = governor_threads(g, nthreads);
-        if (layer_forward(w, s, l, pos, n, NULL, threads))
-            return -1;
-        if (g)
-            governor_report(g, threads, t0, team_clock());
-    }
-    if (g)
-        threads = g->use;
-
-    /* final norm and LM head: every row, or just the last one for generation */
-    const float *rows = all_logits ? s->x : s->x + (size_t)(n - 1) * dim;
-    const int n_rows = all_logits ? n : 1;
-    rmsnorm(rows, w->final_norm, n_rows, dim, w->eps, s->xb, threads);
-    return matmul(&w->lm_head, s->xb, n_rows, logits, threads);
 }
 
 /* Whether forward() lets the governors (team.h) choose its thread count, of at
@@ -240,12 +185,12 @@ static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int
     nthreads = clamp_threads(s, nthreads);
     memcpy(s->x, x, sizeof(float) * (size_t)n * w->dim);
     rope_tables(w, pos, n, s->cos_sin);
-    const int rc = layer_forward(w, s, l, pos, n, cap, nthreads);
+    const int rc = layer_forward(w, s, l, pos, n, cap, &(exec_ctx){nthreads, NULL});
     memcpy(x, s->x, sizeof(float) * (size_t)n * w->dim);
     return rc;
 }
 
-/* ------------------------------------------------------------ the steps */
+/* ------------------------------------------------ how a step runs (exec_ctx) */
 
 static int thread_count(int nthreads)
 {
@@ -257,6 +202,41 @@ static int thread_count(int nthreads)
 #endif
 }
 
+/* step on rows 0..n-1 of b: in the team by thread 0 alone, while the others
+ * go on to the next sync_point; per call shared among the threads when there
+ * are PARALLEL_ROWS rows or more. */
+static void each_row(const exec_ctx *cx, const block *b, row_step *step)
+{
+    if (cx->tm) {
+        if (cx->tm->thread == 0)
+            for (int t = 0; t < b->n; t++)
+                step(b, t);
+        return;
+    }
+    int t;
+    #pragma omp parallel for schedule(static) if(b->n >= PARALLEL_ROWS) num_threads(thread_count(cx->nthreads))
+    for (t = 0; t < b->n; t++)
+        step(b, t);
+}
+
+/* Where the team's threads wait for each other: what one step wrote, the next
+ * reads. Per call there is nothing to wait for: a step's parallel region has
+ * ended before the next begins. */
+static void sync_point(const exec_ctx *cx)
+{
+    if (cx->tm)
+        team_wait(cx->tm);
+}
+
+/* y[n][out] = x[n][in] @ W^T: in the team this thread's share of the decode
+ * kernel's team twin (one row), per call a kernel call with its own threads. */
+static int linear_map(const exec_ctx *cx, const linear *l, const float *x, int n, float *y)
+{
+    if (cx->tm)
+        return l->team(l->q, x, y, cx->tm);
+    return matmul(l, x, n, y, cx->nthreads);
+}
+
 static int matmul(const linear *l, const float *x, int n, float *y, int nthreads)
 {
     if (l->q)
@@ -265,6 +245,113 @@ static int matmul(const linear *l, const float *x, int n, float *y, int nthreads
         return half_matmul(l, x, n, y, nthreads);
     float_matmul(l, x, n, y, nthreads);
     return 0;
+}
+
+/* ------------------------------------------------------------ the steps */
+
+/* xb through `count` linear maps into their own outputs, or through the
+ * stacked map that replaces them (one kernel call; its rows are theirs side
+ * by side) into s->stacked. */
+static int project(const exec_ctx *cx, const block *b, const linear *stacked, const linear *const *parts,
+                   float *const *outs, int count)
+{
+    run_state *s = b->s;
+    if (is_set(stacked))
+        return s->stacked ? linear_map(cx, stacked, s->xb, b->n, s->stacked) : -1;
+    int rc = 0;
+    for (int i = 0; i < count; i++)
+        rc |= linear_map(cx, parts[i], s->xb, b->n, outs[i]);
+    return rc;
+}
+
+/* q, k, v = wq(xb), wk(xb), wv(xb); stacked, rows [q | k | v] that split_qkv_row copies apart */
+static int project_qkv(const exec_ctx *cx, const block *b)
+{
+    const layer_weights *lw = b->lw;
+    return project(cx, b, &lw->wqkv, (const linear *const[]){&lw->wq, &lw->wk, &lw->wv},
+                   (float *const[]){b->s->q, b->s->k, b->s->v}, 3);
+}
+
+/* gate, up = w_gate(xb), w_up(xb); stacked, rows [gate | up] that swiglu_row reads in place */
+static int project_gate_up(const exec_ctx *cx, const block *b)
+{
+    const layer_weights *lw = b->lw;
+    return project(cx, b, &lw->w_gate_up, (const linear *const[]){&lw->w_gate, &lw->w_up},
+                   (float *const[]){b->s->gate, b->s->up}, 2);
+}
+
+/* Row steps (row_step, forward.h): row t of the block's n. */
+
+/* xb[t] = rmsnorm(x[t]) * weight */
+static void norm_row(const block *b, const float *weight, int t)
+{
+    const int dim = b->w->dim;
+    rmsnorm_row(b->x + (size_t)t * dim, weight, dim, b->w->eps, b->s->xb + (size_t)t * dim);
+}
+
+static void attn_norm_row(const block *b, int t)
+{
+    norm_row(b, b->lw->attn_norm, t);
+}
+
+static void ffn_norm_row(const block *b, int t)
+{
+    norm_row(b, b->lw->ffn_norm, t);
+}
+
+static void final_norm_row(const block *b, int t)
+{
+    norm_row(b, b->w->final_norm, t);
+}
+
+/* q[t], k[t], v[t] = the parts of the stacked wqkv's row t */
+static void split_qkv_row(const block *b, int t)
+{
+    const size_t q_dim = (size_t)b->w->n_heads * b->w->head_dim, kv_dim = (size_t)b->w->n_kv_heads * b->w->head_dim;
+    run_state *s = b->s;
+    const float *row = s->stacked + (size_t)t * (q_dim + 2 * kv_dim);
+    memcpy(s->q + t * q_dim, row, sizeof(float) * q_dim);
+    memcpy(s->k + t * kv_dim, row + q_dim, sizeof(float) * kv_dim);
+    memcpy(s->v + t * kv_dim, row + q_dim + kv_dim, sizeof(float) * kv_dim);
+}
+
+static void rope_q_row(const block *b, int t)
+{
+    const int hd = b->w->head_dim;
+    rope_row(b->s->q + (size_t)t * b->w->n_heads * hd, b->w->n_heads, hd, b->s->cos_sin + (size_t)t * hd);
+}
+
+static void rope_k_row(const block *b, int t)
+{
+    const int hd = b->w->head_dim;
+    rope_row(b->s->k + (size_t)t * b->w->n_kv_heads * hd, b->w->n_kv_heads, hd, b->s->cos_sin + (size_t)t * hd);
+}
+
+/* token t's key and value (after RoPE) into the cache at its position */
+static void cache_kv_row(const block *b, int t)
+{
+    store_kv_row(b->w, b->s, b->layer, t, b->pos + t);
+}
+
+/* x[t] += proj[t] */
+static void residual_row(const block *b, int t)
+{
+    const int dim = b->w->dim;
+    add_row(b->s->x + (size_t)t * dim, b->s->proj + (size_t)t * dim, dim);
+}
+
+/* gate[t] = silu(gate[t]) * up[t], from the stacked w_gate_up's row t when it ran */
+static void swiglu_row(const block *b, int t)
+{
+    const int hidden = b->w->hidden_dim;
+    run_state *s = b->s;
+    float *gate = s->gate + (size_t)t * hidden;
+    if (is_set(&b->lw->w_gate_up) && s->stacked) {
+        const float *row = s->stacked + (size_t)t * 2 * hidden;
+        swiglu(gate, row, row + hidden, hidden);
+    } else {
+        swiglu(gate, gate, s->up + (size_t)t * hidden, hidden);
+    }
 }
 
 static void embed(const weights *w, const int *tokens, int n, float *x)
@@ -295,14 +382,6 @@ static void rmsnorm_row(const float *x, const float *weight, int dim, float eps,
         out[i] = weight[i] * (x[i] * inv);
 }
 
-static void rmsnorm(const float *x, const float *weight, int n, int dim, float eps, float *out, int nthreads)
-{
-    int t;
-    #pragma omp parallel for schedule(static) if(n >= PARALLEL_ROWS) num_threads(thread_count(nthreads))
-    for (t = 0; t < n; t++)
-        rmsnorm_row(x + (size_t)t * dim, weight, dim, eps, out + (size_t)t * dim);
-}
-
 static void rope_tables(const weights *w, int pos, int n, float *cos_sin)
 {
     const int half = w->head_dim / 2;
@@ -330,15 +409,6 @@ static void rope_row(float *v, int heads, int head_dim, const float *cs)
     }
 }
 
-static void rope(float *v, int n, int heads, int head_dim, const float *cos_sin, int nthreads)
-{
-    int t;
-    #pragma omp parallel for schedule(static) if(n >= PARALLEL_ROWS) num_threads(thread_count(nthreads))
-    for (t = 0; t < n; t++)
-        rope_row(v + (size_t)t * heads * head_dim, heads, head_dim, cos_sin + (size_t)t * head_dim);
-}
-
-
 /* x[dim] += y[dim] */
 QI_VECTORIZE
 static void add_row(float *x, const float *y, int dim)
@@ -346,15 +416,6 @@ static void add_row(float *x, const float *y, int dim)
     #pragma omp simd
     for (int i = 0; i < dim; i++)
         x[i] += y[i];
-}
-
-/* x[n][dim] += y[n][dim] */
-static void add_rows(float *x, const float *y, int n, int dim, int nthreads)
-{
-    int t;
-    #pragma omp parallel for schedule(static) if(n >= PARALLEL_ROWS) num_threads(thread_count(nthreads))
-    for (t = 0; t < n; t++)
-        add_row(x + (size_t)t * dim, y + (size_t)t * dim, dim);
 }
 
 /* silu(g) = g * sigmoid(g), with sigmoid from e = exp(-|g|) <= 1 so that the
@@ -375,61 +436,11 @@ static void swiglu(float *out, const float *gate, const float *up, int n)
         out[i] = silu(gate[i]) * up[i];
 }
 
-/* q, k, v = wq(xb), wk(xb), wv(xb): three kernel calls, or one call of the
- * stacked wqkv whose rows [q | k | v] are then copied apart. */
-static int project_qkv(const weights *w, const layer_weights *lw, run_state *s, int n, int nthreads)
-{
-    const size_t q_dim = (size_t)w->n_heads * w->head_dim, kv_dim = (size_t)w->n_kv_heads * w->head_dim;
-    if (!is_set(&lw->wqkv)) {
-        int rc = matmul(&lw->wq, s->xb, n, s->q, nthreads);
-        rc |= matmul(&lw->wk, s->xb, n, s->k, nthreads);
-        rc |= matmul(&lw->wv, s->xb, n, s->v, nthreads);
-        return rc;
-    }
-    if (!s->stacked || matmul(&lw->wqkv, s->xb, n, s->stacked, nthreads))
-        return -1;
-    int t;
-    #pragma omp parallel for schedule(static) if(n >= PARALLEL_ROWS) num_threads(thread_count(nthreads))
-    for (t = 0; t < n; t++) {
-        const float *row = s->stacked + (size_t)t * (q_dim + 2 * kv_dim);
-        memcpy(s->q + t * q_dim, row, sizeof(float) * q_dim);
-        memcpy(s->k + t * kv_dim, row + q_dim, sizeof(float) * kv_dim);
-        memcpy(s->v + t * kv_dim, row + q_dim + kv_dim, sizeof(float) * kv_dim);
-    }
-    return 0;
-}
-
-/* gate = silu(w_gate(xb)) * w_up(xb): two kernel calls, or one of the stacked w_gate_up. */
-static int gated_hidden(const weights *w, const layer_weights *lw, run_state *s, int n, int nthreads)
-{
-    const int hidden = w->hidden_dim;
-    const int stacked = is_set(&lw->w_gate_up);
-    if (stacked) {
-        if (!s->stacked || matmul(&lw->w_gate_up, s->xb, n, s->stacked, nthreads))
-            return -1;
-    } else if (matmul(&lw->w_gate, s->xb, n, s->gate, nthreads) | matmul(&lw->w_up, s->xb, n, s->up, nthreads)) {
-        return -1;
-    }
-    int t;
-    #pragma omp parallel for schedule(static) if(n >= PARALLEL_ROWS) num_threads(thread_count(nthreads))
-    for (t = 0; t < n; t++) {
-        float *gate = s->gate + (size_t)t * hidden;
-        if (stacked) {
-            const float *row = s->stacked + (size_t)t * 2 * hidden;
-            swiglu(gate, row, row + hidden, hidden);
-        } else {
-            swiglu(gate, gate, s->up + (size_t)t * hidden, hidden);
-        }
-    }
-    return 0;
-}
-
 static void capture(float *dst, const float *src, size_t count)
 {
     if (dst)
         memcpy(dst, src, sizeof(float) * count);
 }
-
 
 /* ------------------------------------------------------------ the run state */
 
@@ -505,4 +516,3 @@ static int alloc_state(run_state *s, const weights *w, int max_tokens, int threa
     }
     return 0;
 }
-

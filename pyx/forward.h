@@ -123,6 +123,33 @@ typedef struct {
     float *down_in;   /* [n][hidden]     input of down_proj */
 } layer_capture;
 
+/* ------------------------------------------------------- how a step runs */
+
+/* How the steps of a block share their work among threads, so that the block
+ * is written once (layer_forward) for both ways a call runs. Per call (`tm`
+ * NULL; a prefill, or a decode step without the team): every step is a
+ * parallel region of its own, of `nthreads` threads, whose join orders it
+ * before the next. In the decode team (forward.c, decode_team): the calling
+ * thread is one of a team that runs the whole step; the kernels compute its
+ * share, the row-wise steps run on thread 0 alone, and the threads meet at
+ * the team's barrier (team.h) at every sync_point. */
+typedef struct {
+    int nthreads;     /* threads of each step's parallel region (per call), or of the team */
+    const team *tm;   /* NULL per call, or this thread's place in the decode team */
+} exec_ctx;
+
+/* What a row-wise step works on: n tokens at positions pos.. in block `layer`. */
+typedef struct {
+    const weights *w;
+    run_state *s;
+    const layer_weights *lw;   /* w->layers[layer], or NULL (the LM head's norm) */
+    int layer, pos, n;
+    const float *x;            /* [n][dim] the rows of s->x a norm reads (the LM head: the last ones) */
+} block;
+
+/* Row t of n of a row-wise step (forward.c, each_row). */
+typedef void row_step(const block *b, int t);
+
 /* exp(x) for x <= 0, branch-free so the softmax loop vectorizes: x*log2(e) =
  * n + f with |f| <= 1/2, 2^f by its Taylor series to degree 6 (relative error
  * < 2e-7), 2^n written into the exponent bits. */
@@ -142,22 +169,26 @@ static inline float exp_nonpositive(float x)
 
 /* ------------------------------------------------------------ the steps */
 
-/* forward.c: the row-wise steps and the linear maps of a block */
+/* forward.c: how a step runs, and the steps of a block */
 static int thread_count(int nthreads);
-static int is_set(const linear *l);
+static void each_row(const exec_ctx *cx, const block *b, row_step *step);
+static void sync_point(const exec_ctx *cx);
+static int linear_map(const exec_ctx *cx, const linear *l, const float *x, int n, float *y);
 static int matmul(const linear *l, const float *x, int n, float *y, int nthreads);
+static int project_qkv(const exec_ctx *cx, const block *b);
+static int project_gate_up(const exec_ctx *cx, const block *b);
+static row_step attn_norm_row, ffn_norm_row, final_norm_row, split_qkv_row, rope_q_row, rope_k_row,
+                cache_kv_row, residual_row, swiglu_row;
 static void embed(const weights *w, const int *tokens, int n, float *x);
-QI_VECTORIZE static void rmsnorm_row(const float *x, const float *weight, int dim, float eps, float *out);
-static void rmsnorm(const float *x, const float *weight, int n, int dim, float eps, float *out, int nthreads);
 static void rope_tables(const weights *w, int pos, int n, float *cos_sin);
+QI_VECTORIZE static void rmsnorm_row(const float *x, const float *weight, int dim, float eps, float *out);
 static void rope_row(float *v, int heads, int head_dim, const float *cs);
-static void rope(float *v, int n, int heads, int head_dim, const float *cos_sin, int nthreads);
 QI_VECTORIZE static void add_row(float *x, const float *y, int dim);
-static void add_rows(float *x, const float *y, int n, int dim, int nthreads);
 QI_VECTORIZE static void swiglu(float *out, const float *gate, const float *up, int n);
-static int project_qkv(const weights *w, const layer_weights *lw, run_state *s, int n, int nthreads);
-static int gated_hidden(const weights *w, const layer_weights *lw, run_state *s, int n, int nthreads);
 static void capture(float *dst, const float *src, size_t count);
+static int team_ready(const weights *w);
+static int decode_team(const weights *w, run_state *s, int token, int pos, float *logits, int nthreads);
+static int is_set(const linear *l);
 static size_t scores_per_thread(const weights *w, const run_state *s);
 
 /* float_gemm.c: y[n][out] = x[n][in] @ w[out][in]^T for float32 and float16 weights */
@@ -166,10 +197,6 @@ static int half_matmul(const linear *l, const float *x, int n, float *y, int nth
 
 /* attention.c: the KV cache and attention over it */
 static void store_kv_row(const weights *w, run_state *s, int layer, int t, int p);
-static void store_kv(const weights *w, run_state *s, int layer, int pos, int n, int nthreads);
-static void attention(const weights *w, run_state *s, int layer, int pos, int n, int nthreads);
-static int attention_jobs(const weights *w, int n);
-static void attention_job(const weights *w, run_state *s, int layer, int pos, int n, int job, float *scores);
-static float *thread_scores(const weights *w, const run_state *s, int thread);
+static void attention(const weights *w, run_state *s, int layer, int pos, int n, const exec_ctx *cx);
 
 #endif
