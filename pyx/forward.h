@@ -152,7 +152,8 @@ typedef void row_step(const block *b, int t);
 
 /* exp(x) for x <= 0, branch-free so the softmax loop vectorizes: x*log2(e) =
  * n + f with |f| <= 1/2, 2^f by its Taylor series to degree 6 (relative error
- * < 2e-7), 2^n written into the exponent bits. */
+ * < 2e-7), 2^n written into the exponent bits. Here because attention.c's
+ * softmax and forward.c's SiLU both inline it. */
 static inline float exp_nonpositive(float x)
 {
     x = x < -87.0f ? -87.0f : x;                       /* exp(-87) ~ 1.6e-38: as good as 0 */
