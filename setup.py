@@ -37,15 +37,18 @@ def extensions():
     render_all(os.path.join(ROOT, GENERATED))
     cflags, lflags = compiler_flags()
     # depends: the modules include pyx/*.h as text (kernel code among them: amx_*.h, int8_*.h),
-    # so a changed header must rebuild them even where no .pyx changed.
-    common = dict(include_dirs=["pyx"], depends=sorted(glob.glob(os.path.join("pyx", "*.h"))),
-                  extra_compile_args=cflags, extra_link_args=lflags)
+    # and _forward.pyx the forward pass's C files, which Cython does not see: a changed one
+    # must rebuild them even where no .pyx changed.
+    headers = sorted(glob.glob(os.path.join("pyx", "*.h")))
+    forward_c = [os.path.join("pyx", c) for c in ("forward.c", "float_gemm.c", "attention.c")]
+    common = dict(include_dirs=["pyx"], depends=headers, extra_compile_args=cflags, extra_link_args=lflags)
     exts = [Extension(f"qinfer._qgemm_b{b}", [os.path.join(GENERATED, f"_qgemm_b{b}.pyx")], **common)
             for b in BITWIDTHS]
     exts.append(Extension("qinfer._runtime", ["pyx/_runtime.pyx"], **common))
-    exts.append(Extension("qinfer._forward", ["pyx/_forward.pyx"], **common))
+    exts.append(Extension("qinfer._forward", ["pyx/_forward.pyx"], **dict(common, depends=headers + forward_c)))
     exts.append(Extension("qinfer._sampling", ["pyx/_sampling.pyx"], **common))
-    return cythonize(exts, language_level=3, compiler_directives={
+    # include_path: the generated modules in build/generated cimport pyx/qmatrix.pxd
+    return cythonize(exts, language_level=3, include_path=["pyx"], compiler_directives={
         "boundscheck": False, "wraparound": False, "cdivision": True})
 
 

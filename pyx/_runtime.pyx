@@ -10,52 +10,10 @@ bandwidth.
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid, PyCapsule_New
 from libc.stdint cimport uint16_t, uint32_t, int32_t, uint64_t
 
-cdef extern from "qmatrix.h":
-    ctypedef int (*qgemm_fn)(const qmatrix *m, const float *x, int n, float *y, int nthreads) noexcept nogil
-    ctypedef struct team:
-        pass
-    ctypedef int (*qgemv_team_fn)(const qmatrix *m, const float *x, float *y, const team *tm) noexcept nogil
-    ctypedef struct qmatrix:
-        int bits
-        int in_features
-        int out_features
-        int group_size
-        int n_groups
-        int tu
-        int n_tiles
-        int segment_rows
-        int gemv_tiles
-        int mb
-        int rows_per_chunk
-        int tiles_per_block
-        int half_scales
-        const uint32_t *words
-        const void *scales
-        const void *zeros
-        const int32_t *perm
-    int qm_whole_tiles(const qmatrix *m) nogil
-    ctypedef struct qkernels:
-        int bits
-        int unit_words
-        int unit_values
-        int max_gemv_tiles
-        qgemm_fn avx2
-        qgemm_fn scalar
-        qgemm_fn avx2_i8
-        qgemm_fn scalar_i8
-        qgemv_team_fn avx2_i8_team
-        qgemv_team_fn avx2_team
-
-cdef extern from "team.h":
-    ctypedef struct team_governor:
-        int max, use, probe, probes, switches
-        double cost
-    void governor_init(team_governor *g, int probe_units)
-    void governor_rows(team_governor *g, int rows)
-    int governor_threads(team_governor *g, int nthreads)
-    void governor_report(team_governor *g, int threads, double start, double end)
-    double TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S, TEAM_PROBE_MARGIN, TEAM_PROBE_MARGIN_UP
-    int TEAM_PROBE_WARMUP
+from qmatrix cimport qmatrix, qgemm_fn, qgemv_team_fn, qm_whole_tiles, qkernels
+from team cimport (team_governor, governor_init, governor_rows, governor_threads, governor_report,
+                   TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S, TEAM_PROBE_MARGIN, TEAM_PROBE_MARGIN_UP,
+                   TEAM_PROBE_WARMUP)
 
 cdef extern from *:
     """

@@ -1,0 +1,518 @@
+/* forward.c: the forward pass (forward.h), then its steps. Part of
+ * _forward.pyx's translation unit. */
+#include "forward.h"
+
+/* ------------------------------------------------------------- forward */
+
+/* One transformer block on s->x (n tokens at positions pos..), its steps'
+ * work shared among threads as cx says (exec_ctx): the same code for a
+ * prefill, a decode step and the decode team. */
+static int layer_forward(const weights *w, run_state *s, int l, int pos, int n,
+                         const layer_capture *cap, const exec_ctx *cx)
+{
+    const layer_weights *lw = &w->layers[l];
+    const block b = {w, s, lw, l, pos, n, s->x};
+    const int dim = w->dim, q_dim = w->n_heads * w->head_dim;
+    int rc = 0;
+
+    /* attention block: x += wo(attention(rope(q), cache += (rope(k), v))) */
+    each_row(cx, &b, attn_norm_row);
+    capture(cap ? cap->attn_in : NULL, s->xb, (size_t)n * dim);
+    sync_point(cx);
+    rc |= project_qkv(cx, &b);
+    sync_point(cx);
+    if (is_set(&lw->wqkv) && s->stacked)
+        each_row(cx, &b, split_qkv_row);
+    each_row(cx, &b, rope_q_row);
+    each_row(cx, &b, rope_k_row);
+    each_row(cx, &b, cache_kv_row);
+    sync_point(cx);
+    attention(w, s, l, pos, n, cx);
+    sync_point(cx);
+    capture(cap ? cap->o_in : NULL, s->att, (size_t)n * q_dim);
+    rc |= linear_map(cx, &lw->wo, s->att, n, s->proj);
+    sync_point(cx);
+    each_row(cx, &b, residual_row);
+
+    /* MLP block: x += w_down(silu(w_gate(x)) * w_up(x)) */
+    each_row(cx, &b, ffn_norm_row);
+    capture(cap ? cap->mlp_in : NULL, s->xb, (size_t)n * dim);
+    sync_point(cx);
+    rc |= project_gate_up(cx, &b);
+    sync_point(cx);
+    each_row(cx, &b, swiglu_row);
+    sync_point(cx);
+    capture(cap ? cap->down_in : NULL, s->gate, (size_t)n * w->hidden_dim);
+    rc |= linear_map(cx, &lw->w_down, s->gate, n, s->proj);
+    sync_point(cx);
+    each_row(cx, &b, residual_row);   /* in the team, the next block's first step is thread 0's too */
+    return rc ? -1 : 0;
+}
+
+/* The final norm and the LM head on the last n_rows of the n rows of s->x:
+ * every row, or just the last one for generation. */
+static int lm_head(const weights *w, run_state *s, int n, int n_rows, float *logits, const exec_ctx *cx)
+{
+    const block b = {w, s, NULL, 0, 0, n_rows, s->x + (size_t)(n - n_rows) * w->dim};
+    each_row(cx, &b, final_norm_row);
+    sync_point(cx);
+    return linear_map(cx, &w->lm_head, s->xb, n_rows, logits);
+}
+
+/* forward() with nthreads threads, or with the prefill governor's count for
+ * each block when g is set (n > 1). */
+static int forward_with(const weights *w, run_state *s, const int *tokens, int n, int pos,
+                        float *logits, int all_logits, int nthreads, team_governor *g)
+{
+    if (n == 1 && nthreads > 1 && s->decode_team && team_ready(w))
+        return decode_team(w, s, tokens[0], pos, logits, nthreads);
+    embed(w, tokens, n, s->x);
+    rope_tables(w, pos, n, s->cos_sin);
+    if (g)
+        governor_rows(g, n);
+    int threads = nthreads;
+    for (int l = 0; l < w->n_layers; l++) {
+        const double t0 = g ? team_clock() : 0.0;
+        if (g)
+            threads = governor_threads(g, nthreads);
+        if (layer_forward(w, s, l, pos, n, NULL, &(exec_ctx){threads, NULL}))
+            return -1;
+        if (g)
+            governor_report(g, threads, t0, team_clock());
+    }
+    if (g)
+        threads = g->use;
+    return lm_head(w, s, n, all_logits ? n : 1, logits, &(exec_ctx){threads, NULL});
+}
+
+/* A decode step (one token) runs as one OpenMP thread team from the first
+ * layer to the LM head, the threads waiting for each other at spinning
+ * barriers between the steps, instead of a parallel region per kernel call
+ * (five a layer): on a 2-core KVM guest libgomp's fork and join of a region
+ * cost ~1.5 us (its join makes a futex system call every time), the barrier
+ * of team.h ~0.1 us. Each kernel call is a qgemv_team_fn (qmatrix.h); the row-wise
+ * steps between them are a few microseconds of work, done by thread 0 while
+ * the others wait, and attention shares its heads out. It runs the same
+ * layer_forward as the per-call path (exec_ctx, forward.h), so the results
+ * are the same. */
+
+/* forward() for one token, as one team of nthreads threads (team_ready(w)). */
+static int decode_team(const weights *w, run_state *s, int token, int pos, float *logits, int nthreads)
+{
+    team_barrier barrier = {0, 0, 0};
+    int failed = 0;
+    embed(w, &token, 1, s->x);
+    rope_tables(w, pos, 1, s->cos_sin);
+    #pragma omp parallel num_threads(nthreads) reduction(|:failed)
+    {
+        team tm;
+        tm.barrier = &barrier;
+#ifdef _OPENMP
+        tm.thread = omp_get_thread_num();
+        tm.threads = omp_get_num_threads();   /* all the team's threads see the same count */
+        tm.spins = team_spins(tm.threads, omp_get_num_procs());
+#else
+        tm.thread = 0;
+        tm.threads = 1;
+        tm.spins = 0;
+#endif
+        const exec_ctx cx = {tm.threads, &tm};
+        for (int l = 0; l < w->n_layers; l++)
+            failed |= layer_forward(w, s, l, pos, 1, NULL, &cx);
+        failed |= lm_head(w, s, 1, 1, logits, &cx);
+    }
+    return failed ? -1 : 0;
+}
+
+static int team_ready_linear(const linear *l)
+{
+    return l->team != NULL;
+}
+
+/* Whether every linear map a decode step runs has a team kernel. */
+static int team_ready(const weights *w)
+{
+    if (!team_ready_linear(&w->lm_head))
+        return 0;
+    for (int l = 0; l < w->n_layers; l++) {
+        const layer_weights *lw = &w->layers[l];
+        const int qkv = is_set(&lw->wqkv) ? team_ready_linear(&lw->wqkv)
+            : team_ready_linear(&lw->wq) && team_ready_linear(&lw->wk) && team_ready_linear(&lw->wv);
+        const int gate_up = is_set(&lw->w_gate_up) ? team_ready_linear(&lw->w_gate_up)
+            : team_ready_linear(&lw->w_gate) && team_ready_linear(&lw->w_up);
+        if (!qkv || !gate_up || !team_ready_linear(&lw->wo) || !team_ready_linear(&lw->w_down))
+            return 0;
+    }
+    return 1;
+}
+
+static int clamp_threads(const run_state *s, int nthreads)
+{
+    /* attention() keeps one scores block per thread: never more threads than blocks
+     * (the Python side grows them first, grow_threads, when a call asks for more) */
+    return (nthreads > 0 && nthreads < s->threads) ? nthreads : s->threads;
+}
+
+/* Whether forward() lets the governors (team.h) choose its thread count, of at
+ * most the count asked for (kernels.set_adaptive_threads); 0: always that count. */
+static int adapt_threads = 1;
+
+/* Run n tokens at positions pos..pos+n-1 through the model, filling the KV
+ * cache. logits gets [n][vocab] when all_logits, else the last row only.
+ * Returns 0, or -1 when a kernel ran out of memory. With adapt_threads, a
+ * decode step runs with the decode governor's count of threads and each block
+ * of a prefill with the prefill governor's (the results are the same for any count). */
+static int forward(const weights *w, run_state *s, const int *tokens, int n, int pos,
+                   float *logits, int all_logits, int nthreads)
+{
+    nthreads = clamp_threads(s, nthreads);
+    if (!adapt_threads || nthreads == 1)
+        return forward_with(w, s, tokens, n, pos, logits, all_logits, nthreads, NULL);
+    if (n > 1)
+        return forward_with(w, s, tokens, n, pos, logits, all_logits, nthreads, &s->prefill_governor);
+    const double t0 = team_clock();
+    const int threads = governor_threads(&s->decode_governor, nthreads);
+    const int rc = forward_with(w, s, tokens, n, pos, logits, all_logits, threads, NULL);
+    governor_report(&s->decode_governor, threads, t0, team_clock());
+    return rc;
+}
+
+/* One block on caller-given hidden states x[n][dim] (in place), for
+ * layer-by-layer work such as GPTQ calibration. */
+static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int pos,
+                     const layer_capture *cap, int nthreads)
+{
+    nthreads = clamp_threads(s, nthreads);
+    memcpy(s->x, x, sizeof(float) * (size_t)n * w->dim);
+    rope_tables(w, pos, n, s->cos_sin);
+    const int rc = layer_forward(w, s, l, pos, n, cap, &(exec_ctx){nthreads, NULL});
+    memcpy(x, s->x, sizeof(float) * (size_t)n * w->dim);
+    return rc;
+}
+
+/* ------------------------------------------------ how a step runs (exec_ctx) */
+
+static int thread_count(int nthreads)
+{
+#ifdef _OPENMP
+    return nthreads > 0 ? nthreads : omp_get_max_threads();
+#else
+    (void)nthreads;
+    return 1;
+#endif
+}
+
+/* step on rows 0..n-1 of b: in the team by thread 0 alone, while the others
+ * go on to the next sync_point; per call shared among the threads when there
+ * are PARALLEL_ROWS rows or more. */
+static void each_row(const exec_ctx *cx, const block *b, row_step *step)
+{
+    if (cx->tm) {
+        if (cx->tm->thread == 0)
+            for (int t = 0; t < b->n; t++)
+                step(b, t);
+        return;
+    }
+    int t;
+    #pragma omp parallel for schedule(static) if(b->n >= PARALLEL_ROWS) num_threads(thread_count(cx->nthreads))
+    for (t = 0; t < b->n; t++)
+        step(b, t);
+}
+
+/* Where the team's threads wait for each other: what one step wrote, the next
+ * reads. Per call there is nothing to wait for: a step's parallel region has
+ * ended before the next begins. */
+static void sync_point(const exec_ctx *cx)
+{
+    if (cx->tm)
+        team_wait(cx->tm);
+}
+
+/* y[n][out] = x[n][in] @ W^T: in the team this thread's share of the decode
+ * kernel's team twin (one row), per call a kernel call with its own threads. */
+static int linear_map(const exec_ctx *cx, const linear *l, const float *x, int n, float *y)
+{
+    if (cx->tm)
+        return l->team(l->q, x, y, cx->tm);
+    return matmul(l, x, n, y, cx->nthreads);
+}
+
+static int matmul(const linear *l, const float *x, int n, float *y, int nthreads)
+{
+    if (l->q)
+        return (l->qgemm_i8 ? l->qgemm_i8 : l->qgemm)(l->q, x, n, y, nthreads);
+    if (l->w16)
+        return half_matmul(l, x, n, y, nthreads);
+    float_matmul(l, x, n, y, nthreads);
+    return 0;
+}
+
+/* ------------------------------------------------------------ the steps */
+
+/* xb through `count` linear maps into their own outputs, or through the
+ * stacked map that replaces them (one kernel call; its rows are theirs side
+ * by side) into s->stacked. */
+static int project(const exec_ctx *cx, const block *b, const linear *stacked, const linear *const *parts,
+                   float *const *outs, int count)
+{
+    run_state *s = b->s;
+    if (is_set(stacked))
+        return s->stacked ? linear_map(cx, stacked, s->xb, b->n, s->stacked) : -1;
+    int rc = 0;
+    for (int i = 0; i < count; i++)
+        rc |= linear_map(cx, parts[i], s->xb, b->n, outs[i]);
+    return rc;
+}
+
+/* q, k, v = wq(xb), wk(xb), wv(xb); stacked, rows [q | k | v] that split_qkv_row copies apart */
+static int project_qkv(const exec_ctx *cx, const block *b)
+{
+    const layer_weights *lw = b->lw;
+    return project(cx, b, &lw->wqkv, (const linear *const[]){&lw->wq, &lw->wk, &lw->wv},
+                   (float *const[]){b->s->q, b->s->k, b->s->v}, 3);
+}
+
+/* gate, up = w_gate(xb), w_up(xb); stacked, rows [gate | up] that swiglu_row reads in place */
+static int project_gate_up(const exec_ctx *cx, const block *b)
+{
+    const layer_weights *lw = b->lw;
+    return project(cx, b, &lw->w_gate_up, (const linear *const[]){&lw->w_gate, &lw->w_up},
+                   (float *const[]){b->s->gate, b->s->up}, 2);
+}
+
+/* Row steps (row_step, forward.h): row t of the block's n. */
+
+/* xb[t] = rmsnorm(x[t]) * weight */
+static void norm_row(const block *b, const float *weight, int t)
+{
+    const int dim = b->w->dim;
+    rmsnorm_row(b->x + (size_t)t * dim, weight, dim, b->w->eps, b->s->xb + (size_t)t * dim);
+}
+
+static void attn_norm_row(const block *b, int t)
+{
+    norm_row(b, b->lw->attn_norm, t);
+}
+
+static void ffn_norm_row(const block *b, int t)
+{
+    norm_row(b, b->lw->ffn_norm, t);
+}
+
+static void final_norm_row(const block *b, int t)
+{
+    norm_row(b, b->w->final_norm, t);
+}
+
+/* q[t], k[t], v[t] = the parts of the stacked wqkv's row t */
+static void split_qkv_row(const block *b, int t)
+{
+    const size_t q_dim = (size_t)b->w->n_heads * b->w->head_dim, kv_dim = (size_t)b->w->n_kv_heads * b->w->head_dim;
+    run_state *s = b->s;
+    const float *row = s->stacked + (size_t)t * (q_dim + 2 * kv_dim);
+    memcpy(s->q + t * q_dim, row, sizeof(float) * q_dim);
+    memcpy(s->k + t * kv_dim, row + q_dim, sizeof(float) * kv_dim);
+    memcpy(s->v + t * kv_dim, row + q_dim + kv_dim, sizeof(float) * kv_dim);
+}
+
+static void rope_q_row(const block *b, int t)
+{
+    const int hd = b->w->head_dim;
+    rope_row(b->s->q + (size_t)t * b->w->n_heads * hd, b->w->n_heads, hd, b->s->cos_sin + (size_t)t * hd);
+}
+
+static void rope_k_row(const block *b, int t)
+{
+    const int hd = b->w->head_dim;
+    rope_row(b->s->k + (size_t)t * b->w->n_kv_heads * hd, b->w->n_kv_heads, hd, b->s->cos_sin + (size_t)t * hd);
+}
+
+/* token t's key and value (after RoPE) into the cache at its position */
+static void cache_kv_row(const block *b, int t)
+{
+    store_kv_row(b->w, b->s, b->layer, t, b->pos + t);
+}
+
+/* x[t] += proj[t] */
+static void residual_row(const block *b, int t)
+{
+    const int dim = b->w->dim;
+    add_row(b->s->x + (size_t)t * dim, b->s->proj + (size_t)t * dim, dim);
+}
+
+/* gate[t] = silu(gate[t]) * up[t], from the stacked w_gate_up's row t when it ran */
+static void swiglu_row(const block *b, int t)
+{
+    const int hidden = b->w->hidden_dim;
+    run_state *s = b->s;
+    float *gate = s->gate + (size_t)t * hidden;
+    if (is_set(&b->lw->w_gate_up) && s->stacked) {
+        const float *row = s->stacked + (size_t)t * 2 * hidden;
+        swiglu(gate, row, row + hidden, hidden);
+    } else {
+        swiglu(gate, gate, s->up + (size_t)t * hidden, hidden);
+    }
+}
+
+static void embed(const weights *w, const int *tokens, int n, float *x)
+{
+    for (int t = 0; t < n; t++) {
+        float *row = x + (size_t)t * w->dim;
+        if (w->embedding_q)
+            qm_dequantize_column(w->embedding_q, tokens[t], row);
+        else if (w->embedding16)
+            for (int i = 0; i < w->dim; i++)
+                row[i] = qm_half_to_float(w->embedding16[(size_t)tokens[t] * w->dim + i]);
+        else
+            memcpy(row, w->embedding + (size_t)tokens[t] * w->dim, sizeof(float) * w->dim);
+    }
+}
+
+/* out = x / sqrt(mean(x^2) + eps) * weight (Hugging Face order of operations) */
+QI_VECTORIZE
+static void rmsnorm_row(const float *x, const float *weight, int dim, float eps, float *out)
+{
+    float ss = 0.0f;
+    #pragma omp simd reduction(+:ss)
+    for (int i = 0; i < dim; i++)
+        ss += x[i] * x[i];
+    const float inv = 1.0f / sqrtf(ss / dim + eps);
+    #pragma omp simd
+    for (int i = 0; i < dim; i++)
+        out[i] = weight[i] * (x[i] * inv);
+}
+
+static void rope_tables(const weights *w, int pos, int n, float *cos_sin)
+{
+    const int half = w->head_dim / 2;
+    for (int t = 0; t < n; t++) {
+        float *cs = cos_sin + (size_t)t * w->head_dim;
+        for (int i = 0; i < half; i++) {
+            const float angle = (float)(pos + t) * w->inv_freq[i];
+            cs[i] = cosf(angle);
+            cs[half + i] = sinf(angle);
+        }
+    }
+}
+
+/* Rotate-half RoPE (Hugging Face order): pairs (i, i + head_dim/2) of every head of one token. */
+static void rope_row(float *v, int heads, int head_dim, const float *cs)
+{
+    const int half = head_dim / 2;
+    for (int h = 0; h < heads; h++) {
+        float *vh = v + (size_t)h * head_dim;
+        for (int i = 0; i < half; i++) {
+            const float a = vh[i], b = vh[half + i];
+            vh[i] = a * cs[i] - b * cs[half + i];
+            vh[half + i] = b * cs[i] + a * cs[half + i];
+        }
+    }
+}
+
+/* x[dim] += y[dim] */
+QI_VECTORIZE
+static void add_row(float *x, const float *y, int dim)
+{
+    #pragma omp simd
+    for (int i = 0; i < dim; i++)
+        x[i] += y[i];
+}
+
+/* silu(g) = g * sigmoid(g), with sigmoid from e = exp(-|g|) <= 1 so that the
+ * branch-free exp_nonpositive serves both signs and the loop vectorizes:
+ * sigmoid(g) = 1 / (1 + e) for g >= 0, e / (1 + e) below. */
+static inline float silu(float g)
+{
+    const float e = exp_nonpositive(-fabsf(g));
+    return g * (g >= 0.0f ? 1.0f : e) / (1.0f + e);
+}
+
+/* out = silu(gate) * up over one row of n values (out may be gate) */
+QI_VECTORIZE
+static void swiglu(float *out, const float *gate, const float *up, int n)
+{
+    #pragma omp simd
+    for (int i = 0; i < n; i++)
+        out[i] = silu(gate[i]) * up[i];
+}
+
+static void capture(float *dst, const float *src, size_t count)
+{
+    if (dst)
+        memcpy(dst, src, sizeof(float) * count);
+}
+
+/* ------------------------------------------------------------ the run state */
+
+static int is_set(const linear *l)
+{
+    return l->q != NULL || l->w != NULL || l->w16 != NULL;
+}
+
+static void free_state(run_state *s)
+{
+    free(s->x); free(s->xb); free(s->proj); free(s->q); free(s->att);
+    free(s->gate); free(s->up); free(s->scores); free(s->cos_sin);
+    free(s->k); free(s->v); free(s->stacked); free(s->key_cache); free(s->value_cache);
+    memset(s, 0, sizeof(*s));
+}
+
+/* Floats of `scores` one attention thread uses: a query tile's rows over the whole context. */
+static size_t scores_per_thread(const weights *w, const run_state *s)
+{
+    return (size_t)QUERY_TOKENS * (w->n_heads / w->n_kv_heads) * s->ctx_blocks * KV_BLOCK;
+}
+
+/* Room for `threads` attention threads, when a call asks for more than the state was made for. */
+static int grow_threads(run_state *s, const weights *w, int threads)
+{
+    if (threads <= s->threads)
+        return 0;
+    float *scores = realloc(s->scores, sizeof(float) * (size_t)threads * scores_per_thread(w, s));
+    if (!scores)
+        return -1;
+    s->scores = scores;
+    s->threads = threads;
+    return 0;
+}
+
+static int alloc_state(run_state *s, const weights *w, int max_tokens, int threads)
+{
+    const size_t T = (size_t)max_tokens, q_dim = (size_t)w->n_heads * w->head_dim;
+    const size_t kv_dim = (size_t)w->n_kv_heads * w->head_dim;
+    memset(s, 0, sizeof(*s));
+    s->max_tokens = max_tokens;
+    s->threads = threads;
+    s->decode_team = 1;
+    governor_init(&s->decode_governor, 2);
+    governor_init(&s->prefill_governor, 2);
+    s->x = malloc(sizeof(float) * T * w->dim);
+    s->xb = malloc(sizeof(float) * T * w->dim);
+    s->proj = malloc(sizeof(float) * T * w->dim);
+    s->q = malloc(sizeof(float) * T * q_dim);
+    s->att = malloc(sizeof(float) * T * q_dim);
+    s->gate = malloc(sizeof(float) * T * w->hidden_dim);
+    s->up = malloc(sizeof(float) * T * w->hidden_dim);
+    s->ctx_blocks = (w->ctx + KV_BLOCK - 1) / KV_BLOCK;
+    const size_t cache = (size_t)w->n_layers * s->ctx_blocks * KV_BLOCK * kv_dim;
+    s->scores = malloc(sizeof(float) * (size_t)threads * scores_per_thread(w, s));
+    s->cos_sin = malloc(sizeof(float) * T * w->head_dim);
+    s->k = malloc(sizeof(float) * T * kv_dim);
+    s->v = malloc(sizeof(float) * T * kv_dim);
+    s->key_cache = calloc(cache, sizeof(float));
+    s->value_cache = calloc(cache, sizeof(float));
+    size_t stacked = 0;
+    for (int l = 0; l < w->n_layers; l++) {
+        if (is_set(&w->layers[l].wqkv) && stacked < q_dim + 2 * kv_dim)
+            stacked = q_dim + 2 * kv_dim;
+        if (is_set(&w->layers[l].w_gate_up) && stacked < 2 * (size_t)w->hidden_dim)
+            stacked = 2 * (size_t)w->hidden_dim;
+    }
+    s->stacked = stacked ? malloc(sizeof(float) * T * stacked) : NULL;
+    if (!s->x || !s->xb || !s->proj || !s->q || !s->att || !s->gate || !s->up || !s->scores ||
+        !s->cos_sin || !s->k || !s->v || !s->key_cache || !s->value_cache || (stacked && !s->stacked)) {
+        free_state(s);
+        return -1;
+    }
+    return 0;
+}
