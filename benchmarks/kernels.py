@@ -17,7 +17,7 @@ multiply-adds) and, for 2/4/8 bits, again with int8 activations (act int8; "vs
 float" is the speed-up over the float row of the same layers, same run), and with the layers' scales and zeros held in
 float16 (as checkpoints and quantize-on-load give them) and in float32. Last, qgemm with 64 rows against 64 separate qgemv
 calls at 4 bits, with float activations (act float: on AMX tiles where the CPU has them, see
-pyx/snippets/amx_gemm.c.tp; act fma: QINFER_AMX=0's AVX multiply-adds) and with int8 activations, and
+pyx/amx_gemm.h; act fma: QINFER_AMX=0's AVX multiply-adds) and with int8 activations, and
 qgemm's multiply-add rate against what numpy's sgemm (OpenBLAS) reaches on the same cores in the same run: the
 ceiling of float32 multiply-add instructions, which AMX and the int8 kernels' integer multiply-adds get past.
 """

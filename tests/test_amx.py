@@ -1,4 +1,4 @@
-"""Tests for the float qgemm on AMX tiles (pyx/snippets/amx_gemm.c.tp): 16 activation rows
+"""Tests for the float qgemm on AMX tiles (pyx/amx_gemm.h): 16 activation rows
 or more, on a CPU with AMX-BF16 whose OS grants the tile state.
 
 What the kernel claims, checked against numpy:

@@ -121,7 +121,7 @@ def model_config(cfg, path, extra_eos=()):
     n_head = _int(cfg, "num_attention_heads", path)
     n_kv = _int(cfg, "num_key_value_heads", path, default=None)
     # An explicit head_dim is honoured even when it is not hidden_size / num_attention_heads:
-    # the forward pass sizes q/k/v and o_proj by num_heads * head_dim (pyx/_forward.pyx),
+    # the forward pass sizes q/k/v and o_proj by num_heads * head_dim (pyx/forward.c),
     # and readers/validate.py holds the tensors to those shapes.
     head_dim = _int(cfg, "head_dim", path, default=None)
     if head_dim is None:
