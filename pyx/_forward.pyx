@@ -55,13 +55,17 @@ cdef extern from "forward.c":
         float *stacked
         float *key_cache
         float *value_cache
+        int seqs
+        int seq
     int team_ready(const weights *w) nogil
     int adapt_threads
-    int alloc_state(run_state *s, const weights *w, int max_tokens, int threads) nogil
+    int alloc_state(run_state *s, const weights *w, int max_tokens, int threads, int seqs) nogil
     int grow_threads(run_state *s, const weights *w, int threads) nogil
     void free_state(run_state *s) nogil
     int forward(const weights *w, run_state *s, const int *tokens, int n, int pos,
                 float *logits, int all_logits, int nthreads) nogil
+    int forward_rows(const weights *w, run_state *s, const int *tokens, const int *seqs,
+                     const int *positions, int n, float *logits, int nthreads) nogil
     ctypedef struct layer_capture:
         float *attn_in
         float *o_in
@@ -148,7 +152,7 @@ cdef class Transformer:
         self.has_state = False
 
     def __init__(self, dict config, embedding, list layers, final_norm, lm_head, inv_freq,
-                 int max_tokens, int threads):
+                 int max_tokens, int threads, int seqs=1):
         cdef int i
         self.keep = [embedding, layers, final_norm, lm_head, inv_freq]
         self.w.dim = config["dim"]
@@ -189,9 +193,11 @@ cdef class Transformer:
             for name in ("wo", "w_down"):
                 if layer.get(name) is None:
                     raise ValueError(f"layer {i}: {name} is missing")
-        if alloc_state(&self.s, &self.w, max_tokens, threads) != 0:
+        if seqs < 1:
+            raise ValueError("a KV cache holds one sequence or more")
+        if alloc_state(&self.s, &self.w, max_tokens, threads, seqs) != 0:
             raise MemoryError("not enough memory for the KV cache and buffers "
-                              f"(context {self.w.ctx}); try a smaller context")
+                              f"(context {self.w.ctx}, {seqs} sequences); try a smaller context")
         self.has_state = True
 
     def linear_shape(self, str name):
@@ -291,19 +297,52 @@ cdef class Transformer:
             raise MemoryError(f"not enough memory for {nthreads} threads' attention scores")
         return 0
 
+    @property
+    def seqs(self):
+        """Sequences the KV cache holds."""
+        return self.s.seqs
+
     def forward(self, const int32_t[::1] tokens, int pos, float[:, ::1] logits, bint all_logits,
-                int nthreads):
-        """Tokens at positions pos.. (the caller checks ids, lengths and the context)."""
+                int nthreads, int seq=0):
+        """Tokens of sequence `seq` at positions pos.. (the caller checks ids, lengths and the context)."""
         cdef int n = tokens.shape[0]
         cdef int rc
         if n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx:
             raise ValueError("forward: token count or position out of range")
+        if not 0 <= seq < self.s.seqs:
+            raise ValueError(f"forward: sequence {seq} is not one of the cache's {self.s.seqs}")
         if logits.shape[1] != self.w.vocab_size or logits.shape[0] != (n if all_logits else 1):
             raise ValueError("forward: logits buffer has the wrong shape")
         self.ensure_threads(nthreads)
+        self.s.seq = seq
         with nogil:
             rc = forward(&self.w, &self.s, <const int *>&tokens[0], n, pos, &logits[0, 0],
                          all_logits, nthreads)
+        if rc != 0:
+            raise MemoryError("out of memory in the forward pass")
+
+    def forward_rows(self, const int32_t[::1] tokens, const int32_t[::1] seqs, const int32_t[::1] positions,
+                     float[:, ::1] logits, int nthreads):
+        """One decode step of several sequences: row t is tokens[t] of sequence seqs[t] at
+        positions[t]; logits [n, vocab] (the caller checks ids)."""
+        cdef int n = tokens.shape[0]
+        cdef int rc, t
+        if n < 1 or n > self.s.max_tokens or seqs.shape[0] != n or positions.shape[0] != n:
+            raise ValueError("forward_rows: tokens, seqs and positions must have the same length (1..max_tokens)")
+        if logits.shape[0] != n or logits.shape[1] != self.w.vocab_size:
+            raise ValueError("forward_rows: logits buffer has the wrong shape")
+        seen = set()
+        for t in range(n):
+            if not 0 <= seqs[t] < self.s.seqs or seqs[t] in seen:
+                raise ValueError(f"forward_rows: sequence {seqs[t]} is not one of the cache's {self.s.seqs}, "
+                                 "or appears twice")
+            seen.add(seqs[t])
+            if not 0 <= positions[t] < self.w.ctx:
+                raise ValueError(f"forward_rows: position {positions[t]} is outside the context {self.w.ctx}")
+        self.ensure_threads(nthreads)
+        with nogil:
+            rc = forward_rows(&self.w, &self.s, <const int *>&tokens[0], <const int *>&seqs[0],
+                              <const int *>&positions[0], n, &logits[0, 0], nthreads)
         if rc != 0:
             raise MemoryError("out of memory in the forward pass")
 
@@ -329,6 +368,7 @@ cdef class Transformer:
         cap.mlp_in = capture_ptr(captures, "mlp_in", n, widths["mlp_in"])
         cap.down_in = capture_ptr(captures, "down_in", n, widths["down_in"])
         with nogil:
+            self.s.seq = 0
             rc = run_layer(&self.w, &self.s, layer, &x[0, 0], n, pos, &cap, nthreads)
         if rc != 0:
             raise MemoryError("out of memory in the forward pass")

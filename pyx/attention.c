@@ -3,27 +3,32 @@
  * _forward.pyx's translation unit (forward.h). */
 #include "forward.h"
 
-/* Where a layer's keys and values for one KV head start in the cache. */
-static float *key_head(const weights *w, const run_state *s, int layer, int kv_h)
+/* Where sequence seq's keys and values of a layer's KV head start in the cache. */
+static size_t head_offset(const weights *w, const run_state *s, int seq, int layer, int kv_h)
 {
-    return s->key_cache + ((size_t)layer * w->n_kv_heads + kv_h) * s->ctx_blocks * KV_BLOCK * w->head_dim;
+    return (((size_t)seq * w->n_layers + layer) * w->n_kv_heads + kv_h) * s->ctx_blocks * KV_BLOCK * w->head_dim;
 }
 
-static float *value_head(const weights *w, const run_state *s, int layer, int kv_h)
+static float *key_head(const weights *w, const run_state *s, int seq, int layer, int kv_h)
 {
-    return s->value_cache + ((size_t)layer * w->n_kv_heads + kv_h) * s->ctx_blocks * KV_BLOCK * w->head_dim;
+    return s->key_cache + head_offset(w, s, seq, layer, kv_h);
 }
 
-/* Move new token t's key and value (after RoPE) into the cache at position p. */
-static void store_kv_row(const weights *w, run_state *s, int layer, int t, int p)
+static float *value_head(const weights *w, const run_state *s, int seq, int layer, int kv_h)
+{
+    return s->value_cache + head_offset(w, s, seq, layer, kv_h);
+}
+
+/* Move new token t's key and value (after RoPE) into sequence seq's cache at position p. */
+static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int t, int p)
 {
     const int hd = w->head_dim, kv_dim = w->n_kv_heads * hd, block = p / KV_BLOCK, lane = p % KV_BLOCK;
     for (int h = 0; h < w->n_kv_heads; h++) {
         const float *k = s->k + (size_t)t * kv_dim + h * hd;
-        float *kb = key_head(w, s, layer, h) + (size_t)block * hd * KV_BLOCK + lane;
+        float *kb = key_head(w, s, seq, layer, h) + (size_t)block * hd * KV_BLOCK + lane;
         for (int i = 0; i < hd; i++)
             kb[(size_t)i * KV_BLOCK] = k[i];
-        memcpy(value_head(w, s, layer, h) + (size_t)p * hd, s->v + (size_t)t * kv_dim + h * hd,
+        memcpy(value_head(w, s, seq, layer, h) + (size_t)p * hd, s->v + (size_t)t * kv_dim + h * hd,
                sizeof(float) * hd);
     }
 }
@@ -155,10 +160,12 @@ static void add_values(const float *const *p, const float *values, int hd, int f
         add_values_rows(p, values, hd, first, last, out, 1);
 }
 
-/* A tile of queries: tokens t0..t0+nt-1 (at positions pos+t) times query heads h0..h0+nh-1,
- * all of one KV head. Row r of the tile is token t0 + r / nh, head h0 + r % nh. */
+/* A tile of queries: tokens t0..t0+nt-1 of one sequence, at positions pos.., times query
+ * heads h0..h0+nh-1, all of one KV head. Row r of the tile is token t0 + r / nh, head
+ * h0 + r % nh. */
 typedef struct {
     int t0, nt, h0, nh, kv_h;
+    int seq, pos;     /* the sequence whose cache the tile reads; token t0's position */
 } query_tile;
 
 static inline size_t tile_offset(const weights *w, const query_tile *tile, int r)
@@ -166,18 +173,19 @@ static inline size_t tile_offset(const weights *w, const query_tile *tile, int r
     return ((size_t)(tile->t0 + r / tile->nh) * w->n_heads + tile->h0 + r % tile->nh) * w->head_dim;
 }
 
-static void attention_tile(const weights *w, run_state *s, int layer, int pos, const query_tile *tile,
+static void attention_tile(const weights *w, run_state *s, int layer, const query_tile *tile,
                            float *scores, size_t row_len)
 {
     const int hd = w->head_dim, rows = tile->nt * tile->nh;
     const float scale = 1.0f / sqrtf((float)hd);
-    const float *keys = key_head(w, s, layer, tile->kv_h), *values = value_head(w, s, layer, tile->kv_h);
-    const int last_of_tile = pos + tile->t0 + tile->nt - 1;
+    const float *keys = key_head(w, s, tile->seq, layer, tile->kv_h);
+    const float *values = value_head(w, s, tile->seq, layer, tile->kv_h);
+    const int last_of_tile = tile->pos + tile->nt - 1;
     /* Rows go token by token, so a pass's last row attends furthest. A pass
      * covers the positions its last row attends to; its earlier rows' scores
      * past their own last position are computed but never read, and their
      * probabilities there are set to 0, which adds nothing to their sums. */
-#define LAST_OF_ROW(r) (pos + tile->t0 + (r) / tile->nh)   /* the row's query attends to 0..this */
+#define LAST_OF_ROW(r) (tile->pos + (r) / tile->nh)   /* the row's query attends to 0..this */
 #define PASS_ROWS(r0) (rows - (r0) < ROWS_PER_PASS ? rows - (r0) : ROWS_PER_PASS)
     const float *q[ROWS_PER_PASS];
     float *row_scores[ROWS_PER_PASS], *out[ROWS_PER_PASS];
@@ -222,26 +230,35 @@ static int heads_per_tile(const weights *w, int n)
     return n == 1 ? 1 : w->n_heads / w->n_kv_heads;
 }
 
-/* The query tiles attention() shares out among its threads. */
-static int attention_jobs(const weights *w, int n)
+/* Tokens of one tile: rows of different sequences (a batched step) each have their own. */
+static int tile_tokens(const run_state *s)
 {
-    return (n + QUERY_TOKENS - 1) / QUERY_TOKENS * w->n_heads / heads_per_tile(w, n);
+    return s->row_seq ? 1 : QUERY_TOKENS;
 }
 
-/* Query tile `job` of n new tokens at positions pos.., with a thread's `scores`. */
+/* The query tiles attention() shares out among its threads. */
+static int attention_jobs(const weights *w, const run_state *s, int n)
+{
+    return (n + tile_tokens(s) - 1) / tile_tokens(s) * w->n_heads / heads_per_tile(w, n);
+}
+
+/* Query tile `job` of n new tokens at positions pos.. (run_state: row_seq, row_pos), with
+ * a thread's `scores`. */
 static void attention_job(const weights *w, run_state *s, int layer, int pos, int n, int job, float *scores)
 {
     const int group = w->n_heads / w->n_kv_heads, nh = heads_per_tile(w, n), tiles_per_group = group / nh;
-    const int token_tiles = (n + QUERY_TOKENS - 1) / QUERY_TOKENS;
+    const int per_tile = tile_tokens(s), token_tiles = (n + per_tile - 1) / per_tile;
     const int heads_job = job % (w->n_kv_heads * tiles_per_group);
     query_tile tile;
     /* later token tiles have longer rows: hand them out first */
-    tile.t0 = (token_tiles - 1 - job / (w->n_kv_heads * tiles_per_group)) * QUERY_TOKENS;
-    tile.nt = n - tile.t0 < QUERY_TOKENS ? n - tile.t0 : QUERY_TOKENS;
+    tile.t0 = (token_tiles - 1 - job / (w->n_kv_heads * tiles_per_group)) * per_tile;
+    tile.nt = n - tile.t0 < per_tile ? n - tile.t0 : per_tile;
     tile.kv_h = heads_job / tiles_per_group;
     tile.nh = nh;
     tile.h0 = tile.kv_h * group + (heads_job % tiles_per_group) * nh;
-    attention_tile(w, s, layer, pos, &tile, scores, (size_t)s->ctx_blocks * KV_BLOCK);
+    tile.seq = row_seq(s, tile.t0);
+    tile.pos = row_pos(s, pos, tile.t0);
+    attention_tile(w, s, layer, &tile, scores, (size_t)s->ctx_blocks * KV_BLOCK);
 }
 
 /* Thread `thread`'s block of attention scores. */
@@ -256,13 +273,13 @@ static float *thread_scores(const weights *w, const run_state *s, int thread)
 static void attention(const weights *w, run_state *s, int layer, int pos, int n, const exec_ctx *cx)
 {
     if (cx->tm) {
-        for (int job = cx->tm->thread; job < attention_jobs(w, n); job += cx->tm->threads)
+        for (int job = cx->tm->thread; job < attention_jobs(w, s, n); job += cx->tm->threads)
             attention_job(w, s, layer, pos, n, job, thread_scores(w, s, cx->tm->thread));
         return;
     }
     int job;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(thread_count(cx->nthreads))
-    for (job = 0; job < attention_jobs(w, n); job++) {
+    for (job = 0; job < attention_jobs(w, s, n); job++) {
 #ifdef _OPENMP
         float *scores = thread_scores(w, s, omp_get_thread_num());
 #else

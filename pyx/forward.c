@@ -67,7 +67,7 @@ static int forward_with(const weights *w, run_state *s, const int *tokens, int n
     if (n == 1 && nthreads > 1 && s->decode_team && team_ready(w))
         return decode_team(w, s, tokens[0], pos, logits, nthreads);
     embed(w, tokens, n, s->x);
-    rope_tables(w, pos, n, s->cos_sin);
+    rope_tables(w, s, pos, n);
     if (g)
         governor_rows(g, n);
     int threads = nthreads;
@@ -102,7 +102,7 @@ static int decode_team(const weights *w, run_state *s, int token, int pos, float
     team_barrier barrier = {0, 0, 0};
     int failed = 0;
     embed(w, &token, 1, s->x);
-    rope_tables(w, pos, 1, s->cos_sin);
+    rope_tables(w, s, pos, 1);
     #pragma omp parallel num_threads(nthreads) reduction(|:failed)
     {
         team tm;
@@ -177,6 +177,21 @@ static int forward(const weights *w, run_state *s, const int *tokens, int n, int
     return rc;
 }
 
+/* A decode step of n sequences at once (a server's slots): row t is token
+ * tokens[t] of sequence seqs[t] at position positions[t], each sequence at most
+ * once. The linear maps run all rows in one kernel call (a qgemm: every weight
+ * read once for all of them); each row's RoPE, cache write and attention are
+ * its own sequence's. logits gets [n][vocab]. */
+static int forward_rows(const weights *w, run_state *s, const int *tokens, const int *seqs,
+                        const int *positions, int n, float *logits, int nthreads)
+{
+    s->row_seq = seqs;
+    s->row_pos = positions;
+    const int rc = forward(w, s, tokens, n, 0, logits, 1, nthreads);
+    s->row_seq = s->row_pos = NULL;
+    return rc;
+}
+
 /* One block on caller-given hidden states x[n][dim] (in place), for
  * layer-by-layer work such as GPTQ calibration. */
 static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int pos,
@@ -184,7 +199,7 @@ static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int
 {
     nthreads = clamp_threads(s, nthreads);
     memcpy(s->x, x, sizeof(float) * (size_t)n * w->dim);
-    rope_tables(w, pos, n, s->cos_sin);
+    rope_tables(w, s, pos, n);
     const int rc = layer_forward(w, s, l, pos, n, cap, &(exec_ctx){nthreads, NULL});
     memcpy(x, s->x, sizeof(float) * (size_t)n * w->dim);
     return rc;
@@ -327,10 +342,10 @@ static void rope_k_row(const block *b, int t)
     rope_row(b->s->k + (size_t)t * b->w->n_kv_heads * hd, b->w->n_kv_heads, hd, b->s->cos_sin + (size_t)t * hd);
 }
 
-/* token t's key and value (after RoPE) into the cache at its position */
+/* token t's key and value (after RoPE) into its sequence's cache at its position */
 static void cache_kv_row(const block *b, int t)
 {
-    store_kv_row(b->w, b->s, b->layer, t, b->pos + t);
+    store_kv_row(b->w, b->s, row_seq(b->s, t), b->layer, t, row_pos(b->s, b->pos, t));
 }
 
 /* x[t] += proj[t] */
@@ -382,13 +397,15 @@ static void rmsnorm_row(const float *x, const float *weight, int dim, float eps,
         out[i] = weight[i] * (x[i] * inv);
 }
 
-static void rope_tables(const weights *w, int pos, int n, float *cos_sin)
+/* s->cos_sin[t] for each row's position */
+static void rope_tables(const weights *w, const run_state *s, int pos, int n)
 {
     const int half = w->head_dim / 2;
     for (int t = 0; t < n; t++) {
-        float *cs = cos_sin + (size_t)t * w->head_dim;
+        float *cs = s->cos_sin + (size_t)t * w->head_dim;
+        const int p = row_pos(s, pos, t);
         for (int i = 0; i < half; i++) {
-            const float angle = (float)(pos + t) * w->inv_freq[i];
+            const float angle = (float)p * w->inv_freq[i];
             cs[i] = cosf(angle);
             cs[half + i] = sinf(angle);
         }
@@ -476,13 +493,14 @@ static int grow_threads(run_state *s, const weights *w, int threads)
     return 0;
 }
 
-static int alloc_state(run_state *s, const weights *w, int max_tokens, int threads)
+static int alloc_state(run_state *s, const weights *w, int max_tokens, int threads, int seqs)
 {
     const size_t T = (size_t)max_tokens, q_dim = (size_t)w->n_heads * w->head_dim;
     const size_t kv_dim = (size_t)w->n_kv_heads * w->head_dim;
     memset(s, 0, sizeof(*s));
     s->max_tokens = max_tokens;
     s->threads = threads;
+    s->seqs = seqs;
     s->decode_team = 1;
     governor_init(&s->decode_governor, 2);
     governor_init(&s->prefill_governor, 2);
@@ -494,7 +512,7 @@ static int alloc_state(run_state *s, const weights *w, int max_tokens, int threa
     s->gate = malloc(sizeof(float) * T * w->hidden_dim);
     s->up = malloc(sizeof(float) * T * w->hidden_dim);
     s->ctx_blocks = (w->ctx + KV_BLOCK - 1) / KV_BLOCK;
-    const size_t cache = (size_t)w->n_layers * s->ctx_blocks * KV_BLOCK * kv_dim;
+    const size_t cache = (size_t)seqs * w->n_layers * s->ctx_blocks * KV_BLOCK * kv_dim;
     s->scores = malloc(sizeof(float) * (size_t)threads * scores_per_thread(w, s));
     s->cos_sin = malloc(sizeof(float) * T * w->head_dim);
     s->k = malloc(sizeof(float) * T * kv_dim);

@@ -95,13 +95,21 @@ typedef struct {
     float *k;         /* [T][kv_dim]     new keys, before RoPE and the move into the cache */
     float *v;         /* [T][kv_dim]     new values */
     float *stacked;   /* [T][widest stacked map]  output of wqkv / w_gate_up (NULL when none) */
-    /* The KV cache. Keys are stored transposed in blocks of KV_BLOCK positions,
-     * [n_layers][n_kv_heads][ctx/KV_BLOCK][head_dim][KV_BLOCK], so the scores of a
+    /* The KV cache of `seqs` sequences (a server's slots; 1 otherwise). Keys are
+     * stored transposed in blocks of KV_BLOCK positions,
+     * [seqs][n_layers][n_kv_heads][ctx/KV_BLOCK][head_dim][KV_BLOCK], so the scores of a
      * block are KV_BLOCK-wide vector FMAs with no horizontal sums; values are
-     * [n_layers][n_kv_heads][ctx][head_dim] (each probability scales one row). */
+     * [seqs][n_layers][n_kv_heads][ctx][head_dim] (each probability scales one row). */
     float *key_cache;
     float *value_cache;
     int ctx_blocks;   /* ctx rounded up to whole KV_BLOCKs, in blocks */
+    int seqs;         /* sequences the cache holds */
+    /* Where a call's rows go: row t is sequence row_seq[t] at position row_pos[t] (a
+     * batched decode step of several sequences, forward_rows), or, with these NULL,
+     * sequence `seq` at position pos + t (forward: a prompt, or one sequence's step). */
+    int seq;
+    const int *row_seq;   /* [T] or NULL */
+    const int *row_pos;   /* [T] or NULL */
     int decode_team;  /* 1: a decode step runs as one thread team when every layer can (decode_team) */
     team_governor decode_governor;    /* how many threads decode steps run with (team.h) ... */
     team_governor prefill_governor;   /* ... and each block of a prefill */
@@ -181,7 +189,7 @@ static int project_gate_up(const exec_ctx *cx, const block *b);
 static row_step attn_norm_row, ffn_norm_row, final_norm_row, split_qkv_row, rope_q_row, rope_k_row,
                 cache_kv_row, residual_row, swiglu_row;
 static void embed(const weights *w, const int *tokens, int n, float *x);
-static void rope_tables(const weights *w, int pos, int n, float *cos_sin);
+static void rope_tables(const weights *w, const run_state *s, int pos, int n);
 QI_VECTORIZE static void rmsnorm_row(const float *x, const float *weight, int dim, float eps, float *out);
 static void rope_row(float *v, int heads, int head_dim, const float *cs);
 QI_VECTORIZE static void add_row(float *x, const float *y, int dim);
@@ -196,8 +204,19 @@ static size_t scores_per_thread(const weights *w, const run_state *s);
 static void float_matmul(const linear *l, const float *x, int n, float *y, int nthreads);
 static int half_matmul(const linear *l, const float *x, int n, float *y, int nthreads);
 
+/* Row t's sequence and position (run_state: row_seq, row_pos) */
+static inline int row_seq(const run_state *s, int t)
+{
+    return s->row_seq ? s->row_seq[t] : s->seq;
+}
+
+static inline int row_pos(const run_state *s, int pos, int t)
+{
+    return s->row_pos ? s->row_pos[t] : pos + t;
+}
+
 /* attention.c: the KV cache and attention over it */
-static void store_kv_row(const weights *w, run_state *s, int layer, int t, int p);
+static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int t, int p);
 static void attention(const weights *w, run_state *s, int layer, int pos, int n, const exec_ctx *cx);
 
 #endif

@@ -82,9 +82,11 @@ def _stackable(tensors):
 
 
 class Cache(NamedTuple):
-    """A KV cache and the step buffers of one sequence (pyx/_forward.pyx's Transformer)."""
+    """A KV cache of `seqs` sequences of ctx tokens each, and the step buffers (pyx/_forward.pyx's
+    Transformer)."""
     transformer: Transformer
-    ctx: int                  # tokens it holds
+    ctx: int                  # tokens it holds per sequence
+    seqs: int = 1
 
 
 class ContextError(QinferError):
@@ -147,28 +149,32 @@ class Model:
         self.transformer = self._transformer(self.ctx)
         self.cache = Cache(self.transformer, self.ctx)
 
-    def _transformer(self, ctx):
-        """The C forward pass over this model's weights, with a KV cache of ctx tokens."""
+    def _transformer(self, ctx, seqs=1):
+        """The C forward pass over this model's weights, with a KV cache of seqs x ctx tokens."""
         cfg = self.config
         try:
             return Transformer(
                 dict(dim=cfg.hidden_size, hidden_dim=cfg.intermediate_size, n_heads=cfg.num_attention_heads,
                      n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
                      ctx=ctx, eps=cfg.rms_norm_eps),
-                *self._weights, min(PREFILL_CHUNK, ctx), self.threads)
+                *self._weights, min(PREFILL_CHUNK, ctx), self.threads, seqs)
         except MemoryError:
-            need = 2 * cfg.num_hidden_layers * ctx * cfg.num_key_value_heads * cfg.head_dim * 4
+            need = 2 * seqs * cfg.num_hidden_layers * ctx * cfg.num_key_value_heads * cfg.head_dim * 4
             raise QinferError(f"out of memory allocating the KV cache for a context of {ctx} tokens "
                               f"(about {need} bytes, {need / 2**30:.1f} GiB); use a smaller ctx/--ctx") from None
 
-    def new_cache(self, ctx=None):
-        """Another KV cache of ctx tokens (default: the model's), with its own step buffers,
-        over the same weights: one more sequence (a server's slot). Model.forward(cache=...).
-        It runs the layers as they are now (replace_linear later changes the model's own)."""
+    def new_cache(self, ctx=None, seqs=1):
+        """Another KV cache, of `seqs` sequences of ctx tokens each (default: the model's
+        context), with its own step buffers, over the same weights: a server's slots.
+        Model.forward(cache=..., seq=...) runs one of its sequences, forward_rows a decode
+        step of several. It runs the layers as they are now (replace_linear later changes
+        the model's own)."""
         ctx = self.ctx if ctx is None else ctx
         if isinstance(ctx, bool) or not isinstance(ctx, int) or not 1 <= ctx <= (1 << 31) - 1:
             raise QinferError(f"context length must be a positive integer, got {ctx!r}")
-        return Cache(self._transformer(ctx), ctx)
+        if isinstance(seqs, bool) or not isinstance(seqs, int) or seqs < 1:
+            raise QinferError(f"sequences must be a positive integer, got {seqs!r}")
+        return Cache(self._transformer(ctx, seqs), ctx, seqs)
 
     # ------------------------------------------------------------ building
     def _packed_embedding(self, source):
@@ -337,11 +343,11 @@ class Model:
             self.transformer.run_layer(layer, x[start:stop], pos + start, parts, threads)
 
     # ------------------------------------------------------------- running
-    def forward(self, tokens, pos, all_logits=False, threads=None, out=None, cache=None):
+    def forward(self, tokens, pos, all_logits=False, threads=None, out=None, cache=None, seq=0):
         """Logits for tokens at positions pos..: [n, vocab] if all_logits else [vocab] of the last.
 
         Feeds the tokens in chunks the buffers hold; the KV cache keeps them (cache: one
-        from new_cache(), default the model's own).
+        from new_cache(), default the model's own; seq: which of its sequences).
         out: with all_logits, a C-contiguous float32 [n, vocab] array to write the logits
         into (a caller scoring many windows reuses one: a fresh 100 MB array per call
         costs the kernel's page clearing, 8% of a perplexity run).
@@ -350,7 +356,7 @@ class Model:
         n = len(tokens)
         if n == 0:
             raise QinferError("no tokens to run")
-        transformer, ctx = cache or self.cache
+        transformer, ctx, _ = cache or self.cache
         if pos + n > ctx:
             raise ContextError(f"{pos + n} tokens do not fit the context of {ctx} "
                                f"(use a shorter prompt or a larger --ctx)")
@@ -369,10 +375,29 @@ class Model:
             part = tokens[start:start + chunk]
             last = start + len(part) == n
             if all_logits:
-                transformer.forward(part, pos + start, out[start:start + len(part)], True, threads)
+                transformer.forward(part, pos + start, out[start:start + len(part)], True, threads, seq)
             elif last:
-                transformer.forward(part, pos + start, out, False, threads)
+                transformer.forward(part, pos + start, out, False, threads, seq)
             else:
                 scratch = np.empty((1, vocab), dtype=np.float32)
-                transformer.forward(part, pos + start, scratch, False, threads)
+                transformer.forward(part, pos + start, scratch, False, threads, seq)
         return out if all_logits else out[0]
+
+    def forward_rows(self, tokens, seqs, positions, cache, threads=None):
+        """One decode step of several sequences of `cache` (new_cache): row t is token
+        tokens[t] of sequence seqs[t] at position positions[t], each sequence once.
+        The linear maps run all rows in one kernel call. Returns logits [n, vocab]."""
+        tokens, seqs, positions = (np.ascontiguousarray(a, dtype=np.int32) for a in (tokens, seqs, positions))
+        n = len(tokens)
+        if n == 0 or not len(seqs) == len(positions) == n:
+            raise QinferError("forward_rows needs as many sequences and positions as tokens (at least one)")
+        if n > cache.transformer.max_tokens:
+            raise QinferError(f"{n} rows are more than a step holds ({cache.transformer.max_tokens})")
+        if tokens.min() < 0 or tokens.max() >= self.config.vocab_size:
+            raise QinferError(f"token ids must lie in [0, {self.config.vocab_size})")
+        if positions.max() >= cache.ctx:
+            raise ContextError(f"position {positions.max()} does not fit the context of {cache.ctx}")
+        threads = self.threads if threads is None else kernels.resolve_threads(threads)
+        out = np.empty((n, self.config.vocab_size), dtype=np.float32)
+        cache.transformer.forward_rows(tokens, seqs, positions, out, threads)
+        return out

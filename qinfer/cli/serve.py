@@ -24,6 +24,12 @@ def add_parser(sub):
     p.add_argument("--port", type=positive_int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--parallel", type=positive_int, default=4, metavar="N",
                    help="requests served at once, one KV-cache slot each (default 4)")
+    p.add_argument("--activations", choices=("float", "int8"), default=None,
+                   help="int8: activations rounded to int8 per block of 32 inputs, as `qinfer generate "
+                        "--activations int8`; the batched decode steps of several streams then run the "
+                        "int8 row kernels, which scale with the number of streams (float: the same "
+                        "numbers as generate's default, but a step of several streams is no faster "
+                        "than one stream after another yet); default float, or QINFER_ACTIVATIONS")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every request")
     p.add_argument("--model-name", default=None, metavar="NAME",
@@ -64,17 +70,19 @@ def run(args):
     if ctx is None:
         trained = open_model(args.model or _default_model()).config.max_position_embeddings
         ctx = min(trained or DEFAULT_SLOT_CTX, DEFAULT_SLOT_CTX)
-    engine = Engine(args.model, threads=args.threads, ctx=ctx, quantize=args.quantize,
-                    group_size=args.group_size)
+    # The slots have a KV cache of their own (parallel x ctx tokens); the engine's own
+    # would go unused, so it holds a single token.
+    engine = Engine(args.model, threads=args.threads, ctx=1, quantize=args.quantize, group_size=args.group_size,
+                    activations=args.activations)
     app, scheduler = server.build(engine, parallel=args.parallel, ctx=ctx, model_name=args.model_name,
-                                  api_key=args.api_key, share_engine_cache=True)
+                                  api_key=args.api_key)
     name = app.state.server.model_name
     if not _loopback(args.host) and not args.api_key:
         print(f"qinfer: warning: listening on {args.host} without --api-key: anyone who reaches this "
               f"machine can use the server", file=sys.stderr)
     print(f"qinfer: serving {name} on http://{args.host}:{args.port}/v1 ({args.parallel} slots of {ctx} "
-          f"tokens, {engine.model.threads} threads, loaded in {engine.load_seconds:.1f} s); Ctrl-C stops",
-          file=sys.stderr)
+          f"tokens, {engine.model.threads} threads, {engine.model.activations} activations, loaded in "
+          f"{engine.load_seconds:.1f} s); Ctrl-C stops", file=sys.stderr)
     try:
         # lifespan off: the scheduler is closed here, and Ctrl-C leaves no lifespan traceback
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", lifespan="off")

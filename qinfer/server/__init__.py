@@ -21,15 +21,14 @@ def require():
                                 "pip install 'qinfer[server]'") from None
 
 
-def build(engine, parallel=1, ctx=None, model_name=None, api_key=None, share_engine_cache=False):
+def build(engine, parallel=1, ctx=None, model_name=None, api_key=None):
     """(ASGI app, Scheduler) serving `engine` in `parallel` slots of `ctx` tokens each
-    (share_engine_cache: the first slot is the engine's own cache; then the engine must
-    not run requests of its own while the server runs)."""
+    (default: the engine's context)."""
     require()
     import os
 
     from .app import create_app
     from .scheduler import Scheduler
-    scheduler = Scheduler(engine, parallel=parallel, ctx=ctx, share_engine_cache=share_engine_cache)
+    scheduler = Scheduler(engine, parallel=parallel, ctx=ctx)
     name = model_name or os.path.basename(os.path.normpath(engine.model_path))
     return create_app(engine, scheduler, name, api_key=api_key), scheduler

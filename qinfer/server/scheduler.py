@@ -1,17 +1,18 @@
-"""Slots and the loop that runs them: many generations on one model, one step each in turn.
+"""Slots and the loop that runs them: many generations on one model, decoded together.
 
-A slot is a KV cache of its own (Model.new_cache) and the tokens it holds. A
-job (one request) waits until a slot is free, takes the free slot whose
-cache shares the longest start with its prompt (the earlier turns of a
-chat: prefix reuse), prefills the rest in chunks of `prefill_chunk` tokens
-(so the other slots' streams keep flowing during a long prompt), then
-decodes a token a turn. A finished, failed or cancelled job frees its slot
-at once; the slot keeps its tokens for the next job to reuse.
+The slots are the sequences of one KV cache (Model.new_cache(ctx, seqs=parallel)).
+A job (one request) waits until a slot is free, takes the free slot whose
+cache shares the longest start with its prompt (the earlier turns of a chat:
+prefix reuse), and prefills the rest in chunks of `prefill_chunk` tokens, one
+chunk a turn, so the other slots' streams keep flowing during a long prompt.
+Every turn then decodes one token for every slot past its prompt in one
+forward step (Model.forward_rows): the linear maps run all those rows in one
+qgemm call, each weight read once for all of them, instead of once per
+sequence. A finished, failed or cancelled job frees its slot at once; the
+slot keeps its tokens for the next job to reuse.
 
 The loop runs in one thread of its own: the forward pass releases the GIL,
-so the server's event loop stays responsive. Each slot still runs its own
-forward step (a batched step of all slots through the qgemm kernels is the
-next change); results are the ones a job gets alone.
+so the server's event loop stays responsive.
 """
 import collections
 import threading
@@ -32,15 +33,15 @@ class Job:
         self.cancelled = False      # set from any thread: the loop frees the slot at its next turn
         self.run = None             # its Generation, once it has a slot
         self.pending = []           # prompt tokens still to prefill
-        self.logits = None          # the last step's logits, which the next token is sampled from
+        self.logits = None          # the last step's logits [vocab], which the next token is sampled from
 
     def cancel(self):
         self.cancelled = True
 
 
 class Slot:
-    def __init__(self, index, cache):
-        self.index, self.cache = index, cache
+    def __init__(self, seq):
+        self.seq = seq              # its sequence in the scheduler's KV cache
         self.ids = []               # the tokens in the cache, positions 0..len-1
         self.job = None
 
@@ -59,16 +60,13 @@ def shared_prefix(cached, ids):
 class Scheduler:
     """Runs jobs on `engine`'s model in `parallel` slots of `ctx` tokens each."""
 
-    def __init__(self, engine, parallel=1, ctx=None, prefill_chunk=DEFAULT_PREFILL_CHUNK,
-                 share_engine_cache=False):
+    def __init__(self, engine, parallel=1, ctx=None, prefill_chunk=DEFAULT_PREFILL_CHUNK):
         self.engine, self.model = engine, engine.model
         self.ctx = ctx or engine.ctx
         self.prefill_chunk = prefill_chunk
-        # Caches of their own, so the engine can still run beside the server; `qinfer serve`,
-        # which never runs the engine itself, lets the first slot use the engine's (memory).
-        caches = [self.model.cache] if share_engine_cache and self.ctx == self.model.ctx else []
-        caches += [self.model.new_cache(self.ctx) for _ in range(parallel - len(caches))]
-        self.slots = [Slot(i, c) for i, c in enumerate(caches)]
+        # a cache of its own, so the engine can still run beside the server
+        self.cache = self.model.new_cache(self.ctx, seqs=parallel)
+        self.slots = [Slot(i) for i in range(parallel)]
         self.waiting = collections.deque()
         self.lock = threading.Condition()
         self.closed = False
@@ -110,28 +108,69 @@ class Scheduler:
                                  **job.settings)
             slot.job = job
 
-    def _step(self, slot):
-        """One turn of a slot's job: a prefill chunk, or one sampled and decoded token."""
-        job, run = slot.job, slot.job.run
-        if job.pending:
-            chunk, job.pending = job.pending[:self.prefill_chunk], job.pending[self.prefill_chunk:]
-            job.logits = self.model.forward(chunk, len(slot.ids), cache=slot.cache)
-            slot.ids += chunk
-            if job.pending:
-                return False
-            run.prefilled()
-        text, token = run.advance(job.logits, room=len(slot.ids) < slot.cache.ctx)
+    def _prefill(self, slot):
+        """One chunk of a slot's prompt into its cache; the logits when the prompt is in."""
+        job = slot.job
+        chunk, job.pending = job.pending[:self.prefill_chunk], job.pending[self.prefill_chunk:]
+        logits = self.model.forward(chunk, len(slot.ids), cache=self.cache, seq=slot.seq)
+        slot.ids += chunk
+        if not job.pending:
+            job.logits = logits
+            job.run.prefilled()
+
+    def _sample(self, slot):
+        """The slot's next token from its logits (None: the job is done, its events sent)."""
+        job = slot.job
+        text, token = job.run.advance(job.logits, room=len(slot.ids) < self.ctx)
         if text:
             job.emit("text", text)
         if token is None:
-            text = run.finish()
+            text = job.run.finish()
             if text:
                 job.emit("text", text)
-            job.emit("done", run.stats)
-            return True
-        job.logits = self.model.forward([token], len(slot.ids), cache=slot.cache)
-        slot.ids.append(token)
-        return False
+            job.emit("done", job.run.stats)
+        return token
+
+    def _fail(self, slot, exc):
+        del slot.ids[:]                 # what the cache holds is unknown now
+        slot.job.emit("error", exc)
+
+    def _turn(self, active):
+        """One turn: a prefill chunk for each slot in its prompt, then one decode step of all
+        the slots past it, together. Returns the slots whose jobs ended."""
+        ended = [s for s in active if s.job.cancelled]
+        for slot in active:
+            if slot.job.pending and slot not in ended:
+                try:
+                    self._prefill(slot)
+                except Exception as exc:            # a failed step ends its job, not the server
+                    self._fail(slot, exc)
+                    ended.append(slot)
+        rows = []
+        for slot in active:
+            if slot in ended or slot.job.pending:
+                continue
+            try:
+                token = self._sample(slot)
+            except Exception as exc:
+                self._fail(slot, exc)
+                token = None
+            if token is None:
+                ended.append(slot)
+            else:
+                rows.append((slot, token))
+        if rows:
+            try:
+                logits = self.model.forward_rows([t for _, t in rows], [s.seq for s, _ in rows],
+                                                 [len(s.ids) for s, _ in rows], self.cache)
+            except Exception as exc:
+                for slot, _ in rows:
+                    self._fail(slot, exc)
+                return ended + [slot for slot, _ in rows]
+            for i, (slot, token) in enumerate(rows):
+                slot.ids.append(token)
+                slot.job.logits = logits[i]
+        return ended
 
     def _loop(self):
         while True:
@@ -142,16 +181,9 @@ class Scheduler:
                     break
                 self._admit()
                 active = [s for s in self.slots if s.job is not None]
-            for slot in active:
-                job = slot.job
-                try:
-                    finished = job.cancelled or self._step(slot)
-                except Exception as exc:            # a failed step ends its job, not the server
-                    del slot.ids[:]                 # what the cache holds is unknown now
-                    job.emit("error", exc)
-                    finished = True
-                if finished:
-                    with self.lock:
-                        slot.job = None
+            ended = self._turn(active)
+            with self.lock:
+                for slot in ended:
+                    slot.job = None
         for job in list(self.waiting) + [s.job for s in self.slots if s.job]:
             job.emit("error", RuntimeError("the server is shutting down"))

@@ -1,0 +1,211 @@
+"""`qinfer serve` under load: throughput and latency at 1, 4, 8 and 16 concurrent streams.
+
+    python benchmarks/serve.py [--model PATH] [-t 2] [--parallel 16] [--streams 1,4,8,16]
+                               [--max-tokens 128] [--rounds 2] [--activations float|int8] [--json-out FILE]
+
+Starts `python -m qinfer serve` (a child process, --parallel slots of --ctx
+tokens, --activations as given) and, for each concurrency N, N client threads each send --rounds
+streamed completion requests (greedy, a different prompt each, max_tokens
+tokens; a request that ends early at end of sequence counts the tokens it
+got). Printed per N: aggregate decode throughput (completion tokens of all
+requests / wall time), per-request time to first token and total latency
+(p50/p95), and the ratio of the aggregate to the single stream's. Then:
+
+* a single stream through the server next to `qinfer generate` on the same
+  prompt and activations (its "decode: X tokens/s" line), both decoding
+  max_tokens tokens; the benchmark's clients run on the same machine as the
+  server, and take CPU time from it;
+* a chat's two turns: the time to first token of each, and how many prompt
+  tokens the second turn found in the cache (usage.prompt_tokens_details).
+
+Targets (issue 37): 8 streams >= 4x one stream; one stream through the
+server within 10% of `qinfer generate`. llama.cpp's llama-server is not built
+by benchmarks/llamacpp.py yet, so it has no rows here.
+"""
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+PROMPTS = ["Write a long story about a dragon who learns to paint.", "Explain how a steam engine works, step by step.",
+           "List the countries of Europe and describe each in a sentence.", "Describe a walk through a forest in autumn.",
+           "Write a letter to a friend about your summer holidays.", "Explain the rules of chess in detail.",
+           "Tell the history of the printing press.", "Describe how to bake bread at home, in many steps."]
+
+
+def log(message):
+    print(f"[serve] {message}", file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, port):
+    cmd = [sys.executable, "-m", "qinfer", "serve", "--port", str(port), "--parallel", str(args.parallel),
+           "--ctx", str(args.ctx), "--threads", str(args.threads), "--model-name", "bench",
+           "--activations", args.activations]
+    if args.model:
+        cmd += ["--model", args.model]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    import httpx
+    deadline = time.time() + 300
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise SystemExit("the server did not start in 300 s")
+        time.sleep(0.2)
+
+
+def stream_request(url, body):
+    """(seconds to the first text, total seconds, completion tokens) of one streamed request."""
+    import httpx
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    body = dict(body, stream=True, stream_options={"include_usage": True})
+    with httpx.Client(timeout=600) as c, c.stream("POST", url, json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+                cached = chunk["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
+            for choice in chunk.get("choices", []):
+                text = choice.get("text") or (choice.get("delta") or {}).get("content")
+                if text and first is None:
+                    first = time.perf_counter() - start
+    return dict(ttft=first, seconds=time.perf_counter() - start, tokens=tokens, cached=cached)
+
+
+def concurrency(url, n, args):
+    """n clients, each --rounds requests: aggregate tokens/s and per-request latencies."""
+    def client(i):
+        out = []
+        for r in range(args.rounds):
+            prompt = PROMPTS[(i + r * n) % len(PROMPTS)] + f" (request {i}.{r})"
+            out.append(stream_request(url + "/v1/completions",
+                                      dict(prompt=prompt, max_tokens=args.max_tokens, temperature=0)))
+        return out
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        results = [r for rs in pool.map(client, range(n)) for r in rs]
+    wall = time.perf_counter() - start
+    tokens = sum(r["tokens"] for r in results)
+    q = lambda xs, p: statistics.quantiles(xs, n=20)[p // 5 - 1] if len(xs) >= 2 else xs[0]
+    ttft = [r["ttft"] for r in results if r["ttft"] is not None]
+    lat = [r["seconds"] for r in results]
+    return dict(streams=n, requests=len(results), tokens=tokens, wall=wall, tokens_per_second=tokens / wall,
+                ttft_p50=statistics.median(ttft), ttft_p95=q(ttft, 95), latency_p50=statistics.median(lat),
+                latency_p95=q(lat, 95))
+
+
+def generate_decode_rate(args, prompt):
+    """`qinfer generate`'s decode tokens/s on `prompt` (its stats line)."""
+    cmd = [sys.executable, "-m", "qinfer", "generate", "--prompt", prompt, "--max-new-tokens", str(args.max_tokens),
+           "--threads", str(args.threads), "--ctx", str(args.ctx), "--activations", args.activations]
+    if args.model:
+        cmd += ["--model", args.model]
+    err = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stderr
+    return float(re.search(r"decode: ([0-9.]+) tokens/s", err).group(1))
+
+
+def chat_turns(url):
+    system = ("You are a helpful assistant. Answer in two sentences. " * 12).strip()
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "What is a prime number?"}]
+    body = dict(model="bench", messages=messages, max_tokens=24, temperature=0)
+    first = stream_request(url + "/v1/chat/completions", body)
+    import httpx
+    reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=600).json()["choices"][0]["message"]
+    messages += [reply, {"role": "user", "content": "Give an example."}]
+    second = stream_request(url + "/v1/chat/completions", dict(body, messages=messages))
+    return first, second
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("-t", "--threads", type=int, default=2)
+    parser.add_argument("--parallel", type=int, default=16)
+    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--streams", default="1,4,8,16")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--activations", choices=("float", "int8"), default="float")
+    parser.add_argument("--json-out", default=None)
+    args = parser.parse_args()
+    streams = [int(s) for s in args.streams.split(",")]
+
+    port = free_port()
+    log(f"starting qinfer serve on port {port} ({args.parallel} slots of {args.ctx} tokens, {args.threads} threads)")
+    proc = start_server(args, port)
+    url = f"http://127.0.0.1:{port}"
+    report = dict(threads=args.threads, parallel=args.parallel, max_tokens=args.max_tokens,
+                  activations=args.activations, load=os.getloadavg())
+    try:
+        stream_request(url + "/v1/completions", dict(prompt="Warm up.", max_tokens=8, temperature=0))
+        rows = []
+        for n in streams:
+            log(f"{n} concurrent stream(s), {args.rounds} request(s) each")
+            rows.append(concurrency(url, n, args))
+        single = stream_request(url + "/v1/completions", dict(prompt=PROMPTS[0], max_tokens=args.max_tokens,
+                                                               temperature=0))
+        log("chat: two turns")
+        turn1, turn2 = chat_turns(url)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    log("qinfer generate on the same prompt")
+    generate = generate_decode_rate(args, PROMPTS[0])
+    server_decode = (single["tokens"] - 1) / (single["seconds"] - single["ttft"])
+
+    base = rows[0]["tokens_per_second"] if rows and rows[0]["streams"] == 1 else None
+    print(f"qinfer serve, {args.threads} threads, {args.parallel} slots, {args.activations} activations, greedy "
+          f"completions of up to {args.max_tokens} tokens, {args.rounds} request(s) per client")
+    print(f"{'streams':>7} {'requests':>8} {'tokens':>7} {'tok/s':>8} {'x one':>6} {'TTFT p50':>9} {'p95':>7} "
+          f"{'latency p50':>12} {'p95':>7}")
+    for r in rows:
+        ratio = f"{r['tokens_per_second'] / base:6.2f}" if base else "     -"
+        print(f"{r['streams']:>7} {r['requests']:>8} {r['tokens']:>7} {r['tokens_per_second']:>8.1f} {ratio} "
+              f"{r['ttft_p50']:>8.3f}s {r['ttft_p95']:>6.3f}s {r['latency_p50']:>11.3f}s {r['latency_p95']:>6.3f}s")
+    print(f"\none stream through the server: {server_decode:.1f} tokens/s decoding; qinfer generate: "
+          f"{generate:.1f} tokens/s (server / generate {server_decode / generate:.2f})")
+    print(f"chat: turn 1 time to first token {turn1['ttft']:.3f} s; turn 2 {turn2['ttft']:.3f} s "
+          f"({turn2['cached']} prompt tokens from the cache)")
+    print("\ntargets (issue 37):")
+    eight = next((r for r in rows if r["streams"] == 8), None)
+    if eight and base:
+        x = eight["tokens_per_second"] / base
+        print(f"  8 streams / 1 stream: {x:.2f} {'>=' if x >= 4 else '<'} 4.00: {'met' if x >= 4 else 'missed'}")
+    gap = server_decode / generate
+    print(f"  one stream through the server / qinfer generate: {gap:.2f} "
+          f"{'>=' if gap >= 0.9 else '<'} 0.90: {'met' if gap >= 0.9 else 'missed'}")
+    report.update(rows=rows, single_stream=single, server_decode=server_decode, generate_decode=generate,
+                  chat=dict(turn1=turn1, turn2=turn2))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
