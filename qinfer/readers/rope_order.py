@@ -39,12 +39,9 @@ def unpermute(tensor, n_head):
             return tensor.fill(into, index if order is None else index[order])
         return PackedTensor(bits=tensor.bits, group_size=tensor.group_size, shape=tensor.shape,
                             half_exact=tensor.half_exact, make=fill, fill=fill)
-    if isinstance(tensor, PackedTensor) and tensor.make is not None:
-        hf_rows_from_gguf(tensor.shape[0], n_head)          # the error now, not when loaded
-        return PackedTensor(bits=tensor.bits, group_size=tensor.group_size, shape=tensor.shape,
-                            make=lambda: unpermute(tensor.load(), n_head))
     if isinstance(tensor, PackedTensor):
         index = hf_rows_from_gguf(tensor.shape[0], n_head)
+        tensor = tensor.load()
         # Output rows are PackedTensor columns: gathered as rows of the transposed arrays
         # (GGUF tensors are held column-major, so these are whole contiguous rows).
         rows = lambda a: np.ascontiguousarray(a.T[index]).T

@@ -17,7 +17,7 @@ so the server's event loop stays responsive.
 import collections
 import threading
 
-from ..generation import Generation
+from ..generation import Generation, shared_prefix
 
 DEFAULT_PREFILL_CHUNK = 256
 
@@ -44,17 +44,6 @@ class Slot:
         self.seq = seq              # its sequence in the scheduler's KV cache
         self.ids = []               # the tokens in the cache, positions 0..len-1
         self.job = None
-
-
-def shared_prefix(cached, ids):
-    """Tokens of `ids` a cache holding `cached` can keep (Engine.reusable_prefix's rule:
-    the last two prompt tokens always run)."""
-    n = 0
-    for a, b in zip(cached, ids[:len(ids) - 2]):
-        if a != b:
-            break
-        n += 1
-    return n
 
 
 class Scheduler:
@@ -100,8 +89,7 @@ class Scheduler:
             job = self.waiting.popleft()
             if job.cancelled:
                 continue
-            slot = max(free, key=lambda s: shared_prefix(s.ids, job.ids))
-            kept = shared_prefix(slot.ids, job.ids)
+            kept, slot = max(((shared_prefix(s.ids, job.ids), s) for s in free), key=lambda pair: pair[0])
             del slot.ids[kept:]
             job.pending = job.ids[kept:]
             job.run = Generation(self.engine.tokenizer, self.engine.config, job.ids, cached=kept,
