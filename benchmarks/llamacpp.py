@@ -27,7 +27,7 @@ import tarfile
 import tempfile
 
 VERSION = "0.3.36"
-TOOLS = ("llama-bench", "llama-perplexity", "llama-quantize")
+TOOLS = ("llama-bench", "llama-perplexity", "llama-quantize", "llama-server")
 # AMX off even in the native build: its tile registers need a permission from
 # the kernel that virtual machines may not grant, and llama-bench died with
 # SIGSEGV in ggml_backend_amx_mul_mat on a KVM Xeon that lists amx_tile. Explicit
@@ -101,7 +101,7 @@ def build(jobs=None, isa="native"):
         src = glob.glob(os.path.join(work, "llama_cpp_python-*", "vendor", "llama.cpp"))[0]
         build_dir = os.path.join(work, "build")
         _run(["cmake", "-S", src, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release", *ISAS[isa],
-              "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+              "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=ON",
               "-DBUILD_SHARED_LIBS=OFF"])
         _run(["cmake", "--build", build_dir, "--config", "Release", "-j", str(jobs or os.cpu_count() or 2),
               "--target", *TOOLS])

@@ -18,7 +18,9 @@
 2. K-quants (unless --skip-kquants): llama-quantize makes Q4_K_M, Q5_K_M and
    Q6_K from the same F32 GGUF, and both engines run the *same file* (qinfer
    imports its K-quant, Q5 and Q8_0 tensors losslessly): pp512/tg128 as
-   above, then the perplexity of both on WikiText-2 under llama.cpp's
+   above, qinfer with float activations (its default) and with int8 ones
+   (rounded per block of 32, as llama.cpp rounds them for its K-quant and
+   Q5/Q8 dot products), then the perplexity of both on WikiText-2 under llama.cpp's
    protocol (llama-perplexity -c 2048 on the raw file, --ppl-chunks chunks;
    qinfer scores the second half of the same 2048-token chunks, BOS as
    llama.cpp puts it), to show the two engines compute the same model.
@@ -265,38 +267,55 @@ def tensor_mix(path):
     return ", ".join(f"{name} x{n}" for name, n in counts.most_common())
 
 
-def perplexity_both(tools, path, chunks, threads):
-    """(llama.cpp's, qinfer's) WikiText-2 perplexity of one GGUF under llama.cpp's protocol."""
+def perplexity_both(tools, path, chunks, threads, activations=("float",)):
+    """(llama.cpp's, {activations: qinfer's}) WikiText-2 perplexity of one GGUF under llama.cpp's
+    protocol, qinfer once per activation mode."""
     import accuracy
     import qinfer
     from qinfer.perplexity import evaluate_windows
 
     data = os.path.join(ROOT, os.pardir, "shared", "data", "wikitext-2-raw", "wiki.test.raw")
     theirs = accuracy.llama_perplexity(tools, path, data, chunks, threads)["ppl"]
-    engine = qinfer.Engine(path, ctx=accuracy.SEQLEN, threads=threads)
     with open(data, "rb") as f:
         raw = f.read().decode("utf-8")
     if raw.endswith("\n"):
         raw = raw[:-1]                    # llama.cpp drops one final line end of -f's text
-    tok = engine.tokenizer
-    ids = np.asarray(tok.encode(raw, add_bos=tok.add_bos_default), dtype=np.int32)
-    n = min(chunks, len(ids) // accuracy.SEQLEN)
-    windows = ids[:n * accuracy.SEQLEN].reshape(n, accuracy.SEQLEN).copy()
-    if tok.add_bos_default:
-        windows[:, 0] = tok.bos_id        # llama.cpp puts BOS at the start of every chunk
-    sums, per_window, _ = evaluate_windows(engine, windows, accuracy.SEQLEN // 2, threads)
-    return theirs, math.exp(math.fsum(sums) / (per_window * n))
+    ours = {}
+    for act in activations:
+        engine = qinfer.Engine(path, ctx=accuracy.SEQLEN, threads=threads, activations=act)
+        tok = engine.tokenizer
+        ids = np.asarray(tok.encode(raw, add_bos=tok.add_bos_default), dtype=np.int32)
+        n = min(chunks, len(ids) // accuracy.SEQLEN)
+        windows = ids[:n * accuracy.SEQLEN].reshape(n, accuracy.SEQLEN).copy()
+        if tok.add_bos_default:
+            windows[:, 0] = tok.bos_id        # llama.cpp puts BOS at the start of every chunk
+        sums, per_window, _ = evaluate_windows(engine, windows, accuracy.SEQLEN // 2, threads)
+        ours[act] = math.exp(math.fsum(sums) / (per_window * n))
+    return theirs, ours
+
+
+# qinfer's two activation modes on the K-quant files: "float" (its default, exact) and "int8"
+# (x rounded to int8 per block of 32 as the kernels multiply it: what llama.cpp computes, whose
+# K-quant and Q5/Q8 dot products take 8-bit activations too)
+KQUANT_ACTIVATIONS = ("float", "int8")
+
+
+def kquant_label(label, act):
+    return label if act == "float" else f"{label} int8-act"
 
 
 def run_kquants(tools, args, threads):
     models = kquant_models(tools, args.workdir)
-    rows = compare([(label, path, path, []) for label, path in models], tools, args, threads)
+    runs = [(kquant_label(label, act), path, path, [] if act == "float" else ["--activations", act])
+            for label, path in models for act in KQUANT_ACTIVATIONS]
+    rows = compare(runs, tools, args, threads)
     ppl = []
     for label, path in models:
         log(f"{label}: perplexity of both engines, {args.ppl_chunks} chunks of 2048")
-        theirs, ours = perplexity_both(tools, path, args.ppl_chunks, max(threads))
-        ppl.append(dict(model=label, mix=tensor_mix(path), llamacpp_ppl=theirs, qinfer_ppl=ours,
-                        rel_diff=ours / theirs - 1))
+        theirs, ours = perplexity_both(tools, path, args.ppl_chunks, max(threads), KQUANT_ACTIVATIONS)
+        for act in KQUANT_ACTIVATIONS:
+            ppl.append(dict(model=kquant_label(label, act), mix=tensor_mix(path), llamacpp_ppl=theirs,
+                            qinfer_ppl=ours[act], rel_diff=ours[act] / theirs - 1))
     return rows, ppl
 
 

@@ -120,15 +120,36 @@ class Slice:
 
 
 @dataclass(frozen=True)
+class Gather:
+    """Eight codes of a multi-word unit that one vpmultishiftqb picks out of a
+    64-bit lane holding words `word` (low half) and `word` + 1 (high half) of a
+    column: byte i of the result starts at bit offsets[i] of that lane."""
+    word: int
+    offsets: tuple    # bit offset in the 64-bit lane of byte 0, 1, ..., 7
+    rows: tuple       # value index (inside the unit) that lands in byte 0, 1, ..., 7
+
+    @property
+    def control(self):
+        """The multishift's control qword: byte i = offsets[i]."""
+        return sum(o << (8 * i) for i, o in enumerate(self.offsets))
+
+
+@dataclass(frozen=True)
 class Int8Layout:
     bits: int
     lane_bits: int    # 8: u8 codes x s8 activations; 16: u16 codes x s16 activations
-    lane_mask: int    # the AND that isolates one code per lane after the shift
-    slices: tuple
+    lane_mask: int    # the AND that isolates one code per lane after the shift (or gather)
+    slices: tuple     # "slice" bitwidths: Slice per activation word of a unit
+    gathers: tuple = ()   # "multishift" bitwidths: Gather per two activation words of a unit
 
     @property
     def lanes(self):
         return 32 // self.lane_bits
+
+    @property
+    def act_words(self):
+        """32-bit activation words per unit (I8_SLICES in the C)."""
+        return 2 * len(self.gathers) if self.gathers else len(self.slices)
 
 
 INT8_BITWIDTHS = table.INT8_BITWIDTHS
@@ -146,6 +167,8 @@ def int8_layout(bits):
     if bits not in INT8_BITWIDTHS:
         raise ValueError(f"no int8-activation layout for {bits}-bit values")
     lane_bits = table.bitwidth(bits).int8_lanes   # qinfer/variants.py: 16 for 8-bit codes, else 8
+    if table.bitwidth(bits).gather == "multishift":
+        return multishift_layout(bits)
     if lane_bits == 16:
         return Int8Layout(bits, lane_bits, 0x00FF00FF, (Slice(0, (0, 2)), Slice(8, (1, 3))))
     per_byte = 8 // bits
@@ -153,6 +176,29 @@ def int8_layout(bits):
     mask = byte_mask * 0x01010101
     slices = tuple(Slice(bits * s, tuple(j * per_byte + s for j in range(4))) for s in range(per_byte))
     return Int8Layout(bits, lane_bits, mask, slices)
+
+
+def multishift_layout(bits):
+    """How the int8 kernels read a unit of b words of 32 b-bit codes (b = 3, 5, 6).
+
+    The codes straddle words, and no shift of one word puts whole codes in its
+    bytes. AVX-512 VBMI's vpmultishiftqb copies, into each byte of a 64-bit
+    lane, the 8 bits starting at any offset of that lane. Interleaving words k
+    and k + 1 of a unit (unpacklo/hi_epi32) gives each column a 64-bit lane of
+    its bit stream from bit 32k; codes 8q .. 8q + 7 (bits 8qb .. 8qb + 8b - 1)
+    all lie in the lane of k = the largest word index with 32k <= 8qb that
+    keeps k + 1 inside the unit, so one multishift and a mask give those eight
+    codes in bytes 0..7, in row order: the activation words need no shuffle.
+    """
+    lay = layout(bits)
+    gathers = []
+    for q in range(lay.unit_values // 8):
+        first, end = 8 * q * bits, 8 * (q + 1) * bits       # the codes' bits in the unit
+        k = min(first // 32, lay.unit_words - 2)
+        assert 32 * k <= first and end <= 32 * k + 64, (bits, q)
+        gathers.append(Gather(k, tuple(first - 32 * k + bits * i for i in range(8)),
+                              tuple(8 * q + i for i in range(8))))
+    return Int8Layout(bits, 8, ((1 << bits) - 1) * 0x0101010101010101, (), tuple(gathers))
 
 
 def avx2_int8_expr(lay, s, w="w", width=256):
@@ -171,6 +217,8 @@ def int8_chunk_order(lay, unit_values):
     into their activation words: words of a unit in slice order, lanes
     in the order each slice reads them. Entry i names the source byte of
     output byte i."""
+    if lay.gathers:                      # multishift: the activations stay in row order
+        return list(range(16))
     order = []
     if lay.lane_bits == 8:
         for u in range(16 // unit_values):

@@ -176,7 +176,12 @@ def int8_registers_needed(int8, vectors):
     """Registers the inner loop keeps busy over `vectors` vectors of 8 columns:
     per vector the integer sum of the current block; shared, the broadcast
     activation words of one unit (one per slice), the lane mask, the loaded
-    word and its masked slice. (y is updated in L1 once per block.)"""
+    word and its masked slice. (y is updated in L1 once per block.) A
+    multishift unit (gen/bitlayout.multishift_layout) keeps two sums per
+    vector (the interleaved low and high words) and its words, controls and
+    activation qwords live."""
+    if int8.gathers:
+        return 2 * vectors + len(int8.gathers) * 2 + 4
     return vectors + len(int8.slices) + 3
 
 
@@ -185,6 +190,11 @@ def int8_bytes_per_cycle(int8, vectors):
     (a 32-byte word vector per 8 columns): per vector a load, per slice a
     shift (not the first) and a mask (not a 16-bit lane's high half), a
     multiply-add and an add; per unit one broadcast per slice."""
+    if int8.gathers:   # per vector and gather: 2 interleaves, 2 multishifts, 2 masks, 2 multiply-adds
+        gathers = len(int8.gathers)
+        words = 1 + max(g.word for g in int8.gathers)
+        alu, loads = vectors * gathers * 8, vectors * words + gathers
+        return 32 * words * vectors / max(alu / VECTOR_PORTS, loads / LOAD_PORTS)
     slices = len(int8.slices)
     alu = vectors * (sum((s.shift > 0) + (int8.lane_bits == 8 or s.shift == 0) for s in int8.slices)
                      + 2 * slices)

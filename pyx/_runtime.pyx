@@ -222,9 +222,11 @@ cdef class QMatrix:
             raise MemoryError("out of memory in the quantized matmul")
 
     # ------------------------------------------ int8 activations (decode)
-    def has_int8(self):
-        """True when this bitwidth has the int8-activation qgemv (2, 4 and 8 bits)."""
-        return self.kernels.scalar_i8 != NULL
+    def has_int8(self, bint avx2=False):
+        """True when this bitwidth has the int8-activation kernel on that path (the
+        scalar path: every bitwidth; the AVX2 path: 2, 4, 8 bits, and 3, 5, 6 bits
+        on AVX-512 VBMI CPUs)."""
+        return (self.kernels.avx2_i8 if avx2 else self.kernels.scalar_i8) != NULL
 
     def int8_kernel_capsule(self, bint avx2):
         """The int8-activation qgemv of one path for compiled callers, or None."""

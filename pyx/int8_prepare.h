@@ -91,7 +91,7 @@ static int alloc_i8(const qmatrix *m, prepared_i8 *p, int avx2, int limbs)
 /* Bytes of packed codes one block of block_len rows holds in a tile. */
 static inline size_t block_code_bytes(int block_len)
 {
-    return (size_t)block_len / UNIT_VALUES * UNIT_WORDS * TU * sizeof(uint32_t);
+    return (size_t)block_len * UNIT_WORDS * TU * sizeof(uint32_t) / UNIT_VALUES;   /* 16 rows: half a 32-code unit */
 }
 
 /* Block b's scale from its largest |x|: d_b = amax / range, the codes in [-range, range]. */

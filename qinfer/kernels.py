@@ -8,7 +8,8 @@ Activations: "float" (the default) multiplies the weights by float32 x;
 "int8" (QINFER_ACTIVATIONS=int8, set_activations("int8")) makes one-row
 products (qgemv, i.e. decode) round x to int8 per block of 32 inputs and
 multiply in integers, llama.cpp-style: faster, with llama.cpp-like numerics.
-3-bit layers stay float.
+3-, 5- and 6-bit layers have int8 kernels only on AVX-512 VBMI CPUs and
+otherwise stay float.
 
 The int8 kernels run on the fastest instruction set this CPU has of those
 the build made (int8_isas(): "avx512vnni", "avxvnni", then "avx2");
@@ -50,7 +51,7 @@ import importlib
 import os
 import sys
 
-from . import _forward, _runtime
+from . import _forward, _runtime, variants
 from .errors import UnsupportedError
 from .variants import BITWIDTHS
 
@@ -239,8 +240,12 @@ def use_activations(mode):
 
 
 def int8_isas():
-    """Instruction sets the int8 kernels can run on here (this build, this CPU), fastest first."""
-    have = [_modules[b].int8_isas() for b in BITWIDTHS if _modules[b].int8_isas()]
+    """Instruction sets the int8 kernels can run on here (this build, this CPU), fastest first.
+    Those of the bitwidths whose codes sit in whole bytes (2, 4, 8 bits); 3-, 5- and 6-bit
+    layers have int8 kernels only on AVX-512 VNNI with VBMI and otherwise keep the float ones
+    (qinfer/variants.py, MULTISHIFT_ISAS)."""
+    have = [_modules[b].int8_isas() for b in BITWIDTHS
+            if variants.bitwidth(b).gather == "slice" and _modules[b].int8_isas()]
     return [isa for isa in have[0] if all(isa in h for h in have)] if have else []
 
 
@@ -253,7 +258,7 @@ def set_int8_isa(isa):
         raise UnsupportedError(f"int8 kernels: instruction set must be 'auto' or one of {available}, got {isa!r}")
     for b in BITWIDTHS:
         if isa is not None and _modules[b].int8_isas():
-            _modules[b].use_int8_isa(isa)
+            _modules[b].use_int8_isa(isa if isa in _modules[b].int8_isas() else None)
     _state["int8_isa"] = isa
     set_float_limbs(_state["float_limbs"])   # the float qgemv's integer kernels follow
 

@@ -268,7 +268,7 @@ class QuantizedLinear:
         x2 = np.ascontiguousarray(x.reshape(1, -1) if single else x, dtype=np.float32)
         out = np.empty((x2.shape[0], self.out_features), dtype=np.float32)
         threads, avx2 = kernels.resolve_threads(threads), kernels.active_path() == "avx2"
-        if kernels.active_activations() == "int8" and self._matrix.has_int8():
+        if kernels.active_activations() == "int8" and self._matrix.has_int8(avx2):
             self._matrix.matmul_int8(x2, out, threads, avx2)      # each row of x rounded to int8
         else:
             self._matrix.matmul(x2, out, threads, avx2)

@@ -23,16 +23,19 @@ from collections import namedtuple
 #               checkpoint that says 5 or 6 is refused rather than read in a layout its
 #               writer may not have meant
 #   int8_lanes  lane width of the int8-activation kernels: 8 (u8 codes x s8 activations),
-#               16 (u16 x s16: an 8-bit code reaches 255, too big for maddubs's int16 pairs),
-#               0: none (the codes straddle words)
-Bitwidth = namedtuple("Bitwidth", "bits gptq int8_lanes")
+#               16 (u16 x s16: an 8-bit code reaches 255, too big for maddubs's int16 pairs)
+#   gather      how those kernels put one code in each lane: "slice", a shift and a mask of
+#               one word (the codes sit in whole bytes or halves of it); "multishift", AVX-512
+#               VBMI's byte gather from two words of a column (the codes straddle words, so
+#               no shift of one word lines them up: MULTISHIFT_ISAS below)
+Bitwidth = namedtuple("Bitwidth", "bits gptq int8_lanes gather")
 BITWIDTH_TABLE = (
-    Bitwidth(2, True, 8),
-    Bitwidth(3, True, 0),
-    Bitwidth(4, True, 8),
-    Bitwidth(5, False, 0),
-    Bitwidth(6, False, 0),
-    Bitwidth(8, True, 16),
+    Bitwidth(2, True, 8, "slice"),
+    Bitwidth(3, True, 8, "multishift"),
+    Bitwidth(4, True, 8, "slice"),
+    Bitwidth(5, False, 8, "multishift"),
+    Bitwidth(6, False, 8, "multishift"),
+    Bitwidth(8, True, 16, "slice"),
 )
 BITWIDTHS = tuple(row.bits for row in BITWIDTH_TABLE)
 GPTQ_BITWIDTHS = tuple(row.bits for row in BITWIDTH_TABLE if row.gptq)
@@ -104,6 +107,12 @@ INT8_ISAS = (
     Isa("avxvnni",    "_vnni", "QI_AVXVNNI",    "QINFER_HAVE_AVXVNNI",    "qi_cpu_has_avxvnni()",      YMM, 4),
     Isa("avx512vnni", "_v512", "QI_AVX512VNNI", "QINFER_HAVE_AVX512VNNI", "qi_cpu_has_avx512vnni()",   ZMM, 8),
 )
+# The int8 kernels of "multishift" bitwidths (3, 5, 6 bits): AVX-512 VNNI with VBMI's
+# vpmultishiftqb (Ice Lake, Sapphire Rapids, Zen 4 and later), under the VNNI set's name;
+# on other CPUs these bitwidths keep the float kernels whatever the int8 setting.
+MULTISHIFT_ISAS = (
+    Isa("avx512vnni", "_v512", "QI_AVX512VBMI", "QINFER_HAVE_AVX512VNNI", "qi_cpu_has_avx512vbmi()",   ZMM, 8),
+)
 
 # ---------------------------------------------------------------- int8 qgemv kinds
 # The int8 qgemv's walk over the tiles (pyx/snippets/int8_gemv.c.tp), rendered once per
@@ -111,8 +120,9 @@ INT8_ISAS = (
 #   name         in the kernels' names: qgemm_b{bits}_{name}{isa.sfx}, qgemv_b{bits}_{name}_team...
 #   limbs        activation words multiplied per slice of a unit: 1, x rounded to int8
 #                (x_q); 3, the float qgemv's x to 23 bits in signed-byte limbs (LIMBS)
-#   u8_only      held only where the codes sit in byte lanes: a u16 code (8 bits, up to
-#                255) times the 2^16 limb would not fit the int32 sums
+#   u8_only      held only where the codes sit in byte lanes of one word: a u16 code (8 bits,
+#                up to 255) times the 2^16 limb would not fit the int32 sums, nor would a
+#                5- or 6-bit one (32 x 63 x 2^22 > 2^31)
 #   lookup       the C function handing out the qgemm kernel by instruction set (NULL: none)
 #   team_lookup  ... and its team twin (qgemv_team_fn, pyx/qmatrix.h)
 MacKind = namedtuple("MacKind", "name limbs u8_only lookup team_lookup")
@@ -129,8 +139,8 @@ AMX_TILE_COLUMNS = 16
 # ---------------------------------------------------------------- one module
 #   bits           the Bitwidth row
 #   float_kernels  FLOAT_KERNELS rows, gemm_rows resolved
-#   int8_isas      INT8_ISAS rows it can render the int8 kernels for (by tu alone)
-#   mac_kinds      MAC_KINDS rows it renders them as (none: no int8 kernels, int8_lanes 0)
+#   int8_isas      INT8_ISAS (MULTISHIFT_ISAS) rows it can render the int8 kernels for (by tu alone)
+#   mac_kinds      MAC_KINDS rows it renders them as
 #   amx            whether it has the AMX qgemm
 Module = namedtuple("Module", "bits float_kernels int8_isas mac_kinds amx")
 
@@ -140,10 +150,10 @@ def held(bits, tu, mu):
     columns and the performance model's mu rows."""
     row = bitwidth(bits)
     floats = tuple(k._replace(gemm_rows=k.gemm_rows or mu) for k in FLOAT_KERNELS if tu % k.vec.lanes == 0)
-    kinds = ()
-    if row.int8_lanes:
-        kinds = tuple(kind for kind in MAC_KINDS if row.int8_lanes == 8 or not kind.u8_only)
+    sliced = row.gather == "slice"
+    kinds = tuple(kind for kind in MAC_KINDS if (row.int8_lanes == 8 and sliced) or not kind.u8_only)
+    isas = INT8_ISAS if sliced else MULTISHIFT_ISAS
     return Module(bits=row, float_kernels=floats,
-                  int8_isas=tuple(isa for isa in INT8_ISAS if tu % isa.vec.lanes == 0),
+                  int8_isas=tuple(isa for isa in isas if tu % isa.vec.lanes == 0),
                   mac_kinds=kinds,
                   amx=tu == AMX_TILE_COLUMNS and ZMM in (k.vec for k in floats))

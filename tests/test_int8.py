@@ -34,6 +34,7 @@ from helpers import needs_smollm2, pack_gptq  # noqa: E402
 
 F32 = np.float32
 BITS = (2, 4, 8)
+MULTISHIFT_BITS = (3, 5, 6)    # codes straddle words: AVX-512 VBMI kernels, scalar twin everywhere
 GROUP_SIZES = (16, 32, 64, 128, -1)
 NORM_REL = 1e-5      # ||y - ref|| / ||ref||
 MAX_REL = 1e-4       # max|y - ref| / max|ref|
@@ -128,12 +129,18 @@ def paths():
     return ("avx2", "scalar") if kernels.cpu_has_avx2() else ("scalar",)
 
 
+def layer_paths(layer):
+    """The paths with an int8 kernel for this layer: 3-, 5- and 6-bit layers have an AVX2-path
+    one only on AVX-512 VBMI CPUs (elsewhere their int8 calls run the float kernels)."""
+    return paths() if layer._matrix.has_int8(True) else ("scalar",)
+
+
 # --------------------------------------------------------------------------
 # 1. The kernels equal the numpy reference: small odd shapes
 # --------------------------------------------------------------------------
 
 SMALL_SHAPES = [(1, 128), (13, 96), (77, 384), (200, 640), (33, 1024)]
-SMALL_CASES = [(o, i, b, g, a) for (o, i) in SMALL_SHAPES for b in BITS for g in GROUP_SIZES
+SMALL_CASES = [(o, i, b, g, a) for (o, i) in SMALL_SHAPES for b in BITS + MULTISHIFT_BITS for g in GROUP_SIZES
                for a in (False, True) if (g == -1 or i % g == 0) and not (a and g == -1)]
 
 
@@ -147,13 +154,13 @@ def test_small_shapes_match_reference(out_f, in_f, bits, group_size, act_order):
     want = int8_reference(codes, scales, zeros, x, group_size, perm)
     what = f"[{out_f}x{in_f}] b={bits} g={group_size} act_order={act_order}"
     results = {}
-    for path in paths():
+    for path in layer_paths(layer):
         for threads in (1, 2):
             results[path, threads] = y = int8_call(layer, x, threads, path)
             assert_matches_reference(y, want, f"{what} {path} threads={threads}")
-    first = results[paths()[0], 1]
+    first = results[layer_paths(layer)[0], 1]
     for key, y in results.items():     # AVX2 == scalar, 1 thread == 2 threads: bit for bit
-        assert np.array_equal(y, first), f"{what}: {key} differs from {paths()[0]}, 1 thread"
+        assert np.array_equal(y, first), f"{what}: {key} differs from {layer_paths(layer)[0]}, 1 thread"
 
 
 # --------------------------------------------------------------------------
@@ -163,6 +170,7 @@ def test_small_shapes_match_reference(out_f, in_f, bits, group_size, act_order):
 BIG_SHAPES = [(4096, 4096), (11008, 4096)]
 BIG_CASES = [(o, i, b, g, a) for (o, i) in BIG_SHAPES for b in BITS for g in GROUP_SIZES
              for a in (False, True) if not (a and g == -1)]
+BIG_CASES += [(4096, 4096, b, g, False) for b in MULTISHIFT_BITS for g in (16, 128)]
 
 
 @functools.lru_cache(maxsize=1)
@@ -179,10 +187,11 @@ def test_big_shapes_match_reference(out_f, in_f, bits, group_size, act_order):
     x = rng.standard_normal(in_f).astype(F32)
     want = int8_reference(codes, scales, zeros, x, group_size, perm)
     what = f"[{out_f}x{in_f}] b={bits} g={group_size} act_order={act_order}"
-    y1 = int8_call(layer, x, threads=1, path=paths()[0])
+    first = layer_paths(layer)[0]
+    y1 = int8_call(layer, x, threads=1, path=first)
     assert_matches_reference(y1, want, what)
-    assert np.array_equal(int8_call(layer, x, threads=2, path=paths()[0]), y1), f"{what}: 2 threads differ"
-    if group_size in (16, 128) and len(paths()) == 2:    # the scalar twin is slow: two group sizes
+    assert np.array_equal(int8_call(layer, x, threads=2, path=first), y1), f"{what}: 2 threads differ"
+    if group_size in (16, 128) and first != "scalar":    # the scalar twin is slow: two group sizes
         assert np.array_equal(int8_call(layer, x, threads=2, path="scalar"), y1), f"{what}: scalar differs"
 
 
@@ -210,7 +219,7 @@ def test_rounding_is_half_to_even_per_block(path):
     np.testing.assert_array_equal(y[32:34], [F32(127) * d, F32(np.rint(F32(-0.004) * (F32(1) / d))) * d])
 
 
-@pytest.mark.parametrize("bits,group_size", [(b, g) for b in BITS for g in (16, 128, -1)])
+@pytest.mark.parametrize("bits,group_size", [(b, g) for b in BITS for g in (16, 128, -1)] + [(5, 32), (6, 16)])
 def test_close_to_float_activations(bits, group_size):
     """Rounding x_k to int8 moves it by e_k, |e_k| <= d_b / 2, roughly uniform: rms d_b / sqrt(12).
     With random weights ||W e|| / ||W x|| ~ rms(e) / rms(x); for Gaussian x (max of 32 ~ 2.5 sigma,
@@ -223,7 +232,7 @@ def test_close_to_float_activations(bits, group_size):
         x = (rng.standard_normal(in_f) * scale).astype(F32)
         with kernels.use_activations("float"):
             y_float = layer(x).astype(np.float64)
-        y_int8 = int8_call(layer, x, path=paths()[0])
+        y_int8 = int8_call(layer, x, path=layer_paths(layer)[0])
         block = min(32, in_f if group_size == -1 else group_size)
         _, d = quantize_activations(x, block)
         estimate = np.sqrt(np.mean(np.repeat(d.astype(np.float64), block) ** 2 / 12)) / np.sqrt(np.mean(x.astype(np.float64) ** 2))
@@ -272,6 +281,9 @@ def test_int8_mode_rounds_every_row(layer4):
 ROWS_CASES = [(o, i, b, g, a, n) for (o, i) in [(13, 96), (77, 384), (200, 640)] for b in BITS
               for g in (16, 32, 128, -1) for a in (False, True) for n in (2, 7, 64)
               if (g == -1 or i % g == 0) and not (a and g == -1) and not (n == 64 and o == 200)]
+ROWS_CASES += [(o, i, b, g, a, n) for (o, i) in [(13, 96), (200, 640)] for b in MULTISHIFT_BITS
+               for g in (16, 32, -1) for a in (False, True) for n in (3, 9)
+               if (g == -1 or i % g == 0) and not (a and g == -1)]
 
 
 @pytest.mark.parametrize("out_f,in_f,bits,group_size,act_order,n", ROWS_CASES)
@@ -283,11 +295,11 @@ def test_several_rows_equal_each_row_alone(out_f, in_f, bits, group_size, act_or
     if n > 2:
         X[n // 2] = 0.0                                  # a row of zeros: every block scale 0
     what = f"[{out_f}x{in_f}] b={bits} g={group_size} act_order={act_order} n={n}"
-    alone = np.stack([int8_call(layer, x, 1, paths()[0]) for x in X])
+    alone = np.stack([int8_call(layer, x, 1, layer_paths(layer)[0]) for x in X])
     for r in (0, n - 1):
         assert_matches_reference(alone[r], int8_reference(codes, scales, zeros, X[r], group_size, perm),
                                  f"{what} row {r}")
-    for path in paths():
+    for path in layer_paths(layer):
         for threads in (1, 2):
             Y = int8_call(layer, X, threads, path)
             assert np.array_equal(Y, alone), f"{what}: {path} threads={threads} differs from one row at a time"
@@ -352,16 +364,30 @@ def test_set_activations_and_errors(layer4):
     assert kernels.active_activations() == before
 
 
-def test_three_bit_layers_stay_float():
-    rng = np.random.default_rng(3)
-    layer = qinfer.QuantizedLinear.from_float(rng.standard_normal((40, 128)).astype(F32), 3, 32)
-    assert not layer._matrix.has_int8()
-    assert layer._matrix.int8_kernel_capsule(False) is None
-    x = rng.standard_normal(128).astype(F32)
+@pytest.mark.parametrize("bits", MULTISHIFT_BITS)
+def test_multishift_layers_without_vbmi_stay_float(bits):
+    """On the AVX2 path a 3-, 5- or 6-bit layer has int8 kernels only with AVX-512 VBMI; held to
+    the AVX2 instruction set (as on a CPU without VBMI) its int8 calls run the float kernels."""
+    if "avx2" not in kernels.int8_isas():
+        pytest.skip("no AVX2 int8 kernels here")
+    rng = np.random.default_rng(bits)
+    layer = qinfer.QuantizedLinear.from_float(rng.standard_normal((40, 128)).astype(F32), bits, 32)
+    x = rng.standard_normal((3, 128)).astype(F32)
     with kernels.use_activations("float"):
         y = layer(x)
-    with kernels.use_activations("int8"):
-        assert np.array_equal(layer(x), y)
+    with kernels.use_int8_isa("avx2"):
+        assert not layer._matrix.has_int8(True)
+        assert layer._matrix.int8_kernel_capsule(True) is None
+        with kernels.use_activations("int8"):
+            assert np.array_equal(layer(x), y)
+    vbmi = kernels.module(bits).int8_isas()
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if cpuinfo:
+        has = " avx512vbmi " in cpuinfo.replace("\n", " ") and "avx512vnni" in kernels.int8_isas()
+        assert vbmi == (["avx512vnni"] if has else [])
+    if vbmi:
+        with kernels.use_activations("int8"):
+            assert layer._matrix.has_int8(True) and not np.array_equal(layer(x), y)
 
 
 def test_environment_selects_int8():
