@@ -155,20 +155,24 @@ class Int8Layout:
 INT8_BITWIDTHS = table.INT8_BITWIDTHS
 
 
-def int8_layout(bits):
+def int8_layout(bits, dpbusd=False):
     """How the int8 qgemv reads a unit (one word) of b-bit codes.
 
     b = 2, 4: byte j of the word holds values 8j/b .. 8j/b + 8/b - 1; shifting
     by b*s and masking every byte with 2^b - 1 leaves value j*(8/b) + s in
     byte j. b = 8: the 16-bit halves of the word hold values (0, 1) and
     (2, 3); masking with 0x00FF00FF leaves values (0, 2), a 16-bit shift by 8
-    leaves values (1, 3).
+    leaves values (1, 3). With dpbusd (VNNI: byte products added straight into
+    int32, nothing to saturate) 8-bit codes take byte lanes too: the word itself,
+    byte j = value j, one slice.
     """
     if bits not in INT8_BITWIDTHS:
         raise ValueError(f"no int8-activation layout for {bits}-bit values")
     lane_bits = table.bitwidth(bits).int8_lanes   # qinfer/variants.py: 16 for 8-bit codes, else 8
     if table.bitwidth(bits).gather == "multishift":
         return multishift_layout(bits)
+    if lane_bits == 16 and dpbusd:
+        return Int8Layout(bits, 8, 0xFFFFFFFF, (Slice(0, (0, 1, 2, 3)),))
     if lane_bits == 16:
         return Int8Layout(bits, lane_bits, 0x00FF00FF, (Slice(0, (0, 2)), Slice(8, (1, 3))))
     per_byte = 8 // bits
@@ -205,6 +209,8 @@ def avx2_int8_expr(lay, s, w="w", width=256):
     """One slice, a code per lane (u8 or u16) for eight columns (__m256i) or,
     with width=512, for sixteen (AVX-512's __m512i)."""
     p = f"_mm{width}"
+    if lay.lane_mask == 0xFFFFFFFF:
+        return w                                   # 8-bit codes in byte lanes: the word as it is
     if lay.lane_bits == 16 and s.shift == 8:
         return f"{p}_srli_epi16({w}, 8)"          # the high byte of each half: no mask needed
     shifted = f"{p}_srli_epi32({w}, {s.shift})" if s.shift else w

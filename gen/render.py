@@ -83,7 +83,21 @@ def int8_namespace(bits, params):
     counts for layers that fit the caches and layers that stream (for experiments)."""
     has = bits in bitlayout.INT8_BITWIDTHS
     int8 = bitlayout.int8_layout(bits) if has else None
-    return dict(int8=int8, avx2_int8_expr=bitlayout.avx2_int8_expr,
+    held = table.held(bits, params.tu, params.mu)
+
+    def int8_for(isa):
+        """The layout instruction set `isa` reads (None: the module's, AVX2's)."""
+        return bitlayout.int8_layout(bits, isa.dpbusd) if has and isa else int8
+
+    def quantizer_for(isa):
+        """The function that rounds a row's activations into int8_for(isa)'s words."""
+        return "quantize_i8_avx2" if int8_for(isa) == int8 else "quantize_i8_bytes"
+
+    quantizers = [(int8, "quantize_i8_avx2")] if has else []
+    quantizers += [(int8_for(isa), "quantize_i8_bytes") for isa in held.int8_isas
+                   if has and quantizer_for(isa) != "quantize_i8_avx2"][:1]
+    return dict(int8=int8, int8_for=int8_for, quantizer_for=quantizer_for, int8_quantizers=quantizers,
+                avx2_int8_expr=bitlayout.avx2_int8_expr,
                 int8_chunk_order=bitlayout.int8_chunk_order,
                 int8_tiles=(int(os.environ.get("QINFER_INT8_TILES", 0)) or
                             perfmodel.int8_gemv_tiles(int8, params.tu)) if has else 0,

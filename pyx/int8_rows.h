@@ -1,12 +1,12 @@
 /* The int8-activation qgemm (prefill: several rows), part 1 of 2: what every
  * instruction set's kernels share, the row blocking constants and the rounded
  * activations of all rows. Plain C included by the kernel modules that have
- * int8 kernels (pyx/snippets/int8_gemv.c.tp, after quantize_i8_avx2, which it
+ * int8 kernels (pyx/snippets/int8_gemv.c.tp, after the quantize_i8_* functions, which it
  * calls, and after defining I8_CHUNK_BYTES from the build machine's L2); part 2,
  * the kernels, is pyx/snippets/int8_gemm.c.tp, rendered per instruction set. */
 /* ------------------------------------------------ qgemm, int8 activations */
 /* Several rows at once (a prompt): each row's activations are rounded to
- * int8 exactly as a qgemv call rounds them (quantize_i8_avx2, row by row),
+ * int8 exactly as a qgemv call rounds them (quantize_i8_*, row by row),
  * then every unit of a tile is loaded and sliced once and multiplied by the
  * activation words of R rows (the instruction set's rows per call), so a
  * weight vector is read once per R rows instead of once per row. Per row
@@ -57,10 +57,12 @@ static void release_rows(prepared_rows *p)
     free(p->xsum);
 }
 
-/* Every row's activation words, block scales and group sums: quantize_i8_avx2
- * row by row into its own slice of the arrays (bsum and the act-order gather
- * are scratch shared by the rows). */
-static QI_AVX2 int quantize_rows(const qmatrix *m, const float *x, int n, prepared_rows *rows)
+/* Every row's activation words, block scales and group sums: `quantize` (the
+ * kernels' instruction set's quantize_i8_*) row by row into its own slice of
+ * the arrays (bsum and the act-order gather are scratch shared by the rows). */
+typedef void (*quantize_row_fn)(const qmatrix *m, const float *x, prepared_i8 *p);
+static QI_AVX2 int quantize_rows(const qmatrix *m, const float *x, int n, prepared_rows *rows,
+                                 quantize_row_fn quantize)
 {
     prepared_i8 one;
     if (alloc_i8(m, &one, 1, 1))
@@ -81,7 +83,7 @@ static QI_AVX2 int quantize_rows(const qmatrix *m, const float *x, int n, prepar
         one.xw = rows->xw + (size_t)r * rows->xw_row;
         one.d = rows->d + (size_t)r * one.n_blocks;
         one.xsum = rows->xsum + (size_t)r * m->n_groups;
-        quantize_i8_avx2(m, x + (size_t)r * K, &one);
+        quantize(m, x + (size_t)r * K, &one);
     }
     release_i8(&one);
     return 0;

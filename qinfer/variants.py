@@ -100,18 +100,21 @@ FLOAT_KERNELS = (
 #   cpu     C expression: this CPU has it
 #   vec     the qgemm's vectors (a Vec above)
 #   rows    activation rows per call of the qgemm's kernel
-Isa = namedtuple("Isa", "name sfx attr guard cpu vec rows")
+#   dpbusd  it adds byte products straight into int32 (VNNI), with no int16 pairs to
+#           saturate: 8-bit codes (up to 255) then take byte lanes like the others, a
+#           word's four codes times four activation bytes, where AVX2 needs 16-bit lanes
+Isa = namedtuple("Isa", "name sfx attr guard cpu vec rows dpbusd")
 INT8_ISAS = (
-    #   name          sfx      attr             guard                     cpu                          vec  rows
-    Isa("avx2",       "",      "QI_AVX2",       "1",                      "qi_cpu_has_avx2_kernels()", YMM, 4),
-    Isa("avxvnni",    "_vnni", "QI_AVXVNNI",    "QINFER_HAVE_AVXVNNI",    "qi_cpu_has_avxvnni()",      YMM, 4),
-    Isa("avx512vnni", "_v512", "QI_AVX512VNNI", "QINFER_HAVE_AVX512VNNI", "qi_cpu_has_avx512vnni()",   ZMM, 8),
+    #   name          sfx      attr             guard                     cpu                          vec  rows dpbusd
+    Isa("avx2",       "",      "QI_AVX2",       "1",                      "qi_cpu_has_avx2_kernels()", YMM, 4,   False),
+    Isa("avxvnni",    "_vnni", "QI_AVXVNNI",    "QINFER_HAVE_AVXVNNI",    "qi_cpu_has_avxvnni()",      YMM, 4,   True),
+    Isa("avx512vnni", "_v512", "QI_AVX512VNNI", "QINFER_HAVE_AVX512VNNI", "qi_cpu_has_avx512vnni()",   ZMM, 8,   True),
 )
 # The int8 kernels of "multishift" bitwidths (3, 5, 6 bits): AVX-512 VNNI with VBMI's
 # vpmultishiftqb (Ice Lake, Sapphire Rapids, Zen 4 and later), under the VNNI set's name;
 # on other CPUs these bitwidths keep the float kernels whatever the int8 setting.
 MULTISHIFT_ISAS = (
-    Isa("avx512vnni", "_v512", "QI_AVX512VBMI", "QINFER_HAVE_AVX512VNNI", "qi_cpu_has_avx512vbmi()",   ZMM, 8),
+    Isa("avx512vnni", "_v512", "QI_AVX512VBMI", "QINFER_HAVE_AVX512VNNI", "qi_cpu_has_avx512vbmi()",   ZMM, 8,   True),
 )
 
 # ---------------------------------------------------------------- int8 qgemv kinds
