@@ -1,7 +1,8 @@
 """`qinfer serve` under load: throughput and latency at 1, 4, 8 and 16 concurrent streams.
 
     python benchmarks/serve.py [--model PATH] [-t 2] [--parallel 16] [--streams 1,4,8,16]
-                               [--max-tokens 128] [--rounds 2] [--activations float|int8] [--json-out FILE]
+                               [--max-tokens 128] [--rounds 2] [--activations float|int8]
+                               [--skip-llamacpp] [--json-out FILE]
 
 Starts `python -m qinfer serve` (a child process, --parallel slots of --ctx
 tokens, --activations as given) and, for each concurrency N, N client threads each send --rounds
@@ -18,9 +19,15 @@ requests / wall time), per-request time to first token and total latency
 * a chat's two turns: the time to first token of each, and how many prompt
   tokens the second turn found in the cache (usage.prompt_tokens_details).
 
+Then the same load (streams, chat turns) against llama.cpp's `llama-server`
+(built from the llama-cpp-python sdist by benchmarks/llamacpp.py) on the same
+GGUF file, with the same threads, --parallel slots of --ctx tokens each
+(-np, -c = parallel x ctx) and greedy sampling, and the two side by side.
+The servers run one after the other, never together. A llama-server
+stream without usage counts counts its text chunks (one token each).
+
 Targets (issue 37): 8 streams >= 4x one stream; one stream through the
-server within 10% of `qinfer generate`. llama.cpp's llama-server is not built
-by benchmarks/llamacpp.py yet, so it has no rows here.
+server within 10% of `qinfer generate`.
 """
 import argparse
 import concurrent.futures
@@ -80,7 +87,7 @@ def stream_request(url, body):
     import httpx
     start = time.perf_counter()
     first = None
-    tokens = 0
+    tokens = chunks = cached = 0
     body = dict(body, stream=True, stream_options={"include_usage": True})
     with httpx.Client(timeout=600) as c, c.stream("POST", url, json=body) as r:
         r.raise_for_status()
@@ -93,9 +100,11 @@ def stream_request(url, body):
                 cached = chunk["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
             for choice in chunk.get("choices", []):
                 text = choice.get("text") or (choice.get("delta") or {}).get("content")
-                if text and first is None:
-                    first = time.perf_counter() - start
-    return dict(ttft=first, seconds=time.perf_counter() - start, tokens=tokens, cached=cached)
+                if text:
+                    chunks += 1
+                    if first is None:
+                        first = time.perf_counter() - start
+    return dict(ttft=first, seconds=time.perf_counter() - start, tokens=tokens or chunks, cached=cached)
 
 
 def concurrency(url, n, args):
@@ -142,66 +151,142 @@ def chat_turns(url):
     return first, second
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None)
-    parser.add_argument("-t", "--threads", type=int, default=2)
-    parser.add_argument("--parallel", type=int, default=16)
-    parser.add_argument("--ctx", type=int, default=512)
-    parser.add_argument("--streams", default="1,4,8,16")
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--activations", choices=("float", "int8"), default="float")
-    parser.add_argument("--json-out", default=None)
-    args = parser.parse_args()
-    streams = [int(s) for s in args.streams.split(",")]
+def start_llama_server(args, port, gguf):
+    from llamacpp import build
+    server = build()["llama-server"]
+    cmd = [server, "-m", gguf, "-t", str(args.threads), "-np", str(args.parallel), "-c", str(args.ctx * args.parallel),
+           "--host", "127.0.0.1", "--port", str(port), "--no-webui", "--log-disable"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    import httpx
+    deadline = time.time() + 300
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"llama-server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise SystemExit("llama-server did not start in 300 s")
+        time.sleep(0.2)
 
-    port = free_port()
-    log(f"starting qinfer serve on port {port} ({args.parallel} slots of {args.ctx} tokens, {args.threads} threads)")
-    proc = start_server(args, port)
-    url = f"http://127.0.0.1:{port}"
-    report = dict(threads=args.threads, parallel=args.parallel, max_tokens=args.max_tokens,
-                  activations=args.activations, load=os.getloadavg())
+
+def measure(url, args, streams):
+    """One server under the whole load: the concurrency rows, a single stream, a chat's two turns."""
+    stream_request(url + "/v1/completions", dict(prompt="Warm up.", max_tokens=8, temperature=0))
+    rows = []
+    for n in streams:
+        log(f"{n} concurrent stream(s), {args.rounds} request(s) each")
+        rows.append(concurrency(url, n, args))
+    single = stream_request(url + "/v1/completions", dict(prompt=PROMPTS[0], max_tokens=args.max_tokens,
+                                                           temperature=0))
+    log("chat: two turns")
+    turn1, turn2 = chat_turns(url)
+    decode = (single["tokens"] - 1) / (single["seconds"] - single["ttft"])
+    return dict(rows=rows, single_stream=single, server_decode=decode, chat=dict(turn1=turn1, turn2=turn2))
+
+
+def stopped(proc):
+    proc.terminate()
     try:
-        stream_request(url + "/v1/completions", dict(prompt="Warm up.", max_tokens=8, temperature=0))
-        rows = []
-        for n in streams:
-            log(f"{n} concurrent stream(s), {args.rounds} request(s) each")
-            rows.append(concurrency(url, n, args))
-        single = stream_request(url + "/v1/completions", dict(prompt=PROMPTS[0], max_tokens=args.max_tokens,
-                                                               temperature=0))
-        log("chat: two turns")
-        turn1, turn2 = chat_turns(url)
-    finally:
-        proc.terminate()
         proc.wait(60)
-    log("qinfer generate on the same prompt")
-    generate = generate_decode_rate(args, PROMPTS[0])
-    server_decode = (single["tokens"] - 1) / (single["seconds"] - single["ttft"])
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
+
+def print_rows(title, rows):
     base = rows[0]["tokens_per_second"] if rows and rows[0]["streams"] == 1 else None
-    print(f"qinfer serve, {args.threads} threads, {args.parallel} slots, {args.activations} activations, greedy "
-          f"completions of up to {args.max_tokens} tokens, {args.rounds} request(s) per client")
+    print(title)
     print(f"{'streams':>7} {'requests':>8} {'tokens':>7} {'tok/s':>8} {'x one':>6} {'TTFT p50':>9} {'p95':>7} "
           f"{'latency p50':>12} {'p95':>7}")
     for r in rows:
         ratio = f"{r['tokens_per_second'] / base:6.2f}" if base else "     -"
         print(f"{r['streams']:>7} {r['requests']:>8} {r['tokens']:>7} {r['tokens_per_second']:>8.1f} {ratio} "
               f"{r['ttft_p50']:>8.3f}s {r['ttft_p95']:>6.3f}s {r['latency_p50']:>11.3f}s {r['latency_p95']:>6.3f}s")
+    return base
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model (default: qinfer's default GGUF)")
+    parser.add_argument("-t", "--threads", type=int, default=2)
+    parser.add_argument("--parallel", type=int, default=16)
+    parser.add_argument("--ctx", type=int, default=512, help="context tokens per slot")
+    parser.add_argument("--streams", default="1,4,8,16")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--activations", choices=("float", "int8"), default="float")
+    parser.add_argument("--skip-llamacpp", action="store_true", help="no llama-server rows")
+    parser.add_argument("--json-out", default=None)
+    args = parser.parse_args()
+    streams = [int(s) for s in args.streams.split(",")]
+    sys.path.insert(0, HERE)
+    sys.path.insert(0, ROOT)
+
+    port = free_port()
+    log(f"starting qinfer serve on port {port} ({args.parallel} slots of {args.ctx} tokens, {args.threads} threads)")
+    proc = start_server(args, port)
+    report = dict(threads=args.threads, parallel=args.parallel, max_tokens=args.max_tokens,
+                  activations=args.activations, load=os.getloadavg())
+    try:
+        ours = measure(f"http://127.0.0.1:{port}", args, streams)
+    finally:
+        stopped(proc)
+    log("qinfer generate on the same prompt")
+    generate = generate_decode_rate(args, PROMPTS[0])
+
+    theirs = None
+    gguf = args.model
+    if gguf is None:
+        from qinfer.engine import default_model_path
+        gguf = default_model_path()
+    if args.skip_llamacpp:
+        pass
+    elif not (gguf and gguf.endswith(".gguf") and os.path.isfile(gguf)):
+        log(f"no llama-server rows: {gguf} is not a GGUF file")
+    else:
+        port = free_port()
+        log(f"starting llama-server on port {port} with {gguf}")
+        proc = start_llama_server(args, port, gguf)
+        try:
+            theirs = measure(f"http://127.0.0.1:{port}", args, streams)
+        finally:
+            stopped(proc)
+
+    what = (f"{args.threads} threads, {args.parallel} slots, greedy completions of up to {args.max_tokens} tokens, "
+            f"{args.rounds} request(s) per client")
+    base = print_rows(f"qinfer serve ({args.activations} activations), {what}", ours["rows"])
+    server_decode = ours["server_decode"]
     print(f"\none stream through the server: {server_decode:.1f} tokens/s decoding; qinfer generate: "
           f"{generate:.1f} tokens/s (server / generate {server_decode / generate:.2f})")
+    turn1, turn2 = ours["chat"]["turn1"], ours["chat"]["turn2"]
     print(f"chat: turn 1 time to first token {turn1['ttft']:.3f} s; turn 2 {turn2['ttft']:.3f} s "
           f"({turn2['cached']} prompt tokens from the cache)")
+    if theirs:
+        print()
+        print_rows(f"llama.cpp llama-server, same file ({os.path.basename(gguf)}), {what}", theirs["rows"])
+        t1, t2 = theirs["chat"]["turn1"], theirs["chat"]["turn2"]
+        print(f"one stream: {theirs['server_decode']:.1f} tokens/s decoding; chat: turn 1 time to first token "
+              f"{t1['ttft']:.3f} s, turn 2 {t2['ttft']:.3f} s")
+        print("\nqinfer / llama-server:")
+        print(f"{'streams':>7} {'tok/s':>7} {'TTFT p50':>9} {'latency p50':>12}")
+        for a, b in zip(ours["rows"], theirs["rows"]):
+            print(f"{a['streams']:>7} {a['tokens_per_second'] / b['tokens_per_second']:>7.2f} "
+                  f"{b['ttft_p50'] / a['ttft_p50']:>8.2f}x {b['latency_p50'] / a['latency_p50']:>11.2f}x")
+        print("  (tok/s: qinfer's over llama-server's; TTFT and latency: llama-server's over qinfer's, "
+              "so above 1 is qinfer faster)")
     print("\ntargets (issue 37):")
-    eight = next((r for r in rows if r["streams"] == 8), None)
+    eight = next((r for r in ours["rows"] if r["streams"] == 8), None)
     if eight and base:
         x = eight["tokens_per_second"] / base
         print(f"  8 streams / 1 stream: {x:.2f} {'>=' if x >= 4 else '<'} 4.00: {'met' if x >= 4 else 'missed'}")
     gap = server_decode / generate
     print(f"  one stream through the server / qinfer generate: {gap:.2f} "
           f"{'>=' if gap >= 0.9 else '<'} 0.90: {'met' if gap >= 0.9 else 'missed'}")
-    report.update(rows=rows, single_stream=single, server_decode=server_decode, generate_decode=generate,
-                  chat=dict(turn1=turn1, turn2=turn2))
+    report.update(ours, generate_decode=generate, llamacpp=theirs)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(report, f, indent=1)

@@ -138,8 +138,11 @@ cdef class QMatrix:
         else:
             scales32, zeros32 = scales, zeros
             n_scales, n_zeros = scales32.shape[0], zeros32.shape[0]
-        if words.shape[0] != expected_words or n_scales != expected_scales or n_zeros != expected_scales:
+        # zeros: one row per group, or one for all groups (the same zero in every group of a column)
+        if words.shape[0] != expected_words or n_scales != expected_scales or \
+                n_zeros not in (expected_scales, <size_t>self.m.n_tiles * tu):
             raise ValueError("packed arrays do not match the layer's shape")
+        self.m.zero_groups = self.m.n_groups if n_zeros == expected_scales else 1
         self._check_row_block(segment_rows)
         self.configure(1, segment_rows, 1, 1)
         self.m.words = &words[0]

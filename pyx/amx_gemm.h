@@ -18,7 +18,7 @@ static inline void amx_prefetch_segment(const qmatrix *m, int tile, int k0, int 
         _mm_prefetch(at + line, _MM_HINT_T0);
     const size_t g = (size_t)(k0 / m->group_size) * TU;
     _mm_prefetch((const char *)qm_scale_ptr(m, qm_tile_scales(m, tile), g), _MM_HINT_T0);
-    _mm_prefetch((const char *)qm_scale_ptr(m, qm_tile_zeros(m, tile), g), _MM_HINT_T0);
+    _mm_prefetch((const char *)qm_scale_ptr(m, qm_tile_zeros(m, tile), qm_zero_group(m, k0 / m->group_size)), _MM_HINT_T0);
 }
 
 /* acc[rows r0..r0+31][tiles] += Eq. (2) of one segment's tile sums (c: [row half][tile][16][16]);
@@ -29,7 +29,7 @@ static inline QI_AMX void amx_segment_out(const qmatrix *m, const prepared *p, i
     const int g = seg * p->seg_len / m->group_size;
     for (int t = 0; t < tiles; t++) {
         const __m512 sc = load_scales16(m, qm_tile_scales(m, tile0 + t), (size_t)g * TU);
-        const __m512 zc = load_scales16(m, qm_tile_zeros(m, tile0 + t), (size_t)g * TU);
+        const __m512 zc = load_scales16(m, qm_tile_zeros(m, tile0 + t), qm_zero_group(m, g));
         for (int i = 0; i < 32 && r0 + i < n; i++) {
             const int r = r0 + i;
             const __m512 xs = _mm512_set1_ps(p->xsum[(size_t)r * p->n_segments + seg]);

@@ -8,6 +8,7 @@
  *   words [n_tiles][n_units][unit_words][tu]     (uint32)
  *   scales, zeros  [n_tiles][n_groups][tu]       (w = scale * (q - zero); float32, or
  *                                                 float16 when every value is exact in it)
+ *   or zeros       [n_tiles][1][tu]              (zero_groups 1: the same zero in every group)
  *
  * A unit is the run of words that holds a whole number of values (one word
  * of 32/b values for b = 2, 4, 8; b words of 32 values for b = 3, 5, 6).
@@ -43,6 +44,9 @@ typedef struct qmatrix {
     const uint32_t *words;
     const void *scales;   /* read through qm_scale / qm_scale_ptr (or load_scales8 in AVX2) */
     const void *zeros;
+    int zero_groups;      /* groups of zeros: n_groups, or 1 when every group of a column has
+                             the same zero (symmetric formats: Q4_0/Q5_0/Q8_0, GPTQ sym), which
+                             is then held once per column, [n_tiles][1][tu]: fewer bytes to read */
     const int32_t *perm;  /* NULL, or act-order: kernel input k is x[perm[k]] */
 } qmatrix;
 
@@ -78,7 +82,19 @@ static inline const void *qm_tile_scales(const qmatrix *m, int tile)
 
 static inline const void *qm_tile_zeros(const qmatrix *m, int tile)
 {
-    return qm_scale_ptr(m, m->zeros, (size_t)tile * m->n_groups * m->tu);
+    return qm_scale_ptr(m, m->zeros, (size_t)tile * m->zero_groups * m->tu);
+}
+
+/* Where group g's zeros start in a tile's zeros (all groups share row 0 when
+ * zero_groups is 1), and the elements from one tile's zeros to the next's. */
+static inline size_t qm_zero_group(const qmatrix *m, int g)
+{
+    return m->zero_groups == 1 ? 0 : (size_t)g * m->tu;
+}
+
+static inline size_t qm_tile_zero_count(const qmatrix *m)
+{
+    return (size_t)m->zero_groups * m->tu;
 }
 
 /* Element i of `base` (m->scales or m->zeros, or a qm_scale_ptr into them). */
@@ -110,7 +126,8 @@ static inline void qm_dequantize_column(const qmatrix *m, int j, float *out)
             stream |= (uint64_t)unit[(size_t)(word + 1) * m->tu] << 32;
         const float q = (float)((stream >> offset) & mask);
         const size_t g = (size_t)(k / m->group_size) * m->tu + c;
-        out[m->perm ? m->perm[k] : k] = qm_scale(m, scales, g) * (q - qm_scale(m, zeros, g));
+        const size_t gz = qm_zero_group(m, k / m->group_size) + c;
+        out[m->perm ? m->perm[k] : k] = qm_scale(m, scales, g) * (q - qm_scale(m, zeros, gz));
     }
 }
 

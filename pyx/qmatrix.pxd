@@ -20,6 +20,7 @@ cdef extern from "qmatrix.h":
         const uint32_t *words
         const void *scales
         const void *zeros
+        int zero_groups
         const int32_t *perm
     ctypedef int (*qgemm_fn)(const qmatrix *m, const float *x, int n, float *y, int nthreads) noexcept nogil
     ctypedef struct team:

@@ -115,6 +115,8 @@ class QuantizedLinear:
         # [units*words, out] -> [tiles][units*words][tu]: one copy, written aligned
         self._words = _tiles(qweight.view(np.uint32), tu).reshape(-1)
         dtype = held_scale_dtype(scales, zeros, scale_dtype, known_exact)
+        if len(zeros) > 1 and np.array_equal(zeros, np.broadcast_to(zeros[:1], zeros.shape)):
+            zeros = zeros[:1]      # a symmetric format's constant zero: held once per column
         self._scales, self._zeros = (_tiles(a, tu, dtype).reshape(-1) for a in (scales, zeros))
         self._perm = None      # act-order: kernel input k is x[perm[k]]
         self._g_idx = None
@@ -300,7 +302,9 @@ class QuantizedLinear:
     @property
     def zeros(self):
         """float32 [n_groups, out_features]."""
-        return self._untile(self._zeros, self.in_features // self._group).astype(np.float32)
+        groups = self.in_features // self._group
+        held = self._untile(self._zeros, self._zeros.size // (-(-self.out_features // self._tu) * self._tu))
+        return np.broadcast_to(held, (groups, self.out_features)).astype(np.float32)
 
     @property
     def scale_dtype(self):

@@ -919,3 +919,46 @@ def test_float_kernels_avx512_equal_avx2(out_f, in_f, bits, group_size, n):
     w_in_out = dequant(codes, scales, zeros, group_size).astype(np.float64)
     assert_matches(wide, ref_matmul(X, w_in_out), f"avx512 [{out_f}x{in_f}] b={bits} g={group_size} n={n}",
                    size=dot_size(X, w_in_out))
+
+
+# --------------------------------------------------------------------------
+# A zero shared by every group of a column (symmetric formats) is held once
+# --------------------------------------------------------------------------
+
+def _per_group_twin(layer, zeros):
+    """The same layer holding its zeros once per group, as a layer with varying zeros does."""
+    import copy
+    from qinfer.linear import _tiles
+    twin = copy.copy(layer)
+    twin._zeros = _tiles(np.ascontiguousarray(zeros), layer._tu, layer._scales.dtype).reshape(-1)
+    twin._matrix = twin._build_matrix()
+    return twin
+
+
+SHARED_ZERO_CASES = [(b, g) for b in BITS for g in (16, 32, 128)]
+
+
+@pytest.mark.parametrize("bits,group_size", SHARED_ZERO_CASES)
+def test_shared_zero_held_once_same_results(bits, group_size):
+    rng = np.random.default_rng([bits, group_size])
+    out_f, in_f = 77, 512
+    codes = random_codes(rng, in_f, out_f, bits)
+    G = in_f // group_size
+    scales = (rng.uniform(0.5, 1.5, (G, out_f)) * 0.02).astype(F32)
+    column_zero = rng.integers(0, 2 ** bits, out_f).astype(F32)       # one zero per column, as Q8_0's 128
+    zeros = np.repeat(column_zero[None], G, axis=0)
+    layer = qinfer.QuantizedLinear.from_packed(pack_gptq(codes, bits), scales, zeros, bits, group_size)
+    tiles = -(-out_f // layer._tu)
+    assert layer._zeros.size == tiles * layer._tu                     # one row of zeros per tile
+    np.testing.assert_array_equal(layer.zeros, zeros)
+    twin = _per_group_twin(layer, zeros)
+    assert twin._zeros.size == tiles * G * layer._tu and twin.nbytes > layer.nbytes
+    w = scales[np.arange(in_f) // group_size] * (codes - zeros[np.arange(in_f) // group_size])
+    X = inputs(rng, 64, in_f)
+    check_layer_outputs(layer, X, w, f"b={bits} g={group_size} shared zero")
+    paths = ("avx2", "scalar") if qinfer.kernels.cpu_has_avx2() else ("scalar",)
+    for path in paths:
+        for activations in ("float", "int8"):
+            with qinfer.kernels.use_path(path), qinfer.kernels.use_activations(activations):
+                for x in (X[0], X[:5], X[:40]):   # qgemv, few rows, the qgemm
+                    assert np.array_equal(layer(x), twin(x)), (path, activations, x.shape)
