@@ -203,13 +203,27 @@ def int8_bytes_per_cycle(int8, vectors):
 
 
 # Tiles side by side in the int8 (and float-limb) qgemv of a layer too large for
-# the caches, which each thread reads from memory in runs of ~1 MiB: two streams
-# per thread keep more lines in flight than one. 11008x4096 4-bit, KVM Xeon with
-# AVX-512, fraction of the streaming read bandwidth (2 threads, g128 and full
-# column): one tile 0.84 / 0.70 int8 and 0.78 / 0.82 float limbs, two tiles 0.96 /
-# 0.96 and 0.92 / 0.92. Layers that fit the caches keep int8_gemv_tiles (SmolLM2
-# decode with two: 359 -> 347 tok/s int8, 302 -> 274 float).
-INT8_STREAM_TILES = 2
+# the caches, which each thread reads from memory in runs of ~1 MiB, by CPU vendor.
+# On a KVM Xeon with AVX-512 two streams per thread kept more lines in flight than
+# one: 11008x4096 4-bit, fraction of the streaming read bandwidth (2 threads, g128
+# and full column): one tile 0.84 / 0.70 int8 and 0.78 / 0.82 float limbs, two tiles
+# 0.96 / 0.96 and 0.92 / 0.92. On a 2-core KVM Zen 4 one stream is better, most of
+# all for short columns: int8 time over the float qgemv's in the same process, builds
+# run alternately twice, 2 threads: 11008x4096 4-bit g128 two tiles 0.85 / 0.87, one
+# 0.77 / 0.81; SmolLM2's LM head (49152x576, 8-bit g32) two tiles 1.26 / 1.45, one
+# 0.81 / 0.99. Layers that fit the caches keep int8_gemv_tiles (SmolLM2 decode with
+# two: 359 -> 347 tok/s int8, 302 -> 274 float). Vendors not measured get AMD's.
+INT8_STREAM_TILES = {"GenuineIntel": 2}
+INT8_STREAM_TILES_DEFAULT = 1
+
+
+# The float-limb kind keeps two everywhere: on the Zen 4 its 11008x4096 4-bit decode
+# took 772 / 692 us with two tiles and 833 / 726 with one (same runs as above).
+LIMB_STREAM_TILES = 2
+
+
+def int8_stream_tiles(machine):
+    return INT8_STREAM_TILES.get(machine.vendor, INT8_STREAM_TILES_DEFAULT)
 
 
 def int8_gemv_tiles(int8, tu, vector_registers=16, max_tiles=4):

@@ -77,7 +77,7 @@ def variants_comment(held):
                       f"#   AMX float qgemm:       {'yes' if held.amx else 'no'}"])
 
 
-def int8_namespace(bits, params):
+def int8_namespace(bits, params, machine):
     """Names for the int8-activation qgemv (pyx/snippets/int8_gemv.c.tp).
     QINFER_INT8_TILES=N and QINFER_INT8_STREAM_TILES=N replace the model's tile
     counts for layers that fit the caches and layers that stream (for experiments)."""
@@ -102,7 +102,8 @@ def int8_namespace(bits, params):
                 int8_tiles=(int(os.environ.get("QINFER_INT8_TILES", 0)) or
                             perfmodel.int8_gemv_tiles(int8, params.tu)) if has else 0,
                 int8_stream_tiles=(int(os.environ.get("QINFER_INT8_STREAM_TILES", 0)) or
-                                   perfmodel.INT8_STREAM_TILES) if has else 0)
+                                   perfmodel.int8_stream_tiles(machine)) if has else 0,
+                limb_stream_tiles=perfmodel.LIMB_STREAM_TILES if has else 0)
 
 
 def load(path):
@@ -121,7 +122,7 @@ def render(bits, params, machine):
         return snippets[name].substitute(dict(ns, **names)).rstrip("\n")
 
     ns["snippet"] = snippet
-    ns.update(int8_namespace(bits, params), i8_prefetch_bytes=i8_prefetch_bytes(machine))
+    ns.update(int8_namespace(bits, params, machine), i8_prefetch_bytes=i8_prefetch_bytes(machine))
     return load(TEMPLATE).substitute(ns)
 
 
