@@ -94,8 +94,9 @@ def int8_namespace(bits, params, machine):
         return "quantize_i8_avx2" if int8_for(isa) == int8 else "quantize_i8_bytes"
 
     quantizers = [(int8, "quantize_i8_avx2")] if has else []
-    quantizers += [(int8_for(isa), "quantize_i8_bytes") for isa in held.int8_isas
-                   if has and quantizer_for(isa) != "quantize_i8_avx2"][:1]
+    byte_isas = [isa for isa in held.int8_isas if has and int8_for(isa) != int8]
+    if byte_isas:        # 8-bit codes in byte lanes (VNNI): the activations as bytes, not int16 pairs
+        quantizers.append((int8_for(byte_isas[0]), "quantize_i8_bytes"))
     return dict(int8=int8, int8_for=int8_for, quantizer_for=quantizer_for, int8_quantizers=quantizers,
                 avx2_int8_expr=bitlayout.avx2_int8_expr,
                 int8_chunk_order=bitlayout.int8_chunk_order,
