@@ -101,10 +101,11 @@ class WeightSummary:
     n_params: int
 
 
-def _quantized_bytes(out_f, in_f, bits, group, scale_bytes=4):
-    """Codes + a scale and a zero per group and column, float32 (4) or float16 (2)."""
+def _quantized_bytes(out_f, in_f, bits, group, scale_bytes=4, shared_zero=False):
+    """Codes + a scale per group and column + a zero per group and column (or one per column
+    when every group has the same zero), float32 (4) or float16 (2)."""
     groups = 1 if group == -1 else in_f // group
-    return out_f * in_f * bits // 8 + 2 * scale_bytes * groups * out_f
+    return out_f * in_f * bits // 8 + scale_bytes * (groups + (1 if shared_zero else groups)) * out_f
 
 
 def _group_text(group):
@@ -129,7 +130,8 @@ def weight_summary(engine):
         t = source.tensors[name]
         if isinstance(t, PackedTensor) and not model.dequantize:
             held = model.scale_bytes[name]          # as the model built it: no second conversion
-            return _quantized_bytes(out_f, in_f, t.bits, t.group_size, held), t.bits, t.group_size
+            shared = model.shared_zero[name]
+            return _quantized_bytes(out_f, in_f, t.bits, t.group_size, held, shared), t.bits, t.group_size
         if load_bits:      # quantize on load: float16 scales (model.quantize_on_load)
             return _quantized_bytes(out_f, in_f, load_bits, model.group_size, 2), load_bits, model.group_size
         return 4 * out_f * in_f, None, None

@@ -303,8 +303,14 @@ class QuantizedLinear:
     def zeros(self):
         """float32 [n_groups, out_features]."""
         groups = self.in_features // self._group
-        held = self._untile(self._zeros, self._zeros.size // (-(-self.out_features // self._tu) * self._tu))
+        held = self._untile(self._zeros, self.zero_groups)
         return np.broadcast_to(held, (groups, self.out_features)).astype(np.float32)
+
+    @property
+    def zero_groups(self):
+        """Rows of zeros held per column: the number of groups, or 1 when every group of a
+        column has the same zero (symmetric formats), which is then held once."""
+        return self._zeros.size // (-(-self.out_features // self._tu) * self._tu)
 
     @property
     def scale_dtype(self):

@@ -134,6 +134,7 @@ class Model:
         self.stack = os.environ.get(STACK_ENV, "1") != "0" if stack is None else bool(stack)
         self._stacked = {}                    # (layer, "wqkv" | "w_gate_up") -> the stacked QuantizedLinear
         self.scale_bytes = {}                 # name of a tensor run packed -> bytes of each scale/zero as held
+        self.shared_zero = {}                 # ... -> whether its zeros are held once per column
 
         # a float tied LM head is the embedding itself, read whole per token
         self._embedding_layer = self._packed_embedding(source)
@@ -242,6 +243,7 @@ class Model:
         layer = QuantizedLinear.from_packed(t.qweight, t.scales, t.zeros, t.bits, t.group_size, t.g_idx,
                                             known_exact=t.half_exact)
         self.scale_bytes.update(dict.fromkeys(names, np.dtype(layer.scale_dtype).itemsize))
+        self.shared_zero.update(dict.fromkeys(names, layer.zero_groups == 1))
         return layer
 
     def _linear_spec(self, layer):

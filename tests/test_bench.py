@@ -56,6 +56,9 @@ def test_size_formula_is_what_a_layer_holds(tiny):
         half = qinfer.QuantizedLinear.from_packed(layer.qweight, layer.scales.astype(np.float16),
                                                   layer.zeros, bits, group)
         assert half.scale_dtype == "float16" and half.nbytes == q_bytes(*w.shape, bits, group, 2)
+        sym = qinfer.QuantizedLinear.from_float(w, bits, group, sym=True)   # one zero, 2^(b-1), per column
+        groups = w.shape[1] // group
+        assert sym.zero_groups == 1 and sym.nbytes == q_bytes(*w.shape, bits, group) - 4 * (groups - 1) * w.shape[0]
 
 
 def test_cli_json_rows_and_times(tiny):
