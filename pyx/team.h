@@ -137,6 +137,14 @@ static inline void team_wait(const team *tm)
  * contended core costs more, until noticed, than one that drops a thread. */
 #define TEAM_PROBE_MARGIN 0.08
 #define TEAM_PROBE_MARGIN_UP 0.07
+/* Wins in a row a probe needs to replace the count: one that wins is run again as
+ * soon as the count in use has run TEAM_MIN_UNITS units more. On a virtual machine
+ * a vCPU the hypervisor holds back for a few milliseconds stalls the team at its
+ * barriers, and a one-thread probe timed then wins against a quiet machine's two
+ * threads; made to win twice, it rarely does (2-core KVM, quiet: 6 switches in 8-10
+ * probes of SmolLM2's decode with one win, and the decode 7-20% slower than a
+ * fixed count), while a core really taken by another process loses both. */
+#define TEAM_PROBE_CONFIRM 2
 /* The moving average's weight of the newest unit. */
 #define TEAM_COST_WEIGHT 0.5
 /* Units in a row this much slower than the moving average the last probe
@@ -178,6 +186,7 @@ typedef struct {
     int slow;           /* of which the last ones in a row TEAM_DEGRADED slower than `ref` */
     int rows;           /* rows of the units (governor_rows; 0: one) */
     int probes, switches;   /* counts since the start, for tests and diagnostics */
+    int wins;           /* wins in a row of the probe being confirmed (TEAM_PROBE_CONFIRM) */
     double probe_sum;   /* cost of the running probe's units */
     double cost;        /* seconds a unit takes at `use`, per row (moving average); < 0 unknown */
     double ref;         /* `cost` when the last probe ended (or at a rebase) */
@@ -199,7 +208,7 @@ static inline void governor_init(team_governor *g, int probe_units)
 {
     g->max = 0;
     g->probe_units = probe_units > 0 ? probe_units : 1;
-    g->probes = g->switches = 0;
+    g->probes = g->switches = g->wins = 0;
     g->rows = 0;
     g->work = g->last_end = 0.0;
 }
@@ -209,7 +218,7 @@ static inline void governor_init(team_governor *g, int probe_units)
 static inline void governor_rebase(team_governor *g)
 {
     g->probe = 0;
-    g->units = g->slow = 0;
+    g->units = g->slow = g->wins = 0;
     g->cost = g->ref = -1.0;
 }
 
@@ -270,8 +279,14 @@ static inline void governor_report(team_governor *g, int threads, double start, 
             return;
         const double mean = g->probe_sum / g->probe_units;
         const double margin = TEAM_PROBE_MARGIN + (g->probe > g->use ? TEAM_PROBE_MARGIN_UP / g->use : 0.0);
+        if (mean < (1.0 - margin) * g->cost && ++g->wins < TEAM_PROBE_CONFIRM) {
+            g->probe = 0;        /* a first win: the same probe again once the count in use has run */
+            g->units = g->slow = 0;
+            g->next_probe = g->work;
+            return;
+        }
         if (mean < (1.0 - margin) * g->cost) {
-            g->use = g->probe;   /* the probe won: keep going that way next time */
+            g->use = g->probe;   /* the probe won (again): keep going that way next time */
             g->cost = mean;
             g->interval = team_probe_min_s;
             g->switches++;
@@ -279,6 +294,7 @@ static inline void governor_report(team_governor *g, int threads, double start, 
             g->direction = -g->direction;
             g->interval = 2 * g->interval < team_probe_max_s ? 2 * g->interval : team_probe_max_s;
         }
+        g->wins = 0;
         g->probe = 0;
         g->ref = g->cost;
         g->units = g->slow = 0;

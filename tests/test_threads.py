@@ -159,6 +159,23 @@ def test_governor_needs_a_clear_win_to_switch():
     assert down.use == 2 and down.switches == 2
 
 
+def test_governor_needs_two_wins_in_a_row_to_switch():
+    """A probe that wins once, by a moment's slowdown of the count in use (on a virtual
+    machine, a vCPU the hypervisor holds back stalls the team), is run again at once; the
+    count changes only if it wins again."""
+    gov = _runtime.Governor()
+    # one thread fewer wins only while the first probe runs
+    drive(gov, lambda t, now: 0.01 if t == 2 else (0.005 if gov.probes == 1 else 0.018), 30.0)
+    assert gov.use == 2 and gov.switches == 0 and gov.probes >= 2
+    twice = _runtime.Governor()
+    # ... and while the first two run: then it switches, right after the second
+    units, _ = drive(twice, lambda t, now: 0.01 if t == 2 else (0.005 if twice.probes <= 2 else 0.018), 1.2)
+    assert twice.switches == 1 and twice.probes == 2
+    first_probe = next(s for s, t in units if t == 1)
+    switched = next(s for s, t in units if t == 1 and all(t2 == 1 for s2, t2 in units if s2 >= s))
+    assert switched - first_probe < 0.1
+
+
 def test_governor_one_thread_and_a_new_count():
     gov = _runtime.Governor()
     assert gov.threads(1) == 1 and gov.probes == 0          # one thread asked: nothing to choose
