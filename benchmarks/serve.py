@@ -66,11 +66,16 @@ def start_server(args, port):
     if args.model:
         cmd += ["--model", args.model]
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    return healthy(proc, port, "the server")
+
+
+def healthy(proc, port, name):
+    """`proc` once its /health answers 200 (it exits or takes over 300 s: SystemExit naming `name`)."""
     import httpx
     deadline = time.time() + 300
     while True:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {proc.stderr.read()}")
+            raise SystemExit(f"{name} exited: {proc.stderr.read()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return proc
@@ -78,7 +83,7 @@ def start_server(args, port):
             pass
         if time.time() > deadline:
             proc.kill()
-            raise SystemExit("the server did not start in 300 s")
+            raise SystemExit(f"{name} did not start in 300 s")
         time.sleep(0.2)
 
 
@@ -157,20 +162,7 @@ def start_llama_server(args, port, gguf):
     cmd = [server, "-m", gguf, "-t", str(args.threads), "-np", str(args.parallel), "-c", str(args.ctx * args.parallel),
            "--host", "127.0.0.1", "--port", str(port), "--no-webui", "--log-disable"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    import httpx
-    deadline = time.time() + 300
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"llama-server exited: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            raise SystemExit("llama-server did not start in 300 s")
-        time.sleep(0.2)
+    return healthy(proc, port, "llama-server")
 
 
 def measure(url, args, streams):
