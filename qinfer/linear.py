@@ -19,7 +19,7 @@ import copy
 
 import numpy as np
 
-from . import _runtime, kernels, packing, rtn
+from . import _runtime, arena, kernels, packing, rtn
 from .errors import ShapeError, UnsupportedError
 from .tuning import table as tuning_table
 from .tuning.space import LayerParams, LayerShape, segment_rows
@@ -75,10 +75,10 @@ def _empty_aligned(shape, dtype, alignment=CODE_ALIGNMENT):
 def _tiles(a, tu, dtype=None):
     """[rows, out] (any strides: GPTQ's row-major arrays, or the transposed views of a
     GGUF tensor's column-major ones) -> [n_tiles][rows][tu], C order, 64-byte aligned
-    (see _aligned), converted to `dtype` in the same copy; columns past `out` are zero."""
+    (see _aligned) on huge pages (qinfer/arena.py), converted to `dtype` in the same copy; columns past `out` are zero."""
     rows, out = a.shape
     n_tiles, full = -(-out // tu), out // tu
-    dst = _empty_aligned((n_tiles, rows, tu), dtype or a.dtype)
+    dst = arena.weights.empty((n_tiles, rows, tu), dtype or a.dtype)
     dst[:full] = a[:, :full * tu].reshape(rows, full, tu).transpose(1, 0, 2)
     if full < n_tiles:
         dst[full] = 0
