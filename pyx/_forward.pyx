@@ -13,7 +13,7 @@ from libc.stdlib cimport malloc, calloc, free
 
 from qmatrix cimport qmatrix, qgemm_fn, qgemv_team_fn
 from team cimport (team_governor, team_wait_mode, TEAM_WAIT_SLEEP, TEAM_WAIT_SPIN,
-                   team_probe_min_s, team_probe_max_s)
+                   team_probe_min_s, team_probe_max_s, team_probe_share, TEAM_PROBE_SHARE)
 
 # One translation unit, as when the C was a string here (forward.h says why).
 cdef extern from "float_gemm.c":
@@ -91,14 +91,16 @@ def thread_policy():
     return bool(adapt_threads), team_wait_mode == TEAM_WAIT_SPIN
 
 
-def set_probe_interval(double shortest, double longest):
+def set_probe_interval(double shortest, double longest, double share=TEAM_PROBE_SHARE):
     """Seconds of work between the governors' periodic probes: `shortest` after a
     start or a switch, doubling after every probe that loses, up to `longest`
-    (pyx/team.h: 1 and 8). Tests set 0: a probe whenever enough units have run.
-    Returns the previous pair. Governors already running keep their current interval."""
-    global team_probe_min_s, team_probe_max_s
-    previous = team_probe_min_s, team_probe_max_s
-    team_probe_min_s, team_probe_max_s = shortest, longest
+    (pyx/team.h: 1 and 8), and at least a probe's own time / `share` (0.02).
+    Tests set 0, 0, 0: a probe whenever enough units have run. Returns the
+    previous triple. Governors already running keep their current interval and
+    share."""
+    global team_probe_min_s, team_probe_max_s, team_probe_share
+    previous = team_probe_min_s, team_probe_max_s, team_probe_share
+    team_probe_min_s, team_probe_max_s, team_probe_share = shortest, longest, share
     return previous
 
 

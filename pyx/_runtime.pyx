@@ -13,7 +13,7 @@ from libc.stdint cimport uint16_t, uint32_t, int32_t, uint64_t
 from qmatrix cimport qmatrix, qgemm_fn, qgemv_team_fn, qm_whole_tiles, qkernels
 from team cimport (team_governor, governor_init, governor_rows, governor_threads, governor_report,
                    TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S, TEAM_PROBE_MARGIN, TEAM_PROBE_MARGIN_UP,
-                   TEAM_PROBE_WARMUP)
+                   TEAM_PROBE_WARMUP, TEAM_PROBE_SHARE)
 
 cdef extern from "runtime.h":
     int qi_cpu_has_avx2_fma()
@@ -46,6 +46,7 @@ def display_omp_env():
 PROBE_MIN_SECONDS, PROBE_MAX_SECONDS = TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S
 PROBE_MARGIN, PROBE_MARGIN_UP = TEAM_PROBE_MARGIN, TEAM_PROBE_MARGIN_UP
 PROBE_WARMUP_UNITS = TEAM_PROBE_WARMUP
+PROBE_SHARE = TEAM_PROBE_SHARE
 
 
 cdef class Governor:
@@ -53,12 +54,14 @@ cdef class Governor:
     and one for prefill blocks), for tests to drive with made-up timings.
     threads(n) is the count for the next unit of at most n; report(threads,
     seconds, idle=0) tells it how long that unit took, started `idle` seconds
-    after the previous one ended; rows(n): the units that follow have n rows."""
+    after the previous one ended; rows(n): the units that follow have n rows.
+    probe_share: TEAM_PROBE_SHARE (0: periodic probes wait for the interval alone)."""
     cdef team_governor g
     cdef double clock
 
-    def __cinit__(self, int probe_units=2):
+    def __cinit__(self, int probe_units=2, double probe_share=TEAM_PROBE_SHARE):
         governor_init(&self.g, probe_units)
+        self.g.share = probe_share
         self.clock = 1.0
 
     def rows(self, int rows):

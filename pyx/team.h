@@ -162,6 +162,17 @@ static inline void team_wait(const team *tm)
  * soon as TEAM_MIN_UNITS units allow; pyx/_forward.pyx, set_probe_interval). */
 static double team_probe_min_s TEAM_UNUSED = TEAM_PROBE_MIN_S;
 static double team_probe_max_s TEAM_UNUSED = TEAM_PROBE_MAX_S;
+/* A periodic probe costs up to its own units' time again (with a thread fewer they
+ * take up to twice as long), so once a probe has lost, the next periodic ones also
+ * wait until the work since the last is at least the probe's units' time /
+ * TEAM_PROBE_SHARE: with a 7B model's decode steps of ~0.15 s a probe every few
+ * seconds would cost the decode several percent on a quiet machine; with SmolLM2's
+ * 4 ms steps the interval above is the longer. The first probe after a start or a
+ * switch does not wait for it (a count that starts on a busy machine is found out
+ * after a second of work). A governor takes the share in force when it starts
+ * (tests set 0: no such wait). */
+#define TEAM_PROBE_SHARE 0.02
+static double team_probe_share TEAM_UNUSED = TEAM_PROBE_SHARE;
 /* Units at the count in use before any probe (the average must mean something). */
 #define TEAM_MIN_UNITS 4
 /* Units a probe runs before the ones it times: the first unit with more
@@ -194,6 +205,8 @@ typedef struct {
     double last_end;    /* clock (team_clock) when the last unit ended; 0 before the first */
     double next_probe;  /* `work` at the next periodic probe */
     double interval;    /* seconds of work between periodic probes */
+    double share;       /* TEAM_PROBE_SHARE when it started */
+    int losses;         /* probes lost since the start or the last switch */
 } team_governor;
 
 /* The process's monotonic clock, in seconds (~25 ns a call through the vDSO). */
@@ -208,6 +221,7 @@ static inline void governor_init(team_governor *g, int probe_units)
 {
     g->max = 0;
     g->probe_units = probe_units > 0 ? probe_units : 1;
+    g->share = team_probe_share;
     g->probes = g->switches = g->wins = 0;
     g->rows = 0;
     g->work = g->last_end = 0.0;
@@ -232,6 +246,16 @@ static inline void governor_rows(team_governor *g, int rows)
     g->rows = rows;
 }
 
+/* Whether the periodic probe is due: `interval` seconds of work since the last one
+ * ended, and after a lost probe the probe's units' expected time / share
+ * (TEAM_PROBE_SHARE). */
+static inline int governor_probe_due(const team_governor *g)
+{
+    const double since = g->work - (g->next_probe - g->interval);
+    const double probe = (TEAM_PROBE_WARMUP + g->probe_units) * g->cost * (g->rows > 1 ? g->rows : 1);
+    return g->work >= g->next_probe && (g->share <= 0.0 || !g->losses || since * g->share >= probe);
+}
+
 /* Threads for the next unit, of at most `nthreads` (the count asked for). */
 static inline int governor_threads(team_governor *g, int nthreads)
 {
@@ -242,11 +266,12 @@ static inline int governor_threads(team_governor *g, int nthreads)
         g->direction = -1;
         g->interval = team_probe_min_s;
         g->next_probe = g->work + g->interval;
+        g->losses = 0;
         governor_rebase(g);
     }
     if (g->probe)
         return g->probe;
-    if (g->cost >= 0.0 && g->units >= TEAM_MIN_UNITS && (g->work >= g->next_probe || g->slow >= TEAM_SLOW_UNITS)) {
+    if (g->cost >= 0.0 && g->units >= TEAM_MIN_UNITS && (governor_probe_due(g) || g->slow >= TEAM_SLOW_UNITS)) {
         if (g->use + g->direction < 1 || g->use + g->direction > g->max)
             g->direction = -g->direction;
         g->probe = g->use + g->direction;
@@ -289,10 +314,12 @@ static inline void governor_report(team_governor *g, int threads, double start, 
             g->use = g->probe;   /* the probe won (again): keep going that way next time */
             g->cost = mean;
             g->interval = team_probe_min_s;
+            g->losses = 0;
             g->switches++;
         } else {                 /* it lost: wait longer, then try the other side */
             g->direction = -g->direction;
             g->interval = 2 * g->interval < team_probe_max_s ? 2 * g->interval : team_probe_max_s;
+            g->losses++;
         }
         g->wins = 0;
         g->probe = 0;

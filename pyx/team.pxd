@@ -5,13 +5,13 @@
 cdef extern from "team.h":
     ctypedef struct team_governor:
         int max, use, probe, probes, switches
-        double cost, work
+        double cost, work, share
     void governor_init(team_governor *g, int probe_units)
     void governor_rows(team_governor *g, int rows)
     int governor_threads(team_governor *g, int nthreads)
     void governor_report(team_governor *g, int threads, double start, double end)
-    double TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S, TEAM_PROBE_MARGIN, TEAM_PROBE_MARGIN_UP
+    double TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S, TEAM_PROBE_MARGIN, TEAM_PROBE_MARGIN_UP, TEAM_PROBE_SHARE
     int TEAM_PROBE_WARMUP
     int TEAM_WAIT_SLEEP, TEAM_WAIT_SPIN
     int team_wait_mode
-    double team_probe_min_s, team_probe_max_s
+    double team_probe_min_s, team_probe_max_s, team_probe_share

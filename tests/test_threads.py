@@ -57,6 +57,25 @@ def test_governor_keeps_the_faster_count_on_a_quiet_machine():
     assert counts.count(1) / len(counts) < 0.01
 
 
+def test_governor_spaces_the_probes_of_long_units():
+    """Units of 0.15 s (a 7B model's decode steps), two threads 1.5x as fast as one: after
+    the first probe loses, periodic probes wait for their own units' time / PROBE_SHARE
+    of work, so probing costs the run under 2% of its time, where the interval alone
+    (share 0) would cost it ~3%."""
+    def slow_seconds(share):
+        gov = _runtime.Governor(probe_share=share)
+        units, _ = drive(gov, lambda t, now: 0.15 if t == 2 else 0.225, 120.0)
+        assert gov.use == 2 and gov.switches == 0
+        probe_units = (_runtime.PROBE_WARMUP_UNITS + 2)
+        gap = probe_units * 0.15 / _runtime.PROBE_SHARE
+        return sum(0.225 - 0.15 for _, t in units if t == 1) / 120.0, gov.probes, gap
+
+    spent, probes, gap = slow_seconds(_runtime.PROBE_SHARE)
+    assert probes <= 2 + 120 / gap and spent < _runtime.PROBE_SHARE
+    spent_without, probes_without, _ = slow_seconds(0.0)
+    assert probes_without > 2 * probes and spent_without > 2 * spent and spent_without > 0.025
+
+
 def test_governor_drops_a_thread_when_one_is_held_up_and_takes_it_back():
     """Another process takes a core at t=5 s (two threads now 3x slower than one):
     two slow units in a row probe at once and the governor drops to one thread; when
@@ -206,7 +225,7 @@ def six_layers(write_tiny):
 @pytest.fixture
 def probe_always():
     """Probe whenever enough units have run, so that short runs switch counts back and forth."""
-    previous = _forward.set_probe_interval(0.0, 0.0)
+    previous = _forward.set_probe_interval(0.0, 0.0, 0.0)
     try:
         yield
     finally:
