@@ -10,9 +10,11 @@ the client's mistakes (protocol.ApiError) and 500 for a failed step. With an
 API key set, every request must carry it as `Authorization: Bearer KEY`.
 """
 import asyncio
+import collections
 import contextlib
 import hmac
 import json
+import threading
 import time
 
 from starlette.applications import Starlette
@@ -49,12 +51,63 @@ class _ApiKey:
         await self.app(scope, receive, send)
 
 
+class _Relay:
+    """Hands events from the scheduler's thread to the requests waiting on the event loop.
+
+    A turn of the scheduler emits a token for each of its streams in a burst;
+    the loop is woken once for the burst, not once per token: each wake-up
+    (call_soon_threadsafe) is a write to a pipe and a system call on the
+    loop's side, CPU time taken from the forward pass's threads on a machine
+    whose cores they all use."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.ready = set()          # inboxes with new events since the last wake-up
+        self.scheduled = False      # a wake-up is on its way
+
+    def notify(self, inbox):        # any thread
+        with self.lock:
+            self.ready.add(inbox)
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self):                # the loop
+        with self.lock:
+            ready, self.ready, self.scheduled = self.ready, set(), False
+        for inbox in ready:
+            inbox.event.set()
+
+
+class _Inbox:
+    """One request's events: put from the scheduler's thread, taken on the loop."""
+
+    def __init__(self, relay):
+        self.relay = relay
+        self.items = collections.deque()
+        self.event = asyncio.Event()
+
+    def put(self, kind, value):
+        self.items.append((kind, value))
+        self.relay.notify(self)
+
+    async def take(self):
+        """Every event so far, waiting for one if there is none."""
+        while not self.items:
+            self.event.clear()      # a put after this point wakes it through the relay
+            await self.event.wait()
+        return [self.items.popleft() for _ in range(len(self.items))]
+
+
 class Server:
     """The routes of one served model. engine: a qinfer.Engine; scheduler: its Scheduler."""
 
     def __init__(self, engine, scheduler, model_name):
         self.engine, self.scheduler, self.model_name = engine, scheduler, model_name
         self.created = int(time.time())
+        self.relay = None           # made on the event loop's first request
 
     # ------------------------------------------------------------------ routes
     async def health(self, request):
@@ -103,11 +156,11 @@ class Server:
             ids = self._prompt_ids(req)
         except ApiError as exc:
             return _error(exc)
-        loop = asyncio.get_running_loop()
-        events = asyncio.Queue()
+        if self.relay is None:
+            self.relay = _Relay(asyncio.get_running_loop())
+        events = _Inbox(self.relay)
         greedy = req.temperature == 0 or req.top_p == 0
-        job = Job(ids, lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)),
-                  req.max_tokens, temperature=0.0 if greedy else req.temperature,
+        job = Job(ids, events.put, req.max_tokens, temperature=0.0 if greedy else req.temperature,
                   top_p=1.0 if greedy else req.top_p, seed=req.seed, stop=req.stop)
         response = protocol.Response(req, self.model_name)
         self.scheduler.submit(job)
@@ -117,13 +170,13 @@ class Server:
         pieces = [req.prompt] if req.echo else []
         try:
             while True:
-                what, value = await events.get()
-                if what == "text":
-                    pieces.append(value)
-                elif what == "done":
-                    return JSONResponse(response.whole("".join(pieces), value))
-                else:
-                    return _error(ApiError(500, f"generation failed: {value}", kind="server_error"))
+                for what, value in await events.take():
+                    if what == "text":
+                        pieces.append(value)
+                    elif what == "done":
+                        return JSONResponse(response.whole("".join(pieces), value))
+                    else:
+                        return _error(ApiError(500, f"generation failed: {value}", kind="server_error"))
         finally:
             job.cancel()            # a client gone mid-way frees its slot (no-op when done)
 
@@ -135,18 +188,23 @@ class Server:
                 yield sse(response.chunk(first=True))
             elif req.echo:
                 yield sse(response.chunk(req.prompt))
-            while True:
-                what, value = await events.get()
-                if what == "text":
-                    yield sse(response.chunk(value))
-                elif what == "done":
-                    yield sse(response.chunk(finish=value.stop_reason))
-                    if req.include_usage:
-                        yield sse(response.usage_chunk(value))
-                    break
-                else:
-                    yield sse(ApiError(500, f"generation failed: {value}", kind="server_error").body())
-                    break
+            ended = False
+            while not ended:
+                out = []            # the events of one wake-up, sent in one write: one chunk a token
+                for what, value in await events.take():
+                    if what == "text":
+                        out.append(sse(response.chunk(value)))
+                    elif what == "done":
+                        out.append(sse(response.chunk(finish=value.stop_reason)))
+                        if req.include_usage:
+                            out.append(sse(response.usage_chunk(value)))
+                        ended = True
+                        break
+                    else:
+                        out.append(sse(ApiError(500, f"generation failed: {value}", kind="server_error").body()))
+                        ended = True
+                        break
+                yield "".join(out)
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()
