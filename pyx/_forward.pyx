@@ -52,6 +52,7 @@ cdef extern from "forward.c":
         int decode_team
         team_governor decode_governor
         team_governor prefill_governor
+        team_governor rows_governor
         float *stacked
         float *key_cache
         float *value_cache
@@ -272,12 +273,14 @@ cdef class Transformer:
         self.s.decode_team = on
 
     def thread_governors(self):
-        """What the thread governors (pyx/team.h) chose: for "decode" (steps) and
-        "prefill" (blocks), the count asked for (0: none yet), the count in use, the
-        probes and switches so far, the moving average of a unit's seconds (per
-        token for prefill blocks) at that count and the seconds of work governed."""
+        """What the thread governors (pyx/team.h) chose: for "decode" (steps),
+        "prefill" (blocks) and "rows" (batched decode steps of several sequences), the
+        count asked for (0: none yet), the count in use, the probes and switches so
+        far, the moving average of a unit's seconds (per token for prefill blocks and
+        batched steps) at that count and the seconds of work governed."""
         return {"decode": governor_state(&self.s.decode_governor),
-                "prefill": governor_state(&self.s.prefill_governor)}
+                "prefill": governor_state(&self.s.prefill_governor),
+                "rows": governor_state(&self.s.rows_governor)}
 
     @property
     def team_ready(self):

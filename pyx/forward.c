@@ -168,12 +168,19 @@ static int forward(const weights *w, run_state *s, const int *tokens, int n, int
     nthreads = clamp_threads(s, nthreads);
     if (!adapt_threads || nthreads == 1)
         return forward_with(w, s, tokens, n, pos, logits, all_logits, nthreads, NULL);
-    if (n > 1)
+    if (n > 1 && !s->row_seq)
         return forward_with(w, s, tokens, n, pos, logits, all_logits, nthreads, &s->prefill_governor);
+    /* a decode step, or a batched one of several sequences (a server's): timed whole.
+     * A server's own threads (its event loop sending the last step's tokens) take a
+     * core for a millisecond now and then; timed layer by layer, as a prefill is, those
+     * moments looked like another process taking a core and the count flapped. */
+    team_governor *g = s->row_seq ? &s->rows_governor : &s->decode_governor;
+    if (s->row_seq)
+        governor_rows(g, n);
     const double t0 = team_clock();
-    const int threads = governor_threads(&s->decode_governor, nthreads);
+    const int threads = governor_threads(g, nthreads);
     const int rc = forward_with(w, s, tokens, n, pos, logits, all_logits, threads, NULL);
-    governor_report(&s->decode_governor, threads, t0, team_clock());
+    governor_report(g, threads, t0, team_clock());
     return rc;
 }
 
@@ -504,6 +511,7 @@ static int alloc_state(run_state *s, const weights *w, int max_tokens, int threa
     s->decode_team = 1;
     governor_init(&s->decode_governor, 2);
     governor_init(&s->prefill_governor, 2);
+    governor_init(&s->rows_governor, 2);
     s->x = malloc(sizeof(float) * T * w->dim);
     s->xb = malloc(sizeof(float) * T * w->dim);
     s->proj = malloc(sizeof(float) * T * w->dim);

@@ -112,7 +112,8 @@ typedef struct {
     const int *row_pos;   /* [T] or NULL */
     int decode_team;  /* 1: a decode step runs as one thread team when every layer can (decode_team) */
     team_governor decode_governor;    /* how many threads decode steps run with (team.h) ... */
-    team_governor prefill_governor;   /* ... and each block of a prefill */
+    team_governor prefill_governor;   /* ... each block of a prefill ... */
+    team_governor rows_governor;      /* ... and batched decode steps (forward_rows), each whole */
 } run_state;
 
 #define KV_BLOCK 32

@@ -264,6 +264,30 @@ def test_governed_threads_give_the_logits_of_one_thread(six_layers, probe_always
         _forward.set_thread_policy(*previous)
 
 
+def test_batched_steps_have_a_governor_of_their_own(six_layers, probe_always):
+    """A server's batched decode steps (Model.forward_rows) are governed whole, by the
+    "rows" governor, not layer by layer by the prefill's: with it probing all the time
+    they still give the logits of one thread, bit for bit."""
+    eng = qinfer.Engine(six_layers, threads=2, quantize=4, group_size=32)
+    model = eng.model
+
+    def run(threads):
+        cache = model.new_cache(32, seqs=3)
+        for seq in range(3):
+            model.forward(SEQ[seq:seq + 4], 0, cache=cache, seq=seq, threads=threads)
+        prefill = cache.transformer.thread_governors()["prefill"]["work"]
+        steps = np.stack([model.forward_rows(SEQ[4 + step:7 + step], [0, 1, 2], [4 + step] * 3, cache,
+                                             threads=threads) for step in range(12)])
+        g = cache.transformer.thread_governors()
+        return steps, g, g["prefill"]["work"] - prefill
+
+    single, _, _ = run(1)
+    governed, g, prefill_work = run(2)
+    assert np.array_equal(governed, single)
+    assert g["rows"]["asked"] == 2 and g["rows"]["probes"] > 0 and g["rows"]["work"] > 0
+    assert prefill_work == 0          # the steps were not the prefill governor's
+
+
 def test_fixed_count_leaves_the_governors_alone(six_layers):
     eng = qinfer.Engine(six_layers, threads=2, quantize=4, group_size=32)
     with kernels.use_adaptive_threads(False):
