@@ -54,13 +54,16 @@ cdef extern from "forward.c":
         team_governor prefill_governor
         team_governor rows_governor
         float *stacked
-        float *key_cache
-        float *value_cache
+        void *key_cache
+        void *value_cache
+        int kv_format
         int seqs
         int seq
     int team_ready(const weights *w) nogil
     int adapt_threads
-    int alloc_state(run_state *s, const weights *w, int max_tokens, int threads, int seqs) nogil
+    int alloc_state(run_state *s, const weights *w, int max_tokens, int threads, int seqs, int kv_format) nogil
+    int KV_F32, KV_F16
+    size_t kv_value_bytes(const run_state *s) nogil
     int grow_threads(run_state *s, const weights *w, int threads) nogil
     void free_state(run_state *s) nogil
     int forward(const weights *w, run_state *s, const int *tokens, int n, int pos,
@@ -155,7 +158,7 @@ cdef class Transformer:
         self.has_state = False
 
     def __init__(self, dict config, embedding, list layers, final_norm, lm_head, inv_freq,
-                 int max_tokens, int threads, int seqs=1):
+                 int max_tokens, int threads, int seqs=1, str kv_cache="f32"):
         cdef int i
         self.keep = [embedding, layers, final_norm, lm_head, inv_freq]
         self.w.dim = config["dim"]
@@ -198,10 +201,18 @@ cdef class Transformer:
                     raise ValueError(f"layer {i}: {name} is missing")
         if seqs < 1:
             raise ValueError("a KV cache holds one sequence or more")
-        if alloc_state(&self.s, &self.w, max_tokens, threads, seqs) != 0:
+        formats = {"f32": KV_F32, "f16": KV_F16}
+        if kv_cache not in formats:
+            raise ValueError(f"no KV cache format {kv_cache!r} here; the C side holds {sorted(formats)}")
+        if alloc_state(&self.s, &self.w, max_tokens, threads, seqs, formats[kv_cache]) != 0:
             raise MemoryError("not enough memory for the KV cache and buffers "
                               f"(context {self.w.ctx}, {seqs} sequences); try a smaller context")
         self.has_state = True
+
+    @property
+    def kv_bytes_per_token(self):
+        """Bytes the KV cache holds per token of one sequence (keys and values, every layer)."""
+        return 2 * self.w.n_layers * self.w.n_kv_heads * self.w.head_dim * kv_value_bytes(&self.s)
 
     def linear_shape(self, str name):
         """(in, out) of a block's linear map."""

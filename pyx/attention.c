@@ -1,22 +1,36 @@
 /* attention.c: the KV cache (where a layer's keys and values sit) and causal
  * grouped-query attention over it, a tile of queries at a time. Part of
- * _forward.pyx's translation unit (forward.h). */
+ * _forward.pyx's translation unit (forward.h).
+ *
+ * Cache formats (run_state.kv_format), each value in the same place:
+ *   KV_F32  float32, 4 bytes a value
+ *   KV_F16  IEEE float16 (round to nearest even when stored), 2 bytes a value:
+ *           half the memory, and half the bytes attention reads at depth
+ * Per layer and KV head of a sequence: keys in blocks of KV_BLOCK positions,
+ * each block transposed, [ctx_blocks][head_dim][KV_BLOCK] (a score block reads
+ * one row of KV_BLOCK positions per dimension); values [ctx][head_dim]. */
 #include "forward.h"
 
-/* Where sequence seq's keys and values of a layer's KV head start in the cache. */
+/* Bytes of one cached value. */
+static size_t kv_value_bytes(const run_state *s)
+{
+    return s->kv_format == KV_F16 ? 2 : 4;
+}
+
+/* Where sequence seq's keys and values of a layer's KV head start in the cache, in values. */
 static size_t head_offset(const weights *w, const run_state *s, int seq, int layer, int kv_h)
 {
     return (((size_t)seq * w->n_layers + layer) * w->n_kv_heads + kv_h) * s->ctx_blocks * KV_BLOCK * w->head_dim;
 }
 
-static float *key_head(const weights *w, const run_state *s, int seq, int layer, int kv_h)
+static void *key_head(const weights *w, const run_state *s, int seq, int layer, int kv_h)
 {
-    return s->key_cache + head_offset(w, s, seq, layer, kv_h);
+    return (char *)s->key_cache + head_offset(w, s, seq, layer, kv_h) * kv_value_bytes(s);
 }
 
-static float *value_head(const weights *w, const run_state *s, int seq, int layer, int kv_h)
+static void *value_head(const weights *w, const run_state *s, int seq, int layer, int kv_h)
 {
-    return s->value_cache + head_offset(w, s, seq, layer, kv_h);
+    return (char *)s->value_cache + head_offset(w, s, seq, layer, kv_h) * kv_value_bytes(s);
 }
 
 /* Move new token t's key and value (after RoPE) into sequence seq's cache at position p. */
@@ -24,12 +38,21 @@ static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int
 {
     const int hd = w->head_dim, kv_dim = w->n_kv_heads * hd, block = p / KV_BLOCK, lane = p % KV_BLOCK;
     for (int h = 0; h < w->n_kv_heads; h++) {
-        const float *k = s->k + (size_t)t * kv_dim + h * hd;
-        float *kb = key_head(w, s, seq, layer, h) + (size_t)block * hd * KV_BLOCK + lane;
+        const float *k = s->k + (size_t)t * kv_dim + h * hd, *v = s->v + (size_t)t * kv_dim + h * hd;
+        const size_t key0 = (size_t)block * hd * KV_BLOCK + lane, value0 = (size_t)p * hd;
+        if (s->kv_format == KV_F16) {
+            _Float16 *kb = (_Float16 *)key_head(w, s, seq, layer, h) + key0;
+            _Float16 *vb = (_Float16 *)value_head(w, s, seq, layer, h) + value0;
+            for (int i = 0; i < hd; i++) {
+                kb[(size_t)i * KV_BLOCK] = (_Float16)k[i];
+                vb[i] = (_Float16)v[i];
+            }
+            continue;
+        }
+        float *kb = (float *)key_head(w, s, seq, layer, h) + key0;
         for (int i = 0; i < hd; i++)
             kb[(size_t)i * KV_BLOCK] = k[i];
-        memcpy(value_head(w, s, seq, layer, h) + (size_t)p * hd, s->v + (size_t)t * kv_dim + h * hd,
-               sizeof(float) * hd);
+        memcpy((float *)value_head(w, s, seq, layer, h) + value0, v, sizeof(float) * hd);
     }
 }
 
@@ -51,18 +74,29 @@ static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int
 #define ROWS_PER_PASS 3
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
+typedef _Float16 v8h_unaligned __attribute__((vector_size(16), aligned(2), may_alias));
 #define LOAD8(p) (*(const v8f_unaligned *)(p))
 #define STORE8(p, v) (*(v8f_unaligned *)(p) = (v))
+/* 8 cached values from `base` (values, not bytes, from the start), as floats: `half`
+ * is a constant in each caller (KV_F16), so each format gets its own loop. */
+static inline __attribute__((always_inline)) v8f load_kv8(const void *base, size_t i, const int half)
+{
+    if (half)
+        return __builtin_convertvector(*(const v8h_unaligned *)((const _Float16 *)base + i), v8f);
+    return LOAD8((const float *)base + i);
+}
+#define LOAD_KV8(base, i, half) load_kv8(base, i, half)
 #define PASS_WIDTH 32   /* floats of a row one pass holds: 4 vectors */
 
-/* acc[r] += coef[r][index] * row[0..PASS_WIDTH) for r < R: the row is loaded
- * once for all R multiply-adds (scores: a key row by q[r][i]; value sums: a
- * value row by p[r][j]). */
+/* acc[r] += coef[r][index] * row[0..PASS_WIDTH) for r < R, the row at value `at` of
+ * `base`: the row is loaded once for all R multiply-adds (scores: a key row by
+ * q[r][i]; value sums: a value row by p[r][j]). */
 static inline __attribute__((always_inline))
-void add_scaled_row(v8f acc[][PASS_WIDTH / 8], const float *row, const float *const *coef, int index,
-                    const int R)
+void add_scaled_row(v8f acc[][PASS_WIDTH / 8], const void *base, size_t at, const float *const *coef, int index,
+                    const int R, const int half)
 {
-    const v8f r0 = LOAD8(row), r1 = LOAD8(row + 8), r2 = LOAD8(row + 16), r3 = LOAD8(row + 24);
+    const v8f r0 = LOAD_KV8(base, at, half), r1 = LOAD_KV8(base, at + 8, half);
+    const v8f r2 = LOAD_KV8(base, at + 16, half), r3 = LOAD_KV8(base, at + 24, half);
     for (int r = 0; r < R; r++) {
         const float c = coef[r][index];
         acc[r][0] += c * r0;
@@ -72,33 +106,34 @@ void add_scaled_row(v8f acc[][PASS_WIDTH / 8], const float *row, const float *co
     }
 }
 
-/* scores[r][0..KV_BLOCK) = scale * (q[r] . key) for the KV_BLOCK positions of one key block, r < R */
+/* scores[r][0..KV_BLOCK) = scale * (q[r] . key) for the KV_BLOCK positions of one key block
+ * (at value `at` of `keys`), r < R */
 _Static_assert(KV_BLOCK == PASS_WIDTH, "score_block_rows holds one key block per pass");
 static inline __attribute__((always_inline))
-void score_block_rows(const float *const *q, const float *key_block, int hd, float scale,
-                      float *const *scores, const int R)
+void score_block_rows(const float *const *q, const void *keys, size_t at, int hd, float scale,
+                      float *const *scores, const int R, const int half)
 {
     v8f acc[ROWS_PER_PASS][PASS_WIDTH / 8];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < PASS_WIDTH / 8; c++)
             acc[r][c] = (v8f){0};
     for (int i = 0; i < hd; i++)
-        add_scaled_row(acc, key_block + (size_t)i * KV_BLOCK, q, i, R);
+        add_scaled_row(acc, keys, at + (size_t)i * KV_BLOCK, q, i, R, half);
     for (int r = 0; r < R; r++)
         for (int c = 0; c < PASS_WIDTH / 8; c++)
             STORE8(scores[r] + 8 * c, acc[r][c] * scale);
 }
 
 QI_VECTORIZE
-static void score_block(const float *const *q, const float *key_block, int hd, float scale,
-                        float *const *scores, int rows)
+static void score_block(const float *const *q, const void *keys, size_t at, int hd, float scale,
+                        float *const *scores, int rows, int half)
 {
-    if (rows == 3)
-        score_block_rows(q, key_block, hd, scale, scores, 3);
-    else if (rows == 2)
-        score_block_rows(q, key_block, hd, scale, scores, 2);
+#define SCORE_BLOCK(R, H) score_block_rows(q, keys, at, hd, scale, scores, R, H)
+    if (half)
+        rows == 3 ? SCORE_BLOCK(3, 1) : rows == 2 ? SCORE_BLOCK(2, 1) : SCORE_BLOCK(1, 1);
     else
-        score_block_rows(q, key_block, hd, scale, scores, 1);
+        rows == 3 ? SCORE_BLOCK(3, 0) : rows == 2 ? SCORE_BLOCK(2, 0) : SCORE_BLOCK(1, 0);
+#undef SCORE_BLOCK
 }
 
 /* scores[0..last] <- softmax(scores[0..last]) */
@@ -127,8 +162,8 @@ static void softmax(float *scores, int last)
  * the whole row (out may alias values, as far as the compiler knows). */
 #define VALUE_CHUNK PASS_WIDTH
 static inline __attribute__((always_inline))
-void add_values_rows(const float *const *p, const float *values, int hd, int first, int last,
-                     float *const *out, const int R)
+void add_values_rows(const float *const *p, const void *values, int hd, int first, int last,
+                     float *const *out, const int R, const int half)
 {
     int i0 = 0;
     for (; i0 + VALUE_CHUNK <= hd; i0 += VALUE_CHUNK) {
@@ -137,7 +172,7 @@ void add_values_rows(const float *const *p, const float *values, int hd, int fir
             for (int c = 0; c < PASS_WIDTH / 8; c++)
                 acc[r][c] = LOAD8(out[r] + i0 + 8 * c);
         for (int j = first; j <= last; j++)
-            add_scaled_row(acc, values + (size_t)j * hd + i0, p, j, R);
+            add_scaled_row(acc, values, (size_t)j * hd + i0, p, j, R, half);
         for (int r = 0; r < R; r++)
             for (int c = 0; c < PASS_WIDTH / 8; c++)
                 STORE8(out[r] + i0 + 8 * c, acc[r][c]);
@@ -145,19 +180,20 @@ void add_values_rows(const float *const *p, const float *values, int hd, int fir
     for (int r = 0; r < R; r++)                  /* a head_dim that is not a multiple of the chunk */
         for (int j = first; j <= last; j++)
             for (int i = i0; i < hd; i++)
-                out[r][i] += p[r][j] * values[(size_t)j * hd + i];
+                out[r][i] += p[r][j] * (half ? (float)((const _Float16 *)values)[(size_t)j * hd + i]
+                                             : ((const float *)values)[(size_t)j * hd + i]);
 }
 
 QI_VECTORIZE
-static void add_values(const float *const *p, const float *values, int hd, int first, int last,
-                       float *const *out, int rows)
+static void add_values(const float *const *p, const void *values, int hd, int first, int last,
+                       float *const *out, int rows, int half)
 {
-    if (rows == 3)
-        add_values_rows(p, values, hd, first, last, out, 3);
-    else if (rows == 2)
-        add_values_rows(p, values, hd, first, last, out, 2);
+#define ADD_VALUES(R, H) add_values_rows(p, values, hd, first, last, out, R, H)
+    if (half)
+        rows == 3 ? ADD_VALUES(3, 1) : rows == 2 ? ADD_VALUES(2, 1) : ADD_VALUES(1, 1);
     else
-        add_values_rows(p, values, hd, first, last, out, 1);
+        rows == 3 ? ADD_VALUES(3, 0) : rows == 2 ? ADD_VALUES(2, 0) : ADD_VALUES(1, 0);
+#undef ADD_VALUES
 }
 
 /* A tile of queries: tokens t0..t0+nt-1 of one sequence, at positions pos.., times query
@@ -178,8 +214,9 @@ static void attention_tile(const weights *w, run_state *s, int layer, const quer
 {
     const int hd = w->head_dim, rows = tile->nt * tile->nh;
     const float scale = 1.0f / sqrtf((float)hd);
-    const float *keys = key_head(w, s, tile->seq, layer, tile->kv_h);
-    const float *values = value_head(w, s, tile->seq, layer, tile->kv_h);
+    const void *keys = key_head(w, s, tile->seq, layer, tile->kv_h);
+    const void *values = value_head(w, s, tile->seq, layer, tile->kv_h);
+    const int half = s->kv_format == KV_F16;
     const int last_of_tile = tile->pos + tile->nt - 1;
     /* Rows go token by token, so a pass's last row attends furthest. A pass
      * covers the positions its last row attends to; its earlier rows' scores
@@ -199,7 +236,7 @@ static void attention_tile(const weights *w, run_state *s, int layer, const quer
                 q[r] = s->q + tile_offset(w, tile, r0 + r);
                 row_scores[r] = scores + (r0 + r) * row_len + (size_t)b * KV_BLOCK;
             }
-            score_block(q, keys + (size_t)b * hd * KV_BLOCK, hd, scale, row_scores, n);
+            score_block(q, keys, (size_t)b * hd * KV_BLOCK, hd, scale, row_scores, n, half);
         }
     for (int r = 0; r < rows; r++) {
         float *p = scores + r * row_len;
@@ -218,7 +255,7 @@ static void attention_tile(const weights *w, run_state *s, int layer, const quer
                 out[r] = s->att + tile_offset(w, tile, r0 + r);
             }
             add_values((const float *const *)row_scores, values, hd, first,
-                       pass_last < first + KV_BLOCK - 1 ? pass_last : first + KV_BLOCK - 1, out, n);
+                       pass_last < first + KV_BLOCK - 1 ? pass_last : first + KV_BLOCK - 1, out, n, half);
         }
 #undef PASS_ROWS
 #undef LAST_OF_ROW

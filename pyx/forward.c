@@ -500,7 +500,7 @@ static int grow_threads(run_state *s, const weights *w, int threads)
     return 0;
 }
 
-static int alloc_state(run_state *s, const weights *w, int max_tokens, int threads, int seqs)
+static int alloc_state(run_state *s, const weights *w, int max_tokens, int threads, int seqs, int kv_format)
 {
     const size_t T = (size_t)max_tokens, q_dim = (size_t)w->n_heads * w->head_dim;
     const size_t kv_dim = (size_t)w->n_kv_heads * w->head_dim;
@@ -508,6 +508,7 @@ static int alloc_state(run_state *s, const weights *w, int max_tokens, int threa
     s->max_tokens = max_tokens;
     s->threads = threads;
     s->seqs = seqs;
+    s->kv_format = kv_format;
     s->decode_team = 1;
     governor_init(&s->decode_governor, 2);
     governor_init(&s->prefill_governor, 2);
@@ -525,8 +526,8 @@ static int alloc_state(run_state *s, const weights *w, int max_tokens, int threa
     s->cos_sin = malloc(sizeof(float) * T * w->head_dim);
     s->k = malloc(sizeof(float) * T * kv_dim);
     s->v = malloc(sizeof(float) * T * kv_dim);
-    s->key_cache = calloc(cache, sizeof(float));
-    s->value_cache = calloc(cache, sizeof(float));
+    s->key_cache = calloc(cache, kv_value_bytes(s));
+    s->value_cache = calloc(cache, kv_value_bytes(s));
     size_t stacked = 0;
     for (int l = 0; l < w->n_layers; l++) {
         if (is_set(&w->layers[l].wqkv) && stacked < q_dim + 2 * kv_dim)

@@ -100,8 +100,9 @@ typedef struct {
      * [seqs][n_layers][n_kv_heads][ctx/KV_BLOCK][head_dim][KV_BLOCK], so the scores of a
      * block are KV_BLOCK-wide vector FMAs with no horizontal sums; values are
      * [seqs][n_layers][n_kv_heads][ctx][head_dim] (each probability scales one row). */
-    float *key_cache;
-    float *value_cache;
+    void *key_cache;      /* in kv_format (attention.c has the layout) */
+    void *value_cache;
+    int kv_format;        /* KV_F32 or KV_F16 */
     int ctx_blocks;   /* ctx rounded up to whole KV_BLOCKs, in blocks */
     int seqs;         /* sequences the cache holds */
     /* Where a call's rows go: row t is sequence row_seq[t] at position row_pos[t] (a
@@ -117,6 +118,7 @@ typedef struct {
 } run_state;
 
 #define KV_BLOCK 32
+enum { KV_F32 = 0, KV_F16 = 1 };   /* run_state.kv_format: the KV cache's value format (attention.c) */
 /* Prefill's row-wise steps (norms, RoPE, the cache write, SwiGLU, residual
  * adds) share their rows out among the threads; fewer rows than this (decode)
  * are too little work to wake them for. */
@@ -218,6 +220,7 @@ static inline int row_pos(const run_state *s, int pos, int t)
 
 /* attention.c: the KV cache and attention over it */
 static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int t, int p);
+static size_t kv_value_bytes(const run_state *s);
 static void attention(const weights *w, run_state *s, int layer, int pos, int n, const exec_ctx *cx);
 
 #endif

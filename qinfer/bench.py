@@ -281,8 +281,9 @@ def peak_rss_kib():
 
 
 # ------------------------------------------------------------------- output
-def format_table(results, rss_kib=None):
-    """A llama-bench style markdown table, then the peak memory line."""
+def format_table(results, rss_kib=None, kv=None):
+    """A llama-bench style markdown table, then the peak memory line; kv: (format, bytes
+    per token, ctx) of the KV cache, for a line of its own."""
     header = ["model", "size", "params", "bits", "group", "lm head", "threads", "test", "t/s"]
     align = ["<", ">", ">", ">", ">", ">", ">", ">", ">"]
     rows = [[r.model, f"{r.size_bytes / 2**20:.2f} MiB", f"{r.n_params / 1e6:.2f} M", r.bits, r.group,
@@ -297,4 +298,8 @@ def format_table(results, rss_kib=None):
     if rss_kib is not None:
         out.append("")
         out.append(f"peak resident memory: {rss_kib / 1024:.1f} MiB (ru_maxrss of the process: load and all tests)")
+    if kv is not None:
+        name, per_token, ctx = kv
+        out.append(f"KV cache: {name}, {per_token} bytes per token ({per_token * ctx / 2**20:.1f} MiB for "
+                   f"the context of {ctx})")
     return "\n".join(out)

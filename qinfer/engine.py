@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 
 from . import kernels
+from . import kv_cache as kv_formats
 from .chat import render_chat
 from .checks import number, whole
 from .errors import QinferError, ShapeError, UnsupportedError
@@ -105,7 +106,7 @@ class Engine:
     """A loaded model ready to generate.
 
     Engine(model_path=None, threads=None, ctx=None, quantize=None, group_size=128, dequantize=False,
-           activations=None)
+           activations=None, kv_cache=None)
     model_path: a Hugging Face LLaMA directory or a GGUF file (None: the default
     SmolLM2-135M-Instruct). ctx: KV cache size in tokens (default: the model's
     trained context, max_position_embeddings; a larger one runs, with a
@@ -118,6 +119,8 @@ class Engine:
     or with quantize, re-quantize them. activations: "int8" rounds the activations of quantized layers to int8 per block of
     32 inputs when decoding (faster; llama.cpp-like numerics), "float" keeps
     them float32; None takes qinfer.kernels' mode (QINFER_ACTIVATIONS).
+    kv_cache: the KV cache's format, "f32" (default) or "f16" (half the memory;
+    qinfer/kv_cache.py names the formats to come).
 
     load_seconds: how long Engine() took; last_stats: the GenerationStats of
     the last generation (tokens, prefill/decode times, first_token_seconds,
@@ -125,7 +128,7 @@ class Engine:
     """
 
     def __init__(self, model_path=None, threads=None, ctx=None, quantize=None, group_size=128,
-                 dequantize=False, activations=None):
+                 dequantize=False, activations=None, kv_cache=None):
         from .packing import GPTQ_BITWIDTHS
         from .rtn import GROUP_SIZES
         from .tokenizer import load as load_tokenizer
@@ -133,6 +136,7 @@ class Engine:
         start = time.perf_counter()
         if activations is not None:
             kernels.check_activations(activations)
+        kv_cache = kv_formats.check(kv_cache)
         if quantize is not None and quantize not in GPTQ_BITWIDTHS:
             raise QinferError(f"quantize must be one of {', '.join(map(str, GPTQ_BITWIDTHS))}, got {quantize!r}")
         if quantize is not None and group_size not in GROUP_SIZES:
@@ -150,7 +154,7 @@ class Engine:
             raise QinferError(f"{self.model_path}: no tokenizer found (tokenizer.json or tokenizer.model)")
         self.tokenizer = load_tokenizer(self.source.tokenizer)
         self.model = Model(self.source, ctx=ctx, quantize=quantize, group_size=group_size, threads=threads,
-                           dequantize=dequantize, activations=activations)
+                           dequantize=dequantize, activations=activations, kv_cache=kv_cache)
         # First use on this CPU: measure the kernel parameters of the model's layer shapes (cached).
         tune_layers(self.model.quantized_layers(), self.model.threads)
         self.config = self.source.config

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import kernels
+from . import kv_cache as kv_formats
 from ._forward import Transformer
 from .errors import QinferError
 from .linear import QuantizedLinear
@@ -122,9 +123,10 @@ class Model:
     """Weights laid out for the forward pass, the KV cache, and one forward call per step."""
 
     def __init__(self, source, ctx=None, quantize=None, group_size=128, threads=None, dequantize=False,
-                 activations=None, stack=None):
+                 activations=None, stack=None, kv_cache=None):
         cfg = self.config = source.config
         self.ctx = check_ctx(ctx if ctx is not None else cfg.max_position_embeddings)
+        self.kv_cache = kv_formats.check(kv_cache)   # the KV cache's format (qinfer/kv_cache.py)
         self.quantize, self.group_size = quantize, group_size
         self.dequantize = dequantize          # packed tensors become float32 (a float baseline)
         self.threads = kernels.resolve_threads(threads)
@@ -163,9 +165,9 @@ class Model:
                 dict(dim=cfg.hidden_size, hidden_dim=cfg.intermediate_size, n_heads=cfg.num_attention_heads,
                      n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
                      ctx=ctx, eps=cfg.rms_norm_eps),
-                *self._weights, min(PREFILL_CHUNK, ctx), self.threads, seqs)
+                *self._weights, min(PREFILL_CHUNK, ctx), self.threads, seqs, self.kv_cache)
         except MemoryError:
-            need = 2 * seqs * cfg.num_hidden_layers * ctx * cfg.num_key_value_heads * cfg.head_dim * 4
+            need = seqs * ctx * kv_formats.bytes_per_token(cfg, self.kv_cache)
             raise QinferError(f"out of memory allocating the KV cache for a context of {ctx} tokens "
                               f"(about {need} bytes, {need / 2**30:.1f} GiB); use a smaller ctx/--ctx") from None
 

