@@ -63,6 +63,7 @@ cdef extern from "forward.c":
     int adapt_threads
     int alloc_state(run_state *s, const weights *w, int max_tokens, int threads, int seqs, int kv_format) nogil
     int KV_F32, KV_F16
+    int kv_hardware_halves
     size_t kv_value_bytes(const run_state *s) nogil
     int grow_threads(run_state *s, const weights *w, int threads) nogil
     void free_state(run_state *s) nogil
@@ -93,6 +94,16 @@ def set_thread_policy(bint adaptive, bint spin):
 def thread_policy():
     """(adaptive, spin) as set_thread_policy last set them."""
     return bool(adapt_threads), team_wait_mode == TEAM_WAIT_SPIN
+
+
+def set_kv_hardware_halves(bint on):
+    """Whether attention over a float16 KV cache converts with F16C where the CPU has
+    it (the default) or with the portable integer loops (tests compare the two).
+    Returns the previous setting."""
+    global kv_hardware_halves
+    previous = bool(kv_hardware_halves)
+    kv_hardware_halves = on
+    return previous
 
 
 def set_probe_interval(double shortest, double longest, double share=TEAM_PROBE_SHARE):

@@ -10,6 +10,22 @@
  * each block transposed, [ctx_blocks][head_dim][KV_BLOCK] (a score block reads
  * one row of KV_BLOCK positions per dimension); values [ctx][head_dim]. */
 #include "forward.h"
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define QI_HAVE_F16C 1
+/* Whether this CPU converts halves in hardware (F16C, with the AVX2 the loops use). */
+static int qi_f16c(void)
+{
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    }
+    return known;
+}
+#else
+#define QI_HAVE_F16C 0
+#endif
 
 /* Bytes of one cached value. */
 static size_t kv_value_bytes(const run_state *s)
@@ -74,67 +90,25 @@ static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int
 #define ROWS_PER_PASS 3
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
-typedef _Float16 v8h_unaligned __attribute__((vector_size(16), aligned(2), may_alias));
+typedef uint16_t v8u16_unaligned __attribute__((vector_size(16), aligned(2), may_alias));
+typedef uint32_t v8u32 __attribute__((vector_size(32)));
 #define LOAD8(p) (*(const v8f_unaligned *)(p))
 #define STORE8(p, v) (*(v8f_unaligned *)(p) = (v))
-/* 8 cached values from `base` (values, not bytes, from the start), as floats: `half`
- * is a constant in each caller (KV_F16), so each format gets its own loop. */
-static inline __attribute__((always_inline)) v8f load_kv8(const void *base, size_t i, const int half)
+
+/* 8 IEEE halves at p as floats, exactly (subnormals, infinities and NaNs too): the
+ * half's exponent and mantissa shifted into a float's place read as a float 2^-112
+ * of the value, and a multiply puts it right. In integer and float vector operations
+ * (GCC 12 converts a _Float16 vector one element at a time, even with F16C). */
+static inline __attribute__((always_inline)) v8f half8_to_float(const uint16_t *p)
 {
-    if (half)
-        return __builtin_convertvector(*(const v8h_unaligned *)((const _Float16 *)base + i), v8f);
-    return LOAD8((const float *)base + i);
+    const v8u32 h = __builtin_convertvector(*(const v8u16_unaligned *)p, v8u32);
+    const v8f magnitude = (v8f)((h & 0x7fff) << 13) * 0x1.0p112f;
+    const v8u32 inf_nan = (v8u32)(magnitude >= 65536.0f) & (0xffu << 23);
+    return (v8f)((v8u32)magnitude | inf_nan | ((h & 0x8000) << 16));
 }
-#define LOAD_KV8(base, i, half) load_kv8(base, i, half)
+
 #define PASS_WIDTH 32   /* floats of a row one pass holds: 4 vectors */
-
-/* acc[r] += coef[r][index] * row[0..PASS_WIDTH) for r < R, the row at value `at` of
- * `base`: the row is loaded once for all R multiply-adds (scores: a key row by
- * q[r][i]; value sums: a value row by p[r][j]). */
-static inline __attribute__((always_inline))
-void add_scaled_row(v8f acc[][PASS_WIDTH / 8], const void *base, size_t at, const float *const *coef, int index,
-                    const int R, const int half)
-{
-    const v8f r0 = LOAD_KV8(base, at, half), r1 = LOAD_KV8(base, at + 8, half);
-    const v8f r2 = LOAD_KV8(base, at + 16, half), r3 = LOAD_KV8(base, at + 24, half);
-    for (int r = 0; r < R; r++) {
-        const float c = coef[r][index];
-        acc[r][0] += c * r0;
-        acc[r][1] += c * r1;
-        acc[r][2] += c * r2;
-        acc[r][3] += c * r3;
-    }
-}
-
-/* scores[r][0..KV_BLOCK) = scale * (q[r] . key) for the KV_BLOCK positions of one key block
- * (at value `at` of `keys`), r < R */
-_Static_assert(KV_BLOCK == PASS_WIDTH, "score_block_rows holds one key block per pass");
-static inline __attribute__((always_inline))
-void score_block_rows(const float *const *q, const void *keys, size_t at, int hd, float scale,
-                      float *const *scores, const int R, const int half)
-{
-    v8f acc[ROWS_PER_PASS][PASS_WIDTH / 8];
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < PASS_WIDTH / 8; c++)
-            acc[r][c] = (v8f){0};
-    for (int i = 0; i < hd; i++)
-        add_scaled_row(acc, keys, at + (size_t)i * KV_BLOCK, q, i, R, half);
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < PASS_WIDTH / 8; c++)
-            STORE8(scores[r] + 8 * c, acc[r][c] * scale);
-}
-
-QI_VECTORIZE
-static void score_block(const float *const *q, const void *keys, size_t at, int hd, float scale,
-                        float *const *scores, int rows, int half)
-{
-#define SCORE_BLOCK(R, H) score_block_rows(q, keys, at, hd, scale, scores, R, H)
-    if (half)
-        rows == 3 ? SCORE_BLOCK(3, 1) : rows == 2 ? SCORE_BLOCK(2, 1) : SCORE_BLOCK(1, 1);
-    else
-        rows == 3 ? SCORE_BLOCK(3, 0) : rows == 2 ? SCORE_BLOCK(2, 0) : SCORE_BLOCK(1, 0);
-#undef SCORE_BLOCK
-}
+#define VALUE_CHUNK PASS_WIDTH
 
 /* scores[0..last] <- softmax(scores[0..last]) */
 QI_VECTORIZE
@@ -156,44 +130,56 @@ static void softmax(float *scores, int last)
         scores[j] *= inv;
 }
 
-/* out[r] += sum_{j in [first, last]} p[r][j] * values[j], r < R. The sums
- * run over all j in registers, VALUE_CHUNK floats of a row at a time, and go
- * back to out once: summed through out itself, every j would load and store
- * the whole row (out may alias values, as far as the compiler knows). */
-#define VALUE_CHUNK PASS_WIDTH
-static inline __attribute__((always_inline))
-void add_values_rows(const float *const *p, const void *values, int hd, int first, int last,
-                     float *const *out, const int R, const int half)
+/* The loops twice: reading halves portably (half8_to_float), and, on x86 CPUs with
+ * F16C (every AVX2 one), with its conversion instruction, one per 8 values where the
+ * portable way takes six: at depth, attention over a float16 cache reads half the
+ * bytes of a float32 one and should not spend that on converting them. */
+#define KV_NAME(name) name##_portable
+#define KV_LOAD_HALF8(p) half8_to_float(p)
+#define KV_ATTR QI_VECTORIZE
+#include "attention_rows.h"
+#undef KV_NAME
+#undef KV_LOAD_HALF8
+#undef KV_ATTR
+#if QI_HAVE_F16C
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define KV_NAME(name) name##_f16c
+#define KV_LOAD_HALF8(p) ((v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
+#define KV_ATTR
+#include "attention_rows.h"
+#undef KV_NAME
+#undef KV_LOAD_HALF8
+#undef KV_ATTR
+#pragma GCC pop_options
+#endif
+
+/* The score block and value sum loops for this cache: F16C's for a float16 cache where
+ * the CPU has it, unless kv_hardware_halves is 0 (tests: the portable loops give the
+ * same results bit for bit, both conversions being exact; _forward.set_kv_hardware_halves). */
+static int kv_hardware_halves = 1;
+static void score_block(const float *const *q, const void *keys, size_t at, int hd, float scale,
+                        float *const *scores, int rows, int half)
 {
-    int i0 = 0;
-    for (; i0 + VALUE_CHUNK <= hd; i0 += VALUE_CHUNK) {
-        v8f acc[ROWS_PER_PASS][PASS_WIDTH / 8];
-        for (int r = 0; r < R; r++)
-            for (int c = 0; c < PASS_WIDTH / 8; c++)
-                acc[r][c] = LOAD8(out[r] + i0 + 8 * c);
-        for (int j = first; j <= last; j++)
-            add_scaled_row(acc, values, (size_t)j * hd + i0, p, j, R, half);
-        for (int r = 0; r < R; r++)
-            for (int c = 0; c < PASS_WIDTH / 8; c++)
-                STORE8(out[r] + i0 + 8 * c, acc[r][c]);
+#if QI_HAVE_F16C
+    if (half && kv_hardware_halves && qi_f16c()) {
+        score_block_f16c(q, keys, at, hd, scale, scores, rows, half);
+        return;
     }
-    for (int r = 0; r < R; r++)                  /* a head_dim that is not a multiple of the chunk */
-        for (int j = first; j <= last; j++)
-            for (int i = i0; i < hd; i++)
-                out[r][i] += p[r][j] * (half ? (float)((const _Float16 *)values)[(size_t)j * hd + i]
-                                             : ((const float *)values)[(size_t)j * hd + i]);
+#endif
+    score_block_portable(q, keys, at, hd, scale, scores, rows, half);
 }
 
-QI_VECTORIZE
 static void add_values(const float *const *p, const void *values, int hd, int first, int last,
                        float *const *out, int rows, int half)
 {
-#define ADD_VALUES(R, H) add_values_rows(p, values, hd, first, last, out, R, H)
-    if (half)
-        rows == 3 ? ADD_VALUES(3, 1) : rows == 2 ? ADD_VALUES(2, 1) : ADD_VALUES(1, 1);
-    else
-        rows == 3 ? ADD_VALUES(3, 0) : rows == 2 ? ADD_VALUES(2, 0) : ADD_VALUES(1, 0);
-#undef ADD_VALUES
+#if QI_HAVE_F16C
+    if (half && kv_hardware_halves && qi_f16c()) {
+        add_values_f16c(p, values, hd, first, last, out, rows, half);
+        return;
+    }
+#endif
+    add_values_portable(p, values, hd, first, last, out, rows, half);
 }
 
 /* A tile of queries: tokens t0..t0+nt-1 of one sequence, at positions pos.., times query

@@ -111,3 +111,39 @@ def test_the_cli_takes_the_format_and_names_the_missing_ones(tiny):
                       "kivi4", "not implemented")
     bad = run_cli("perplexity", "--model", d, "--kv-cache", "f8")
     assert bad.returncode == 2 and "invalid choice: 'f8'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_f16c_and_portable_half_conversions_agree_bit_for_bit(tiny, ids):
+    """Attention over a float16 cache converts with F16C where the CPU has it, else with
+    integer operations (pyx/attention.c, half8_to_float): both exact, so the logits are
+    the same whichever runs (here both run where the CPU has F16C)."""
+    from qinfer import _forward
+    d, _, _ = tiny
+    engine = qinfer.Engine(d, threads=2, kv_cache="f16")
+    hardware = engine.logits(ids)
+    previous = _forward.set_kv_hardware_halves(False)
+    try:
+        engine.reset()
+        portable = engine.logits(ids)
+        engine.reset()
+        engine.prefill(ids[:40])
+        steps = np.stack([engine.decode_step(t) for t in ids[40:]])
+    finally:
+        _forward.set_kv_hardware_halves(previous)
+    assert np.array_equal(portable, hardware)
+    engine.reset()
+    engine.prefill(ids[:40])
+    assert np.array_equal(np.stack([engine.decode_step(t) for t in ids[40:]]), steps)
+
+
+def test_half_conversion_is_exact_for_every_half():
+    """The portable conversion's rule, in numpy, against numpy's own: every one of the 65536
+    halves (subnormals, infinities, NaNs) becomes the float numpy makes of it."""
+    h = np.arange(1 << 16, dtype=np.uint32)
+    magnitude = ((h & 0x7FFF) << 13).view(np.float32) * np.float32(2.0 ** 112)
+    bits = magnitude.view(np.uint32) | np.where(magnitude >= 65536.0, 0xFF << 23, 0).astype(np.uint32) \
+        | ((h & 0x8000) << 16)
+    want = h.astype(np.uint16).view(np.float16).astype(np.float32)
+    got = bits.view(np.float32)
+    same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all(), np.flatnonzero(~same)[:5]
