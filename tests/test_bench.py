@@ -98,7 +98,10 @@ def test_cli_table(tiny):
     assert len(body) == 1                                   # -p 0 skips the prefill test
     cells = [c.strip() for c in body[0].strip("|").split("|")]
     assert cells[0] == d.name and cells[3] == "f32" and cells[4] == "float" and cells[7] == "tg3"
-    assert lines[-1].startswith("peak resident memory:") and "MiB" in lines[-1]
+    assert lines[-2].startswith("peak resident memory:") and "MiB" in lines[-2]
+    cfg = qinfer.Engine(d, threads=1).config
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+    assert lines[-1].startswith(f"KV cache: f32, {per_token} bytes per token"), lines[-1]
 
 
 def test_forward_calls_tokens_and_positions(tiny):
