@@ -170,6 +170,17 @@ static void score_block(const float *const *q, const void *keys, size_t at, int 
     score_block_portable(q, keys, at, hd, scale, scores, rows, half);
 }
 
+static void widen_halves(const uint16_t *src, float *dst, size_t count)
+{
+#if QI_HAVE_F16C
+    if (kv_hardware_halves && qi_f16c()) {
+        widen_halves_f16c(src, dst, count);
+        return;
+    }
+#endif
+    widen_halves_portable(src, dst, count);
+}
+
 static void add_values(const float *const *p, const void *values, int hd, int first, int last,
                        float *const *out, int rows, int half)
 {
@@ -213,7 +224,15 @@ static void attention_tile(const weights *w, run_state *s, int layer, const quer
     const float *q[ROWS_PER_PASS];
     float *row_scores[ROWS_PER_PASS], *out[ROWS_PER_PASS];
 
-    for (int b = 0; b * KV_BLOCK <= last_of_tile; b++)
+    /* A float16 cache read by more than one pass of rows (a prefill's tile) is widened a
+     * block at a time into floats after the thread's scores, once for all the passes
+     * (each pass would convert it again); one pass (a decode step) reads the halves. */
+    const int widen = half && rows > ROWS_PER_PASS;
+    float *wide_keys = scores + (size_t)QUERY_TOKENS * (w->n_heads / w->n_kv_heads) * row_len;
+    float *wide_values = wide_keys + (size_t)KV_BLOCK * hd;
+    for (int b = 0; b * KV_BLOCK <= last_of_tile; b++) {
+        if (widen)
+            widen_halves((const uint16_t *)keys + (size_t)b * hd * KV_BLOCK, wide_keys, (size_t)hd * KV_BLOCK);
         for (int r0 = 0; r0 < rows; r0 += ROWS_PER_PASS) {
             const int n = PASS_ROWS(r0);
             if (b * KV_BLOCK > LAST_OF_ROW(r0 + n - 1))
@@ -222,8 +241,12 @@ static void attention_tile(const weights *w, run_state *s, int layer, const quer
                 q[r] = s->q + tile_offset(w, tile, r0 + r);
                 row_scores[r] = scores + (r0 + r) * row_len + (size_t)b * KV_BLOCK;
             }
-            score_block(q, keys, (size_t)b * hd * KV_BLOCK, hd, scale, row_scores, n, half);
+            if (widen)
+                score_block(q, wide_keys, 0, hd, scale, row_scores, n, 0);
+            else
+                score_block(q, keys, (size_t)b * hd * KV_BLOCK, hd, scale, row_scores, n, half);
         }
+    }
     for (int r = 0; r < rows; r++) {
         float *p = scores + r * row_len;
         softmax(p, LAST_OF_ROW(r));
@@ -231,18 +254,27 @@ static void attention_tile(const weights *w, run_state *s, int layer, const quer
             p[j] = 0.0f;
         memset(s->att + tile_offset(w, tile, r), 0, sizeof(float) * hd);
     }
-    for (int first = 0; first <= last_of_tile; first += KV_BLOCK)
+    for (int first = 0; first <= last_of_tile; first += KV_BLOCK) {
+        const int block_last = last_of_tile < first + KV_BLOCK - 1 ? last_of_tile : first + KV_BLOCK - 1;
+        if (widen)   /* only the positions the tile attends to: the rest may never have been written */
+            widen_halves((const uint16_t *)values + (size_t)first * hd, wide_values,
+                         (size_t)(block_last - first + 1) * hd);
         for (int r0 = 0; r0 < rows; r0 += ROWS_PER_PASS) {
             const int n = PASS_ROWS(r0), pass_last = LAST_OF_ROW(r0 + n - 1);
             if (first > pass_last)
                 continue;
+            const int last = pass_last < first + KV_BLOCK - 1 ? pass_last : first + KV_BLOCK - 1;
             for (int r = 0; r < n; r++) {
-                row_scores[r] = scores + (r0 + r) * row_len;
+                /* widened, the block's position `first` is row 0: the probabilities shift with it */
+                row_scores[r] = scores + (r0 + r) * row_len + (widen ? first : 0);
                 out[r] = s->att + tile_offset(w, tile, r0 + r);
             }
-            add_values((const float *const *)row_scores, values, hd, first,
-                       pass_last < first + KV_BLOCK - 1 ? pass_last : first + KV_BLOCK - 1, out, n, half);
+            if (widen)
+                add_values((const float *const *)row_scores, wide_values, hd, 0, last - first, out, n, 0);
+            else
+                add_values((const float *const *)row_scores, values, hd, first, last, out, n, half);
         }
+    }
 #undef PASS_ROWS
 #undef LAST_OF_ROW
 }

@@ -101,3 +101,19 @@ static void KV_NAME(add_values)(const float *const *p, const void *values, int h
 #undef ADD_VALUES
 }
 
+
+/* dst[0..count) = the halves at src as floats. */
+KV_ATTR
+static void KV_NAME(widen_halves)(const uint16_t *src, float *dst, size_t count)
+{
+    size_t i = 0;
+    for (; i + 8 <= count; i += 8)
+        STORE8(dst + i, KV_LOAD_HALF8(src + i));
+    if (i < count) {            /* a head_dim that is not a multiple of 8 */
+        uint16_t tail[8] = {0};
+        float wide[8];
+        memcpy(tail, src + i, sizeof(uint16_t) * (count - i));
+        STORE8(wide, KV_LOAD_HALF8(tail));
+        memcpy(dst + i, wide, sizeof(float) * (count - i));
+    }
+}

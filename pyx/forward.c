@@ -481,10 +481,13 @@ static void free_state(run_state *s)
     memset(s, 0, sizeof(*s));
 }
 
-/* Floats of `scores` one attention thread uses: a query tile's rows over the whole context. */
+/* Floats of `scores` one attention thread uses: a query tile's rows over the whole context,
+ * and room for a block of keys and one of values as floats. */
 static size_t scores_per_thread(const weights *w, const run_state *s)
 {
-    return (size_t)QUERY_TOKENS * (w->n_heads / w->n_kv_heads) * s->ctx_blocks * KV_BLOCK;
+    /* then a key block and a value block widened from a float16 cache (attention_tile) */
+    return (size_t)QUERY_TOKENS * (w->n_heads / w->n_kv_heads) * s->ctx_blocks * KV_BLOCK
+         + 2 * (size_t)KV_BLOCK * w->head_dim;
 }
 
 /* Room for `threads` attention threads, when a call asks for more than the state was made for. */

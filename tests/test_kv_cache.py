@@ -147,3 +147,13 @@ def test_half_conversion_is_exact_for_every_half():
     got = bits.view(np.float32)
     same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
     assert same.all(), np.flatnonzero(~same)[:5]
+
+
+def test_f16_with_a_head_dim_that_is_not_a_multiple_of_8(write_tiny, ids):
+    """Prefill tiles widen a block of halves at a time (attention_tile), whose tail is
+    then shorter than a vector: head_dim 10."""
+    d, weights, config = write_tiny("kv_odd", seed=3, hidden_size=40, num_attention_heads=4,
+                                    num_key_value_heads=2)
+    got = qinfer.Engine(d, threads=2, kv_cache="f16").logits(ids)
+    want = ref.forward(weights, config, ids, kv_round=to_f16)
+    assert max_err(got, want) <= LOGIT_TOL
