@@ -1,6 +1,6 @@
-/* attention_rows.h: attention's inner loops (score blocks, value sums) for one way of
- * reading float16 caches; included twice by attention.c, whose comments say what the
- * loops do. Before each inclusion: KV_NAME(name) names this instance's functions,
+/* attention_rows.h: attention's inner loops (score blocks, value sums, and widening a
+ * block of halves to floats) for one way of reading float16 caches; included twice by
+ * attention.c, whose comments say what the loops do. Before each inclusion: KV_NAME(name) names this instance's functions,
  * KV_LOAD_HALF8(p) turns 8 halves at p into a v8f, KV_ATTR is the entry points'
  * attribute (the portable instance: target clones; the F16C one sits in a
  * `#pragma GCC target` region and needs none). */
