@@ -158,11 +158,19 @@ static void softmax(float *scores, int last)
  * the CPU has it, unless kv_hardware_halves is 0 (tests: the portable loops give the
  * same results bit for bit, both conversions being exact; _forward.set_kv_hardware_halves). */
 static int kv_hardware_halves = 1;
+
+#if QI_HAVE_F16C
+static int use_f16c(void)
+{
+    return kv_hardware_halves && qi_f16c();
+}
+#endif
+
 static void score_block(const float *const *q, const void *keys, size_t at, int hd, float scale,
                         float *const *scores, int rows, int half)
 {
 #if QI_HAVE_F16C
-    if (half && kv_hardware_halves && qi_f16c()) {
+    if (half && use_f16c()) {
         score_block_f16c(q, keys, at, hd, scale, scores, rows, half);
         return;
     }
@@ -173,7 +181,7 @@ static void score_block(const float *const *q, const void *keys, size_t at, int 
 static void widen_halves(const uint16_t *src, float *dst, size_t count)
 {
 #if QI_HAVE_F16C
-    if (kv_hardware_halves && qi_f16c()) {
+    if (use_f16c()) {
         widen_halves_f16c(src, dst, count);
         return;
     }
@@ -185,7 +193,7 @@ static void add_values(const float *const *p, const void *values, int hd, int fi
                        float *const *out, int rows, int half)
 {
 #if QI_HAVE_F16C
-    if (half && kv_hardware_halves && qi_f16c()) {
+    if (half && use_f16c()) {
         add_values_f16c(p, values, hd, first, last, out, rows, half);
         return;
     }
@@ -228,7 +236,7 @@ static void attention_tile(const weights *w, run_state *s, int layer, const quer
      * block at a time into floats after the thread's scores, once for all the passes
      * (each pass would convert it again); one pass (a decode step) reads the halves. */
     const int widen = half && rows > ROWS_PER_PASS;
-    float *wide_keys = scores + (size_t)QUERY_TOKENS * (w->n_heads / w->n_kv_heads) * row_len;
+    float *wide_keys = scores + tile_score_floats(w, s);
     float *wide_values = wide_keys + (size_t)KV_BLOCK * hd;
     for (int b = 0; b * KV_BLOCK <= last_of_tile; b++) {
         if (widen)

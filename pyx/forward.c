@@ -481,13 +481,17 @@ static void free_state(run_state *s)
     memset(s, 0, sizeof(*s));
 }
 
-/* Floats of `scores` one attention thread uses: a query tile's rows over the whole context,
- * and room for a block of keys and one of values as floats. */
+/* Floats of a query tile's scores: its rows over the whole context. */
+static size_t tile_score_floats(const weights *w, const run_state *s)
+{
+    return (size_t)QUERY_TOKENS * (w->n_heads / w->n_kv_heads) * s->ctx_blocks * KV_BLOCK;
+}
+
+/* Floats of `scores` one attention thread uses: a tile's scores, then a block of keys and
+ * one of values widened from a float16 cache (attention_tile). */
 static size_t scores_per_thread(const weights *w, const run_state *s)
 {
-    /* then a key block and a value block widened from a float16 cache (attention_tile) */
-    return (size_t)QUERY_TOKENS * (w->n_heads / w->n_kv_heads) * s->ctx_blocks * KV_BLOCK
-         + 2 * (size_t)KV_BLOCK * w->head_dim;
+    return tile_score_floats(w, s) + 2 * (size_t)KV_BLOCK * w->head_dim;
 }
 
 /* Room for `threads` attention threads, when a call asks for more than the state was made for. */

@@ -201,6 +201,7 @@ static void capture(float *dst, const float *src, size_t count);
 static int team_ready(const weights *w);
 static int decode_team(const weights *w, run_state *s, int token, int pos, float *logits, int nthreads);
 static int is_set(const linear *l);
+static size_t tile_score_floats(const weights *w, const run_state *s);
 static size_t scores_per_thread(const weights *w, const run_state *s);
 
 /* float_gemm.c: y[n][out] = x[n][in] @ w[out][in]^T for float32 and float16 weights */
