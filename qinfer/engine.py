@@ -16,7 +16,7 @@ from .chat import render_chat
 from .checks import number, whole
 from .errors import QinferError, ShapeError, UnsupportedError
 from .generation import STOP_REASONS, Generation, GenerationStats, shared_prefix  # noqa: F401 (re-exported)
-from .model import LINEAR_NAMES, ContextError, Model, check_ctx
+from .model import LINEAR_NAMES, ContextError, Model, check_cache_fits, check_ctx
 from .readers import open_model
 from .readers.source import PackedTensor
 from .tuning.first_use import tune_layers
@@ -121,6 +121,8 @@ class Engine:
     them float32; None takes qinfer.kernels' mode (QINFER_ACTIVATIONS).
     kv_cache: the KV cache's format, "f32" (default) or "f16" (half the memory;
     qinfer/kv_cache.py names the formats to come).
+    A ctx whose full KV cache needs more memory than the machine has available
+    is a QinferError before the weights are read (model.check_cache_fits).
 
     load_seconds: how long Engine() took; last_stats: the GenerationStats of
     the last generation (tokens, prefill/decode times, first_token_seconds,
@@ -148,8 +150,11 @@ class Engine:
             _refuse_requantizing(self.source, self.model_path)
         if quantize is not None:
             _check_quantizable(self.source.config)
+        # the KV cache's full size against the memory available, before the weights are read
+        check_cache_fits(self.source.config, kv_cache,
+                         check_ctx(ctx if ctx is not None else self.source.config.max_position_embeddings))
         if ctx is not None:
-            warn_beyond_training(check_ctx(ctx), self.source.config)
+            warn_beyond_training(ctx, self.source.config)
         if self.source.tokenizer is None:
             raise QinferError(f"{self.model_path}: no tokenizer found (tokenizer.json or tokenizer.model)")
         self.tokenizer = load_tokenizer(self.source.tokenizer)

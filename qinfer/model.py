@@ -17,8 +17,9 @@ import numpy as np
 
 from . import kernels
 from . import kv_cache as kv_formats
+from . import memory
 from ._forward import Transformer
-from .errors import QinferError
+from .errors import QinferError, UnsupportedError
 from .linear import QuantizedLinear
 from .readers.source import PackedTensor
 
@@ -99,6 +100,40 @@ def check_ctx(ctx):
     return ctx
 
 
+def cache_formats(config):
+    """{name: KVSpec with the default settings, or the UnsupportedError saying why this
+    model cannot use it} for each implemented KV cache format."""
+    formats = {}
+    for name in kv_formats.IMPLEMENTED:
+        try:
+            formats[name] = kv_formats.check(name, head_dim=config.head_dim)
+        except UnsupportedError as e:
+            formats[name] = e
+    return formats
+
+
+def check_cache_fits(config, kv_cache, ctx, seqs=1):
+    """The bytes of a full KV cache of `seqs` sequences of ctx tokens in format kv_cache (a
+    KVSpec or a name), or a QinferError when the machine has less memory available
+    (memory.available_bytes; not checked where that is unknown). The cache is allocated
+    whole but its pages become resident only as tokens fill them, so a cache that does
+    not fit would load and then fail mid-generation, killed when memory runs out."""
+    spec = kv_formats.check(kv_cache)
+    need = spec.cache_bytes(config, ctx, seqs)
+    available = memory.available_bytes()
+    if available is None or need <= available:
+        return need
+    fit = (available // seqs - spec.fixed_bytes(config)) // spec.bytes_per_token(config)
+    smaller = f"a smaller --ctx (at most {fit} tokens fit)" if fit >= 1 else "a smaller --ctx"
+    compact = [name for name, other in cache_formats(config).items() if isinstance(other, kv_formats.KVSpec)
+               and other.bytes_per_token(config) < spec.bytes_per_token(config)]
+    advice = f"{smaller} or a more compact --kv-cache ({', '.join(compact)})" if compact else smaller
+    held = f"{ctx} tokens x {seqs} sequences" if seqs > 1 else f"{ctx} tokens"
+    raise QinferError(f"the KV cache for a context of {held} ({spec.describe()}) needs "
+                      f"{memory.format_bytes(need)}, more than the {memory.format_bytes(available)} of memory "
+                      f"available (MemAvailable + SwapFree); use {advice}")
+
+
 class ContextError(QinferError):
     """More tokens than the context (KV cache) holds."""
 
@@ -160,6 +195,8 @@ class Model:
     def _transformer(self, ctx, seqs=1):
         """The C forward pass over this model's weights, with a KV cache of seqs x ctx tokens."""
         cfg = self.config
+        spec = getattr(self, "kv_spec", None) or kv_formats.check(self.kv_cache)
+        check_cache_fits(cfg, spec, ctx, seqs)
         try:
             return Transformer(
                 dict(dim=cfg.hidden_size, hidden_dim=cfg.intermediate_size, n_heads=cfg.num_attention_heads,
@@ -167,7 +204,7 @@ class Model:
                      ctx=ctx, eps=cfg.rms_norm_eps),
                 *self._weights, min(PREFILL_CHUNK, ctx), self.threads, seqs, self.kv_cache)
         except MemoryError:
-            need = seqs * ctx * kv_formats.bytes_per_token(cfg, self.kv_cache)
+            need = spec.cache_bytes(cfg, ctx, seqs)
             raise QinferError(f"out of memory allocating the KV cache for a context of {ctx} tokens "
                               f"(about {need} bytes, {need / 2**30:.1f} GiB); use a smaller ctx/--ctx") from None
 

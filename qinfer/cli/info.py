@@ -1,8 +1,18 @@
-"""`qinfer info`: the CPU, the kernel paths this build and CPU take, and the kernel parameters."""
+"""`qinfer info`: the CPU, the kernel paths this build and CPU take, and the kernel parameters;
+with --model (or --ctx, --kv-cache), the model's shape and its KV cache's size in each format."""
+from .options import add_kv_cache_option, positive_int
 
 
 def add_parser(sub):
-    return sub.add_parser("info", help="CPU features, cache sizes and the kernel parameters chosen")
+    p = sub.add_parser("info", help="CPU features, cache sizes and the kernel parameters chosen; with --model, "
+                                    "the model's shape and its KV cache's bytes per token")
+    p.add_argument("--model", metavar="PATH", nargs="?", const="", default=None,
+                   help="also print this model's shape and its KV cache's size in each format, per token and "
+                        "for the whole context (--model alone, --ctx or --kv-cache: the default model)")
+    p.add_argument("--ctx", type=positive_int, default=None,
+                   help="the context the cache's sizes are for (default: the model's trained context)")
+    add_kv_cache_option(p)
+    return p
 
 
 def _fmt_bytes(n):
@@ -41,3 +51,47 @@ def run(args):
         print(f"  {bits:>4} {p['mu']:>3} {p['tu']:>3} {p['nv']:>3} {p['mb']:>5} {p['tb']:>4} {p['nb']:>4} "
               f"{p['registers_used']:>9} {p['l1_bytes_used']:>9}")
     print("\n".join(tuned_summary()))
+    if args.model is not None or args.ctx is not None or args.kv_cache is not None:
+        print()
+        print("\n".join(model_summary(args.model or None, args.ctx, args.kv_cache,
+                                      getattr(args, "kv_residual", None), getattr(args, "kv_group", None))))
+
+
+def model_summary(path, ctx=None, kv_cache=None, residual=None, group=None):
+    """Lines on the model at `path` (None: the default model): its shape, and its KV cache's bytes
+    per token and for a context of ctx tokens (default: the trained one) in each implemented
+    format, the chosen one (kv_cache, default f32) marked. Reads the config, not the weights."""
+    from .. import kv_cache as kv_formats
+    from .. import memory
+    from ..engine import default_model_path
+    from ..model import cache_formats, check_ctx
+    from ..readers import open_model
+
+    path = path if path is not None else default_model_path()
+    cfg = open_model(path).config
+    ctx = check_ctx(ctx if ctx is not None else cfg.max_position_embeddings)
+    chosen = kv_formats.check(kv_cache, residual, group, head_dim=cfg.head_dim)
+    formats = cache_formats(cfg)
+    formats[chosen.name] = chosen
+    available = memory.available_bytes()
+    lines = [f"Model:        {path}",
+             f"Shape:        {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads, "
+             f"{cfg.num_key_value_heads} KV heads, head dim {cfg.head_dim}, "
+             f"trained context {cfg.max_position_embeddings} tokens",
+             f"KV cache:     per token and for a context of {ctx} tokens (--ctx), * the chosen format "
+             f"(--kv-cache);",
+             "              memory follows use: the cache's pages become resident as tokens fill them"]
+    width = max(len(spec.describe()) if isinstance(spec, kv_formats.KVSpec) else len(name)
+                for name, spec in formats.items())
+    for name, spec in formats.items():
+        mark = "*" if name == chosen.name else " "
+        if not isinstance(spec, kv_formats.KVSpec):
+            lines.append(f"  {mark} {name:<{width}}  not for this model: {spec}")
+            continue
+        full = spec.cache_bytes(cfg, ctx)
+        too_big = "  (more than the memory available)" if available is not None and full > available else ""
+        lines.append(f"  {mark} {spec.describe():<{width}}  {spec.bytes_per_token(cfg):>9} B/token  "
+                     f"{memory.format_bytes(full):>10}{too_big}")
+    if available is not None:
+        lines.append(f"Memory:       {memory.format_bytes(available)} available (MemAvailable + SwapFree)")
+    return lines
