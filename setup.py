@@ -40,12 +40,14 @@ def extensions():
     # and _forward.pyx the forward pass's C files, which Cython does not see: a changed one
     # must rebuild them even where no .pyx changed.
     headers = sorted(glob.glob(os.path.join("pyx", "*.h")))
-    forward_c = [os.path.join("pyx", c) for c in ("forward.c", "float_gemm.c", "attention.c")]
+    forward_c = [os.path.join("pyx", c) for c in ("forward.c", "float_gemm.c", "kv_cache.c", "attention.c")]
+    forward_c.append(os.path.join(GENERATED, "kv_kernels.h"))
     common = dict(include_dirs=["pyx"], depends=headers, extra_compile_args=cflags, extra_link_args=lflags)
     exts = [Extension(f"qinfer._qgemm_b{b}", [os.path.join(GENERATED, f"_qgemm_b{b}.pyx")], **common)
             for b in BITWIDTHS]
     exts.append(Extension("qinfer._runtime", ["pyx/_runtime.pyx"], **common))
-    exts.append(Extension("qinfer._forward", ["pyx/_forward.pyx"], **dict(common, depends=headers + forward_c)))
+    exts.append(Extension("qinfer._forward", ["pyx/_forward.pyx"], **dict(
+        common, depends=headers + forward_c, include_dirs=["pyx", GENERATED])))   # kv_kernels.h
     exts.append(Extension("qinfer._sampling", ["pyx/_sampling.pyx"], **common))
     # include_path: the generated modules in build/generated cimport pyx/qmatrix.pxd
     return cythonize(exts, language_level=3, include_path=["pyx"], compiler_directives={

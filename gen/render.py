@@ -5,7 +5,9 @@
 Writes OUTDIR/_qgemm_b{bits}.pyx from pyx/qgemm.pyx.tp for every bit width
 of the variant table (qinfer/variants.py: 2, 3, 4, 5, 6, 8), each with the
 parameters the performance model picked for that bitwidth and the variants
-(vector widths, instruction sets, kernel kinds) the table holds for them.
+(vector widths, instruction sets, kernel kinds) the table holds for them; and
+OUTDIR/kv_kernels.h from pyx/kv_kernels.h.tp, attention's loops for each coded
+KV cache format (its table is at the template's top).
 """
 import dataclasses
 import os
@@ -19,6 +21,7 @@ from .variants import table
 HERE = os.path.dirname(os.path.abspath(__file__))
 PYX = os.path.join(HERE, os.pardir, "pyx")
 TEMPLATE = os.path.join(PYX, "qgemm.pyx.tp")
+KV_TEMPLATE = os.path.join(PYX, "kv_kernels.h.tp")
 SNIPPETS = os.path.join(PYX, "snippets")
 # the smallest group size: a segment can end every MIN_GROUP values
 MIN_GROUP = min(g for g in table.GROUP_SIZES if g > 0)
@@ -161,6 +164,9 @@ def render_all(outdir, machine=None):
         path = os.path.join(outdir, f"_qgemm_b{bits}.pyx")
         write_if_changed(path, render(bits, params, machine))
         written.append(path)
+    path = os.path.join(outdir, "kv_kernels.h")
+    write_if_changed(path, load(KV_TEMPLATE).substitute({}))
+    written.append(path)
     return written
 
 

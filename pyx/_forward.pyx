@@ -10,6 +10,9 @@ module compiles them in and gives Python the `Transformer` that owns them.
 from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.stdint cimport int32_t, uint16_t
 from libc.stdlib cimport malloc, calloc, free
+from libc.string cimport memcpy
+
+import numpy as np
 
 from qmatrix cimport qmatrix, qgemm_fn, qgemv_team_fn
 from team cimport (team_governor, team_wait_mode, TEAM_WAIT_SLEEP, TEAM_WAIT_SPIN,
@@ -17,6 +20,8 @@ from team cimport (team_governor, team_wait_mode, TEAM_WAIT_SLEEP, TEAM_WAIT_SPI
 
 # One translation unit, as when the C was a string here (forward.h says why).
 cdef extern from "float_gemm.c":
+    pass
+cdef extern from "kv_cache.c":
     pass
 cdef extern from "attention.c":
     pass
@@ -54,17 +59,20 @@ cdef extern from "forward.c":
         team_governor prefill_governor
         team_governor rows_governor
         float *stacked
-        void *key_cache
-        void *value_cache
-        int kv_format
+        float *q
+        float *k
+        float *v
+        float *att
         int seqs
         int seq
     int team_ready(const weights *w) nogil
     int adapt_threads
-    int alloc_state(run_state *s, const weights *w, int max_tokens, int threads, int seqs, int kv_format) nogil
-    int KV_F32, KV_F16
+    ctypedef struct kv_spec:
+        int format, bits, group, residual
+    int alloc_state(run_state *s, const weights *w, int max_tokens, int threads, int seqs, kv_spec kv) nogil
+    int KV_F32, KV_F16, KV_Q8, KV_KIVI
     int kv_hardware_halves
-    size_t kv_value_bytes(const run_state *s) nogil
+    size_t kv_bytes_per_token(const weights *w, const run_state *s) nogil
     int grow_threads(run_state *s, const weights *w, int threads) nogil
     void free_state(run_state *s) nogil
     int forward(const weights *w, run_state *s, const int *tokens, int n, int pos,
@@ -78,6 +86,7 @@ cdef extern from "forward.c":
         float *down_in
     int run_layer(const weights *w, run_state *s, int l, float *x, int n, int pos,
                   const layer_capture *cap, int nthreads) nogil
+    void attention_only(const weights *w, run_state *s, int l, int pos, int n, int nthreads) nogil
 
 
 def set_thread_policy(bint adaptive, bint spin):
@@ -169,8 +178,9 @@ cdef class Transformer:
         self.has_state = False
 
     def __init__(self, dict config, embedding, list layers, final_norm, lm_head, inv_freq,
-                 int max_tokens, int threads, int seqs=1, str kv_cache="f32"):
+                 int max_tokens, int threads, int seqs=1, str kv_cache="f32", int kv_residual=0, int kv_group=0):
         cdef int i
+        cdef kv_spec kv
         self.keep = [embedding, layers, final_norm, lm_head, inv_freq]
         self.w.dim = config["dim"]
         self.w.hidden_dim = config["hidden_dim"]
@@ -212,10 +222,20 @@ cdef class Transformer:
                     raise ValueError(f"layer {i}: {name} is missing")
         if seqs < 1:
             raise ValueError("a KV cache holds one sequence or more")
-        formats = {"f32": KV_F32, "f16": KV_F16}
+        # (format, bits) of each name of qinfer/kv_cache.py the C side holds
+        formats = {"f32": (KV_F32, 0), "f16": (KV_F16, 0), "q8": (KV_Q8, 8), "kivi4": (KV_KIVI, 4),
+                   "kivi2": (KV_KIVI, 2)}
         if kv_cache not in formats:
             raise ValueError(f"no KV cache format {kv_cache!r} here; the C side holds {sorted(formats)}")
-        if alloc_state(&self.s, &self.w, max_tokens, threads, seqs, formats[kv_cache]) != 0:
+        kv.format, kv.bits = formats[kv_cache]
+        kv.group, kv.residual = kv_group, kv_residual
+        if kv.format == KV_KIVI and (kv_group % 32 or kv_group <= 0 or config["head_dim"] % kv_group
+                                     or kv_residual < 0 or kv_residual % kv_group):
+            raise ValueError(f"KIVI needs a group that is a multiple of 32 and divides head_dim, and a "
+                             f"residual window that is a multiple of it (group {kv_group}, residual {kv_residual})")
+        if kv.format == KV_Q8 and config["head_dim"] % 32:
+            raise ValueError("the q8 cache needs a head_dim divisible by 32")
+        if alloc_state(&self.s, &self.w, max_tokens, threads, seqs, kv) != 0:
             raise MemoryError("not enough memory for the KV cache and buffers "
                               f"(context {self.w.ctx}, {seqs} sequences); try a smaller context")
         self.has_state = True
@@ -223,7 +243,7 @@ cdef class Transformer:
     @property
     def kv_bytes_per_token(self):
         """Bytes the KV cache holds per token of one sequence (keys and values, every layer)."""
-        return 2 * self.w.n_layers * self.w.n_kv_heads * self.w.head_dim * kv_value_bytes(&self.s)
+        return kv_bytes_per_token(&self.w, &self.s)
 
     def linear_shape(self, str name):
         """(in, out) of a block's linear map."""
@@ -399,6 +419,29 @@ cdef class Transformer:
             rc = run_layer(&self.w, &self.s, layer, &x[0, 0], n, pos, &cap, nthreads)
         if rc != 0:
             raise MemoryError("out of memory in the forward pass")
+
+    def attend(self, int layer, int pos, float[:, ::1] q, float[:, ::1] k, float[:, ::1] v, int nthreads=1):
+        """Attention alone, for tests: n tokens' queries q [n, n_heads*head_dim] and keys
+        and values k, v [n, n_kv_heads*head_dim] (after RoPE) go into sequence 0's cache
+        at positions pos.. in its format, as a forward call's would, and attend over it.
+        Returns the attention output [n, n_heads*head_dim]."""
+        cdef int n = q.shape[0]
+        cdef size_t q_dim = self.w.n_heads * self.w.head_dim, kv_dim = self.w.n_kv_heads * self.w.head_dim
+        if layer < 0 or layer >= self.w.n_layers:
+            raise ValueError("no such layer")
+        if (n < 1 or n > self.s.max_tokens or pos < 0 or pos + n > self.w.ctx or q.shape[1] != q_dim
+                or k.shape[0] != n or v.shape[0] != n or k.shape[1] != kv_dim or v.shape[1] != kv_dim):
+            raise ValueError("attend: shape or position out of range")
+        self.ensure_threads(nthreads)
+        out = np.empty((n, q_dim), dtype=np.float32)
+        cdef float[:, ::1] o = out
+        memcpy(self.s.q, &q[0, 0], sizeof(float) * n * q_dim)
+        memcpy(self.s.k, &k[0, 0], sizeof(float) * n * kv_dim)
+        memcpy(self.s.v, &v[0, 0], sizeof(float) * n * kv_dim)
+        with nogil:
+            attention_only(&self.w, &self.s, layer, pos, n, nthreads)
+        memcpy(&o[0, 0], self.s.att, sizeof(float) * n * q_dim)
+        return out
 
     def set_linear(self, int layer, str name, spec):
         """Point one linear map of a block at new weights (the caller keeps them

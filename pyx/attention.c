@@ -1,14 +1,6 @@
-/* attention.c: the KV cache (where a layer's keys and values sit) and causal
- * grouped-query attention over it, a tile of queries at a time. Part of
- * _forward.pyx's translation unit (forward.h).
- *
- * Cache formats (run_state.kv_format), each value in the same place:
- *   KV_F32  float32, 4 bytes a value
- *   KV_F16  IEEE float16 (round to nearest even when stored), 2 bytes a value:
- *           half the memory, and half the bytes attention reads at depth
- * Per layer and KV head of a sequence: keys in blocks of KV_BLOCK positions,
- * each block transposed, [ctx_blocks][head_dim][KV_BLOCK] (a score block reads
- * one row of KV_BLOCK positions per dimension); values [ctx][head_dim]. */
+/* attention.c: causal grouped-query attention over the KV cache (kv_cache.c has its
+ * formats), a tile of queries at a time. Part of _forward.pyx's translation unit
+ * (forward.h). */
 #include "forward.h"
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
@@ -26,51 +18,6 @@ static int qi_f16c(void)
 #else
 #define QI_HAVE_F16C 0
 #endif
-
-/* Bytes of one cached value. */
-static size_t kv_value_bytes(const run_state *s)
-{
-    return s->kv_format == KV_F16 ? 2 : 4;
-}
-
-/* Where sequence seq's keys and values of a layer's KV head start in the cache, in values. */
-static size_t head_offset(const weights *w, const run_state *s, int seq, int layer, int kv_h)
-{
-    return (((size_t)seq * w->n_layers + layer) * w->n_kv_heads + kv_h) * s->ctx_blocks * KV_BLOCK * w->head_dim;
-}
-
-static void *key_head(const weights *w, const run_state *s, int seq, int layer, int kv_h)
-{
-    return (char *)s->key_cache + head_offset(w, s, seq, layer, kv_h) * kv_value_bytes(s);
-}
-
-static void *value_head(const weights *w, const run_state *s, int seq, int layer, int kv_h)
-{
-    return (char *)s->value_cache + head_offset(w, s, seq, layer, kv_h) * kv_value_bytes(s);
-}
-
-/* Move new token t's key and value (after RoPE) into sequence seq's cache at position p. */
-static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int t, int p)
-{
-    const int hd = w->head_dim, kv_dim = w->n_kv_heads * hd, block = p / KV_BLOCK, lane = p % KV_BLOCK;
-    for (int h = 0; h < w->n_kv_heads; h++) {
-        const float *k = s->k + (size_t)t * kv_dim + h * hd, *v = s->v + (size_t)t * kv_dim + h * hd;
-        const size_t key0 = (size_t)block * hd * KV_BLOCK + lane, value0 = (size_t)p * hd;
-        if (s->kv_format == KV_F16) {
-            _Float16 *kb = (_Float16 *)key_head(w, s, seq, layer, h) + key0;
-            _Float16 *vb = (_Float16 *)value_head(w, s, seq, layer, h) + value0;
-            for (int i = 0; i < hd; i++) {
-                kb[(size_t)i * KV_BLOCK] = (_Float16)k[i];
-                vb[i] = (_Float16)v[i];
-            }
-            continue;
-        }
-        float *kb = (float *)key_head(w, s, seq, layer, h) + key0;
-        for (int i = 0; i < hd; i++)
-            kb[(size_t)i * KV_BLOCK] = k[i];
-        memcpy((float *)value_head(w, s, seq, layer, h) + value0, v, sizeof(float) * hd);
-    }
-}
 
 /* Attention is computed for a tile of queries at a time: the heads that
  * share one KV head, for up to QUERY_TOKENS consecutive tokens. Each key and
@@ -221,7 +168,7 @@ static void attention_tile(const weights *w, run_state *s, int layer, const quer
     const float scale = 1.0f / sqrtf((float)hd);
     const void *keys = key_head(w, s, tile->seq, layer, tile->kv_h);
     const void *values = value_head(w, s, tile->seq, layer, tile->kv_h);
-    const int half = s->kv_format == KV_F16;
+    const int half = s->kv.format == KV_F16;
     const int last_of_tile = tile->pos + tile->nt - 1;
     /* Rows go token by token, so a pass's last row attends furthest. A pass
      * covers the positions its last row attends to; its earlier rows' scores
@@ -287,6 +234,103 @@ static void attention_tile(const weights *w, run_state *s, int layer, const quer
 #undef LAST_OF_ROW
 }
 
+#include "kv_kernels.h"
+
+/* KIVI: the first key position a query at position p reads from the float16 window
+ * (keys leave it a group at a time), and the first value position. */
+static int first_window_key(const run_state *s, int p)
+{
+    const int from = p + 1 - s->kv.residual;
+    return from <= 0 ? 0 : from / s->kv.group * s->kv.group;
+}
+
+static int first_window_value(const run_state *s, int p)
+{
+    const int from = p + 1 - s->kv.residual;
+    return from < 0 ? 0 : from;
+}
+
+/* attention_tile for a coded cache (KV_Q8, KV_KIVI). Each token's rows go in passes of
+ * their own (up to ROWS_PER_PASS heads of one token): a token decides which of its
+ * positions it reads through codes and which from the window, so a pass reads each
+ * position one way for all its rows, and a row's sums are the same in a prefill as
+ * when its token is decoded alone. Scores past a row's own position are computed and
+ * never read. */
+static void attention_tile_coded(const weights *w, run_state *s, int layer, const query_tile *tile,
+                                 float *scores, size_t row_len)
+{
+    const int hd = w->head_dim, windowed = s->kv.format == KV_KIVI;
+    const float scale = 1.0f / sqrtf((float)hd);
+    void *keys = key_head(w, s, tile->seq, layer, tile->kv_h);
+    void *values = value_head(w, s, tile->seq, layer, tile->kv_h);
+    const uint16_t *key_params = key_params_head(w, s, tile->seq, layer, tile->kv_h);
+    const uint16_t *value_params = value_params_head(w, s, tile->seq, layer, tile->kv_h);
+    uint16_t *key_window = windowed ? key_window_head(w, s, tile->seq, layer, tile->kv_h) : NULL;
+    uint16_t *value_window = windowed ? value_window_head(w, s, tile->seq, layer, tile->kv_h) : NULL;
+    const int last_of_tile = tile->pos + tile->nt - 1;
+    const float *q[ROWS_PER_PASS];
+    float *row_scores[ROWS_PER_PASS], *out[ROWS_PER_PASS];
+#define PASS_HEADS(h0) (tile->nh - (h0) < ROWS_PER_PASS ? tile->nh - (h0) : ROWS_PER_PASS)
+#define ROW(t, h) ((t) * tile->nh + (h))
+
+    for (int b = 0; b * KV_BLOCK <= last_of_tile; b++) {
+        const uint16_t *params = s->kv.format == KV_Q8 ? key_params + (size_t)b * hd
+                                                       : key_params + (size_t)(b * KV_BLOCK / s->kv.group) * 2 * hd;
+        for (int t = 0; t < tile->nt; t++) {
+            const int p = tile->pos + t;
+            if (b * KV_BLOCK > p)
+                continue;
+            const int from_window = windowed && (b + 1) * KV_BLOCK > first_window_key(s, p);
+            for (int h0 = 0; h0 < tile->nh; h0 += ROWS_PER_PASS) {
+                const int n = PASS_HEADS(h0);
+                for (int r = 0; r < n; r++) {
+                    q[r] = s->q + tile_offset(w, tile, ROW(t, h0 + r));
+                    row_scores[r] = scores + ROW(t, h0 + r) * row_len + (size_t)b * KV_BLOCK;
+                }
+                if (from_window)
+                    score_block(q, window_key_block(w, s, key_window, b * KV_BLOCK), 0, hd, scale, row_scores, n, 1);
+                else
+                    score_block_coded(s, q, key_codes(w, s, keys, b), params, hd, scale, row_scores, n);
+            }
+        }
+    }
+    for (int t = 0; t < tile->nt; t++)
+        for (int h = 0; h < tile->nh; h++) {
+            softmax(scores + ROW(t, h) * row_len, tile->pos + t);
+            memset(s->att + tile_offset(w, tile, ROW(t, h)), 0, sizeof(float) * hd);
+        }
+    for (int first = 0; first <= last_of_tile; first += KV_BLOCK) {
+        for (int t = 0; t < tile->nt; t++) {
+            const int p = tile->pos + t;
+            if (first > p)
+                continue;
+            const int last = p < first + KV_BLOCK - 1 ? p : first + KV_BLOCK - 1;
+            const int window = windowed ? first_window_value(s, p) : p + 1;   /* [window, p] at float16 */
+            const int coded_last = last < window - 1 ? last : window - 1;
+            const int window_first = first > window ? first : window;
+            for (int h0 = 0; h0 < tile->nh; h0 += ROWS_PER_PASS) {
+                const int n = PASS_HEADS(h0);
+                for (int r = 0; r < n; r++)
+                    out[r] = s->att + tile_offset(w, tile, ROW(t, h0 + r));
+                if (first <= coded_last) {
+                    for (int r = 0; r < n; r++)
+                        row_scores[r] = scores + ROW(t, h0 + r) * row_len;
+                    add_values_coded(s, (const float *const *)row_scores, (const uint8_t *)values, value_params,
+                                     hd, first, coded_last, out, n);
+                }
+                if (window_first <= last) {   /* a block's window rows are consecutive in the ring */
+                    for (int r = 0; r < n; r++)
+                        row_scores[r] = scores + ROW(t, h0 + r) * row_len + window_first;
+                    add_values((const float *const *)row_scores, window_value_row(w, s, value_window, window_first),
+                               hd, 0, last - window_first, out, n, 1);
+                }
+            }
+        }
+    }
+#undef ROW
+#undef PASS_HEADS
+}
+
 /* One token (decode) has too few tiles to share out if a tile holds the whole group. */
 static int heads_per_tile(const weights *w, int n)
 {
@@ -321,7 +365,10 @@ static void attention_job(const weights *w, run_state *s, int layer, int pos, in
     tile.h0 = tile.kv_h * group + (heads_job % tiles_per_group) * nh;
     tile.seq = row_seq(s, tile.t0);
     tile.pos = row_pos(s, pos, tile.t0);
-    attention_tile(w, s, layer, &tile, scores, (size_t)s->ctx_blocks * KV_BLOCK);
+    if (s->kv.format == KV_F32 || s->kv.format == KV_F16)
+        attention_tile(w, s, layer, &tile, scores, (size_t)s->ctx_blocks * KV_BLOCK);
+    else
+        attention_tile_coded(w, s, layer, &tile, scores, (size_t)s->ctx_blocks * KV_BLOCK);
 }
 
 /* Thread `thread`'s block of attention scores. */

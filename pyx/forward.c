@@ -26,6 +26,8 @@ static int layer_forward(const weights *w, run_state *s, int l, int pos, int n,
     each_row(cx, &b, rope_q_row);
     each_row(cx, &b, rope_k_row);
     each_row(cx, &b, cache_kv_row);
+    if (s->kv.format == KV_KIVI)   /* after all of the call's keys are in (a step joins its rows) */
+        each_row(cx, &b, close_key_group_row);
     sync_point(cx);
     attention(w, s, l, pos, n, cx);
     sync_point(cx);
@@ -212,6 +214,21 @@ static int run_layer(const weights *w, run_state *s, int l, float *x, int n, int
     return rc;
 }
 
+/* Attention alone, for tests that hold it against a reference: n tokens' queries,
+ * keys and values of layer l (after RoPE; in s->q, s->k, s->v) go into sequence 0's
+ * cache at positions pos.. as a forward call puts them there, and attend; the output
+ * is in s->att. */
+static void attention_only(const weights *w, run_state *s, int l, int pos, int n, int nthreads)
+{
+    const block b = {w, s, &w->layers[l], l, pos, n, s->x};
+    const exec_ctx cx = {clamp_threads(s, nthreads), NULL};
+    s->seq = 0;
+    each_row(&cx, &b, cache_kv_row);
+    if (s->kv.format == KV_KIVI)
+        each_row(&cx, &b, close_key_group_row);
+    attention(w, s, l, pos, n, &cx);
+}
+
 /* ------------------------------------------------ how a step runs (exec_ctx) */
 
 static int thread_count(int nthreads)
@@ -355,6 +372,12 @@ static void cache_kv_row(const block *b, int t)
     store_kv_row(b->w, b->s, row_seq(b->s, t), b->layer, t, row_pos(b->s, b->pos, t));
 }
 
+/* KIVI: the key group token t's position ends, coded (kv_cache.c) */
+static void close_key_group_row(const block *b, int t)
+{
+    close_key_group(b->w, b->s, row_seq(b->s, t), b->layer, row_pos(b->s, b->pos, t));
+}
+
 /* x[t] += proj[t] */
 static void residual_row(const block *b, int t)
 {
@@ -477,7 +500,8 @@ static void free_state(run_state *s)
 {
     free(s->x); free(s->xb); free(s->proj); free(s->q); free(s->att);
     free(s->gate); free(s->up); free(s->scores); free(s->cos_sin);
-    free(s->k); free(s->v); free(s->stacked); free(s->key_cache); free(s->value_cache);
+    free(s->k); free(s->v); free(s->stacked);
+    free_kv_cache(s);
     memset(s, 0, sizeof(*s));
 }
 
@@ -507,7 +531,7 @@ static int grow_threads(run_state *s, const weights *w, int threads)
     return 0;
 }
 
-static int alloc_state(run_state *s, const weights *w, int max_tokens, int threads, int seqs, int kv_format)
+static int alloc_state(run_state *s, const weights *w, int max_tokens, int threads, int seqs, kv_spec kv)
 {
     const size_t T = (size_t)max_tokens, q_dim = (size_t)w->n_heads * w->head_dim;
     const size_t kv_dim = (size_t)w->n_kv_heads * w->head_dim;
@@ -515,7 +539,7 @@ static int alloc_state(run_state *s, const weights *w, int max_tokens, int threa
     s->max_tokens = max_tokens;
     s->threads = threads;
     s->seqs = seqs;
-    s->kv_format = kv_format;
+    s->kv = kv;
     s->decode_team = 1;
     governor_init(&s->decode_governor, 2);
     governor_init(&s->prefill_governor, 2);
@@ -528,13 +552,11 @@ static int alloc_state(run_state *s, const weights *w, int max_tokens, int threa
     s->gate = malloc(sizeof(float) * T * w->hidden_dim);
     s->up = malloc(sizeof(float) * T * w->hidden_dim);
     s->ctx_blocks = (w->ctx + KV_BLOCK - 1) / KV_BLOCK;
-    const size_t cache = (size_t)seqs * w->n_layers * s->ctx_blocks * KV_BLOCK * kv_dim;
     s->scores = malloc(sizeof(float) * (size_t)threads * scores_per_thread(w, s));
     s->cos_sin = malloc(sizeof(float) * T * w->head_dim);
     s->k = malloc(sizeof(float) * T * kv_dim);
     s->v = malloc(sizeof(float) * T * kv_dim);
-    s->key_cache = calloc(cache, kv_value_bytes(s));
-    s->value_cache = calloc(cache, kv_value_bytes(s));
+    const int cache_failed = alloc_kv_cache(w, s);
     size_t stacked = 0;
     for (int l = 0; l < w->n_layers; l++) {
         if (is_set(&w->layers[l].wqkv) && stacked < q_dim + 2 * kv_dim)
@@ -544,7 +566,7 @@ static int alloc_state(run_state *s, const weights *w, int max_tokens, int threa
     }
     s->stacked = stacked ? malloc(sizeof(float) * T * stacked) : NULL;
     if (!s->x || !s->xb || !s->proj || !s->q || !s->att || !s->gate || !s->up || !s->scores ||
-        !s->cos_sin || !s->k || !s->v || !s->key_cache || !s->value_cache || (stacked && !s->stacked)) {
+        !s->cos_sin || !s->k || !s->v || cache_failed || (stacked && !s->stacked)) {
         free_state(s);
         return -1;
     }

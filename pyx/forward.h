@@ -80,6 +80,16 @@ typedef struct {
 
 /* ------------------------------------------------------------ buffers */
 
+#define KV_BLOCK 32
+/* The KV cache's formats (kv_cache.c has their layouts; qinfer/kv_cache.py their names). */
+enum { KV_F32 = 0, KV_F16 = 1, KV_Q8 = 2, KV_KIVI = 3 };
+typedef struct {
+    int format;       /* KV_F32, KV_F16, KV_Q8 or KV_KIVI */
+    int bits;         /* bits of a code: KV_Q8 8, KV_KIVI 4 or 2 */
+    int group;        /* KV_KIVI: G, the positions of a key group and the channels of a value group */
+    int residual;     /* KV_KIVI: R, the newest positions a query reads at float16 (a multiple of G) */
+} kv_spec;
+
 typedef struct {
     int max_tokens;   /* rows every buffer below has room for */
     int threads;      /* rows of `scores` */
@@ -100,9 +110,14 @@ typedef struct {
      * [seqs][n_layers][n_kv_heads][ctx/KV_BLOCK][head_dim][KV_BLOCK], so the scores of a
      * block are KV_BLOCK-wide vector FMAs with no horizontal sums; values are
      * [seqs][n_layers][n_kv_heads][ctx][head_dim] (each probability scales one row). */
-    void *key_cache;      /* in kv_format (attention.c has the layout) */
-    void *value_cache;
-    int kv_format;        /* KV_F32 or KV_F16 */
+    kv_spec kv;           /* the cache's format (kv_cache.c has each one's layout) */
+    void *key_cache;      /* keys: values (KV_F32, KV_F16) or codes */
+    void *value_cache;    /* values: the same */
+    uint16_t *key_params;     /* the codes' float16 scales (and minimums), or NULL */
+    uint16_t *value_params;
+    uint16_t *key_window;     /* KV_KIVI: the newest tokens' keys and values in float16, a ring */
+    uint16_t *value_window;
+    int window_blocks;    /* KV_KIVI: the ring's length, in blocks */
     int ctx_blocks;   /* ctx rounded up to whole KV_BLOCKs, in blocks */
     int seqs;         /* sequences the cache holds */
     /* Where a call's rows go: row t is sequence row_seq[t] at position row_pos[t] (a
@@ -117,8 +132,6 @@ typedef struct {
     team_governor rows_governor;      /* ... and batched decode steps (forward_rows), each whole */
 } run_state;
 
-#define KV_BLOCK 32
-enum { KV_F32 = 0, KV_F16 = 1 };   /* run_state.kv_format: the KV cache's value format (attention.c) */
 /* Prefill's row-wise steps (norms, RoPE, the cache write, SwiGLU, residual
  * adds) share their rows out among the threads; fewer rows than this (decode)
  * are too little work to wake them for. */
@@ -190,7 +203,7 @@ static int matmul(const linear *l, const float *x, int n, float *y, int nthreads
 static int project_qkv(const exec_ctx *cx, const block *b);
 static int project_gate_up(const exec_ctx *cx, const block *b);
 static row_step attn_norm_row, ffn_norm_row, final_norm_row, split_qkv_row, rope_q_row, rope_k_row,
-                cache_kv_row, residual_row, swiglu_row;
+                cache_kv_row, close_key_group_row, residual_row, swiglu_row;
 static void embed(const weights *w, const int *tokens, int n, float *x);
 static void rope_tables(const weights *w, const run_state *s, int pos, int n);
 QI_VECTORIZE static void rmsnorm_row(const float *x, const float *weight, int dim, float eps, float *out);
@@ -221,7 +234,10 @@ static inline int row_pos(const run_state *s, int pos, int t)
 
 /* attention.c: the KV cache and attention over it */
 static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int t, int p);
-static size_t kv_value_bytes(const run_state *s);
+static void close_key_group(const weights *w, run_state *s, int seq, int layer, int p);
+static int alloc_kv_cache(const weights *w, run_state *s);
+static void free_kv_cache(run_state *s);
+static size_t kv_bytes_per_token(const weights *w, const run_state *s);
 static void attention(const weights *w, run_state *s, int layer, int pos, int n, const exec_ctx *cx);
 
 #endif

@@ -106,7 +106,7 @@ class Engine:
     """A loaded model ready to generate.
 
     Engine(model_path=None, threads=None, ctx=None, quantize=None, group_size=128, dequantize=False,
-           activations=None, kv_cache=None)
+           activations=None, kv_cache=None, kv_residual=None, kv_group=None)
     model_path: a Hugging Face LLaMA directory or a GGUF file (None: the default
     SmolLM2-135M-Instruct). ctx: KV cache size in tokens (default: the model's
     trained context, max_position_embeddings; a larger one runs, with a
@@ -119,8 +119,9 @@ class Engine:
     or with quantize, re-quantize them. activations: "int8" rounds the activations of quantized layers to int8 per block of
     32 inputs when decoding (faster; llama.cpp-like numerics), "float" keeps
     them float32; None takes qinfer.kernels' mode (QINFER_ACTIVATIONS).
-    kv_cache: the KV cache's format, "f32" (default) or "f16" (half the memory;
-    qinfer/kv_cache.py names the formats to come).
+    kv_cache: the KV cache's format: "f32" (default), "f16", "q8", "kivi4" or "kivi2"
+    (qinfer/kv_cache.py says what each holds); kv_residual and kv_group: KIVI's
+    float16 window R (default 128) and group G (32, 64 or 128; default 32).
     A ctx whose full KV cache needs more memory than the machine has available
     is a QinferError before the weights are read (model.check_cache_fits).
 
@@ -130,7 +131,7 @@ class Engine:
     """
 
     def __init__(self, model_path=None, threads=None, ctx=None, quantize=None, group_size=128,
-                 dequantize=False, activations=None, kv_cache=None):
+                 dequantize=False, activations=None, kv_cache=None, kv_residual=None, kv_group=None):
         from .packing import GPTQ_BITWIDTHS
         from .rtn import GROUP_SIZES
         from .tokenizer import load as load_tokenizer
@@ -138,7 +139,7 @@ class Engine:
         start = time.perf_counter()
         if activations is not None:
             kernels.check_activations(activations)
-        kv_cache = kv_formats.check(kv_cache)
+        kv_cache = kv_formats.check(kv_cache, kv_residual, kv_group)
         if quantize is not None and quantize not in GPTQ_BITWIDTHS:
             raise QinferError(f"quantize must be one of {', '.join(map(str, GPTQ_BITWIDTHS))}, got {quantize!r}")
         if quantize is not None and group_size not in GROUP_SIZES:
@@ -159,7 +160,9 @@ class Engine:
             raise QinferError(f"{self.model_path}: no tokenizer found (tokenizer.json or tokenizer.model)")
         self.tokenizer = load_tokenizer(self.source.tokenizer)
         self.model = Model(self.source, ctx=ctx, quantize=quantize, group_size=group_size, threads=threads,
-                           dequantize=dequantize, activations=activations, kv_cache=kv_cache)
+                           dequantize=dequantize, activations=activations, kv_cache=kv_cache.name,
+                           kv_residual=kv_cache.residual if kv_cache.windowed else None,
+                           kv_group=kv_cache.group if kv_cache.windowed else None)
         # First use on this CPU: measure the kernel parameters of the model's layer shapes (cached).
         tune_layers(self.model.quantized_layers(), self.model.threads)
         self.config = self.source.config

@@ -1,36 +1,125 @@
-"""The KV cache's formats: the names users choose from, and which ones run.
+"""The KV cache's formats: the names users choose from, their settings, and their sizes.
 
     f32       float32 keys and values (4 bytes a value): the reference
     f16       IEEE float16 (2 bytes a value, round to nearest even when stored):
               half the cache's memory and half the bytes attention reads per token
-    q8        one float16 scale per 32 values of a token, int8 codes (llama.cpp's q8_0 cache)
-    kivi4/2   KIVI: keys per channel, values per token, 4 or 2 bits, a full-precision window
+    q8        int8 codes, one float16 scale per 32 values of a token (llama.cpp's q8_0 cache)
+    kivi4/2   KIVI: 4- or 2-bit codes, asymmetric (float16 scale and minimum); keys per
+              channel over groups of G tokens, values per token over groups of G channels;
+              the newest R tokens stay in float16 (the window), keys leaving it a whole
+              group at a time
     kvquant*  KVQuant: pre-RoPE per-channel keys, non-uniform levels, dense-and-sparse
 
-The layout of each format is in pyx/attention.c. Only the formats in
-IMPLEMENTED run today; the others are named so that asking for one is a
-clear error, not a silent float32 cache (issue 36 brings them).
+Each token attends through the cache exactly as it would when decoded alone:
+the window's tokens (its own among them) at float16, the older ones through
+their codes. A prefill of many tokens therefore gives the logits of decoding
+them one by one, whatever its chunks.
+
+The layouts are in pyx/attention.c. Only the formats in IMPLEMENTED run; the
+others are named so that asking for one is a clear error, not a silent
+float32 cache.
 """
+import dataclasses
+
 from .errors import UnsupportedError
 
 FORMATS = ("f32", "f16", "q8", "kivi4", "kivi2", "kvquant4", "kvquant3", "kvquant2")
-IMPLEMENTED = ("f32", "f16")
+IMPLEMENTED = ("f32", "f16", "q8", "kivi4", "kivi2")
 DEFAULT = "f32"
-VALUE_BYTES = {"f32": 4, "f16": 2}
+WINDOWED = ("kivi4", "kivi2")        # formats with a full-precision window (--kv-residual, --kv-group)
+DEFAULT_RESIDUAL = 128               # KIVI's R
+DEFAULT_GROUP = 32                   # KIVI's G
+GROUPS = (32, 64, 128)               # key groups are whole blocks of 32 positions
+SCALE_GROUP = 32                     # q8: values per float16 scale
+# The most new tokens one forward call brings to a windowed cache: its window holds
+# R + G + these tokens, so longer prompts are fed in chunks of this many.
+WINDOWED_CHUNK = 128
+
+BITS = {"q8": 8, "kivi4": 4, "kivi2": 2, "kvquant4": 4, "kvquant3": 3, "kvquant2": 2}
 
 
-def check(name):
-    """`name` if qinfer can hold its cache in that format, else an UnsupportedError naming it."""
+@dataclasses.dataclass(frozen=True)
+class KVSpec:
+    """A KV cache format and its settings (residual and group apply to KIVI only)."""
+    name: str = DEFAULT
+    residual: int = 0
+    group: int = 0
+
+    @property
+    def windowed(self):
+        return self.name in WINDOWED
+
+    @property
+    def bits(self):
+        return BITS.get(self.name, 0)
+
+    def value_bytes(self):
+        """Bytes the cache holds per key or value element, codes and their parameters."""
+        if self.name == "f32":
+            return 4.0
+        if self.name == "f16":
+            return 2.0
+        if self.name == "q8":
+            return 1.0 + 2.0 / SCALE_GROUP
+        return self.bits / 8 + 4.0 / self.group       # kivi: a float16 scale and minimum per group
+
+    def bytes_per_token(self, config):
+        """Bytes a sequence's cache grows by per token (keys and values, every layer)."""
+        return int(round(2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+                         * self.value_bytes()))
+
+    def window_tokens(self):
+        """Tokens of the float16 window (0 without one)."""
+        if not self.windowed:
+            return 0
+        return -(-(self.residual + self.group + WINDOWED_CHUNK) // 32) * 32
+
+    def fixed_bytes(self, config):
+        """Bytes a sequence's cache holds whatever its length: the float16 window."""
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * self.window_tokens()
+
+    def cache_bytes(self, config, ctx, seqs=1):
+        """Bytes the cache of `seqs` sequences of ctx tokens each takes when full."""
+        return seqs * (self.bytes_per_token(config) * ctx + self.fixed_bytes(config))
+
+    def describe(self):
+        if self.windowed:
+            return f"{self.name} (window {self.residual}, group {self.group})"
+        return self.name
+
+
+def check(name, residual=None, group=None, head_dim=None):
+    """The KVSpec of format `name` with these settings, or an UnsupportedError naming the problem."""
     if name is None:
-        return DEFAULT
+        name = DEFAULT
+    if isinstance(name, KVSpec):
+        name, residual, group = name.name, name.residual if residual is None else residual, \
+            name.group if group is None else group
     if not isinstance(name, str) or name not in FORMATS:
         raise UnsupportedError(f"unknown KV cache format {name!r}; choose from {', '.join(FORMATS)}")
     if name not in IMPLEMENTED:
         raise UnsupportedError(f"KV cache format {name!r} is not implemented yet; "
                                f"available: {', '.join(IMPLEMENTED)}")
-    return name
+    if name == "q8" and head_dim is not None and head_dim % SCALE_GROUP:
+        raise UnsupportedError(f"the q8 KV cache needs a head size divisible by {SCALE_GROUP}, "
+                               f"the model's is {head_dim}")
+    if name not in WINDOWED:
+        for option, value in (("residual window", residual), ("group", group)):
+            if value:
+                raise UnsupportedError(f"a KV cache {option} applies to the kivi formats, not {name}")
+        return KVSpec(name)
+    residual = DEFAULT_RESIDUAL if residual is None else residual
+    group = DEFAULT_GROUP if group is None else group
+    if isinstance(group, bool) or not isinstance(group, int) or group not in GROUPS:
+        raise UnsupportedError(f"KV cache group {group!r} is not one of {', '.join(map(str, GROUPS))}")
+    if isinstance(residual, bool) or not isinstance(residual, int) or residual < 0 or residual % group:
+        raise UnsupportedError(f"KV cache residual window {residual!r} must be a non-negative "
+                               f"multiple of the group ({group})")
+    if head_dim is not None and head_dim % group:
+        raise UnsupportedError(f"KV cache group {group} does not divide the model's head size {head_dim}")
+    return KVSpec(name, residual, group)
 
 
 def bytes_per_token(config, name):
-    """Bytes a sequence's cache holds per token in format `name` (keys and values, every layer)."""
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * VALUE_BYTES[name]
+    """Bytes a sequence's cache holds per token in format `name` (a KVSpec or a name)."""
+    return check(name).bytes_per_token(config)

@@ -158,10 +158,12 @@ class Model:
     """Weights laid out for the forward pass, the KV cache, and one forward call per step."""
 
     def __init__(self, source, ctx=None, quantize=None, group_size=128, threads=None, dequantize=False,
-                 activations=None, stack=None, kv_cache=None):
+                 activations=None, stack=None, kv_cache=None, kv_residual=None, kv_group=None):
         cfg = self.config = source.config
         self.ctx = check_ctx(ctx if ctx is not None else cfg.max_position_embeddings)
-        self.kv_cache = kv_formats.check(kv_cache)   # the KV cache's format (qinfer/kv_cache.py)
+        # the KV cache's format and settings (qinfer/kv_cache.py), and its name
+        self.kv_spec = kv_formats.check(kv_cache, kv_residual, kv_group, head_dim=cfg.head_dim)
+        self.kv_cache = self.kv_spec.name
         self.quantize, self.group_size = quantize, group_size
         self.dequantize = dequantize          # packed tensors become float32 (a float baseline)
         self.threads = kernels.resolve_threads(threads)
@@ -195,14 +197,16 @@ class Model:
     def _transformer(self, ctx, seqs=1):
         """The C forward pass over this model's weights, with a KV cache of seqs x ctx tokens."""
         cfg = self.config
-        spec = getattr(self, "kv_spec", None) or kv_formats.check(self.kv_cache)
+        spec = self.kv_spec
         check_cache_fits(cfg, spec, ctx, seqs)
+        # a windowed cache's ring holds a call's new tokens too: longer prompts go in smaller chunks
+        chunk = kv_formats.WINDOWED_CHUNK if spec.windowed else PREFILL_CHUNK
         try:
             return Transformer(
                 dict(dim=cfg.hidden_size, hidden_dim=cfg.intermediate_size, n_heads=cfg.num_attention_heads,
                      n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
                      ctx=ctx, eps=cfg.rms_norm_eps),
-                *self._weights, min(PREFILL_CHUNK, ctx), self.threads, seqs, self.kv_cache)
+                *self._weights, min(chunk, ctx), self.threads, seqs, spec.name, spec.residual, spec.group)
         except MemoryError:
             need = spec.cache_bytes(cfg, ctx, seqs)
             raise QinferError(f"out of memory allocating the KV cache for a context of {ctx} tokens "

@@ -2,7 +2,7 @@
 import json
 
 from ..bench import DEFAULT_GEN, DEFAULT_PROMPT, DEFAULT_REPETITIONS
-from .options import add_model_options, non_negative_int, positive_int
+from .options import add_model_options, kv_cache_args, non_negative_int, positive_int
 
 
 def add_parser(sub):
@@ -50,7 +50,7 @@ def run(args):
     check_counts(args.n_prompt, args.n_gen, args.repetitions, limit, what)
     ctx = args.ctx if args.ctx is not None else args.n_prompt + args.n_gen
     engine = Engine(path, threads=max(threads), ctx=ctx, quantize=args.quantize, group_size=args.group_size,
-                    dequantize=args.dequantize, activations=args.activations, kv_cache=args.kv_cache)
+                    dequantize=args.dequantize, activations=args.activations, **kv_cache_args(args))
     results = bench(engine, args.n_prompt, args.n_gen, threads, args.repetitions, seed=args.seed)
     rss = peak_rss_kib()
     per_token = engine.model.transformer.kv_bytes_per_token
@@ -58,4 +58,4 @@ def run(args):
         print(json.dumps([dict(r.to_dict(), peak_rss_kib=rss, ctx=engine.ctx, kv_cache=engine.model.kv_cache,
                                kv_bytes_per_token=per_token) for r in results], indent=1))
     else:
-        print(format_table(results, rss, kv=(engine.model.kv_cache, per_token, engine.ctx)))
+        print(format_table(results, rss, kv=(engine.model.kv_spec.describe(), per_token, engine.ctx)))

@@ -9,7 +9,7 @@ written stays in the conversation), Ctrl-D or /exit ends the chat.
 import sys
 
 from ..errors import QinferError
-from .options import add_model_options
+from .options import add_model_options, kv_cache_args
 
 HELP = """commands:
   /reset         forget the conversation (the system message stays)
@@ -84,7 +84,7 @@ def run(args):
     from ..engine import Engine
 
     engine = Engine(args.model, threads=args.threads, ctx=args.ctx, quantize=args.quantize,
-                    group_size=args.group_size, kv_cache=args.kv_cache)
+                    group_size=args.group_size, **kv_cache_args(args))
     session = ChatSession(engine, system=args.system, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           repetition_penalty=args.repetition_penalty, seed=args.seed)

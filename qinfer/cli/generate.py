@@ -2,7 +2,7 @@
 import sys
 
 from ..errors import QinferError
-from .options import add_model_options
+from .options import add_model_options, kv_cache_args
 
 
 def add_parser(sub):
@@ -44,7 +44,7 @@ def run(args):
 
     prompt = _read_prompt(args)
     engine = Engine(args.model, threads=args.threads, ctx=args.ctx, quantize=args.quantize,
-                    group_size=args.group_size, dequantize=args.dequantize, activations=args.activations, kv_cache=args.kv_cache)
+                    group_size=args.group_size, dequantize=args.dequantize, activations=args.activations, **kv_cache_args(args))
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop=args.stop or None,
                    repetition_penalty=args.repetition_penalty)

@@ -50,10 +50,24 @@ def add_group_size_option(p, text):
 
 
 def add_kv_cache_option(p):
-    from ..kv_cache import FORMATS, IMPLEMENTED
+    from ..kv_cache import DEFAULT_GROUP, DEFAULT_RESIDUAL, FORMATS, GROUPS, IMPLEMENTED
+    later = [f for f in FORMATS if f not in IMPLEMENTED]
     p.add_argument("--kv-cache", choices=FORMATS, default=None, metavar="FORMAT",
-                   help=f"the KV cache's format: f32 (default) or f16 (half the memory); "
-                        f"{', '.join(f for f in FORMATS if f not in IMPLEMENTED)} are not implemented yet")
+                   help="the KV cache's format: f32 (default), f16 (half the memory), q8 (int8 codes, a "
+                        "float16 scale per 32 values), kivi4 or kivi2 (KIVI: 4- or 2-bit codes, keys per "
+                        "channel, values per token, the newest tokens in float16)"
+                        + (f"; {', '.join(later)} are not implemented yet" if later else ""))
+    p.add_argument("--kv-residual", type=int, default=None, metavar="R",
+                   help=f"kivi: the newest tokens kept in float16 (a multiple of the group; "
+                        f"default {DEFAULT_RESIDUAL})")
+    p.add_argument("--kv-group", type=int, default=None, metavar="G",
+                   help=f"kivi: positions per key scale and channels per value scale "
+                        f"({', '.join(map(str, GROUPS))}; default {DEFAULT_GROUP})")
+
+
+def kv_cache_args(args):
+    """The Engine's KV cache keywords from --kv-cache, --kv-residual and --kv-group."""
+    return dict(kv_cache=args.kv_cache, kv_residual=args.kv_residual, kv_group=args.kv_group)
 
 
 def add_model_options(p):

@@ -3,7 +3,7 @@ import json
 import os
 import warnings
 
-from .options import add_model_options
+from .options import add_model_options, kv_cache_args
 
 MAX_AUTO_CTX = 1 << 20                  # the KV cache when --ctx is absent: seqlen, at most this
 
@@ -39,7 +39,7 @@ def run(args):
         if args.ctx is None:      # a cache sized from --seqlen: a seqlen too long is the error below
             warnings.simplefilter("ignore", QinferWarning)
         engine = Engine(args.model, threads=args.threads, ctx=ctx, quantize=args.quantize,
-                        group_size=args.group_size, dequantize=args.dequantize, kv_cache=args.kv_cache)
+                        group_size=args.group_size, dequantize=args.dequantize, **kv_cache_args(args))
     result = perplexity(engine, text, seqlen=seqlen, max_chunks=max_chunks, threads=args.threads)
     if args.json:
         print(json.dumps(dict(result.to_dict(), model=engine.model_path, data=os.fspath(args.data))))

@@ -4,7 +4,7 @@ import socket
 import sys
 
 from ..errors import QinferError
-from .options import add_model_options, positive_int
+from .options import add_model_options, kv_cache_args, positive_int
 
 DEFAULT_SLOT_CTX = 4096      # tokens a slot holds unless --ctx says; at most the trained context
 
@@ -68,7 +68,7 @@ def run(args):
     # The slots have a KV cache of their own (parallel x ctx tokens); the engine's own
     # would go unused, so it holds a single token.
     engine = Engine(args.model, threads=args.threads, ctx=1, quantize=args.quantize, group_size=args.group_size,
-                    activations=args.activations, kv_cache=args.kv_cache)
+                    activations=args.activations, **kv_cache_args(args))
     ctx = args.ctx
     if ctx is None:
         ctx = min(engine.config.max_position_embeddings or DEFAULT_SLOT_CTX, DEFAULT_SLOT_CTX)

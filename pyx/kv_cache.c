@@ -1,0 +1,319 @@
+/* kv_cache.c: the KV cache, where each format keeps a layer's keys and values, and
+ * how a new token's key and value go in. Part of _forward.pyx's translation unit
+ * (forward.h); attention.c reads it.
+ *
+ * Every format keeps each (sequence, layer, KV head) in a "head" of its own, at
+ * head_index(seq, layer, kv_h) times the head's size in each array. Positions go in
+ * blocks of KV_BLOCK = 32; a block of keys is transposed, [head_dim][32], so a
+ * score block is 32-wide vector multiply-adds with no horizontal sums. hd is the
+ * head size, C the context in blocks (ctx_blocks), W the KIVI window in blocks.
+ *
+ *   KV_F32   keys   float [C][hd][32]      values float [C*32][hd]
+ *   KV_F16   the same in IEEE float16 (rounded to nearest even)
+ *   KV_Q8    keys   int8 codes [C][hd][32], key_params: float16 scales [C][hd/32][32]
+ *            (one per 32 channels of a position);
+ *            values int8 codes [C*32][hd], value_params: float16 scales [C*32][hd/32].
+ *            Scale d = max|x| / 127 over the 32 values, code = rint(x / d), x ~ code * d.
+ *   KV_KIVI  b-bit codes (b = 4 or 2), asymmetric: x ~ code * scale + min, scale =
+ *            (max - min) / (2^b - 1) and min in float16, code = rint((x - min) / scale).
+ *            keys   per channel over a group of G positions:
+ *                   codes [C][hd][32 b/8 bytes], key_params [C*32/G][2][hd] (scales, then mins)
+ *            values per position over a group of G channels:
+ *                   codes [C*32][hd b/8 bytes],  value_params [C*32][hd/G][2] (scale, min)
+ *            window: key_window float16 [W][hd][32], value_window float16 [W*32][hd],
+ *                   position p at ring block (p / 32) % W, lane p % 32 (row p % (W*32)).
+ *
+ * Codes of b bits fill a 32-value row (32 positions of a key channel, 32 channels of a
+ * value) in 32 b/8 bytes: value e sits in byte e % (32 b/8), at bit b * (e / (32 b/8)).
+ * An unpacked 8-value vector is then one load of 8 bytes, a shift and a mask.
+ *
+ * KIVI's window: a query at position p reads the values of positions >= p + 1 - R and
+ * the keys of the groups that end after p + 1 - R at float16, the rest through their
+ * codes (keys leave the window a whole group at a time: a per-channel scale over one
+ * new position would be meaningless). Every value is coded when stored (per position,
+ * it needs nothing more); a key group is coded when its last position is stored
+ * (close_key_group). The ring holds R + G + max_tokens positions: all a call's
+ * queries can still read at float16, and the call's own tokens. */
+
+/* Bytes of one (sequence, layer, KV head)'s keys or values, codes included. */
+static size_t head_bytes(const weights *w, const run_state *s)
+{
+    const size_t values = (size_t)s->ctx_blocks * KV_BLOCK * w->head_dim;
+    switch (s->kv.format) {
+    case KV_F32: return values * 4;
+    case KV_F16: return values * 2;
+    default:     return values * s->kv.bits / 8;
+    }
+}
+
+/* Halves of one head's key and value parameters (scales, minimums). */
+static size_t key_param_halves(const weights *w, const run_state *s)
+{
+    const size_t positions = (size_t)s->ctx_blocks * KV_BLOCK;
+    if (s->kv.format == KV_Q8)
+        return positions * (w->head_dim / KV_BLOCK);
+    if (s->kv.format == KV_KIVI)
+        return (positions + s->kv.group - 1) / s->kv.group * 2 * w->head_dim;
+    return 0;
+}
+
+static size_t value_param_halves(const weights *w, const run_state *s)
+{
+    const size_t positions = (size_t)s->ctx_blocks * KV_BLOCK;
+    if (s->kv.format == KV_Q8)
+        return positions * (w->head_dim / KV_BLOCK);
+    if (s->kv.format == KV_KIVI)
+        return positions * (w->head_dim / s->kv.group) * 2;
+    return 0;
+}
+
+static size_t window_halves(const weights *w, const run_state *s)
+{
+    return (size_t)s->window_blocks * KV_BLOCK * w->head_dim;
+}
+
+static size_t head_index(const weights *w, int seq, int layer, int kv_h)
+{
+    return ((size_t)seq * w->n_layers + layer) * w->n_kv_heads + kv_h;
+}
+
+/* Bytes the cache of one sequence holds per position (keys and values, every layer). */
+static size_t kv_bytes_per_token(const weights *w, const run_state *s)
+{
+    const size_t positions = (size_t)s->ctx_blocks * KV_BLOCK;
+    const size_t per_head = 2 * head_bytes(w, s) + 2 * (key_param_halves(w, s) + value_param_halves(w, s));
+    return (size_t)w->n_layers * w->n_kv_heads * per_head / positions;
+}
+
+/* calloc: the pages of a large block are mapped on first touch, so a cache takes
+ * memory as its positions fill, not all at once. */
+static int alloc_kv_cache(const weights *w, run_state *s)
+{
+    const size_t heads = (size_t)s->seqs * w->n_layers * w->n_kv_heads;
+    if (s->kv.format == KV_KIVI)
+        s->window_blocks = (s->kv.residual + s->kv.group + s->max_tokens + KV_BLOCK - 1) / KV_BLOCK;
+    s->key_cache = calloc(heads, head_bytes(w, s));
+    s->value_cache = calloc(heads, head_bytes(w, s));
+    if (!s->key_cache || !s->value_cache)
+        return -1;
+    if (key_param_halves(w, s)) {
+        s->key_params = calloc(heads * key_param_halves(w, s), sizeof(uint16_t));
+        s->value_params = calloc(heads * value_param_halves(w, s), sizeof(uint16_t));
+        if (!s->key_params || !s->value_params)
+            return -1;
+    }
+    if (s->window_blocks) {
+        s->key_window = calloc(heads * window_halves(w, s), sizeof(uint16_t));
+        s->value_window = calloc(heads * window_halves(w, s), sizeof(uint16_t));
+        if (!s->key_window || !s->value_window)
+            return -1;
+    }
+    return 0;
+}
+
+static void free_kv_cache(run_state *s)
+{
+    free(s->key_cache); free(s->value_cache); free(s->key_params); free(s->value_params);
+    free(s->key_window); free(s->value_window);
+}
+
+/* ------------------------------------------------- where a head's data is */
+
+static void *key_head(const weights *w, const run_state *s, int seq, int layer, int kv_h)
+{
+    return (char *)s->key_cache + head_index(w, seq, layer, kv_h) * head_bytes(w, s);
+}
+
+static void *value_head(const weights *w, const run_state *s, int seq, int layer, int kv_h)
+{
+    return (char *)s->value_cache + head_index(w, seq, layer, kv_h) * head_bytes(w, s);
+}
+
+static uint16_t *key_params_head(const weights *w, const run_state *s, int seq, int layer, int kv_h)
+{
+    return s->key_params + head_index(w, seq, layer, kv_h) * key_param_halves(w, s);
+}
+
+static uint16_t *value_params_head(const weights *w, const run_state *s, int seq, int layer, int kv_h)
+{
+    return s->value_params + head_index(w, seq, layer, kv_h) * value_param_halves(w, s);
+}
+
+static uint16_t *key_window_head(const weights *w, const run_state *s, int seq, int layer, int kv_h)
+{
+    return s->key_window + head_index(w, seq, layer, kv_h) * window_halves(w, s);
+}
+
+static uint16_t *value_window_head(const weights *w, const run_state *s, int seq, int layer, int kv_h)
+{
+    return s->value_window + head_index(w, seq, layer, kv_h) * window_halves(w, s);
+}
+
+/* Bytes of a row of 32 codes (32 positions of a key channel, or 32 channels of a value). */
+static size_t code_row_bytes(const run_state *s)
+{
+    return (size_t)KV_BLOCK * s->kv.bits / 8;
+}
+
+/* Key block b's codes: [hd][code_row_bytes]. */
+static uint8_t *key_codes(const weights *w, const run_state *s, void *head, int b)
+{
+    return (uint8_t *)head + (size_t)b * w->head_dim * code_row_bytes(s);
+}
+
+/* Position p's value codes: [hd / 32][code_row_bytes]. */
+static uint8_t *value_codes(const weights *w, const run_state *s, void *head, int p)
+{
+    return (uint8_t *)head + (size_t)p * (w->head_dim / KV_BLOCK) * code_row_bytes(s);
+}
+
+/* The window's key block holding position p, and its value row of position p. */
+static uint16_t *window_key_block(const weights *w, const run_state *s, uint16_t *head, int p)
+{
+    return head + (size_t)(p / KV_BLOCK % s->window_blocks) * w->head_dim * KV_BLOCK;
+}
+
+static uint16_t *window_value_row(const weights *w, const run_state *s, uint16_t *head, int p)
+{
+    return head + (size_t)(p % (s->window_blocks * KV_BLOCK)) * w->head_dim;
+}
+
+/* ------------------------------------------------------------ quantizing */
+
+static uint16_t to_half(float x)
+{
+    const _Float16 h = (_Float16)x;
+    uint16_t bits;
+    memcpy(&bits, &h, sizeof(bits));
+    return bits;
+}
+
+static float from_half(uint16_t bits)
+{
+    _Float16 h;
+    memcpy(&h, &bits, sizeof(h));
+    return (float)h;
+}
+
+/* Put code c (of s->kv.bits bits) in place e of a 32-value code row. */
+static void put_code(const run_state *s, uint8_t *row, int e, unsigned c)
+{
+    const int per = (int)code_row_bytes(s), shift = s->kv.bits * (e / per);
+    row[e % per] = (uint8_t)(row[e % per] & ~(((1u << s->kv.bits) - 1) << shift)) | (uint8_t)(c << shift);
+}
+
+/* q8: x[i * stride], i < 32, as codes and a float16 scale (d = max|x| / 127). */
+static uint16_t quantize_q8(const float *x, size_t stride, int8_t *codes, size_t code_stride)
+{
+    float amax = 0.0f;
+    for (int i = 0; i < KV_BLOCK; i++)
+        amax = fabsf(x[i * stride]) > amax ? fabsf(x[i * stride]) : amax;
+    const float d = fminf(amax / 127.0f, 65504.0f);   /* the largest finite half */
+    for (int i = 0; i < KV_BLOCK; i++)
+        codes[i * code_stride] = (int8_t)(d > 0.0f ? rintf(x[i * stride] / d) : 0.0f);
+    return to_half(d);
+}
+
+/* KIVI: x[0..n) as b-bit codes at places e0.. of rows (put_code), and the float16
+ * scale and minimum; the codes are rounded against the float16 parameters they are
+ * read with. */
+static void quantize_kivi(const run_state *s, const float *x, int n, uint8_t *row, int row_step, int e0,
+                          uint16_t *scale, uint16_t *min)
+{
+    float lo = x[0], hi = x[0];
+    for (int i = 1; i < n; i++) {
+        lo = x[i] < lo ? x[i] : lo;
+        hi = x[i] > hi ? x[i] : hi;
+    }
+    const float top = (float)((1 << s->kv.bits) - 1);
+    *scale = to_half(fminf((hi - lo) / top, 65504.0f));   /* the largest finite half */
+    *min = to_half(lo);
+    const float d = from_half(*scale), m = from_half(*min);
+    for (int i = 0; i < n; i++) {
+        float c = d > 0.0f ? rintf((x[i] - m) / d) : 0.0f;
+        c = c < 0.0f ? 0.0f : c > top ? top : c;
+        const int e = e0 + i;
+        put_code(s, row + (size_t)(e / KV_BLOCK) * row_step, e % KV_BLOCK, (unsigned)c);
+    }
+}
+
+/* ---------------------------------------------------------------- storing */
+
+/* Move new token t's key and value (after RoPE) into sequence seq's cache at position p. */
+static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int t, int p)
+{
+    const int hd = w->head_dim, kv_dim = w->n_kv_heads * hd, block = p / KV_BLOCK, lane = p % KV_BLOCK;
+    const size_t key0 = (size_t)block * hd * KV_BLOCK + lane;
+    for (int h = 0; h < w->n_kv_heads; h++) {
+        const float *k = s->k + (size_t)t * kv_dim + h * hd, *v = s->v + (size_t)t * kv_dim + h * hd;
+        void *keys = key_head(w, s, seq, layer, h), *values = value_head(w, s, seq, layer, h);
+        switch (s->kv.format) {
+        case KV_F32:
+            for (int i = 0; i < hd; i++)
+                ((float *)keys)[key0 + (size_t)i * KV_BLOCK] = k[i];
+            memcpy((float *)values + (size_t)p * hd, v, sizeof(float) * hd);
+            break;
+        case KV_F16:
+            for (int i = 0; i < hd; i++) {
+                ((uint16_t *)keys)[key0 + (size_t)i * KV_BLOCK] = to_half(k[i]);
+                ((uint16_t *)values)[(size_t)p * hd + i] = to_half(v[i]);
+            }
+            break;
+        case KV_Q8: {
+            uint16_t *key_scales = key_params_head(w, s, seq, layer, h) + (size_t)block * (hd / KV_BLOCK) * KV_BLOCK;
+            uint16_t *value_scales = value_params_head(w, s, seq, layer, h) + (size_t)p * (hd / KV_BLOCK);
+            int8_t *key_row = (int8_t *)key_codes(w, s, keys, block) + lane;
+            int8_t *value_row = (int8_t *)value_codes(w, s, values, p);
+            for (int g = 0; g < hd / KV_BLOCK; g++) {
+                key_scales[g * KV_BLOCK + lane] = quantize_q8(k + g * KV_BLOCK, 1, key_row + (size_t)g * KV_BLOCK * KV_BLOCK, KV_BLOCK);
+                value_scales[g] = quantize_q8(v + g * KV_BLOCK, 1, value_row + g * KV_BLOCK, 1);
+            }
+            break;
+        }
+        case KV_KIVI: {
+            /* keys wait in the window for their group (close_key_group); values are coded now */
+            uint16_t *wk = window_key_block(w, s, key_window_head(w, s, seq, layer, h), p) + lane;
+            uint16_t *wv = window_value_row(w, s, value_window_head(w, s, seq, layer, h), p);
+            for (int i = 0; i < hd; i++) {
+                wk[(size_t)i * KV_BLOCK] = to_half(k[i]);
+                wv[i] = to_half(v[i]);
+            }
+            uint8_t *codes = value_codes(w, s, values, p);
+            uint16_t *params = value_params_head(w, s, seq, layer, h) + (size_t)p * (hd / s->kv.group) * 2;
+            float x[KV_BLOCK * 4];
+            const int G = s->kv.group;
+            for (int g = 0; g < hd / G; g++) {
+                for (int i = 0; i < G; i++)
+                    x[i] = from_half(wv[g * G + i]);   /* the window's float16 value, like the keys */
+                quantize_kivi(s, x, G, codes + (size_t)g * (G / KV_BLOCK) * code_row_bytes(s),
+                              (int)code_row_bytes(s), 0, &params[2 * g], &params[2 * g + 1]);
+            }
+            break;
+        }
+        }
+    }
+}
+
+/* KIVI: if position p ends a key group, code the group's keys (now all in the window)
+ * per channel. The group's positions must all have been stored (forward.c runs this
+ * as a step of its own after store_kv_row's). */
+static void close_key_group(const weights *w, run_state *s, int seq, int layer, int p)
+{
+    const int G = s->kv.group, hd = w->head_dim;
+    if (s->kv.format != KV_KIVI || (p + 1) % G)
+        return;
+    const int first = p + 1 - G;
+    float x[KV_BLOCK * 4];
+    for (int h = 0; h < w->n_kv_heads; h++) {
+        uint16_t *window = key_window_head(w, s, seq, layer, h);
+        uint16_t *params = key_params_head(w, s, seq, layer, h) + (size_t)(first / G) * 2 * hd;
+        void *keys = key_head(w, s, seq, layer, h);
+        for (int c = 0; c < hd; c++) {
+            for (int i = 0; i < G; i++)
+                x[i] = from_half(window_key_block(w, s, window, first + i)[(size_t)c * KV_BLOCK + (first + i) % KV_BLOCK]);
+            /* place i of the group: block first/32 + i/32, lane i % 32 of channel c's row */
+            quantize_kivi(s, x, G, key_codes(w, s, keys, first / KV_BLOCK) + (size_t)c * code_row_bytes(s),
+                          (int)(hd * code_row_bytes(s)), 0, &params[c], &params[hd + c]);
+        }
+    }
+}
