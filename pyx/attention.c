@@ -234,7 +234,70 @@ static void attention_tile(const weights *w, run_state *s, int layer, const quer
 #undef LAST_OF_ROW
 }
 
+/* The coded formats' loops (kv_kernels.h, rendered by the generator), twice like the
+ * float16 ones: portable, and with AVX2's byte widening and F16C's conversions. */
+typedef void kv_score_fn(const float *const *q, const uint8_t *codes, const uint16_t *params, int hd,
+                         float scale, float *const *scores, int rows);
+typedef void kv_values_fn(const float *const *p, const uint8_t *codes, const uint16_t *params, int hd,
+                          int group, int first, int last, float *const *out, int rows);
+typedef struct {
+    int bits;
+    kv_score_fn *score_block;    /* scores of one coded key block */
+    kv_values_fn *add_values;    /* sums of coded values over positions first..last */
+} kv_loops;
+typedef int32_t v8i32 __attribute__((vector_size(32)));
+typedef uint8_t v8u8_unaligned __attribute__((vector_size(8), aligned(1), may_alias));
+typedef int8_t v8i8_unaligned __attribute__((vector_size(8), aligned(1), may_alias));
+
+#define KV_NAME(name) name##_portable
+#define KV_U8x8(p) __builtin_convertvector(*(const v8u8_unaligned *)(p), v8i32)
+#define KV_I8x8(p) __builtin_convertvector(*(const v8i8_unaligned *)(p), v8i32)
+#define KV_LOAD_HALF8(p) half8_to_float(p)
+#define KV_HALF(bits) from_half(bits)
+#define KV_ATTR QI_VECTORIZE
 #include "kv_kernels.h"
+#undef KV_NAME
+#undef KV_U8x8
+#undef KV_I8x8
+#undef KV_LOAD_HALF8
+#undef KV_HALF
+#undef KV_ATTR
+#if QI_HAVE_F16C
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define KV_NAME(name) name##_avx2
+#define KV_U8x8(p) ((v8i32)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#define KV_I8x8(p) ((v8i32)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#define KV_LOAD_HALF8(p) ((v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
+#define KV_HALF(bits) _cvtsh_ss(bits)
+#define KV_ATTR
+#include "kv_kernels.h"
+#undef KV_NAME
+#undef KV_U8x8
+#undef KV_I8x8
+#undef KV_LOAD_HALF8
+#undef KV_HALF
+#undef KV_ATTR
+#pragma GCC pop_options
+#endif
+
+/* The loops for this cache's codes: AVX2's where the CPU has it (and F16C), unless
+ * kv_hardware_halves is 0 (tests: both give the same results bit for bit). */
+static const kv_loops *coded_loops(const run_state *s)
+{
+    const kv_loops *table = kv_loops_table_portable;
+    size_t count = sizeof(kv_loops_table_portable) / sizeof(kv_loops);
+#if QI_HAVE_F16C
+    if (use_f16c()) {
+        table = kv_loops_table_avx2;
+        count = sizeof(kv_loops_table_avx2) / sizeof(kv_loops);
+    }
+#endif
+    for (size_t i = 0; i < count; i++)
+        if (table[i].bits == s->kv.bits)
+            return &table[i];
+    return NULL;   /* alloc_state took only formats the table holds */
+}
 
 /* KIVI: the first key position a query at position p reads from the float16 window
  * (keys leave it a group at a time), and the first value position. */
@@ -268,6 +331,7 @@ static void attention_tile_coded(const weights *w, run_state *s, int layer, cons
     uint16_t *key_window = windowed ? key_window_head(w, s, tile->seq, layer, tile->kv_h) : NULL;
     uint16_t *value_window = windowed ? value_window_head(w, s, tile->seq, layer, tile->kv_h) : NULL;
     const int last_of_tile = tile->pos + tile->nt - 1;
+    const kv_loops *loops = coded_loops(s);
     const float *q[ROWS_PER_PASS];
     float *row_scores[ROWS_PER_PASS], *out[ROWS_PER_PASS];
 #define PASS_HEADS(h0) (tile->nh - (h0) < ROWS_PER_PASS ? tile->nh - (h0) : ROWS_PER_PASS)
@@ -290,7 +354,7 @@ static void attention_tile_coded(const weights *w, run_state *s, int layer, cons
                 if (from_window)
                     score_block(q, window_key_block(w, s, key_window, b * KV_BLOCK), 0, hd, scale, row_scores, n, 1);
                 else
-                    score_block_coded(s, q, key_codes(w, s, keys, b), params, hd, scale, row_scores, n);
+                    loops->score_block(q, key_codes(w, s, keys, b), params, hd, scale, row_scores, n);
             }
         }
     }
@@ -315,8 +379,8 @@ static void attention_tile_coded(const weights *w, run_state *s, int layer, cons
                 if (first <= coded_last) {
                     for (int r = 0; r < n; r++)
                         row_scores[r] = scores + ROW(t, h0 + r) * row_len;
-                    add_values_coded(s, (const float *const *)row_scores, (const uint8_t *)values, value_params,
-                                     hd, first, coded_last, out, n);
+                    loops->add_values((const float *const *)row_scores, (const uint8_t *)values, value_params,
+                                      hd, s->kv.group, first, coded_last, out, n);
                 }
                 if (window_first <= last) {   /* a block's window rows are consecutive in the ring */
                     for (int r = 0; r < n; r++)

@@ -229,3 +229,19 @@ def test_the_cli_takes_the_kivi_settings(models):
     assert "KV cache: kivi2 (window 64, group 64)" in proc.stdout
     assert_user_error(run_cli("generate", "--model", path, "--prompt", "hi", "--kv-cache", "kivi4",
                               "--kv-residual", "40"), "multiple of the group")
+
+
+@pytest.mark.parametrize("name", ["q8", "kivi4", "kivi2"])
+def test_portable_and_avx2_loops_agree_bit_for_bit(models, name):
+    """The coded loops are built twice (pyx/attention.c): portable C, and with AVX2's byte
+    widening and F16C's conversions; the CPU picks, and both give the same sums."""
+    from qinfer import _forward
+    cfg = engine(models["gqa"], "f32").config
+    q, k, v = qkv(300, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, seed=3)
+    fast = attend(engine(models["gqa"], name).model.transformer, q, k, v, chunks=[100, 1])
+    previous = _forward.set_kv_hardware_halves(False)
+    try:
+        portable = attend(engine(models["gqa"], name).model.transformer, q, k, v, chunks=[100, 1])
+    finally:
+        _forward.set_kv_hardware_halves(previous)
+    assert np.array_equal(fast, portable)
