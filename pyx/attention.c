@@ -282,7 +282,8 @@ typedef int8_t v8i8_unaligned __attribute__((vector_size(8), aligned(1), may_ali
 #endif
 
 /* The loops for this cache's codes: AVX2's where the CPU has it (and F16C), unless
- * kv_hardware_halves is 0 (tests: both give the same results bit for bit). */
+ * kv_hardware_halves is 0 (tests). Their sums run in the same order, but the compiler
+ * fuses multiplies and adds differently in each: results differ in float32 rounding. */
 static const kv_loops *coded_loops(const run_state *s)
 {
     const kv_loops *table = kv_loops_table_portable;

