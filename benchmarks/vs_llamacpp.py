@@ -35,6 +35,10 @@
    head as held: float16, as the checkpoint stores it) over the streaming read bandwidth measured at the same
    thread count in the same run (benchmarks/common.py). The checkpoint is
    deleted at the end. No llama.cpp run for this model.
+4. Depth (unless --skip-depth): SmolLM2's own Q4_1 GGUF in both engines,
+   decode (tg64) and prefill (pp512) after a 4096-token prompt, each qinfer
+   KV cache format against llama.cpp's f16 cache and its q8_0 keys and values
+   with flash attention (benchmarks/kv_depth.py, whose table this prints).
 
 The comparison models are cached next to the llama.cpp build
 (``--workdir``). Timings on a machine shared with other work are noisy:
@@ -519,6 +523,17 @@ def print_kquant_targets(rows, ppl, threads=2):
         print(f"  {p['model']} perplexity: {100 * p['rel_diff']:+.3f}% (target within 0.3%): {verdict}")
 
 
+def run_depth(args, tools):
+    """Section 4: kv_depth's table, 2 threads, its formats against llama.cpp's cache settings."""
+    import kv_depth
+    depth_args = argparse.Namespace(model=None, d=4096, n=64, p=512, threads=2, rounds=args.r)
+    print("\nKV cache formats at depth (SmolLM2-135M-Instruct Q4_1 GGUF, both engines)")
+    best = kv_depth.measure(depth_args, ["f32", "f16", "q8", "kivi4", "kivi2"],
+                            ["f16", "q8_0-fa"] if tools else [])
+    kv_depth.print_table(best, depth_args)
+    return best
+
+
 def cpu_isa_note():
     """", AVX-512 (...)" when this CPU has it: a native llama.cpp build uses it, and qinfer's
     kernels where they have an AVX-512 twin (QINFER_AVX512=0, QINFER_INT8_ISA hold them back)."""
@@ -543,6 +558,8 @@ def main():
     parser.add_argument("--skip-7b", action="store_true", help="skip the LLaMA-7B-shaped model")
     parser.add_argument("--skip-smollm2", action="store_true", help="skip SmolLM2's Q4_0/Q8_0 comparison")
     parser.add_argument("--skip-kquants", action="store_true", help="skip the K-quant files (Q4_K_M, Q5_K_M, Q6_K)")
+    parser.add_argument("--skip-depth", action="store_true",
+                        help="skip the KV cache formats at depth 4096 (benchmarks/kv_depth.py)")
     parser.add_argument("--ppl-chunks", type=int, default=16,
                         help="2048-token WikiText-2 chunks of the K-quant perplexity check (default 16)")
     parser.add_argument("--n-7b", type=int, default=128, help="decoded tokens of the 7B model (default 128)")
@@ -591,6 +608,8 @@ def main():
         if rows:
             print_7b(rows, args.r)
         report["llama7b"] = rows
+    if not args.skip_depth:
+        report["depth"] = run_depth(args, tools)
     if 2 in threads:
         print_targets(report.get("smollm2", []), report.get("llama7b", []))
         if report.get("kquants"):
