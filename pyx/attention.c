@@ -396,10 +396,13 @@ static void attention_tile_coded(const weights *w, run_state *s, int layer, cons
 #undef PASS_HEADS
 }
 
-/* One token (decode) has too few tiles to share out if a tile holds the whole group. */
-static int heads_per_tile(const weights *w, int n)
+/* One token (decode) has too few tiles to share out if a tile holds the whole group;
+ * but a coded cache's tile unpacks each code once for all its rows, which outweighs
+ * the threads' uneven shares. */
+static int heads_per_tile(const weights *w, const run_state *s, int n)
 {
-    return n == 1 ? 1 : w->n_heads / w->n_kv_heads;
+    const int coded = s->kv.format != KV_F32 && s->kv.format != KV_F16;
+    return n == 1 && !coded ? 1 : w->n_heads / w->n_kv_heads;
 }
 
 /* Tokens of one tile: rows of different sequences (a batched step) each have their own. */
@@ -411,14 +414,14 @@ static int tile_tokens(const run_state *s)
 /* The query tiles attention() shares out among its threads. */
 static int attention_jobs(const weights *w, const run_state *s, int n)
 {
-    return (n + tile_tokens(s) - 1) / tile_tokens(s) * w->n_heads / heads_per_tile(w, n);
+    return (n + tile_tokens(s) - 1) / tile_tokens(s) * w->n_heads / heads_per_tile(w, s, n);
 }
 
 /* Query tile `job` of n new tokens at positions pos.. (run_state: row_seq, row_pos), with
  * a thread's `scores`. */
 static void attention_job(const weights *w, run_state *s, int layer, int pos, int n, int job, float *scores)
 {
-    const int group = w->n_heads / w->n_kv_heads, nh = heads_per_tile(w, n), tiles_per_group = group / nh;
+    const int group = w->n_heads / w->n_kv_heads, nh = heads_per_tile(w, s, n), tiles_per_group = group / nh;
     const int per_tile = tile_tokens(s), token_tiles = (n + per_tile - 1) / per_tile;
     const int heads_job = job % (w->n_kv_heads * tiles_per_group);
     query_tile tile;

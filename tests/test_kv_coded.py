@@ -246,3 +246,23 @@ def test_portable_and_avx2_loops_agree(models, name):
     finally:
         _forward.set_kv_hardware_halves(previous)
     np.testing.assert_allclose(fast, portable, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["q8", "kivi4", "kivi2"])
+def test_batched_steps_of_several_sequences_read_their_own_coded_caches(models, name):
+    """A server's slots (Model.new_cache, forward_rows): each sequence's step equals that
+    sequence decoded alone, past the window and a group boundary."""
+    path = models["gqa"]
+    ids = [1] + np.random.default_rng(9).integers(3, 32000, size=299).tolist()
+    model = engine(path, name).model
+    cache = model.new_cache(400, seqs=2)
+    starts = [ids[:160], ids[100:271]]          # 160 and 171 tokens: past R = 128
+    for seq, prompt in enumerate(starts):
+        model.forward(prompt, 0, cache=cache, seq=seq)
+    nxt = [ids[280], ids[281]]
+    got = model.forward_rows(nxt, [0, 1], [len(starts[0]), len(starts[1])], cache)
+    for seq in range(2):
+        alone = engine(path, name)
+        alone.prefill(starts[seq])
+        want = alone.decode_step(nxt[seq])
+        np.testing.assert_allclose(got[seq], want, rtol=0, atol=2e-4)
