@@ -26,28 +26,47 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def rss_kib(field):
+    """VmRSS or VmHWM (peak) of this process, KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
 def worker(args):
     import numpy as np
 
     import qinfer
+    from qinfer.bench import weight_summary
 
+    before = rss_kib("VmRSS")          # the interpreter, numpy and qinfer, before any model
     engine = qinfer.Engine(args.model, threads=args.threads, ctx=args.d + max(args.n, args.p) + 8,
                            kv_cache=args.worker)
     rng = np.random.default_rng(0)
     vocab = engine.config.vocab_size
-    engine.prefill(rng.integers(0, vocab, size=args.d).tolist())
+    if args.d:
+        engine.prefill(rng.integers(0, vocab, size=args.d).tolist())
     depth = engine.pos
     t0 = time.perf_counter()
     for token in rng.integers(0, vocab, size=args.n).tolist():
         engine.decode_step(token)
     tg = args.n / (time.perf_counter() - t0)
+    held = engine.pos                  # the tokens the cache holds at its fullest
+    peak = rss_kib("VmHWM")
     engine.reset()
-    engine.prefill(rng.integers(0, vocab, size=args.d).tolist())
+    if args.d:
+        engine.prefill(rng.integers(0, vocab, size=args.d).tolist())
     t0 = time.perf_counter()
     engine.prefill(rng.integers(0, vocab, size=args.p).tolist())
     pp = args.p / (time.perf_counter() - t0)
-    print(json.dumps(dict(tg=tg, pp=pp, depth=depth,
-                          bytes_per_token=engine.model.transformer.kv_bytes_per_token)))
+    spec = engine.model.kv_spec
+    print(json.dumps(dict(tg=tg, pp=pp, depth=depth, bytes_per_token=engine.model.transformer.kv_bytes_per_token,
+                          # memory after decoding: weights + cache against the peak (less the interpreter's)
+                          weights=weight_summary(engine).nbytes, held=held,
+                          cache=spec.bytes_per_token(engine.config) * held + spec.fixed_bytes(engine.config),
+                          peak_model=(peak - before) * 1024)))
 
 
 LLAMACPP_SETTINGS = {      # --llamacpp name -> llama-bench cache options
@@ -95,8 +114,8 @@ def measure(args, formats, settings):
         for label, run in runs if r % 2 == 0 else runs[::-1]:
             results[label].append(run())
         print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr)
-    return {label: dict(tg=max(x["tg"] for x in got), pp=max(x["pp"] for x in got),
-                        bytes_per_token=got[0]["bytes_per_token"]) for label, got in results.items()}
+    return {label: dict(got[0], tg=max(x["tg"] for x in got), pp=max(x["pp"] for x in got))
+            for label, got in results.items()}
 
 
 def print_table(best, args):
@@ -114,6 +133,14 @@ def print_table(best, args):
               f"{b['pp']:>8.1f} {ratio('pp', base, 6)} {ratio('pp', top, 8)}")
     if top:
         print(f"x llama: against llama.cpp's best setting here (tg {top['tg']:.1f}, pp {top['pp']:.1f})")
+    mib = 2 ** 20
+    print(f"memory after {args.d} + {args.n} tokens (MiB): the peak resident less the interpreter's before loading,"
+          f" against the weights as held + the cache's bytes for the tokens held (and a window)")
+    for label, b in best.items():
+        if "peak_model" in b:
+            budget = b["weights"] + b["cache"]
+            print(f"  {label:<8} peak {b['peak_model'] / mib:8.1f}   weights {b['weights'] / mib:8.1f}"
+                  f" + cache {b['cache'] / mib:7.1f} = {budget / mib:8.1f}   peak / that {b['peak_model'] / budget:5.3f}")
 
 
 def main():

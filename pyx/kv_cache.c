@@ -180,7 +180,7 @@ static uint16_t *window_value_row(const weights *w, const run_state *s, uint16_t
 
 /* ------------------------------------------------------------ quantizing */
 
-static uint16_t to_half(float x)
+static inline uint16_t to_half(float x)
 {
     const _Float16 h = (_Float16)x;
     uint16_t bits;
@@ -188,7 +188,7 @@ static uint16_t to_half(float x)
     return bits;
 }
 
-static float from_half(uint16_t bits)
+static inline float from_half(uint16_t bits)
 {
     _Float16 h;
     memcpy(&h, &bits, sizeof(h));
@@ -196,14 +196,14 @@ static float from_half(uint16_t bits)
 }
 
 /* Put code c (of s->kv.bits bits) in place e of a 32-value code row. */
-static void put_code(const run_state *s, uint8_t *row, int e, unsigned c)
+static inline void put_code(const run_state *s, uint8_t *row, int e, unsigned c)
 {
     const int per = (int)code_row_bytes(s), shift = s->kv.bits * (e / per);
     row[e % per] = (uint8_t)(row[e % per] & ~(((1u << s->kv.bits) - 1) << shift)) | (uint8_t)(c << shift);
 }
 
 /* q8: x[i * stride], i < 32, as codes and a float16 scale (d = max|x| / 127). */
-static uint16_t quantize_q8(const float *x, size_t stride, int8_t *codes, size_t code_stride)
+static inline uint16_t quantize_q8(const float *x, size_t stride, int8_t *codes, size_t code_stride)
 {
     float amax = 0.0f;
     for (int i = 0; i < KV_BLOCK; i++)
@@ -217,7 +217,7 @@ static uint16_t quantize_q8(const float *x, size_t stride, int8_t *codes, size_t
 /* KIVI: x[0..n) as b-bit codes at places e0.. of rows (put_code), and the float16
  * scale and minimum; the codes are rounded against the float16 parameters they are
  * read with. */
-static void quantize_kivi(const run_state *s, const float *x, int n, uint8_t *row, int row_step, int e0,
+static inline void quantize_kivi(const run_state *s, const float *x, int n, uint8_t *row, int row_step, int e0,
                           uint16_t *scale, uint16_t *min)
 {
     float lo = x[0], hi = x[0];
@@ -239,7 +239,9 @@ static void quantize_kivi(const run_state *s, const float *x, int n, uint8_t *ro
 
 /* ---------------------------------------------------------------- storing */
 
-/* Move new token t's key and value (after RoPE) into sequence seq's cache at position p. */
+/* Move new token t's key and value (after RoPE) into sequence seq's cache at position p.
+ * (Cloned for AVX2 and F16C: elsewhere each conversion to and from float16 is a call.) */
+QI_VECTORIZE
 static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int t, int p)
 {
     const int hd = w->head_dim, kv_dim = w->n_kv_heads * hd, block = p / KV_BLOCK, lane = p % KV_BLOCK;
@@ -297,6 +299,7 @@ static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int
 /* KIVI: if position p ends a key group, code the group's keys (now all in the window)
  * per channel. The group's positions must all have been stored (forward.c runs this
  * as a step of its own after store_kv_row's). */
+QI_VECTORIZE
 static void close_key_group(const weights *w, run_state *s, int seq, int layer, int p)
 {
     const int G = s->kv.group, hd = w->head_dim;
