@@ -184,7 +184,7 @@ def test_benchmark_command_is_accepted_by_its_parser(words):
 def table_rows():
     """(command, options) of the Command line table's rows."""
     rows = []
-    for m in re.finditer(r"^\| `qinfer (\w+)([^`]*)` \|", TEXT["docs/cli.md"], re.M):
+    for m in re.finditer(r"^\| `qinfer (\w[\w-]*)([^`]*)` \|", TEXT["docs/cli.md"], re.M):
         rows.append((m.group(1), re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", m.group(2))))
     return rows
 
