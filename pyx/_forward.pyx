@@ -235,6 +235,8 @@ cdef class Transformer:
                              f"residual window that is a multiple of it (group {kv_group}, residual {kv_residual})")
         if kv.format == KV_Q8 and config["head_dim"] % 32:
             raise ValueError("the q8 cache needs a head_dim divisible by 32")
+        if kv.format in (KV_Q8, KV_KIVI) and config["head_dim"] > 256:
+            raise ValueError("the coded KV caches take heads of at most 256 (KV_MAX_HEAD_DIM)")
         if alloc_state(&self.s, &self.w, max_tokens, threads, seqs, kv) != 0:
             raise MemoryError("not enough memory for the KV cache and buffers "
                               f"(context {self.w.ctx}, {seqs} sequences); try a smaller context")

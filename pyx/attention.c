@@ -236,16 +236,23 @@ static void attention_tile(const weights *w, run_state *s, int layer, const quer
 
 /* The coded formats' loops (kv_kernels.h, rendered by the generator), twice like the
  * float16 ones: portable, and with AVX2's byte widening and F16C's conversions. */
-typedef void kv_score_fn(const float *const *q, const uint8_t *codes, const uint16_t *params, int hd,
-                         float scale, float *const *scores, int rows);
-typedef void kv_values_fn(const float *const *p, const uint8_t *codes, const uint16_t *params, int hd,
-                          int group, int first, int last, float *const *out, int rows);
 typedef struct {
     int bits;
-    kv_score_fn *score_block;    /* scores of one coded key block */
-    kv_values_fn *add_values;    /* sums of coded values over positions first..last */
+    /* codes as floats, rows of 32 (a prefill's tile widens a block once for its passes) */
+    void (*widen)(const uint8_t *codes, float *dst, size_t rows);
+    /* scores of one coded key block, from its codes or widened */
+    void (*score_block)(const float *const *q, const uint8_t *codes, const uint16_t *params, int hd,
+                        float scale, float *const *scores, int rows);
+    void (*score_block_wide)(const float *const *q, const float *wide, const uint16_t *params, int hd,
+                             float scale, float *const *scores, int rows);
+    /* sums of coded values over positions first..last, from their codes or widened */
+    void (*add_values)(const float *const *p, const uint8_t *codes, const uint16_t *params, int hd,
+                       int group, int first, int last, float *const *out, int rows);
+    void (*add_values_wide)(const float *const *p, const float *wide, const uint16_t *params, int hd,
+                            int group, int first, int last, float *const *out, int rows);
 } kv_loops;
 typedef int32_t v8i32 __attribute__((vector_size(32)));
+#define KV_MAX_HEAD_DIM 256   /* the coded formats' loops keep a row's coefficients on the stack */
 typedef uint8_t v8u8_unaligned __attribute__((vector_size(8), aligned(1), may_alias));
 typedef int8_t v8i8_unaligned __attribute__((vector_size(8), aligned(1), may_alias));
 
@@ -314,12 +321,20 @@ static int first_window_value(const run_state *s, int p)
     return from < 0 ? 0 : from;
 }
 
+/* Halves of value parameters per position (kv_cache.c's layout). */
+static size_t value_params_per_position(const weights *w, const run_state *s)
+{
+    return s->kv.format == KV_Q8 ? (size_t)w->head_dim / KV_BLOCK : (size_t)w->head_dim / s->kv.group * 2;
+}
+
 /* attention_tile for a coded cache (KV_Q8, KV_KIVI). Each token's rows go in passes of
  * their own (up to ROWS_PER_PASS heads of one token): a token decides which of its
  * positions it reads through codes and which from the window, so a pass reads each
  * position one way for all its rows, and a row's sums are the same in a prefill as
- * when its token is decoded alone. Scores past a row's own position are computed and
- * never read. */
+ * when its token is decoded alone. A tile of several tokens (a prefill) widens each
+ * block it reads, codes and window halves, to floats once after its scores, for all
+ * its passes (exact conversions: the same sums). Scores past a row's own position are
+ * computed and never read. */
 static void attention_tile_coded(const weights *w, run_state *s, int layer, const query_tile *tile,
                                  float *scores, size_t row_len)
 {
@@ -333,27 +348,46 @@ static void attention_tile_coded(const weights *w, run_state *s, int layer, cons
     uint16_t *value_window = windowed ? value_window_head(w, s, tile->seq, layer, tile->kv_h) : NULL;
     const int last_of_tile = tile->pos + tile->nt - 1;
     const kv_loops *loops = coded_loops(s);
+    const size_t params_step = value_params_per_position(w, s);
+    const int widen = tile->nt > 1;
+    float *wide_codes = scores + tile_score_floats(w, s);          /* a block: [hd][32] or [32][hd] */
+    float *wide_window = wide_codes + (size_t)KV_BLOCK * hd;
     const float *q[ROWS_PER_PASS];
     float *row_scores[ROWS_PER_PASS], *out[ROWS_PER_PASS];
 #define PASS_HEADS(h0) (tile->nh - (h0) < ROWS_PER_PASS ? tile->nh - (h0) : ROWS_PER_PASS)
 #define ROW(t, h) ((t) * tile->nh + (h))
+/* KIVI: whether the token at position p reads key block b from the window */
+#define KEY_FROM_WINDOW(b, p) (windowed && ((b) + 1) * KV_BLOCK > first_window_key(s, p))
 
     for (int b = 0; b * KV_BLOCK <= last_of_tile; b++) {
         const uint16_t *params = s->kv.format == KV_Q8 ? key_params + (size_t)b * hd
                                                        : key_params + (size_t)(b * KV_BLOCK / s->kv.group) * 2 * hd;
+        if (widen) {
+            int coded = 0, window = 0;
+            for (int p = b * KV_BLOCK > tile->pos ? b * KV_BLOCK : tile->pos; p <= last_of_tile; p++)
+                KEY_FROM_WINDOW(b, p) ? (window = 1) : (coded = 1);
+            if (coded)
+                loops->widen(key_codes(w, s, keys, b), wide_codes, hd);
+            if (window)
+                widen_halves(window_key_block(w, s, key_window, b * KV_BLOCK), wide_window, (size_t)hd * KV_BLOCK);
+        }
         for (int t = 0; t < tile->nt; t++) {
             const int p = tile->pos + t;
             if (b * KV_BLOCK > p)
                 continue;
-            const int from_window = windowed && (b + 1) * KV_BLOCK > first_window_key(s, p);
+            const int from_window = KEY_FROM_WINDOW(b, p);
             for (int h0 = 0; h0 < tile->nh; h0 += ROWS_PER_PASS) {
                 const int n = PASS_HEADS(h0);
                 for (int r = 0; r < n; r++) {
                     q[r] = s->q + tile_offset(w, tile, ROW(t, h0 + r));
                     row_scores[r] = scores + ROW(t, h0 + r) * row_len + (size_t)b * KV_BLOCK;
                 }
-                if (from_window)
+                if (from_window && widen)
+                    score_block(q, wide_window, 0, hd, scale, row_scores, n, 0);
+                else if (from_window)
                     score_block(q, window_key_block(w, s, key_window, b * KV_BLOCK), 0, hd, scale, row_scores, n, 1);
+                else if (widen)
+                    loops->score_block_wide(q, wide_codes, params, hd, scale, row_scores, n);
                 else
                     loops->score_block(q, key_codes(w, s, keys, b), params, hd, scale, row_scores, n);
             }
@@ -365,33 +399,63 @@ static void attention_tile_coded(const weights *w, run_state *s, int layer, cons
             memset(s->att + tile_offset(w, tile, ROW(t, h)), 0, sizeof(float) * hd);
         }
     for (int first = 0; first <= last_of_tile; first += KV_BLOCK) {
+        const int block_last = last_of_tile < first + KV_BLOCK - 1 ? last_of_tile : first + KV_BLOCK - 1;
+        /* a token at p reads [first, coded_last] through codes and [window_first, last] from the window */
+#define LAST(p) ((p) < block_last ? (p) : block_last)
+#define WINDOW_FROM(p) (windowed ? first_window_value(s, p) : (p) + 1)
+#define CODED_LAST(p) (LAST(p) < WINDOW_FROM(p) - 1 ? LAST(p) : WINDOW_FROM(p) - 1)
+#define WINDOW_FIRST(p) (first > WINDOW_FROM(p) ? first : WINDOW_FROM(p))
+        int coded_hi = first - 1, window_lo = block_last + 1;   /* what the tile's tokens read, together */
+        if (widen) {
+            for (int p = first > tile->pos ? first : tile->pos; p <= last_of_tile; p++) {
+                coded_hi = CODED_LAST(p) > coded_hi ? CODED_LAST(p) : coded_hi;
+                if (WINDOW_FIRST(p) <= LAST(p) && WINDOW_FIRST(p) < window_lo)
+                    window_lo = WINDOW_FIRST(p);
+            }
+            if (coded_hi >= first)
+                loops->widen(value_codes(w, s, values, first), wide_codes, (size_t)(coded_hi - first + 1) * (hd / KV_BLOCK));
+            if (window_lo <= block_last)
+                widen_halves(window_value_row(w, s, value_window, window_lo), wide_window,
+                             (size_t)(block_last - window_lo + 1) * hd);
+        }
         for (int t = 0; t < tile->nt; t++) {
             const int p = tile->pos + t;
             if (first > p)
                 continue;
-            const int last = p < first + KV_BLOCK - 1 ? p : first + KV_BLOCK - 1;
-            const int window = windowed ? first_window_value(s, p) : p + 1;   /* [window, p] at float16 */
-            const int coded_last = last < window - 1 ? last : window - 1;
-            const int window_first = first > window ? first : window;
+            const int last = LAST(p), coded_last = CODED_LAST(p), window_first = WINDOW_FIRST(p);
             for (int h0 = 0; h0 < tile->nh; h0 += ROWS_PER_PASS) {
                 const int n = PASS_HEADS(h0);
                 for (int r = 0; r < n; r++)
                     out[r] = s->att + tile_offset(w, tile, ROW(t, h0 + r));
                 if (first <= coded_last) {
-                    for (int r = 0; r < n; r++)
-                        row_scores[r] = scores + ROW(t, h0 + r) * row_len;
-                    loops->add_values((const float *const *)row_scores, (const uint8_t *)values, value_params,
-                                      hd, s->kv.group, first, coded_last, out, n);
+                    for (int r = 0; r < n; r++)   /* widened, position `first` is row 0: shift the rest with it */
+                        row_scores[r] = scores + ROW(t, h0 + r) * row_len + (widen ? first : 0);
+                    if (widen)
+                        loops->add_values_wide((const float *const *)row_scores, wide_codes, value_params + first * params_step,
+                                               hd, s->kv.group, 0, coded_last - first, out, n);
+                    else
+                        loops->add_values((const float *const *)row_scores, (const uint8_t *)values, value_params,
+                                          hd, s->kv.group, first, coded_last, out, n);
                 }
                 if (window_first <= last) {   /* a block's window rows are consecutive in the ring */
+                    const int from = widen ? window_lo : window_first;
                     for (int r = 0; r < n; r++)
-                        row_scores[r] = scores + ROW(t, h0 + r) * row_len + window_first;
-                    add_values((const float *const *)row_scores, window_value_row(w, s, value_window, window_first),
-                               hd, 0, last - window_first, out, n, 1);
+                        row_scores[r] = scores + ROW(t, h0 + r) * row_len + from;
+                    if (widen)
+                        add_values((const float *const *)row_scores, wide_window, hd, window_first - from, last - from,
+                                   out, n, 0);
+                    else
+                        add_values((const float *const *)row_scores, window_value_row(w, s, value_window, from),
+                                   hd, 0, last - from, out, n, 1);
                 }
             }
         }
+#undef LAST
+#undef WINDOW_FROM
+#undef CODED_LAST
+#undef WINDOW_FIRST
     }
+#undef KEY_FROM_WINDOW
 #undef ROW
 #undef PASS_HEADS
 }
