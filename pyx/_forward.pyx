@@ -59,6 +59,10 @@ cdef extern from "forward.c":
         team_governor prefill_governor
         team_governor rows_governor
         float *stacked
+        const float *key_center
+        const float *key_half_range
+        const float *key_levels
+        const float *value_levels
         float *q
         float *k
         float *v
@@ -70,7 +74,7 @@ cdef extern from "forward.c":
     ctypedef struct kv_spec:
         int format, bits, group, residual
     int alloc_state(run_state *s, const weights *w, int max_tokens, int threads, int seqs, kv_spec kv) nogil
-    int KV_F32, KV_F16, KV_Q8, KV_KIVI
+    int KV_F32, KV_F16, KV_Q8, KV_KIVI, KV_KVQUANT
     int kv_hardware_halves
     size_t kv_bytes_per_token(const weights *w, const run_state *s) nogil
     int grow_threads(run_state *s, const weights *w, int threads) nogil
@@ -178,7 +182,8 @@ cdef class Transformer:
         self.has_state = False
 
     def __init__(self, dict config, embedding, list layers, final_norm, lm_head, inv_freq,
-                 int max_tokens, int threads, int seqs=1, str kv_cache="f32", int kv_residual=0, int kv_group=0):
+                 int max_tokens, int threads, int seqs=1, str kv_cache="f32", int kv_residual=0, int kv_group=0,
+                 dict kv_calibration=None):
         cdef int i
         cdef kv_spec kv
         self.keep = [embedding, layers, final_norm, lm_head, inv_freq]
@@ -224,7 +229,8 @@ cdef class Transformer:
             raise ValueError("a KV cache holds one sequence or more")
         # (format, bits) of each name of qinfer/kv_cache.py the C side holds
         formats = {"f32": (KV_F32, 0), "f16": (KV_F16, 0), "q8": (KV_Q8, 8), "kivi4": (KV_KIVI, 4),
-                   "kivi2": (KV_KIVI, 2)}
+                   "kivi2": (KV_KIVI, 2), "kvquant4": (KV_KVQUANT, 4), "kvquant3": (KV_KVQUANT, 3),
+                   "kvquant2": (KV_KVQUANT, 2)}
         if kv_cache not in formats:
             raise ValueError(f"no KV cache format {kv_cache!r} here; the C side holds {sorted(formats)}")
         kv.format, kv.bits = formats[kv_cache]
@@ -235,12 +241,36 @@ cdef class Transformer:
                              f"residual window that is a multiple of it (group {kv_group}, residual {kv_residual})")
         if kv.format == KV_Q8 and config["head_dim"] % 32:
             raise ValueError("the q8 cache needs a head_dim divisible by 32")
-        if kv.format in (KV_Q8, KV_KIVI) and config["head_dim"] > 256:
+        if kv.format in (KV_Q8, KV_KIVI, KV_KVQUANT) and config["head_dim"] > 256:
             raise ValueError("the coded KV caches take heads of at most 256 (KV_MAX_HEAD_DIM)")
+        if kv.format == KV_KVQUANT and kv_calibration is None:
+            raise ValueError("a kvquant cache needs its calibration (key_center, key_half_range, levels)")
         if alloc_state(&self.s, &self.w, max_tokens, threads, seqs, kv) != 0:
             raise MemoryError("not enough memory for the KV cache and buffers "
                               f"(context {self.w.ctx}, {seqs} sequences); try a smaller context")
         self.has_state = True
+        if kv.format == KV_KVQUANT:
+            self.point_kv_calibration(kv_calibration, kv.bits)
+
+    cdef int point_kv_calibration(self, dict cal, int bits) except -1:
+        """KV_KVQUANT's levels and key ranges (qinfer/kv_calibration.py), float32 arrays kept alive here."""
+        if cal is None:
+            raise ValueError("a kvquant cache needs its calibration (key_center, key_half_range, levels)")
+        L, H, D = self.w.n_layers, self.w.n_kv_heads, self.w.head_dim
+        shapes = {"key_center": (L, H, D), "key_half_range": (L, H, D), "key_levels": (L, 1 << bits),
+                  "value_levels": (L, 1 << bits)}
+        arrays = {}
+        for name, shape in shapes.items():
+            a = np.ascontiguousarray(cal[name], dtype=np.float32)
+            if a.shape != shape:
+                raise ValueError(f"kv calibration {name} has shape {a.shape}, expected {shape}")
+            arrays[name] = a
+        self.keep.append(arrays)
+        self.s.key_center = float_ptr(arrays["key_center"], L * H * D)
+        self.s.key_half_range = float_ptr(arrays["key_half_range"], L * H * D)
+        self.s.key_levels = float_ptr(arrays["key_levels"], L << bits)
+        self.s.value_levels = float_ptr(arrays["value_levels"], L << bits)
+        return 0
 
     @property
     def kv_bytes_per_token(self):

@@ -460,6 +460,143 @@ static void attention_tile_coded(const weights *w, run_state *s, int layer, cons
 #undef PASS_HEADS
 }
 
+/* ------------------------------------------------------------- KV_KVQUANT */
+
+/* The 32 codes of a row (32 positions of a key channel, or 32 channels of a value). */
+static void kvquant_codes(const run_state *s, const uint8_t *row, int32_t codes[KV_BLOCK])
+{
+    switch (s->kv.bits) {
+    case 2: kvq_unpack_b2(row, codes); break;
+    case 3: kvq_unpack_b3(row, codes); break;
+    default: kvq_unpack_b4(row, codes); break;
+    }
+}
+
+/* Key block b of one head as floats [hd][32]: each code's level scaled into its channel's
+ * range, the outliers put back, then RoPE at each position (the keys are held before it);
+ * position 0 is the sink's key. */
+static void kvquant_keys(const weights *w, const run_state *s, int seq, int layer, int kv_h, int b, float *wide)
+{
+    const int hd = w->head_dim, half = hd / 2, slots = key_slots(w);
+    const size_t at = ((size_t)layer * w->n_kv_heads + kv_h) * hd;
+    const float *center = s->key_center + at, *half_range = s->key_half_range + at;
+    const float *levels = s->key_levels + (size_t)layer * (1 << s->kv.bits);
+    const uint8_t *codes = key_codes(w, s, key_head(w, s, seq, layer, kv_h), b);
+    const uint16_t *outliers = key_params_head(w, s, seq, layer, kv_h) + (size_t)b * KV_BLOCK * slots * 2;
+    int32_t code[KV_BLOCK];
+    for (int c = 0; c < hd; c++) {
+        kvquant_codes(s, codes + (size_t)c * code_row_bytes(s), code);
+        for (int e = 0; e < KV_BLOCK; e++)
+            wide[c * KV_BLOCK + e] = center[c] + half_range[c] * levels[code[e]];
+    }
+    for (int e = 0; e < KV_BLOCK; e++)
+        for (int i = 0; i < slots; i++) {
+            const uint16_t channel = outliers[((size_t)e * slots + i) * 2 + 1];
+            if (channel)
+                wide[(channel - 1) * KV_BLOCK + e] = from_half(outliers[((size_t)e * slots + i) * 2]);
+        }
+    for (int e = 0; e < KV_BLOCK; e++) {       /* as rope_row rotates a query */
+        const float *cs = s->rope + ((size_t)b * KV_BLOCK + e) * hd;
+        for (int i = 0; i < half; i++) {
+            const float x = wide[i * KV_BLOCK + e], y = wide[(half + i) * KV_BLOCK + e];
+            wide[i * KV_BLOCK + e] = x * cs[i] - y * cs[half + i];
+            wide[(half + i) * KV_BLOCK + e] = y * cs[i] + x * cs[half + i];
+        }
+    }
+    if (b == 0) {
+        const uint16_t *sink = sink_head(w, s, seq, layer, kv_h);
+        for (int c = 0; c < hd; c++)
+            wide[c * KV_BLOCK] = from_half(sink[c]);
+    }
+}
+
+/* Values of positions first..last of one head as floats [last - first + 1][hd]. */
+static void kvquant_values(const weights *w, const run_state *s, int seq, int layer, int kv_h, int first, int last,
+                           float *wide)
+{
+    const int hd = w->head_dim, n_out = value_outliers(w);
+    const float *levels = s->value_levels + (size_t)layer * (1 << s->kv.bits);
+    const uint16_t *params = value_params_head(w, s, seq, layer, kv_h);
+    void *head = value_head(w, s, seq, layer, kv_h);
+    int32_t code[KV_BLOCK];
+    for (int j = first; j <= last; j++) {
+        float *row = wide + (size_t)(j - first) * hd;
+        if (j == 0) {
+            const uint16_t *sink = sink_head(w, s, seq, layer, kv_h) + hd;
+            for (int c = 0; c < hd; c++)
+                row[c] = from_half(sink[c]);
+            continue;
+        }
+        const uint16_t *p = params + (size_t)j * (2 + 2 * n_out);
+        const float mid = from_half(p[0]), radius = from_half(p[1]);
+        const uint8_t *codes = value_codes(w, s, head, j);
+        for (int c0 = 0; c0 < hd; c0 += KV_BLOCK) {
+            kvquant_codes(s, codes + (size_t)(c0 / KV_BLOCK) * code_row_bytes(s), code);
+            for (int e = 0; e < KV_BLOCK; e++)
+                row[c0 + e] = mid + radius * levels[code[e]];
+        }
+        for (int i = 0; i < n_out; i++)
+            if (p[3 + 2 * i])
+                row[p[3 + 2 * i] - 1] = from_half(p[2 + 2 * i]);
+    }
+}
+
+/* attention_tile for KV_KVQUANT: every block the tile reads is dequantized into floats
+ * once (keys rotated), in a decode step as in a prefill, and read by the float loops;
+ * a token's rows go in passes of their own, as in attention_tile_coded. */
+static void attention_tile_kvquant(const weights *w, run_state *s, int layer, const query_tile *tile,
+                                   float *scores, size_t row_len)
+{
+    const int hd = w->head_dim, last_of_tile = tile->pos + tile->nt - 1;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float *wide_keys = scores + tile_score_floats(w, s);          /* [hd][32] */
+    float *wide_values = wide_keys + (size_t)KV_BLOCK * hd;       /* [32][hd] */
+    const float *q[ROWS_PER_PASS];
+    float *row_scores[ROWS_PER_PASS], *out[ROWS_PER_PASS];
+#define PASS_HEADS(h0) (tile->nh - (h0) < ROWS_PER_PASS ? tile->nh - (h0) : ROWS_PER_PASS)
+#define ROW(t, h) ((t) * tile->nh + (h))
+    for (int b = 0; b * KV_BLOCK <= last_of_tile; b++) {
+        kvquant_keys(w, s, tile->seq, layer, tile->kv_h, b, wide_keys);
+        for (int t = 0; t < tile->nt; t++) {
+            if (b * KV_BLOCK > tile->pos + t)
+                continue;
+            for (int h0 = 0; h0 < tile->nh; h0 += ROWS_PER_PASS) {
+                const int n = PASS_HEADS(h0);
+                for (int r = 0; r < n; r++) {
+                    q[r] = s->q + tile_offset(w, tile, ROW(t, h0 + r));
+                    row_scores[r] = scores + ROW(t, h0 + r) * row_len + (size_t)b * KV_BLOCK;
+                }
+                score_block(q, wide_keys, 0, hd, scale, row_scores, n, 0);
+            }
+        }
+    }
+    for (int t = 0; t < tile->nt; t++)
+        for (int h = 0; h < tile->nh; h++) {
+            softmax(scores + ROW(t, h) * row_len, tile->pos + t);
+            memset(s->att + tile_offset(w, tile, ROW(t, h)), 0, sizeof(float) * hd);
+        }
+    for (int first = 0; first <= last_of_tile; first += KV_BLOCK) {
+        const int block_last = last_of_tile < first + KV_BLOCK - 1 ? last_of_tile : first + KV_BLOCK - 1;
+        kvquant_values(w, s, tile->seq, layer, tile->kv_h, first, block_last, wide_values);
+        for (int t = 0; t < tile->nt; t++) {
+            const int p = tile->pos + t;
+            if (first > p)
+                continue;
+            const int last = p < block_last ? p : block_last;
+            for (int h0 = 0; h0 < tile->nh; h0 += ROWS_PER_PASS) {
+                const int n = PASS_HEADS(h0);
+                for (int r = 0; r < n; r++) {   /* position `first` is row 0 of the widened block */
+                    row_scores[r] = scores + ROW(t, h0 + r) * row_len + first;
+                    out[r] = s->att + tile_offset(w, tile, ROW(t, h0 + r));
+                }
+                add_values((const float *const *)row_scores, wide_values, hd, 0, last - first, out, n, 0);
+            }
+        }
+    }
+#undef ROW
+#undef PASS_HEADS
+}
+
 /* One token (decode) has too few tiles to share out if a tile holds the whole group;
  * but a coded cache's tile unpacks each code once for all its rows, which outweighs
  * the threads' uneven shares. */
@@ -499,6 +636,8 @@ static void attention_job(const weights *w, run_state *s, int layer, int pos, in
     tile.pos = row_pos(s, pos, tile.t0);
     if (s->kv.format == KV_F32 || s->kv.format == KV_F16)
         attention_tile(w, s, layer, &tile, scores, (size_t)s->ctx_blocks * KV_BLOCK);
+    else if (s->kv.format == KV_KVQUANT)
+        attention_tile_kvquant(w, s, layer, &tile, scores, (size_t)s->ctx_blocks * KV_BLOCK);
     else
         attention_tile_coded(w, s, layer, &tile, scores, (size_t)s->ctx_blocks * KV_BLOCK);
 }

@@ -360,8 +360,11 @@ static void rope_q_row(const block *b, int t)
     rope_row(b->s->q + (size_t)t * b->w->n_heads * hd, b->w->n_heads, hd, b->s->cos_sin + (size_t)t * hd);
 }
 
+/* (KV_KVQUANT holds keys before RoPE: attention rotates them as it reads them) */
 static void rope_k_row(const block *b, int t)
 {
+    if (b->s->kv.format == KV_KVQUANT)
+        return;
     const int hd = b->w->head_dim;
     rope_row(b->s->k + (size_t)t * b->w->n_kv_heads * hd, b->w->n_kv_heads, hd, b->s->cos_sin + (size_t)t * hd);
 }

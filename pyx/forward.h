@@ -82,10 +82,10 @@ typedef struct {
 
 #define KV_BLOCK 32
 /* The KV cache's formats (kv_cache.c has their layouts; qinfer/kv_cache.py their names). */
-enum { KV_F32 = 0, KV_F16 = 1, KV_Q8 = 2, KV_KIVI = 3 };
+enum { KV_F32 = 0, KV_F16 = 1, KV_Q8 = 2, KV_KIVI = 3, KV_KVQUANT = 4 };
 typedef struct {
-    int format;       /* KV_F32, KV_F16, KV_Q8 or KV_KIVI */
-    int bits;         /* bits of a code: KV_Q8 8, KV_KIVI 4 or 2 */
+    int format;       /* KV_F32, KV_F16, KV_Q8, KV_KIVI or KV_KVQUANT */
+    int bits;         /* bits of a code: KV_Q8 8, KV_KIVI 4 or 2, KV_KVQUANT 4, 3 or 2 */
     int group;        /* KV_KIVI: G, the positions of a key group and the channels of a value group */
     int residual;     /* KV_KIVI: R, the newest positions a query reads at float16 (a multiple of G) */
 } kv_spec;
@@ -118,6 +118,13 @@ typedef struct {
     uint16_t *key_window;     /* KV_KIVI: the newest tokens' keys and values in float16, a ring */
     uint16_t *value_window;
     int window_blocks;    /* KV_KIVI: the ring's length, in blocks */
+    /* KV_KVQUANT's calibration (qinfer/kv_calibration.py; the caller keeps it alive) */
+    const float *key_center;      /* [n_layers][n_kv_heads][head_dim] */
+    const float *key_half_range;  /* [n_layers][n_kv_heads][head_dim] */
+    const float *key_levels;      /* [n_layers][2^bits], ascending in [-1, 1] */
+    const float *value_levels;    /* [n_layers][2^bits] */
+    float *rope;          /* KV_KVQUANT: [ctx][head_dim] cos | sin of every position (keys are held before RoPE) */
+    uint16_t *sink;       /* KV_KVQUANT: [seqs][n_layers][n_kv_heads][2][head_dim] position 0's key (after RoPE), value */
     int ctx_blocks;   /* ctx rounded up to whole KV_BLOCKs, in blocks */
     int seqs;         /* sequences the cache holds */
     /* Where a call's rows go: row t is sequence row_seq[t] at position row_pos[t] (a

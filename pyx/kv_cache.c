@@ -22,6 +22,22 @@
  *                   codes [C*32][hd b/8 bytes],  value_params [C*32][hd/G][2] (scale, min)
  *            window: key_window float16 [W][hd][32], value_window float16 [W*32][hd],
  *                   position p at ring block (p / 32) % W, lane p % 32 (row p % (W*32)).
+ *   KV_KVQUANT b-bit codes (b = 4, 3 or 2) indexing a layer's 2^b levels in [-1, 1]
+ *            (qinfer/kv_calibration.py has the scheme and its calibration):
+ *            keys   before RoPE, per channel: x ~ center_c + half_range_c * level, center
+ *                   and half_range calibrated; |x - center_c| > half_range_c is an outlier.
+ *                   codes [C][hd][32 b/8 bytes]; key_params: outliers [C*32][S][2]
+ *                   (float16 value, channel + 1; 0: none), S = max(2, hd/32) per position,
+ *                   the largest beyond their range first (more are clipped to the range)
+ *            values per position: its (hd + 99) / 100 largest |x| are outliers, the rest
+ *                   x ~ center + half_range * level with the inliers' own (min + max) / 2
+ *                   and (max - min) / 2 in float16. codes [C*32][hd/32][32 b/8 bytes];
+ *                   value_params [C*32][2 + 2 (hd + 99) / 100]: center, half_range, then
+ *                   the outliers as (float16 value, channel + 1)
+ *            sink:  position 0's key (after RoPE) and value in float16, [2][hd] per head
+ *            Attention dequantizes a block (and rotates its keys) into floats, then reads those.
+ *            3-bit codes are two planes: the low 2 bits as 2-bit codes (8 bytes), then the
+ *            high bit as 1-bit codes (4 bytes: value e in byte e % 4, bit e / 4).
  *
  * Codes of b bits fill a 32-value row (32 positions of a key channel, 32 channels of a
  * value) in 32 b/8 bytes: value e sits in byte e % (32 b/8), at bit b * (e / (32 b/8)).
@@ -34,6 +50,17 @@
  * it needs nothing more); a key group is coded when its last position is stored
  * (close_key_group). The ring holds R + G + max_tokens positions: all a call's
  * queries can still read at float16, and the call's own tokens. */
+
+/* KV_KVQUANT: outlier slots of a key position, and outliers of a value position. */
+static int key_slots(const weights *w)
+{
+    return w->head_dim / 32 > 2 ? w->head_dim / 32 : 2;
+}
+
+static int value_outliers(const weights *w)
+{
+    return (w->head_dim + 99) / 100;
+}
 
 /* Bytes of one (sequence, layer, KV head)'s keys or values, codes included. */
 static size_t head_bytes(const weights *w, const run_state *s)
@@ -54,6 +81,8 @@ static size_t key_param_halves(const weights *w, const run_state *s)
         return positions * (w->head_dim / KV_BLOCK);
     if (s->kv.format == KV_KIVI)
         return (positions + s->kv.group - 1) / s->kv.group * 2 * w->head_dim;
+    if (s->kv.format == KV_KVQUANT)
+        return positions * key_slots(w) * 2;
     return 0;
 }
 
@@ -64,6 +93,8 @@ static size_t value_param_halves(const weights *w, const run_state *s)
         return positions * (w->head_dim / KV_BLOCK);
     if (s->kv.format == KV_KIVI)
         return positions * (w->head_dim / s->kv.group) * 2;
+    if (s->kv.format == KV_KVQUANT)
+        return positions * (2 + 2 * (size_t)value_outliers(w));
     return 0;
 }
 
@@ -108,13 +139,27 @@ static int alloc_kv_cache(const weights *w, run_state *s)
         if (!s->key_window || !s->value_window)
             return -1;
     }
+    if (s->kv.format == KV_KVQUANT) {
+        const size_t positions = (size_t)s->ctx_blocks * KV_BLOCK;
+        s->sink = calloc(heads * 2 * w->head_dim, sizeof(uint16_t));
+        s->rope = malloc(sizeof(float) * positions * w->head_dim);
+        if (!s->sink || !s->rope)
+            return -1;
+        const int half = w->head_dim / 2;
+        for (size_t p = 0; p < positions; p++)      /* as rope_tables computes a query's */
+            for (int i = 0; i < half; i++) {
+                const float angle = (float)p * w->inv_freq[i];
+                s->rope[p * w->head_dim + i] = cosf(angle);
+                s->rope[p * w->head_dim + half + i] = sinf(angle);
+            }
+    }
     return 0;
 }
 
 static void free_kv_cache(run_state *s)
 {
     free(s->key_cache); free(s->value_cache); free(s->key_params); free(s->value_params);
-    free(s->key_window); free(s->value_window);
+    free(s->key_window); free(s->value_window); free(s->sink); free(s->rope);
 }
 
 /* ------------------------------------------------- where a head's data is */
@@ -147,6 +192,12 @@ static uint16_t *key_window_head(const weights *w, const run_state *s, int seq, 
 static uint16_t *value_window_head(const weights *w, const run_state *s, int seq, int layer, int kv_h)
 {
     return s->value_window + head_index(w, seq, layer, kv_h) * window_halves(w, s);
+}
+
+/* KV_KVQUANT: position 0's key and value of a head, float16 [2][hd]. */
+static uint16_t *sink_head(const weights *w, const run_state *s, int seq, int layer, int kv_h)
+{
+    return s->sink + head_index(w, seq, layer, kv_h) * 2 * w->head_dim;
 }
 
 /* Bytes of a row of 32 codes (32 positions of a key channel, or 32 channels of a value). */
@@ -195,11 +246,22 @@ static inline float from_half(uint16_t bits)
     return (float)h;
 }
 
-/* Put code c (of s->kv.bits bits) in place e of a 32-value code row. */
+/* Put code c of `bits` bits in place e of a 32-value row of such codes. */
+static inline void put_bits(uint8_t *row, int bits, int e, unsigned c)
+{
+    const int per = KV_BLOCK * bits / 8, shift = bits * (e / per);
+    row[e % per] = (uint8_t)(row[e % per] & ~(((1u << bits) - 1) << shift)) | (uint8_t)(c << shift);
+}
+
+/* Put code c (of s->kv.bits bits) in place e of a 32-value code row (3 bits: two planes). */
 static inline void put_code(const run_state *s, uint8_t *row, int e, unsigned c)
 {
-    const int per = (int)code_row_bytes(s), shift = s->kv.bits * (e / per);
-    row[e % per] = (uint8_t)(row[e % per] & ~(((1u << s->kv.bits) - 1) << shift)) | (uint8_t)(c << shift);
+    if (s->kv.bits == 3) {
+        put_bits(row, 2, e, c & 3);
+        put_bits(row + 8, 1, e, c >> 2);
+        return;
+    }
+    put_bits(row, s->kv.bits, e, c);
 }
 
 /* q8: x[i * stride], i < 32, as codes and a float16 scale (d = max|x| / 127). */
@@ -239,7 +301,100 @@ static inline void quantize_kivi(const run_state *s, const float *x, int n, uint
 
 /* ---------------------------------------------------------------- storing */
 
-/* Move new token t's key and value (after RoPE) into sequence seq's cache at position p.
+/* KV_KVQUANT: the index of the level nearest x (levels ascending; midway: the lower). */
+static inline unsigned nearest_level(const float *levels, int n, float x)
+{
+    unsigned best = 0;
+    for (int i = 1; i < n; i++)
+        if (fabsf(x - levels[i]) < fabsf(x - levels[best]))
+            best = (unsigned)i;
+    return best;
+}
+
+/* KV_KVQUANT: the pre-RoPE key k and value v of KV head h into position p (this file's
+ * top comment has the layout); position 0 also goes whole into the sink. */
+static void store_kvquant(const weights *w, run_state *s, int seq, int layer, int h, int p,
+                          const float *k, const float *v)
+{
+    const int hd = w->head_dim, n_levels = 1 << s->kv.bits, slots = key_slots(w), n_out = value_outliers(w);
+    const size_t at = ((size_t)layer * w->n_kv_heads + h) * hd;
+    const float *center = s->key_center + at, *half_range = s->key_half_range + at;
+    const float *key_levels = s->key_levels + (size_t)layer * n_levels;
+    const float *value_levels = s->value_levels + (size_t)layer * n_levels;
+    uint8_t *keys = key_codes(w, s, key_head(w, s, seq, layer, h), p / KV_BLOCK);
+    uint16_t *key_out = key_params_head(w, s, seq, layer, h) + (size_t)p * slots * 2;
+
+    /* keys: codes of the values clipped to their channel's range; the largest beyond it kept */
+    memset(key_out, 0, sizeof(uint16_t) * slots * 2);
+    float kept[KV_BLOCK] = {0};                    /* the kept outliers' excess, slots <= 8 */
+    for (int c = 0; c < hd; c++) {
+        float x = (k[c] - center[c]) / half_range[c];
+        const float excess = fabsf(x);
+        if (excess > 1.0f) {
+            int slot = 0;                          /* the kept outlier of least excess, or an empty slot */
+            for (int i = 1; i < slots; i++)
+                if (kept[i] < kept[slot])
+                    slot = i;
+            if (excess > kept[slot]) {
+                kept[slot] = excess;
+                key_out[2 * slot] = to_half(k[c]);
+                key_out[2 * slot + 1] = (uint16_t)(c + 1);
+            }
+            x = x > 0.0f ? 1.0f : -1.0f;
+        }
+        put_code(s, keys + (size_t)c * code_row_bytes(s), p % KV_BLOCK, nearest_level(key_levels, n_levels, x));
+    }
+
+    /* values: the n_out largest |v| aside, the rest against their own range */
+    uint16_t *value_out = value_params_head(w, s, seq, layer, h) + (size_t)p * (2 + 2 * n_out);
+    int out_channel[4];                            /* n_out <= 3 for hd <= 256 */
+    for (int i = 0; i < n_out; i++) {
+        int best = -1;
+        for (int c = 0; c < hd; c++) {
+            int taken = 0;
+            for (int j = 0; j < i; j++)
+                taken |= out_channel[j] == c;
+            if (!taken && (best < 0 || fabsf(v[c]) > fabsf(v[best])))
+                best = c;
+        }
+        out_channel[i] = best;
+        value_out[2 + 2 * i] = to_half(v[best]);
+        value_out[3 + 2 * i] = (uint16_t)(best + 1);
+    }
+    float lo = INFINITY, hi = -INFINITY;
+    for (int c = 0; c < hd; c++) {
+        int outlier = 0;
+        for (int j = 0; j < n_out; j++)
+            outlier |= out_channel[j] == c;
+        if (!outlier) {
+            lo = v[c] < lo ? v[c] : lo;
+            hi = v[c] > hi ? v[c] : hi;
+        }
+    }
+    value_out[0] = to_half((hi + lo) / 2.0f);
+    value_out[1] = to_half(fminf((hi - lo) / 2.0f, 65504.0f));
+    const float mid = from_half(value_out[0]), radius = from_half(value_out[1]);
+    uint8_t *codes = value_codes(w, s, value_head(w, s, seq, layer, h), p);
+    for (int c = 0; c < hd; c++) {
+        float x = radius > 0.0f ? (v[c] - mid) / radius : 0.0f;
+        x = x < -1.0f ? -1.0f : x > 1.0f ? 1.0f : x;
+        put_code(s, codes + (size_t)(c / KV_BLOCK) * code_row_bytes(s), c % KV_BLOCK,
+                 nearest_level(value_levels, n_levels, x));
+    }
+
+    if (p == 0) {       /* the sink, whole: its key rotated as attention rotates the others */
+        uint16_t *sink = sink_head(w, s, seq, layer, h);
+        const float *cs = s->rope + (size_t)p * hd;
+        for (int i = 0; i < hd / 2; i++) {
+            sink[i] = to_half(k[i] * cs[i] - k[hd / 2 + i] * cs[hd / 2 + i]);
+            sink[hd / 2 + i] = to_half(k[hd / 2 + i] * cs[i] + k[i] * cs[hd / 2 + i]);
+        }
+        for (int c = 0; c < hd; c++)
+            sink[hd + c] = to_half(v[c]);
+    }
+}
+
+/* Move new token t's key (after RoPE; KV_KVQUANT: before) and value into sequence seq's cache at position p.
  * (Cloned for AVX2 and F16C: elsewhere each conversion to and from float16 is a call.) */
 QI_VECTORIZE
 static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int t, int p)
@@ -272,6 +427,9 @@ static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int
             }
             break;
         }
+        case KV_KVQUANT:
+            store_kvquant(w, s, seq, layer, h, p, k, v);
+            break;
         case KV_KIVI: {
             /* keys wait in the window for their group (close_key_group); values are coded now */
             uint16_t *wk = window_key_block(w, s, key_window_head(w, s, seq, layer, h), p) + lane;

@@ -106,7 +106,7 @@ class Engine:
     """A loaded model ready to generate.
 
     Engine(model_path=None, threads=None, ctx=None, quantize=None, group_size=128, dequantize=False,
-           activations=None, kv_cache=None, kv_residual=None, kv_group=None)
+           activations=None, kv_cache=None, kv_residual=None, kv_group=None, kv_calibration=None)
     model_path: a Hugging Face LLaMA directory or a GGUF file (None: the default
     SmolLM2-135M-Instruct). ctx: KV cache size in tokens (default: the model's
     trained context, max_position_embeddings; a larger one runs, with a
@@ -119,9 +119,12 @@ class Engine:
     or with quantize, re-quantize them. activations: "int8" rounds the activations of quantized layers to int8 per block of
     32 inputs when decoding (faster; llama.cpp-like numerics), "float" keeps
     them float32; None takes qinfer.kernels' mode (QINFER_ACTIVATIONS).
-    kv_cache: the KV cache's format: "f32" (default), "f16", "q8", "kivi4" or "kivi2"
+    kv_cache: the KV cache's format: "f32" (default), "f16", "q8", "kivi4", "kivi2",
+    "kvquant4", "kvquant3" or "kvquant2"
     (qinfer/kv_cache.py says what each holds); kv_residual and kv_group: KIVI's
     float16 window R (default 128) and group G (32, 64 or 128; default 32).
+    kv_calibration: the kvquant formats' calibration file (qinfer calibrate-kv; default:
+    kv_calibration.default_path of the model, beside it).
     A ctx whose full KV cache needs more memory than the machine has available
     is a QinferError before the weights are read (model.check_cache_fits).
 
@@ -131,7 +134,8 @@ class Engine:
     """
 
     def __init__(self, model_path=None, threads=None, ctx=None, quantize=None, group_size=128,
-                 dequantize=False, activations=None, kv_cache=None, kv_residual=None, kv_group=None):
+                 dequantize=False, activations=None, kv_cache=None, kv_residual=None, kv_group=None,
+                 kv_calibration=None):
         from .packing import GPTQ_BITWIDTHS
         from .rtn import GROUP_SIZES
         from .tokenizer import load as load_tokenizer
@@ -156,13 +160,14 @@ class Engine:
                          check_ctx(ctx if ctx is not None else self.source.config.max_position_embeddings))
         if ctx is not None:
             warn_beyond_training(ctx, self.source.config)
+        calibration = self._kv_calibration(kv_cache, kv_calibration)
         if self.source.tokenizer is None:
             raise QinferError(f"{self.model_path}: no tokenizer found (tokenizer.json or tokenizer.model)")
         self.tokenizer = load_tokenizer(self.source.tokenizer)
         self.model = Model(self.source, ctx=ctx, quantize=quantize, group_size=group_size, threads=threads,
                            dequantize=dequantize, activations=activations, kv_cache=kv_cache.name,
                            kv_residual=kv_cache.residual if kv_cache.windowed else None,
-                           kv_group=kv_cache.group if kv_cache.windowed else None)
+                           kv_group=kv_cache.group if kv_cache.windowed else None, kv_calibration=calibration)
         # First use on this CPU: measure the kernel parameters of the model's layer shapes (cached).
         tune_layers(self.model.quantized_layers(), self.model.threads)
         self.config = self.source.config
@@ -173,6 +178,17 @@ class Engine:
         # seconds Engine() took: reading the file, laying out the weights (quantizing them when
         # asked), the tokenizer, and tuning the kernels on first use on this CPU
         self.load_seconds = time.perf_counter() - start
+
+    def _kv_calibration(self, spec, path):
+        """kvquant's calibration (qinfer/kv_calibration.py), read from `path` or from beside the
+        model, checked against this model; None for the other formats."""
+        from . import kv_calibration
+        if spec.name not in kv_formats.CALIBRATED:
+            if path is not None:
+                raise QinferError(f"a KV calibration file applies to the kvquant formats, not {spec.name}")
+            return None
+        path = path if path is not None else kv_calibration.default_path(self.model_path)
+        return kv_calibration.load(path, self.source.config, model_path=self.model_path, bits=(spec.bits,))
 
     @property
     def ctx(self):

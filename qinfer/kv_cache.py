@@ -8,23 +8,26 @@
               channel over groups of G tokens, values per token over groups of G channels;
               the newest R tokens stay in float16 (the window), keys leaving it a whole
               group at a time
-    kvquant*  KVQuant: pre-RoPE per-channel keys, non-uniform levels, dense-and-sparse
+    kvquant4/3/2  KVQuant: 4-, 3- or 2-bit codes indexing each layer's calibrated
+              non-uniform levels (qinfer calibrate-kv; qinfer/kv_calibration.py): keys
+              per channel before RoPE (rotated as attention reads them), values per
+              token, ~1% outliers in float16 beside the codes, position 0 (the
+              attention sink) in float16
 
 Each token attends through the cache exactly as it would when decoded alone:
 the window's tokens (its own among them) at float16, the older ones through
 their codes. A prefill of many tokens therefore gives the logits of decoding
 them one by one, whatever its chunks.
 
-The layouts are in pyx/attention.c. Only the formats in IMPLEMENTED run; the
-others are named so that asking for one is a clear error, not a silent
-float32 cache.
+The layouts are in pyx/kv_cache.c.
 """
 import dataclasses
 
 from .errors import UnsupportedError
 
 FORMATS = ("f32", "f16", "q8", "kivi4", "kivi2", "kvquant4", "kvquant3", "kvquant2")
-IMPLEMENTED = ("f32", "f16", "q8", "kivi4", "kivi2")
+IMPLEMENTED = FORMATS
+CALIBRATED = ("kvquant4", "kvquant3", "kvquant2")     # formats that need qinfer calibrate-kv's file
 DEFAULT = "f32"
 WINDOWED = ("kivi4", "kivi2")        # formats with a full-precision window (--kv-residual, --kv-group)
 DEFAULT_RESIDUAL = 128               # KIVI's R
@@ -53,20 +56,26 @@ class KVSpec:
     def bits(self):
         return BITS.get(self.name, 0)
 
-    def value_bytes(self):
-        """Bytes the cache holds per key or value element, codes and their parameters."""
+    def value_bytes(self, head_dim):
+        """Bytes the cache holds per key or value element (keys and values averaged), codes and
+        their parameters (pyx/kv_cache.c has the layouts)."""
         if self.name == "f32":
             return 4.0
         if self.name == "f16":
             return 2.0
         if self.name == "q8":
             return 1.0 + 2.0 / SCALE_GROUP
+        if self.name in CALIBRATED:
+            # keys: outlier slots of 4 bytes; values: a float16 center and half-range, outliers of 4 bytes
+            key_slots = max(2, head_dim // 32)
+            value_params = 4 + 4 * ((head_dim + 99) // 100)
+            return self.bits / 8 + (4 * key_slots + value_params) / (2 * head_dim)
         return self.bits / 8 + 4.0 / self.group       # kivi: a float16 scale and minimum per group
 
     def bytes_per_token(self, config):
         """Bytes a sequence's cache grows by per token (keys and values, every layer)."""
         return int(round(2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-                         * self.value_bytes()))
+                         * self.value_bytes(config.head_dim)))
 
     def window_tokens(self):
         """Tokens of the float16 window (0 without one)."""
@@ -75,12 +84,16 @@ class KVSpec:
         return -(-(self.residual + self.group + WINDOWED_CHUNK) // 32) * 32
 
     def fixed_bytes(self, config):
-        """Bytes a sequence's cache holds whatever its length: the float16 window."""
-        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * self.window_tokens()
+        """Bytes a sequence's cache holds whatever its length: the float16 window (kivi), or the
+        sink's float16 key and value (kvquant)."""
+        tokens = self.window_tokens() + (1 if self.name in CALIBRATED else 0)
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * tokens
 
     def cache_bytes(self, config, ctx, seqs=1):
-        """Bytes the cache of `seqs` sequences of ctx tokens each takes when full."""
-        return seqs * (self.bytes_per_token(config) * ctx + self.fixed_bytes(config))
+        """Bytes the cache of `seqs` sequences of ctx tokens each takes when full (kvquant: and
+        its float32 table of every position's RoPE cos and sin)."""
+        rope = 4 * ctx * config.head_dim if self.name in CALIBRATED else 0
+        return seqs * (self.bytes_per_token(config) * ctx + self.fixed_bytes(config)) + rope
 
     def describe(self):
         if self.windowed:
@@ -100,6 +113,9 @@ def check(name, residual=None, group=None, head_dim=None):
     if name not in IMPLEMENTED:
         raise UnsupportedError(f"KV cache format {name!r} is not implemented yet; "
                                f"available: {', '.join(IMPLEMENTED)}")
+    if name in CALIBRATED and head_dim is not None and head_dim % SCALE_GROUP:
+        raise UnsupportedError(f"the {name} KV cache needs a head size divisible by {SCALE_GROUP}, "
+                               f"the model's is {head_dim}")
     if name == "q8" and head_dim is not None and head_dim % SCALE_GROUP:
         raise UnsupportedError(f"the q8 KV cache needs a head size divisible by {SCALE_GROUP}, "
                                f"the model's is {head_dim}")

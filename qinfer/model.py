@@ -158,12 +158,17 @@ class Model:
     """Weights laid out for the forward pass, the KV cache, and one forward call per step."""
 
     def __init__(self, source, ctx=None, quantize=None, group_size=128, threads=None, dequantize=False,
-                 activations=None, stack=None, kv_cache=None, kv_residual=None, kv_group=None):
+                 activations=None, stack=None, kv_cache=None, kv_residual=None, kv_group=None,
+                 kv_calibration=None):
         cfg = self.config = source.config
         self.ctx = check_ctx(ctx if ctx is not None else cfg.max_position_embeddings)
         # the KV cache's format and settings (qinfer/kv_cache.py), and its name
         self.kv_spec = kv_formats.check(kv_cache, kv_residual, kv_group, head_dim=cfg.head_dim)
         self.kv_cache = self.kv_spec.name
+        # kvquant's levels and key ranges (a kv_calibration.Calibration holding this width)
+        self.kv_calibration = kv_calibration
+        if self.kv_spec.name in kv_formats.CALIBRATED and kv_calibration is None:
+            raise QinferError(f"the {self.kv_spec.name} KV cache needs a calibration (qinfer calibrate-kv)")
         self.quantize, self.group_size = quantize, group_size
         self.dequantize = dequantize          # packed tensors become float32 (a float baseline)
         self.threads = kernels.resolve_threads(threads)
@@ -206,11 +211,20 @@ class Model:
                 dict(dim=cfg.hidden_size, hidden_dim=cfg.intermediate_size, n_heads=cfg.num_attention_heads,
                      n_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
                      ctx=ctx, eps=cfg.rms_norm_eps),
-                *self._weights, min(chunk, ctx), self.threads, seqs, spec.name, spec.residual, spec.group)
+                *self._weights, min(chunk, ctx), self.threads, seqs, spec.name, spec.residual, spec.group,
+                self._kv_calibration_arrays())
         except MemoryError:
             need = spec.cache_bytes(cfg, ctx, seqs)
             raise QinferError(f"out of memory allocating the KV cache for a context of {ctx} tokens "
                               f"(about {need} bytes, {need / 2**30:.1f} GiB); use a smaller ctx/--ctx") from None
+
+    def _kv_calibration_arrays(self):
+        """What the C side reads of the calibration for this cache's bit width, or None."""
+        cal, bits = self.kv_calibration, self.kv_spec.bits
+        if self.kv_spec.name not in kv_formats.CALIBRATED:
+            return None
+        return dict(key_center=cal.key_center, key_half_range=cal.key_half_range,
+                    key_levels=cal.key_levels[bits], value_levels=cal.value_levels[bits])
 
     def new_cache(self, ctx=None, seqs=1):
         """Another KV cache, of `seqs` sequences of ctx tokens each (default: the model's

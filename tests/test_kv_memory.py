@@ -148,7 +148,11 @@ def test_info_model_ctx_and_format(smollm2):
     rows = _cache_rows(proc.stdout)
     assert rows["f16"] == (True, per_token("f16"), f"{per_token('f16') * 1000 / 2**20:.1f} MiB")
     assert rows["f32"][:2] == (False, per_token("f32"))
-    assert_user_error(run_cli("info", "--model", smollm2, "--kv-cache", "kvquant4"), "kvquant4")
+    kvquant = run_cli("info", "--model", smollm2, "--kv-cache", "kvquant4")   # no calibration needed to size it
+    assert kvquant.returncode == 0, kvquant.stderr
+    assert _cache_rows(kvquant.stdout)["kvquant4"][0] is True
+    assert_user_error(run_cli("info", "--model", smollm2, "--kv-cache", "kivi4", "--kv-residual", "33"),
+                      "multiple of the group")
 
 
 # ------------------------------------------------------------------ memory follows use

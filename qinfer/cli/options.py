@@ -55,7 +55,9 @@ def add_kv_cache_option(p):
     p.add_argument("--kv-cache", choices=FORMATS, default=None, metavar="FORMAT",
                    help="the KV cache's format: f32 (default), f16 (half the memory), q8 (int8 codes, a "
                         "float16 scale per 32 values), kivi4 or kivi2 (KIVI: 4- or 2-bit codes, keys per "
-                        "channel, values per token, the newest tokens in float16)"
+                        "channel, values per token, the newest tokens in float16), kvquant4, kvquant3 or "
+                        "kvquant2 (KVQuant: calibrated non-uniform levels, keys before RoPE, 1%% outliers; "
+                        "needs qinfer calibrate-kv's file)"
                         + (f"; {', '.join(later)} are not implemented yet" if later else ""))
     p.add_argument("--kv-residual", type=int, default=None, metavar="R",
                    help=f"kivi: the newest tokens kept in float16 (a multiple of the group; "
@@ -65,9 +67,14 @@ def add_kv_cache_option(p):
                         f"({', '.join(map(str, GROUPS))}; default {DEFAULT_GROUP})")
 
 
+    p.add_argument("--kv-calibration", default=None, metavar="FILE",
+                   help="kvquant: the calibration file qinfer calibrate-kv wrote (default: beside the model)")
+
+
 def kv_cache_args(args):
-    """The Engine's KV cache keywords from --kv-cache, --kv-residual and --kv-group."""
-    return dict(kv_cache=args.kv_cache, kv_residual=args.kv_residual, kv_group=args.kv_group)
+    """The Engine's KV cache keywords from --kv-cache, --kv-residual, --kv-group and --kv-calibration."""
+    return dict(kv_cache=args.kv_cache, kv_residual=args.kv_residual, kv_group=args.kv_group,
+                kv_calibration=args.kv_calibration)
 
 
 def add_model_options(p):
