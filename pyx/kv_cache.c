@@ -246,11 +246,15 @@ static inline float from_half(uint16_t bits)
     return (float)h;
 }
 
-/* Put code c of `bits` bits in place e of a 32-value row of such codes. */
+/* Put code c of `bits` bits in place e of a 32-value row of such codes. A byte holds
+ * places of several positions, which a prefill's threads may store at once (KV_KVQUANT's
+ * keys): its bits are cleared and set atomically, so that none of them is lost. */
 static inline void put_bits(uint8_t *row, int bits, int e, unsigned c)
 {
     const int per = KV_BLOCK * bits / 8, shift = bits * (e / per);
-    row[e % per] = (uint8_t)(row[e % per] & ~(((1u << bits) - 1) << shift)) | (uint8_t)(c << shift);
+    uint8_t *byte = row + e % per;
+    __atomic_fetch_and(byte, (uint8_t)~(((1u << bits) - 1) << shift), __ATOMIC_RELAXED);
+    __atomic_fetch_or(byte, (uint8_t)(c << shift), __ATOMIC_RELAXED);
 }
 
 /* Put code c (of s->kv.bits bits) in place e of a 32-value code row (3 bits: two planes). */
