@@ -119,8 +119,9 @@ class Engine:
     or with quantize, re-quantize them. activations: "int8" rounds the activations of quantized layers to int8 per block of
     32 inputs when decoding (faster; llama.cpp-like numerics), "float" keeps
     them float32; None takes qinfer.kernels' mode (QINFER_ACTIVATIONS).
-    kv_cache: the KV cache's format: "f32" (default), "f16", "q8", "kivi4", "kivi2",
-    "kvquant4", "kvquant3" or "kvquant2"
+    kv_cache: the KV cache's format: "f32", "f16", "q8", "kivi4", "kivi2", "kvquant4",
+    "kvquant3" or "kvquant2"; None: q8 (f16 for heads that are not a multiple of 32;
+    QINFER_KV_CACHE replaces it), chosen by measurement (qinfer/kv_cache.py)
     (qinfer/kv_cache.py says what each holds); kv_residual and kv_group: KIVI's
     float16 window R (default 128) and group G (32, 64 or 128; default 32).
     kv_calibration: the kvquant formats' calibration file (qinfer calibrate-kv; default:
@@ -143,7 +144,7 @@ class Engine:
         start = time.perf_counter()
         if activations is not None:
             kernels.check_activations(activations)
-        kv_cache = kv_formats.check(kv_cache, kv_residual, kv_group)
+        kv_formats.check(kv_cache, kv_residual, kv_group)     # a bad name or setting: before any file is read
         if quantize is not None and quantize not in GPTQ_BITWIDTHS:
             raise QinferError(f"quantize must be one of {', '.join(map(str, GPTQ_BITWIDTHS))}, got {quantize!r}")
         if quantize is not None and group_size not in GROUP_SIZES:
@@ -156,6 +157,8 @@ class Engine:
         if quantize is not None:
             _check_quantizable(self.source.config)
         # the KV cache's full size against the memory available, before the weights are read
+        # the format for this model's heads (the default depends on them: kv_cache.default_name)
+        kv_cache = kv_formats.check(kv_cache, kv_residual, kv_group, head_dim=self.source.config.head_dim)
         check_cache_fits(self.source.config, kv_cache,
                          check_ctx(ctx if ctx is not None else self.source.config.max_position_embeddings))
         if ctx is not None:

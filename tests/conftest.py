@@ -16,6 +16,10 @@ os.environ["QINFER_TUNE"] = "0"
 # faster; the results are the same bit for bit, but a test of the decode team must
 # run the team it asks for. tests/test_threads.py turns the governor on for itself.
 os.environ["QINFER_ADAPT_THREADS"] = "0"
+# The KV cache's default is q8 (qinfer/kv_cache.py); tests that hold the engine against
+# a float reference compute exact attention, so the tests' default is f32. Tests of the
+# coded formats ask for them by name; tests of the default itself unset this.
+os.environ["QINFER_KV_CACHE"] = "f32"
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

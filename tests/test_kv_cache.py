@@ -101,7 +101,7 @@ def test_the_cli_takes_the_format_and_names_what_is_missing(tiny):
     per_token = qinfer.Engine(d, threads=1, kv_cache="f16").model.transformer.kv_bytes_per_token
     assert f"KV cache: f16, {per_token} bytes per token" in proc.stdout
     assert_user_error(run_cli("generate", "--model", d, "--prompt", "hi", "--kv-cache", "kvquant4"),
-                      "calibration", "calibrate-kv")
+                      "kvquant4", "head size")
     bad = run_cli("perplexity", "--model", d, "--kv-cache", "f8")
     assert bad.returncode == 2 and "invalid choice: 'f8'" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -266,3 +266,14 @@ def test_batched_steps_of_several_sequences_read_their_own_coded_caches(models, 
         alone.prefill(starts[seq])
         want = alone.decode_step(nxt[seq])
         np.testing.assert_allclose(got[seq], want, rtol=0, atol=2e-4)
+
+
+def test_the_default_is_q8_where_the_heads_take_it(models, write_tiny, monkeypatch):
+    """Chosen by measurement (docs/perplexity.md): the most compact format within 0.1% of
+    f32's perplexity; f16 for heads that are not a multiple of 32 (q8's scale groups)."""
+    monkeypatch.delenv("QINFER_KV_CACHE", raising=False)
+    assert qinfer.Engine(models["gqa"], threads=1, ctx=64).model.kv_cache == "q8"
+    d, _, _ = write_tiny("kv_default_small", seed=1)                 # head_dim 16
+    assert qinfer.Engine(d, threads=1, ctx=64).model.kv_cache == "f16"
+    monkeypatch.setenv("QINFER_KV_CACHE", "kivi4")
+    assert qinfer.Engine(models["gqa"], threads=1, ctx=64).model.kv_cache == "kivi4"

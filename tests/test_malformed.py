@@ -122,7 +122,7 @@ def test_ctx_too_large_to_allocate_names_the_bytes(tiny_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         err = raises_qinfer(lambda: Engine(tiny_dir, ctx=(1 << 31) - 1))
-    assert "context of 2147483647" in str(err) and "bytes" in str(err)
+    assert "context of 2147483647" in str(err) and "GiB" in str(err) and "--ctx" in str(err)
 
 
 # --------------------------------------------------------------------------- 1. HF tokenizer files
