@@ -475,6 +475,7 @@ static void kvquant_codes(const run_state *s, const uint8_t *row, int32_t codes[
 /* Key block b of one head as floats [hd][32]: each code's level scaled into its channel's
  * range, the outliers put back, then RoPE at each position (the keys are held before it);
  * position 0 is the sink's key. */
+QI_VECTORIZE
 static void kvquant_keys(const weights *w, const run_state *s, int seq, int layer, int kv_h, int b, float *wide)
 {
     const int hd = w->head_dim, half = hd / 2, slots = key_slots(w);
@@ -495,14 +496,14 @@ static void kvquant_keys(const weights *w, const run_state *s, int seq, int laye
             if (channel)
                 wide[(channel - 1) * KV_BLOCK + e] = from_half(outliers[((size_t)e * slots + i) * 2]);
         }
-    for (int e = 0; e < KV_BLOCK; e++) {       /* as rope_row rotates a query */
-        const float *cs = s->rope + ((size_t)b * KV_BLOCK + e) * hd;
-        for (int i = 0; i < half; i++) {
+    const float *rope = s->rope + rope_at(w, (size_t)b * KV_BLOCK, 0);   /* [hd][32]: cos, then sin */
+    for (int i = 0; i < half; i++)             /* as rope_row rotates a query */
+        for (int e = 0; e < KV_BLOCK; e++) {
             const float x = wide[i * KV_BLOCK + e], y = wide[(half + i) * KV_BLOCK + e];
-            wide[i * KV_BLOCK + e] = x * cs[i] - y * cs[half + i];
-            wide[(half + i) * KV_BLOCK + e] = y * cs[i] + x * cs[half + i];
+            const float cos_ = rope[i * KV_BLOCK + e], sin_ = rope[(half + i) * KV_BLOCK + e];
+            wide[i * KV_BLOCK + e] = x * cos_ - y * sin_;
+            wide[(half + i) * KV_BLOCK + e] = y * cos_ + x * sin_;
         }
-    }
     if (b == 0) {
         const uint16_t *sink = sink_head(w, s, seq, layer, kv_h);
         for (int c = 0; c < hd; c++)
@@ -511,6 +512,7 @@ static void kvquant_keys(const weights *w, const run_state *s, int seq, int laye
 }
 
 /* Values of positions first..last of one head as floats [last - first + 1][hd]. */
+QI_VECTORIZE
 static void kvquant_values(const weights *w, const run_state *s, int seq, int layer, int kv_h, int first, int last,
                            float *wide)
 {

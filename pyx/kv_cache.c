@@ -62,6 +62,14 @@ static int value_outliers(const weights *w)
     return (w->head_dim + 99) / 100;
 }
 
+/* KV_KVQUANT: where position p's cos (i < hd/2) or sin (i >= hd/2) of pair i % (hd/2)
+ * sits in s->rope: blocks of 32 positions, transposed like the keys ([C][hd][32]), so a
+ * block's rotation is 32-wide vector arithmetic. */
+static size_t rope_at(const weights *w, size_t p, int i)
+{
+    return ((p / KV_BLOCK) * w->head_dim + i) * KV_BLOCK + p % KV_BLOCK;
+}
+
 /* Bytes of one (sequence, layer, KV head)'s keys or values, codes included. */
 static size_t head_bytes(const weights *w, const run_state *s)
 {
@@ -149,8 +157,8 @@ static int alloc_kv_cache(const weights *w, run_state *s)
         for (size_t p = 0; p < positions; p++)      /* as rope_tables computes a query's */
             for (int i = 0; i < half; i++) {
                 const float angle = (float)p * w->inv_freq[i];
-                s->rope[p * w->head_dim + i] = cosf(angle);
-                s->rope[p * w->head_dim + half + i] = sinf(angle);
+                s->rope[rope_at(w, p, i)] = cosf(angle);
+                s->rope[rope_at(w, p, half + i)] = sinf(angle);
             }
     }
     return 0;
@@ -388,10 +396,10 @@ static void store_kvquant(const weights *w, run_state *s, int seq, int layer, in
 
     if (p == 0) {       /* the sink, whole: its key rotated as attention rotates the others */
         uint16_t *sink = sink_head(w, s, seq, layer, h);
-        const float *cs = s->rope + (size_t)p * hd;
         for (int i = 0; i < hd / 2; i++) {
-            sink[i] = to_half(k[i] * cs[i] - k[hd / 2 + i] * cs[hd / 2 + i]);
-            sink[hd / 2 + i] = to_half(k[hd / 2 + i] * cs[i] + k[i] * cs[hd / 2 + i]);
+            const float cos_ = s->rope[rope_at(w, p, i)], sin_ = s->rope[rope_at(w, p, hd / 2 + i)];
+            sink[i] = to_half(k[i] * cos_ - k[hd / 2 + i] * sin_);
+            sink[hd / 2 + i] = to_half(k[hd / 2 + i] * cos_ + k[i] * sin_);
         }
         for (int c = 0; c < hd; c++)
             sink[hd + c] = to_half(v[c]);
