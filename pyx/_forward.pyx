@@ -91,6 +91,7 @@ cdef extern from "forward.c":
     int run_layer(const weights *w, run_state *s, int l, float *x, int n, int pos,
                   const layer_capture *cap, int nthreads) nogil
     void attention_only(const weights *w, run_state *s, int l, int pos, int n, int nthreads) nogil
+    int kvquant_tables(const weights *w, run_state *s) nogil
 
 
 def set_thread_policy(bint adaptive, bint spin):
@@ -270,6 +271,8 @@ cdef class Transformer:
         self.s.key_half_range = float_ptr(arrays["key_half_range"], L * H * D)
         self.s.key_levels = float_ptr(arrays["key_levels"], L << bits)
         self.s.value_levels = float_ptr(arrays["value_levels"], L << bits)
+        if kvquant_tables(&self.w, &self.s) != 0:
+            raise MemoryError("not enough memory for the kvquant key tables")
         return 0
 
     @property

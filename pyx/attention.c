@@ -256,7 +256,18 @@ typedef int32_t v8i32 __attribute__((vector_size(32)));
 typedef uint8_t v8u8_unaligned __attribute__((vector_size(8), aligned(1), may_alias));
 typedef int8_t v8i8_unaligned __attribute__((vector_size(8), aligned(1), may_alias));
 
+/* table[idx] for 8 indices, one at a time (the portable instance's table lookup) */
+static inline __attribute__((always_inline)) v8f lookup8_portable(const float *table, v8i32 idx)
+{
+    v8f r;
+    for (int i = 0; i < 8; i++)
+        r[i] = table[idx[i]];
+    return r;
+}
+
 #define KV_NAME(name) name##_portable
+#define KV_LOOKUP8(table, idx) lookup8_portable(table, idx)
+#define KV_LOOKUP16(table, idx) lookup8_portable(table, idx)
 #define KV_U8x8(p) __builtin_convertvector(*(const v8u8_unaligned *)(p), v8i32)
 #define KV_I8x8(p) __builtin_convertvector(*(const v8i8_unaligned *)(p), v8i32)
 #define KV_LOAD_HALF8(p) half8_to_float(p)
@@ -264,6 +275,8 @@ typedef int8_t v8i8_unaligned __attribute__((vector_size(8), aligned(1), may_ali
 #define KV_ATTR QI_VECTORIZE
 #include "kv_kernels.h"
 #undef KV_NAME
+#undef KV_LOOKUP8
+#undef KV_LOOKUP16
 #undef KV_U8x8
 #undef KV_I8x8
 #undef KV_LOAD_HALF8
@@ -273,6 +286,10 @@ typedef int8_t v8i8_unaligned __attribute__((vector_size(8), aligned(1), may_ali
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define KV_NAME(name) name##_avx2
+/* a table of up to 8 floats in one register, indexed per lane; 16: two, and bit 3 picks */
+#define KV_LOOKUP8(table, idx) ((v8f)_mm256_permutevar8x32_ps(_mm256_loadu_ps(table), (__m256i)(idx)))
+#define KV_LOOKUP16(table, idx) ((v8f)_mm256_blendv_ps(KV_LOOKUP8(table, idx), KV_LOOKUP8((table) + 8, idx), \
+                                                        (__m256)((idx) << 28)))
 #define KV_U8x8(p) ((v8i32)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
 #define KV_I8x8(p) ((v8i32)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
 #define KV_LOAD_HALF8(p) ((v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
@@ -280,6 +297,8 @@ typedef int8_t v8i8_unaligned __attribute__((vector_size(8), aligned(1), may_ali
 #define KV_ATTR
 #include "kv_kernels.h"
 #undef KV_NAME
+#undef KV_LOOKUP8
+#undef KV_LOOKUP16
 #undef KV_U8x8
 #undef KV_I8x8
 #undef KV_LOAD_HALF8
@@ -462,34 +481,31 @@ static void attention_tile_coded(const weights *w, run_state *s, int layer, cons
 
 /* ------------------------------------------------------------- KV_KVQUANT */
 
-/* The 32 codes of a row (32 positions of a key channel, or 32 channels of a value). */
-static void kvquant_codes(const run_state *s, const uint8_t *row, int32_t codes[KV_BLOCK])
+/* Rows of 32 kvquant codes as floats through tables (kv_kernels.h, kvq_rows): AVX2's
+ * table lookups where the CPU has them (and F16C), else the portable ones. */
+static void kvquant_rows(const run_state *s, const uint8_t *codes, int rows, const float *tables,
+                         size_t table_step, float *dst)
 {
-    switch (s->kv.bits) {
-    case 2: kvq_unpack_b2(row, codes); break;
-    case 3: kvq_unpack_b3(row, codes); break;
-    default: kvq_unpack_b4(row, codes); break;
+#if QI_HAVE_F16C
+    if (use_f16c()) {
+        kvq_rows_avx2(s->kv.bits, codes, code_row_bytes(s), rows, tables, table_step, dst);
+        return;
     }
+#endif
+    kvq_rows_portable(s->kv.bits, codes, code_row_bytes(s), rows, tables, table_step, dst);
 }
 
-/* Key block b of one head as floats [hd][32]: each code's level scaled into its channel's
- * range, the outliers put back, then RoPE at each position (the keys are held before it);
- * position 0 is the sink's key. */
+/* Key block b of one head as floats [hd][32]: each code through its channel's table
+ * (center + half_range * level, kvquant_tables), the outliers put back, then RoPE at each
+ * position (the keys are held before it); position 0 is the sink's key. */
 QI_VECTORIZE
 static void kvquant_keys(const weights *w, const run_state *s, int seq, int layer, int kv_h, int b, float *wide)
 {
     const int hd = w->head_dim, half = hd / 2, slots = key_slots(w);
-    const size_t at = ((size_t)layer * w->n_kv_heads + kv_h) * hd;
-    const float *center = s->key_center + at, *half_range = s->key_half_range + at;
-    const float *levels = s->key_levels + (size_t)layer * (1 << s->kv.bits);
     const uint8_t *codes = key_codes(w, s, key_head(w, s, seq, layer, kv_h), b);
     const uint16_t *outliers = key_params_head(w, s, seq, layer, kv_h) + (size_t)b * KV_BLOCK * slots * 2;
-    int32_t code[KV_BLOCK];
-    for (int c = 0; c < hd; c++) {
-        kvquant_codes(s, codes + (size_t)c * code_row_bytes(s), code);
-        for (int e = 0; e < KV_BLOCK; e++)
-            wide[c * KV_BLOCK + e] = center[c] + half_range[c] * levels[code[e]];
-    }
+    kvquant_rows(s, codes, hd, s->key_table + ((size_t)layer * w->n_kv_heads + kv_h) * hd * KVQ_TABLE, KVQ_TABLE,
+                 wide);
     for (int e = 0; e < KV_BLOCK; e++)
         for (int i = 0; i < slots; i++) {
             const uint16_t channel = outliers[((size_t)e * slots + i) * 2 + 1];
@@ -511,16 +527,17 @@ static void kvquant_keys(const weights *w, const run_state *s, int seq, int laye
     }
 }
 
-/* Values of positions first..last of one head as floats [last - first + 1][hd]. */
+/* Values of positions first..last of one head as floats [last - first + 1][hd]: each
+ * position's codes through its own table (center + half_range * level). */
 QI_VECTORIZE
 static void kvquant_values(const weights *w, const run_state *s, int seq, int layer, int kv_h, int first, int last,
                            float *wide)
 {
-    const int hd = w->head_dim, n_out = value_outliers(w);
-    const float *levels = s->value_levels + (size_t)layer * (1 << s->kv.bits);
+    const int hd = w->head_dim, n_out = value_outliers(w), n_levels = 1 << s->kv.bits;
+    const float *levels = s->value_levels + (size_t)layer * n_levels;
     const uint16_t *params = value_params_head(w, s, seq, layer, kv_h);
     void *head = value_head(w, s, seq, layer, kv_h);
-    int32_t code[KV_BLOCK];
+    float table[KVQ_TABLE] = {0};
     for (int j = first; j <= last; j++) {
         float *row = wide + (size_t)(j - first) * hd;
         if (j == 0) {
@@ -531,12 +548,9 @@ static void kvquant_values(const weights *w, const run_state *s, int seq, int la
         }
         const uint16_t *p = params + (size_t)j * (2 + 2 * n_out);
         const float mid = from_half(p[0]), radius = from_half(p[1]);
-        const uint8_t *codes = value_codes(w, s, head, j);
-        for (int c0 = 0; c0 < hd; c0 += KV_BLOCK) {
-            kvquant_codes(s, codes + (size_t)(c0 / KV_BLOCK) * code_row_bytes(s), code);
-            for (int e = 0; e < KV_BLOCK; e++)
-                row[c0 + e] = mid + radius * levels[code[e]];
-        }
+        for (int k = 0; k < n_levels; k++)
+            table[k] = mid + radius * levels[k];
+        kvquant_rows(s, value_codes(w, s, head, j), hd / KV_BLOCK, table, 0, row);
         for (int i = 0; i < n_out; i++)
             if (p[3 + 2 * i])
                 row[p[3 + 2 * i] - 1] = from_half(p[2 + 2 * i]);

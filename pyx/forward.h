@@ -124,6 +124,7 @@ typedef struct {
     const float *key_levels;      /* [n_layers][2^bits], ascending in [-1, 1] */
     const float *value_levels;    /* [n_layers][2^bits] */
     float *rope;          /* KV_KVQUANT: cos | sin of every position, [ctx/32][head_dim][32] (kv_cache.c, rope_at) */
+    float *key_table;     /* KV_KVQUANT: [n_layers][n_kv_heads][head_dim][16] each key channel's levels, dequantized */
     uint16_t *sink;       /* KV_KVQUANT: [seqs][n_layers][n_kv_heads][2][head_dim] position 0's key (after RoPE), value */
     int ctx_blocks;   /* ctx rounded up to whole KV_BLOCKs, in blocks */
     int seqs;         /* sequences the cache holds */

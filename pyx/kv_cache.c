@@ -37,7 +37,9 @@
  *            sink:  position 0's key (after RoPE) and value in float16, [2][hd] per head
  *            Attention dequantizes a block (and rotates its keys) into floats, then reads those.
  *            3-bit codes are two planes: the low 2 bits as 2-bit codes (8 bytes), then the
- *            high bit as 1-bit codes (4 bytes: value e in byte e % 4, bit e / 4).
+ *            high bit of value e in byte 8 + e / 8, bit e % 8 (4 bytes).
+ *            key_table: each channel's 2^b dequantized levels, center + half_range * level,
+ *            [layers][kv_heads][hd][16] floats, made at load (attention looks them up).
  *
  * Codes of b bits fill a 32-value row (32 positions of a key channel, 32 channels of a
  * value) in 32 b/8 bytes: value e sits in byte e % (32 b/8), at bit b * (e / (32 b/8)).
@@ -167,7 +169,7 @@ static int alloc_kv_cache(const weights *w, run_state *s)
 static void free_kv_cache(run_state *s)
 {
     free(s->key_cache); free(s->value_cache); free(s->key_params); free(s->value_params);
-    free(s->key_window); free(s->value_window); free(s->sink); free(s->rope);
+    free(s->key_window); free(s->value_window); free(s->sink); free(s->rope); free(s->key_table);
 }
 
 /* ------------------------------------------------- where a head's data is */
@@ -200,6 +202,27 @@ static uint16_t *key_window_head(const weights *w, const run_state *s, int seq, 
 static uint16_t *value_window_head(const weights *w, const run_state *s, int seq, int layer, int kv_h)
 {
     return s->value_window + head_index(w, seq, layer, kv_h) * window_halves(w, s);
+}
+
+/* KV_KVQUANT: each key channel's table of dequantized levels, center + half_range * level
+ * (16 floats, the unused ones 0), made once the calibration is in (the caller keeps it). */
+#define KVQ_TABLE 16
+static int kvquant_tables(const weights *w, run_state *s)
+{
+    const int hd = w->head_dim, n_levels = 1 << s->kv.bits;
+    free(s->key_table);
+    s->key_table = calloc((size_t)w->n_layers * w->n_kv_heads * hd * KVQ_TABLE, sizeof(float));
+    if (!s->key_table)
+        return -1;
+    for (int l = 0; l < w->n_layers; l++)
+        for (int h = 0; h < w->n_kv_heads; h++)
+            for (int c = 0; c < hd; c++) {
+                const size_t at = ((size_t)l * w->n_kv_heads + h) * hd + c;
+                for (int k = 0; k < n_levels; k++)
+                    s->key_table[at * KVQ_TABLE + k] = s->key_center[at] + s->key_half_range[at] *
+                                                       s->key_levels[(size_t)l * n_levels + k];
+            }
+    return 0;
 }
 
 /* KV_KVQUANT: position 0's key and value of a head, float16 [2][hd]. */
@@ -268,9 +291,10 @@ static inline void put_bits(uint8_t *row, int bits, int e, unsigned c)
 /* Put code c (of s->kv.bits bits) in place e of a 32-value code row (3 bits: two planes). */
 static inline void put_code(const run_state *s, uint8_t *row, int e, unsigned c)
 {
-    if (s->kv.bits == 3) {
+    if (s->kv.bits == 3) {            /* the high bit of value e: byte 8 + e / 8, bit e % 8 */
         put_bits(row, 2, e, c & 3);
-        put_bits(row + 8, 1, e, c >> 2);
+        __atomic_fetch_and(row + 8 + e / 8, (uint8_t)~(1u << (e % 8)), __ATOMIC_RELAXED);
+        __atomic_fetch_or(row + 8 + e / 8, (uint8_t)((c >> 2) << (e % 8)), __ATOMIC_RELAXED);
         return;
     }
     put_bits(row, s->kv.bits, e, c);

@@ -215,3 +215,19 @@ def test_the_cli_takes_the_calibration(models):
     assert "KV cache: kvquant2" in proc.stdout
     assert_user_error(run_cli("generate", "--model", d, "--prompt", "hi", "--kv-cache", "kvquant4"),
                       "calibrate-kv")
+
+
+@pytest.mark.parametrize("name", ["kvquant4", "kvquant3", "kvquant2"])
+def test_portable_and_avx2_lookups_agree_bit_for_bit(models, name):
+    """kvquant's codes become floats by table lookups, AVX2's permutes where the CPU has
+    them, else one lane at a time (pyx/attention.c): exact both ways, so the same sums."""
+    from qinfer import _forward
+    e = engine(models, "gqa", name)
+    q, k, v = inputs(e, 120, seed=4)
+    fast = attend(e.model.transformer, q, k, v, chunks=[100, 1])
+    previous = _forward.set_kv_hardware_halves(False)
+    try:
+        portable = attend(engine(models, "gqa", name).model.transformer, q, k, v, chunks=[100, 1])
+    finally:
+        _forward.set_kv_hardware_halves(previous)
+    assert np.array_equal(fast, portable)
