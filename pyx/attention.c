@@ -340,10 +340,27 @@ static int first_window_value(const run_state *s, int p)
     return from < 0 ? 0 : from;
 }
 
-/* Halves of value parameters per position (kv_cache.c's layout). */
-static size_t value_params_per_position(const weights *w, const run_state *s)
+/* The coded tiles (attention_tile_coded, attention_tile_kvquant) give each token's rows
+ * passes of their own: the heads of a pass starting at head h0, and the tile's row of
+ * token t, head h. */
+static inline int pass_heads(const query_tile *tile, int h0)
 {
-    return s->kv.format == KV_Q8 ? (size_t)w->head_dim / KV_BLOCK : (size_t)w->head_dim / s->kv.group * 2;
+    return tile->nh - h0 < ROWS_PER_PASS ? tile->nh - h0 : ROWS_PER_PASS;
+}
+
+static inline int tile_row(const query_tile *tile, int t, int h)
+{
+    return t * tile->nh + h;
+}
+
+/* Each row's scores over its positions 0..its own as probabilities, its output zeroed. */
+static void coded_tile_softmax(const weights *w, run_state *s, const query_tile *tile, float *scores, size_t row_len)
+{
+    for (int t = 0; t < tile->nt; t++)
+        for (int h = 0; h < tile->nh; h++) {
+            softmax(scores + tile_row(tile, t, h) * row_len, tile->pos + t);
+            memset(s->att + tile_offset(w, tile, tile_row(tile, t, h)), 0, sizeof(float) * w->head_dim);
+        }
 }
 
 /* attention_tile for a coded cache (KV_Q8, KV_KIVI). Each token's rows go in passes of
@@ -373,14 +390,11 @@ static void attention_tile_coded(const weights *w, run_state *s, int layer, cons
     float *wide_window = wide_codes + (size_t)KV_BLOCK * hd;
     const float *q[ROWS_PER_PASS];
     float *row_scores[ROWS_PER_PASS], *out[ROWS_PER_PASS];
-#define PASS_HEADS(h0) (tile->nh - (h0) < ROWS_PER_PASS ? tile->nh - (h0) : ROWS_PER_PASS)
-#define ROW(t, h) ((t) * tile->nh + (h))
 /* KIVI: whether the token at position p reads key block b from the window */
 #define KEY_FROM_WINDOW(b, p) (windowed && ((b) + 1) * KV_BLOCK > first_window_key(s, p))
 
     for (int b = 0; b * KV_BLOCK <= last_of_tile; b++) {
-        const uint16_t *params = s->kv.format == KV_Q8 ? key_params + (size_t)b * hd
-                                                       : key_params + (size_t)(b * KV_BLOCK / s->kv.group) * 2 * hd;
+        const uint16_t *params = key_params + key_params_before(w, s, b);
         if (widen) {
             int coded = 0, window = 0;
             for (int p = b * KV_BLOCK > tile->pos ? b * KV_BLOCK : tile->pos; p <= last_of_tile; p++)
@@ -396,10 +410,10 @@ static void attention_tile_coded(const weights *w, run_state *s, int layer, cons
                 continue;
             const int from_window = KEY_FROM_WINDOW(b, p);
             for (int h0 = 0; h0 < tile->nh; h0 += ROWS_PER_PASS) {
-                const int n = PASS_HEADS(h0);
+                const int n = pass_heads(tile, h0);
                 for (int r = 0; r < n; r++) {
-                    q[r] = s->q + tile_offset(w, tile, ROW(t, h0 + r));
-                    row_scores[r] = scores + ROW(t, h0 + r) * row_len + (size_t)b * KV_BLOCK;
+                    q[r] = s->q + tile_offset(w, tile, tile_row(tile, t, h0 + r));
+                    row_scores[r] = scores + tile_row(tile, t, h0 + r) * row_len + (size_t)b * KV_BLOCK;
                 }
                 if (from_window && widen)
                     score_block(q, wide_window, 0, hd, scale, row_scores, n, 0);
@@ -412,11 +426,7 @@ static void attention_tile_coded(const weights *w, run_state *s, int layer, cons
             }
         }
     }
-    for (int t = 0; t < tile->nt; t++)
-        for (int h = 0; h < tile->nh; h++) {
-            softmax(scores + ROW(t, h) * row_len, tile->pos + t);
-            memset(s->att + tile_offset(w, tile, ROW(t, h)), 0, sizeof(float) * hd);
-        }
+    coded_tile_softmax(w, s, tile, scores, row_len);
     for (int first = 0; first <= last_of_tile; first += KV_BLOCK) {
         const int block_last = last_of_tile < first + KV_BLOCK - 1 ? last_of_tile : first + KV_BLOCK - 1;
         /* a token at p reads [first, coded_last] through codes and [window_first, last] from the window */
@@ -443,12 +453,12 @@ static void attention_tile_coded(const weights *w, run_state *s, int layer, cons
                 continue;
             const int last = LAST(p), coded_last = CODED_LAST(p), window_first = WINDOW_FIRST(p);
             for (int h0 = 0; h0 < tile->nh; h0 += ROWS_PER_PASS) {
-                const int n = PASS_HEADS(h0);
+                const int n = pass_heads(tile, h0);
                 for (int r = 0; r < n; r++)
-                    out[r] = s->att + tile_offset(w, tile, ROW(t, h0 + r));
+                    out[r] = s->att + tile_offset(w, tile, tile_row(tile, t, h0 + r));
                 if (first <= coded_last) {
                     for (int r = 0; r < n; r++)   /* widened, position `first` is row 0: shift the rest with it */
-                        row_scores[r] = scores + ROW(t, h0 + r) * row_len + (widen ? first : 0);
+                        row_scores[r] = scores + tile_row(tile, t, h0 + r) * row_len + (widen ? first : 0);
                     if (widen)
                         loops->add_values_wide((const float *const *)row_scores, wide_codes, value_params + first * params_step,
                                                hd, s->kv.group, 0, coded_last - first, out, n);
@@ -459,7 +469,7 @@ static void attention_tile_coded(const weights *w, run_state *s, int layer, cons
                 if (window_first <= last) {   /* a block's window rows are consecutive in the ring */
                     const int from = widen ? window_lo : window_first;
                     for (int r = 0; r < n; r++)
-                        row_scores[r] = scores + ROW(t, h0 + r) * row_len + from;
+                        row_scores[r] = scores + tile_row(tile, t, h0 + r) * row_len + from;
                     if (widen)
                         add_values((const float *const *)row_scores, wide_window, hd, window_first - from, last - from,
                                    out, n, 0);
@@ -475,8 +485,6 @@ static void attention_tile_coded(const weights *w, run_state *s, int layer, cons
 #undef WINDOW_FIRST
     }
 #undef KEY_FROM_WINDOW
-#undef ROW
-#undef PASS_HEADS
 }
 
 /* ------------------------------------------------------------- KV_KVQUANT */
@@ -503,7 +511,7 @@ static void kvquant_keys(const weights *w, const run_state *s, int seq, int laye
 {
     const int hd = w->head_dim, half = hd / 2, slots = key_slots(w);
     const uint8_t *codes = key_codes(w, s, key_head(w, s, seq, layer, kv_h), b);
-    const uint16_t *outliers = key_params_head(w, s, seq, layer, kv_h) + (size_t)b * KV_BLOCK * slots * 2;
+    const uint16_t *outliers = key_params_head(w, s, seq, layer, kv_h) + key_params_before(w, s, b);
     kvquant_rows(s, codes, hd, s->key_table + ((size_t)layer * w->n_kv_heads + kv_h) * hd * KVQ_TABLE, KVQ_TABLE,
                  wide);
     for (int e = 0; e < KV_BLOCK; e++)
@@ -546,7 +554,7 @@ static void kvquant_values(const weights *w, const run_state *s, int seq, int la
                 row[c] = from_half(sink[c]);
             continue;
         }
-        const uint16_t *p = params + (size_t)j * (2 + 2 * n_out);
+        const uint16_t *p = params + (size_t)j * value_params_per_position(w, s);
         const float mid = from_half(p[0]), radius = from_half(p[1]);
         for (int k = 0; k < n_levels; k++)
             table[k] = mid + radius * levels[k];
@@ -569,28 +577,22 @@ static void attention_tile_kvquant(const weights *w, run_state *s, int layer, co
     float *wide_values = wide_keys + (size_t)KV_BLOCK * hd;       /* [32][hd] */
     const float *q[ROWS_PER_PASS];
     float *row_scores[ROWS_PER_PASS], *out[ROWS_PER_PASS];
-#define PASS_HEADS(h0) (tile->nh - (h0) < ROWS_PER_PASS ? tile->nh - (h0) : ROWS_PER_PASS)
-#define ROW(t, h) ((t) * tile->nh + (h))
     for (int b = 0; b * KV_BLOCK <= last_of_tile; b++) {
         kvquant_keys(w, s, tile->seq, layer, tile->kv_h, b, wide_keys);
         for (int t = 0; t < tile->nt; t++) {
             if (b * KV_BLOCK > tile->pos + t)
                 continue;
             for (int h0 = 0; h0 < tile->nh; h0 += ROWS_PER_PASS) {
-                const int n = PASS_HEADS(h0);
+                const int n = pass_heads(tile, h0);
                 for (int r = 0; r < n; r++) {
-                    q[r] = s->q + tile_offset(w, tile, ROW(t, h0 + r));
-                    row_scores[r] = scores + ROW(t, h0 + r) * row_len + (size_t)b * KV_BLOCK;
+                    q[r] = s->q + tile_offset(w, tile, tile_row(tile, t, h0 + r));
+                    row_scores[r] = scores + tile_row(tile, t, h0 + r) * row_len + (size_t)b * KV_BLOCK;
                 }
                 score_block(q, wide_keys, 0, hd, scale, row_scores, n, 0);
             }
         }
     }
-    for (int t = 0; t < tile->nt; t++)
-        for (int h = 0; h < tile->nh; h++) {
-            softmax(scores + ROW(t, h) * row_len, tile->pos + t);
-            memset(s->att + tile_offset(w, tile, ROW(t, h)), 0, sizeof(float) * hd);
-        }
+    coded_tile_softmax(w, s, tile, scores, row_len);
     for (int first = 0; first <= last_of_tile; first += KV_BLOCK) {
         const int block_last = last_of_tile < first + KV_BLOCK - 1 ? last_of_tile : first + KV_BLOCK - 1;
         kvquant_values(w, s, tile->seq, layer, tile->kv_h, first, block_last, wide_values);
@@ -600,17 +602,15 @@ static void attention_tile_kvquant(const weights *w, run_state *s, int layer, co
                 continue;
             const int last = p < block_last ? p : block_last;
             for (int h0 = 0; h0 < tile->nh; h0 += ROWS_PER_PASS) {
-                const int n = PASS_HEADS(h0);
+                const int n = pass_heads(tile, h0);
                 for (int r = 0; r < n; r++) {   /* position `first` is row 0 of the widened block */
-                    row_scores[r] = scores + ROW(t, h0 + r) * row_len + first;
-                    out[r] = s->att + tile_offset(w, tile, ROW(t, h0 + r));
+                    row_scores[r] = scores + tile_row(tile, t, h0 + r) * row_len + first;
+                    out[r] = s->att + tile_offset(w, tile, tile_row(tile, t, h0 + r));
                 }
                 add_values((const float *const *)row_scores, wide_values, hd, 0, last - first, out, n, 0);
             }
         }
     }
-#undef ROW
-#undef PASS_HEADS
 }
 
 /* One token (decode) has too few tiles to share out if a tile holds the whole group;

@@ -83,29 +83,42 @@ static size_t head_bytes(const weights *w, const run_state *s)
     }
 }
 
-/* Halves of one head's key and value parameters (scales, minimums). */
+/* Halves of key parameters from a head's start to key block b's (q8: its scales; KIVI:
+ * its group's scales and minimums; kvquant: its positions' outlier slots). */
+static size_t key_params_before(const weights *w, const run_state *s, size_t b)
+{
+    switch (s->kv.format) {
+    case KV_Q8:      return b * (w->head_dim / KV_BLOCK) * KV_BLOCK;
+    case KV_KIVI:    return b * KV_BLOCK / s->kv.group * 2 * w->head_dim;
+    case KV_KVQUANT: return b * KV_BLOCK * key_slots(w) * 2;
+    default:         return 0;
+    }
+}
+
+/* Halves of value parameters per position (q8: scales; KIVI: a scale and minimum per
+ * group; kvquant: center, half-range and the outliers). */
+static size_t value_params_per_position(const weights *w, const run_state *s)
+{
+    switch (s->kv.format) {
+    case KV_Q8:      return w->head_dim / KV_BLOCK;
+    case KV_KIVI:    return (size_t)(w->head_dim / s->kv.group) * 2;
+    case KV_KVQUANT: return 2 + 2 * (size_t)value_outliers(w);
+    default:         return 0;
+    }
+}
+
+/* Halves of one head's key and value parameters. */
 static size_t key_param_halves(const weights *w, const run_state *s)
 {
-    const size_t positions = (size_t)s->ctx_blocks * KV_BLOCK;
-    if (s->kv.format == KV_Q8)
-        return positions * (w->head_dim / KV_BLOCK);
-    if (s->kv.format == KV_KIVI)
-        return (positions + s->kv.group - 1) / s->kv.group * 2 * w->head_dim;
-    if (s->kv.format == KV_KVQUANT)
-        return positions * key_slots(w) * 2;
-    return 0;
+    if (s->kv.format == KV_KIVI)     /* a last group may run past the context's blocks */
+        return key_params_before(w, s, (size_t)(s->ctx_blocks * KV_BLOCK + s->kv.group - 1) / s->kv.group
+                                           * s->kv.group / KV_BLOCK);
+    return key_params_before(w, s, (size_t)s->ctx_blocks);
 }
 
 static size_t value_param_halves(const weights *w, const run_state *s)
 {
-    const size_t positions = (size_t)s->ctx_blocks * KV_BLOCK;
-    if (s->kv.format == KV_Q8)
-        return positions * (w->head_dim / KV_BLOCK);
-    if (s->kv.format == KV_KIVI)
-        return positions * (w->head_dim / s->kv.group) * 2;
-    if (s->kv.format == KV_KVQUANT)
-        return positions * (2 + 2 * (size_t)value_outliers(w));
-    return 0;
+    return (size_t)s->ctx_blocks * KV_BLOCK * value_params_per_position(w, s);
 }
 
 static size_t window_halves(const weights *w, const run_state *s)
@@ -262,6 +275,9 @@ static uint16_t *window_value_row(const weights *w, const run_state *s, uint16_t
 
 /* ------------------------------------------------------------ quantizing */
 
+/* Conversions to and from float16 by the compiler's _Float16: the stores' AVX2/F16C clone
+ * makes them one vcvtps2ph / vcvtph2ps each (qmatrix.h's qm_half_to_float is the scalar
+ * kernels' bit manipulation, and there is no float-to-half beside it). */
 static inline uint16_t to_half(float x)
 {
     const _Float16 h = (_Float16)x;
@@ -358,7 +374,8 @@ static void store_kvquant(const weights *w, run_state *s, int seq, int layer, in
     const float *key_levels = s->key_levels + (size_t)layer * n_levels;
     const float *value_levels = s->value_levels + (size_t)layer * n_levels;
     uint8_t *keys = key_codes(w, s, key_head(w, s, seq, layer, h), p / KV_BLOCK);
-    uint16_t *key_out = key_params_head(w, s, seq, layer, h) + (size_t)p * slots * 2;
+    uint16_t *key_out = key_params_head(w, s, seq, layer, h) + key_params_before(w, s, p / KV_BLOCK) +
+                        (size_t)(p % KV_BLOCK) * slots * 2;
 
     /* keys: codes of the values clipped to their channel's range; the largest beyond it kept */
     memset(key_out, 0, sizeof(uint16_t) * slots * 2);
@@ -382,7 +399,7 @@ static void store_kvquant(const weights *w, run_state *s, int seq, int layer, in
     }
 
     /* values: the n_out largest |v| aside, the rest against their own range */
-    uint16_t *value_out = value_params_head(w, s, seq, layer, h) + (size_t)p * (2 + 2 * n_out);
+    uint16_t *value_out = value_params_head(w, s, seq, layer, h) + (size_t)p * value_params_per_position(w, s);
     int out_channel[4];                            /* n_out <= 3 for hd <= 256 */
     for (int i = 0; i < n_out; i++) {
         int best = -1;
@@ -453,8 +470,8 @@ static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int
             }
             break;
         case KV_Q8: {
-            uint16_t *key_scales = key_params_head(w, s, seq, layer, h) + (size_t)block * (hd / KV_BLOCK) * KV_BLOCK;
-            uint16_t *value_scales = value_params_head(w, s, seq, layer, h) + (size_t)p * (hd / KV_BLOCK);
+            uint16_t *key_scales = key_params_head(w, s, seq, layer, h) + key_params_before(w, s, block);
+            uint16_t *value_scales = value_params_head(w, s, seq, layer, h) + (size_t)p * value_params_per_position(w, s);
             int8_t *key_row = (int8_t *)key_codes(w, s, keys, block) + lane;
             int8_t *value_row = (int8_t *)value_codes(w, s, values, p);
             for (int g = 0; g < hd / KV_BLOCK; g++) {
@@ -475,7 +492,7 @@ static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int
                 wv[i] = to_half(v[i]);
             }
             uint8_t *codes = value_codes(w, s, values, p);
-            uint16_t *params = value_params_head(w, s, seq, layer, h) + (size_t)p * (hd / s->kv.group) * 2;
+            uint16_t *params = value_params_head(w, s, seq, layer, h) + (size_t)p * value_params_per_position(w, s);
             float x[KV_BLOCK * 4];
             const int G = s->kv.group;
             for (int g = 0; g < hd / G; g++) {
@@ -503,7 +520,7 @@ static void close_key_group(const weights *w, run_state *s, int seq, int layer, 
     float x[KV_BLOCK * 4];
     for (int h = 0; h < w->n_kv_heads; h++) {
         uint16_t *window = key_window_head(w, s, seq, layer, h);
-        uint16_t *params = key_params_head(w, s, seq, layer, h) + (size_t)(first / G) * 2 * hd;
+        uint16_t *params = key_params_head(w, s, seq, layer, h) + key_params_before(w, s, first / KV_BLOCK);
         void *keys = key_head(w, s, seq, layer, h);
         for (int c = 0; c < hd; c++) {
             for (int i = 0; i < G; i++)

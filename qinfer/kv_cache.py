@@ -22,6 +22,7 @@ them one by one, whatever its chunks.
 The layouts are in pyx/kv_cache.c.
 """
 import dataclasses
+import os
 
 from .errors import UnsupportedError
 
@@ -39,7 +40,6 @@ DEFAULT_ENV = "QINFER_KV_CACHE"
 
 def default_name(head_dim=None):
     """The format a cache gets when none is asked for (DEFAULT; see above)."""
-    import os
     name = os.environ.get(DEFAULT_ENV) or DEFAULT
     if name == "q8" and head_dim is not None and head_dim % SCALE_GROUP:
         return FALLBACK
