@@ -369,10 +369,11 @@ static void rope_k_row(const block *b, int t)
     rope_row(b->s->k + (size_t)t * b->w->n_kv_heads * hd, b->w->n_kv_heads, hd, b->s->cos_sin + (size_t)t * hd);
 }
 
-/* token t's key and value (after RoPE) into its sequence's cache at its position */
+/* token t's key and value (after RoPE) into its sequence's cache at its position
+ * (a call of several rows may store them on several threads at once) */
 static void cache_kv_row(const block *b, int t)
 {
-    store_kv_row(b->w, b->s, row_seq(b->s, t), b->layer, t, row_pos(b->s, b->pos, t));
+    store_kv_row(b->w, b->s, row_seq(b->s, t), b->layer, t, row_pos(b->s, b->pos, t), b->n > 1);
 }
 
 /* KIVI: the key group token t's position ends, coded (kv_cache.c) */

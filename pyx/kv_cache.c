@@ -293,27 +293,70 @@ static inline float from_half(uint16_t bits)
     return (float)h;
 }
 
-/* Put code c of `bits` bits in place e of a 32-value row of such codes. A byte holds
- * places of several positions, which a prefill's threads may store at once (KV_KVQUANT's
- * keys): its bits are cleared and set atomically, so that none of them is lost. */
-static inline void put_bits(uint8_t *row, int bits, int e, unsigned c)
+/* A code row holds 32 codes of `bits` bits: with bits 2, 4 or 8, place e in byte
+ * e % per (per = 4 * bits bytes) at bit bits * (e / per); with 3 bits, its low two bits
+ * so (per = 8) and its high bit in byte 8 + e / 8 at bit e % 8. */
+/* Put codes[r] in place e of rows row + r * stride, r < n: the codes of one position
+ * across a key block's channels. Other threads may be putting other places of the same
+ * rows at once when shared (KV_KVQUANT's keys: a byte holds places of several positions,
+ * and a prefill's threads store different positions): then each byte's bits are cleared
+ * and set atomically; a decode step alone in its block writes plainly (the atomics cost
+ * a decode step at depth 0 some 5%). */
+static inline void put_place(const run_state *s, uint8_t *row, size_t stride, int n, int e,
+                             const uint8_t *codes, int shared)
 {
-    const int per = KV_BLOCK * bits / 8, shift = bits * (e / per);
-    uint8_t *byte = row + e % per;
-    __atomic_fetch_and(byte, (uint8_t)~(((1u << bits) - 1) << shift), __ATOMIC_RELAXED);
-    __atomic_fetch_or(byte, (uint8_t)(c << shift), __ATOMIC_RELAXED);
+    const int bits = s->kv.bits == 3 ? 2 : s->kv.bits, per = KV_BLOCK * bits / 8;
+    const unsigned low = (1u << bits) - 1, shift = (unsigned)(bits * (e / per));
+    const uint8_t clear = (uint8_t)~(low << shift), high_bit = (uint8_t)(1u << (e % 8));
+    for (int r = 0; r < n; r++) {
+        uint8_t *byte = row + (size_t)r * stride + e % per;
+        const uint8_t set = (uint8_t)((codes[r] & low) << shift);
+        uint8_t *high = row + (size_t)r * stride + 8 + e / 8;     /* 3 bits: the high bit's byte */
+        const uint8_t high_set = (codes[r] >> 2) ? high_bit : 0;
+        if (shared) {
+            __atomic_fetch_and(byte, clear, __ATOMIC_RELAXED);
+            __atomic_fetch_or(byte, set, __ATOMIC_RELAXED);
+            if (s->kv.bits == 3) {
+                __atomic_fetch_and(high, (uint8_t)~high_bit, __ATOMIC_RELAXED);
+                __atomic_fetch_or(high, high_set, __ATOMIC_RELAXED);
+            }
+        } else {
+            *byte = (uint8_t)((*byte & clear) | set);
+            if (s->kv.bits == 3)
+                *high = (uint8_t)((*high & ~high_bit) | high_set);
+        }
+    }
 }
 
-/* Put code c (of s->kv.bits bits) in place e of a 32-value code row (3 bits: two planes). */
-static inline void put_code(const run_state *s, uint8_t *row, int e, unsigned c)
+/* A whole row of 32 codes of `bits` (2, 4 or 8) bits, from the low bits of codes[]. */
+static inline void pack_bits(const uint8_t *codes, uint8_t *row, const int bits)
 {
-    if (s->kv.bits == 3) {            /* the high bit of value e: byte 8 + e / 8, bit e % 8 */
-        put_bits(row, 2, e, c & 3);
-        __atomic_fetch_and(row + 8 + e / 8, (uint8_t)~(1u << (e % 8)), __ATOMIC_RELAXED);
-        __atomic_fetch_or(row + 8 + e / 8, (uint8_t)((c >> 2) << (e % 8)), __ATOMIC_RELAXED);
-        return;
+    const int per = KV_BLOCK * bits / 8;
+    for (int j = 0; j < per; j++) {
+        unsigned byte = 0;
+        for (int k = 0; k < 8 / bits; k++)
+            byte |= (unsigned)(codes[j + k * per] & ((1u << bits) - 1)) << (bits * k);
+        row[j] = (uint8_t)byte;
     }
-    put_bits(row, s->kv.bits, e, c);
+}
+
+/* A whole row of 32 codes, written by one thread: the bytes at once. */
+static inline void pack_code_row(const run_state *s, const uint8_t *codes, uint8_t *row)
+{
+    switch (s->kv.bits) {                   /* constant widths, so that each loop unrolls */
+    case 2: pack_bits(codes, row, 2); break;
+    case 4: pack_bits(codes, row, 4); break;
+    case 8: pack_bits(codes, row, 8); break;
+    case 3:
+        pack_bits(codes, row, 2);
+        for (int j = 0; j < 4; j++) {
+            unsigned byte = 0;
+            for (int k = 0; k < 8; k++)
+                byte |= (unsigned)(codes[8 * j + k] >> 2) << k;
+            row[8 + j] = (uint8_t)byte;
+        }
+        break;
+    }
 }
 
 /* q8: x[i * stride], i < 32, as codes and a float16 scale (d = max|x| / 127). */
@@ -328,11 +371,11 @@ static inline uint16_t quantize_q8(const float *x, size_t stride, int8_t *codes,
     return to_half(d);
 }
 
-/* KIVI: x[0..n) as b-bit codes at places e0.. of rows (put_code), and the float16
+/* KIVI: x[0..n) as b-bit codes, whole rows of 32 (row, row + row_step, ...), and the float16
  * scale and minimum; the codes are rounded against the float16 parameters they are
  * read with. */
-static inline void quantize_kivi(const run_state *s, const float *x, int n, uint8_t *row, int row_step, int e0,
-                          uint16_t *scale, uint16_t *min)
+static inline void quantize_kivi(const run_state *s, const float *x, int n, uint8_t *row, int row_step,
+                                 uint16_t *scale, uint16_t *min)
 {
     float lo = x[0], hi = x[0];
     for (int i = 1; i < n; i++) {
@@ -343,30 +386,43 @@ static inline void quantize_kivi(const run_state *s, const float *x, int n, uint
     *scale = to_half(fminf((hi - lo) / top, 65504.0f));   /* the largest finite half */
     *min = to_half(lo);
     const float d = from_half(*scale), m = from_half(*min);
+    uint8_t codes[KV_BLOCK * 4];
     for (int i = 0; i < n; i++) {
         float c = d > 0.0f ? rintf((x[i] - m) / d) : 0.0f;
-        c = c < 0.0f ? 0.0f : c > top ? top : c;
-        const int e = e0 + i;
-        put_code(s, row + (size_t)(e / KV_BLOCK) * row_step, e % KV_BLOCK, (unsigned)c);
+        codes[i] = (uint8_t)(c < 0.0f ? 0.0f : c > top ? top : c);
     }
+    for (int r = 0; r < n / KV_BLOCK; r++)
+        pack_code_row(s, codes + r * KV_BLOCK, row + (size_t)r * row_step);
 }
 
 /* ---------------------------------------------------------------- storing */
 
-/* KV_KVQUANT: the index of the level nearest x (levels ascending; midway: the lower). */
-static inline unsigned nearest_level(const float *levels, int n, float x)
+/* KV_KVQUANT: codes[i] = the index of the level nearest x[i], i < n (levels ascending;
+ * midway: the lower). Level by level over all of x, so that the loop vectorizes. */
+static inline void nearest_levels(const float *levels, int n_levels, const float *x, int n, uint8_t *codes)
 {
-    unsigned best = 0;
-    for (int i = 1; i < n; i++)
-        if (fabsf(x - levels[i]) < fabsf(x - levels[best]))
-            best = (unsigned)i;
-    return best;
+    float best[256];
+    int32_t index[256];
+    for (int i = 0; i < n; i++) {
+        best[i] = fabsf(x[i] - levels[0]);
+        index[i] = 0;
+    }
+    for (int j = 1; j < n_levels; j++)
+        for (int i = 0; i < n; i++) {
+            const float d = fabsf(x[i] - levels[j]);
+            index[i] = d < best[i] ? j : index[i];
+            best[i] = d < best[i] ? d : best[i];
+        }
+    for (int i = 0; i < n; i++)
+        codes[i] = (uint8_t)index[i];
 }
 
 /* KV_KVQUANT: the pre-RoPE key k and value v of KV head h into position p (this file's
- * top comment has the layout); position 0 also goes whole into the sink. */
+ * top comment has the layout); position 0 also goes whole into the sink. shared: other
+ * threads may be storing other positions of the same key block (put_place). */
+QI_VECTORIZE
 static void store_kvquant(const weights *w, run_state *s, int seq, int layer, int h, int p,
-                          const float *k, const float *v)
+                          const float *k, const float *v, int shared)
 {
     const int hd = w->head_dim, n_levels = 1 << s->kv.bits, slots = key_slots(w), n_out = value_outliers(w);
     const size_t at = ((size_t)layer * w->n_kv_heads + h) * hd;
@@ -376,13 +432,15 @@ static void store_kvquant(const weights *w, run_state *s, int seq, int layer, in
     uint8_t *keys = key_codes(w, s, key_head(w, s, seq, layer, h), p / KV_BLOCK);
     uint16_t *key_out = key_params_head(w, s, seq, layer, h) + key_params_before(w, s, p / KV_BLOCK) +
                         (size_t)(p % KV_BLOCK) * slots * 2;
+    float x[256];
+    uint8_t codes[256];
 
     /* keys: codes of the values clipped to their channel's range; the largest beyond it kept */
     memset(key_out, 0, sizeof(uint16_t) * slots * 2);
     float kept[KV_BLOCK] = {0};                    /* the kept outliers' excess, slots <= 8 */
     for (int c = 0; c < hd; c++) {
-        float x = (k[c] - center[c]) / half_range[c];
-        const float excess = fabsf(x);
+        x[c] = (k[c] - center[c]) / half_range[c];
+        const float excess = fabsf(x[c]);
         if (excess > 1.0f) {
             int slot = 0;                          /* the kept outlier of least excess, or an empty slot */
             for (int i = 1; i < slots; i++)
@@ -393,10 +451,11 @@ static void store_kvquant(const weights *w, run_state *s, int seq, int layer, in
                 key_out[2 * slot] = to_half(k[c]);
                 key_out[2 * slot + 1] = (uint16_t)(c + 1);
             }
-            x = x > 0.0f ? 1.0f : -1.0f;
+            x[c] = x[c] > 0.0f ? 1.0f : -1.0f;
         }
-        put_code(s, keys + (size_t)c * code_row_bytes(s), p % KV_BLOCK, nearest_level(key_levels, n_levels, x));
     }
+    nearest_levels(key_levels, n_levels, x, hd, codes);
+    put_place(s, keys, code_row_bytes(s), hd, p % KV_BLOCK, codes, shared);
 
     /* values: the n_out largest |v| aside, the rest against their own range */
     uint16_t *value_out = value_params_head(w, s, seq, layer, h) + (size_t)p * value_params_per_position(w, s);
@@ -427,13 +486,15 @@ static void store_kvquant(const weights *w, run_state *s, int seq, int layer, in
     value_out[0] = to_half((hi + lo) / 2.0f);
     value_out[1] = to_half(fminf((hi - lo) / 2.0f, 65504.0f));
     const float mid = from_half(value_out[0]), radius = from_half(value_out[1]);
-    uint8_t *codes = value_codes(w, s, value_head(w, s, seq, layer, h), p);
     for (int c = 0; c < hd; c++) {
-        float x = radius > 0.0f ? (v[c] - mid) / radius : 0.0f;
-        x = x < -1.0f ? -1.0f : x > 1.0f ? 1.0f : x;
-        put_code(s, codes + (size_t)(c / KV_BLOCK) * code_row_bytes(s), c % KV_BLOCK,
-                 nearest_level(value_levels, n_levels, x));
+        const float y = radius > 0.0f ? (v[c] - mid) / radius : 0.0f;
+        x[c] = y < -1.0f ? -1.0f : y > 1.0f ? 1.0f : y;
     }
+    nearest_levels(value_levels, n_levels, x, hd, codes);
+    /* a position's value codes are rows of their own: written whole */
+    uint8_t *rows = value_codes(w, s, value_head(w, s, seq, layer, h), p);
+    for (int r = 0; r < hd / KV_BLOCK; r++)
+        pack_code_row(s, codes + r * KV_BLOCK, rows + (size_t)r * code_row_bytes(s));
 
     if (p == 0) {       /* the sink, whole: its key rotated as attention rotates the others */
         uint16_t *sink = sink_head(w, s, seq, layer, h);
@@ -450,7 +511,7 @@ static void store_kvquant(const weights *w, run_state *s, int seq, int layer, in
 /* Move new token t's key (after RoPE; KV_KVQUANT: before) and value into sequence seq's cache at position p.
  * (Cloned for AVX2 and F16C: elsewhere each conversion to and from float16 is a call.) */
 QI_VECTORIZE
-static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int t, int p)
+static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int t, int p, int shared)
 {
     const int hd = w->head_dim, kv_dim = w->n_kv_heads * hd, block = p / KV_BLOCK, lane = p % KV_BLOCK;
     const size_t key0 = (size_t)block * hd * KV_BLOCK + lane;
@@ -481,7 +542,7 @@ static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int
             break;
         }
         case KV_KVQUANT:
-            store_kvquant(w, s, seq, layer, h, p, k, v);
+            store_kvquant(w, s, seq, layer, h, p, k, v, shared);
             break;
         case KV_KIVI: {
             /* keys wait in the window for their group (close_key_group); values are coded now */
@@ -499,7 +560,7 @@ static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int
                 for (int i = 0; i < G; i++)
                     x[i] = from_half(wv[g * G + i]);   /* the window's float16 value, like the keys */
                 quantize_kivi(s, x, G, codes + (size_t)g * (G / KV_BLOCK) * code_row_bytes(s),
-                              (int)code_row_bytes(s), 0, &params[2 * g], &params[2 * g + 1]);
+                              (int)code_row_bytes(s), &params[2 * g], &params[2 * g + 1]);
             }
             break;
         }
@@ -527,7 +588,7 @@ static void close_key_group(const weights *w, run_state *s, int seq, int layer, 
                 x[i] = from_half(window_key_block(w, s, window, first + i)[(size_t)c * KV_BLOCK + (first + i) % KV_BLOCK]);
             /* place i of the group: block first/32 + i/32, lane i % 32 of channel c's row */
             quantize_kivi(s, x, G, key_codes(w, s, keys, first / KV_BLOCK) + (size_t)c * code_row_bytes(s),
-                          (int)(hd * code_row_bytes(s)), 0, &params[c], &params[hd + c]);
+                          (int)(hd * code_row_bytes(s)), &params[c], &params[hd + c]);
         }
     }
 }
