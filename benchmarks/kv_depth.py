@@ -14,7 +14,9 @@ attention on), q8_0-fa (q8_0 keys and values; llama.cpp needs flash attention
 to quantize the values). Engines and settings alternate round by round (the
 order flips every round); the table gives each one's best round (the machine
 is shared and noisy), its ratio to f32's and to llama.cpp's best setting, and
-the cache's bytes per token.
+the cache's bytes per token. With --one-process each round times every format
+in one process (in alternating order), so that the ratios between formats, a few
+percent at depth 0, are not lost in the 5-10% that separate processes differ by.
 """
 import argparse
 import json
@@ -35,26 +37,18 @@ def rss_kib(field):
     return 0
 
 
-def worker(args):
-    import numpy as np
-
-    import qinfer
-    from qinfer.bench import weight_summary
-
-    before = rss_kib("VmRSS")          # the interpreter, numpy and qinfer, before any model
-    engine = qinfer.Engine(args.model, threads=args.threads, ctx=args.d + max(args.n, args.p) + 8,
-                           kv_cache=args.worker)
-    rng = np.random.default_rng(0)
+def time_engine(engine, args, rng):
+    """(tg, pp, tokens held at the fullest) of one engine: d tokens in, n decoded, then
+    (after a reset and d again) a prefill of p."""
     vocab = engine.config.vocab_size
+    engine.reset()
     if args.d:
         engine.prefill(rng.integers(0, vocab, size=args.d).tolist())
-    depth = engine.pos
     t0 = time.perf_counter()
     for token in rng.integers(0, vocab, size=args.n).tolist():
         engine.decode_step(token)
     tg = args.n / (time.perf_counter() - t0)
     held = engine.pos                  # the tokens the cache holds at its fullest
-    peak = rss_kib("VmHWM")
     pp = 0.0
     if args.p:                         # -p 0: decode only (a 7B prefill at depth takes minutes)
         engine.reset()
@@ -63,12 +57,43 @@ def worker(args):
         t0 = time.perf_counter()
         engine.prefill(rng.integers(0, vocab, size=args.p).tolist())
         pp = args.p / (time.perf_counter() - t0)
+    return tg, pp, held
+
+
+def make_engine(args, fmt):
+    import qinfer
+    return qinfer.Engine(args.model, threads=args.threads, ctx=args.d + max(args.n, args.p) + 8, kv_cache=fmt)
+
+
+def worker(args):
+    import numpy as np
+
+    from qinfer.bench import weight_summary
+
+    before = rss_kib("VmRSS")          # the interpreter, numpy and qinfer, before any model
+    engine = make_engine(args, args.worker)
+    tg, pp, held = time_engine(engine, args, np.random.default_rng(0))
+    peak = rss_kib("VmHWM")            # after decoding (the prefill's reset keeps the cache's pages)
     spec = engine.model.kv_spec
-    print(json.dumps(dict(tg=tg, pp=pp, depth=depth, bytes_per_token=engine.model.transformer.kv_bytes_per_token,
+    print(json.dumps(dict(tg=tg, pp=pp, bytes_per_token=engine.model.transformer.kv_bytes_per_token,
                           # memory after decoding: weights + cache against the peak (less the interpreter's)
                           weights=weight_summary(engine).nbytes, held=held,
                           cache=spec.bytes_per_token(engine.config) * held + spec.fixed_bytes(engine.config),
                           peak_model=(peak - before) * 1024)))
+
+
+def worker_all(args):
+    """--one-process: every format's engine in this one process, each timed once, in the
+    order given (the ratios between formats then carry no process-to-process noise)."""
+    import numpy as np
+
+    formats = args.worker_all.split(",")
+    engines = {fmt: make_engine(args, fmt) for fmt in formats}
+    got = {}
+    for fmt in formats:
+        tg, pp, _ = time_engine(engines[fmt], args, np.random.default_rng(0))
+        got[fmt] = dict(tg=tg, pp=pp, bytes_per_token=engines[fmt].model.transformer.kv_bytes_per_token)
+    print(json.dumps(got))
 
 
 LLAMACPP_SETTINGS = {      # --llamacpp name -> llama-bench cache options
@@ -100,22 +125,38 @@ def qinfer_run(fmt, args):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def qinfer_run_all(formats, args):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker-all", ",".join(formats), "-d", str(args.d),
+           "-n", str(args.n), "-p", str(args.p), "-t", str(args.threads)] + (["--model", args.model] if args.model else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"worker failed: {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def measure(args, formats, settings):
     """{label: best {tg, pp, bytes_per_token}} over args.rounds alternating rounds; labels are
     qinfer's format names and "llama.cpp SETTING"."""
-    runs = [(f, lambda f=f: qinfer_run(f, args)) for f in formats]
+    if args.one_process:               # one run times every format, in alternating order
+        runs = [("qinfer", lambda r: qinfer_run_all(formats if r % 2 == 0 else formats[::-1], args))]
+    else:
+        runs = [(f, lambda r, f=f: qinfer_run(f, args)) for f in formats]
     if settings:
         sys.path.insert(0, HERE)
         import llamacpp
         from qinfer.engine import default_model_path
         tools = llamacpp.build()
         model = args.model or default_model_path()
-        runs += [(f"llama.cpp {s}", lambda s=s: llamacpp_run(tools, model, s, args)) for s in settings]
-    results = {label: [] for label, _ in runs}
+        runs += [(f"llama.cpp {s}", lambda r, s=s: llamacpp_run(tools, model, s, args)) for s in settings]
+    results = {}
     for r in range(args.rounds):
         for label, run in runs if r % 2 == 0 else runs[::-1]:
-            results[label].append(run())
+            got = run(r)
+            for name, b in (got.items() if label == "qinfer" else [(label, got)]):
+                results.setdefault(name, []).append(b)
         print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr)
+    order = formats + [f"llama.cpp {s}" for s in settings]
+    results = {label: results[label] for label in order}
     return {label: dict(got[0], tg=max(x["tg"] for x in got), pp=max(x["pp"] for x in got))
             for label, got in results.items()}
 
@@ -129,7 +170,7 @@ def print_table(best, args):
           f"{'pp':>8} {'x f32':>6} {'x llama':>8}")
     for label, b in best.items():
         def ratio(key, ref, width):
-            return f"{b[key] / ref[key]:{width}.2f}" if ref else " " * (width - 1) + "-"
+            return f"{b[key] / ref[key]:{width}.2f}" if ref and ref[key] else " " * (width - 1) + "-"
         size = b["bytes_per_token"] if b["bytes_per_token"] is not None else "-"
         print(f"{label:<18} {size:>11} {b['tg']:>8.1f} {ratio('tg', base, 6)} {ratio('tg', top, 8)} "
               f"{b['pp']:>8.1f} {ratio('pp', base, 6)} {ratio('pp', top, 8)}")
@@ -156,10 +197,16 @@ def main():
     parser.add_argument("--formats", default="f32,f16,q8,kivi4,kivi2", help="qinfer's cache formats")
     parser.add_argument("--llamacpp", default="f16,q8_0-fa",
                         help=f"llama.cpp cache settings ({', '.join(LLAMACPP_SETTINGS)}), or none")
+    parser.add_argument("--one-process", action="store_true",
+                        help="time all of qinfer's formats in one process each round, alternating their order "
+                             "(ratios between formats without process-to-process noise; no memory figures)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-all", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.worker_all:
+        return worker_all(args)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     settings = [] if args.llamacpp == "none" else [s.strip() for s in args.llamacpp.split(",") if s.strip()]
     unknown = [s for s in settings if s not in LLAMACPP_SETTINGS]
