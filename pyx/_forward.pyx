@@ -76,6 +76,7 @@ cdef extern from "forward.c":
     int alloc_state(run_state *s, const weights *w, int max_tokens, int threads, int seqs, kv_spec kv) nogil
     int KV_F32, KV_F16, KV_Q8, KV_KIVI, KV_KVQUANT
     int kv_hardware_halves
+    int kv_avx512
     size_t kv_bytes_per_token(const weights *w, const run_state *s) nogil
     int grow_threads(run_state *s, const weights *w, int threads) nogil
     void free_state(run_state *s) nogil
@@ -117,6 +118,16 @@ def set_kv_hardware_halves(bint on):
     global kv_hardware_halves
     previous = bool(kv_hardware_halves)
     kv_hardware_halves = on
+    return previous
+
+
+def set_kv_avx512(bint on):
+    """Whether attention's loops run their AVX-512 build where the CPU has AVX-512F/VL
+    (the default; qinfer.kernels.set_float_avx512 sets it with the float kernels) or
+    their AVX2 one. Returns the previous setting."""
+    global kv_avx512
+    previous = bool(kv_avx512)
+    kv_avx512 = on
     return previous
 
 

@@ -15,6 +15,18 @@ static int qi_f16c(void)
     }
     return known;
 }
+/* Whether it also has AVX-512 (F and VL): the same 256-bit loops, built again with 32
+ * vector registers where AVX2 has 16, hold all of a pass's sums in registers (AVX2's
+ * build keeps some of the coded loops' on the stack). */
+static int qi_avx512vl(void)
+{
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+    }
+    return known;
+}
 #else
 #define QI_HAVE_F16C 0
 #endif
@@ -99,17 +111,35 @@ static void softmax(float *scores, int last)
 #undef KV_LOAD_HALF8
 #undef KV_ATTR
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl")
+#define KV_NAME(name) name##_avx512
+#define KV_LOAD_HALF8(p) ((v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
+#define KV_ATTR
+#include "attention_rows.h"
+#undef KV_NAME
+#undef KV_LOAD_HALF8
+#undef KV_ATTR
+#pragma GCC pop_options
 #endif
 
 /* The score block and value sum loops for this cache: F16C's for a float16 cache where
  * the CPU has it, unless kv_hardware_halves is 0 (tests: the portable loops give the
- * same results bit for bit, both conversions being exact; _forward.set_kv_hardware_halves). */
+ * same results bit for bit, both conversions being exact; _forward.set_kv_hardware_halves);
+ * on a CPU with AVX-512 their build with its registers, unless kv_avx512 is 0
+ * (QINFER_AVX512=0; _forward.set_kv_avx512). */
 static int kv_hardware_halves = 1;
+static int kv_avx512 = 1;
 
 #if QI_HAVE_F16C
 static int use_f16c(void)
 {
     return kv_hardware_halves && qi_f16c();
+}
+
+static int use_avx512(void)
+{
+    return kv_avx512 && use_f16c() && qi_avx512vl();
 }
 #endif
 
@@ -117,6 +147,10 @@ static void score_block(const float *const *q, const void *keys, size_t at, int 
                         float *const *scores, int rows, int half)
 {
 #if QI_HAVE_F16C
+    if (use_avx512()) {
+        score_block_avx512(q, keys, at, hd, scale, scores, rows, half);
+        return;
+    }
     if (half && use_f16c()) {
         score_block_f16c(q, keys, at, hd, scale, scores, rows, half);
         return;
@@ -128,6 +162,10 @@ static void score_block(const float *const *q, const void *keys, size_t at, int 
 static void widen_halves(const uint16_t *src, float *dst, size_t count)
 {
 #if QI_HAVE_F16C
+    if (use_avx512()) {
+        widen_halves_avx512(src, dst, count);
+        return;
+    }
     if (use_f16c()) {
         widen_halves_f16c(src, dst, count);
         return;
@@ -140,6 +178,10 @@ static void add_values(const float *const *p, const void *values, int hd, int fi
                        float *const *out, int rows, int half)
 {
 #if QI_HAVE_F16C
+    if (use_avx512()) {
+        add_values_avx512(p, values, hd, first, last, out, rows, half);
+        return;
+    }
     if (half && use_f16c()) {
         add_values_f16c(p, values, hd, first, last, out, rows, half);
         return;
@@ -305,6 +347,27 @@ static inline __attribute__((always_inline)) v8f lookup8_portable(const float *t
 #undef KV_HALF
 #undef KV_ATTR
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl")
+#define KV_NAME(name) name##_avx512     /* the same with AVX-512's 32 registers */
+#define KV_LOOKUP8(table, idx) ((v8f)_mm256_permutevar8x32_ps(_mm256_loadu_ps(table), (__m256i)(idx)))
+#define KV_LOOKUP16(table, idx) ((v8f)_mm256_blendv_ps(KV_LOOKUP8(table, idx), KV_LOOKUP8((table) + 8, idx), \
+                                                        (__m256)((idx) << 28)))
+#define KV_U8x8(p) ((v8i32)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#define KV_I8x8(p) ((v8i32)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#define KV_LOAD_HALF8(p) ((v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
+#define KV_HALF(bits) _cvtsh_ss(bits)
+#define KV_ATTR
+#include "kv_kernels.h"
+#undef KV_NAME
+#undef KV_LOOKUP8
+#undef KV_LOOKUP16
+#undef KV_U8x8
+#undef KV_I8x8
+#undef KV_LOAD_HALF8
+#undef KV_HALF
+#undef KV_ATTR
+#pragma GCC pop_options
 #endif
 
 /* The loops for this cache's codes: AVX2's where the CPU has it (and F16C), unless
@@ -315,7 +378,10 @@ static const kv_loops *coded_loops(const run_state *s)
     const kv_loops *table = kv_loops_table_portable;
     size_t count = sizeof(kv_loops_table_portable) / sizeof(kv_loops);
 #if QI_HAVE_F16C
-    if (use_f16c()) {
+    if (use_avx512()) {
+        table = kv_loops_table_avx512;
+        count = sizeof(kv_loops_table_avx512) / sizeof(kv_loops);
+    } else if (use_f16c()) {
         table = kv_loops_table_avx2;
         count = sizeof(kv_loops_table_avx2) / sizeof(kv_loops);
     }
@@ -495,6 +561,10 @@ static void kvquant_rows(const run_state *s, const uint8_t *codes, int rows, con
                          size_t table_step, float *dst)
 {
 #if QI_HAVE_F16C
+    if (use_avx512()) {
+        kvq_rows_avx512(s->kv.bits, codes, code_row_bytes(s), rows, tables, table_step, dst);
+        return;
+    }
     if (use_f16c()) {
         kvq_rows_avx2(s->kv.bits, codes, code_row_bytes(s), rows, tables, table_step, dst);
         return;

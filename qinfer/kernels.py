@@ -16,7 +16,9 @@ the build made (int8_isas(): "avx512vnni", "avxvnni", then "avx2");
 QINFER_INT8_ISA=avx2 (or set_int8_isa("avx2")) holds them to AVX2. The float
 kernels multiply with AVX-512 where the CPU has it; QINFER_AVX512=0 (or
 set_float_avx512(False)) holds them to AVX2. The integer sums are exact
-either way, so the results are the same bit for bit.
+either way, so the results are the same bit for bit. Attention's loops
+(pyx/attention.c) follow the same switch: their AVX-512 build is the AVX2
+one's source with 32 vector registers.
 
 The float qgemv (one row: decode) of 2- and 4-bit layers runs in integer
 multiply-adds on the int8 kernels' instruction set: x is cut per block of 32
@@ -93,6 +95,7 @@ def set_float_avx512(on):
         raise UnsupportedError("float kernels: this build or CPU has no AVX-512")
     for b in BITWIDTHS:
         _modules[b].use_float_avx512(bool(on))
+    _forward.set_kv_avx512(bool(on))      # attention's loops follow (pyx/attention.c)
 
 
 def float_avx512():

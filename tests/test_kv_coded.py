@@ -231,6 +231,29 @@ def test_the_cli_takes_the_kivi_settings(models):
                               "--kv-residual", "40"), "multiple of the group")
 
 
+needs_avx512 = pytest.mark.skipif(not qinfer.kernels.has_float_avx512(),
+                                  reason="the CPU has no AVX-512: only the AVX2 build of the loops runs")
+
+
+@needs_avx512
+@pytest.mark.parametrize("name", ["f32", "f16", "q8", "kivi4", "kivi2"])
+def test_avx2_and_avx512_builds_agree_bit_for_bit(models, name):
+    """Attention's loops are built again for AVX-512 (pyx/attention.c): the same source and
+    vector width with 32 registers, so the same multiply-adds in the same order, through
+    a prefill's widened tiles and a decode step's codes alike."""
+    from qinfer import _forward
+    cfg = engine(models["gqa"], "f32").config
+    q, k, v = qkv(300, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, seed=5)
+    previous = _forward.set_kv_avx512(True)
+    try:
+        wide = attend(engine(models["gqa"], name).model.transformer, q, k, v, chunks=[100, 1])
+        _forward.set_kv_avx512(False)
+        narrow = attend(engine(models["gqa"], name).model.transformer, q, k, v, chunks=[100, 1])
+    finally:
+        _forward.set_kv_avx512(previous)
+    assert np.array_equal(wide, narrow)
+
+
 @pytest.mark.parametrize("name", ["q8", "kivi4", "kivi2"])
 def test_portable_and_avx2_loops_agree(models, name):
     """The coded loops are built twice (pyx/attention.c): portable C, and with AVX2's byte

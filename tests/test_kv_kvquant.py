@@ -217,6 +217,23 @@ def test_the_cli_takes_the_calibration(models):
                       "calibrate-kv")
 
 
+@pytest.mark.skipif(not qinfer.kernels.has_float_avx512(), reason="the CPU has no AVX-512")
+@pytest.mark.parametrize("name", ["kvquant4", "kvquant3", "kvquant2"])
+def test_avx2_and_avx512_lookups_agree_bit_for_bit(models, name):
+    """kvquant's loops built for AVX-512's registers (pyx/attention.c) give AVX2's sums."""
+    from qinfer import _forward
+    e = engine(models, "gqa", name)
+    q, k, v = inputs(e, 120, seed=6)
+    previous = _forward.set_kv_avx512(True)
+    try:
+        wide = attend(e.model.transformer, q, k, v, chunks=[100, 1])
+        _forward.set_kv_avx512(False)
+        narrow = attend(engine(models, "gqa", name).model.transformer, q, k, v, chunks=[100, 1])
+    finally:
+        _forward.set_kv_avx512(previous)
+    assert np.array_equal(wide, narrow)
+
+
 @pytest.mark.parametrize("name", ["kvquant4", "kvquant3", "kvquant2"])
 def test_portable_and_avx2_lookups_agree_bit_for_bit(models, name):
     """kvquant's codes become floats by table lookups, AVX2's permutes where the CPU has
