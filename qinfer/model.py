@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import kernels
+from . import arena, kernels
 from . import kv_cache as kv_formats
 from . import memory
 from ._forward import Transformer
@@ -192,6 +192,7 @@ class Model:
         final_norm = source.float_tensor("model.norm.weight")
         lm_head = self._lm_head(source)
         source.release_pages()
+        arena.weights.trim()              # the pages past the last layer's arrays (qinfer/arena.py)
         self.float_lm_head = lm_head if isinstance(lm_head, np.ndarray) else None   # float32 or float16
         inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self._keep.append(source)

@@ -28,8 +28,9 @@ def thp_mode():
         return None
 
 
-def huge_kib(array):
-    """KiB of the mapping holding `array` that sit on huge pages (/proc/self/smaps)."""
+def huge_kib(array, field="AnonHugePages:"):
+    """KiB of the mapping holding `array` that sit on huge pages (/proc/self/smaps; or
+    another of its fields, e.g. "Rss:")."""
     address = array.ctypes.data
     inside = False
     with open("/proc/self/smaps") as f:
@@ -38,7 +39,7 @@ def huge_kib(array):
             if "-" in head and not head.endswith(":"):
                 lo, hi = (int(v, 16) for v in head.split("-"))
                 inside = lo <= address < hi
-            elif inside and head == "AnonHugePages:":
+            elif inside and head == field:
                 return int(line.split()[1])
     raise AssertionError("no mapping holds the array")
 
@@ -96,6 +97,23 @@ def test_chunks_sit_on_huge_pages(monkeypatch):
     x = arena.Arena(chunk=8 * MiB).empty((8 * MiB,), np.uint8)
     x[...] = 1
     assert huge_kib(x) >= 2048
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_DONTNEED"), reason="no madvise here")
+def test_trim_gives_back_the_pages_past_the_last_array_and_keeps_the_arrays(monkeypatch):
+    """An array ending inside a huge page makes all of it resident; trim() returns the pages
+    past the array (and the arrays keep their contents; the next ones touch pages anew)."""
+    monkeypatch.delenv(arena.HUGEPAGES_ENV, raising=False)
+    a = arena.Arena(chunk=8 * MiB)
+    x = a.empty((MiB + 4096,), np.uint8)
+    x[...] = 7
+    a.trim()
+    assert huge_kib(x, "Rss:") <= (MiB + 4096) // 1024 + 8      # not the 2 MiB huge page it began on
+    assert (x == 7).all()
+    y = a.empty((3 * MiB,), np.uint8)                           # from the trimmed pages on
+    y[...] = 9
+    assert (x == 7).all() and (y == 9).all()
+    assert huge_kib(x, "Rss:") >= (4 * MiB + 4096) // 1024
 
 
 @pytest.mark.skipif(thp_mode() != "madvise", reason="huge pages are given only when asked for under 'madvise'")
