@@ -704,17 +704,18 @@ static int attention_jobs(const weights *w, const run_state *s, int n)
     return (n + tile_tokens(s) - 1) / tile_tokens(s) * w->n_heads / heads_per_tile(w, s, n);
 }
 
-/* Query tile `job` of n new tokens at positions pos.. (run_state: row_seq, row_pos), with
- * a thread's `scores`. */
-static void attention_job(const weights *w, run_state *s, int layer, int pos, int n, int job, float *scores)
+/* Query tile `job` of the n new tokens first.. of a call at positions pos.. (run_state:
+ * row_seq, row_pos), with a thread's `scores`. */
+static void attention_job(const weights *w, run_state *s, int layer, int pos, int first, int n, int job,
+                          float *scores)
 {
     const int group = w->n_heads / w->n_kv_heads, nh = heads_per_tile(w, s, n), tiles_per_group = group / nh;
     const int per_tile = tile_tokens(s), token_tiles = (n + per_tile - 1) / per_tile;
     const int heads_job = job % (w->n_kv_heads * tiles_per_group);
     query_tile tile;
     /* later token tiles have longer rows: hand them out first */
-    tile.t0 = (token_tiles - 1 - job / (w->n_kv_heads * tiles_per_group)) * per_tile;
-    tile.nt = n - tile.t0 < per_tile ? n - tile.t0 : per_tile;
+    tile.t0 = first + (token_tiles - 1 - job / (w->n_kv_heads * tiles_per_group)) * per_tile;
+    tile.nt = first + n - tile.t0 < per_tile ? first + n - tile.t0 : per_tile;
     tile.kv_h = heads_job / tiles_per_group;
     tile.nh = nh;
     tile.h0 = tile.kv_h * group + (heads_job % tiles_per_group) * nh;
@@ -734,14 +735,14 @@ static float *thread_scores(const weights *w, const run_state *s, int thread)
     return s->scores + (size_t)thread * scores_per_thread(w, s);
 }
 
-/* Causal grouped-query attention of n new tokens at positions pos.. over the
- * cache: the query tiles taken in turn by the team's threads (exec_ctx), or
- * by a parallel region's as each finishes one. */
-static void attention(const weights *w, run_state *s, int layer, int pos, int n, const exec_ctx *cx)
+/* Causal grouped-query attention of the n new tokens first.. of a call (positions
+ * pos + first..) over the cache: the query tiles taken in turn by the team's threads
+ * (exec_ctx), or by a parallel region's as each finishes one. */
+static void attention(const weights *w, run_state *s, int layer, int pos, int first, int n, const exec_ctx *cx)
 {
     if (cx->tm) {
         for (int job = cx->tm->thread; job < attention_jobs(w, s, n); job += cx->tm->threads)
-            attention_job(w, s, layer, pos, n, job, thread_scores(w, s, cx->tm->thread));
+            attention_job(w, s, layer, pos, first, n, job, thread_scores(w, s, cx->tm->thread));
         return;
     }
     int job;
@@ -752,6 +753,6 @@ static void attention(const weights *w, run_state *s, int layer, int pos, int n,
 #else
         float *scores = thread_scores(w, s, 0);
 #endif
-        attention_job(w, s, layer, pos, n, job, scores);
+        attention_job(w, s, layer, pos, first, n, job, scores);
     }
 }

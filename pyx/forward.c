@@ -25,12 +25,7 @@ static int layer_forward(const weights *w, run_state *s, int l, int pos, int n,
         each_row(cx, &b, split_qkv_row);
     each_row(cx, &b, rope_q_row);
     each_row(cx, &b, rope_k_row);
-    each_row(cx, &b, cache_kv_row);
-    if (s->kv.format == KV_KIVI)   /* after all of the call's keys are in (a step joins its rows) */
-        each_row(cx, &b, close_key_group_row);
-    sync_point(cx);
-    attention(w, s, l, pos, n, cx);
-    sync_point(cx);
+    cache_and_attend(cx, &b);
     capture(cap ? cap->o_in : NULL, s->att, (size_t)n * q_dim);
     rc |= linear_map(cx, &lw->wo, s->att, n, s->proj);
     sync_point(cx);
@@ -223,10 +218,7 @@ static void attention_only(const weights *w, run_state *s, int l, int pos, int n
     const block b = {w, s, &w->layers[l], l, pos, n, s->x};
     const exec_ctx cx = {clamp_threads(s, nthreads), NULL};
     s->seq = 0;
-    each_row(&cx, &b, cache_kv_row);
-    if (s->kv.format == KV_KIVI)
-        each_row(&cx, &b, close_key_group_row);
-    attention(w, s, l, pos, n, &cx);
+    cache_and_attend(&cx, &b);
 }
 
 /* ------------------------------------------------ how a step runs (exec_ctx) */
@@ -241,21 +233,26 @@ static int thread_count(int nthreads)
 #endif
 }
 
-/* step on rows 0..n-1 of b: in the team by thread 0 alone, while the others
+/* step on rows first..first+n-1 of b (each_row: all of them): in the team by thread 0 alone, while the others
  * go on to the next sync_point; per call shared among the threads when there
  * are PARALLEL_ROWS rows or more. */
-static void each_row(const exec_ctx *cx, const block *b, row_step *step)
+static void each_row_in(const exec_ctx *cx, const block *b, row_step *step, int first, int n)
 {
     if (cx->tm) {
         if (cx->tm->thread == 0)
-            for (int t = 0; t < b->n; t++)
+            for (int t = first; t < first + n; t++)
                 step(b, t);
         return;
     }
     int t;
-    #pragma omp parallel for schedule(static) if(b->n >= PARALLEL_ROWS) num_threads(thread_count(cx->nthreads))
-    for (t = 0; t < b->n; t++)
+    #pragma omp parallel for schedule(static) if(n >= PARALLEL_ROWS) num_threads(thread_count(cx->nthreads))
+    for (t = first; t < first + n; t++)
         step(b, t);
+}
+
+static void each_row(const exec_ctx *cx, const block *b, row_step *step)
+{
+    each_row_in(cx, b, step, 0, b->n);
 }
 
 /* Where the team's threads wait for each other: what one step wrote, the next
@@ -380,6 +377,25 @@ static void cache_kv_row(const block *b, int t)
 static void close_key_group_row(const block *b, int t)
 {
     close_key_group(b->w, b->s, row_seq(b->s, t), b->layer, row_pos(b->s, b->pos, t));
+}
+
+/* The call's keys and values into the cache, then attention over it. A KIVI prompt goes
+ * a block of KV_BLOCK tokens at a time, so that its float16 window holds R + G + KV_BLOCK
+ * positions, not R + G + max_tokens (kv_cache.c; 48 MiB less for a 7B), each token
+ * reading the cache as it reads it decoded alone either way. */
+static void cache_and_attend(const exec_ctx *cx, const block *b)
+{
+    run_state *s = b->s;
+    const int step = s->kv.format == KV_KIVI && !s->row_seq ? KV_BLOCK : b->n;
+    for (int first = 0; first < b->n; first += step) {
+        const int n = b->n - first < step ? b->n - first : step;
+        each_row_in(cx, b, cache_kv_row, first, n);
+        if (s->kv.format == KV_KIVI)   /* after all of these rows' keys are in (a step joins its rows) */
+            each_row_in(cx, b, close_key_group_row, first, n);
+        sync_point(cx);
+        attention(b->w, s, b->layer, b->pos, first, n, cx);
+        sync_point(cx);
+    }
 }
 
 /* x[t] += proj[t] */

@@ -205,6 +205,8 @@ static inline float exp_nonpositive(float x)
 /* forward.c: how a step runs, and the steps of a block */
 static int thread_count(int nthreads);
 static void each_row(const exec_ctx *cx, const block *b, row_step *step);
+static void each_row_in(const exec_ctx *cx, const block *b, row_step *step, int first, int n);
+static void cache_and_attend(const exec_ctx *cx, const block *b);
 static void sync_point(const exec_ctx *cx);
 static int linear_map(const exec_ctx *cx, const linear *l, const float *x, int n, float *y);
 static int matmul(const linear *l, const float *x, int n, float *y, int nthreads);
@@ -246,6 +248,6 @@ QI_VECTORIZE static void close_key_group(const weights *w, run_state *s, int seq
 static int alloc_kv_cache(const weights *w, run_state *s);
 static void free_kv_cache(run_state *s);
 static size_t kv_bytes_per_token(const weights *w, const run_state *s);
-static void attention(const weights *w, run_state *s, int layer, int pos, int n, const exec_ctx *cx);
+static void attention(const weights *w, run_state *s, int layer, int pos, int first, int n, const exec_ctx *cx);
 
 #endif

@@ -50,8 +50,9 @@
  * codes (keys leave the window a whole group at a time: a per-channel scale over one
  * new position would be meaningless). Every value is coded when stored (per position,
  * it needs nothing more); a key group is coded when its last position is stored
- * (close_key_group). The ring holds R + G + max_tokens positions: all a call's
- * queries can still read at float16, and the call's own tokens. */
+ * (close_key_group). The ring holds R + G + KV_BLOCK positions: all that the queries of
+ * one block of a call's tokens can still read at float16, and the block's own tokens
+ * (a prompt goes in a block at a time: forward.c, cache_and_attend). */
 
 /* KV_KVQUANT: outlier slots of a key position, and outliers of a value position. */
 static int key_slots(const weights *w)
@@ -145,7 +146,7 @@ static int alloc_kv_cache(const weights *w, run_state *s)
 {
     const size_t heads = (size_t)s->seqs * w->n_layers * w->n_kv_heads;
     if (s->kv.format == KV_KIVI)
-        s->window_blocks = (s->kv.residual + s->kv.group + s->max_tokens + KV_BLOCK - 1) / KV_BLOCK;
+        s->window_blocks = (s->kv.residual + s->kv.group + KV_BLOCK + KV_BLOCK - 1) / KV_BLOCK;   /* cache_and_attend */
     s->key_cache = calloc(heads, head_bytes(w, s));
     s->value_cache = calloc(heads, head_bytes(w, s));
     if (!s->key_cache || !s->value_cache)
