@@ -591,12 +591,13 @@ static void kvquant_keys(const weights *w, const run_state *s, int seq, int laye
                 wide[(channel - 1) * KV_BLOCK + e] = from_half(outliers[((size_t)e * slots + i) * 2]);
         }
     const float *rope = s->rope + rope_at(w, (size_t)b * KV_BLOCK, 0);   /* [hd][32]: cos, then sin */
-    for (int i = 0; i < half; i++)             /* as rope_row rotates a query */
-        for (int e = 0; e < KV_BLOCK; e++) {
-            const float x = wide[i * KV_BLOCK + e], y = wide[(half + i) * KV_BLOCK + e];
-            const float cos_ = rope[i * KV_BLOCK + e], sin_ = rope[(half + i) * KV_BLOCK + e];
-            wide[i * KV_BLOCK + e] = x * cos_ - y * sin_;
-            wide[(half + i) * KV_BLOCK + e] = y * cos_ + x * sin_;
+    for (int i = 0; i < half; i++)             /* as rope_row rotates a query; in vectors: */
+        for (int e = 0; e < KV_BLOCK; e += 8) {   /* written as scalars GCC left it scalar (wide may alias rope) */
+            float *lo = wide + (size_t)i * KV_BLOCK + e, *hi = wide + (size_t)(half + i) * KV_BLOCK + e;
+            const v8f x = LOAD8(lo), y = LOAD8(hi);
+            const v8f c = LOAD8(rope + (size_t)i * KV_BLOCK + e), sn = LOAD8(rope + (size_t)(half + i) * KV_BLOCK + e);
+            STORE8(lo, x * c - y * sn);
+            STORE8(hi, y * c + x * sn);
         }
     if (b == 0) {
         const uint16_t *sink = sink_head(w, s, seq, layer, kv_h);
