@@ -30,8 +30,8 @@ FORMATS = ("f32", "f16", "q8", "kivi4", "kivi2", "kvquant4", "kvquant3", "kvquan
 IMPLEMENTED = FORMATS
 CALIBRATED = ("kvquant4", "kvquant3", "kvquant2")     # formats that need qinfer calibrate-kv's file
 # The default, by measurement: the most compact format whose WikiText-2 perplexity stays
-# within 0.1% of f32's (docs/perplexity.md, SmolLM2: f16 +0.003%, q8 +0.009%, kivi4 +0.14%),
-# q8, where the model's heads take it (a multiple of 32); else f16. QINFER_KV_CACHE=NAME
+# within 0.1% of f32's (docs/perplexity.md, SmolLM2, 16 windows of 2048: q8 +0.005%, kivi4
+# +0.23%), q8, where the model's heads take it (a multiple of 32); else f16. QINFER_KV_CACHE=NAME
 # replaces it (the tests set f32, whose attention their float references compute).
 DEFAULT = "q8"
 FALLBACK = "f16"
