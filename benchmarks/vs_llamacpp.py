@@ -526,7 +526,7 @@ def print_kquant_targets(rows, ppl, threads=2):
 def run_depth(args, tools):
     """Section 4: kv_depth's table, 2 threads, its formats against llama.cpp's cache settings."""
     import kv_depth
-    depth_args = argparse.Namespace(model=None, d=4096, n=64, p=512, threads=2, rounds=args.r)
+    depth_args = argparse.Namespace(model=None, d=4096, n=64, p=512, threads=2, rounds=args.r, one_process=True)
     print("\nKV cache formats at depth (SmolLM2-135M-Instruct Q4_1 GGUF, both engines)")
     best = kv_depth.measure(depth_args, ["f32", "f16", "q8", "kivi4", "kivi2"],
                             ["f16", "q8_0-fa"] if tools else [])
