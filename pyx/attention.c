@@ -101,26 +101,22 @@ static void softmax(float *scores, int last)
 #undef KV_LOAD_HALF8
 #undef KV_ATTR
 #if QI_HAVE_F16C
+#define KV_LOAD_HALF8(p) ((v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
+#define KV_ATTR
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define KV_NAME(name) name##_f16c
-#define KV_LOAD_HALF8(p) ((v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
-#define KV_ATTR
 #include "attention_rows.h"
 #undef KV_NAME
-#undef KV_LOAD_HALF8
-#undef KV_ATTR
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512vl")
-#define KV_NAME(name) name##_avx512
-#define KV_LOAD_HALF8(p) ((v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
-#define KV_ATTR
+#define KV_NAME(name) name##_avx512     /* the same with AVX-512's 32 registers */
 #include "attention_rows.h"
 #undef KV_NAME
+#pragma GCC pop_options
 #undef KV_LOAD_HALF8
 #undef KV_ATTR
-#pragma GCC pop_options
 #endif
 
 /* The score block and value sum loops for this cache: F16C's for a float16 cache where
@@ -325,9 +321,8 @@ static inline __attribute__((always_inline)) v8f lookup8_portable(const float *t
 #undef KV_HALF
 #undef KV_ATTR
 #if QI_HAVE_F16C
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#define KV_NAME(name) name##_avx2
+/* AVX2's byte widening and F16C's conversions, built twice: for AVX2, and the same
+ * source with AVX-512's 32 registers (the macros expand inside each target region) */
 /* a table of up to 8 floats in one register, indexed per lane; 16: two, and bit 3 picks */
 #define KV_LOOKUP8(table, idx) ((v8f)_mm256_permutevar8x32_ps(_mm256_loadu_ps(table), (__m256i)(idx)))
 #define KV_LOOKUP16(table, idx) ((v8f)_mm256_blendv_ps(KV_LOOKUP8(table, idx), KV_LOOKUP8((table) + 8, idx), \
@@ -337,29 +332,18 @@ static inline __attribute__((always_inline)) v8f lookup8_portable(const float *t
 #define KV_LOAD_HALF8(p) ((v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
 #define KV_HALF(bits) _cvtsh_ss(bits)
 #define KV_ATTR
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define KV_NAME(name) name##_avx2
 #include "kv_kernels.h"
 #undef KV_NAME
-#undef KV_LOOKUP8
-#undef KV_LOOKUP16
-#undef KV_U8x8
-#undef KV_I8x8
-#undef KV_LOAD_HALF8
-#undef KV_HALF
-#undef KV_ATTR
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512vl")
-#define KV_NAME(name) name##_avx512     /* the same with AVX-512's 32 registers */
-#define KV_LOOKUP8(table, idx) ((v8f)_mm256_permutevar8x32_ps(_mm256_loadu_ps(table), (__m256i)(idx)))
-#define KV_LOOKUP16(table, idx) ((v8f)_mm256_blendv_ps(KV_LOOKUP8(table, idx), KV_LOOKUP8((table) + 8, idx), \
-                                                        (__m256)((idx) << 28)))
-#define KV_U8x8(p) ((v8i32)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
-#define KV_I8x8(p) ((v8i32)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
-#define KV_LOAD_HALF8(p) ((v8f)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
-#define KV_HALF(bits) _cvtsh_ss(bits)
-#define KV_ATTR
+#define KV_NAME(name) name##_avx512
 #include "kv_kernels.h"
 #undef KV_NAME
+#pragma GCC pop_options
 #undef KV_LOOKUP8
 #undef KV_LOOKUP16
 #undef KV_U8x8
@@ -367,7 +351,6 @@ static inline __attribute__((always_inline)) v8f lookup8_portable(const float *t
 #undef KV_LOAD_HALF8
 #undef KV_HALF
 #undef KV_ATTR
-#pragma GCC pop_options
 #endif
 
 /* The loops for this cache's codes: AVX2's where the CPU has it (and F16C), unless
