@@ -251,6 +251,8 @@ cdef class Transformer:
                                      or kv_residual < 0 or kv_residual % kv_group):
             raise ValueError(f"KIVI needs a group that is a multiple of 32 and divides head_dim, and a "
                              f"residual window that is a multiple of it (group {kv_group}, residual {kv_residual})")
+        if kv.format == KV_KVQUANT and kv_residual < 0:
+            raise ValueError(f"a kvquant window holds a non-negative number of tokens, not {kv_residual}")
         if kv.format == KV_Q8 and config["head_dim"] % 32:
             raise ValueError("the q8 cache needs a head_dim divisible by 32")
         if kv.format in (KV_Q8, KV_KIVI, KV_KVQUANT) and config["head_dim"] > 256:

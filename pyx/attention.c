@@ -556,13 +556,29 @@ static void kvquant_rows(const run_state *s, const uint8_t *codes, int rows, con
     kvq_rows_portable(s->kv.bits, codes, code_row_bytes(s), rows, tables, table_step, dst);
 }
 
+/* Key block b of one head, floats [hd][32] before RoPE, rotated in place at its positions. */
+QI_VECTORIZE
+static void rotate_keys(const weights *w, const run_state *s, int b, float *wide)
+{
+    const int half = w->head_dim / 2;
+    const float *rope = s->rope + rope_at(w, (size_t)b * KV_BLOCK, 0);   /* [hd][32]: cos, then sin */
+    for (int i = 0; i < half; i++)             /* as rope_row rotates a query; in vectors: */
+        for (int e = 0; e < KV_BLOCK; e += 8) {   /* written as scalars GCC left it scalar (wide may alias rope) */
+            float *lo = wide + (size_t)i * KV_BLOCK + e, *hi = wide + (size_t)(half + i) * KV_BLOCK + e;
+            const v8f x = LOAD8(lo), y = LOAD8(hi);
+            const v8f c = LOAD8(rope + (size_t)i * KV_BLOCK + e), sn = LOAD8(rope + (size_t)(half + i) * KV_BLOCK + e);
+            STORE8(lo, x * c - y * sn);
+            STORE8(hi, y * c + x * sn);
+        }
+}
+
 /* Key block b of one head as floats [hd][32]: each code through its channel's table
  * (center + half_range * level, kvquant_tables), the outliers put back, then RoPE at each
  * position (the keys are held before it); position 0 is the sink's key. */
 QI_VECTORIZE
 static void kvquant_keys(const weights *w, const run_state *s, int seq, int layer, int kv_h, int b, float *wide)
 {
-    const int hd = w->head_dim, half = hd / 2, slots = key_slots(w);
+    const int hd = w->head_dim, slots = key_slots(w);
     const uint8_t *codes = key_codes(w, s, key_head(w, s, seq, layer, kv_h), b);
     const uint16_t *outliers = key_params_head(w, s, seq, layer, kv_h) + key_params_before(w, s, b);
     kvquant_rows(s, codes, hd, s->key_table + ((size_t)layer * w->n_kv_heads + kv_h) * hd * KVQ_TABLE, KVQ_TABLE,
@@ -573,15 +589,7 @@ static void kvquant_keys(const weights *w, const run_state *s, int seq, int laye
             if (channel)
                 wide[(channel - 1) * KV_BLOCK + e] = from_half(outliers[((size_t)e * slots + i) * 2]);
         }
-    const float *rope = s->rope + rope_at(w, (size_t)b * KV_BLOCK, 0);   /* [hd][32]: cos, then sin */
-    for (int i = 0; i < half; i++)             /* as rope_row rotates a query; in vectors: */
-        for (int e = 0; e < KV_BLOCK; e += 8) {   /* written as scalars GCC left it scalar (wide may alias rope) */
-            float *lo = wide + (size_t)i * KV_BLOCK + e, *hi = wide + (size_t)(half + i) * KV_BLOCK + e;
-            const v8f x = LOAD8(lo), y = LOAD8(hi);
-            const v8f c = LOAD8(rope + (size_t)i * KV_BLOCK + e), sn = LOAD8(rope + (size_t)(half + i) * KV_BLOCK + e);
-            STORE8(lo, x * c - y * sn);
-            STORE8(hi, y * c + x * sn);
-        }
+    rotate_keys(w, s, b, wide);
     if (b == 0) {
         const uint16_t *sink = sink_head(w, s, seq, layer, kv_h);
         for (int c = 0; c < hd; c++)
@@ -621,50 +629,105 @@ static void kvquant_values(const weights *w, const run_state *s, int seq, int la
 
 /* attention_tile for KV_KVQUANT: every block the tile reads is dequantized into floats
  * once (keys rotated), in a decode step as in a prefill, and read by the float loops;
- * a token's rows go in passes of their own, as in attention_tile_coded. */
+ * a token's rows go in passes of their own, as in attention_tile_coded. With a window
+ * (R > 0), a token at p reads positions >= first_window_value(p) from it instead: a
+ * block that holds both kinds for a token is scored twice, the window's lanes taken
+ * from the second. */
 static void attention_tile_kvquant(const weights *w, run_state *s, int layer, const query_tile *tile,
                                    float *scores, size_t row_len)
 {
     const int hd = w->head_dim, last_of_tile = tile->pos + tile->nt - 1;
     const float scale = 1.0f / sqrtf((float)hd);
-    float *wide_keys = scores + tile_score_floats(w, s);          /* [hd][32] */
-    float *wide_values = wide_keys + (size_t)KV_BLOCK * hd;       /* [32][hd] */
+    float *wide_codes = scores + tile_score_floats(w, s);          /* a block: [hd][32] or [32][hd] */
+    float *wide_window = wide_codes + (size_t)KV_BLOCK * hd;
+    uint16_t *key_window = s->window_blocks ? key_window_head(w, s, tile->seq, layer, tile->kv_h) : NULL;
+    uint16_t *value_window = s->window_blocks ? value_window_head(w, s, tile->seq, layer, tile->kv_h) : NULL;
     const float *q[ROWS_PER_PASS];
     float *row_scores[ROWS_PER_PASS], *out[ROWS_PER_PASS];
+    float window_scores[ROWS_PER_PASS][KV_BLOCK];
+    /* the first position a token at p reads from the window (p + 1: none) */
+#define WINDOW_FROM(p) (s->window_blocks ? first_window_value(s, p) : (p) + 1)
+
     for (int b = 0; b * KV_BLOCK <= last_of_tile; b++) {
-        kvquant_keys(w, s, tile->seq, layer, tile->kv_h, b, wide_keys);
+        const int first = b * KV_BLOCK;
+        int coded = 0, window = 0;              /* what the tile's tokens read of this block */
+        for (int p = first > tile->pos ? first : tile->pos; p <= last_of_tile; p++) {
+            coded |= first < WINDOW_FROM(p);
+            window |= first + KV_BLOCK > WINDOW_FROM(p) && WINDOW_FROM(p) <= p;
+        }
+        if (coded)
+            kvquant_keys(w, s, tile->seq, layer, tile->kv_h, b, wide_codes);
+        if (window) {
+            widen_halves(window_key_block(w, s, key_window, first), wide_window, (size_t)hd * KV_BLOCK);
+            rotate_keys(w, s, b, wide_window);
+        }
         for (int t = 0; t < tile->nt; t++) {
-            if (b * KV_BLOCK > tile->pos + t)
+            const int p = tile->pos + t, from = WINDOW_FROM(p);
+            if (first > p)
                 continue;
             for (int h0 = 0; h0 < tile->nh; h0 += ROWS_PER_PASS) {
                 const int n = pass_heads(tile, h0);
                 for (int r = 0; r < n; r++) {
                     q[r] = s->q + tile_offset(w, tile, tile_row(tile, t, h0 + r));
-                    row_scores[r] = scores + tile_row(tile, t, h0 + r) * row_len + (size_t)b * KV_BLOCK;
+                    row_scores[r] = scores + tile_row(tile, t, h0 + r) * row_len + first;
                 }
-                score_block(q, wide_keys, 0, hd, scale, row_scores, n, 0);
+                if (from >= first + KV_BLOCK || from > p) {          /* all through codes */
+                    score_block(q, wide_codes, 0, hd, scale, row_scores, n, 0);
+                } else if (from <= first) {                         /* all from the window */
+                    score_block(q, wide_window, 0, hd, scale, row_scores, n, 0);
+                } else {                                            /* codes, then the window from lane from - first */
+                    float *in_window[ROWS_PER_PASS];
+                    for (int r = 0; r < n; r++)
+                        in_window[r] = window_scores[r];
+                    score_block(q, wide_codes, 0, hd, scale, row_scores, n, 0);
+                    score_block(q, wide_window, 0, hd, scale, in_window, n, 0);
+                    for (int r = 0; r < n; r++)
+                        memcpy(row_scores[r] + (from - first), window_scores[r] + (from - first),
+                               sizeof(float) * (size_t)(first + KV_BLOCK - from));
+                }
             }
         }
     }
     coded_tile_softmax(w, s, tile, scores, row_len);
     for (int first = 0; first <= last_of_tile; first += KV_BLOCK) {
         const int block_last = last_of_tile < first + KV_BLOCK - 1 ? last_of_tile : first + KV_BLOCK - 1;
-        kvquant_values(w, s, tile->seq, layer, tile->kv_h, first, block_last, wide_values);
+        int coded_last = first - 1, window_first = block_last + 1;   /* what the tile's tokens read, together */
+        for (int p = first > tile->pos ? first : tile->pos; p <= last_of_tile; p++) {
+            const int last = p < block_last ? p : block_last, from = WINDOW_FROM(p);
+            const int codes_to = from - 1 < last ? from - 1 : last, window_from = from > first ? from : first;
+            coded_last = codes_to > coded_last ? codes_to : coded_last;
+            if (window_from <= last)
+                window_first = window_from < window_first ? window_from : window_first;
+        }
+        if (coded_last >= first)
+            kvquant_values(w, s, tile->seq, layer, tile->kv_h, first, coded_last, wide_codes);
+        if (window_first <= block_last)   /* a block's window rows are consecutive in the ring */
+            widen_halves(window_value_row(w, s, value_window, window_first), wide_window,
+                         (size_t)(block_last - window_first + 1) * hd);
         for (int t = 0; t < tile->nt; t++) {
             const int p = tile->pos + t;
             if (first > p)
                 continue;
-            const int last = p < block_last ? p : block_last;
+            const int last = p < block_last ? p : block_last, from = WINDOW_FROM(p);
+            const int codes_to = from - 1 < last ? from - 1 : last, window_from = from > first ? from : first;
             for (int h0 = 0; h0 < tile->nh; h0 += ROWS_PER_PASS) {
                 const int n = pass_heads(tile, h0);
-                for (int r = 0; r < n; r++) {   /* position `first` is row 0 of the widened block */
+                for (int r = 0; r < n; r++) {   /* position `first` is row 0 of the codes' block */
                     row_scores[r] = scores + tile_row(tile, t, h0 + r) * row_len + first;
                     out[r] = s->att + tile_offset(w, tile, tile_row(tile, t, h0 + r));
                 }
-                add_values((const float *const *)row_scores, wide_values, hd, 0, last - first, out, n, 0);
+                if (codes_to >= first)
+                    add_values((const float *const *)row_scores, wide_codes, hd, 0, codes_to - first, out, n, 0);
+                if (window_from <= last) {     /* the window's block starts at window_first */
+                    for (int r = 0; r < n; r++)
+                        row_scores[r] += window_first - first;
+                    add_values((const float *const *)row_scores, wide_window, hd, window_from - window_first,
+                               last - window_first, out, n, 0);
+                }
             }
         }
     }
+#undef WINDOW_FROM
 }
 
 /* One token (decode) has too few tiles to share out if a tile holds the whole group;

@@ -379,14 +379,15 @@ static void close_key_group_row(const block *b, int t)
     close_key_group(b->w, b->s, row_seq(b->s, t), b->layer, row_pos(b->s, b->pos, t));
 }
 
-/* The call's keys and values into the cache, then attention over it. A KIVI prompt goes
- * a block of KV_BLOCK tokens at a time, so that its float16 window holds R + G + KV_BLOCK
- * positions, not R + G + max_tokens (kv_cache.c; 48 MiB less for a 7B), each token
+/* The call's keys and values into the cache, then attention over it. A prompt into a
+ * float16 window (KIVI's, kvquant's) goes a block of KV_BLOCK tokens at a time, so that the
+ * window holds R + G + KV_BLOCK positions (kvquant: R + 2 KV_BLOCK), not R + G + max_tokens
+ * (kv_cache.c; 48 MiB less for a 7B), each token
  * reading the cache as it reads it decoded alone either way. */
 static void cache_and_attend(const exec_ctx *cx, const block *b)
 {
     run_state *s = b->s;
-    const int step = s->kv.format == KV_KIVI && !s->row_seq ? KV_BLOCK : b->n;
+    const int step = s->window_blocks && !s->row_seq ? KV_BLOCK : b->n;
     for (int first = 0; first < b->n; first += step) {
         const int n = b->n - first < step ? b->n - first : step;
         each_row_in(cx, b, cache_kv_row, first, n);

@@ -115,9 +115,9 @@ typedef struct {
     void *value_cache;    /* values: the same */
     uint16_t *key_params;     /* the codes' float16 scales (and minimums), or NULL */
     uint16_t *value_params;
-    uint16_t *key_window;     /* KV_KIVI: the newest tokens' keys and values in float16, a ring */
+    uint16_t *key_window;     /* KV_KIVI, KV_KVQUANT: the newest tokens' keys and values in float16, a ring */
     uint16_t *value_window;
-    int window_blocks;    /* KV_KIVI: the ring's length, in blocks */
+    int window_blocks;    /* KV_KIVI, KV_KVQUANT with R > 0: the float16 ring's length, in blocks; else 0 */
     /* KV_KVQUANT's calibration (qinfer/kv_calibration.py; the caller keeps it alive) */
     const float *key_center;      /* [n_layers][n_kv_heads][head_dim] */
     const float *key_half_range;  /* [n_layers][n_kv_heads][head_dim] */

@@ -35,6 +35,10 @@
  *                   value_params [C*32][2 + 2 (hd + 99) / 100]: center, half_range, then
  *                   the outliers as (float16 value, channel + 1)
  *            sink:  position 0's key (after RoPE) and value in float16, [2][hd] per head
+ *            window (R > 0): the newest R positions' keys (before RoPE) and values in float16
+ *                   as well, laid out as KIVI's; W holds R + 2 KV_BLOCK positions (a query at p
+ *                   reads positions >= p + 1 - R from it, keys and values alike: a position is
+ *                   coded when stored and needs nothing of its neighbours to leave the window)
  *            Attention dequantizes a block (and rotates its keys) into floats, then reads those.
  *            3-bit codes are two planes: the low 2 bits as 2-bit codes (8 bytes), then the
  *            high bit of value e in byte 8 + e / 8, bit e % 8 (4 bytes).
@@ -145,8 +149,10 @@ static size_t kv_bytes_per_token(const weights *w, const run_state *s)
 static int alloc_kv_cache(const weights *w, run_state *s)
 {
     const size_t heads = (size_t)s->seqs * w->n_layers * w->n_kv_heads;
-    if (s->kv.format == KV_KIVI)
-        s->window_blocks = (s->kv.residual + s->kv.group + KV_BLOCK + KV_BLOCK - 1) / KV_BLOCK;   /* cache_and_attend */
+    if (s->kv.format == KV_KIVI)       /* the positions a block of a call's tokens reads, cache_and_attend */
+        s->window_blocks = (s->kv.residual + s->kv.group + KV_BLOCK + KV_BLOCK - 1) / KV_BLOCK;
+    else if (s->kv.format == KV_KVQUANT && s->kv.residual > 0)   /* the same, with no group to wait for */
+        s->window_blocks = (s->kv.residual + 2 * KV_BLOCK + KV_BLOCK - 1) / KV_BLOCK;
     s->key_cache = calloc(heads, head_bytes(w, s));
     s->value_cache = calloc(heads, head_bytes(w, s));
     if (!s->key_cache || !s->value_cache)
@@ -506,6 +512,14 @@ static void store_kvquant(const weights *w, run_state *s, int seq, int layer, in
         }
         for (int c = 0; c < hd; c++)
             sink[hd + c] = to_half(v[c]);
+    }
+    if (s->window_blocks) {   /* the window, whole: the key before RoPE, as the codes hold it */
+        uint16_t *wk = window_key_block(w, s, key_window_head(w, s, seq, layer, h), p) + p % KV_BLOCK;
+        uint16_t *wv = window_value_row(w, s, value_window_head(w, s, seq, layer, h), p);
+        for (int c = 0; c < hd; c++) {
+            wk[(size_t)c * KV_BLOCK] = to_half(k[c]);
+            wv[c] = to_half(v[c]);
+        }
     }
 }
 

@@ -169,8 +169,9 @@ class Engine:
         self.tokenizer = load_tokenizer(self.source.tokenizer)
         self.model = Model(self.source, ctx=ctx, quantize=quantize, group_size=group_size, threads=threads,
                            dequantize=dequantize, activations=activations, kv_cache=kv_cache.name,
-                           kv_residual=kv_cache.residual if kv_cache.windowed else None,
-                           kv_group=kv_cache.group if kv_cache.windowed else None, kv_calibration=calibration)
+                           kv_residual=kv_cache.residual if kv_cache.name in kv_formats.WINDOWED else None,
+                           kv_group=kv_cache.group if kv_cache.name in kv_formats.GROUPED else None,
+                           kv_calibration=calibration)
         # First use on this CPU: measure the kernel parameters of the model's layer shapes (cached).
         tune_layers(self.model.quantized_layers(), self.model.threads)
         self.config = self.source.config

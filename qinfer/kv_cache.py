@@ -12,12 +12,21 @@
               non-uniform levels (qinfer calibrate-kv; qinfer/kv_calibration.py): keys
               per channel before RoPE (rotated as attention reads them), values per
               token, ~1% outliers in float16 beside the codes, position 0 (the
-              attention sink) in float16
+              attention sink) in float16; the newest R tokens also in float16, as
+              KIVI's window (default 128; --kv-residual 0 gives the paper's cache,
+              where every token but the sink is read through its codes)
 
 Each token attends through the cache exactly as it would when decoded alone:
 the window's tokens (its own among them) at float16, the older ones through
 their codes. A prefill of many tokens therefore gives the logits of decoding
 them one by one, whatever its chunks.
+
+Why kvquant has a window too: on SmolLM2 the newest tokens' float16 is what
+puts KIVI ahead at equal bits (benchmarks/kv_error.py; kivi2 without its window:
++55% perplexity, with it +26%), and a window of R tokens is the chunk-of-R
+protocol of docs/perplexity.md made real: a token reads the R before it whole.
+kvquant codes a token when storing it (its key's range is calibrated, not its
+group's), so the window is a float16 copy read instead of the codes, per position.
 
 The layouts are in pyx/kv_cache.c.
 """
@@ -44,13 +53,15 @@ def default_name(head_dim=None):
     if name == "q8" and head_dim is not None and head_dim % SCALE_GROUP:
         return FALLBACK
     return name
-WINDOWED = ("kivi4", "kivi2")        # formats with a full-precision window (--kv-residual, --kv-group)
-DEFAULT_RESIDUAL = 128               # KIVI's R
+WINDOWED = ("kivi4", "kivi2", "kvquant4", "kvquant3", "kvquant2")   # with a float16 window (--kv-residual)
+GROUPED = ("kivi4", "kivi2")         # with key groups (--kv-group)
+DEFAULT_RESIDUAL = 128               # KIVI's R, kvquant's too
 DEFAULT_GROUP = 32                   # KIVI's G
 GROUPS = (32, 64, 128)               # key groups are whole blocks of 32 positions
 SCALE_GROUP = 32                     # q8: values per float16 scale
 # A windowed cache takes a call's new tokens a block of WINDOW_BLOCK at a time (forward.c,
-# cache_and_attend): its float16 window holds R + G + WINDOW_BLOCK positions.
+# cache_and_attend): its float16 window holds R + G + WINDOW_BLOCK positions (kvquant, no
+# group: R + 2 WINDOW_BLOCK).
 WINDOW_BLOCK = 32
 # The most new tokens one forward call brings to a windowed cache: fewer than the other
 # formats' 512, for the smaller buffers a call's rows need (a 7B's: 36 MiB, not 140); KIVI
@@ -62,14 +73,15 @@ BITS = {"q8": 8, "kivi4": 4, "kivi2": 2, "kvquant4": 4, "kvquant3": 3, "kvquant2
 
 @dataclasses.dataclass(frozen=True)
 class KVSpec:
-    """A KV cache format and its settings (residual and group apply to KIVI only)."""
+    """A KV cache format and its settings (residual: KIVI and kvquant; group: KIVI)."""
     name: str = "f32"
     residual: int = 0
     group: int = 0
 
     @property
     def windowed(self):
-        return self.name in WINDOWED
+        """Whether the cache has a float16 window (KIVI always: keys wait there for their group)."""
+        return self.name in GROUPED or (self.name in WINDOWED and self.residual > 0)
 
     @property
     def bits(self):
@@ -100,7 +112,9 @@ class KVSpec:
         """Tokens of the float16 window (0 without one)."""
         if not self.windowed:
             return 0
-        return -(-(self.residual + self.group + WINDOW_BLOCK) // 32) * 32
+        if self.name in GROUPED:
+            return -(-(self.residual + self.group + WINDOW_BLOCK) // 32) * 32
+        return -(-(self.residual + 2 * WINDOW_BLOCK) // 32) * 32
 
     def fixed_bytes(self, config):
         """Bytes a sequence's cache holds whatever its length: the float16 window (kivi), or the
@@ -115,8 +129,10 @@ class KVSpec:
         return seqs * (self.bytes_per_token(config) * ctx + self.fixed_bytes(config)) + rope
 
     def describe(self):
-        if self.windowed:
+        if self.name in GROUPED:
             return f"{self.name} (window {self.residual}, group {self.group})"
+        if self.name in WINDOWED:
+            return f"{self.name} (window {self.residual})" if self.residual else f"{self.name} (no window)"
         return self.name
 
 
@@ -141,9 +157,17 @@ def check(name, residual=None, group=None, head_dim=None):
     if name not in WINDOWED:
         for option, value in (("residual window", residual), ("group", group)):
             if value:
-                raise UnsupportedError(f"a KV cache {option} applies to the kivi formats, not {name}")
+                raise UnsupportedError(f"a KV cache {option} applies to the kivi and kvquant formats, not {name}"
+                                       if option == "residual window" else
+                                       f"a KV cache {option} applies to the kivi formats, not {name}")
         return KVSpec(name)
     residual = DEFAULT_RESIDUAL if residual is None else residual
+    if name not in GROUPED:
+        if group:
+            raise UnsupportedError(f"a KV cache group applies to the kivi formats, not {name}")
+        if isinstance(residual, bool) or not isinstance(residual, int) or residual < 0:
+            raise UnsupportedError(f"KV cache residual window {residual!r} must be a non-negative number of tokens")
+        return KVSpec(name, residual)
     group = DEFAULT_GROUP if group is None else group
     if isinstance(group, bool) or not isinstance(group, int) or group not in GROUPS:
         raise UnsupportedError(f"KV cache group {group!r} is not one of {', '.join(map(str, GROUPS))}")

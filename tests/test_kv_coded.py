@@ -217,8 +217,10 @@ def test_bad_kivi_settings_are_refused(models, settings, message):
 
 
 def test_settings_of_kivi_alone(models):
-    with pytest.raises(UnsupportedError, match="applies to the kivi formats, not q8"):
+    with pytest.raises(UnsupportedError, match="applies to the kivi and kvquant formats, not q8"):
         engine(models["gqa"], "q8", kv_residual=64)
+    with pytest.raises(UnsupportedError, match="group applies to the kivi formats, not q8"):
+        engine(models["gqa"], "q8", kv_group=64)
 
 
 def test_the_cli_takes_the_kivi_settings(models):

@@ -104,7 +104,9 @@ def dequantized_values(v, levels):
     return deq
 
 
-def reference(q, k, v, cal, bits, heads, kv_heads, inv_freq, layer=0):
+def reference(q, k, v, cal, bits, heads, kv_heads, inv_freq, layer=0, residual=128):
+    """Attention through the cache: a query at p reads positions p + 1 - residual.. whole
+    (float16, keys rotated after), the older ones dequantized."""
     n = q.shape[0]
     hd = q.shape[1] // heads
     out = np.zeros((n, heads * hd))
@@ -113,11 +115,16 @@ def reference(q, k, v, cal, bits, heads, kv_heads, inv_freq, layer=0):
         keys = dequantized_keys(k[:, cols], cal.key_center[layer, j], cal.key_half_range[layer, j],
                                 cal.key_levels[bits][layer], inv_freq)
         values = dequantized_values(v[:, cols], cal.value_levels[bits][layer])
+        whole_keys = np.stack([rope(f16(k[p, cols]), p, inv_freq) for p in range(n)])   # held before RoPE
+        whole_values = f16(v[:, cols]).astype(np.float64)
         for h in range(j * (heads // kv_heads), (j + 1) * (heads // kv_heads)):
             for p in range(n):
-                s = keys[:p + 1] @ q[p, h * hd:(h + 1) * hd].astype(np.float64) / np.sqrt(hd)
+                first = max(0, p + 1 - residual) if residual else p + 1
+                kp = np.concatenate([keys[:first], whole_keys[first:p + 1]])
+                vp = np.concatenate([values[:first], whole_values[first:p + 1]])
+                s = kp @ q[p, h * hd:(h + 1) * hd].astype(np.float64) / np.sqrt(hd)
                 s = np.exp(s - s.max())
-                out[p, h * hd:(h + 1) * hd] = (s / s.sum()) @ values[:p + 1]
+                out[p, h * hd:(h + 1) * hd] = (s / s.sum()) @ vp
     return out
 
 
@@ -131,16 +138,32 @@ def inputs(e, n, seed):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("name", ["kvquant4", "kvquant3", "kvquant2"])
-def test_attention_matches_the_reference(models, shape, name):
-    e = engine(models, shape, name)
+@pytest.mark.parametrize("residual", [128, 0, 45])
+def test_attention_matches_the_reference(models, shape, name, residual):
+    e = engine(models, shape, name, kv_residual=residual)
     cfg = e.config
     q, k, v = inputs(e, 200, seed=0)
     got = attend(e.model.transformer, q, k, v, chunks=[1, 37, 128, 5, 1])
     bits = int(name[-1])
     inv_freq = ref.rope_inv_freq(cfg.head_dim, cfg.rope_theta)
-    want = reference(q, k, v, models[shape][2], bits, cfg.num_attention_heads, cfg.num_key_value_heads, inv_freq)
+    want = reference(q, k, v, models[shape][2], bits, cfg.num_attention_heads, cfg.num_key_value_heads, inv_freq,
+                     residual=residual)
     err = np.abs(got - want).max()
     assert err <= ATOL, err
+
+
+def test_the_window_reads_the_newest_tokens_whole(models):
+    """With a window the output is the windowed reference's, and clearly not the
+    window-less one's (and the other way round): the window is really read."""
+    cfg_e = engine(models, "gqa", "kvquant2")
+    cfg = cfg_e.config
+    q, k, v = inputs(cfg_e, 160, seed=3)
+    inv_freq = ref.rope_inv_freq(cfg.head_dim, cfg.rope_theta)
+    args = (q, k, v, models["gqa"][2], 2, cfg.num_attention_heads, cfg.num_key_value_heads, inv_freq)
+    with_window, without = reference(*args, residual=64), reference(*args, residual=0)
+    got = attend(engine(models, "gqa", "kvquant2", kv_residual=64).model.transformer, q, k, v, chunks=[128, 32])
+    assert np.abs(got - with_window).max() <= ATOL
+    assert np.abs(got - without).max() > 100 * ATOL
 
 
 @pytest.mark.parametrize("name", ["kvquant4", "kvquant2"])
@@ -159,12 +182,14 @@ def test_the_keys_are_rotated_after_they_are_read(models, name):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("name", ["kvquant4", "kvquant3", "kvquant2"])
-def test_chunked_prefill_equals_decoding_bit_for_bit_on_any_threads(models, shape, name):
-    e = engine(models, shape, name)
+@pytest.mark.parametrize("residual", [128, 0, 45])
+def test_chunked_prefill_equals_decoding_bit_for_bit_on_any_threads(models, shape, name, residual):
+    e = engine(models, shape, name, kv_residual=residual)
     q, k, v = inputs(e, 150, seed=2)
     prefill = attend(e.model.transformer, q, k, v, chunks=[128])
-    steps = attend(engine(models, shape, name).model.transformer, q, k, v, chunks=[1])
-    two = attend(engine(models, shape, name).model.transformer, q, k, v, chunks=[33, 1], threads=2)
+    steps = attend(engine(models, shape, name, kv_residual=residual).model.transformer, q, k, v, chunks=[1])
+    two = attend(engine(models, shape, name, kv_residual=residual).model.transformer, q, k, v, chunks=[33, 1],
+                 threads=2)
     assert np.array_equal(prefill, steps)
     assert np.array_equal(prefill, two)
 
@@ -212,9 +237,23 @@ def test_the_cli_takes_the_calibration(models):
     proc = run_cli("bench", "--model", d, "-p", "40", "-n", "4", "-r", "1", "-t", "1", "--ctx", "128",
                    "--kv-cache", "kvquant2", "--kv-calibration", path)
     assert proc.returncode == 0, proc.stderr
-    assert "KV cache: kvquant2" in proc.stdout
+    assert "KV cache: kvquant2 (window 128)" in proc.stdout
+    proc = run_cli("bench", "--model", d, "-p", "40", "-n", "4", "-r", "1", "-t", "1", "--ctx", "128",
+                   "--kv-cache", "kvquant3", "--kv-calibration", path, "--kv-residual", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "KV cache: kvquant3 (no window)" in proc.stdout
     assert_user_error(run_cli("generate", "--model", d, "--prompt", "hi", "--kv-cache", "kvquant4"),
                       "calibrate-kv")
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--kv-residual", "-1"], "must be a non-negative number of tokens"),
+    (["--kv-group", "64"], "group applies to the kivi formats, not kvquant3"),
+])
+def test_bad_window_settings_are_one_clear_line(models, option, message):
+    d, path, _ = models["gqa"]
+    assert_user_error(run_cli("generate", "--model", d, "--prompt", "hi", "--kv-cache", "kvquant3",
+                              "--kv-calibration", path, *option), message)
 
 
 @pytest.mark.skipif(not qinfer.kernels.has_float_avx512(), reason="the CPU has no AVX-512")

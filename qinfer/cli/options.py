@@ -60,8 +60,8 @@ def add_kv_cache_option(p):
                         "needs qinfer calibrate-kv's file)"
                         + (f"; {', '.join(later)} are not implemented yet" if later else ""))
     p.add_argument("--kv-residual", type=int, default=None, metavar="R",
-                   help=f"kivi: the newest tokens kept in float16 (a multiple of the group; "
-                        f"default {DEFAULT_RESIDUAL})")
+                   help=f"kivi, kvquant: the newest tokens kept in float16 (kivi: a multiple of the group; "
+                        f"kvquant: 0 for none, the paper's cache; default {DEFAULT_RESIDUAL})")
     p.add_argument("--kv-group", type=int, default=None, metavar="G",
                    help=f"kivi: positions per key scale and channels per value scale "
                         f"({', '.join(map(str, GROUPS))}; default {DEFAULT_GROUP})")
