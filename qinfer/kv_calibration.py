@@ -101,6 +101,8 @@ FINGERPRINT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hid
                       "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
                       "tie_word_embeddings")
 FINGERPRINT_SAMPLE = 64 << 10        # bytes hashed at each end of a weight file
+WEIGHTINGS = ("fisher", "none")      # what the k-means weighs each calibration value by
+DEFAULT_WEIGHTING = "fisher"
 
 
 class CalibrationError(QinferError):
@@ -118,7 +120,7 @@ class Calibration:
     tokens: int                             # calibration tokens counted (position 0 of each sequence excluded)
     fingerprint: str                        # of the model (fingerprint())
     calib: str = ""                         # the calibration text's file name
-    extra: dict = field(default_factory=dict)   # other metadata (sequences, seqlen, seed)
+    extra: dict = field(default_factory=dict)   # other metadata (sequences, seqlen, seed, weighting)
 
     @property
     def layers(self):
@@ -218,10 +220,14 @@ def key_thresholds(keys):
     return center, half_range
 
 
-def normalized_key_inliers(keys, center, half_range):
-    """The inliers of keys [tokens, kv_heads, head_dim], normalized to [-1, 1] (1-D float32)."""
+def normalized_key_inliers(keys, center, half_range, weights=None):
+    """The inliers of keys [tokens, kv_heads, head_dim], normalized to [-1, 1] (1-D float32);
+    with weights (keys' shape), (inliers, their weights)."""
     x = (keys - center) / half_range                 # float32, as the C side computes it
-    return np.clip(x[np.abs(keys - center) <= half_range], -1, 1)
+    inlier = np.abs(keys - center) <= half_range
+    if weights is None:
+        return np.clip(x[inlier], -1, 1)
+    return np.clip(x[inlier], -1, 1), weights.reshape(keys.shape)[inlier]
 
 
 def value_outlier_count(head_dim):
@@ -229,10 +235,11 @@ def value_outlier_count(head_dim):
     return (head_dim + 99) // 100
 
 
-def normalized_value_inliers(values):
+def normalized_value_inliers(values, weights=None):
     """values [vectors, head_dim] (one token's KV head each) -> the normalized inliers of every
     vector (1-D float32): its n_out values of largest |x| left out, the rest mapped by the
-    vector's own inlier min/max onto [-1, 1]."""
+    vector's own inlier min/max onto [-1, 1]; with weights (values' shape), (inliers, their
+    weights)."""
     n_out = value_outlier_count(values.shape[1])
     if n_out >= values.shape[1]:
         raise CalibrationError(f"head_dim {values.shape[1]} leaves no value inliers")
@@ -244,26 +251,42 @@ def normalized_value_inliers(values):
     half = (hi - lo) / 2
     safe = np.where(half > 0, half, 1)               # a constant vector normalizes to 0
     x = np.where(half > 0, (values - (hi + lo) / 2) / safe, 0)
-    return np.clip(x[inlier], -1, 1).astype(np.float32)
+    if weights is None:
+        return np.clip(x[inlier], -1, 1).astype(np.float32)
+    return np.clip(x[inlier], -1, 1).astype(np.float32), weights.reshape(values.shape)[inlier]
 
 
-def subsample(values, max_samples, rng):
-    """At most max_samples of values, drawn without replacement (all of them when fewer)."""
+def subsample(values, max_samples, rng, weights=None):
+    """At most max_samples of values, drawn without replacement (all of them when fewer);
+    with weights (as many), (values, weights) drawn alike."""
     values = np.asarray(values).reshape(-1)
-    if len(values) <= max_samples:
-        return values
-    return values[rng.choice(len(values), size=max_samples, replace=False)]
+    take = slice(None) if len(values) <= max_samples else rng.choice(len(values), size=max_samples, replace=False)
+    if weights is None:
+        return values[take]
+    return values[take], np.asarray(weights).reshape(-1)[take]
 
 
-def fit_levels(values, n_levels, max_iterations=MAX_ITERATIONS):
+def fit_levels(values, n_levels, max_iterations=MAX_ITERATIONS, weights=None):
     """n_levels sorted float32 levels in [-1, 1]: Lloyd's 1-D k-means of values (module
-    docstring). Works on the sorted values, where each level's values are one contiguous
+    docstring); with weights (>= 0, as many as values), each value counts as much as its
+    weight (a level moves to its values' weighted mean: KVQuant's sensitivity-weighted
+    levels). Works on the sorted values, where each level's values are one contiguous
     run: a step is a binary search per boundary and prefix sums, not a pass over the data."""
-    x = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    order = np.argsort(x, kind="stable")
+    x = x[order]
     if len(x) == 0:
         raise CalibrationError("no calibration values to fit levels to")
-    prefix = np.concatenate([[0.0], np.cumsum(x)])
-    prefix_sq = np.concatenate([[0.0], np.cumsum(x * x)])
+    if weights is None:
+        wt = np.ones_like(x)
+    else:
+        wt = np.asarray(weights, dtype=np.float64).reshape(-1)
+        if wt.shape != (len(x),) or not np.all(np.isfinite(wt)) or (wt < 0).any() or wt.sum() <= 0:
+            raise CalibrationError("level weights must be as many as the values, finite, >= 0, not all 0")
+        wt = wt[order] / wt.max()            # scaled: sums of tiny squared gradients stay exact enough
+    prefix_w = np.concatenate([[0.0], np.cumsum(wt)])
+    prefix = np.concatenate([[0.0], np.cumsum(wt * x)])
+    prefix_sq = np.concatenate([[0.0], np.cumsum(wt * x * x)])
     levels = np.quantile(x, (np.arange(n_levels) + 0.5) / n_levels)
     cuts = None
     for _ in range(max_iterations):
@@ -273,21 +296,23 @@ def fit_levels(values, n_levels, max_iterations=MAX_ITERATIONS):
         if cuts is not None and np.array_equal(new_cuts, cuts):
             break                            # no value changed level: a fixed point
         cuts = new_cuts
-        counts = np.diff(cuts)
+        counts = prefix_w[cuts[1:]] - prefix_w[cuts[:-1]]
         sums = prefix[cuts[1:]] - prefix[cuts[:-1]]
-        levels = np.where(counts > 0, sums / np.maximum(counts, 1), levels)
-        if (counts == 0).any():
+        owned = counts > 0
+        levels = np.where(owned, sums / np.where(owned, counts, 1), levels)
+        if not owned.all():
             levels = _reseed_empty(x, cuts, counts, levels, sums, prefix_sq)
     return np.clip(np.sort(levels), -1, 1).astype(np.float32)
 
 
 def _reseed_empty(x, cuts, counts, levels, sums, prefix_sq):
-    """Levels that own no value (two levels started equal, e.g. on a mass of values at -1)
-    move to the value farthest from its level in the cluster of largest squared error,
-    so every level ends up used when the data has that many distinct values."""
+    """Levels that own no value, or only values of weight 0 (two levels started equal, e.g.
+    on a mass of values at -1) move to the value farthest from its level in the cluster of
+    largest (weighted) squared error, so every level ends up used when the data has that many
+    distinct values."""
     levels = levels.copy()
-    sse = (prefix_sq[cuts[1:]] - prefix_sq[cuts[:-1]]) - sums * sums / np.maximum(counts, 1)
-    for empty in np.flatnonzero(counts == 0):
+    sse = (prefix_sq[cuts[1:]] - prefix_sq[cuts[:-1]]) - sums * sums / np.where(counts > 0, counts, 1)
+    for empty in np.flatnonzero(counts <= 0):
         worst = int(np.argmax(sse))
         if sse[worst] <= 0:
             break                            # every cluster is one repeated value: nothing to split
@@ -337,23 +362,27 @@ def _check_bits(bits):
     return bits
 
 
-def _kv_weights(model, source, layer):
-    """k_proj and v_proj of block `layer` as float32 [out, in], as the model runs them: a
+def linear_weight(model, source, full):
+    """The linear map `full` (a tensor name) as float32 [out, in], as the model runs it: a
     packed weight dequantized, a float one quantized on load first when the model does that."""
-    from .model import LINEAR_NAMES, quantize_on_load
+    from .model import quantize_on_load
     from .quant.writer import float_weight
     from .readers.source import PackedTensor
 
-    out = []
-    for name in ("wk", "wv"):
-        full = f"model.layers.{layer}.{LINEAR_NAMES[name]}.weight"
-        w = float_weight(source, full)
-        # as Model._linear builds it: a packed weight runs packed unless the model dequantizes
-        runs_packed = isinstance(source.tensors[full], PackedTensor) and not model.dequantize
-        if model.quantize and not runs_packed:
-            w = quantize_on_load(w, model.quantize, model.group_size).dequantize()
-        out.append(w)
-    return out
+    w = float_weight(source, full)
+    # as Model._linear builds it: a packed weight runs packed unless the model dequantizes
+    runs_packed = isinstance(source.tensors[full], PackedTensor) and not model.dequantize
+    if model.quantize and not runs_packed:
+        w = quantize_on_load(w, model.quantize, model.group_size).dequantize()
+    return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def _kv_weights(model, source, layer):
+    """k_proj and v_proj of block `layer` as float32 [out, in] (linear_weight)."""
+    from .model import LINEAR_NAMES
+
+    return [linear_weight(model, source, f"model.layers.{layer}.{LINEAR_NAMES[name]}.weight")
+            for name in ("wk", "wv")]
 
 
 def _layer_inputs(model, layer, hidden, threads, bar):
@@ -369,15 +398,36 @@ def _layer_inputs(model, layer, hidden, threads, bar):
     return x.reshape(-1, dim)
 
 
-def calibrate(engine_or_model, sequences, bits=BITS, progress=None, calib="", seed=0, threads=None):
+def _fisher(model, source, sequences, bar):
+    """KVQuant's sensitivity weights of every calibration key and value, positions 1..:
+    (keys, values) float32 [layers, n * (seqlen - 1), kv_heads * head_dim] (kv_fisher.py)."""
+    from .kv_fisher import key_value_fisher, model_weights
+
+    weights = model_weights(model, source)
+    n, seqlen = sequences.shape
+    cfg = model.config
+    shape = (cfg.num_hidden_layers, n, seqlen - 1, cfg.num_key_value_heads * cfg.head_dim)
+    fk, fv = np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.float32)
+    for s in range(n):
+        k, v = key_value_fisher(weights, sequences[s])
+        fk[:, s], fv[:, s] = k[:, 1:], v[:, 1:]       # position 0, the sink, as the samples leave it out
+        bar.update()
+    return fk.reshape(shape[0], -1, shape[3]), fv.reshape(shape[0], -1, shape[3])
+
+
+def calibrate(engine_or_model, sequences, bits=BITS, progress=None, calib="", seed=0, threads=None,
+              weighting=DEFAULT_WEIGHTING):
     """Calibration of the model's KV cache on token sequences [n, seqlen] (int; e.g. from
     calibration_sequences): per-channel key thresholds and per-layer levels for each bit width
     (module docstring). engine_or_model: an Engine, or a model.Model (its context must hold
     seqlen tokens). progress: a bar on stderr (None: only on a terminal). calib: the text's
-    file name, recorded in the file. seed: the k-means subsamples'."""
+    file name, recorded in the file. seed: the k-means subsamples'. weighting: "fisher", the
+    k-means weighted by each value's squared loss gradient, or "none"."""
     from .progress import bar as progress_bar
     from .progress import is_terminal
 
+    if weighting not in WEIGHTINGS:
+        raise CalibrationError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
     model, source, model_path = _unwrap(engine_or_model)
     sequences = _check_sequences(sequences, model)
     bits = _check_bits(bits)
@@ -390,9 +440,11 @@ def calibrate(engine_or_model, sequences, bits=BITS, progress=None, calib="", se
     value_levels = {b: np.empty((n_layers, 1 << b), dtype=np.float32) for b in bits}
 
     hidden = np.ascontiguousarray(model.embedding[sequences], dtype=np.float32)   # [n, seqlen, dim]
-    bar = progress_bar(n_layers * (n + 1), "calibrate-kv", "step", enabled=progress,
+    fisher = weighting == "fisher"
+    bar = progress_bar(n_layers * (n + 1) + (n if fisher else 0), "calibrate-kv", "step", enabled=progress,
                        mininterval=0.5 if is_terminal(sys.stderr) else 5.0)
     with bar:
+        fk, fv = _fisher(model, source, sequences, bar) if fisher else (None, None)
         for layer in range(n_layers):
             x = _layer_inputs(model, layer, hidden, threads, bar)
             wk, wv = _kv_weights(model, source, layer)
@@ -400,22 +452,30 @@ def calibrate(engine_or_model, sequences, bits=BITS, progress=None, calib="", se
             values = (x @ wv.T).reshape(-1, head_dim)
             del x
             key_center[layer], key_half_range[layer] = key_thresholds(keys)
-            samples = (normalized_key_inliers(keys, key_center[layer], key_half_range[layer]),
-                       normalized_value_inliers(values))
+            if fisher:
+                samples = (normalized_key_inliers(keys, key_center[layer], key_half_range[layer], fk[layer]),
+                           normalized_value_inliers(values, fv[layer]))
+            else:
+                samples = ((normalized_key_inliers(keys, key_center[layer], key_half_range[layer]), None),
+                           (normalized_value_inliers(values), None))
             del keys, values
-            for kind, (sample, levels) in enumerate(zip(samples, (key_levels, value_levels))):
-                sample = subsample(sample, MAX_SAMPLES, np.random.default_rng([seed, layer, kind]))
+            for kind, ((sample, weights), levels) in enumerate(zip(samples, (key_levels, value_levels))):
+                rng = np.random.default_rng([seed, layer, kind])
+                if fisher:
+                    sample, weights = subsample(sample, MAX_SAMPLES, rng, weights)
+                else:
+                    sample = subsample(sample, MAX_SAMPLES, rng)
                 for b in bits:
-                    levels[b][layer] = fit_levels(sample, 1 << b)
+                    levels[b][layer] = fit_levels(sample, 1 << b, weights=weights)
             bar.update()
     return Calibration(key_center=key_center, key_half_range=key_half_range, key_levels=key_levels,
                        value_levels=value_levels, tokens=n * (seqlen - 1),
                        fingerprint=fingerprint(cfg, model_path), calib=calib,
-                       extra=dict(sequences=str(n), seqlen=str(seqlen), seed=str(seed)))
+                       extra=dict(sequences=str(n), seqlen=str(seqlen), seed=str(seed), weighting=weighting))
 
 
 def calibrate_file(model=None, calib=None, out=None, sequences=DEFAULT_SEQUENCES, seqlen=DEFAULT_SEQLEN,
-                   seed=0, threads=None, progress=True):
+                   seed=0, threads=None, progress=True, weighting=DEFAULT_WEIGHTING):
     """`qinfer calibrate-kv`: calibrate the model at path `model` (None: the default model)
     on `sequences` windows of `seqlen` tokens of the text file `calib`, and save the result
     to `out` (default: default_path(model)). Returns (Calibration, the path written)."""
@@ -442,7 +502,7 @@ def calibrate_file(model=None, calib=None, out=None, sequences=DEFAULT_SEQUENCES
                              what=f"calibration file {os.fspath(calib)}")
     runner = Model(source, ctx=seqlen, threads=threads)
     result = calibrate(runner, windows, progress=progress, calib=os.path.basename(os.fspath(calib)), seed=seed,
-                       threads=threads)
+                       threads=threads, weighting=weighting)
     save(result, out)
     return result, out
 
@@ -542,7 +602,7 @@ def load(path, config, model_path=None, bits=BITS):
                 raise CalibrationError(f"calibration file {path}: {kind}.{b} is not sorted ascending "
                                        f"within [-1, 1]")
     tokens = _meta_int(meta, "tokens", path)
-    extra = {k: meta[k] for k in ("sequences", "seqlen", "seed") if k in meta}
+    extra = {k: meta[k] for k in ("sequences", "seqlen", "seed", "weighting") if k in meta}
     return Calibration(key_center=data["key_center"], key_half_range=data["key_half_range"],
                        key_levels={b: data[f"key_levels.{b}"] for b in bits},
                        value_levels={b: data[f"value_levels.{b}"] for b in bits},

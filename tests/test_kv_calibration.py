@@ -51,7 +51,7 @@ def engine(tiny):
 
 @pytest.fixture(scope="module")
 def calibration(engine, sequences):
-    return kvc.calibrate(engine, sequences, progress=False, calib="random ids")
+    return kvc.calibrate(engine, sequences, progress=False, calib="random ids", weighting="none")
 
 
 def layer_inputs(weights, config, ids):
@@ -175,7 +175,7 @@ def test_a_quantized_on_load_model_is_calibrated_on_its_quantized_weights(tiny, 
 def test_a_model_gives_what_its_engine_gives(engine, sequences, calibration):
     from qinfer.model import Model
     model = Model(engine.source, ctx=SEQLEN, threads=1)
-    again = kvc.calibrate(model, sequences, progress=False, calib="random ids")
+    again = kvc.calibrate(model, sequences, progress=False, calib="random ids", weighting="none")
     np.testing.assert_allclose(again.key_center, calibration.key_center, rtol=0, atol=1e-6)
     for b in kvc.BITS:
         np.testing.assert_allclose(again.value_levels[b], calibration.value_levels[b], rtol=0, atol=1e-6)
@@ -234,6 +234,49 @@ def test_calibrated_levels_are_fixed_points_on_the_reference_samples(calibration
                 assert levels.min() >= -1 and levels.max() <= 1
                 err = np.max(np.abs(levels - lloyd_means(sample, levels)))
                 assert err < FIXED_POINT_TOL, (kind, layer, b, err)
+
+
+def weighted_lloyd_means(x, wt, levels):
+    """Brute force: the weighted mean of the values whose nearest level each level is."""
+    nearest = np.argmin(np.abs(x[:, None] - np.asarray(levels, dtype=np.float64)[None, :]), axis=1)
+    return np.array([np.sum(wt[nearest == j] * x[nearest == j]) / np.sum(wt[nearest == j])
+                     for j in range(len(levels))])
+
+
+def test_fisher_levels_are_weighted_fixed_points(engine, sequences, reference):
+    """With weighting="fisher" each level is the mean of its values weighted by their squared
+    loss gradients (qinfer/kv_fisher.py, held against finite differences in test_kv_fisher.py),
+    each sample value paired with its own position's and channel's weight; and the levels differ
+    from the unweighted ones."""
+    from qinfer.kv_fisher import key_value_fisher, model_weights
+
+    got = kvc.calibrate(engine, sequences, progress=False, weighting="fisher")
+    plain = kvc.calibrate(engine, sequences, progress=False, weighting="none")
+    weights = model_weights(engine.model, engine.source)
+    fisher = [key_value_fisher(weights, ids) for ids in sequences]          # per sequence: (fk, fv)
+    for layer, (keys, values) in enumerate(reference):
+        hd = keys.shape[-1]
+        fk = np.stack([f[0][layer] for f in fisher])[:, 1:].reshape(-1, *keys.shape[-2:])
+        fv = np.stack([f[1][layer] for f in fisher])[:, 1:].reshape(-1, hd)
+        center, half = ref_thresholds(keys[:, 1:])
+        x = (keys[:, 1:].reshape(-1, *keys.shape[-2:]) - center) / half
+        key_x, key_w = x[np.abs(x) <= 1], fk[np.abs(x) <= 1]
+        value_x, value_w = [], []
+        n_out = math.ceil(0.01 * hd)
+        for vec, wv in zip(values[:, 1:].reshape(-1, hd), fv):
+            keep = np.argsort(-np.abs(vec))[n_out:]
+            lo, hi = vec[keep].min(), vec[keep].max()
+            value_x.append((vec[keep] - (hi + lo) / 2) / ((hi - lo) / 2))
+            value_w.append(wv[keep])
+        for kind, (sample, wt, fitted) in (("key", (key_x, key_w, got.key_levels)),
+                                           ("value", (np.concatenate(value_x), np.concatenate(value_w),
+                                                      got.value_levels))):
+            for b in kvc.BITS:
+                levels = fitted[b][layer]
+                err = np.max(np.abs(levels - weighted_lloyd_means(sample, wt.astype(np.float64), levels)))
+                assert err < 1e-4, (kind, layer, b, err)
+        assert np.abs(got.key_levels[3][layer] - plain.key_levels[3][layer]).max() > 1e-3
+    assert got.extra["weighting"] == "fisher" and plain.extra["weighting"] == "none"
 
 
 def test_value_outliers_are_one_percent_rounded_up():
@@ -388,7 +431,8 @@ def test_cli_writes_the_file_beside_the_model_atomically(tiny, engine, text_file
     assert str(out) in last and "62 calibration tokens" in last and "calib.txt" in last, last
     assert set(p.name for p in d.iterdir()) == before | {"kvquant.safetensors"}   # nothing else left
     back = kvc.load(out, engine.config, model_path=d)
-    assert back.tokens == 62 and back.extra == {"sequences": "2", "seqlen": "32", "seed": "0"}
+    assert back.tokens == 62 and back.extra == {"sequences": "2", "seqlen": "32", "seed": "0",
+                                                "weighting": "fisher"}
     out.unlink()
 
 
