@@ -14,7 +14,7 @@ from libc.string cimport memcpy
 
 import numpy as np
 
-from qmatrix cimport qmatrix, qgemm_fn, qgemv_team_fn
+from qmatrix cimport qmatrix, qgemm_fn, qgemv_team_fn, qgemm_team_fn
 from team cimport (team_governor, team_wait_mode, TEAM_WAIT_SLEEP, TEAM_WAIT_SPIN,
                    team_probe_min_s, team_probe_max_s, team_probe_share, TEAM_PROBE_SHARE)
 
@@ -32,6 +32,7 @@ cdef extern from "forward.c":
         qgemm_fn qgemm
         qgemm_fn qgemm_i8
         qgemv_team_fn team
+        qgemm_team_fn rows_team
         const float *w
         const uint16_t *w16
         int in_ "in"
@@ -70,6 +71,7 @@ cdef extern from "forward.c":
         int seqs
         int seq
     int team_ready(const weights *w) nogil
+    int rows_team_ready(const weights *w) nogil
     int adapt_threads
     ctypedef struct kv_spec:
         int format, bits, group, residual
@@ -329,6 +331,7 @@ cdef class Transformer:
         l.qgemm = NULL
         l.qgemm_i8 = NULL
         l.team = NULL
+        l.rows_team = NULL
         l.w = NULL
         l.w16 = NULL
         if spec is None:
@@ -340,6 +343,8 @@ cdef class Transformer:
                 l.qgemm_i8 = <qgemm_fn>PyCapsule_GetPointer(spec[2], b"qinfer.qgemm_fn")
             if len(spec) > 3 and spec[3] is not None:
                 l.team = <qgemv_team_fn>PyCapsule_GetPointer(spec[3], b"qinfer.qgemv_team_fn")
+            if len(spec) > 4 and spec[4] is not None:
+                l.rows_team = <qgemm_team_fn>PyCapsule_GetPointer(spec[4], b"qinfer.qgemm_team_fn")
         elif is_half(spec):
             l.w16 = half_ptr(spec, <Py_ssize_t>n_in * n_out)
         else:
@@ -355,7 +360,8 @@ cdef class Transformer:
     def decode_team(self):
         """Whether a decode step runs as one thread team (when every layer has a team
         kernel: int8 activations on the AVX2 path) or as a parallel region per kernel
-        call; both give the same numbers. On by default."""
+        call, and a batched step likewise (rows_team_ready); both give the same numbers.
+        On by default."""
         return bool(self.s.decode_team)
 
     @decode_team.setter
@@ -377,6 +383,13 @@ cdef class Transformer:
         """Whether every linear map of a decode step has a team kernel, so that
         decode steps with more than one thread run as one team."""
         return bool(team_ready(&self.w))
+
+    @property
+    def rows_team_ready(self):
+        """Whether every linear map has a team kernel for several rows (int8 activations
+        on the AVX2 path), so that a batched step (forward_rows) with more than one thread
+        runs as one team."""
+        return bool(rows_team_ready(&self.w))
 
     @property
     def max_tokens(self):

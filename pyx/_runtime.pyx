@@ -257,6 +257,13 @@ cdef class QMatrix:
             return None
         return PyCapsule_New(<void *>self.kernels.avx2_i8_team, b"qinfer.qgemv_team_fn", NULL)
 
+    def int8_rows_team_capsule(self, bint avx2):
+        """The team twin of int8_kernel_capsule for several rows (qgemm_team_fn,
+        qmatrix.h) for the forward pass's batched steps, or None (as int8_team_capsule)."""
+        if not avx2 or self.kernels.avx2_i8_rows_team == NULL or not qm_whole_tiles(&self.m):
+            return None
+        return PyCapsule_New(<void *>self.kernels.avx2_i8_rows_team, b"qinfer.qgemm_team_fn", NULL)
+
     def matmul_int8(self, const float[:, ::1] x, float[:, ::1] out, int nthreads, bint avx2):
         """out = x @ W^T with each row of x rounded to int8 per block of 32 inputs."""
         cdef qgemm_fn fn = self.kernels.avx2_i8 if avx2 else self.kernels.scalar_i8

@@ -63,6 +63,8 @@ static int forward_with(const weights *w, run_state *s, const int *tokens, int n
 {
     if (n == 1 && nthreads > 1 && s->decode_team && team_ready(w))
         return decode_team(w, s, tokens[0], pos, logits, nthreads);
+    if (n > 1 && s->row_seq && nthreads > 1 && s->decode_team && rows_team_ready(w))
+        return rows_team(w, s, tokens, n, logits, nthreads);
     embed(w, tokens, n, s->x);
     rope_tables(w, s, pos, n);
     if (g)
@@ -121,9 +123,62 @@ static int decode_team(const weights *w, run_state *s, int token, int pos, float
     return failed ? -1 : 0;
 }
 
+/* A batched decode step (forward_rows: n rows, each its own sequence) as one team,
+ * as decode_team runs one row: each linear map a qgemm_team_fn over all the rows;
+ * the row-wise steps thread 0's, attention's tiles shared out. The same numbers as
+ * the per-call path (the kernels are twins). */
+static int rows_team(const weights *w, run_state *s, const int *tokens, int n, float *logits, int nthreads)
+{
+    team_barrier barrier = {0, 0, 0};
+    int failed = 0;
+    embed(w, tokens, n, s->x);
+    rope_tables(w, s, 0, n);
+    #pragma omp parallel num_threads(nthreads) reduction(|:failed)
+    {
+        team tm;
+        tm.barrier = &barrier;
+#ifdef _OPENMP
+        tm.thread = omp_get_thread_num();
+        tm.threads = omp_get_num_threads();
+        tm.spins = team_spins(tm.threads, omp_get_num_procs());
+#else
+        tm.thread = 0;
+        tm.threads = 1;
+        tm.spins = 0;
+#endif
+        const exec_ctx cx = {tm.threads, &tm};
+        for (int l = 0; l < w->n_layers; l++)
+            failed |= layer_forward(w, s, l, 0, n, NULL, &cx);
+        failed |= lm_head(w, s, n, n, logits, &cx);
+    }
+    return failed ? -1 : 0;
+}
+
 static int team_ready_linear(const linear *l)
 {
     return l->team != NULL;
+}
+
+static int rows_team_ready_linear(const linear *l)
+{
+    return l->rows_team != NULL;
+}
+
+/* Whether every linear map a batched step runs has a rows team kernel (int8 activations). */
+static int rows_team_ready(const weights *w)
+{
+    if (!rows_team_ready_linear(&w->lm_head))
+        return 0;
+    for (int l = 0; l < w->n_layers; l++) {
+        const layer_weights *lw = &w->layers[l];
+        const int qkv = is_set(&lw->wqkv) ? rows_team_ready_linear(&lw->wqkv)
+            : rows_team_ready_linear(&lw->wq) && rows_team_ready_linear(&lw->wk) && rows_team_ready_linear(&lw->wv);
+        const int gate_up = is_set(&lw->w_gate_up) ? rows_team_ready_linear(&lw->w_gate_up)
+            : rows_team_ready_linear(&lw->w_gate) && rows_team_ready_linear(&lw->w_up);
+        if (!qkv || !gate_up || !rows_team_ready_linear(&lw->wo) || !rows_team_ready_linear(&lw->w_down))
+            return 0;
+    }
+    return 1;
 }
 
 /* Whether every linear map a decode step runs has a team kernel. */
@@ -269,7 +324,7 @@ static void sync_point(const exec_ctx *cx)
 static int linear_map(const exec_ctx *cx, const linear *l, const float *x, int n, float *y)
 {
     if (cx->tm)
-        return l->team(l->q, x, y, cx->tm);
+        return n == 1 ? l->team(l->q, x, y, cx->tm) : l->rows_team(l->q, x, n, y, cx->tm);
     return matmul(l, x, n, y, cx->nthreads);
 }
 

@@ -144,6 +144,12 @@ typedef int (*qgemm_fn)(const qmatrix *m, const float *x, int n, float *y, int n
 struct team;   /* team.h */
 typedef int (*qgemv_team_fn)(const qmatrix *m, const float *x, float *y, const struct team *tm);
 
+/* Several rows (a batched decode step of a server's sequences) inside the
+ * caller's thread team, as qgemv_team_fn does one: y[n][out_features] =
+ * x[n][in_features] @ W^T, each thread its share of the tiles, the same numbers
+ * as the qgemm. */
+typedef int (*qgemm_team_fn)(const qmatrix *m, const float *x, int n, float *y, const struct team *tm);
+
 /* Whether out_features fills the last tile: the kernels then write y in
  * place, with no padded block to share. */
 static inline int qm_whole_tiles(const qmatrix *m)
@@ -164,6 +170,7 @@ typedef struct qkernels {
     qgemm_fn avx2_i8;
     qgemm_fn scalar_i8;
     qgemv_team_fn avx2_i8_team;   /* avx2_i8's team twin (NULL with it) */
+    qgemm_team_fn avx2_i8_rows_team;   /* ... and avx2_i8's team twin for several rows */
 } qkernels;
 
 #define QINFER_KERNELS_CAPSULE "qinfer.qkernels"

@@ -26,6 +26,7 @@ cdef extern from "qmatrix.h":
     ctypedef struct team:
         pass
     ctypedef int (*qgemv_team_fn)(const qmatrix *m, const float *x, float *y, const team *tm) noexcept nogil
+    ctypedef int (*qgemm_team_fn)(const qmatrix *m, const float *x, int n, float *y, const team *tm) noexcept nogil
     int qm_whole_tiles(const qmatrix *m) nogil
     ctypedef struct qkernels:
         int bits
@@ -37,4 +38,5 @@ cdef extern from "qmatrix.h":
         qgemm_fn avx2_i8
         qgemm_fn scalar_i8
         qgemv_team_fn avx2_i8_team
+        qgemm_team_fn avx2_i8_rows_team
         qgemv_team_fn avx2_team

@@ -42,15 +42,19 @@ Levels
 ------
 For each bit width b in (2, 3, 4) and each layer l, 2^b non-uniform levels
 for keys (key_levels.{b}[l]) and 2^b for values (value_levels.{b}[l]): the
-unweighted 1-D k-means of that layer's normalized inlier calibration values
-(all KV heads and channels pooled; at most MAX_SAMPLES of them, drawn without
+1-D k-means of that layer's normalized inlier calibration values (all KV
+heads and channels pooled; at most MAX_SAMPLES of them, drawn without
 replacement with numpy's default_rng seeded by (seed, layer, 0 for keys or 1
-for values)). Lloyd's algorithm in float64: levels start at the quantiles
+for values)), each value weighted by its sensitivity (weighting "fisher", the
+default: the squared gradient of the window's mean next-token loss with
+respect to that key, before RoPE, or value, qinfer/kv_fisher.py; KVQuant's
+sensitivity-weighted levels) or not at all (weighting "none"). Lloyd's
+algorithm in float64: levels start at the (unweighted) quantiles
 (j + 0.5) / 2^b of the sample; each step assigns every value to its nearest
 level (a value exactly midway goes to the lower one) and moves each level to
-the mean of its values (an empty level moves to the value farthest from its
-level in the cluster of largest squared error); it stops when no value
-changes level, or after MAX_ITERATIONS steps. The levels are stored sorted
+the weighted mean of its values (a level of no weight moves to the value
+farthest from its level in the cluster of largest weighted squared error); it
+stops when no value changes level, or after MAX_ITERATIONS steps. The levels are stored sorted
 ascending and clipped to [-1, 1], float32. A normalized inlier is coded as
 the index of its nearest level.
 
@@ -67,7 +71,8 @@ safetensors reader opens it), beside the model (default_path):
 with string metadata: format "qinfer-kv-calibration", version "1", layers,
 kv_heads, head_dim, bits "2,3,4", outlier_fraction "0.01", tokens (the
 calibration tokens counted, position 0 of each sequence excluded), calib
-(the calibration file's name), sequences, seqlen, seed, and fingerprint.
+(the calibration file's name), sequences, seqlen, seed, weighting ("fisher"
+or "none"; absent in files written before it, which were "none"), and fingerprint.
 
 The fingerprint (fingerprint()) ties a file to its model: the sha256 of the
 config fields that shape the model (FINGERPRINT_FIELDS) and, for each weight

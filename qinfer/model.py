@@ -306,7 +306,8 @@ class Model:
 
     def _linear_spec(self, layer):
         """What the C side takes: a float32 array, or (matrix, kernel, int8 kernel or None,
-        team kernel of the decode step's activations or None) capsules."""
+        team kernel of the decode step's activations or None, int8 team kernel of
+        several rows or None) capsules."""
         if isinstance(layer, QuantizedLinear):
             self._keep.append(layer)
             m = layer._matrix
@@ -315,7 +316,8 @@ class Model:
             # the decode team's kernel is the twin of the one a call runs: int8, or float
             # (float activations, or a bitwidth without int8 kernels: 3-bit)
             team = m.int8_team_capsule(avx2) if int8 is not None else m.team_capsule(avx2)
-            return (m.matrix_capsule(), m.kernel_capsule(avx2), int8, team)
+            rows_team = m.int8_rows_team_capsule(avx2) if int8 is not None else None
+            return (m.matrix_capsule(), m.kernel_capsule(avx2), int8, team, rows_team)
         return layer
 
     def _linear(self, source, name):

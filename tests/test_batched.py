@@ -92,3 +92,34 @@ def test_bad_rows_are_refused(tiny):
         model.forward_rows([1], [2], [0], cache)                        # no such sequence
     with pytest.raises(QinferError):
         model.new_cache(16, seqs=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_an_int8_batched_step_runs_as_one_team_with_the_per_call_numbers(tmp_path, bits):
+    """With int8 activations on the AVX2 path a batched step runs as one thread team
+    (forward.c, rows_team): its logits are those of a parallel region per kernel call and
+    of one thread, bit for bit (three threads on two cores: uneven shares), and each row
+    is its sequence decoded alone, up to attention's blocking."""
+    if not ref.tokenizer_available():
+        pytest.skip(f"the LLaMA 2 tokenizer is not at {ref.LLAMA2_TOKENIZER} (shared/ data absent)")
+    ref.write_tiny_llama(tmp_path, tied=False, seed=11)
+    engine = qinfer.Engine(tmp_path, threads=2, quantize=bits, group_size=32, activations="int8")
+    model = engine.model
+    cache = model.new_cache(64, seqs=len(PROMPTS))
+    tr = cache.transformer
+    assert tr.rows_team_ready == tr.team_ready == (qinfer.kernels.active_path() == "avx2")
+    assert not qinfer.Engine(tmp_path, threads=2, quantize=bits, group_size=32).model.transformer.rows_team_ready
+
+    def step(threads, team):
+        tr.decode_team = team
+        _filled(model, cache)
+        return model.forward_rows([7, 8, 9, 10], range(len(PROMPTS)), [len(p) for p in PROMPTS], cache,
+                                  threads=threads)
+
+    single = step(1, True)
+    for threads in (2, 3):
+        team, per_call = step(threads, True), step(threads, False)
+        assert np.array_equal(team, per_call) and np.array_equal(team, single)
+    for seq, ids in enumerate(PROMPTS):
+        alone = model.forward(ids + [[7, 8, 9, 10][seq]], 0)
+        assert np.abs(single[seq] - alone).max() <= 1e-4 * np.abs(alone).max(), f"sequence {seq}"
