@@ -130,7 +130,7 @@ def main():
         ppl = float(re.search(r"ppl: ([0-9.]+)", out).group(1))
         results[row] = ppl
         base = results.get("f32")
-        change = f"{100 * (ppl / base - 1):+.2f}%" if base and row != "f32" else ""
+        change = f"{100 * (ppl / base - 1):+.3f}%" if base and row != "f32" else ""
         print(f"| {row} | {ppl:.4f} | {change} | {time.time() - start:.0f} |", flush=True)
     base = results.get("f32")
     if base:
