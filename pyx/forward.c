@@ -42,7 +42,7 @@ static int layer_forward(const weights *w, run_state *s, int l, int pos, int n,
     capture(cap ? cap->down_in : NULL, s->gate, (size_t)n * w->hidden_dim);
     rc |= linear_map(cx, &lw->w_down, s->gate, n, s->proj);
     sync_point(cx);
-    each_row(cx, &b, residual_row);   /* in the team, the next block's first step is thread 0's too */
+    each_row(cx, &b, residual_row);   /* in a team, the next block's first step on a row is the same thread's */
     return rc ? -1 : 0;
 }
 
@@ -125,7 +125,7 @@ static int decode_team(const weights *w, run_state *s, int token, int pos, float
 
 /* A batched decode step (forward_rows: n rows, each its own sequence) as one team,
  * as decode_team runs one row: each linear map a qgemm_team_fn over all the rows;
- * the row-wise steps thread 0's, attention's tiles shared out. The same numbers as
+ * the row-wise steps shared out by row (each_row_in), attention's tiles too. The same numbers as
  * the per-call path (the kernels are twins). */
 static int rows_team(const weights *w, run_state *s, const int *tokens, int n, float *logits, int nthreads)
 {
@@ -288,14 +288,16 @@ static int thread_count(int nthreads)
 #endif
 }
 
-/* step on rows first..first+n-1 of b (each_row: all of them): in the team by thread 0 alone, while the others
- * go on to the next sync_point; per call shared among the threads when there
+/* step on rows first..first+n-1 of b (each_row: all of them): in a team, row t by
+ * thread t % threads (a decode step's one row: thread 0's) while the others go on to
+ * the next sync_point; a row is always the same thread's, so one row's steps between
+ * two sync_points follow each other; per call shared among the threads when there
  * are PARALLEL_ROWS rows or more. */
 static void each_row_in(const exec_ctx *cx, const block *b, row_step *step, int first, int n)
 {
     if (cx->tm) {
-        if (cx->tm->thread == 0)
-            for (int t = first; t < first + n; t++)
+        for (int t = first; t < first + n; t++)
+            if (t % cx->tm->threads == cx->tm->thread)
                 step(b, t);
         return;
     }

@@ -166,7 +166,8 @@ typedef struct {
  * before the next. In the decode team (forward.c, decode_team; rows_team for a
  * batched step of several sequences, the same with n rows): the calling
  * thread is one of a team that runs the whole step; the kernels compute its
- * share, the row-wise steps run on thread 0 alone, and the threads meet at
+ * share, the row-wise steps run on thread 0 (a batched step's rows: shared out
+ * by row), and the threads meet at
  * the team's barrier (team.h) at every sync_point. */
 typedef struct {
     int nthreads;     /* threads of each step's parallel region (per call), or of the team */
