@@ -447,9 +447,25 @@ static void cache_and_attend(const exec_ctx *cx, const block *b)
     const int step = s->window_blocks && !s->row_seq ? KV_BLOCK : b->n;
     for (int first = 0; first < b->n; first += step) {
         const int n = b->n - first < step ? b->n - first : step;
-        each_row_in(cx, b, cache_kv_row, first, n);
-        if (s->kv.format == KV_KIVI)   /* after all of these rows' keys are in (a step joins its rows) */
-            each_row_in(cx, b, close_key_group_row, first, n);
+        if (cx->tm) {
+            /* in a team the stores go by (row, KV head), each thread some: a coded format's
+             * (kvquant's above all) are microseconds a head, and thread 0 alone would make
+             * the others wait. The rows' keys (rope_k_row) and, for KIVI's groups, all
+             * heads' stores must be in first: both steps are by row. */
+            sync_point(cx);
+            for (int t = first; t < first + n; t++)
+                for (int h = 0; h < b->w->n_kv_heads; h++)
+                    if ((t * b->w->n_kv_heads + h) % cx->tm->threads == cx->tm->thread)
+                        store_kv_head(b->w, s, row_seq(s, t), b->layer, t, row_pos(s, b->pos, t), h, b->n > 1);
+            if (s->kv.format == KV_KIVI) {
+                sync_point(cx);
+                each_row_in(cx, b, close_key_group_row, first, n);
+            }
+        } else {
+            each_row_in(cx, b, cache_kv_row, first, n);
+            if (s->kv.format == KV_KIVI)   /* after all of these rows' keys are in (a step joins its rows) */
+                each_row_in(cx, b, close_key_group_row, first, n);
+        }
         sync_point(cx);
         attention(b->w, s, b->layer, b->pos, first, n, cx);
         sync_point(cx);

@@ -249,7 +249,8 @@ static inline int row_pos(const run_state *s, int pos, int t)
 }
 
 /* attention.c: the KV cache and attention over it */
-QI_VECTORIZE static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int t, int p, int shared);
+QI_VECTORIZE static void store_kv_head(const weights *w, run_state *s, int seq, int layer, int t, int p, int h, int shared);
+static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int t, int p, int shared);
 QI_VECTORIZE static void close_key_group(const weights *w, run_state *s, int seq, int layer, int p);
 static int alloc_kv_cache(const weights *w, run_state *s);
 static void free_kv_cache(run_state *s);

@@ -523,14 +523,15 @@ static void store_kvquant(const weights *w, run_state *s, int seq, int layer, in
     }
 }
 
-/* Move new token t's key (after RoPE; KV_KVQUANT: before) and value into sequence seq's cache at position p.
- * (Cloned for AVX2 and F16C: elsewhere each conversion to and from float16 is a call.) */
+/* Move KV head h of new token t's key (after RoPE; KV_KVQUANT: before) and value into sequence
+ * seq's cache at position p. (Cloned for AVX2 and F16C: elsewhere each conversion to and
+ * from float16 is a call.) */
 QI_VECTORIZE
-static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int t, int p, int shared)
+static void store_kv_head(const weights *w, run_state *s, int seq, int layer, int t, int p, int h, int shared)
 {
     const int hd = w->head_dim, kv_dim = w->n_kv_heads * hd, block = p / KV_BLOCK, lane = p % KV_BLOCK;
     const size_t key0 = (size_t)block * hd * KV_BLOCK + lane;
-    for (int h = 0; h < w->n_kv_heads; h++) {
+    {
         const float *k = s->k + (size_t)t * kv_dim + h * hd, *v = s->v + (size_t)t * kv_dim + h * hd;
         void *keys = key_head(w, s, seq, layer, h), *values = value_head(w, s, seq, layer, h);
         switch (s->kv.format) {
@@ -581,6 +582,13 @@ static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int
         }
         }
     }
+}
+
+/* All KV heads of new token t (store_kv_head). */
+static void store_kv_row(const weights *w, run_state *s, int seq, int layer, int t, int p, int shared)
+{
+    for (int h = 0; h < w->n_kv_heads; h++)
+        store_kv_head(w, s, seq, layer, t, p, h, shared);
 }
 
 /* KIVI: if position p ends a key group, code the group's keys (now all in the window)

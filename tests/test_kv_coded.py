@@ -302,3 +302,40 @@ def test_the_default_is_q8_where_the_heads_take_it(models, write_tiny, monkeypat
     assert qinfer.Engine(d, threads=1, ctx=64).model.kv_cache == "f16"
     monkeypatch.setenv("QINFER_KV_CACHE", "kivi4")
     assert qinfer.Engine(models["gqa"], threads=1, ctx=64).model.kv_cache == "kivi4"
+
+
+def team_and_per_call(e, ids, cache_seqs=2):
+    """(decode steps, batched steps) of engine e, each with the team and per call: in a team
+    the cache stores go by (row, KV head) over the threads (forward.c, cache_and_attend)."""
+    out = {}
+    for team in (True, False):
+        e.model.transformer.decode_team = team
+        e.reset()
+        e.prefill(ids[:5])
+        decoded = np.stack([e.decode_step(t) for t in ids[5:75]])     # past group ends at 32 and 64
+        cache = e.model.new_cache(256, seqs=cache_seqs)
+        cache.transformer.decode_team = team
+        starts = [ids[:20], ids[30:47]]
+        for seq, prompt in enumerate(starts):
+            e.model.forward(prompt, 0, cache=cache, seq=seq)
+        rows = []
+        for i in range(50):                                             # 20.. and 17..: past 32 and 64
+            rows.append(e.model.forward_rows([ids[100 + i], ids[200 + i]], [0, 1],
+                                             [len(starts[0]) + i, len(starts[1]) + i], cache))
+        out[team] = (decoded, np.stack(rows))
+    return out
+
+
+@pytest.mark.parametrize("name", ["q8", "kivi2"])
+def test_the_teams_store_and_read_as_the_per_call_path(models, name):
+    """Decode steps (decode team) and batched steps (rows team) of a quantized model with int8
+    activations give the per-call path's logits bit for bit, across KIVI's group closings."""
+    e = qinfer.Engine(models["gqa"], threads=2, ctx=512, kv_cache=name, quantize=4, group_size=32,
+                      activations="int8")
+    if qinfer.kernels.active_path() != "avx2":
+        pytest.skip("the teams run on the AVX2 path")
+    assert e.model.transformer.team_ready and e.model.transformer.rows_team_ready
+    ids = [1] + np.random.default_rng(12).integers(3, 32000, size=299).tolist()
+    got = team_and_per_call(e, ids)
+    for a, b in zip(got[True], got[False]):
+        assert np.array_equal(a, b)
