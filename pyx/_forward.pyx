@@ -179,7 +179,7 @@ cdef class Transformer:
     arrays) and wq, wk, wv, wo, w_gate, w_up, w_down; each linear is either a
     float32 [out, in] array or a tuple (matrix capsule, kernel capsule[, int8
     kernel capsule or None[, its team twin or None]]); the int8 kernel, when
-    given, runs every step, and its team twin the decode steps (decode_team).
+    given, runs every step, and its team twin the decode steps (team_forward).
     A dict may instead give "wqkv" (wq, wk, wv stacked: [q_dim + 2*kv_dim, dim])
     for wq/wk/wv and "w_gate_up" ([2*hidden, dim]) for w_gate/w_up.
     `embedding` is a float32 or float16 [vocab, dim] array, or a quantized

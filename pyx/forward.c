@@ -61,10 +61,8 @@ static int lm_head(const weights *w, run_state *s, int n, int n_rows, float *log
 static int forward_with(const weights *w, run_state *s, const int *tokens, int n, int pos,
                         float *logits, int all_logits, int nthreads, team_governor *g)
 {
-    if (n == 1 && nthreads > 1 && s->decode_team && team_ready(w))
-        return decode_team(w, s, tokens[0], pos, logits, nthreads);
-    if (n > 1 && s->row_seq && nthreads > 1 && s->decode_team && rows_team_ready(w))
-        return rows_team(w, s, tokens, n, logits, nthreads);
+    if (nthreads > 1 && s->decode_team && (n == 1 ? team_ready(w) : s->row_seq && rows_team_ready(w)))
+        return team_forward(w, s, tokens, n, pos, logits, nthreads);
     embed(w, tokens, n, s->x);
     rope_tables(w, s, pos, n);
     if (g)
@@ -91,17 +89,21 @@ static int forward_with(const weights *w, run_state *s, const int *tokens, int n
  * cost ~1.5 us (its join makes a futex system call every time), the barrier
  * of team.h ~0.1 us. Each kernel call is a qgemv_team_fn (qmatrix.h); the row-wise
  * steps between them are a few microseconds of work, done by thread 0 while
- * the others wait, and attention shares its heads out. It runs the same
- * layer_forward as the per-call path (exec_ctx, forward.h), so the results
- * are the same. */
+ * the others wait, and attention shares its heads out. A batched decode step
+ * (forward_rows: n rows, each its own sequence) runs so too, each linear map a
+ * qgemm_team_fn over all the rows and the row-wise steps shared out by row
+ * (each_row_in). It runs the same layer_forward as the per-call path (exec_ctx,
+ * forward.h), whose kernels are the teams' twins, so the results are the same. */
 
-/* forward() for one token, as one team of nthreads threads (team_ready(w)). */
-static int decode_team(const weights *w, run_state *s, int token, int pos, float *logits, int nthreads)
+/* forward() for n tokens (one, or a batched step's rows) as one team of nthreads
+ * threads (team_ready(w), rows_team_ready(w)). */
+static int team_forward(const weights *w, run_state *s, const int *tokens, int n, int pos, float *logits,
+                        int nthreads)
 {
     team_barrier barrier = {0, 0, 0};
     int failed = 0;
-    embed(w, &token, 1, s->x);
-    rope_tables(w, s, pos, 1);
+    embed(w, tokens, n, s->x);
+    rope_tables(w, s, pos, n);
     #pragma omp parallel num_threads(nthreads) reduction(|:failed)
     {
         team tm;
@@ -117,38 +119,7 @@ static int decode_team(const weights *w, run_state *s, int token, int pos, float
 #endif
         const exec_ctx cx = {tm.threads, &tm};
         for (int l = 0; l < w->n_layers; l++)
-            failed |= layer_forward(w, s, l, pos, 1, NULL, &cx);
-        failed |= lm_head(w, s, 1, 1, logits, &cx);
-    }
-    return failed ? -1 : 0;
-}
-
-/* A batched decode step (forward_rows: n rows, each its own sequence) as one team,
- * as decode_team runs one row: each linear map a qgemm_team_fn over all the rows;
- * the row-wise steps shared out by row (each_row_in), attention's tiles too. The same numbers as
- * the per-call path (the kernels are twins). */
-static int rows_team(const weights *w, run_state *s, const int *tokens, int n, float *logits, int nthreads)
-{
-    team_barrier barrier = {0, 0, 0};
-    int failed = 0;
-    embed(w, tokens, n, s->x);
-    rope_tables(w, s, 0, n);
-    #pragma omp parallel num_threads(nthreads) reduction(|:failed)
-    {
-        team tm;
-        tm.barrier = &barrier;
-#ifdef _OPENMP
-        tm.thread = omp_get_thread_num();
-        tm.threads = omp_get_num_threads();
-        tm.spins = team_spins(tm.threads, omp_get_num_procs());
-#else
-        tm.thread = 0;
-        tm.threads = 1;
-        tm.spins = 0;
-#endif
-        const exec_ctx cx = {tm.threads, &tm};
-        for (int l = 0; l < w->n_layers; l++)
-            failed |= layer_forward(w, s, l, 0, n, NULL, &cx);
+            failed |= layer_forward(w, s, l, pos, n, NULL, &cx);
         failed |= lm_head(w, s, n, n, logits, &cx);
     }
     return failed ? -1 : 0;
@@ -164,18 +135,16 @@ static int rows_team_ready_linear(const linear *l)
     return l->rows_team != NULL;
 }
 
-/* Whether every linear map a batched step runs has a rows team kernel (int8 activations). */
-static int rows_team_ready(const weights *w)
+/* Whether every linear map a forward step runs is `ready` (stacked maps in place of their parts). */
+static int every_linear(const weights *w, int (*ready)(const linear *))
 {
-    if (!rows_team_ready_linear(&w->lm_head))
+    if (!ready(&w->lm_head))
         return 0;
     for (int l = 0; l < w->n_layers; l++) {
         const layer_weights *lw = &w->layers[l];
-        const int qkv = is_set(&lw->wqkv) ? rows_team_ready_linear(&lw->wqkv)
-            : rows_team_ready_linear(&lw->wq) && rows_team_ready_linear(&lw->wk) && rows_team_ready_linear(&lw->wv);
-        const int gate_up = is_set(&lw->w_gate_up) ? rows_team_ready_linear(&lw->w_gate_up)
-            : rows_team_ready_linear(&lw->w_gate) && rows_team_ready_linear(&lw->w_up);
-        if (!qkv || !gate_up || !rows_team_ready_linear(&lw->wo) || !rows_team_ready_linear(&lw->w_down))
+        const int qkv = is_set(&lw->wqkv) ? ready(&lw->wqkv) : ready(&lw->wq) && ready(&lw->wk) && ready(&lw->wv);
+        const int gate_up = is_set(&lw->w_gate_up) ? ready(&lw->w_gate_up) : ready(&lw->w_gate) && ready(&lw->w_up);
+        if (!qkv || !gate_up || !ready(&lw->wo) || !ready(&lw->w_down))
             return 0;
     }
     return 1;
@@ -184,18 +153,13 @@ static int rows_team_ready(const weights *w)
 /* Whether every linear map a decode step runs has a team kernel. */
 static int team_ready(const weights *w)
 {
-    if (!team_ready_linear(&w->lm_head))
-        return 0;
-    for (int l = 0; l < w->n_layers; l++) {
-        const layer_weights *lw = &w->layers[l];
-        const int qkv = is_set(&lw->wqkv) ? team_ready_linear(&lw->wqkv)
-            : team_ready_linear(&lw->wq) && team_ready_linear(&lw->wk) && team_ready_linear(&lw->wv);
-        const int gate_up = is_set(&lw->w_gate_up) ? team_ready_linear(&lw->w_gate_up)
-            : team_ready_linear(&lw->w_gate) && team_ready_linear(&lw->w_up);
-        if (!qkv || !gate_up || !team_ready_linear(&lw->wo) || !team_ready_linear(&lw->w_down))
-            return 0;
-    }
-    return 1;
+    return every_linear(w, team_ready_linear);
+}
+
+/* Whether every linear map a batched step runs has a rows team kernel (int8 activations). */
+static int rows_team_ready(const weights *w)
+{
+    return every_linear(w, rows_team_ready_linear);
 }
 
 static int clamp_threads(const run_state *s, int nthreads)

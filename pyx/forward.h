@@ -46,8 +46,8 @@ typedef struct {
     const qmatrix *q;     /* quantized: the packed layer ... */
     qgemm_fn qgemm;       /* ... and the kernel for its bitwidth */
     qgemm_fn qgemm_i8;    /* NULL, or the int8-activation kernel (Engine(activations="int8")) */
-    qgemv_team_fn team;   /* NULL, or the decode kernel's twin for the decode team (decode_team) */
-    qgemm_team_fn rows_team;   /* NULL, or qgemm_i8's twin for several rows in a team (rows_team) */
+    qgemv_team_fn team;   /* NULL, or the decode kernel's twin for the decode team (team_forward) */
+    qgemm_team_fn rows_team;   /* NULL, or qgemm_i8's twin for several rows in a team (team_forward) */
     const float *w;       /* float32: [out][in] (Hugging Face orientation) */
     const uint16_t *w16;  /* or float16, the same layout (a float16 checkpoint's LM head) */
     int in, out;
@@ -136,7 +136,7 @@ typedef struct {
     const int *row_seq;   /* [T] or NULL */
     const int *row_pos;   /* [T] or NULL */
     int decode_team;  /* 1: a decode step, or a batched one of several sequences, runs as one
-                         thread team when every layer can (decode_team, rows_team) */
+                         thread team when every layer can (team_forward) */
     team_governor decode_governor;    /* how many threads decode steps run with (team.h) ... */
     team_governor prefill_governor;   /* ... each block of a prefill ... */
     team_governor rows_governor;      /* ... and batched decode steps (forward_rows), each whole */
@@ -163,11 +163,10 @@ typedef struct {
  * is written once (layer_forward) for both ways a call runs. Per call (`tm`
  * NULL; a prefill, or a decode step without the team): every step is a
  * parallel region of its own, of `nthreads` threads, whose join orders it
- * before the next. In the decode team (forward.c, decode_team; rows_team for a
- * batched step of several sequences, the same with n rows): the calling
- * thread is one of a team that runs the whole step; the kernels compute its
- * share, the row-wise steps run on thread 0 (a batched step's rows: shared out
- * by row), and the threads meet at
+ * before the next. In a team (forward.c, team_forward: a decode step, or a
+ * batched step of several sequences): the calling thread is one of a team that
+ * runs the whole step; the kernels compute its share, the row-wise steps run on
+ * thread 0 (a batched step's rows: shared out by row), and the threads meet at
  * the team's barrier (team.h) at every sync_point. */
 typedef struct {
     int nthreads;     /* threads of each step's parallel region (per call), or of the team */
@@ -226,9 +225,9 @@ QI_VECTORIZE static void add_row(float *x, const float *y, int dim);
 QI_VECTORIZE static void swiglu(float *out, const float *gate, const float *up, int n);
 static void capture(float *dst, const float *src, size_t count);
 static int team_ready(const weights *w);
-static int decode_team(const weights *w, run_state *s, int token, int pos, float *logits, int nthreads);
 static int rows_team_ready(const weights *w);
-static int rows_team(const weights *w, run_state *s, const int *tokens, int n, float *logits, int nthreads);
+static int team_forward(const weights *w, run_state *s, const int *tokens, int n, int pos, float *logits,
+                        int nthreads);
 static int is_set(const linear *l);
 static size_t tile_score_floats(const weights *w, const run_state *s);
 static size_t scores_per_thread(const weights *w, const run_state *s);

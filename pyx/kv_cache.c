@@ -404,6 +404,18 @@ static inline void quantize_kivi(const run_state *s, const float *x, int n, uint
 
 /* ---------------------------------------------------------------- storing */
 
+/* Key k and value v of KV head h at position p into the float16 window (KIVI, kvquant). */
+static inline void store_window(const weights *w, const run_state *s, int seq, int layer, int h, int p,
+                                const float *k, const float *v)
+{
+    uint16_t *wk = window_key_block(w, s, key_window_head(w, s, seq, layer, h), p) + p % KV_BLOCK;
+    uint16_t *wv = window_value_row(w, s, value_window_head(w, s, seq, layer, h), p);
+    for (int i = 0; i < w->head_dim; i++) {
+        wk[(size_t)i * KV_BLOCK] = to_half(k[i]);
+        wv[i] = to_half(v[i]);
+    }
+}
+
 /* KV_KVQUANT: codes[i] = the index of the level nearest x[i], i < n (levels ascending;
  * midway: the lower). Level by level over all of x, so that the loop vectorizes. */
 static inline void nearest_levels(const float *levels, int n_levels, const float *x, int n, uint8_t *codes)
@@ -513,14 +525,8 @@ static void store_kvquant(const weights *w, run_state *s, int seq, int layer, in
         for (int c = 0; c < hd; c++)
             sink[hd + c] = to_half(v[c]);
     }
-    if (s->window_blocks) {   /* the window, whole: the key before RoPE, as the codes hold it */
-        uint16_t *wk = window_key_block(w, s, key_window_head(w, s, seq, layer, h), p) + p % KV_BLOCK;
-        uint16_t *wv = window_value_row(w, s, value_window_head(w, s, seq, layer, h), p);
-        for (int c = 0; c < hd; c++) {
-            wk[(size_t)c * KV_BLOCK] = to_half(k[c]);
-            wv[c] = to_half(v[c]);
-        }
-    }
+    if (s->window_blocks)     /* the window, whole: the key before RoPE, as the codes hold it */
+        store_window(w, s, seq, layer, h, p, k, v);
 }
 
 /* Move KV head h of new token t's key (after RoPE; KV_KVQUANT: before) and value into sequence
@@ -531,56 +537,50 @@ static void store_kv_head(const weights *w, run_state *s, int seq, int layer, in
 {
     const int hd = w->head_dim, kv_dim = w->n_kv_heads * hd, block = p / KV_BLOCK, lane = p % KV_BLOCK;
     const size_t key0 = (size_t)block * hd * KV_BLOCK + lane;
-    {
-        const float *k = s->k + (size_t)t * kv_dim + h * hd, *v = s->v + (size_t)t * kv_dim + h * hd;
-        void *keys = key_head(w, s, seq, layer, h), *values = value_head(w, s, seq, layer, h);
-        switch (s->kv.format) {
-        case KV_F32:
-            for (int i = 0; i < hd; i++)
-                ((float *)keys)[key0 + (size_t)i * KV_BLOCK] = k[i];
-            memcpy((float *)values + (size_t)p * hd, v, sizeof(float) * hd);
-            break;
-        case KV_F16:
-            for (int i = 0; i < hd; i++) {
-                ((uint16_t *)keys)[key0 + (size_t)i * KV_BLOCK] = to_half(k[i]);
-                ((uint16_t *)values)[(size_t)p * hd + i] = to_half(v[i]);
-            }
-            break;
-        case KV_Q8: {
-            uint16_t *key_scales = key_params_head(w, s, seq, layer, h) + key_params_before(w, s, block);
-            uint16_t *value_scales = value_params_head(w, s, seq, layer, h) + (size_t)p * value_params_per_position(w, s);
-            int8_t *key_row = (int8_t *)key_codes(w, s, keys, block) + lane;
-            int8_t *value_row = (int8_t *)value_codes(w, s, values, p);
-            for (int g = 0; g < hd / KV_BLOCK; g++) {
-                key_scales[g * KV_BLOCK + lane] = quantize_q8(k + g * KV_BLOCK, 1, key_row + (size_t)g * KV_BLOCK * KV_BLOCK, KV_BLOCK);
-                value_scales[g] = quantize_q8(v + g * KV_BLOCK, 1, value_row + g * KV_BLOCK, 1);
-            }
-            break;
+    const float *k = s->k + (size_t)t * kv_dim + h * hd, *v = s->v + (size_t)t * kv_dim + h * hd;
+    void *keys = key_head(w, s, seq, layer, h), *values = value_head(w, s, seq, layer, h);
+    switch (s->kv.format) {
+    case KV_F32:
+        for (int i = 0; i < hd; i++)
+            ((float *)keys)[key0 + (size_t)i * KV_BLOCK] = k[i];
+        memcpy((float *)values + (size_t)p * hd, v, sizeof(float) * hd);
+        break;
+    case KV_F16:
+        for (int i = 0; i < hd; i++) {
+            ((uint16_t *)keys)[key0 + (size_t)i * KV_BLOCK] = to_half(k[i]);
+            ((uint16_t *)values)[(size_t)p * hd + i] = to_half(v[i]);
         }
-        case KV_KVQUANT:
-            store_kvquant(w, s, seq, layer, h, p, k, v, shared);
-            break;
-        case KV_KIVI: {
-            /* keys wait in the window for their group (close_key_group); values are coded now */
-            uint16_t *wk = window_key_block(w, s, key_window_head(w, s, seq, layer, h), p) + lane;
-            uint16_t *wv = window_value_row(w, s, value_window_head(w, s, seq, layer, h), p);
-            for (int i = 0; i < hd; i++) {
-                wk[(size_t)i * KV_BLOCK] = to_half(k[i]);
-                wv[i] = to_half(v[i]);
-            }
-            uint8_t *codes = value_codes(w, s, values, p);
-            uint16_t *params = value_params_head(w, s, seq, layer, h) + (size_t)p * value_params_per_position(w, s);
-            float x[KV_BLOCK * 4];
-            const int G = s->kv.group;
-            for (int g = 0; g < hd / G; g++) {
-                for (int i = 0; i < G; i++)
-                    x[i] = from_half(wv[g * G + i]);   /* the window's float16 value, like the keys */
-                quantize_kivi(s, x, G, codes + (size_t)g * (G / KV_BLOCK) * code_row_bytes(s),
-                              (int)code_row_bytes(s), &params[2 * g], &params[2 * g + 1]);
-            }
-            break;
+        break;
+    case KV_Q8: {
+        uint16_t *key_scales = key_params_head(w, s, seq, layer, h) + key_params_before(w, s, block);
+        uint16_t *value_scales = value_params_head(w, s, seq, layer, h) + (size_t)p * value_params_per_position(w, s);
+        int8_t *key_row = (int8_t *)key_codes(w, s, keys, block) + lane;
+        int8_t *value_row = (int8_t *)value_codes(w, s, values, p);
+        for (int g = 0; g < hd / KV_BLOCK; g++) {
+            key_scales[g * KV_BLOCK + lane] = quantize_q8(k + g * KV_BLOCK, 1, key_row + (size_t)g * KV_BLOCK * KV_BLOCK, KV_BLOCK);
+            value_scales[g] = quantize_q8(v + g * KV_BLOCK, 1, value_row + g * KV_BLOCK, 1);
         }
+        break;
+    }
+    case KV_KVQUANT:
+        store_kvquant(w, s, seq, layer, h, p, k, v, shared);
+        break;
+    case KV_KIVI: {
+        /* keys wait in the window for their group (close_key_group); values are coded now */
+        store_window(w, s, seq, layer, h, p, k, v);
+        const uint16_t *wv = window_value_row(w, s, value_window_head(w, s, seq, layer, h), p);
+        uint8_t *codes = value_codes(w, s, values, p);
+        uint16_t *params = value_params_head(w, s, seq, layer, h) + (size_t)p * value_params_per_position(w, s);
+        float x[KV_BLOCK * 4];
+        const int G = s->kv.group;
+        for (int g = 0; g < hd / G; g++) {
+            for (int i = 0; i < G; i++)
+                x[i] = from_half(wv[g * G + i]);   /* the window's float16 value, like the keys */
+            quantize_kivi(s, x, G, codes + (size_t)g * (G / KV_BLOCK) * code_row_bytes(s),
+                          (int)code_row_bytes(s), &params[2 * g], &params[2 * g + 1]);
         }
+        break;
+    }
     }
 }
 

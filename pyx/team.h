@@ -1,4 +1,4 @@
-/* team.h: the thread team of a decode step (pyx/forward.c, decode_team),
+/* team.h: the thread team of a decode step (pyx/forward.c, team_forward),
  * which the kernels it calls (qgemv_team_fn, qmatrix.h) are given, and the
  * governor that chooses how many threads the forward pass runs with.
  *

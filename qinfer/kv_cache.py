@@ -154,17 +154,14 @@ def check(name, residual=None, group=None, head_dim=None):
     if name == "q8" and head_dim is not None and head_dim % SCALE_GROUP:
         raise UnsupportedError(f"the q8 KV cache needs a head size divisible by {SCALE_GROUP}, "
                                f"the model's is {head_dim}")
+    for option, value, formats, which in (("residual window", residual, WINDOWED, "kivi and kvquant"),
+                                          ("group", group, GROUPED, "kivi")):
+        if value and name not in formats:
+            raise UnsupportedError(f"a KV cache {option} applies to the {which} formats, not {name}")
     if name not in WINDOWED:
-        for option, value in (("residual window", residual), ("group", group)):
-            if value:
-                raise UnsupportedError(f"a KV cache {option} applies to the kivi and kvquant formats, not {name}"
-                                       if option == "residual window" else
-                                       f"a KV cache {option} applies to the kivi formats, not {name}")
         return KVSpec(name)
     residual = DEFAULT_RESIDUAL if residual is None else residual
     if name not in GROUPED:
-        if group:
-            raise UnsupportedError(f"a KV cache group applies to the kivi formats, not {name}")
         if isinstance(residual, bool) or not isinstance(residual, int) or residual < 0:
             raise UnsupportedError(f"KV cache residual window {residual!r} must be a non-negative number of tokens")
         return KVSpec(name, residual)

@@ -326,16 +326,22 @@ def team_and_per_call(e, ids, cache_seqs=2):
     return out
 
 
+def assert_teams_match_per_call(path, name, seed, **settings):
+    """The model at path, 4-bit with int8 activations on 2 threads and KV cache `name`: its
+    teams' decode and batched steps equal the per-call path's bit for bit."""
+    e = qinfer.Engine(path, threads=2, ctx=512, kv_cache=name, quantize=4, group_size=32, activations="int8",
+                      **settings)
+    if qinfer.kernels.active_path() != "avx2":
+        pytest.skip("the teams run on the AVX2 path")
+    assert e.model.transformer.team_ready and e.model.transformer.rows_team_ready
+    ids = [1] + np.random.default_rng(seed).integers(3, 32000, size=299).tolist()
+    got = team_and_per_call(e, ids)
+    for a, b in zip(got[True], got[False]):
+        assert np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("name", ["q8", "kivi2"])
 def test_the_teams_store_and_read_as_the_per_call_path(models, name):
     """Decode steps (decode team) and batched steps (rows team) of a quantized model with int8
     activations give the per-call path's logits bit for bit, across KIVI's group closings."""
-    e = qinfer.Engine(models["gqa"], threads=2, ctx=512, kv_cache=name, quantize=4, group_size=32,
-                      activations="int8")
-    if qinfer.kernels.active_path() != "avx2":
-        pytest.skip("the teams run on the AVX2 path")
-    assert e.model.transformer.team_ready and e.model.transformer.rows_team_ready
-    ids = [1] + np.random.default_rng(12).integers(3, 32000, size=299).tolist()
-    got = team_and_per_call(e, ids)
-    for a, b in zip(got[True], got[False]):
-        assert np.array_equal(a, b)
+    assert_teams_match_per_call(models["gqa"], name, seed=12)

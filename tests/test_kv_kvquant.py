@@ -293,15 +293,7 @@ def test_portable_and_avx2_lookups_agree_bit_for_bit(models, name):
 def test_the_teams_store_and_read_as_the_per_call_path(models, name):
     """As test_kv_coded.py's: the decode and rows teams store kvquant's codes, outliers and
     window by (row, KV head) over the threads, and give the per-call logits bit for bit."""
-    from test_kv_coded import team_and_per_call
+    from test_kv_coded import assert_teams_match_per_call
 
     d, path, _ = models["gqa"]
-    e = qinfer.Engine(d, threads=2, ctx=512, kv_cache=name, kv_calibration=path, quantize=4, group_size=32,
-                      activations="int8")
-    if qinfer.kernels.active_path() != "avx2":
-        pytest.skip("the teams run on the AVX2 path")
-    assert e.model.transformer.team_ready and e.model.transformer.rows_team_ready
-    ids = [1] + np.random.default_rng(13).integers(3, 32000, size=299).tolist()
-    got = team_and_per_call(e, ids)
-    for a, b in zip(got[True], got[False]):
-        assert np.array_equal(a, b)
+    assert_teams_match_per_call(d, name, seed=13, kv_calibration=path)

@@ -12,7 +12,7 @@ def add_parser(sub):
                                    "channel's outlier thresholds (pre-RoPE, 0.5th/99.5th percentiles) that "
                                    "the kvquant KV cache formats read. The levels' k-means weighs each "
                                    "value by its squared loss gradient (KVQuant's sensitivity weighting, "
-                                   "a numpy backward pass per window: ~10 s a window of 512 on SmolLM2). "
+                                   "a numpy backward pass per window: ~3 s a window of 512 on SmolLM2). "
                                    "Progress on stderr; the last line names the file written.")
     p.add_argument("--model", metavar="PATH", default=None,
                    help="Hugging Face LLaMA directory or GGUF file (default: SmolLM2-135M-Instruct "
