@@ -5,11 +5,12 @@
                                [--skip-llamacpp] [--json-out FILE]
 
 Starts `python -m qinfer serve` (a child process, --parallel slots of --ctx
-tokens, --activations as given) and, for each concurrency N, N client threads each send --rounds
-streamed completion requests (greedy, a different prompt each, max_tokens
-tokens; a request that ends early at end of sequence counts the tokens it
-got), one after another until --seconds have passed (and at least --rounds
-each). Printed per N: aggregate decode throughput, over the whole run
+tokens, --activations as given) and, for each concurrency N, N client threads
+each send --rounds streamed completion requests (greedy, a different prompt
+each, max_tokens tokens each: `ignore_eos`, which llama-server takes too, so
+that no stream ends early at end of sequence; two of the eight prompts end at
+once without it, and their clients then measure requests, not decoding), one
+after another until --seconds have passed (and at least --rounds each). Printed per N: aggregate decode throughput, over the whole run
 (completion tokens of all requests / wall time: its tail has fewer streams
 than N, as clients finish their last requests) and while all N clients were
 busy (tokens received in the first --seconds / --seconds), per-request time
@@ -158,7 +159,8 @@ def concurrency(url, n, args):
         while r < args.rounds or time.perf_counter() < deadline:
             prompt = PROMPTS[(i + r * n) % len(PROMPTS)] + f" (request {i}.{r})"
             out.append(stream_request(url + "/v1/completions",
-                                      dict(prompt=prompt, max_tokens=args.max_tokens, temperature=0)))
+                                      dict(prompt=prompt, max_tokens=args.max_tokens, temperature=0,
+                                           ignore_eos=True)))
             r += 1
         return out
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
@@ -214,7 +216,7 @@ def measure(url, args, streams):
         log(f"{n} concurrent stream(s), {args.rounds} request(s) each")
         rows.append(concurrency(url, n, args))
     single = stream_request(url + "/v1/completions", dict(prompt=PROMPTS[0], max_tokens=args.max_tokens,
-                                                           temperature=0))
+                                                           temperature=0, ignore_eos=True))
     log("chat: two turns")
     turn1, turn2 = chat_turns(url)
     decode = (single["tokens"] - 1) / (single["seconds"] - single["ttft"])

@@ -109,12 +109,16 @@ class Generation:
     Arguments as Engine.stream_ids'; cached: how many prompt tokens the cache held already."""
 
     def __init__(self, tokenizer, config, ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=None,
-                 stop=None, repetition_penalty=1.0, cached=0):
+                 stop=None, repetition_penalty=1.0, cached=0, ignore_eos=False):
         self.stats = GenerationStats(prompt_tokens=len(ids), cached_tokens=cached, stop_reason="length")
         self.max_new_tokens = max_new_tokens
         self.sampler = Sampler(config.vocab_size, temperature, top_k, top_p, repetition_penalty, seed)
         self.penalize = repetition_penalty != 1.0
         self.eos = set(tokenizer.eos_ids) | set(config.eos_token_ids or ())
+        # ignore_eos: the end-of-sequence tokens are never sampled (their logits -inf), so the
+        # generation runs to max_new_tokens, a stop string or a full context (benchmarks' loads)
+        banned = sorted(t for t in self.eos if 0 <= t < config.vocab_size)
+        self.banned = np.array(banned, dtype=np.int64) if ignore_eos and banned else None
         self.seen = dict.fromkeys(ids)
         self.decoder = tokenizer.decoder(prefix=ids)
         self.stop_filter = StopFilter(stop)
@@ -134,6 +138,8 @@ class Generation:
         if self.done:
             return "", None
         penalized = np.fromiter(self.seen, dtype=np.int32) if self.penalize else None
+        if self.banned is not None:
+            logits[self.banned] = -np.inf
         token = self.sampler(logits, penalized)
         if stats.first_token_seconds is None:
             stats.first_token_seconds = time.perf_counter() - self.start

@@ -126,6 +126,28 @@ def test_stop_strings_are_honoured(client, alone):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_ignore_eos_decodes_past_the_end_of_sequence(client, engine):
+    # this prompt's greedy continuation is the end-of-sequence token at once
+    p = "List the countries of Europe and describe each in a sentence. (request 2.0)"
+    plain = client.completions.create(model="smollm2", prompt=p, max_tokens=20, temperature=0)
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 20
+    # the reference: greedy decoding in the test, the end-of-sequence ids' logits struck out
+    model, tok = engine.model, engine.tokenizer
+    eos = sorted(set(tok.eos_ids) | set(engine.config.eos_token_ids or ()))
+    ids = tok.encode(p, add_bos=tok.add_bos_default)
+    cache = model.new_cache(CTX)
+    logits, want = model.forward(ids, 0, cache=cache), []
+    for i in range(20):
+        logits = logits.copy()
+        logits[eos] = -float("inf")
+        want.append(int(logits.argmax()))
+        logits = model.forward([want[-1]], len(ids) + i, cache=cache)
+    r = client.completions.create(model="smollm2", prompt=p, max_tokens=20, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 20 and r.choices[0].finish_reason == "length"
+    assert r.choices[0].text == tok.decode(want)
+
+
 def test_a_chat_second_turn_reuses_the_cache(client):
     first = [{"role": "user", "content": "Say hello."}]
     a = client.chat.completions.create(model="smollm2", messages=first, max_tokens=8, temperature=0)
@@ -180,6 +202,7 @@ def test_load_and_disconnects_leak_no_slot(server):
     ({"prompt": "hi", "n": 2}, 400, "n"),
     ({"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
     ({"prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "hi", "ignore_eos": 1}, 400, "ignore_eos"),
     ({"prompt": "word " * (CTX + 10)}, 400, "prompt"),
 ])
 def test_bad_requests_get_a_json_error_and_the_server_keeps_serving(server, body, status, param):

@@ -161,7 +161,7 @@ class Server:
         events = _Inbox(self.relay)
         greedy = req.temperature == 0 or req.top_p == 0
         job = Job(ids, events.put, req.max_tokens, temperature=0.0 if greedy else req.temperature,
-                  top_p=1.0 if greedy else req.top_p, seed=req.seed, stop=req.stop)
+                  top_p=1.0 if greedy else req.top_p, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos)
         response = protocol.Response(req, self.model_name)
         self.scheduler.submit(job)
         if req.stream:

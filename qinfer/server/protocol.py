@@ -43,6 +43,7 @@ class Request:
     stream: bool
     include_usage: bool                # stream_options.include_usage: a last chunk with usage
     echo: bool = False                 # completion: the prompt before the text
+    ignore_eos: bool = False           # an extension (llama-server, vLLM): never end at end of sequence
 
 
 # Fields the API defines that change the output and qinfer does not implement, with the value
@@ -144,12 +145,14 @@ def parse(kind, body, model_name):
                    top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
                    seed=seed, stop=_stop(body), stream=_field(body, "stream", (bool,), False, "a boolean"),
                    include_usage=bool(options.get("include_usage", False)),
-                   echo=_field(body, "echo", (bool,), False, "a boolean") if kind == "completion" else False)
+                   echo=_field(body, "echo", (bool,), False, "a boolean") if kind == "completion" else False,
+                   ignore_eos=_field(body, "ignore_eos", (bool,), False, "a boolean"))
 
 
-_KNOWN = {"completion": ("prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "echo"),
+_KNOWN = {"completion": ("prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "echo",
+                         "ignore_eos"),
           "chat": ("messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-                   "stream")}
+                   "stream", "ignore_eos")}
 
 
 # ------------------------------------------------------------------ responses

@@ -26,10 +26,11 @@ class Job:
     """One request's generation. Events go to `emit(kind, value)`, called from the loop's
     thread: ("text", str) pieces, then ("done", GenerationStats) or ("error", exception)."""
 
-    def __init__(self, ids, emit, max_tokens, temperature=0.0, top_p=1.0, seed=None, stop=None):
+    def __init__(self, ids, emit, max_tokens, temperature=0.0, top_p=1.0, seed=None, stop=None,
+                 ignore_eos=False):
         self.ids, self.emit = list(ids), emit
         self.settings = dict(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                             stop=stop)
+                             stop=stop, ignore_eos=ignore_eos)
         self.cancelled = False      # set from any thread: the loop frees the slot at its next turn
         self.run = None             # its Generation, once it has a slot
         self.pending = []           # prompt tokens still to prefill
