@@ -382,6 +382,26 @@ def test_top_p_keeps_the_nucleus(sampling_engine):
     assert _chi2(samples, nucleus, q) < 21.1
 
 
+@pytest.mark.parametrize("n", [1, 5, 64, 200, 49152, 49157])
+def test_greedy_sampler_takes_the_first_largest_logit(n):
+    """The blocked argmax against the plain rule: the first index of the largest value,
+    NaNs never chosen unless at index 0; ties (few distinct values) across and inside blocks."""
+    from qinfer._sampling import Sampler
+    rng = np.random.default_rng(n)
+    greedy = Sampler(n, 0.0, 0, 1.0, 1.0, None)
+    for trial in range(40):
+        x = rng.integers(-3, 4, n).astype(np.float32) if trial % 2 else rng.standard_normal(n).astype(np.float32)
+        if trial % 4 == 3:
+            x[rng.integers(0, n, max(1, n // 50))] = np.nan
+        if trial % 8 == 5:
+            x[:] = -np.inf
+            x[rng.integers(0, n)] = np.nan
+        if trial == 7:
+            x[0] = np.nan
+        want = 0 if np.isnan(x[0]) else int(np.argmax(np.where(np.isnan(x), -np.inf, x)))
+        assert greedy(x.copy(), None) == want
+
+
 @needs_tokenizer
 def test_degenerate_sampling_is_greedy(tiny_engine):
     greedy = tiny_engine.generate("Hello world", max_new_tokens=6)
