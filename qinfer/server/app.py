@@ -55,10 +55,13 @@ class _Relay:
     """Hands events from the scheduler's thread to the requests waiting on the event loop.
 
     A turn of the scheduler emits a token for each of its streams in a burst;
-    the loop is woken once for the burst, not once per token: each wake-up
-    (call_soon_threadsafe) is a write to a pipe and a system call on the
-    loop's side, CPU time taken from the forward pass's threads on a machine
-    whose cores they all use."""
+    the loop is woken once for the burst (send), not once per token: each
+    wake-up (call_soon_threadsafe) is a write to a pipe and a system call on
+    the loop's side, CPU time taken from the forward pass's threads on a
+    machine whose cores they all use. The scheduler sends a turn's burst just
+    before the forward step: woken at the first token instead, the loop took
+    the GIL from the scheduler's sampling of the other streams (8 streams:
+    0.8 ms a turn instead of 0.2)."""
 
     def __init__(self, loop):
         self.loop = loop
@@ -66,10 +69,13 @@ class _Relay:
         self.ready = set()          # inboxes with new events since the last wake-up
         self.scheduled = False      # a wake-up is on its way
 
-    def notify(self, inbox):        # any thread
+    def notify(self, inbox):        # any thread: the event goes out with the next send()
         with self.lock:
             self.ready.add(inbox)
-            if self.scheduled:
+
+    def send(self):                 # any thread
+        with self.lock:
+            if not self.ready or self.scheduled:
                 return
             self.scheduled = True
         self.loop.call_soon_threadsafe(self._wake)
@@ -108,6 +114,11 @@ class Server:
         self.engine, self.scheduler, self.model_name = engine, scheduler, model_name
         self.created = int(time.time())
         self.relay = None           # made on the event loop's first request
+        scheduler.send_events = self._send_events
+
+    def _send_events(self):         # the scheduler's thread
+        if self.relay is not None:
+            self.relay.send()
 
     # ------------------------------------------------------------------ routes
     async def health(self, request):

@@ -60,6 +60,9 @@ class Scheduler:
         self.waiting = collections.deque()
         self.lock = threading.Condition()
         self.closed = False
+        # called (from the loop's thread) when the events emitted so far should go out: before
+        # each forward step, whose threads leave the GIL to whoever sends them, and at a turn's end
+        self.send_events = lambda: None
         self.thread = threading.Thread(target=self._loop, name="qinfer-scheduler", daemon=True)
         self.thread.start()
 
@@ -148,6 +151,7 @@ class Scheduler:
                 ended.append(slot)
             else:
                 rows.append((slot, token))
+        self.send_events()
         if rows:
             try:
                 logits = self.model.forward_rows([t for _, t in rows], [s.seq for s, _ in rows],
@@ -171,8 +175,10 @@ class Scheduler:
                 self._admit()
                 active = [s for s in self.slots if s.job is not None]
             ended = self._turn(active)
+            self.send_events()
             with self.lock:
                 for slot in ended:
                     slot.job = None
         for job in list(self.waiting) + [s.job for s in self.slots if s.job]:
             job.emit("error", RuntimeError("the server is shutting down"))
+        self.send_events()
