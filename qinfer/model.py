@@ -448,10 +448,12 @@ class Model:
                 transformer.forward(part, pos + start, scratch, False, threads, seq)
         return out if all_logits else out[0]
 
-    def forward_rows(self, tokens, seqs, positions, cache, threads=None):
+    def forward_rows(self, tokens, seqs, positions, cache, threads=None, out=None):
         """One decode step of several sequences of `cache` (new_cache): row t is token
         tokens[t] of sequence seqs[t] at position positions[t], each sequence once.
-        The linear maps run all rows in one kernel call. Returns logits [n, vocab]."""
+        The linear maps run all rows in one kernel call. Returns logits [n, vocab]
+        (out: a C-contiguous float32 [n, vocab] array to write them into; a server
+        stepping many times reuses one instead of the kernel clearing fresh pages)."""
         tokens, seqs, positions = (np.ascontiguousarray(a, dtype=np.int32) for a in (tokens, seqs, positions))
         n = len(tokens)
         if n == 0 or not len(seqs) == len(positions) == n:
@@ -463,6 +465,10 @@ class Model:
         if positions.max() >= cache.ctx:
             raise ContextError(f"position {positions.max()} does not fit the context of {cache.ctx}")
         threads = self.threads if threads is None else kernels.resolve_threads(threads)
-        out = np.empty((n, self.config.vocab_size), dtype=np.float32)
+        shape = (n, self.config.vocab_size)
+        if out is None:
+            out = np.empty(shape, dtype=np.float32)
+        elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise QinferError(f"out must be a C-contiguous float32 array of shape {shape}")
         cache.transformer.forward_rows(tokens, seqs, positions, out, threads)
         return out

@@ -54,6 +54,10 @@ def test_rows_do_not_depend_on_the_other_rows(tiny):
     all_four = model.forward_rows([7, 8, 9, 10], [0, 1, 2, 3], pos, cache)
     # the same step again (it rewrites the same cache entries), for two of them in another order
     two = model.forward_rows([10, 8], [3, 1], [pos[3], pos[1]], cache)
+    # into a caller's array: the same logits, written there
+    out = np.full((2, model.config.vocab_size), np.nan, dtype=np.float32)
+    again = model.forward_rows([10, 8], [3, 1], [pos[3], pos[1]], cache, out=out)
+    assert again is out and np.array_equal(out, two)
     if quantized:     # the qgemm's sums per row do not depend on the row count
         assert np.array_equal(two[0], all_four[3]) and np.array_equal(two[1], all_four[1]), \
             "a row's logits are the same bit for bit in a batch of 2 or 4"
@@ -92,6 +96,11 @@ def test_bad_rows_are_refused(tiny):
         model.forward_rows([1], [2], [0], cache)                        # no such sequence
     with pytest.raises(QinferError):
         model.new_cache(16, seqs=0)
+    vocab = model.config.vocab_size
+    for out in (np.empty((1, vocab), np.float32), np.empty((2, vocab), np.float64),
+                np.empty((vocab, 2), np.float32).T):
+        with pytest.raises(QinferError, match="out must be"):
+            model.forward_rows([1, 2], [0, 1], [0, 0], cache, out=out)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

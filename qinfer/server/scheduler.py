@@ -17,6 +17,8 @@ so the server's event loop stays responsive.
 import collections
 import threading
 
+import numpy as np
+
 from ..generation import Generation, shared_prefix
 
 DEFAULT_PREFILL_CHUNK = 256
@@ -57,6 +59,8 @@ class Scheduler:
         # a cache of its own, so the engine can still run beside the server
         self.cache = self.model.new_cache(self.ctx, seqs=parallel)
         self.slots = [Slot(i) for i in range(parallel)]
+        # the decode steps' logits: a turn samples every row before the next step writes them
+        self.logits = np.empty((parallel, self.model.config.vocab_size), dtype=np.float32)
         self.waiting = collections.deque()
         self.lock = threading.Condition()
         self.closed = False
@@ -155,7 +159,8 @@ class Scheduler:
         if rows:
             try:
                 logits = self.model.forward_rows([t for _, t in rows], [s.seq for s, _ in rows],
-                                                 [len(s.ids) for s, _ in rows], self.cache)
+                                                 [len(s.ids) for s, _ in rows], self.cache,
+                                                 out=self.logits[:len(rows)])
             except Exception as exc:
                 for slot, _ in rows:
                     self._fail(slot, exc)
