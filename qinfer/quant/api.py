@@ -168,12 +168,13 @@ def _rtn_layers(source, settings, rules, progress):
     return results, {}
 
 
-def _gptq_layers(source, windows, settings, rules, threads, true_sequential, progress):
+def calibrated_layers(source, windows, threads, true_sequential, progress, quantize_layer, sink_weight=1.0,
+                      damp=0.01, act_order=False):
+    """The layer loop of a calibrated method (the module docstring): quantize_layer(base name,
+    short name, float weight, Hessian, PreparedHessian) -> (result, what the model runs in
+    its place: a QuantizedLinear or a float32 array). Returns {base name: result}."""
     from ..model import LINEAR_NAMES, Model
 
-    sym = settings["sym"]
-    zero_point, clip = settings["zero_point"], settings["clip_search"]
-    sink_weight = settings["sink_weight"]
     nsamples, seqlen = windows.shape
     model = Model(source, ctx=seqlen, threads=threads, dequantize=True)
     cfg = model.config
@@ -182,7 +183,7 @@ def _gptq_layers(source, windows, settings, rules, threads, true_sequential, pro
     hidden = np.ascontiguousarray(model.embedding[windows], dtype=np.float32)   # [nsamples, seqlen, dim]
     stages = TRUE_SEQUENTIAL_STAGES if true_sequential else (tuple(LINEAR_NAMES),)
     n_layers = cfg.num_hidden_layers
-    results, errors = {}, {}
+    results = {}
     for i in range(n_layers):
         last = i == n_layers - 1
         steps = nsamples * (len(stages) + (0 if last else 1)) + len(LINEAR_NAMES)
@@ -200,26 +201,36 @@ def _gptq_layers(source, windows, settings, rules, threads, true_sequential, pro
                             hessians[k].add(captures[k][:1], sink_weight - 1)
                     bar.update()
                 H = {k: h.value for k, h in hessians.items()}
-                prepared = {k: PreparedHessian(h, settings["damp"], settings["act_order"]) for k, h in H.items()}
+                prepared = {k: PreparedHessian(h, damp, act_order) for k, h in H.items()}
                 for name in stage:
                     base = _linear_name(i, name)
-                    bits, group_size = _layer_settings(rules, base, settings)
                     w = float_weight(source, base + ".weight")
-                    h = H[INPUT_OF[name]]
-                    res = gptq_quantize(w, prepared[INPUT_OF[name]], bits, group_size, sym,
-                                        static_groups=settings["static_groups"], zero_point=zero_point,
-                                        clip=clip)
-                    scale = output_error(w, np.zeros_like(w), h) or 1.0
-                    rtn = rtn_quantize(w, bits, group_size, sym, zero_point, clip)
-                    errors[base] = {"gptq": output_error(w, res.dequantize(), h) / scale,
-                                    "rtn": output_error(w, rtn.dequantize(), h) / scale}
-                    model.replace_linear(i, name, res.to_linear())
-                    results[base] = res
+                    results[base], runs = quantize_layer(base, name, w, H[INPUT_OF[name]], prepared[INPUT_OF[name]])
+                    model.replace_linear(i, name, runs)
                     bar.update()
             if not last:
                 for s in range(nsamples):
                     model.run_layer(i, hidden[s], 0)
                     bar.update()
+    return results
+
+
+def _gptq_layers(source, windows, settings, rules, threads, true_sequential, progress):
+    sym, zero_point, clip = settings["sym"], settings["zero_point"], settings["clip_search"]
+    errors = {}
+
+    def gptq(base, name, w, h, prepared):
+        bits, group_size = _layer_settings(rules, base, settings)
+        res = gptq_quantize(w, prepared, bits, group_size, sym, static_groups=settings["static_groups"],
+                            zero_point=zero_point, clip=clip)
+        scale = output_error(w, np.zeros_like(w), h) or 1.0
+        rtn = rtn_quantize(w, bits, group_size, sym, zero_point, clip)
+        errors[base] = {"gptq": output_error(w, res.dequantize(), h) / scale,
+                        "rtn": output_error(w, rtn.dequantize(), h) / scale}
+        return res, res.to_linear()
+
+    results = calibrated_layers(source, windows, threads, true_sequential, progress, gptq,
+                                settings["sink_weight"], settings["damp"], settings["act_order"])
     return results, errors
 
 
