@@ -1,12 +1,12 @@
 """SpQR's accuracy on SmolLM2 before it has kernels: perplexity of the weights it stands for.
 
     python benchmarks/spqr_accuracy.py [--windows 4] [--nsamples 8] [--bits 3]
-        [--thresholds inf,0.2] [--stat-bits 3] [--group-size 16] [--threads 2]
+        [--thresholds inf,0.2] [--stat-bits 3] [--group-size 16] [--act-order] [--threads 2]
 
 Each linear map is quantized with qinfer/quant/spqr.py in GPTQ's layer loop
 (qinfer.quant.api.calibrated_layers: the same calibration, Hessians, sink
-weight 256 and damp 0.01 as docs/results.md's GPTQ rows, columns in their own
-order), and the model then runs the float weights the SpQR layers stand for
+weight 256 and damp 0.01 as docs/results.md's GPTQ rows; --act-order as they
+do), and the model then runs the float weights the SpQR layers stand for
 (SpqrResult.dequantize: the dense codes with their compressed statistics, plus
 the outliers), scored with docs/results.md's protocol (WikiText-2 test, windows
 of 2048 tokens, the first --windows of them; calibration on the text after the
@@ -49,6 +49,7 @@ def main():
     p.add_argument("--stat-bits", type=int, default=3)
     p.add_argument("--stat-group", type=int, default=16)
     p.add_argument("--thresholds", default="inf,0.2", help="outlier thresholds, comma-separated (inf: none)")
+    p.add_argument("--act-order", action="store_true", help="columns by decreasing Hessian diagonal")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
 
@@ -75,7 +76,7 @@ def main():
 
         results = calibrated_layers(source, calib_windows, args.threads, False,
                                     Progress(source.config.num_hidden_layers, enabled=True), spqr,
-                                    sink_weight=SINK_WEIGHT, damp=DAMP)
+                                    sink_weight=SINK_WEIGHT, damp=DAMP, act_order=args.act_order)
         quantized = qinfer.Engine(model_path, dequantize=True, ctx=SEQLEN, threads=args.threads)
         for base_name, res in results.items():
             layer = int(base_name.split(".")[2])
@@ -85,7 +86,8 @@ def main():
         bpw = sum(r.bits_per_weight() * r.codes.size for r in results.values()) / weights
         outliers = sum(r.n_outliers for r in results.values()) / weights
         change = (got["ppl"] / base["ppl"] - 1) * 100
-        print(f"spqr {args.bits}-bit g{args.group_size} stats {args.stat_bits}-bit/{args.stat_group} rows, "
+        print(f"spqr {args.bits}-bit g{args.group_size} stats {args.stat_bits}-bit/{args.stat_group} rows"
+              f"{', act-order' if args.act_order else ''}, "
               f"threshold {threshold:g}: ppl {got['ppl']:.4f} ({change:+.2f}%), {bpw:.3f} bits/weight, "
               f"outliers {outliers * 100:.2f}% ({time.perf_counter() - t0:.0f} s)", flush=True)
         del quantized

@@ -25,10 +25,11 @@ def _dequantize_by_loops(r):
     """The stored layer, element by element: scale = s2 * (code - z2) of the row's run of
     beta2 rows, weight = scale * (code - zero), then each row's outliers added."""
     w = np.zeros((r.out_features, r.in_features), dtype=np.float32)
+    position = list(range(r.in_features)) if r.perm is None else {int(c): k for k, c in enumerate(r.perm)}
     for o in range(r.out_features):
         run = o // r.stat_group
         for i in range(r.in_features):
-            g = i // r.group_size
+            g = position[i] // r.group_size        # act-order: groups of consecutive quantized columns
             scale = np.float32(r.scale_scale[g, run]) * (np.float32(r.scale_codes[g, o]) - np.float32(r.scale_zero[g, run]))
             w[o, i] = scale * (np.float32(r.codes[o, i]) - np.float32(r.zeros[g, o]))
         for k in range(r.outlier_rows[o], r.outlier_rows[o + 1]):
@@ -36,9 +37,13 @@ def _dequantize_by_loops(r):
     return w
 
 
-def test_dequantized_weights_match_a_loop_reference():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dequantized_weights_match_a_loop_reference(act_order):
     W, H, _ = _layer(n_out=40, n_in=64)     # 40 rows: a short last run of beta2 = 16
-    r = spqr_quantize(W, H, bits=3)
+    r = spqr_quantize(W, H, bits=3, act_order=act_order)
+    if act_order:
+        assert sorted(r.perm.tolist()) == list(range(64)) and r.perm.tolist() != list(range(64))
+        assert np.all(np.diff(np.diag(H)[r.perm]) <= 0), "columns by decreasing Hessian diagonal"
     assert r.n_outliers > 0
     np.testing.assert_allclose(r.dequantize(), _dequantize_by_loops(r), rtol=1e-6, atol=0)
     assert r.codes.max() < 8 and r.scale_codes.max() < 8 and r.zeros.max() < 8
@@ -56,9 +61,10 @@ def test_bits_per_weight_follow_the_formula(bits, stat_bits, beta1, beta2):
     assert plain.n_outliers == 0 and plain.bits_per_weight() == 3.5
 
 
-def test_outliers_are_the_planted_weights_kept_in_float16():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_outliers_are_the_planted_weights_kept_in_float16(act_order):
     W, H, planted = _layer(n_out=64, n_in=128, planted=0.004)
-    r = spqr_quantize(W, H, bits=3, outlier_threshold=1.0)
+    r = spqr_quantize(W, H, bits=3, outlier_threshold=1.0, act_order=act_order)
     rows = np.repeat(np.arange(r.out_features), np.diff(r.outlier_rows))
     cols = r.outlier_cols.astype(int)
     assert 0 < r.n_outliers <= 0.01 * W.size
@@ -66,10 +72,12 @@ def test_outliers_are_the_planted_weights_kept_in_float16():
     assert np.all(r.dense()[rows, cols] == 0.0)
     # ... and the outlier's float16 value is the whole weight
     np.testing.assert_array_equal(r.dequantize()[rows, cols], r.outlier_values.astype(np.float32))
-    # most planted weights are found (GPTQ's updates move the later columns a little first)
+    # in the weight's own order most planted weights are found (GPTQ's updates move the later
+    # columns a little first); act-order takes the columns that matter most first, and the
+    # error its outliers leave is what the error test checks
     found = np.zeros_like(planted)
     found[rows, cols] = True
-    assert (found & planted).sum() >= 0.85 * planted.sum()
+    assert (found & planted).sum() >= (0.85 if not act_order else 0.4) * planted.sum()
     # entries sorted by row, then column
     assert np.all(np.diff(rows * r.in_features + cols) > 0)
 
@@ -82,6 +90,9 @@ def test_error_beats_gptq_g16_with_fewer_bits():
     gptq_bits = 3 + (16 + 3) / 16            # a float16 scale and a 3-bit zero per group of 16
     assert spqr.bits_per_weight() < gptq_bits and plain.bits_per_weight() < gptq_bits
     wide = spqr_quantize(W, H, bits=3, stat_bits=8, outlier_threshold=float("inf"))
+    ordered = spqr_quantize(W, H, bits=3, outlier_threshold=1.0, act_order=True)
+    assert output_error(W, ordered.dequantize(), H) < 0.7 * output_error(W, gptq_quantize(
+        W, H, 3, group_size=16, act_order=True).dequantize(), H)
     e_spqr, e_plain, e_wide, e_gptq = (output_error(W, x.dequantize(), H) for x in (spqr, plain, wide, gptq))
     assert e_spqr < 0.7 * e_gptq, (e_spqr, e_gptq)
     assert e_plain < 1.15 * e_wide, (e_plain, e_wide)     # 3-bit scales cost ~10% of error against 8-bit ones

@@ -34,7 +34,8 @@ input columns (16 bits) and float16 values. Bits per weight:
 
     bits + (stat_bits + bits) / beta1 + 32 / (beta1 * beta2) + 32 * outliers / weights
 
-(the row pointers, 4 bytes per output row, left out as the paper leaves them).
+(the row pointers, 4 bytes per output row, and an act-order permutation, 4 bytes per input
+column, left out as the paper leaves them, and docs/results.md leaves GPTQ's g_idx).
 At 3 bits, beta1 = beta2 = 16 and no outliers: 3.5.
 """
 from dataclasses import dataclass
@@ -65,6 +66,8 @@ class SpqrResult:
     outlier_rows: np.ndarray   # int32 [out + 1]: row r's outliers are entries rows[r]:rows[r + 1]
     outlier_cols: np.ndarray   # uint16 [n]: their input columns
     outlier_values: np.ndarray  # float16 [n]: their weights
+    perm: np.ndarray = None    # act-order: int32 [in], the columns in the order quantized (group
+                               # g: perm[g*beta1:(g+1)*beta1]); None: their own order
 
     @property
     def out_features(self):
@@ -82,9 +85,14 @@ class SpqrResult:
         """float32 [groups, out]: the first-level scales as the codes stand for them."""
         return dequantize_stats(self.scale_codes, self.scale_scale, self.scale_zero, self.stat_group)
 
+    def group_of_column(self):
+        """int [in]: each input column's group."""
+        order = np.arange(self.in_features) if self.perm is None else np.argsort(self.perm)
+        return order // self.group_size
+
     def dense(self):
         """float32 [out, in]: scale * (code - zero), 0.0 where an outlier is."""
-        g = np.arange(self.in_features) // self.group_size
+        g = self.group_of_column()
         scales, zeros = self.scales(), self.zeros.astype(np.float32)
         return scales[g].T * (self.codes.astype(np.float32) - zeros[g].T)
 
@@ -163,15 +171,15 @@ def leave_one_out_gain(w, u_diag, bits):
 
 def spqr_quantize(weight, H, bits=3, group_size=DEFAULT_GROUP, stat_bits=DEFAULT_STAT_BITS,
                   stat_group=DEFAULT_STAT_GROUP, outlier_threshold=DEFAULT_OUTLIER_THRESHOLD, damp=0.01,
-                  block_size=BLOCK_SIZE):
+                  act_order=False, block_size=BLOCK_SIZE):
     """SpQR of a float [out, in] weight -> SpqrResult (module docstring).
 
-    H: the Hessian [in, in] (gptq.Hessian.value) or a PreparedHessian without act-order;
+    H: the Hessian [in, in] (gptq.Hessian.value), or a PreparedHessian (which then fixes
+    damp and act_order: the columns quantized by decreasing Hessian diagonal, each group
+    beta1 consecutive columns of that order, as the paper's act-order permutation);
     outlier_threshold: float("inf") keeps no outliers."""
     check_settings(bits, group_size, stat_bits, stat_group, outlier_threshold)
-    prepared = H if isinstance(H, PreparedHessian) else PreparedHessian(H, damp)
-    if prepared.perm is not None:
-        raise UnsupportedError("SpQR here quantizes the columns in their own order (no act-order)")
+    prepared = H if isinstance(H, PreparedHessian) else PreparedHessian(H, damp, act_order)
     W = np.array(weight, dtype=np.float64)
     if W.ndim != 2:
         raise ShapeError(f"weight must be 2-D [out, in], got shape {W.shape}")
@@ -186,6 +194,9 @@ def spqr_quantize(weight, H, bits=3, group_size=DEFAULT_GROUP, stat_bits=DEFAULT
     if not np.all(np.isfinite(W)):
         raise QinferError("the weight holds NaN or infinity")
     W[:, prepared.dead] = 0
+    perm = prepared.perm
+    if perm is not None:
+        W = W[:, perm]                             # quantized in this order; put back at the end
     U = prepared.U
     u_diag = np.diag(U)
     maxq = 2 ** bits - 1
@@ -240,10 +251,14 @@ def spqr_quantize(weight, H, bits=3, group_size=DEFAULT_GROUP, stat_bits=DEFAULT
             err[:, i] = e
         W[:, i2:] -= err @ U[i1:i2, i2:]
 
+    if perm is not None:                           # columns and outliers back in the weight's order
+        codes = np.ascontiguousarray(codes[:, np.argsort(perm)])
+        outliers = [(r, int(perm[c]), v) for r, c, v in outliers]
     outliers.sort()
     rows = np.array([r for r, _, _ in outliers], dtype=np.int64)
     return SpqrResult(bits, group_size, stat_bits, stat_group, codes, scale_codes, scale_scale, scale_zero,
                       zeros,
                       outlier_rows=np.searchsorted(rows, np.arange(n_out + 1)).astype(np.int32),
                       outlier_cols=np.array([c for _, c, _ in outliers], dtype=np.uint16),
-                      outlier_values=np.array([v for _, _, v in outliers], dtype=np.float16))
+                      outlier_values=np.array([v for _, _, v in outliers], dtype=np.float16),
+                      perm=None if perm is None else np.ascontiguousarray(perm, dtype=np.int32))
