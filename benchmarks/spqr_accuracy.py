@@ -1,7 +1,8 @@
 """SpQR's accuracy on SmolLM2 before it has kernels: perplexity of the weights it stands for.
 
     python benchmarks/spqr_accuracy.py [--windows 4] [--nsamples 8] [--bits 3]
-        [--thresholds inf,0.2] [--stat-bits 3] [--group-size 16] [--act-order] [--threads 2]
+        [--thresholds inf,0.2] [--stat-bits 3] [--group-size 16] [--act-order] [--clip-search]
+        [--threads 2]
 
 Each linear map is quantized with qinfer/quant/spqr.py in GPTQ's layer loop
 (qinfer.quant.api.calibrated_layers: the same calibration, Hessians, sink
@@ -50,6 +51,7 @@ def main():
     p.add_argument("--stat-group", type=int, default=16)
     p.add_argument("--thresholds", default="inf,0.2", help="outlier thresholds, comma-separated (inf: none)")
     p.add_argument("--act-order", action="store_true", help="columns by decreasing Hessian diagonal")
+    p.add_argument("--clip-search", action="store_true", help="each group's range by the clip search")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
 
@@ -70,7 +72,7 @@ def main():
 
         def spqr(base_name, name, w, h, prepared):
             res = spqr_quantize(w, prepared, args.bits, args.group_size, args.stat_bits, args.stat_group,
-                                threshold)
+                                threshold, clip=args.clip_search)
             names[base_name] = name
             return res, res.dequantize()
 
@@ -87,7 +89,7 @@ def main():
         outliers = sum(r.n_outliers for r in results.values()) / weights
         change = (got["ppl"] / base["ppl"] - 1) * 100
         print(f"spqr {args.bits}-bit g{args.group_size} stats {args.stat_bits}-bit/{args.stat_group} rows"
-              f"{', act-order' if args.act_order else ''}, "
+              f"{', act-order' if args.act_order else ''}{', clip search' if args.clip_search else ''}, "
               f"threshold {threshold:g}: ppl {got['ppl']:.4f} ({change:+.2f}%), {bpw:.3f} bits/weight, "
               f"outliers {outliers * 100:.2f}% ({time.perf_counter() - t0:.0f} s)", flush=True)
         del quantized

@@ -91,6 +91,9 @@ def test_error_beats_gptq_g16_with_fewer_bits():
     assert spqr.bits_per_weight() < gptq_bits and plain.bits_per_weight() < gptq_bits
     wide = spqr_quantize(W, H, bits=3, stat_bits=8, outlier_threshold=float("inf"))
     ordered = spqr_quantize(W, H, bits=3, outlier_threshold=1.0, act_order=True)
+    clipped = spqr_quantize(W, H, bits=3, outlier_threshold=float("inf"), clip=True)
+    np.testing.assert_allclose(clipped.dequantize(), _dequantize_by_loops(clipped), rtol=1e-6, atol=0)
+    assert output_error(W, clipped.dequantize(), H) < 1.1 * output_error(W, plain.dequantize(), H)
     assert output_error(W, ordered.dequantize(), H) < 0.7 * output_error(W, gptq_quantize(
         W, H, 3, group_size=16, act_order=True).dequantize(), H)
     e_spqr, e_plain, e_wide, e_gptq = (output_error(W, x.dequantize(), H) for x in (spqr, plain, wide, gptq))

@@ -5,7 +5,7 @@ changes that spend the bits differently:
 
   1. Small groups: a scale and a zero point for every beta1 (`group_size`,
      default 16) consecutive input columns of each output row, by qinfer's
-     range rule (quantizer.py, integer zero points).
+     range rule (quantizer.py, integer zero points; its clip search if asked).
   2. Compressed statistics: the scales of a group are themselves quantized,
      `stat_bits` (default 3) bits each, in runs of beta2 (`stat_group`,
      default 16) consecutive output rows, each run with its own float16
@@ -171,13 +171,15 @@ def leave_one_out_gain(w, u_diag, bits):
 
 def spqr_quantize(weight, H, bits=3, group_size=DEFAULT_GROUP, stat_bits=DEFAULT_STAT_BITS,
                   stat_group=DEFAULT_STAT_GROUP, outlier_threshold=DEFAULT_OUTLIER_THRESHOLD, damp=0.01,
-                  act_order=False, block_size=BLOCK_SIZE):
+                  act_order=False, clip=False, block_size=BLOCK_SIZE):
     """SpQR of a float [out, in] weight -> SpqrResult (module docstring).
 
     H: the Hessian [in, in] (gptq.Hessian.value), or a PreparedHessian (which then fixes
     damp and act_order: the columns quantized by decreasing Hessian diagonal, each group
     beta1 consecutive columns of that order, as the paper's act-order permutation);
-    outlier_threshold: float("inf") keeps no outliers."""
+    outlier_threshold: float("inf") keeps no outliers; clip: each group's range by quantizer.py's
+    clip search (the min/max range or one shrunk by up to 20%), on the weights left after the
+    likely outliers are taken out."""
     check_settings(bits, group_size, stat_bits, stat_group, outlier_threshold)
     prepared = H if isinstance(H, PreparedHessian) else PreparedHessian(H, damp, act_order)
     W = np.array(weight, dtype=np.float64)
@@ -227,7 +229,7 @@ def spqr_quantize(weight, H, bits=3, group_size=DEFAULT_GROUP, stat_bits=DEFAULT
                     kept = np.maximum((~likely).sum(axis=1, keepdims=True), 1)
                     mean = np.where(likely, 0, fit).sum(axis=1, keepdims=True) / kept
                     fit = np.where(likely, mean, fit)
-                scale, zero = group_params(fit, bits, sym=False)
+                scale, zero = group_params(fit, bits, sym=False, clip=clip)
                 scale_codes[g], scale_scale[g], scale_zero[g], stored = quantize_stats(scale, stat_bits, stat_group)
                 zeros[g] = zero.astype(np.uint8)
                 # a run holding a near-zero scale beside large ones may store it as 0.0: the
