@@ -22,8 +22,6 @@ import os
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import qinfer  # noqa: E402
 from accuracy import SEQLEN, calibration_file, default_cache, score  # noqa: E402
@@ -66,23 +64,23 @@ def main():
     base = score(engine, windows, args.threads)
     print(f"float32: ppl {base['ppl']:.4f} ({args.windows} windows; calibration: {note})", flush=True)
     source = open_model(model_path)
-    names = {}
     for threshold in (float(t) for t in args.thresholds.split(",")):
         t0 = time.perf_counter()
+        floats = {}                     # base name -> (short name, the weights the layer stands for)
 
         def spqr(base_name, name, w, h, prepared):
             res = spqr_quantize(w, prepared, args.bits, args.group_size, args.stat_bits, args.stat_group,
                                 threshold, clip=args.clip_search)
-            names[base_name] = name
-            return res, res.dequantize()
+            floats[base_name] = (name, res.dequantize())
+            return res, floats[base_name][1]
 
         results = calibrated_layers(source, calib_windows, args.threads, False,
                                     Progress(source.config.num_hidden_layers, enabled=True), spqr,
                                     sink_weight=SINK_WEIGHT, damp=DAMP, act_order=args.act_order)
         quantized = qinfer.Engine(model_path, dequantize=True, ctx=SEQLEN, threads=args.threads)
-        for base_name, res in results.items():
-            layer = int(base_name.split(".")[2])
-            quantized.model.replace_linear(layer, names[base_name], res.dequantize())
+        for base_name, (name, weights) in floats.items():
+            layer = int(base_name.split(".")[2])          # model.layers.<i>.<...>
+            quantized.model.replace_linear(layer, name, weights)
         got = score(quantized, windows, args.threads)
         weights = sum(r.codes.size for r in results.values())
         bpw = sum(r.bits_per_weight() * r.codes.size for r in results.values()) / weights

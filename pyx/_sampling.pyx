@@ -99,12 +99,11 @@ static float block_max(const float *x)
 
 static int argmax(const float *logits, int n)
 {
-    int start = 0;
+    int start = 0, b = 0;       /* logits[0..b) are done by blocks */
     float best = logits[0];
 #if defined(__SSE2__)
     if (best != best)
         return 0;
-    int b = 0;
     for (; b + ARGMAX_BLOCK <= n; b += ARGMAX_BLOCK) {
         const float m = block_max(logits + b);
         if (m > best) {         /* a later block's equal maximum does not move it */
@@ -117,20 +116,13 @@ static int argmax(const float *logits, int n)
             start = i;
             break;
         }
-    for (int i = b; i < n; i++)         /* the tail, as the plain scan */
-        if (logits[i] > best) {
-            best = logits[i];
-            start = i;
-        }
-    return start;
-#else
-    for (int i = 1; i < n; i++)
-        if (logits[i] > best) {
-            best = logits[i];
-            start = i;
-        }
-    return start;
 #endif
+    for (int i = b; i < n; i++)         /* the rest (without SSE2: all), as the plain scan */
+        if (logits[i] > best) {
+            best = logits[i];
+            start = i;
+        }
+    return start;
 }
 
 static void apply_repetition_penalty(float *logits, int n, const int32_t *seen, int n_seen, float penalty)
