@@ -10,7 +10,7 @@ bandwidth.
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid, PyCapsule_New
 from libc.stdint cimport uint16_t, uint32_t, int32_t, uint64_t
 
-from qmatrix cimport qmatrix, qgemm_fn, qgemv_team_fn, qm_whole_tiles, qkernels
+from qmatrix cimport qmatrix, qgemm_fn, qgemv_team_fn, qgemm_team_fn, qm_whole_tiles, qkernels, team
 from team cimport (team_governor, governor_init, governor_rows, governor_threads, governor_report,
                    TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S, TEAM_PROBE_MARGIN, TEAM_PROBE_MARGIN_UP,
                    TEAM_PROBE_WARMUP, TEAM_PROBE_SHARE)
@@ -302,3 +302,181 @@ def nibble_stream(const unsigned char[:, :, :] qs, unsigned char[:, :, ::1] out)
                     b = qs[r, c, 2 * m + 1]
                     out[r, c, m] = (a & 0x0F) | ((b & 0x0F) << 4)
                     out[r, c, half + m] = (a >> 4) | (b & 0xF0)
+
+
+cdef extern from "spqr.h":
+    ctypedef struct spqr_matrix:
+        qmatrix dense
+        int stat_bits
+        int record_halves
+        const uint16_t *records
+        const int32_t *outlier_rows
+        const uint16_t *outlier_cols
+        const uint16_t *outlier_vals
+        qgemm_fn gemm[2]
+        qgemm_fn gemm_i8[2]
+        qgemv_team_fn team
+        qgemv_team_fn team_i8
+        qgemm_team_fn rows_team_i8
+    int spqr_gemm_scalar(const qmatrix *m, const float *x, int n, float *y, int nthreads) nogil
+    int spqr_gemm_avx2(const qmatrix *m, const float *x, int n, float *y, int nthreads) nogil
+    int spqr_gemm_i8_scalar(const qmatrix *m, const float *x, int n, float *y, int nthreads) nogil
+    int spqr_gemm_i8_avx2(const qmatrix *m, const float *x, int n, float *y, int nthreads) nogil
+    int spqr_team(const qmatrix *m, const float *x, float *y, const team *tm) nogil
+    int spqr_team_i8(const qmatrix *m, const float *x, float *y, const team *tm) nogil
+    int spqr_rows_team_i8(const qmatrix *m, const float *x, int n, float *y, const team *tm) nogil
+
+
+cdef class SpqrMatrix:
+    """One SpQR layer as the kernels see it (pyx/spqr.h): the codes in tiles, the
+    statistics as records, the outliers as a row table. Its entry points have the
+    dense QMatrix's signatures and run that bitwidth's own kernels, so the forward
+    pass takes it like any other layer; the same methods as QMatrix."""
+    cdef spqr_matrix s
+    cdef const qkernels *kernels
+    cdef object arrays
+
+    def __cinit__(self, kernels_capsule, int bits, int in_features, int out_features, int group_size, int tu,
+                  int segment_rows, const uint32_t[::1] words, int stat_bits, const uint16_t[::1] records,
+                  const int32_t[::1] outlier_rows, const uint16_t[::1] outlier_cols,
+                  const uint16_t[::1] outlier_vals, perm=None):
+        cdef const int32_t[::1] perm_view
+        cdef qmatrix *m = &self.s.dense
+        if not PyCapsule_IsValid(kernels_capsule, b"qinfer.qkernels"):
+            raise TypeError("not a qinfer kernel table")
+        self.kernels = <const qkernels *>PyCapsule_GetPointer(kernels_capsule, b"qinfer.qkernels")
+        if self.kernels.bits != bits:
+            raise ValueError("kernel table is for another bitwidth")
+        if group_size <= 0 or in_features % group_size or in_features == group_size:
+            raise ValueError("SpQR groups must divide in_features, more than one of them")
+        m.bits = bits
+        m.in_features = in_features
+        m.out_features = out_features
+        m.group_size = group_size
+        m.n_groups = in_features // group_size
+        m.tu = tu
+        m.n_tiles = (out_features + tu - 1) // tu
+        m.segment_rows = segment_rows
+        m.half_scales = 0
+        m.zero_groups = m.n_groups
+        m.scales = NULL
+        m.zeros = NULL
+        n_runs = (out_features + 15) // 16
+        if tu % 16 and 16 % tu:
+            raise ValueError("the tile width must be a multiple or a divisor of 16")
+        if words.shape[0] != <size_t>m.n_tiles * tu * in_features * bits // 32 or \
+                records.shape[0] != <size_t>n_runs * m.n_groups * (stat_bits + bits + 2) or \
+                outlier_rows.shape[0] != out_features + 1 or outlier_cols.shape[0] != outlier_vals.shape[0]:
+            raise ValueError("SpQR arrays do not match the layer's shape")
+        self.configure(1, segment_rows, 1, 1)
+        m.words = &words[0]
+        m.perm = NULL
+        if perm is not None:
+            perm_view = perm
+            if perm_view.shape[0] != in_features:
+                raise ValueError("perm must have in_features entries")
+            m.perm = &perm_view[0]
+        self.s.stat_bits = stat_bits
+        self.s.record_halves = stat_bits + bits + 2
+        self.s.records = &records[0]
+        self.s.outlier_rows = &outlier_rows[0]
+        self.s.outlier_cols = &outlier_cols[0] if outlier_cols.shape[0] else NULL
+        self.s.outlier_vals = &outlier_vals[0] if outlier_vals.shape[0] else NULL
+        self.s.gemm[0] = self.kernels.scalar
+        self.s.gemm[1] = self.kernels.avx2
+        self.s.gemm_i8[0] = self.kernels.scalar_i8
+        self.s.gemm_i8[1] = self.kernels.avx2_i8
+        self.s.team = self.kernels.avx2_team
+        self.s.team_i8 = self.kernels.avx2_i8_team
+        self.s.rows_team_i8 = self.kernels.avx2_i8_rows_team
+        self.arrays = (words, records, outlier_rows, outlier_cols, outlier_vals, perm)
+
+    def configure(self, int gemv_tiles, int mb, int rows_per_chunk, int tiles_per_block):
+        """QMatrix.configure: the dense kernels' run-time parameters."""
+        cdef qmatrix *m = &self.s.dense
+        if not 1 <= gemv_tiles <= self.kernels.max_gemv_tiles:
+            raise ValueError(f"gemv_tiles must lie in [1, {self.kernels.max_gemv_tiles}], got {gemv_tiles}")
+        if mb <= 0 or m.in_features % mb or mb % self.kernels.unit_values:
+            raise ValueError(f"a row block of {mb} must divide in_features={m.in_features} "
+                             f"and hold whole units of {self.kernels.unit_values} values")
+        if rows_per_chunk < 1 or tiles_per_block < 1:
+            raise ValueError("rows_per_chunk and tiles_per_block must be >= 1")
+        m.gemv_tiles = gemv_tiles
+        m.mb = mb
+        m.rows_per_chunk = rows_per_chunk
+        m.tiles_per_block = tiles_per_block
+
+    def configuration(self):
+        cdef qmatrix *m = &self.s.dense
+        return dict(gemv_tiles=m.gemv_tiles, mb=m.mb, rows_per_chunk=m.rows_per_chunk,
+                    tiles_per_block=m.tiles_per_block)
+
+    @property
+    def max_gemv_tiles(self):
+        return self.kernels.max_gemv_tiles
+
+    def has_avx2(self):
+        return self.kernels.avx2 != NULL
+
+    def matrix_capsule(self):
+        """The dense member of the C struct, which the entry points below take."""
+        return PyCapsule_New(<void *>&self.s.dense, b"qinfer.qmatrix", NULL)
+
+    def kernel_capsule(self, bint avx2):
+        if avx2 and self.kernels.avx2 == NULL:
+            raise RuntimeError("this build has no AVX2 kernels")
+        return PyCapsule_New(<void *>(spqr_gemm_avx2 if avx2 else spqr_gemm_scalar), b"qinfer.qgemm_fn", NULL)
+
+    def has_int8(self, bint avx2=False):
+        return (self.kernels.avx2_i8 if avx2 else self.kernels.scalar_i8) != NULL
+
+    def int8_kernel_capsule(self, bint avx2):
+        if not self.has_int8(avx2):
+            return None
+        return PyCapsule_New(<void *>(spqr_gemm_i8_avx2 if avx2 else spqr_gemm_i8_scalar), b"qinfer.qgemm_fn",
+                             NULL)
+
+    def team_capsule(self, bint avx2):
+        if not avx2 or self.kernels.avx2_team == NULL or not qm_whole_tiles(&self.s.dense):
+            return None
+        return PyCapsule_New(<void *>spqr_team, b"qinfer.qgemv_team_fn", NULL)
+
+    def int8_team_capsule(self, bint avx2):
+        if not avx2 or self.kernels.avx2_i8_team == NULL or not qm_whole_tiles(&self.s.dense):
+            return None
+        return PyCapsule_New(<void *>spqr_team_i8, b"qinfer.qgemv_team_fn", NULL)
+
+    def int8_rows_team_capsule(self, bint avx2):
+        if not avx2 or self.kernels.avx2_i8_rows_team == NULL or not qm_whole_tiles(&self.s.dense):
+            return None
+        return PyCapsule_New(<void *>spqr_rows_team_i8, b"qinfer.qgemm_team_fn", NULL)
+
+    def _run(self, const float[:, ::1] x, float[:, ::1] out, int nthreads, bint avx2, bint int8):
+        cdef qgemm_fn fn
+        cdef int n = x.shape[0]
+        cdef int rc
+        if int8:
+            fn = spqr_gemm_i8_avx2 if avx2 else spqr_gemm_i8_scalar
+            if not self.has_int8(avx2):
+                raise RuntimeError(f"no int8-activation kernel for {self.s.dense.bits}-bit weights")
+        else:
+            fn = spqr_gemm_avx2 if avx2 else spqr_gemm_scalar
+            if avx2 and self.kernels.avx2 == NULL:
+                raise RuntimeError("this build has no AVX2 kernels")
+        if x.shape[1] != self.s.dense.in_features or out.shape[0] != n or out.shape[1] != self.s.dense.out_features:
+            raise ValueError("matmul: shapes do not match the layer")
+        if n == 0:
+            return
+        with nogil:
+            rc = fn(&self.s.dense, &x[0, 0], n, &out[0, 0], nthreads)
+        if rc != 0:
+            raise MemoryError("out of memory in the SpQR matmul")
+
+    def matmul(self, const float[:, ::1] x, float[:, ::1] out, int nthreads, bint avx2):
+        """out[n, out_features] = x[n, in_features] @ W^T (dense part + outliers)."""
+        self._run(x, out, nthreads, avx2, False)
+
+    def matmul_int8(self, const float[:, ::1] x, float[:, ::1] out, int nthreads, bint avx2):
+        """The same with each row of x rounded to int8 per block of 32 inputs (the outliers
+        take x as it is)."""
+        self._run(x, out, nthreads, avx2, True)

@@ -1,0 +1,293 @@
+/* spqr.h: a SpQR layer (Dettmers et al. 2023; qinfer/quant/spqr.py) as the
+ * kernels run it: b-bit codes with their scale statistics kept compressed in
+ * memory, and a sparse table of float16 outliers.
+ *
+ * The dense part is a qmatrix like any other (qmatrix.h: the codes in tiles of
+ * tu output columns, groups of beta1 = group_size inputs, act-order perm)
+ * except that it holds no float scales or zeros. Those stay in records of 16
+ * output rows (beta2) x one group, each (stat_bits + bits + 2) uint16:
+ *
+ *   records [n_runs = ceil(out / 16)][n_groups][stat_bits + bits + 2]   uint16
+ *
+ *     half  0 .. stat_bits-1          scale-code bit planes: bit i of plane p is
+ *                                     bit p of row (16 run + i)'s scale code
+ *     half  stat_bits .. +bits-1      zero-point bit planes, the same way
+ *     half  stat_bits + bits          s2: the run's float16 second-level scale
+ *     half  stat_bits + bits + 1      z2: its float16 second-level zero
+ *
+ *   row i's group scale = s2 * (scale code - z2)   (float32, as numpy computes it)
+ *   row i's group zero  = its zero point, an integer in [0, 2^bits)
+ *
+ * At 3-bit codes and statistics that is 8 halves, 16 bytes, per 256 weights:
+ * 0.5 bits a weight on top of the codes' 3.
+ *
+ * The outliers, in the weight's own column order (not act-order's):
+ *
+ *   outlier_rows [out + 1]   int32: output row j's outliers are entries rows[j] .. rows[j+1]-1
+ *   outlier_cols [count]     uint16: their input columns, ascending within a row
+ *   outlier_vals [count]     float16: their weights (the dense code there is the zero point: 0.0)
+ *
+ * A call walks each thread's share of the tiles a few at a time: it widens
+ * those tiles' records into a float32 buffer (kept to SPQR_CHUNK_BYTES, so it
+ * stays in the core's cache), runs the layer's own dense kernel on a qmatrix
+ * view of just those tiles, and adds the same tiles' outliers while their
+ * outputs are still in cache. Every kernel sums a column the same way whatever
+ * tiles it is given, so the dense part equals the dense kernel's result on the
+ * whole matrix with float32 scales, bit for bit (tests/test_spqr_kernels.py).
+ */
+#ifndef QINFER_SPQR_H
+#define QINFER_SPQR_H
+
+#include <stdlib.h>
+#include <string.h>
+#include "qmatrix.h"
+#include "team.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define SPQR_RUN 16                    /* beta2: output rows per record */
+#define SPQR_CHUNK_BYTES (64 * 1024)   /* decoded statistics per chunk of tiles */
+
+typedef struct spqr_matrix {
+    qmatrix dense;              /* scales, zeros: NULL; the kernels get views (spqr_view) */
+    int stat_bits;
+    int record_halves;          /* stat_bits + bits + 2 */
+    const uint16_t *records;    /* [ceil(out / 16)][n_groups][record_halves] */
+    const int32_t *outlier_rows;
+    const uint16_t *outlier_cols;
+    const uint16_t *outlier_vals;
+    /* the dense kernels, run on views (NULL: none); [0] the scalar path, [1] AVX2 */
+    qgemm_fn gemm[2];
+    qgemm_fn gemm_i8[2];
+    qgemv_team_fn team;
+    qgemv_team_fn team_i8;
+    qgemm_team_fn rows_team_i8;
+} spqr_matrix;
+
+/* Tiles per chunk: as many as keep the widened scales and zeros within
+ * SPQR_CHUNK_BYTES, in whole steps of qgemv's tiles side by side. */
+static inline int spqr_chunk_tiles(const spqr_matrix *s)
+{
+    const qmatrix *m = &s->dense;
+    const size_t per_tile = (size_t)m->n_groups * m->tu * 2 * sizeof(float);
+    int tiles = (int)(SPQR_CHUNK_BYTES / per_tile);
+    if (tiles >= m->gemv_tiles)
+        tiles -= tiles % m->gemv_tiles;
+    return tiles > 0 ? tiles : 1;
+}
+
+/* Widen the statistics of `count` tiles from tile t0 into scales and zeros,
+ * each [count][n_groups][tu] float32 (the layout qmatrix.h gives them). */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void spqr_widen(const spqr_matrix *s, int t0, int count, float *scales, float *zeros)
+{
+    const qmatrix *m = &s->dense;
+    const int tu = m->tu, sb = s->stat_bits, zb = m->bits, rh = s->record_halves;
+    const int lanes = tu < SPQR_RUN ? tu : SPQR_RUN;
+    for (int t = 0; t < count; t++) {
+        for (int g = 0; g < m->n_groups; g++) {
+            float *sc = scales + ((size_t)t * m->n_groups + g) * tu;
+            float *zc = zeros + ((size_t)t * m->n_groups + g) * tu;
+            for (int i0 = 0; i0 < tu; i0 += lanes) {
+                const int row0 = (t0 + t) * tu + i0;
+                const uint16_t *rec = s->records + ((size_t)(row0 / SPQR_RUN) * m->n_groups + g) * rh;
+                const int lane0 = row0 % SPQR_RUN;
+                const float s2 = qm_half_to_float(rec[sb + zb]), z2 = qm_half_to_float(rec[sb + zb + 1]);
+                for (int i = 0; i < lanes; i++) {
+                    const unsigned bit = 1u << (lane0 + i);
+                    int code = 0, zero = 0;
+                    for (int p = 0; p < sb; p++)
+                        code |= (rec[p] & bit ? 1 : 0) << p;
+                    for (int p = 0; p < zb; p++)
+                        zero |= (rec[sb + p] & bit ? 1 : 0) << p;
+                    sc[i0 + i] = s2 * ((float)code - z2);
+                    zc[i0 + i] = (float)zero;
+                }
+            }
+        }
+    }
+}
+
+/* The dense part of tiles t0 .. t0+count-1 as a qmatrix of its own, its
+ * statistics widened into buf (2 * count * n_groups * tu floats). */
+static inline void spqr_view(const spqr_matrix *s, int t0, int count, float *buf, qmatrix *v)
+{
+    const qmatrix *m = &s->dense;
+    const size_t tile_words = (size_t)m->in_features * m->bits / 32 * m->tu;
+    const size_t stats = (size_t)count * m->n_groups * m->tu;
+    spqr_widen(s, t0, count, buf, buf + stats);
+    *v = *m;
+    v->n_tiles = count;
+    v->out_features = (t0 + count) * m->tu <= m->out_features ? count * m->tu : m->out_features - t0 * m->tu;
+    v->words = m->words + (size_t)t0 * tile_words;
+    v->scales = buf;
+    v->zeros = buf + stats;
+    v->half_scales = 0;
+    v->zero_groups = m->n_groups;
+}
+
+/* y[r][j] += the outliers of output rows j0 .. j1-1 times x[r], for n rows
+ * (x: in_features apart, y: ldy apart, y's column 0 = output j0). */
+static inline void spqr_add_outliers(const spqr_matrix *s, int j0, int j1, const float *x, int n,
+                                     float *y, size_t ldy)
+{
+    const int K = s->dense.in_features;
+    for (int r = 0; r < n; r++) {
+        const float *xr = x + (size_t)r * K;
+        float *yr = y + (size_t)r * ldy;
+        for (int j = j0; j < j1; j++) {
+            float acc = yr[j - j0];
+            for (int k = s->outlier_rows[j]; k < s->outlier_rows[j + 1]; k++)
+                acc += qm_half_to_float(s->outlier_vals[k]) * xr[s->outlier_cols[k]];
+            yr[j - j0] = acc;
+        }
+    }
+}
+
+static inline int spqr_threads(int nthreads)
+{
+#ifdef _OPENMP
+    return nthreads > 0 ? nthreads : omp_get_max_threads();
+#else
+    (void)nthreads;
+    return 1;
+#endif
+}
+
+/* y[n][out] = x[n][in] @ W^T through the dense kernel `dense` (a qgemm_fn of
+ * the layer's bitwidth), each thread a contiguous run of tiles, chunk by chunk. */
+static int spqr_gemm_with(const spqr_matrix *s, qgemm_fn dense, const float *x, int n, float *y, int nthreads)
+{
+    const qmatrix *m = &s->dense;
+    const int chunk = spqr_chunk_tiles(s), tu = m->tu;
+    int failed = 0;
+    if (!dense)
+        return -1;
+    #pragma omp parallel num_threads(spqr_threads(nthreads)) reduction(|:failed)
+    {
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+        const int t = 0, T = 1;
+#endif
+        const int first = (int)((long)m->n_tiles * t / T), last = (int)((long)m->n_tiles * (t + 1) / T);
+        float *buf = (float *)malloc(sizeof(float) * 2 * (size_t)chunk * m->n_groups * tu);
+        float *out = (float *)malloc(sizeof(float) * (size_t)n * chunk * tu);
+        failed = !buf || !out;
+        for (int t0 = first; t0 < last && !failed; t0 += chunk) {
+            const int count = last - t0 < chunk ? last - t0 : chunk;
+            qmatrix v;
+            spqr_view(s, t0, count, buf, &v);
+            const int j0 = t0 * tu, width = v.out_features;
+            if (dense(&v, x, n, out, 1)) {
+                failed = 1;
+                break;
+            }
+            spqr_add_outliers(s, j0, j0 + width, x, n, out, (size_t)width);
+            for (int r = 0; r < n; r++)
+                memcpy(y + (size_t)r * m->out_features + j0, out + (size_t)r * width, sizeof(float) * width);
+        }
+        free(buf);
+        free(out);
+    }
+    return failed ? -1 : 0;
+}
+
+/* One row inside the caller's thread team (qgemv_team_fn): this thread's
+ * share of the tiles (the split the dense team kernels use), each chunk
+ * through the dense team kernel as a team of one, written in place. */
+static int spqr_team_with(const spqr_matrix *s, qgemv_team_fn dense, const float *x, float *y, const team *tm)
+{
+    const qmatrix *m = &s->dense;
+    const int chunk = spqr_chunk_tiles(s), tu = m->tu;
+    if (!dense || !qm_whole_tiles(m))
+        return -1;
+    const int first = (int)((long)m->n_tiles * tm->thread / tm->threads);
+    const int last = (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads);
+    const team solo = {tm->barrier, 0, 1, 0};
+    float *buf = (float *)malloc(sizeof(float) * 2 * (size_t)chunk * m->n_groups * tu);
+    int rc = buf ? 0 : -1;
+    for (int t0 = first; t0 < last && !rc; t0 += chunk) {
+        const int count = last - t0 < chunk ? last - t0 : chunk;
+        qmatrix v;
+        spqr_view(s, t0, count, buf, &v);
+        rc = dense(&v, x, y + (size_t)t0 * tu, &solo);
+        if (!rc)
+            spqr_add_outliers(s, t0 * tu, (t0 + count) * tu, x, 1, y + (size_t)t0 * tu, 0);
+    }
+    free(buf);
+    return rc;
+}
+
+/* Several rows inside the caller's thread team (qgemm_team_fn), as spqr_team_with does one. */
+static int spqr_rows_team_with(const spqr_matrix *s, qgemm_team_fn dense, const float *x, int n, float *y,
+                               const team *tm)
+{
+    const qmatrix *m = &s->dense;
+    const int chunk = spqr_chunk_tiles(s), tu = m->tu;
+    if (!dense || !qm_whole_tiles(m))
+        return -1;
+    const int first = (int)((long)m->n_tiles * tm->thread / tm->threads);
+    const int last = (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads);
+    const team solo = {tm->barrier, 0, 1, 0};
+    float *buf = (float *)malloc(sizeof(float) * 2 * (size_t)chunk * m->n_groups * tu);
+    float *out = (float *)malloc(sizeof(float) * (size_t)n * chunk * tu);
+    int rc = buf && out ? 0 : -1;
+    for (int t0 = first; t0 < last && !rc; t0 += chunk) {
+        const int count = last - t0 < chunk ? last - t0 : chunk;
+        const int width = count * tu;
+        qmatrix v;
+        spqr_view(s, t0, count, buf, &v);
+        rc = dense(&v, x, n, out, &solo);
+        if (rc)
+            break;
+        spqr_add_outliers(s, t0 * tu, t0 * tu + width, x, n, out, (size_t)width);
+        for (int r = 0; r < n; r++)
+            memcpy(y + (size_t)r * m->out_features + (size_t)t0 * tu, out + (size_t)r * width, sizeof(float) * width);
+    }
+    free(buf);
+    free(out);
+    return rc;
+}
+
+/* The entry points the forward pass and QuantizedLinear-like callers take
+ * (qmatrix.h's function types): m is the dense member of a spqr_matrix. */
+#define SPQR_OF(m) ((const spqr_matrix *)(const void *)(m))
+
+static int spqr_gemm_scalar(const qmatrix *m, const float *x, int n, float *y, int nthreads)
+{
+    return spqr_gemm_with(SPQR_OF(m), SPQR_OF(m)->gemm[0], x, n, y, nthreads);
+}
+
+static int spqr_gemm_avx2(const qmatrix *m, const float *x, int n, float *y, int nthreads)
+{
+    return spqr_gemm_with(SPQR_OF(m), SPQR_OF(m)->gemm[1], x, n, y, nthreads);
+}
+
+static int spqr_gemm_i8_scalar(const qmatrix *m, const float *x, int n, float *y, int nthreads)
+{
+    return spqr_gemm_with(SPQR_OF(m), SPQR_OF(m)->gemm_i8[0], x, n, y, nthreads);
+}
+
+static int spqr_gemm_i8_avx2(const qmatrix *m, const float *x, int n, float *y, int nthreads)
+{
+    return spqr_gemm_with(SPQR_OF(m), SPQR_OF(m)->gemm_i8[1], x, n, y, nthreads);
+}
+
+static int spqr_team(const qmatrix *m, const float *x, float *y, const team *tm)
+{
+    return spqr_team_with(SPQR_OF(m), SPQR_OF(m)->team, x, y, tm);
+}
+
+static int spqr_team_i8(const qmatrix *m, const float *x, float *y, const team *tm)
+{
+    return spqr_team_with(SPQR_OF(m), SPQR_OF(m)->team_i8, x, y, tm);
+}
+
+static int spqr_rows_team_i8(const qmatrix *m, const float *x, int n, float *y, const team *tm)
+{
+    return spqr_rows_team_with(SPQR_OF(m), SPQR_OF(m)->rows_team_i8, x, n, y, tm);
+}
+
+#endif
