@@ -25,9 +25,10 @@ MAX_DIM = 1 << 48        # per dimension: only an empty tensor could have a larg
 DTYPES = {
     "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
     "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I8": np.dtype("i1"), "U8": np.dtype("u1"),
+    "U16": np.dtype("<u2"),      # SpQR checkpoints' statistics records and outlier columns (readers/spqr.py)
 }
 # Valid safetensors dtypes we do not load: named in the error so it reads as "unsupported", not "corrupt".
-KNOWN_UNSUPPORTED = {"F64", "I16", "U16", "U32", "U64", "BOOL", "F8_E4M3", "F8_E5M2",
+KNOWN_UNSUPPORTED = {"F64", "I16", "U32", "U64", "BOOL", "F8_E4M3", "F8_E5M2",
                      "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4", "C64"}
 
 
