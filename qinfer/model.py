@@ -1,7 +1,8 @@
 """The model builder: turns a reader's ModelSource into the runtime model.
 
 Linear layers that arrive packed (GGUF block formats, GPTQ) run on the
-quantized kernels as they are; float ones stay float32 (read from the file's
+quantized kernels as they are, SpQR ones as SpqrLinear layers (never
+stacked); float ones stay float32 (read from the file's
 memory map when already float32) or are quantized on load when asked
 (round to nearest with float16 scales, the model `qinfer quantize --method
 rtn` writes, so its scales and zeros are held in float16). An embedding
@@ -21,7 +22,8 @@ from . import memory
 from ._forward import Transformer
 from .errors import QinferError, UnsupportedError
 from .linear import QuantizedLinear
-from .readers.source import PackedTensor
+from .readers.source import PackedTensor, SpqrTensor
+from .spqr_linear import SpqrLinear
 
 PREFILL_CHUNK = 512       # tokens per forward call; longer prompts are fed in chunks
 # The linear maps of a block: the C side's names and the Hugging Face ones.
@@ -47,6 +49,13 @@ def quantize_on_load(weight, bits, group_size):
     64, which the kernels run as groups of 64, each scale repeated)."""
     from .quant.quantizer import rtn_quantize       # quant imports the engine: import on use
     return rtn_quantize(weight, bits, group_size).to_linear()
+
+
+def spqr_layer(t):
+    """The SpqrLinear of a reader's SpqrTensor."""
+    out_features, in_features = t.shape
+    return SpqrLinear(t.qweight, t.records, t.outlier_rows, t.outlier_cols, t.outlier_vals, t.bits, t.group_size,
+                      t.stat_bits, in_features, out_features, t.perm)
 
 
 def stack_packed(parts):
@@ -179,6 +188,7 @@ class Model:
         self._stacked = {}                    # (layer, "wqkv" | "w_gate_up") -> the stacked QuantizedLinear
         self.scale_bytes = {}                 # name of a tensor run packed -> bytes of each scale/zero as held
         self.shared_zero = {}                 # ... -> whether its zeros are held once per column
+        self.spqr_bytes = {}                  # name of a tensor run as SpQR -> bytes its layer holds
 
         # a float tied LM head is the embedding itself, read whole per token
         self._embedding_layer = self._packed_embedding(source)
@@ -277,9 +287,12 @@ class Model:
         return self._embedding_table.nbytes
 
     def _float_matrix(self, source, name):
+        """A weight as float32 [out, in]; a quantized one dequantized."""
         t = source.tensors[name]
         if isinstance(t, PackedTensor):
             return self._packed(t).dequantize()
+        if isinstance(t, SpqrTensor):
+            return spqr_layer(t).dequantize()
         return np.ascontiguousarray(source.float_tensor(name))
 
     def _table(self, source, name, streamed):
@@ -308,7 +321,7 @@ class Model:
         """What the C side takes: a float32 array, or (matrix, kernel, int8 kernel or None,
         team kernel of the decode step's activations or None, int8 team kernel of
         several rows or None) capsules."""
-        if isinstance(layer, QuantizedLinear):
+        if isinstance(layer, (QuantizedLinear, SpqrLinear)):     # the same capsules (SpqrMatrix is a QMatrix's twin)
             self._keep.append(layer)
             m = layer._matrix
             avx2 = kernels.active_path() == "avx2"
@@ -321,11 +334,15 @@ class Model:
         return layer
 
     def _linear(self, source, name):
-        """A QuantizedLinear, or a float32 [out, in] array."""
+        """A QuantizedLinear, an SpqrLinear, or a float32 [out, in] array."""
         t = source.tensors[name]
         if isinstance(t, PackedTensor) and not self.dequantize:
             return self._packed(t, name)
-        w = self._packed(t).dequantize() if isinstance(t, PackedTensor) else source.float_tensor(name)
+        if isinstance(t, SpqrTensor) and not self.dequantize:
+            layer = spqr_layer(t)
+            self.spqr_bytes[name] = layer.nbytes
+            return layer
+        w = self._float_matrix(source, name)
         if self.quantize:
             return quantize_on_load(w, self.quantize, self.group_size)
         return np.ascontiguousarray(w)
@@ -368,16 +385,17 @@ class Model:
         return self._table(source, name, streamed=True)
 
     def quantized_layers(self):
-        """The QuantizedLinear objects the forward pass runs (each once)."""
-        return list({id(k): k for k in self._keep if isinstance(k, QuantizedLinear)}.values())
+        """The QuantizedLinear and SpqrLinear objects the forward pass runs (each once)."""
+        return list({id(k): k for k in self._keep if isinstance(k, (QuantizedLinear, SpqrLinear))}.values())
 
     def replace_linear(self, layer, name, weight):
         """Swap one linear map of block `layer` (name as in LINEAR_NAMES) for a
-        float32 [out, in] array or a QuantizedLinear (GPTQ does this layer by layer)."""
+        float32 [out, in] array, a QuantizedLinear or an SpqrLinear (GPTQ and SpQR
+        do this layer by layer)."""
         if name not in LINEAR_NAMES:
             raise QinferError(f"no linear map named {name!r}; expected one of {sorted(LINEAR_NAMES)}")
         self._unstack(layer, name)
-        spec = self._linear_spec(weight) if isinstance(weight, QuantizedLinear) else \
+        spec = self._linear_spec(weight) if isinstance(weight, (QuantizedLinear, SpqrLinear)) else \
             np.ascontiguousarray(weight, dtype=np.float32)
         self.transformer.set_linear(layer, name, spec)
 

@@ -70,16 +70,43 @@ class PackedTensor:
         return self if self.make is None else self.make()
 
 
+@dataclass
+class SpqrTensor:
+    """A linear weight stored with SpQR (readers/spqr.py), in the arguments of
+    spqr_linear.SpqrLinear: b-bit codes, their group statistics compressed into
+    records of 16 output rows, and float16 outliers in a compressed-sparse-row table.
+    Never stacked with other layers."""
+    bits: int
+    group_size: int                 # beta1: input columns per group
+    stat_bits: int                  # bits of each group scale's code
+    qweight: np.ndarray             # int32 [in * bits / 32, out], the codes in the weight's column order
+    records: np.ndarray             # uint16 [ceil(out / 16), in / group_size, stat_bits + bits + 2]
+    outlier_rows: np.ndarray        # int32 [out + 1]: row r's outliers are entries rows[r]:rows[r + 1]
+    outlier_cols: np.ndarray        # uint16 [n]
+    outlier_vals: np.ndarray        # float16 [n]
+    perm: Optional[np.ndarray] = None   # act-order: int32 [in], the columns in the order quantized
+    shape: tuple = ()               # (out, in), Hugging Face orientation
+
+    def load(self):
+        """Itself (the arrays are read already), as PackedTensor.load."""
+        return self
+
+
+def is_quantized(t):
+    """Whether a source tensor is stored quantized (packed codes or SpQR), not float."""
+    return isinstance(t, (PackedTensor, SpqrTensor))
+
+
 # A float tensor is a numpy array (any float dtype; mmap-backed where possible)
 # or a zero-argument callable that produces one (lazy conversion).
 FloatTensor = Union[np.ndarray, Callable[[], np.ndarray]]
-Tensor = Union[FloatTensor, PackedTensor]
+Tensor = Union[FloatTensor, PackedTensor, SpqrTensor]
 
 
 @dataclass
 class ModelSource:
     path: str
-    format: str                        # "hf" | "gguf"
+    format: str                        # "hf" | "gguf" | "gptq" | "spqr"
     config: ModelConfig
     tensors: Dict[str, Tensor]
     tokenizer: Optional[TokenizerSpec]

@@ -1,0 +1,239 @@
+"""An SpQR checkpoint directory (qinfer.quantize(method="spqr")) -> ModelSource.
+
+Recognized by config.json["quantization_config"]["quant_method"] == "qinfer_spqr",
+or, when config.json has no quantization_config, by quantize_config.json's
+(readers/__init__.py's load_hf routes it here). Settings, each checked:
+
+    bits               2, 3 or 4
+    group_size         beta1: input columns per group, a multiple of 16 that splits
+                       every quantized layer's inputs into two groups or more
+    stat_bits          2 to 8: bits of each group scale's code
+    stat_group         beta2: output rows per second-level scale and zero; must be 16
+                       (the kernels read the statistics as records of 16 rows)
+    outlier_threshold  informational: a number > 0, or null (no outliers kept)
+    act_order          informational: true when every quantized layer has a .perm,
+                       false when none has
+
+Any other key is refused: qinfer cannot know whether it changes the weights
+(quantize_config.json's "qinfer" object, the writer's record of the run, is
+read past). Where both files give a setting they must agree.
+
+Per quantized linear layer of the blocks (docs/FORMAT.md): `.qweight` I32
+[in*bits/32, out] (the codes in the weight's own column order), `.spqr_stats`
+U16 [ceil(out/16), in/group_size, stat_bits + bits + 2] (spqr_linear.py's
+records), `.outlier_rows` I32 [out + 1], `.outlier_cols` U16 [n],
+`.outlier_vals` F16 [n], and `.perm` I32 [in] with act-order. A block's
+linear layer stored as plain `.weight` stays float; the embedding, norms and
+LM head are float.
+"""
+import math
+import os
+
+import numpy as np
+
+from ..errors import FormatError, ShapeError, UnsupportedError
+from . import validate
+from .hf import generation_eos, model_source, shard_of, weight_files
+from .hf_config import model_config
+from .jsonfile import read_json
+from .source import SpqrTensor
+
+QUANT_METHOD = "qinfer_spqr"
+QUANTIZE_CONFIG = "quantize_config.json"
+STAT_GROUP = 16               # spqr_linear.RUN: output rows per record
+SPQR_BITS = (2, 3, 4)
+STAT_BITS = tuple(range(2, 9))
+MAX_IN_FEATURES = 65536       # an outlier's column is 16 bits
+SETTINGS = ("bits", "group_size", "stat_bits", "stat_group")      # what the weights are made of
+INFORMATIONAL = ("quant_method", "outlier_threshold", "act_order", "qinfer")
+BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def is_spqr(directory, cfg):
+    """Whether load_hf (readers/__init__.py) should hand this directory to load_spqr."""
+    quant = cfg.get("quantization_config")
+    if isinstance(quant, dict):
+        return quant.get("quant_method") == QUANT_METHOD
+    path = os.path.join(directory, QUANTIZE_CONFIG)
+    return quant is None and os.path.isfile(path) and read_json(path).get("quant_method") == QUANT_METHOD
+
+
+# ------------------------------------------------------------------ settings
+def _whole(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_settings(entries, where):
+    """The settings one file gives, each checked; a key qinfer does not know is refused."""
+    if not isinstance(entries, dict):
+        raise FormatError(f"{where}: must be a JSON object")
+    method = entries.get("quant_method", QUANT_METHOD)
+    if method != QUANT_METHOD:
+        raise FormatError(f"{where}: quant_method {method!r} in an SpQR checkpoint (expected {QUANT_METHOD!r})"[:300])
+    unknown = sorted(set(entries) - set(SETTINGS) - set(INFORMATIONAL))
+    if unknown:
+        raise UnsupportedError(f"{where}: unknown SpQR setting {unknown[0]!r}"
+                               f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}; qinfer does "
+                               f"not know how it changes the weights, so it does not load them"[:300])
+    out = {}
+    if "bits" in entries:
+        bits = entries["bits"]
+        if not _whole(bits) or bits not in SPQR_BITS:
+            raise UnsupportedError(f"{where}: bits {bits!r} is not supported (SpQR layers take 2, 3 or 4)"[:300])
+        out["bits"] = bits
+    if "group_size" in entries:
+        g = entries["group_size"]
+        if not _whole(g) or g <= 0 or g % 16:
+            raise UnsupportedError(f"{where}: group_size {g!r} is not supported (a positive multiple of 16)"[:300])
+        out["group_size"] = g
+    if "stat_bits" in entries:
+        s = entries["stat_bits"]
+        if not _whole(s) or s not in STAT_BITS:
+            raise UnsupportedError(f"{where}: stat_bits {s!r} is not supported (2 to 8)"[:300])
+        out["stat_bits"] = s
+    if "stat_group" in entries:
+        s = entries["stat_group"]
+        if not _whole(s) or s != STAT_GROUP:
+            raise UnsupportedError(f"{where}: stat_group {s!r} is not supported: the kernels read the statistics "
+                                   f"in runs of {STAT_GROUP} output rows (stat_group {STAT_GROUP})"[:300])
+        out["stat_group"] = s
+    t = entries.get("outlier_threshold")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or t <= 0):
+        raise FormatError(f"{where}: outlier_threshold must be a number > 0 or null (no outliers), got {t!r}"[:300])
+    if entries.get("act_order") is not None:
+        if not isinstance(entries["act_order"], bool):
+            raise FormatError(f"{where}: act_order must be true or false, got {entries['act_order']!r}"[:300])
+        out["act_order"] = entries["act_order"]
+    return out
+
+
+def _settings(directory, cfg, config_path):
+    """{"bits", "group_size", "stat_bits", "stat_group"[, "act_order"]} from config.json and/or
+    quantize_config.json."""
+    sources = []
+    if cfg.get("quantization_config") is not None:
+        sources.append((cfg["quantization_config"], f"{config_path} quantization_config"))
+    qc_path = os.path.join(directory, QUANTIZE_CONFIG)
+    if os.path.isfile(qc_path):
+        sources.append((read_json(qc_path), qc_path))
+    merged, origin = {}, {}
+    for entries, where in sources:
+        for key, value in _read_settings(entries, where).items():
+            if key in merged and merged[key] != value:
+                raise FormatError(f"{directory}: {key} is {merged[key]!r} in {origin[key]} but {value!r} in {where}")
+            merged[key], origin[key] = value, where
+    for key in SETTINGS:
+        if key not in merged:
+            raise FormatError(f"{sources[-1][1]}: no {key!r}; qinfer does not guess quantization settings")
+    return merged
+
+
+# ------------------------------------------------------------------ tensors
+class _Layer:
+    """Reads one quantized linear layer's tensors, each checked, each error naming file and tensor."""
+
+    def __init__(self, base, get, owner, directory):
+        self.base, self.get, self.owner, self.directory = base, get, owner, directory
+
+    def has(self, part):
+        return f"{self.base}.{part}" in self.owner
+
+    def tensor(self, part, dtype, shape, why=""):
+        """The array of `base.part`: dtype as the file names it, shape (None: any length)."""
+        name = f"{self.base}.{part}"
+        if name not in self.owner:
+            raise FormatError(f"{self.directory}: {name} is missing (next to {self.base}.qweight)")
+        shard, t = self.get(name)
+        if shard.dtypes[name] != dtype:
+            raise FormatError(f"{shard.path}: {name} has dtype {shard.dtypes[name]}, expected {dtype}")
+        got = tuple(t.shape)
+        if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape)):
+            want = ", ".join("n" if w is None else str(w) for w in shape)
+            raise FormatError(f"{shard.path}: {name} has shape {list(got)}, expected [{want}]{why}")
+        return np.asarray(t.half if dtype == "F16" else t)
+
+    def fail(self, part, problem):
+        name = f"{self.base}.{part}"
+        raise FormatError(f"{self.get(name)[0].path}: {name}: {problem}")
+
+
+def _spqr_tensor(layer, shape, settings):
+    from ..spqr_linear import check_outliers, record_halves   # pure numpy; imported on use like ggml_quants'
+
+    bits, group_size, stat_bits = settings["bits"], settings["group_size"], settings["stat_bits"]
+    out_features, in_features = shape
+    where = (f" ({bits}-bit, group_size {group_size}, stat_bits {stat_bits}, "
+             f"layer [{out_features}, {in_features}])")
+    if in_features % 32 or in_features > MAX_IN_FEATURES:
+        raise UnsupportedError(f"{layer.directory}: {layer.base} has {in_features} inputs; SpQR layers take a "
+                               f"multiple of 32 up to {MAX_IN_FEATURES}")
+    if in_features % group_size or in_features == group_size:
+        raise UnsupportedError(f"{layer.directory}: {layer.base} has {in_features} inputs, which group_size "
+                               f"{group_size} does not split into two groups or more")
+    runs, groups = -(-out_features // STAT_GROUP), in_features // group_size
+    qweight = layer.tensor("qweight", "I32", (in_features * bits // 32, out_features), where)
+    records = layer.tensor("spqr_stats", "U16", (runs, groups, record_halves(stat_bits, bits)), where)
+    second_level = records[..., -2:].view(np.float16)
+    if not np.isfinite(second_level).all():
+        layer.fail("spqr_stats", "a second-level scale or zero is NaN or infinite")
+    rows = layer.tensor("outlier_rows", "I32", (out_features + 1,), where)
+    cols = layer.tensor("outlier_cols", "U16", (None,))
+    vals = layer.tensor("outlier_vals", "F16", (None,))
+    try:
+        check_outliers(rows, cols, vals, out_features, in_features)
+    except ShapeError as e:
+        layer.fail("outlier_rows", f"the outlier table does not hold together: {e}")
+    if not np.isfinite(vals).all():
+        layer.fail("outlier_vals", "an outlier is NaN or infinite")
+    perm = None
+    if layer.has("perm"):
+        perm = layer.tensor("perm", "I32", (in_features,), where)
+        if not np.array_equal(np.sort(perm), np.arange(in_features)):
+            layer.fail("perm", f"not a permutation of the {in_features} input columns")
+    act_order = settings.get("act_order")
+    if act_order is not None and act_order != (perm is not None):
+        raise FormatError(f"{layer.directory}: {layer.base} has {'a' if perm is not None else 'no'} .perm but the "
+                          f"settings say act_order {str(act_order).lower()}")
+    return SpqrTensor(bits=bits, group_size=group_size, stat_bits=stat_bits, qweight=qweight, records=records,
+                      outlier_rows=rows, outlier_cols=cols, outlier_vals=vals, perm=perm, shape=shape)
+
+
+def _float(name, get):
+    shard, t = get(name)
+    if shard.dtypes[name] not in ("F32", "F16", "BF16"):
+        raise FormatError(f"{shard.path}: tensor {name!r} has dtype {shard.dtypes[name]}, expected a "
+                          f"float type (F32, F16, BF16)")
+    return t
+
+
+def load_spqr(directory, cfg, config_path):
+    directory = os.fspath(directory)
+    settings = _settings(directory, cfg, config_path)
+    plain = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    config = model_config(plain, config_path, extra_eos=generation_eos(directory))
+    validate.check_config(config, config_path)
+    shards, owner = weight_files(directory)
+
+    def get(name):
+        return shard_of(shards, owner, name)
+
+    tensors = {}
+    for name, shape in validate.expected_shapes(config).items():
+        base = name[:-len(".weight")]
+        if base + ".qweight" in owner:
+            if name in owner:
+                raise FormatError(f"{directory}: {base} is stored twice, as {base}.qweight (quantized) and as "
+                                  f"{name} (float); qinfer does not guess which one is the layer")
+            if not base.endswith(BLOCK_LINEARS):
+                raise UnsupportedError(f"{directory}: {base} is stored quantized; an SpQR checkpoint quantizes "
+                                       f"the blocks' linear layers only (the embedding and LM head are float)")
+            tensors[name] = _spqr_tensor(_Layer(base, get, owner, directory), shape, settings)
+        elif name in owner:
+            tensors[name] = _float(name, get)
+        else:
+            raise FormatError(f"{directory}: tensor {name!r} is missing from the checkpoint "
+                              f"(neither {base}.qweight nor {name})")
+    validate.check_tensors(config, tensors, directory)
+    validate.check_no_extra_layers(config, owner, directory)
+    return model_source(directory, "spqr", config, tensors, shards)
