@@ -1,11 +1,14 @@
-"""Quantizing a float model into a GPTQ-format checkpoint (round to nearest or GPTQ).
+"""Quantizing a float model into a GPTQ-format checkpoint (round to nearest or GPTQ) or an
+SpQR checkpoint.
 
     qinfer.quantize(model, out, bits=4, group_size=128, method="gptq", calib=...)
+    qinfer.quantize(model, out, method="spqr", calib=...)          # 3-bit groups of 16, outliers
 
 Modules: quantizer (group scale/zero with float16 scales, round to nearest),
-gptq (the GPTQ algorithm for one layer), result (a quantized layer and what
-it becomes), layout (AutoGPTQ's tensor layout and its mapping to the
-kernels), calibration, checkpoint (writing the directory), api (quantize).
+gptq (the GPTQ algorithm for one layer), spqr (SpQR for one layer), result (a
+quantized layer and what it becomes), layout (AutoGPTQ's tensor layout and its
+mapping to the kernels), calibration, checkpoint (writing the directory),
+writer (the GPTQ checkpoint), spqr_writer (the SpQR checkpoint), api (quantize).
 """
 from .gptq import Hessian, PreparedHessian, gptq_quantize, output_error
 from .quantizer import rtn_quantize

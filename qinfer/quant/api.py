@@ -1,4 +1,4 @@
-"""qinfer.quantize: a float model in, a GPTQ-format checkpoint directory out.
+"""qinfer.quantize: a float model in, a GPTQ-format (or SpQR) checkpoint directory out.
 
 GPTQ runs layer by layer on the engine's own forward pass:
 
@@ -15,6 +15,9 @@ With true_sequential the linear maps of a block are done in four stages
 through the quantized earlier stages: one more pass per stage.
 
 Round to nearest ("rtn") writes the same checkpoint without calibration.
+SpQR ("spqr", quant/spqr.py) runs the same layer loop with its own quantizer
+and swaps in the SpqrLinear layers the kernels run; its checkpoint is
+qinfer's own (quant/spqr_writer.py).
 Nothing is written until every layer is done (checkpoint.py).
 """
 import math
@@ -26,15 +29,26 @@ import numpy as np
 
 from ..errors import QinferError, UnsupportedError
 from ..packing import GPTQ_BITWIDTHS as BITWIDTHS
+from ..readers.spqr import QUANT_METHOD as SPQR_FORMAT, STAT_GROUP
 from ..rtn import GROUP_SIZES
 from . import checkpoint
 from .dynamic import Rules
 from .gptq import Hessian, PreparedHessian, gptq_quantize, output_error
 from .progress import Progress
 from .quantizer import check_settings, rtn_quantize
+from .spqr import spqr_quantize
+from .spqr_writer import save_spqr_checkpoint
 from .writer import FLOAT_DTYPES, float_tensors, float_weight, save_checkpoint
 
-METHODS = ("gptq", "rtn")
+METHODS = ("gptq", "rtn", "spqr")
+CALIBRATED = ("gptq", "spqr")            # the methods that need --calib
+# bits and group size when not given: GPTQ's usual 4-bit g128; SpQR's paper setting, 3-bit beta1 = 16
+DEFAULT_BITS_GROUP = {"gptq": (4, 128), "rtn": (4, 128), "spqr": (3, 16)}
+SPQR_BITS = (2, 3, 4)
+SPQR_GROUP_SIZES = (16, 32, 64, 128)     # multiples of 16 (the kernels' records) dividing spqr.py's block
+SPQR_STAT_BITS = tuple(range(2, 9))
+DEFAULT_STAT_BITS = 3
+DEFAULT_OUTLIER_THRESHOLD = 0.2
 # The input each linear map reads (Model.run_layer's capture names).
 INPUT_OF = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "o_in",
             "w_gate": "mlp_in", "w_up": "mlp_in", "w_down": "down_in"}
@@ -61,10 +75,19 @@ class QuantizeReport:
     zero_point: str = "int"
     clip_search: bool = False
     dynamic: dict = None          # per-layer rules (quant/dynamic.py), None when every layer is alike
+    # SpQR only: its settings, and over the linear layers (weighted by their sizes) the bits
+    # stored per weight (SpqrLinear.bits_per_weight: codes, statistics, outliers) and the
+    # fraction of the weights kept as outliers
+    stat_bits: int = None
+    outlier_threshold: float = None
+    bits_per_weight: float = None
+    outlier_fraction: float = None
 
     def summary(self):
         group = "full column" if self.group_size == -1 else f"group {self.group_size}"
-        lines = [f"{self.method} {self.bits}-bit {group}{' sym' if self.sym else ''}"
+        spqr = (f" {self.stat_bits}-bit statistics, outlier threshold {self.outlier_threshold:g}"
+                if self.method == "spqr" else "")
+        lines = [f"{self.method} {self.bits}-bit {group}{spqr}{' sym' if self.sym else ''}"
                  f"{' float-zero' if self.zero_point == 'float' else ''}"
                  f"{' clip-search' if self.clip_search else ''}"
                  f"{' act-order' if self.act_order else ''}{' static-groups' if self.static_groups else ''}: "
@@ -73,10 +96,13 @@ class QuantizeReport:
         for key, overrides in (self.dynamic or {}).items():
             lines.append(f"  layers matching {key[2:]!r}: "
                          + ", ".join(f"{k} {v}" for k, v in overrides.items()))
+        if self.bits_per_weight is not None:
+            lines.append(f"{self.bits_per_weight:.3f} bits per weight (codes, statistics, outliers); "
+                         f"outliers {self.outlier_fraction * 100:.3f}% of the weights")
         if self.errors:
-            g = np.mean([e["gptq"] for e in self.errors.values()])
-            r = np.mean([e["rtn"] for e in self.errors.values()])
-            lines.append(f"mean relative output error on the calibration data: gptq {g:.3g}, rtn {r:.3g}")
+            methods = list(next(iter(self.errors.values())))          # gptq, rtn; or spqr
+            means = ", ".join(f"{m} {np.mean([e[m] for e in self.errors.values()]):.3g}" for m in methods)
+            lines.append(f"mean relative output error on the calibration data: {means}")
         return "\n".join(lines)
 
 
@@ -87,12 +113,13 @@ def _check_int(name, value, low):
 
 
 def _check_settings(bits, group_size, method, nsamples, seqlen, damp, seed, float_dtype):
-    if bits not in BITWIDTHS:
-        raise UnsupportedError(f"bits must be one of {BITWIDTHS}, got {bits!r}")
-    if group_size not in GROUP_SIZES:
-        raise UnsupportedError(f"group_size must be one of {GROUP_SIZES} (-1 = full column), got {group_size!r}")
     if method not in METHODS:
         raise UnsupportedError(f"method must be one of {METHODS}, got {method!r}")
+    if method != "spqr":                 # SpQR's own: _check_spqr_settings
+        if bits not in BITWIDTHS:
+            raise UnsupportedError(f"bits must be one of {BITWIDTHS}, got {bits!r}")
+        if group_size not in GROUP_SIZES:
+            raise UnsupportedError(f"group_size must be one of {GROUP_SIZES} (-1 = full column), got {group_size!r}")
     _check_int("nsamples", nsamples, 1)
     _check_int("seqlen", seqlen, 1)
     _check_int("seed", seed, 0)
@@ -101,6 +128,29 @@ def _check_settings(bits, group_size, method, nsamples, seqlen, damp, seed, floa
         raise QinferError(f"damp must be a number in [0, 1), got {damp!r}")
     if float_dtype not in FLOAT_DTYPES:
         raise UnsupportedError(f"float_dtype must be one of {FLOAT_DTYPES}, got {float_dtype!r}")
+
+
+def _check_spqr_settings(bits, group_size, stat_bits, outlier_threshold):
+    if isinstance(bits, bool) or bits not in SPQR_BITS:
+        raise UnsupportedError(f"SpQR takes 2, 3 or 4 bits a weight, got {bits!r}")
+    if isinstance(group_size, bool) or group_size not in SPQR_GROUP_SIZES:
+        raise UnsupportedError(f"SpQR's group size must be a multiple of 16 (the kernels read the statistics of "
+                               f"16 rows at a time) up to 128: one of {SPQR_GROUP_SIZES}, got {group_size!r}")
+    if isinstance(stat_bits, bool) or stat_bits not in SPQR_STAT_BITS:
+        raise UnsupportedError(f"SpQR's statistics take 2 to 8 bits (stat_bits, --stat-bits), got {stat_bits!r}")
+    t = outlier_threshold
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or t <= 0:
+        raise QinferError(f"the outlier threshold (--outlier-threshold) must be a number > 0, or inf for no "
+                          f"outliers, got {t!r}")
+
+
+def _check_spqr_options(sym, static_groups, zero_point, dynamic):
+    """The GPTQ-format options SpQR's checkpoint has no place for."""
+    used = [name for name, on in (("sym", sym), ("static groups", static_groups),
+                                  ("float zero points", zero_point != "int"), ("dynamic rules", dynamic)) if on]
+    if used:
+        raise QinferError(f"{', '.join(used)}: not SpQR options (its zero points are integers, its groups follow "
+                          f"act-order, every layer alike)")
 
 
 def _check_dynamic(rules, bits, group_size, sym, zero_point):
@@ -122,15 +172,17 @@ def _open_source(model):
 
     path = os.fspath(model) if model is not None else default_model_path()
     source = open_model(path)
-    if source.format == "gptq":
-        raise QinferError(f"{path} is already a GPTQ checkpoint; quantize a float model "
-                          f"(a Hugging Face directory or a GGUF file) instead")
+    if source.format in ("gptq", "spqr"):
+        raise QinferError(f"{path} is already a {'GPTQ' if source.format == 'gptq' else 'SpQR'} checkpoint; "
+                          f"quantize a float model (a Hugging Face directory or a GGUF file) instead")
     if source.tokenizer is None:
         raise QinferError(f"{path}: no tokenizer found (tokenizer.json or tokenizer.model)")
     return source
 
 
-def _check_shapes(source):
+def _check_shapes(source, spqr_group=None):
+    """Every linear layer's input width fits the packed layout (and, for SpQR, splits into
+    two groups of spqr_group or more, as its kernels need)."""
     c = source.config
     for what, n in (("hidden_size", c.hidden_size), ("num_attention_heads * head_dim",
                                                     c.num_attention_heads * c.head_dim),
@@ -138,6 +190,11 @@ def _check_shapes(source):
         if n % 32:
             raise UnsupportedError(f"{source.path}: {what} = {n} is not a multiple of 32, which the packed "
                                    f"layout needs for every linear layer's input")
+        if spqr_group and (n % spqr_group or n == spqr_group):
+            raise UnsupportedError(f"{source.path}: {what} = {n} does not split into SpQR groups of {spqr_group} "
+                                   f"(two or more); choose a smaller --group-size")
+        if spqr_group and n > 65536:
+            raise UnsupportedError(f"{source.path}: {what} = {n} is more than an SpQR outlier's 16-bit column holds")
 
 
 def _linear_name(layer, name):
@@ -234,15 +291,38 @@ def _gptq_layers(source, windows, settings, rules, threads, true_sequential, pro
     return results, errors
 
 
+def _spqr_layers(source, windows, settings, threads, true_sequential, progress):
+    """SpQR in the calibrated layer loop: -> (results, errors, {base: (bits per weight, weights, outliers)})."""
+    from ..spqr_linear import SpqrLinear
+
+    errors, sizes = {}, {}
+
+    def spqr(base, name, w, h, prepared):
+        res = spqr_quantize(w, prepared, settings["bits"], settings["group_size"], settings["stat_bits"],
+                            STAT_GROUP, settings["outlier_threshold"], clip=settings["clip_search"])
+        layer = SpqrLinear.from_result(res)       # what the next layers are calibrated through
+        scale = output_error(w, np.zeros_like(w), h) or 1.0
+        errors[base] = {"spqr": output_error(w, res.dequantize(), h) / scale}
+        sizes[base] = (layer.bits_per_weight(), w.size, layer.n_outliers)
+        return res, layer
+
+    results = calibrated_layers(source, windows, threads, true_sequential, progress, spqr,
+                                settings["sink_weight"], settings["damp"], settings["act_order"])
+    return results, errors, sizes
+
+
 # ---------------------------------------------------------------- the API
-def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False, sym=False,
+def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=False, sym=False,
              static_groups=False, calib=None, nsamples=128, seqlen=2048, damp=0.01, seed=0, force=False,
              threads=None, true_sequential=False, sink_weight=1.0, float_dtype="float16", zero_point="int",
-             clip_search=False, dynamic=None, progress=True):
-    """Quantize a float model into a GPTQ-format checkpoint directory `out`.
+             clip_search=False, dynamic=None, progress=True, stat_bits=None, outlier_threshold=None):
+    """Quantize a float model into a GPTQ-format checkpoint directory `out` (method "spqr": an
+    SpQR checkpoint, qinfer's own).
 
     model: a Hugging Face LLaMA directory or a GGUF file (quantized GGUF
     tensors are dequantized first); None for the default SmolLM2 model.
+    bits and group_size: None for the method's defaults (GPTQ and round to
+    nearest: 4-bit groups of 128; SpQR: 3-bit groups of 16).
     method "gptq" needs calib, a text file: nsamples windows of seqlen
     tokens are drawn from it with `seed`. act_order quantizes columns by
     decreasing Hessian diagonal (static_groups keeps groups contiguous);
@@ -264,29 +344,50 @@ def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False,
     {"+:.*\\.mlp\\.down_proj": {"bits": 4}}: the layers a rule matches get its bits
     and/or group_size (a mixed-precision model); written to the checkpoint as
     quantize_config.json's "dynamic". Negative ("-:") rules are not supported here.
+    method "spqr" (quant/spqr.py) calibrates as GPTQ does (calib, nsamples,
+    seqlen, damp, act_order, true_sequential, sink_weight, clip_search) and
+    takes two settings of its own: stat_bits, the bits of each group scale's
+    code (default 3; the scales are compressed in runs of 16 output rows), and
+    outlier_threshold, how much a weight's quantization error must exceed
+    the layer's typical one to be kept in float16 as an outlier (default 0.2;
+    float("inf"): no outliers). sym, static_groups, zero_point "float" and
+    dynamic do not apply to it.
     `out` must not exist unless force. Returns a QuantizeReport.
     """
     t0 = time.perf_counter()
+    default_bits, default_group = DEFAULT_BITS_GROUP.get(method, (None, None))
+    bits = default_bits if bits is None else bits
+    group_size = default_group if group_size is None else group_size
     _check_settings(bits, group_size, method, nsamples, seqlen, damp, seed, float_dtype)
-    check_settings(bits, group_size, sym, zero_point)
+    if method == "spqr":
+        stat_bits = DEFAULT_STAT_BITS if stat_bits is None else stat_bits
+        outlier_threshold = DEFAULT_OUTLIER_THRESHOLD if outlier_threshold is None else outlier_threshold
+        _check_spqr_settings(bits, group_size, stat_bits, outlier_threshold)
+        _check_spqr_options(sym, static_groups, zero_point, dynamic)
+    else:
+        if stat_bits is not None or outlier_threshold is not None:
+            raise QinferError("the statistics' bits (--stat-bits) and the outlier threshold (--outlier-threshold) "
+                              "are SpQR settings: use them with method 'spqr'")
+        check_settings(bits, group_size, sym, zero_point)
     if isinstance(sink_weight, bool) or not isinstance(sink_weight, (int, float)) or \
             not math.isfinite(sink_weight) or sink_weight < 1:
         raise QinferError(f"sink_weight must be a number >= 1, got {sink_weight!r}")
     rules = _check_dynamic(dynamic, bits, group_size, sym, zero_point)
     source = _open_source(model)
-    _check_shapes(source)
+    _check_shapes(source, group_size if method == "spqr" else None)
     out = checkpoint.check_output(out, force, source.path)
     meta = dict(bits=bits, group_size=group_size, sym=bool(sym), act_order=bool(act_order),
                 static_groups=bool(static_groups), true_sequential=bool(true_sequential), method=method,
                 damp=damp, nsamples=None, seqlen=None, seed=None, calibration=None, float_dtype=float_dtype,
                 sink_weight=float(sink_weight), zero_point=zero_point, clip_search=bool(clip_search),
-                dynamic=rules.to_json() or None)
-    if method == "gptq":
+                dynamic=rules.to_json() or None, stat_bits=stat_bits, outlier_threshold=outlier_threshold)
+    if method in CALIBRATED:
         from ..tokenizer import load as load_tokenizer
         from .calibration import calibration_windows
 
         if calib is None:
-            raise QinferError("GPTQ needs calibration text: pass --calib FILE (e.g. WikiText-2's wiki.test.raw)")
+            raise QinferError(f"{'GPTQ' if method == 'gptq' else 'SpQR'} needs calibration text: pass --calib FILE "
+                              f"(e.g. WikiText-2's wiki.test.raw)")
         if seqlen > source.config.max_position_embeddings:
             raise QinferError(f"seqlen {seqlen} is longer than the model's context "
                               f"({source.config.max_position_embeddings} tokens)")
@@ -294,20 +395,30 @@ def quantize(model, out, bits=4, group_size=128, method="gptq", act_order=False,
         meta.update(nsamples=nsamples, seqlen=seqlen, seed=seed, calibration=os.path.basename(os.fspath(calib)))
     else:
         if act_order or static_groups or true_sequential or sink_weight != 1:
-            raise QinferError("act-order, static groups, true-sequential and the sink weight are GPTQ options; "
-                              "round to nearest (method 'rtn') uses no calibration")
+            raise QinferError("act-order, static groups, true-sequential and the sink weight are options of the "
+                              "calibrated methods (gptq, spqr); round to nearest (method 'rtn') uses no calibration")
         meta.update(damp=None, sink_weight=None)
     floats = float_tensors(source, float_dtype)
 
     bar = Progress(source.config.num_hidden_layers, enabled=progress)
-    if method == "gptq":
-        results, errors = _gptq_layers(source, windows, meta, rules, threads, true_sequential, bar)
+    spqr = {}
+    if method == "spqr":
+        results, errors, sizes = _spqr_layers(source, windows, meta, threads, true_sequential, bar)
+        save_spqr_checkpoint(out, source, results, meta, force=force, floats=floats)
+        fmt = SPQR_FORMAT
+        weights = sum(n for _, n, _ in sizes.values())
+        spqr = dict(stat_bits=stat_bits, outlier_threshold=float(outlier_threshold),
+                    bits_per_weight=sum(b * n for b, n, _ in sizes.values()) / weights,
+                    outlier_fraction=sum(o for _, _, o in sizes.values()) / weights)
     else:
-        results, errors = _rtn_layers(source, meta, rules, bar)
-    fmt = save_checkpoint(out, source, results, meta, force=force, floats=floats)
+        if method == "gptq":
+            results, errors = _gptq_layers(source, windows, meta, rules, threads, true_sequential, bar)
+        else:
+            results, errors = _rtn_layers(source, meta, rules, bar)
+        fmt = save_checkpoint(out, source, results, meta, force=force, floats=floats)
     return QuantizeReport(path=out, method=method, bits=bits, group_size=group_size, sym=bool(sym),
                           act_order=meta["act_order"], static_groups=meta["static_groups"],
                           checkpoint_format=fmt, seconds=time.perf_counter() - t0,
                           bytes=checkpoint.directory_size(out), layers=source.config.num_hidden_layers,
                           errors=errors, zero_point=zero_point, clip_search=meta["clip_search"],
-                          dynamic=meta["dynamic"])
+                          dynamic=meta["dynamic"], **spqr)

@@ -23,15 +23,18 @@ DEFAULT_META = dict(sym=False, act_order=False, static_groups=False, true_sequen
 
 
 def float_weight(source, name):
-    """A weight of the source as float32 (packed GGUF blocks are dequantized)."""
+    """A weight of the source as float32 (packed GGUF blocks and SpQR layers are dequantized)."""
     from ..linear import QuantizedLinear
-    from ..readers.source import PackedTensor
+    from ..readers.source import PackedTensor, SpqrTensor
 
     t = source.tensors[name]
     if isinstance(t, PackedTensor):
         t = t.load()
         return QuantizedLinear.from_packed(t.qweight, t.scales, t.zeros, t.bits, t.group_size,
                                            t.g_idx).dequantize()
+    if isinstance(t, SpqrTensor):
+        from ..model import spqr_layer
+        return spqr_layer(t).dequantize()
     return np.ascontiguousarray(source.float_tensor(name))
 
 
@@ -129,27 +132,45 @@ def save_checkpoint(out, source, results, meta, force=False, floats=None):
                                    "clip_search": bool(meta["clip_search"]),
                                    "calibration": meta["calibration"],
                                    "source": os.path.basename(os.path.normpath(source.path))})
+    tensors = model_tensors(source, floats, lambda base: results[base].checkpoint_tensors(fmt))
+    write_directory(out, force, source, tensors, hf_config(source, quant_config, meta["float_dtype"]),
+                    quantize_config)
+    return fmt
+
+
+def model_tensors(source, floats, layer_tensors):
+    """model.safetensors' contents in the order written: the embedding, each block's norms and
+    linear layers (layer_tensors(base name) -> {part: array}, stored as "<base>.<part>"), the
+    final norm, an untied LM head."""
+    from ..model import LINEAR_NAMES
+
+    cfg = source.config
     tensors = {"model.embed_tokens.weight": floats["model.embed_tokens.weight"]}
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         tensors[p + "input_layernorm.weight"] = floats[p + "input_layernorm.weight"]
         tensors[p + "post_attention_layernorm.weight"] = floats[p + "post_attention_layernorm.weight"]
         for hf_name in sorted(LINEAR_NAMES.values()):
-            for part, array in results[p + hf_name].checkpoint_tensors(fmt).items():
+            for part, array in layer_tensors(p + hf_name).items():
                 tensors[f"{p}{hf_name}.{part}"] = array
     tensors["model.norm.weight"] = floats["model.norm.weight"]
     if not cfg.tie_word_embeddings:
         tensors["lm_head.weight"] = floats["lm_head.weight"]
-    files = tokenizer_files(source, cfg.max_position_embeddings)
+    return tensors
 
+
+def write_directory(out, force, source, tensors, config, quantize_config):
+    """The checkpoint directory `out`, all or nothing (checkpoint.OutputDir): model.safetensors,
+    config.json, quantize_config.json and the tokenizer files."""
+    from .. import __version__
+
+    files = tokenizer_files(source, source.config.max_position_embeddings)
     with checkpoint.OutputDir(out, force) as d:
         checkpoint.write_safetensors(os.path.join(d.path, "model.safetensors"), tensors,
                                      {"format": "pt", "quantizer": f"qinfer {__version__}"})
-        checkpoint.write_json(os.path.join(d.path, "config.json"),
-                              hf_config(source, quant_config, meta["float_dtype"]))
+        checkpoint.write_json(os.path.join(d.path, "config.json"), config)
         checkpoint.write_json(os.path.join(d.path, "quantize_config.json"), quantize_config)
         for name, data in files.items():
             with open(os.path.join(d.path, name), "wb") as f:
                 f.write(data)
         d.commit()
-    return fmt
