@@ -18,7 +18,7 @@ from .errors import QinferError, ShapeError, UnsupportedError
 from .generation import STOP_REASONS, Generation, GenerationStats, shared_prefix  # noqa: F401 (re-exported)
 from .model import LINEAR_NAMES, ContextError, Model, check_cache_fits, check_ctx
 from .readers import open_model
-from .readers.source import PackedTensor
+from .readers.source import is_quantized
 from .tuning.first_use import tune_layers
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -76,11 +76,12 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalt
 
 
 def _refuse_requantizing(source, path):
-    """quantize= on a model whose blocks' linear layers are packed already (a GPTQ checkpoint, a
-    Q4_0/Q4_1/Q8_0 GGUF) would leave them as they are: say so instead of ignoring the request."""
+    """quantize= on a model whose blocks' linear layers are quantized already (a GPTQ or SpQR
+    checkpoint, a Q4_0/Q4_1/Q8_0 GGUF) would leave them as they are: say so instead of ignoring
+    the request."""
     suffixes = tuple(f".{hf}.weight" for hf in LINEAR_NAMES.values())
     packed = [t for name, t in source.tensors.items()
-              if isinstance(t, PackedTensor) and name.startswith("model.layers.") and name.endswith(suffixes)]
+              if is_quantized(t) and name.startswith("model.layers.") and name.endswith(suffixes)]
     if not packed:
         return
     kinds = sorted({(t.bits, t.group_size) for t in packed})

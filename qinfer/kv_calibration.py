@@ -372,11 +372,11 @@ def linear_weight(model, source, full):
     packed weight dequantized, a float one quantized on load first when the model does that."""
     from .model import quantize_on_load
     from .quant.writer import float_weight
-    from .readers.source import PackedTensor
+    from .readers.source import is_quantized
 
     w = float_weight(source, full)
-    # as Model._linear builds it: a packed weight runs packed unless the model dequantizes
-    runs_packed = isinstance(source.tensors[full], PackedTensor) and not model.dequantize
+    # as Model._linear builds it: a packed (or SpQR) weight runs so unless the model dequantizes
+    runs_packed = is_quantized(source.tensors[full]) and not model.dequantize
     if model.quantize and not runs_packed:
         w = quantize_on_load(w, model.quantize, model.group_size).dequantize()
     return np.ascontiguousarray(w, dtype=np.float32)

@@ -22,10 +22,10 @@ FLOAT_GROUP = 128
 def model_shapes(path, bits):
     """The distinct quantized layer shapes of a model file (float maps at each of `bits`)."""
     from .readers import open_model
-    from .readers.source import PackedTensor
+    from .readers.source import is_quantized
 
     source = open_model(path)
-    packed = [t for t in source.tensors.values() if isinstance(t, PackedTensor)]
+    packed = [t for t in source.tensors.values() if is_quantized(t)]     # SpQR layers run the same dense kernels
     if packed:
         shapes = [LayerShape(t.bits, t.shape[0], t.shape[1], t.group_size) for t in packed]
         return [s for s in dict.fromkeys(shapes) if s.bits in bits]

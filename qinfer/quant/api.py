@@ -173,7 +173,7 @@ def _open_source(model):
     path = os.fspath(model) if model is not None else default_model_path()
     source = open_model(path)
     if source.format in ("gptq", "spqr"):
-        raise QinferError(f"{path} is already a {'GPTQ' if source.format == 'gptq' else 'SpQR'} checkpoint; "
+        raise QinferError(f"{path} is already {'a GPTQ' if source.format == 'gptq' else 'an SpQR'} checkpoint; "
                           f"quantize a float model (a Hugging Face directory or a GGUF file) instead")
     if source.tokenizer is None:
         raise QinferError(f"{path}: no tokenizer found (tokenizer.json or tokenizer.model)")
