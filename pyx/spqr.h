@@ -47,7 +47,7 @@
 #endif
 
 #define SPQR_RUN 16                    /* beta2: output rows per record */
-#define SPQR_CHUNK_BYTES (64 * 1024)   /* decoded statistics per chunk of tiles */
+#define SPQR_CHUNK_BYTES (256 * 1024)   /* decoded statistics per chunk of tiles and row (up to 16 rows) */
 
 typedef struct spqr_matrix {
     qmatrix dense;              /* scales, zeros: NULL; the kernels get views (spqr_view) */
@@ -65,45 +65,119 @@ typedef struct spqr_matrix {
     qgemm_team_fn rows_team_i8;
 } spqr_matrix;
 
-/* Tiles per chunk: as many as keep the widened scales and zeros within
- * SPQR_CHUNK_BYTES, in whole steps of qgemv's tiles side by side. */
-static inline int spqr_chunk_tiles(const spqr_matrix *s)
+/* Tiles per chunk of a call on n rows: as many as keep the widened scales and
+ * zeros within SPQR_CHUNK_BYTES a row (up to 16 rows: each chunk's call
+ * prepares the rows anew, and the widening pays once for all of them), in
+ * whole steps of qgemv's tiles side by side. */
+static inline int spqr_chunk_tiles(const spqr_matrix *s, int n)
 {
     const qmatrix *m = &s->dense;
     const size_t per_tile = (size_t)m->n_groups * m->tu * 2 * sizeof(float);
-    int tiles = (int)(SPQR_CHUNK_BYTES / per_tile);
+    int tiles = (int)(SPQR_CHUNK_BYTES * (size_t)(n < 16 ? n : 16) / per_tile);
     if (tiles >= m->gemv_tiles)
         tiles -= tiles % m->gemv_tiles;
     return tiles > 0 ? tiles : 1;
 }
 
+/* One record's 16 rows (lanes lane0 .. lane0+lanes-1 of it) widened: scale
+ * s2 * (code - z2) and zero point, as float32. Three builds of the same
+ * arithmetic (no fused multiply-add, so all three give the same bits): the
+ * planes become lane masks (AVX-512), lane tests (AVX2), or loops. */
+static void widen_run_plain(const uint16_t *rec, int sb, int zb, int lane0, int lanes, float *sc, float *zc)
+{
+    const float s2 = qm_half_to_float(rec[sb + zb]), z2 = qm_half_to_float(rec[sb + zb + 1]);
+    for (int i = 0; i < lanes; i++) {
+        int code = 0, zero = 0;
+        for (int p = 0; p < sb; p++)
+            code |= ((rec[p] >> (lane0 + i)) & 1) << p;
+        for (int p = 0; p < zb; p++)
+            zero |= ((rec[sb + p] >> (lane0 + i)) & 1) << p;
+        sc[i] = s2 * ((float)code - z2);
+        zc[i] = (float)zero;
+    }
+}
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define SPQR_X86 1
+
+__attribute__((target("avx2,f16c")))
+static void widen_run_avx2(const uint16_t *rec, int sb, int zb, int lane0, int lanes, float *sc, float *zc)
+{
+    const __m128 halves = _mm_cvtph_ps(_mm_cvtsi32_si128(rec[sb + zb] | (int)rec[sb + zb + 1] << 16));
+    const __m256 s2 = _mm256_broadcastss_ps(halves), z2 = _mm256_broadcastss_ps(_mm_movehdup_ps(halves));
+    for (int i0 = 0; i0 < lanes; i0 += 8) {
+        const __m256i bit = _mm256_sllv_epi32(_mm256_set1_epi32(1 << (lane0 + i0)),
+                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256i code = _mm256_setzero_si256(), zero = _mm256_setzero_si256();
+        for (int p = 0; p < sb; p++) {
+            const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(rec[p]), bit), bit);
+            code = _mm256_or_si256(code, _mm256_and_si256(set, _mm256_set1_epi32(1 << p)));
+        }
+        for (int p = 0; p < zb; p++) {
+            const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(rec[sb + p]), bit), bit);
+            zero = _mm256_or_si256(zero, _mm256_and_si256(set, _mm256_set1_epi32(1 << p)));
+        }
+        _mm256_storeu_ps(sc + i0, _mm256_mul_ps(s2, _mm256_sub_ps(_mm256_cvtepi32_ps(code), z2)));
+        _mm256_storeu_ps(zc + i0, _mm256_cvtepi32_ps(zero));
+    }
+}
+
+__attribute__((target("avx512f,f16c")))
+static void widen_run_avx512(const uint16_t *rec, int sb, int zb, int lane0, int lanes, float *sc, float *zc)
+{
+    const __m128 halves = _mm_cvtph_ps(_mm_cvtsi32_si128(rec[sb + zb] | (int)rec[sb + zb + 1] << 16));
+    const __m512 s2 = _mm512_broadcastss_ps(halves), z2 = _mm512_broadcastss_ps(_mm_movehdup_ps(halves));
+    __m512i code = _mm512_setzero_si512(), zero = _mm512_setzero_si512();
+    for (int p = 0; p < sb; p++)
+        code = _mm512_mask_add_epi32(code, (__mmask16)(rec[p] >> lane0), code, _mm512_set1_epi32(1 << p));
+    for (int p = 0; p < zb; p++)
+        zero = _mm512_mask_add_epi32(zero, (__mmask16)(rec[sb + p] >> lane0), zero, _mm512_set1_epi32(1 << p));
+    const __mmask16 keep = (__mmask16)((1u << lanes) - 1);
+    _mm512_mask_storeu_ps(sc, keep, _mm512_mul_ps(s2, _mm512_sub_ps(_mm512_cvtepi32_ps(code), z2)));
+    _mm512_mask_storeu_ps(zc, keep, _mm512_cvtepi32_ps(zero));
+}
+#else
+#define SPQR_X86 0
+#endif
+
+typedef void (*widen_run_fn)(const uint16_t *rec, int sb, int zb, int lane0, int lanes, float *sc, float *zc);
+
+/* The widest build this CPU runs; QINFER_AVX512=0 holds it to AVX2 (as it
+ * does the float kernels), so the tests reach every build here. */
+static widen_run_fn spqr_widen_run(void)
+{
+    static widen_run_fn chosen = NULL;
+    if (!chosen) {
+        widen_run_fn fn = widen_run_plain;
+#if SPQR_X86
+        const char *avx512 = getenv("QINFER_AVX512");
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
+            fn = widen_run_avx2;
+        if (__builtin_cpu_supports("avx512f") && !(avx512 && avx512[0] == '0'))
+            fn = widen_run_avx512;
+#endif
+        chosen = fn;
+    }
+    return chosen;
+}
+
 /* Widen the statistics of `count` tiles from tile t0 into scales and zeros,
  * each [count][n_groups][tu] float32 (the layout qmatrix.h gives them). */
-__attribute__((target_clones("avx512f", "avx2", "default")))
 static void spqr_widen(const spqr_matrix *s, int t0, int count, float *scales, float *zeros)
 {
     const qmatrix *m = &s->dense;
-    const int tu = m->tu, sb = s->stat_bits, zb = m->bits, rh = s->record_halves;
+    const int tu = m->tu, rh = s->record_halves;
     const int lanes = tu < SPQR_RUN ? tu : SPQR_RUN;
+    const widen_run_fn widen = spqr_widen_run();
     for (int t = 0; t < count; t++) {
-        for (int g = 0; g < m->n_groups; g++) {
-            float *sc = scales + ((size_t)t * m->n_groups + g) * tu;
-            float *zc = zeros + ((size_t)t * m->n_groups + g) * tu;
-            for (int i0 = 0; i0 < tu; i0 += lanes) {
-                const int row0 = (t0 + t) * tu + i0;
-                const uint16_t *rec = s->records + ((size_t)(row0 / SPQR_RUN) * m->n_groups + g) * rh;
-                const int lane0 = row0 % SPQR_RUN;
-                const float s2 = qm_half_to_float(rec[sb + zb]), z2 = qm_half_to_float(rec[sb + zb + 1]);
-                for (int i = 0; i < lanes; i++) {
-                    const unsigned bit = 1u << (lane0 + i);
-                    int code = 0, zero = 0;
-                    for (int p = 0; p < sb; p++)
-                        code |= (rec[p] & bit ? 1 : 0) << p;
-                    for (int p = 0; p < zb; p++)
-                        zero |= (rec[sb + p] & bit ? 1 : 0) << p;
-                    sc[i0 + i] = s2 * ((float)code - z2);
-                    zc[i0 + i] = (float)zero;
-                }
+        for (int i0 = 0; i0 < tu; i0 += lanes) {
+            const int row0 = (t0 + t) * tu + i0;
+            const uint16_t *rec = s->records + (size_t)(row0 / SPQR_RUN) * m->n_groups * rh;
+            for (int g = 0; g < m->n_groups; g++, rec += rh) {
+                const size_t at = ((size_t)t * m->n_groups + g) * tu + i0;
+                widen(rec, s->stat_bits, m->bits, row0 % SPQR_RUN, lanes, scales + at, zeros + at);
             }
         }
     }
@@ -160,7 +234,7 @@ static inline int spqr_threads(int nthreads)
 static int spqr_gemm_with(const spqr_matrix *s, qgemm_fn dense, const float *x, int n, float *y, int nthreads)
 {
     const qmatrix *m = &s->dense;
-    const int chunk = spqr_chunk_tiles(s), tu = m->tu;
+    const int chunk = spqr_chunk_tiles(s, n), tu = m->tu;
     int failed = 0;
     if (!dense)
         return -1;
@@ -200,7 +274,7 @@ static int spqr_gemm_with(const spqr_matrix *s, qgemm_fn dense, const float *x, 
 static int spqr_team_with(const spqr_matrix *s, qgemv_team_fn dense, const float *x, float *y, const team *tm)
 {
     const qmatrix *m = &s->dense;
-    const int chunk = spqr_chunk_tiles(s), tu = m->tu;
+    const int chunk = spqr_chunk_tiles(s, 1), tu = m->tu;
     if (!dense || !qm_whole_tiles(m))
         return -1;
     const int first = (int)((long)m->n_tiles * tm->thread / tm->threads);
@@ -225,7 +299,7 @@ static int spqr_rows_team_with(const spqr_matrix *s, qgemm_team_fn dense, const 
                                const team *tm)
 {
     const qmatrix *m = &s->dense;
-    const int chunk = spqr_chunk_tiles(s), tu = m->tu;
+    const int chunk = spqr_chunk_tiles(s, n), tu = m->tu;
     if (!dense || !qm_whole_tiles(m))
         return -1;
     const int first = (int)((long)m->n_tiles * tm->thread / tm->threads);
