@@ -397,8 +397,8 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
         meta.update(nsamples=nsamples, seqlen=seqlen, seed=seed, calibration=os.path.basename(os.fspath(calib)))
     else:
         if act_order or static_groups or true_sequential or sink_weight != 1:
-            raise QinferError("act-order, static groups, true-sequential and the sink weight are options of the "
-                              "calibrated methods (gptq, spqr); round to nearest (method 'rtn') uses no calibration")
+            raise QinferError("act-order, static groups, true-sequential and the sink weight are GPTQ options (SpQR "
+                              "takes all but static groups); round to nearest (method 'rtn') uses no calibration")
         meta.update(damp=None, sink_weight=None)
     floats = float_tensors(source, float_dtype)
 
