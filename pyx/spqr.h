@@ -79,84 +79,130 @@ static inline int spqr_chunk_tiles(const spqr_matrix *s, int n)
     return tiles > 0 ? tiles : 1;
 }
 
-/* One record's 16 rows (lanes lane0 .. lane0+lanes-1 of it) widened: scale
- * s2 * (code - z2) and zero point, as float32. Three builds of the same
- * arithmetic (no fused multiply-add, so all three give the same bits): the
- * planes become lane masks (AVX-512), lane tests (AVX2), or loops. */
-static void widen_run_plain(const uint16_t *rec, int sb, int zb, int lane0, int lanes, float *sc, float *zc)
+/* The records of one run of 16 rows for every group (`groups` records, rh
+ * halves apart), lanes lane0 .. lane0+lanes-1 of each, widened: the scale
+ * s2 * (code - z2) and the zero point, float32, to sc and zc (group g at
+ * g * stride). Three builds of the same arithmetic (no fused multiply-add, so
+ * all three give the same bits): the planes become lane masks (AVX-512), lane
+ * tests (AVX2), or loops. Each build's body is inlined once with 3-bit codes
+ * and statistics as constants (the loops over planes unroll) and once for any. */
+#define SPQR_ALWAYS_INLINE static inline __attribute__((always_inline))
+
+SPQR_ALWAYS_INLINE void widen_plain_body(const uint16_t *rec, int groups, int rh, int sb, int zb, int lane0,
+                                         int lanes, float *sc, float *zc, size_t stride)
 {
-    const float s2 = qm_half_to_float(rec[sb + zb]), z2 = qm_half_to_float(rec[sb + zb + 1]);
-    for (int i = 0; i < lanes; i++) {
-        int code = 0, zero = 0;
-        for (int p = 0; p < sb; p++)
-            code |= ((rec[p] >> (lane0 + i)) & 1) << p;
-        for (int p = 0; p < zb; p++)
-            zero |= ((rec[sb + p] >> (lane0 + i)) & 1) << p;
-        sc[i] = s2 * ((float)code - z2);
-        zc[i] = (float)zero;
+    for (int g = 0; g < groups; g++, rec += rh, sc += stride, zc += stride) {
+        const float s2 = qm_half_to_float(rec[sb + zb]), z2 = qm_half_to_float(rec[sb + zb + 1]);
+        for (int i = 0; i < lanes; i++) {
+            int code = 0, zero = 0;
+            for (int p = 0; p < sb; p++)
+                code |= ((rec[p] >> (lane0 + i)) & 1) << p;
+            for (int p = 0; p < zb; p++)
+                zero |= ((rec[sb + p] >> (lane0 + i)) & 1) << p;
+            sc[i] = s2 * ((float)code - z2);
+            zc[i] = (float)zero;
+        }
     }
+}
+
+static void widen_plain(const uint16_t *rec, int groups, int rh, int sb, int zb, int lane0, int lanes,
+                        float *sc, float *zc, size_t stride)
+{
+    widen_plain_body(rec, groups, rh, sb, zb, lane0, lanes, sc, zc, stride);
 }
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
 #define SPQR_X86 1
 
-__attribute__((target("avx2,f16c")))
-static void widen_run_avx2(const uint16_t *rec, int sb, int zb, int lane0, int lanes, float *sc, float *zc)
+#define SPQR_AVX2 __attribute__((target("avx2,f16c")))
+#define SPQR_AVX512 __attribute__((target("avx512f,f16c")))
+
+SPQR_ALWAYS_INLINE SPQR_AVX2 __m256i lane_values8(const uint16_t *planes, int count, __m256i bit)
 {
-    const __m128 halves = _mm_cvtph_ps(_mm_cvtsi32_si128(rec[sb + zb] | (int)rec[sb + zb + 1] << 16));
-    const __m256 s2 = _mm256_broadcastss_ps(halves), z2 = _mm256_broadcastss_ps(_mm_movehdup_ps(halves));
-    for (int i0 = 0; i0 < lanes; i0 += 8) {
-        const __m256i bit = _mm256_sllv_epi32(_mm256_set1_epi32(1 << (lane0 + i0)),
-                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        __m256i code = _mm256_setzero_si256(), zero = _mm256_setzero_si256();
-        for (int p = 0; p < sb; p++) {
-            const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(rec[p]), bit), bit);
-            code = _mm256_or_si256(code, _mm256_and_si256(set, _mm256_set1_epi32(1 << p)));
+    __m256i v = _mm256_setzero_si256();
+    for (int p = 0; p < count; p++) {
+        const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(planes[p]), bit), bit);
+        v = _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi32(1 << p)));
+    }
+    return v;
+}
+
+SPQR_ALWAYS_INLINE SPQR_AVX2 void widen_avx2_body(const uint16_t *rec, int groups, int rh, int sb, int zb,
+                                                  int lane0, int lanes, float *sc, float *zc, size_t stride)
+{
+    for (int g = 0; g < groups; g++, rec += rh, sc += stride, zc += stride) {
+        const __m128 halves = _mm_cvtph_ps(_mm_cvtsi32_si128(rec[sb + zb] | (int)rec[sb + zb + 1] << 16));
+        const __m256 s2 = _mm256_broadcastss_ps(halves), z2 = _mm256_broadcastss_ps(_mm_movehdup_ps(halves));
+        for (int i0 = 0; i0 < lanes; i0 += 8) {
+            const __m256i bit = _mm256_sllv_epi32(_mm256_set1_epi32(1 << (lane0 + i0)),
+                                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            const __m256i code = lane_values8(rec, sb, bit), zero = lane_values8(rec + sb, zb, bit);
+            _mm256_storeu_ps(sc + i0, _mm256_mul_ps(s2, _mm256_sub_ps(_mm256_cvtepi32_ps(code), z2)));
+            _mm256_storeu_ps(zc + i0, _mm256_cvtepi32_ps(zero));
         }
-        for (int p = 0; p < zb; p++) {
-            const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(rec[sb + p]), bit), bit);
-            zero = _mm256_or_si256(zero, _mm256_and_si256(set, _mm256_set1_epi32(1 << p)));
-        }
-        _mm256_storeu_ps(sc + i0, _mm256_mul_ps(s2, _mm256_sub_ps(_mm256_cvtepi32_ps(code), z2)));
-        _mm256_storeu_ps(zc + i0, _mm256_cvtepi32_ps(zero));
     }
 }
 
-__attribute__((target("avx512f,f16c")))
-static void widen_run_avx512(const uint16_t *rec, int sb, int zb, int lane0, int lanes, float *sc, float *zc)
+static SPQR_AVX2 void widen_avx2(const uint16_t *rec, int groups, int rh, int sb, int zb, int lane0, int lanes,
+                                 float *sc, float *zc, size_t stride)
 {
-    const __m128 halves = _mm_cvtph_ps(_mm_cvtsi32_si128(rec[sb + zb] | (int)rec[sb + zb + 1] << 16));
-    const __m512 s2 = _mm512_broadcastss_ps(halves), z2 = _mm512_broadcastss_ps(_mm_movehdup_ps(halves));
-    __m512i code = _mm512_setzero_si512(), zero = _mm512_setzero_si512();
-    for (int p = 0; p < sb; p++)
-        code = _mm512_mask_add_epi32(code, (__mmask16)(rec[p] >> lane0), code, _mm512_set1_epi32(1 << p));
-    for (int p = 0; p < zb; p++)
-        zero = _mm512_mask_add_epi32(zero, (__mmask16)(rec[sb + p] >> lane0), zero, _mm512_set1_epi32(1 << p));
+    if (sb == 3 && zb == 3)
+        widen_avx2_body(rec, groups, 8, 3, 3, lane0, lanes, sc, zc, stride);
+    else
+        widen_avx2_body(rec, groups, rh, sb, zb, lane0, lanes, sc, zc, stride);
+}
+
+SPQR_ALWAYS_INLINE SPQR_AVX512 __m512i lane_values16(const uint16_t *planes, int count, int lane0)
+{
+    __m512i v = _mm512_setzero_si512();
+    for (int p = 0; p < count; p++)
+        v = _mm512_mask_add_epi32(v, (__mmask16)(planes[p] >> lane0), v, _mm512_set1_epi32(1 << p));
+    return v;
+}
+
+SPQR_ALWAYS_INLINE SPQR_AVX512 void widen_avx512_body(const uint16_t *rec, int groups, int rh, int sb, int zb,
+                                                      int lane0, int lanes, float *sc, float *zc, size_t stride)
+{
     const __mmask16 keep = (__mmask16)((1u << lanes) - 1);
-    _mm512_mask_storeu_ps(sc, keep, _mm512_mul_ps(s2, _mm512_sub_ps(_mm512_cvtepi32_ps(code), z2)));
-    _mm512_mask_storeu_ps(zc, keep, _mm512_cvtepi32_ps(zero));
+    for (int g = 0; g < groups; g++, rec += rh, sc += stride, zc += stride) {
+        const __m128 halves = _mm_cvtph_ps(_mm_cvtsi32_si128(rec[sb + zb] | (int)rec[sb + zb + 1] << 16));
+        const __m512 s2 = _mm512_broadcastss_ps(halves), z2 = _mm512_broadcastss_ps(_mm_movehdup_ps(halves));
+        const __m512i code = lane_values16(rec, sb, lane0), zero = lane_values16(rec + sb, zb, lane0);
+        _mm512_mask_storeu_ps(sc, keep, _mm512_mul_ps(s2, _mm512_sub_ps(_mm512_cvtepi32_ps(code), z2)));
+        _mm512_mask_storeu_ps(zc, keep, _mm512_cvtepi32_ps(zero));
+    }
+}
+
+static SPQR_AVX512 void widen_avx512(const uint16_t *rec, int groups, int rh, int sb, int zb, int lane0,
+                                     int lanes, float *sc, float *zc, size_t stride)
+{
+    if (sb == 3 && zb == 3)
+        widen_avx512_body(rec, groups, 8, 3, 3, lane0, lanes, sc, zc, stride);
+    else
+        widen_avx512_body(rec, groups, rh, sb, zb, lane0, lanes, sc, zc, stride);
 }
 #else
 #define SPQR_X86 0
 #endif
 
-typedef void (*widen_run_fn)(const uint16_t *rec, int sb, int zb, int lane0, int lanes, float *sc, float *zc);
+typedef void (*widen_fn)(const uint16_t *rec, int groups, int rh, int sb, int zb, int lane0, int lanes,
+                         float *sc, float *zc, size_t stride);
 
 /* The widest build this CPU runs; QINFER_AVX512=0 holds it to AVX2 (as it
  * does the float kernels), so the tests reach every build here. */
-static widen_run_fn spqr_widen_run(void)
+static widen_fn spqr_widen_build(void)
 {
-    static widen_run_fn chosen = NULL;
+    static widen_fn chosen = NULL;
     if (!chosen) {
-        widen_run_fn fn = widen_run_plain;
+        widen_fn fn = widen_plain;
 #if SPQR_X86
         const char *avx512 = getenv("QINFER_AVX512");
         __builtin_cpu_init();
         if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
-            fn = widen_run_avx2;
+            fn = widen_avx2;
         if (__builtin_cpu_supports("avx512f") && !(avx512 && avx512[0] == '0'))
-            fn = widen_run_avx512;
+            fn = widen_avx512;
 #endif
         chosen = fn;
     }
@@ -170,15 +216,13 @@ static void spqr_widen(const spqr_matrix *s, int t0, int count, float *scales, f
     const qmatrix *m = &s->dense;
     const int tu = m->tu, rh = s->record_halves;
     const int lanes = tu < SPQR_RUN ? tu : SPQR_RUN;
-    const widen_run_fn widen = spqr_widen_run();
+    const widen_fn widen = spqr_widen_build();
     for (int t = 0; t < count; t++) {
         for (int i0 = 0; i0 < tu; i0 += lanes) {
             const int row0 = (t0 + t) * tu + i0;
-            const uint16_t *rec = s->records + (size_t)(row0 / SPQR_RUN) * m->n_groups * rh;
-            for (int g = 0; g < m->n_groups; g++, rec += rh) {
-                const size_t at = ((size_t)t * m->n_groups + g) * tu + i0;
-                widen(rec, s->stat_bits, m->bits, row0 % SPQR_RUN, lanes, scales + at, zeros + at);
-            }
+            const size_t at = (size_t)t * m->n_groups * tu + i0;
+            widen(s->records + (size_t)(row0 / SPQR_RUN) * m->n_groups * rh, m->n_groups, rh, s->stat_bits,
+                  m->bits, row0 % SPQR_RUN, lanes, scales + at, zeros + at, (size_t)tu);
         }
     }
 }
