@@ -114,8 +114,8 @@ class Engine:
     QinferWarning). quantize: 2/3/4/8 to quantize float linear layers on load
     (round to nearest, `group_size` rows per group; a group size that does not
     divide a layer's inputs leaves a short last group, as `qinfer quantize`
-    does). A model whose linear layers are quantized already (GPTQ, a Q4/Q8
-    GGUF) raises AlreadyQuantizedError unless dequantize is set too.
+    does). A model whose linear layers are quantized already (GPTQ, SpQR, a
+    Q4/Q8 GGUF) raises AlreadyQuantizedError unless dequantize is set too.
     dequantize: run a quantized file's weights as float32 (a float baseline),
     or with quantize, re-quantize them. activations: "int8" rounds the activations of quantized layers to int8 per block of
     32 inputs when decoding (faster; llama.cpp-like numerics), "float" keeps

@@ -398,3 +398,17 @@ def test_bad_command_line_values(tiny_src, tmp_path, args, words):
                    "--nsamples", 1, "--seqlen", 16, *args)
     assert_user_error(proc, *words)
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+@needs_tokenizer
+def test_settings_from_quantize_config_alone(written, tmp_path):
+    """Without a quantization_config in config.json, quantize_config.json says what the checkpoint is."""
+    copy = tmp_path / "copy"
+    shutil.copytree(written[0], copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    del cfg["quantization_config"]
+    (copy / "config.json").write_text(json.dumps(cfg))
+    source = open_model(copy)
+    assert source.format == "spqr"
+    t = source.tensors[BASE + ".weight"]
+    np.testing.assert_array_equal(spqr_layer(t).dequantize(), written[1][BASE].dequantize())
