@@ -29,26 +29,22 @@ import numpy as np
 
 from ..errors import QinferError, UnsupportedError
 from ..packing import GPTQ_BITWIDTHS as BITWIDTHS
-from ..readers.spqr import QUANT_METHOD as SPQR_FORMAT, STAT_GROUP
+from ..readers.spqr import QUANT_METHOD as SPQR_FORMAT, SPQR_BITS, STAT_BITS as SPQR_STAT_BITS, STAT_GROUP
 from ..rtn import GROUP_SIZES
 from . import checkpoint
 from .dynamic import Rules
 from .gptq import Hessian, PreparedHessian, gptq_quantize, output_error
 from .progress import Progress
 from .quantizer import check_settings, rtn_quantize
-from .spqr import spqr_quantize
+from .spqr import DEFAULT_GROUP as SPQR_DEFAULT_GROUP, DEFAULT_OUTLIER_THRESHOLD, DEFAULT_STAT_BITS, spqr_quantize
 from .spqr_writer import save_spqr_checkpoint
 from .writer import FLOAT_DTYPES, float_tensors, float_weight, save_checkpoint
 
 METHODS = ("gptq", "rtn", "spqr")
 CALIBRATED = ("gptq", "spqr")            # the methods that need --calib
 # bits and group size when not given: GPTQ's usual 4-bit g128; SpQR's paper setting, 3-bit beta1 = 16
-DEFAULT_BITS_GROUP = {"gptq": (4, 128), "rtn": (4, 128), "spqr": (3, 16)}
-SPQR_BITS = (2, 3, 4)
+DEFAULT_BITS_GROUP = {"gptq": (4, 128), "rtn": (4, 128), "spqr": (3, SPQR_DEFAULT_GROUP)}
 SPQR_GROUP_SIZES = (16, 32, 64, 128)     # multiples of 16 (SpqrLinear's kernels) dividing spqr.py's block
-SPQR_STAT_BITS = tuple(range(2, 9))
-DEFAULT_STAT_BITS = 3
-DEFAULT_OUTLIER_THRESHOLD = 0.2
 # The input each linear map reads (Model.run_layer's capture names).
 INPUT_OF = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "o_in",
             "w_gate": "mlp_in", "w_up": "mlp_in", "w_down": "down_in"}

@@ -159,7 +159,8 @@ class _Layer:
 
 
 def _spqr_tensor(layer, shape, settings):
-    from ..spqr_linear import check_outliers, record_halves   # pure numpy; imported on use like ggml_quants'
+    # numpy helpers of the run-time layer's module, imported on use (as ggml_quants.py borrows _runtime's)
+    from ..spqr_linear import check_outliers, record_halves
 
     bits, group_size, stat_bits = settings["bits"], settings["group_size"], settings["stat_bits"]
     out_features, in_features = shape
@@ -183,7 +184,7 @@ def _spqr_tensor(layer, shape, settings):
     try:
         check_outliers(rows, cols, vals, out_features, in_features)
     except ShapeError as e:
-        layer.fail("outlier_rows", f"the outlier table does not hold together: {e}")
+        layer.fail("outlier_rows", f"with .outlier_cols and .outlier_vals, not an outlier table: {e}")
     if not np.isfinite(vals).all():
         layer.fail("outlier_vals", "an outlier is NaN or infinite")
     perm = None
