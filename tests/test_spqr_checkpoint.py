@@ -322,6 +322,13 @@ def _rows_past_the_end(t):
     t[BASE + ".outlier_rows"] = rows
 
 
+def _repeat_a_column(t):
+    rows, cols = t[BASE + ".outlier_rows"], t[BASE + ".outlier_cols"].copy()
+    row = int(np.flatnonzero(np.diff(rows) >= 2)[0])         # a row with two outliers or more
+    cols[rows[row] + 1] = cols[rows[row]]
+    t[BASE + ".outlier_cols"] = cols
+
+
 def _swap_perm(t):
     t[BASE + ".perm"] = np.zeros(160, dtype=np.int32)
 
@@ -331,6 +338,8 @@ BAD = {
                                 [f"{BASE}.outlier_rows", "row pointers end at"]),
     "rows not ending at n": (_edit_tensors(_rows_past_the_end), FormatError,
                              [f"{BASE}.outlier_rows", "row pointers end at"]),
+    "repeated outlier column": (_edit_tensors(_repeat_a_column), FormatError,
+                                [f"{BASE}.outlier_cols", "ascending"]),
     "stat_group 8": (_edit_config(lambda q: q.update(stat_group=8)), UnsupportedError,
                      ["stat_group 8", "runs of 16"]),
     "unknown setting": (_edit_config(lambda q: q.update(sym=True)), UnsupportedError,

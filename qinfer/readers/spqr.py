@@ -21,10 +21,10 @@ read past). Where both files give a setting they must agree.
 Per quantized linear layer of the blocks (docs/FORMAT.md): `.qweight` I32
 [in*bits/32, out] (the codes in the weight's own column order), `.spqr_stats`
 U16 [ceil(out/16), in/group_size, stat_bits + bits + 2] (spqr_linear.py's
-records), `.outlier_rows` I32 [out + 1], `.outlier_cols` U16 [n],
-`.outlier_vals` F16 [n], and `.perm` I32 [in] with act-order. A block's
-linear layer stored as plain `.weight` stays float; the embedding, norms and
-LM head are float.
+records), `.outlier_rows` I32 [out + 1], `.outlier_cols` U16 [n] (ascending
+within a row), `.outlier_vals` F16 [n], and `.perm` I32 [in] with act-order.
+A block's linear layer stored as plain `.weight` stays float; the embedding,
+norms and LM head are float.
 """
 import math
 import os
@@ -185,6 +185,12 @@ def _spqr_tensor(layer, shape, settings):
         check_outliers(rows, cols, vals, out_features, in_features)
     except ShapeError as e:
         layer.fail("outlier_rows", f"with .outlier_cols and .outlier_vals, not an outlier table: {e}")
+    # each column once per row, ascending: a repeated one would be added twice by the kernels
+    # but once by a dequantizer's indexed add
+    row_of = np.repeat(np.arange(out_features), np.diff(rows))
+    same_row = row_of[1:] == row_of[:-1]
+    if np.any(cols[1:][same_row] <= cols[:-1][same_row]):
+        layer.fail("outlier_cols", "a row's outlier columns must be ascending, each column once")
     if not np.isfinite(vals).all():
         layer.fail("outlier_vals", "an outlier is NaN or infinite")
     perm = None
