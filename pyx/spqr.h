@@ -245,44 +245,106 @@ static inline void spqr_view(const spqr_matrix *s, int t0, int count, float *buf
     v->zero_groups = m->n_groups;
 }
 
-/* y[r][j - j0] += row j's outlier sum over x[r], for rows j0 .. j1-1: four
- * interleaved partial sums (entry k goes to sum k % 4, each summed in table
- * order), then (a0 + a1) + (a2 + a3): four chains instead of one long one.
- * Built twice, widening float16 bit by bit or with F16C: the same values. */
-#define SPQR_OUTLIER_ADDER(name, attributes, widen_half)                                              \
-static attributes void name(const spqr_matrix *s, int j0, int j1, const float *x, int n, float *y,     \
-                            size_t ldy)                                                               \
+/* Output row j's outliers times one row of x: four interleaved partial sums
+ * (entry k goes to sum k % 4, each summed in table order), then
+ * (a0 + a1) + (a2 + a3): four chains instead of one long one. Several rows of
+ * x (a prefill, a batched step) are taken transposed, xt [in][n], and summed
+ * side by side, lane r doing row r's operations in that same order: the same
+ * bits as one row at a time. Each adder is built twice, widening float16 bit
+ * by bit or with F16C (the AVX2 target: no fused multiply-add, the same values). */
+#define SPQR_OUTLIER_ADDERS(suffix, attributes, widen_half)                                           \
+static attributes void add_outliers_row##suffix(const spqr_matrix *s, int j0, int j1, const float *x,  \
+                                                float *y)                                             \
 {                                                                                                     \
-    for (int r = 0; r < n; r++) {                                                                     \
-        const float *xr = x + (size_t)r * s->dense.in_features;                                       \
-        for (int j = j0; j < j1; j++) {                                                               \
-            float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                                    \
-            for (int k = s->outlier_rows[j], i = 0; k < s->outlier_rows[j + 1]; k++, i = (i + 1) & 3)  \
-                a[i] += widen_half(s->outlier_vals[k]) * xr[s->outlier_cols[k]];                      \
-            y[(size_t)r * ldy + (j - j0)] += (a[0] + a[1]) + (a[2] + a[3]);                           \
+    for (int j = j0; j < j1; j++) {                                                                   \
+        float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                                        \
+        for (int k = s->outlier_rows[j], i = 0; k < s->outlier_rows[j + 1]; k++, i = (i + 1) & 3)      \
+            a[i] += widen_half(s->outlier_vals[k]) * x[s->outlier_cols[k]];                           \
+        y[j - j0] += (a[0] + a[1]) + (a[2] + a[3]);                                                   \
+    }                                                                                                 \
+}                                                                                                     \
+                                                                                                      \
+static attributes void add_outliers_rows##suffix(const spqr_matrix *s, int j0, int j1, const float *xt, \
+                                                 int n, float *y, size_t ldy, float *a)               \
+{                                                                                                     \
+    for (int j = j0; j < j1; j++) {                                                                   \
+        memset(a, 0, sizeof(float) * 4 * (size_t)n);                                                 \
+        for (int k = s->outlier_rows[j], i = 0; k < s->outlier_rows[j + 1]; k++, i = (i + 1) & 3) {    \
+            const float v = widen_half(s->outlier_vals[k]);                                           \
+            const float *xc = xt + (size_t)s->outlier_cols[k] * n;                                    \
+            float *ai = a + (size_t)i * n;                                                            \
+            for (int r = 0; r < n; r++)                                                               \
+                ai[r] += v * xc[r];                                                                   \
         }                                                                                             \
+        for (int r = 0; r < n; r++)                                                                   \
+            y[(size_t)r * ldy + (j - j0)] += (a[r] + a[n + r]) + (a[2 * n + r] + a[3 * n + r]);       \
     }                                                                                                 \
 }
 
-SPQR_OUTLIER_ADDER(add_outliers_plain, , qm_half_to_float)
+SPQR_OUTLIER_ADDERS(_plain, , qm_half_to_float)
 #if SPQR_X86
-SPQR_OUTLIER_ADDER(add_outliers_f16c, __attribute__((target("f16c"))), _cvtsh_ss)
+SPQR_OUTLIER_ADDERS(_avx2, __attribute__((target("avx2,f16c"))), _cvtsh_ss)
 #endif
 
-/* y[r][j] += the outliers of output rows j0 .. j1-1 times x[r], for n rows
- * (x: in_features apart, y: ldy apart, y's column 0 = output j0). */
-static inline void spqr_add_outliers(const spqr_matrix *s, int j0, int j1, const float *x, int n,
+static inline int spqr_has_outliers(const spqr_matrix *s)
+{
+    return s->outlier_rows[s->dense.out_features] > 0;
+}
+
+/* What the outlier adder reads of one call's rows: x as given, and for
+ * several rows x transposed and the partial sums' room. */
+typedef struct {
+    const float *x;   /* [n][in] */
+    float *xt;        /* [in][n] when n > 1, else NULL */
+    float *sums;      /* [4][n] when n > 1 */
+    int n;
+} outlier_input;
+
+/* Set up `in` for n rows of x (a thread's own copy); -1 when out of memory. */
+static int outlier_input_init(const spqr_matrix *s, const float *x, int n, outlier_input *in)
+{
+    const int K = s->dense.in_features;
+    in->x = x;
+    in->n = n;
+    in->xt = in->sums = NULL;
+    if (n == 1 || !spqr_has_outliers(s))
+        return 0;
+    in->xt = (float *)malloc(sizeof(float) * (size_t)K * n);
+    in->sums = (float *)malloc(sizeof(float) * 4 * (size_t)n);
+    if (!in->xt || !in->sums)
+        return -1;
+    for (int r = 0; r < n; r++)
+        for (int k = 0; k < K; k++)
+            in->xt[(size_t)k * n + r] = x[(size_t)r * K + k];
+    return 0;
+}
+
+static void outlier_input_free(outlier_input *in)
+{
+    free(in->xt);
+    free(in->sums);
+}
+
+/* y[r][j - j0] += the outliers of output rows j0 .. j1-1 times x[r], for the
+ * rows of `in` (y: ldy apart). */
+static inline void spqr_add_outliers(const spqr_matrix *s, int j0, int j1, const outlier_input *in,
                                      float *y, size_t ldy)
 {
     if (s->outlier_rows[j1] == s->outlier_rows[j0])
         return;
 #if SPQR_X86
-    if (__builtin_cpu_supports("f16c")) {
-        add_outliers_f16c(s, j0, j1, x, n, y, ldy);
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
+        if (in->n == 1)
+            add_outliers_row_avx2(s, j0, j1, in->x, y);
+        else
+            add_outliers_rows_avx2(s, j0, j1, in->xt, in->n, y, ldy, in->sums);
         return;
     }
 #endif
-    add_outliers_plain(s, j0, j1, x, n, y, ldy);
+    if (in->n == 1)
+        add_outliers_row_plain(s, j0, j1, in->x, y);
+    else
+        add_outliers_rows_plain(s, j0, j1, in->xt, in->n, y, ldy, in->sums);
 }
 
 static inline int spqr_threads(int nthreads)
@@ -314,7 +376,9 @@ static int spqr_gemm_with(const spqr_matrix *s, qgemm_fn dense, const float *x, 
         const int first = (int)((long)m->n_tiles * t / T), last = (int)((long)m->n_tiles * (t + 1) / T);
         float *buf = (float *)malloc(sizeof(float) * 2 * (size_t)chunk * m->n_groups * tu);
         float *out = (float *)malloc(sizeof(float) * (size_t)n * chunk * tu);
-        failed = !buf || !out;
+        outlier_input in;
+        const int no_input = outlier_input_init(s, x, n, &in);   /* frees safely even when it fails */
+        failed = !buf || !out || no_input;
         for (int t0 = first; t0 < last && !failed; t0 += chunk) {
             const int count = last - t0 < chunk ? last - t0 : chunk;
             qmatrix v;
@@ -324,10 +388,11 @@ static int spqr_gemm_with(const spqr_matrix *s, qgemm_fn dense, const float *x, 
                 failed = 1;
                 break;
             }
-            spqr_add_outliers(s, j0, j0 + width, x, n, out, (size_t)width);
+            spqr_add_outliers(s, j0, j0 + width, &in, out, (size_t)width);
             for (int r = 0; r < n; r++)
                 memcpy(y + (size_t)r * m->out_features + j0, out + (size_t)r * width, sizeof(float) * width);
         }
+        outlier_input_free(&in);
         free(buf);
         free(out);
     }
@@ -347,6 +412,7 @@ static int spqr_team_with(const spqr_matrix *s, qgemv_team_fn dense, const float
     const int last = (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads);
     const team solo = {tm->barrier, 0, 1, 0};
     float *buf = (float *)malloc(sizeof(float) * 2 * (size_t)chunk * m->n_groups * tu);
+    const outlier_input in = {x, NULL, NULL, 1};
     int rc = buf ? 0 : -1;
     for (int t0 = first; t0 < last && !rc; t0 += chunk) {
         const int count = last - t0 < chunk ? last - t0 : chunk;
@@ -354,7 +420,7 @@ static int spqr_team_with(const spqr_matrix *s, qgemv_team_fn dense, const float
         spqr_view(s, t0, count, buf, &v);
         rc = dense(&v, x, y + (size_t)t0 * tu, &solo);
         if (!rc)
-            spqr_add_outliers(s, t0 * tu, (t0 + count) * tu, x, 1, y + (size_t)t0 * tu, 0);
+            spqr_add_outliers(s, t0 * tu, (t0 + count) * tu, &in, y + (size_t)t0 * tu, 0);
     }
     free(buf);
     return rc;
@@ -373,7 +439,9 @@ static int spqr_rows_team_with(const spqr_matrix *s, qgemm_team_fn dense, const 
     const team solo = {tm->barrier, 0, 1, 0};
     float *buf = (float *)malloc(sizeof(float) * 2 * (size_t)chunk * m->n_groups * tu);
     float *out = (float *)malloc(sizeof(float) * (size_t)n * chunk * tu);
-    int rc = buf && out ? 0 : -1;
+    outlier_input in;
+    const int no_input = outlier_input_init(s, x, n, &in);   /* frees safely even when it fails */
+    int rc = buf && out && !no_input ? 0 : -1;
     for (int t0 = first; t0 < last && !rc; t0 += chunk) {
         const int count = last - t0 < chunk ? last - t0 : chunk;
         const int width = count * tu;
@@ -382,10 +450,11 @@ static int spqr_rows_team_with(const spqr_matrix *s, qgemm_team_fn dense, const 
         rc = dense(&v, x, n, out, &solo);
         if (rc)
             break;
-        spqr_add_outliers(s, t0 * tu, t0 * tu + width, x, n, out, (size_t)width);
+        spqr_add_outliers(s, t0 * tu, t0 * tu + width, &in, out, (size_t)width);
         for (int r = 0; r < n; r++)
             memcpy(y + (size_t)r * m->out_features + (size_t)t0 * tu, out + (size_t)r * width, sizeof(float) * width);
     }
+    outlier_input_free(&in);
     free(buf);
     free(out);
     return rc;
