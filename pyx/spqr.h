@@ -47,7 +47,7 @@
 #endif
 
 #define SPQR_RUN 16                    /* beta2: output rows per record */
-#define SPQR_CHUNK_BYTES (256 * 1024)   /* decoded statistics per chunk of tiles and row (up to 16 rows) */
+#define SPQR_CHUNK_BYTES (512 * 1024)   /* decoded statistics per chunk of tiles and row (up to 16 rows) */
 
 typedef struct spqr_matrix {
     qmatrix dense;              /* scales, zeros: NULL; the kernels get views (spqr_view) */
@@ -74,9 +74,36 @@ static inline int spqr_chunk_tiles(const spqr_matrix *s, int n)
     const qmatrix *m = &s->dense;
     const size_t per_tile = (size_t)m->n_groups * m->tu * 2 * sizeof(float);
     int tiles = (int)(SPQR_CHUNK_BYTES * (size_t)(n < 16 ? n : 16) / per_tile);
-    if (tiles >= m->gemv_tiles)
-        tiles -= tiles % m->gemv_tiles;
-    return tiles > 0 ? tiles : 1;
+    if (tiles < 2 * m->gemv_tiles)   /* long rows: still enough tiles to pay for a call's preparation */
+        tiles = 2 * m->gemv_tiles;
+    return tiles - tiles % m->gemv_tiles;
+}
+
+/* Each thread's buffer of widened statistics, kept from call to call while it
+ * is at most SPQR_KEPT_BYTES: allocated afresh each call, a few hundred KiB
+ * came as new pages the kernel zeroed every time (a tenth of a 4096x11008
+ * layer's time). */
+#define SPQR_KEPT_BYTES (2u << 20)
+static __thread float *stats_buf = NULL;
+static __thread size_t stats_len = 0;
+
+static float *stats_buffer(size_t floats)
+{
+    if (floats > stats_len) {
+        free(stats_buf);
+        stats_buf = (float *)malloc(sizeof(float) * floats);
+        stats_len = stats_buf ? floats : 0;
+    }
+    return stats_buf;
+}
+
+static void stats_buffer_done(void)
+{
+    if (stats_len * sizeof(float) > SPQR_KEPT_BYTES) {
+        free(stats_buf);
+        stats_buf = NULL;
+        stats_len = 0;
+    }
 }
 
 /* The records of one run of 16 rows for every group (`groups` records, rh
@@ -374,7 +401,7 @@ static int spqr_gemm_with(const spqr_matrix *s, qgemm_fn dense, const float *x, 
         const int t = 0, T = 1;
 #endif
         const int first = (int)((long)m->n_tiles * t / T), last = (int)((long)m->n_tiles * (t + 1) / T);
-        float *buf = (float *)malloc(sizeof(float) * 2 * (size_t)chunk * m->n_groups * tu);
+        float *buf = stats_buffer(2 * (size_t)chunk * m->n_groups * tu);
         float *out = (float *)malloc(sizeof(float) * (size_t)n * chunk * tu);
         outlier_input in;
         const int no_input = outlier_input_init(s, x, n, &in);   /* frees safely even when it fails */
@@ -393,7 +420,7 @@ static int spqr_gemm_with(const spqr_matrix *s, qgemm_fn dense, const float *x, 
                 memcpy(y + (size_t)r * m->out_features + j0, out + (size_t)r * width, sizeof(float) * width);
         }
         outlier_input_free(&in);
-        free(buf);
+        stats_buffer_done();
         free(out);
     }
     return failed ? -1 : 0;
@@ -411,7 +438,7 @@ static int spqr_team_with(const spqr_matrix *s, qgemv_team_fn dense, const float
     const int first = (int)((long)m->n_tiles * tm->thread / tm->threads);
     const int last = (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads);
     const team solo = {tm->barrier, 0, 1, 0};
-    float *buf = (float *)malloc(sizeof(float) * 2 * (size_t)chunk * m->n_groups * tu);
+    float *buf = stats_buffer(2 * (size_t)chunk * m->n_groups * tu);
     const outlier_input in = {x, NULL, NULL, 1};
     int rc = buf ? 0 : -1;
     for (int t0 = first; t0 < last && !rc; t0 += chunk) {
@@ -422,7 +449,7 @@ static int spqr_team_with(const spqr_matrix *s, qgemv_team_fn dense, const float
         if (!rc)
             spqr_add_outliers(s, t0 * tu, (t0 + count) * tu, &in, y + (size_t)t0 * tu, 0);
     }
-    free(buf);
+    stats_buffer_done();
     return rc;
 }
 
@@ -437,7 +464,7 @@ static int spqr_rows_team_with(const spqr_matrix *s, qgemm_team_fn dense, const 
     const int first = (int)((long)m->n_tiles * tm->thread / tm->threads);
     const int last = (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads);
     const team solo = {tm->barrier, 0, 1, 0};
-    float *buf = (float *)malloc(sizeof(float) * 2 * (size_t)chunk * m->n_groups * tu);
+    float *buf = stats_buffer(2 * (size_t)chunk * m->n_groups * tu);
     float *out = (float *)malloc(sizeof(float) * (size_t)n * chunk * tu);
     outlier_input in;
     const int no_input = outlier_input_init(s, x, n, &in);   /* frees safely even when it fails */
@@ -455,7 +482,7 @@ static int spqr_rows_team_with(const spqr_matrix *s, qgemm_team_fn dense, const 
             memcpy(y + (size_t)r * m->out_features + (size_t)t0 * tu, out + (size_t)r * width, sizeof(float) * width);
     }
     outlier_input_free(&in);
-    free(buf);
+    stats_buffer_done();
     free(out);
     return rc;
 }
