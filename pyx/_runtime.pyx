@@ -315,9 +315,6 @@ cdef extern from "spqr.h":
         const uint16_t *outlier_vals
         qgemm_fn gemm[2]
         qgemm_fn gemm_i8[2]
-        qgemv_team_fn team
-        qgemv_team_fn team_i8
-        qgemm_team_fn rows_team_i8
     int spqr_gemm_scalar(const qmatrix *m, const float *x, int n, float *y, int nthreads) nogil
     int spqr_gemm_avx2(const qmatrix *m, const float *x, int n, float *y, int nthreads) nogil
     int spqr_gemm_i8_scalar(const qmatrix *m, const float *x, int n, float *y, int nthreads) nogil
@@ -386,9 +383,6 @@ cdef class SpqrMatrix:
         self.s.gemm[1] = self.kernels.avx2
         self.s.gemm_i8[0] = self.kernels.scalar_i8
         self.s.gemm_i8[1] = self.kernels.avx2_i8
-        self.s.team = self.kernels.avx2_team
-        self.s.team_i8 = self.kernels.avx2_i8_team
-        self.s.rows_team_i8 = self.kernels.avx2_i8_rows_team
         self.arrays = (words, records, outlier_rows, outlier_cols, outlier_vals, perm)
 
     def configure(self, int gemv_tiles, int mb, int rows_per_chunk, int tiles_per_block):

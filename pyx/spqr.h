@@ -57,12 +57,11 @@ typedef struct spqr_matrix {
     const int32_t *outlier_rows;
     const uint16_t *outlier_cols;
     const uint16_t *outlier_vals;
-    /* the dense kernels, run on views (NULL: none); [0] the scalar path, [1] AVX2 */
+    /* the dense per-call kernels run on views (NULL: none); [0] the scalar path, [1] AVX2.
+     * The team entry points run them too: the dense team kernels may hold OpenMP
+     * worksharing, which would bind to the decode team around a chunk's call. */
     qgemm_fn gemm[2];
     qgemm_fn gemm_i8[2];
-    qgemv_team_fn team;
-    qgemv_team_fn team_i8;
-    qgemm_team_fn rows_team_i8;
 } spqr_matrix;
 
 /* Tiles per chunk of a call on n rows: as many as keep the widened scales and
@@ -374,6 +373,40 @@ static inline void spqr_add_outliers(const spqr_matrix *s, int j0, int j1, const
         add_outliers_rows_plain(s, j0, j1, in->xt, in->n, y, ldy, in->sums);
 }
 
+/* y[n][out] for the output tiles first .. last-1 (one thread's share):
+ * chunk by chunk, the dense kernel `dense` (the layer's own per-call qgemm_fn,
+ * run on one thread: its OpenMP constructs then bind to a region of its own,
+ * not to an enclosing decode team's) on a view of the chunk's tiles, then
+ * those rows' outliers. One row is written in place; several go through `out`. */
+static int spqr_share(const spqr_matrix *s, qgemm_fn dense, const float *x, int n, float *y, int first, int last)
+{
+    const qmatrix *m = &s->dense;
+    const int chunk = spqr_chunk_tiles(s, n), tu = m->tu;
+    float *buf = stats_buffer(2 * (size_t)chunk * m->n_groups * tu);
+    float *out = n > 1 ? (float *)malloc(sizeof(float) * (size_t)n * chunk * tu) : NULL;
+    outlier_input in;
+    const int no_input = outlier_input_init(s, x, n, &in);   /* frees safely even when it fails */
+    int rc = !dense || !buf || (n > 1 && !out) || no_input ? -1 : 0;
+    for (int t0 = first; t0 < last && !rc; t0 += chunk) {
+        const int count = last - t0 < chunk ? last - t0 : chunk;
+        const int j0 = t0 * tu;
+        qmatrix v;
+        spqr_view(s, t0, count, buf, &v);
+        const int width = v.out_features;
+        float *yv = n > 1 ? out : y + j0;
+        rc = dense(&v, x, n, yv, 1);
+        if (rc)
+            break;
+        spqr_add_outliers(s, j0, j0 + width, &in, yv, (size_t)width);
+        for (int r = 0; n > 1 && r < n; r++)
+            memcpy(y + (size_t)r * m->out_features + j0, out + (size_t)r * width, sizeof(float) * width);
+    }
+    outlier_input_free(&in);
+    stats_buffer_done();
+    free(out);
+    return rc;
+}
+
 static inline int spqr_threads(int nthreads)
 {
 #ifdef _OPENMP
@@ -384,15 +417,12 @@ static inline int spqr_threads(int nthreads)
 #endif
 }
 
-/* y[n][out] = x[n][in] @ W^T through the dense kernel `dense` (a qgemm_fn of
- * the layer's bitwidth), each thread a contiguous run of tiles, chunk by chunk. */
+/* y[n][out] = x[n][in] @ W^T (qgemm_fn), each thread of a region of its own a
+ * contiguous run of tiles. */
 static int spqr_gemm_with(const spqr_matrix *s, qgemm_fn dense, const float *x, int n, float *y, int nthreads)
 {
     const qmatrix *m = &s->dense;
-    const int chunk = spqr_chunk_tiles(s, n), tu = m->tu;
     int failed = 0;
-    if (!dense)
-        return -1;
     #pragma omp parallel num_threads(spqr_threads(nthreads)) reduction(|:failed)
     {
 #ifdef _OPENMP
@@ -400,91 +430,22 @@ static int spqr_gemm_with(const spqr_matrix *s, qgemm_fn dense, const float *x, 
 #else
         const int t = 0, T = 1;
 #endif
-        const int first = (int)((long)m->n_tiles * t / T), last = (int)((long)m->n_tiles * (t + 1) / T);
-        float *buf = stats_buffer(2 * (size_t)chunk * m->n_groups * tu);
-        float *out = (float *)malloc(sizeof(float) * (size_t)n * chunk * tu);
-        outlier_input in;
-        const int no_input = outlier_input_init(s, x, n, &in);   /* frees safely even when it fails */
-        failed = !buf || !out || no_input;
-        for (int t0 = first; t0 < last && !failed; t0 += chunk) {
-            const int count = last - t0 < chunk ? last - t0 : chunk;
-            qmatrix v;
-            spqr_view(s, t0, count, buf, &v);
-            const int j0 = t0 * tu, width = v.out_features;
-            if (dense(&v, x, n, out, 1)) {
-                failed = 1;
-                break;
-            }
-            spqr_add_outliers(s, j0, j0 + width, &in, out, (size_t)width);
-            for (int r = 0; r < n; r++)
-                memcpy(y + (size_t)r * m->out_features + j0, out + (size_t)r * width, sizeof(float) * width);
-        }
-        outlier_input_free(&in);
-        stats_buffer_done();
-        free(out);
+        failed = spqr_share(s, dense, x, n, y, (int)((long)m->n_tiles * t / T),
+                            (int)((long)m->n_tiles * (t + 1) / T)) != 0;
     }
     return failed ? -1 : 0;
 }
 
-/* One row inside the caller's thread team (qgemv_team_fn): this thread's
- * share of the tiles (the split the dense team kernels use), each chunk
- * through the dense team kernel as a team of one, written in place. */
-static int spqr_team_with(const spqr_matrix *s, qgemv_team_fn dense, const float *x, float *y, const team *tm)
+/* The same inside the caller's thread team (qgemv_team_fn, qgemm_team_fn): this
+ * thread's share of the tiles, no barrier (y is whole at the caller's). Layers
+ * of whole tiles, as the dense team kernels. */
+static int spqr_team_with(const spqr_matrix *s, qgemm_fn dense, const float *x, int n, float *y, const team *tm)
 {
     const qmatrix *m = &s->dense;
-    const int chunk = spqr_chunk_tiles(s, 1), tu = m->tu;
-    if (!dense || !qm_whole_tiles(m))
+    if (!qm_whole_tiles(m))
         return -1;
-    const int first = (int)((long)m->n_tiles * tm->thread / tm->threads);
-    const int last = (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads);
-    const team solo = {tm->barrier, 0, 1, 0};
-    float *buf = stats_buffer(2 * (size_t)chunk * m->n_groups * tu);
-    const outlier_input in = {x, NULL, NULL, 1};
-    int rc = buf ? 0 : -1;
-    for (int t0 = first; t0 < last && !rc; t0 += chunk) {
-        const int count = last - t0 < chunk ? last - t0 : chunk;
-        qmatrix v;
-        spqr_view(s, t0, count, buf, &v);
-        rc = dense(&v, x, y + (size_t)t0 * tu, &solo);
-        if (!rc)
-            spqr_add_outliers(s, t0 * tu, (t0 + count) * tu, &in, y + (size_t)t0 * tu, 0);
-    }
-    stats_buffer_done();
-    return rc;
-}
-
-/* Several rows inside the caller's thread team (qgemm_team_fn), as spqr_team_with does one. */
-static int spqr_rows_team_with(const spqr_matrix *s, qgemm_team_fn dense, const float *x, int n, float *y,
-                               const team *tm)
-{
-    const qmatrix *m = &s->dense;
-    const int chunk = spqr_chunk_tiles(s, n), tu = m->tu;
-    if (!dense || !qm_whole_tiles(m))
-        return -1;
-    const int first = (int)((long)m->n_tiles * tm->thread / tm->threads);
-    const int last = (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads);
-    const team solo = {tm->barrier, 0, 1, 0};
-    float *buf = stats_buffer(2 * (size_t)chunk * m->n_groups * tu);
-    float *out = (float *)malloc(sizeof(float) * (size_t)n * chunk * tu);
-    outlier_input in;
-    const int no_input = outlier_input_init(s, x, n, &in);   /* frees safely even when it fails */
-    int rc = buf && out && !no_input ? 0 : -1;
-    for (int t0 = first; t0 < last && !rc; t0 += chunk) {
-        const int count = last - t0 < chunk ? last - t0 : chunk;
-        const int width = count * tu;
-        qmatrix v;
-        spqr_view(s, t0, count, buf, &v);
-        rc = dense(&v, x, n, out, &solo);
-        if (rc)
-            break;
-        spqr_add_outliers(s, t0 * tu, t0 * tu + width, &in, out, (size_t)width);
-        for (int r = 0; r < n; r++)
-            memcpy(y + (size_t)r * m->out_features + (size_t)t0 * tu, out + (size_t)r * width, sizeof(float) * width);
-    }
-    outlier_input_free(&in);
-    stats_buffer_done();
-    free(out);
-    return rc;
+    return spqr_share(s, dense, x, n, y, (int)((long)m->n_tiles * tm->thread / tm->threads),
+                      (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads));
 }
 
 /* The entry points the forward pass and QuantizedLinear-like callers take
@@ -513,17 +474,17 @@ static int spqr_gemm_i8_avx2(const qmatrix *m, const float *x, int n, float *y, 
 
 static int spqr_team(const qmatrix *m, const float *x, float *y, const team *tm)
 {
-    return spqr_team_with(SPQR_OF(m), SPQR_OF(m)->team, x, y, tm);
+    return spqr_team_with(SPQR_OF(m), SPQR_OF(m)->gemm[1], x, 1, y, tm);
 }
 
 static int spqr_team_i8(const qmatrix *m, const float *x, float *y, const team *tm)
 {
-    return spqr_team_with(SPQR_OF(m), SPQR_OF(m)->team_i8, x, y, tm);
+    return spqr_team_with(SPQR_OF(m), SPQR_OF(m)->gemm_i8[1], x, 1, y, tm);
 }
 
 static int spqr_rows_team_i8(const qmatrix *m, const float *x, int n, float *y, const team *tm)
 {
-    return spqr_rows_team_with(SPQR_OF(m), SPQR_OF(m)->rows_team_i8, x, n, y, tm);
+    return spqr_team_with(SPQR_OF(m), SPQR_OF(m)->gemm_i8[1], x, n, y, tm);
 }
 
 #endif

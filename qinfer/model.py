@@ -242,7 +242,7 @@ class Model:
         context), with its own step buffers, over the same weights: a server's slots.
         Model.forward(cache=..., seq=...) runs one of its sequences, forward_rows a decode
         step of several. It runs the layers as they are now (replace_linear later changes
-        the model's own)."""
+        the model's own, and the layers of caches made after it)."""
         ctx = self.ctx if ctx is None else check_ctx(ctx)
         if isinstance(seqs, bool) or not isinstance(seqs, int) or seqs < 1:
             raise QinferError(f"sequences must be a positive integer, got {seqs!r}")
@@ -397,7 +397,14 @@ class Model:
         self._unstack(layer, name)
         spec = self._linear_spec(weight) if isinstance(weight, (QuantizedLinear, SpqrLinear)) else \
             np.ascontiguousarray(weight, dtype=np.float32)
+        self._set_linear(layer, name, spec)
+
+    def _set_linear(self, layer, name, spec):
+        """Point block `layer`'s map `name` at spec (None: unset) in the model's forward pass
+        and in the weights later caches (new_cache) are built over: those must not keep
+        pointing into a layer that replace_linear has let go."""
         self.transformer.set_linear(layer, name, spec)
+        self._weights[1][layer][name] = spec
 
     def _unstack(self, layer, name):
         """Before one part of a stacked map changes, give the parts back their own layers."""
@@ -407,8 +414,8 @@ class Model:
                 continue
             widths = [self.transformer.linear_shape(part)[1] for part in parts]
             for part, piece in zip(parts, whole.split(widths)):
-                self.transformer.set_linear(layer, part, self._linear_spec(piece))
-            self.transformer.set_linear(layer, stacked, None)
+                self._set_linear(layer, part, self._linear_spec(piece))
+            self._set_linear(layer, stacked, None)
             self._keep = [k for k in self._keep if k is not whole]
 
     def run_layer(self, layer, x, pos=0, captures=None, threads=None):

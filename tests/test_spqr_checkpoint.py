@@ -421,3 +421,43 @@ def test_settings_from_quantize_config_alone(written, tmp_path):
     assert source.format == "spqr"
     t = source.tensors[BASE + ".weight"]
     np.testing.assert_array_equal(spqr_layer(t).dequantize(), written[1][BASE].dequantize())
+
+
+# ------------------------------------------------------------------ threads and batched steps
+def spqr_engine(tiny_src, results, threads, activations):
+    """The tiny model with its LM head quantized on load (so that every map has a team kernel)
+    and its blocks' linear maps replaced by the SpQR layers."""
+    engine = qinfer.Engine(tiny_src[0], threads=threads, quantize=4, group_size=32, activations=activations)
+    for i in range(engine.config.num_hidden_layers):
+        for name, hf_name in LINEAR_NAMES.items():
+            engine.model.replace_linear(i, name, SpqrLinear.from_result(results[f"model.layers.{i}.{hf_name}"]))
+    return engine
+
+
+@pytest.mark.parametrize("activations", ["float", "int8"])
+def test_threads_and_batched_steps_give_the_same_logits(tiny_src, written, activations):
+    """Two threads run a decode step as one team (SpQR's team kernels: each thread its own
+    tiles, chunk by chunk) and, with int8 activations, a batched step of several sequences
+    through the rows' team kernel; a column's sums do not depend on the split, so every
+    logit equals one thread's, and each batched row its sequence decoded alone."""
+    from qinfer import kernels
+
+    if not kernels.cpu_has_avx2():
+        pytest.skip("the team kernels are the AVX2 path's")
+    _, results = written
+    one = spqr_engine(tiny_src, results, 1, activations)
+    two = spqr_engine(tiny_src, results, 2, activations)
+    transformer = two.model.transformer
+    assert transformer.team_ready
+    prompts = [[1, 5, 9, 300, 41], [1, 77], [1, 2000, 3, 4]]
+    for ids in prompts:
+        np.testing.assert_array_equal(two.model.forward(ids, 0), one.model.forward(ids, 0))
+        np.testing.assert_array_equal(two.model.forward([7], len(ids)), one.model.forward([7], len(ids)))
+    if activations == "int8" and transformer.rows_team_ready:
+        cache = two.model.new_cache(32, seqs=len(prompts))
+        for seq, ids in enumerate(prompts):
+            two.model.forward(ids, 0, cache=cache, seq=seq)
+        rows = two.model.forward_rows([7, 8, 9], range(len(prompts)), [len(p) for p in prompts], cache)
+        for seq, ids in enumerate(prompts):
+            one.model.forward(ids, 0)
+            np.testing.assert_array_equal(rows[seq], one.model.forward([[7, 8, 9][seq]], len(ids)))
