@@ -79,6 +79,6 @@ def test_more_planes_fit_better():
                                            (dict(group_size=48), "group size"), (dict(group_size=1), "group size"),
                                            (dict(rounds=-1), "rounds")])
 def test_bad_settings(kwargs, words):
-    args = dict(bits=3, group_size=32, rounds=2, **kwargs)
+    args = {**dict(bits=3, group_size=32, rounds=2), **kwargs}
     with pytest.raises(UnsupportedError, match=words):
         bcq_quantize(_weights(), args.pop("bits"), **args)
