@@ -926,8 +926,11 @@ def test_existing_output_needs_force(tiny_src, tmp_path):
 #   layer  after each layer's work, before its progress bar closes (inside the layer loop)
 #   write  once the checkpoint files are written, before the directory is renamed into place
 SLOW_QUANTIZE = """
-import contextlib, runpy, sys, time
+import contextlib, runpy, signal, sys, time
 from qinfer.quant import checkpoint, progress
+# Ctrl-C as a terminal delivers it: a test run started in the background (nohup, `&`) has
+# SIGINT ignored, which its children inherit, and Python then leaves it ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 pause, seconds = sys.argv[1], float(sys.argv[2])
 del sys.argv[1:3]
 if pause == "layer":
