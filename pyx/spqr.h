@@ -28,8 +28,8 @@
  *   outlier_vals [count]     float16: their weights (the dense code there is the zero point: 0.0)
  *
  * A call walks each thread's share of the tiles a few at a time: it widens
- * those tiles' records into a float32 buffer (kept to SPQR_CHUNK_BYTES, so it
- * stays in the core's cache), runs the layer's own dense kernel on a qmatrix
+ * those tiles' records into a float32 buffer (about SPQR_CHUNK_BYTES a row, so
+ * it stays in the core's L2), runs the layer's own dense kernel on a qmatrix
  * view of just those tiles, and adds the same tiles' outliers while their
  * outputs are still in cache. Every kernel sums a column the same way whatever
  * tiles it is given, so the dense part equals the dense kernel's result on the
