@@ -98,6 +98,23 @@ def _aligned(a, alignment=CODE_ALIGNMENT):
     return out
 
 
+def matmul(matrix, x, in_features, out_features, threads=None):
+    """x [in] or [n, in] @ W^T through a layer's kernel handle (_runtime.QMatrix or SpqrMatrix):
+    on the active path, with int8 activations when they are on and the layer has them."""
+    x = np.asarray(x)
+    single = x.ndim == 1
+    if x.ndim not in (1, 2) or x.shape[-1] != in_features:
+        raise ShapeError(f"x must be [{in_features}] or [n, {in_features}], got {x.shape}")
+    x2 = np.ascontiguousarray(x.reshape(1, -1) if single else x, dtype=np.float32)
+    out = np.empty((x2.shape[0], out_features), dtype=np.float32)
+    threads, avx2 = kernels.resolve_threads(threads), kernels.active_path() == "avx2"
+    if kernels.active_activations() == "int8" and matrix.has_int8(avx2):
+        matrix.matmul_int8(x2, out, threads, avx2)      # each row of x rounded to int8
+    else:
+        matrix.matmul(x2, out, threads, avx2)
+    return out[0] if single else out
+
+
 class QuantizedLinear:
     """y = x @ W^T with W stored as b-bit codes, a scale and a zero per group."""
 
@@ -263,18 +280,7 @@ class QuantizedLinear:
 
     # -------------------------------------------------------------- compute
     def __call__(self, x, threads=None):
-        x = np.asarray(x)
-        single = x.ndim == 1
-        if x.ndim not in (1, 2) or x.shape[-1] != self.in_features:
-            raise ShapeError(f"x must be [{self.in_features}] or [n, {self.in_features}], got {x.shape}")
-        x2 = np.ascontiguousarray(x.reshape(1, -1) if single else x, dtype=np.float32)
-        out = np.empty((x2.shape[0], self.out_features), dtype=np.float32)
-        threads, avx2 = kernels.resolve_threads(threads), kernels.active_path() == "avx2"
-        if kernels.active_activations() == "int8" and self._matrix.has_int8(avx2):
-            self._matrix.matmul_int8(x2, out, threads, avx2)      # each row of x rounded to int8
-        else:
-            self._matrix.matmul(x2, out, threads, avx2)
-        return out[0] if single else out
+        return matmul(self._matrix, x, self.in_features, self.out_features, threads)
 
     # ----------------------------------------------------------- inspection
     def _untile(self, flat, rows):

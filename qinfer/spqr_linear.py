@@ -12,13 +12,12 @@ import numpy as np
 
 from . import _runtime, kernels, packing
 from .errors import ShapeError, UnsupportedError
-from .linear import _tiles
+from .linear import _tiles, matmul
+# RUN: beta2, output rows per record (the kernels read runs of 16); the bit widths SpQR
+# layers take: the checkpoint reader's, which refuses other values by name
+from .readers.spqr import SPQR_BITS, STAT_BITS, STAT_GROUP as RUN
 from .tuning import table as tuning_table
 from .tuning.space import LayerShape, segment_rows
-
-RUN = 16                      # beta2: output rows per record; the kernels read runs of 16
-SPQR_BITS = (2, 3, 4)
-STAT_BITS = tuple(range(2, 9))
 
 
 def record_halves(stat_bits, bits):
@@ -141,18 +140,7 @@ class SpqrLinear:
 
     # -------------------------------------------------------------- compute
     def __call__(self, x, threads=None):
-        x = np.asarray(x)
-        single = x.ndim == 1
-        if x.ndim not in (1, 2) or x.shape[-1] != self.in_features:
-            raise ShapeError(f"x must be [{self.in_features}] or [n, {self.in_features}], got {x.shape}")
-        x2 = np.ascontiguousarray(x.reshape(1, -1) if single else x, dtype=np.float32)
-        out = np.empty((x2.shape[0], self.out_features), dtype=np.float32)
-        threads, avx2 = kernels.resolve_threads(threads), kernels.active_path() == "avx2"
-        if kernels.active_activations() == "int8" and self._matrix.has_int8(avx2):
-            self._matrix.matmul_int8(x2, out, threads, avx2)
-        else:
-            self._matrix.matmul(x2, out, threads, avx2)
-        return out[0] if single else out
+        return matmul(self._matrix, x, self.in_features, self.out_features, threads)
 
     # ----------------------------------------------------------- inspection
     @property

@@ -37,10 +37,8 @@ from .hf import INDEX, SINGLE, generation_eos, model_source, shard_of, weight_fi
 from .hf_config import model_config
 from .jsonfile import read_json
 from .safetensors import read_safetensors
+from .settings_files import QUANTIZE_CONFIG, merged_settings
 from .source import PackedTensor
-
-QUANTIZE_CONFIG = "quantize_config.json"
-
 
 def is_gptq(directory, cfg):
     """Whether load_hf (readers/__init__.py) should hand this directory to load_gptq."""
@@ -52,23 +50,7 @@ def is_gptq(directory, cfg):
 
 def _settings(directory, cfg, config_path):
     """{"bits", "group_size", "checkpoint_format"} from config.json and/or quantize_config.json."""
-    sources = []
-    quant = cfg.get("quantization_config")
-    if quant is not None:
-        sources.append((quant, f"{config_path} quantization_config"))
-    qc_path = os.path.join(directory, QUANTIZE_CONFIG)
-    if os.path.isfile(qc_path):
-        sources.append((read_json(qc_path), qc_path))
-    merged, origin = {}, {}
-    for entries, where in sources:
-        settings = _read_settings(entries, where)
-        for key, value in settings.items():
-            if key in merged and merged[key] != value:
-                raise FormatError(f"{directory}: {key} is {merged[key]!r} in {origin[key]} but {value!r} in {where}")
-            merged[key], origin[key] = value, where
-    for key in ("bits", "group_size"):
-        if key not in merged:
-            raise FormatError(f"{sources[-1][1]}: no {key!r}; qinfer does not guess quantization settings")
+    merged = merged_settings(directory, cfg, config_path, _read_settings, ("bits", "group_size"))
     merged.setdefault("checkpoint_format", "gptq")
     return merged
 

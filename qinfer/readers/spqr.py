@@ -36,10 +36,10 @@ from . import validate
 from .hf import generation_eos, model_source, shard_of, weight_files
 from .hf_config import model_config
 from .jsonfile import read_json
+from .settings_files import QUANTIZE_CONFIG, merged_settings
 from .source import SpqrTensor
 
 QUANT_METHOD = "qinfer_spqr"
-QUANTIZE_CONFIG = "quantize_config.json"
 STAT_GROUP = 16               # spqr_linear.RUN: output rows per record
 SPQR_BITS = (2, 3, 4)
 STAT_BITS = tuple(range(2, 9))
@@ -111,22 +111,7 @@ def _read_settings(entries, where):
 def _settings(directory, cfg, config_path):
     """{"bits", "group_size", "stat_bits", "stat_group"[, "act_order"]} from config.json and/or
     quantize_config.json."""
-    sources = []
-    if cfg.get("quantization_config") is not None:
-        sources.append((cfg["quantization_config"], f"{config_path} quantization_config"))
-    qc_path = os.path.join(directory, QUANTIZE_CONFIG)
-    if os.path.isfile(qc_path):
-        sources.append((read_json(qc_path), qc_path))
-    merged, origin = {}, {}
-    for entries, where in sources:
-        for key, value in _read_settings(entries, where).items():
-            if key in merged and merged[key] != value:
-                raise FormatError(f"{directory}: {key} is {merged[key]!r} in {origin[key]} but {value!r} in {where}")
-            merged[key], origin[key] = value, where
-    for key in SETTINGS:
-        if key not in merged:
-            raise FormatError(f"{sources[-1][1]}: no {key!r}; qinfer does not guess quantization settings")
-    return merged
+    return merged_settings(directory, cfg, config_path, _read_settings, SETTINGS)
 
 
 # ------------------------------------------------------------------ tensors
