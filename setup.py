@@ -49,6 +49,8 @@ def extensions():
     exts.append(Extension("qinfer._forward", ["pyx/_forward.pyx"], **dict(
         common, depends=headers + forward_c, include_dirs=["pyx", GENERATED])))   # kv_kernels.h
     exts.append(Extension("qinfer._sampling", ["pyx/_sampling.pyx"], **common))
+    exts.append(Extension("qinfer._lut", ["pyx/_lut.pyx"], **dict(      # lut_kernels.h
+        common, depends=headers + [os.path.join(GENERATED, "lut_kernels.h")], include_dirs=["pyx", GENERATED])))
     # include_path: the generated modules in build/generated cimport pyx/qmatrix.pxd
     return cythonize(exts, language_level=3, include_path=["pyx"], compiler_directives={
         "boundscheck": False, "wraparound": False, "cdivision": True})

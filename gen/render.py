@@ -7,7 +7,8 @@ of the variant table (qinfer/variants.py: 2, 3, 4, 5, 6, 8), each with the
 parameters the performance model picked for that bitwidth and the variants
 (vector widths, instruction sets, kernel kinds) the table holds for them; and
 OUTDIR/kv_kernels.h from pyx/kv_kernels.h.tp, attention's loops for each coded
-KV cache format (its table is at the template's top).
+KV cache format (its table is at the template's top); and OUTDIR/lut_kernels.h
+from pyx/lut_kernels.h.tp, the lookup-table loops per bit width and kind.
 """
 import dataclasses
 import os
@@ -22,6 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PYX = os.path.join(HERE, os.pardir, "pyx")
 TEMPLATE = os.path.join(PYX, "qgemm.pyx.tp")
 KV_TEMPLATE = os.path.join(PYX, "kv_kernels.h.tp")
+LUT_TEMPLATE = os.path.join(PYX, "lut_kernels.h.tp")
 SNIPPETS = os.path.join(PYX, "snippets")
 # the smallest group size: a segment can end every MIN_GROUP values
 MIN_GROUP = min(g for g in table.GROUP_SIZES if g > 0)
@@ -166,6 +168,9 @@ def render_all(outdir, machine=None):
         written.append(path)
     path = os.path.join(outdir, "kv_kernels.h")
     write_if_changed(path, load(KV_TEMPLATE).substitute({}))
+    written.append(path)
+    path = os.path.join(outdir, "lut_kernels.h")
+    write_if_changed(path, load(LUT_TEMPLATE).substitute({}))
     written.append(path)
     return written
 
