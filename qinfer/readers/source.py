@@ -92,21 +92,37 @@ class SpqrTensor:
         return self
 
 
+@dataclass
+class BcqTensor:
+    """A linear weight stored with binary-coding quantization (readers/bcq.py):
+    w = sum_i alpha_i b_i + offset per group of input columns and output row,
+    b_i = +-1, run by the lookup-table kernels (lut_linear.LutLinear). Never stacked."""
+    bits: int
+    group_size: int
+    planes: np.ndarray              # int8 [bits, out, in], each -1 or +1
+    alphas: np.ndarray              # float32 [in / group_size, out, bits] (float16 values)
+    offsets: np.ndarray             # float32 [in / group_size, out] (float16 values)
+    shape: tuple = ()               # (out, in), Hugging Face orientation
+
+    def load(self):
+        return self
+
+
 def is_quantized(t):
-    """Whether a source tensor is stored quantized (packed codes or SpQR), not float."""
-    return isinstance(t, (PackedTensor, SpqrTensor))
+    """Whether a source tensor is stored quantized (packed codes, SpQR or BCQ), not float."""
+    return isinstance(t, (PackedTensor, SpqrTensor, BcqTensor))
 
 
 # A float tensor is a numpy array (any float dtype; mmap-backed where possible)
 # or a zero-argument callable that produces one (lazy conversion).
 FloatTensor = Union[np.ndarray, Callable[[], np.ndarray]]
-Tensor = Union[FloatTensor, PackedTensor, SpqrTensor]
+Tensor = Union[FloatTensor, PackedTensor, SpqrTensor, BcqTensor]
 
 
 @dataclass
 class ModelSource:
     path: str
-    format: str                        # "hf" | "gguf" | "gptq" | "spqr"
+    format: str                        # "hf" | "gguf" | "gptq" | "spqr" | "bcq"
     config: ModelConfig
     tensors: Dict[str, Tensor]
     tokenizer: Optional[TokenizerSpec]

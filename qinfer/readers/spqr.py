@@ -1,4 +1,5 @@
-"""An SpQR checkpoint directory (qinfer.quantize(method="spqr")) -> ModelSource.
+"""An SpQR checkpoint directory (qinfer.quantize(method="spqr")) -> ModelSource (the walk over
+its tensors: readers/own_format.py).
 
 Recognized by config.json["quantization_config"]["quant_method"] == "qinfer_spqr",
 or, when config.json has no quantization_config, by quantize_config.json's
@@ -32,11 +33,8 @@ import os
 import numpy as np
 
 from ..errors import FormatError, ShapeError, UnsupportedError
-from . import validate
-from .hf import generation_eos, model_source, shard_of, weight_files
-from .hf_config import model_config
-from .jsonfile import read_json
-from .settings_files import QUANTIZE_CONFIG, merged_settings
+from .own_format import declares_method, load_layers
+from .settings_files import merged_settings
 from .source import SpqrTensor
 
 QUANT_METHOD = "qinfer_spqr"
@@ -46,17 +44,11 @@ STAT_BITS = tuple(range(2, 9))
 MAX_IN_FEATURES = 65536       # an outlier's column is 16 bits
 SETTINGS = ("bits", "group_size", "stat_bits", "stat_group")      # what the weights are made of
 INFORMATIONAL = ("quant_method", "outlier_threshold", "act_order", "qinfer")
-BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def is_spqr(directory, cfg):
     """Whether load_hf (readers/__init__.py) should hand this directory to load_spqr."""
-    quant = cfg.get("quantization_config")
-    if isinstance(quant, dict):
-        return quant.get("quant_method") == QUANT_METHOD
-    path = os.path.join(directory, QUANTIZE_CONFIG)
-    return quant is None and os.path.isfile(path) and read_json(path).get("quant_method") == QUANT_METHOD
+    return declares_method(directory, cfg, QUANT_METHOD)
 
 
 # ------------------------------------------------------------------ settings
@@ -115,34 +107,6 @@ def _settings(directory, cfg, config_path):
 
 
 # ------------------------------------------------------------------ tensors
-class _Layer:
-    """Reads one quantized linear layer's tensors, each checked, each error naming file and tensor."""
-
-    def __init__(self, base, get, owner, directory):
-        self.base, self.get, self.owner, self.directory = base, get, owner, directory
-
-    def has(self, part):
-        return f"{self.base}.{part}" in self.owner
-
-    def tensor(self, part, dtype, shape, why=""):
-        """The array of `base.part`: dtype as the file names it, shape (None: any length)."""
-        name = f"{self.base}.{part}"
-        if name not in self.owner:
-            raise FormatError(f"{self.directory}: {name} is missing (next to {self.base}.qweight)")
-        shard, t = self.get(name)
-        if shard.dtypes[name] != dtype:
-            raise FormatError(f"{shard.path}: {name} has dtype {shard.dtypes[name]}, expected {dtype}")
-        got = tuple(t.shape)
-        if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape)):
-            want = ", ".join("n" if w is None else str(w) for w in shape)
-            raise FormatError(f"{shard.path}: {name} has shape {list(got)}, expected [{want}]{why}")
-        return np.asarray(t.half if dtype == "F16" else t)
-
-    def fail(self, part, problem):
-        name = f"{self.base}.{part}"
-        raise FormatError(f"{self.get(name)[0].path}: {name}: {problem}")
-
-
 def _spqr_tensor(layer, shape, settings):
     # numpy helpers of the run-time layer's module, imported on use (as ggml_quants.py borrows _runtime's)
     from ..spqr_linear import check_outliers, record_halves
@@ -191,41 +155,7 @@ def _spqr_tensor(layer, shape, settings):
                       outlier_rows=rows, outlier_cols=cols, outlier_vals=vals, perm=perm, shape=shape)
 
 
-def _float(name, get):
-    shard, t = get(name)
-    if shard.dtypes[name] not in ("F32", "F16", "BF16"):
-        raise FormatError(f"{shard.path}: tensor {name!r} has dtype {shard.dtypes[name]}, expected a "
-                          f"float type (F32, F16, BF16)")
-    return t
-
-
 def load_spqr(directory, cfg, config_path):
-    directory = os.fspath(directory)
-    settings = _settings(directory, cfg, config_path)
-    plain = {k: v for k, v in cfg.items() if k != "quantization_config"}
-    config = model_config(plain, config_path, extra_eos=generation_eos(directory))
-    validate.check_config(config, config_path)
-    shards, owner = weight_files(directory)
-
-    def get(name):
-        return shard_of(shards, owner, name)
-
-    tensors = {}
-    for name, shape in validate.expected_shapes(config).items():
-        base = name[:-len(".weight")]
-        if base + ".qweight" in owner:
-            if name in owner:
-                raise FormatError(f"{directory}: {base} is stored twice, as {base}.qweight (quantized) and as "
-                                  f"{name} (float); qinfer does not guess which one is the layer")
-            if not base.endswith(BLOCK_LINEARS):
-                raise UnsupportedError(f"{directory}: {base} is stored quantized; an SpQR checkpoint quantizes "
-                                       f"the blocks' linear layers only (the embedding and LM head are float)")
-            tensors[name] = _spqr_tensor(_Layer(base, get, owner, directory), shape, settings)
-        elif name in owner:
-            tensors[name] = _float(name, get)
-        else:
-            raise FormatError(f"{directory}: tensor {name!r} is missing from the checkpoint "
-                              f"(neither {base}.qweight nor {name})")
-    validate.check_tensors(config, tensors, directory)
-    validate.check_no_extra_layers(config, owner, directory)
-    return model_source(directory, "spqr", config, tensors, shards)
+    settings = _settings(os.fspath(directory), cfg, config_path)
+    return load_layers(directory, cfg, config_path, "spqr", "SpQR", "qweight",
+                       lambda layer, shape: _spqr_tensor(layer, shape, settings))
