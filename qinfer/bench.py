@@ -118,7 +118,7 @@ def weight_summary(engine):
     (the LM head at model.LM_HEAD_BITS), the embedding and a float LM head are as the model holds
     them (float16 when the checkpoint stores them so), everything else is float32."""
     from .model import LM_HEAD_BITS, LINEAR_NAMES
-    from .readers.source import PackedTensor, SpqrTensor
+    from .readers.source import BcqTensor, PackedTensor, SpqrTensor
     from .readers.validate import expected_shapes
 
     model, source, cfg = engine.model, engine.source, engine.config
@@ -132,8 +132,8 @@ def weight_summary(engine):
             held = model.scale_bytes[name]          # as the model built it: no second conversion
             shared = model.shared_zero[name]
             return _quantized_bytes(out_f, in_f, t.bits, t.group_size, held, shared), t.bits, t.group_size
-        if isinstance(t, SpqrTensor) and not model.dequantize:
-            return model.spqr_bytes[name], t.bits, t.group_size      # codes, records, outliers as held
+        if isinstance(t, (SpqrTensor, BcqTensor)) and not model.dequantize:
+            return model.held_bytes[name], t.bits, t.group_size      # as held (codes/planes and their statistics)
         if load_bits:      # quantize on load: float16 scales (model.quantize_on_load)
             return _quantized_bytes(out_f, in_f, load_bits, model.group_size, 2), load_bits, model.group_size
         return 4 * out_f * in_f, None, None

@@ -1,8 +1,8 @@
 """The model builder: turns a reader's ModelSource into the runtime model.
 
 Linear layers that arrive packed (GGUF block formats, GPTQ) run on the
-quantized kernels as they are, SpQR ones as SpqrLinear layers (never
-stacked); float ones stay float32 (read from the file's
+quantized kernels as they are, SpQR ones as SpqrLinear layers and BCQ ones
+as LutLinear layers (the lookup-table kernels; neither is stacked); float ones stay float32 (read from the file's
 memory map when already float32) or are quantized on load when asked
 (round to nearest with float16 scales, the model `qinfer quantize --method
 rtn` writes, so its scales and zeros are held in float16). An embedding
@@ -22,7 +22,8 @@ from . import memory
 from ._forward import Transformer
 from .errors import QinferError, UnsupportedError
 from .linear import QuantizedLinear
-from .readers.source import PackedTensor, SpqrTensor
+from .lut_linear import LutLinear
+from .readers.source import BcqTensor, PackedTensor, SpqrTensor
 from .spqr_linear import SpqrLinear
 
 PREFILL_CHUNK = 512       # tokens per forward call; longer prompts are fed in chunks
@@ -49,6 +50,17 @@ def quantize_on_load(weight, bits, group_size):
     64, which the kernels run as groups of 64, each scale repeated)."""
     from .quant.quantizer import rtn_quantize       # quant imports the engine: import on use
     return rtn_quantize(weight, bits, group_size).to_linear()
+
+
+# The run-time layers a forward pass calls through qmatrix.h's entry points
+KERNEL_LAYERS = (QuantizedLinear, SpqrLinear, LutLinear)
+
+
+def bcq_layer(t):
+    """The LutLinear of a reader's BcqTensor."""
+    from .quant.bcq import BcqResult       # quant imports the engine: import on use
+    group = t.shape[1] if t.group_size == -1 else t.group_size
+    return LutLinear.from_bcq(BcqResult(t.bits, group, t.planes, t.alphas, t.offsets))
 
 
 def spqr_layer(t):
@@ -188,7 +200,7 @@ class Model:
         self._stacked = {}                    # (layer, "wqkv" | "w_gate_up") -> the stacked QuantizedLinear
         self.scale_bytes = {}                 # name of a tensor run packed -> bytes of each scale/zero as held
         self.shared_zero = {}                 # ... -> whether its zeros are held once per column
-        self.spqr_bytes = {}                  # name of a tensor run as SpQR -> bytes its layer holds
+        self.held_bytes = {}                  # name of a tensor run as SpQR or BCQ -> bytes its layer holds
 
         # a float tied LM head is the embedding itself, read whole per token
         self._embedding_layer = self._packed_embedding(source)
@@ -293,6 +305,8 @@ class Model:
             return self._packed(t).dequantize()
         if isinstance(t, SpqrTensor):
             return spqr_layer(t).dequantize()
+        if isinstance(t, BcqTensor):
+            return bcq_layer(t).dequantize()
         return np.ascontiguousarray(source.float_tensor(name))
 
     def _table(self, source, name, streamed):
@@ -321,6 +335,10 @@ class Model:
         """What the C side takes: a float32 array, or (matrix, kernel, int8 kernel or None,
         team kernel of the decode step's activations or None, int8 team kernel of
         several rows or None) capsules."""
+        if isinstance(layer, LutLinear):
+            self._keep.append(layer)
+            m, fast = layer._matrix, kernels.active_path() == "avx2"
+            return (m.matrix_capsule(), m.kernel_capsule(fast), None, m.team_capsule(fast), m.rows_team_capsule(fast))
         if isinstance(layer, (QuantizedLinear, SpqrLinear)):     # the same capsules (SpqrMatrix is a QMatrix's twin)
             self._keep.append(layer)
             m = layer._matrix
@@ -334,13 +352,17 @@ class Model:
         return layer
 
     def _linear(self, source, name):
-        """A QuantizedLinear, an SpqrLinear, or a float32 [out, in] array."""
+        """A QuantizedLinear, an SpqrLinear, a LutLinear, or a float32 [out, in] array."""
         t = source.tensors[name]
         if isinstance(t, PackedTensor) and not self.dequantize:
             return self._packed(t, name)
         if isinstance(t, SpqrTensor) and not self.dequantize:
             layer = spqr_layer(t)
-            self.spqr_bytes[name] = layer.nbytes
+            self.held_bytes[name] = layer.nbytes
+            return layer
+        if isinstance(t, BcqTensor) and not self.dequantize:
+            layer = bcq_layer(t)
+            self.held_bytes[name] = layer.nbytes
             return layer
         w = self._float_matrix(source, name)
         if self.quantize:
@@ -385,17 +407,17 @@ class Model:
         return self._table(source, name, streamed=True)
 
     def quantized_layers(self):
-        """The QuantizedLinear and SpqrLinear objects the forward pass runs (each once)."""
-        return list({id(k): k for k in self._keep if isinstance(k, (QuantizedLinear, SpqrLinear))}.values())
+        """The QuantizedLinear, SpqrLinear and LutLinear objects the forward pass runs (each once)."""
+        return list({id(k): k for k in self._keep if isinstance(k, KERNEL_LAYERS)}.values())
 
     def replace_linear(self, layer, name, weight):
         """Swap one linear map of block `layer` (name as in LINEAR_NAMES) for a
-        float32 [out, in] array, a QuantizedLinear or an SpqrLinear (GPTQ and SpQR
+        float32 [out, in] array, a QuantizedLinear, an SpqrLinear or a LutLinear (GPTQ, SpQR and BCQ
         do this layer by layer)."""
         if name not in LINEAR_NAMES:
             raise QinferError(f"no linear map named {name!r}; expected one of {sorted(LINEAR_NAMES)}")
         self._unstack(layer, name)
-        spec = self._linear_spec(weight) if isinstance(weight, (QuantizedLinear, SpqrLinear)) else \
+        spec = self._linear_spec(weight) if isinstance(weight, KERNEL_LAYERS) else \
             np.ascontiguousarray(weight, dtype=np.float32)
         self._set_linear(layer, name, spec)
 

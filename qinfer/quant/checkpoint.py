@@ -23,12 +23,12 @@ from ..errors import QinferError
 PARTIAL_TAG = ".qinfer-partial-"
 OLD_TAG = ".qinfer-old-"
 SAFETENSORS_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int32"): "I32",
-                      np.dtype("uint16"): "U16"}
+                      np.dtype("uint16"): "U16", np.dtype("uint8"): "U8"}
 
 
 # ------------------------------------------------------------------ safetensors
 def write_safetensors(path, tensors, metadata=None):
-    """tensors: {name: ndarray} (float32, float16, int32 or uint16), written in the given order."""
+    """tensors: {name: ndarray} (float32, float16, int32, uint16 or uint8), written in the given order."""
     header = {"__metadata__": dict(metadata or {})}
     offset = 0
     arrays = []

@@ -23,9 +23,9 @@ DEFAULT_META = dict(sym=False, act_order=False, static_groups=False, true_sequen
 
 
 def float_weight(source, name):
-    """A weight of the source as float32 (packed GGUF blocks and SpQR layers are dequantized)."""
+    """A weight of the source as float32 (packed GGUF blocks, SpQR and BCQ layers are dequantized)."""
     from ..linear import QuantizedLinear
-    from ..readers.source import PackedTensor, SpqrTensor
+    from ..readers.source import BcqTensor, PackedTensor, SpqrTensor
 
     t = source.tensors[name]
     if isinstance(t, PackedTensor):
@@ -35,6 +35,9 @@ def float_weight(source, name):
     if isinstance(t, SpqrTensor):
         from ..model import spqr_layer
         return spqr_layer(t).dequantize()
+    if isinstance(t, BcqTensor):
+        from ..model import bcq_layer
+        return bcq_layer(t).dequantize()
     return np.ascontiguousarray(source.float_tensor(name))
 
 

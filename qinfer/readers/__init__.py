@@ -1,34 +1,38 @@
 """Model readers: open_model(path) -> ModelSource (readers/source.py).
 
     a directory with config.json      Hugging Face checkpoint: load_hf picks readers/gptq.py
-                                      (a GPTQ one), readers/spqr.py (an SpQR one) or
-                                      readers/hf.py (float)
+                                      (a GPTQ one), readers/spqr.py (an SpQR one),
+                                      readers/bcq.py (a BCQ one) or readers/hf.py (float)
     a file starting with b"GGUF"      GGUF, llama architecture (readers/gguf_model.py)
 """
 import os
 
 from ..errors import FormatError
+from .bcq import is_bcq, load_bcq
 from .gguf import MAGIC as _GGUF_MAGIC
 from .gguf_model import load_gguf
 from .gptq import is_gptq, load_gptq
 from .hf import load_float, read_config
 from .lazy import LazyTensor
-from .source import FloatTensor, ModelConfig, ModelSource, PackedTensor, SpqrTensor, Tensor, TokenizerSpec
+from .source import (BcqTensor, FloatTensor, ModelConfig, ModelSource, PackedTensor, SpqrTensor, Tensor,
+                     TokenizerSpec)
 from .spqr import is_spqr, load_spqr
 from .validate import check_config, check_tensors, expected_shapes
 
-__all__ = ["open_model", "load_gguf", "load_hf", "ModelSource", "ModelConfig", "PackedTensor", "SpqrTensor",
+__all__ = ["open_model", "load_gguf", "load_hf", "ModelSource", "ModelConfig", "PackedTensor", "SpqrTensor", "BcqTensor",
            "TokenizerSpec", "LazyTensor", "FloatTensor", "Tensor",
            "check_config", "check_tensors", "expected_shapes"]
 
 
 def load_hf(directory):
     """A Hugging Face checkpoint directory: readers/gptq.py reads it when it says it is GPTQ,
-    readers/spqr.py when it says it is SpQR, else readers/hf.py as float (the choice is made here
-    so that hf.py, which the others build on, never imports them)."""
+    readers/spqr.py when it says it is SpQR, readers/bcq.py when BCQ, else readers/hf.py as float
+    (the choice is made here so that hf.py, which the others build on, never imports them)."""
     cfg, config_path = read_config(directory)
     if is_spqr(directory, cfg):
         return load_spqr(directory, cfg, config_path)
+    if is_bcq(directory, cfg):
+        return load_bcq(directory, cfg, config_path)
     if is_gptq(directory, cfg):
         return load_gptq(directory, cfg, config_path)
     return load_float(directory, cfg, config_path)

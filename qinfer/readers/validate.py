@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import FormatError, UnsupportedError
 from .rope_scaling import MIN_THETA
-from .source import PackedTensor, SpqrTensor
+from .source import BcqTensor, PackedTensor, SpqrTensor
 
 # Far above any real model; it keeps a corrupt layer count from making us
 # enumerate billions of expected tensor names before noticing they are missing.
@@ -105,8 +105,8 @@ def check_tensors(config, tensors, path):
         if isinstance(t, PackedTensor):
             if t.make is None:         # a lazy one (GGUF blocks) is consistent by construction
                 _check_packed(name, t, path)
-        elif isinstance(t, SpqrTensor):
-            continue                   # readers/spqr.py checked each of its arrays, naming them
+        elif isinstance(t, (SpqrTensor, BcqTensor)):
+            continue                   # readers/spqr.py and bcq.py checked each of their arrays, naming them
         elif not callable(t):
             kind = getattr(getattr(t, "dtype", None), "kind", None)
             if kind != "f":
