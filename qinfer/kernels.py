@@ -35,6 +35,14 @@ bf16 (exact) times x cut into three bf16 limbs (exact: 8 of x's 24
 significant bits each), summed in float32; QINFER_AMX=0 (or
 set_float_amx(False)) holds it to AVX multiply-adds.
 
+Lookup-table kernels (pyx/lut.h, qinfer/lut_linear.py) for packed 2-, 3- and
+4-bit layers: QINFER_LUT (or set_lut()) is "auto" (the default: where the
+activations are int8, which the tables round as int8 activations do, each
+layer shape runs on them if it measured faster than its dense int8 kernel on
+this CPU, tuning/lut_choice.py), "on" (every such layer, whatever the
+activations: faster float-activation decode at the tables' int8 rounding) or
+"off". BCQ checkpoints always run on them.
+
 Threads on a busy machine: a thread that shares its core with another
 process runs at half speed or less, and the others wait for it. The forward
 pass lets a governor (pyx/team.h) choose how many threads each decode step
@@ -59,9 +67,12 @@ from .variants import BITWIDTHS
 
 PATHS = ("auto", "avx2", "scalar")
 ACTIVATIONS = ("float", "int8")
+LUT_MODES = ("auto", "on", "off")
+LUT_ENV = "QINFER_LUT"
 _modules = {b: importlib.import_module(f"qinfer._qgemm_b{b}") for b in BITWIDTHS}
 _cpu_avx2 = _runtime.cpu_has_avx2_fma()
-_state = {"path": None, "threads": None, "activations": None, "int8_isa": None, "float_limbs": False}
+_state = {"path": None, "threads": None, "activations": None, "int8_isa": None, "float_limbs": False,
+          "lut": None}
 
 
 def module(bits):
@@ -147,6 +158,33 @@ def _switched(get, put, value):
 def use_path(path):
     """Run the enclosed calls on one kernel path, then restore the previous one."""
     return _switched(active_path, set_path, path)
+
+
+def check_lut(mode):
+    if mode not in LUT_MODES:
+        raise UnsupportedError(f"the lookup-table kernels' mode must be one of {LUT_MODES}, got {mode!r}")
+    return mode
+
+
+def set_lut(mode):
+    """When packed 2-, 3- and 4-bit layers run on the lookup-table kernels (module docstring):
+    "auto", "on" or "off". Takes effect for models loaded afterwards."""
+    _state["lut"] = check_lut(mode)
+
+
+def lut_mode():
+    if _state["lut"] is None:
+        wanted = os.environ.get(LUT_ENV, "auto").strip().lower() or "auto"
+        if wanted not in LUT_MODES:
+            sys.stderr.write(f"qinfer: {LUT_ENV}={wanted!r} ignored: not one of {', '.join(LUT_MODES)}\n")
+            wanted = "auto"
+        _state["lut"] = wanted
+    return _state["lut"]
+
+
+def use_lut(mode):
+    """Load models with this lookup-table mode inside the block, then restore."""
+    return _switched(lut_mode, set_lut, mode)
 
 
 def set_num_threads(n):

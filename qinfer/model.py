@@ -388,9 +388,30 @@ class Model:
                 maps[stacked] = self._stacked[i, stacked] = QuantizedLinear.stack(layers)
                 for name in parts:
                     del maps[name]
+        for name, w in maps.items():
+            if self._runs_on_lut(w):
+                maps[name] = LutLinear.from_quantized(w)
+                if (i, name) in self._stacked:
+                    self._stacked[i, name] = maps[name]
         return dict(attn_norm=source.float_tensor(p + "input_layernorm.weight"),
                     ffn_norm=source.float_tensor(p + "post_attention_layernorm.weight"),
                     **{name: self._linear_spec(w) for name, w in maps.items()})
+
+    def _runs_on_lut(self, layer):
+        """Whether a block's packed layer runs on the lookup-table kernels (kernels.lut_mode():
+        "on", or "auto" with int8 activations where they measured faster for its shape)."""
+        from .lut_linear import LUT_BITS, BLOCK
+        from .tuning import lut_choice
+
+        mode = kernels.lut_mode()
+        if mode == "off" or not isinstance(layer, QuantizedLinear) or layer.bits not in LUT_BITS:
+            return False
+        group = layer.in_features if layer.group_size == -1 else layer.group_size
+        if layer.in_features % BLOCK or group % BLOCK:
+            return False
+        if mode == "on":
+            return True
+        return self.activations == "int8" and lut_choice.faster(layer.shape, self.threads, self.activations)
 
     def _lm_head(self, source):
         name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
@@ -434,6 +455,9 @@ class Model:
             whole = self._stacked.pop((layer, stacked), None) if name in parts else None
             if whole is None:
                 continue
+            if isinstance(whole, LutLinear):
+                raise UnsupportedError(f"block {layer}'s {stacked} runs on the lookup-table kernels, whose "
+                                       f"layers are not split; load the model with the lookup tables off")
             widths = [self.transformer.linear_shape(part)[1] for part in parts]
             for part, piece in zip(parts, whole.split(widths)):
                 self._set_linear(layer, part, self._linear_spec(piece))
