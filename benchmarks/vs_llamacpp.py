@@ -339,11 +339,12 @@ def _st_dtype(a):
     return {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.int32): "I32"}[a.dtype]
 
 
-def write_random_gptq(directory, layers, seed=0, group=GROUP_7B):
-    """A LLaMA-7B-shaped 4-bit GPTQ checkpoint of random weights, written tensor by tensor."""
+def write_random_gptq(directory, layers, seed=0, group=GROUP_7B, bits=4):
+    """A LLaMA-7B-shaped GPTQ checkpoint of random weights (4-bit unless told), written tensor by tensor."""
+    from qinfer.packing import pack_rows
+
     cfg = dict(LLAMA_7B, num_hidden_layers=layers)
     h, ff, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    bits = 4
     quant = dict(quant_method="gptq", bits=bits, group_size=group, sym=True, desc_act=False,
                  checkpoint_format="gptq")
     config = dict(architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-6, rope_theta=10000.0,
@@ -369,7 +370,7 @@ def write_random_gptq(directory, layers, seed=0, group=GROUP_7B):
         return make
 
     entries.append(("model.embed_tokens.weight", np.float16, (vocab, h), table(vocab, h, 0.02)))
-    zero_word = 0x77777777        # v1 zero points of a symmetric layer: stored 7, read as 8
+    zero_stored = 2 ** (bits - 1) - 1    # v1 zero points of a symmetric layer: 4-bit stored 7, read as 8
     for i in range(layers):
         p = f"model.layers.{i}."
         entries.append((p + "input_layernorm.weight", np.float16, (h,), floats((h,), 0.05, 1.0)))
@@ -379,10 +380,11 @@ def write_random_gptq(directory, layers, seed=0, group=GROUP_7B):
             entries.append((f"{p}{name}.qweight", np.int32, (words, out_f),
                             lambda s=(words, out_f): np.frombuffer(rng.bytes(4 * s[0] * s[1]), np.int32).reshape(s)))
             entries.append((f"{p}{name}.qzeros", np.int32, (groups, out_f * bits // 32),
-                            lambda s=(groups, out_f * bits // 32): np.full(s, zero_word, np.int32)))
-            # |w| ~ scale * 8: scales around 0.004 give weights of the usual 0.01-0.03 size
+                            lambda s=(groups, out_f): pack_rows(np.full(s, zero_stored, np.uint8), bits).view(np.int32)))
+            # |w| ~ scale * 2^(bits-1): scales around 0.032 / 2^(bits-1) give weights of the usual 0.01-0.03 size
             entries.append((f"{p}{name}.scales", np.float16, (groups, out_f),
-                            lambda s=(groups, out_f): (0.004 * (0.5 + rng.random(s, dtype=np.float32))).astype(np.float16)))
+                            lambda s=(groups, out_f): (0.032 / 2 ** (bits - 1) * (0.5 + rng.random(s, dtype=np.float32))
+                                                       ).astype(np.float16)))
     entries.append(("model.norm.weight", np.float16, (h,), floats((h,), 0.05, 1.0)))
     entries.append(("lm_head.weight", np.float16, (vocab, h), table(vocab, h, 0.02)))
 
