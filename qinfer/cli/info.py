@@ -40,6 +40,9 @@ def run(args):
         print(f"AMX:          yes (float qgemm of 16+ rows: {'AMX-BF16 tiles' if kernels.float_amx() else 'AVX, QINFER_AMX=0'})")
     if kernels.float_limbs():
         print(f"float qgemv:  2/4-bit in integer multiply-adds ({kernels.active_int8_isa()}; QINFER_FLOAT_LIMBS=0: float)")
+    from .. import _lut
+    lut_loops = "AVX-512 VBMI + VNNI" if _lut.cpu_has_avx512() and kernels.active_path() == "avx2" else "portable"
+    print(f"LUT kernels:  {lut_loops} (2/3/4-bit and BCQ layers; QINFER_LUT={kernels.lut_mode()})")
     print(f"Caches:       L1d {_fmt_bytes(built['l1d_bytes'])}, L2 {_fmt_bytes(built['l2_bytes'])}, "
           f"L3 {_fmt_bytes(built['l3_bytes'])} (read from {built['cache_source']} at build time)")
     print(f"Threads:      {kernels.get_num_threads()} (OpenMP {'on' if kernels.have_openmp() else 'off'})")
