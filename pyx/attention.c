@@ -793,7 +793,7 @@ static void attention(const weights *w, run_state *s, int layer, int pos, int fi
         return;
     }
     int job;
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(thread_count(cx->nthreads))
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(team_thread_count(cx->nthreads))
     for (job = 0; job < attention_jobs(w, s, n); job++) {
 #ifdef _OPENMP
         float *scores = thread_scores(w, s, omp_get_thread_num());

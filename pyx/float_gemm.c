@@ -19,7 +19,7 @@ QI_VECTORIZE
 static void float_matmul_portable(const linear *l, const float *x, int n, float *y, int nthreads)
 {
     int o;
-    #pragma omp parallel for schedule(static) num_threads(thread_count(nthreads))
+    #pragma omp parallel for schedule(static) num_threads(team_thread_count(nthreads))
     for (o = 0; o < l->out; o++) {
         const float *row = l->w + (size_t)o * l->in;
         for (int t = 0; t < n; t++)
@@ -106,7 +106,7 @@ static void float_gemv_avx2(const linear *l, const float *x, float *y, int nthre
     const size_t block_bytes = (size_t)GEMV_ROWS * in * sizeof(float);
     const int run = block_bytes >= GEMV_RUN_BYTES ? 1 : (int)(GEMV_RUN_BYTES / block_bytes);
     int b;
-    #pragma omp parallel for schedule(dynamic, run) num_threads(thread_count(nthreads))
+    #pragma omp parallel for schedule(dynamic, run) num_threads(team_thread_count(nthreads))
     for (b = 0; b < blocks; b++) {
         const int o0 = b * GEMV_ROWS;
         if (o0 + GEMV_ROWS <= out) {
@@ -122,7 +122,7 @@ __attribute__((target("avx2,fma")))
 static void float_matmul_avx2(const linear *l, const float *x, int n, float *y, int nthreads)
 {
     const int in = l->in, out = l->out, blocks = (out + GEMM_ROWS - 1) / GEMM_ROWS;
-    #pragma omp parallel num_threads(thread_count(nthreads))
+    #pragma omp parallel num_threads(team_thread_count(nthreads))
     for (int t0 = 0; t0 < n; t0 += GEMM_TOKEN_CHUNK) {
         const int t1 = t0 + GEMM_TOKEN_CHUNK < n ? t0 + GEMM_TOKEN_CHUNK : n;
         int b;
@@ -265,7 +265,7 @@ static int half_matmul(const linear *l, const float *x, int n, float *y, int nth
     const int in = l->in, out = l->out, blocks = (out + HALF_ROWS - 1) / HALF_ROWS;
     check_cpu();
     int failed = 0;
-    #pragma omp parallel num_threads(thread_count(nthreads)) reduction(|:failed)
+    #pragma omp parallel num_threads(team_thread_count(nthreads)) reduction(|:failed)
     {
         float *rows = NULL;     /* the widened rows, allocated when a block first needs them */
         int b;

@@ -242,16 +242,6 @@ static void attention_only(const weights *w, run_state *s, int l, int pos, int n
 
 /* ------------------------------------------------ how a step runs (exec_ctx) */
 
-static int thread_count(int nthreads)
-{
-#ifdef _OPENMP
-    return nthreads > 0 ? nthreads : omp_get_max_threads();
-#else
-    (void)nthreads;
-    return 1;
-#endif
-}
-
 /* step on rows first..first+n-1 of b (each_row: all of them): in a team, row t by
  * thread t % threads (a decode step's one row: thread 0's) while the others go on to
  * the next sync_point; a row is always the same thread's, so one row's steps between
@@ -266,7 +256,7 @@ static void each_row_in(const exec_ctx *cx, const block *b, row_step *step, int 
         return;
     }
     int t;
-    #pragma omp parallel for schedule(static) if(n >= PARALLEL_ROWS) num_threads(thread_count(cx->nthreads))
+    #pragma omp parallel for schedule(static) if(n >= PARALLEL_ROWS) num_threads(team_thread_count(cx->nthreads))
     for (t = first; t < first + n; t++)
         step(b, t);
 }

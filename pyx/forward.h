@@ -206,7 +206,6 @@ static inline float exp_nonpositive(float x)
 /* ------------------------------------------------------------ the steps */
 
 /* forward.c: how a step runs, and the steps of a block */
-static int thread_count(int nthreads);
 static void each_row(const exec_ctx *cx, const block *b, row_step *step);
 static void each_row_in(const exec_ctx *cx, const block *b, row_step *step, int first, int n);
 static void cache_and_attend(const exec_ctx *cx, const block *b);

@@ -275,16 +275,6 @@ static inline int lut_cpu_has_avx512(void)
            __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
 }
 
-static inline int lut_threads(int nthreads)
-{
-#ifdef _OPENMP
-    return nthreads > 0 ? nthreads : omp_get_max_threads();
-#else
-    (void)nthreads;
-    return 1;
-#endif
-}
-
 /* y[n][out] = x[n][in] @ W^T (qgemm_fn): the rows' tables, then each thread a
  * contiguous run of tiles for every row. */
 static int lut_gemm_with(const qmatrix *m, const float *x, int n, float *y, int nthreads, int fast)
@@ -293,7 +283,7 @@ static int lut_gemm_with(const qmatrix *m, const float *x, int n, float *y, int 
     lut_act a;
     if (lut_act_alloc(L, n, &a))
         return -1;
-    #pragma omp parallel num_threads(lut_threads(nthreads))
+    #pragma omp parallel num_threads(team_thread_count(nthreads))
     {
         #pragma omp for schedule(static)
         for (int r = 0; r < n; r++)

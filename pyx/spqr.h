@@ -407,23 +407,13 @@ static int spqr_share(const spqr_matrix *s, qgemm_fn dense, const float *x, int 
     return rc;
 }
 
-static inline int spqr_threads(int nthreads)
-{
-#ifdef _OPENMP
-    return nthreads > 0 ? nthreads : omp_get_max_threads();
-#else
-    (void)nthreads;
-    return 1;
-#endif
-}
-
 /* y[n][out] = x[n][in] @ W^T (qgemm_fn), each thread of a region of its own a
  * contiguous run of tiles. */
 static int spqr_gemm_with(const spqr_matrix *s, qgemm_fn dense, const float *x, int n, float *y, int nthreads)
 {
     const qmatrix *m = &s->dense;
     int failed = 0;
-    #pragma omp parallel num_threads(spqr_threads(nthreads)) reduction(|:failed)
+    #pragma omp parallel num_threads(team_thread_count(nthreads)) reduction(|:failed)
     {
 #ifdef _OPENMP
         const int t = omp_get_thread_num(), T = omp_get_num_threads();

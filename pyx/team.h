@@ -23,6 +23,9 @@
 #include <limits.h>
 #include <sched.h>
 #include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__linux__)
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -37,6 +40,18 @@
 #else
 #define TEAM_UNUSED
 #endif
+
+/* The threads a kernel call's own parallel region runs with: the count asked
+ * for, or OpenMP's default (nthreads 0). */
+static inline int team_thread_count(int nthreads)
+{
+#ifdef _OPENMP
+    return nthreads > 0 ? nthreads : omp_get_max_threads();
+#else
+    (void)nthreads;
+    return 1;
+#endif
+}
 
 typedef struct {
     int arrived;      /* threads at the barrier in this generation */

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import QinferError
 from ..readers.bcq import QUANT_METHOD
 from . import checkpoint
-from .writer import float_tensors, hf_config, model_tensors, write_directory
+from .writer import float_tensors, hf_config, layer_results, model_tensors, write_directory
 
 
 def bcq_tensors(result):
@@ -44,19 +44,13 @@ def save_bcq_checkpoint(out, source, results, meta, force=False, floats=None):
     for every linear layer, all with meta's bits and group_size (-1: full columns); meta: those,
     rounds, float_dtype."""
     from .. import __version__
-    from ..model import LINEAR_NAMES
 
     out = checkpoint.check_output(out, force, source.path)
-    for i in range(source.config.num_hidden_layers):
-        for hf_name in LINEAR_NAMES.values():
-            base = f"model.layers.{i}.{hf_name}"
-            r = results.get(base)
-            if r is None:
-                raise QinferError(f"no quantized result for {base}")
-            group = r.in_features if meta["group_size"] == -1 else meta["group_size"]
-            if (r.bits, r.group_size) != (meta["bits"], group):
-                raise QinferError(f"{base} has {r.bits} planes in groups of {r.group_size}, not as the settings "
-                                  f"say ({meta['bits']} planes, group_size {meta['group_size']})")
+    for base, r in layer_results(source, results):
+        group = r.in_features if meta["group_size"] == -1 else meta["group_size"]
+        if (r.bits, r.group_size) != (meta["bits"], group):
+            raise QinferError(f"{base} has {r.bits} planes in groups of {r.group_size}, not as the settings "
+                              f"say ({meta['bits']} planes, group_size {meta['group_size']})")
     float_dtype = meta.get("float_dtype", "float16")
     if floats is None:
         floats = float_tensors(source, float_dtype)

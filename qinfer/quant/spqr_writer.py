@@ -20,7 +20,7 @@ from .. import packing
 from ..errors import QinferError
 from ..readers.spqr import QUANT_METHOD, STAT_GROUP
 from . import checkpoint
-from .writer import float_tensors, hf_config, model_tensors, write_directory
+from .writer import float_tensors, hf_config, layer_results, model_tensors, write_directory
 
 # meta keys beyond bits, group_size, stat_bits and outlier_threshold, and their defaults
 DEFAULT_META = dict(act_order=False, true_sequential=False, method="spqr", damp=None, nsamples=None, seqlen=None,
@@ -66,22 +66,16 @@ def save_spqr_checkpoint(out, source, results, meta, force=False, floats=None):
     for every linear layer, all made with meta's bits, group_size and stat_bits; meta: those,
     outlier_threshold, and optionally the keys of DEFAULT_META."""
     from .. import __version__
-    from ..model import LINEAR_NAMES
 
     meta = dict(DEFAULT_META, **meta)
     out = checkpoint.check_output(out, force, source.path)
     want = (meta["bits"], meta["group_size"], meta["stat_bits"], bool(meta["act_order"]))
-    for i in range(source.config.num_hidden_layers):
-        for hf_name in LINEAR_NAMES.values():
-            base = f"model.layers.{i}.{hf_name}"
-            r = results.get(base)
-            if r is None:
-                raise QinferError(f"no quantized result for {base}")
-            if (r.bits, r.group_size, r.stat_bits, r.perm is not None) != want:
-                raise QinferError(f"{base} is {r.bits}-bit group {r.group_size} with {r.stat_bits}-bit statistics"
-                                  f"{' and act-order' if r.perm is not None else ''}, not as the settings say "
-                                  f"({want[0]}-bit group {want[1]}, {want[2]}-bit statistics"
-                                  f"{', act-order' if want[3] else ''})")
+    for base, r in layer_results(source, results):
+        if (r.bits, r.group_size, r.stat_bits, r.perm is not None) != want:
+            raise QinferError(f"{base} is {r.bits}-bit group {r.group_size} with {r.stat_bits}-bit statistics"
+                              f"{' and act-order' if r.perm is not None else ''}, not as the settings say "
+                              f"({want[0]}-bit group {want[1]}, {want[2]}-bit statistics"
+                              f"{', act-order' if want[3] else ''})")
     if floats is None:
         floats = float_tensors(source, meta["float_dtype"])
     config = quant_config(meta)

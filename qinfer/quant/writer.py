@@ -141,6 +141,19 @@ def save_checkpoint(out, source, results, meta, force=False, floats=None):
     return fmt
 
 
+def layer_results(source, results):
+    """(base name, result) of every linear layer of the blocks, in order; a QinferError names
+    the first one `results` lacks."""
+    from ..model import LINEAR_NAMES
+
+    for i in range(source.config.num_hidden_layers):
+        for hf_name in LINEAR_NAMES.values():
+            base = f"model.layers.{i}.{hf_name}"
+            if results.get(base) is None:
+                raise QinferError(f"no quantized result for {base}")
+            yield base, results[base]
+
+
 def model_tensors(source, floats, layer_tensors):
     """model.safetensors' contents in the order written: the embedding, each block's norms and
     linear layers (layer_tensors(base name) -> {part: array}, stored as "<base>.<part>"), the

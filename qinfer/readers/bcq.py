@@ -24,7 +24,7 @@ import os
 import numpy as np
 
 from ..errors import FormatError, UnsupportedError
-from .own_format import declares_method, load_layers
+from .own_format import check_entries, declares_method, load_layers, whole
 from .settings_files import merged_settings
 from .source import BcqTensor
 
@@ -40,36 +40,23 @@ def is_bcq(directory, cfg):
     return declares_method(directory, cfg, QUANT_METHOD)
 
 
-def _whole(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _read_settings(entries, where):
     """The settings one file gives, each checked; a key qinfer does not know is refused."""
-    if not isinstance(entries, dict):
-        raise FormatError(f"{where}: must be a JSON object")
-    method = entries.get("quant_method", QUANT_METHOD)
-    if method != QUANT_METHOD:
-        raise FormatError(f"{where}: quant_method {method!r} in a BCQ checkpoint (expected {QUANT_METHOD!r})"[:300])
-    unknown = sorted(set(entries) - set(SETTINGS) - set(INFORMATIONAL))
-    if unknown:
-        raise UnsupportedError(f"{where}: unknown BCQ setting {unknown[0]!r}"
-                               f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}; qinfer does "
-                               f"not know how it changes the weights, so it does not load them"[:300])
+    check_entries(entries, where, QUANT_METHOD, "a BCQ", SETTINGS + INFORMATIONAL)
     out = {}
     if "bits" in entries:
         bits = entries["bits"]
-        if not _whole(bits) or bits not in BCQ_BITS:
+        if not whole(bits) or bits not in BCQ_BITS:
             raise UnsupportedError(f"{where}: bits {bits!r} is not supported (BCQ layers take 2, 3 or 4 planes)"[:300])
         out["bits"] = bits
     if "group_size" in entries:
         g = entries["group_size"]
-        if not _whole(g) or not (g == -1 or (g > 0 and g % BLOCK == 0)):
+        if not whole(g) or not (g == -1 or (g > 0 and g % BLOCK == 0)):
             raise UnsupportedError(f"{where}: group_size {g!r} is not supported (a positive multiple of {BLOCK}, "
                                    f"or -1 for full columns)"[:300])
         out["group_size"] = g
     rounds = entries.get("rounds")
-    if rounds is not None and (not _whole(rounds) or rounds < 0):
+    if rounds is not None and (not whole(rounds) or rounds < 0):
         raise FormatError(f"{where}: rounds must be an integer >= 0, got {rounds!r}"[:300])
     return out
 

@@ -16,6 +16,27 @@ BLOCK_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
+def whole(value):
+    """An int that is not a bool (JSON's true is not a number of bits)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_entries(entries, where, method, title, known):
+    """One settings file's entries: a JSON object naming `method` (or none) whose keys are all
+    `known`; a key qinfer does not know is refused, as it may change the weights."""
+    if not isinstance(entries, dict):
+        raise FormatError(f"{where}: must be a JSON object")
+    named = entries.get("quant_method", method)
+    if named != method:
+        raise FormatError(f"{where}: quant_method {named!r} in {title} checkpoint (expected {method!r})"[:300])
+    unknown = sorted(set(entries) - set(known))
+    if unknown:
+        kind = title.split(" ", 1)[1]
+        raise UnsupportedError(f"{where}: unknown {kind} setting {unknown[0]!r}"
+                               f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}; qinfer does "
+                               f"not know how it changes the weights, so it does not load them"[:300])
+
+
 def declares_method(directory, cfg, method):
     """Whether config.json's quantization_config (or, without one, quantize_config.json) names
     quant_method `method`."""

@@ -33,7 +33,7 @@ import os
 import numpy as np
 
 from ..errors import FormatError, ShapeError, UnsupportedError
-from .own_format import declares_method, load_layers
+from .own_format import check_entries, declares_method, load_layers, whole
 from .settings_files import merged_settings
 from .source import SpqrTensor
 
@@ -52,41 +52,28 @@ def is_spqr(directory, cfg):
 
 
 # ------------------------------------------------------------------ settings
-def _whole(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _read_settings(entries, where):
     """The settings one file gives, each checked; a key qinfer does not know is refused."""
-    if not isinstance(entries, dict):
-        raise FormatError(f"{where}: must be a JSON object")
-    method = entries.get("quant_method", QUANT_METHOD)
-    if method != QUANT_METHOD:
-        raise FormatError(f"{where}: quant_method {method!r} in an SpQR checkpoint (expected {QUANT_METHOD!r})"[:300])
-    unknown = sorted(set(entries) - set(SETTINGS) - set(INFORMATIONAL))
-    if unknown:
-        raise UnsupportedError(f"{where}: unknown SpQR setting {unknown[0]!r}"
-                               f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}; qinfer does "
-                               f"not know how it changes the weights, so it does not load them"[:300])
+    check_entries(entries, where, QUANT_METHOD, "an SpQR", SETTINGS + INFORMATIONAL)
     out = {}
     if "bits" in entries:
         bits = entries["bits"]
-        if not _whole(bits) or bits not in SPQR_BITS:
+        if not whole(bits) or bits not in SPQR_BITS:
             raise UnsupportedError(f"{where}: bits {bits!r} is not supported (SpQR layers take 2, 3 or 4)"[:300])
         out["bits"] = bits
     if "group_size" in entries:
         g = entries["group_size"]
-        if not _whole(g) or g <= 0 or g % 16:
+        if not whole(g) or g <= 0 or g % 16:
             raise UnsupportedError(f"{where}: group_size {g!r} is not supported (a positive multiple of 16)"[:300])
         out["group_size"] = g
     if "stat_bits" in entries:
         s = entries["stat_bits"]
-        if not _whole(s) or s not in STAT_BITS:
+        if not whole(s) or s not in STAT_BITS:
             raise UnsupportedError(f"{where}: stat_bits {s!r} is not supported (2 to 8)"[:300])
         out["stat_bits"] = s
     if "stat_group" in entries:
         s = entries["stat_group"]
-        if not _whole(s) or s != STAT_GROUP:
+        if not whole(s) or s != STAT_GROUP:
             raise UnsupportedError(f"{where}: stat_group {s!r} is not supported: the kernels read the statistics "
                                    f"in runs of {STAT_GROUP} output rows (stat_group {STAT_GROUP})"[:300])
         out["stat_group"] = s

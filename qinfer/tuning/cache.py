@@ -88,7 +88,12 @@ def load(path=None):
 def save(layers, threads, path=None):
     """Write {shape key: entry dict} atomically; returns the path."""
     path = path or cache_path()
-    data = dict(format=FORMAT_VERSION, key=machine_key(), threads=threads, layers=layers)
+    write_json(path, dict(format=FORMAT_VERSION, key=machine_key(), threads=threads, layers=layers))
+    return path
+
+
+def write_json(path, data):
+    """`data` as JSON at `path`, atomically: a temporary file in the same folder renamed over it."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tuning-", suffix=".tmp", dir=os.path.dirname(path))
     try:
@@ -101,4 +106,3 @@ def save(layers, threads, path=None):
         except OSError:
             pass
         raise
-    return path

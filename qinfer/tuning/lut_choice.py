@@ -15,7 +15,6 @@ failed measurement or an unreadable cache means the dense kernels.
 """
 import json
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -53,20 +52,7 @@ def _load():
 
 
 def _save(shapes):
-    path = _path()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".lut-", suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(dict(format=FORMAT_VERSION, key=cache.machine_key(), shapes=shapes), f, indent=1,
-                      sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    cache.write_json(_path(), dict(format=FORMAT_VERSION, key=cache.machine_key(), shapes=shapes))
 
 
 def _cycle_seconds(layers, x, threads):
