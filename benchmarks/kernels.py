@@ -1,6 +1,6 @@
 """qgemv/qgemm throughput against the machine's memory bandwidth.
 
-    python benchmarks/kernels.py [--threads 1,2] [--quick] [--only qgemv|qgemm]
+    python benchmarks/kernels.py [--threads 1,2] [--quick] [--only qgemv|qgemm] [--bits 2,3,4,8]
 
 For each shape (out x in) and bitwidth it builds enough distinct layers that
 together they exceed the last-level cache several times, then times qgemv
@@ -14,7 +14,9 @@ Each qgemv is timed with float activations (act float: the default kernel, which
 for 2/4 bits multiplies in integers, x cut into three bytes of a 23-bit code per
 block of 32 rows; act fma: the same layers with QINFER_FLOAT_LIMBS=0's float
 multiply-adds) and, for 2/4/8 bits, again with int8 activations (act int8; "vs
-float" is the speed-up over the float row of the same layers, same run), and with the layers' scales and zeros held in
+float" is the speed-up over the float row of the same layers, same run), for 2/3/4 bits on the lookup-table
+kernels too (act lut: the same weights as LutLinear layers, their activations rounded into int8 tables;
+benchmarks/lut_kernels.py has more of them), and with the layers' scales and zeros held in
 float16 (as checkpoints and quantize-on-load give them) and in float32. Last, qgemm with 64 rows against 64 separate qgemv
 calls at 4 bits, with float activations (act float: on AMX tiles where the CPU has them, see
 pyx/amx_gemm.h; act fma: QINFER_AMX=0's AVX multiply-adds) and with int8 activations, and
@@ -32,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import qinfer  # noqa: E402
 from qinfer import kernels  # noqa: E402
 from common import ReadProbe, best_time, sgemm_gmacs  # noqa: E402
+from qinfer.lut_linear import LutLinear  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]   # (out_features, in_features)
 BITS = (2, 3, 4, 8)
@@ -83,9 +86,12 @@ def activations(mode):
 
 
 def qgemv_modes(layer):
-    """The activation modes a qgemv of this layer can run in here."""
+    """The activation modes a qgemv of this layer can run in here ("lut": the lookup-table kernels)."""
+    from qinfer.lut_linear import LUT_BITS
+
     limbs = kernels.float_limbs() and kernels.module(layer.bits).float_limbs() is not None
-    return ("float",) + (("fma",) if limbs else ()) + (("int8",) if layer._matrix.has_int8() else ())
+    return ("float",) + (("fma",) if limbs else ()) + (("int8",) if layer._matrix.has_int8() else ()) + \
+        (("lut",) if layer.bits in LUT_BITS else ())
 
 
 def main():
@@ -93,12 +99,13 @@ def main():
     parser.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1 and all cores)")
     parser.add_argument("--quick", action="store_true", help="4-bit only, 11008x4096 only")
     parser.add_argument("--only", choices=("qgemv", "qgemm"), help="time only the qgemv table or only the qgemm one")
+    parser.add_argument("--bits", default=None, help="comma-separated bit widths of the qgemv table (default 2,3,4,8)")
     args = parser.parse_args()
     all_threads = os.cpu_count() or 1
     threads_list = ([int(t) for t in args.threads.split(",")] if args.threads
                     else sorted({1, all_threads}))
     shapes = [(11008, 4096)] if args.quick else SHAPES
-    bits_list = (4,) if args.quick else BITS
+    bits_list = (4,) if args.quick else tuple(int(b) for b in args.bits.split(",")) if args.bits else BITS
     llc = kernels.machine()["l3_bytes"]
     rng = np.random.default_rng(0)
 
@@ -122,19 +129,20 @@ def main():
                     layers = layer_set(rng, shape, bits, group, llc, scale_dtype)
                     x = rng.standard_normal(shape[1]).astype(np.float32)
                     modes = qgemv_modes(layers[0])
+                    luts = [LutLinear.from_quantized(layer) for layer in layers] if "lut" in modes else None
                     for t in threads_list:
                         float_sec = None
                         for mode in modes:
                             read = probe.gbs(t, repeats=3)
-                            with activations(mode):
-                                sec = time_cycling(layers, x, t)
+                            with activations("float" if mode == "lut" else mode):
+                                sec = time_cycling(luts if mode == "lut" else layers, x, t)
                             float_sec = float_sec or sec
-                            gbs = layers[0].nbytes / sec / 1e9
+                            gbs = (luts if mode == "lut" else layers)[0].nbytes / sec / 1e9
                             print(f"{shape[0]:>5}x{shape[1]:<6} {bits:>4} {group if group > 0 else 'full':>5} "
                                   f"{scale_dtype[5:] + '-bit':>7} {t:>3} {mode:>5} {len(layers):>6} "
                                   f"{sec * 1e6:>9.1f} {gbs:>6.1f} {read:>9.1f} {100 * gbs / read:>8.0f}% "
                                   f"{shape[0] * shape[1] / sec / 1e9:>7.1f} {float_sec / sec:>7.2f}x")
-                    del layers
+                    del layers, luts
 
     print()
     print("qgemm (n = 64) against 64 qgemv calls, 4-bit, group 128, weights from memory; act: the activations "
