@@ -2,7 +2,8 @@
 """LutMatrix: one layer for the lookup-table kernels of pyx/lut.h, with the
 QMatrix entry points the forward pass takes (capsules of qmatrix.h's types)."""
 from cpython.pycapsule cimport PyCapsule_New
-from libc.stdint cimport uint8_t, uint16_t, int32_t
+from cython.parallel cimport prange
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t
 
 from qmatrix cimport qmatrix, qgemm_fn, qgemv_team_fn, qgemm_team_fn, team
 
@@ -18,6 +19,8 @@ cdef extern from "lut.h" nogil:
         const uint16_t *mults
         const float *offsets
     int lut_cpu_has_avx512()
+    void lut_pack_words(const uint32_t *words, int bits, int in_features, int out_features,
+                        const int32_t *perm, uint8_t *planes, int first, int last)
     int lut_gemm_fast(const qmatrix *m, const float *x, int n, float *y, int nthreads)
     int lut_gemm_portable(const qmatrix *m, const float *x, int n, float *y, int nthreads)
     int lut_team(const qmatrix *m, const float *x, float *y, const team *tm)
@@ -40,6 +43,26 @@ def segment_length(int group):
     if group % seg:
         raise ValueError(f"a group of {group} inputs is not a multiple of {LUT_BLOCK}")
     return seg
+
+
+def pack_words(const uint32_t[:, ::1] words, int bits, int in_features, uint8_t[::1] planes, perm=None,
+               int threads=1):
+    """GPTQ words [in * bits / 32, out] -> `planes` (pyx/lut.h's layout, filled in place);
+    kernel input k is the stored row perm[k] (None: k)."""
+    cdef const int32_t[::1] perm_view
+    cdef const int32_t *p = NULL
+    cdef int out_features = words.shape[1], n_tiles = (out_features + LUT_TU - 1) // LUT_TU, t
+    if words.shape[0] * 32 != in_features * bits or in_features % LUT_BLOCK or \
+            planes.shape[0] != <size_t>n_tiles * in_features * bits * LUT_TU // 8:
+        raise ValueError("words, bits, in_features and planes do not match")
+    if perm is not None:
+        perm_view = perm
+        if perm_view.shape[0] != in_features:
+            raise ValueError("perm must have in_features entries")
+        p = &perm_view[0]
+    with nogil:
+        for t in prange(n_tiles, num_threads=max(1, threads), schedule="static"):
+            lut_pack_words(&words[0, 0], bits, in_features, out_features, p, &planes[0], t, t + 1)
 
 
 cdef class LutMatrix:

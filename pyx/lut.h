@@ -265,6 +265,42 @@ static void lut_tiles(const lut_matrix *L, const lut_act *a, int n, int first, i
     }
 }
 
+/* ------------------------------------------------------- packing the planes */
+
+/* GPTQ words [in * bits / 32][out] (a column's codes one little-endian bit
+ * stream, code k at bits k * bits ..) -> the planes of the layout above, tiles
+ * first .. last - 1; kernel input k is the stored row perm[k] (NULL: k). What
+ * qinfer/lut_linear.py's pack_planes does from unpacked codes, without them. */
+static void lut_pack_words(const uint32_t *words, int bits, int in_features, int out_features,
+                           const int32_t *perm, uint8_t *planes, int first, int last)
+{
+    const int blocks = in_features / LUT_BLOCK;
+    const uint32_t mask = (1u << bits) - 1;
+    for (int tile = first; tile < last; tile++)
+        for (int blk = 0; blk < blocks; blk++) {
+            uint8_t *out = planes + ((size_t)tile * blocks + blk) * bits * 64;
+            memset(out, 0, (size_t)bits * 64);
+            for (int half = 0; half < 2; half++)
+                for (int r = 0; r < LUT_HALF; r++) {
+                    const int row = tile * LUT_TU + half * LUT_HALF + r;
+                    if (row >= out_features)
+                        continue;
+                    for (int run = 0; run < 4; run++)
+                        for (int t = 0; t < 4; t++) {
+                            const int k = blk * LUT_BLOCK + 4 * run + t, src = perm ? perm[k] : k;
+                            const size_t bit = (size_t)src * bits, w = bit / 32;
+                            const int off = (int)(bit % 32);
+                            uint64_t v = words[w * out_features + row] >> off;
+                            if (off + bits > 32)
+                                v |= (uint64_t)words[(w + 1) * out_features + row] << (32 - off);
+                            const uint32_t q = (uint32_t)v & mask;
+                            for (int i = 0; i < bits; i++)
+                                out[i * 64 + 4 * r + run] |= (uint8_t)(((q >> i) & 1u) << (4 * half + t));
+                        }
+                }
+        }
+}
+
 /* ----------------------------------------------------------- entry points */
 
 static inline int lut_cpu_has_avx512(void)

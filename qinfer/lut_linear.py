@@ -17,7 +17,7 @@ same bits. docs/FORMAT.md, section 6, draws the layout.
 """
 import numpy as np
 
-from . import _lut, kernels, packing
+from . import _lut, kernels
 from .errors import ShapeError, UnsupportedError
 from .linear import _empty_aligned
 
@@ -96,10 +96,12 @@ class LutLinear:
     """y = x @ W^T through table lookups; build with from_uniform, from_quantized or from_bcq."""
 
     def __init__(self, kind, bits, group_size, bit_planes, mults, offsets, perm=None):
-        """bit_planes {0, 1} [bits, out, in] in kernel order (act-order rows sorted by group);
-        mults float [groups, n_mults, out] (s, or a_i); offsets float [groups, out] (c); perm: kernel input k
-        is x[perm[k]] (None: in order)."""
-        bits_, out_f, in_f = bit_planes.shape
+        """bit_planes {0, 1} [bits, out, in] in kernel order (act-order rows sorted by group), or
+        ("words", GPTQ int32 words [in * bits / 32, out] in stored order, out, in) for uniform codes;
+        mults float [groups, n_mults, out] (s, or a_i); offsets float [groups, out] (c); perm: kernel
+        input k is x[perm[k]] (None: in order)."""
+        words = bit_planes[1] if isinstance(bit_planes, tuple) else None
+        bits_, out_f, in_f = (bits, *bit_planes[2:]) if words is not None else bit_planes.shape
         group = in_f if group_size == -1 else group_size
         _check(bits, group, in_f, out_f)
         groups = in_f // group
@@ -109,7 +111,12 @@ class LutLinear:
         self.kind, self.bits, self.group_size = kind, bits, group_size
         self.in_features, self.out_features = in_f, out_f
         self._group = group
-        self._planes = pack_planes(bit_planes)
+        if words is None:
+            self._planes = pack_planes(bit_planes)
+        else:
+            self._planes = _empty_aligned((-(-out_f // TILE) * in_f * bits * TILE // 8,), np.dtype(np.uint8))
+            _lut.pack_words(np.ascontiguousarray(words).view(np.uint32), bits, in_f, self._planes, perm,
+                            kernels.resolve_threads(None))
         self._mults = _by_tile(np.asarray(mults, dtype=np.float16), np.float16)
         self._offsets = _by_tile(np.asarray(offsets, dtype=np.float32)[:, None, :], np.float32)
         self._perm = None if perm is None else np.ascontiguousarray(perm, dtype=np.int32)
@@ -139,9 +146,15 @@ class LutLinear:
 
     @classmethod
     def from_quantized(cls, layer):
-        """The same weights as a QuantizedLinear of 2, 3 or 4 bits."""
-        return cls.from_uniform(packing.unpack(layer.qweight, layer.bits), layer.scales, layer.zeros,
-                                layer.bits, layer.group_size, layer.g_idx)
+        """The same weights as a QuantizedLinear of 2, 3 or 4 bits (its words laid into planes
+        directly, in C: a 7B model's layers convert in seconds)."""
+        bits, in_f, out_f = layer.bits, layer.in_features, layer.out_features
+        group = in_f if layer.group_size == -1 else layer.group_size
+        _check(bits, group, in_f, out_f)
+        perm = act_order(layer.g_idx, in_f, group)
+        s = np.asarray(layer.scales, dtype=np.float16).astype(np.float32)
+        return cls("uniform", bits, layer.group_size, ("words", layer.qweight, out_f, in_f), s[:, None, :],
+                   s * ((2 ** bits - 1) / 2 - layer.zeros), perm)
 
     @classmethod
     def from_bcq(cls, result, g_idx=None):

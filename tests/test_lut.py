@@ -198,3 +198,21 @@ def test_wrong_input_width_is_refused():
     layer = LutLinear.from_uniform(*random_uniform(rng, 2, 16, 64, 16, False)[:3], 2, 16)
     with pytest.raises(ShapeError, match="x must be"):
         layer(np.zeros(63, np.float32))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
+def test_a_quantized_layer_converts_to_the_same_planes(bits, act_order):
+    """from_quantized lays the GPTQ words into planes in C; from_uniform from unpacked codes."""
+    from helpers import pack_gptq
+    from qinfer.linear import QuantizedLinear
+
+    rng = np.random.default_rng(bits)
+    codes, scales, zeros, g_idx = random_uniform(rng, bits, 72, 256, 32, act_order)
+    dense = QuantizedLinear.from_packed(pack_gptq(codes, bits), scales, zeros, bits, 32, g_idx)
+    converted = LutLinear.from_quantized(dense)
+    direct = LutLinear.from_uniform(codes, scales, zeros, bits, 32, g_idx)
+    np.testing.assert_array_equal(converted._planes, direct._planes)
+    np.testing.assert_array_equal(converted.dequantize(), direct.dequantize())
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    np.testing.assert_array_equal(converted(x), direct(x))
