@@ -82,3 +82,19 @@ def test_bad_settings(kwargs, words):
     args = {**dict(bits=3, group_size=32, rounds=2), **kwargs}
     with pytest.raises(UnsupportedError, match=words):
         bcq_quantize(_weights(), args.pop("bits"), **args)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_weights_on_a_uniform_grid_are_found_again(bits):
+    """Each group's weights on its own 2^bits-level grid (as a dequantized Q4_1 model's are):
+    the fit starts from that grid and keeps it, where the greedy start alone misses it."""
+    rng = np.random.default_rng(bits)
+    groups, group = 24, 32
+    scale = rng.uniform(0.01, 0.1, size=(groups, 1))
+    low = rng.uniform(-0.5, 0.0, size=(groups, 1))
+    codes = rng.integers(0, 2 ** bits, size=(groups, group))
+    codes[:, 0], codes[:, 1] = 0, 2 ** bits - 1                  # each group spans its grid
+    w = (low + scale * codes).reshape(4, -1)                      # 4 rows of 6 groups
+    r = bcq_quantize(w, bits, group, rounds=3)
+    np.testing.assert_allclose(r.dequantize(), w, atol=1e-6)
+    assert max(r.history) < 1e-9          # from the start, to rounding

@@ -10,8 +10,13 @@ row. A lookup-table kernel multiplies by the planes without unpacking codes: for
 chunk of activations it tabulates every signed sum once, and each plane's bits index
 that table.
 
-Found greedily (offset = the group's mean; then plane by plane b_i = sign(r),
-alpha_i = mean |r| of the residual r), then refined by alternating least squares:
+Started from the better, group by group, of two fits: the greedy one (offset =
+the group's mean; then plane by plane b_i = sign(r), alpha_i = mean |r| of the
+residual r), and the group's min/max uniform grid written as binary coding
+(round to nearest's codes, `from_uniform`'s identity: on weights that lie on
+such a grid, as a dequantized Q4_1 model's do, the greedy start misses it and
+ALS does not find it again: SmolLM2's down_proj at 4 planes in groups of 32,
+squared error 81.6 against 6e-12). Then refined by alternating least squares:
 given the planes, the alphas and offset that minimise the group's squared error
 (a least-squares solve); given those, each weight's signs that bring it nearest (all
 2^B sign patterns tried). Neither step can raise the error, so the rounds never do
@@ -97,6 +102,44 @@ def _error(w, b, alphas, offsets):
     return float((((b * alphas[:, None, :]).sum(axis=2) + offsets[:, None] - w) ** 2).sum())
 
 
+def _greedy(w, bits):
+    """(planes [N, G, B], alphas [N, B], offsets [N]): offset the mean, then each plane the
+    residual's signs scaled by its mean magnitude."""
+    offsets = w.mean(axis=1)
+    r = w - offsets[:, None]
+    b = np.empty(w.shape + (bits,))
+    alphas = np.empty((len(w), bits))
+    for i in range(bits):
+        b[:, :, i] = np.where(r >= 0, 1.0, -1.0)
+        alphas[:, i] = np.abs(r).mean(axis=1)
+        r = r - alphas[:, i, None] * b[:, :, i]
+    return b, alphas, offsets
+
+
+def _uniform_grid(w, bits):
+    """The same, from each group's 2^bits-level grid over its min..max, rounded to nearest:
+    q = sum_i 2^i c_i, c_i = (b_i + 1) / 2, so alpha_i = s 2^(i-1), offset = min + s (2^B - 1) / 2."""
+    lo, hi = w.min(axis=1), w.max(axis=1)
+    levels = 2 ** bits - 1
+    s = (hi - lo) / levels
+    s = np.where(s > 0, s, 1.0)                   # a constant group: every code 0, the offset is the value
+    q = np.clip(np.rint((w - lo[:, None]) / s[:, None]), 0, levels).astype(np.int64)
+    b = np.stack([np.where((q >> i) & 1, 1.0, -1.0) for i in range(bits)], axis=2)
+    alphas = s[:, None] * 2.0 ** (np.arange(bits) - 1)
+    return b, np.where((hi > lo)[:, None], alphas, 0.0), lo + np.where(hi > lo, s * levels / 2, 0.0)
+
+
+def _better(w, first, second):
+    """Group by group, whichever of two (planes, alphas, offsets) fits w with less squared error."""
+    def errors(fit):
+        b, a, o = fit
+        return (((b * a[:, None, :]).sum(axis=2) + o[:, None] - w) ** 2).sum(axis=1)
+
+    pick = errors(second) < errors(first)
+    return (np.where(pick[:, None, None], second[0], first[0]), np.where(pick[:, None], second[1], first[1]),
+            np.where(pick, second[2], first[2]))
+
+
 def bcq_quantize(weight, bits, group_size=128, rounds=DEFAULT_ROUNDS):
     """BCQ of a float [out, in] weight -> BcqResult (module docstring)."""
     W = np.asarray(weight, dtype=np.float64)
@@ -109,14 +152,7 @@ def bcq_quantize(weight, bits, group_size=128, rounds=DEFAULT_ROUNDS):
     groups = in_f // group_size
     w = W.reshape(out_f * groups, group_size)                                   # row-major: [out][group]
 
-    offsets = w.mean(axis=1)
-    r = w - offsets[:, None]
-    b = np.empty(w.shape + (bits,))
-    alphas = np.empty((len(w), bits))
-    for i in range(bits):                                                       # greedy
-        b[:, :, i] = np.where(r >= 0, 1.0, -1.0)
-        alphas[:, i] = np.abs(r).mean(axis=1)
-        r = r - alphas[:, i, None] * b[:, :, i]
+    b, alphas, offsets = _better(w, _greedy(w, bits), _uniform_grid(w, bits))
     history = [_error(w, b, alphas, offsets)]
     for _ in range(rounds):                                                     # alternating least squares
         alphas, offsets = _fit_scales(w, b)
