@@ -12,9 +12,13 @@
 * ``pack_gptq(codes, bits)``    the reference packer: GPTQ's packing loop, written from GPTQ's
                                 QuantLinear.pack, never from qinfer/packing.py (it is what
                                 qinfer's packing is checked against)
+* ``leftovers``, ``edit_tensors``, ``edit_settings``  a checkpoint test's half-written names,
+                                and edits of a written checkpoint (bad-input cases)
 
 The fixtures ``write_tiny`` (a tiny model directory) and ``restore_threads`` are in conftest.py.
 """
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +146,31 @@ def pack_gptq(codes, bits):
 
     words &= np.uint64(0xFFFFFFFF)
     return np.ascontiguousarray(words[:n_words].astype(np.uint32).view(np.int32))
+
+
+# ---------------------------------------------------------------- checkpoints
+def leftovers(parent):
+    """Names in `parent` a half-written checkpoint would leave (checkpoint.OutputDir's tags)."""
+    return sorted(n for n in os.listdir(parent) if ".qinfer-" in n)
+
+
+def edit_tensors(change):
+    """An edit of a checkpoint directory: change(tensors) on its model.safetensors, written back."""
+    def edit(directory):
+        from safetensors.numpy import load_file, save_file
+        tensors = load_file(str(directory / "model.safetensors"))
+        change(tensors)
+        save_file(tensors, str(directory / "model.safetensors"))
+    return edit
+
+
+def edit_settings(change, files=("config.json",)):
+    """An edit of a checkpoint directory: change(settings) on config.json's quantization_config
+    (and/or quantize_config.json's object)."""
+    def edit(directory):
+        for file in files:
+            cfg = json.loads((directory / file).read_text())
+            change(cfg["quantization_config"] if file == "config.json" else cfg)
+            (directory / file).write_text(json.dumps(cfg))
+    return edit
+

@@ -21,7 +21,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_reference as ref  # noqa: E402
-from helpers import assert_user_error, needs_tokenizer, needs_wikitext, run_cli  # noqa: E402
+from helpers import (assert_user_error, edit_settings, edit_tensors, leftovers, needs_tokenizer,  # noqa: E402
+                     needs_wikitext, run_cli)
 
 import qinfer  # noqa: E402
 from qinfer import QinferError, UnsupportedError  # noqa: E402
@@ -35,9 +36,6 @@ from qinfer.readers.source import BcqTensor  # noqa: E402
 PROMPT = "The quick brown fox jumps over the lazy dog"
 BASE = "model.layers.1.mlp.down_proj"
 
-
-def leftovers(parent):
-    return sorted(n for n in os.listdir(parent) if ".qinfer-" in n)
 
 
 def decode_bcq(planes, alphas, offsets, group):
@@ -171,24 +169,6 @@ def test_default_group_divides_every_layer(tiny_src, tmp_path):
 
 
 # ------------------------------------------------------------------ errors
-def _edit_tensors(change):
-    def edit(directory):
-        from safetensors.numpy import load_file, save_file
-        tensors = load_file(str(directory / "model.safetensors"))
-        change(tensors)
-        save_file(tensors, str(directory / "model.safetensors"))
-    return edit
-
-
-def _edit_config(change, files=("config.json",)):
-    def edit(directory):
-        for file in files:
-            cfg = json.loads((directory / file).read_text())
-            change(cfg["quantization_config"] if file == "config.json" else cfg)
-            (directory / file).write_text(json.dumps(cfg))
-    return edit
-
-
 def _nan_alpha(t):
     a = t[BASE + ".bcq_alphas"].copy()
     a[0, 0, 0] = np.nan
@@ -196,25 +176,25 @@ def _nan_alpha(t):
 
 
 BAD = {
-    "a plane missing": (_edit_tensors(lambda t: t.update({BASE + ".bcq_planes": t[BASE + ".bcq_planes"][:2]})),
+    "a plane missing": (edit_tensors(lambda t: t.update({BASE + ".bcq_planes": t[BASE + ".bcq_planes"][:2]})),
                         FormatError, [f"{BASE}.bcq_planes", "has shape", "3-bit"]),
-    "planes too short": (_edit_tensors(lambda t: t.update({BASE + ".bcq_planes": t[BASE + ".bcq_planes"][:, :, :-1]})),
+    "planes too short": (edit_tensors(lambda t: t.update({BASE + ".bcq_planes": t[BASE + ".bcq_planes"][:, :, :-1]})),
                          FormatError, [f"{BASE}.bcq_planes", "has shape"]),
-    "planes dtype": (_edit_tensors(lambda t: t.update({BASE + ".bcq_planes": t[BASE + ".bcq_planes"].astype(np.int32)})),
+    "planes dtype": (edit_tensors(lambda t: t.update({BASE + ".bcq_planes": t[BASE + ".bcq_planes"].astype(np.int32)})),
                      FormatError, [f"{BASE}.bcq_planes", "I32", "expected U8"]),
-    "alphas for 2 planes": (_edit_tensors(lambda t: t.update({BASE + ".bcq_alphas": t[BASE + ".bcq_alphas"][..., :2]})),
+    "alphas for 2 planes": (edit_tensors(lambda t: t.update({BASE + ".bcq_alphas": t[BASE + ".bcq_alphas"][..., :2]})),
                             FormatError, [f"{BASE}.bcq_alphas", "has shape"]),
-    "alpha NaN": (_edit_tensors(_nan_alpha), FormatError, [f"{BASE}.bcq_alphas", "NaN"]),
-    "offsets missing": (_edit_tensors(lambda t: t.pop(BASE + ".bcq_offsets")), FormatError,
+    "alpha NaN": (edit_tensors(_nan_alpha), FormatError, [f"{BASE}.bcq_alphas", "NaN"]),
+    "offsets missing": (edit_tensors(lambda t: t.pop(BASE + ".bcq_offsets")), FormatError,
                         [f"{BASE}.bcq_offsets is missing"]),
-    "unknown setting": (_edit_config(lambda q: q.update(sym=True)), UnsupportedError,
+    "unknown setting": (edit_settings(lambda q: q.update(sym=True)), UnsupportedError,
                         ["unknown BCQ setting 'sym'"]),
-    "bits 5": (_edit_config(lambda q: q.update(bits=5)), UnsupportedError, ["bits 5"]),
-    "group not a multiple of 16": (_edit_config(lambda q: q.update(group_size=24)), UnsupportedError,
+    "bits 5": (edit_settings(lambda q: q.update(bits=5)), UnsupportedError, ["bits 5"]),
+    "group not a multiple of 16": (edit_settings(lambda q: q.update(group_size=24)), UnsupportedError,
                                    ["group_size 24", "multiple of 16"]),
-    "no bits": (_edit_config(lambda q: q.pop("bits"), ("config.json", "quantize_config.json")),
+    "no bits": (edit_settings(lambda q: q.pop("bits"), ("config.json", "quantize_config.json")),
                 FormatError, ["no 'bits'"]),
-    "files disagree": (_edit_config(lambda q: q.update(group_size=16), ("quantize_config.json",)), FormatError,
+    "files disagree": (edit_settings(lambda q: q.update(group_size=16), ("quantize_config.json",)), FormatError,
                        ["group_size is 32", "but 16"]),
 }
 

@@ -31,7 +31,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_reference as ref  # noqa: E402
-from helpers import needs_smollm2, needs_tokenizer, needs_wikitext, pack_gptq, run_cli  # noqa: E402
+from helpers import leftovers, needs_smollm2, needs_tokenizer, needs_wikitext, pack_gptq, run_cli  # noqa: E402
 
 import qinfer  # noqa: E402
 import qinfer.tokenizer  # noqa: E402
@@ -54,9 +54,6 @@ INPUT_OF = {"wq": "attn_in", "wk": "attn_in", "wv": "attn_in", "wo": "o_in",
 
 smollm2_path = ref.smollm2_path
 
-
-def leftovers(parent):
-    return sorted(n for n in os.listdir(parent) if ".qinfer-" in n)
 
 
 # ------------------------------------------------------------------ an independent AutoGPTQ writer

@@ -24,7 +24,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import llama_reference as ref  # noqa: E402
-from helpers import assert_user_error, needs_tokenizer, needs_wikitext, pack_gptq, run_cli  # noqa: E402
+from helpers import (assert_user_error, edit_settings, edit_tensors, leftovers, needs_tokenizer,  # noqa: E402
+                     needs_wikitext, pack_gptq, run_cli)
 
 import qinfer  # noqa: E402
 from qinfer import QinferError, UnsupportedError  # noqa: E402
@@ -43,9 +44,6 @@ PROMPT = "The quick brown fox jumps over the lazy dog"
 PARTS = {"qweight": np.int32, "spqr_stats": np.uint16, "outlier_rows": np.int32, "outlier_cols": np.uint16,
          "outlier_vals": np.float16}
 
-
-def leftovers(parent):
-    return sorted(n for n in os.listdir(parent) if ".qinfer-" in n)
 
 
 # ------------------------------------------------------------------ this file's decoder
@@ -289,25 +287,6 @@ def test_an_spqr_checkpoint_is_not_quantized_again(written):
 
 
 # ------------------------------------------------------------------ errors
-def _edit_tensors(change):
-    def edit(directory):
-        from safetensors.numpy import load_file, save_file
-        tensors = load_file(str(directory / "model.safetensors"))
-        change(tensors)
-        save_file(tensors, str(directory / "model.safetensors"))
-    return edit
-
-
-def _edit_config(change, files=("config.json",)):
-    """Change the settings in config.json's quantization_config (and/or quantize_config.json)."""
-    def edit(directory):
-        for file in files:
-            cfg = json.loads((directory / file).read_text())
-            change(cfg["quantization_config"] if file == "config.json" else cfg)
-            (directory / file).write_text(json.dumps(cfg))
-    return edit
-
-
 BASE = "model.layers.1.mlp.down_proj"
 
 
@@ -334,29 +313,29 @@ def _swap_perm(t):
 
 
 BAD = {
-    "truncated outlier table": (_edit_tensors(_truncate_outliers), FormatError,
+    "truncated outlier table": (edit_tensors(_truncate_outliers), FormatError,
                                 [f"{BASE}.outlier_rows", "row pointers end at"]),
-    "rows not ending at n": (_edit_tensors(_rows_past_the_end), FormatError,
+    "rows not ending at n": (edit_tensors(_rows_past_the_end), FormatError,
                              [f"{BASE}.outlier_rows", "row pointers end at"]),
-    "repeated outlier column": (_edit_tensors(_repeat_a_column), FormatError,
+    "repeated outlier column": (edit_tensors(_repeat_a_column), FormatError,
                                 [f"{BASE}.outlier_cols", "ascending"]),
-    "stat_group 8": (_edit_config(lambda q: q.update(stat_group=8)), UnsupportedError,
+    "stat_group 8": (edit_settings(lambda q: q.update(stat_group=8)), UnsupportedError,
                      ["stat_group 8", "runs of 16"]),
-    "unknown setting": (_edit_config(lambda q: q.update(sym=True)), UnsupportedError,
+    "unknown setting": (edit_settings(lambda q: q.update(sym=True)), UnsupportedError,
                         ["unknown SpQR setting 'sym'"]),
-    "bits 5": (_edit_config(lambda q: q.update(bits=5)), UnsupportedError, ["bits 5"]),
-    "group not a multiple of 16": (_edit_config(lambda q: q.update(group_size=24)), UnsupportedError,
+    "bits 5": (edit_settings(lambda q: q.update(bits=5)), UnsupportedError, ["bits 5"]),
+    "group not a multiple of 16": (edit_settings(lambda q: q.update(group_size=24)), UnsupportedError,
                                    ["group_size 24", "multiple of 16"]),
-    "no stat_bits": (_edit_config(lambda q: q.pop("stat_bits"), ("config.json", "quantize_config.json")),
+    "no stat_bits": (edit_settings(lambda q: q.pop("stat_bits"), ("config.json", "quantize_config.json")),
                      FormatError, ["no 'stat_bits'"]),
-    "files disagree": (_edit_config(lambda q: q.update(stat_bits=4), ("quantize_config.json",)), FormatError,
+    "files disagree": (edit_settings(lambda q: q.update(stat_bits=4), ("quantize_config.json",)), FormatError,
                        ["stat_bits is 3", "but 4"]),
-    "stats dtype": (_edit_tensors(lambda t: t.update({BASE + ".spqr_stats": t[BASE + ".spqr_stats"].astype(np.int32)})),
+    "stats dtype": (edit_tensors(lambda t: t.update({BASE + ".spqr_stats": t[BASE + ".spqr_stats"].astype(np.int32)})),
                     FormatError, [f"{BASE}.spqr_stats", "I32", "expected U16"]),
-    "stats shape": (_edit_tensors(lambda t: t.update({BASE + ".spqr_stats": t[BASE + ".spqr_stats"][:, :-1]})),
+    "stats shape": (edit_tensors(lambda t: t.update({BASE + ".spqr_stats": t[BASE + ".spqr_stats"][:, :-1]})),
                     FormatError, [f"{BASE}.spqr_stats", "has shape"]),
-    "not a permutation": (_edit_tensors(_swap_perm), FormatError, [f"{BASE}.perm", "not a permutation"]),
-    "outliers missing": (_edit_tensors(lambda t: t.pop(BASE + ".outlier_vals")), FormatError,
+    "not a permutation": (edit_tensors(_swap_perm), FormatError, [f"{BASE}.perm", "not a permutation"]),
+    "outliers missing": (edit_tensors(lambda t: t.pop(BASE + ".outlier_vals")), FormatError,
                          [f"{BASE}.outlier_vals is missing"]),
 }
 
