@@ -11,7 +11,6 @@ readers/bcq.py reads it, the engine runs it on the lookup-table kernels (LutLine
   values: each one clear error (the CLI: one `qinfer: error:` line, exit 1), nothing written.
 """
 import json
-import os
 import shutil
 import sys
 from pathlib import Path

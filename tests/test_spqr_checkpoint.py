@@ -14,7 +14,6 @@ readers/spqr.py reads it, the engine runs it (SpqrLinear layers).
   nothing written.
 """
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
