@@ -605,8 +605,9 @@ def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, pn
                  "columns and values.")
     if "bcq" in args.methods:
         L.append("* BCQ (`bcq` rows, `qinfer quantize --method bcq`): each group of inputs of an output row as "
-                 "`bits` sign planes with a float16 scale each and a float16 offset, greedy then 30 rounds of "
-                 "alternating least squares, no calibration (and no clip search); run by the lookup-table "
+                 "`bits` sign planes with a float16 scale each and a float16 offset, started from the better of "
+                 "the greedy fit and the group's min/max uniform grid, then 30 rounds of alternating least "
+                 "squares, no calibration (and no clip search); run by the lookup-table "
                  "kernels, whose int8 tables round the activations (docs/FORMAT.md section 6). Bits per weight: "
                  "the planes, scales and offsets.")
     if set(CALIBRATED) & set(args.methods):
