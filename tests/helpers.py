@@ -12,8 +12,9 @@
 * ``pack_gptq(codes, bits)``    the reference packer: GPTQ's packing loop, written from GPTQ's
                                 QuantLinear.pack, never from qinfer/packing.py (it is what
                                 qinfer's packing is checked against)
-* ``leftovers``, ``edit_tensors``, ``edit_settings``  a checkpoint test's half-written names,
-                                and edits of a written checkpoint (bad-input cases)
+* ``leftovers``, ``edit_tensors``, ``edit_settings``, ``refused``  a checkpoint test's
+                                half-written names, edits of a written checkpoint, and the check
+                                that an edited one is refused by name (bad-input cases)
 
 The fixtures ``write_tiny`` (a tiny model directory) and ``restore_threads`` are in conftest.py.
 """
@@ -173,4 +174,22 @@ def edit_settings(change, files=("config.json",)):
             change(cfg["quantization_config"] if file == "config.json" else cfg)
             (directory / file).write_text(json.dumps(cfg))
     return edit
+
+
+def refused(directory, tmp_path, edit, error, *words):
+    """Copy the checkpoint `directory`, edit(copy), and check that opening it raises `error`
+    with a one-line message naming `words`."""
+    import shutil
+
+    from qinfer.readers import open_model
+
+    bad = tmp_path / "bad"
+    shutil.copytree(directory, bad)
+    edit(bad)
+    with pytest.raises(error) as info:
+        open_model(bad)
+    message = str(info.value)
+    assert "\n" not in message
+    for w in words:
+        assert w in message, (w, message)
 
