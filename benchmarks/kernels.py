@@ -62,7 +62,7 @@ def layer_set(rng, shape, bits, group_size, llc_bytes, scale_dtype):
     return [first] + [random_layer(rng, *shape, bits, group_size, scale_dtype) for _ in range(count - 1)]
 
 
-def time_cycling(layers, x, threads):
+def time_cycling(layers, x, threads, min_seconds=1.0):
     """Seconds per qgemv while cycling through the layers: the best pass over all of them,
     the statistic read_bandwidth reports, so the "% read BW" column sets like against like
     (on a machine shared with other work both vary from one pass to the next)."""
@@ -72,7 +72,7 @@ def time_cycling(layers, x, threads):
         layers[state["i"] % len(layers)](x, threads=threads)
         state["i"] += 1
 
-    return best_time(lambda: [call() for _ in range(len(layers))], min_seconds=1.0,
+    return best_time(lambda: [call() for _ in range(len(layers))], min_seconds=min_seconds,
                      statistic=min) / len(layers)
 
 

@@ -28,8 +28,8 @@ import qinfer  # noqa: E402
 from qinfer import kernels  # noqa: E402
 from qinfer.lut_linear import LutLinear  # noqa: E402
 from qinfer.quant.bcq import BcqResult  # noqa: E402
-from common import ReadProbe, best_time  # noqa: E402
-from kernels import activations, random_layer  # noqa: E402
+from common import ReadProbe  # noqa: E402
+from kernels import activations, random_layer, time_cycling  # noqa: E402
 
 LLC_MULTIPLE = 3
 
@@ -40,17 +40,6 @@ def random_bcq(rng, out_f, in_f, bits, group):
     alphas = rng.uniform(0.001, 0.01, size=(groups, out_f, bits)).astype(np.float32)
     offsets = rng.uniform(-0.01, 0.01, size=(groups, out_f)).astype(np.float32)
     return LutLinear.from_bcq(BcqResult(bits, group, planes, alphas, offsets))
-
-
-def cycle_time(layers, x, threads, rounds_best):
-    state = {"i": 0}
-
-    def call():
-        layers[state["i"] % len(layers)](x, threads=threads)
-        state["i"] += 1
-
-    sec = best_time(lambda: [call() for _ in range(len(layers))], min_seconds=0.5, statistic=min) / len(layers)
-    rounds_best.append(sec)
 
 
 def main():
@@ -91,7 +80,7 @@ def main():
                     for _ in range(args.rounds):
                         for name, (layers, mode) in kinds.items():
                             with activations(mode):
-                                cycle_time(layers, x, t, best[name])
+                                best[name].append(time_cycling(layers, x, t, min_seconds=0.5))
                     sec = {k: min(v) for k, v in best.items()}
                     for name, (layers, _) in kinds.items():
                         ratio = sec[name] / sec["lut"]

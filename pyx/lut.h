@@ -70,7 +70,7 @@
 enum { LUT_UNIFORM = 0, LUT_BINARY = 1 };
 
 typedef struct lut_matrix {
-    qmatrix head;            /* in/out features, bits, group_size, n_groups, n_tiles, tu = 16, perm;
+    qmatrix head;            /* in/out features, bits, group_size, n_groups, n_tiles, tu = LUT_TU, perm;
                                 no words or scales: the forward pass only passes it on */
     int kind;                /* LUT_UNIFORM or LUT_BINARY */
     int n_mults;             /* 1 or bits */
@@ -164,12 +164,21 @@ static void lut_build_row_avx512(const lut_matrix *L, const float *x, int8_t *ta
     }
 }
 
-static void lut_build_row(const lut_matrix *L, const float *x, int8_t *tables, float *scale, float *xsum, int fast)
+static inline const int8_t *lut_row_tables(const lut_matrix *L, const lut_act *a, int r)
 {
+    return a->tables + (size_t)r * L->head.in_features * 4;
+}
+
+/* Row r of x[n][in]'s tables into a (fast: on AVX-512 where the CPU has it). */
+static void lut_build_row(const lut_matrix *L, const float *x, const lut_act *a, int r, int fast)
+{
+    const float *xr = x + (size_t)r * L->head.in_features;
+    int8_t *tables = (int8_t *)lut_row_tables(L, a, r);
+    float *scale = a->scale + (size_t)r * a->n_segments, *xsum = a->xsum + (size_t)r * a->n_segments;
     if (fast && L->avx512)
-        lut_build_row_avx512(L, x, tables, scale, xsum);
+        lut_build_row_avx512(L, xr, tables, scale, xsum);
     else
-        lut_build_row_portable(L, x, tables, scale, xsum);
+        lut_build_row_portable(L, xr, tables, scale, xsum);
 }
 
 static void lut_act_free(lut_act *a)
@@ -193,11 +202,6 @@ static int lut_act_alloc(const lut_matrix *L, int n, lut_act *a)
         return -1;
     }
     return 0;
-}
-
-static inline const int8_t *lut_row_tables(const lut_matrix *L, const lut_act *a, int r)
-{
-    return a->tables + (size_t)r * L->head.in_features * 4;
 }
 
 /* ---------------------------------------------------- the portable loops */
@@ -323,8 +327,7 @@ static int lut_gemm_with(const qmatrix *m, const float *x, int n, float *y, int 
     {
         #pragma omp for schedule(static)
         for (int r = 0; r < n; r++)
-            lut_build_row(L, x + (size_t)r * m->in_features, (int8_t *)lut_row_tables(L, &a, r),
-                          a.scale + (size_t)r * a.n_segments, a.xsum + (size_t)r * a.n_segments, fast);
+            lut_build_row(L, x, &a, r, fast);
 #ifdef _OPENMP
         const int t = omp_get_thread_num(), T = omp_get_num_threads();
 #else
@@ -392,8 +395,7 @@ static int lut_rows_team(const qmatrix *m, const float *x, int n, float *y, cons
     if (lut_team_act(L, n, &a))
         return -1;
     for (int r = 0; r < n; r++)
-        lut_build_row(L, x + (size_t)r * m->in_features, (int8_t *)lut_row_tables(L, &a, r),
-                      a.scale + (size_t)r * a.n_segments, a.xsum + (size_t)r * a.n_segments, 1);
+        lut_build_row(L, x, &a, r, 1);
     lut_tiles(L, &a, n, (int)((long)m->n_tiles * tm->thread / tm->threads),
               (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads), y, 1);
     lut_team_done();

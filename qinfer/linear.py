@@ -86,6 +86,28 @@ def _tiles(a, tu, dtype=None):
     return dst
 
 
+def _untiles(flat, rows, tu, out):
+    """The inverse of _tiles: flat [n_tiles][rows][tu] -> [rows, out], C order."""
+    n_tiles = -(-out // tu)
+    a = flat.reshape(n_tiles, rows, tu).transpose(1, 0, 2).reshape(rows, n_tiles * tu)
+    return np.ascontiguousarray(a[:, :out])
+
+
+def act_order_perm(g_idx, in_features, n_groups, group):
+    """Act-order's kernel order: input k of the kernel is x[perm[k]], the rows sorted by their
+    group (stable). ShapeError unless g_idx has in_features entries in [0, n_groups) giving
+    every group exactly `group` rows."""
+    g_idx = np.asarray(g_idx)
+    if g_idx.shape != (in_features,):
+        raise ShapeError(f"g_idx must have {in_features} entries, got shape {g_idx.shape}")
+    if g_idx.min() < 0 or g_idx.max() >= n_groups:
+        raise ShapeError(f"g_idx values must lie in [0, {n_groups})")
+    perm = np.argsort(g_idx, kind="stable").astype(np.int32)
+    if np.any(g_idx[perm] != np.arange(in_features) // group):
+        raise ShapeError(f"g_idx does not give every group exactly {group} rows")
+    return perm
+
+
 def _aligned(a, alignment=CODE_ALIGNMENT):
     """A C-contiguous copy of `a` (any strides) starting on a cache-line
     boundary. numpy only promises 16 bytes, and from a start 16 bytes off a 32-byte boundary every
@@ -226,16 +248,8 @@ class QuantizedLinear:
     def _from_act_order(cls, qweight, scales, zeros, bits, group_size, g_idx, scale_dtype):
         """Rows of one group may be scattered: sort them together and gather x to match."""
         in_features = qweight.shape[0] * 32 // bits
-        g_idx = np.asarray(g_idx)
-        if g_idx.shape != (in_features,):
-            raise ShapeError(f"g_idx must have {in_features} entries, got shape {g_idx.shape}")
-        n_groups = scales.shape[0]
-        if g_idx.min() < 0 or g_idx.max() >= n_groups:
-            raise ShapeError(f"g_idx values must lie in [0, {n_groups})")
-        perm = np.argsort(g_idx, kind="stable").astype(np.int32)
         group = in_features if group_size == -1 else group_size
-        if np.any(g_idx[perm] != np.arange(in_features) // group):
-            raise ShapeError(f"g_idx does not give every group exactly {group} rows")
+        perm = act_order_perm(g_idx, in_features, scales.shape[0], group)
         if np.array_equal(perm, np.arange(in_features)):     # stored, but trivial
             layer = cls(qweight, scales, zeros, bits, group_size, in_features, qweight.shape[1], scale_dtype)
         else:
@@ -284,9 +298,7 @@ class QuantizedLinear:
 
     # ----------------------------------------------------------- inspection
     def _untile(self, flat, rows):
-        n_tiles = -(-self.out_features // self._tu)
-        a = flat.reshape(n_tiles, rows, self._tu).transpose(1, 0, 2).reshape(rows, n_tiles * self._tu)
-        return np.ascontiguousarray(a[:, :self.out_features])
+        return _untiles(flat, rows, self._tu, self.out_features)
 
     @property
     def qweight(self):

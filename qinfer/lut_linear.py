@@ -15,14 +15,23 @@ Outputs agree with the float product to within the tables' int8 rounding (about
 what int8 activations give); the AVX-512 loops and the portable loop give the
 same bits. docs/FORMAT.md, section 6, draws the layout.
 """
+import copy
+
 import numpy as np
 
 from . import _lut, kernels
 from .errors import ShapeError, UnsupportedError
-from .linear import _empty_aligned
+from .linear import _empty_aligned, _tiles, _untiles, act_order_perm
 
 TILE, BLOCK = _lut.TILE, _lut.BLOCK
 LUT_BITS = (2, 3, 4)     # the widths pyx/lut_kernels.h.tp has loops for (the portable loop takes 1 .. 4)
+
+
+def fits(bits, group_size, in_features):
+    """Whether a layer of these settings can run on the lookup-table kernels (what _check demands)."""
+    group = in_features if group_size == -1 else group_size
+    return bits in LUT_BITS and in_features % BLOCK == 0 and group > 0 and group % BLOCK == 0 and \
+        in_features % group == 0
 
 
 def _check(bits, group, in_features, out_features):
@@ -35,17 +44,11 @@ def _check(bits, group, in_features, out_features):
                                f"in_features={in_features}, got {group}")
 
 
-def act_order(g_idx, in_features, group):
-    """The kernel order of act-order rows (input k of the kernel is x[perm[k]]), or None
-    when the rows are in order; ShapeError when g_idx does not give each group `group` rows."""
+def _kernel_order(g_idx, in_features, group):
+    """Act-order's perm (linear.act_order_perm), or None when the rows are in order already."""
     if g_idx is None:
         return None
-    g_idx = np.asarray(g_idx)
-    if g_idx.shape != (in_features,):
-        raise ShapeError(f"g_idx must have {in_features} entries, got shape {g_idx.shape}")
-    perm = np.argsort(g_idx, kind="stable").astype(np.int32)
-    if np.any(g_idx[perm] != np.arange(in_features) // group):
-        raise ShapeError(f"g_idx does not give every group exactly {group} rows")
+    perm = act_order_perm(g_idx, in_features, in_features // group, group)
     return None if np.array_equal(perm, np.arange(in_features)) else perm
 
 
@@ -76,52 +79,48 @@ def unpack_planes(planes, bits, out_features, in_features):
     return bit.reshape(bits, n_tiles * TILE, in_features)[:, :out_features].astype(np.uint8)
 
 
-def _by_tile(a, dtype):
+def _stats_tiles(a, dtype):
     """[groups, k, out] -> flat [n_tiles][groups][k][TILE] (rows past out zero)."""
     groups, k, out_f = a.shape
-    n_tiles = -(-out_f // TILE)
-    padded = np.zeros((groups, k, n_tiles * TILE), dtype=dtype)
-    padded[..., :out_f] = a
-    laid = _empty_aligned((n_tiles, groups, k, TILE), np.dtype(dtype))
-    laid[...] = padded.reshape(groups, k, n_tiles, TILE).transpose(2, 0, 1, 3)
-    return laid.reshape(-1)
+    return _tiles(np.asarray(a).reshape(groups * k, out_f), TILE, dtype).reshape(-1)
 
 
-def _from_tiles(flat, groups, k, out_f):
-    n_tiles = -(-out_f // TILE)
-    return flat.reshape(n_tiles, groups, k, TILE).transpose(1, 2, 0, 3).reshape(groups, k, -1)[..., :out_f]
+def _stats_untiled(flat, groups, k, out_f):
+    return _untiles(flat, groups * k, TILE, out_f).reshape(groups, k, out_f)
 
 
 class LutLinear:
     """y = x @ W^T through table lookups; build with from_uniform, from_quantized or from_bcq."""
 
-    def __init__(self, kind, bits, group_size, bit_planes, mults, offsets, perm=None):
-        """bit_planes {0, 1} [bits, out, in] in kernel order (act-order rows sorted by group), or
-        ("words", GPTQ int32 words [in * bits / 32, out] in stored order, out, in) for uniform codes;
-        mults float [groups, n_mults, out] (s, or a_i); offsets float [groups, out] (c); perm: kernel
-        input k is x[perm[k]] (None: in order)."""
-        words = bit_planes[1] if isinstance(bit_planes, tuple) else None
-        bits_, out_f, in_f = (bits, *bit_planes[2:]) if words is not None else bit_planes.shape
-        group = in_f if group_size == -1 else group_size
-        _check(bits, group, in_f, out_f)
-        groups = in_f // group
+    def __init__(self, kind, bits, group_size, out_features, in_features, planes, mults, offsets, perm=None):
+        """planes: pyx/lut.h's layout (pack_planes, or _lut.pack_words from GPTQ words); mults float
+        [groups, n_mults, out] (s, or a_i); offsets float [groups, out] (c); perm: kernel input k
+        is x[perm[k]] (None: in order). The builders below make them."""
+        group = in_features if group_size == -1 else group_size
+        _check(bits, group, in_features, out_features)
+        groups = in_features // group
         n_mults = bits if kind == "binary" else 1
-        if bits_ != bits or mults.shape != (groups, n_mults, out_f) or offsets.shape != (groups, out_f):
-            raise ShapeError("lookup-table planes, multipliers and offsets do not match")
+        if mults.shape != (groups, n_mults, out_features) or offsets.shape != (groups, out_features):
+            raise ShapeError("lookup-table multipliers and offsets do not match the layer")
         self.kind, self.bits, self.group_size = kind, bits, group_size
-        self.in_features, self.out_features = in_f, out_f
+        self.in_features, self.out_features = in_features, out_features
         self._group = group
-        if words is None:
-            self._planes = pack_planes(bit_planes)
-        else:
-            self._planes = _empty_aligned((-(-out_f // TILE) * in_f * bits * TILE // 8,), np.dtype(np.uint8))
-            _lut.pack_words(np.ascontiguousarray(words).view(np.uint32), bits, in_f, self._planes, perm,
-                            kernels.resolve_threads(None))
-        self._mults = _by_tile(np.asarray(mults, dtype=np.float16), np.float16)
-        self._offsets = _by_tile(np.asarray(offsets, dtype=np.float32)[:, None, :], np.float32)
+        self._planes = planes
+        self._mults = _stats_tiles(np.asarray(mults, dtype=np.float16), np.float16)
+        self._offsets = _stats_tiles(np.asarray(offsets, dtype=np.float32)[:, None, :], np.float32)
         self._perm = None if perm is None else np.ascontiguousarray(perm, dtype=np.int32)
-        self._matrix = _lut.LutMatrix(kind, bits, in_f, out_f, group, self._planes, self._mults.view(np.uint16),
-                                      self._offsets, self._perm)
+        self._matrix = self._build_matrix()
+
+    def _build_matrix(self):
+        return _lut.LutMatrix(self.kind, self.bits, self.in_features, self.out_features, self._group, self._planes,
+                              self._mults.view(np.uint16), self._offsets, self._perm)
+
+    def copy(self):
+        """An independent layer with its own memory (timing streams copies from memory)."""
+        twin = copy.copy(self)
+        twin._planes, twin._mults, twin._offsets = (a.copy() for a in (self._planes, self._mults, self._offsets))
+        twin._matrix = twin._build_matrix()
+        return twin
 
     # ------------------------------------------------------------ builders
     @classmethod
@@ -134,15 +133,16 @@ class LutLinear:
         in_f, out_f = codes.shape
         group = in_f if group_size == -1 else group_size
         _check(bits, group, in_f, out_f)
-        perm = act_order(g_idx, in_f, group)
+        perm = _kernel_order(g_idx, in_f, group)
         if perm is not None:
             codes = codes[perm]
         s = np.asarray(scales, dtype=np.float16).astype(np.float32)
         z = np.asarray(zeros, dtype=np.float32)
         if s.shape != (in_f // group, out_f) or z.shape != s.shape:
             raise ShapeError(f"scales and zeros must be [{in_f // group}, {out_f}]")
-        bit_planes = np.stack([(codes.T >> i) & 1 for i in range(bits)]).astype(np.uint8)
-        return cls("uniform", bits, group_size, bit_planes, s[:, None, :], s * ((2 ** bits - 1) / 2 - z), perm)
+        planes = pack_planes(np.stack([(codes.T >> i) & 1 for i in range(bits)]).astype(np.uint8))
+        return cls("uniform", bits, group_size, out_f, in_f, planes, s[:, None, :], s * ((2 ** bits - 1) / 2 - z),
+                   perm)
 
     @classmethod
     def from_quantized(cls, layer):
@@ -151,9 +151,11 @@ class LutLinear:
         bits, in_f, out_f = layer.bits, layer.in_features, layer.out_features
         group = in_f if layer.group_size == -1 else layer.group_size
         _check(bits, group, in_f, out_f)
-        perm = act_order(layer.g_idx, in_f, group)
+        perm = _kernel_order(layer.g_idx, in_f, group)
+        planes = _empty_aligned((-(-out_f // TILE) * in_f * bits * TILE // 8,), np.uint8)
+        _lut.pack_words(layer.qweight.view(np.uint32), bits, in_f, planes, perm, kernels.resolve_threads(None))
         s = np.asarray(layer.scales, dtype=np.float16).astype(np.float32)
-        return cls("uniform", bits, layer.group_size, ("words", layer.qweight, out_f, in_f), s[:, None, :],
+        return cls("uniform", bits, layer.group_size, out_f, in_f, planes, s[:, None, :],
                    s * ((2 ** bits - 1) / 2 - layer.zeros), perm)
 
     @classmethod
@@ -161,12 +163,13 @@ class LutLinear:
         """A BcqResult (qinfer/quant/bcq.py): alphas rounded to float16, as checkpoints hold them."""
         bits, group = result.bits, result.group_size
         in_f = result.in_features
-        perm = act_order(g_idx, in_f, group)
-        planes = result.planes if perm is None else result.planes[:, :, perm]
+        _check(bits, group, in_f, result.out_features)
+        perm = _kernel_order(g_idx, in_f, group)
+        signs = result.planes if perm is None else result.planes[:, :, perm]
         alphas = np.asarray(result.alphas, dtype=np.float16).astype(np.float32)     # [groups, out, bits]
         offsets = np.asarray(result.offsets, dtype=np.float32)
-        return cls("binary", bits, group, (planes > 0).astype(np.uint8), 2 * alphas.transpose(0, 2, 1),
-                   offsets, perm)
+        return cls("binary", bits, group, result.out_features, in_f, pack_planes((signs > 0).astype(np.uint8)),
+                   2 * alphas.transpose(0, 2, 1), offsets, perm)
 
     # -------------------------------------------------------------- compute
     def __call__(self, x, threads=None):
@@ -197,8 +200,8 @@ class LutLinear:
         """The float32 weight [out, in] the kernels multiply by: sum_i a_i b_i / 2 + c."""
         groups = self.in_features // self._group
         n_mults = self.bits if self.kind == "binary" else 1
-        m = _from_tiles(self._mults, groups, n_mults, self.out_features).astype(np.float32)
-        c = _from_tiles(self._offsets, groups, 1, self.out_features)[:, 0]
+        m = _stats_untiled(self._mults, groups, n_mults, self.out_features).astype(np.float32)
+        c = _stats_untiled(self._offsets, groups, 1, self.out_features)[:, 0]
         if self.kind == "uniform":
             m = m * 2.0 ** np.arange(self.bits, dtype=np.float32)[None, :, None]
         b = unpack_planes(self._planes, self.bits, self.out_features, self.in_features).astype(np.float32) - 0.5

@@ -1,9 +1,10 @@
 """The model builder: turns a reader's ModelSource into the runtime model.
 
 Linear layers that arrive packed (GGUF block formats, GPTQ) run on the
-quantized kernels as they are, SpQR ones as SpqrLinear layers and BCQ ones
-as LutLinear layers (the lookup-table kernels; neither is stacked); float ones stay float32 (read from the file's
-memory map when already float32) or are quantized on load when asked
+quantized kernels as they are (or on the lookup-table kernels, kernels.lut_mode),
+SpQR ones as SpqrLinear layers and BCQ ones as LutLinear layers (neither is
+stacked); float ones stay float32 (read from the file's memory map when
+already float32) or are quantized on load when asked
 (round to nearest with float16 scales, the model `qinfer quantize --method
 rtn` writes, so its scales and zeros are held in float16). An embedding
 table stored quantized stays packed, its rows widened when looked up (a 7B
@@ -22,7 +23,7 @@ from . import memory
 from ._forward import Transformer
 from .errors import QinferError, UnsupportedError
 from .linear import QuantizedLinear
-from .lut_linear import LutLinear
+from .lut_linear import LutLinear, fits as fits_lut
 from .readers.source import BcqTensor, PackedTensor, SpqrTensor
 from .spqr_linear import SpqrLinear
 
@@ -400,14 +401,11 @@ class Model:
     def _runs_on_lut(self, layer):
         """Whether a block's packed layer runs on the lookup-table kernels (kernels.lut_mode():
         "on", or "auto" with int8 activations where they measured faster for its shape)."""
-        from .lut_linear import LUT_BITS, BLOCK
         from .tuning import lut_choice
 
         mode = kernels.lut_mode()
-        if mode == "off" or not isinstance(layer, QuantizedLinear) or layer.bits not in LUT_BITS:
-            return False
-        group = layer.in_features if layer.group_size == -1 else layer.group_size
-        if layer.in_features % BLOCK or group % BLOCK:
+        if mode == "off" or not isinstance(layer, QuantizedLinear) or \
+                not fits_lut(layer.bits, layer.group_size, layer.in_features):
             return False
         if mode == "on":
             return True

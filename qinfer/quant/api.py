@@ -185,15 +185,30 @@ def _bcq_group(source, group_size):
     return group_size
 
 
+def _refuse_options(title, options, why):
+    """QinferError naming every option of `options` ((name, given) pairs) that was given: a
+    setting `title` (an SpQR, a BCQ) checkpoint has no place for, for the reason `why`."""
+    used = [name for name, given in options if given]
+    if used:
+        verb = f"is not {title} option" if len(used) == 1 else f"are not {title.split(' ', 1)[1]} options"
+        raise QinferError(f"{' and '.join(used)} {verb} ({why})")
+
+
 def _check_spqr_options(sym, static_groups, zero_point, dynamic):
     """The GPTQ-format options SpQR's checkpoint has no place for."""
-    used = [name for name, on in (("sym (--sym)", sym), ("static_groups (--static-groups)", static_groups),
-                                  ("zero_point 'float' (--zero-point float)", zero_point != "int"),
-                                  ("dynamic (--dynamic)", dynamic)) if on]
-    if used:
-        verb = "is not an SpQR option" if len(used) == 1 else "are not SpQR options"
-        raise QinferError(f"{' and '.join(used)} {verb} (its zero points are unsigned integers, its groups "
-                          f"follow act-order, every layer alike)")
+    _refuse_options("an SpQR", (("sym (--sym)", sym), ("static_groups (--static-groups)", static_groups),
+                                ("zero_point 'float' (--zero-point float)", zero_point != "int"),
+                                ("dynamic (--dynamic)", dynamic)),
+                    "its zero points are unsigned integers, its groups follow act-order, every layer alike")
+
+
+def _check_bcq_options(sym, zero_point, clip_search, dynamic, stat_bits, outlier_threshold):
+    """The GPTQ-format and SpQR options BCQ's checkpoint has no place for."""
+    _refuse_options("a BCQ", (("sym (--sym)", sym), ("zero_point 'float' (--zero-point float)", zero_point != "int"),
+                              ("clip_search (--clip-search)", clip_search), ("dynamic (--dynamic)", dynamic),
+                              ("stat_bits (--stat-bits)", stat_bits is not None),
+                              ("outlier_threshold (--outlier-threshold)", outlier_threshold is not None)),
+                    "its weights are sign planes with a scale each, every layer alike")
 
 
 def _check_dynamic(rules, bits, group_size, sym, zero_point):
@@ -434,15 +449,7 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
     if method == "bcq":
         rounds = BCQ_DEFAULT_ROUNDS if rounds is None else rounds
         _check_bcq_settings(bits, group_size, rounds)
-        used = [name for name, on in (("sym (--sym)", sym), ("zero_point 'float' (--zero-point float)",
-                                                           zero_point != "int"),
-                                      ("clip_search (--clip-search)", clip_search), ("dynamic (--dynamic)", dynamic),
-                                      ("stat_bits (--stat-bits)", stat_bits is not None),
-                                      ("outlier_threshold (--outlier-threshold)", outlier_threshold is not None))
-                if on]
-        if used:
-            raise QinferError(f"{' and '.join(used)} {'is not a BCQ option' if len(used) == 1 else 'are not BCQ options'}"
-                              f" (its weights are sign planes with a scale each, every layer alike)")
+        _check_bcq_options(sym, zero_point, clip_search, dynamic, stat_bits, outlier_threshold)
     if method == "spqr":
         stat_bits = DEFAULT_STAT_BITS if stat_bits is None else stat_bits
         outlier_threshold = DEFAULT_OUTLIER_THRESHOLD if outlier_threshold is None else outlier_threshold

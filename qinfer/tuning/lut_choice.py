@@ -81,7 +81,7 @@ def measure(shape, threads, activations):
     count = max(2, min(-(-cold // first.nbytes), COLD_BYTES_MAX // first.nbytes))
     dense = [first] + [first.copy() for _ in range(count - 1)]
     luts = [LutLinear.from_quantized(first)]
-    luts += [_copy(luts[0]) for _ in range(count - 1)]
+    luts += [luts[0].copy() for _ in range(count - 1)]
     x = rng.standard_normal(shape.in_features).astype(np.float32)
     best = {"dense": float("inf"), "lut": float("inf")}
     with kernels.use_activations(activations):
@@ -89,19 +89,6 @@ def measure(shape, threads, activations):
             best["dense"] = min(best["dense"], _cycle_seconds(dense, x, threads))
             best["lut"] = min(best["lut"], _cycle_seconds(luts, x, threads))
     return best["dense"], best["lut"]
-
-
-def _copy(layer):
-    """Another LutLinear with its own memory (the copies stream from memory as separate layers)."""
-    import copy
-
-    from .. import _lut
-
-    twin = copy.copy(layer)
-    twin._planes, twin._mults, twin._offsets = (a.copy() for a in (layer._planes, layer._mults, layer._offsets))
-    twin._matrix = _lut.LutMatrix(layer.kind, layer.bits, layer.in_features, layer.out_features, layer._group,
-                                  twin._planes, twin._mults.view(np.uint16), twin._offsets, layer._perm)
-    return twin
 
 
 def faster(shape, threads, activations):
