@@ -51,6 +51,9 @@ def extensions():
     exts.append(Extension("qinfer._sampling", ["pyx/_sampling.pyx"], **common))
     exts.append(Extension("qinfer._lut", ["pyx/_lut.pyx"], **dict(      # lut_kernels.h
         common, depends=headers + [os.path.join(GENERATED, "lut_kernels.h")], include_dirs=["pyx", GENERATED])))
+    exts.append(Extension("qinfer._w8a8", ["pyx/_w8a8.pyx"], **dict(    # w8a8_kernels.h; no fused
+        common, depends=headers + [os.path.join(GENERATED, "w8a8_kernels.h")], include_dirs=["pyx", GENERATED],
+        extra_compile_args=cflags + ["-ffp-contract=off"])))              # multiply-adds: pyx/w8a8.h
     # include_path: the generated modules in build/generated cimport pyx/qmatrix.pxd
     return cythonize(exts, language_level=3, include_path=["pyx"], compiler_directives={
         "boundscheck": False, "wraparound": False, "cdivision": True})

@@ -8,7 +8,9 @@ parameters the performance model picked for that bitwidth and the variants
 (vector widths, instruction sets, kernel kinds) the table holds for them; and
 OUTDIR/kv_kernels.h from pyx/kv_kernels.h.tp, attention's loops for each coded
 KV cache format (its table is at the template's top); and OUTDIR/lut_kernels.h
-from pyx/lut_kernels.h.tp, the lookup-table loops per bit width and kind.
+from pyx/lut_kernels.h.tp, the lookup-table loops per bit width and kind;
+and OUTDIR/w8a8_kernels.h from pyx/w8a8_kernels.h.tp, the int8 x int8 loops
+per instruction set.
 """
 import dataclasses
 import os
@@ -24,6 +26,7 @@ PYX = os.path.join(HERE, os.pardir, "pyx")
 TEMPLATE = os.path.join(PYX, "qgemm.pyx.tp")
 KV_TEMPLATE = os.path.join(PYX, "kv_kernels.h.tp")
 LUT_TEMPLATE = os.path.join(PYX, "lut_kernels.h.tp")
+W8A8_TEMPLATE = os.path.join(PYX, "w8a8_kernels.h.tp")
 SNIPPETS = os.path.join(PYX, "snippets")
 # the smallest group size: a segment can end every MIN_GROUP values
 MIN_GROUP = min(g for g in table.GROUP_SIZES if g > 0)
@@ -169,9 +172,10 @@ def render_all(outdir, machine=None):
     path = os.path.join(outdir, "kv_kernels.h")
     write_if_changed(path, load(KV_TEMPLATE).substitute({}))
     written.append(path)
-    path = os.path.join(outdir, "lut_kernels.h")
-    write_if_changed(path, load(LUT_TEMPLATE).substitute({}))
-    written.append(path)
+    for name, template in (("lut_kernels.h", LUT_TEMPLATE), ("w8a8_kernels.h", W8A8_TEMPLATE)):
+        path = os.path.join(outdir, name)
+        write_if_changed(path, load(template).substitute({}))
+        written.append(path)
     return written
 
 

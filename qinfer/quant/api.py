@@ -21,6 +21,9 @@ format) needs no calibration either; its checkpoint is qinfer's own
 SpQR ("spqr", quant/spqr.py) runs the same layer loop with its own quantizer
 and swaps in the SpqrLinear layers the kernels run; its checkpoint is
 qinfer's own (quant/spqr_writer.py).
+SmoothQuant and ZeroQuant's W8A8 ("smoothquant", "zeroquant": quant/w8a8.py)
+write 8-bit symmetric weights whose inputs the engine rounds to int8 per token;
+`smooth` applies SmoothQuant's smoothing before GPTQ or round to nearest.
 Nothing is written until every layer is done (checkpoint.py).
 """
 import math
@@ -44,14 +47,18 @@ from .progress import Progress
 from .quantizer import check_settings, rtn_quantize
 from .spqr import DEFAULT_GROUP as SPQR_DEFAULT_GROUP, DEFAULT_OUTLIER_THRESHOLD, DEFAULT_STAT_BITS, spqr_quantize
 from .spqr_writer import save_spqr_checkpoint
+from . import smoothquant, w8a8
 from .writer import FLOAT_DTYPES, float_tensors, float_weight, save_checkpoint
 
-METHODS = ("gptq", "rtn", "spqr", "bcq")
-CALIBRATED = ("gptq", "spqr")            # the methods that need --calib
+METHODS = ("gptq", "rtn", "spqr", "bcq") + w8a8.METHODS
+CALIBRATED = ("gptq", "spqr", "smoothquant")            # the methods that need --calib
 # bits and group size when not given: GPTQ's usual 4-bit g128; SpQR's paper setting, 3-bit beta1 = 16;
 # BCQ: 3 planes, groups of 128 (LUT-GEMM's), or of the largest of BCQ_GROUP_SIZES dividing every
 # layer's inputs (SmolLM2's 576: 64)
-DEFAULT_BITS_GROUP = {"gptq": (4, 128), "rtn": (4, 128), "spqr": (3, SPQR_DEFAULT_GROUP), "bcq": (3, None)}
+# SmoothQuant and ZeroQuant: 8-bit weights, one scale per output row
+DEFAULT_BITS_GROUP = {"gptq": (4, 128), "rtn": (4, 128), "spqr": (3, SPQR_DEFAULT_GROUP), "bcq": (3, None),
+                      "smoothquant": (8, -1), "zeroquant": (8, -1)}
+DEFAULT_CALIBRATION = {"smoothquant": w8a8.DEFAULT_CALIBRATION}      # (windows, tokens); the others (128, 2048)
 BCQ_GROUP_SIZES = (128, 64, 32, 16)      # and -1: multiples of the lookup-table kernels' block of 16
 SPQR_GROUP_SIZES = (16, 32, 64, 128)     # multiples of 16 (SpqrLinear's kernels) dividing spqr.py's block
 # The input each linear map reads (Model.run_layer's capture names).
@@ -91,11 +98,16 @@ class QuantizeReport:
     # ||W - Q||^2 / ||W||^2 (weighted by the layers' sizes)
     rounds: int = None
     weight_error: float = None
+    # SmoothQuant and ZeroQuant: how the activations run, and the smoothing's alpha(s)
+    activations: str = None
+    alpha: str = None
 
     def summary(self):
         group = "full column" if self.group_size == -1 else f"group {self.group_size}"
         spqr = (f" {self.stat_bits}-bit statistics, outlier threshold {self.outlier_threshold:g}"
                 if self.method == "spqr" else f" {self.rounds} refinement rounds" if self.method == "bcq" else "")
+        if self.activations:
+            spqr = f", activations {self.activations}" + (f", {self.alpha}" if self.alpha else "")
         lines = [f"{self.method} {self.bits}-bit {group}{spqr}{' sym' if self.sym else ''}"
                  f"{' float-zero' if self.zero_point == 'float' else ''}"
                  f"{' clip-search' if self.clip_search else ''}"
@@ -127,9 +139,10 @@ def _check_int(name, value, low):
 def _check_settings(bits, group_size, method, nsamples, seqlen, damp, seed, float_dtype):
     if method not in METHODS:
         raise UnsupportedError(f"method must be one of {METHODS}, got {method!r}")
-    if method not in ("spqr", "bcq"):    # theirs: _check_spqr_settings, _check_bcq_settings
+    if method not in ("spqr", "bcq") + w8a8.METHODS:    # theirs: _check_spqr_settings, ..., w8a8.check_bits
         if bits not in BITWIDTHS:
             raise UnsupportedError(f"bits must be one of {BITWIDTHS}, got {bits!r}")
+    if method not in ("spqr", "bcq"):
         if group_size not in GROUP_SIZES:
             raise UnsupportedError(f"group_size must be one of {GROUP_SIZES} (-1 = full column), got {group_size!r}")
     _check_int("nsamples", nsamples, 1)
@@ -392,9 +405,10 @@ def _spqr_layers(source, windows, settings, threads, true_sequential, progress):
 
 # ---------------------------------------------------------------- the API
 def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=False, sym=False,
-             static_groups=False, calib=None, nsamples=128, seqlen=2048, damp=0.01, seed=0, force=False,
+             static_groups=False, calib=None, nsamples=None, seqlen=None, damp=0.01, seed=0, force=False,
              threads=None, true_sequential=False, sink_weight=1.0, float_dtype="float16", zero_point="int",
-             clip_search=False, dynamic=None, progress=True, stat_bits=None, outlier_threshold=None, rounds=None):
+             clip_search=False, dynamic=None, progress=True, stat_bits=None, outlier_threshold=None, rounds=None,
+             alpha=None, a_bits=None, smooth=None):
     """Quantize a float model into a GPTQ-format checkpoint directory `out` (method "spqr": an
     SpQR checkpoint, qinfer's own).
 
@@ -437,13 +451,54 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
     every layer's inputs), found greedily and refined by `rounds` rounds of
     alternating least squares (default 30); no calibration. Its checkpoint
     runs on the lookup-table kernels.
+    methods "smoothquant" and "zeroquant" (quant/w8a8.py) write W8A8 checkpoints:
+    `bits` (the weights', 8) symmetric per output row (group_size -1, the default)
+    or group, and a_bits (the activations', 8) rounded per token at run time.
+    SmoothQuant calibrates (calib; default 512 windows of 512 tokens) and
+    smooths with `alpha` (a number in [0, 1], default 0.5, or "auto": chosen per
+    norm from smoothquant.ALPHA_GRID by the calibration rows' W8A8 error);
+    ZeroQuant here is plain W8A8: no smoothing, no calibration.
+    smooth: with "gptq" or "rtn", SmoothQuant's smoothing with this alpha before
+    quantizing the weights (calib needed; the activations stay float).
+    nsamples and seqlen: None for the method's defaults (128 windows of 2048 tokens;
+    SmoothQuant's 512 of 512).
     `out` must not exist unless force. Returns a QuantizeReport.
     """
     t0 = time.perf_counter()
     default_bits, default_group = DEFAULT_BITS_GROUP.get(method, (None, None))
     bits = default_bits if bits is None else bits
     group_size = default_group if group_size is None else group_size
+    default_nsamples, default_seqlen = DEFAULT_CALIBRATION.get(method, (128, 2048))
+    nsamples = default_nsamples if nsamples is None else nsamples
+    seqlen = default_seqlen if seqlen is None else seqlen
     _check_settings(bits, group_size, method, nsamples, seqlen, damp, seed, float_dtype)
+    if method in w8a8.METHODS:
+        a_bits = 8 if a_bits is None else a_bits
+        w8a8.check_bits(method, bits, a_bits)
+        w8a8.check_not_given(method, **{"sym (--sym)": sym, "act_order (--act-order)": act_order,
+                                        "static_groups (--static-groups)": static_groups,
+                                        "true_sequential (--true-sequential)": true_sequential,
+                                        "zero_point 'float' (--zero-point float)": zero_point != "int",
+                                        "clip_search (--clip-search)": clip_search, "dynamic (--dynamic)": dynamic,
+                                        "stat_bits (--stat-bits)": stat_bits is not None,
+                                        "outlier_threshold (--outlier-threshold)": outlier_threshold is not None,
+                                        "rounds (--rounds)": rounds is not None,
+                                        "smooth (--smooth)": smooth is not None,
+                                        "sink_weight (--sink-weight)": sink_weight != 1})
+        if method == "smoothquant":
+            alpha = smoothquant.check_alpha(smoothquant.DEFAULT_ALPHA if alpha is None else alpha)
+        elif alpha is not None:
+            raise QinferError("alpha (--alpha) is SmoothQuant's: use it with method 'smoothquant' (zeroquant "
+                              "does not smooth)")
+        return _quantize_w8a8(model, out, method, bits, group_size, alpha, calib, nsamples, seqlen, seed, force,
+                              threads, float_dtype, progress, t0)
+    if alpha is not None or a_bits is not None:
+        raise QinferError("alpha (--alpha) and the activations' bits (--a-bits) are settings of the "
+                          "'smoothquant' and 'zeroquant' methods; GPTQ and the others keep float activations")
+    if smooth is not None:
+        if method not in ("gptq", "rtn"):
+            raise QinferError(f"smooth (--smooth) applies to methods 'gptq' and 'rtn', not {method!r}")
+        smooth = smoothquant.check_alpha(smooth)
     if method != "bcq" and rounds is not None:
         raise QinferError("refinement rounds (--rounds) are a BCQ setting: use them with method 'bcq'")
     if method == "bcq":
@@ -474,24 +529,18 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
                 damp=damp, nsamples=None, seqlen=None, seed=None, calibration=None, float_dtype=float_dtype,
                 sink_weight=float(sink_weight), zero_point=zero_point, clip_search=bool(clip_search),
                 dynamic=rules.to_json() or None, stat_bits=stat_bits, outlier_threshold=outlier_threshold,
-                rounds=rounds)
-    if method in CALIBRATED:
-        from ..tokenizer import load as load_tokenizer
-        from .calibration import calibration_windows
-
-        if calib is None:
-            raise QinferError(f"{'GPTQ' if method == 'gptq' else 'SpQR'} needs calibration text: pass --calib FILE "
-                              f"(e.g. WikiText-2's wiki.test.raw)")
-        if seqlen > source.config.max_position_embeddings:
-            raise QinferError(f"seqlen {seqlen} is longer than the model's context "
-                              f"({source.config.max_position_embeddings} tokens)")
-        windows = calibration_windows(calib, load_tokenizer(source.tokenizer), nsamples, seqlen, seed)
+                rounds=rounds, smooth=smooth)
+    if method in CALIBRATED or smooth is not None:
+        windows = _calibration(source, calib, nsamples, seqlen, seed, "GPTQ" if method == "gptq" else
+                               "SpQR" if method == "spqr" else "Smoothing (--smooth)")
         meta.update(nsamples=nsamples, seqlen=seqlen, seed=seed, calibration=os.path.basename(os.fspath(calib)))
-    else:
+    if method not in CALIBRATED:
         if act_order or static_groups or true_sequential or sink_weight != 1:
             raise QinferError("act-order, static groups, true-sequential and the sink weight are GPTQ options (SpQR "
                               "takes all but static groups); round to nearest (method 'rtn') uses no calibration")
         meta.update(damp=None, sink_weight=None)
+    if smooth is not None:
+        source, _ = w8a8.smoothing(source, windows, smooth, threads, progress)
     floats = float_tensors(source, float_dtype)
 
     bar = Progress(source.config.num_hidden_layers, enabled=progress)
@@ -523,3 +572,38 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
                           bytes=checkpoint.directory_size(out), layers=source.config.num_hidden_layers,
                           errors=errors, zero_point=zero_point, clip_search=meta["clip_search"],
                           dynamic=meta["dynamic"], **spqr)
+
+
+def _calibration(source, calib, nsamples, seqlen, seed, method_name):
+    """The calibration windows (int32 [nsamples, seqlen]) drawn from the text file calib."""
+    from ..tokenizer import load as load_tokenizer
+    from .calibration import calibration_windows
+
+    if calib is None:
+        raise QinferError(f"{method_name} needs calibration text: pass --calib FILE (e.g. WikiText-2's "
+                          f"wiki.test.raw)")
+    if seqlen > source.config.max_position_embeddings:
+        raise QinferError(f"seqlen {seqlen} is longer than the model's context "
+                          f"({source.config.max_position_embeddings} tokens)")
+    return calibration_windows(calib, load_tokenizer(source.tokenizer), nsamples, seqlen, seed)
+
+
+def _quantize_w8a8(model, out, method, bits, group_size, alpha, calib, nsamples, seqlen, seed, force, threads,
+                   float_dtype, progress, t0):
+    """SmoothQuant / ZeroQuant's W8A8 (quant/w8a8.py) -> QuantizeReport."""
+    source = _open_source(model)
+    _check_shapes(source)
+    w8a8.check_group(source, group_size)
+    if method == "zeroquant" and calib is not None:
+        raise QinferError("zeroquant's W8A8 needs no calibration (--calib); SmoothQuant ('smoothquant') uses it")
+    windows = _calibration(source, calib, nsamples, seqlen, seed, "SmoothQuant") if method == "smoothquant" else None
+    out = checkpoint.check_output(out, force, source.path)
+    meta = dict(bits=bits, group_size=group_size, sym=True, method=method, float_dtype=float_dtype,
+                activations="int8-token", alpha=alpha)
+    if windows is not None:
+        meta.update(nsamples=nsamples, seqlen=seqlen, seed=seed, calibration=os.path.basename(os.fspath(calib)))
+    fmt, alphas = w8a8.quantize_w8a8(source, out, meta, windows, threads, force, progress)
+    return QuantizeReport(path=out, method=method, bits=bits, group_size=group_size, sym=True, act_order=False,
+                          static_groups=False, checkpoint_format=fmt, seconds=time.perf_counter() - t0,
+                          bytes=checkpoint.directory_size(out), layers=source.config.num_hidden_layers,
+                          activations="int8 per token", alpha=w8a8.alpha_summary(alphas) or None)

@@ -19,7 +19,8 @@ from .tokenizer_files import tokenizer_files
 FLOAT_DTYPES = ("float16", "float32")
 DEFAULT_META = dict(sym=False, act_order=False, static_groups=False, true_sequential=False, method="gptq",
                     damp=None, nsamples=None, seqlen=None, seed=None, calibration=None, sink_weight=None, zero_point="int",
-                    float_dtype="float16", clip_search=False, dynamic=None)
+                    float_dtype="float16", clip_search=False, dynamic=None, activations=None, alpha=None,
+                    smooth=None)
 
 
 def float_weight(source, name):
@@ -128,12 +129,17 @@ def save_checkpoint(out, source, results, meta, force=False, floats=None):
                     "damp_percent": meta["damp"], "checkpoint_format": fmt}
     if rules:
         quant_config["dynamic"] = rules.to_json()
+    if meta["activations"] == "int8-token":         # W8A8 (quant/w8a8.py): what the engine must run
+        from ..readers.gptq import PER_TOKEN_INT8
+        quant_config["input_activations"] = dict(PER_TOKEN_INT8)
     quantize_config = dict(quant_config, model_name_or_path=None, model_file_base_name="model",
                            qinfer={"version": __version__, "method": meta["method"],
                                    "nsamples": meta["nsamples"], "seqlen": meta["seqlen"], "seed": meta["seed"],
                                    "damp": meta["damp"], "sink_weight": meta["sink_weight"],
                                    "clip_search": bool(meta["clip_search"]),
                                    "calibration": meta["calibration"],
+                                   **({"smoothquant_alpha": meta["alpha"]} if meta["alpha"] is not None else {}),
+                                   **({"smooth_alpha": meta["smooth"]} if meta["smooth"] is not None else {}),
                                    "source": os.path.basename(os.path.normpath(source.path))})
     tensors = model_tensors(source, floats, lambda base: results[base].checkpoint_tensors(fmt))
     write_directory(out, force, source, tensors, hf_config(source, quant_config, meta["float_dtype"]),

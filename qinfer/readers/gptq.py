@@ -14,6 +14,12 @@ or by a quantize_config.json (readers/__init__.py's load_hf routes here). Settin
                        Anything else is refused, never guessed.
     dynamic            GPTQModel's per-layer rules (quant/dynamic.py): other bits
                        or group_size for the layers a rule matches, or float
+    input_activations  W8A8 (qinfer.quantize's smoothquant and zeroquant methods):
+                       {"num_bits": 8, "type": "int", "symmetric": true,
+                       "dynamic": true, "strategy": "token"}, the linear layers'
+                       inputs rounded to int8 per token at run time; the weights
+                       must then be 8-bit symmetric (every zero point 128), rows
+                       in order. Any other setting is refused.
     desc_act, sym      informational: g_idx and qzeros say what they imply
 
 Both files may be present (transformers writes the first, AutoGPTQ the
@@ -89,7 +95,28 @@ def _read_settings(entries, where):
         out["checkpoint_format"] = layout.check_format(formats.pop(), where)
     if entries.get("dynamic"):
         out["dynamic"] = dynamic.Rules(entries["dynamic"], where).to_json()
+    if entries.get("input_activations") is not None:
+        out["input_activations"] = _input_activations(entries["input_activations"], where)
     return out
+
+
+# The one activation quantization qinfer runs (qinfer/int8_linear.py): int8 per token, symmetric, at run time
+PER_TOKEN_INT8 = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token"}
+
+
+def _input_activations(entry, where):
+    """"int8-token" for PER_TOKEN_INT8; an UnsupportedError naming the first setting that differs."""
+    if not isinstance(entry, dict):
+        raise FormatError(f"{where}: 'input_activations' must be an object, got {entry!r}"[:200])
+    for key in entry:
+        if key not in PER_TOKEN_INT8:
+            raise UnsupportedError(f"{where}: input_activations.{key} is not supported (qinfer runs "
+                                   f"{PER_TOKEN_INT8})"[:300])
+    for key, want in PER_TOKEN_INT8.items():
+        if entry.get(key) != want or isinstance(entry.get(key), bool) != isinstance(want, bool):
+            raise UnsupportedError(f"{where}: input_activations.{key} = {entry.get(key)!r} is not supported "
+                                   f"(qinfer runs activations as {key} = {want!r})"[:300])
+    return "int8-token"
 
 
 def _weight_source(directory, settings):
@@ -129,6 +156,11 @@ def load_gptq(directory, cfg, config_path):
         return shard_of(shards, owner, name)
 
     rules = dynamic.Rules(settings.get("dynamic"), directory)
+    activations = settings.get("input_activations")
+    if activations and (settings["bits"] != 8 or rules):
+        raise UnsupportedError(f"{directory}: input_activations (int8 per token) need every layer's weights at "
+                               f"8 bits; this checkpoint has bits {settings['bits']}"
+                               + (" and per-layer 'dynamic' rules" if rules else ""))
     tensors = {}
     for name, shape in validate.expected_shapes(config).items():
         base = name[:-len(".weight")]
@@ -155,7 +187,9 @@ def load_gptq(directory, cfg, config_path):
         _check_bias(base, get, owner)
     validate.check_tensors(config, tensors, directory)
     validate.check_no_extra_layers(config, owner, directory)
-    return model_source(directory, "gptq", config, tensors, shards)
+    source = model_source(directory, "gptq", config, tensors, shards)
+    source.activations = activations
+    return source
 
 
 def _check_bias(base, get, owner):

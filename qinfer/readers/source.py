@@ -128,6 +128,9 @@ class ModelSource:
     tokenizer: Optional[TokenizerSpec]
     chat_template: Optional[str] = None
     keepalive: list = field(default_factory=list)   # mmaps / file handles the tensors view
+    # None, or "int8-token": the checkpoint's linear layers take their inputs rounded to int8
+    # per token (W8A8; readers/gptq.py reads it from quantization_config's input_activations)
+    activations: Optional[str] = None
 
     def release_pages(self):
         """Give back the pages of the mapped files that reading has made resident.

@@ -1,0 +1,145 @@
+# cython: language_level=3
+"""Int8Matrix: one layer for the int8 x int8 kernels of pyx/w8a8.h, with the
+QMatrix entry points the forward pass takes (capsules of qmatrix.h's types)."""
+import numpy as np
+
+from cpython.pycapsule cimport PyCapsule_New
+from cython.parallel cimport prange
+from libc.stdint cimport int8_t, int32_t
+
+from qmatrix cimport qmatrix, qgemm_fn, qgemv_team_fn, qgemm_team_fn, team
+
+cdef extern from "w8a8.h" nogil:
+    int W8A8_TU, W8A8_STEP, W8A8_MAX_GROUP, W8A8_PORTABLE, W8A8_AVX2, W8A8_AVX512VNNI
+    ctypedef struct w8a8_matrix:
+        qmatrix head
+        int isa
+        const int8_t *codes
+        const float *scales
+        const int32_t *sums
+    int w8a8_cpu_isa()
+    void w8a8_pack_rows(const int8_t *src, const float *src_scales, int in_features, int group_size,
+                        int first, int last, int8_t *codes, float *scales, int32_t *sums)
+    int w8a8_gemm(const qmatrix *m, const float *x, int n, float *y, int nthreads)
+    int w8a8_team(const qmatrix *m, const float *x, float *y, const team *tm)
+    int w8a8_rows_team(const qmatrix *m, const float *x, int n, float *y, const team *tm)
+
+TILE, STEP, MAX_GROUP = W8A8_TU, W8A8_STEP, W8A8_MAX_GROUP
+# the loops' instruction sets, slowest first (pyx/w8a8.h's enum)
+ISAS = ("portable", "avx2", "avx512vnni")
+
+
+def cpu_isas():
+    """The instruction sets this CPU runs the loops on, fastest first."""
+    return list(reversed(ISAS[:w8a8_cpu_isa() + 1]))
+
+
+cdef class Int8Matrix:
+    """codes int8 [out, in] in [-127, 127] and scales float32 [out, in / group] laid out as
+    pyx/w8a8.h says (the arrays kept alive here), run on `isa` ("portable", "avx2",
+    "avx512vnni": one this CPU has)."""
+    cdef w8a8_matrix M
+    cdef object arrays
+
+    def __cinit__(self, const int8_t[:, ::1] codes, const float[:, ::1] scales, int group, str isa,
+                  int threads=1):
+        cdef qmatrix *m = &self.M.head
+        cdef int out_features = codes.shape[0], in_features = codes.shape[1], t, n_groups
+        if isa not in ISAS or ISAS.index(isa) > w8a8_cpu_isa():
+            raise ValueError(f"int8 x int8 loops: isa must be one of {cpu_isas()} on this CPU, got {isa!r}")
+        if out_features < 1 or in_features < 1 or group < 1 or in_features % group or group % W8A8_STEP \
+                or group > W8A8_MAX_GROUP:
+            raise ValueError(f"groups of {group} inputs must divide in_features={in_features}, be a multiple of "
+                             f"{W8A8_STEP} and at most {W8A8_MAX_GROUP}")
+        n_groups = in_features // group
+        if scales.shape[0] != out_features or scales.shape[1] != n_groups:
+            raise ValueError(f"scales must be [{out_features}, {n_groups}], got {list(scales.shape)}")
+        m.bits = 8
+        m.in_features = in_features
+        m.out_features = out_features
+        m.group_size = group
+        m.n_groups = n_groups
+        m.tu = W8A8_TU
+        m.n_tiles = (out_features + W8A8_TU - 1) // W8A8_TU
+        m.segment_rows = group
+        m.gemv_tiles = m.mb = m.rows_per_chunk = m.tiles_per_block = 1
+        m.half_scales = 0
+        m.zero_groups = n_groups
+        m.words = NULL
+        m.scales = m.zeros = NULL
+        m.perm = NULL
+        self.M.isa = ISAS.index(isa)
+        packed = np.zeros(m.n_tiles * in_features * W8A8_TU, dtype=np.int8)
+        packed_scales = np.zeros(m.n_tiles * n_groups * W8A8_TU, dtype=np.float32)
+        sums = np.zeros(m.n_tiles * n_groups * W8A8_TU, dtype=np.int32)
+        cdef int8_t[::1] pc = packed
+        cdef float[::1] ps = packed_scales
+        cdef int32_t[::1] pu = sums
+        with nogil:
+            for t in prange(m.n_tiles, num_threads=max(1, threads), schedule="static"):
+                w8a8_pack_rows(&codes[0, 0], &scales[0, 0], in_features, group, t * W8A8_TU,
+                               min(out_features, (t + 1) * W8A8_TU), &pc[0], &ps[0], &pu[0])
+        self.M.codes = &pc[0]
+        self.M.scales = &ps[0]
+        self.M.sums = &pu[0]
+        self.arrays = (packed, packed_scales, sums)
+
+    @property
+    def isa(self):
+        return ISAS[self.M.isa]
+
+    @isa.setter
+    def isa(self, str isa):
+        if isa not in ISAS or ISAS.index(isa) > w8a8_cpu_isa():
+            raise ValueError(f"int8 x int8 loops: isa must be one of {cpu_isas()} on this CPU, got {isa!r}")
+        self.M.isa = ISAS.index(isa)
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in self.arrays)
+
+    def codes(self):
+        """The codes, int8 [out, in], read back from the layout."""
+        cdef int N = self.M.head.out_features, K = self.M.head.in_features
+        tiles = self.arrays[0].reshape(self.M.head.n_tiles, K // W8A8_STEP, W8A8_TU, W8A8_STEP)
+        return np.ascontiguousarray(tiles.transpose(0, 2, 1, 3).reshape(-1, K)[:N])
+
+    def scales(self):
+        """The scales, float32 [out, in / group]."""
+        cdef int N = self.M.head.out_features, G = self.M.head.n_groups
+        tiles = self.arrays[1].reshape(self.M.head.n_tiles, G, W8A8_TU)
+        return np.ascontiguousarray(tiles.transpose(0, 2, 1).reshape(-1, G)[:N])
+
+    def matrix_capsule(self):
+        """The head member of the C struct, which the entry points below take."""
+        return PyCapsule_New(<void *>&self.M.head, b"qinfer.qmatrix", NULL)
+
+    def kernel_capsule(self):
+        return PyCapsule_New(<void *>w8a8_gemm, b"qinfer.qgemm_fn", NULL)
+
+    def team_capsule(self):
+        return PyCapsule_New(<void *>w8a8_team, b"qinfer.qgemv_team_fn", NULL)
+
+    def rows_team_capsule(self):
+        return PyCapsule_New(<void *>w8a8_rows_team, b"qinfer.qgemm_team_fn", NULL)
+
+    def matmul(self, const float[:, ::1] x, float[:, ::1] out, int nthreads):
+        cdef int n = x.shape[0]
+        cdef int rc
+        if x.shape[1] != self.M.head.in_features or out.shape[0] != n or out.shape[1] != self.M.head.out_features:
+            raise ValueError("matmul: shapes do not match the layer")
+        if n == 0:
+            return
+        with nogil:
+            rc = w8a8_gemm(&self.M.head, &x[0, 0], n, &out[0, 0], nthreads)
+        if rc != 0:
+            raise MemoryError("out of memory in the int8 x int8 matmul")
+
+    def time_calls(self, const float[:, ::1] x, float[:, ::1] out, int nthreads, int repeats):
+        """repeats calls back to back without the GIL (benchmarks)."""
+        cdef int rc = 0, i
+        with nogil:
+            for i in range(repeats):
+                rc = rc | w8a8_gemm(&self.M.head, &x[0, 0], x.shape[0], &out[0, 0], nthreads)
+        if rc != 0:
+            raise MemoryError("out of memory in the int8 x int8 matmul")

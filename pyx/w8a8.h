@@ -1,0 +1,266 @@
+/* w8a8.h: linear layers with int8 weights and int8 activations (SmoothQuant's
+ * and ZeroQuant's W8A8), multiplied in integers.
+ *
+ * The weights are symmetric int8 codes with a float32 scale per output row and
+ * group of inputs, w = s * c, c in [-127, 127]. Each row of the input x (a
+ * token) is rounded to int8 on its own at run time ("per-token dynamic"
+ * quantization):
+ *
+ *     d = max|x| / 127,  q = round(x * (1 / d)) half to even, in [-127, 127]
+ *
+ * and every group's dot product sum c * q is exact in int32 (|sum| <= 65536 *
+ * 127 * 127 < 2^31 for groups up to 65536 inputs). The output is
+ *
+ *     y = (sum over groups g, in order, of s_g * dot_g) * d
+ *
+ * each product and sum rounded to float32 on its own (this module is compiled
+ * without fused multiply-adds), so every path below gives the same bits.
+ *
+ * Layout (output rows in tiles of W8A8_TU = 16, inputs in steps of 4):
+ *
+ *   codes   [n_tiles][K / 4][16][4]   int8: byte 4 j + i of step k4 is row j's
+ *                                     code of input 4 k4 + i; one 64-byte load
+ *                                     is a step of the whole tile, and each
+ *                                     int32 lane holds one row's four codes,
+ *                                     as VNNI's vpdpbusd multiplies them
+ *   scales  [n_tiles][n_groups][16]   float32 s
+ *   sums    [n_tiles][n_groups][16]   int32: sum of the group's codes per row.
+ *                                     vpdpbusd multiplies unsigned by signed
+ *                                     bytes, so the AVX-512 loop feeds it q + 128
+ *                                     and takes 128 * sums back off
+ *
+ * Rows past out_features in the last tile are zero and never stored.
+ *
+ * The prepared input, per row r of x:
+ *
+ *   xq      [n][K]   int8 q (or q + 128 as uint8, for the AVX-512 loop),
+ *                    read 4 bytes at a time as the step's broadcast word
+ *   d       [n]      float32
+ *
+ * The loops per instruction set are rendered from pyx/w8a8_kernels.h.tp
+ * (its table at the top); the portable loop is here. */
+#ifndef QINFER_W8A8_H
+#define QINFER_W8A8_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include "qmatrix.h"
+#include "team.h"
+#include "scratch.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define W8A8_X86 1
+#else
+#define W8A8_X86 0
+#endif
+
+/* The row rounding's loop compiled for x86-64-v3 (AVX2) and baseline, picked
+ * by the loader: it vectorizes where the CPU can (the same bits either way:
+ * no fused multiply-adds in this module). */
+#if defined(__GNUC__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
+#define QI_W8A8_VECTORIZE __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define QI_W8A8_VECTORIZE
+#endif
+
+#define W8A8_TU 16
+#define W8A8_STEP 4                 /* inputs per int32 lane */
+#define W8A8_MAX_GROUP 65536        /* the int32 sums' bound, above */
+
+/* Instruction sets of the loops, fastest first (W8A8_ISA_NAMES in _w8a8.pyx). */
+enum { W8A8_PORTABLE = 0, W8A8_AVX2 = 1, W8A8_AVX512VNNI = 2 };
+
+typedef struct w8a8_matrix {
+    qmatrix head;            /* in/out features, group_size, n_groups, n_tiles, tu = W8A8_TU;
+                                no words or scales: the forward pass only passes it on */
+    int isa;                 /* the loops the entry points run: W8A8_PORTABLE, ... */
+    const int8_t *codes;
+    const float *scales;
+    const int32_t *sums;
+} w8a8_matrix;
+
+#define W8A8_OF(m) ((const w8a8_matrix *)(const void *)(m))
+
+/* ------------------------------------------------------------ the input */
+
+/* Row x[K] -> q (each byte XORed with `flip`: 0 keeps int8 q, 0x80 makes it
+ * q + 128 as uint8) and d. x * (1 / d) is rounded to float, then to an integer
+ * half to even by adding and subtracting 1.5 * 2^23 (exact for |v| < 2^22). */
+QI_W8A8_VECTORIZE
+static void w8a8_quantize_row(const float *x, int K, uint8_t flip, uint8_t *q, float *d_out)
+{
+    float amax = 0.0f;
+    for (int k = 0; k < K; k++) {
+        const float a = fabsf(x[k]);
+        amax = a > amax ? a : amax;
+    }
+    const float d = amax / 127.0f;
+    const float id = d > 0.0f ? 1.0f / d : 0.0f;
+    for (int k = 0; k < K; k++) {
+        float v = (x[k] * id + 12582912.0f) - 12582912.0f;
+        v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+        q[k] = (uint8_t)((int8_t)(int)v) ^ flip;
+    }
+    *d_out = d;
+}
+
+/* ---------------------------------------------------------- the portable loop */
+
+/* Rows 0..n-1 of the prepared input (int8 q) times tile `tile`, into y (row r
+ * at y + r * ldy, this tile's columns only). */
+static void w8a8_tile_portable(const w8a8_matrix *M, const int8_t *xq, const float *d, int n, int tile,
+                               float *y, size_t ldy)
+{
+    const int K = M->head.in_features, G = M->head.group_size, n_groups = M->head.n_groups;
+    const int valid = M->head.out_features - tile * W8A8_TU < W8A8_TU ? M->head.out_features - tile * W8A8_TU
+                                                                      : W8A8_TU;
+    const int8_t *codes = M->codes + (size_t)tile * K * W8A8_TU;
+    const float *scales = M->scales + (size_t)tile * n_groups * W8A8_TU;
+    for (int r = 0; r < n; r++) {
+        const int8_t *xr = xq + (size_t)r * K;
+        for (int j = 0; j < valid; j++) {
+            float acc = 0.0f;
+            for (int g = 0; g < n_groups; g++) {
+                int32_t dot = 0;
+                for (int k = g * G; k < (g + 1) * G; k++)
+                    dot += (int32_t)codes[(size_t)(k / W8A8_STEP) * 64 + 4 * j + k % W8A8_STEP] * xr[k];
+                const float t = scales[g * W8A8_TU + j] * (float)dot;
+                acc = acc + t;
+            }
+            y[(size_t)r * ldy + (size_t)tile * W8A8_TU + j] = acc * d[r];
+        }
+    }
+}
+
+#include "w8a8_kernels.h"
+
+/* ------------------------------------------------------------ entry points */
+
+static inline uint8_t w8a8_flip(const w8a8_matrix *M)
+{
+    return M->isa == W8A8_AVX512VNNI ? 0x80 : 0;
+}
+
+/* Tiles first..last-1 for rows 0..n-1 of the prepared input, on M->isa's loops. */
+static void w8a8_tiles(const w8a8_matrix *M, const uint8_t *xq, const float *d, int n, int first, int last,
+                       float *y)
+{
+    const size_t ldy = (size_t)M->head.out_features;
+    for (int tile = first; tile < last; tile++) {
+        switch (M->isa) {
+#if W8A8_X86
+        case W8A8_AVX512VNNI: w8a8_tile_avx512vnni(M, xq, d, n, tile, y, ldy); break;
+        case W8A8_AVX2: w8a8_tile_avx2(M, xq, d, n, tile, y, ldy); break;
+#endif
+        default: w8a8_tile_portable(M, (const int8_t *)xq, d, n, tile, y, ldy); break;
+        }
+    }
+}
+
+/* Bytes of the prepared input of n rows: q, then d (64-byte aligned). */
+static inline size_t w8a8_input_bytes(int n, int K, size_t *d_at)
+{
+    *d_at = ((size_t)n * K + 63) & ~(size_t)63;
+    return *d_at + sizeof(float) * (size_t)n;
+}
+
+/* y[n][out] = x[n][in] @ W^T (qgemm_fn): the rows' codes, shared out among the
+ * threads, then each thread a contiguous run of tiles for every row. */
+static int w8a8_gemm(const qmatrix *m, const float *x, int n, float *y, int nthreads)
+{
+    const w8a8_matrix *M = W8A8_OF(m);
+    const int K = m->in_features;
+    size_t d_at;
+    uint8_t *xq = (uint8_t *)aligned_alloc(64, w8a8_input_bytes(n, K, &d_at));
+    if (!xq)
+        return -1;
+    float *d = (float *)(xq + d_at);
+    const uint8_t flip = w8a8_flip(M);
+    #pragma omp parallel num_threads(team_thread_count(nthreads))
+    {
+        #pragma omp for schedule(static)
+        for (int r = 0; r < n; r++)
+            w8a8_quantize_row(x + (size_t)r * K, K, flip, xq + (size_t)r * K, d + r);
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+        const int t = 0, T = 1;
+#endif
+        w8a8_tiles(M, xq, d, n, (int)((long)m->n_tiles * t / T), (int)((long)m->n_tiles * (t + 1) / T), y);
+    }
+    free(xq);
+    return 0;
+}
+
+/* Several rows inside the caller's thread team (qgemm_team_fn): every thread
+ * rounds the rows itself (microseconds, cheaper than a barrier and a shared
+ * buffer) and computes its share of the tiles; y is whole at the caller's
+ * barrier. The same numbers as w8a8_gemm. */
+static int w8a8_rows_team(const qmatrix *m, const float *x, int n, float *y, const team *tm)
+{
+    const w8a8_matrix *M = W8A8_OF(m);
+    const int K = m->in_features;
+    size_t d_at;
+    uint8_t *xq = (uint8_t *)scratch_take(w8a8_input_bytes(n, K, &d_at));
+    if (!xq)
+        return -1;
+    float *d = (float *)(xq + d_at);
+    for (int r = 0; r < n; r++)
+        w8a8_quantize_row(x + (size_t)r * K, K, w8a8_flip(M), xq + (size_t)r * K, d + r);
+    w8a8_tiles(M, xq, d, n, (int)((long)m->n_tiles * tm->thread / tm->threads),
+               (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads), y);
+    scratch_done();
+    return 0;
+}
+
+static int w8a8_team(const qmatrix *m, const float *x, float *y, const team *tm)
+{
+    return w8a8_rows_team(m, x, 1, y, tm);
+}
+
+/* ------------------------------------------------------------ packing */
+
+/* Rows first..last-1 of codes [out][in] (int8, row-major) and scales
+ * [out][n_groups] into the layout above; padded rows stay as the caller
+ * zeroed them. */
+static void w8a8_pack_rows(const int8_t *src, const float *src_scales, int in_features, int group_size,
+                           int first, int last, int8_t *codes, float *scales, int32_t *sums)
+{
+    const int K = in_features, n_groups = K / group_size;
+    for (int row = first; row < last; row++) {
+        const int tile = row / W8A8_TU, j = row % W8A8_TU;
+        int8_t *tc = codes + (size_t)tile * K * W8A8_TU;
+        for (int g = 0; g < n_groups; g++) {
+            int32_t sum = 0;
+            for (int k = g * group_size; k < (g + 1) * group_size; k++) {
+                const int8_t c = src[(size_t)row * K + k];
+                tc[(size_t)(k / W8A8_STEP) * 64 + 4 * j + k % W8A8_STEP] = c;
+                sum += c;
+            }
+            const size_t at = ((size_t)tile * n_groups + g) * W8A8_TU + j;
+            scales[at] = src_scales[(size_t)row * n_groups + g];
+            sums[at] = sum;
+        }
+    }
+}
+
+/* The fastest loops this CPU runs (W8A8_AVX512VNNI, ...). */
+static int w8a8_cpu_isa(void)
+{
+#if W8A8_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+        return W8A8_AVX512VNNI;
+    if (__builtin_cpu_supports("avx2"))
+        return W8A8_AVX2;
+#endif
+    return W8A8_PORTABLE;
+}
+
+#endif

@@ -1,0 +1,148 @@
+"""Int8Linear: a linear layer with int8 weights whose input is rounded to int8 per token
+(W8A8: SmoothQuant's and ZeroQuant's), multiplied in integers by pyx/w8a8.h's kernels.
+
+    w = s * c          c int8 in [-128, 127], s float32 per output row and group of inputs
+    q = round(x / d)   d = max|x| / 127 per row of x (token), at run time
+    y = (sum_g s_g * dot_g) * d,   dot_g = sum over the group of c * q, exact in int32
+
+A GPTQ-format checkpoint with 8-bit symmetric codes (every zero point 128) holds such a
+layer as it is: from_quantized takes its codes as they are (c = code - 128). The
+kernels' instruction set follows qinfer.kernels: the portable loop on the scalar path,
+else AVX-512 VNNI unless the int8 kernels are held to AVX2 (QINFER_INT8_ISA); every
+one gives the same bits.
+"""
+import numpy as np
+
+from . import _w8a8, kernels, packing
+from .errors import FormatError, ShapeError, UnsupportedError
+
+TILE = _w8a8.TILE
+
+
+def kernel_isa():
+    """The loops the active kernel settings ask for, of those this CPU runs."""
+    have = _w8a8.cpu_isas()
+    if kernels.active_path() != "avx2":
+        return "portable"
+    if kernels.active_int8_isa() == "avx512vnni" and "avx512vnni" in have:
+        return "avx512vnni"
+    return "avx2" if "avx2" in have else "portable"
+
+
+def _check(codes, scales, group_size):
+    if codes.ndim != 2 or codes.dtype != np.int8:
+        raise ShapeError(f"codes must be int8 [out, in], got {codes.dtype} {codes.shape}")
+    out_f, in_f = codes.shape
+    group = in_f if group_size == -1 else group_size
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 1 or in_f % group or \
+            group % _w8a8.STEP or group > _w8a8.MAX_GROUP:
+        raise UnsupportedError(f"int8 x int8 layers take groups that divide their {in_f} inputs, are a multiple of "
+                               f"{_w8a8.STEP} and at most {_w8a8.MAX_GROUP} (or -1, full rows), got {group_size!r}")
+    if scales.shape != (out_f, in_f // group):
+        raise ShapeError(f"scales must be [{out_f}, {in_f // group}], got {scales.shape}")
+    if not np.all(np.isfinite(scales)):
+        raise FormatError("int8 x int8 layer: a scale is not finite")
+    return int(group)
+
+
+class Int8Linear:
+    """y = x @ W^T with int8 weights and per-token int8 activations (the module docstring)."""
+
+    def __init__(self, codes, scales, group_size=-1):
+        """codes int8 [out, in]; scales float32 [out, in / group]; group_size -1: whole rows."""
+        codes = np.ascontiguousarray(codes)
+        scales = np.ascontiguousarray(scales, dtype=np.float32)
+        self._group = _check(codes, scales, group_size)
+        self.group_size = group_size
+        self.out_features, self.in_features = codes.shape
+        self.bits = 8
+        self._matrix = _w8a8.Int8Matrix(codes, scales, self._group, kernel_isa(), kernels.resolve_threads(None))
+
+    def copy(self):
+        """An independent layer with its own memory (timing streams copies from memory)."""
+        return Int8Linear(self.codes(), self.scales(), self.group_size)
+
+    # ------------------------------------------------------------ builders
+    @classmethod
+    def from_packed(cls, qweight, scales, zeros, group_size, g_idx=None, name="layer"):
+        """GPTQ tensors of 8-bit symmetric codes (qweight int32 [in / 4, out], scales and zeros
+        [groups, out], every zero 128, rows in order): c = code - 128. A FormatError names
+        `name` when they are not that."""
+        in_f = np.asarray(qweight).shape[0] * 4
+        group = in_f if group_size == -1 else group_size
+        if g_idx is not None and not np.array_equal(g_idx, np.arange(in_f) // group):
+            raise FormatError(f"{name}: act-order (g_idx) is not supported with per-token int8 activations")
+        if not np.all(np.asarray(zeros) == 128):
+            raise FormatError(f"{name}: per-token int8 activations need symmetric weights (every zero point 128)")
+        codes = (packing.unpack(np.asarray(qweight), 8).astype(np.int16) - 128).astype(np.int8)     # [in, out]
+        return cls(np.ascontiguousarray(codes.T), np.ascontiguousarray(np.asarray(scales, dtype=np.float32).T),
+                   group_size)
+
+    @classmethod
+    def from_quantized(cls, layer, name="layer"):
+        """The same weights as an 8-bit symmetric QuantizedLinear (from_packed's conditions)."""
+        if layer.bits != 8:
+            raise FormatError(f"{name}: per-token int8 activations need 8-bit weights, the layer has {layer.bits}")
+        return cls.from_packed(layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.g_idx, name)
+
+    @classmethod
+    def stack(cls, layers):
+        """One layer computing [a(x) | b(x) | ...] (same inputs and groups), e.g. q, k and v."""
+        first = layers[0]
+        for layer in layers[1:]:
+            if not first.can_stack(layer):
+                raise UnsupportedError(f"cannot stack {layer!r} onto {first!r}: inputs or groups differ")
+        return cls(np.concatenate([l.codes() for l in layers]), np.concatenate([l.scales() for l in layers]),
+                   first.group_size)
+
+    def can_stack(self, other):
+        return isinstance(other, Int8Linear) and (self.in_features, self._group) == (other.in_features, other._group)
+
+    def split(self, widths):
+        """The stacked parts back: layers of `widths` output rows (they must add up)."""
+        if sum(widths) != self.out_features or min(widths) < 1:
+            raise ShapeError(f"widths {list(widths)} do not split {self.out_features} outputs")
+        codes, scales = self.codes(), self.scales()
+        edges = np.cumsum([0, *widths])
+        return [Int8Linear(codes[a:b], scales[a:b], self.group_size) for a, b in zip(edges[:-1], edges[1:])]
+
+    # -------------------------------------------------------------- compute
+    def __call__(self, x, threads=None):
+        x = np.asarray(x)
+        single = x.ndim == 1
+        if x.ndim not in (1, 2) or x.shape[-1] != self.in_features:
+            raise ShapeError(f"x must be [{self.in_features}] or [n, {self.in_features}], got {x.shape}")
+        x2 = np.ascontiguousarray(x.reshape(1, -1) if single else x, dtype=np.float32)
+        out = np.empty((x2.shape[0], self.out_features), dtype=np.float32)
+        self._matrix.isa = kernel_isa()
+        self._matrix.matmul(x2, out, kernels.resolve_threads(threads))
+        return out[0] if single else out
+
+    # ----------------------------------------------------------- inspection
+    @property
+    def shape(self):
+        return (self.out_features, self.in_features)
+
+    @property
+    def isa(self):
+        return self._matrix.isa
+
+    def codes(self):
+        """int8 [out, in]."""
+        return self._matrix.codes()
+
+    def scales(self):
+        """float32 [out, in / group]."""
+        return self._matrix.scales()
+
+    def dequantize(self):
+        """The float32 weight [out, in] the kernels multiply by: s * c."""
+        return np.repeat(self.scales(), self._group, axis=1) * self.codes().astype(np.float32)
+
+    @property
+    def nbytes(self):
+        return self._matrix.nbytes
+
+    def __repr__(self):
+        g = "full rows" if self.group_size == -1 else f"group {self.group_size}"
+        return f"Int8Linear(W8A8, {g}, {self.out_features}x{self.in_features})"

@@ -1,0 +1,96 @@
+"""The weight-and-activation methods of `qinfer quantize`: SmoothQuant and ZeroQuant's W8A8.
+
+Both write a GPTQ-format checkpoint of 8-bit symmetric weights (quant/symmetric.py)
+whose quantization_config also says the layers' inputs are rounded to int8 per token at
+run time ("input_activations", readers/gptq.py); the engine runs them on the int8 x int8
+kernels (qinfer/int8_linear.py).
+
+    smoothquant   calibrate the inputs' channel maxima, smooth (quant/smoothquant.py),
+                  then round the weights per output row (group_size -1) or group
+    zeroquant     round the weights per group as they are (no smoothing, no calibration):
+                  plain W8A8, ZeroQuant's group-wise weights with per-token activations
+
+Smoothing before weight-only quantization (`--method gptq --smooth A`, api.py) uses the
+same calibration and smoothing, and writes an ordinary GPTQ checkpoint.
+"""
+import numpy as np
+
+from ..errors import QinferError, UnsupportedError
+from . import smoothquant
+from .progress import Progress
+from .symmetric import symmetric_quantize
+from .writer import float_tensors, float_weight, save_checkpoint
+
+METHODS = ("smoothquant", "zeroquant")
+WEIGHT_BITS = (8,)
+ACTIVATION_BITS = (8,)
+DEFAULT_CALIBRATION = (512, 512)          # SmoothQuant's windows x tokens
+
+
+def check_bits(method, bits, a_bits):
+    if isinstance(bits, bool) or bits not in WEIGHT_BITS:
+        raise UnsupportedError(f"{method}: weights at {bits!r} bits are not supported (--w-bits: "
+                               f"{', '.join(map(str, WEIGHT_BITS))}; the int8 x int8 kernels take int8 weights)")
+    if isinstance(a_bits, bool) or a_bits not in ACTIVATION_BITS:
+        raise UnsupportedError(f"{method}: activations at {a_bits!r} bits are not supported (--a-bits: "
+                               f"{', '.join(map(str, ACTIVATION_BITS))}; the kernels round each token to int8)")
+
+
+def check_group(source, group_size):
+    """group_size -1 (per output row) or one that divides every linear layer's inputs."""
+    c = source.config
+    for n in (c.hidden_size, c.num_attention_heads * c.head_dim, c.intermediate_size):
+        if group_size != -1 and n % group_size:
+            raise UnsupportedError(f"{source.path}: a linear layer has {n} inputs, which groups of {group_size} "
+                                   f"do not divide (use -1, one scale per output row, or a divisor)")
+
+
+def smoothing(source, windows, alpha, threads, progress, down=False):
+    """(smoothed source, {divisor: alpha used}) after calibrating on the windows (down: down_proj
+    too, smoothquant.DOWN_GROUP)."""
+    groups = smoothquant.groups_for(down)
+    stats = smoothquant.calibrate(source, windows, threads, Progress(source.config.num_hidden_layers, progress),
+                                  keep_sample=alpha == "auto", groups=groups)
+    tensors, alphas = smoothquant.smooth(source, stats, alpha, lambda name: float_weight(source, name), groups)
+    return smoothquant.smoothed_source(source, tensors), alphas
+
+
+def quantize_w8a8(source, out, meta, windows, threads, force, progress):
+    """Write the W8A8 checkpoint `out`; returns (checkpoint_format, {norm: alpha} or {})."""
+    from ..model import LINEAR_NAMES
+
+    alphas = {}
+    if meta["method"] == "smoothquant":
+        source, alphas = smoothing(source, windows, meta["alpha"], threads, progress, meta.get("smooth_down", False))
+    bar = Progress(source.config.num_hidden_layers, enabled=progress)
+    results = {}
+    for i in range(source.config.num_hidden_layers):
+        with bar.layer(i, len(LINEAR_NAMES)) as layer_bar:
+            for hf_name in LINEAR_NAMES.values():
+                base = f"model.layers.{i}.{hf_name}"
+                results[base] = symmetric_quantize(float_weight(source, base + ".weight"), meta["bits"],
+                                                   meta["group_size"])
+                layer_bar.update()
+    floats = float_tensors(source, meta["float_dtype"])
+    if alphas:
+        meta = dict(meta, alpha=meta["alpha"] if meta["alpha"] != "auto" else
+                    {"auto": sorted(set(alphas.values())), "per_norm": alphas})
+    return save_checkpoint(out, source, results, meta, force=force, floats=floats), alphas
+
+
+def alpha_summary(alphas):
+    """One line on the alphas used (alpha "auto": how often each was chosen)."""
+    if not alphas:
+        return ""
+    values, counts = np.unique(list(alphas.values()), return_counts=True)
+    if len(values) == 1:
+        return f"alpha {values[0]:g}"
+    return "alpha auto: " + ", ".join(f"{v:g} x{c}" for v, c in zip(values, counts))
+
+
+def check_not_given(method, **options):
+    """QinferError naming the first option given (True / not None) that `method` does not take."""
+    for name, value in options.items():
+        if value:
+            raise QinferError(f"{name} is not a {method} option (its weights are symmetric int8 per row or group, "
+                              f"rounded to nearest; its activations int8 per token)")
