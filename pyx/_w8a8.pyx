@@ -143,3 +143,21 @@ cdef class Int8Matrix:
                 rc = rc | w8a8_gemm(&self.M.head, &x[0, 0], x.shape[0], &out[0, 0], nthreads)
         if rc != 0:
             raise MemoryError("out of memory in the int8 x int8 matmul")
+
+
+cdef extern from "w8a8.h" nogil:
+    void w8a8_quantize_row(const float *x, int K, unsigned char flip, unsigned char *q, float *d_out)
+
+
+def quantize_rows(const float[:, ::1] x):
+    """(q int8 [n, in], d float32 [n]): each row of x rounded to int8 as the kernels round it."""
+    cdef int n = x.shape[0], K = x.shape[1], r
+    q = np.empty((n, K), dtype=np.int8)
+    d = np.empty(n, dtype=np.float32)
+    cdef int8_t[:, ::1] qv = q
+    cdef float[::1] dv = d
+    if n and K:
+        with nogil:
+            for r in range(n):
+                w8a8_quantize_row(&x[r, 0], K, 0, <unsigned char *>&qv[r, 0], &dv[r])
+    return q, d

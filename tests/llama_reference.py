@@ -105,10 +105,11 @@ def apply_rope(x, positions, inv_freq):
     return x * cos + rotate_half(x) * sin
 
 
-def forward(weights, config, ids, start_pos=0, kv_round=None):
+def forward(weights, config, ids, start_pos=0, kv_round=None, linear=None):
     """float64 logits [n, vocab] at every position of ids (a fresh sequence). kv_round: a
     function applied to the keys (after RoPE) and values attention reads, as a KV cache
-    that stores them rounded would (None: exact)."""
+    that stores them rounded would (None: exact). linear(x, name): a block's linear map
+    of x by the weight `name` (None: x W^T), for models whose maps round their inputs."""
     cfg = config
     W = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
     d = cfg["hidden_size"]
@@ -121,13 +122,16 @@ def forward(weights, config, ids, start_pos=0, kv_round=None):
     positions = np.arange(start_pos, start_pos + n, dtype=np.float64)
     mask = np.triu(np.full((n, n), -np.inf), k=1)             # causal: no look ahead
 
+    def lin(x, name):
+        return x @ W[name].T if linear is None else linear(x, name)
+
     x = W["model.embed_tokens.weight"][ids]                   # [n, d]
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         h = rms_norm(x, W[p + "input_layernorm.weight"], eps)
-        q = (h @ W[p + "self_attn.q_proj.weight"].T).reshape(n, nh, hd)
-        k = (h @ W[p + "self_attn.k_proj.weight"].T).reshape(n, nkv, hd)
-        v = (h @ W[p + "self_attn.v_proj.weight"].T).reshape(n, nkv, hd)
+        q = lin(h, p + "self_attn.q_proj.weight").reshape(n, nh, hd)
+        k = lin(h, p + "self_attn.k_proj.weight").reshape(n, nkv, hd)
+        v = lin(h, p + "self_attn.v_proj.weight").reshape(n, nkv, hd)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if kv_round is not None:
             k, v = kv_round(k), kv_round(v)
@@ -139,11 +143,11 @@ def forward(weights, config, ids, start_pos=0, kv_round=None):
             s = np.exp(s - s.max(axis=-1, keepdims=True))
             s /= s.sum(axis=-1, keepdims=True)
             out[:, head, :] = s @ v[:, kv, :]
-        x = x + out.reshape(n, nh * hd) @ W[p + "self_attn.o_proj.weight"].T
+        x = x + lin(out.reshape(n, nh * hd), p + "self_attn.o_proj.weight")
         h = rms_norm(x, W[p + "post_attention_layernorm.weight"], eps)
-        gate = h @ W[p + "mlp.gate_proj.weight"].T
-        up = h @ W[p + "mlp.up_proj.weight"].T
-        x = x + (silu(gate) * up) @ W[p + "mlp.down_proj.weight"].T
+        gate = lin(h, p + "mlp.gate_proj.weight")
+        up = lin(h, p + "mlp.up_proj.weight")
+        x = x + lin(silu(gate) * up, p + "mlp.down_proj.weight")
     x = rms_norm(x, W["model.norm.weight"], eps)
     head = W.get("lm_head.weight")
     if head is None:

@@ -33,6 +33,9 @@ def add_parser(sub):
     q.add_argument("--smooth", type=alpha_value, default=None, metavar="A",
                    help="gptq, rtn: apply SmoothQuant's smoothing with alpha A (or 'auto') before quantizing "
                         "the weights (needs --calib; the activations stay float)")
+    q.add_argument("--smooth-down", action="store_true",
+                   help="smoothquant, --smooth: smooth down_proj's input as well, dividing up_proj's output rows "
+                        "(an exact rewrite of the model, beyond the paper's q/k/v and gate/up)")
     add_group_size_option(q, "input rows per scale/zero group (-1: full column; default 128; spqr: 16, 32, 64 "
                              "or 128, default 16; bcq: 16, 32, 64, 128 or -1, default 128 or the largest of "
                              "those dividing every layer's inputs)", default=None)
@@ -107,5 +110,5 @@ def run(args):
                       threads=args.threads, float_dtype=args.float_dtype, zero_point=args.zero_point,
                       clip_search=args.clip_search, dynamic=rules, stat_bits=args.stat_bits,
                       outlier_threshold=args.outlier_threshold, rounds=args.rounds, alpha=args.alpha,
-                      a_bits=args.a_bits, smooth=args.smooth)
+                      a_bits=args.a_bits, smooth=args.smooth, smooth_down=args.smooth_down)
     print(report.summary(), file=sys.stderr)

@@ -408,7 +408,7 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
              static_groups=False, calib=None, nsamples=None, seqlen=None, damp=0.01, seed=0, force=False,
              threads=None, true_sequential=False, sink_weight=1.0, float_dtype="float16", zero_point="int",
              clip_search=False, dynamic=None, progress=True, stat_bits=None, outlier_threshold=None, rounds=None,
-             alpha=None, a_bits=None, smooth=None):
+             alpha=None, a_bits=None, smooth=None, smooth_down=False):
     """Quantize a float model into a GPTQ-format checkpoint directory `out` (method "spqr": an
     SpQR checkpoint, qinfer's own).
 
@@ -460,6 +460,9 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
     ZeroQuant here is plain W8A8: no smoothing, no calibration.
     smooth: with "gptq" or "rtn", SmoothQuant's smoothing with this alpha before
     quantizing the weights (calib needed; the activations stay float).
+    smooth_down: smooth down_proj's input too, through up_proj's output rows (an
+    exact rewrite the paper does not make; smoothquant.DOWN_GROUP), with
+    "smoothquant" or `smooth`.
     nsamples and seqlen: None for the method's defaults (128 windows of 2048 tokens;
     SmoothQuant's 512 of 512).
     `out` must not exist unless force. Returns a QuantizeReport.
@@ -487,11 +490,11 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
                                         "sink_weight (--sink-weight)": sink_weight != 1})
         if method == "smoothquant":
             alpha = smoothquant.check_alpha(smoothquant.DEFAULT_ALPHA if alpha is None else alpha)
-        elif alpha is not None:
-            raise QinferError("alpha (--alpha) is SmoothQuant's: use it with method 'smoothquant' (zeroquant "
-                              "does not smooth)")
-        return _quantize_w8a8(model, out, method, bits, group_size, alpha, calib, nsamples, seqlen, seed, force,
-                              threads, float_dtype, progress, t0)
+        elif alpha is not None or smooth_down:
+            raise QinferError("alpha (--alpha) and smooth_down (--smooth-down) are SmoothQuant's: use them with "
+                              "method 'smoothquant' (zeroquant does not smooth)")
+        return _quantize_w8a8(model, out, method, bits, group_size, alpha, bool(smooth_down), calib, nsamples,
+                              seqlen, seed, force, threads, float_dtype, progress, t0)
     if alpha is not None or a_bits is not None:
         raise QinferError("alpha (--alpha) and the activations' bits (--a-bits) are settings of the "
                           "'smoothquant' and 'zeroquant' methods; GPTQ and the others keep float activations")
@@ -499,6 +502,8 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
         if method not in ("gptq", "rtn"):
             raise QinferError(f"smooth (--smooth) applies to methods 'gptq' and 'rtn', not {method!r}")
         smooth = smoothquant.check_alpha(smooth)
+    elif smooth_down:
+        raise QinferError("smooth_down (--smooth-down) goes with smoothing: method 'smoothquant', or --smooth A")
     if method != "bcq" and rounds is not None:
         raise QinferError("refinement rounds (--rounds) are a BCQ setting: use them with method 'bcq'")
     if method == "bcq":
@@ -540,7 +545,8 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
                               "takes all but static groups); round to nearest (method 'rtn') uses no calibration")
         meta.update(damp=None, sink_weight=None)
     if smooth is not None:
-        source, _ = w8a8.smoothing(source, windows, smooth, threads, progress)
+        source, _ = w8a8.smoothing(source, windows, smooth, threads, progress, bool(smooth_down))
+        meta["smooth_down"] = bool(smooth_down)
     floats = float_tensors(source, float_dtype)
 
     bar = Progress(source.config.num_hidden_layers, enabled=progress)
@@ -588,8 +594,8 @@ def _calibration(source, calib, nsamples, seqlen, seed, method_name):
     return calibration_windows(calib, load_tokenizer(source.tokenizer), nsamples, seqlen, seed)
 
 
-def _quantize_w8a8(model, out, method, bits, group_size, alpha, calib, nsamples, seqlen, seed, force, threads,
-                   float_dtype, progress, t0):
+def _quantize_w8a8(model, out, method, bits, group_size, alpha, smooth_down, calib, nsamples, seqlen, seed, force,
+                   threads, float_dtype, progress, t0):
     """SmoothQuant / ZeroQuant's W8A8 (quant/w8a8.py) -> QuantizeReport."""
     source = _open_source(model)
     _check_shapes(source)
@@ -599,7 +605,7 @@ def _quantize_w8a8(model, out, method, bits, group_size, alpha, calib, nsamples,
     windows = _calibration(source, calib, nsamples, seqlen, seed, "SmoothQuant") if method == "smoothquant" else None
     out = checkpoint.check_output(out, force, source.path)
     meta = dict(bits=bits, group_size=group_size, sym=True, method=method, float_dtype=float_dtype,
-                activations="int8-token", alpha=alpha)
+                activations="int8-token", alpha=alpha, smooth_down=smooth_down)
     if windows is not None:
         meta.update(nsamples=nsamples, seqlen=seqlen, seed=seed, calibration=os.path.basename(os.fspath(calib)))
     fmt, alphas = w8a8.quantize_w8a8(source, out, meta, windows, threads, force, progress)

@@ -61,7 +61,7 @@ def quantize_w8a8(source, out, meta, windows, threads, force, progress):
 
     alphas = {}
     if meta["method"] == "smoothquant":
-        source, alphas = smoothing(source, windows, meta["alpha"], threads, progress, meta.get("smooth_down", False))
+        source, alphas = smoothing(source, windows, meta["alpha"], threads, progress, meta["smooth_down"])
     bar = Progress(source.config.num_hidden_layers, enabled=progress)
     results = {}
     for i in range(source.config.num_hidden_layers):

@@ -20,7 +20,7 @@ FLOAT_DTYPES = ("float16", "float32")
 DEFAULT_META = dict(sym=False, act_order=False, static_groups=False, true_sequential=False, method="gptq",
                     damp=None, nsamples=None, seqlen=None, seed=None, calibration=None, sink_weight=None, zero_point="int",
                     float_dtype="float16", clip_search=False, dynamic=None, activations=None, alpha=None,
-                    smooth=None)
+                    smooth=None, smooth_down=False)
 
 
 def float_weight(source, name):
@@ -140,6 +140,7 @@ def save_checkpoint(out, source, results, meta, force=False, floats=None):
                                    "calibration": meta["calibration"],
                                    **({"smoothquant_alpha": meta["alpha"]} if meta["alpha"] is not None else {}),
                                    **({"smooth_alpha": meta["smooth"]} if meta["smooth"] is not None else {}),
+                                   **({"smooth_down": True} if meta["smooth_down"] else {}),
                                    "source": os.path.basename(os.path.normpath(source.path))})
     tensors = model_tensors(source, floats, lambda base: results[base].checkpoint_tensors(fmt))
     write_directory(out, force, source, tensors, hf_config(source, quant_config, meta["float_dtype"]),

@@ -1,0 +1,293 @@
+"""SmoothQuant and ZeroQuant's W8A8: qinfer.quantize(method="smoothquant" / "zeroquant"), the
+checkpoint's input_activations record, the engine on the int8 x int8 kernels, `--smooth`.
+
+* Smoothing is the same model: the smoothed float model's logits equal the original's for
+  any alpha (and with down_proj smoothed too); s matches the formula for given maxima.
+* The checkpoint: 8-bit symmetric GPTQ tensors (decoded by this file's own unpacker), one
+  scale per row, quantization_config.input_activations; the engine's logits against the
+  numpy reference forward pass with each linear map's input rounded to int8 per token
+  (this file's rounding), in prefill and in decode steps (the decode team's entry points).
+* Errors: alpha outside [0, 1], bits the methods do not take, options that do not apply,
+  a calibration file too short, edited input_activations settings: one clear error (the
+  CLI: one `qinfer: error:` line, exit 1), nothing written.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_reference as ref  # noqa: E402
+from helpers import (edit_settings, leftovers, needs_tokenizer, needs_wikitext, refused,  # noqa: E402
+                     run_cli)
+
+import qinfer  # noqa: E402
+from qinfer import QinferError, UnsupportedError  # noqa: E402
+from qinfer.errors import FormatError  # noqa: E402
+from qinfer.int8_linear import Int8Linear  # noqa: E402
+from qinfer.model import LINEAR_NAMES, Model  # noqa: E402
+from qinfer.quant import smoothquant  # noqa: E402
+from qinfer.quant.progress import Progress  # noqa: E402
+from qinfer.quant.writer import float_weight  # noqa: E402
+from qinfer.readers import open_model  # noqa: E402
+
+PROMPT = "The quick brown fox jumps over the lazy dog"
+
+
+@pytest.fixture(scope="module")
+def tiny_src(write_tiny):
+    return write_tiny("w8a8_src", tied=False, seed=11)
+
+
+@pytest.fixture(scope="module")
+def zeroquant(tiny_src, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zq") / "ckpt"
+    report = qinfer.quantize(tiny_src[0], out, method="zeroquant", threads=1, progress=False, float_dtype="float32")
+    return out, report
+
+
+def unpack_8bit(qweight):
+    """uint8 codes [in, out] of a GPTQ qweight int32 [in / 4, out]: row 4 i + j at bits 8 j of word i."""
+    w = qweight.view(np.uint32)
+    return np.stack([(w >> (8 * j)) & 0xFF for j in range(4)], axis=1).reshape(-1, w.shape[1]).astype(np.uint8)
+
+
+def int8_layers(directory):
+    """{weight name: (codes int [out, in], scales float [out])} decoded from the checkpoint's tensors."""
+    from safetensors.numpy import load_file
+
+    stored = load_file(str(Path(directory) / "model.safetensors"))
+    layers = {}
+    for name in stored:
+        if name.endswith(".qweight"):
+            base = name[:-len(".qweight")]
+            codes = unpack_8bit(stored[name]).astype(np.int64) - 128
+            zeros_plus = unpack_8bit(stored[base + ".qzeros"]).astype(np.int64)     # v1: zero - 1
+            assert (zeros_plus == 127).all(), "symmetric: every zero point 128"
+            assert stored[base + ".scales"].shape[0] == 1, "one scale per output row"
+            layers[base + ".weight"] = (codes.T, stored[base + ".scales"][0].astype(np.float64))
+    return layers, stored
+
+
+def per_token(x):
+    """x rounded to int8 per row as a W8A8 layer's input: (q, d)."""
+    x = np.asarray(x, dtype=np.float64)
+    d = np.abs(x).max(axis=1) / 127
+    safe = np.where(d > 0, d, 1)
+    return np.clip(np.rint(x / safe[:, None]), -127, 127), d
+
+
+def w8a8_linear(layers):
+    def linear(x, name):
+        codes, scales = layers[name]
+        q, d = per_token(x)
+        return (q @ codes.T) * scales[None, :] * d[:, None]
+    return linear
+
+
+# ------------------------------------------------------------------ smoothing
+def test_smoothing_factors_follow_the_formula():
+    rng = np.random.default_rng(0)
+    act = np.abs(rng.standard_normal(12)) * 10
+    act[3] = 0.0                                   # a channel never active: clamped
+    ws = [rng.standard_normal((5, 12)), rng.standard_normal((7, 12))]
+    ws[1][:, 5] = 0.0
+    ws[0][:, 5] = 0.0                              # a column of zeros in every map: clamped
+    for alpha in (0.0, 0.25, 0.5, 1.0):
+        wmax = np.maximum(np.abs(ws[0]).max(axis=0), np.abs(ws[1]).max(axis=0))
+        want = np.maximum(np.maximum(act, 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1 - alpha), 1e-5)
+        np.testing.assert_allclose(smoothquant.smoothing_factors(act, ws, alpha), want, rtol=1e-6)
+    for bad in (-0.1, 1.5, "0.5", True, float("nan")):
+        with pytest.raises(QinferError, match="alpha"):
+            smoothquant.check_alpha(bad)
+    assert smoothquant.check_alpha("auto") == "auto"
+
+
+@needs_tokenizer
+@needs_wikitext
+def test_smoothing_leaves_the_float_model_unchanged(tiny_src):
+    src = open_model(tiny_src[0])
+    ids = np.arange(5, 29)
+    windows = np.stack([np.arange(100, 132), np.arange(300, 332)]).astype(np.int32)
+    stats = smoothquant.calibrate(src, windows, 1, Progress(2, enabled=False), keep_sample=True,
+                                  groups=smoothquant.groups_for(True))
+    want = Model(src, threads=1).forward(ids, 0, all_logits=True)
+    for alpha, down in ((0.0, False), (0.5, False), (1.0, False), (0.8, True), ("auto", True)):
+        tensors, alphas = smoothquant.smooth(src, stats, alpha, lambda n: float_weight(src, n),
+                                             smoothquant.groups_for(down))
+        smoothed = smoothquant.smoothed_source(src, tensors)
+        # the weights did change (a no-op would pass the logits check too) ...
+        q = "model.layers.0.self_attn.q_proj.weight"
+        assert not np.allclose(float_weight(smoothed, q), float_weight(src, q))
+        if down:
+            up = "model.layers.1.mlp.up_proj.weight"
+            assert alphas["model.layers.1.mlp.up_proj"] in smoothquant.ALPHA_GRID + (0.8,)
+            assert not np.allclose(float_weight(smoothed, up), float_weight(src, up))
+        # ... and the function did not
+        got = Model(smoothed, threads=1).forward(ids, 0, all_logits=True)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+# ------------------------------------------------------------------ the checkpoint and the engine
+@needs_tokenizer
+def test_zeroquant_checkpoint_runs_w8a8_against_the_reference(tiny_src, zeroquant):
+    out, report = zeroquant
+    assert (report.method, report.bits, report.group_size) == ("zeroquant", 8, -1)
+    assert "activations int8 per token" in report.summary()
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["input_activations"] == {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True,
+                                       "strategy": "token"}
+    assert (qc["bits"], qc["group_size"], qc["sym"]) == (8, -1, True)
+    layers, stored = int8_layers(out)
+    cfg = tiny_src[2]
+    assert len(layers) == cfg["num_hidden_layers"] * len(LINEAR_NAMES)
+    src_w = tiny_src[1]
+    for name, (codes, scales) in layers.items():       # round to nearest of the float weight, per row
+        w = src_w[name]
+        np.testing.assert_allclose(scales, (np.abs(w).max(axis=1) / 127).astype(np.float16), rtol=0, atol=0)
+        assert np.abs(codes * scales[:, None] - w).max() <= 0.5 * scales.max() * (1 + 1e-3)
+    assert open_model(out).activations == "int8-token"
+
+    engine = qinfer.Engine(out, threads=2)
+    kernel_layers = engine.model.quantized_layers()
+    assert kernel_layers and all(isinstance(layer, Int8Linear) for layer in kernel_layers)
+    weights = {k: v for k, v in src_w.items() if k not in layers}
+    weights.update({k: c * s[:, None] for k, (c, s) in layers.items()})
+    ids = engine.tokenizer.encode(PROMPT, add_bos=True)
+    want = ref.forward(weights, cfg, ids, linear=w8a8_linear(layers))
+    floats = ref.forward(weights, cfg, ids)             # the same weights, float activations
+    got = engine.logits(ids)
+    gap = np.abs(floats - want).max()
+    assert gap > 1e-3 * np.abs(want).max()            # the activations' rounding is visible ...
+    assert np.abs(got - want).max() < 0.05 * gap       # ... and the engine rounds as the reference does
+    # decode steps (the decode team's entry points, one token at a time) give the same logits
+    steps = np.stack([engine.model.forward(ids[t:t + 1], t) for t in range(len(ids))])
+    np.testing.assert_allclose(steps, got, rtol=1e-5, atol=1e-5 * np.abs(got).max())
+    # the same checkpoint dequantized: float activations, the weight-only reference
+    np.testing.assert_allclose(qinfer.Engine(out, threads=1, dequantize=True).logits(ids), floats,
+                               rtol=1e-4, atol=1e-4 * np.abs(floats).max())
+
+
+@needs_tokenizer
+@needs_wikitext
+def test_smoothquant_checkpoint_and_smooth_option(tiny_src, tmp_path):
+    calib = ref.WIKITEXT
+    out = tmp_path / "sq"
+    report = qinfer.quantize(tiny_src[0], out, method="smoothquant", alpha="auto", smooth_down=True, calib=calib,
+                             nsamples=2, seqlen=32, threads=1, progress=False, float_dtype="float32")
+    assert report.method == "smoothquant" and report.alpha.startswith("alpha")
+    meta = json.loads((out / "quantize_config.json").read_text())["qinfer"]
+    assert meta["smooth_down"] is True and meta["nsamples"] == 2 and "auto" in meta["smoothquant_alpha"]
+    layers, stored = int8_layers(out)
+    cfg = tiny_src[2]
+    # the norms carry the division: smoothed and original models agree in float
+    weights = {k: v.astype(np.float32) for k, v in stored.items() if k.endswith(".weight")}
+    weights.update({k: c * s[:, None] for k, (c, s) in layers.items()})
+    assert not np.allclose(weights["model.layers.0.input_layernorm.weight"],
+                           tiny_src[1]["model.layers.0.input_layernorm.weight"])
+    ids = np.arange(3, 20)
+    engine = qinfer.Engine(out, threads=1)
+    want = ref.forward(weights, cfg, ids, linear=w8a8_linear(layers))
+    gap = np.abs(ref.forward(weights, cfg, ids) - want).max()
+    assert np.abs(engine.logits(ids) - want).max() < 0.05 * gap
+    # --smooth before GPTQ-format round to nearest: an ordinary checkpoint, float activations
+    rtn = tmp_path / "rtn"
+    qinfer.quantize(tiny_src[0], rtn, method="rtn", bits=8, group_size=-1, smooth=0.5, calib=calib, nsamples=2,
+                    seqlen=32, threads=1, progress=False)
+    assert "input_activations" not in json.loads((rtn / "config.json").read_text())["quantization_config"]
+    assert json.loads((rtn / "quantize_config.json").read_text())["qinfer"]["smooth_alpha"] == 0.5
+    assert open_model(rtn).activations is None
+    base = qinfer.Engine(tiny_src[0], threads=1).logits(ids)
+    smoothed = qinfer.Engine(rtn, threads=1).logits(ids)
+    assert np.abs(smoothed - base).max() < 0.05 * np.abs(base).max()    # the same model, 8-bit weights
+
+
+# ------------------------------------------------------------------ errors
+@needs_tokenizer
+def test_bad_settings_are_refused_and_nothing_is_written(tiny_src, tmp_path):
+    out = tmp_path / "never"
+    cases = [
+        (dict(method="smoothquant", alpha=1.5, calib="x"), QinferError, "alpha"),
+        (dict(method="smoothquant", alpha=-0.1, calib="x"), QinferError, "alpha"),
+        (dict(method="zeroquant", bits=4), UnsupportedError, "4 bits"),
+        (dict(method="smoothquant", a_bits=4, calib="x"), UnsupportedError, "activations at 4 bits"),
+        (dict(method="zeroquant", act_order=True), QinferError, "act_order"),
+        (dict(method="zeroquant", sym=True), QinferError, "sym"),
+        (dict(method="zeroquant", alpha=0.5), QinferError, "alpha"),
+        (dict(method="smoothquant"), QinferError, "calibration text"),
+        (dict(method="gptq", alpha=0.5, calib="x"), QinferError, "alpha"),
+        (dict(method="spqr", smooth=0.5, calib="x"), QinferError, "smooth"),
+        (dict(method="rtn", smooth=0.5), QinferError, "calibration"),
+        (dict(method="rtn", smooth_down=True), QinferError, "smooth_down"),
+        (dict(method="zeroquant", group_size=128), UnsupportedError, "groups of 128"),
+    ]
+    for kwargs, error, words in cases:
+        with pytest.raises(error, match=words):
+            qinfer.quantize(tiny_src[0], out, progress=False, **kwargs)
+        assert not out.exists() and not leftovers(tmp_path), kwargs
+
+
+@needs_tokenizer
+def test_short_calibration_file_is_refused(tiny_src, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words")
+    with pytest.raises(QinferError, match="fewer than one window"):
+        qinfer.quantize(tiny_src[0], tmp_path / "out", method="smoothquant", calib=short, seqlen=64, nsamples=2,
+                        progress=False)
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+@needs_tokenizer
+def test_edited_activation_settings_are_refused(zeroquant, tmp_path):
+    out, _ = zeroquant
+    for key, value, words in (("num_bits", 4, "num_bits"), ("strategy", "tensor", "strategy"),
+                              ("dynamic", False, "dynamic"), ("symmetric", False, "symmetric"),
+                              ("group_size", 64, "group_size")):
+        def change(qc, key=key, value=value):
+            qc["input_activations"][key] = value
+        refused(out, tmp_path / key, edit_settings(change), UnsupportedError, "input_activations", words)
+    refused(out, tmp_path / "kind", edit_settings(lambda qc: qc.update(input_activations="int8")), FormatError,
+            "input_activations")
+    refused(out, tmp_path / "bits", edit_settings(lambda qc: qc.update(bits=4), ("config.json",
+                                                                                  "quantize_config.json")),
+            UnsupportedError, "8 bits")
+
+
+@needs_tokenizer
+def test_asymmetric_weights_with_int8_activations_are_refused(tiny_src, tmp_path):
+    out = tmp_path / "asym"
+    qinfer.quantize(tiny_src[0], out, method="rtn", bits=8, group_size=-1, progress=False)
+
+    def add(qc):
+        qc["input_activations"] = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True,
+                                   "strategy": "token"}
+    edit_settings(add)(out)
+    with pytest.raises(FormatError, match="zero point 128") as info:
+        qinfer.Engine(out, threads=1)
+    assert "model.layers.0" in str(info.value)
+
+
+@needs_tokenizer
+@needs_wikitext
+def test_command_line(tiny_src, tmp_path):
+    out = tmp_path / "cli"
+    proc = run_cli("quantize", "--model", str(tiny_src[0]), "--method", "smoothquant", "--alpha", "0.5",
+                   "--w-bits", "8", "--a-bits", "8", "--calib", str(ref.WIKITEXT), "--nsamples", "2",
+                   "--seqlen", "32", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "smoothquant 8-bit" in proc.stderr and "activations int8 per token, alpha 0.5" in proc.stderr
+    proc = run_cli("generate", "--model", str(out), "--prompt", "Hello", "--max-new-tokens", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for args, words in ((("--alpha", "2"), ("alpha",)), (("--alpha", "x"), ("alpha",)),
+                        (("--a-bits", "4"), ("activations at 4 bits",)),
+                        (("--w-bits", "4"), ("4 bits",)), (("--bits", "8", "--w-bits", "8"), ("--w-bits",))):
+        proc = run_cli("quantize", "--model", str(tiny_src[0]), "--method", "smoothquant", "--calib",
+                       str(ref.WIKITEXT), "--out", str(tmp_path / "bad"), *args)
+        # the library's refusals exit 1, the parser's (a value it cannot take) 2; one line either way
+        assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "error:" in lines[0], proc.stderr
+        assert all(w in lines[0] for w in words), (words, lines[0])
+        assert not (tmp_path / "bad").exists()

@@ -1,0 +1,157 @@
+"""The int8 x int8 kernels (pyx/w8a8.h) and Int8Linear (qinfer/int8_linear.py).
+
+* Per-token rounding: each row of x to int8 with d = max|x| / 127, half to even, against a
+  numpy reference written here.
+* The product: exact integer dot products per group, then the float steps in one order,
+  equal bit for bit to this file's numpy reference, on every instruction set this CPU has,
+  at 1 and 2 threads, for row counts that hit every loop's tail, groups from 4 inputs to
+  whole rows, outputs that do not fill the last tile, and codes at both ends (-128, 127).
+* Int8Linear: the kernel settings (scalar path, int8 instruction set) pick the loops; from
+  GPTQ tensors of 8-bit symmetric codes it holds the same weights; stacking and splitting.
+"""
+import numpy as np
+import pytest
+
+from qinfer import _w8a8, kernels
+from qinfer.errors import FormatError, ShapeError, UnsupportedError
+from qinfer.int8_linear import Int8Linear, kernel_isa
+
+ISAS = _w8a8.cpu_isas()
+
+
+def round_per_token(x):
+    """q int64 [n, in], d float32 [n]: d = max|x| / 127 (float32), q = round(x * (1 / d)) half to even."""
+    x = np.asarray(x, dtype=np.float32)
+    d = np.float32(np.abs(x).max(axis=1)) / np.float32(127)
+    d = d.astype(np.float32)
+    inv = np.zeros_like(d)
+    inv[d > 0] = np.float32(1) / d[d > 0]
+    v = (x * inv[:, None]).astype(np.float32)
+    return np.clip(np.rint(v), -127, 127).astype(np.int64), d
+
+
+def reference(codes, scales, group, x):
+    """y float32 [n, out]: per group g in order acc += s_g * float(dot_g) (each rounded to float32),
+    then y = acc * d."""
+    q, d = round_per_token(x)
+    c = codes.astype(np.int64)
+    acc = np.zeros((x.shape[0], codes.shape[0]), np.float32)
+    for g in range(codes.shape[1] // group):
+        cols = slice(g * group, (g + 1) * group)
+        dot = q[:, cols] @ c[:, cols].T                                   # exact
+        assert np.abs(dot).max(initial=0) < 2 ** 31
+        acc = (acc + (scales[None, :, g] * dot.astype(np.float32)).astype(np.float32)).astype(np.float32)
+    return (acc * d[:, None]).astype(np.float32)
+
+
+def random_layer(rng, out_f, in_f, group):
+    codes = rng.integers(-128, 128, size=(out_f, in_f)).astype(np.int8)
+    codes[0, :] = -128                    # both ends of the code range
+    codes[-1, :] = 127
+    scales = (rng.random((out_f, in_f // group)) * 0.01 + 1e-4).astype(np.float32)
+    return codes, scales
+
+
+def test_per_token_rounding_matches_the_reference():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((7, 200)) * rng.uniform(0.01, 100, size=(7, 1))).astype(np.float32)
+    x[3] = 0.0                                        # an all-zero row: d = 0, codes 0
+    x[4, :5] = [127.0, -127.0, 0.5, 1.5, -2.5]        # exact ties round half to even
+    q, d = _w8a8.quantize_rows(x)
+    want_q, want_d = round_per_token(x)
+    assert q.dtype == np.int8 and d.dtype == np.float32
+    np.testing.assert_array_equal(q, want_q)
+    np.testing.assert_array_equal(d, want_d)
+    assert d[3] == 0 and not q[3].any()
+    np.testing.assert_array_equal(q[4, :5], [127, -127, 0, 2, -2])
+    assert np.abs(q).max() == 127 and (np.abs(q).max(axis=1)[d > 0] == 127).all()
+
+
+@pytest.mark.parametrize("out_f,in_f,group", [(37, 64, 64), (96, 576, -1), (100, 1536, 128), (16, 32, 4),
+                                              (5, 256, 16)])
+def test_product_is_exact_integer_arithmetic_on_every_path(out_f, in_f, group):
+    rng = np.random.default_rng(out_f + in_f)
+    g = in_f if group == -1 else group
+    codes, scales = random_layer(rng, out_f, in_f, g)
+    for n in (1, 3, 4, 8, 9, 17):                     # the loops take 8 (AVX-512) or 4 (AVX2) rows a pass
+        x = (rng.standard_normal((n, in_f)) * 3).astype(np.float32)
+        want = reference(codes, scales, g, x)
+        for isa in ISAS:
+            m = _w8a8.Int8Matrix(codes, scales, g, isa)
+            for threads in (1, 2):
+                y = np.full((n, out_f), np.nan, np.float32)
+                m.matmul(x, y, threads)
+                np.testing.assert_array_equal(y, want, err_msg=f"{isa}, {threads} thread(s), {n} rows")
+
+
+def test_layout_round_trips_and_isa_choice():
+    rng = np.random.default_rng(3)
+    codes, scales = random_layer(rng, 40, 128, 32)
+    m = _w8a8.Int8Matrix(codes, scales, 32, ISAS[-1])
+    np.testing.assert_array_equal(m.codes(), codes)
+    np.testing.assert_array_equal(m.scales(), scales)
+    assert ISAS[-1] == "portable" and ISAS[0] in ("avx512vnni", "avx2", "portable")
+    with pytest.raises(ValueError, match="isa"):
+        _w8a8.Int8Matrix(codes, scales, 32, "sse9")
+    for bad_group in (0, 3, 48, 256):
+        with pytest.raises(ValueError, match="groups"):
+            _w8a8.Int8Matrix(codes, scales, bad_group, "portable")
+
+
+def test_kernel_settings_pick_the_loops():
+    layer = Int8Linear(*random_layer(np.random.default_rng(4), 20, 64, 64))
+    with kernels.use_path("scalar"):
+        assert kernel_isa() == "portable"
+    if kernels.active_path() == "avx2":
+        with kernels.use_int8_isa("avx2"):
+            assert kernel_isa() == "avx2"
+        if "avx512vnni" in ISAS:
+            with kernels.use_int8_isa("avx512vnni"):
+                assert kernel_isa() == "avx512vnni"
+    x = np.random.default_rng(5).standard_normal((3, 64)).astype(np.float32)
+    want = reference(layer.codes(), layer.scales(), 64, x)
+    with kernels.use_path("scalar"):
+        np.testing.assert_array_equal(layer(x), want)
+        assert layer.isa == "portable"
+    np.testing.assert_array_equal(layer(x), want)
+    np.testing.assert_array_equal(layer(x[1]), want[1])
+
+
+def pack_8bit(codes_in_out):
+    """GPTQ qweight int32 [in / 4, out]: four 8-bit codes a word, row r at bits 8 (r % 4)."""
+    u = codes_in_out.astype(np.uint32)
+    words = u[0::4] | (u[1::4] << 8) | (u[2::4] << 16) | (u[3::4] << 24)
+    return words.view(np.int32)
+
+
+def test_from_gptq_tensors_of_symmetric_codes():
+    rng = np.random.default_rng(6)
+    out_f, in_f, group = 24, 128, 64
+    stored = rng.integers(0, 256, size=(in_f, out_f)).astype(np.uint8)        # codes c + 128
+    scales = (rng.random((in_f // group, out_f)) * 0.01).astype(np.float32)
+    zeros = np.full_like(scales, 128)
+    layer = Int8Linear.from_packed(pack_8bit(stored), scales, zeros, group)
+    np.testing.assert_array_equal(layer.codes(), (stored.astype(np.int16) - 128).T)
+    want_w = np.repeat(scales.T, group, axis=1) * (stored.T.astype(np.float32) - 128)
+    np.testing.assert_allclose(layer.dequantize(), want_w, rtol=0, atol=0)
+    with pytest.raises(FormatError, match="zero point 128"):
+        Int8Linear.from_packed(pack_8bit(stored), scales, zeros + 1, group, name="blk.q")
+    with pytest.raises(FormatError, match="act-order"):
+        Int8Linear.from_packed(pack_8bit(stored), scales, zeros, group, g_idx=np.arange(in_f)[::-1] // group)
+    with pytest.raises(UnsupportedError, match="groups"):
+        Int8Linear(np.zeros((4, 30), np.int8), np.ones((4, 1), np.float32), -1)
+    with pytest.raises(ShapeError):
+        Int8Linear(np.zeros((4, 32), np.int8), np.ones((4, 2), np.float32), -1)
+
+
+def test_stack_and_split():
+    rng = np.random.default_rng(7)
+    parts = [Int8Linear(*random_layer(rng, n, 64, 32), 32) for n in (48, 16, 16)]
+    whole = Int8Linear.stack(parts)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_array_equal(whole(x), np.concatenate([p(x) for p in parts], axis=1))
+    for a, b in zip(whole.split([48, 16, 16]), parts):
+        np.testing.assert_array_equal(a.codes(), b.codes())
+        np.testing.assert_array_equal(a.scales(), b.scales())
+    with pytest.raises(UnsupportedError, match="cannot stack"):
+        Int8Linear.stack([parts[0], Int8Linear(*random_layer(rng, 8, 64, 64), 64)])
