@@ -1,0 +1,112 @@
+"""W8A8 perplexity on SmolLM2: SmoothQuant's alpha sweep against plain W8A8 and the float model.
+
+    python benchmarks/w8a8_accuracy.py [--windows 4] [--nsamples 512] [--seqlen 512]
+        [--rows zeroquant,sq:0.5,...] [--threads 2]
+
+Every row is a checkpoint `qinfer.quantize` writes (into the accuracy cache, reused when
+present) and the engine runs as a user's would (W8A8 rows on the int8 x int8 kernels),
+scored with docs/results.md's protocol (WikiText-2 test, windows of 2048 tokens, the first
+--windows of them, or all with --windows 0; calibration on the text after the last scored
+window, or the whole text when every window is scored). Rows (--rows, comma-separated):
+
+    float             the float model (the GGUF's weights dequantized)
+    zeroquant         plain W8A8: int8 weights per row, int8 activations per token
+    w8                the same weights with float activations (the checkpoint dequantized)
+    sq:A              SmoothQuant with alpha A (a number, or auto)
+    sqd:A             ... and down_proj smoothed too (--smooth-down)
+    ...:gG            any of the above with G-input weight groups instead of one scale a row
+    rtn4g64, rtn4g64:smoothA
+                      4-bit round to nearest in groups of 64 (float activations), and the
+                      same after smoothing with alpha A (`--smooth`)
+
+Prints one line per row: perplexity, its change against the float model, seconds.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import qinfer  # noqa: E402
+from accuracy import SEQLEN, calibration_file, default_cache, score  # noqa: E402
+from qinfer.engine import default_model_path  # noqa: E402
+from qinfer.perplexity import load_text, split_windows, tokenize  # noqa: E402
+
+DEFAULT_ROWS = "float,w8,zeroquant,sq:0.3,sq:0.5,sq:0.7,sq:0.8,sq:0.9,sq:auto,sqd:0.8,sqd:0.8:g64,rtn4g64,rtn4g64:smooth0.5"
+
+
+def parse_row(spec):
+    """(quantize keyword arguments or None for float, dequantize, label) of a row spec."""
+    parts = spec.split(":")
+    head, rest = parts[0], parts[1:]
+    group = -1
+    for p in list(rest):
+        if p.startswith("g") and p[1:].isdigit():
+            group = int(p[1:])
+            rest.remove(p)
+    if head == "float":
+        return None, True, "float32"
+    if head in ("zeroquant", "w8"):
+        return dict(method="zeroquant", group_size=group), head == "w8", \
+            ("W8 (float activations)" if head == "w8" else "zeroquant W8A8") + (f" g{group}" if group > 0 else "")
+    if head in ("sq", "sqd"):
+        alpha = rest[0] if rest[0] == "auto" else float(rest[0])
+        label = f"smoothquant W8A8 alpha {rest[0]}" + (" +down" if head == "sqd" else "") + \
+            (f" g{group}" if group > 0 else "")
+        return dict(method="smoothquant", alpha=alpha, smooth_down=head == "sqd", group_size=group), False, label
+    if head == "rtn4g64":
+        smooth = float(rest[0][len("smooth"):]) if rest else None
+        return dict(method="rtn", bits=4, group_size=64, smooth=smooth), False, \
+            "rtn 4-bit g64" + (f" smoothed alpha {smooth:g}" if smooth is not None else "")
+    raise SystemExit(f"unknown row {spec!r}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                  "..", "shared", "data", "wikitext-2-raw", "wiki.test.raw"))
+    p.add_argument("--windows", type=int, default=4, help="scored windows (0: all)")
+    p.add_argument("--nsamples", type=int, default=512, help="SmoothQuant's calibration windows")
+    p.add_argument("--seqlen", type=int, default=512, help="... of this many tokens")
+    p.add_argument("--rows", default=DEFAULT_ROWS)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+
+    model_path = default_model_path()
+    engine = qinfer.Engine(model_path, dequantize=True, ctx=SEQLEN, threads=args.threads)
+    text = load_text(args.data)
+    tokens = tokenize(engine, text)
+    total = len(tokens) // SEQLEN
+    n_eval = total if args.windows == 0 else args.windows
+    windows = split_windows(tokens, SEQLEN, n_eval)
+    cache = default_cache()
+    calib, note, _ = calibration_file(cache, text, tokens, engine, n_eval, total)
+    print(f"qinfer {qinfer.__version__}; {n_eval} windows of {SEQLEN} tokens; SmoothQuant calibration: "
+          f"{args.nsamples} windows of {args.seqlen} tokens from {note}", flush=True)
+    base = None
+    for spec in args.rows.split(","):
+        kwargs, dequantize, label = parse_row(spec)
+        t0 = time.perf_counter()
+        path = model_path
+        if kwargs is not None:
+            tag = spec.replace(":", "-") if spec != "w8" else "zeroquant"
+            path = os.path.join(cache, "w8a8", f"{tag}-{n_eval}w-{args.nsamples}x{args.seqlen}")
+            if not os.path.isdir(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                if kwargs["method"] != "zeroquant":
+                    kwargs = dict(kwargs, calib=calib, nsamples=args.nsamples, seqlen=args.seqlen)
+                qinfer.quantize(model_path, path, threads=args.threads, progress=False,
+                                **{k: v for k, v in kwargs.items() if v is not None})
+        run = qinfer.Engine(path, dequantize=dequantize, ctx=SEQLEN, threads=args.threads)
+        got = score(run, windows, args.threads)
+        if base is None:
+            base = got["ppl"] if kwargs is None else None
+        change = f"{(got['ppl'] / base - 1) * 100:+.2f}%" if base else "-"
+        print(f"{label:<44} ppl {got['ppl']:.4f}  {change:>8}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        del run
+    return 0 if base and math.isfinite(base) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
