@@ -19,6 +19,8 @@ window, or the whole text when every window is scored). Rows (--rows, comma-sepa
                       4-bit round to nearest in groups of 64 (float activations), and the
                       same after smoothing with alpha A (`--smooth`)
 
+SmoothQuant's calibration (the float model's channel maxima, the same for every alpha) is
+run once and shared by the rows of one run (smoothquant.calibrate, memoized here).
 Prints one line per row: perplexity, its change against the float model, seconds.
 """
 import argparse
@@ -32,6 +34,7 @@ import qinfer  # noqa: E402
 from accuracy import SEQLEN, calibration_file, default_cache, score  # noqa: E402
 from qinfer.engine import default_model_path  # noqa: E402
 from qinfer.perplexity import load_text, split_windows, tokenize  # noqa: E402
+from qinfer.quant import smoothquant  # noqa: E402
 
 DEFAULT_ROWS = "float,w8,zeroquant,sq:0.3,sq:0.5,sq:0.7,sq:0.8,sq:0.9,sq:auto,sqd:0.8,sqd:0.8:g64,rtn4g64,rtn4g64:smooth0.5"
 
@@ -62,6 +65,19 @@ def parse_row(spec):
     raise SystemExit(f"unknown row {spec!r}")
 
 
+def shared_calibration():
+    """Make smoothquant.calibrate compute its statistics once per run (every group, with the
+    rows alpha "auto" samples) and hand the same ones to every row after."""
+    calibrate, memo = smoothquant.calibrate, {}
+
+    def once(source, windows, threads, progress, keep_sample, groups=smoothquant.GROUPS):
+        key = windows.tobytes()
+        if key not in memo:
+            memo[key] = calibrate(source, windows, threads, progress, True, smoothquant.groups_for(True))
+        return memo[key]
+    smoothquant.calibrate = once
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -72,6 +88,7 @@ def main():
     p.add_argument("--rows", default=DEFAULT_ROWS)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    shared_calibration()
 
     model_path = default_model_path()
     engine = qinfer.Engine(model_path, dequantize=True, ctx=SEQLEN, threads=args.threads)

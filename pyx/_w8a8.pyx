@@ -5,7 +5,7 @@ import numpy as np
 
 from cpython.pycapsule cimport PyCapsule_New
 from cython.parallel cimport prange
-from libc.stdint cimport int8_t, int32_t
+from libc.stdint cimport int8_t, uint8_t, int32_t
 
 from qmatrix cimport qmatrix, qgemm_fn, qgemv_team_fn, qgemm_team_fn, team
 
@@ -18,8 +18,8 @@ cdef extern from "w8a8.h" nogil:
         const float *scales
         const int32_t *sums
     int w8a8_cpu_isa()
-    void w8a8_pack_rows(const int8_t *src, const float *src_scales, int in_features, int group_size,
-                        int first, int last, int8_t *codes, float *scales, int32_t *sums)
+    void w8a8_pack_rows(const int8_t *src, const float *src_scales, int bits, int in_features, int group_size,
+                        int first, int last, uint8_t *codes, float *scales, int32_t *sums)
     int w8a8_gemm(const qmatrix *m, const float *x, int n, float *y, int nthreads)
     int w8a8_team(const qmatrix *m, const float *x, float *y, const team *tm)
     int w8a8_rows_team(const qmatrix *m, const float *x, int n, float *y, const team *tm)
@@ -34,27 +34,36 @@ def cpu_isas():
     return list(reversed(ISAS[:w8a8_cpu_isa() + 1]))
 
 
+def group_multiple(int bits):
+    """Inputs a group must be a multiple of: a step of the layout (4 for 8-bit codes, 8 for 4-bit)."""
+    return W8A8_STEP * 8 // bits
+
+
 cdef class Int8Matrix:
-    """codes int8 [out, in] in [-127, 127] and scales float32 [out, in / group] laid out as
-    pyx/w8a8.h says (the arrays kept alive here), run on `isa` ("portable", "avx2",
-    "avx512vnni": one this CPU has)."""
+    """codes int8 [out, in] (8-bit: in [-128, 127]; 4-bit: in [-8, 7]) and scales float32
+    [out, in / group] laid out as pyx/w8a8.h says (the arrays kept alive here), run on `isa`
+    ("portable", "avx2", "avx512vnni": one this CPU has)."""
     cdef w8a8_matrix M
     cdef object arrays
 
     def __cinit__(self, const int8_t[:, ::1] codes, const float[:, ::1] scales, int group, str isa,
-                  int threads=1):
+                  int threads=1, int bits=8):
         cdef qmatrix *m = &self.M.head
         cdef int out_features = codes.shape[0], in_features = codes.shape[1], t, n_groups
         if isa not in ISAS or ISAS.index(isa) > w8a8_cpu_isa():
             raise ValueError(f"int8 x int8 loops: isa must be one of {cpu_isas()} on this CPU, got {isa!r}")
-        if out_features < 1 or in_features < 1 or group < 1 or in_features % group or group % W8A8_STEP \
-                or group > W8A8_MAX_GROUP:
+        if bits not in (8, 4):
+            raise ValueError(f"int8-activation layers take 8- or 4-bit codes, got {bits}")
+        if out_features < 1 or in_features < 1 or group < 1 or in_features % group or \
+                group % group_multiple(bits) or group > W8A8_MAX_GROUP:
             raise ValueError(f"groups of {group} inputs must divide in_features={in_features}, be a multiple of "
-                             f"{W8A8_STEP} and at most {W8A8_MAX_GROUP}")
+                             f"{group_multiple(bits)} and at most {W8A8_MAX_GROUP}")
+        if bits == 4 and out_features and (np.asarray(codes).min() < -8 or np.asarray(codes).max() > 7):
+            raise ValueError("4-bit codes must lie in [-8, 7]")
         n_groups = in_features // group
         if scales.shape[0] != out_features or scales.shape[1] != n_groups:
             raise ValueError(f"scales must be [{out_features}, {n_groups}], got {list(scales.shape)}")
-        m.bits = 8
+        m.bits = bits
         m.in_features = in_features
         m.out_features = out_features
         m.group_size = group
@@ -69,17 +78,17 @@ cdef class Int8Matrix:
         m.scales = m.zeros = NULL
         m.perm = NULL
         self.M.isa = ISAS.index(isa)
-        packed = np.zeros(m.n_tiles * in_features * W8A8_TU, dtype=np.int8)
+        packed = np.zeros(m.n_tiles * in_features * W8A8_TU * bits // 8, dtype=np.uint8)
         packed_scales = np.zeros(m.n_tiles * n_groups * W8A8_TU, dtype=np.float32)
         sums = np.zeros(m.n_tiles * n_groups * W8A8_TU, dtype=np.int32)
-        cdef int8_t[::1] pc = packed
+        cdef uint8_t[::1] pc = packed
         cdef float[::1] ps = packed_scales
         cdef int32_t[::1] pu = sums
         with nogil:
             for t in prange(m.n_tiles, num_threads=max(1, threads), schedule="static"):
-                w8a8_pack_rows(&codes[0, 0], &scales[0, 0], in_features, group, t * W8A8_TU,
+                w8a8_pack_rows(&codes[0, 0], &scales[0, 0], bits, in_features, group, t * W8A8_TU,
                                min(out_features, (t + 1) * W8A8_TU), &pc[0], &ps[0], &pu[0])
-        self.M.codes = &pc[0]
+        self.M.codes = <const int8_t *>&pc[0]
         self.M.scales = &ps[0]
         self.M.sums = &pu[0]
         self.arrays = (packed, packed_scales, sums)
@@ -98,10 +107,19 @@ cdef class Int8Matrix:
     def nbytes(self):
         return sum(a.nbytes for a in self.arrays)
 
+    @property
+    def bits(self):
+        return self.M.head.bits
+
     def codes(self):
-        """The codes, int8 [out, in], read back from the layout."""
+        """The codes c, int8 [out, in], read back from the layout."""
         cdef int N = self.M.head.out_features, K = self.M.head.in_features
-        tiles = self.arrays[0].reshape(self.M.head.n_tiles, K // W8A8_STEP, W8A8_TU, W8A8_STEP)
+        if self.M.head.bits == 8:
+            tiles = self.arrays[0].view(np.int8).reshape(self.M.head.n_tiles, K // 4, W8A8_TU, 4)
+        else:     # [tiles][K / 8][16][4] bytes: low nibbles inputs 0-3 of the step, high ones 4-7
+            b = self.arrays[0].reshape(self.M.head.n_tiles, K // 8, W8A8_TU, 4)
+            halves = np.stack([b & 0x0F, b >> 4], axis=3)                  # [tiles, steps, 16, 2, 4]
+            tiles = (halves.astype(np.int8) - 8).reshape(self.M.head.n_tiles, K // 8, W8A8_TU, 8)
         return np.ascontiguousarray(tiles.transpose(0, 2, 1, 3).reshape(-1, K)[:N])
 
     def scales(self):

@@ -8,8 +8,8 @@
  *
  *     d = max|x| / 127,  q = round(x * (1 / d)) half to even, in [-127, 127]
  *
- * and every group's dot product sum c * q is exact in int32 (|sum| <= 65536 *
- * 127 * 127 < 2^31 for groups up to 65536 inputs). The output is
+ * and every group's dot product sum c * q is exact in int32 (|sum| < 65536 *
+ * 255 * 128 <= 2^31 for groups up to 65536 inputs). The output is
  *
  *     y = (sum over groups g, in order, of s_g * dot_g) * d
  *
@@ -18,13 +18,20 @@
  *
  * Layout (output rows in tiles of W8A8_TU = 16, inputs in steps of 4):
  *
- *   codes   [n_tiles][K / 4][16][4]   int8: byte 4 j + i of step k4 is row j's
- *                                     code of input 4 k4 + i; one 64-byte load
+ *   codes   [n_tiles][K / 4][16][4]   8-bit: int8, byte 4 j + i of step k4 is row
+ *                                     j's code of input 4 k4 + i; one 64-byte load
  *                                     is a step of the whole tile, and each
  *                                     int32 lane holds one row's four codes,
  *                                     as VNNI's vpdpbusd multiplies them
+ *        or [n_tiles][K / 8][16][4]   4-bit: byte 4 j + i of step k8 holds row j's
+ *                                     u of input 8 k8 + i (low nibble) and of
+ *                                     input 8 k8 + 4 + i (high nibble): one load
+ *                                     and a mask (and a shift) give the 8-bit
+ *                                     layout of four inputs. u is unsigned, the
+ *                                     side of vpdpbusd / vpmaddubsw that is, and
+ *                                     each group's sum is sum u q - 8 sum q
  *   scales  [n_tiles][n_groups][16]   float32 s
- *   sums    [n_tiles][n_groups][16]   int32: sum of the group's codes per row.
+ *   sums    [n_tiles][n_groups][16]   int32 (8-bit): sum of the group's codes per row.
  *                                     vpdpbusd multiplies unsigned by signed
  *                                     bytes, so the AVX-512 loop feeds it q + 128
  *                                     and takes 128 * sums back off
@@ -33,9 +40,10 @@
  *
  * The prepared input, per row r of x:
  *
- *   xq      [n][K]   int8 q (or q + 128 as uint8, for the AVX-512 loop),
- *                    read 4 bytes at a time as the step's broadcast word
- *   d       [n]      float32
+ *   xq      [n][K]          int8 q (or q + 128 as uint8, for the AVX-512 loop of
+ *                           8-bit codes), read 4 bytes at a time as a broadcast word
+ *   d       [n]             float32
+ *   qsum    [n][n_groups]   int32: the group's sum of q (the 4-bit loops' correction)
  *
  * The loops per instruction set are rendered from pyx/w8a8_kernels.h.tp
  * (its table at the top); the portable loop is here. */
@@ -69,14 +77,14 @@
 #endif
 
 #define W8A8_TU 16
-#define W8A8_STEP 4                 /* inputs per int32 lane */
+#define W8A8_STEP 4                 /* inputs per int32 lane; 4-bit groups take multiples of 8 */
 #define W8A8_MAX_GROUP 65536        /* the int32 sums' bound, above */
 
 /* Instruction sets of the loops, fastest first (W8A8_ISA_NAMES in _w8a8.pyx). */
 enum { W8A8_PORTABLE = 0, W8A8_AVX2 = 1, W8A8_AVX512VNNI = 2 };
 
 typedef struct w8a8_matrix {
-    qmatrix head;            /* in/out features, group_size, n_groups, n_tiles, tu = W8A8_TU;
+    qmatrix head;            /* bits (8 or 4), in/out features, group_size, n_groups, n_tiles, tu = W8A8_TU;
                                 no words or scales: the forward pass only passes it on */
     int isa;                 /* the loops the entry points run: W8A8_PORTABLE, ... */
     const int8_t *codes;
@@ -111,15 +119,24 @@ static void w8a8_quantize_row(const float *x, int K, uint8_t flip, uint8_t *q, f
 
 /* ---------------------------------------------------------- the portable loop */
 
+/* Code c of row j, input k of a tile's codes (either width). */
+static inline int w8a8_code(const uint8_t *tile_codes, int bits, int j, int k)
+{
+    if (bits == 8)
+        return (int8_t)tile_codes[(size_t)(k / 4) * 64 + 4 * j + k % 4];
+    const uint8_t b = tile_codes[(size_t)(k / 8) * 64 + 4 * j + k % 4];
+    return (k % 8 < 4 ? b & 0x0F : b >> 4) - 8;
+}
+
 /* Rows 0..n-1 of the prepared input (int8 q) times tile `tile`, into y (row r
  * at y + r * ldy, this tile's columns only). */
 static void w8a8_tile_portable(const w8a8_matrix *M, const int8_t *xq, const float *d, int n, int tile,
                                float *y, size_t ldy)
 {
-    const int K = M->head.in_features, G = M->head.group_size, n_groups = M->head.n_groups;
+    const int K = M->head.in_features, G = M->head.group_size, n_groups = M->head.n_groups, bits = M->head.bits;
     const int valid = M->head.out_features - tile * W8A8_TU < W8A8_TU ? M->head.out_features - tile * W8A8_TU
                                                                       : W8A8_TU;
-    const int8_t *codes = M->codes + (size_t)tile * K * W8A8_TU;
+    const uint8_t *codes = (const uint8_t *)M->codes + (size_t)tile * K * W8A8_TU * bits / 8;
     const float *scales = M->scales + (size_t)tile * n_groups * W8A8_TU;
     for (int r = 0; r < n; r++) {
         const int8_t *xr = xq + (size_t)r * K;
@@ -128,7 +145,7 @@ static void w8a8_tile_portable(const w8a8_matrix *M, const int8_t *xq, const flo
             for (int g = 0; g < n_groups; g++) {
                 int32_t dot = 0;
                 for (int k = g * G; k < (g + 1) * G; k++)
-                    dot += (int32_t)codes[(size_t)(k / W8A8_STEP) * 64 + 4 * j + k % W8A8_STEP] * xr[k];
+                    dot += (int32_t)w8a8_code(codes, bits, j, k) * xr[k];
                 const float t = scales[g * W8A8_TU + j] * (float)dot;
                 acc = acc + t;
             }
@@ -141,32 +158,62 @@ static void w8a8_tile_portable(const w8a8_matrix *M, const int8_t *xq, const flo
 
 /* ------------------------------------------------------------ entry points */
 
+/* The prepared input's bytes: q + 128 for the AVX-512 loop of 8-bit codes (vpdpbusd's
+ * unsigned side), q for the others. */
 static inline uint8_t w8a8_flip(const w8a8_matrix *M)
 {
-    return M->isa == W8A8_AVX512VNNI ? 0x80 : 0;
+    return M->isa == W8A8_AVX512VNNI && M->head.bits == 8 ? 0x80 : 0;
+}
+
+/* The prepared input of n rows (the layout above), in one allocation. */
+typedef struct {
+    uint8_t *xq;
+    float *d;
+    int32_t *qsum;
+} w8a8_input;
+
+static inline size_t w8a8_input_bytes(const w8a8_matrix *M, int n)
+{
+    const size_t q = ((size_t)n * M->head.in_features + 63) & ~(size_t)63;
+    return q + sizeof(float) * (size_t)n + sizeof(int32_t) * (size_t)n * M->head.n_groups;
+}
+
+static inline w8a8_input w8a8_input_at(const w8a8_matrix *M, int n, void *memory)
+{
+    const size_t q = ((size_t)n * M->head.in_features + 63) & ~(size_t)63;
+    w8a8_input in = {(uint8_t *)memory, (float *)((char *)memory + q),
+                     (int32_t *)((char *)memory + q + sizeof(float) * (size_t)n)};
+    return in;
+}
+
+/* Row r of x into the prepared input: its codes, d and group sums of q. */
+static void w8a8_prepare_row(const w8a8_matrix *M, const float *x, int r, const w8a8_input *in)
+{
+    const int K = M->head.in_features, G = M->head.group_size, n_groups = M->head.n_groups;
+    uint8_t *q = in->xq + (size_t)r * K;
+    const uint8_t flip = w8a8_flip(M);
+    w8a8_quantize_row(x + (size_t)r * K, K, flip, q, in->d + r);
+    for (int g = 0; g < n_groups; g++) {
+        int32_t sum = 0;
+        for (int k = g * G; k < (g + 1) * G; k++)
+            sum += (int8_t)(q[k] ^ flip);
+        in->qsum[(size_t)r * n_groups + g] = sum;
+    }
 }
 
 /* Tiles first..last-1 for rows 0..n-1 of the prepared input, on M->isa's loops. */
-static void w8a8_tiles(const w8a8_matrix *M, const uint8_t *xq, const float *d, int n, int first, int last,
-                       float *y)
+static void w8a8_tiles(const w8a8_matrix *M, const w8a8_input *in, int n, int first, int last, float *y)
 {
     const size_t ldy = (size_t)M->head.out_features;
     for (int tile = first; tile < last; tile++) {
         switch (M->isa) {
 #if W8A8_X86
-        case W8A8_AVX512VNNI: w8a8_tile_avx512vnni(M, xq, d, n, tile, y, ldy); break;
-        case W8A8_AVX2: w8a8_tile_avx2(M, xq, d, n, tile, y, ldy); break;
+        case W8A8_AVX512VNNI: w8a8_tile_avx512vnni(M, in->xq, in->d, in->qsum, n, tile, y, ldy); break;
+        case W8A8_AVX2: w8a8_tile_avx2(M, in->xq, in->d, in->qsum, n, tile, y, ldy); break;
 #endif
-        default: w8a8_tile_portable(M, (const int8_t *)xq, d, n, tile, y, ldy); break;
+        default: w8a8_tile_portable(M, (const int8_t *)in->xq, in->d, n, tile, y, ldy); break;
         }
     }
-}
-
-/* Bytes of the prepared input of n rows: q, then d (64-byte aligned). */
-static inline size_t w8a8_input_bytes(int n, int K, size_t *d_at)
-{
-    *d_at = ((size_t)n * K + 63) & ~(size_t)63;
-    return *d_at + sizeof(float) * (size_t)n;
 }
 
 /* y[n][out] = x[n][in] @ W^T (qgemm_fn): the rows' codes, shared out among the
@@ -174,26 +221,23 @@ static inline size_t w8a8_input_bytes(int n, int K, size_t *d_at)
 static int w8a8_gemm(const qmatrix *m, const float *x, int n, float *y, int nthreads)
 {
     const w8a8_matrix *M = W8A8_OF(m);
-    const int K = m->in_features;
-    size_t d_at;
-    uint8_t *xq = (uint8_t *)aligned_alloc(64, w8a8_input_bytes(n, K, &d_at));
-    if (!xq)
+    void *memory = aligned_alloc(64, (w8a8_input_bytes(M, n) + 63) & ~(size_t)63);
+    if (!memory)
         return -1;
-    float *d = (float *)(xq + d_at);
-    const uint8_t flip = w8a8_flip(M);
+    const w8a8_input in = w8a8_input_at(M, n, memory);
     #pragma omp parallel num_threads(team_thread_count(nthreads))
     {
         #pragma omp for schedule(static)
         for (int r = 0; r < n; r++)
-            w8a8_quantize_row(x + (size_t)r * K, K, flip, xq + (size_t)r * K, d + r);
+            w8a8_prepare_row(M, x, r, &in);
 #ifdef _OPENMP
         const int t = omp_get_thread_num(), T = omp_get_num_threads();
 #else
         const int t = 0, T = 1;
 #endif
-        w8a8_tiles(M, xq, d, n, (int)((long)m->n_tiles * t / T), (int)((long)m->n_tiles * (t + 1) / T), y);
+        w8a8_tiles(M, &in, n, (int)((long)m->n_tiles * t / T), (int)((long)m->n_tiles * (t + 1) / T), y);
     }
-    free(xq);
+    free(memory);
     return 0;
 }
 
@@ -204,15 +248,13 @@ static int w8a8_gemm(const qmatrix *m, const float *x, int n, float *y, int nthr
 static int w8a8_rows_team(const qmatrix *m, const float *x, int n, float *y, const team *tm)
 {
     const w8a8_matrix *M = W8A8_OF(m);
-    const int K = m->in_features;
-    size_t d_at;
-    uint8_t *xq = (uint8_t *)scratch_take(w8a8_input_bytes(n, K, &d_at));
-    if (!xq)
+    void *memory = scratch_take(w8a8_input_bytes(M, n));
+    if (!memory)
         return -1;
-    float *d = (float *)(xq + d_at);
+    const w8a8_input in = w8a8_input_at(M, n, memory);
     for (int r = 0; r < n; r++)
-        w8a8_quantize_row(x + (size_t)r * K, K, w8a8_flip(M), xq + (size_t)r * K, d + r);
-    w8a8_tiles(M, xq, d, n, (int)((long)m->n_tiles * tm->thread / tm->threads),
+        w8a8_prepare_row(M, x, r, &in);
+    w8a8_tiles(M, &in, n, (int)((long)m->n_tiles * tm->thread / tm->threads),
                (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads), y);
     scratch_done();
     return 0;
@@ -225,21 +267,23 @@ static int w8a8_team(const qmatrix *m, const float *x, float *y, const team *tm)
 
 /* ------------------------------------------------------------ packing */
 
-/* Rows first..last-1 of codes [out][in] (int8, row-major) and scales
- * [out][n_groups] into the layout above; padded rows stay as the caller
- * zeroed them. */
-static void w8a8_pack_rows(const int8_t *src, const float *src_scales, int in_features, int group_size,
-                           int first, int last, int8_t *codes, float *scales, int32_t *sums)
+/* Rows first..last-1 of codes [out][in] (int8 c, row-major; 4-bit: c in [-8, 7]) and
+ * scales [out][n_groups] into the layout above; padded rows stay as the caller zeroed them. */
+static void w8a8_pack_rows(const int8_t *src, const float *src_scales, int bits, int in_features, int group_size,
+                           int first, int last, uint8_t *codes, float *scales, int32_t *sums)
 {
     const int K = in_features, n_groups = K / group_size;
     for (int row = first; row < last; row++) {
         const int tile = row / W8A8_TU, j = row % W8A8_TU;
-        int8_t *tc = codes + (size_t)tile * K * W8A8_TU;
+        uint8_t *tc = codes + (size_t)tile * K * W8A8_TU * bits / 8;
         for (int g = 0; g < n_groups; g++) {
             int32_t sum = 0;
             for (int k = g * group_size; k < (g + 1) * group_size; k++) {
                 const int8_t c = src[(size_t)row * K + k];
-                tc[(size_t)(k / W8A8_STEP) * 64 + 4 * j + k % W8A8_STEP] = c;
+                if (bits == 8)
+                    tc[(size_t)(k / 4) * 64 + 4 * j + k % 4] = (uint8_t)c;
+                else
+                    tc[(size_t)(k / 8) * 64 + 4 * j + k % 4] |= (uint8_t)((c + 8) << (k % 8 < 4 ? 0 : 4));
                 sum += c;
             }
             const size_t at = ((size_t)tile * n_groups + g) * W8A8_TU + j;

@@ -1,12 +1,13 @@
-"""Int8Linear: a linear layer with int8 weights whose input is rounded to int8 per token
-(W8A8: SmoothQuant's and ZeroQuant's), multiplied in integers by pyx/w8a8.h's kernels.
+"""Int8Linear: a linear layer with int8 (or 4-bit) weights whose input is rounded to int8
+per token (W8A8 and W4A8: SmoothQuant's and ZeroQuant's), multiplied in integers by
+pyx/w8a8.h's kernels.
 
-    w = s * c          c int8 in [-128, 127], s float32 per output row and group of inputs
+    w = s * c          c in [-128, 127] (8-bit; [-8, 7] 4-bit), s float32 per output row and group
     q = round(x / d)   d = max|x| / 127 per row of x (token), at run time
     y = (sum_g s_g * dot_g) * d,   dot_g = sum over the group of c * q, exact in int32
 
-A GPTQ-format checkpoint with 8-bit symmetric codes (every zero point 128) holds such a
-layer as it is: from_quantized takes its codes as they are (c = code - 128). The
+A GPTQ-format checkpoint with symmetric codes (every zero point 2^(bits-1)) holds such a
+layer as it is: from_packed takes its codes as they are (c = code - 2^(bits-1)). The
 kernels' instruction set follows qinfer.kernels: the portable loop on the scalar path,
 else AVX-512 VNNI unless the int8 kernels are held to AVX2 (QINFER_INT8_ISA); every
 one gives the same bits.
@@ -29,15 +30,24 @@ def kernel_isa():
     return "avx2" if "avx2" in have else "portable"
 
 
-def _check(codes, scales, group_size):
+BITS = (8, 4)
+
+
+def _check(codes, scales, group_size, bits):
+    if bits not in BITS:
+        raise UnsupportedError(f"int8-activation layers take 8- or 4-bit weights, got {bits!r}")
     if codes.ndim != 2 or codes.dtype != np.int8:
         raise ShapeError(f"codes must be int8 [out, in], got {codes.dtype} {codes.shape}")
     out_f, in_f = codes.shape
     group = in_f if group_size == -1 else group_size
+    step = _w8a8.group_multiple(bits)
     if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 1 or in_f % group or \
-            group % _w8a8.STEP or group > _w8a8.MAX_GROUP:
-        raise UnsupportedError(f"int8 x int8 layers take groups that divide their {in_f} inputs, are a multiple of "
-                               f"{_w8a8.STEP} and at most {_w8a8.MAX_GROUP} (or -1, full rows), got {group_size!r}")
+            group % step or group > _w8a8.MAX_GROUP:
+        raise UnsupportedError(f"int8-activation layers of {bits}-bit weights take groups that divide their {in_f} "
+                               f"inputs, are a multiple of {step} and at most {_w8a8.MAX_GROUP} (or -1, full rows), "
+                               f"got {group_size!r}")
+    if bits == 4 and codes.size and (codes.min() < -8 or codes.max() > 7):
+        raise FormatError("4-bit codes must lie in [-8, 7]")
     if scales.shape != (out_f, in_f // group):
         raise ShapeError(f"scales must be [{out_f}, {in_f // group}], got {scales.shape}")
     if not np.all(np.isfinite(scales)):
@@ -48,42 +58,45 @@ def _check(codes, scales, group_size):
 class Int8Linear:
     """y = x @ W^T with int8 weights and per-token int8 activations (the module docstring)."""
 
-    def __init__(self, codes, scales, group_size=-1):
-        """codes int8 [out, in]; scales float32 [out, in / group]; group_size -1: whole rows."""
+    def __init__(self, codes, scales, group_size=-1, bits=8):
+        """codes int8 [out, in] (bits 4: in [-8, 7]); scales float32 [out, in / group];
+        group_size -1: whole rows."""
         codes = np.ascontiguousarray(codes)
         scales = np.ascontiguousarray(scales, dtype=np.float32)
-        self._group = _check(codes, scales, group_size)
-        self.group_size = group_size
+        self._group = _check(codes, scales, group_size, bits)
+        self.group_size, self.bits = group_size, bits
         self.out_features, self.in_features = codes.shape
-        self.bits = 8
-        self._matrix = _w8a8.Int8Matrix(codes, scales, self._group, kernel_isa(), kernels.resolve_threads(None))
+        self._matrix = _w8a8.Int8Matrix(codes, scales, self._group, kernel_isa(), kernels.resolve_threads(None),
+                                        bits)
 
     def copy(self):
         """An independent layer with its own memory (timing streams copies from memory)."""
-        return Int8Linear(self.codes(), self.scales(), self.group_size)
+        return Int8Linear(self.codes(), self.scales(), self.group_size, self.bits)
 
     # ------------------------------------------------------------ builders
     @classmethod
-    def from_packed(cls, qweight, scales, zeros, group_size, g_idx=None, name="layer"):
-        """GPTQ tensors of 8-bit symmetric codes (qweight int32 [in / 4, out], scales and zeros
-        [groups, out], every zero 128, rows in order): c = code - 128. A FormatError names
-        `name` when they are not that."""
-        in_f = np.asarray(qweight).shape[0] * 4
+    def from_packed(cls, qweight, scales, zeros, bits, group_size, g_idx=None, name="layer"):
+        """GPTQ tensors of symmetric codes (qweight int32 [in * bits / 32, out], scales and zeros
+        [groups, out], every zero 2^(bits-1), rows in order): c = code - 2^(bits-1). A
+        FormatError names `name` when they are not that."""
+        if bits not in BITS:
+            raise FormatError(f"{name}: per-token int8 activations need 8- or 4-bit weights, the layer has {bits}")
+        in_f = np.asarray(qweight).shape[0] * 32 // bits
         group = in_f if group_size == -1 else group_size
         if g_idx is not None and not np.array_equal(g_idx, np.arange(in_f) // group):
             raise FormatError(f"{name}: act-order (g_idx) is not supported with per-token int8 activations")
-        if not np.all(np.asarray(zeros) == 128):
-            raise FormatError(f"{name}: per-token int8 activations need symmetric weights (every zero point 128)")
-        codes = (packing.unpack(np.asarray(qweight), 8).astype(np.int16) - 128).astype(np.int8)     # [in, out]
+        mid = 2 ** (bits - 1)
+        if not np.all(np.asarray(zeros) == mid):
+            raise FormatError(f"{name}: per-token int8 activations need symmetric weights (every zero point {mid})")
+        codes = (packing.unpack(np.asarray(qweight), bits).astype(np.int16) - mid).astype(np.int8)     # [in, out]
         return cls(np.ascontiguousarray(codes.T), np.ascontiguousarray(np.asarray(scales, dtype=np.float32).T),
-                   group_size)
+                   group_size, bits)
 
     @classmethod
     def from_quantized(cls, layer, name="layer"):
-        """The same weights as an 8-bit symmetric QuantizedLinear (from_packed's conditions)."""
-        if layer.bits != 8:
-            raise FormatError(f"{name}: per-token int8 activations need 8-bit weights, the layer has {layer.bits}")
-        return cls.from_packed(layer.qweight, layer.scales, layer.zeros, layer.group_size, layer.g_idx, name)
+        """The same weights as a symmetric 8- or 4-bit QuantizedLinear (from_packed's conditions)."""
+        return cls.from_packed(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size, layer.g_idx,
+                               name)
 
     @classmethod
     def stack(cls, layers):
@@ -93,10 +106,11 @@ class Int8Linear:
             if not first.can_stack(layer):
                 raise UnsupportedError(f"cannot stack {layer!r} onto {first!r}: inputs or groups differ")
         return cls(np.concatenate([l.codes() for l in layers]), np.concatenate([l.scales() for l in layers]),
-                   first.group_size)
+                   first.group_size, first.bits)
 
     def can_stack(self, other):
-        return isinstance(other, Int8Linear) and (self.in_features, self._group) == (other.in_features, other._group)
+        return isinstance(other, Int8Linear) and \
+            (self.in_features, self._group, self.bits) == (other.in_features, other._group, other.bits)
 
     def split(self, widths):
         """The stacked parts back: layers of `widths` output rows (they must add up)."""
@@ -104,7 +118,7 @@ class Int8Linear:
             raise ShapeError(f"widths {list(widths)} do not split {self.out_features} outputs")
         codes, scales = self.codes(), self.scales()
         edges = np.cumsum([0, *widths])
-        return [Int8Linear(codes[a:b], scales[a:b], self.group_size) for a, b in zip(edges[:-1], edges[1:])]
+        return [Int8Linear(codes[a:b], scales[a:b], self.group_size, self.bits) for a, b in zip(edges[:-1], edges[1:])]
 
     # -------------------------------------------------------------- compute
     def __call__(self, x, threads=None):
@@ -128,7 +142,7 @@ class Int8Linear:
         return self._matrix.isa
 
     def codes(self):
-        """int8 [out, in]."""
+        """c, int8 [out, in]."""
         return self._matrix.codes()
 
     def scales(self):
@@ -145,4 +159,4 @@ class Int8Linear:
 
     def __repr__(self):
         g = "full rows" if self.group_size == -1 else f"group {self.group_size}"
-        return f"Int8Linear(W8A8, {g}, {self.out_features}x{self.in_features})"
+        return f"Int8Linear(W{self.bits}A8, {g}, {self.out_features}x{self.in_features})"

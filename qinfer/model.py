@@ -407,8 +407,9 @@ class Model:
                     **{name: self._linear_spec(w) for name, w in maps.items()})
 
     def _per_token_int8(self, i, maps, names):
-        """A W8A8 checkpoint (source.activations "int8-token"): block i's packed maps become
-        Int8Linear layers, whose inputs are rounded to int8 per token (qinfer/int8_linear.py)."""
+        """A W8A8 / W4A8 checkpoint (source.activations "int8-token"): block i's packed maps
+        become Int8Linear layers, whose inputs are rounded to int8 per token
+        (qinfer/int8_linear.py)."""
         for name, w in list(maps.items()):
             if not isinstance(w, QuantizedLinear):
                 continue
@@ -416,7 +417,7 @@ class Model:
             maps[name] = Int8Linear.from_quantized(w, f"model.layers.{i}.{LINEAR_NAMES[parts[0]]}")
             if (i, name) in self._stacked:
                 self._stacked[i, name] = maps[name]
-            for part in parts:           # held: int8 codes, float32 scales and int32 code sums
+            for part in parts:           # held: the codes, float32 scales and int32 code sums
                 self.scale_bytes[names[part]], self.shared_zero[names[part]] = 4, False
 
     def _runs_on_lut(self, layer):

@@ -48,14 +48,17 @@ def zeroquant(tiny_src, tmp_path_factory):
     return out, report
 
 
-def unpack_8bit(qweight):
-    """uint8 codes [in, out] of a GPTQ qweight int32 [in / 4, out]: row 4 i + j at bits 8 j of word i."""
-    w = qweight.view(np.uint32)
-    return np.stack([(w >> (8 * j)) & 0xFF for j in range(4)], axis=1).reshape(-1, w.shape[1]).astype(np.uint8)
+def unpack(words, bits):
+    """uint codes [rows * 32 / bits, out] of GPTQ words int32 [rows, out]: row (32 / bits) i + j at
+    bits * j of word i."""
+    w = words.view(np.uint32)
+    per = 32 // bits
+    return np.stack([(w >> (bits * j)) & (2 ** bits - 1) for j in range(per)], axis=1).reshape(-1, w.shape[1])
 
 
-def int8_layers(directory):
-    """{weight name: (codes int [out, in], scales float [out])} decoded from the checkpoint's tensors."""
+def int8_layers(directory, in_features):
+    """{weight name: (codes int [out, in], scales float [out, groups], group, bits)} decoded from the
+    checkpoint's tensors (in_features: {weight name: inputs}, which give each layer's bits)."""
     from safetensors.numpy import load_file
 
     stored = load_file(str(Path(directory) / "model.safetensors"))
@@ -63,12 +66,22 @@ def int8_layers(directory):
     for name in stored:
         if name.endswith(".qweight"):
             base = name[:-len(".qweight")]
-            codes = unpack_8bit(stored[name]).astype(np.int64) - 128
-            zeros_plus = unpack_8bit(stored[base + ".qzeros"]).astype(np.int64)     # v1: zero - 1
-            assert (zeros_plus == 127).all(), "symmetric: every zero point 128"
-            assert stored[base + ".scales"].shape[0] == 1, "one scale per output row"
-            layers[base + ".weight"] = (codes.T, stored[base + ".scales"][0].astype(np.float64))
+            bits = 32 * stored[name].shape[0] // in_features[base + ".weight"]
+            mid = 2 ** (bits - 1)
+            codes = unpack(stored[name], bits).astype(np.int64) - mid
+            zeros_less_one = unpack(stored[base + ".qzeros"], bits).astype(np.int64)     # v1: zero - 1
+            assert (zeros_less_one == mid - 1).all(), f"symmetric: every zero point {mid}"
+            scales = stored[base + ".scales"].astype(np.float64).T                       # [out, groups]
+            layers[base + ".weight"] = (codes.T, scales, codes.shape[0] // scales.shape[1], bits)
     return layers, stored
+
+
+def inputs_of(weights):
+    return {k: v.shape[1] for k, v in weights.items() if v.ndim == 2}
+
+
+def dequantized(layers):
+    return {k: c * np.repeat(s, g, axis=1) for k, (c, s, g, _) in layers.items()}
 
 
 def per_token(x):
@@ -80,10 +93,16 @@ def per_token(x):
 
 
 def w8a8_linear(layers):
+    """A linear map with its input rounded per token: per group, the integer dot product times
+    the group's scale, summed, times the token's d."""
     def linear(x, name):
-        codes, scales = layers[name]
+        codes, scales, group, _ = layers[name]
         q, d = per_token(x)
-        return (q @ codes.T) * scales[None, :] * d[:, None]
+        y = 0.0
+        for g in range(scales.shape[1]):
+            cols = slice(g * group, (g + 1) * group)
+            y = y + (q[:, cols] @ codes[:, cols].T) * scales[None, :, g]
+        return y * d[:, None]
     return linear
 
 
@@ -140,21 +159,22 @@ def test_zeroquant_checkpoint_runs_w8a8_against_the_reference(tiny_src, zeroquan
     assert qc["input_activations"] == {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True,
                                        "strategy": "token"}
     assert (qc["bits"], qc["group_size"], qc["sym"]) == (8, -1, True)
-    layers, stored = int8_layers(out)
+    src_w = tiny_src[1]
+    layers, stored = int8_layers(out, inputs_of(src_w))
     cfg = tiny_src[2]
     assert len(layers) == cfg["num_hidden_layers"] * len(LINEAR_NAMES)
-    src_w = tiny_src[1]
-    for name, (codes, scales) in layers.items():       # round to nearest of the float weight, per row
+    for name, (codes, scales, group, bits) in layers.items():       # round to nearest of the float weight, per row
         w = src_w[name]
-        np.testing.assert_allclose(scales, (np.abs(w).max(axis=1) / 127).astype(np.float16), rtol=0, atol=0)
-        assert np.abs(codes * scales[:, None] - w).max() <= 0.5 * scales.max() * (1 + 1e-3)
+        assert (bits, scales.shape[1]) == (8, 1)
+        np.testing.assert_allclose(scales[:, 0], (np.abs(w).max(axis=1) / 127).astype(np.float16), rtol=0, atol=0)
+        assert np.abs(codes * scales - w).max() <= 0.5 * scales.max() * (1 + 1e-3)
     assert open_model(out).activations == "int8-token"
 
     engine = qinfer.Engine(out, threads=2)
     kernel_layers = engine.model.quantized_layers()
     assert kernel_layers and all(isinstance(layer, Int8Linear) for layer in kernel_layers)
     weights = {k: v for k, v in src_w.items() if k not in layers}
-    weights.update({k: c * s[:, None] for k, (c, s) in layers.items()})
+    weights.update(dequantized(layers))
     ids = engine.tokenizer.encode(PROMPT, add_bos=True)
     want = ref.forward(weights, cfg, ids, linear=w8a8_linear(layers))
     floats = ref.forward(weights, cfg, ids)             # the same weights, float activations
@@ -180,11 +200,11 @@ def test_smoothquant_checkpoint_and_smooth_option(tiny_src, tmp_path):
     assert report.method == "smoothquant" and report.alpha.startswith("alpha")
     meta = json.loads((out / "quantize_config.json").read_text())["qinfer"]
     assert meta["smooth_down"] is True and meta["nsamples"] == 2 and "auto" in meta["smoothquant_alpha"]
-    layers, stored = int8_layers(out)
+    layers, stored = int8_layers(out, inputs_of(tiny_src[1]))
     cfg = tiny_src[2]
     # the norms carry the division: smoothed and original models agree in float
     weights = {k: v.astype(np.float32) for k, v in stored.items() if k.endswith(".weight")}
-    weights.update({k: c * s[:, None] for k, (c, s) in layers.items()})
+    weights.update(dequantized(layers))
     assert not np.allclose(weights["model.layers.0.input_layernorm.weight"],
                            tiny_src[1]["model.layers.0.input_layernorm.weight"])
     ids = np.arange(3, 20)
@@ -204,6 +224,36 @@ def test_smoothquant_checkpoint_and_smooth_option(tiny_src, tmp_path):
     assert np.abs(smoothed - base).max() < 0.05 * np.abs(base).max()    # the same model, 8-bit weights
 
 
+@needs_tokenizer
+def test_w4_8_checkpoint_runs_against_the_reference(tiny_src, tmp_path):
+    """ZeroQuant's W4/8-A8: the MLP at 4 bits in groups, the attention at 8 bits per row."""
+    out = tmp_path / "w4"
+    report = qinfer.quantize(tiny_src[0], out, method="zeroquant", bits=4, group_size=32, threads=1, progress=False,
+                             float_dtype="float32")
+    assert (report.bits, report.group_size) == (4, 32) and "bits 8" in report.summary()
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["dynamic"] == {"+:.*\\.self_attn\\..*": {"bits": 8, "group_size": -1}}
+    src_w = tiny_src[1]
+    layers, _ = int8_layers(out, inputs_of(src_w))
+    for name, (codes, scales, group, bits) in layers.items():
+        attention = ".self_attn." in name
+        assert (bits, group) == ((8, codes.shape[1]) if attention else (4, 32)), name
+        assert np.abs(codes).max() <= (127 if attention else 7)
+    engine = qinfer.Engine(out, threads=2)
+    held = {(l.bits, l.group_size) for l in engine.model.quantized_layers()}
+    assert held == {(8, -1), (4, 32)}
+    weights = {k: v for k, v in src_w.items() if k not in layers}
+    weights.update(dequantized(layers))
+    cfg = tiny_src[2]
+    ids = engine.tokenizer.encode(PROMPT, add_bos=True)
+    want = ref.forward(weights, cfg, ids, linear=w8a8_linear(layers))
+    gap = np.abs(ref.forward(weights, cfg, ids) - want).max()
+    got = engine.logits(ids)
+    assert np.abs(got - want).max() < 0.05 * gap
+    steps = np.stack([engine.model.forward(ids[t:t + 1], t) for t in range(len(ids))])
+    np.testing.assert_allclose(steps, got, rtol=1e-5, atol=1e-5 * np.abs(got).max())
+
+
 # ------------------------------------------------------------------ errors
 @needs_tokenizer
 def test_bad_settings_are_refused_and_nothing_is_written(tiny_src, tmp_path):
@@ -211,7 +261,7 @@ def test_bad_settings_are_refused_and_nothing_is_written(tiny_src, tmp_path):
     cases = [
         (dict(method="smoothquant", alpha=1.5, calib="x"), QinferError, "alpha"),
         (dict(method="smoothquant", alpha=-0.1, calib="x"), QinferError, "alpha"),
-        (dict(method="zeroquant", bits=4), UnsupportedError, "4 bits"),
+        (dict(method="zeroquant", bits=6), UnsupportedError, "6 bits"),
         (dict(method="smoothquant", a_bits=4, calib="x"), UnsupportedError, "activations at 4 bits"),
         (dict(method="zeroquant", act_order=True), QinferError, "act_order"),
         (dict(method="zeroquant", sym=True), QinferError, "sym"),
@@ -250,9 +300,12 @@ def test_edited_activation_settings_are_refused(zeroquant, tmp_path):
         refused(out, tmp_path / key, edit_settings(change), UnsupportedError, "input_activations", words)
     refused(out, tmp_path / "kind", edit_settings(lambda qc: qc.update(input_activations="int8")), FormatError,
             "input_activations")
-    refused(out, tmp_path / "bits", edit_settings(lambda qc: qc.update(bits=4), ("config.json",
+    refused(out, tmp_path / "bits", edit_settings(lambda qc: qc.update(bits=3), ("config.json",
                                                                                   "quantize_config.json")),
-            UnsupportedError, "8 bits")
+            UnsupportedError, "8- or 4-bit")
+    refused(out, tmp_path / "negative", edit_settings(lambda qc: qc.update(dynamic={"-:.*o_proj": {}}),
+                                                      ("config.json", "quantize_config.json")),
+            UnsupportedError, "leaves layers float")
 
 
 @needs_tokenizer
@@ -282,7 +335,7 @@ def test_command_line(tiny_src, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     for args, words in ((("--alpha", "2"), ("alpha",)), (("--alpha", "x"), ("alpha",)),
                         (("--a-bits", "4"), ("activations at 4 bits",)),
-                        (("--w-bits", "4"), ("4 bits",)), (("--bits", "8", "--w-bits", "8"), ("--w-bits",))):
+                        (("--w-bits", "6"), ("6 bits",)), (("--bits", "8", "--w-bits", "8"), ("--w-bits",))):
         proc = run_cli("quantize", "--model", str(tiny_src[0]), "--method", "smoothquant", "--calib",
                        str(ref.WIKITEXT), "--out", str(tmp_path / "bad"), *args)
         # the library's refusals exit 1, the parser's (a value it cannot take) 2; one line either way

@@ -1,11 +1,13 @@
-"""The int8 x int8 kernels (pyx/w8a8.h) and Int8Linear (qinfer/int8_linear.py).
+"""The int8-activation kernels of 8- and 4-bit weights (pyx/w8a8.h) and Int8Linear
+(qinfer/int8_linear.py).
 
 * Per-token rounding: each row of x to int8 with d = max|x| / 127, half to even, against a
   numpy reference written here.
 * The product: exact integer dot products per group, then the float steps in one order,
   equal bit for bit to this file's numpy reference, on every instruction set this CPU has,
-  at 1 and 2 threads, for row counts that hit every loop's tail, groups from 4 inputs to
-  whole rows, outputs that do not fill the last tile, and codes at both ends (-128, 127).
+  at 1 and 2 threads, for row counts that hit every loop's tail, groups from 4 (8) inputs to
+  whole rows, outputs that do not fill the last tile, and codes at both ends (-128 and 127;
+  4-bit: -8 and 7).
 * Int8Linear: the kernel settings (scalar path, int8 instruction set) pick the loops; from
   GPTQ tensors of 8-bit symmetric codes it holds the same weights; stacking and splitting.
 """
@@ -44,10 +46,11 @@ def reference(codes, scales, group, x):
     return (acc * d[:, None]).astype(np.float32)
 
 
-def random_layer(rng, out_f, in_f, group):
-    codes = rng.integers(-128, 128, size=(out_f, in_f)).astype(np.int8)
-    codes[0, :] = -128                    # both ends of the code range
-    codes[-1, :] = 127
+def random_layer(rng, out_f, in_f, group, bits=8):
+    top = 2 ** (bits - 1)
+    codes = rng.integers(-top, top, size=(out_f, in_f)).astype(np.int8)
+    codes[0, :] = -top                    # both ends of the code range
+    codes[-1, :] = top - 1
     scales = (rng.random((out_f, in_f // group)) * 0.01 + 1e-4).astype(np.float32)
     return codes, scales
 
@@ -67,17 +70,18 @@ def test_per_token_rounding_matches_the_reference():
     assert np.abs(q).max() == 127 and (np.abs(q).max(axis=1)[d > 0] == 127).all()
 
 
-@pytest.mark.parametrize("out_f,in_f,group", [(37, 64, 64), (96, 576, -1), (100, 1536, 128), (16, 32, 4),
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("out_f,in_f,group", [(37, 64, 64), (96, 576, -1), (100, 1536, 128), (16, 32, 8),
                                               (5, 256, 16)])
-def test_product_is_exact_integer_arithmetic_on_every_path(out_f, in_f, group):
+def test_product_is_exact_integer_arithmetic_on_every_path(out_f, in_f, group, bits):
     rng = np.random.default_rng(out_f + in_f)
     g = in_f if group == -1 else group
-    codes, scales = random_layer(rng, out_f, in_f, g)
+    codes, scales = random_layer(rng, out_f, in_f, g, bits)
     for n in (1, 3, 4, 8, 9, 17):                     # the loops take 8 (AVX-512) or 4 (AVX2) rows a pass
         x = (rng.standard_normal((n, in_f)) * 3).astype(np.float32)
         want = reference(codes, scales, g, x)
         for isa in ISAS:
-            m = _w8a8.Int8Matrix(codes, scales, g, isa)
+            m = _w8a8.Int8Matrix(codes, scales, g, isa, 1, bits)
             for threads in (1, 2):
                 y = np.full((n, out_f), np.nan, np.float32)
                 m.matmul(x, y, threads)
@@ -86,10 +90,17 @@ def test_product_is_exact_integer_arithmetic_on_every_path(out_f, in_f, group):
 
 def test_layout_round_trips_and_isa_choice():
     rng = np.random.default_rng(3)
+    for bits in (8, 4):
+        codes, scales = random_layer(rng, 40, 128, 32, bits)
+        m = _w8a8.Int8Matrix(codes, scales, 32, ISAS[-1], 1, bits)
+        np.testing.assert_array_equal(m.codes(), codes)
+        np.testing.assert_array_equal(m.scales(), scales)
+        assert m.nbytes >= 48 * 128 * bits // 8
     codes, scales = random_layer(rng, 40, 128, 32)
-    m = _w8a8.Int8Matrix(codes, scales, 32, ISAS[-1])
-    np.testing.assert_array_equal(m.codes(), codes)
-    np.testing.assert_array_equal(m.scales(), scales)
+    with pytest.raises(ValueError, match="groups"):
+        _w8a8.Int8Matrix(codes, scales, 4, "portable", 1, 4)          # 4-bit steps are 8 inputs
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        _w8a8.Int8Matrix(codes, scales, 32, "portable", 1, 4)
     assert ISAS[-1] == "portable" and ISAS[0] in ("avx512vnni", "avx2", "portable")
     with pytest.raises(ValueError, match="isa"):
         _w8a8.Int8Matrix(codes, scales, 32, "sse9")
@@ -117,27 +128,37 @@ def test_kernel_settings_pick_the_loops():
     np.testing.assert_array_equal(layer(x[1]), want[1])
 
 
-def pack_8bit(codes_in_out):
-    """GPTQ qweight int32 [in / 4, out]: four 8-bit codes a word, row r at bits 8 (r % 4)."""
+def pack_words(codes_in_out, bits):
+    """GPTQ qweight int32 [in * bits / 32, out]: 32 / bits codes a word, row r at bits bits * (r % (32 / bits))."""
+    per = 32 // bits
     u = codes_in_out.astype(np.uint32)
-    words = u[0::4] | (u[1::4] << 8) | (u[2::4] << 16) | (u[3::4] << 24)
+    words = np.zeros((u.shape[0] // per, u.shape[1]), np.uint32)
+    for i in range(per):
+        words |= u[i::per] << np.uint32(bits * i)
     return words.view(np.int32)
 
 
-def test_from_gptq_tensors_of_symmetric_codes():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_from_gptq_tensors_of_symmetric_codes(bits):
     rng = np.random.default_rng(6)
-    out_f, in_f, group = 24, 128, 64
-    stored = rng.integers(0, 256, size=(in_f, out_f)).astype(np.uint8)        # codes c + 128
+    out_f, in_f, group, mid = 24, 128, 64, 2 ** (bits - 1)
+    stored = rng.integers(0, 2 ** bits, size=(in_f, out_f)).astype(np.uint8)        # codes c + mid
     scales = (rng.random((in_f // group, out_f)) * 0.01).astype(np.float32)
-    zeros = np.full_like(scales, 128)
-    layer = Int8Linear.from_packed(pack_8bit(stored), scales, zeros, group)
-    np.testing.assert_array_equal(layer.codes(), (stored.astype(np.int16) - 128).T)
-    want_w = np.repeat(scales.T, group, axis=1) * (stored.T.astype(np.float32) - 128)
+    zeros = np.full_like(scales, mid)
+    layer = Int8Linear.from_packed(pack_words(stored, bits), scales, zeros, bits, group)
+    assert layer.bits == bits
+    np.testing.assert_array_equal(layer.codes(), (stored.astype(np.int16) - mid).T)
+    want_w = np.repeat(scales.T, group, axis=1) * (stored.T.astype(np.float32) - mid)
     np.testing.assert_allclose(layer.dequantize(), want_w, rtol=0, atol=0)
-    with pytest.raises(FormatError, match="zero point 128"):
-        Int8Linear.from_packed(pack_8bit(stored), scales, zeros + 1, group, name="blk.q")
+    x = rng.standard_normal((3, in_f)).astype(np.float32)
+    np.testing.assert_array_equal(layer(x), reference(layer.codes(), layer.scales(), group, x))
+    with pytest.raises(FormatError, match=f"zero point {mid}"):
+        Int8Linear.from_packed(pack_words(stored, bits), scales, zeros + 1, bits, group, name="blk.q")
     with pytest.raises(FormatError, match="act-order"):
-        Int8Linear.from_packed(pack_8bit(stored), scales, zeros, group, g_idx=np.arange(in_f)[::-1] // group)
+        Int8Linear.from_packed(pack_words(stored, bits), scales, zeros, bits, group,
+                               g_idx=np.arange(in_f)[::-1] // group)
+    with pytest.raises(FormatError, match="8- or 4-bit"):
+        Int8Linear.from_packed(pack_words(stored % 4, 2), scales, zeros, 2, group)
     with pytest.raises(UnsupportedError, match="groups"):
         Int8Linear(np.zeros((4, 30), np.int8), np.ones((4, 1), np.float32), -1)
     with pytest.raises(ShapeError):
@@ -155,3 +176,5 @@ def test_stack_and_split():
         np.testing.assert_array_equal(a.scales(), b.scales())
     with pytest.raises(UnsupportedError, match="cannot stack"):
         Int8Linear.stack([parts[0], Int8Linear(*random_layer(rng, 8, 64, 64), 64)])
+    with pytest.raises(UnsupportedError, match="cannot stack"):
+        Int8Linear.stack([parts[0], Int8Linear(*random_layer(rng, 8, 64, 32, 4), 32, 4)])

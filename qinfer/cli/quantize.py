@@ -24,7 +24,8 @@ def add_parser(sub):
                       help="bits per weight (default 4; spqr: 2, 3 or 4, default 3; bcq: sign planes, 2, 3 or 4, "
                            "default 3; smoothquant, zeroquant: 8)")
     bits.add_argument("--w-bits", type=int, dest="bits", default=None, metavar="BITS",
-                      help="smoothquant, zeroquant: the weights' bits (8; the same setting as --bits)")
+                      help="smoothquant, zeroquant: the weights' bits (8, or 4: W4/8, the MLP's weights at 4 bits "
+                           "in groups of --group-size (default 64), the attention's at 8; the same setting as --bits)")
     q.add_argument("--a-bits", type=int, default=None, metavar="BITS",
                    help="smoothquant, zeroquant: the activations' bits, rounded per token at run time (8)")
     q.add_argument("--alpha", type=alpha_value, default=None, metavar="A",

@@ -57,7 +57,7 @@ CALIBRATED = ("gptq", "spqr", "smoothquant")            # the methods that need 
 # layer's inputs (SmolLM2's 576: 64)
 # SmoothQuant and ZeroQuant: 8-bit weights, one scale per output row
 DEFAULT_BITS_GROUP = {"gptq": (4, 128), "rtn": (4, 128), "spqr": (3, SPQR_DEFAULT_GROUP), "bcq": (3, None),
-                      "smoothquant": (8, -1), "zeroquant": (8, -1)}
+                      "smoothquant": (8, None), "zeroquant": (8, None)}       # None: w8a8.default_group
 DEFAULT_CALIBRATION = {"smoothquant": w8a8.DEFAULT_CALIBRATION}      # (windows, tokens); the others (128, 2048)
 BCQ_GROUP_SIZES = (128, 64, 32, 16)      # and -1: multiples of the lookup-table kernels' block of 16
 SPQR_GROUP_SIZES = (16, 32, 64, 128)     # multiples of 16 (SpqrLinear's kernels) dividing spqr.py's block
@@ -453,7 +453,9 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
     runs on the lookup-table kernels.
     methods "smoothquant" and "zeroquant" (quant/w8a8.py) write W8A8 checkpoints:
     `bits` (the weights', 8) symmetric per output row (group_size -1, the default)
-    or group, and a_bits (the activations', 8) rounded per token at run time.
+    or group, and a_bits (the activations', 8) rounded per token at run time;
+    bits 4 is ZeroQuant's W4/8-A8: the MLP's weights at 4 bits in groups of
+    group_size (default 64), the attention's at 8 bits per row.
     SmoothQuant calibrates (calib; default 512 windows of 512 tokens) and
     smooths with `alpha` (a number in [0, 1], default 0.5, or "auto": chosen per
     norm from smoothquant.ALPHA_GRID by the calibration rows' W8A8 error);
@@ -471,6 +473,8 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
     default_bits, default_group = DEFAULT_BITS_GROUP.get(method, (None, None))
     bits = default_bits if bits is None else bits
     group_size = default_group if group_size is None else group_size
+    if method in w8a8.METHODS and group_size is None:
+        group_size = w8a8.default_group(bits)
     default_nsamples, default_seqlen = DEFAULT_CALIBRATION.get(method, (128, 2048))
     nsamples = default_nsamples if nsamples is None else nsamples
     seqlen = default_seqlen if seqlen is None else seqlen
@@ -605,11 +609,13 @@ def _quantize_w8a8(model, out, method, bits, group_size, alpha, smooth_down, cal
     windows = _calibration(source, calib, nsamples, seqlen, seed, "SmoothQuant") if method == "smoothquant" else None
     out = checkpoint.check_output(out, force, source.path)
     meta = dict(bits=bits, group_size=group_size, sym=True, method=method, float_dtype=float_dtype,
-                activations="int8-token", alpha=alpha, smooth_down=smooth_down)
+                activations="int8-token", alpha=alpha, smooth_down=smooth_down,
+                dynamic=Rules(w8a8.dynamic_rules(bits), "dynamic").to_json() or None)
     if windows is not None:
         meta.update(nsamples=nsamples, seqlen=seqlen, seed=seed, calibration=os.path.basename(os.fspath(calib)))
     fmt, alphas = w8a8.quantize_w8a8(source, out, meta, windows, threads, force, progress)
     return QuantizeReport(path=out, method=method, bits=bits, group_size=group_size, sym=True, act_order=False,
                           static_groups=False, checkpoint_format=fmt, seconds=time.perf_counter() - t0,
                           bytes=checkpoint.directory_size(out), layers=source.config.num_hidden_layers,
-                          activations="int8 per token", alpha=w8a8.alpha_summary(alphas) or None)
+                          activations="int8 per token", alpha=w8a8.alpha_summary(alphas) or None,
+                          dynamic=meta["dynamic"])

@@ -1,6 +1,8 @@
 """The weight-and-activation methods of `qinfer quantize`: SmoothQuant and ZeroQuant's W8A8.
 
-Both write a GPTQ-format checkpoint of 8-bit symmetric weights (quant/symmetric.py)
+Both write a GPTQ-format checkpoint of 8-bit symmetric weights (quant/symmetric.py; with
+bits 4, ZeroQuant's W4/8: the MLP's weights at 4 bits in groups, the attention's at 8 per
+row, written as a 'dynamic' rule)
 whose quantization_config also says the layers' inputs are rounded to int8 per token at
 run time ("input_activations", readers/gptq.py); the engine runs them on the int8 x int8
 kernels (qinfer/int8_linear.py).
@@ -22,7 +24,10 @@ from .symmetric import symmetric_quantize
 from .writer import float_tensors, float_weight, save_checkpoint
 
 METHODS = ("smoothquant", "zeroquant")
-WEIGHT_BITS = (8,)
+WEIGHT_BITS = (8, 4)
+W4_GROUP = 64                             # the 4-bit MLP layers' default group
+# W4/8: the layers that stay at 8 bits (one scale per row) when the weights are 4-bit
+EIGHT_BIT_LAYERS = r".*\.self_attn\..*"
 ACTIVATION_BITS = (8,)
 DEFAULT_CALIBRATION = (512, 512)          # SmoothQuant's windows x tokens
 
@@ -34,6 +39,25 @@ def check_bits(method, bits, a_bits):
     if isinstance(a_bits, bool) or a_bits not in ACTIVATION_BITS:
         raise UnsupportedError(f"{method}: activations at {a_bits!r} bits are not supported (--a-bits: "
                                f"{', '.join(map(str, ACTIVATION_BITS))}; the kernels round each token to int8)")
+
+
+def default_group(bits):
+    """-1 (a scale per row) for 8-bit weights; W4_GROUP for 4-bit ones."""
+    return -1 if bits == 8 else W4_GROUP
+
+
+def layer_bits(hf_name, bits, group_size):
+    """(bits, group_size) of one linear map: W4/8 keeps the attention's at 8 bits per row."""
+    import re
+
+    if bits == 4 and re.match(EIGHT_BIT_LAYERS, "model.layers.0." + hf_name):
+        return 8, -1
+    return bits, group_size
+
+
+def dynamic_rules(bits):
+    """The checkpoint's 'dynamic' rules for W4/8 (None for W8)."""
+    return {"+:" + EIGHT_BIT_LAYERS: {"bits": 8, "group_size": -1}} if bits == 4 else None
 
 
 def check_group(source, group_size):
@@ -68,8 +92,8 @@ def quantize_w8a8(source, out, meta, windows, threads, force, progress):
         with bar.layer(i, len(LINEAR_NAMES)) as layer_bar:
             for hf_name in LINEAR_NAMES.values():
                 base = f"model.layers.{i}.{hf_name}"
-                results[base] = symmetric_quantize(float_weight(source, base + ".weight"), meta["bits"],
-                                                   meta["group_size"])
+                results[base] = symmetric_quantize(float_weight(source, base + ".weight"),
+                                                   *layer_bits(hf_name, meta["bits"], meta["group_size"]))
                 layer_bar.update()
     floats = float_tensors(source, meta["float_dtype"])
     if alphas:

@@ -14,12 +14,12 @@ or by a quantize_config.json (readers/__init__.py's load_hf routes here). Settin
                        Anything else is refused, never guessed.
     dynamic            GPTQModel's per-layer rules (quant/dynamic.py): other bits
                        or group_size for the layers a rule matches, or float
-    input_activations  W8A8 (qinfer.quantize's smoothquant and zeroquant methods):
-                       {"num_bits": 8, "type": "int", "symmetric": true,
+    input_activations  W8A8 / W4A8 (qinfer.quantize's smoothquant and zeroquant
+                       methods): {"num_bits": 8, "type": "int", "symmetric": true,
                        "dynamic": true, "strategy": "token"}, the linear layers'
                        inputs rounded to int8 per token at run time; the weights
-                       must then be 8-bit symmetric (every zero point 128), rows
-                       in order. Any other setting is refused.
+                       must then be 8- or 4-bit symmetric (every zero point
+                       2^(bits-1)), rows in order. Any other setting is refused.
     desc_act, sym      informational: g_idx and qzeros say what they imply
 
 Both files may be present (transformers writes the first, AutoGPTQ the
@@ -104,6 +104,21 @@ def _read_settings(entries, where):
 PER_TOKEN_INT8 = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token"}
 
 
+def _check_int8_activation_bits(bits, rules, where):
+    """With input_activations every layer is 8- or 4-bit (the int8-activation kernels'), none
+    left float by a negative 'dynamic' rule."""
+    widths = [(bits, "the checkpoint's bits")]
+    for key, _, positive, overrides in rules.rules:
+        if not positive:
+            raise UnsupportedError(f"{where}: input_activations (int8 per token) with the 'dynamic' rule {key!r}, "
+                                   f"which leaves layers float: every linear layer must be quantized")
+        widths.append((overrides.get("bits", bits), f"the 'dynamic' rule {key!r}"))
+    for b, what in widths:
+        if b not in (8, 4):
+            raise UnsupportedError(f"{where}: input_activations (int8 per token) need 8- or 4-bit weights; "
+                                   f"{what} gives {b} bits")
+
+
 def _input_activations(entry, where):
     """"int8-token" for PER_TOKEN_INT8; an UnsupportedError naming the first setting that differs."""
     if not isinstance(entry, dict):
@@ -157,10 +172,8 @@ def load_gptq(directory, cfg, config_path):
 
     rules = dynamic.Rules(settings.get("dynamic"), directory)
     activations = settings.get("input_activations")
-    if activations and (settings["bits"] != 8 or rules):
-        raise UnsupportedError(f"{directory}: input_activations (int8 per token) need every layer's weights at "
-                               f"8 bits; this checkpoint has bits {settings['bits']}"
-                               + (" and per-layer 'dynamic' rules" if rules else ""))
+    if activations:
+        _check_int8_activation_bits(settings["bits"], rules, directory)
     tensors = {}
     for name, shape in validate.expected_shapes(config).items():
         base = name[:-len(".weight")]
