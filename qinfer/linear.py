@@ -120,21 +120,27 @@ def _aligned(a, alignment=CODE_ALIGNMENT):
     return out
 
 
-def matmul(matrix, x, in_features, out_features, threads=None):
-    """x [in] or [n, in] @ W^T through a layer's kernel handle (_runtime.QMatrix or SpqrMatrix):
-    on the active path, with int8 activations when they are on and the layer has them."""
+def on_rows(x, in_features, out_features, run):
+    """x [in] or [n, in] as float32 rows x2 [n, in], run(x2, out) filling out [n, out]; returns
+    out in x's shape ([out] for one vector). The layers' __call__ share it."""
     x = np.asarray(x)
     single = x.ndim == 1
     if x.ndim not in (1, 2) or x.shape[-1] != in_features:
         raise ShapeError(f"x must be [{in_features}] or [n, {in_features}], got {x.shape}")
     x2 = np.ascontiguousarray(x.reshape(1, -1) if single else x, dtype=np.float32)
     out = np.empty((x2.shape[0], out_features), dtype=np.float32)
+    run(x2, out)
+    return out[0] if single else out
+
+
+def matmul(matrix, x, in_features, out_features, threads=None):
+    """x [in] or [n, in] @ W^T through a layer's kernel handle (_runtime.QMatrix or SpqrMatrix):
+    on the active path, with int8 activations when they are on and the layer has them."""
     threads, avx2 = kernels.resolve_threads(threads), kernels.active_path() == "avx2"
     if kernels.active_activations() == "int8" and matrix.has_int8(avx2):
-        matrix.matmul_int8(x2, out, threads, avx2)      # each row of x rounded to int8
-    else:
-        matrix.matmul(x2, out, threads, avx2)
-    return out[0] if single else out
+        return on_rows(x, in_features, out_features,      # each row of x rounded to int8
+                       lambda x2, out: matrix.matmul_int8(x2, out, threads, avx2))
+    return on_rows(x, in_features, out_features, lambda x2, out: matrix.matmul(x2, out, threads, avx2))
 
 
 class QuantizedLinear:

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _lut, kernels
 from .errors import ShapeError, UnsupportedError
-from .linear import _empty_aligned, _tiles, _untiles, act_order_perm
+from .linear import _empty_aligned, _tiles, _untiles, act_order_perm, on_rows
 
 TILE, BLOCK = _lut.TILE, _lut.BLOCK
 LUT_BITS = (2, 3, 4)     # the widths pyx/lut_kernels.h.tp has loops for (the portable loop takes 1 .. 4)
@@ -173,14 +173,9 @@ class LutLinear:
 
     # -------------------------------------------------------------- compute
     def __call__(self, x, threads=None):
-        x = np.asarray(x)
-        single = x.ndim == 1
-        if x.ndim not in (1, 2) or x.shape[-1] != self.in_features:
-            raise ShapeError(f"x must be [{self.in_features}] or [n, {self.in_features}], got {x.shape}")
-        x2 = np.ascontiguousarray(x.reshape(1, -1) if single else x, dtype=np.float32)
-        out = np.empty((x2.shape[0], self.out_features), dtype=np.float32)
-        self._matrix.matmul(x2, out, kernels.resolve_threads(threads), kernels.active_path() == "avx2")
-        return out[0] if single else out
+        threads, fast = kernels.resolve_threads(threads), kernels.active_path() == "avx2"
+        return on_rows(x, self.in_features, self.out_features,
+                       lambda x2, out: self._matrix.matmul(x2, out, threads, fast))
 
     # ----------------------------------------------------------- inspection
     @property
