@@ -17,6 +17,9 @@ cdef extern from "w8a8.h" nogil:
         const int8_t *codes
         const float *scales
         const int32_t *sums
+        int lr_rank
+        const float *lr_a
+        const float *lr_b
     int w8a8_cpu_isa()
     void w8a8_pack_rows(const int8_t *src, const float *src_scales, int bits, int in_features, int group_size,
                         int first, int last, uint8_t *codes, float *scales, int32_t *sums)
@@ -42,12 +45,16 @@ def group_multiple(int bits):
 cdef class Int8Matrix:
     """codes int8 [out, in] (8-bit: in [-128, 127]; 4-bit: in [-8, 7]) and scales float32
     [out, in / group] laid out as pyx/w8a8.h says (the arrays kept alive here), run on `isa`
-    ("portable", "avx2", "avx512vnni": one this CPU has)."""
+    ("portable", "avx2", "avx512vnni": one this CPU has); low_rank: None, or the float32
+    factors (A [rank, in], B [out, rank]) of the compensation y += B (A x)."""
     cdef w8a8_matrix M
     cdef object arrays
+    cdef object factors
 
     def __cinit__(self, const int8_t[:, ::1] codes, const float[:, ::1] scales, int group, str isa,
-                  int threads=1, int bits=8):
+                  int threads=1, int bits=8, low_rank=None):
+        cdef const float[:, ::1] lr_a
+        cdef const float[:, ::1] lr_b
         cdef qmatrix *m = &self.M.head
         cdef int out_features = codes.shape[0], in_features = codes.shape[1], t, n_groups
         if isa not in ISAS or ISAS.index(isa) > w8a8_cpu_isa():
@@ -88,6 +95,18 @@ cdef class Int8Matrix:
             for t in prange(m.n_tiles, num_threads=max(1, threads), schedule="static"):
                 w8a8_pack_rows(&codes[0, 0], &scales[0, 0], bits, in_features, group, t * W8A8_TU,
                                min(out_features, (t + 1) * W8A8_TU), &pc[0], &ps[0], &pu[0])
+        self.M.lr_rank = 0
+        self.M.lr_a = self.M.lr_b = NULL
+        self.factors = None
+        if low_rank is not None:
+            lr_a, lr_b = low_rank
+            if lr_a.shape[0] < 1 or lr_a.shape[1] != in_features or lr_b.shape[0] != out_features or \
+                    lr_b.shape[1] != lr_a.shape[0]:
+                raise ValueError(f"low-rank factors must be [rank, {in_features}] and [{out_features}, rank]")
+            self.M.lr_rank = lr_a.shape[0]
+            self.M.lr_a = &lr_a[0, 0]
+            self.M.lr_b = &lr_b[0, 0]
+            self.factors = (np.asarray(lr_a), np.asarray(lr_b))
         self.M.codes = <const int8_t *>&pc[0]
         self.M.scales = &ps[0]
         self.M.sums = &pu[0]
@@ -105,7 +124,11 @@ cdef class Int8Matrix:
 
     @property
     def nbytes(self):
-        return sum(a.nbytes for a in self.arrays)
+        return sum(a.nbytes for a in self.arrays) + sum(a.nbytes for a in self.factors or ())
+
+    def low_rank(self):
+        """None, or the compensation's factors (A [rank, in], B [out, rank])."""
+        return self.factors
 
     @property
     def bits(self):

@@ -44,6 +44,13 @@
  *                           8-bit codes), read 4 bytes at a time as a broadcast word
  *   d       [n]             float32
  *   qsum    [n][n_groups]   int32: the group's sum of q (the 4-bit loops' correction)
+ *   lr      [n][lr_rank]    float32: A x (low-rank compensation only)
+ *
+ * Low-rank compensation (ZeroQuant-V2's LoRC), when a layer has it: y += B (A x)
+ * with float32 factors A [rank][K] and B [out][rank] of the weights' rounding
+ * error, on the float input. Each A x is summed in 16 lanes (input k into lane
+ * k % 16, then the lanes in order) and each output's B t in order, in plain C
+ * the compiler may vectorize but not reorder: the same bits on every path.
  *
  * The loops per instruction set are rendered from pyx/w8a8_kernels.h.tp
  * (its table at the top); the portable loop is here. */
@@ -90,6 +97,9 @@ typedef struct w8a8_matrix {
     const int8_t *codes;
     const float *scales;
     const int32_t *sums;
+    int lr_rank;             /* 0, or the rank of the low-rank compensation: */
+    const float *lr_a;       /* [lr_rank][in_features] */
+    const float *lr_b;       /* [out_features][lr_rank] */
 } w8a8_matrix;
 
 #define W8A8_OF(m) ((const w8a8_matrix *)(const void *)(m))
@@ -170,20 +180,59 @@ typedef struct {
     uint8_t *xq;
     float *d;
     int32_t *qsum;
+    float *lr;
 } w8a8_input;
 
 static inline size_t w8a8_input_bytes(const w8a8_matrix *M, int n)
 {
     const size_t q = ((size_t)n * M->head.in_features + 63) & ~(size_t)63;
-    return q + sizeof(float) * (size_t)n + sizeof(int32_t) * (size_t)n * M->head.n_groups;
+    return q + sizeof(float) * (size_t)n * (1 + M->lr_rank) + sizeof(int32_t) * (size_t)n * M->head.n_groups;
 }
 
 static inline w8a8_input w8a8_input_at(const w8a8_matrix *M, int n, void *memory)
 {
     const size_t q = ((size_t)n * M->head.in_features + 63) & ~(size_t)63;
-    w8a8_input in = {(uint8_t *)memory, (float *)((char *)memory + q),
-                     (int32_t *)((char *)memory + q + sizeof(float) * (size_t)n)};
+    char *at = (char *)memory + q;
+    w8a8_input in = {(uint8_t *)memory, (float *)at, (int32_t *)(at + sizeof(float) * (size_t)n),
+                     (float *)(at + sizeof(float) * (size_t)n + sizeof(int32_t) * (size_t)n * M->head.n_groups)};
     return in;
+}
+
+/* t = A x for one row of x: the low-rank compensation's first factor (16 lanes, above). */
+QI_W8A8_VECTORIZE
+static void w8a8_low_rank_input(const w8a8_matrix *M, const float *x, float *t)
+{
+    const int K = M->head.in_features;
+    for (int j = 0; j < M->lr_rank; j++) {
+        const float *a = M->lr_a + (size_t)j * K;
+        float lane[16] = {0};
+        for (int k = 0; k + 16 <= K; k += 16)
+            for (int l = 0; l < 16; l++)
+                lane[l] = lane[l] + a[k + l] * x[k + l];
+        for (int k = K & ~15; k < K; k++)
+            lane[k % 16] = lane[k % 16] + a[k] * x[k];
+        float sum = 0.0f;
+        for (int l = 0; l < 16; l++)
+            sum = sum + lane[l];
+        t[j] = sum;
+    }
+}
+
+/* y += B t for the tile's outputs and rows 0..n-1 (after the tile's integer product). */
+static void w8a8_low_rank_tile(const w8a8_matrix *M, const w8a8_input *in, int n, int tile, float *y)
+{
+    const int out = M->head.out_features, rank = M->lr_rank;
+    const int first = tile * W8A8_TU, last = first + W8A8_TU < out ? first + W8A8_TU : out;
+    for (int r = 0; r < n; r++) {
+        const float *t = in->lr + (size_t)r * rank;
+        for (int o = first; o < last; o++) {
+            const float *b = M->lr_b + (size_t)o * rank;
+            float add = 0.0f;
+            for (int j = 0; j < rank; j++)
+                add = add + b[j] * t[j];
+            y[(size_t)r * out + o] = y[(size_t)r * out + o] + add;
+        }
+    }
 }
 
 /* Row r of x into the prepared input: its codes, d and group sums of q. */
@@ -199,6 +248,8 @@ static void w8a8_prepare_row(const w8a8_matrix *M, const float *x, int r, const 
             sum += (int8_t)(q[k] ^ flip);
         in->qsum[(size_t)r * n_groups + g] = sum;
     }
+    if (M->lr_rank)
+        w8a8_low_rank_input(M, x + (size_t)r * K, in->lr + (size_t)r * M->lr_rank);
 }
 
 /* Tiles first..last-1 for rows 0..n-1 of the prepared input, on M->isa's loops. */
@@ -213,6 +264,8 @@ static void w8a8_tiles(const w8a8_matrix *M, const w8a8_input *in, int n, int fi
 #endif
         default: w8a8_tile_portable(M, (const int8_t *)in->xq, in->d, n, tile, y, ldy); break;
         }
+        if (M->lr_rank)
+            w8a8_low_rank_tile(M, in, n, tile, y);
     }
 }
 

@@ -59,24 +59,31 @@ def _check(codes, scales, group_size, bits):
 class Int8Linear:
     """y = x @ W^T with int8 weights and per-token int8 activations (the module docstring)."""
 
-    def __init__(self, codes, scales, group_size=-1, bits=8):
+    def __init__(self, codes, scales, group_size=-1, bits=8, low_rank=None, ranks=None):
         """codes int8 [out, in] (bits 4: in [-8, 7]); scales float32 [out, in / group];
-        group_size -1: whole rows."""
+        group_size -1: whole rows; low_rank: None, or LoRC's factors (A [rank, in], B [out,
+        rank]): y += B (A x) (quant/lorc.py); ranks: how a stacked layer's rank splits among
+        its parts (stack)."""
         codes = np.ascontiguousarray(codes)
         scales = np.ascontiguousarray(scales, dtype=np.float32)
         self._group = _check(codes, scales, group_size, bits)
         self.group_size, self.bits = group_size, bits
         self.out_features, self.in_features = codes.shape
+        if low_rank is not None:
+            low_rank = tuple(np.ascontiguousarray(f, dtype=np.float32) for f in low_rank)
+            if not all(np.all(np.isfinite(f)) for f in low_rank):
+                raise FormatError("int8-activation layer: a low-rank compensation factor is not finite")
+        self._ranks = ranks
         self._matrix = _w8a8.Int8Matrix(codes, scales, self._group, kernel_isa(), kernels.resolve_threads(None),
-                                        bits)
+                                        bits, low_rank)
 
     def copy(self):
         """An independent layer with its own memory (timing streams copies from memory)."""
-        return Int8Linear(self.codes(), self.scales(), self.group_size, self.bits)
+        return Int8Linear(self.codes(), self.scales(), self.group_size, self.bits, self.low_rank(), self._ranks)
 
     # ------------------------------------------------------------ builders
     @classmethod
-    def from_packed(cls, qweight, scales, zeros, bits, group_size, g_idx=None, name="layer"):
+    def from_packed(cls, qweight, scales, zeros, bits, group_size, g_idx=None, name="layer", low_rank=None):
         """GPTQ tensors of symmetric codes (qweight int32 [in * bits / 32, out], scales and zeros
         [groups, out], every zero 2^(bits-1), rows in order): c = code - 2^(bits-1). A
         FormatError names `name` when they are not that."""
@@ -91,13 +98,13 @@ class Int8Linear:
             raise FormatError(f"{name}: per-token int8 activations need symmetric weights (every zero point {mid})")
         codes = (packing.unpack(np.asarray(qweight), bits).astype(np.int16) - mid).astype(np.int8)     # [in, out]
         return cls(np.ascontiguousarray(codes.T), np.ascontiguousarray(np.asarray(scales, dtype=np.float32).T),
-                   group_size, bits)
+                   group_size, bits, low_rank)
 
     @classmethod
-    def from_quantized(cls, layer, name="layer"):
+    def from_quantized(cls, layer, name="layer", low_rank=None):
         """The same weights as a symmetric 8- or 4-bit QuantizedLinear (from_packed's conditions)."""
         return cls.from_packed(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size, layer.g_idx,
-                               name)
+                               name, low_rank)
 
     @classmethod
     def stack(cls, layers):
@@ -106,8 +113,21 @@ class Int8Linear:
         for layer in layers[1:]:
             if not first.can_stack(layer):
                 raise UnsupportedError(f"cannot stack {layer!r} onto {first!r}: inputs or groups differ")
+        low_rank = ranks = None
+        if any(l.low_rank() is not None for l in layers):
+            # A x of every part, side by side; each part's B on its own outputs (block diagonal)
+            ranks = [l.rank for l in layers]
+            out_edges, rank_edges = np.cumsum([0] + [l.out_features for l in layers]), np.cumsum([0] + ranks)
+            a = np.zeros((rank_edges[-1], first.in_features), np.float32)
+            b = np.zeros((out_edges[-1], rank_edges[-1]), np.float32)
+            for i, l in enumerate(layers):
+                if l.rank:
+                    la, lb = l.low_rank()
+                    a[rank_edges[i]:rank_edges[i + 1]] = la
+                    b[out_edges[i]:out_edges[i + 1], rank_edges[i]:rank_edges[i + 1]] = lb
+            low_rank = (a, b)
         return cls(np.concatenate([l.codes() for l in layers]), np.concatenate([l.scales() for l in layers]),
-                   first.group_size, first.bits)
+                   first.group_size, first.bits, low_rank, ranks)
 
     def can_stack(self, other):
         return isinstance(other, Int8Linear) and \
@@ -119,7 +139,15 @@ class Int8Linear:
             raise ShapeError(f"widths {list(widths)} do not split {self.out_features} outputs")
         codes, scales = self.codes(), self.scales()
         edges = np.cumsum([0, *widths])
-        return [Int8Linear(codes[a:b], scales[a:b], self.group_size, self.bits) for a, b in zip(edges[:-1], edges[1:])]
+        if self.rank == 0:
+            return [Int8Linear(codes[a:b], scales[a:b], self.group_size, self.bits) for a, b in zip(edges[:-1], edges[1:])]
+        if self._ranks is None or len(self._ranks) != len(widths):
+            raise UnsupportedError(f"{self!r}: its low-rank compensation was not stacked from {len(widths)} parts")
+        la, lb = self.low_rank()
+        rank_edges = np.cumsum([0, *self._ranks])
+        return [Int8Linear(codes[a:b], scales[a:b], self.group_size, self.bits,
+                           (la[ra:rb], lb[a:b, ra:rb]) if rb > ra else None)
+                for a, b, ra, rb in zip(edges[:-1], edges[1:], rank_edges[:-1], rank_edges[1:])]
 
     # -------------------------------------------------------------- compute
     def __call__(self, x, threads=None):
@@ -144,9 +172,20 @@ class Int8Linear:
         """float32 [out, in / group]."""
         return self._matrix.scales()
 
+    def low_rank(self):
+        """None, or LoRC's factors (A [rank, in], B [out, rank])."""
+        return self._matrix.low_rank()
+
+    @property
+    def rank(self):
+        f = self.low_rank()
+        return 0 if f is None else f[0].shape[0]
+
     def dequantize(self):
-        """The float32 weight [out, in] the kernels multiply by: s * c."""
-        return np.repeat(self.scales(), self._group, axis=1) * self.codes().astype(np.float32)
+        """The float32 weight [out, in] the layer stands for: s * c (+ B A with LoRC)."""
+        w = np.repeat(self.scales(), self._group, axis=1) * self.codes().astype(np.float32)
+        f = self.low_rank()
+        return w if f is None else w + f[1] @ f[0]
 
     @property
     def nbytes(self):
@@ -154,4 +193,5 @@ class Int8Linear:
 
     def __repr__(self):
         g = "full rows" if self.group_size == -1 else f"group {self.group_size}"
-        return f"Int8Linear(W{self.bits}A8, {g}, {self.out_features}x{self.in_features})"
+        lorc = f", LoRC rank {self.rank}" if self.rank else ""
+        return f"Int8Linear(W{self.bits}A8, {g}{lorc}, {self.out_features}x{self.in_features})"

@@ -101,7 +101,7 @@ def stack_packed(parts):
 
 def _stackable(tensors):
     first = tensors[0]
-    return all(isinstance(t, PackedTensor) and t.g_idx is None and
+    return all(isinstance(t, PackedTensor) and t.g_idx is None and t.low_rank is None and
                (t.bits, t.group_size, t.shape[1]) == (first.bits, first.group_size, first.shape[1])
                for t in tensors)
 
@@ -304,7 +304,8 @@ class Model:
         """A weight as float32 [out, in]; a quantized one dequantized."""
         t = source.tensors[name]
         if isinstance(t, PackedTensor):
-            return self._packed(t).dequantize()
+            w = self._packed(t).dequantize()
+            return w if t.low_rank is None else w + t.low_rank[1] @ t.low_rank[0]
         if isinstance(t, SpqrTensor):
             return spqr_layer(t).dequantize()
         if isinstance(t, BcqTensor):
@@ -387,16 +388,17 @@ class Model:
                     stack_packed(tensors), *(names[c_name] for c_name in parts))
         done = {c_name for stacked in maps for c_name in STACKED[stacked]}
         maps.update({c_name: self._linear(source, name) for c_name, name in names.items() if c_name not in done})
-        for stacked, parts in STACKED.items():     # quantized on load: the layers made are stacked
+        if source.activations == "int8-token" and not self.dequantize:
+            self._per_token_int8(i, maps, names, source)
+        for stacked, parts in STACKED.items():     # quantized on load (or W8A8 with LoRC): the layers made are stacked
             if stacked in maps:
                 continue
             layers = [maps[name] for name in parts]
-            if self.stack and all(isinstance(l, QuantizedLinear) and layers[0].can_stack(l) for l in layers):
-                maps[stacked] = self._stacked[i, stacked] = QuantizedLinear.stack(layers)
+            if self.stack and all(isinstance(l, (QuantizedLinear, Int8Linear)) and layers[0].can_stack(l)
+                                  for l in layers):
+                maps[stacked] = self._stacked[i, stacked] = type(layers[0]).stack(layers)
                 for name in parts:
                     del maps[name]
-        if source.activations == "int8-token" and not self.dequantize:
-            self._per_token_int8(i, maps, names)
         for name, w in maps.items():
             if self._runs_on_lut(w):
                 maps[name] = LutLinear.from_quantized(w)
@@ -406,15 +408,16 @@ class Model:
                     ffn_norm=source.float_tensor(p + "post_attention_layernorm.weight"),
                     **{name: self._linear_spec(w) for name, w in maps.items()})
 
-    def _per_token_int8(self, i, maps, names):
+    def _per_token_int8(self, i, maps, names, source):
         """A W8A8 / W4A8 checkpoint (source.activations "int8-token"): block i's packed maps
         become Int8Linear layers, whose inputs are rounded to int8 per token
-        (qinfer/int8_linear.py)."""
+        (qinfer/int8_linear.py), with their low-rank compensation when the file has one."""
         for name, w in list(maps.items()):
             if not isinstance(w, QuantizedLinear):
                 continue
             parts = STACKED.get(name, (name,))
-            maps[name] = Int8Linear.from_quantized(w, f"model.layers.{i}.{LINEAR_NAMES[parts[0]]}")
+            low_rank = source.tensors[names[name]].low_rank if name in names else None
+            maps[name] = Int8Linear.from_quantized(w, f"model.layers.{i}.{LINEAR_NAMES[parts[0]]}", low_rank)
             if (i, name) in self._stacked:
                 self._stacked[i, name] = maps[name]
             for part in parts:           # held: the codes, float32 scales and int32 code sums

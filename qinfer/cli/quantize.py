@@ -34,6 +34,9 @@ def add_parser(sub):
     q.add_argument("--smooth", type=alpha_value, default=None, metavar="A",
                    help="gptq, rtn: apply SmoothQuant's smoothing with alpha A (or 'auto') before quantizing "
                         "the weights (needs --calib; the activations stay float)")
+    q.add_argument("--lorc-rank", type=positive_int, default=None, metavar="R",
+                   help="smoothquant, zeroquant: ZeroQuant-V2's low-rank compensation, each layer's rounding error "
+                        "kept to rank R as two thin float16 matrices added at run time (e.g. 8)")
     q.add_argument("--smooth-down", action="store_true",
                    help="smoothquant, --smooth: smooth down_proj's input as well, dividing up_proj's output rows "
                         "(an exact rewrite of the model, beyond the paper's q/k/v and gate/up)")
@@ -111,5 +114,6 @@ def run(args):
                       threads=args.threads, float_dtype=args.float_dtype, zero_point=args.zero_point,
                       clip_search=args.clip_search, dynamic=rules, stat_bits=args.stat_bits,
                       outlier_threshold=args.outlier_threshold, rounds=args.rounds, alpha=args.alpha,
-                      a_bits=args.a_bits, smooth=args.smooth, smooth_down=args.smooth_down)
+                      a_bits=args.a_bits, smooth=args.smooth, smooth_down=args.smooth_down,
+                      lorc_rank=args.lorc_rank)
     print(report.summary(), file=sys.stderr)

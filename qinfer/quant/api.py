@@ -47,7 +47,7 @@ from .progress import Progress
 from .quantizer import check_settings, rtn_quantize
 from .spqr import DEFAULT_GROUP as SPQR_DEFAULT_GROUP, DEFAULT_OUTLIER_THRESHOLD, DEFAULT_STAT_BITS, spqr_quantize
 from .spqr_writer import save_spqr_checkpoint
-from . import smoothquant, w8a8
+from . import lorc, smoothquant, w8a8
 from .writer import FLOAT_DTYPES, float_tensors, float_weight, save_checkpoint
 
 METHODS = ("gptq", "rtn", "spqr", "bcq") + w8a8.METHODS
@@ -408,7 +408,7 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
              static_groups=False, calib=None, nsamples=None, seqlen=None, damp=0.01, seed=0, force=False,
              threads=None, true_sequential=False, sink_weight=1.0, float_dtype="float16", zero_point="int",
              clip_search=False, dynamic=None, progress=True, stat_bits=None, outlier_threshold=None, rounds=None,
-             alpha=None, a_bits=None, smooth=None, smooth_down=False):
+             alpha=None, a_bits=None, smooth=None, smooth_down=False, lorc_rank=None):
     """Quantize a float model into a GPTQ-format checkpoint directory `out` (method "spqr": an
     SpQR checkpoint, qinfer's own).
 
@@ -462,6 +462,9 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
     ZeroQuant here is plain W8A8: no smoothing, no calibration.
     smooth: with "gptq" or "rtn", SmoothQuant's smoothing with this alpha before
     quantizing the weights (calib needed; the activations stay float).
+    lorc_rank: with "smoothquant" or "zeroquant", ZeroQuant-V2's low-rank compensation:
+    each layer also keeps the best rank-lorc_rank approximation of its rounding error
+    as two thin float16 matrices, added at run time (quant/lorc.py).
     smooth_down: smooth down_proj's input too, through up_proj's output rows (an
     exact rewrite the paper does not make; smoothquant.DOWN_GROUP), with
     "smoothquant" or `smooth`.
@@ -497,11 +500,13 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
         elif alpha is not None or smooth_down:
             raise QinferError("alpha (--alpha) and smooth_down (--smooth-down) are SmoothQuant's: use them with "
                               "method 'smoothquant' (zeroquant does not smooth)")
-        return _quantize_w8a8(model, out, method, bits, group_size, alpha, bool(smooth_down), calib, nsamples,
-                              seqlen, seed, force, threads, float_dtype, progress, t0)
-    if alpha is not None or a_bits is not None:
-        raise QinferError("alpha (--alpha) and the activations' bits (--a-bits) are settings of the "
-                          "'smoothquant' and 'zeroquant' methods; GPTQ and the others keep float activations")
+        lorc_rank = None if lorc_rank is None else lorc.check_rank(lorc_rank)
+        return _quantize_w8a8(model, out, method, bits, group_size, alpha, bool(smooth_down), lorc_rank, calib,
+                              nsamples, seqlen, seed, force, threads, float_dtype, progress, t0)
+    if alpha is not None or a_bits is not None or lorc_rank is not None:
+        raise QinferError("alpha (--alpha), the activations' bits (--a-bits) and the low-rank compensation "
+                          "(--lorc-rank) are settings of the 'smoothquant' and 'zeroquant' methods; GPTQ and the "
+                          "others keep float activations")
     if smooth is not None:
         if method not in ("gptq", "rtn"):
             raise QinferError(f"smooth (--smooth) applies to methods 'gptq' and 'rtn', not {method!r}")
@@ -598,8 +603,8 @@ def _calibration(source, calib, nsamples, seqlen, seed, method_name):
     return calibration_windows(calib, load_tokenizer(source.tokenizer), nsamples, seqlen, seed)
 
 
-def _quantize_w8a8(model, out, method, bits, group_size, alpha, smooth_down, calib, nsamples, seqlen, seed, force,
-                   threads, float_dtype, progress, t0):
+def _quantize_w8a8(model, out, method, bits, group_size, alpha, smooth_down, lorc_rank, calib, nsamples, seqlen,
+                   seed, force, threads, float_dtype, progress, t0):
     """SmoothQuant / ZeroQuant's W8A8 (quant/w8a8.py) -> QuantizeReport."""
     source = _open_source(model)
     _check_shapes(source)
@@ -609,7 +614,7 @@ def _quantize_w8a8(model, out, method, bits, group_size, alpha, smooth_down, cal
     windows = _calibration(source, calib, nsamples, seqlen, seed, "SmoothQuant") if method == "smoothquant" else None
     out = checkpoint.check_output(out, force, source.path)
     meta = dict(bits=bits, group_size=group_size, sym=True, method=method, float_dtype=float_dtype,
-                activations="int8-token", alpha=alpha, smooth_down=smooth_down,
+                activations="int8-token", alpha=alpha, smooth_down=smooth_down, lorc_rank=lorc_rank,
                 dynamic=Rules(w8a8.dynamic_rules(bits), "dynamic").to_json() or None)
     if windows is not None:
         meta.update(nsamples=nsamples, seqlen=seqlen, seed=seed, calibration=os.path.basename(os.fspath(calib)))
@@ -617,5 +622,6 @@ def _quantize_w8a8(model, out, method, bits, group_size, alpha, smooth_down, cal
     return QuantizeReport(path=out, method=method, bits=bits, group_size=group_size, sym=True, act_order=False,
                           static_groups=False, checkpoint_format=fmt, seconds=time.perf_counter() - t0,
                           bytes=checkpoint.directory_size(out), layers=source.config.num_hidden_layers,
-                          activations="int8 per token", alpha=w8a8.alpha_summary(alphas) or None,
+                          activations="int8 per token" + (f", LoRC rank {lorc_rank}" if lorc_rank else ""),
+                          alpha=w8a8.alpha_summary(alphas) or None,
                           dynamic=meta["dynamic"])

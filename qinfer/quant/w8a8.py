@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import QinferError, UnsupportedError
 from . import smoothquant
+from .lorc import low_rank_factors
 from .progress import Progress
 from .symmetric import symmetric_quantize
 from .writer import float_tensors, float_weight, save_checkpoint
@@ -87,19 +88,22 @@ def quantize_w8a8(source, out, meta, windows, threads, force, progress):
     if meta["method"] == "smoothquant":
         source, alphas = smoothing(source, windows, meta["alpha"], threads, progress, meta["smooth_down"])
     bar = Progress(source.config.num_hidden_layers, enabled=progress)
-    results = {}
+    results, extra = {}, {}
     for i in range(source.config.num_hidden_layers):
         with bar.layer(i, len(LINEAR_NAMES)) as layer_bar:
             for hf_name in LINEAR_NAMES.values():
                 base = f"model.layers.{i}.{hf_name}"
-                results[base] = symmetric_quantize(float_weight(source, base + ".weight"),
-                                                   *layer_bits(hf_name, meta["bits"], meta["group_size"]))
+                w = float_weight(source, base + ".weight")
+                results[base] = symmetric_quantize(w, *layer_bits(hf_name, meta["bits"], meta["group_size"]))
+                if meta.get("lorc_rank"):          # the rounding error's top directions, float16 as stored
+                    a, b = low_rank_factors(w - results[base].dequantize(), meta["lorc_rank"])
+                    extra[base] = {"lorc_a": a.astype(np.float16), "lorc_b": b.astype(np.float16)}
                 layer_bar.update()
     floats = float_tensors(source, meta["float_dtype"])
     if alphas:
         meta = dict(meta, alpha=meta["alpha"] if meta["alpha"] != "auto" else
                     {"auto": sorted(set(alphas.values())), "per_norm": alphas})
-    return save_checkpoint(out, source, results, meta, force=force, floats=floats), alphas
+    return save_checkpoint(out, source, results, meta, force=force, floats=floats, extra=extra), alphas
 
 
 def alpha_summary(alphas):

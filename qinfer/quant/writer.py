@@ -20,7 +20,7 @@ FLOAT_DTYPES = ("float16", "float32")
 DEFAULT_META = dict(sym=False, act_order=False, static_groups=False, true_sequential=False, method="gptq",
                     damp=None, nsamples=None, seqlen=None, seed=None, calibration=None, sink_weight=None, zero_point="int",
                     float_dtype="float16", clip_search=False, dynamic=None, activations=None, alpha=None,
-                    smooth=None, smooth_down=False)
+                    smooth=None, smooth_down=False, lorc_rank=None)
 
 
 def float_weight(source, name):
@@ -89,12 +89,13 @@ def hf_config(source, quant_config, float_dtype):
     return base
 
 
-def save_checkpoint(out, source, results, meta, force=False, floats=None):
+def save_checkpoint(out, source, results, meta, force=False, floats=None, extra=None):
     """Write the checkpoint directory `out` (all or nothing); returns the checkpoint_format used.
 
     source: the float model's ModelSource; results: {"model.layers.{i}.<proj>": QuantResult} for
     every linear layer; meta: bits, group_size and optionally the keys of DEFAULT_META (dynamic:
-    per-layer rules, quant/dynamic.py, which the results must follow). The format
+    per-layer rules, quant/dynamic.py, which the results must follow); extra: {base name: {part:
+    array}} written beside a layer's tensors (LoRC's lorc_a, lorc_b, with meta's lorc_rank). The format
     is v1 ("gptq", AutoGPTQ's) unless some zero point is 0, which v1 cannot store: then "gptq_v2";
     float zero points (zero_point "float") make it "qinfer_float_zero" (layout.py).
     """
@@ -132,6 +133,8 @@ def save_checkpoint(out, source, results, meta, force=False, floats=None):
     if meta["activations"] == "int8-token":         # W8A8 (quant/w8a8.py): what the engine must run
         from ..readers.gptq import PER_TOKEN_INT8
         quant_config["input_activations"] = dict(PER_TOKEN_INT8)
+    if meta["lorc_rank"]:
+        quant_config["lorc_rank"] = meta["lorc_rank"]
     quantize_config = dict(quant_config, model_name_or_path=None, model_file_base_name="model",
                            qinfer={"version": __version__, "method": meta["method"],
                                    "nsamples": meta["nsamples"], "seqlen": meta["seqlen"], "seed": meta["seed"],
@@ -142,7 +145,9 @@ def save_checkpoint(out, source, results, meta, force=False, floats=None):
                                    **({"smooth_alpha": meta["smooth"]} if meta["smooth"] is not None else {}),
                                    **({"smooth_down": True} if meta["smooth_down"] else {}),
                                    "source": os.path.basename(os.path.normpath(source.path))})
-    tensors = model_tensors(source, floats, lambda base: results[base].checkpoint_tensors(fmt))
+    extra = extra or {}
+    tensors = model_tensors(source, floats, lambda base: {**results[base].checkpoint_tensors(fmt),
+                                                          **extra.get(base, {})})
     write_directory(out, force, source, tensors, hf_config(source, quant_config, meta["float_dtype"]),
                     quantize_config)
     return fmt

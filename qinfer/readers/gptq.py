@@ -20,6 +20,10 @@ or by a quantize_config.json (readers/__init__.py's load_hf routes here). Settin
                        inputs rounded to int8 per token at run time; the weights
                        must then be 8- or 4-bit symmetric (every zero point
                        2^(bits-1)), rows in order. Any other setting is refused.
+    lorc_rank          with input_activations: every quantized layer also holds
+                       `.lorc_a` [rank, in] and `.lorc_b` [out, rank] (float), the
+                       factors of a low-rank compensation y += B (A x) (LoRC,
+                       quant/lorc.py)
     desc_act, sym      informational: g_idx and qzeros say what they imply
 
 Both files may be present (transformers writes the first, AutoGPTQ the
@@ -97,6 +101,11 @@ def _read_settings(entries, where):
         out["dynamic"] = dynamic.Rules(entries["dynamic"], where).to_json()
     if entries.get("input_activations") is not None:
         out["input_activations"] = _input_activations(entries["input_activations"], where)
+    if entries.get("lorc_rank") is not None:
+        r = entries["lorc_rank"]
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise FormatError(f"{where}: 'lorc_rank' must be a positive integer, got {r!r}"[:200])
+        out["lorc_rank"] = r
     return out
 
 
@@ -174,6 +183,10 @@ def load_gptq(directory, cfg, config_path):
     activations = settings.get("input_activations")
     if activations:
         _check_int8_activation_bits(settings["bits"], rules, directory)
+    lorc_rank = settings.get("lorc_rank")
+    if lorc_rank and not activations:
+        raise UnsupportedError(f"{directory}: lorc_rank (a low-rank compensation) is supported in W8A8/W4A8 "
+                               f"checkpoints (with input_activations) only")
     tensors = {}
     for name, shape in validate.expected_shapes(config).items():
         base = name[:-len(".weight")]
@@ -188,6 +201,12 @@ def load_gptq(directory, cfg, config_path):
                 raise FormatError(f"{directory}: {base} holds a .qweight but a negative 'dynamic' rule says "
                                   f"it is not quantized")
             tensors[name] = _packed(base, shape, layer_settings, get, owner, directory)
+            if lorc_rank:
+                where = f"low-rank compensation of rank {lorc_rank}, layer {list(shape)}"
+                tensors[name].low_rank = tuple(
+                    np.ascontiguousarray(_float_tensor(base + part, get, owner, want, where, directory),
+                                         dtype=np.float32)
+                    for part, want in ((".lorc_a", (lorc_rank, shape[1])), (".lorc_b", (shape[0], lorc_rank))))
         elif name in owner:
             shard, t = get(name)
             if shard.dtypes[name] not in ("F32", "F16", "BF16"):

@@ -64,6 +64,9 @@ class PackedTensor:
     # as they are converted (model.stack_packed), and its rows in a given order (unpermute).
     fill: Optional[Callable[..., "PackedTensor"]] = None
     half_exact: bool = False        # every scale and zero is exact in float16 (known from the format)
+    # None, or the factors (A float32 [rank, in], B float32 [out, rank]) of a low-rank compensation
+    # y += B (A x) (LoRC, qinfer/quant/lorc.py; W8A8/W4A8 checkpoints, readers/gptq.py)
+    low_rank: Optional[tuple] = None
 
     def load(self):
         """This tensor with its arrays: itself, or a new PackedTensor made now (not cached)."""
