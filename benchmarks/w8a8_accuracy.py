@@ -17,6 +17,7 @@ window, or the whole text when every window is scored). Rows (--rows, comma-sepa
     sq:A              SmoothQuant with alpha A (a number, or auto)
     sqd:A             ... and down_proj smoothed too (--smooth-down)
     ...:gG            any of the above with G-input weight groups instead of one scale a row
+    ...:lorcR         any W8A8/W4A8 row with LoRC's rank-R compensation (--lorc-rank R)
     rtn4g64, rtn4g64:smoothA
                       4-bit round to nearest in groups of 64 (float activations), and the
                       same after smoothing with alpha A (`--smooth`)
@@ -46,11 +47,23 @@ def parse_row(spec):
     """(quantize keyword arguments or None for float, dequantize, label) of a row spec."""
     parts = spec.split(":")
     head, rest = parts[0], parts[1:]
-    group = -1
+    group, lorc = -1, None
     for p in list(rest):
         if p.startswith("g") and p[1:].isdigit():
             group = int(p[1:])
             rest.remove(p)
+        elif p.startswith("lorc") and p[4:].isdigit():
+            lorc = int(p[4:])
+            rest.remove(p)
+    kwargs, dequantize, label = _row(head, rest, group)
+    if lorc:
+        if kwargs is None or kwargs["method"] not in ("zeroquant", "smoothquant"):
+            raise SystemExit(f"row {spec!r}: LoRC goes with the W8A8/W4A8 rows")
+        kwargs, label = dict(kwargs, lorc_rank=lorc), f"{label} LoRC rank {lorc}"
+    return kwargs, dequantize, label
+
+
+def _row(head, rest, group):
     if head == "float":
         return None, True, "float32"
     if head in ("zeroquant", "w8"):
