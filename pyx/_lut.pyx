@@ -5,7 +5,7 @@ from cpython.pycapsule cimport PyCapsule_New
 from cython.parallel cimport prange
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int32_t
 
-from qmatrix cimport qmatrix, qgemm_fn, qgemv_team_fn, qgemm_team_fn, team
+from qmatrix cimport qmatrix, qm_init_head, qgemm_fn, qgemv_team_fn, qgemm_team_fn, team
 
 cdef extern from "lut.h" nogil:
     int LUT_TU, LUT_BLOCK, LUT_SEGMENT, LUT_MAX_BITS, LUT_UNIFORM, LUT_BINARY
@@ -81,19 +81,7 @@ cdef class LutMatrix:
         if group <= 0 or in_features % group or group % LUT_BLOCK:
             raise ValueError(f"groups of {group} inputs must divide in_features={in_features} "
                              f"and be a multiple of {LUT_BLOCK}")
-        m.bits = bits
-        m.in_features = in_features
-        m.out_features = out_features
-        m.group_size = group
-        m.n_groups = in_features // group
-        m.tu = LUT_TU
-        m.n_tiles = (out_features + LUT_TU - 1) // LUT_TU
-        m.segment_rows = group
-        m.gemv_tiles = m.mb = m.rows_per_chunk = m.tiles_per_block = 1
-        m.half_scales = 0
-        m.zero_groups = m.n_groups
-        m.words = NULL
-        m.scales = m.zeros = NULL
+        qm_init_head(m, bits, in_features, out_features, group, LUT_TU)
         self.L.kind = KINDS[kind]
         self.L.n_mults = bits if kind == "binary" else 1
         self.L.seg_len = segment_length(group)
@@ -102,7 +90,6 @@ cdef class LutMatrix:
                 mults.shape[0] != <size_t>m.n_tiles * m.n_groups * self.L.n_mults * LUT_TU or \
                 offsets.shape[0] != <size_t>m.n_tiles * m.n_groups * LUT_TU:
             raise ValueError("lookup-table arrays do not match the layer's shape")
-        m.perm = NULL
         if perm is not None:
             perm_view = perm
             if perm_view.shape[0] != in_features:

@@ -7,7 +7,7 @@ from cpython.pycapsule cimport PyCapsule_New
 from cython.parallel cimport prange
 from libc.stdint cimport int8_t, uint8_t, int32_t
 
-from qmatrix cimport qmatrix, qgemm_fn, qgemv_team_fn, qgemm_team_fn, team
+from qmatrix cimport qmatrix, qm_init_head, qgemm_fn, qgemv_team_fn, qgemm_team_fn, team
 
 cdef extern from "w8a8.h" nogil:
     int W8A8_TU, W8A8_STEP, W8A8_MAX_GROUP, W8A8_PORTABLE, W8A8_AVX2, W8A8_AVX512VNNI
@@ -70,20 +70,7 @@ cdef class Int8Matrix:
         n_groups = in_features // group
         if scales.shape[0] != out_features or scales.shape[1] != n_groups:
             raise ValueError(f"scales must be [{out_features}, {n_groups}], got {list(scales.shape)}")
-        m.bits = bits
-        m.in_features = in_features
-        m.out_features = out_features
-        m.group_size = group
-        m.n_groups = n_groups
-        m.tu = W8A8_TU
-        m.n_tiles = (out_features + W8A8_TU - 1) // W8A8_TU
-        m.segment_rows = group
-        m.gemv_tiles = m.mb = m.rows_per_chunk = m.tiles_per_block = 1
-        m.half_scales = 0
-        m.zero_groups = n_groups
-        m.words = NULL
-        m.scales = m.zeros = NULL
-        m.perm = NULL
+        qm_init_head(m, bits, in_features, out_features, group, W8A8_TU)
         self.M.isa = ISAS.index(isa)
         packed = np.zeros(m.n_tiles * in_features * W8A8_TU * bits // 8, dtype=np.uint8)
         packed_scales = np.zeros(m.n_tiles * n_groups * W8A8_TU, dtype=np.float32)

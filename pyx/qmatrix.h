@@ -152,6 +152,28 @@ typedef int (*qgemm_team_fn)(const qmatrix *m, const float *x, int n, float *y, 
 
 /* Whether out_features fills the last tile: the kernels then write y in
  * place, with no padded block to share. */
+/* The head of a layer that is not packed GPTQ words (the lookup-table and int8-activation
+ * layers, whose structs begin with a qmatrix): its shape, groups of `group` inputs, tiles
+ * of `tu` outputs; no words, scales, zeros or permutation, kernel parameters unused. The
+ * forward pass reads the shape, and passes the struct on to the layer's own entry points. */
+static inline void qm_init_head(qmatrix *m, int bits, int in_features, int out_features, int group, int tu)
+{
+    m->bits = bits;
+    m->in_features = in_features;
+    m->out_features = out_features;
+    m->group_size = group;
+    m->n_groups = in_features / group;
+    m->tu = tu;
+    m->n_tiles = (out_features + tu - 1) / tu;
+    m->segment_rows = group;
+    m->gemv_tiles = m->mb = m->rows_per_chunk = m->tiles_per_block = 1;
+    m->half_scales = 0;
+    m->zero_groups = m->n_groups;
+    m->words = NULL;
+    m->scales = m->zeros = NULL;
+    m->perm = NULL;
+}
+
 static inline int qm_whole_tiles(const qmatrix *m)
 {
     return (size_t)m->n_tiles * m->tu == (size_t)m->out_features;

@@ -28,6 +28,7 @@ cdef extern from "qmatrix.h":
     ctypedef int (*qgemv_team_fn)(const qmatrix *m, const float *x, float *y, const team *tm) noexcept nogil
     ctypedef int (*qgemm_team_fn)(const qmatrix *m, const float *x, int n, float *y, const team *tm) noexcept nogil
     int qm_whole_tiles(const qmatrix *m) nogil
+    void qm_init_head(qmatrix *m, int bits, int in_features, int out_features, int group, int tu) nogil
     ctypedef struct qkernels:
         int bits
         int unit_words
