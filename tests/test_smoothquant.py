@@ -191,6 +191,30 @@ def test_zeroquant_checkpoint_runs_w8a8_against_the_reference(tiny_src, zeroquan
 
 
 @needs_tokenizer
+def test_batched_steps_and_info_name_the_loops(zeroquant):
+    """A server's batched decode step (forward_rows: the rows team entry points) gives each
+    sequence the logits it gets alone; `qinfer info` names the loops the settings pick."""
+    out, _ = zeroquant
+    model = qinfer.Engine(out, threads=2).model
+    prompts = [[1, 5, 9, 13], [1, 7, 2], [1, 30, 31, 32, 33]]
+    cache = model.new_cache(32, seqs=len(prompts))
+    for seq, ids in enumerate(prompts):
+        model.forward(ids, 0, cache=cache, seq=seq)
+    got = model.forward_rows([40, 41, 42], range(len(prompts)), [len(p) for p in prompts], cache)
+    for seq, ids in enumerate(prompts):
+        alone = model.forward(ids + [40 + seq], 0)
+        np.testing.assert_allclose(got[seq], alone, rtol=1e-5, atol=1e-5 * np.abs(alone).max())
+    import os
+    from qinfer import kernels
+    cases = [({"QINFER_KERNELS": "scalar"}, "portable")]
+    if kernels.cpu_has_avx2():
+        cases.append(({"QINFER_INT8_ISA": "avx2"}, "avx2"))
+    for env, loops in cases:
+        proc = run_cli("info", env=dict(os.environ, **env))
+        assert proc.returncode == 0 and f"W8A8 kernels: {loops}" in proc.stdout, proc.stdout[-2000:]
+
+
+@needs_tokenizer
 @needs_wikitext
 def test_smoothquant_checkpoint_and_smooth_option(tiny_src, tmp_path):
     calib = ref.WIKITEXT
