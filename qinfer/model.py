@@ -442,7 +442,11 @@ class Model:
         if name == "model.embed_tokens.weight" and self._embedding_layer is not None:
             return self._linear_spec(self._embedding_layer)          # the same packed layer
         if isinstance(t, PackedTensor) and not self.dequantize:
-            return self._linear_spec(self._packed(t, name))
+            layer = self._packed(t, name)
+            if source.activations == "int8-token":          # a W8A8 checkpoint's int8 LM head
+                layer = Int8Linear.from_quantized(layer, name, t.low_rank)
+                self.scale_bytes[name], self.shared_zero[name] = 4, False
+            return self._linear_spec(layer)
         if self.quantize:
             w = self.embedding if name == "model.embed_tokens.weight" else self._float_matrix(source, name)
             return self._linear_spec(quantize_on_load(w, LM_HEAD_BITS, self.group_size))

@@ -105,11 +105,12 @@ def apply_rope(x, positions, inv_freq):
     return x * cos + rotate_half(x) * sin
 
 
-def forward(weights, config, ids, start_pos=0, kv_round=None, linear=None):
+def forward(weights, config, ids, start_pos=0, kv_round=None, linear=None, head_linear=False):
     """float64 logits [n, vocab] at every position of ids (a fresh sequence). kv_round: a
     function applied to the keys (after RoPE) and values attention reads, as a KV cache
     that stores them rounded would (None: exact). linear(x, name): a block's linear map
-    of x by the weight `name` (None: x W^T), for models whose maps round their inputs."""
+    of x by the weight `name` (None: x W^T), for models whose maps round their inputs;
+    head_linear: the LM head through it too (as "lm_head.weight")."""
     cfg = config
     W = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
     d = cfg["hidden_size"]
@@ -149,6 +150,8 @@ def forward(weights, config, ids, start_pos=0, kv_round=None, linear=None):
         up = lin(h, p + "mlp.up_proj.weight")
         x = x + lin(silu(gate) * up, p + "mlp.down_proj.weight")
     x = rms_norm(x, W["model.norm.weight"], eps)
+    if head_linear:
+        return lin(x, "lm_head.weight")
     head = W.get("lm_head.weight")
     if head is None:
         head = W["model.embed_tokens.weight"]

@@ -278,6 +278,41 @@ def test_w4_8_checkpoint_runs_against_the_reference(tiny_src, tmp_path):
     np.testing.assert_allclose(steps, got, rtol=1e-5, atol=1e-5 * np.abs(got).max())
 
 
+@needs_tokenizer
+def test_int8_lm_head(write_tiny, tmp_path):
+    """--int8-lm-head: a tied model's head becomes an untied int8 W8A8 layer (the embedding stays
+    float), run on the int8-activation kernels, its logits as the reference's with the head's
+    input rounded per token too."""
+    src, src_w, cfg = write_tiny("w8a8_tied", tied=True, seed=12)
+    out = tmp_path / "head"
+    report = qinfer.quantize(src, out, method="zeroquant", lm_head=True, threads=1, progress=False,
+                             float_dtype="float32")
+    assert "int8 LM head" in report.summary()
+    written = json.loads((out / "config.json").read_text())
+    assert written["tie_word_embeddings"] is False
+    assert json.loads((out / "quantize_config.json").read_text())["qinfer"]["int8_lm_head"] is True
+    layers, stored = int8_layers(out, dict(inputs_of(src_w), **{"lm_head.weight": cfg["hidden_size"]}))
+    assert "lm_head.weight" in layers and "lm_head.weight" not in stored
+    codes, scales, _, bits = layers["lm_head.weight"]
+    emb = src_w["model.embed_tokens.weight"]
+    assert bits == 8 and np.abs(codes * scales - emb).max() <= 0.5 * scales.max() * (1 + 1e-3)
+    np.testing.assert_array_equal(stored["model.embed_tokens.weight"], emb)         # the lookup stays float
+    engine = qinfer.Engine(out, threads=2)
+    assert any(isinstance(l, Int8Linear) and l.shape == emb.shape for l in engine.model.quantized_layers())
+    weights = {k: v for k, v in src_w.items() if k not in layers}
+    weights.update(dequantized(layers))
+    ref_cfg = dict(cfg, tie_word_embeddings=False)
+    ids = engine.tokenizer.encode(PROMPT, add_bos=True)
+    want = ref.forward(weights, ref_cfg, ids, linear=w8a8_linear(layers), head_linear=True)
+    gap = np.abs(ref.forward(weights, ref_cfg, ids) - want).max()
+    got = engine.logits(ids)
+    assert np.abs(got - want).max() < 0.05 * gap
+    steps = np.stack([engine.model.forward(ids[t:t + 1], t) for t in range(len(ids))])
+    np.testing.assert_allclose(steps, got, rtol=1e-5, atol=1e-5 * np.abs(got).max())
+    with pytest.raises(QinferError, match="int8-lm-head"):
+        qinfer.quantize(src, tmp_path / "x", method="rtn", lm_head=True, progress=False)
+
+
 # ------------------------------------------------------------------ errors
 @needs_tokenizer
 def test_bad_settings_are_refused_and_nothing_is_written(tiny_src, tmp_path):

@@ -37,6 +37,9 @@ def add_parser(sub):
     q.add_argument("--lorc-rank", type=positive_int, default=None, metavar="R",
                    help="smoothquant, zeroquant: ZeroQuant-V2's low-rank compensation, each layer's rounding error "
                         "kept to rank R as two thin float16 matrices added at run time (e.g. 8)")
+    q.add_argument("--int8-lm-head", action="store_true",
+                   help="smoothquant, zeroquant: the LM head too as an int8 layer with int8 activations (a tied "
+                        "model's is untied; the embedding stays float); default: float, as SmoothQuant keeps it")
     q.add_argument("--smooth-down", action="store_true",
                    help="smoothquant, --smooth: smooth down_proj's input as well, dividing up_proj's output rows "
                         "(an exact rewrite of the model, beyond the paper's q/k/v and gate/up)")
@@ -115,5 +118,5 @@ def run(args):
                       clip_search=args.clip_search, dynamic=rules, stat_bits=args.stat_bits,
                       outlier_threshold=args.outlier_threshold, rounds=args.rounds, alpha=args.alpha,
                       a_bits=args.a_bits, smooth=args.smooth, smooth_down=args.smooth_down,
-                      lorc_rank=args.lorc_rank)
+                      lorc_rank=args.lorc_rank, lm_head=args.int8_lm_head)
     print(report.summary(), file=sys.stderr)

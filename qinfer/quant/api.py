@@ -408,7 +408,7 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
              static_groups=False, calib=None, nsamples=None, seqlen=None, damp=0.01, seed=0, force=False,
              threads=None, true_sequential=False, sink_weight=1.0, float_dtype="float16", zero_point="int",
              clip_search=False, dynamic=None, progress=True, stat_bits=None, outlier_threshold=None, rounds=None,
-             alpha=None, a_bits=None, smooth=None, smooth_down=False, lorc_rank=None):
+             alpha=None, a_bits=None, smooth=None, smooth_down=False, lorc_rank=None, lm_head=False):
     """Quantize a float model into a GPTQ-format checkpoint directory `out` (method "spqr": an
     SpQR checkpoint, qinfer's own).
 
@@ -465,6 +465,9 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
     lorc_rank: with "smoothquant" or "zeroquant", ZeroQuant-V2's low-rank compensation:
     each layer also keeps the best rank-lorc_rank approximation of its rounding error
     as two thin float16 matrices, added at run time (quant/lorc.py).
+    lm_head: with "smoothquant" or "zeroquant", the LM head too as an int8 W8A8 layer (a tied
+    model's is untied: the embedding stays float); by default it stays float, as in the
+    paper, and a decode step reads it whole in float16.
     smooth_down: smooth down_proj's input too, through up_proj's output rows (an
     exact rewrite the paper does not make; smoothquant.DOWN_GROUP), with
     "smoothquant" or `smooth`.
@@ -501,12 +504,12 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
             raise QinferError("alpha (--alpha) and smooth_down (--smooth-down) are SmoothQuant's: use them with "
                               "method 'smoothquant' (zeroquant does not smooth)")
         lorc_rank = None if lorc_rank is None else lorc.check_rank(lorc_rank)
-        return _quantize_w8a8(model, out, method, bits, group_size, alpha, bool(smooth_down), lorc_rank, calib,
-                              nsamples, seqlen, seed, force, threads, float_dtype, progress, t0)
-    if alpha is not None or a_bits is not None or lorc_rank is not None:
-        raise QinferError("alpha (--alpha), the activations' bits (--a-bits) and the low-rank compensation "
-                          "(--lorc-rank) are settings of the 'smoothquant' and 'zeroquant' methods; GPTQ and the "
-                          "others keep float activations")
+        return _quantize_w8a8(model, out, method, bits, group_size, alpha, bool(smooth_down), lorc_rank, bool(lm_head),
+                              calib, nsamples, seqlen, seed, force, threads, float_dtype, progress, t0)
+    if alpha is not None or a_bits is not None or lorc_rank is not None or lm_head:
+        raise QinferError("alpha (--alpha), the activations' bits (--a-bits), the low-rank compensation "
+                          "(--lorc-rank) and an int8 LM head (--int8-lm-head) are settings of the 'smoothquant' and "
+                          "'zeroquant' methods; GPTQ and the others keep float activations")
     if smooth is not None:
         if method not in ("gptq", "rtn"):
             raise QinferError(f"smooth (--smooth) applies to methods 'gptq' and 'rtn', not {method!r}")
@@ -603,8 +606,8 @@ def _calibration(source, calib, nsamples, seqlen, seed, method_name):
     return calibration_windows(calib, load_tokenizer(source.tokenizer), nsamples, seqlen, seed)
 
 
-def _quantize_w8a8(model, out, method, bits, group_size, alpha, smooth_down, lorc_rank, calib, nsamples, seqlen,
-                   seed, force, threads, float_dtype, progress, t0):
+def _quantize_w8a8(model, out, method, bits, group_size, alpha, smooth_down, lorc_rank, lm_head, calib, nsamples,
+                   seqlen, seed, force, threads, float_dtype, progress, t0):
     """SmoothQuant / ZeroQuant's W8A8 (quant/w8a8.py) -> QuantizeReport."""
     source = _open_source(model)
     _check_shapes(source)
@@ -614,14 +617,15 @@ def _quantize_w8a8(model, out, method, bits, group_size, alpha, smooth_down, lor
     windows = _calibration(source, calib, nsamples, seqlen, seed, "SmoothQuant") if method == "smoothquant" else None
     out = checkpoint.check_output(out, force, source.path)
     meta = dict(bits=bits, group_size=group_size, sym=True, method=method, float_dtype=float_dtype,
-                activations="int8-token", alpha=alpha, smooth_down=smooth_down, lorc_rank=lorc_rank,
-                dynamic=Rules(w8a8.dynamic_rules(bits), "dynamic").to_json() or None)
+                activations="int8-token", alpha=alpha, smooth_down=smooth_down, lorc_rank=lorc_rank, lm_head=lm_head,
+                dynamic=Rules(w8a8.dynamic_rules(bits, lm_head), "dynamic").to_json() or None)
     if windows is not None:
         meta.update(nsamples=nsamples, seqlen=seqlen, seed=seed, calibration=os.path.basename(os.fspath(calib)))
     fmt, alphas = w8a8.quantize_w8a8(source, out, meta, windows, threads, force, progress)
     return QuantizeReport(path=out, method=method, bits=bits, group_size=group_size, sym=True, act_order=False,
                           static_groups=False, checkpoint_format=fmt, seconds=time.perf_counter() - t0,
                           bytes=checkpoint.directory_size(out), layers=source.config.num_hidden_layers,
-                          activations="int8 per token" + (f", LoRC rank {lorc_rank}" if lorc_rank else ""),
+                          activations="int8 per token" + (f", LoRC rank {lorc_rank}" if lorc_rank else "") +
+                          (", int8 LM head" if lm_head else ""),
                           alpha=w8a8.alpha_summary(alphas) or None,
                           dynamic=meta["dynamic"])

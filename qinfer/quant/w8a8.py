@@ -56,9 +56,15 @@ def layer_bits(hf_name, bits, group_size):
     return bits, group_size
 
 
-def dynamic_rules(bits):
-    """The checkpoint's 'dynamic' rules for W4/8 (None for W8)."""
-    return {"+:" + EIGHT_BIT_LAYERS: {"bits": 8, "group_size": -1}} if bits == 4 else None
+def dynamic_rules(bits, lm_head=False):
+    """The checkpoint's 'dynamic' rules for W4/8 (None for W8): the attention, and a quantized
+    LM head, at 8 bits per row."""
+    if bits != 4:
+        return None
+    rules = {"+:" + EIGHT_BIT_LAYERS: {"bits": 8, "group_size": -1}}
+    if lm_head:
+        rules["+:lm_head$"] = {"bits": 8, "group_size": -1}
+    return rules
 
 
 def check_group(source, group_size):
@@ -80,6 +86,19 @@ def smoothing(source, windows, alpha, threads, progress, down=False):
     return smoothquant.smoothed_source(source, tensors), alphas
 
 
+def untied_head(source):
+    """The source with its LM head as a tensor of its own (a tied model's: the embedding), the
+    config untied, so the head can be quantized apart from the embedding lookup."""
+    import dataclasses
+
+    if not source.config.tie_word_embeddings:
+        return source
+    embedding = "model.embed_tokens.weight"
+    tensors = dict(source.tensors, **{"lm_head.weight": lambda: float_weight(source, embedding)})
+    return dataclasses.replace(source, tensors=tensors,
+                               config=dataclasses.replace(source.config, tie_word_embeddings=False))
+
+
 def quantize_w8a8(source, out, meta, windows, threads, force, progress):
     """Write the W8A8 checkpoint `out`; returns (checkpoint_format, {norm: alpha} or {})."""
     from ..model import LINEAR_NAMES
@@ -87,6 +106,8 @@ def quantize_w8a8(source, out, meta, windows, threads, force, progress):
     alphas = {}
     if meta["method"] == "smoothquant":
         source, alphas = smoothing(source, windows, meta["alpha"], threads, progress, meta["smooth_down"])
+    if meta["lm_head"]:
+        source = untied_head(source)
     bar = Progress(source.config.num_hidden_layers, enabled=progress)
     results, extra = {}, {}
     for i in range(source.config.num_hidden_layers):
@@ -95,15 +116,25 @@ def quantize_w8a8(source, out, meta, windows, threads, force, progress):
                 base = f"model.layers.{i}.{hf_name}"
                 w = float_weight(source, base + ".weight")
                 results[base] = symmetric_quantize(w, *layer_bits(hf_name, meta["bits"], meta["group_size"]))
-                if meta.get("lorc_rank"):          # the rounding error's top directions, float16 as stored
-                    a, b = low_rank_factors(w - results[base].dequantize(), meta["lorc_rank"])
-                    extra[base] = {"lorc_a": a.astype(np.float16), "lorc_b": b.astype(np.float16)}
+                extra[base] = _lorc(w, results[base], meta)
                 layer_bar.update()
-    floats = float_tensors(source, meta["float_dtype"])
+    if meta["lm_head"]:                  # int8 per row, whatever the blocks' bits
+        w = float_weight(source, "lm_head.weight")
+        results["lm_head"] = symmetric_quantize(w, 8, -1)
+        extra["lm_head"] = _lorc(w, results["lm_head"], meta)
+    floats = float_tensors(source, meta["float_dtype"], lm_head=not meta["lm_head"])
     if alphas:
         meta = dict(meta, alpha=meta["alpha"] if meta["alpha"] != "auto" else
                     {"auto": sorted(set(alphas.values())), "per_norm": alphas})
     return save_checkpoint(out, source, results, meta, force=force, floats=floats, extra=extra), alphas
+
+
+def _lorc(w, result, meta):
+    """{lorc_a, lorc_b} of LoRC's factors (float16, as stored) for a layer, or {} without LoRC."""
+    if not meta.get("lorc_rank"):
+        return {}
+    a, b = low_rank_factors(w - result.dequantize(), meta["lorc_rank"])
+    return {"lorc_a": a.astype(np.float16), "lorc_b": b.astype(np.float16)}
 
 
 def alpha_summary(alphas):

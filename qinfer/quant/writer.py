@@ -20,7 +20,7 @@ FLOAT_DTYPES = ("float16", "float32")
 DEFAULT_META = dict(sym=False, act_order=False, static_groups=False, true_sequential=False, method="gptq",
                     damp=None, nsamples=None, seqlen=None, seed=None, calibration=None, sink_weight=None, zero_point="int",
                     float_dtype="float16", clip_search=False, dynamic=None, activations=None, alpha=None,
-                    smooth=None, smooth_down=False, lorc_rank=None)
+                    smooth=None, smooth_down=False, lorc_rank=None, lm_head=False)
 
 
 def float_weight(source, name):
@@ -42,15 +42,15 @@ def float_weight(source, name):
     return np.ascontiguousarray(source.float_tensor(name))
 
 
-def float_tensors(source, float_dtype="float16"):
-    """The tensors that stay float (embedding, norms, untied lm_head), in float_dtype."""
+def float_tensors(source, float_dtype="float16", lm_head=True):
+    """The tensors that stay float (embedding, norms, untied lm_head unless not lm_head), in float_dtype."""
     if float_dtype not in FLOAT_DTYPES:
         raise QinferError(f"float_dtype must be one of {FLOAT_DTYPES}, got {float_dtype!r}")
     cfg = source.config
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     for i in range(cfg.num_hidden_layers):
         names += [f"model.layers.{i}.input_layernorm.weight", f"model.layers.{i}.post_attention_layernorm.weight"]
-    if not cfg.tie_word_embeddings:
+    if not cfg.tie_word_embeddings and lm_head:
         names.append("lm_head.weight")
     dtype = np.dtype(float_dtype)
     out = {}
@@ -144,6 +144,7 @@ def save_checkpoint(out, source, results, meta, force=False, floats=None, extra=
                                    **({"smoothquant_alpha": meta["alpha"]} if meta["alpha"] is not None else {}),
                                    **({"smooth_alpha": meta["smooth"]} if meta["smooth"] is not None else {}),
                                    **({"smooth_down": True} if meta["smooth_down"] else {}),
+                                   **({"int8_lm_head": True} if meta["lm_head"] else {}),
                                    "source": os.path.basename(os.path.normpath(source.path))})
     extra = extra or {}
     tensors = model_tensors(source, floats, lambda base: {**results[base].checkpoint_tensors(fmt),
@@ -183,7 +184,11 @@ def model_tensors(source, floats, layer_tensors):
                 tensors[f"{p}{hf_name}.{part}"] = array
     tensors["model.norm.weight"] = floats["model.norm.weight"]
     if not cfg.tie_word_embeddings:
-        tensors["lm_head.weight"] = floats["lm_head.weight"]
+        if "lm_head.weight" in floats:
+            tensors["lm_head.weight"] = floats["lm_head.weight"]
+        else:                             # a quantized LM head (quant/w8a8.py's lm_head option)
+            for part, array in layer_tensors("lm_head").items():
+                tensors[f"lm_head.{part}"] = array
     return tensors
 
 
