@@ -18,6 +18,7 @@ window, or the whole text when every window is scored). Rows (--rows, comma-sepa
     sqd:A             ... and down_proj smoothed too (--smooth-down)
     ...:gG            any of the above with G-input weight groups instead of one scale a row
     ...:lorcR         any W8A8/W4A8 row with LoRC's rank-R compensation (--lorc-rank R)
+    ...:head          any W8A8/W4A8 row with the LM head quantized too (--int8-lm-head)
     rtn4g64, rtn4g64:smoothA
                       4-bit round to nearest in groups of 64 (float activations), and the
                       same after smoothing with alpha A (`--smooth`)
@@ -47,8 +48,11 @@ def parse_row(spec):
     """(quantize keyword arguments or None for float, dequantize, label) of a row spec."""
     parts = spec.split(":")
     head, rest = parts[0], parts[1:]
-    group, lorc = -1, None
+    group, lorc, head = -1, None, False
     for p in list(rest):
+        if p == "head":
+            head = True
+            rest.remove(p)
         if p.startswith("g") and p[1:].isdigit():
             group = int(p[1:])
             rest.remove(p)
@@ -56,10 +60,12 @@ def parse_row(spec):
             lorc = int(p[4:])
             rest.remove(p)
     kwargs, dequantize, label = _row(head, rest, group)
+    if (lorc or head) and (kwargs is None or kwargs["method"] not in ("zeroquant", "smoothquant")):
+        raise SystemExit(f"row {spec!r}: LoRC and the int8 head go with the W8A8/W4A8 rows")
     if lorc:
-        if kwargs is None or kwargs["method"] not in ("zeroquant", "smoothquant"):
-            raise SystemExit(f"row {spec!r}: LoRC goes with the W8A8/W4A8 rows")
         kwargs, label = dict(kwargs, lorc_rank=lorc), f"{label} LoRC rank {lorc}"
+    if head:
+        kwargs, label = dict(kwargs, lm_head=True), f"{label}, int8 LM head"
     return kwargs, dequantize, label
 
 
