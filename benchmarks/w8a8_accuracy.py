@@ -48,10 +48,10 @@ def parse_row(spec):
     """(quantize keyword arguments or None for float, dequantize, label) of a row spec."""
     parts = spec.split(":")
     head, rest = parts[0], parts[1:]
-    group, lorc, head = -1, None, False
+    group, lorc, int8_head = -1, None, False
     for p in list(rest):
         if p == "head":
-            head = True
+            int8_head = True
             rest.remove(p)
         if p.startswith("g") and p[1:].isdigit():
             group = int(p[1:])
@@ -60,11 +60,11 @@ def parse_row(spec):
             lorc = int(p[4:])
             rest.remove(p)
     kwargs, dequantize, label = _row(head, rest, group)
-    if (lorc or head) and (kwargs is None or kwargs["method"] not in ("zeroquant", "smoothquant")):
+    if (lorc or int8_head) and (kwargs is None or kwargs["method"] not in ("zeroquant", "smoothquant")):
         raise SystemExit(f"row {spec!r}: LoRC and the int8 head go with the W8A8/W4A8 rows")
     if lorc:
         kwargs, label = dict(kwargs, lorc_rank=lorc), f"{label} LoRC rank {lorc}"
-    if head:
+    if int8_head:
         kwargs, label = dict(kwargs, lm_head=True), f"{label}, int8 LM head"
     return kwargs, dequantize, label
 
@@ -87,7 +87,7 @@ def _row(head, rest, group):
         smooth = float(rest[0][len("smooth"):]) if rest else None
         return dict(method="rtn", bits=4, group_size=64, smooth=smooth), False, \
             "rtn 4-bit g64" + (f" smoothed alpha {smooth:g}" if smooth is not None else "")
-    raise SystemExit(f"unknown row {spec!r}")
+    raise SystemExit(f"unknown row {head!r}")
 
 
 def shared_calibration():
