@@ -309,6 +309,13 @@ def test_int8_lm_head(write_tiny, tmp_path):
     assert np.abs(got - want).max() < 0.05 * gap
     steps = np.stack([engine.model.forward(ids[t:t + 1], t) for t in range(len(ids))])
     np.testing.assert_allclose(steps, got, rtol=1e-5, atol=1e-5 * np.abs(got).max())
+    # with grouped block weights the head keeps one scale a row: a 'dynamic' rule says so to the reader
+    grouped = tmp_path / "grouped"
+    qinfer.quantize(src, grouped, method="zeroquant", group_size=32, lm_head=True, threads=1, progress=False)
+    qc = json.loads((grouped / "config.json").read_text())["quantization_config"]
+    assert qc["dynamic"] == {"+:lm_head$": {"bits": 8, "group_size": -1}}
+    heads = [l for l in qinfer.Engine(grouped, threads=1).model.quantized_layers() if l.shape == emb.shape]
+    assert len(heads) == 1 and heads[0].group_size == -1
     with pytest.raises(QinferError, match="int8-lm-head"):
         qinfer.quantize(src, tmp_path / "x", method="rtn", lm_head=True, progress=False)
 

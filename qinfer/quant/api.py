@@ -618,7 +618,7 @@ def _quantize_w8a8(model, out, method, bits, group_size, alpha, smooth_down, lor
     out = checkpoint.check_output(out, force, source.path)
     meta = dict(bits=bits, group_size=group_size, sym=True, method=method, float_dtype=float_dtype,
                 activations="int8-token", alpha=alpha, smooth_down=smooth_down, lorc_rank=lorc_rank, lm_head=lm_head,
-                dynamic=Rules(w8a8.dynamic_rules(bits, lm_head), "dynamic").to_json() or None)
+                dynamic=Rules(w8a8.dynamic_rules(bits, group_size, lm_head), "dynamic").to_json() or None)
     if windows is not None:
         meta.update(nsamples=nsamples, seqlen=seqlen, seed=seed, calibration=os.path.basename(os.fspath(calib)))
     fmt, alphas = w8a8.quantize_w8a8(source, out, meta, windows, threads, force, progress)

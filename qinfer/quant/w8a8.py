@@ -18,7 +18,7 @@ same calibration and smoothing, and writes an ordinary GPTQ checkpoint.
 import numpy as np
 
 from ..errors import QinferError, UnsupportedError
-from . import smoothquant
+from . import dynamic, smoothquant
 from .lorc import low_rank_factors
 from .progress import Progress
 from .symmetric import symmetric_quantize
@@ -47,24 +47,16 @@ def default_group(bits):
     return -1 if bits == 8 else W4_GROUP
 
 
-def layer_bits(hf_name, bits, group_size):
-    """(bits, group_size) of one linear map: W4/8 keeps the attention's at 8 bits per row."""
-    import re
-
-    if bits == 4 and re.match(EIGHT_BIT_LAYERS, "model.layers.0." + hf_name):
-        return 8, -1
-    return bits, group_size
-
-
-def dynamic_rules(bits, lm_head=False):
-    """The checkpoint's 'dynamic' rules for W4/8 (None for W8): the attention, and a quantized
-    LM head, at 8 bits per row."""
-    if bits != 4:
-        return None
-    rules = {"+:" + EIGHT_BIT_LAYERS: {"bits": 8, "group_size": -1}}
-    if lm_head:
+def dynamic_rules(bits, group_size, lm_head=False):
+    """The checkpoint's 'dynamic' rules (None when every layer has the checkpoint's settings): with
+    4-bit weights (W4/8) the attention at 8 bits per row; a quantized LM head at 8 bits per row
+    whatever the blocks' settings. quantize_w8a8 takes every layer's settings from them."""
+    rules = {}
+    if bits == 4:
+        rules["+:" + EIGHT_BIT_LAYERS] = {"bits": 8, "group_size": -1}
+    if lm_head and (bits, group_size) != (8, -1):
         rules["+:lm_head$"] = {"bits": 8, "group_size": -1}
-    return rules
+    return rules or None
 
 
 def check_group(source, group_size):
@@ -108,20 +100,23 @@ def quantize_w8a8(source, out, meta, windows, threads, force, progress):
         source, alphas = smoothing(source, windows, meta["alpha"], threads, progress, meta["smooth_down"])
     if meta["lm_head"]:
         source = untied_head(source)
-    bar = Progress(source.config.num_hidden_layers, enabled=progress)
+    rules = dynamic.Rules(meta["dynamic"], "dynamic")
     results, extra = {}, {}
+
+    def quantize_layer(base):
+        w = float_weight(source, base + ".weight")
+        s = rules.resolve(base, meta)
+        results[base] = symmetric_quantize(w, s["bits"], s["group_size"])
+        extra[base] = _lorc(w, results[base], meta)
+
+    bar = Progress(source.config.num_hidden_layers, enabled=progress)
     for i in range(source.config.num_hidden_layers):
         with bar.layer(i, len(LINEAR_NAMES)) as layer_bar:
             for hf_name in LINEAR_NAMES.values():
-                base = f"model.layers.{i}.{hf_name}"
-                w = float_weight(source, base + ".weight")
-                results[base] = symmetric_quantize(w, *layer_bits(hf_name, meta["bits"], meta["group_size"]))
-                extra[base] = _lorc(w, results[base], meta)
+                quantize_layer(f"model.layers.{i}.{hf_name}")
                 layer_bar.update()
-    if meta["lm_head"]:                  # int8 per row, whatever the blocks' bits
-        w = float_weight(source, "lm_head.weight")
-        results["lm_head"] = symmetric_quantize(w, 8, -1)
-        extra["lm_head"] = _lorc(w, results["lm_head"], meta)
+    if meta["lm_head"]:
+        quantize_layer("lm_head")
     floats = float_tensors(source, meta["float_dtype"], lm_head=not meta["lm_head"])
     if alphas:
         meta = dict(meta, alpha=meta["alpha"] if meta["alpha"] != "auto" else

@@ -106,15 +106,15 @@ def save_checkpoint(out, source, results, meta, force=False, floats=None, extra=
     rules = dynamic.Rules(meta["dynamic"], "dynamic")
     out = checkpoint.check_output(out, force, source.path)
     cfg = source.config
-    for i in range(cfg.num_hidden_layers):
-        for hf_name in LINEAR_NAMES.values():
-            r = results.get(f"model.layers.{i}.{hf_name}")
-            if r is None:
-                raise QinferError(f"no quantized result for model.layers.{i}.{hf_name}")
-            want = rules.resolve(f"model.layers.{i}.{hf_name}", meta)
-            if (r.bits, r.group_size) != (want["bits"], want["group_size"]):
-                raise QinferError(f"model.layers.{i}.{hf_name} is {r.bits}-bit group {r.group_size}, "
-                                  f"not {want['bits']}-bit group {want['group_size']}")
+    bases = [f"model.layers.{i}.{hf_name}" for i in range(cfg.num_hidden_layers) for hf_name in LINEAR_NAMES.values()]
+    for base in bases + (["lm_head"] if "lm_head" in results else []):     # a quantized head: the same rules
+        r = results.get(base)
+        if r is None:
+            raise QinferError(f"no quantized result for {base}")
+        want = rules.resolve(base, meta)
+        if (r.bits, r.group_size) != (want["bits"], want["group_size"]):
+            raise QinferError(f"{base} is {r.bits}-bit group {r.group_size}, "
+                              f"not {want['bits']}-bit group {want['group_size']}")
     if floats is None:
         floats = float_tensors(source, meta["float_dtype"])
     kinds = {r.zero_point for r in results.values()}
