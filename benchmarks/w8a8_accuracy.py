@@ -19,6 +19,9 @@ window, or the whole text when every window is scored). Rows (--rows, comma-sepa
     ...:gG            any of the above with G-input weight groups instead of one scale a row
     ...:lorcR         any W8A8/W4A8 row with LoRC's rank-R compensation (--lorc-rank R)
     ...:head          any W8A8/W4A8 row with the LM head quantized too (--int8-lm-head)
+    ...:lkdN[@LR]     any W8A8/W4A8 row trained by ZeroQuant's LKD first: N steps a block
+                      (--lkd-steps N, --lkd-lr LR; default the seed's 5e-6), on --lkd-nsamples
+                      windows of --seqlen tokens of the calibration text
     rtn4g64, rtn4g64:smoothA
                       4-bit round to nearest in groups of 64 (float activations), and the
                       same after smoothing with alpha A (`--smooth`)
@@ -48,7 +51,7 @@ def parse_row(spec):
     """(quantize keyword arguments or None for float, dequantize, label) of a row spec."""
     parts = spec.split(":")
     head, rest = parts[0], parts[1:]
-    group, lorc, int8_head = -1, None, False
+    group, lorc, int8_head, lkd = -1, None, False, None
     for p in list(rest):
         if p == "head":
             int8_head = True
@@ -59,13 +62,20 @@ def parse_row(spec):
         elif p.startswith("lorc") and p[4:].isdigit():
             lorc = int(p[4:])
             rest.remove(p)
+        elif p.startswith("lkd"):
+            steps, _, lr = p[3:].partition("@")
+            lkd = (int(steps), float(lr) if lr else None)
+            rest.remove(p)
     kwargs, dequantize, label = _row(head, rest, group)
-    if (lorc or int8_head) and (kwargs is None or kwargs["method"] not in ("zeroquant", "smoothquant")):
-        raise SystemExit(f"row {spec!r}: LoRC and the int8 head go with the W8A8/W4A8 rows")
+    if (lorc or int8_head or lkd) and (kwargs is None or kwargs["method"] not in ("zeroquant", "smoothquant")):
+        raise SystemExit(f"row {spec!r}: LoRC, LKD and the int8 head go with the W8A8/W4A8 rows")
     if lorc:
         kwargs, label = dict(kwargs, lorc_rank=lorc), f"{label} LoRC rank {lorc}"
     if int8_head:
         kwargs, label = dict(kwargs, lm_head=True), f"{label}, int8 LM head"
+    if lkd:
+        kwargs = dict(kwargs, lkd_steps=lkd[0], lkd_lr=lkd[1])
+        label = f"{label} LKD {lkd[0]} steps" + (f" lr {lkd[1]:g}" if lkd[1] else "")
     return kwargs, dequantize, label
 
 
@@ -109,7 +119,8 @@ def main():
                                                   "..", "shared", "data", "wikitext-2-raw", "wiki.test.raw"))
     p.add_argument("--windows", type=int, default=4, help="scored windows (0: all)")
     p.add_argument("--nsamples", type=int, default=512, help="SmoothQuant's calibration windows")
-    p.add_argument("--seqlen", type=int, default=512, help="... of this many tokens")
+    p.add_argument("--lkd-nsamples", type=int, default=128, help="LKD's calibration windows (rows ...:lkdN)")
+    p.add_argument("--seqlen", type=int, default=512, help="... of this many tokens (SmoothQuant's and LKD's)")
     p.add_argument("--rows", default=DEFAULT_ROWS)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -133,11 +144,14 @@ def main():
         path = model_path
         if kwargs is not None:
             tag = {"w8": "zeroquant", "zq4f": "zq4"}.get(spec, spec.replace(":", "-"))
+            lkd = kwargs.get("lkd_steps")
+            tag += f"-{args.lkd_nsamples}lkd" if lkd else ""
             path = os.path.join(cache, "w8a8", f"{tag}-{n_eval}w-{args.nsamples}x{args.seqlen}")
             if not os.path.isdir(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                if kwargs["method"] != "zeroquant":
-                    kwargs = dict(kwargs, calib=calib, nsamples=args.nsamples, seqlen=args.seqlen)
+                if kwargs["method"] != "zeroquant" or lkd:
+                    nsamples = args.nsamples if kwargs["method"] == "smoothquant" else args.lkd_nsamples
+                    kwargs = dict(kwargs, calib=calib, nsamples=nsamples, seqlen=args.seqlen)
                 qinfer.quantize(model_path, path, threads=args.threads, progress=False,
                                 **{k: v for k, v in kwargs.items() if v is not None})
         run = qinfer.Engine(path, dequantize=dequantize, ctx=SEQLEN, threads=args.threads)

@@ -50,11 +50,13 @@ def rope(x, cos, sin):
 
 
 def silu(z):
-    return z / (1.0 + np.exp(-z))
+    with np.errstate(over="ignore"):          # exp(-z) = inf for very negative z gives the right 0
+        return z / (1.0 + np.exp(-z))
 
 
 def silu_backward(z):
-    s = 1.0 / (1.0 + np.exp(-z))
+    with np.errstate(over="ignore"):
+        s = 1.0 / (1.0 + np.exp(-z))
     return s * (1.0 + z * (1.0 - s))
 
 

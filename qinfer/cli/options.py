@@ -30,6 +30,7 @@ fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 # float("inf") parses: a weight must also be finite
 at_least_one = _checked(float, lambda v: 1 <= v < float("inf"), "a number >= 1")
 positive_seconds = _checked(float, lambda v: v > 0, "a positive number of seconds")
+positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a positive number")
 # SmoothQuant's alpha: "auto", or a number in [0, 1]
 alpha_value = _checked(lambda t: t if t == "auto" else float(t), lambda v: v == "auto" or 0 <= v <= 1,
                        "a number in [0, 1] or 'auto'")

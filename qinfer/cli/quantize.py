@@ -6,7 +6,7 @@ import sys
 
 from ..packing import GPTQ_BITWIDTHS
 from .options import (add_group_size_option, alpha_value, add_threads_option, at_least_one, fraction, non_negative_int,
-                      positive_int)
+                      positive_float, positive_int)
 
 
 def add_parser(sub):
@@ -37,6 +37,12 @@ def add_parser(sub):
     q.add_argument("--lorc-rank", type=positive_int, default=None, metavar="R",
                    help="smoothquant, zeroquant: ZeroQuant-V2's low-rank compensation, each layer's rounding error "
                         "kept to rank R as two thin float16 matrices added at run time (e.g. 8)")
+    q.add_argument("--lkd-steps", type=positive_int, default=None, metavar="N",
+                   help="smoothquant, zeroquant: ZeroQuant's layer-by-layer knowledge distillation, N training "
+                        "steps per block (one calibration window each) that teach the rounded block the float "
+                        "block's output; needs --calib (zeroquant: default 128 windows of 512 tokens)")
+    q.add_argument("--lkd-lr", type=positive_float, default=None, metavar="LR",
+                   help="LKD's Adam learning rate (default 5e-6, ZeroQuant's)")
     q.add_argument("--int8-lm-head", action="store_true",
                    help="smoothquant, zeroquant: the LM head too as an int8 layer with int8 activations (a tied "
                         "model's is untied; the embedding stays float); default: float, as SmoothQuant keeps it")
@@ -118,5 +124,6 @@ def run(args):
                       clip_search=args.clip_search, dynamic=rules, stat_bits=args.stat_bits,
                       outlier_threshold=args.outlier_threshold, rounds=args.rounds, alpha=args.alpha,
                       a_bits=args.a_bits, smooth=args.smooth, smooth_down=args.smooth_down,
-                      lorc_rank=args.lorc_rank, lm_head=args.int8_lm_head)
+                      lorc_rank=args.lorc_rank, lm_head=args.int8_lm_head, lkd_steps=args.lkd_steps,
+                      lkd_lr=args.lkd_lr)
     print(report.summary(), file=sys.stderr)

@@ -47,7 +47,7 @@ from .progress import Progress
 from .quantizer import check_settings, rtn_quantize
 from .spqr import DEFAULT_GROUP as SPQR_DEFAULT_GROUP, DEFAULT_OUTLIER_THRESHOLD, DEFAULT_STAT_BITS, spqr_quantize
 from .spqr_writer import save_spqr_checkpoint
-from . import lorc, smoothquant, w8a8
+from . import lkd, lorc, smoothquant, w8a8
 from .writer import FLOAT_DTYPES, float_tensors, float_weight, save_checkpoint
 
 METHODS = ("gptq", "rtn", "spqr", "bcq") + w8a8.METHODS
@@ -101,6 +101,7 @@ class QuantizeReport:
     # SmoothQuant and ZeroQuant: how the activations run, and the smoothing's alpha(s)
     activations: str = None
     alpha: str = None
+    lkd: str = None            # LKD's one-line summary (lkd.summary)
 
     def summary(self):
         group = "full column" if self.group_size == -1 else f"group {self.group_size}"
@@ -127,6 +128,8 @@ class QuantizeReport:
             methods = list(next(iter(self.errors.values())))          # gptq, rtn; or spqr
             means = ", ".join(f"{m} {np.mean([e[m] for e in self.errors.values()]):.3g}" for m in methods)
             lines.append(f"mean relative output error on the calibration data: {means}")
+        if self.lkd:
+            lines.append(self.lkd)
         return "\n".join(lines)
 
 
@@ -408,7 +411,8 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
              static_groups=False, calib=None, nsamples=None, seqlen=None, damp=0.01, seed=0, force=False,
              threads=None, true_sequential=False, sink_weight=1.0, float_dtype="float16", zero_point="int",
              clip_search=False, dynamic=None, progress=True, stat_bits=None, outlier_threshold=None, rounds=None,
-             alpha=None, a_bits=None, smooth=None, smooth_down=False, lorc_rank=None, lm_head=False):
+             alpha=None, a_bits=None, smooth=None, smooth_down=False, lorc_rank=None, lm_head=False,
+             lkd_steps=None, lkd_lr=None):
     """Quantize a float model into a GPTQ-format checkpoint directory `out` (method "spqr": an
     SpQR checkpoint, qinfer's own).
 
@@ -468,6 +472,11 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
     lm_head: with "smoothquant" or "zeroquant", the LM head too as an int8 W8A8 layer (a tied
     model's is untied: the embedding stays float); by default it stays float, as in the
     paper, and a decode step reads it whole in float16.
+    lkd_steps: with "smoothquant" or "zeroquant", ZeroQuant's layer-by-layer knowledge
+    distillation (quant/lkd.py): before rounding, each block's weights are trained for
+    lkd_steps steps (one calibration window each) to make the rounded block reproduce the
+    float block's output; needs calib (zeroquant: default 128 windows of 512 tokens).
+    lkd_lr: its Adam learning rate (default 5e-6, the seed's).
     smooth_down: smooth down_proj's input too, through up_proj's output rows (an
     exact rewrite the paper does not make; smoothquant.DOWN_GROUP), with
     "smoothquant" or `smooth`.
@@ -481,7 +490,8 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
     group_size = default_group if group_size is None else group_size
     if method in w8a8.METHODS and group_size is None:
         group_size = w8a8.default_group(bits)
-    default_nsamples, default_seqlen = DEFAULT_CALIBRATION.get(method, (128, 2048))
+    default_nsamples, default_seqlen = (lkd.DEFAULT_CALIBRATION if method == "zeroquant" and lkd_steps is not None
+                                        else DEFAULT_CALIBRATION.get(method, (128, 2048)))
     nsamples = default_nsamples if nsamples is None else nsamples
     seqlen = default_seqlen if seqlen is None else seqlen
     _check_settings(bits, group_size, method, nsamples, seqlen, damp, seed, float_dtype)
@@ -504,8 +514,16 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
             raise QinferError("alpha (--alpha) and smooth_down (--smooth-down) are SmoothQuant's: use them with "
                               "method 'smoothquant' (zeroquant does not smooth)")
         lorc_rank = None if lorc_rank is None else lorc.check_rank(lorc_rank)
+        if lkd_steps is not None:
+            lkd_steps, lkd_lr = lkd.check_settings(lkd_steps, lkd.DEFAULT_LR if lkd_lr is None else lkd_lr)
+        elif lkd_lr is not None:
+            raise QinferError("lkd_lr (--lkd-lr) is the learning rate of LKD: give lkd_steps (--lkd-steps) too")
         return _quantize_w8a8(model, out, method, bits, group_size, alpha, bool(smooth_down), lorc_rank, bool(lm_head),
-                              calib, nsamples, seqlen, seed, force, threads, float_dtype, progress, t0)
+                              lkd_steps, lkd_lr, calib, nsamples, seqlen, seed, force, threads, float_dtype, progress,
+                              t0)
+    if lkd_steps is not None or lkd_lr is not None:
+        raise QinferError("LKD (--lkd-steps, --lkd-lr) trains the blocks of the 'smoothquant' and 'zeroquant' "
+                          f"methods, not {method!r}")
     if alpha is not None or a_bits is not None or lorc_rank is not None or lm_head:
         raise QinferError("alpha (--alpha), the activations' bits (--a-bits), the low-rank compensation "
                           "(--lorc-rank) and an int8 LM head (--int8-lm-head) are settings of the 'smoothquant' and "
@@ -606,26 +624,30 @@ def _calibration(source, calib, nsamples, seqlen, seed, method_name):
     return calibration_windows(calib, load_tokenizer(source.tokenizer), nsamples, seqlen, seed)
 
 
-def _quantize_w8a8(model, out, method, bits, group_size, alpha, smooth_down, lorc_rank, lm_head, calib, nsamples,
-                   seqlen, seed, force, threads, float_dtype, progress, t0):
+def _quantize_w8a8(model, out, method, bits, group_size, alpha, smooth_down, lorc_rank, lm_head, lkd_steps, lkd_lr,
+                   calib, nsamples, seqlen, seed, force, threads, float_dtype, progress, t0):
     """SmoothQuant / ZeroQuant's W8A8 (quant/w8a8.py) -> QuantizeReport."""
     source = _open_source(model)
     _check_shapes(source)
     w8a8.check_group(source, group_size)
-    if method == "zeroquant" and calib is not None:
-        raise QinferError("zeroquant's W8A8 needs no calibration (--calib); SmoothQuant ('smoothquant') uses it")
-    windows = _calibration(source, calib, nsamples, seqlen, seed, "SmoothQuant") if method == "smoothquant" else None
+    if method == "zeroquant" and calib is not None and lkd_steps is None:
+        raise QinferError("zeroquant's W8A8 needs no calibration (--calib) unless it trains with LKD (--lkd-steps); "
+                          "SmoothQuant ('smoothquant') uses it")
+    calibrated = method == "smoothquant" or lkd_steps is not None
+    windows = (_calibration(source, calib, nsamples, seqlen, seed, "SmoothQuant" if method == "smoothquant" else "LKD")
+               if calibrated else None)
     out = checkpoint.check_output(out, force, source.path)
     meta = dict(bits=bits, group_size=group_size, sym=True, method=method, float_dtype=float_dtype,
                 activations="int8-token", alpha=alpha, smooth_down=smooth_down, lorc_rank=lorc_rank, lm_head=lm_head,
+                lkd_steps=lkd_steps, lkd_lr=lkd_lr,
                 dynamic=Rules(w8a8.dynamic_rules(bits, group_size, lm_head), "dynamic").to_json() or None)
     if windows is not None:
         meta.update(nsamples=nsamples, seqlen=seqlen, seed=seed, calibration=os.path.basename(os.fspath(calib)))
-    fmt, alphas = w8a8.quantize_w8a8(source, out, meta, windows, threads, force, progress)
+    fmt, alphas, distilled = w8a8.quantize_w8a8(source, out, meta, windows, threads, force, progress)
     return QuantizeReport(path=out, method=method, bits=bits, group_size=group_size, sym=True, act_order=False,
                           static_groups=False, checkpoint_format=fmt, seconds=time.perf_counter() - t0,
                           bytes=checkpoint.directory_size(out), layers=source.config.num_hidden_layers,
                           activations="int8 per token" + (f", LoRC rank {lorc_rank}" if lorc_rank else "") +
                           (", int8 LM head" if lm_head else ""),
                           alpha=w8a8.alpha_summary(alphas) or None,
-                          dynamic=meta["dynamic"])
+                          lkd=lkd.summary(distilled) if distilled else None, dynamic=meta["dynamic"])

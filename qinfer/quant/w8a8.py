@@ -12,13 +12,16 @@ kernels (qinfer/int8_linear.py).
     zeroquant     round the weights per group as they are (no smoothing, no calibration):
                   plain W8A8, ZeroQuant's group-wise weights with per-token activations
 
+With lkd_steps (either method), each block's weights are first trained by ZeroQuant's
+layer-by-layer distillation (quant/lkd.py) on the calibration text, then rounded.
+
 Smoothing before weight-only quantization (`--method gptq --smooth A`, api.py) uses the
 same calibration and smoothing, and writes an ordinary GPTQ checkpoint.
 """
 import numpy as np
 
 from ..errors import QinferError, UnsupportedError
-from . import dynamic, smoothquant
+from . import dynamic, lkd, smoothquant
 from .lorc import low_rank_factors
 from .progress import Progress
 from .symmetric import symmetric_quantize
@@ -92,7 +95,8 @@ def untied_head(source):
 
 
 def quantize_w8a8(source, out, meta, windows, threads, force, progress):
-    """Write the W8A8 checkpoint `out`; returns (checkpoint_format, {norm: alpha} or {})."""
+    """Write the W8A8 checkpoint `out`; returns (checkpoint_format, {norm: alpha} or {}, [LKD's
+    lkd.Distilled per block] or [])."""
     from ..model import LINEAR_NAMES
 
     alphas = {}
@@ -103,25 +107,40 @@ def quantize_w8a8(source, out, meta, windows, threads, force, progress):
     rules = dynamic.Rules(meta["dynamic"], "dynamic")
     results, extra = {}, {}
 
-    def quantize_layer(base):
+    def rounder_for(base):
+        s = rules.resolve(base, meta)
+        return lambda w: symmetric_quantize(w, s["bits"], s["group_size"]).dequantize()
+
+    def quantize_layer(base, trained=None):
+        """Round the layer (LKD's trained weights when given); LoRC compensates the float weights' error."""
         w = float_weight(source, base + ".weight")
         s = rules.resolve(base, meta)
-        results[base] = symmetric_quantize(w, s["bits"], s["group_size"])
+        results[base] = symmetric_quantize(w if trained is None else trained, s["bits"], s["group_size"])
         extra[base] = _lorc(w, results[base], meta)
 
-    bar = Progress(source.config.num_hidden_layers, enabled=progress)
-    for i in range(source.config.num_hidden_layers):
-        with bar.layer(i, len(LINEAR_NAMES)) as layer_bar:
-            for hf_name in LINEAR_NAMES.values():
-                quantize_layer(f"model.layers.{i}.{hf_name}")
-                layer_bar.update()
+    n_layers = source.config.num_hidden_layers
+    bar = Progress(n_layers, enabled=progress)
+    distilled = []
+    if meta.get("lkd_steps"):
+        for i, d in enumerate(lkd.distilled_blocks(source, windows, rounder_for, meta["lkd_steps"], meta["lkd_lr"],
+                                                   threads, bar, seed=meta["seed"])):
+            for short, hf_name in LINEAR_NAMES.items():
+                quantize_layer(f"model.layers.{i}.{hf_name}", d.weights[short])
+            distilled.append(d)
+    else:
+        for i in range(n_layers):
+            with bar.layer(i, len(LINEAR_NAMES)) as layer_bar:
+                for hf_name in LINEAR_NAMES.values():
+                    quantize_layer(f"model.layers.{i}.{hf_name}")
+                    layer_bar.update()
     if meta["lm_head"]:
         quantize_layer("lm_head")
     floats = float_tensors(source, meta["float_dtype"], lm_head=not meta["lm_head"])
     if alphas:
         meta = dict(meta, alpha=meta["alpha"] if meta["alpha"] != "auto" else
                     {"auto": sorted(set(alphas.values())), "per_norm": alphas})
-    return save_checkpoint(out, source, results, meta, force=force, floats=floats, extra=extra), alphas
+    fmt = save_checkpoint(out, source, results, meta, force=force, floats=floats, extra=extra)
+    return fmt, alphas, distilled
 
 
 def _lorc(w, result, meta):

@@ -20,7 +20,8 @@ FLOAT_DTYPES = ("float16", "float32")
 DEFAULT_META = dict(sym=False, act_order=False, static_groups=False, true_sequential=False, method="gptq",
                     damp=None, nsamples=None, seqlen=None, seed=None, calibration=None, sink_weight=None, zero_point="int",
                     float_dtype="float16", clip_search=False, dynamic=None, activations=None, alpha=None,
-                    smooth=None, smooth_down=False, lorc_rank=None, lm_head=False)
+                    smooth=None, smooth_down=False, lorc_rank=None, lm_head=False, lkd_steps=None,
+                    lkd_lr=None)
 
 
 def float_weight(source, name):
@@ -145,6 +146,8 @@ def save_checkpoint(out, source, results, meta, force=False, floats=None, extra=
                                    **({"smooth_alpha": meta["smooth"]} if meta["smooth"] is not None else {}),
                                    **({"smooth_down": True} if meta["smooth_down"] else {}),
                                    **({"int8_lm_head": True} if meta["lm_head"] else {}),
+                                   **({"lkd_steps": meta["lkd_steps"], "lkd_lr": meta["lkd_lr"]}
+                                      if meta["lkd_steps"] else {}),
                                    "source": os.path.basename(os.path.normpath(source.path))})
     extra = extra or {}
     tensors = model_tensors(source, floats, lambda base: {**results[base].checkpoint_tensors(fmt),
