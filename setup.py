@@ -60,7 +60,7 @@ def extensions():
 
 
 setup(
-    packages=["qinfer", "qinfer.cli", "qinfer.quant", "qinfer.readers", "qinfer.server", "qinfer.tokenizer",
+    packages=["qinfer", "qinfer.cli", "qinfer.quant", "qinfer.readers", "qinfer.server", "qinfer.sweep", "qinfer.tokenizer",
               "qinfer.tuning"],
     package_dir={"qinfer": "qinfer", "qinfer.tokenizer": "tokenizer"},
     ext_modules=extensions(),

@@ -1,7 +1,7 @@
 """The command line: parses arguments and calls the public API, nothing more.
 
 One module per subcommand (info, generate, chat, serve, quantize, calibrate_kv, perplexity, bench,
-tune), each with add_parser(sub) and run(args); options.py holds what they share.
+sweep, tune), each with add_parser(sub) and run(args); options.py holds what they share.
 The library never imports this package: imports run cli -> library only.
 
 Errors a user can act on (QinferError) print one line on stderr and exit 1;
@@ -14,12 +14,12 @@ import sys
 import warnings
 
 from ..errors import QinferError
-from . import bench, calibrate_kv, chat, generate, info, perplexity, quantize, serve, tune
+from . import bench, calibrate_kv, chat, generate, info, perplexity, quantize, serve, sweep, tune
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 # in `qinfer --help`'s order
-SUBCOMMANDS = (info, generate, chat, serve, quantize, calibrate_kv, perplexity, bench, tune)
+SUBCOMMANDS = (info, generate, chat, serve, quantize, calibrate_kv, perplexity, bench, sweep, tune)
 
 
 class _Parser(argparse.ArgumentParser):
