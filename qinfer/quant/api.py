@@ -52,6 +52,13 @@ from .writer import FLOAT_DTYPES, float_tensors, float_weight, save_checkpoint
 
 METHODS = ("gptq", "rtn", "spqr", "bcq") + w8a8.METHODS
 CALIBRATED = ("gptq", "spqr", "smoothquant")            # the methods that need --calib
+
+
+def needs_calibration(method, smooth=None, lkd_steps=None):
+    """Whether quantize(method, smooth=..., lkd_steps=...) draws calibration windows (--calib)."""
+    return method in CALIBRATED or smooth is not None or lkd_steps is not None
+
+
 # bits and group size when not given: GPTQ's usual 4-bit g128; SpQR's paper setting, 3-bit beta1 = 16;
 # BCQ: 3 planes, groups of 128 (LUT-GEMM's), or of the largest of BCQ_GROUP_SIZES dividing every
 # layer's inputs (SmolLM2's 576: 64)
@@ -565,7 +572,7 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
                 sink_weight=float(sink_weight), zero_point=zero_point, clip_search=bool(clip_search),
                 dynamic=rules.to_json() or None, stat_bits=stat_bits, outlier_threshold=outlier_threshold,
                 rounds=rounds, smooth=smooth)
-    if method in CALIBRATED or smooth is not None:
+    if needs_calibration(method, smooth):
         windows = _calibration(source, calib, nsamples, seqlen, seed, "GPTQ" if method == "gptq" else
                                "SpQR" if method == "spqr" else "Smoothing (--smooth)")
         meta.update(nsamples=nsamples, seqlen=seqlen, seed=seed, calibration=os.path.basename(os.fspath(calib)))
@@ -633,9 +640,8 @@ def _quantize_w8a8(model, out, method, bits, group_size, alpha, smooth_down, lor
     if method == "zeroquant" and calib is not None and lkd_steps is None:
         raise QinferError("zeroquant's W8A8 needs no calibration (--calib) unless it trains with LKD (--lkd-steps); "
                           "SmoothQuant ('smoothquant') uses it")
-    calibrated = method == "smoothquant" or lkd_steps is not None
     windows = (_calibration(source, calib, nsamples, seqlen, seed, "SmoothQuant" if method == "smoothquant" else "LKD")
-               if calibrated else None)
+               if needs_calibration(method, lkd_steps=lkd_steps) else None)
     out = checkpoint.check_output(out, force, source.path)
     meta = dict(bits=bits, group_size=group_size, sym=True, method=method, float_dtype=float_dtype,
                 activations="int8-token", alpha=alpha, smooth_down=smooth_down, lorc_rank=lorc_rank, lm_head=lm_head,

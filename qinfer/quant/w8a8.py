@@ -126,6 +126,7 @@ def quantize_w8a8(source, out, meta, windows, threads, force, progress):
                                                    threads, bar, seed=meta["seed"])):
             for short, hf_name in LINEAR_NAMES.items():
                 quantize_layer(f"model.layers.{i}.{hf_name}", d.weights[short])
+            d.weights = None               # rounded now: a 7B's float copies would not fit in memory at once
             distilled.append(d)
     else:
         for i in range(n_layers):

@@ -97,9 +97,9 @@ class Config:
 
     def calibrated(self):
         """Whether quantizing needs calibration text (GPTQ, SpQR, SmoothQuant; smoothing; LKD)."""
-        from ..quant.api import CALIBRATED
+        from ..quant.api import needs_calibration
         opts = self.quantize_options()
-        return self.method in CALIBRATED or opts.get("smooth") is not None or opts.get("lkd_steps") is not None
+        return needs_calibration(self.method, opts.get("smooth"), opts.get("lkd_steps"))
 
     def settings(self):
         """The settings that make the checkpoint, as a JSON-able dict (labels aside)."""

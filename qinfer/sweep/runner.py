@@ -83,10 +83,10 @@ def run_sweep(sweep, cache, address=None, serial=False, max_retries=DEFAULT_RETR
             _check_reachable(address)
     cache = os.path.abspath(cache)
     model = os.path.abspath(sweep.model) if sweep.model else _default_model()
-    text, tokens, windows, total = _windows(sweep, model)
+    tokenizer, text, tokens, windows, total = _windows(sweep, model)
     calibration, disjoint, calib = None, True, None
     if any(c.calibrated() for c in sweep.configs):
-        calib, calibration, disjoint = _calibration_text(cache, model, text, tokens, len(windows), total,
+        calib, calibration, disjoint = _calibration_text(cache, tokenizer, text, tokens, len(windows), total,
                                                          sweep.seqlen)
     store = Store(os.path.join(cache, RESULTS), fresh)
     job_id = _job_id(sweep, model, windows, calib)
@@ -187,7 +187,7 @@ def _default_model():
 
 
 def _windows(sweep, model):
-    """(text, tokens, scored windows int32 [n, seqlen], windows the text holds)."""
+    """(the model's tokenizer, text, tokens, scored windows int32 [n, seqlen], windows the text holds)."""
     import qinfer
     from ..perplexity import DataError, load_text, split_windows, tokenize
 
@@ -198,13 +198,11 @@ def _windows(sweep, model):
     if total == 0:
         raise DataError(f"{sweep.data}: {len(tokens)} tokens, fewer than one window of {sweep.seqlen}")
     n = total if sweep.windows == 0 else min(sweep.windows, total)
-    return text, tokens, split_windows(tokens, sweep.seqlen, n), total
+    return engine.tokenizer, text, tokens, split_windows(tokens, sweep.seqlen, n), total
 
 
-def _calibration_text(cache, model, text, tokens, n_eval, total, seqlen):
+def _calibration_text(cache, tokenizer, text, tokens, n_eval, total, seqlen):
     """(path, description, disjoint) of the text calibrated methods draw from."""
-    import qinfer
-
     folder = os.path.join(cache, "calib")
     os.makedirs(folder, exist_ok=True)
     tag = hashlib.sha256(np.asarray(tokens, dtype=np.int32).tobytes()).hexdigest()[:12]
@@ -212,8 +210,7 @@ def _calibration_text(cache, model, text, tokens, n_eval, total, seqlen):
         start = n_eval * seqlen
         path = os.path.join(folder, f"{tag}-after-{start}-tokens.txt")
         if not os.path.exists(path):
-            decoded = qinfer.Engine(model, ctx=8).tokenizer.decode(tokens[start:])
-            _write_text(path, decoded)
+            _write_text(path, tokenizer.decode(tokens[start:]))
         return path, (f"the {len(tokens) - start:,} tokens after the last scored window (tokens {start:,}.."
                       f"{len(tokens) - 1:,}), disjoint from every scored token"), True
     path = os.path.join(folder, f"{tag}-whole-text.txt")
