@@ -367,7 +367,8 @@ def main():
             if g:
                 print(f"new policy's governors after the last {condition} run: "
                       + "; ".join(f"{k} {v['threads']} of {v['asked']} threads ({v['probes']} probes, "
-                                  f"{v['switches']} switches)" for k, v in g.items() if v["asked"]))
+                                  f"{v['switches']} switches, {v['skipped']} skipped)"
+                                  for k, v in g.items() if v["asked"]))
 
 
 if __name__ == "__main__":

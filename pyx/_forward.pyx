@@ -16,7 +16,7 @@ import numpy as np
 
 from qmatrix cimport qmatrix, qgemm_fn, qgemv_team_fn, qgemm_team_fn
 from team cimport (team_governor, team_wait_mode, TEAM_WAIT_SLEEP, TEAM_WAIT_SPIN,
-                   team_probe_min_s, team_probe_max_s, team_probe_share, TEAM_PROBE_SHARE)
+                   team_probe_min_s, team_probe_max_s, team_probe_share, team_assumed_load, TEAM_PROBE_SHARE)
 
 # One translation unit, as when the C was a string here (forward.h says why).
 cdef extern from "float_gemm.c":
@@ -146,9 +146,20 @@ def set_probe_interval(double shortest, double longest, double share=TEAM_PROBE_
     return previous
 
 
+def set_assumed_load(load):
+    """The other processes' load (cores' worth) that governors created from now on
+    assume instead of measuring it before a probe of fewer threads (pyx/team.h,
+    governor_contended); None: measure it. Tests set infinity: every probe runs.
+    Returns the previous setting."""
+    global team_assumed_load
+    previous = None if team_assumed_load < 0 else team_assumed_load
+    team_assumed_load = -1.0 if load is None else float(load)
+    return previous
+
+
 cdef dict governor_state(const team_governor *g):
     return dict(asked=g.max, threads=g.use if g.max else None, probes=g.probes, switches=g.switches,
-                seconds=g.cost if g.max and g.cost >= 0 else None, work=g.work)
+                skipped=g.skipped, seconds=g.cost if g.max and g.cost >= 0 else None, work=g.work)
 
 
 cdef const uint16_t *half_ptr(object array, Py_ssize_t size) except NULL:
@@ -372,7 +383,7 @@ cdef class Transformer:
         """What the thread governors (pyx/team.h) chose: for "decode" (steps),
         "prefill" (blocks) and "rows" (batched decode steps of several sequences), the
         count asked for (0: none yet), the count in use, the probes and switches so
-        far, the moving average of a unit's seconds (per token for prefill blocks and
+        far, the probes of fewer threads skipped because the machine had room for ours, the moving average of a unit's seconds (per token for prefill blocks and
         batched steps) at that count and the seconds of work governed."""
         return {"decode": governor_state(&self.s.decode_governor),
                 "prefill": governor_state(&self.s.prefill_governor),

@@ -11,7 +11,7 @@ from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid, PyCapsul
 from libc.stdint cimport uint16_t, uint32_t, int32_t, uint64_t
 
 from qmatrix cimport qmatrix, qgemm_fn, qgemv_team_fn, qgemm_team_fn, qm_whole_tiles, qkernels, team
-from team cimport (team_governor, governor_init, governor_rows, governor_threads, governor_report,
+from team cimport (team_governor, governor_init, governor_rows, governor_threads, governor_report, team_stat_busy_ticks,
                    TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S, TEAM_PROBE_MARGIN, TEAM_PROBE_MARGIN_UP,
                    TEAM_PROBE_WARMUP, TEAM_PROBE_SHARE)
 
@@ -55,13 +55,18 @@ cdef class Governor:
     threads(n) is the count for the next unit of at most n; report(threads,
     seconds, idle=0) tells it how long that unit took, started `idle` seconds
     after the previous one ended; rows(n): the units that follow have n rows.
-    probe_share: TEAM_PROBE_SHARE (0: periodic probes wait for the interval alone)."""
+    probe_share: TEAM_PROBE_SHARE (0: periodic probes wait for the interval alone).
+    load, cores: the other processes' load (cores' worth) and the cores it assumes
+    instead of measuring them; the default, an infinite load, runs every probe."""
     cdef team_governor g
     cdef double clock
 
-    def __cinit__(self, int probe_units=2, double probe_share=TEAM_PROBE_SHARE):
+    def __cinit__(self, int probe_units=2, double probe_share=TEAM_PROBE_SHARE,
+                  double load=float("inf"), int cores=0):
         governor_init(&self.g, probe_units)
         self.g.share = probe_share
+        self.g.fixed_load = load
+        self.g.fixed_cores = cores
         self.clock = 1.0
 
     def rows(self, int rows):
@@ -85,6 +90,16 @@ cdef class Governor:
     @property
     def switches(self):
         return self.g.switches
+
+    @property
+    def skipped(self):
+        return self.g.skipped
+
+
+def stat_busy_ticks(bytes line):
+    """Busy clock ticks of a /proc/stat "cpu" line as the governor counts them (all
+    but idle and iowait), or -1.0 when the line is not one."""
+    return team_stat_busy_ticks(line)
 
 
 def stream_read(const uint64_t[::1] buf, int nthreads, bint avx2):

@@ -14,7 +14,8 @@
  * it: two threads then decode slower than one. The governor times each unit of
  * work (a decode step; one block of a prefill) at the thread count in use and
  * now and then runs a few units with one thread fewer (or more) as a probe,
- * keeping whichever is faster. Thread counts do not change results: every
+ * keeping whichever is faster; a probe of fewer threads runs only while other
+ * processes use the CPU (governor_contended). Thread counts do not change results: every
  * kernel's sums are the same for any split of its tiles.
  */
 #ifndef QINFER_TEAM_H
@@ -22,11 +23,13 @@
 
 #include <limits.h>
 #include <sched.h>
+#include <stdlib.h>
 #include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 #if defined(__linux__)
+#include <fcntl.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -201,6 +204,102 @@ static double team_probe_share TEAM_UNUSED = TEAM_PROBE_SHARE;
  * probe, nor as a slow unit. */
 #define TEAM_IDLE_S 0.01
 
+/* The process's monotonic clock, in seconds (~25 ns a call through the vDSO). */
+static inline double team_clock(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* ------------------------------------------- the rest of the machine's load */
+
+/* A probe with one thread fewer only wins when other processes want the cores
+ * our threads run on; on a quiet machine it costs its units' extra time for
+ * nothing (2-5% of SmolLM2's decode on the 2-core KVM guest, where a vCPU
+ * stall now and then also makes units look slow). So before such a probe the
+ * governor asks how many cores' worth of CPU time the rest of the machine used
+ * since it last asked: /proc/stat's busy time (steal included: a hypervisor
+ * that takes the vCPUs is contention too) less this process's CPU time. */
+typedef struct {
+    double wall;    /* team_clock() when taken; 0: none */
+    double busy;    /* seconds all CPUs were busy since boot (/proc/stat) */
+    double own;     /* seconds of CPU this process used (all its threads) */
+} team_load_mark;
+
+/* Shortest window worth measuring: the kernel counts busy time in ticks of
+ * 10 ms per CPU. A probe asked for sooner waits until the window is this long. */
+#define TEAM_LOAD_MIN_S 0.1
+/* Cores of other load that leave room for our threads: daemons, interrupts. */
+#define TEAM_LOAD_SLACK 0.25
+
+/* Busy clock ticks of the "cpu" line of /proc/stat (user nice system idle
+ * iowait irq softirq steal ...): everything but idle and iowait; -1 if the
+ * line is not one. Guest time is already counted in user and nice. */
+static inline double team_stat_busy_ticks(const char *line)
+{
+    if (line[0] != 'c' || line[1] != 'p' || line[2] != 'u' || line[3] != ' ')
+        return -1.0;
+    const char *p = line + 4;
+    double total = 0.0, idle = 0.0;
+    for (int field = 0; field < 8; field++) {
+        char *end;
+        const double v = (double)strtoull(p, &end, 10);
+        if (end == p)
+            return field >= 4 ? total - idle : -1.0;   /* old kernels stop after iowait */
+        total += v;
+        if (field == 3 || field == 4)
+            idle += v;
+        p = end;
+    }
+    return total - idle;
+}
+
+/* The mark now; 0 where the machine's busy time cannot be read (not Linux). */
+static inline int team_load_read(team_load_mark *m)
+{
+#if defined(__linux__)
+    static long ticks_per_s;
+    if (!ticks_per_s)
+        ticks_per_s = sysconf(_SC_CLK_TCK);
+    char line[512];
+    const int fd = open("/proc/stat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    const ssize_t got = read(fd, line, sizeof line - 1);
+    close(fd);
+    if (got <= 0 || ticks_per_s <= 0)
+        return 0;
+    line[got] = 0;
+    const double ticks = team_stat_busy_ticks(line);
+    struct timespec cpu;
+    if (ticks < 0.0 || clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &cpu))
+        return 0;
+    m->wall = team_clock();
+    m->busy = ticks / (double)ticks_per_s;
+    m->own = (double)cpu.tv_sec + 1e-9 * (double)cpu.tv_nsec;
+    return 1;
+#else
+    (void)m;
+    return 0;
+#endif
+}
+
+/* The other load governors assume when they start instead of measuring it
+ * (< 0: measure; tests set infinity: every probe runs; pyx/_forward.pyx,
+ * set_assumed_load). */
+static double team_assumed_load TEAM_UNUSED = -1.0;
+
+static inline int team_online_cores(void)
+{
+    static int cores;
+    if (!cores) {
+        const long n = sysconf(_SC_NPROCESSORS_ONLN);
+        cores = n > 0 ? (int)n : 1;
+    }
+    return cores;
+}
+
 typedef struct {
     int max;            /* the thread count asked for; 0 before the first unit */
     int use;            /* threads units run with */
@@ -222,22 +321,21 @@ typedef struct {
     double interval;    /* seconds of work between periodic probes */
     double share;       /* TEAM_PROBE_SHARE when it started */
     int losses;         /* probes lost since the start or the last switch */
+    int skipped;        /* probes of fewer threads not run: the machine had room for ours */
+    team_load_mark mark;    /* the machine's load when last asked (governor_contended) */
+    double fixed_load;      /* tests: the other load to assume (>= 0), or < 0: measure */
+    int fixed_cores;        /* tests: the cores to assume, or 0: the online ones */
 } team_governor;
-
-/* The process's monotonic clock, in seconds (~25 ns a call through the vDSO). */
-static inline double team_clock(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static inline void governor_init(team_governor *g, int probe_units)
 {
     g->max = 0;
     g->probe_units = probe_units > 0 ? probe_units : 1;
     g->share = team_probe_share;
-    g->probes = g->switches = g->wins = 0;
+    g->probes = g->switches = g->wins = g->skipped = 0;
+    g->mark.wall = 0.0;
+    g->fixed_load = team_assumed_load;
+    g->fixed_cores = 0;
     g->rows = 0;
     g->work = g->last_end = 0.0;
 }
@@ -271,6 +369,27 @@ static inline int governor_probe_due(const team_governor *g)
     return g->work >= g->next_probe && (g->share <= 0.0 || !g->losses || since * g->share >= probe);
 }
 
+/* Whether other processes want the cores `threads` threads of ours run on: 1
+ * yes (or it cannot be told), 0 no, -1 not known yet (the window since the last
+ * mark is shorter than TEAM_LOAD_MIN_S, or there was none: ask again later). */
+static inline int governor_contended(team_governor *g, int threads)
+{
+    const int cores = g->fixed_cores > 0 ? g->fixed_cores : team_online_cores();
+    if (g->fixed_load >= 0.0)
+        return g->fixed_load + threads > cores + TEAM_LOAD_SLACK;
+    if (g->mark.wall > 0.0 && team_clock() - g->mark.wall < TEAM_LOAD_MIN_S)
+        return -1;
+    team_load_mark now;
+    if (!team_load_read(&now))
+        return 1;
+    const team_load_mark then = g->mark;
+    g->mark = now;
+    if (then.wall <= 0.0)
+        return -1;
+    const double other = ((now.busy - then.busy) - (now.own - then.own)) / (now.wall - then.wall);
+    return other + threads > cores + TEAM_LOAD_SLACK;
+}
+
 /* Threads for the next unit, of at most `nthreads` (the count asked for). */
 static inline int governor_threads(team_governor *g, int nthreads)
 {
@@ -289,6 +408,17 @@ static inline int governor_threads(team_governor *g, int nthreads)
     if (g->cost >= 0.0 && g->units >= TEAM_MIN_UNITS && (governor_probe_due(g) || g->slow >= TEAM_SLOW_UNITS)) {
         if (g->use + g->direction < 1 || g->use + g->direction > g->max)
             g->direction = -g->direction;
+        if (g->direction < 0) {
+            const int contended = governor_contended(g, g->use);
+            if (contended < 0)
+                return g->use;          /* asked again at the next unit */
+            if (!contended) {           /* room for our threads: the probe could only lose */
+                g->skipped++;
+                g->slow = 0;
+                g->next_probe = g->work + g->interval;
+                return g->use;
+            }
+        }
         g->probe = g->use + g->direction;
         g->probe_left = TEAM_PROBE_WARMUP + g->probe_units;
         g->probe_sum = 0.0;
@@ -308,8 +438,12 @@ static inline void governor_report(team_governor *g, int threads, double start, 
     const int after_idle = g->last_end > 0.0 && start - g->last_end > TEAM_IDLE_S;
     g->work += seconds;
     g->last_end = end;
-    if (after_idle)
+    if (after_idle) {
+        /* the load while we were idle says nothing of the load we now run beside */
+        if (g->fixed_load < 0.0 && g->mark.wall > 0.0 && !team_load_read(&g->mark))
+            g->mark.wall = 0.0;
         return;
+    }
     const double cost = g->rows > 1 ? seconds / g->rows : seconds;
     if (g->probe && threads == g->probe) {
         if (g->probe_left-- > g->probe_units)

@@ -4,14 +4,15 @@
 
 cdef extern from "team.h":
     ctypedef struct team_governor:
-        int max, use, probe, probes, switches
-        double cost, work, share
+        int max, use, probe, probes, switches, skipped, fixed_cores
+        double cost, work, share, fixed_load
     void governor_init(team_governor *g, int probe_units)
     void governor_rows(team_governor *g, int rows)
     int governor_threads(team_governor *g, int nthreads)
     void governor_report(team_governor *g, int threads, double start, double end)
+    double team_stat_busy_ticks(const char *line)
     double TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S, TEAM_PROBE_MARGIN, TEAM_PROBE_MARGIN_UP, TEAM_PROBE_SHARE
     int TEAM_PROBE_WARMUP
     int TEAM_WAIT_SLEEP, TEAM_WAIT_SPIN
     int team_wait_mode
-    double team_probe_min_s, team_probe_max_s, team_probe_share
+    double team_probe_min_s, team_probe_max_s, team_probe_share, team_assumed_load

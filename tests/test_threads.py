@@ -57,6 +57,48 @@ def test_governor_keeps_the_faster_count_on_a_quiet_machine():
     assert counts.count(1) / len(counts) < 0.01
 
 
+def test_governor_skips_probes_of_fewer_threads_while_the_machine_has_room():
+    """No other load on 2 cores for 2 threads: the probes of one thread are skipped
+    (they could only lose), periodic and after slow units alike, so the quiet decode
+    never runs a unit at one thread; with a core's worth of other load the same
+    timings probe as before."""
+    def cost(t, now):
+        jitter = 0.02 if int(now * 10) % 7 == 0 else 0.01    # slow units now and then (vCPU stalls)
+        return jitter if t == 2 else 0.018
+
+    quiet = _runtime.Governor(load=0.0, cores=2)
+    units, _ = drive(quiet, cost, 30.0)
+    assert [t for _, t in units].count(1) == 0
+    assert quiet.probes == 0 and quiet.skipped >= 4 and quiet.use == 2
+    busy = _runtime.Governor(load=1.0, cores=2)
+    units, _ = drive(busy, cost, 30.0)
+    assert busy.probes >= 4 and busy.skipped == 0 and [t for _, t in units].count(1) > 0
+    # room measured against the cores: 0.2 cores of other load on 2 cores leaves room for 2
+    # threads (the slack), not for 3 on 3 cores with a core's worth
+    assert drive_skips(load=0.2, cores=2) and not drive_skips(load=1.0, cores=3, asked=3)
+
+
+def drive_skips(load, cores, asked=2):
+    gov = _runtime.Governor(load=load, cores=cores)
+    drive(gov, lambda t, now: 0.01 * asked / t, 10.0, asked=asked)
+    return gov.probes == 0 and gov.skipped > 0
+
+
+def test_governor_reads_busy_time_as_proc_stat_counts_it():
+    """/proc/stat's "cpu" line: user nice system idle iowait irq softirq steal guest
+    guest_nice; busy is all but idle and iowait (guest time is inside user and nice)."""
+    assert _runtime.stat_busy_ticks(b"cpu  100 20 30 400 50 6 7 8 90 9\ncpu0 1 2 3") == 171
+    assert _runtime.stat_busy_ticks(b"cpu  1 2 3 4 5\n") == 6            # kernels before irq
+    assert _runtime.stat_busy_ticks(b"cpu0 1 2 3 4 5\n") == -1
+    assert _runtime.stat_busy_ticks(b"intr 1 2 3") == -1
+    assert _runtime.stat_busy_ticks(b"cpu  1 2\n") == -1
+    if os.path.exists("/proc/stat"):
+        with open("/proc/stat", "rb") as f:
+            line = f.readline()
+        fields = [int(v) for v in line.split()[1:]]
+        assert _runtime.stat_busy_ticks(line) == sum(fields[:8]) - fields[3] - fields[4]
+
+
 def test_governor_spaces_the_probes_of_long_units():
     """Units of 0.15 s (a 7B model's decode steps), two threads 1.5x as fast as one: after
     the first probe loses, periodic probes wait for their own units' time / PROBE_SHARE
@@ -224,12 +266,15 @@ def six_layers(write_tiny):
 
 @pytest.fixture
 def probe_always():
-    """Probe whenever enough units have run, so that short runs switch counts back and forth."""
+    """Probe whenever enough units have run, so that short runs switch counts back and forth
+    (as on a busy machine: a quiet one would skip the probes of fewer threads)."""
     previous = _forward.set_probe_interval(0.0, 0.0, 0.0)
+    previous_load = _forward.set_assumed_load(float("inf"))
     try:
         yield
     finally:
         _forward.set_probe_interval(*previous)
+        _forward.set_assumed_load(previous_load)
 
 
 @pytest.mark.parametrize("wait", ["sleep", "spin"])
