@@ -19,6 +19,11 @@ from gen.bitlayout import BITWIDTHS  # noqa: E402
 from gen.render import render_all  # noqa: E402
 
 
+# Modules translated and compiled side by side, one per core (the build is most of
+# `pip install`'s time; QINFER_BUILD_JOBS=1 builds one at a time).
+JOBS = int(os.environ.get("QINFER_BUILD_JOBS") or os.cpu_count() or 1)
+
+
 def compiler_flags():
     if sys.platform == "win32":
         return ["/O2", "/openmp"], []
@@ -55,7 +60,7 @@ def extensions():
         common, depends=headers + [os.path.join(GENERATED, "w8a8_kernels.h")], include_dirs=["pyx", GENERATED],
         extra_compile_args=cflags + ["-ffp-contract=off"])))              # multiply-adds: pyx/w8a8.h
     # include_path: the generated modules in build/generated cimport pyx/qmatrix.pxd
-    return cythonize(exts, language_level=3, include_path=["pyx"], compiler_directives={
+    return cythonize(exts, language_level=3, include_path=["pyx"], nthreads=JOBS, compiler_directives={
         "boundscheck": False, "wraparound": False, "cdivision": True})
 
 
@@ -64,4 +69,5 @@ setup(
               "qinfer.tuning"],
     package_dir={"qinfer": "qinfer", "qinfer.tokenizer": "tokenizer"},
     ext_modules=extensions(),
+    options={"build_ext": {"parallel": JOBS}},
 )

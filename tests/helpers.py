@@ -133,15 +133,13 @@ def pack_gptq(codes, bits):
             i += 10
             row += 1
     elif bits in (5, 6):
-        # 32 values in `bits` words, one little-endian bit stream: every code's bits
-        # laid out one by one, then cut into 32-bit words.
-        stream = np.zeros((padded * bits, out_f), dtype=np.uint64)
-        for k in range(padded):
+        # 32 values in `bits` words, one little-endian bit stream: bit t of value j of a
+        # group of 32 rows is bit p = j * bits + t of the group's stream, which is bit
+        # p % 32 of its word p // 32. Placed bit by bit (vectorised over the groups).
+        for j in range(32):
             for t in range(bits):
-                stream[k * bits + t] = (q[k] >> np.uint64(t)) & np.uint64(1)
-        for row in range(words.shape[0]):
-            for t in range(32):
-                words[row] |= stream[row * 32 + t] << np.uint64(t)
+                p = j * bits + t
+                words[p // 32::bits] |= ((q[j::32] >> np.uint64(t)) & np.uint64(1)) << np.uint64(p % 32)
     else:
         raise AssertionError(bits)
 
