@@ -39,7 +39,8 @@ timed run). The table gives the median tokens/s over the rounds (--stat max:
 the best round, which on a machine shared with other work comes closest to a
 quiet one), then the ratios the targets name: busy 2 threads / busy 1 thread
 (>= 0.90), and quiet 2 threads new / old (>= 0.97), or new / the pp and tg
-tokens/s given with --baseline (e.g. from a run of the commit before).
+tokens/s given with --baseline (e.g. from a run of the commit before); the quiet
+ratios also as the median of each round's back-to-back pair ("paired").
 
 The machine's other load is measured during every run (/proc/stat busy time
 less the workers' and this process's own): a "quiet" round on a shared machine
@@ -145,6 +146,18 @@ class LoadMeter:
         elapsed = time.monotonic() - self.t0
         other = machine_busy_ticks() - self.busy0 - (sum(process_ticks(p) for p in self.pids) - self.own0)
         self.cores = max(0.0, other / CLK_TCK / elapsed) if elapsed > 0 else 0.0
+
+
+def paired(runs, name, base, threads, test):
+    """The median over rounds of `name`'s quiet tokens/s over `base`'s in the same round: the
+    two run back to back (in alternating order), so a drift of the machine's speed over the
+    minutes of a run, which moves both, cancels, where a ratio of medians keeps some of it."""
+    by_round = {}
+    for run in runs:
+        if run["condition"] == "quiet" and run["threads"] == threads and run["test"] == test:
+            by_round.setdefault(run["round"], {})[run["policy"]] = run["tokens_per_s"]
+    ratios = [r[name] / r[base] for r in by_round.values() if name in r and base in r]
+    return statistics.median(ratios) if ratios else float("nan")
 
 
 # ------------------------------------------------------------------ the driver
@@ -353,6 +366,10 @@ def main():
                             median(speeds.get((base, "quiet", 1, test), []), stat)) for test in TESTS)
             print(f"quiet, 1 thread,  new / {base:<4}:     pp {pp:.2f}  tg {tg:.2f}   (control: the policies "
                   f"differ only above one thread, so this is the noise)")
+            for t in (2, 1):
+                pp, tg = (paired(runs, "new", base, t, test) for test in TESTS)
+                print(f"quiet, {t} thread{'s' if t > 1 else ' '}, new / {base:<4}, paired: pp {pp:.2f}  tg {tg:.2f}   "
+                      f"(median of the rounds' back-to-back ratios)")
         if baseline:
             pp, tg = (ratio(median(speeds.get(("new", "quiet", 2, test), []), stat), b)
                       for test, b in zip(TESTS, baseline))
