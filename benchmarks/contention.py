@@ -4,7 +4,7 @@ with another process busy on one core (issue 34).
     python benchmarks/contention.py [--model PATH] [-p 256] [-n 128] [-r 5]
         [--quantize 4 --group-size 32] [--policies new,old] [--core N] [--no-settle]
         [--stat median|max] [--baseline PP,TG] [--conditions quiet,busy] [--quiet-max-load CORES]
-        [--workers 3] [--json-out FILE]
+        [--workers 3] [--json-out FILE] [--in-process]
 
 Each policy runs in worker processes that load the model once (the OpenMP
 runtime reads its wait policy when it loads, so policies cannot share a
@@ -41,6 +41,7 @@ quiet one), then the ratios the targets name: busy 2 threads / busy 1 thread
 (>= 0.90), and quiet 2 threads new / old (>= 0.97), or new / the pp and tg
 tokens/s given with --baseline (e.g. from a run of the commit before); the quiet
 ratios also as the median of each round's back-to-back pair ("paired").
+--in-process: quiet only, both policies in one process (below).
 
 The machine's other load is measured during every run (/proc/stat busy time
 less the workers' and this process's own): a "quiet" round on a shared machine
@@ -148,6 +149,60 @@ class LoadMeter:
         self.cores = max(0.0, other / CLK_TCK / elapsed) if elapsed > 0 else 0.0
 
 
+def in_process(args):
+    """--in-process: the quiet 2-thread ratios new / old in one process, the policies switched
+    (qinfer._forward.set_thread_policy) between back-to-back runs in alternating order, so
+    that neither where a process's memory landed nor the machine's drift enters the ratio.
+    What it cannot switch is libgomp's spin count, read once when the runtime loads (qinfer's
+    GOMP_SPINCOUNT here, for both): the worker processes' comparison covers that."""
+    import numpy as np
+
+    import qinfer
+    from qinfer import _forward
+
+    engine = qinfer.Engine(args.model, threads=2, ctx=args.p + args.n + 8,
+                           quantize=args.quantize, group_size=args.group_size)
+    rng = np.random.default_rng(0)
+    # (adaptive, spin) as set_thread_policy takes them: "new" is qinfer's default, "old" the
+    # fixed count and spinning barrier of QINFER_ADAPT_THREADS=0 QINFER_WAIT=spin
+    switches = {"new": (True, False), "old": (False, True)}
+    previous = _forward.thread_policy()
+
+    def run(test):
+        engine.reset()
+        n = args.p if test == "pp" else args.n
+        ids = rng.integers(0, engine.config.vocab_size, size=n).tolist()
+        t0 = time.perf_counter()
+        if test == "pp":
+            engine.prefill(ids, threads=2)
+        else:
+            for token in ids:
+                engine.decode_step(token, threads=2)
+        return n / (time.perf_counter() - t0)
+
+    ratios = {test: [] for test in TESTS}
+    try:
+        for r in range(args.rounds):
+            for test in TESTS:
+                got = {}
+                for name in (("new", "old") if r % 2 == 0 else ("old", "new")):
+                    _forward.set_thread_policy(*switches[name])
+                    run(test)               # settle: the other policy's threads may be asleep
+                    got[name] = run(test)
+                ratios[test].append(got["new"] / got["old"])
+            print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr)
+    finally:
+        _forward.set_thread_policy(*previous)
+    for test in TESTS:
+        rs = ratios[test]
+        print(f"quiet, 2 threads, new / old, one process: {test} median {statistics.median(rs):.3f}  "
+              f"mean {statistics.mean(rs):.3f}  ({len(rs)} rounds; target >= 0.97)")
+    g = engine.model.transformer.thread_governors()
+    print("new policy's governors: " + "; ".join(
+        f"{k} {v['threads']} of {v['asked']} threads ({v['probes']} probes, {v['switches']} switches, "
+        f"{v['skipped']} skipped)" for k, v in g.items() if v["asked"]))
+
+
 def paired(runs, name, base, threads, test):
     """The median over rounds of `name`'s quiet tokens/s over `base`'s in the same round: the
     two run back to back (in alternating order), so a drift of the machine's speed over the
@@ -240,10 +295,15 @@ def main():
                         help="worker processes per policy and condition, taking the rounds in turn (default 3)")
     parser.add_argument("--json-out", default=None, metavar="FILE",
                         help="write every run (policy, condition, threads, test, tokens/s, other load) as JSON")
+    parser.add_argument("--in-process", action="store_true",
+                        help="quiet only, one process: new and old switched between back-to-back runs "
+                             "(libgomp's spin count is the process's for both)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.in_process:
+        return in_process(args)
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICIES]
