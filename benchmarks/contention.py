@@ -69,6 +69,24 @@ COMPETITOR = "while True: pass"
 
 
 # ------------------------------------------------------------------ the worker
+def runner(engine, args, rng):
+    """run(test, threads) -> seconds of one pp (a prefill of args.p random token ids from an
+    empty cache) or tg (args.n of them decoded one at a time)."""
+    vocab = engine.config.vocab_size
+
+    def run(test, threads):
+        engine.reset()
+        ids = rng.integers(0, vocab, size=args.p if test == "pp" else args.n).tolist()
+        t0 = time.perf_counter()
+        if test == "pp":
+            engine.prefill(ids, threads=threads)
+        else:
+            for token in ids:
+                engine.decode_step(token, threads=threads)
+        return time.perf_counter() - t0
+    return run
+
+
 def worker(args):
     """Load the model, then answer one JSON line per request on stdin:
     {"test": "pp"|"tg", "threads": t, "settle": bool} -> {"seconds": s, "governors": ...}."""
@@ -79,20 +97,7 @@ def worker(args):
     engine = qinfer.Engine(args.model, threads=max(THREADS), ctx=args.p + args.n + 8,
                            quantize=args.quantize, group_size=args.group_size)
     rng = np.random.default_rng(0)
-    vocab = engine.config.vocab_size
-
-    def run(test, threads):
-        engine.reset()
-        if test == "pp":
-            ids = rng.integers(0, vocab, size=args.p).tolist()
-            t0 = time.perf_counter()
-            engine.prefill(ids, threads=threads)
-            return time.perf_counter() - t0
-        ids = rng.integers(0, vocab, size=args.n).tolist()
-        t0 = time.perf_counter()
-        for token in ids:
-            engine.decode_step(token, threads=threads)
-        return time.perf_counter() - t0
+    run = runner(engine, args, rng)
 
     for test in TESTS:          # warm-up: pages, caches, the libgomp pool
         for t in THREADS:
@@ -167,18 +172,10 @@ def in_process(args):
     # fixed count and spinning barrier of QINFER_ADAPT_THREADS=0 QINFER_WAIT=spin
     switches = {"new": (True, False), "old": (False, True)}
     previous = _forward.thread_policy()
+    seconds = runner(engine, args, rng)
 
     def run(test):
-        engine.reset()
-        n = args.p if test == "pp" else args.n
-        ids = rng.integers(0, engine.config.vocab_size, size=n).tolist()
-        t0 = time.perf_counter()
-        if test == "pp":
-            engine.prefill(ids, threads=2)
-        else:
-            for token in ids:
-                engine.decode_step(token, threads=2)
-        return n / (time.perf_counter() - t0)
+        return (args.p if test == "pp" else args.n) / seconds(test, 2)
 
     ratios = {test: [] for test in TESTS}
     try:
