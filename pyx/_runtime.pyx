@@ -56,8 +56,8 @@ cdef class Governor:
     seconds, idle=0) tells it how long that unit took, started `idle` seconds
     after the previous one ended; rows(n): the units that follow have n rows.
     probe_share: TEAM_PROBE_SHARE (0: periodic probes wait for the interval alone).
-    load, cores: the other processes' load (cores' worth) and the cores it assumes
-    instead of measuring them; the default, an infinite load, runs every probe."""
+    load, cores: the other processes' load (cores' worth) on the cores it may use and their
+    count, assumed instead of measured; the default, an infinite load, runs every probe."""
     cdef team_governor g
     cdef double clock
 
@@ -97,9 +97,11 @@ cdef class Governor:
 
 
 def stat_busy_ticks(bytes line):
-    """Busy clock ticks of a /proc/stat "cpu" line as the governor counts them (all
-    but idle and iowait), or -1.0 when the line is not one."""
-    return team_stat_busy_ticks(line)
+    """(cpu, busy clock ticks) of a /proc/stat "cpu" (cpu -1: all CPUs) or "cpuN" line as
+    the governor counts them (all but idle and iowait), or None when the line is not one."""
+    cdef int cpu = -1
+    ticks = team_stat_busy_ticks(line, &cpu)
+    return None if ticks < 0 else (cpu, ticks)
 
 
 def stream_read(const uint64_t[::1] buf, int nthreads, bint avx2):

@@ -24,6 +24,7 @@
 #include <limits.h>
 #include <sched.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -225,6 +226,7 @@ typedef struct {
     double wall;    /* team_clock() when taken; 0: none */
     double busy;    /* seconds all CPUs were busy since boot (/proc/stat) */
     double own;     /* seconds of CPU this process used (all its threads) */
+    int cores;      /* CPUs it may run on, whose busy time `busy` counts */
 } team_load_mark;
 
 /* Shortest window worth measuring: the kernel counts busy time in ticks of
@@ -233,14 +235,26 @@ typedef struct {
 /* Cores of other load that leave room for our threads: daemons, interrupts. */
 #define TEAM_LOAD_SLACK 0.25
 
-/* Busy clock ticks of the "cpu" line of /proc/stat (user nice system idle
- * iowait irq softirq steal ...): everything but idle and iowait; -1 if the
- * line is not one. Guest time is already counted in user and nice. */
-static inline double team_stat_busy_ticks(const char *line)
+/* Busy clock ticks of a "cpu" or "cpuN" line of /proc/stat (user nice system
+ * idle iowait irq softirq steal ...): everything but idle and iowait, with N
+ * in *cpu (-1 for the "cpu" line of all CPUs); -1 if the line is not one.
+ * Guest time is already counted in user and nice. */
+static inline double team_stat_busy_ticks(const char *line, int *cpu)
 {
-    if (line[0] != 'c' || line[1] != 'p' || line[2] != 'u' || line[3] != ' ')
+    if (line[0] != 'c' || line[1] != 'p' || line[2] != 'u')
         return -1.0;
-    const char *p = line + 4;
+    const char *p = line + 3;
+    *cpu = -1;
+    if (*p >= '0' && *p <= '9') {
+        char *end;
+        const unsigned long n = strtoul(p, &end, 10);
+        if (n > INT_MAX)
+            return -1.0;
+        *cpu = (int)n;
+        p = end;
+    }
+    if (*p != ' ')
+        return -1.0;
     double total = 0.0, idle = 0.0;
     for (int field = 0; field < 8; field++) {
         char *end;
@@ -255,29 +269,55 @@ static inline double team_stat_busy_ticks(const char *line)
     return total - idle;
 }
 
-/* The mark now; 0 where the machine's busy time cannot be read (not Linux). */
+/* Bytes of /proc/stat read: its per-CPU lines come first (~100 bytes a CPU). */
+#define TEAM_STAT_BYTES (1 << 17)
+
+/* The mark now, over the CPUs this process may run on (its affinity mask: a
+ * competitor on a CPU of ours matters, one on a CPU we may not use does not);
+ * 0 where it cannot be read (not Linux, more CPUs than a cpu_set_t holds). */
 static inline int team_load_read(team_load_mark *m)
 {
-#if defined(__linux__)
+#if defined(__linux__) && defined(CPU_ISSET) && defined(CPU_COUNT)
     static long ticks_per_s;
     if (!ticks_per_s)
         ticks_per_s = sysconf(_SC_CLK_TCK);
-    char line[512];
+    cpu_set_t allowed;
+    if (ticks_per_s <= 0 || sched_getaffinity(0, sizeof allowed, &allowed))
+        return 0;
+    char *text = malloc(TEAM_STAT_BYTES);
+    if (!text)
+        return 0;
     const int fd = open("/proc/stat", O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return 0;
-    const ssize_t got = read(fd, line, sizeof line - 1);
-    close(fd);
-    if (got <= 0 || ticks_per_s <= 0)
-        return 0;
-    line[got] = 0;
-    const double ticks = team_stat_busy_ticks(line);
-    struct timespec cpu;
-    if (ticks < 0.0 || clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &cpu))
+    size_t have = 0;
+    if (fd >= 0) {
+        ssize_t got;
+        while (have < TEAM_STAT_BYTES - 1 && (got = read(fd, text + have, TEAM_STAT_BYTES - 1 - have)) > 0)
+            have += (size_t)got;
+        close(fd);
+    }
+    text[have] = 0;
+    double ticks = 0.0;
+    int lines = 0;
+    for (const char *line = text; *line; lines++) {
+        int cpu;
+        const double busy = team_stat_busy_ticks(line, &cpu);
+        if (busy < 0.0)
+            break;              /* the CPU lines are over */
+        if (cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, &allowed))
+            ticks += busy;
+        const char *next = strchr(line, '\n');
+        if (!next)
+            break;
+        line = next + 1;
+    }
+    free(text);
+    struct timespec own;
+    if (lines < 2 || clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &own))
         return 0;
     m->wall = team_clock();
     m->busy = ticks / (double)ticks_per_s;
-    m->own = (double)cpu.tv_sec + 1e-9 * (double)cpu.tv_nsec;
+    m->own = (double)own.tv_sec + 1e-9 * (double)own.tv_nsec;
+    m->cores = CPU_COUNT(&allowed);
     return 1;
 #else
     (void)m;
@@ -289,16 +329,6 @@ static inline int team_load_read(team_load_mark *m)
  * (< 0: measure; tests set infinity: every probe runs; pyx/_forward.pyx,
  * set_assumed_load). */
 static double team_assumed_load TEAM_UNUSED = -1.0;
-
-static inline int team_online_cores(void)
-{
-    static int cores;
-    if (!cores) {
-        const long n = sysconf(_SC_NPROCESSORS_ONLN);
-        cores = n > 0 ? (int)n : 1;
-    }
-    return cores;
-}
 
 typedef struct {
     int max;            /* the thread count asked for; 0 before the first unit */
@@ -324,7 +354,7 @@ typedef struct {
     int skipped;        /* probes of fewer threads not run: the machine had room for ours */
     team_load_mark mark;    /* the machine's load when last asked (governor_contended) */
     double fixed_load;      /* tests: the other load to assume (>= 0), or < 0: measure */
-    int fixed_cores;        /* tests: the cores to assume, or 0: the online ones */
+    int fixed_cores;        /* tests: the cores to assume with fixed_load */
 } team_governor;
 
 static inline void governor_init(team_governor *g, int probe_units)
@@ -374,9 +404,8 @@ static inline int governor_probe_due(const team_governor *g)
  * mark is shorter than TEAM_LOAD_MIN_S, or there was none: ask again later). */
 static inline int governor_contended(team_governor *g, int threads)
 {
-    const int cores = g->fixed_cores > 0 ? g->fixed_cores : team_online_cores();
     if (g->fixed_load >= 0.0)
-        return g->fixed_load + threads > cores + TEAM_LOAD_SLACK;
+        return g->fixed_load + threads > g->fixed_cores + TEAM_LOAD_SLACK;
     if (g->mark.wall > 0.0 && team_clock() - g->mark.wall < TEAM_LOAD_MIN_S)
         return -1;
     team_load_mark now;
@@ -386,8 +415,10 @@ static inline int governor_contended(team_governor *g, int threads)
     g->mark = now;
     if (then.wall <= 0.0)
         return -1;
+    if (now.cores != then.cores)
+        return -1;              /* the affinity changed: a new window */
     const double other = ((now.busy - then.busy) - (now.own - then.own)) / (now.wall - then.wall);
-    return other + threads > cores + TEAM_LOAD_SLACK;
+    return other + threads > now.cores + TEAM_LOAD_SLACK;
 }
 
 /* Threads for the next unit, of at most `nthreads` (the count asked for). */

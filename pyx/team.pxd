@@ -10,7 +10,7 @@ cdef extern from "team.h":
     void governor_rows(team_governor *g, int rows)
     int governor_threads(team_governor *g, int nthreads)
     void governor_report(team_governor *g, int threads, double start, double end)
-    double team_stat_busy_ticks(const char *line)
+    double team_stat_busy_ticks(const char *line, int *cpu)
     double TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S, TEAM_PROBE_MARGIN, TEAM_PROBE_MARGIN_UP, TEAM_PROBE_SHARE
     int TEAM_PROBE_WARMUP
     int TEAM_WAIT_SLEEP, TEAM_WAIT_SPIN

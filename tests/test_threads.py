@@ -85,18 +85,23 @@ def drive_skips(load, cores, asked=2):
 
 
 def test_governor_reads_busy_time_as_proc_stat_counts_it():
-    """/proc/stat's "cpu" line: user nice system idle iowait irq softirq steal guest
-    guest_nice; busy is all but idle and iowait (guest time is inside user and nice)."""
-    assert _runtime.stat_busy_ticks(b"cpu  100 20 30 400 50 6 7 8 90 9\ncpu0 1 2 3") == 171
-    assert _runtime.stat_busy_ticks(b"cpu  1 2 3 4 5\n") == 6            # kernels before irq
-    assert _runtime.stat_busy_ticks(b"cpu0 1 2 3 4 5\n") == -1
-    assert _runtime.stat_busy_ticks(b"intr 1 2 3") == -1
-    assert _runtime.stat_busy_ticks(b"cpu  1 2\n") == -1
+    """/proc/stat's "cpu" (all CPUs) and "cpuN" lines: user nice system idle iowait irq
+    softirq steal guest guest_nice; busy is all but idle and iowait (guest time is inside
+    user and nice). The governor sums the lines of the CPUs the process may run on."""
+    assert _runtime.stat_busy_ticks(b"cpu  100 20 30 400 50 6 7 8 90 9\ncpu0 1 2 3") == (-1, 171)
+    assert _runtime.stat_busy_ticks(b"cpu12 1 2 3 4 5 6 7 8 9 10\n") == (12, 27)
+    assert _runtime.stat_busy_ticks(b"cpu  1 2 3 4 5\n") == (-1, 6)     # kernels before irq
+    assert _runtime.stat_busy_ticks(b"intr 1 2 3") is None
+    assert _runtime.stat_busy_ticks(b"cpu  1 2\n") is None
+    assert _runtime.stat_busy_ticks(b"cpux 1 2 3 4 5\n") is None
     if os.path.exists("/proc/stat"):
         with open("/proc/stat", "rb") as f:
-            line = f.readline()
-        fields = [int(v) for v in line.split()[1:]]
-        assert _runtime.stat_busy_ticks(line) == sum(fields[:8]) - fields[3] - fields[4]
+            lines = [line for line in f if line.startswith(b"cpu")]
+        for line in lines[:3]:
+            name, *fields = line.split()
+            fields = [int(v) for v in fields]
+            cpu = -1 if name == b"cpu" else int(name[3:])
+            assert _runtime.stat_busy_ticks(line) == (cpu, sum(fields[:8]) - fields[3] - fields[4])
 
 
 def test_governor_spaces_the_probes_of_long_units():
