@@ -16,7 +16,7 @@ import numpy as np
 
 from qmatrix cimport qmatrix, qgemm_fn, qgemv_team_fn, qgemm_team_fn
 from team cimport (team_governor, team_wait_mode, TEAM_WAIT_SLEEP, TEAM_WAIT_SPIN,
-                   team_probe_min_s, team_probe_max_s, team_probe_share, team_assumed_load, TEAM_PROBE_SHARE)
+                   team_probe_min_s, team_probe_max_s, team_probe_share, team_load_check, TEAM_PROBE_SHARE)
 
 # One translation unit, as when the C was a string here (forward.h says why).
 cdef extern from "float_gemm.c":
@@ -146,14 +146,15 @@ def set_probe_interval(double shortest, double longest, double share=TEAM_PROBE_
     return previous
 
 
-def set_assumed_load(load):
-    """The other processes' load (cores' worth) that governors created from now on
-    assume instead of measuring it before a probe of fewer threads (pyx/team.h,
-    governor_contended); None: measure it. Tests set infinity: every probe runs.
-    Returns the previous setting."""
-    global team_assumed_load
-    previous = None if team_assumed_load < 0 else team_assumed_load
-    team_assumed_load = -1.0 if load is None else float(load)
+def set_load_check(bint on):
+    """Whether governors created from now on measure the other processes' load before a
+    probe of fewer threads and skip it while the machine has room for their threads
+    (pyx/team.h, governor_contended; the default), or run every probe as on a busy
+    machine (tests that make the governors probe all the time). Returns the previous
+    setting."""
+    global team_load_check
+    previous = bool(team_load_check)
+    team_load_check = on
     return previous
 
 
@@ -383,8 +384,9 @@ cdef class Transformer:
         """What the thread governors (pyx/team.h) chose: for "decode" (steps),
         "prefill" (blocks) and "rows" (batched decode steps of several sequences), the
         count asked for (0: none yet), the count in use, the probes and switches so
-        far, the probes of fewer threads skipped because the machine had room for ours, the moving average of a unit's seconds (per token for prefill blocks and
-        batched steps) at that count and the seconds of work governed."""
+        far, the probes of fewer threads skipped because the machine had room for
+        ours, the moving average of a unit's seconds (per token for prefill blocks
+        and batched steps) at that count and the seconds of work governed."""
         return {"decode": governor_state(&self.s.decode_governor),
                 "prefill": governor_state(&self.s.prefill_governor),
                 "rows": governor_state(&self.s.rows_governor)}

@@ -22,6 +22,7 @@
 #define QINFER_TEAM_H
 
 #include <limits.h>
+#include <math.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
@@ -325,10 +326,10 @@ static inline int team_load_read(team_load_mark *m)
 #endif
 }
 
-/* The other load governors assume when they start instead of measuring it
- * (< 0: measure; tests set infinity: every probe runs; pyx/_forward.pyx,
- * set_assumed_load). */
-static double team_assumed_load TEAM_UNUSED = -1.0;
+/* Whether governors that start from now on measure the load before a probe of
+ * fewer threads (1) or run every probe as on a busy machine (0: tests, which
+ * make the governor probe all the time; pyx/_forward.pyx, set_load_check). */
+static int team_load_check TEAM_UNUSED = 1;
 
 typedef struct {
     int max;            /* the thread count asked for; 0 before the first unit */
@@ -364,7 +365,7 @@ static inline void governor_init(team_governor *g, int probe_units)
     g->share = team_probe_share;
     g->probes = g->switches = g->wins = g->skipped = 0;
     g->mark.wall = 0.0;
-    g->fixed_load = team_assumed_load;
+    g->fixed_load = team_load_check ? -1.0 : HUGE_VAL;
     g->fixed_cores = 0;
     g->rows = 0;
     g->work = g->last_end = 0.0;

@@ -15,4 +15,5 @@ cdef extern from "team.h":
     int TEAM_PROBE_WARMUP
     int TEAM_WAIT_SLEEP, TEAM_WAIT_SPIN
     int team_wait_mode
-    double team_probe_min_s, team_probe_max_s, team_probe_share, team_assumed_load
+    double team_probe_min_s, team_probe_max_s, team_probe_share
+    int team_load_check

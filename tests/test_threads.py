@@ -274,12 +274,12 @@ def probe_always():
     """Probe whenever enough units have run, so that short runs switch counts back and forth
     (as on a busy machine: a quiet one would skip the probes of fewer threads)."""
     previous = _forward.set_probe_interval(0.0, 0.0, 0.0)
-    previous_load = _forward.set_assumed_load(float("inf"))
+    previous_check = _forward.set_load_check(False)
     try:
         yield
     finally:
         _forward.set_probe_interval(*previous)
-        _forward.set_assumed_load(previous_load)
+        _forward.set_load_check(previous_check)
 
 
 @pytest.mark.parametrize("wait", ["sleep", "spin"])
