@@ -194,19 +194,24 @@ def in_process(args):
         rs = ratios[test]
         print(f"quiet, 2 threads, new / old, one process: {test} median {statistics.median(rs):.3f}  "
               f"mean {statistics.mean(rs):.3f}  ({len(rs)} rounds; target >= 0.97)")
-    g = engine.model.transformer.thread_governors()
-    print("new policy's governors: " + "; ".join(
-        f"{k} {v['threads']} of {v['asked']} threads ({v['probes']} probes, {v['switches']} switches, "
-        f"{v['skipped']} skipped)" for k, v in g.items() if v["asked"]))
+    print("new policy's governors: " + governors_text(engine.model.transformer.thread_governors()))
 
 
-def paired(runs, name, base, threads, test):
+def governors_text(governors):
+    """Transformer.thread_governors() in one line: each governor that ran, its count and probes."""
+    return "; ".join(f"{k} {v['threads']} of {v['asked']} threads ({v['probes']} probes, "
+                     f"{v['switches']} switches, {v['skipped']} skipped)" for k, v in governors.items() if v["asked"])
+
+
+def paired(runs, name, base, threads, test, max_load=None):
     """The median over rounds of `name`'s quiet tokens/s over `base`'s in the same round: the
     two run back to back (in alternating order), so a drift of the machine's speed over the
-    minutes of a run, which moves both, cancels, where a ratio of medians keeps some of it."""
+    minutes of a run, which moves both, cancels, where a ratio of medians keeps some of it.
+    max_load: leave out runs during which other processes used more cores (--quiet-max-load)."""
     by_round = {}
     for run in runs:
-        if run["condition"] == "quiet" and run["threads"] == threads and run["test"] == test:
+        if (run["condition"] == "quiet" and run["threads"] == threads and run["test"] == test
+                and (max_load is None or run["other_load"] <= max_load)):
             by_round.setdefault(run["round"], {})[run["policy"]] = run["tokens_per_s"]
     ratios = [r[name] / r[base] for r in by_round.values() if name in r and base in r]
     return statistics.median(ratios) if ratios else float("nan")
@@ -424,7 +429,7 @@ def main():
             print(f"quiet, 1 thread,  new / {base:<4}:     pp {pp:.2f}  tg {tg:.2f}   (control: the policies "
                   f"differ only above one thread, so this is the noise)")
             for t in (2, 1):
-                pp, tg = (paired(runs, "new", base, t, test) for test in TESTS)
+                pp, tg = (paired(runs, "new", base, t, test, args.quiet_max_load) for test in TESTS)
                 print(f"quiet, {t} thread{'s' if t > 1 else ' '}, new / {base:<4}, paired: pp {pp:.2f}  tg {tg:.2f}   "
                       f"(median of the rounds' back-to-back ratios)")
         if baseline:
@@ -439,10 +444,7 @@ def main():
         for condition in ("quiet", "busy"):
             g = final_governors.get(("new", condition))
             if g:
-                print(f"new policy's governors after the last {condition} run: "
-                      + "; ".join(f"{k} {v['threads']} of {v['asked']} threads ({v['probes']} probes, "
-                                  f"{v['switches']} switches, {v['skipped']} skipped)"
-                                  for k, v in g.items() if v["asked"]))
+                print(f"new policy's governors after the last {condition} run: " + governors_text(g))
 
 
 if __name__ == "__main__":
