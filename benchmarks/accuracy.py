@@ -32,7 +32,7 @@ cross-check of the two engines.
 --final-windows N (0: all): then the final comparison (benchmarks/accuracy_final.py):
 for each llama.cpp format the grid's best qinfer model at the same bitwidth and at
 any bitwidth within the format's bits per weight, qinfer's float32 and llama.cpp's
-formats, all scored on the first N windows; GPTQ rows cross-fitted on two halves
+formats, all scored on the first N windows; GPTQ and SpQR rows cross-fitted on two halves
 of them, so that every window can be scored with no scored token in calibration.
 
 The grid itself runs through qinfer.sweep (the library behind `qinfer sweep`): one
@@ -624,7 +624,7 @@ def main():
                    help="the bitwidths that get +mix rows (default: every --bits)")
     p.add_argument("--final-windows", type=int, default=None, metavar="N",
                    help="then score the grid's choices against llama.cpp on the first N windows, 0 = all "
-                        "(benchmarks/accuracy_final.py: the final table; GPTQ rows cross-fitted)")
+                        "(benchmarks/accuracy_final.py: the final table; GPTQ and SpQR rows cross-fitted)")
     p.add_argument("--mix-methods", default=None,
                    help="the methods (of --methods' rows) that get +mix rows (default: all of them)")
     p.add_argument("--mix-group-sizes", type=int_list, default=None,

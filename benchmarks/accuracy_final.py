@@ -6,8 +6,8 @@ within the format's bits per weight. This stage scores those models, the float
 baseline and llama.cpp's formats again on the first --final-windows windows (all of
 them by default), which is what the accuracy target is judged on.
 
-GPTQ needs calibration text that no scored token is in, and when every window is
-scored no WikiText-2 text is left over. So the GPTQ rows are cross-fitted: the
+GPTQ and SpQR need calibration text that no scored token is in, and when every window
+is scored no WikiText-2 text is left over. So their rows are cross-fitted: the
 windows are cut in two halves, and each half is scored by a model calibrated on
 the other half's text (the same settings, another calibration draw). Every scored
 token is then unseen by the calibration of the model that scores it; the row's
@@ -22,8 +22,8 @@ import qinfer
 
 from qinfer.perplexity import split_windows
 
-from accuracy import (SEQLEN, best_cells, best_match, checkpoint_key, ensure_checkpoint, log, pct, run_llamacpp,
-                      score, split_method)
+from accuracy import (CALIBRATED, SEQLEN, best_cells, best_match, checkpoint_key, ensure_checkpoint, log, pct,
+                      run_llamacpp, score, split_method)
 
 
 def calibration_text(cache, engine, tokens, start, stop, tag):
@@ -52,7 +52,7 @@ def chosen(rows, formats, llamacpp_types):
 def final_score(args, store, model, cache, row, windows, folds, data_id):
     """{ppl, nll, tokens, windows, folds} of a grid row's configuration on `windows`."""
     method, bits, g = row["method"], row["bits"], row["group_size"]
-    if split_method(method)[0] != "gptq":
+    if split_method(method)[0] not in CALIBRATED:
         folds = [(None, None, 0, len(windows))]            # one model, no calibration
     total_nll = tokens = 0.0
     for calib, calib_id, lo, hi in folds:
@@ -85,7 +85,7 @@ def run_final(args, store, model, tokens, total, cache, rows, formats, float_eng
               f"{tag}-from{half * SEQLEN}", 0, half),
              (calibration_text(cache, float_engine, tokens, 0, half * SEQLEN, tag),
               f"{tag}-to{half * SEQLEN}", half, n)]
-    log(f"final comparison: {n} windows; GPTQ rows cross-fitted on windows 0..{half - 1} and {half}..{n - 1}")
+    log(f"final comparison: {n} windows; GPTQ and SpQR rows cross-fitted on windows 0..{half - 1} and {half}..{n - 1}")
     key = f"final|float32|windows=0..{n - 1}|seqlen={SEQLEN}|threads={args.threads}|{data_id}"
     base = store.get(key) or store.put(key, score(float_engine, windows, args.threads))
     log(f"  float32: ppl {base['ppl']:.4f}")
@@ -109,7 +109,7 @@ def report(args, final, llama, grid_rows):
          f"The accuracy target's table. For each llama.cpp format, the grid above picked qinfer's best model at "
          f"the same bitwidth and at any bitwidth within the format's bits per weight; here those models, "
          f"qinfer's float32 and llama.cpp (`llama-perplexity ... --chunks {n}`) are scored on the first {n} "
-         f"windows ({final['float']['tokens']:,} predicted tokens for qinfer). GPTQ rows are cross-fitted: "
+         f"windows ({final['float']['tokens']:,} predicted tokens for qinfer). GPTQ and SpQR rows are cross-fitted: "
          f"windows 0..{final['half'] - 1} are scored by a model calibrated on the text from window "
          f"{final['half']} on, windows {final['half']}..{n - 1} by one calibrated on the text before it "
          f"(same settings), so no scored token is in the calibration of the model that scores it; round to "

@@ -2,7 +2,7 @@
 
     python benchmarks/serve.py [--model PATH] [-t 2] [--parallel 16] [--streams 1,4,8,16]
                                [--max-tokens 128] [--rounds 2] [--seconds 8] [--activations float|int8]
-                               [--skip-llamacpp] [--json-out FILE]
+                               [--pairs N] [--skip-llamacpp] [--json-out FILE]
 
 Starts `python -m qinfer serve` (a child process, --parallel slots of --ctx
 tokens, --activations as given) and, for each concurrency N, N client threads
@@ -23,6 +23,11 @@ aggregate to the single stream's. Then:
   server, and take CPU time from it;
 * a chat's two turns: the time to first token of each, and how many prompt
   tokens the second turn found in the cache (usage.prompt_tokens_details).
+
+With --pairs N, N more runs of 1 stream and of 8 streams, back to back, and
+the median of the N ratios: on a shared machine whose speed drifts by 5-10%
+over minutes the rows above, measured minutes apart, carry that drift into
+their ratio; a pair's two runs are seconds apart.
 
 Then the same load (streams, chat turns) against llama.cpp's `llama-server`
 (built from the llama-cpp-python sdist by benchmarks/llamacpp.py) on the same
@@ -212,19 +217,26 @@ def start_llama_server(args, port, gguf):
     return healthy(proc, port, "llama-server")
 
 
-def measure(url, args, streams):
-    """One server under the whole load: the concurrency rows, a single stream, a chat's two turns."""
+def measure(url, args, streams, n_pairs=0):
+    """One server under the whole load: the concurrency rows, the paired 1- and 8-stream runs
+    (--pairs), a single stream, a chat's two turns."""
     stream_request(url + "/v1/completions", dict(prompt="Warm up.", max_tokens=8, temperature=0))
     rows = []
     for n in streams:
         log(f"{n} concurrent stream(s), {args.rounds} request(s) each")
         rows.append(concurrency(url, n, args))
+    pairs = []
+    for i in range(n_pairs):
+        log(f"pair {i + 1}/{n_pairs}: 1 stream, then 8")
+        one, eight = (concurrency(url, n, args)["all_busy_tokens_per_second"] for n in (1, 8))
+        pairs.append((one, eight))
     single = stream_request(url + "/v1/completions", dict(prompt=PROMPTS[0], max_tokens=args.max_tokens,
                                                            temperature=0, ignore_eos=True))
     log("chat: two turns")
     turn1, turn2 = chat_turns(url)
     decode = (single["tokens"] - 1) / (single["seconds"] - single["ttft"])
-    return dict(rows=rows, single_stream=single, server_decode=decode, chat=dict(turn1=turn1, turn2=turn2))
+    return dict(rows=rows, pairs=pairs, single_stream=single, server_decode=decode,
+                chat=dict(turn1=turn1, turn2=turn2))
 
 
 def stopped(proc):
@@ -264,6 +276,9 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--activations", choices=("float", "int8"), default="float")
+    parser.add_argument("--pairs", type=int, default=0, metavar="N",
+                        help="then N more runs of 1 stream and 8 streams back to back, and the median of "
+                             "their ratios (the machine's speed drifts less within a pair than over a run)")
     parser.add_argument("--skip-llamacpp", action="store_true", help="no llama-server rows")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
@@ -277,7 +292,7 @@ def main():
     report = dict(threads=args.threads, parallel=args.parallel, max_tokens=args.max_tokens,
                   activations=args.activations, load=os.getloadavg())
     try:
-        ours = measure(f"http://127.0.0.1:{port}", args, streams)
+        ours = measure(f"http://127.0.0.1:{port}", args, streams, args.pairs)
     finally:
         stopped(proc)
     log("qinfer generate on the same prompt")
@@ -323,11 +338,20 @@ def main():
                   f"{b['ttft_p50'] / a['ttft_p50']:>8.2f}x {b['latency_p50'] / a['latency_p50']:>11.2f}x")
         print("  (tok/s: qinfer's over llama-server's; TTFT and latency: llama-server's over qinfer's, "
               "so above 1 is qinfer faster)")
+    if ours["pairs"]:
+        ratios = [eight / one for one, eight in ours["pairs"]]
+        print("\npaired runs (1 stream, then 8; all-busy tokens/s): " +
+              ", ".join(f"{one:.1f} / {eight:.1f} = {r:.2f}x" for (one, eight), r in zip(ours["pairs"], ratios)) +
+              f"; median {statistics.median(ratios):.2f}x")
     print("\ntargets (issue 37):")
     eight = next((r for r in ours["rows"] if r["streams"] == 8), None)
     if eight and base:
         x = eight["all_busy_tokens_per_second"] / base
         print(f"  8 streams / 1 stream: {x:.2f} {'>=' if x >= 4 else '<'} 4.00: {'met' if x >= 4 else 'missed'}")
+    if ours["pairs"]:
+        x = statistics.median(ratios)
+        print(f"  8 streams / 1 stream, median of {len(ratios)} pairs: {x:.2f} {'>=' if x >= 4 else '<'} 4.00: "
+              f"{'met' if x >= 4 else 'missed'}")
     gap = server_decode / generate
     print(f"  one stream through the server / qinfer generate: {gap:.2f} "
           f"{'>=' if gap >= 0.9 else '<'} 0.90: {'met' if gap >= 0.9 else 'missed'}")
