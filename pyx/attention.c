@@ -783,13 +783,12 @@ static float *thread_scores(const weights *w, const run_state *s, int thread)
 }
 
 /* Causal grouped-query attention of the n new tokens first.. of a call (positions
- * pos + first..) over the cache: the query tiles taken by the team's threads, or by a
- * parallel region's, as each finishes one (exec_ctx). */
+ * pos + first..) over the cache: the query tiles taken in turn by the team's threads
+ * (exec_ctx), or by a parallel region's as each finishes one. */
 static void attention(const weights *w, run_state *s, int layer, int pos, int first, int n, const exec_ctx *cx)
 {
-    if (cx->tm) {   /* cache_and_attend waits at the barrier first, which resets the count */
-        const int jobs = attention_jobs(w, s, n);
-        for (int job; (job = team_take_one(cx->tm, jobs)) >= 0;)
+    if (cx->tm) {
+        for (int job = cx->tm->thread; job < attention_jobs(w, s, n); job += cx->tm->threads)
             attention_job(w, s, layer, pos, first, n, job, thread_scores(w, s, cx->tm->thread));
         return;
     }

@@ -180,14 +180,6 @@ static inline int team_take(const team *tm, int n_tiles, int *first, int *last)
     return 1;
 }
 
-/* The next of n jobs handed out one at a time (attention's query tiles), or -1 when
- * all are taken; the same count as team_take, so it too must follow a team_wait. */
-static inline int team_take_one(const team *tm, int n)
-{
-    const int job = __atomic_fetch_add(&tm->barrier->next_tile, 1, __ATOMIC_RELAXED);
-    return job < n ? job : -1;
-}
-
 /* ------------------------------------------------------------ the governor */
 
 /* A probe must be this much faster than the moving average of the count in
