@@ -103,7 +103,7 @@ static int forward_with(const weights *w, run_state *s, const int *tokens, int n
 static int team_forward(const weights *w, run_state *s, const int *tokens, int n, int pos, float *logits,
                         int nthreads)
 {
-    team_barrier barrier = {0, 0, 0, 0};
+    team_barrier barrier = {0, 0, 0};
     int failed = 0;
     embed(w, tokens, n, s->x);
     rope_tables(w, s, pos, n);
@@ -313,11 +313,8 @@ static int project(const exec_ctx *cx, const block *b, const linear *stacked, co
     if (is_set(stacked))
         return s->stacked ? linear_map(cx, stacked, s->xb, b->n, s->stacked) : -1;
     int rc = 0;
-    for (int i = 0; i < count; i++) {
-        if (i)
-            sync_point(cx);   /* a team's rows kernels take tiles from a count a barrier resets (team_take) */
+    for (int i = 0; i < count; i++)
         rc |= linear_map(cx, parts[i], s->xb, b->n, outs[i]);
-    }
     return rc;
 }
 

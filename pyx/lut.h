@@ -386,8 +386,8 @@ static void lut_team_done(void)
 
 /* Several rows inside the caller's thread team (qgemm_team_fn; the fast loops): every thread
  * builds the tables (a few microseconds a layer, cheaper than a barrier and a
- * shared buffer) and computes the chunks of tiles it takes (one row: its fixed
- * share); no barrier, y is whole at the caller's. */
+ * shared buffer) and computes its share of the tiles; no barrier, y is whole
+ * at the caller's. */
 static int lut_rows_team(const qmatrix *m, const float *x, int n, float *y, const team *tm)
 {
     const lut_matrix *L = LUT_OF(m);
@@ -396,14 +396,8 @@ static int lut_rows_team(const qmatrix *m, const float *x, int n, float *y, cons
         return -1;
     for (int r = 0; r < n; r++)
         lut_build_row(L, x, &a, r, 1);
-    if (n > 1) {          /* a batched step: chunks as they are taken (team_take) */
-        int first, last;
-        while (team_take(tm, m->n_tiles, &first, &last))
-            lut_tiles(L, &a, n, first, last, y, 1);
-    } else {              /* a decode step: a fixed, contiguous share */
-        lut_tiles(L, &a, n, (int)((long)m->n_tiles * tm->thread / tm->threads),
-                  (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads), y, 1);
-    }
+    lut_tiles(L, &a, n, (int)((long)m->n_tiles * tm->thread / tm->threads),
+              (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads), y, 1);
     lut_team_done();
     return 0;
 }

@@ -62,7 +62,6 @@ typedef struct {
     int arrived;      /* threads at the barrier in this generation */
     int generation;   /* advanced by the last to arrive, which releases the others */
     int sleepers;     /* threads asleep (or about to be) on `generation` */
-    int next_tile;    /* the first tile no thread has taken yet (team_take); 0 after every barrier */
 } team_barrier;
 
 typedef struct team {
@@ -120,7 +119,6 @@ static inline void team_wait(const team *tm)
     const int generation = __atomic_load_n(&b->generation, __ATOMIC_ACQUIRE);
     if (__atomic_add_fetch(&b->arrived, 1, __ATOMIC_ACQ_REL) == tm->threads) {
         __atomic_store_n(&b->arrived, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&b->next_tile, 0, __ATOMIC_RELAXED);   /* published by the store below */
         /* sequentially consistent with the sleepers' count below (a waiter adds
          * itself, then reads generation): either it sees the new generation or
          * the releaser sees it and wakes it */
@@ -148,36 +146,6 @@ static inline void team_wait(const team *tm)
         team_futex_wait(&b->generation, generation);   /* returns at once if it has moved on */
     __atomic_sub_fetch(&b->sleepers, 1, __ATOMIC_RELAXED);
 #endif
-}
-
-/* Tiles handed out as they are asked for: a kernel call of several rows (a server's
- * batched step) takes its tiles in chunks, `while (team_take(tm, n_tiles, &a, &b))`,
- * instead of a fixed share per thread. A thread that loses its core for a while
- * (the server's event loop and clients run on the same cores) then leaves its
- * remaining chunks to the others, who would otherwise wait for it at the next
- * barrier with nothing to do. Each tile is computed the same way by whichever
- * thread takes it, so the results do not change. The count starts at 0 after a
- * team_wait: every such call must follow one (layer_forward has one before each
- * linear map). A decode step's one-row kernels keep their fixed, contiguous
- * shares, which stream through memory best. */
-#define TEAM_CHUNKS_PER_THREAD 8
-static inline int team_take(const team *tm, int n_tiles, int *first, int *last)
-{
-    if (tm->threads == 1) {     /* the whole range at once, no atomics */
-        if (__atomic_exchange_n(&tm->barrier->next_tile, n_tiles, __ATOMIC_RELAXED) >= n_tiles)
-            return 0;
-        *first = 0;
-        *last = n_tiles;
-        return 1;
-    }
-    const int per = TEAM_CHUNKS_PER_THREAD * tm->threads;
-    const int chunk = n_tiles > per ? (n_tiles + per - 1) / per : 1;
-    const int start = __atomic_fetch_add(&tm->barrier->next_tile, chunk, __ATOMIC_RELAXED);
-    if (start >= n_tiles)
-        return 0;
-    *first = start;
-    *last = start + chunk < n_tiles ? start + chunk : n_tiles;
-    return 1;
 }
 
 /* ------------------------------------------------------------ the governor */

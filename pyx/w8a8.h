@@ -296,8 +296,8 @@ static int w8a8_gemm(const qmatrix *m, const float *x, int n, float *y, int nthr
 
 /* Several rows inside the caller's thread team (qgemm_team_fn): every thread
  * rounds the rows itself (microseconds, cheaper than a barrier and a shared
- * buffer) and computes the chunks of tiles it takes (one row: its fixed share);
- * y is whole at the caller's barrier. The same numbers as w8a8_gemm. */
+ * buffer) and computes its share of the tiles; y is whole at the caller's
+ * barrier. The same numbers as w8a8_gemm. */
 static int w8a8_rows_team(const qmatrix *m, const float *x, int n, float *y, const team *tm)
 {
     const w8a8_matrix *M = W8A8_OF(m);
@@ -307,14 +307,8 @@ static int w8a8_rows_team(const qmatrix *m, const float *x, int n, float *y, con
     const w8a8_input in = w8a8_input_at(M, n, memory);
     for (int r = 0; r < n; r++)
         w8a8_prepare_row(M, x, r, &in);
-    if (n > 1) {          /* a batched step: chunks as they are taken (team_take) */
-        int first, last;
-        while (team_take(tm, m->n_tiles, &first, &last))
-            w8a8_tiles(M, &in, n, first, last, y);
-    } else {              /* a decode step: a fixed, contiguous share */
-        w8a8_tiles(M, &in, n, (int)((long)m->n_tiles * tm->thread / tm->threads),
-                   (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads), y);
-    }
+    w8a8_tiles(M, &in, n, (int)((long)m->n_tiles * tm->thread / tm->threads),
+               (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads), y);
     scratch_done();
     return 0;
 }
