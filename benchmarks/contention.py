@@ -119,10 +119,12 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy_ticks():
-    """Clock ticks all CPUs spent busy (not idle, not waiting for I/O), from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return sum(fields) - fields[3] - fields[4]
+    """Clock ticks all CPUs spent busy (not idle, not waiting for I/O), from /proc/stat's
+    first line, counted as the governor counts them (pyx/team.h; guest time is inside user)."""
+    from qinfer import _runtime
+
+    with open("/proc/stat", "rb") as f:
+        return _runtime.stat_busy_ticks(f.readline())[1]
 
 
 def process_ticks(pid):
