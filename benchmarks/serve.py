@@ -2,7 +2,7 @@
 
     python benchmarks/serve.py [--model PATH] [-t 2] [--parallel 16] [--streams 1,4,8,16]
                                [--max-tokens 128] [--rounds 2] [--seconds 8] [--activations float|int8]
-                               [--pairs N] [--skip-llamacpp] [--json-out FILE]
+                               [--stream-interval MS] [--pairs N] [--skip-llamacpp] [--json-out FILE]
 
 Starts `python -m qinfer serve` (a child process, --parallel slots of --ctx
 tokens, --activations as given) and, for each concurrency N, N client threads
@@ -73,6 +73,8 @@ def start_server(args, port):
     cmd = [sys.executable, "-m", "qinfer", "serve", "--port", str(port), "--parallel", str(args.parallel),
            "--ctx", str(args.ctx), "--threads", str(args.threads), "--model-name", "bench",
            "--activations", args.activations]
+    if args.stream_interval is not None:
+        cmd += ["--stream-interval", str(args.stream_interval)]
     if args.model:
         cmd += ["--model", args.model]
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
@@ -276,6 +278,8 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--activations", choices=("float", "int8"), default="float")
+    parser.add_argument("--stream-interval", type=int, default=None, metavar="MS",
+                        help="qinfer serve's --stream-interval (default: the server's)")
     parser.add_argument("--pairs", type=int, default=0, metavar="N",
                         help="then N more runs of 1 stream and 8 streams back to back, and the median of "
                              "their ratios (the machine's speed drifts less within a pair than over a run)")

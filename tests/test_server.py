@@ -34,8 +34,9 @@ def _free_port():
 
 
 class _Running:
-    def __init__(self, engine, api_key=None):
-        self.app, self.scheduler = build(engine, parallel=SLOTS, ctx=CTX, model_name="smollm2", api_key=api_key)
+    def __init__(self, engine, api_key=None, **options):
+        self.app, self.scheduler = build(engine, parallel=SLOTS, ctx=CTX, model_name="smollm2", api_key=api_key,
+                                         **options)
         self.port = _free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -99,6 +100,64 @@ def test_streamed_completion_is_the_same_text(client, alone):
     chunks = list(client.completions.create(model="smollm2", prompt=p, max_tokens=12, temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == alone[p][0]
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_stream_interval_holds_text_but_not_a_first_or_last_event():
+    """A stream's text waits up to the interval to go out with later text; its first event
+    and its end (done, error) wake the event loop at once."""
+    from qinfer.server.app import _Inbox, _Relay
+    wakeups, now = [], [100.0]
+
+    class Loop:
+        def call_soon_threadsafe(self, fn):
+            wakeups.append(fn)
+
+    relay = _Relay(Loop(), interval=0.02, clock=lambda: now[0])
+    inbox = _Inbox(relay)
+
+    def sent():                 # the wake-ups send() asked for, run as the loop would
+        count = len(wakeups)
+        while wakeups:
+            wakeups.pop()()
+        return count
+
+    relay.send()
+    assert sent() == 0          # nothing to send
+    inbox.put("text", "a")
+    relay.send()
+    assert sent() == 1          # a first event: at once
+    inbox.put("text", "b")
+    relay.send()
+    now[0] += 0.015
+    inbox.put("text", "c")
+    relay.send()
+    assert sent() == 0          # within the interval: held
+    now[0] += 0.006
+    relay.send()
+    assert sent() == 1          # the interval is over: b and c go out together
+    inbox.put("text", "d")
+    relay.send()
+    assert sent() == 0
+    inbox.put("done", None)
+    relay.send()
+    assert sent() == 1          # the last event: at once, d with it
+    assert [v for _, v in inbox.items] == ["a", "b", "c", "d", None]
+    assert inbox.event.is_set()
+
+
+def test_a_long_stream_interval_delays_no_reply(engine, alone):
+    """With an interval far longer than the request, the stream still ends as soon as the
+    generation does (its last event is sent at once), with all its text."""
+    running = _Running(engine, stream_interval=600.0)
+    try:
+        c = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        p = PROMPTS[2]
+        start = time.monotonic()
+        chunks = list(c.completions.create(model="smollm2", prompt=p, max_tokens=12, temperature=0, stream=True))
+        assert time.monotonic() - start < 120
+        assert "".join(ch.choices[0].text for ch in chunks) == alone[p][0]
+    finally:
+        running.stop()
 
 
 def test_chat_streamed_and_whole_agree_with_engine_chat(client, engine):

@@ -4,7 +4,7 @@ import socket
 import sys
 
 from ..errors import QinferError
-from .options import add_model_options, kv_cache_args, positive_int
+from .options import add_model_options, kv_cache_args, non_negative_int, positive_int
 
 DEFAULT_SLOT_CTX = 4096      # tokens a slot holds unless --ctx says; at most the trained context
 
@@ -32,6 +32,11 @@ def add_parser(sub):
                         "than one stream after another yet); default float, or QINFER_ACTIVATIONS")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every request")
+    p.add_argument("--stream-interval", type=non_negative_int, default=None, metavar="MS",
+                   help="a streamed reply writes its new tokens at most every MS milliseconds (default "
+                        "20; 0: each token as it comes): each write costs the server CPU time that a "
+                        "busy server's decode steps then lack; a reply's first and last chunks go out "
+                        "at once")
     p.add_argument("--model-name", default=None, metavar="NAME",
                    help="the model's id in the API (default: the model file or directory's name)")
     return p
@@ -73,8 +78,9 @@ def run(args):
     if ctx is None:
         ctx = min(engine.config.max_position_embeddings or DEFAULT_SLOT_CTX, DEFAULT_SLOT_CTX)
     warn_beyond_training(ctx, engine.config)
+    interval = server.DEFAULT_STREAM_INTERVAL if args.stream_interval is None else args.stream_interval / 1000
     app, scheduler = server.build(engine, parallel=args.parallel, ctx=ctx, model_name=args.model_name,
-                                  api_key=args.api_key)
+                                  api_key=args.api_key, stream_interval=interval)
     name = app.state.server.model_name
     if not _loopback(args.host) and not args.api_key:
         print(f"qinfer: warning: listening on {args.host} without --api-key: anyone who reaches this "

@@ -21,9 +21,13 @@ def require():
                                 "pip install 'qinfer[server]'") from None
 
 
-def build(engine, parallel=1, ctx=None, model_name=None, api_key=None):
+DEFAULT_STREAM_INTERVAL = 0.02   # seconds: streams write at most 50 times a second (app._Relay)
+
+
+def build(engine, parallel=1, ctx=None, model_name=None, api_key=None, stream_interval=DEFAULT_STREAM_INTERVAL):
     """(ASGI app, Scheduler) serving `engine` in `parallel` slots of `ctx` tokens each
-    (default: the engine's context)."""
+    (default: the engine's context); a stream writes its new tokens at most every
+    `stream_interval` seconds (0: each as it comes)."""
     require()
     import os
 
@@ -31,4 +35,4 @@ def build(engine, parallel=1, ctx=None, model_name=None, api_key=None):
     from .scheduler import Scheduler
     scheduler = Scheduler(engine, parallel=parallel, ctx=ctx)
     name = model_name or os.path.basename(os.path.normpath(engine.model_path))
-    return create_app(engine, scheduler, name, api_key=api_key), scheduler
+    return create_app(engine, scheduler, name, api_key=api_key, stream_interval=stream_interval), scheduler
