@@ -145,6 +145,20 @@ def test_stream_interval_holds_text_but_not_a_first_or_last_event():
     assert inbox.event.is_set()
 
 
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_a_text_event_is_the_chunk_as_json(kind):
+    """Response.text_event (the chunk's JSON around the text made once) is exactly the
+    Server-Sent Event of the whole chunk, json.dumps'd, whatever the text holds."""
+    from qinfer.server import protocol
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]} if kind == "chat" else \
+        {"model": "m", "prompt": "hi"}
+    response = protocol.Response(protocol.parse(kind, body, "m"), "m")
+    for text in ["a", ' "quoted" ', "back\\slash", "line\nbreak\ttab", "\0", "\u2028", "é😀", "}{]["]:
+        got = response.text_event(text)
+        assert got == f"data: {json.dumps(response.chunk(text), ensure_ascii=False)}\n\n"
+        assert json.loads(got[len("data: "):])["choices"][0] == response.chunk(text)["choices"][0]
+
+
 def test_a_long_stream_interval_delays_no_reply(engine, alone):
     """With an interval far longer than the request, the stream still ends as soon as the
     generation does (its last event is sent at once), with all its text."""

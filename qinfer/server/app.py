@@ -206,8 +206,7 @@ class Server:
             job.cancel()            # a client gone mid-way frees its slot (no-op when done)
 
     async def _stream(self, job, events, response, req):
-        def sse(obj):
-            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+        sse = protocol.event
         try:
             if req.kind == "chat":
                 yield sse(response.chunk(first=True))
@@ -218,7 +217,7 @@ class Server:
                 out = []            # the events of one wake-up, sent in one write: one chunk a token
                 for what, value in await events.take():
                     if what == "text":
-                        out.append(sse(response.chunk(value)))
+                        out.append(response.text_event(value))
                     elif what == "done":
                         out.append(sse(response.chunk(finish=value.stop_reason)))
                         if req.include_usage:

@@ -7,6 +7,7 @@ that would change the output and that qinfer does not implement
 name, never ignored; fields that change nothing qinfer computes (`user`,
 `stream_options` other than usage) are accepted.
 """
+import json
 import math
 import time
 import uuid
@@ -159,6 +160,11 @@ _KNOWN = {"completion": ("prompt", "max_tokens", "temperature", "top_p", "seed",
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
 
 
+def event(obj):
+    """A Server-Sent Event carrying `obj` as JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
 class Response:
     """The bodies of one request's answer: whole, or as stream chunks."""
 
@@ -168,6 +174,7 @@ class Response:
         self.id = prefix + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.object = "chat.completion" if request.kind == "chat" else "text_completion"
+        self._text_around = None    # text_event's JSON before and after the text
 
     def _head(self, obj):
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -196,6 +203,20 @@ class Response:
             return dict(self._head("chat.completion.chunk"), choices=[choice])
         choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
         return dict(self._head("text_completion"), choices=[choice])
+
+    def text_event(self, text):
+        """The Server-Sent Event of a streamed piece of non-empty text, as
+        event(self.chunk(text)): the chunk's JSON around the text is made once per
+        request, and only the text is encoded for each piece (at 8 streams the event
+        loop spends ~20 us of CPU a token; json.dumps of the whole chunk took 7)."""
+        if self._text_around is None:
+            marker = "\0"
+            parts = event(self.chunk(marker)).split(json.dumps(marker, ensure_ascii=False))
+            self._text_around = tuple(parts) if len(parts) == 2 else False
+        if not self._text_around:
+            return event(self.chunk(text))
+        head, tail = self._text_around
+        return head + json.dumps(text, ensure_ascii=False) + tail
 
     def usage_chunk(self, stats):
         return dict(self._head("chat.completion.chunk" if self.request.kind == "chat" else "text_completion"),
