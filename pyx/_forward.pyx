@@ -15,7 +15,7 @@ from libc.string cimport memcpy
 import numpy as np
 
 from qmatrix cimport qmatrix, qgemm_fn, qgemv_team_fn, qgemm_team_fn
-from team cimport (team_governor, team_shares, team_wait_mode, TEAM_WAIT_SLEEP, TEAM_WAIT_SPIN,
+from team cimport (team_governor, team_wait_mode, TEAM_WAIT_SLEEP, TEAM_WAIT_SPIN,
                    team_probe_min_s, team_probe_max_s, team_probe_share, team_load_check, TEAM_PROBE_SHARE)
 
 # One translation unit, as when the C was a string here (forward.h says why).
@@ -59,7 +59,6 @@ cdef extern from "forward.c":
         team_governor decode_governor
         team_governor prefill_governor
         team_governor rows_governor
-        team_shares rows_shares
         float *stacked
         const float *key_center
         const float *key_half_range
@@ -74,8 +73,6 @@ cdef extern from "forward.c":
     int team_ready(const weights *w) nogil
     int rows_team_ready(const weights *w) nogil
     int adapt_threads
-    int shares_mode, SHARES_FITTED, SHARES_EVEN, SHARES_FIXED
-    double shares_first
     ctypedef struct kv_spec:
         int format, bits, group, residual
     int alloc_state(run_state *s, const weights *w, int max_tokens, int threads, int seqs, kv_spec kv) nogil
@@ -114,26 +111,6 @@ def set_thread_policy(bint adaptive, bint spin):
 def thread_policy():
     """(adaptive, spin) as set_thread_policy last set them."""
     return bool(adapt_threads), team_wait_mode == TEAM_WAIT_SPIN
-
-
-_SHARES = {"fitted": SHARES_FITTED, "even": SHARES_EVEN, "fixed": SHARES_FIXED}
-
-
-def set_thread_shares(str mode, double first=0.5):
-    """How a batched step's threads (forward_rows) divide each kernel call's tiles
-    (pyx/team.h, team_shares): "fitted" to their measured speeds (the default), "even",
-    or "fixed", thread 0 the fraction `first` and the others the rest evenly (tests:
-    a step's results must not depend on it)."""
-    global shares_mode, shares_first
-    if mode not in _SHARES or not 0.0 <= first <= 1.0:
-        raise ValueError(f"thread shares: expected one of {sorted(_SHARES)} and a fraction, got {mode!r}, {first}")
-    shares_mode = _SHARES[mode]
-    shares_first = first
-
-
-def thread_shares():
-    """(mode, first) as set_thread_shares last set them."""
-    return {v: k for k, v in _SHARES.items()}[shares_mode], shares_first
 
 
 def set_kv_hardware_halves(bint on):
@@ -413,12 +390,6 @@ cdef class Transformer:
         return {"decode": governor_state(&self.s.decode_governor),
                 "prefill": governor_state(&self.s.prefill_governor),
                 "rows": governor_state(&self.s.rows_governor)}
-
-    def rows_shares(self):
-        """How the threads of the next batched step divide its tiles (pyx/team.h,
-        team_shares, fitted after each step): thread i's fraction; [] before the first."""
-        cdef const team_shares *sh = &self.s.rows_shares
-        return [sh.cut[i + 1] - sh.cut[i] for i in range(sh.threads)]
 
     @property
     def team_ready(self):

@@ -95,23 +95,6 @@ static int forward_with(const weights *w, run_state *s, const int *tokens, int n
  * (each_row_in). It runs the same layer_forward as the per-call path (exec_ctx,
  * forward.h), whose kernels are the teams' twins, so the results are the same. */
 
-/* How a batched step divides its tiles among its threads (team_shares, team.h): fitted
- * to their speeds (the default), evenly, or (tests: the results must not depend on
- * it) thread 0 a fixed fraction and the others the rest evenly. _forward.set_thread_shares. */
-enum { SHARES_FITTED, SHARES_EVEN, SHARES_FIXED };
-static int shares_mode = SHARES_FITTED;
-static double shares_first = 0.5;    /* SHARES_FIXED: thread 0's fraction */
-
-static void shares_fix(team_shares *sh, int threads)
-{
-    if (!sh->threads)
-        return;
-    sh->cut[0] = 0.0;
-    for (int i = 1; i < threads; i++)
-        sh->cut[i] = shares_first + (1.0 - shares_first) * (i - 1) / (threads - 1);
-    sh->cut[threads] = 1.0;
-}
-
 /* forward() for n tokens (one, or a batched step's rows) as one team of nthreads
  * threads (team_ready(w), rows_team_ready(w)). A float LM head (a float16 or
  * float32 table: a tied embedding kept float) has no team kernel: it runs after
@@ -122,18 +105,11 @@ static int team_forward(const weights *w, run_state *s, const int *tokens, int n
 {
     team_barrier barrier = {0, 0, 0};
     int failed = 0;
-    /* a batched step's tiles go by the fitted shares (team.h), fitted again after it */
-    team_shares *shares = s->row_seq && shares_mode != SHARES_EVEN ? &s->rows_shares : NULL;
-    if (shares && shares->threads != nthreads)
-        team_shares_even(shares, nthreads);
-    if (shares && shares_mode == SHARES_FIXED)
-        shares_fix(shares, nthreads);
     embed(w, tokens, n, s->x);
     rope_tables(w, s, pos, n);
     #pragma omp parallel num_threads(nthreads) reduction(|:failed)
     {
         team tm;
-        double busy = 0.0;
         tm.barrier = &barrier;
 #ifdef _OPENMP
         tm.thread = omp_get_thread_num();
@@ -144,19 +120,12 @@ static int team_forward(const weights *w, run_state *s, const int *tokens, int n
         tm.threads = 1;
         tm.spins = 0;
 #endif
-        const int fitted = shares && shares->threads == tm.threads;   /* the team OpenMP gave us */
-        tm.shares = fitted ? shares : NULL;
-        tm.busy = fitted && shares_mode == SHARES_FITTED ? &busy : NULL;
         const exec_ctx cx = {tm.threads, &tm};
         for (int l = 0; l < w->n_layers; l++)
             failed |= layer_forward(w, s, l, pos, n, NULL, &cx);
         if (w->lm_head.team)
             failed |= lm_head(w, s, n, n, logits, &cx);
-        if (tm.busy)
-            shares->busy[tm.thread] = busy;
     }
-    if (shares && shares_mode == SHARES_FITTED)
-        team_shares_fit(shares, nthreads);
     if (!w->lm_head.team && !failed)
         failed = lm_head(w, s, n, n, logits, &(exec_ctx){nthreads, NULL});
     return failed ? -1 : 0;
@@ -317,16 +286,9 @@ static void sync_point(const exec_ctx *cx)
  * kernel's team twin (one row), per call a kernel call with its own threads. */
 static int linear_map(const exec_ctx *cx, const linear *l, const float *x, int n, float *y)
 {
-    if (!cx->tm)
-        return matmul(l, x, n, y, cx->nthreads);
-    if (n == 1)
-        return l->team(l->q, x, y, cx->tm);
-    if (!cx->tm->busy)
-        return l->rows_team(l->q, x, n, y, cx->tm);
-    const double start = team_clock();   /* the shares are fitted to these times (team_shares_fit) */
-    const int rc = l->rows_team(l->q, x, n, y, cx->tm);
-    *cx->tm->busy += team_clock() - start;
-    return rc;
+    if (cx->tm)
+        return n == 1 ? l->team(l->q, x, y, cx->tm) : l->rows_team(l->q, x, n, y, cx->tm);
+    return matmul(l, x, n, y, cx->nthreads);
 }
 
 static int matmul(const linear *l, const float *x, int n, float *y, int nthreads)

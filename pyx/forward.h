@@ -140,7 +140,6 @@ typedef struct {
     team_governor decode_governor;    /* how many threads decode steps run with (team.h) ... */
     team_governor prefill_governor;   /* ... each block of a prefill ... */
     team_governor rows_governor;      /* ... and batched decode steps (forward_rows), each whole */
-    team_shares rows_shares;          /* how a batched step's threads divide its tiles (team.h) */
 } run_state;
 
 /* Prefill's row-wise steps (norms, RoPE, the cache write, SwiGLU, residual

@@ -396,9 +396,8 @@ static int lut_rows_team(const qmatrix *m, const float *x, int n, float *y, cons
         return -1;
     for (int r = 0; r < n; r++)
         lut_build_row(L, x, &a, r, 1);
-    int first, last;
-    team_range(tm, m->n_tiles, &first, &last);
-    lut_tiles(L, &a, n, first, last, y, 1);
+    lut_tiles(L, &a, n, (int)((long)m->n_tiles * tm->thread / tm->threads),
+              (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads), y, 1);
     lut_team_done();
     return 0;
 }

@@ -64,89 +64,11 @@ typedef struct {
     int sleepers;     /* threads asleep (or about to be) on `generation` */
 } team_barrier;
 
-/* How a team's threads divide each kernel call's tiles: thread i takes the tiles from
- * fraction cut[i] to cut[i + 1] of them. A batched step's (forward.c, team_forward) are
- * fitted to the threads' measured speeds: on a virtual machine one vCPU often runs
- * slower than the other for seconds at a time (interrupts, a busy neighbour on its
- * core's other hyperthread; 2-core KVM, 8 rows of SmolLM2: one thread's share of the
- * LM head took 15-25% longer than the other's in half the rounds), and with even
- * shares the faster thread waits at every barrier. Which thread computes a tile does
- * not change its numbers: the results are the same for any cuts. */
-#define TEAM_MAX_SHARES 64      /* more threads than this split evenly */
-typedef struct {
-    int threads;                        /* the team size the cuts are for; 0: none yet */
-    double cut[TEAM_MAX_SHARES + 1];    /* cut[0] = 0 <= cut[1] <= ... <= cut[threads] = 1 */
-    double busy[TEAM_MAX_SHARES];       /* seconds each thread spent in kernel calls since the last fit */
-} team_shares;
-
 typedef struct team {
     team_barrier *barrier;
     int thread, threads;   /* this thread, of the team */
     int spins;             /* pauses a waiting thread spins through before it gives its core away */
-    const team_shares *shares;   /* fitted shares of the tiles (NULL: even ones) */
-    double *busy;          /* with shares: this thread's seconds in kernel calls, added up */
 } team;
-
-/* This thread's tiles [*first, *last) of a kernel call's `count`: its fitted share, or
- * an even one. Every thread computes its bounds from the same cuts, so the shares
- * cover the tiles once. */
-static inline void team_range(const team *tm, int count, int *first, int *last)
-{
-    const team_shares *sh = tm->shares;
-    if (sh && sh->threads == tm->threads) {
-        *first = (int)(count * sh->cut[tm->thread] + 0.5);
-        *last = tm->thread + 1 == tm->threads ? count : (int)(count * sh->cut[tm->thread + 1] + 0.5);
-    } else {
-        *first = (int)((long)count * tm->thread / tm->threads);
-        *last = (int)((long)count * (tm->thread + 1) / tm->threads);
-    }
-}
-
-/* Fitting: each thread's share moves TEAM_SHARES_STEP of the way from what it was toward
- * its speed's part of the team's (tiles per second in the kernel calls since the last
- * fit), and never below TEAM_SHARES_FLOOR of an even share: one slow step (a thread
- * preempted once) must not hand a thread nothing. */
-#define TEAM_SHARES_STEP 0.1
-#define TEAM_SHARES_FLOOR 0.5
-static inline void team_shares_even(team_shares *sh, int threads)
-{
-    sh->threads = threads <= TEAM_MAX_SHARES ? threads : 0;
-    for (int i = 0; i <= sh->threads; i++)
-        sh->cut[i] = (double)i / threads;
-    for (int i = 0; i < TEAM_MAX_SHARES; i++)
-        sh->busy[i] = 0.0;
-}
-
-/* After a step of `threads` threads: the cuts fitted to the busy times it measured. */
-static inline void team_shares_fit(team_shares *sh, int threads)
-{
-    if (sh->threads != threads) {
-        team_shares_even(sh, threads);
-        return;
-    }
-    double speed[TEAM_MAX_SHARES], total = 0.0;
-    for (int i = 0; i < threads; i++) {
-        if (!(sh->busy[i] > 0.0)) {     /* a thread timed no kernel call: start again from even shares */
-            team_shares_even(sh, threads);
-            return;
-        }
-        speed[i] = (sh->cut[i + 1] - sh->cut[i]) / sh->busy[i];
-        total += speed[i];
-    }
-    double width[TEAM_MAX_SHARES], sum = 0.0;
-    for (int i = 0; i < threads; i++) {
-        const double old = sh->cut[i + 1] - sh->cut[i], floor = TEAM_SHARES_FLOOR / threads;
-        width[i] = old + TEAM_SHARES_STEP * (speed[i] / total - old);
-        width[i] = width[i] < floor ? floor : width[i];
-        sum += width[i];
-    }
-    sh->cut[0] = 0.0;
-    for (int i = 0; i < threads; i++) {
-        sh->cut[i + 1] = sh->cut[i] + width[i] / sum;
-        sh->busy[i] = 0.0;
-    }
-    sh->cut[threads] = 1.0;
-}
 
 /* Pauses a waiting thread spins through (~50 us at ~25 ns a pause) before it
  * starts giving its core away, when the team has a core per thread; with more

@@ -6,9 +6,6 @@ cdef extern from "team.h":
     ctypedef struct team_governor:
         int max, use, probe, probes, switches, skipped, fixed_cores
         double cost, work, share, fixed_load
-    ctypedef struct team_shares:
-        int threads
-        double cut[65]
     void governor_init(team_governor *g, int probe_units)
     void governor_rows(team_governor *g, int rows)
     int governor_threads(team_governor *g, int nthreads)

@@ -307,9 +307,8 @@ static int w8a8_rows_team(const qmatrix *m, const float *x, int n, float *y, con
     const w8a8_input in = w8a8_input_at(M, n, memory);
     for (int r = 0; r < n; r++)
         w8a8_prepare_row(M, x, r, &in);
-    int first, last;
-    team_range(tm, m->n_tiles, &first, &last);
-    w8a8_tiles(M, &in, n, first, last, y);
+    w8a8_tiles(M, &in, n, (int)((long)m->n_tiles * tm->thread / tm->threads),
+               (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads), y);
     scratch_done();
     return 0;
 }

@@ -132,38 +132,3 @@ def test_an_int8_batched_step_runs_as_one_team_with_the_per_call_numbers(tmp_pat
     for seq, ids in enumerate(PROMPTS):
         alone = model.forward(ids + [[7, 8, 9, 10][seq]], 0)
         assert np.abs(single[seq] - alone).max() <= 1e-4 * np.abs(alone).max(), f"sequence {seq}"
-
-
-@pytest.mark.parametrize("bits", [4, 8])
-def test_a_batched_step_does_not_depend_on_how_its_threads_share_the_tiles(tmp_path, bits):
-    """A team's threads divide each kernel call's tiles by fitted shares (pyx/team.h,
-    team_shares): whatever the cut, even the extremes where a thread gets no tile, and
-    after the fit has moved it, a batched step's logits are bit for bit those of even
-    shares."""
-    if not ref.tokenizer_available():
-        pytest.skip(f"the LLaMA 2 tokenizer is not at {ref.LLAMA2_TOKENIZER} (shared/ data absent)")
-    from qinfer import _forward
-    ref.write_tiny_llama(tmp_path, tied=False, seed=12)
-    model = qinfer.Engine(tmp_path, threads=2, quantize=bits, group_size=32, activations="int8").model
-    cache = model.new_cache(64, seqs=len(PROMPTS))
-    if not cache.transformer.rows_team_ready:
-        pytest.skip(f"batched steps run as a team on the AVX2 path, not on {qinfer.kernels.active_path()!r}")
-    rows = ([7, 8, 9, 10], range(len(PROMPTS)), [len(p) for p in PROMPTS])
-
-    def step(mode, first=0.5, threads=2):
-        _forward.set_thread_shares(mode, first)
-        _filled(model, cache)
-        return model.forward_rows(*rows, cache, threads=threads)
-
-    saved = _forward.thread_shares()
-    try:
-        even = step("even")
-        for first in (0.0, 0.1, 0.5, 0.9, 1.0):
-            assert np.array_equal(step("fixed", first), even), f"thread 0's share {first}"
-        assert np.array_equal(step("fixed", 0.2, threads=3), step("even", threads=3))
-        for _ in range(6):      # the fit moves the cuts after every step
-            assert np.array_equal(step("fitted"), even)
-        with pytest.raises(ValueError, match="thread shares"):
-            _forward.set_thread_shares("uneven")
-    finally:
-        _forward.set_thread_shares(*saved)
