@@ -73,6 +73,7 @@ cdef extern from "forward.c":
     int team_ready(const weights *w) nogil
     int rows_team_ready(const weights *w) nogil
     int adapt_threads
+    int tile_claims
     ctypedef struct kv_spec:
         int format, bits, group, residual
     int alloc_state(run_state *s, const weights *w, int max_tokens, int threads, int seqs, kv_spec kv) nogil
@@ -111,6 +112,20 @@ def set_thread_policy(bint adaptive, bint spin):
 def thread_policy():
     """(adaptive, spin) as set_thread_policy last set them."""
     return bool(adapt_threads), team_wait_mode == TEAM_WAIT_SPIN
+
+
+def set_tile_claims(bint on):
+    """Whether the threads of a batched step (forward_rows) claim each kernel call's
+    tiles, their own share first and then what the others left (pyx/team.h,
+    team_claim; the default), or each computes a fixed share (off): the same results
+    either way; for measurements and tests."""
+    global tile_claims
+    tile_claims = on
+
+
+def tile_claims_on():
+    """Whether set_tile_claims last turned tile claims on."""
+    return bool(tile_claims)
 
 
 def set_kv_hardware_halves(bint on):

@@ -7,11 +7,13 @@ packed layer handed to a generated kernel without the GIL) and a
 streaming-read probe that benchmarks use to measure the machine's memory
 bandwidth.
 """
+from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_IsValid, PyCapsule_New
 from libc.stdint cimport uint16_t, uint32_t, int32_t, uint64_t
 
 from qmatrix cimport qmatrix, qgemm_fn, qgemv_team_fn, qgemm_team_fn, qm_whole_tiles, qkernels, team
-from team cimport (team_governor, governor_init, governor_rows, governor_threads, governor_report, team_stat_busy_ticks,
+from team cimport (team_barrier, team_member, team_claims, team_claims_reset, team_claims_of, team_claim,
+                   TEAM_MAX_CLAIMS, team_governor, governor_init, governor_rows, governor_threads, governor_report, team_stat_busy_ticks,
                    TEAM_PROBE_MIN_S, TEAM_PROBE_MAX_S, TEAM_PROBE_MARGIN, TEAM_PROBE_MARGIN_UP,
                    TEAM_PROBE_WARMUP, TEAM_PROBE_SHARE)
 
@@ -94,6 +96,41 @@ cdef class Governor:
     @property
     def skipped(self):
         return self.g.skipped
+
+
+def claim_order(int count, int threads, order):
+    """team_claim (pyx/team.h) replayed in one thread: a team of `threads` threads
+    claiming the tiles of one call of `count` tiles, the claims made in `order` (a
+    thread id each). Returns (thread, first, last) per claim, last = first = -1 when
+    that thread found nothing left."""
+    if not 1 <= threads <= TEAM_MAX_CLAIMS:
+        raise ValueError(f"threads must be in [1, {TEAM_MAX_CLAIMS}]")
+    cdef team_barrier *barrier = <team_barrier *>PyMem_Calloc(1, sizeof(team_barrier))
+    cdef team_member *members = <team_member *>PyMem_Calloc(threads, sizeof(team_member))
+    cdef team_claims *claims = <team_claims *>PyMem_Calloc(threads, sizeof(team_claims))
+    cdef int first, last, t
+    out = []
+    try:
+        if not barrier or not members or not claims:
+            raise MemoryError()
+        team_claims_reset(barrier, threads)
+        for t in range(threads):
+            members[t].barrier = barrier
+            members[t].thread = t
+            members[t].threads = threads
+            claims[t] = team_claims_of(&members[t], count)
+        for t in order:
+            if not 0 <= t < threads:
+                raise ValueError(f"thread {t} is not in a team of {threads}")
+            if team_claim(&claims[t], &first, &last):
+                out.append((t, first, last))
+            else:
+                out.append((t, -1, -1))
+    finally:
+        PyMem_Free(barrier)
+        PyMem_Free(members)
+        PyMem_Free(claims)
+    return out
 
 
 def stat_busy_ticks(bytes line):

@@ -95,6 +95,10 @@ static int forward_with(const weights *w, run_state *s, const int *tokens, int n
  * (each_row_in). It runs the same layer_forward as the per-call path (exec_ctx,
  * forward.h), whose kernels are the teams' twins, so the results are the same. */
 
+/* Whether a batched step's kernel calls claim their tiles (team_claim, team.h), or keep
+ * fixed shares (0; _forward.set_tile_claims: measurements, tests). */
+static int tile_claims = 1;
+
 /* forward() for n tokens (one, or a batched step's rows) as one team of nthreads
  * threads (team_ready(w), rows_team_ready(w)). A float LM head (a float16 or
  * float32 table: a tied embedding kept float) has no team kernel: it runs after
@@ -103,8 +107,9 @@ static int forward_with(const weights *w, run_state *s, const int *tokens, int n
 static int team_forward(const weights *w, run_state *s, const int *tokens, int n, int pos, float *logits,
                         int nthreads)
 {
-    team_barrier barrier = {0, 0, 0};
+    team_barrier barrier = {0, 0, 0, !tile_claims};
     int failed = 0;
+    team_claims_reset(&barrier, nthreads);   /* and again at every barrier (team.h) */
     embed(w, tokens, n, s->x);
     rope_tables(w, s, pos, n);
     #pragma omp parallel num_threads(nthreads) reduction(|:failed)
@@ -313,8 +318,11 @@ static int project(const exec_ctx *cx, const block *b, const linear *stacked, co
     if (is_set(stacked))
         return s->stacked ? linear_map(cx, stacked, s->xb, b->n, s->stacked) : -1;
     int rc = 0;
-    for (int i = 0; i < count; i++)
+    for (int i = 0; i < count; i++) {
+        if (i && cx->tm && b->n > 1)
+            sync_point(cx);   /* a team's rows kernels claim tiles from ranges a barrier sets (team.h) */
         rc |= linear_map(cx, parts[i], s->xb, b->n, outs[i]);
+    }
     return rc;
 }
 

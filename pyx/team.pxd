@@ -1,5 +1,6 @@
-# team.h for Cython: the thread governor and the team's wait policy, cimported
-# by _runtime.pyx (Governor, for tests) and _forward.pyx (set_thread_policy).
+# team.h for Cython: the thread governor, the team's wait policy and its tile claims,
+# cimported by _runtime.pyx (Governor and claim_order, for tests) and _forward.pyx
+# (set_thread_policy).
 # The variables are static in team.h: each module that cimports them gets its own.
 
 cdef extern from "team.h":
@@ -17,3 +18,14 @@ cdef extern from "team.h":
     int team_wait_mode
     double team_probe_min_s, team_probe_max_s, team_probe_share
     int team_load_check
+    ctypedef struct team_barrier:
+        int fixed_shares
+    ctypedef struct team_member "team":     # qmatrix.pxd's `team`, with its fields
+        team_barrier *barrier
+        int thread, threads, spins
+    ctypedef struct team_claims:
+        pass
+    void team_claims_reset(team_barrier *b, int threads)
+    team_claims team_claims_of(const team_member *tm, int count)
+    int team_claim(team_claims *c, int *first, int *last)
+    int TEAM_MAX_CLAIMS

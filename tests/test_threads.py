@@ -436,3 +436,29 @@ def test_set_adaptive_threads_in_process():
     assert kernels.wait_policy()["team"] in kernels.WAIT_POLICIES
     with pytest.raises(UnsupportedError):
         kernels.set_num_threads(0)      # thread counts are still checked as before
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_tile_claims_cover_every_tile_once_in_any_order(threads):
+    """team_claim (pyx/team.h): however the threads of a batched step's kernel call
+    interleave their claims, every tile is claimed exactly once, and a thread's first
+    claim is the front of its own share."""
+    from qinfer import _runtime
+    rng = np.random.default_rng(threads)
+    for count in (1, 2, 5, 16, 36, 192, 3072):
+        for _ in range(20):
+            weights = rng.random(threads) + 0.05          # some threads claim far more often
+            order = list(rng.choice(threads, size=4 * count + 4 * threads, p=weights / weights.sum()))
+            order += [t for t in range(threads) for _ in range(count + 1)]   # then everyone until dry
+            claims = _runtime.claim_order(count, threads, order)
+            got = sorted((first, last) for _, first, last in claims if first >= 0)
+            assert all(first < last for first, last in got)
+            flat = [tile for first, last in got for tile in range(first, last)]
+            assert flat == list(range(count)), f"{count} tiles, {threads} threads"
+            # the first claim of all is its thread's own share's front (the even split's,
+            # up to a tile of rounding), a few tiles, not the share whole
+            first_thread, first_tile, first_end = claims[0]
+            assert abs(first_tile - count * first_thread // threads) <= 1
+            assert first_end - first_tile <= max(5, -(-count // threads)) if threads > 1 else first_end == count
+    with pytest.raises(ValueError):
+        _runtime.claim_order(4, 2, [2])
