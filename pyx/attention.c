@@ -787,6 +787,16 @@ static float *thread_scores(const weights *w, const run_state *s, int thread)
  * (exec_ctx), or by a parallel region's as each finishes one. */
 static void attention(const weights *w, run_state *s, int layer, int pos, int first, int n, const exec_ctx *cx)
 {
+    if (cx->tm && s->row_seq) {
+        /* a batched step's tiles, one per row and KV head, of rows at their own depths:
+         * claimed as the linear maps' are (team_claim; a barrier precedes this call) */
+        team_claims claims = team_claims_of(cx->tm, attention_jobs(w, s, n));
+        int a, b;
+        while (team_claim(&claims, &a, &b))
+            for (int job = a; job < b; job++)
+                attention_job(w, s, layer, pos, first, n, job, thread_scores(w, s, cx->tm->thread));
+        return;
+    }
     if (cx->tm) {
         for (int job = cx->tm->thread; job < attention_jobs(w, s, n); job += cx->tm->threads)
             attention_job(w, s, layer, pos, first, n, job, thread_scores(w, s, cx->tm->thread));
