@@ -386,7 +386,8 @@ static void lut_team_done(void)
 
 /* Several rows inside the caller's thread team (qgemm_team_fn; the fast loops): every thread
  * builds the tables (a few microseconds a layer, cheaper than a barrier and a
- * shared buffer) and computes its share of the tiles; no barrier, y is whole
+ * shared buffer) and computes its share of the tiles (several rows: the tiles it
+ * claims, team.h); no barrier, y is whole
  * at the caller's. */
 static int lut_rows_team(const qmatrix *m, const float *x, int n, float *y, const team *tm)
 {
@@ -396,8 +397,15 @@ static int lut_rows_team(const qmatrix *m, const float *x, int n, float *y, cons
         return -1;
     for (int r = 0; r < n; r++)
         lut_build_row(L, x, &a, r, 1);
-    lut_tiles(L, &a, n, (int)((long)m->n_tiles * tm->thread / tm->threads),
-              (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads), y, 1);
+    if (n > 1) {        /* a batched step: tiles claimed (team_claim; a barrier precedes the call) */
+        team_claims claims = team_claims_of(tm, m->n_tiles);
+        int first, last;
+        while (team_claim(&claims, &first, &last))
+            lut_tiles(L, &a, n, first, last, y, 1);
+    } else {            /* a decode step: its fixed share */
+        lut_tiles(L, &a, n, (int)((long)m->n_tiles * tm->thread / tm->threads),
+                  (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads), y, 1);
+    }
     lut_team_done();
     return 0;
 }

@@ -296,7 +296,8 @@ static int w8a8_gemm(const qmatrix *m, const float *x, int n, float *y, int nthr
 
 /* Several rows inside the caller's thread team (qgemm_team_fn): every thread
  * rounds the rows itself (microseconds, cheaper than a barrier and a shared
- * buffer) and computes its share of the tiles; y is whole at the caller's
+ * buffer) and computes its share of the tiles (several rows: the tiles it claims,
+ * team.h); y is whole at the caller's
  * barrier. The same numbers as w8a8_gemm. */
 static int w8a8_rows_team(const qmatrix *m, const float *x, int n, float *y, const team *tm)
 {
@@ -307,8 +308,15 @@ static int w8a8_rows_team(const qmatrix *m, const float *x, int n, float *y, con
     const w8a8_input in = w8a8_input_at(M, n, memory);
     for (int r = 0; r < n; r++)
         w8a8_prepare_row(M, x, r, &in);
-    w8a8_tiles(M, &in, n, (int)((long)m->n_tiles * tm->thread / tm->threads),
-               (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads), y);
+    if (n > 1) {        /* a batched step: tiles claimed (team_claim; a barrier precedes the call) */
+        team_claims claims = team_claims_of(tm, m->n_tiles);
+        int first, last;
+        while (team_claim(&claims, &first, &last))
+            w8a8_tiles(M, &in, n, first, last, y);
+    } else {            /* a decode step: its fixed share */
+        w8a8_tiles(M, &in, n, (int)((long)m->n_tiles * tm->thread / tm->threads),
+                   (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads), y);
+    }
     scratch_done();
     return 0;
 }

@@ -143,3 +143,30 @@ def test_modes_are_checked():
     proc = subprocess.run([sys.executable, "-c", "from qinfer import kernels; print(kernels.lut_mode())"],
                           capture_output=True, text=True, env=env)
     assert proc.stdout.strip() == "auto" and "QINFER_LUT='sometimes' ignored" in proc.stderr
+
+
+def test_a_batched_step_on_the_tables_gives_each_sequence_its_logits(tiny):
+    """A server's batched step (forward_rows) with the lookup-table layers: each row is
+    its sequence decoded alone, and the threads' claims of the tiles (pyx/team.h) give
+    the numbers of fixed shares, bit for bit."""
+    from qinfer import _forward
+    with kernels.use_lut("on"):
+        model = qinfer.Engine(tiny[0], threads=2, quantize=4, group_size=32, activations="int8").model
+    prompts = [[1, 5, 9, 13], [1, 7, 2], [1, 30, 31, 32, 33]]
+    cache = model.new_cache(32, seqs=len(prompts))
+
+    def step():
+        for seq, ids in enumerate(prompts):
+            model.forward(ids, 0, cache=cache, seq=seq)
+        return model.forward_rows([40, 41, 42], range(len(prompts)), [len(p) for p in prompts], cache)
+
+    got = step()
+    for seq, ids in enumerate(prompts):
+        alone = model.forward(ids + [40 + seq], 0)
+        np.testing.assert_allclose(got[seq], alone, rtol=1e-4, atol=1e-4 * np.abs(alone).max())
+    try:
+        _forward.set_tile_claims(False)
+        fixed = step()
+    finally:
+        _forward.set_tile_claims(True)
+    assert np.array_equal(got, fixed)
