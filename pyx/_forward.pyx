@@ -115,11 +115,10 @@ def thread_policy():
 
 
 def set_tile_claims(bint on):
-    """Whether the threads of a batched step (forward_rows) claim the tiles of each
-    int8 row kernel call and of attention, their own share first and then what the
-    others left (pyx/team.h,
-    team_claim; the default), or each computes a fixed share (off): the same results
-    either way; for measurements and tests."""
+    """Whether the threads of a batched step (forward_rows) claim the tiles of each row
+    kernel call (int8, W8A8, lookup-table) and of attention, their own share first and
+    then what the others left (pyx/team.h, team_claim; the default), or each computes a
+    fixed share (off): the same results either way; for measurements and tests."""
     global tile_claims
     tile_claims = on
 

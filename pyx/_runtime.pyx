@@ -118,7 +118,7 @@ def claim_order(int count, int threads, order):
             members[t].barrier = barrier
             members[t].thread = t
             members[t].threads = threads
-            claims[t] = team_claims_of(&members[t], count)
+            claims[t] = team_claims_of(&members[t], count, 1)
         for t in order:
             if not 0 <= t < threads:
                 raise ValueError(f"thread {t} is not in a team of {threads}")

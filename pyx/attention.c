@@ -790,7 +790,7 @@ static void attention(const weights *w, run_state *s, int layer, int pos, int fi
     if (cx->tm && s->row_seq) {
         /* a batched step's tiles, one per row and KV head, of rows at their own depths:
          * claimed as the linear maps' are (team_claim; a barrier precedes this call) */
-        team_claims claims = team_claims_of(cx->tm, attention_jobs(w, s, n));
+        team_claims claims = team_claims_of(cx->tm, attention_jobs(w, s, n), 1);
         int a, b;
         while (team_claim(&claims, &a, &b))
             for (int job = a; job < b; job++)

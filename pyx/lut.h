@@ -397,15 +397,11 @@ static int lut_rows_team(const qmatrix *m, const float *x, int n, float *y, cons
         return -1;
     for (int r = 0; r < n; r++)
         lut_build_row(L, x, &a, r, 1);
-    if (n > 1) {        /* a batched step: tiles claimed (team_claim; a barrier precedes the call) */
-        team_claims claims = team_claims_of(tm, m->n_tiles);
-        int first, last;
-        while (team_claim(&claims, &first, &last))
-            lut_tiles(L, &a, n, first, last, y, 1);
-    } else {            /* a decode step: its fixed share */
-        lut_tiles(L, &a, n, (int)((long)m->n_tiles * tm->thread / tm->threads),
-                  (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads), y, 1);
-    }
+    /* a batched step's tiles claimed (a barrier precedes its calls), a decode step's its fixed share */
+    team_claims claims = team_claims_of(tm, m->n_tiles, n > 1);
+    int first, last;
+    while (team_claim(&claims, &first, &last))
+        lut_tiles(L, &a, n, first, last, y, 1);
     lut_team_done();
     return 0;
 }

@@ -434,8 +434,9 @@ static int spqr_team_with(const spqr_matrix *s, qgemm_fn dense, const float *x, 
     const qmatrix *m = &s->dense;
     if (!qm_whole_tiles(m))
         return -1;
-    return spqr_share(s, dense, x, n, y, (int)((long)m->n_tiles * tm->thread / tm->threads),
-                      (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads));
+    int first, last;
+    team_share(tm, m->n_tiles, &first, &last);
+    return spqr_share(s, dense, x, n, y, first, last);
 }
 
 /* The entry points the forward pass and QuantizedLinear-like callers take

@@ -91,6 +91,13 @@ typedef struct team {
     int spins;             /* pauses a waiting thread spins through before it gives its core away */
 } team;
 
+/* Thread tm->thread's fixed share [*first, *last) of `count` tiles: an even split. */
+static inline void team_share(const team *tm, int count, int *first, int *last)
+{
+    *first = (int)((long)count * tm->thread / tm->threads);
+    *last = (int)((long)count * (tm->thread + 1) / tm->threads);
+}
+
 /* Every thread's share of the next claiming call, whole again: its own range of units. */
 static inline void team_claims_reset(team_barrier *b, int threads)
 {
@@ -101,18 +108,19 @@ static inline void team_claims_reset(team_barrier *b, int threads)
     }
 }
 
-/* One kernel call's claims, for one thread: `while (team_claim(&c, &first, &last))`. */
+/* One kernel call's claims, for one thread: `while (team_claim(&c, &first, &last))`.
+ * A call not known to follow a barrier (claim 0: a decode step's) takes its fixed share. */
 typedef struct {
     const team *tm;
     int count;         /* the call's tiles */
     int victim;        /* the thread whose range it takes from now: its own, then the others */
-    int fixed;         /* one thread, or a team too large for claims: its fixed share, once */
+    int fixed;         /* no claims (see team_claims_of): its fixed share, once */
 } team_claims;
 
-static inline team_claims team_claims_of(const team *tm, int count)
+static inline team_claims team_claims_of(const team *tm, int count, int claim)
 {
     team_claims c = {tm, count, tm->thread,
-                     tm->threads == 1 || tm->threads > TEAM_MAX_CLAIMS || tm->barrier->fixed_shares};
+                     !claim || tm->threads == 1 || tm->threads > TEAM_MAX_CLAIMS || tm->barrier->fixed_shares};
     return c;
 }
 
@@ -123,8 +131,7 @@ static inline int team_claim(team_claims *c, int *first, int *last)
     if (c->fixed) {
         c->fixed = 0;
         c->victim = -1;     /* and nothing more */
-        *first = (int)((long)c->count * tm->thread / tm->threads);
-        *last = (int)((long)c->count * (tm->thread + 1) / tm->threads);
+        team_share(tm, c->count, first, last);
         return 1;
     }
     if (c->victim < 0 || c->count <= 0)

@@ -26,6 +26,6 @@ cdef extern from "team.h":
     ctypedef struct team_claims:
         pass
     void team_claims_reset(team_barrier *b, int threads)
-    team_claims team_claims_of(const team_member *tm, int count)
+    team_claims team_claims_of(const team_member *tm, int count, int claim)
     int team_claim(team_claims *c, int *first, int *last)
     int TEAM_MAX_CLAIMS

@@ -308,15 +308,11 @@ static int w8a8_rows_team(const qmatrix *m, const float *x, int n, float *y, con
     const w8a8_input in = w8a8_input_at(M, n, memory);
     for (int r = 0; r < n; r++)
         w8a8_prepare_row(M, x, r, &in);
-    if (n > 1) {        /* a batched step: tiles claimed (team_claim; a barrier precedes the call) */
-        team_claims claims = team_claims_of(tm, m->n_tiles);
-        int first, last;
-        while (team_claim(&claims, &first, &last))
-            w8a8_tiles(M, &in, n, first, last, y);
-    } else {            /* a decode step: its fixed share */
-        w8a8_tiles(M, &in, n, (int)((long)m->n_tiles * tm->thread / tm->threads),
-                   (int)((long)m->n_tiles * (tm->thread + 1) / tm->threads), y);
-    }
+    /* a batched step's tiles claimed (a barrier precedes its calls), a decode step's its fixed share */
+    team_claims claims = team_claims_of(tm, m->n_tiles, n > 1);
+    int first, last;
+    while (team_claim(&claims, &first, &last))
+        w8a8_tiles(M, &in, n, first, last, y);
     scratch_done();
     return 0;
 }

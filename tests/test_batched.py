@@ -132,11 +132,12 @@ def test_an_int8_batched_step_runs_as_one_team_with_the_per_call_numbers(tmp_pat
     # the team's threads claim tiles (their own share, then the others' leftovers:
     # pyx/team.h, team_claim) or keep fixed shares: the same numbers either way
     from qinfer import _forward
+    saved = _forward.tile_claims_on()
     try:
         _forward.set_tile_claims(False)
         fixed = [step(threads, True) for threads in (2, 3)]
     finally:
-        _forward.set_tile_claims(True)
+        _forward.set_tile_claims(saved)
     assert all(np.array_equal(f, single) for f in fixed)
     for seq, ids in enumerate(PROMPTS):
         alone = model.forward(ids + [[7, 8, 9, 10][seq]], 0)

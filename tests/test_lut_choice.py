@@ -164,9 +164,10 @@ def test_a_batched_step_on_the_tables_gives_each_sequence_its_logits(tiny):
     for seq, ids in enumerate(prompts):
         alone = model.forward(ids + [40 + seq], 0)
         np.testing.assert_allclose(got[seq], alone, rtol=1e-4, atol=1e-4 * np.abs(alone).max())
+    saved = _forward.tile_claims_on()
     try:
         _forward.set_tile_claims(False)
         fixed = step()
     finally:
-        _forward.set_tile_claims(True)
+        _forward.set_tile_claims(saved)
     assert np.array_equal(got, fixed)
