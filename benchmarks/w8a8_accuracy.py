@@ -27,7 +27,14 @@ window, or the whole text when every window is scored). Rows (--rows, comma-sepa
                       same after smoothing with alpha A (`--smooth`)
 
 SmoothQuant's calibration (the float model's channel maxima, the same for every alpha) is
-run once and shared by the rows of one run (smoothquant.calibrate, memoized here).
+run once per calibration text and shared by the rows of one run (smoothquant.calibrate,
+memoized here).
+
+--cross-fit (with --windows 0: every window scored, so no WikiText-2 text is left that no
+scored token is in): the windows are cut in two halves and each half is scored by a
+model calibrated (smoothing, LKD) on the other half's text, as benchmarks/accuracy_final.py
+does for the final GPTQ and SpQR rows; a row's perplexity is exp of the mean NLL over
+both halves. Without it an all-window run calibrates on the scored text itself.
 Prints one line per row: perplexity, its change against the float model, seconds.
 """
 import argparse
@@ -39,6 +46,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import qinfer  # noqa: E402
 from accuracy import SEQLEN, calibration_file, default_cache, score  # noqa: E402
+from accuracy_final import calibration_text  # noqa: E402
 from qinfer.engine import default_model_path  # noqa: E402
 from qinfer.perplexity import load_text, split_windows, tokenize  # noqa: E402
 from qinfer.quant import smoothquant  # noqa: E402
@@ -123,6 +131,8 @@ def main():
     p.add_argument("--seqlen", type=int, default=512, help="... of this many tokens (SmoothQuant's and LKD's)")
     p.add_argument("--rows", default=DEFAULT_ROWS)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cross-fit", action="store_true",
+                   help="score each half of the windows by models calibrated on the other half's text")
     args = p.parse_args()
     shared_calibration()
 
@@ -132,36 +142,70 @@ def main():
     tokens = tokenize(engine, text)
     total = len(tokens) // SEQLEN
     n_eval = total if args.windows == 0 else args.windows
+    if args.cross_fit and n_eval < 2:
+        p.error("--cross-fit needs at least 2 windows")
     windows = split_windows(tokens, SEQLEN, n_eval)
     cache = default_cache()
-    calib, note, _ = calibration_file(cache, text, tokens, engine, n_eval, total)
+    folds = calibration_folds(args, cache, engine, text, tokens, n_eval, total)
     print(f"qinfer {qinfer.__version__}; {n_eval} windows of {SEQLEN} tokens; SmoothQuant calibration: "
-          f"{args.nsamples} windows of {args.seqlen} tokens from {note}", flush=True)
+          f"{args.nsamples} windows of {args.seqlen} tokens from {folds[0][1]}"
+          + (f"; {folds[1][1]}" if len(folds) > 1 else ""), flush=True)
     base = None
     for spec in args.rows.split(","):
         kwargs, dequantize, label = parse_row(spec)
         t0 = time.perf_counter()
+        got = score_row(args, model_path, cache, spec, kwargs, dequantize, windows, n_eval, folds)
+        if base is None:
+            base = got["ppl"] if kwargs is None else None
+        change = f"{(got['ppl'] / base - 1) * 100:+.2f}%" if base else "-"
+        print(f"{label:<44} ppl {got['ppl']:.4f}  {change:>8}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return 0 if base and math.isfinite(base) else 1
+
+
+def calibration_folds(args, cache, engine, text, tokens, n_eval, total):
+    """[(calibration file, its description, its checkpoint tag, first window, end window)]: one
+    fold scoring every window, or with --cross-fit two, each calibrated on the other's text."""
+    if not args.cross_fit:
+        calib, note, _ = calibration_file(cache, text, tokens, engine, n_eval, total)
+        return [(calib, note, "", 0, n_eval)]
+    half = n_eval // 2
+    tag = f"{os.path.splitext(os.path.basename(args.data))[0]}{os.path.getsize(args.data)}"
+    cut = half * SEQLEN
+    end = len(tokens) if n_eval == total else n_eval * SEQLEN
+    return [(calibration_text(cache, engine, tokens, cut, end, tag),
+             f"tokens {cut:,}..{end - 1:,} for windows 0..{half - 1}", f"-from{cut}", 0, half),
+            (calibration_text(cache, engine, tokens, 0, cut, tag),
+             f"tokens 0..{cut - 1:,} for windows {half}..{n_eval - 1}", f"-to{cut}", half, n_eval)]
+
+
+def score_row(args, model_path, cache, spec, kwargs, dequantize, windows, n_eval, folds):
+    """{ppl, nll, tokens} of one row over the windows: each fold's windows scored by the row's
+    checkpoint calibrated on that fold's text (written into the cache once)."""
+    if kwargs is None or (kwargs["method"] == "zeroquant" and not kwargs.get("lkd_steps")):
+        folds = [(None, None, "", 0, n_eval)]       # the float model, or nothing calibrated: one model
+    nll_sum = tokens = 0.0
+    for calib, _, fold_tag, lo, hi in folds:
         path = model_path
         if kwargs is not None:
             tag = {"w8": "zeroquant", "zq4f": "zq4"}.get(spec, spec.replace(":", "-"))
             lkd = kwargs.get("lkd_steps")
             tag += f"-{args.lkd_nsamples}lkd" if lkd else ""
-            path = os.path.join(cache, "w8a8", f"{tag}-{n_eval}w-{args.nsamples}x{args.seqlen}")
+            path = os.path.join(cache, "w8a8", f"{tag}-{n_eval}w-{args.nsamples}x{args.seqlen}{fold_tag}")
             if not os.path.isdir(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                if kwargs["method"] != "zeroquant" or lkd:
+                row = kwargs
+                if calib is not None:
                     nsamples = args.nsamples if kwargs["method"] == "smoothquant" else args.lkd_nsamples
-                    kwargs = dict(kwargs, calib=calib, nsamples=nsamples, seqlen=args.seqlen)
+                    row = dict(kwargs, calib=calib, nsamples=nsamples, seqlen=args.seqlen)
                 qinfer.quantize(model_path, path, threads=args.threads, progress=False,
-                                **{k: v for k, v in kwargs.items() if v is not None})
+                                **{k: v for k, v in row.items() if v is not None})
         run = qinfer.Engine(path, dequantize=dequantize, ctx=SEQLEN, threads=args.threads)
-        got = score(run, windows, args.threads)
-        if base is None:
-            base = got["ppl"] if kwargs is None else None
-        change = f"{(got['ppl'] / base - 1) * 100:+.2f}%" if base else "-"
-        print(f"{label:<44} ppl {got['ppl']:.4f}  {change:>8}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        got = score(run, windows[lo:hi], args.threads)
         del run
-    return 0 if base and math.isfinite(base) else 1
+        nll_sum += got["nll"] * got["tokens"]
+        tokens += got["tokens"]
+    nll = nll_sum / tokens
+    return dict(ppl=math.exp(nll), nll=nll, tokens=int(tokens))
 
 
 if __name__ == "__main__":
