@@ -13,7 +13,11 @@ activations, SmolLM2-135M-Instruct, prefill and decode.
    so both models read an 8-bit head instead of the float16 tied embedding. Per round and thread
    count, each model prefills a -p token prompt from an empty cache and decodes -n tokens
    greedily (benchmarks/generate.py's run); the rounds alternate A B A B ..., each figure
-   the best of its rounds.
+   the best of its rounds. Each round first reads a 1 GiB buffer with each thread count
+   (common.ReadProbe): decode reads every weight once a token (bench.weight_summary's
+   decode bytes), so the best read divided by those bytes is the fastest either model can
+   decode on this machine, and the bound line sets it against the float-activation model's
+   decode: the largest W8A8 decode speed-up the memory allows here.
 2. The kernels alone, one layer shape at a time (576x576, 1536x576, 576x1536 and the
    7B-shaped 4096x4096, 11008x4096): one row (decode) and 64 rows (prefill), the int8 x
    int8 loops against the 8-bit float-activation kernel of the same weights.
@@ -35,7 +39,9 @@ import qinfer  # noqa: E402
 from qinfer import kernels  # noqa: E402
 from qinfer.int8_linear import Int8Linear  # noqa: E402
 from qinfer.linear import QuantizedLinear  # noqa: E402
+from common import ReadProbe  # noqa: E402
 from generate import prompt_ids, run  # noqa: E402
+from qinfer.bench import weight_summary  # noqa: E402
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "qinfer", "bench-w8a8")
 SHAPES = ((576, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096))
@@ -72,8 +78,10 @@ def model_rounds(args, threads, bits):
     assert all(isinstance(l, QuantizedLinear) for l in engines[floats].model.quantized_layers())
     ids = prompt_ids(engines[name], args.p)
     best = {(name, t): [0.0, 0.0] for name in engines for t in threads}
+    probe, read = ReadProbe(), {t: 0.0 for t in threads}
     for _ in range(args.r):
         for t in threads:
+            read[t] = max(read[t], probe.gbs(t, repeats=2))
             for name, engine in engines.items():
                 prefill, decode = run(engine, ids, args.n, t)
                 b = best[name, t]
@@ -86,6 +94,13 @@ def model_rounds(args, threads, bits):
         (fp, fd), (wp, wd) = best[floats, t], best[name, t]
         print(f"{name} vs float activations, {t} thread(s): prefill {wp / fp:.2f}x, decode {wd / fd:.2f}x",
               flush=True)
+        # decode reads every weight once a token: the read bandwidth bounds both models alike
+        nbytes = {m: weight_summary(e).decode_bytes for m, e in engines.items()}
+        limit = read[t] * 1e9 / nbytes[name]
+        print(f"  bound, {t} thread(s): best read {read[t]:.1f} GB/s; decode reads "
+              + ", ".join(f"{m} {nbytes[m] / 1e6:.1f} MB a token ({best[m, t][1] * nbytes[m] / 1e9:.1f} GB/s, "
+                          f"{best[m, t][1] * nbytes[m] / 1e9 / read[t]:.2f} of the read)" for m in engines)
+              + f"; at most {limit:.0f} tok/s, {limit / fd:.2f}x the float-activation decode", flush=True)
 
 
 def time_call(fn, seconds=0.3):
