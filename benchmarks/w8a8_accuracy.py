@@ -159,7 +159,7 @@ def main():
             base = got["ppl"] if kwargs is None else None
         change = f"{(got['ppl'] / base - 1) * 100:+.2f}%" if base else "-"
         print(f"{label:<44} ppl {got['ppl']:.4f}  {change:>8}  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    return 0 if base and math.isfinite(base) else 1
+    return 0 if base is None or math.isfinite(base) else 1     # a run without the float row has no base
 
 
 def calibration_folds(args, cache, engine, text, tokens, n_eval, total):
