@@ -86,6 +86,7 @@ def model_rounds(args, threads, bits):
                 prefill, decode = run(engine, ids, args.n, t)
                 b = best[name, t]
                 b[0], b[1] = max(b[0], len(ids) / prefill), max(b[1], args.n / decode)
+    nbytes = {m: weight_summary(e).decode_bytes for m, e in engines.items()}   # what decode reads a token
     print(f"{'SmolLM2':<40} {'threads':>7} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for t in threads:
         for name in engines:
@@ -95,7 +96,6 @@ def model_rounds(args, threads, bits):
         print(f"{name} vs float activations, {t} thread(s): prefill {wp / fp:.2f}x, decode {wd / fd:.2f}x",
               flush=True)
         # decode reads every weight once a token: the read bandwidth bounds both models alike
-        nbytes = {m: weight_summary(e).decode_bytes for m, e in engines.items()}
         limit = read[t] * 1e9 / nbytes[name]
         print(f"  bound, {t} thread(s): best read {read[t]:.1f} GB/s; decode reads "
               + ", ".join(f"{m} {nbytes[m] / 1e6:.1f} MB a token ({best[m, t][1] * nbytes[m] / 1e9:.1f} GB/s, "

@@ -50,6 +50,7 @@ from accuracy_final import calibration_text  # noqa: E402
 from qinfer.engine import default_model_path  # noqa: E402
 from qinfer.perplexity import load_text, split_windows, tokenize  # noqa: E402
 from qinfer.quant import smoothquant  # noqa: E402
+from qinfer.quant.api import needs_calibration  # noqa: E402
 
 DEFAULT_ROWS = ("float,w8,zeroquant,sq:0.3,sq:0.5,sq:0.7,sq:0.8,sq:0.9,sq:auto,sqd:0.8,sqd:0.8:g64,zq4f,zq4,"
                 "rtn4g64,rtn4g64:smooth0.5")
@@ -181,7 +182,9 @@ def calibration_folds(args, cache, engine, text, tokens, n_eval, total):
 def score_row(args, model_path, cache, spec, kwargs, dequantize, windows, n_eval, folds):
     """{ppl, nll, tokens} of one row over the windows: each fold's windows scored by the row's
     checkpoint calibrated on that fold's text (written into the cache once)."""
-    if kwargs is None or (kwargs["method"] == "zeroquant" and not kwargs.get("lkd_steps")):
+    calibrated = kwargs is not None and needs_calibration(kwargs["method"], kwargs.get("smooth"),
+                                                          kwargs.get("lkd_steps"))
+    if not calibrated:
         folds = [(None, None, "", 0, n_eval)]       # the float model, or nothing calibrated: one model
     nll_sum = tokens = 0.0
     for calib, _, fold_tag, lo, hi in folds:
