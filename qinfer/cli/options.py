@@ -57,8 +57,9 @@ def add_kv_cache_option(p):
     from ..kv_cache import DEFAULT_GROUP, DEFAULT_RESIDUAL, FORMATS, GROUPS, IMPLEMENTED
     later = [f for f in FORMATS if f not in IMPLEMENTED]
     p.add_argument("--kv-cache", choices=FORMATS, default=None, metavar="FORMAT",
-                   help="the KV cache's format: f32 (default), f16 (half the memory), q8 (int8 codes, a "
-                        "float16 scale per 32 values), kivi4 or kivi2 (KIVI: 4- or 2-bit codes, keys per "
+                   help="the KV cache's format: q8 (the default: int8 codes, a float16 scale per 32 "
+                        "values; f16 for heads that are not a multiple of 32), f32, f16 (half f32's "
+                        "memory), kivi4 or kivi2 (KIVI: 4- or 2-bit codes, keys per "
                         "channel, values per token, the newest tokens in float16), kvquant4, kvquant3 or "
                         "kvquant2 (KVQuant: calibrated non-uniform levels, keys before RoPE, 1%% outliers; "
                         "needs qinfer calibrate-kv's file)"
