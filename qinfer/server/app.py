@@ -65,7 +65,8 @@ class _Relay:
 
     And the loop is woken at most once every `interval` seconds (--stream-interval),
     each stream then writing the tokens since the last wake-up in one write:
-    every write costs the loop ~70 us of CPU (Starlette, h11, the socket), and at
+    every write costs the loop ~70 us of CPU (Starlette, h11, the socket; less on
+    uvloop and httptools, docs/server.md), and at
     8 streams one a token took ~0.8 ms of a core a decode step of ~8 ms from the
     forward pass (docs/server.md). A request's first event and its last (done or
     error) go out at once: time to first token and latency are not delayed."""
