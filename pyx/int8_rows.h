@@ -33,8 +33,9 @@
  * gives two cores: the layer streams at what the misses in flight allow. Into L1, 2 KiB
  * ahead, they were as many as L1 tracks; into L2, 16 KiB ahead, more are in flight.
  * SmolLM2's 8-row decode step (int8 activations, 2 threads, 2-core Zen 4 KVM; in-process
- * A/B, 40 rounds of 20 steps each): 0.89 of the time (8-bit LM head 16 KiB ahead, 4-bit
- * blocks 4 KiB ahead, both into L2); farther, 32 and 64 KiB, no better. */
+ * A/B, 40 rounds of 20 steps each): 0.89-0.95 of the time, most of it the 8-bit LM head's
+ * (the 4-bit blocks alone 0.99); the 4-bit blocks alike 4 to 16 KiB ahead, the head no
+ * faster 32 or 64 KiB ahead. */
 #define I8_ROWS_PREFETCH_BYTES (16 * 1024)
 /* An empty asm that takes and gives back v in a vector register: GCC must
  * then add each slice's products into the accumulator where the template
