@@ -16,11 +16,9 @@ window, or the whole text when every window is scored). Rows (--rows, comma-sepa
                       8), and the same weights with float activations
     sq:A              SmoothQuant with alpha A (a number, or auto)
     sqd:A             ... and down_proj smoothed too (--smooth-down)
-    sqo:A, sqdo:A     ... and o_proj smoothed too (--smooth-o), without or with down_proj
     ...:gG            any of the above with G-input weight groups instead of one scale a row
     ...:lorcR         any W8A8/W4A8 row with LoRC's rank-R compensation (--lorc-rank R)
     ...:head          any W8A8/W4A8 row with the LM head quantized too (--int8-lm-head)
-    ...:gptq          any W8A8/W4A8 row with its weights rounded by GPTQ (--w-gptq)
     ...:lkdN[@LR]     any W8A8/W4A8 row trained by ZeroQuant's LKD first: N steps a block
                       (--lkd-steps N, --lkd-lr LR; default the seed's 5e-6), on --lkd-nsamples
                       windows of --seqlen tokens of the calibration text
@@ -62,11 +60,8 @@ def parse_row(spec):
     """(quantize keyword arguments or None for float, dequantize, label) of a row spec."""
     parts = spec.split(":")
     head, rest = parts[0], parts[1:]
-    group, lorc, int8_head, lkd, w_gptq = -1, None, False, None, False
+    group, lorc, int8_head, lkd = -1, None, False, None
     for p in list(rest):
-        if p == "gptq":
-            w_gptq = True
-            rest.remove(p)
         if p == "head":
             int8_head = True
             rest.remove(p)
@@ -81,10 +76,8 @@ def parse_row(spec):
             lkd = (int(steps), float(lr) if lr else None)
             rest.remove(p)
     kwargs, dequantize, label = _row(head, rest, group)
-    if (lorc or int8_head or lkd or w_gptq) and (kwargs is None or kwargs["method"] not in ("zeroquant", "smoothquant")):
-        raise SystemExit(f"row {spec!r}: LoRC, LKD, GPTQ weights and the int8 head go with the W8A8/W4A8 rows")
-    if w_gptq:
-        kwargs, label = dict(kwargs, w_gptq=True), f"{label} GPTQ weights"
+    if (lorc or int8_head or lkd) and (kwargs is None or kwargs["method"] not in ("zeroquant", "smoothquant")):
+        raise SystemExit(f"row {spec!r}: LoRC, LKD and the int8 head go with the W8A8/W4A8 rows")
     if lorc:
         kwargs, label = dict(kwargs, lorc_rank=lorc), f"{label} LoRC rank {lorc}"
     if int8_head:
@@ -104,12 +97,11 @@ def _row(head, rest, group):
     if head in ("zq4", "zq4f"):
         return dict(method="zeroquant", bits=4, group_size=64), head == "zq4f", \
             "zeroquant W4/8-A8 g64" + (" (float activations)" if head == "zq4f" else "")
-    if head in ("sq", "sqd", "sqo", "sqdo"):
+    if head in ("sq", "sqd"):
         alpha = rest[0] if rest[0] == "auto" else float(rest[0])
-        down, o = "d" in head, "o" in head
-        label = f"smoothquant W8A8 alpha {rest[0]}" + (" +down" if down else "") + (" +o" if o else "") + \
+        label = f"smoothquant W8A8 alpha {rest[0]}" + (" +down" if head == "sqd" else "") + \
             (f" g{group}" if group > 0 else "")
-        return dict(method="smoothquant", alpha=alpha, smooth_down=down, smooth_o=o, group_size=group), False, label
+        return dict(method="smoothquant", alpha=alpha, smooth_down=head == "sqd", group_size=group), False, label
     if head == "rtn4g64":
         smooth = float(rest[0][len("smooth"):]) if rest else None
         return dict(method="rtn", bits=4, group_size=64, smooth=smooth), False, \
@@ -125,7 +117,7 @@ def shared_calibration():
     def once(source, windows, threads, progress, keep_sample, groups=smoothquant.GROUPS):
         key = windows.tobytes()
         if key not in memo:
-            memo[key] = calibrate(source, windows, threads, progress, True, smoothquant.groups_for(True, True))
+            memo[key] = calibrate(source, windows, threads, progress, True, smoothquant.groups_for(True))
         return memo[key]
     smoothquant.calibrate = once
 

@@ -118,21 +118,6 @@ def test_smoothing_factors_follow_the_formula():
         wmax = np.maximum(np.abs(ws[0]).max(axis=0), np.abs(ws[1]).max(axis=0))
         want = np.maximum(np.maximum(act, 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1 - alpha), 1e-5)
         np.testing.assert_allclose(smoothquant.smoothing_factors(act, ws, alpha), want, rtol=1e-6)
-    # o_proj's input: 2 KV heads of 2 channels, each read by 3 query heads; one factor per V channel
-    # from the largest activation and weight maxima over its query heads' channels
-    grouping = smoothquant.KvGrouping(heads=6, kv_heads=2, head_dim=2)
-    act = np.abs(rng.standard_normal(12)) * 10
-    wo = rng.standard_normal((4, 12))
-    for alpha in (0.0, 0.5, 0.8):
-        want = np.empty(12)
-        for g in range(2):
-            for d in range(2):
-                cols = [h * 2 + d for h in range(3 * g, 3 * g + 3)]
-                a, w = act[cols].max(), np.abs(wo[:, cols]).max()
-                want[cols] = max(max(a, 1e-5) ** alpha / max(w, 1e-5) ** (1 - alpha), 1e-5)
-        got = smoothquant.smoothing_factors(act, [wo], alpha, grouping)
-        np.testing.assert_allclose(got, want, rtol=1e-6)
-        np.testing.assert_array_equal(grouping.rows(got), got[[0, 1, 6, 7]])
     for bad in (-0.1, 1.5, "0.5", True, float("nan")):
         with pytest.raises(QinferError, match="alpha"):
             smoothquant.check_alpha(bad)
@@ -146,13 +131,11 @@ def test_smoothing_leaves_the_float_model_unchanged(tiny_src):
     ids = np.arange(5, 29)
     windows = np.stack([np.arange(100, 132), np.arange(300, 332)]).astype(np.int32)
     stats = smoothquant.calibrate(src, windows, 1, Progress(2, enabled=False), keep_sample=True,
-                                  groups=smoothquant.groups_for(True, True))
-    assert src.config.num_key_value_heads < src.config.num_attention_heads      # o's factors are shared
+                                  groups=smoothquant.groups_for(True))
     want = Model(src, threads=1).forward(ids, 0, all_logits=True)
-    for alpha, down, o in ((0.0, False, False), (0.5, False, False), (1.0, False, False), (0.8, True, False),
-                           ("auto", True, False), (0.5, False, True), (0.8, True, True), ("auto", True, True)):
+    for alpha, down in ((0.0, False), (0.5, False), (1.0, False), (0.8, True), ("auto", True)):
         tensors, alphas = smoothquant.smooth(src, stats, alpha, lambda n: float_weight(src, n),
-                                             smoothquant.groups_for(down, o))
+                                             smoothquant.groups_for(down))
         smoothed = smoothquant.smoothed_source(src, tensors)
         # the weights did change (a no-op would pass the logits check too) ...
         q = "model.layers.0.self_attn.q_proj.weight"
@@ -161,10 +144,6 @@ def test_smoothing_leaves_the_float_model_unchanged(tiny_src):
             up = "model.layers.1.mlp.up_proj.weight"
             assert alphas["model.layers.1.mlp.up_proj"] in smoothquant.ALPHA_GRID + (0.8,)
             assert not np.allclose(float_weight(smoothed, up), float_weight(src, up))
-        if o:
-            v, wo = "model.layers.1.self_attn.v_proj.weight", "model.layers.1.self_attn.o_proj.weight"
-            assert not np.allclose(float_weight(smoothed, v), float_weight(src, v))
-            assert not np.allclose(float_weight(smoothed, wo), float_weight(src, wo))
         # ... and the function did not
         got = Model(smoothed, threads=1).forward(ids, 0, all_logits=True)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
@@ -267,49 +246,6 @@ def test_smoothquant_checkpoint_and_smooth_option(tiny_src, tmp_path):
     base = qinfer.Engine(tiny_src[0], threads=1).logits(ids)
     smoothed = qinfer.Engine(rtn, threads=1).logits(ids)
     assert np.abs(smoothed - base).max() < 0.05 * np.abs(base).max()    # the same model, 8-bit weights
-
-
-@needs_tokenizer
-@needs_wikitext
-def test_gptq_weights_and_smoothed_o_proj(tiny_src, tmp_path):
-    """--w-gptq: the int8 weights rounded by GPTQ on the calibration text, on the kernels'
-    symmetric grid; on layer 0 (whose inputs no earlier rounding touches) their output error on
-    the calibration inputs is below round to nearest's with the same scales. The engine runs the
-    checkpoint (o_proj smoothed too, --smooth-o) as the reference does."""
-    from qinfer.quant.calibration import calibration_windows
-    from qinfer.tokenizer import load as load_tokenizer
-
-    out, calib = tmp_path / "sq", ref.WIKITEXT
-    qinfer.quantize(tiny_src[0], out, method="smoothquant", alpha=0.8, smooth_down=True, smooth_o=True, w_gptq=True,
-                    calib=calib, nsamples=4, seqlen=32, seed=3, threads=1, progress=False, float_dtype="float32")
-    meta = json.loads((out / "quantize_config.json").read_text())["qinfer"]
-    assert meta["weight_rounding"] == "gptq" and meta["smooth_o"] is True and meta["smooth_down"] is True
-    src_w, cfg = tiny_src[1], tiny_src[2]
-    layers, stored = int8_layers(out, inputs_of(src_w))
-    norm = "model.layers.0.input_layernorm.weight"
-    s = src_w[norm] / stored[norm].astype(np.float64)        # the attention inputs' smoothing factors
-    assert not np.allclose(s, 1)
-    # layer 0's q/k/v inputs over the calibration windows, as the smoothed model computes them
-    windows = calibration_windows(calib, load_tokenizer(open_model(tiny_src[0]).tokenizer), 4, 32, 3)
-    x = ref.rms_norm(src_w["model.embed_tokens.weight"][windows.ravel()].astype(np.float64), stored[norm],
-                     cfg["rms_norm_eps"])
-    for m in ("q_proj", "k_proj"):      # (v_proj's rows are divided by o's factors as well)
-        codes, scales, _, _ = layers[f"model.layers.0.self_attn.{m}.weight"]
-        w = src_w[f"model.layers.0.self_attn.{m}.weight"] * s[None, :]
-        rtn = np.clip(np.rint(w / scales), -128, 127)
-        assert np.abs(codes - rtn).max() >= 1, m
-        gptq_err = (((w - codes * scales) @ x.T) ** 2).sum()
-        assert gptq_err < 0.9 * (((w - rtn * scales) @ x.T) ** 2).sum(), m
-    engine = qinfer.Engine(out, threads=2)
-    weights = {k: v.astype(np.float32) for k, v in stored.items() if k.endswith(".weight")}
-    weights.update(dequantized(layers))
-    ids = engine.tokenizer.encode(PROMPT, add_bos=True)
-    want = ref.forward(weights, cfg, ids, linear=w8a8_linear(layers))
-    gap = np.abs(ref.forward(weights, cfg, ids) - want).max()
-    assert np.abs(engine.logits(ids) - want).max() < 0.05 * gap
-    # the smoothed model before rounding is the original one: its W8A8 logits stay near the original's
-    base = qinfer.Engine(tiny_src[0], threads=1).logits(ids)
-    assert np.abs(engine.logits(ids) - base).max() < 0.1 * np.abs(base).max()
 
 
 @needs_tokenizer

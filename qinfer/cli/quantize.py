@@ -49,12 +49,6 @@ def add_parser(sub):
     q.add_argument("--smooth-down", action="store_true",
                    help="smoothquant, --smooth: smooth down_proj's input as well, dividing up_proj's output rows "
                         "(an exact rewrite of the model, beyond the paper's q/k/v and gate/up)")
-    q.add_argument("--w-gptq", action="store_true",
-                   help="smoothquant, zeroquant: round the int8 weights by GPTQ on the calibration text (each "
-                        "rounding's error spread over the columns not yet rounded) instead of to nearest")
-    q.add_argument("--smooth-o", action="store_true",
-                   help="smoothquant, --smooth: smooth o_proj's input as well, dividing v_proj's output rows "
-                        "(one factor per channel of a KV head; an exact rewrite too)")
     add_group_size_option(q, "input rows per scale/zero group (-1: full column; default 128; spqr: 16, 32, 64 "
                              "or 128, default 16; bcq: 16, 32, 64, 128 or -1, default 128 or the largest of "
                              "those dividing every layer's inputs)", default=None)
@@ -130,7 +124,6 @@ def run(args):
                       clip_search=args.clip_search, dynamic=rules, stat_bits=args.stat_bits,
                       outlier_threshold=args.outlier_threshold, rounds=args.rounds, alpha=args.alpha,
                       a_bits=args.a_bits, smooth=args.smooth, smooth_down=args.smooth_down,
-                      smooth_o=args.smooth_o, w_gptq=args.w_gptq,
                       lorc_rank=args.lorc_rank, lm_head=args.int8_lm_head, lkd_steps=args.lkd_steps,
                       lkd_lr=args.lkd_lr)
     print(report.summary(), file=sys.stderr)

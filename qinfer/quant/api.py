@@ -418,8 +418,8 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
              static_groups=False, calib=None, nsamples=None, seqlen=None, damp=0.01, seed=0, force=False,
              threads=None, true_sequential=False, sink_weight=1.0, float_dtype="float16", zero_point="int",
              clip_search=False, dynamic=None, progress=True, stat_bits=None, outlier_threshold=None, rounds=None,
-             alpha=None, a_bits=None, smooth=None, smooth_down=False, smooth_o=False, lorc_rank=None, lm_head=False,
-             lkd_steps=None, lkd_lr=None, w_gptq=False):
+             alpha=None, a_bits=None, smooth=None, smooth_down=False, lorc_rank=None, lm_head=False,
+             lkd_steps=None, lkd_lr=None):
     """Quantize a float model into a GPTQ-format checkpoint directory `out` (method "spqr": an
     SpQR checkpoint, qinfer's own).
 
@@ -487,8 +487,6 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
     smooth_down: smooth down_proj's input too, through up_proj's output rows (an
     exact rewrite the paper does not make; smoothquant.DOWN_GROUP), with
     "smoothquant" or `smooth`.
-    smooth_o: smooth o_proj's input too, through v_proj's output rows (the same kind of
-    rewrite; smoothquant.O_GROUP), with "smoothquant" or `smooth`.
     nsamples and seqlen: None for the method's defaults (128 windows of 2048 tokens;
     SmoothQuant's 512 of 512).
     `out` must not exist unless force. Returns a QuantizeReport.
@@ -519,25 +517,20 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
                                         "sink_weight (--sink-weight)": sink_weight != 1})
         if method == "smoothquant":
             alpha = smoothquant.check_alpha(smoothquant.DEFAULT_ALPHA if alpha is None else alpha)
-        elif alpha is not None or smooth_down or smooth_o:
-            raise QinferError("alpha (--alpha), smooth_down (--smooth-down) and smooth_o (--smooth-o) are "
-                              "SmoothQuant's: use them with method 'smoothquant' (zeroquant does not smooth)")
+        elif alpha is not None or smooth_down:
+            raise QinferError("alpha (--alpha) and smooth_down (--smooth-down) are SmoothQuant's: use them with "
+                              "method 'smoothquant' (zeroquant does not smooth)")
         lorc_rank = None if lorc_rank is None else lorc.check_rank(lorc_rank)
         if lkd_steps is not None:
             lkd_steps, lkd_lr = lkd.check_settings(lkd_steps, lkd.DEFAULT_LR if lkd_lr is None else lkd_lr)
         elif lkd_lr is not None:
             raise QinferError("lkd_lr (--lkd-lr) is the learning rate of LKD: give lkd_steps (--lkd-steps) too")
-        if w_gptq and lkd_steps is not None:
-            raise QinferError("w_gptq (--w-gptq) and LKD (--lkd-steps) both set the int8 weights: choose one")
-        return _quantize_w8a8(model, out, method, bits, group_size, alpha, bool(smooth_down), bool(smooth_o),
-                              lorc_rank, bool(lm_head), bool(w_gptq), lkd_steps, lkd_lr, calib, nsamples, seqlen, seed, force, threads, float_dtype, progress,
+        return _quantize_w8a8(model, out, method, bits, group_size, alpha, bool(smooth_down), lorc_rank, bool(lm_head),
+                              lkd_steps, lkd_lr, calib, nsamples, seqlen, seed, force, threads, float_dtype, progress,
                               t0)
     if lkd_steps is not None or lkd_lr is not None:
         raise QinferError("LKD (--lkd-steps, --lkd-lr) trains the blocks of the 'smoothquant' and 'zeroquant' "
                           f"methods, not {method!r}")
-    if w_gptq:
-        raise QinferError(f"w_gptq (--w-gptq) rounds the int8 weights of 'smoothquant' and 'zeroquant' by GPTQ; "
-                          f"method {method!r} has its own rounding")
     if alpha is not None or a_bits is not None or lorc_rank is not None or lm_head:
         raise QinferError("alpha (--alpha), the activations' bits (--a-bits), the low-rank compensation "
                           "(--lorc-rank) and an int8 LM head (--int8-lm-head) are settings of the 'smoothquant' and "
@@ -546,9 +539,8 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
         if method not in ("gptq", "rtn"):
             raise QinferError(f"smooth (--smooth) applies to methods 'gptq' and 'rtn', not {method!r}")
         smooth = smoothquant.check_alpha(smooth)
-    elif smooth_down or smooth_o:
-        raise QinferError("smooth_down (--smooth-down) and smooth_o (--smooth-o) go with smoothing: method "
-                          "'smoothquant', or --smooth A")
+    elif smooth_down:
+        raise QinferError("smooth_down (--smooth-down) goes with smoothing: method 'smoothquant', or --smooth A")
     if method != "bcq" and rounds is not None:
         raise QinferError("refinement rounds (--rounds) are a BCQ setting: use them with method 'bcq'")
     if method == "bcq":
@@ -590,8 +582,8 @@ def quantize(model, out, bits=None, group_size=None, method="gptq", act_order=Fa
                               "takes all but static groups); round to nearest (method 'rtn') uses no calibration")
         meta.update(damp=None, sink_weight=None)
     if smooth is not None:
-        source, _ = w8a8.smoothing(source, windows, smooth, threads, progress, bool(smooth_down), bool(smooth_o))
-        meta.update(smooth_down=bool(smooth_down), smooth_o=bool(smooth_o))
+        source, _ = w8a8.smoothing(source, windows, smooth, threads, progress, bool(smooth_down))
+        meta["smooth_down"] = bool(smooth_down)
     floats = float_tensors(source, float_dtype)
 
     bar = Progress(source.config.num_hidden_layers, enabled=progress)
@@ -639,22 +631,20 @@ def _calibration(source, calib, nsamples, seqlen, seed, method_name):
     return calibration_windows(calib, load_tokenizer(source.tokenizer), nsamples, seqlen, seed)
 
 
-def _quantize_w8a8(model, out, method, bits, group_size, alpha, smooth_down, smooth_o, lorc_rank, lm_head, w_gptq,
-                   lkd_steps, lkd_lr, calib, nsamples, seqlen, seed, force, threads, float_dtype, progress, t0):
+def _quantize_w8a8(model, out, method, bits, group_size, alpha, smooth_down, lorc_rank, lm_head, lkd_steps, lkd_lr,
+                   calib, nsamples, seqlen, seed, force, threads, float_dtype, progress, t0):
     """SmoothQuant / ZeroQuant's W8A8 (quant/w8a8.py) -> QuantizeReport."""
     source = _open_source(model)
     _check_shapes(source)
     w8a8.check_group(source, group_size)
-    if method == "zeroquant" and calib is not None and lkd_steps is None and not w_gptq:
-        raise QinferError("zeroquant's W8A8 needs no calibration (--calib) unless it trains with LKD (--lkd-steps) "
-                          "or rounds by GPTQ (--w-gptq); SmoothQuant ('smoothquant') uses it")
-    windows = (_calibration(source, calib, nsamples, seqlen, seed, "SmoothQuant" if method == "smoothquant" else
-                            "LKD" if lkd_steps is not None else "GPTQ (--w-gptq)")
-               if needs_calibration(method, lkd_steps=lkd_steps) or w_gptq else None)
+    if method == "zeroquant" and calib is not None and lkd_steps is None:
+        raise QinferError("zeroquant's W8A8 needs no calibration (--calib) unless it trains with LKD (--lkd-steps); "
+                          "SmoothQuant ('smoothquant') uses it")
+    windows = (_calibration(source, calib, nsamples, seqlen, seed, "SmoothQuant" if method == "smoothquant" else "LKD")
+               if needs_calibration(method, lkd_steps=lkd_steps) else None)
     out = checkpoint.check_output(out, force, source.path)
     meta = dict(bits=bits, group_size=group_size, sym=True, method=method, float_dtype=float_dtype,
-                activations="int8-token", alpha=alpha, smooth_down=smooth_down, smooth_o=smooth_o,
-                lorc_rank=lorc_rank, lm_head=lm_head, w_gptq=w_gptq,
+                activations="int8-token", alpha=alpha, smooth_down=smooth_down, lorc_rank=lorc_rank, lm_head=lm_head,
                 lkd_steps=lkd_steps, lkd_lr=lkd_lr,
                 dynamic=Rules(w8a8.dynamic_rules(bits, group_size, lm_head), "dynamic").to_json() or None)
     if windows is not None:

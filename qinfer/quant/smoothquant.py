@@ -33,11 +33,6 @@ GROUPS = (("attn_in", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj"
 # With `down` (beyond the paper): down_proj's input is silu(gate) * up, so dividing up_proj's
 # output rows by s divides it exactly: the same smoothing for down_proj
 DOWN_GROUP = ("down_in", "mlp.up_proj", ("mlp.down_proj",))
-# With `o` (beyond the paper too): o_proj's input is attention's output, per head a weighted
-# sum of the rows of V, so dividing v_proj's output rows by s divides it exactly. Each KV head
-# is read by a group of query heads: their channels share one s, its value at channel d of
-# KV head g taken over the group's channels d (KvGrouping)
-O_GROUP = ("o_in", "self_attn.v_proj", ("self_attn.o_proj",))
 CLAMP = 1e-5
 DEFAULT_ALPHA = 0.5
 ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))
@@ -53,43 +48,12 @@ def check_alpha(alpha):
     return float(alpha)
 
 
-def smoothing_factors(act_max, weights, alpha, grouping=None):
-    """s [in] for the calibrated max|X_j| act_max [in] and the group's weights ([out_i, in] each);
-    with a KvGrouping, one value for the channels that share a V channel (their largest maxima)."""
+def smoothing_factors(act_max, weights, alpha):
+    """s [in] for the calibrated max|X_j| act_max [in] and the group's weights ([out_i, in] each)."""
     w_max = np.max([np.abs(w).max(axis=0) for w in weights], axis=0)
-    a = np.asarray(act_max, dtype=np.float64)
-    if grouping is not None:
-        a, w_max = grouping.shared(a), grouping.shared(w_max)
-    a = np.maximum(a, CLAMP)
+    a = np.maximum(np.asarray(act_max, dtype=np.float64), CLAMP)
     s = a ** alpha / np.maximum(w_max.astype(np.float64), CLAMP) ** (1 - alpha)
-    s = np.maximum(s, CLAMP).astype(np.float32)
-    return s if grouping is None else grouping.expand(s)
-
-
-@dataclasses.dataclass
-class KvGrouping:
-    """o_proj's input channels h * head_dim + d (query head h) against V's channels
-    g * head_dim + d (KV head g = h // (heads / kv_heads))."""
-    heads: int
-    kv_heads: int
-    head_dim: int
-
-    def shared(self, x):
-        """[heads * head_dim] -> [kv_heads * head_dim]: the largest over each KV head's query heads."""
-        return np.asarray(x).reshape(self.kv_heads, self.heads // self.kv_heads, self.head_dim).max(axis=1).ravel()
-
-    def expand(self, s):
-        """[kv_heads * head_dim] -> [heads * head_dim]: each query head's channels take their KV head's."""
-        s = np.asarray(s).reshape(self.kv_heads, 1, self.head_dim)
-        return np.repeat(s, self.heads // self.kv_heads, axis=1).ravel()
-
-    def rows(self, s):
-        """s [heads * head_dim] as V's [kv_heads * head_dim] (every query head of a group has the same)."""
-        return np.asarray(s).reshape(self.kv_heads, self.heads // self.kv_heads, self.head_dim)[:, 0].ravel()
-
-
-def kv_grouping(config):
-    return KvGrouping(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+    return np.maximum(s, CLAMP).astype(np.float32)
 
 
 @dataclasses.dataclass
@@ -100,9 +64,9 @@ class Statistics:
     sample: list
 
 
-def groups_for(down, o=False):
-    """The smoothing groups: GROUPS, and DOWN_GROUP when `down`, O_GROUP when `o`."""
-    return GROUPS + ((DOWN_GROUP,) if down else ()) + ((O_GROUP,) if o else ())
+def groups_for(down):
+    """The smoothing groups: GROUPS, and DOWN_GROUP when `down`."""
+    return GROUPS + ((DOWN_GROUP,) if down else ())
 
 
 def calibrate(source, windows, threads, progress, keep_sample, groups=GROUPS):
@@ -113,8 +77,7 @@ def calibrate(source, windows, threads, progress, keep_sample, groups=GROUPS):
     nsamples, seqlen = windows.shape
     model = Model(source, ctx=seqlen, threads=threads, dequantize=True)
     cfg = model.config
-    width = {"attn_in": cfg.hidden_size, "mlp_in": cfg.hidden_size, "down_in": cfg.intermediate_size,
-             "o_in": cfg.num_attention_heads * cfg.head_dim}
+    width = {"attn_in": cfg.hidden_size, "mlp_in": cfg.hidden_size, "down_in": cfg.intermediate_size}
     keys = [k for k, _, _ in groups]
     n_layers = cfg.num_hidden_layers
     hidden = np.ascontiguousarray(model.embedding[windows], dtype=np.float32)      # [nsamples, seqlen, dim]
@@ -156,9 +119,9 @@ def w8a8_error(x, weights, s):
     return err
 
 
-def choose_alpha(act_max, weights, sample, grouping=None):
+def choose_alpha(act_max, weights, sample):
     """The alpha of ALPHA_GRID with the smallest w8a8_error on the sample rows."""
-    errors = [w8a8_error(sample, weights, smoothing_factors(act_max, weights, a, grouping)) for a in ALPHA_GRID]
+    errors = [w8a8_error(sample, weights, smoothing_factors(act_max, weights, a)) for a in ALPHA_GRID]
     return ALPHA_GRID[int(np.argmin(errors))]
 
 
@@ -172,19 +135,16 @@ def smooth(source, stats, alpha, float_weight, groups=GROUPS):
     for i in range(source.config.num_hidden_layers):
         p = f"model.layers.{i}."
         for key, divisor, maps in groups:
-            grouping = kv_grouping(source.config) if key == "o_in" else None
             weights = [float_weight(p + m + ".weight") for m in maps]
-            a = (choose_alpha(stats.act_max[i][key], weights, stats.sample[i][key], grouping) if alpha == "auto"
-                 else alpha)
-            s = smoothing_factors(stats.act_max[i][key], weights, a, grouping)
+            a = choose_alpha(stats.act_max[i][key], weights, stats.sample[i][key]) if alpha == "auto" else alpha
+            s = smoothing_factors(stats.act_max[i][key], weights, a)
             for m in maps:
                 out[p + m + ".weight"] = _scaled(out.get(p + m + ".weight"), float_weight, p + m + ".weight", s)
             name = p + divisor + ".weight"
             if divisor.endswith("layernorm"):
                 out[name] = (float_weight(name) / s).astype(np.float32)
-            else:      # a map's output rows (up_proj, v_proj: already smoothed on their inputs)
-                rows = s if grouping is None else grouping.rows(s)
-                out[name] = _scaled(out.get(name), float_weight, name, 1 / rows[:, None])
+            else:      # a map's output rows (up_proj, already smoothed on its inputs by the mlp group)
+                out[name] = _scaled(out.get(name), float_weight, name, 1 / s[:, None])
             alphas[p + divisor] = a
     return out, alphas
 

@@ -71,10 +71,10 @@ def check_group(source, group_size):
                                    f"do not divide (use -1, one scale per output row, or a divisor)")
 
 
-def smoothing(source, windows, alpha, threads, progress, down=False, o=False):
+def smoothing(source, windows, alpha, threads, progress, down=False):
     """(smoothed source, {divisor: alpha used}) after calibrating on the windows (down: down_proj
-    too, smoothquant.DOWN_GROUP; o: o_proj, smoothquant.O_GROUP)."""
-    groups = smoothquant.groups_for(down, o)
+    too, smoothquant.DOWN_GROUP)."""
+    groups = smoothquant.groups_for(down)
     stats = smoothquant.calibrate(source, windows, threads, Progress(source.config.num_hidden_layers, progress),
                                   keep_sample=alpha == "auto", groups=groups)
     tensors, alphas = smoothquant.smooth(source, stats, alpha, lambda name: float_weight(source, name), groups)
@@ -101,8 +101,7 @@ def quantize_w8a8(source, out, meta, windows, threads, force, progress):
 
     alphas = {}
     if meta["method"] == "smoothquant":
-        source, alphas = smoothing(source, windows, meta["alpha"], threads, progress, meta["smooth_down"],
-                                   meta["smooth_o"])
+        source, alphas = smoothing(source, windows, meta["alpha"], threads, progress, meta["smooth_down"])
     if meta["lm_head"]:
         source = untied_head(source)
     rules = dynamic.Rules(meta["dynamic"], "dynamic")
@@ -122,11 +121,7 @@ def quantize_w8a8(source, out, meta, windows, threads, force, progress):
     n_layers = source.config.num_hidden_layers
     bar = Progress(n_layers, enabled=progress)
     distilled = []
-    if meta.get("w_gptq"):
-        results.update(_gptq_layers(source, windows, rules, meta, threads, bar))
-        for base, res in results.items():
-            extra[base] = _lorc(float_weight(source, base + ".weight"), res, meta)
-    elif meta.get("lkd_steps"):
+    if meta.get("lkd_steps"):
         for i, d in enumerate(lkd.distilled_blocks(source, windows, rounder_for, meta["lkd_steps"], meta["lkd_lr"],
                                                    threads, bar, seed=meta["seed"])):
             for short, hf_name in LINEAR_NAMES.items():
@@ -147,21 +142,6 @@ def quantize_w8a8(source, out, meta, windows, threads, force, progress):
                     {"auto": sorted(set(alphas.values())), "per_norm": alphas})
     fmt = save_checkpoint(out, source, results, meta, force=force, floats=floats, extra=extra)
     return fmt, alphas, distilled
-
-
-def _gptq_layers(source, windows, rules, meta, threads, bar):
-    """{base name: QuantResult} of every block layer rounded by GPTQ on the calibration windows'
-    Hessians (of the smoothed model's float inputs, earlier blocks rounded), to the symmetric
-    grid of the int8 kernels: GPTQ's `sym` (scale 2 max|w| / 255, every zero point 128)."""
-    from .api import calibrated_layers
-    from .gptq import gptq_quantize
-
-    def gptq(base, name, w, h, prepared):
-        s = rules.resolve(base, meta)
-        res = gptq_quantize(w, prepared, s["bits"], s["group_size"], sym=True)
-        return res, res.to_linear()
-
-    return calibrated_layers(source, windows, threads, False, bar, gptq)
 
 
 def _lorc(w, result, meta):

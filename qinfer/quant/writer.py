@@ -20,7 +20,7 @@ FLOAT_DTYPES = ("float16", "float32")
 DEFAULT_META = dict(sym=False, act_order=False, static_groups=False, true_sequential=False, method="gptq",
                     damp=None, nsamples=None, seqlen=None, seed=None, calibration=None, sink_weight=None, zero_point="int",
                     float_dtype="float16", clip_search=False, dynamic=None, activations=None, alpha=None,
-                    smooth=None, smooth_down=False, smooth_o=False, w_gptq=False, lorc_rank=None, lm_head=False, lkd_steps=None,
+                    smooth=None, smooth_down=False, lorc_rank=None, lm_head=False, lkd_steps=None,
                     lkd_lr=None)
 
 
@@ -145,8 +145,6 @@ def save_checkpoint(out, source, results, meta, force=False, floats=None, extra=
                                    **({"smoothquant_alpha": meta["alpha"]} if meta["alpha"] is not None else {}),
                                    **({"smooth_alpha": meta["smooth"]} if meta["smooth"] is not None else {}),
                                    **({"smooth_down": True} if meta["smooth_down"] else {}),
-                                   **({"smooth_o": True} if meta["smooth_o"] else {}),
-                                   **({"weight_rounding": "gptq"} if meta["w_gptq"] else {}),
                                    **({"int8_lm_head": True} if meta["lm_head"] else {}),
                                    **({"lkd_steps": meta["lkd_steps"], "lkd_lr": meta["lkd_lr"]}
                                       if meta["lkd_steps"] else {}),
