@@ -5,7 +5,7 @@
                                [--stream-interval MS] [--pairs N] [--skip-llamacpp] [--json-out FILE]
 
 Starts `python -m qinfer serve` (a child process, --parallel slots of --ctx
-tokens, --activations as given) and, for each concurrency N, N client threads
+tokens, --activations as given: int8 by default, as the server's own default) and, for each concurrency N, N client threads
 each send --rounds streamed completion requests (greedy, a different prompt
 each, max_tokens tokens each: `ignore_eos`, which llama-server takes too, so
 that no stream ends early at end of sequence; two of the eight prompts end at
@@ -277,7 +277,8 @@ def main():
                         help="seconds each concurrency keeps all its clients busy (default 8)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--activations", choices=("float", "int8"), default="float")
+    parser.add_argument("--activations", choices=("float", "int8"), default="int8",
+                        help="the server's and generate's activations (default int8, qinfer serve's default)")
     parser.add_argument("--stream-interval", type=int, default=None, metavar="MS",
                         help="qinfer serve's --stream-interval (default: the server's)")
     parser.add_argument("--pairs", type=int, default=0, metavar="N",

@@ -341,6 +341,17 @@ def test_the_serve_command(engine):
         assert proc.wait(60) == 0
         err = proc.stderr.read()
         assert "Traceback" not in err and err.rstrip().endswith("qinfer: server stopped")
+        assert "2 threads, int8 activations" in err     # the server's default (batched steps scale)
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_serve_activations_default(monkeypatch):
+    from qinfer.cli.serve import serve_activations
+    monkeypatch.delenv("QINFER_ACTIVATIONS", raising=False)
+    assert serve_activations(None) == "int8"
+    assert serve_activations("float") == "float"
+    monkeypatch.setenv("QINFER_ACTIVATIONS", "float")
+    assert serve_activations(None) == "float"
+    assert serve_activations("int8") == "int8"
