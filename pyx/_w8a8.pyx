@@ -14,6 +14,7 @@ cdef extern from "w8a8.h" nogil:
     ctypedef struct w8a8_matrix:
         qmatrix head
         int isa
+        int amx
         const int8_t *codes
         const float *scales
         const int32_t *sums
@@ -21,6 +22,8 @@ cdef extern from "w8a8.h" nogil:
         const float *lr_a
         const float *lr_b
     int w8a8_cpu_isa()
+    int W8A8_AMX_OFF, W8A8_AMX_TILES, W8A8_AMX_MODEL, W8A8_AMX_MIN_ROWS, W8A8_AMX_K
+    int w8a8_amx_available()
     void w8a8_pack_rows(const int8_t *src, const float *src_scales, int bits, int in_features, int group_size,
                         int first, int last, uint8_t *codes, float *scales, int32_t *sums)
     int w8a8_gemm(const qmatrix *m, const float *x, int n, float *y, int nthreads)
@@ -35,6 +38,17 @@ ISAS = ("portable", "avx2", "avx512vnni")
 def cpu_isas():
     """The instruction sets this CPU runs the loops on, fastest first."""
     return list(reversed(ISAS[:w8a8_cpu_isa() + 1]))
+
+
+# where w8a8_gemm of 16 rows or more multiplies (pyx/w8a8_amx.h): not on tiles, on AMX-INT8
+# tiles, or on the C model of the tiles (tests on CPUs without AMX)
+AMX_MODES = ("off", "tiles", "model")
+AMX_MIN_ROWS, AMX_GROUP_MULTIPLE = W8A8_AMX_MIN_ROWS, W8A8_AMX_K
+
+
+def amx_available():
+    """Whether this CPU has AMX-INT8 tiles and the OS grants them to this process."""
+    return bool(w8a8_amx_available())
 
 
 def group_multiple(int bits):
@@ -72,6 +86,7 @@ cdef class Int8Matrix:
             raise ValueError(f"scales must be [{out_features}, {n_groups}], got {list(scales.shape)}")
         qm_init_head(m, bits, in_features, out_features, group, W8A8_TU)
         self.M.isa = ISAS.index(isa)
+        self.M.amx = W8A8_AMX_OFF
         packed = np.zeros(m.n_tiles * in_features * W8A8_TU * bits // 8, dtype=np.uint8)
         packed_scales = np.zeros(m.n_tiles * n_groups * W8A8_TU, dtype=np.float32)
         sums = np.zeros(m.n_tiles * n_groups * W8A8_TU, dtype=np.int32)
@@ -108,6 +123,21 @@ cdef class Int8Matrix:
         if isa not in ISAS or ISAS.index(isa) > w8a8_cpu_isa():
             raise ValueError(f"int8 x int8 loops: isa must be one of {cpu_isas()} on this CPU, got {isa!r}")
         self.M.isa = ISAS.index(isa)
+
+    @property
+    def amx(self):
+        """Where a call of 16 rows or more multiplies: "off" (the isa's loops), "tiles"
+        (AMX-INT8, where amx_available()) or "model" (the same loop on a C model of the
+        tiles); groups of a multiple of 64 inputs only, others keep the isa's loops."""
+        return AMX_MODES[self.M.amx]
+
+    @amx.setter
+    def amx(self, str mode):
+        if mode not in AMX_MODES:
+            raise ValueError(f"amx must be one of {AMX_MODES}, got {mode!r}")
+        if mode == "tiles" and not w8a8_amx_available():
+            raise ValueError("no AMX-INT8 tiles on this CPU or OS")
+        self.M.amx = AMX_MODES.index(mode)
 
     @property
     def nbytes(self):

@@ -94,6 +94,7 @@ typedef struct w8a8_matrix {
     qmatrix head;            /* bits (8 or 4), in/out features, group_size, n_groups, n_tiles, tu = W8A8_TU;
                                 no words or scales: the forward pass only passes it on */
     int isa;                 /* the loops the entry points run: W8A8_PORTABLE, ... */
+    int amx;                 /* w8a8_gemm of 16 rows or more on AMX-INT8 tiles: W8A8_AMX_OFF, ... (w8a8_amx.h) */
     const int8_t *codes;
     const float *scales;
     const int32_t *sums;
@@ -235,12 +236,12 @@ static void w8a8_low_rank_tile(const w8a8_matrix *M, const w8a8_input *in, int n
     }
 }
 
-/* Row r of x into the prepared input: its codes, d and group sums of q. */
-static void w8a8_prepare_row(const w8a8_matrix *M, const float *x, int r, const w8a8_input *in)
+/* Row r of x into the prepared input: its codes (each byte XORed with flip: w8a8_flip, or
+ * 0 for the AMX loop), d and group sums of q. */
+static void w8a8_prepare_row(const w8a8_matrix *M, const float *x, int r, const w8a8_input *in, uint8_t flip)
 {
     const int K = M->head.in_features, G = M->head.group_size, n_groups = M->head.n_groups;
     uint8_t *q = in->xq + (size_t)r * K;
-    const uint8_t flip = w8a8_flip(M);
     w8a8_quantize_row(x + (size_t)r * K, K, flip, q, in->d + r);
     for (int g = 0; g < n_groups; g++) {
         int32_t sum = 0;
@@ -269,11 +270,65 @@ static void w8a8_tiles(const w8a8_matrix *M, const w8a8_input *in, int n, int fi
     }
 }
 
+/* A thread's buffers in w8a8_amx_share: the tiles' sums, the rows' float sums and, for
+ * 4-bit codes, two tiles' codes unpacked to bytes. */
+static inline size_t w8a8_amx_work_bytes(const w8a8_matrix *M)
+{
+    return 8 * 1024 + (M->head.bits == 4 ? 2 * (size_t)M->head.in_features * W8A8_TU : 0);
+}
+
+#include "w8a8_amx.h"
+
+/* w8a8_gemm on AMX tiles (w8a8_amx_takes): the rows' codes as int8 q, padded with zero
+ * rows to a multiple of 32, then each thread a contiguous run of tiles. */
+static int w8a8_gemm_amx(const w8a8_matrix *M, const float *x, int n, float *y, int nthreads)
+{
+    const int rows32 = (n + 31) / 32 * 32, K = M->head.in_features;
+    void *memory = aligned_alloc(64, (w8a8_input_bytes(M, rows32) + 63) & ~(size_t)63);
+    if (!memory)
+        return -1;
+    const w8a8_input in = w8a8_input_at(M, rows32, memory);
+    memset(in.xq + (size_t)n * K, 0, (size_t)(rows32 - n) * K);
+    int failed = 0;
+    #pragma omp parallel num_threads(team_thread_count(nthreads)) reduction(|:failed)
+    {
+        #pragma omp for schedule(static)
+        for (int r = 0; r < n; r++)
+            w8a8_prepare_row(M, x, r, &in, 0);
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+        const int t = 0, T = 1;
+#endif
+        const int first = (int)((long)M->head.n_tiles * t / T), last = (int)((long)M->head.n_tiles * (t + 1) / T);
+        uint8_t *work = (uint8_t *)aligned_alloc(64, (w8a8_amx_work_bytes(M) + 63) & ~(size_t)63);
+        if (!work) {
+            failed = 1;
+        } else if (first < last) {
+#if W8A8_HAVE_AMX
+            if (M->amx == W8A8_AMX_TILES)
+                w8a8_amx_share_tiles(M, &in, rows32, n, first, last, y, work);
+            else
+#endif
+                w8a8_amx_share_model(M, &in, rows32, n, first, last, y, work);
+            if (M->lr_rank)
+                for (int tile = first; tile < last; tile++)
+                    w8a8_low_rank_tile(M, &in, n, tile, y);
+        }
+        free(work);
+    }
+    free(memory);
+    return failed ? -1 : 0;
+}
+
 /* y[n][out] = x[n][in] @ W^T (qgemm_fn): the rows' codes, shared out among the
- * threads, then each thread a contiguous run of tiles for every row. */
+ * threads, then each thread a contiguous run of tiles for every row (16 rows or more
+ * on AMX tiles where the matrix says, w8a8_amx.h). */
 static int w8a8_gemm(const qmatrix *m, const float *x, int n, float *y, int nthreads)
 {
     const w8a8_matrix *M = W8A8_OF(m);
+    if (w8a8_amx_takes(M, n))
+        return w8a8_gemm_amx(M, x, n, y, nthreads);
     void *memory = aligned_alloc(64, (w8a8_input_bytes(M, n) + 63) & ~(size_t)63);
     if (!memory)
         return -1;
@@ -282,7 +337,7 @@ static int w8a8_gemm(const qmatrix *m, const float *x, int n, float *y, int nthr
     {
         #pragma omp for schedule(static)
         for (int r = 0; r < n; r++)
-            w8a8_prepare_row(M, x, r, &in);
+            w8a8_prepare_row(M, x, r, &in, w8a8_flip(M));
 #ifdef _OPENMP
         const int t = omp_get_thread_num(), T = omp_get_num_threads();
 #else
@@ -307,7 +362,7 @@ static int w8a8_rows_team(const qmatrix *m, const float *x, int n, float *y, con
         return -1;
     const w8a8_input in = w8a8_input_at(M, n, memory);
     for (int r = 0; r < n; r++)
-        w8a8_prepare_row(M, x, r, &in);
+        w8a8_prepare_row(M, x, r, &in, w8a8_flip(M));
     /* a batched step's tiles claimed (a barrier precedes its calls), a decode step's its fixed share */
     team_claims claims = team_claims_of(tm, m->n_tiles, n > 1);
     int first, last;

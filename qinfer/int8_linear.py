@@ -152,6 +152,7 @@ class Int8Linear:
     # -------------------------------------------------------------- compute
     def __call__(self, x, threads=None):
         self._matrix.isa = kernel_isa()
+        self._matrix.amx = kernels.int8_amx()
         threads = kernels.resolve_threads(threads)
         return on_rows(x, self.in_features, self.out_features, lambda x2, out: self._matrix.matmul(x2, out, threads))
 

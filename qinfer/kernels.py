@@ -33,7 +33,10 @@ The float qgemm (16 activation rows or more: prefill, perplexity; groups of
 (Intel since Sapphire Rapids) and the OS grants the tile state: the codes as
 bf16 (exact) times x cut into three bf16 limbs (exact: 8 of x's 24
 significant bits each), summed in float32; QINFER_AMX=0 (or
-set_float_amx(False)) holds it to AVX multiply-adds.
+set_float_amx(False)) holds it to AVX multiply-adds. The int8 x int8 qgemm (W8A8 and
+W4A8 checkpoints, 16 rows or more, groups of a multiple of 64 inputs) multiplies on
+AMX-INT8 tiles where the CPU has them, the same bits as its AVX-512 loops; QINFER_AMX=0
+(or set_int8_amx(False)) holds it to those.
 
 Lookup-table kernels (pyx/lut.h, qinfer/lut_linear.py) for packed 2-, 3- and
 4-bit layers: QINFER_LUT (or set_lut()) is "auto" (the default: where the
@@ -72,7 +75,7 @@ LUT_ENV = "QINFER_LUT"
 _modules = {b: importlib.import_module(f"qinfer._qgemm_b{b}") for b in BITWIDTHS}
 _cpu_avx2 = _runtime.cpu_has_avx2_fma()
 _state = {"path": None, "threads": None, "activations": None, "int8_isa": None, "float_limbs": False,
-          "lut": None}
+          "lut": None, "int8_amx": "off"}
 
 
 def module(bits):
@@ -381,10 +384,40 @@ def use_float_amx(on):
     return _switched(float_amx, set_float_amx, on)
 
 
+def has_int8_amx():
+    """Whether the int8 x int8 qgemm (W8A8, W4A8) can multiply on AMX-INT8 tiles here (CPU and OS)."""
+    from . import _w8a8
+    return _w8a8.amx_available()
+
+
+def set_int8_amx(on):
+    """Run the int8 x int8 qgemm of 16 rows or more (groups of a multiple of 64 inputs) on
+    AMX-INT8 tiles (on or "tiles", where has_int8_amx()) or on the AVX-512 / AVX2 loops (off):
+    the same bits either way. "model" runs the tile loop on a C model of the tiles (slow: tests
+    of that loop on CPUs without AMX). Layers take the setting when called (Int8Linear) or
+    when a model loads."""
+    mode = on if on in ("tiles", "model", "off") else ("tiles" if on else "off")
+    if mode == "tiles" and not has_int8_amx():
+        raise UnsupportedError("int8 x int8 qgemm: no AMX-INT8 tiles on this CPU or OS")
+    _state["int8_amx"] = mode
+
+
+def int8_amx():
+    """Where the int8 x int8 qgemm of 16 rows or more multiplies now: "tiles", "off" or "model"."""
+    return _state["int8_amx"]
+
+
+def use_int8_amx(on):
+    """Run the enclosed calls' int8 x int8 qgemm as set_int8_amx(on) says, then restore."""
+    return _switched(int8_amx, set_int8_amx, on)
+
+
 _int8_isa_from_environment()
 _wait_from_environment()
-# QINFER_AMX=0 keeps the float qgemm on AVX multiply-adds (it uses AMX tiles where it can).
+# QINFER_AMX=0 keeps the float qgemm on AVX multiply-adds and the int8 x int8 qgemm on its
+# AVX-512 / AVX2 loops (they use AMX tiles where they can).
 set_float_amx(has_float_amx() and os.environ.get("QINFER_AMX", "1").strip() != "0")
+set_int8_amx(has_int8_amx() and os.environ.get("QINFER_AMX", "1").strip() != "0")
 # QINFER_FLOAT_LIMBS=0 keeps the float qgemv in float multiply-adds.
 set_float_limbs(has_float_limbs() and os.environ.get("QINFER_FLOAT_LIMBS", "1").strip() != "0")
 # QINFER_AVX512=0 holds the float kernels to AVX2 (they use AVX-512 where the CPU has it).

@@ -342,6 +342,7 @@ class Model:
             self._keep.append(layer)
             m = layer._matrix
             m.isa = int8_isa()
+            m.amx = kernels.int8_amx()
             return (m.matrix_capsule(), m.kernel_capsule(), None, m.team_capsule(), m.rows_team_capsule())
         if isinstance(layer, LutLinear):
             self._keep.append(layer)

@@ -13,6 +13,7 @@ checkpoint's input_activations record, the engine on the int8 x int8 kernels, `-
 """
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,28 @@ def test_zeroquant_checkpoint_runs_w8a8_against_the_reference(tiny_src, zeroquan
     # the same checkpoint dequantized: float activations, the weight-only reference
     np.testing.assert_allclose(qinfer.Engine(out, threads=1, dequantize=True).logits(ids), floats,
                                rtol=1e-4, atol=1e-4 * np.abs(floats).max())
+
+
+@needs_tokenizer
+def test_prefill_on_the_amx_tile_loop(zeroquant):
+    """A W8A8 prefill of 16 rows or more through the AMX-INT8 loop (pyx/w8a8_amx.h; its C
+    model of the tiles here, the tiles too where the CPU has them: every layer with inputs
+    a multiple of 64, all but down_proj's 160) gives the vector loops' logits bit for bit."""
+    from qinfer import kernels
+    out, _ = zeroquant
+    with kernels.use_int8_amx(False):
+        engine = qinfer.Engine(out, threads=2)
+        ids = engine.tokenizer.encode(" ".join([PROMPT] * 4), add_bos=True)[:40]
+        assert len(ids) > 32
+        want = engine.logits(ids)
+    for mode in ["model"] + (["tiles"] if kernels.has_int8_amx() else []):
+        with kernels.use_int8_amx(mode):
+            model = qinfer.Engine(out, threads=2)
+            assert {layer._matrix.amx for layer in model.model.quantized_layers()} == {mode}
+            np.testing.assert_array_equal(model.logits(ids), want, err_msg=mode)
+    with kernels.use_int8_amx(kernels.int8_amx()):     # restores the setting after
+        with pytest.raises(UnsupportedError, match="no AMX-INT8") if not kernels.has_int8_amx() else nullcontext():
+            kernels.set_int8_amx(True)
 
 
 @needs_tokenizer

@@ -88,6 +88,61 @@ def test_product_is_exact_integer_arithmetic_on_every_path(out_f, in_f, group, b
                 np.testing.assert_array_equal(y, want, err_msg=f"{isa}, {threads} thread(s), {n} rows")
 
 
+AMX_MODES = ["model"] + (["tiles"] if _w8a8.amx_available() else [])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("amx", AMX_MODES)
+@pytest.mark.parametrize("out_f,in_f,group", [(37, 64, 64), (96, 576, -1), (200, 1536, 128), (48, 256, 64)])
+def test_amx_loop_is_exact_integer_arithmetic(out_f, in_f, group, bits, amx):
+    """The AMX-INT8 loop (pyx/w8a8_amx.h) on its C model of the tiles here, and on the tiles
+    where the CPU has them: the reference's bits, for row counts around its 16- and 32-row
+    blocks, tile counts odd and even, outputs that do not fill the last tile; fewer than 16
+    rows keep the vector loops."""
+    rng = np.random.default_rng(out_f * in_f + bits)
+    g = in_f if group == -1 else group
+    codes, scales = random_layer(rng, out_f, in_f, g, bits)
+    m = _w8a8.Int8Matrix(codes, scales, g, ISAS[0], 2, bits)
+    m.amx = amx
+    assert m.amx == amx
+    for n in (1, 15, 16, 17, 31, 32, 45, 64):
+        x = (rng.standard_normal((n, in_f)) * 3).astype(np.float32)
+        x[0, :] = 0.0                                  # a zero row (d = 0) beside the others
+        want = reference(codes, scales, g, x)
+        for threads in (1, 2):
+            y = np.full((n, out_f), np.nan, np.float32)
+            m.matmul(x, y, threads)
+            np.testing.assert_array_equal(y, want, err_msg=f"amx {amx}, {threads} thread(s), {n} rows")
+
+
+def test_amx_loop_with_low_rank_and_settings():
+    rng = np.random.default_rng(5)
+    codes, scales = random_layer(rng, 40, 128, 64)
+    lr = (rng.standard_normal((4, 128)).astype(np.float32) * 0.1, rng.standard_normal((40, 4)).astype(np.float32))
+    x = rng.standard_normal((33, 128)).astype(np.float32)
+    y = {}
+    for amx in ("off", "model"):
+        m = _w8a8.Int8Matrix(codes, scales, 64, ISAS[0], 1, 8, lr)
+        m.amx = amx
+        y[amx] = np.empty((33, 40), np.float32)
+        m.matmul(x, y[amx], 2)
+    np.testing.assert_array_equal(y["model"], y["off"])     # the low-rank term added the same way
+    m = _w8a8.Int8Matrix(codes, scales, 64, ISAS[0], 1, 8)
+    with pytest.raises(ValueError, match="amx must be one of"):
+        m.amx = "bf16"
+    if not _w8a8.amx_available():
+        with pytest.raises(ValueError, match="no AMX-INT8 tiles"):
+            m.amx = "tiles"
+    # groups of 32 inputs (not a tile row): the vector loops run, the same bits
+    codes32, scales32 = random_layer(rng, 20, 128, 32)
+    x = rng.standard_normal((20, 128)).astype(np.float32)
+    m = _w8a8.Int8Matrix(codes32, scales32, 32, ISAS[0], 1, 8)
+    m.amx = "model"
+    out = np.empty((20, 20), np.float32)
+    m.matmul(x, out, 1)
+    np.testing.assert_array_equal(out, reference(codes32, scales32, 32, x))
+
+
 def test_layout_round_trips_and_isa_choice():
     rng = np.random.default_rng(3)
     for bits in (8, 4):
