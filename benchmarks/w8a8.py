@@ -152,7 +152,8 @@ def main():
     args = p.parse_args()
     threads = [int(t) for t in args.t.split(",")]
     print(f"qinfer {qinfer.__version__}, {kernels.machine()['cpu_model']}, path {kernels.active_path()}, "
-          f"int8 instruction set {kernels.active_int8_isa()}; best of {args.r} alternating rounds", flush=True)
+          f"int8 instruction set {kernels.active_int8_isa()}, W8A8 of 16+ rows on AMX-INT8 tiles: "
+          f"{'yes' if kernels.int8_amx() == 'tiles' else 'no'}; best of {args.r} alternating rounds", flush=True)
     if not args.kernels_only:
         for bits in (int(b) for b in args.bits.split(",")):
             model_rounds(args, threads, bits)
