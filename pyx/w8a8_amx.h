@@ -145,16 +145,7 @@ static void tile_model_dot(w8a8_tile_model *s, int c, int a, int b, int b_signed
 #define TILE_RELEASE() ((void)0)
 #define W8A8_AMX_ATTR
 #define W8A8_AMX_NAME(f) f##_model
-#include "w8a8_amx_loop.h"
-#undef W8A8_TILES_STATE
-#undef TILE_CONFIG
-#undef TILE_ZERO
-#undef TILE_LOAD
-#undef TILE_STORE
-#undef TILE_DOT
-#undef TILE_RELEASE
-#undef W8A8_AMX_ATTR
-#undef W8A8_AMX_NAME
+#include "w8a8_amx_loop.h"   /* which undefines them */
 
 /* ------------------------------------------------ the tile instructions */
 #if W8A8_HAVE_AMX
@@ -168,16 +159,7 @@ static void tile_model_dot(w8a8_tile_model *s, int c, int a, int b, int b_signed
 #define TILE_RELEASE() _tile_release()
 #define W8A8_AMX_ATTR __attribute__((target("amx-tile,amx-int8")))
 #define W8A8_AMX_NAME(f) f##_tiles
-#include "w8a8_amx_loop.h"
-#undef W8A8_TILES_STATE
-#undef TILE_CONFIG
-#undef TILE_ZERO
-#undef TILE_LOAD
-#undef TILE_STORE
-#undef TILE_DOT
-#undef TILE_RELEASE
-#undef W8A8_AMX_ATTR
-#undef W8A8_AMX_NAME
+#include "w8a8_amx_loop.h"   /* which undefines them */
 #endif
 
 #endif

@@ -1,7 +1,8 @@
 /* w8a8_amx_loop.h: the AMX loop of pyx/w8a8_amx.h, included there twice with the
  * tile operations defined (TILE_CONFIG, TILE_ZERO, TILE_LOAD, TILE_STORE, TILE_DOT,
  * TILE_RELEASE; W8A8_TILES_STATE declares what they need), the function's attribute
- * (W8A8_AMX_ATTR) and its name (W8A8_AMX_NAME). No include guard, on purpose. */
+ * (W8A8_AMX_ATTR) and its name (W8A8_AMX_NAME), which it undefines at its end, ready for
+ * the next. No include guard, on purpose. */
 
 /* Tiles first..last-1 of y[n][out] for the prepared input `in` of rows32 rows (n of them
  * real, the rest zero), two tiles and 32 rows at a time. work: w8a8_amx_work_bytes(M),
@@ -80,3 +81,13 @@ static W8A8_AMX_ATTR void W8A8_AMX_NAME(w8a8_amx_share)(const w8a8_matrix *M, co
     }
     TILE_RELEASE();
 }
+
+#undef W8A8_TILES_STATE
+#undef TILE_CONFIG
+#undef TILE_ZERO
+#undef TILE_LOAD
+#undef TILE_STORE
+#undef TILE_DOT
+#undef TILE_RELEASE
+#undef W8A8_AMX_ATTR
+#undef W8A8_AMX_NAME
