@@ -64,12 +64,7 @@ static QI_AMX int amx_gemm_share(const qmatrix *m, int first, int last, const am
         return -1;
     }
     amx_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = 16;
-        cfg.colsb[t] = 64;
-    }
+    amx_config_full_tiles(&cfg);
     _tile_loadconfig(&cfg);
     const size_t lda = a->ld * sizeof(uint16_t);
     for (int row0 = 0; row0 < a->rows; row0 += chunk) {

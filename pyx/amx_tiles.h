@@ -32,11 +32,7 @@
  * chunk of 32 activation rows; the next segment's are unpacked a slice at a
  * time between this one's tile products, so the vector units work while the
  * AMX unit does. */
-#include <cpuid.h>
-#ifdef __linux__
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
+#include "amx_config.h"
 #define QI_AMX __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,amx-tile,amx-bf16")))
 #define AMX_MIN_ROWS 16      /* fewer activation rows: the FMA kernels (a tile is 16 rows) */
 /* Segments (scale groups) shorter than this keep the FMA kernels: the sums come out
@@ -65,16 +61,7 @@ static inline int amx_row_chunk(int block_rows)
  * them (Linux hands out the 8 KiB of tile state on request, once per process). */
 static int amx_cpu_and_os(void)
 {
-    unsigned a, b, c, d;
-    if (!float_avx512_available() || !__get_cpuid_count(7, 0, &a, &b, &c, &d))
-        return 0;
-    if (!((d >> 22) & 1) || !((d >> 24) & 1))       /* AMX-BF16, AMX-TILE */
-        return 0;
-#ifdef __linux__
-    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
-#else
-    return 0;
-#endif
+    return float_avx512_available() && amx_cpu_and_os_grant(AMX_CPUID_BF16 | AMX_CPUID_TILE);
 }
 
 /* -1 until asked; then whether the float qgemm uses AMX (set_float_amx can turn it off). */
@@ -94,13 +81,6 @@ static int use_amx(void)
         float_amx = amx_available();
     return float_amx;
 }
-
-/* The AMX layout of every tile register: 16 rows of 64 bytes. */
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} amx_config;
 
 /* x's limbs in bf16: [LIMB][rows][ld], rows padded with zeros to a multiple of 32. */
 typedef struct {

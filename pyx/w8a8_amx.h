@@ -23,11 +23,10 @@
 #ifndef QINFER_W8A8_AMX_H
 #define QINFER_W8A8_AMX_H
 
+#include "amx_config.h"
+
 #if W8A8_X86 && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define W8A8_HAVE_AMX 1
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #else
 #define W8A8_HAVE_AMX 0
 #endif
@@ -39,28 +38,14 @@
  * without AMX: the same loop, its tiles in memory, slow). */
 enum { W8A8_AMX_OFF = 0, W8A8_AMX_TILES = 1, W8A8_AMX_MODEL = 2 };
 
-/* Whether this CPU has AMX tiles with int8 products and the OS lets this process use
- * them (Linux hands out the 8 KiB of tile state on request, once per process). */
-static int w8a8_amx_cpu_and_os(void)
-{
-#if W8A8_HAVE_AMX
-    unsigned a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d))
-        return 0;
-    if (!((d >> 24) & 1) || !((d >> 25) & 1))       /* AMX-TILE, AMX-INT8 */
-        return 0;
-    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
-#else
-    return 0;
-#endif
-}
-
 static int w8a8_amx_present = -1;
 
+/* Whether this CPU has AMX tiles with int8 products, this build their loop, and the OS
+ * lets this process use them. */
 static int w8a8_amx_available(void)
 {
     if (w8a8_amx_present < 0)
-        w8a8_amx_present = w8a8_amx_cpu_and_os();
+        w8a8_amx_present = W8A8_HAVE_AMX && amx_cpu_and_os_grant(AMX_CPUID_TILE | AMX_CPUID_INT8);
     return w8a8_amx_present;
 }
 
@@ -68,23 +53,6 @@ static int w8a8_amx_available(void)
 static inline int w8a8_amx_takes(const w8a8_matrix *M, int n)
 {
     return M->amx != W8A8_AMX_OFF && n >= W8A8_AMX_MIN_ROWS && M->head.group_size % W8A8_AMX_K == 0;
-}
-
-/* The tile configuration both loops load: palette 1, every tile 16 rows of 64 bytes. */
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} w8a8_tile_config;
-
-static inline void w8a8_tile_config_init(w8a8_tile_config *cfg)
-{
-    memset(cfg, 0, sizeof *cfg);
-    cfg->palette = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg->rows[t] = 16;
-        cfg->colsb[t] = 64;
-    }
 }
 
 /* 8 steps of 4-bit codes (512 bytes: [8][16][4], low nibbles inputs 0-3 of a step, high
@@ -102,7 +70,7 @@ static inline void w8a8_unpack_nibbles(const uint8_t *src, uint8_t *dst)
 
 /* What the loop uses of AMX: 8 tiles of 16 x 64 bytes and the configuration's shapes. */
 typedef struct {
-    w8a8_tile_config cfg;
+    amx_config cfg;
     uint8_t t[8][16][64];
 } w8a8_tile_model;
 

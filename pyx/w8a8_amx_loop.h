@@ -18,8 +18,8 @@ static W8A8_AMX_ATTR void W8A8_AMX_NAME(w8a8_amx_share)(const w8a8_matrix *M, co
     float *acc = (float *)(work + 4 * 1024);               /* [32][32]: rows x the two tiles' columns */
     uint8_t *unpacked = work + 8 * 1024;                   /* 4-bit: [2][K / 4][16][4], the two tiles' codes as bytes */
     const int8_t *xq = (const int8_t *)in->xq;
-    w8a8_tile_config cfg;
-    w8a8_tile_config_init(&cfg);
+    amx_config cfg;
+    amx_config_full_tiles(&cfg);
     TILE_CONFIG(&cfg);
     for (int tile = first; tile < last; tile += 2) {
         const int tiles = last - tile >= 2 ? 2 : 1;       /* one: tmm7 repeats tile 0, its sums unused */
