@@ -22,7 +22,7 @@ cdef extern from "w8a8.h" nogil:
         const float *lr_a
         const float *lr_b
     int w8a8_cpu_isa()
-    int W8A8_AMX_OFF, W8A8_AMX_TILES, W8A8_AMX_MODEL, W8A8_AMX_MIN_ROWS, W8A8_AMX_K
+    int W8A8_AMX_OFF
     int w8a8_amx_available()
     void w8a8_pack_rows(const int8_t *src, const float *src_scales, int bits, int in_features, int group_size,
                         int first, int last, uint8_t *codes, float *scales, int32_t *sums)
@@ -42,8 +42,7 @@ def cpu_isas():
 
 # where w8a8_gemm of 16 rows or more multiplies (pyx/w8a8_amx.h): not on tiles, on AMX-INT8
 # tiles, or on the C model of the tiles (tests on CPUs without AMX)
-AMX_MODES = ("off", "tiles", "model")
-AMX_MIN_ROWS, AMX_GROUP_MULTIPLE = W8A8_AMX_MIN_ROWS, W8A8_AMX_K
+AMX_MODES = ("off", "tiles", "model")     # pyx/w8a8_amx.h's W8A8_AMX_OFF, ... in order
 
 
 def amx_available():

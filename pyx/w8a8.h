@@ -279,74 +279,63 @@ static inline size_t w8a8_amx_work_bytes(const w8a8_matrix *M)
 
 #include "w8a8_amx.h"
 
-/* w8a8_gemm on AMX tiles (w8a8_amx_takes): the rows' codes as int8 q, padded with zero
- * rows to a multiple of 32, then each thread a contiguous run of tiles. */
-static int w8a8_gemm_amx(const w8a8_matrix *M, const float *x, int n, float *y, int nthreads)
+/* Tiles first..last-1 on AMX tiles or their model (w8a8_amx.h) for the prepared input of
+ * rows32 rows (n of them real), then the low-rank compensation: w8a8_tiles' twin. Returns
+ * 0, or -1 when out of memory. */
+static int w8a8_amx_tiles(const w8a8_matrix *M, const w8a8_input *in, int rows32, int n, int first, int last,
+                          float *y)
 {
-    const int rows32 = (n + 31) / 32 * 32, K = M->head.in_features;
-    void *memory = aligned_alloc(64, (w8a8_input_bytes(M, rows32) + 63) & ~(size_t)63);
+    if (first >= last)
+        return 0;
+    uint8_t *work = (uint8_t *)aligned_alloc(64, (w8a8_amx_work_bytes(M) + 63) & ~(size_t)63);
+    if (!work)
+        return -1;
+#if W8A8_HAVE_AMX
+    if (M->amx == W8A8_AMX_TILES)
+        w8a8_amx_share_tiles(M, in, rows32, n, first, last, y, work);
+    else
+#endif
+        w8a8_amx_share_model(M, in, rows32, n, first, last, y, work);
+    free(work);
+    if (M->lr_rank)
+        for (int tile = first; tile < last; tile++)
+            w8a8_low_rank_tile(M, in, n, tile, y);
+    return 0;
+}
+
+/* y[n][out] = x[n][in] @ W^T (qgemm_fn): the rows' codes, shared out among the
+ * threads, then each thread a contiguous run of tiles for every row: on AMX tiles
+ * where the matrix says and the call qualifies (w8a8_amx_takes), whose loop takes the
+ * codes as int8 q and the rows in blocks of 32 (zero rows added), else the isa's loops. */
+static int w8a8_gemm(const qmatrix *m, const float *x, int n, float *y, int nthreads)
+{
+    const w8a8_matrix *M = W8A8_OF(m);
+    const int amx = w8a8_amx_takes(M, n), rows = amx ? (n + 31) / 32 * 32 : n, K = M->head.in_features;
+    const uint8_t flip = amx ? 0 : w8a8_flip(M);
+    void *memory = aligned_alloc(64, (w8a8_input_bytes(M, rows) + 63) & ~(size_t)63);
     if (!memory)
         return -1;
-    const w8a8_input in = w8a8_input_at(M, rows32, memory);
-    memset(in.xq + (size_t)n * K, 0, (size_t)(rows32 - n) * K);
+    const w8a8_input in = w8a8_input_at(M, rows, memory);
+    memset(in.xq + (size_t)n * K, 0, (size_t)(rows - n) * K);
     int failed = 0;
     #pragma omp parallel num_threads(team_thread_count(nthreads)) reduction(|:failed)
     {
         #pragma omp for schedule(static)
         for (int r = 0; r < n; r++)
-            w8a8_prepare_row(M, x, r, &in, 0);
+            w8a8_prepare_row(M, x, r, &in, flip);
 #ifdef _OPENMP
         const int t = omp_get_thread_num(), T = omp_get_num_threads();
 #else
         const int t = 0, T = 1;
 #endif
-        const int first = (int)((long)M->head.n_tiles * t / T), last = (int)((long)M->head.n_tiles * (t + 1) / T);
-        uint8_t *work = (uint8_t *)aligned_alloc(64, (w8a8_amx_work_bytes(M) + 63) & ~(size_t)63);
-        if (!work) {
-            failed = 1;
-        } else if (first < last) {
-#if W8A8_HAVE_AMX
-            if (M->amx == W8A8_AMX_TILES)
-                w8a8_amx_share_tiles(M, &in, rows32, n, first, last, y, work);
-            else
-#endif
-                w8a8_amx_share_model(M, &in, rows32, n, first, last, y, work);
-            if (M->lr_rank)
-                for (int tile = first; tile < last; tile++)
-                    w8a8_low_rank_tile(M, &in, n, tile, y);
-        }
-        free(work);
+        const int first = (int)((long)m->n_tiles * t / T), last = (int)((long)m->n_tiles * (t + 1) / T);
+        if (amx)
+            failed |= w8a8_amx_tiles(M, &in, rows, n, first, last, y) != 0;
+        else
+            w8a8_tiles(M, &in, n, first, last, y);
     }
     free(memory);
     return failed ? -1 : 0;
-}
-
-/* y[n][out] = x[n][in] @ W^T (qgemm_fn): the rows' codes, shared out among the
- * threads, then each thread a contiguous run of tiles for every row (16 rows or more
- * on AMX tiles where the matrix says, w8a8_amx.h). */
-static int w8a8_gemm(const qmatrix *m, const float *x, int n, float *y, int nthreads)
-{
-    const w8a8_matrix *M = W8A8_OF(m);
-    if (w8a8_amx_takes(M, n))
-        return w8a8_gemm_amx(M, x, n, y, nthreads);
-    void *memory = aligned_alloc(64, (w8a8_input_bytes(M, n) + 63) & ~(size_t)63);
-    if (!memory)
-        return -1;
-    const w8a8_input in = w8a8_input_at(M, n, memory);
-    #pragma omp parallel num_threads(team_thread_count(nthreads))
-    {
-        #pragma omp for schedule(static)
-        for (int r = 0; r < n; r++)
-            w8a8_prepare_row(M, x, r, &in, w8a8_flip(M));
-#ifdef _OPENMP
-        const int t = omp_get_thread_num(), T = omp_get_num_threads();
-#else
-        const int t = 0, T = 1;
-#endif
-        w8a8_tiles(M, &in, n, (int)((long)m->n_tiles * t / T), (int)((long)m->n_tiles * (t + 1) / T), y);
-    }
-    free(memory);
-    return 0;
 }
 
 /* Several rows inside the caller's thread team (qgemm_team_fn): every thread
