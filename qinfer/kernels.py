@@ -271,10 +271,14 @@ def set_activations(mode):
     _state["activations"] = check_activations(mode)
 
 
+def environment_activations():
+    """QINFER_ACTIVATIONS as given (stripped, lower case), or None where it is unset or empty."""
+    return os.environ.get("QINFER_ACTIVATIONS", "").strip().lower() or None
+
+
 def active_activations():
     if _state["activations"] is None:
-        _state["activations"] = check_activations(
-            os.environ.get("QINFER_ACTIVATIONS", "float").strip().lower() or "float")
+        _state["activations"] = check_activations(environment_activations() or "float")
     return _state["activations"]
 
 

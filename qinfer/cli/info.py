@@ -44,8 +44,8 @@ def run(args):
     lut_loops = "AVX-512 VBMI + VNNI" if _lut.cpu_has_avx512() and kernels.active_path() == "avx2" else "portable"
     print(f"LUT kernels:  {lut_loops} (2/3/4-bit and BCQ layers; QINFER_LUT={kernels.lut_mode()})")
     from ..int8_linear import kernel_isa
-    amx = {"tiles": "; 16+ rows: AMX-INT8 tiles", "model": "; 16+ rows: a C model of AMX tiles (tests)"}
-    amx = amx.get(kernels.int8_amx(), "; QINFER_AMX=0" if kernels.has_int8_amx() else "")
+    amx = {"tiles": "; 16+ rows: AMX-INT8 tiles", "model": "; 16+ rows: a C model of AMX tiles (tests)",
+           "off": "; QINFER_AMX=0" if kernels.has_int8_amx() else ""}[kernels.int8_amx()]
     print(f"W8A8 kernels: {kernel_isa()}{amx} (int8 activations per token: SmoothQuant/ZeroQuant checkpoints)")
     print(f"Caches:       L1d {_fmt_bytes(built['l1d_bytes'])}, L2 {_fmt_bytes(built['l2_bytes'])}, "
           f"L3 {_fmt_bytes(built['l3_bytes'])} (read from {built['cache_source']} at build time)")

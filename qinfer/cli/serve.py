@@ -1,6 +1,5 @@
 """`qinfer serve`: the OpenAI-compatible HTTP server (qinfer/server/) on one model."""
 import ipaddress
-import os
 import socket
 import sys
 
@@ -61,9 +60,8 @@ def serve_activations(given):
     """--activations, else QINFER_ACTIVATIONS, else int8: a server decodes several streams in one
     step, and only int8 activations let that step's cost grow slower than its rows (a float
     step of 8 rows widens every weight to float for each row: bound by multiply-adds)."""
-    if given is not None:
-        return given
-    return os.environ.get("QINFER_ACTIVATIONS", "").strip().lower() or "int8"
+    from .. import kernels
+    return given or kernels.environment_activations() or "int8"
 
 
 def _loopback(host):
